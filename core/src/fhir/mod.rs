@@ -1,0 +1,4 @@
+//! FHIR R4 vocabulary: request classification, search parameters, resources, OperationOutcomes.
+
+pub mod outcome;
+pub mod request;

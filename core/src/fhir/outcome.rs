@@ -1,0 +1,97 @@
+//! OperationOutcome bodies with the statuses and texts of medplum-auth.md §0.1.
+
+use serde_json::{Value, json};
+
+/// The OperationOutcomes fhirgate itself answers with. The wire text lives here, nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    TooManyRequests,
+    Gone,
+    PreconditionFailed(String),
+    Conflict(String),
+    BadRequest(String),
+    PayloadTooLarge(String),
+    BadGateway(String),
+    GatewayTimeout(String),
+    ServiceUnavailable(String),
+    Internal,
+    AllOk,
+}
+
+impl Outcome {
+    pub fn status(&self) -> u16 {
+        match self {
+            Outcome::Unauthorized => 401,
+            Outcome::Forbidden => 403,
+            Outcome::NotFound => 404,
+            Outcome::TooManyRequests => 429,
+            Outcome::Gone => 410,
+            Outcome::PreconditionFailed(_) => 412,
+            Outcome::Conflict(_) => 409,
+            Outcome::BadRequest(_) => 400,
+            Outcome::PayloadTooLarge(_) => 413,
+            Outcome::BadGateway(_) => 502,
+            Outcome::GatewayTimeout(_) => 504,
+            Outcome::ServiceUnavailable(_) => 503,
+            Outcome::Internal => 500,
+            Outcome::AllOk => 200,
+        }
+    }
+
+    pub fn to_json(&self) -> Value {
+        let (id, severity, code, text): (Option<&str>, &str, &str, &str) = match self {
+            Outcome::Unauthorized => (Some("unauthorized"), "error", "login", "Unauthorized"),
+            Outcome::Forbidden => (Some("forbidden"), "error", "forbidden", "Forbidden"),
+            Outcome::NotFound => (Some("not-found"), "error", "not-found", "Not found"),
+            Outcome::TooManyRequests => {
+                (Some("too-many-requests"), "error", "throttled", "Too Many Requests")
+            }
+            Outcome::Gone => (Some("gone"), "error", "deleted", "Gone"),
+            Outcome::PreconditionFailed(t) => (Some("precondition-failed"), "error", "processing", t),
+            Outcome::Conflict(t) => (Some("conflict"), "error", "conflict", t),
+            Outcome::BadRequest(t) => (None, "error", "invalid", t),
+            Outcome::PayloadTooLarge(t) => (None, "error", "too-costly", t),
+            Outcome::BadGateway(t) => (None, "error", "transient", t),
+            Outcome::GatewayTimeout(t) => (Some("server-timeout"), "error", "timeout", t),
+            Outcome::ServiceUnavailable(t) => (None, "error", "transient", t),
+            Outcome::Internal => (None, "error", "exception", "Internal server error"),
+            Outcome::AllOk => (Some("ok"), "information", "informational", "All OK"),
+        };
+        let mut v = json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "details": {"text": text}}]
+        });
+        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
+            obj.insert("id".into(), Value::String(id.into()));
+        }
+        v
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unauthorized_matches_medplum_shape() {
+        let v = Outcome::Unauthorized.to_json();
+        assert_eq!(v["id"], "unauthorized");
+        assert_eq!(v["issue"][0]["code"], "login");
+        assert_eq!(v["issue"][0]["details"]["text"], "Unauthorized");
+        assert_eq!(Outcome::Unauthorized.status(), 401);
+    }
+
+    #[test]
+    fn bad_request_has_no_id() {
+        let v = Outcome::BadRequest("x".into()).to_json();
+        assert!(v.get("id").is_none());
+        assert_eq!(v["issue"][0]["details"]["text"], "x");
+    }
+}
