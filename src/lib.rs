@@ -1,1 +1,11 @@
-//! fhirgate
+//! fhirgate: an authorization gateway for FHIR servers. See ARCHITECTURE.md for the map.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod gateway;
+pub mod obs;
+pub mod server;
+pub mod state;
+pub mod store;
+pub mod tokens;

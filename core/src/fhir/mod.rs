@@ -1,4 +1,8 @@
 //! FHIR R4 vocabulary: request classification, search parameters, resources, OperationOutcomes.
 
+pub mod classify;
 pub mod outcome;
+pub mod path;
 pub mod request;
+pub mod search;
+pub mod types;

@@ -143,3 +143,70 @@ pub enum Unclassifiable {
     #[error("unsupported request")]
     Unsupported,
 }
+
+/// The "any resource type" marker in [`FhirOp::required_access`]: the request may reach
+/// resources of types that cannot be known from the request alone (an `_include` without a
+/// target type, a chain without a type modifier, a system search without `_type`, system
+/// history). A policy must allow the interaction for every type (a `*` entry) to grant it.
+pub const ANY_TYPE: &str = "*";
+
+impl FhirOp {
+    /// What the request needs at TYPE level, as `(resource type, interaction)` pairs without
+    /// duplicates; the type may be [`ANY_TYPE`]. Every pair must be allowed.
+    ///
+    /// - read → `(T, Read)`; vread → `(T, Vread)`; delete → `(T, Delete)`;
+    /// - create → `(T, Create)`, plus `(T, Search)` with `If-None-Exist` (it probes existence);
+    /// - update and patch → `(T, Update)`; their conditional forms add `(T, Search)`;
+    /// - conditional delete → `(T, Delete)` + `(T, Search)`;
+    /// - search → see [`Search::required_access`]; conditional criteria and `If-None-Exist`
+    ///   also add the types their parameters reach (`_has`, chains);
+    /// - history → `(T, History)`, system history → `(*, History)`;
+    /// - `Capabilities`, `Operation` and `GraphQl` → nothing: the policy engine decides
+    ///   operations by name;
+    /// - `Bundle` → nothing: every entry is decided on its own.
+    pub fn required_access(&self) -> Vec<(String, Interaction)> {
+        super::search::op_required_access(self)
+    }
+
+    /// The resource type named by the path (`None` at system level, for Bundles and GraphQL).
+    /// For a compartment search it is the searched type, not the compartment owner.
+    pub fn resource_type(&self) -> Option<&str> {
+        match self {
+            FhirOp::Read { resource_type, .. }
+            | FhirOp::Vread { resource_type, .. }
+            | FhirOp::Create { resource_type, .. }
+            | FhirOp::Update { resource_type, .. }
+            | FhirOp::ConditionalUpdate { resource_type, .. }
+            | FhirOp::Patch { resource_type, .. }
+            | FhirOp::ConditionalPatch { resource_type, .. }
+            | FhirOp::Delete { resource_type, .. }
+            | FhirOp::ConditionalDelete { resource_type, .. } => Some(resource_type),
+            FhirOp::Search(search) => search.resource_type.as_deref(),
+            FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => {
+                resource_type.as_deref()
+            }
+            FhirOp::Capabilities | FhirOp::Bundle { .. } | FhirOp::GraphQl => None,
+        }
+    }
+}
+
+impl Search {
+    /// What the search needs at TYPE level, without duplicates:
+    /// - `(T, Search)` for the searched type; a system search needs `(X, Search)` for each
+    ///   `_type` value, or `(*, Search)` without `_type`;
+    /// - a compartment search (`Patient/p1/Observation`) also needs `(Patient, Read)`;
+    /// - `(X, Search)` for every type the parameters reach: `_include` targets
+    ///   (`Observation:subject:Patient` → Patient; no target → `*`), `_revinclude` sources
+    ///   (`Provenance:target` → Provenance), `_has:X:…` (nested too), chains (`subject:X.name`
+    ///   → X; `subject.name` → `*`), `_list` → List, `_filter`/`_query` → `*`.
+    ///   Parameters that cannot be analysed add `(*, Search)`.
+    pub fn required_access(&self) -> Vec<(String, Interaction)> {
+        super::search::search_required_access(self)
+    }
+
+    /// The types the parameters reach beyond the searched one; see
+    /// [`search::referenced_types`](super::search::referenced_types).
+    pub fn referenced_types(&self) -> Result<Vec<String>, Unclassifiable> {
+        super::search::referenced_types(&self.params)
+    }
+}

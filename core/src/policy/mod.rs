@@ -3,3 +3,9 @@
 
 pub mod criteria;
 pub mod model;
+pub mod compiled;
+pub mod effective;
+pub mod ip;
+pub mod scope;
+
+pub use effective::EffectivePolicy;

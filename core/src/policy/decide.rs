@@ -1,0 +1,216 @@
+//! `decide`: a classified request under an effective policy → `Decision`. Pure.
+//!
+//! Denials are values with a stable label; the wire text comes from `fhir::outcome`. A `Permit`
+//! says what the gateway must still do: append narrowing parameters to a search, filter the
+//! response, or check a write against the current version.
+
+use crate::fhir::request::{FhirOp, FhirRequest, Interaction, QueryParam, Search};
+use crate::policy::EffectivePolicy;
+use crate::policy::effective::SearchNarrowing;
+
+/// Operations that only read, authorized as a read of their target and filtered like a search.
+pub const READ_OPERATIONS: [&str; 3] = ["everything", "summary", "document"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deny {
+    /// 403: the type or interaction is not allowed. The label says which rule.
+    Forbidden(&'static str),
+    /// 400 with a text.
+    BadRequest(&'static str, String),
+}
+
+impl Deny {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Deny::Forbidden(l) | Deny::BadRequest(l, _) => l,
+        }
+    }
+}
+
+/// What the response needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResponseNeed {
+    /// Stream it untouched.
+    Untouched,
+    /// A single resource: check it (failing → 404) and redact it.
+    CheckResource,
+    /// A Bundle (or anything with resources in it): drop what fails, redact the rest.
+    FilterResources,
+}
+
+/// Write checks the gateway performs with the current version in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteCheck {
+    None,
+    /// The new resource must satisfy a `create` entry; readonly fields are dropped.
+    Create,
+    /// The current version must satisfy `update`, readonly fields are restored, the result must
+    /// satisfy `update`, and the write carries `If-Match`.
+    Update,
+    /// The current version must satisfy `delete`; the delete carries `If-Match`.
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Permit {
+    pub narrowing: Vec<QueryParam>,
+    pub response: ResponseNeed,
+    pub write: WriteCheck,
+    /// `Bundle.total` cannot be trusted (the upstream was not narrowed exactly).
+    pub drop_total: bool,
+}
+
+impl Permit {
+    fn untouched() -> Permit {
+        Permit { narrowing: Vec::new(), response: ResponseNeed::Untouched, write: WriteCheck::None, drop_total: false }
+    }
+    fn filtered() -> Permit {
+        Permit { response: ResponseNeed::FilterResources, ..Permit::untouched() }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allow(Permit),
+    Deny(Deny),
+}
+
+fn need(policy: &EffectivePolicy, ty: &str, i: Interaction, super_admin: bool) -> Result<(), Deny> {
+    if ty == "*" {
+        // An untyped include, chain or system-level request: only an unrestricted wildcard covers it.
+        if policy.wildcard_unrestricted(i) {
+            return Ok(());
+        }
+        return Err(Deny::Forbidden("untyped_target"));
+    }
+    if policy.type_allows(ty, i, super_admin) { Ok(()) } else { Err(Deny::Forbidden("type_interaction")) }
+}
+
+/// The narrowing for a search of `ty`, as parameters to append, or a denial.
+fn narrowing(policy: &EffectivePolicy, ty: &str) -> Result<(Vec<QueryParam>, bool), Deny> {
+    match policy.search_narrowing(ty) {
+        SearchNarrowing::Unrestricted => Ok((Vec::new(), false)),
+        SearchNarrowing::Denied => Err(Deny::Forbidden("type_interaction")),
+        SearchNarrowing::AnyOf(list) => {
+            if list.len() == 1 {
+                return Ok((list[0].query_params().to_vec(), false));
+            }
+            // Several alternatives: an OR can be sent upstream only when every alternative is one
+            // parameter with the same name (comma means OR); otherwise filter only.
+            let names: Vec<&str> = list
+                .iter()
+                .filter_map(|c| match c.query_params() {
+                    [p] => Some(p.name.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if names.len() == list.len() && names.windows(2).all(|w| w[0] == w[1]) {
+                let values: Vec<&str> = list.iter().map(|c| c.query_params()[0].value.as_str()).collect();
+                return Ok((vec![QueryParam { name: names[0].to_string(), value: values.join(",") }], false));
+            }
+            Ok((Vec::new(), true))
+        }
+    }
+}
+
+fn decide_search(policy: &EffectivePolicy, s: &Search, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
+    for (ty, i) in op.required_access() {
+        need(policy, &ty, i, super_admin)?;
+    }
+    let mut permit = Permit::filtered();
+    if let Some(ty) = &s.resource_type {
+        let (params, drop_total) = narrowing(policy, ty)?;
+        permit.narrowing = params;
+        permit.drop_total = drop_total;
+    } else {
+        permit.drop_total = true;
+    }
+    Ok(permit)
+}
+
+fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
+    match op {
+        FhirOp::Capabilities => Ok(Permit::untouched()),
+        FhirOp::Read { resource_type, .. } | FhirOp::Vread { resource_type, .. } => {
+            let i = if matches!(op, FhirOp::Read { .. }) { Interaction::Read } else { Interaction::Vread };
+            need(policy, resource_type, i, super_admin)?;
+            let response = if policy.instance_checks_needed(resource_type, i) { ResponseNeed::CheckResource } else { ResponseNeed::Untouched };
+            Ok(Permit { response, ..Permit::untouched() })
+        }
+        FhirOp::Search(s) => decide_search(policy, s, op, super_admin),
+        FhirOp::History { .. } => {
+            for (ty, i) in op.required_access() {
+                need(policy, &ty, i, super_admin)?;
+            }
+            Ok(Permit { drop_total: true, ..Permit::filtered() })
+        }
+        FhirOp::Create { resource_type, .. } => {
+            for (ty, i) in op.required_access() {
+                need(policy, &ty, i, super_admin)?;
+            }
+            let _ = resource_type;
+            Ok(Permit { write: WriteCheck::Create, response: ResponseNeed::CheckResource, ..Permit::untouched() })
+        }
+        FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. } => {
+            need(policy, resource_type, Interaction::Update, super_admin)?;
+            Ok(Permit { write: WriteCheck::Update, response: ResponseNeed::CheckResource, ..Permit::untouched() })
+        }
+        FhirOp::Delete { resource_type, .. } => {
+            need(policy, resource_type, Interaction::Delete, super_admin)?;
+            Ok(Permit { write: WriteCheck::Delete, ..Permit::untouched() })
+        }
+        FhirOp::ConditionalUpdate { resource_type, .. } | FhirOp::ConditionalPatch { resource_type, .. } | FhirOp::ConditionalDelete { resource_type, .. } => {
+            for (ty, i) in op.required_access() {
+                need(policy, &ty, i, super_admin)?;
+            }
+            // The target is chosen by the upstream, so only a policy without instance conditions
+            // for this type can allow it.
+            let i = if matches!(op, FhirOp::ConditionalDelete { .. }) { Interaction::Delete } else { Interaction::Update };
+            if policy.instance_checks_needed(resource_type, i) || policy.instance_checks_needed(resource_type, Interaction::Search) {
+                return Err(Deny::Forbidden("conditional_write_with_criteria"));
+            }
+            Ok(Permit { response: ResponseNeed::CheckResource, ..Permit::untouched() })
+        }
+        FhirOp::Operation { name, resource_type, id } => {
+            if READ_OPERATIONS.contains(&name.as_str()) {
+                let ty = resource_type.as_deref().unwrap_or("*");
+                let i = if id.is_some() { Interaction::Read } else { Interaction::Search };
+                need(policy, ty, i, super_admin)?;
+                return Ok(Permit { drop_total: true, ..Permit::filtered() });
+            }
+            if policy.operation_allowed(name, resource_type.as_deref()) || super_admin {
+                return Ok(Permit::filtered());
+            }
+            Err(Deny::Forbidden("operation_not_granted"))
+        }
+        FhirOp::GraphQl => Err(Deny::Forbidden("graphql")),
+        FhirOp::Bundle { .. } => Err(Deny::Forbidden("nested_bundle")),
+    }
+}
+
+/// Decides a request. Bundles are decided entry by entry by `decide_bundle`.
+pub fn decide(policy: &EffectivePolicy, req: &FhirRequest, super_admin: bool) -> Decision {
+    if req.wants_non_json {
+        return Decision::Deny(Deny::BadRequest("non_json_format", "Only JSON is supported".into()));
+    }
+    match decide_op(policy, &req.op, super_admin) {
+        Ok(p) => Decision::Allow(p),
+        Err(d) => Decision::Deny(d),
+    }
+}
+
+/// Decides each entry of a batch or transaction.
+pub fn decide_entries(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Vec<Decision> {
+    let FhirOp::Bundle { entries, .. } = op else { return Vec::new() };
+    entries
+        .iter()
+        .map(|e| match &e.op {
+            Ok(FhirOp::Bundle { .. }) => Decision::Deny(Deny::Forbidden("nested_bundle")),
+            Ok(op) => match decide_op(policy, op, super_admin) {
+                Ok(p) => Decision::Allow(p),
+                Err(d) => Decision::Deny(d),
+            },
+            Err(_) => Decision::Deny(Deny::BadRequest("unclassifiable", "Invalid bundle entry".into())),
+        })
+        .collect()
+}

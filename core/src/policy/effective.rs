@@ -1,0 +1,485 @@
+//! The effective policy of a membership (medplum-auth.md §4.2 steps 1–7): its policies with
+//! parameters substituted, concatenated, with the legacy `*` and default entries, narrowed by
+//! SMART scopes (letters enforced, SPEC §2) and adjusted for admins; then compiled for decisions.
+//! Invariant: pure; policies come in through [`PolicySource`], never from a store.
+
+use std::borrow::Borrow;
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+
+use serde_json::Value;
+
+use crate::fhir::request::Interaction;
+use crate::policy::compiled::{
+    CompiledEntry, CompiledPolicy, InteractionSet, PolicyError, is_project_admin_type,
+};
+use crate::policy::ip::IpVerdict;
+use crate::policy::model::{
+    AccessParameter, AccessPolicy, AccessPolicyResource, ProjectMembership, Reference,
+};
+use crate::policy::scope::{SmartScope, parse_scopes};
+
+pub use crate::policy::compiled::SearchNarrowing;
+
+/// Where stored AccessPolicies are looked up, by id.
+pub trait PolicySource {
+    fn access_policy(&self, id: &str) -> Option<&AccessPolicy>;
+}
+
+impl<V: Borrow<AccessPolicy>, S: BuildHasher> PolicySource for HashMap<String, V, S> {
+    fn access_policy(&self, id: &str) -> Option<&AccessPolicy> {
+        self.get(id).map(Borrow::borrow)
+    }
+}
+
+impl PolicySource for [AccessPolicy] {
+    fn access_policy(&self, id: &str) -> Option<&AccessPolicy> {
+        self.iter().find(|p| p.id.as_deref() == Some(id))
+    }
+}
+
+/// Everything the effective policy depends on. For on-behalf-of, `membership` is the target's
+/// and the project fields are the caller's (medplum-auth.md §6).
+#[derive(Clone, Copy)]
+pub struct EffectiveInputs<'a> {
+    pub membership: &'a ProjectMembership,
+    pub policies: &'a dyn PolicySource,
+    /// Id of the membership's project.
+    pub project_id: &'a str,
+    /// The project is a super-admin project.
+    pub project_super_admin: bool,
+    /// Ids of the projects the project links to.
+    pub linked_projects: &'a [String],
+    /// The Login's scope (`None` for Basic auth, which never narrows).
+    pub scope: Option<&'a str>,
+}
+
+/// Why no effective policy can be built. Medplum answers these with 400 "Cannot authenticate:
+/// Invalid access policy configuration. …" at login.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EffectiveError {
+    #[error("access policy reference `{0}` is not `AccessPolicy/<id>`")]
+    BadPolicyReference(String),
+    #[error("access policy `{0}` not found")]
+    PolicyNotFound(String),
+    #[error("access policy `{0}` is not valid JSON after parameter substitution")]
+    Substitution(String),
+}
+
+/// Interactions Medplum gives a `readonly` entry without `interaction` (step 3).
+const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
+
+/// The order in which a super-admin project gets the admin types (step 7).
+const SUPER_ADMIN_TYPES: [&str; 4] = ["UserSecurityRequest", "Project", "ProjectMembership", "User"];
+
+// === EffectivePolicy ===
+
+/// The effective policy of one membership: the wire `AccessPolicy` (what `/auth/me` returns) and
+/// its compiled form.
+#[derive(Debug, Clone)]
+pub struct EffectivePolicy {
+    access_policy: AccessPolicy,
+    compiled: CompiledPolicy,
+    errors: Vec<PolicyError>,
+    project_admin: bool,
+    failure: Option<EffectiveError>,
+}
+
+impl EffectivePolicy {
+    /// Compiles an already-built effective wire policy.
+    pub fn from_access_policy(
+        access_policy: AccessPolicy,
+        super_admin: bool,
+        project_admin: bool,
+    ) -> EffectivePolicy {
+        let (compiled, errors) = CompiledPolicy::compile(&access_policy, super_admin);
+        EffectivePolicy {
+            access_policy,
+            compiled,
+            errors,
+            project_admin,
+            failure: None,
+        }
+    }
+
+    /// The policy of a membership whose policy could not be built: it grants nothing (its IP
+    /// rules are empty, so requests fail with 403 rather than an IP error). `failure` says why.
+    pub fn deny_all(failure: EffectiveError, super_admin: bool, project_admin: bool) -> EffectivePolicy {
+        EffectivePolicy {
+            access_policy: AccessPolicy::default(),
+            compiled: CompiledPolicy::deny_all(super_admin),
+            errors: Vec::new(),
+            project_admin,
+            failure: Some(failure),
+        }
+    }
+
+    /// Why the membership's policy could not be built (then nothing is granted).
+    pub fn failure(&self) -> Option<&EffectiveError> {
+        self.failure.as_ref()
+    }
+
+    /// The effective AccessPolicy, with `basedOn` (the `/auth/me` `accessPolicy`).
+    pub fn access_policy(&self) -> &AccessPolicy {
+        &self.access_policy
+    }
+
+    pub fn compiled(&self) -> &CompiledPolicy {
+        &self.compiled
+    }
+
+    /// What could not be compiled (those parts fail closed). Empty for a healthy policy.
+    pub fn compile_errors(&self) -> &[PolicyError] {
+        &self.errors
+    }
+
+    pub fn is_super_admin(&self) -> bool {
+        self.compiled.is_super_admin()
+    }
+
+    pub fn is_project_admin(&self) -> bool {
+        self.project_admin
+    }
+
+    /// `AccessPolicy.compartment` of the last source that had one (added to `meta.account` on
+    /// create).
+    pub fn compartment(&self) -> Option<&Reference> {
+        self.access_policy.compartment.as_ref()
+    }
+
+    /// Type-level check (medplum-auth.md §4.3).
+    pub fn type_allows(&self, resource_type: &str, interaction: Interaction, super_admin: bool) -> bool {
+        self.compiled.type_allows(resource_type, interaction, super_admin)
+    }
+
+    /// Entries granting `interaction` on `resource_type`, in order (see
+    /// [`CompiledPolicy::entries_for`]).
+    pub fn entries_for<'a, 'r>(
+        &'a self,
+        resource_type: &'r str,
+        interaction: Interaction,
+    ) -> impl Iterator<Item = &'a CompiledEntry> + use<'a, 'r> {
+        self.compiled.entries_for(resource_type, interaction)
+    }
+
+    pub fn search_narrowing(&self, resource_type: &str) -> SearchNarrowing {
+        self.compiled.search_narrowing(resource_type)
+    }
+
+    /// See [`CompiledPolicy::wildcard_unrestricted`].
+    pub fn wildcard_unrestricted(&self, interaction: Interaction) -> bool {
+        self.compiled.wildcard_unrestricted(interaction)
+    }
+
+    /// See [`CompiledPolicy::instance_checks_needed`].
+    pub fn instance_checks_needed(&self, resource_type: &str, interaction: Interaction) -> bool {
+        self.compiled.instance_checks_needed(resource_type, interaction)
+    }
+
+    /// Instance-level check (medplum-auth.md §4.4): the first entry that grants `interaction` on
+    /// this resource.
+    pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
+        self.compiled.satisfied(resource, interaction)
+    }
+
+    /// Removes the entry's hiddenFields.
+    pub fn redact(&self, resource: &mut Value, entry: &CompiledEntry) {
+        self.compiled.redact(resource, entry);
+    }
+
+    /// Restores the entry's readonlyFields from `old` (removes them on create).
+    pub fn restore_readonly(&self, new: &mut Value, old: Option<&Value>, entry: &CompiledEntry) {
+        self.compiled.restore_readonly(new, old, entry);
+    }
+
+    pub fn check_ip(&self, addr: IpAddr) -> IpVerdict {
+        self.compiled.check_ip(addr)
+    }
+}
+
+/// Builds and compiles the effective policy of `inputs.membership`. Fails closed: when a source
+/// policy is missing or unusable, the result grants nothing and [`EffectivePolicy::failure`] says
+/// why (Medplum refuses the login instead; use [`try_effective`] for that).
+pub fn effective(inputs: &EffectiveInputs<'_>) -> EffectivePolicy {
+    try_effective(inputs).unwrap_or_else(|e| {
+        EffectivePolicy::deny_all(e, inputs.project_super_admin, inputs.membership.is_admin())
+    })
+}
+
+/// Builds and compiles the effective policy of `inputs.membership`, or says why it cannot.
+pub fn try_effective(inputs: &EffectiveInputs<'_>) -> Result<EffectivePolicy, EffectiveError> {
+    let access_policy = build_access_policy(inputs)?;
+    Ok(EffectivePolicy::from_access_policy(
+        access_policy,
+        inputs.project_super_admin,
+        inputs.membership.is_admin(),
+    ))
+}
+
+/// medplum-auth.md §4.2 steps 1–7, producing the wire AccessPolicy.
+pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy, EffectiveError> {
+    let membership = inputs.membership;
+
+    // 1. Sources: membership.accessPolicy (no parameters), then access[].
+    let mut sources: Vec<(&Reference, &[AccessParameter])> = Vec::new();
+    if let Some(policy) = &membership.access_policy {
+        sources.push((policy, &[]));
+    }
+    for access in &membership.access {
+        sources.push((&access.policy, &access.parameter));
+    }
+
+    // 2.–3. Substitute, then concatenate.
+    let mut resource = Vec::new();
+    let mut ip_access_rule = Vec::new();
+    let mut compartment = None;
+    for (reference, parameters) in &sources {
+        let raw = reference.reference.clone().unwrap_or_default();
+        let id = match reference.type_and_id() {
+            Some(("AccessPolicy", id)) => id,
+            _ => return Err(EffectiveError::BadPolicyReference(raw)),
+        };
+        let stored = inputs
+            .policies
+            .access_policy(id)
+            .ok_or(EffectiveError::PolicyNotFound(raw))?;
+        let replaced = substitute_parameters(stored, parameters, &membership.profile)?;
+        if replaced.compartment.is_some() {
+            compartment = replaced.compartment;
+        }
+        for mut entry in replaced.resource {
+            if entry.interaction.is_none() && entry.readonly == Some(true) {
+                entry.interaction = Some(READONLY_CODES.iter().map(|c| c.to_string()).collect());
+            }
+            resource.push(entry);
+        }
+        ip_access_rule.extend(replaced.ip_access_rule);
+    }
+
+    // 4. Legacy: no accessPolicy and no non-empty access[] → full access to non-admin types.
+    if membership.access_policy.is_none() && membership.access.is_empty() {
+        resource.push(entry_of("*"));
+    }
+
+    // 5. Default read-only SearchParameter and StructureDefinition.
+    for ty in ["SearchParameter", "StructureDefinition"] {
+        if !resource.iter().any(|e| e.resource_type == ty) {
+            resource.push(AccessPolicyResource {
+                readonly: Some(true),
+                ..entry_of(ty)
+            });
+        }
+    }
+
+    // 6. SMART scopes, when at least one resource scope is present.
+    if let Some(scope) = inputs.scope {
+        let scopes = parse_scopes(scope);
+        if !scopes.is_empty() {
+            resource = apply_smart_scopes(resource, &scopes);
+        }
+    }
+
+    // 7. Admin adjustments, after the scopes so that scopes never remove them.
+    if inputs.project_super_admin {
+        for ty in SUPER_ADMIN_TYPES {
+            if !resource.iter().any(|e| e.resource_type == ty) {
+                resource.push(entry_of(ty));
+            }
+        }
+    } else if membership.is_admin() {
+        resource.retain(|e| !is_project_admin_type(&e.resource_type));
+        resource.extend(project_admin_entries(inputs.project_id, inputs.linked_projects));
+    } else {
+        resource.retain(|e| !is_project_admin_type(&e.resource_type));
+    }
+
+    Ok(AccessPolicy {
+        based_on: sources.iter().map(|(r, _)| (*r).clone()).collect(),
+        compartment,
+        resource,
+        ip_access_rule,
+        ..AccessPolicy::default()
+    })
+}
+
+fn entry_of(resource_type: &str) -> AccessPolicyResource {
+    AccessPolicyResource {
+        resource_type: resource_type.to_string(),
+        ..AccessPolicyResource::default()
+    }
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// The entries a project admin gets for the four admin types (medplum-auth.md §4.2 step 7).
+fn project_admin_entries(project_id: &str, linked_projects: &[String]) -> Vec<AccessPolicyResource> {
+    let mut out = vec![AccessPolicyResource {
+        criteria: Some(format!("Project?_id={project_id}")),
+        readonly_fields: strings(&["features", "link", "systemSetting"]),
+        hidden_fields: strings(&["superAdmin", "systemSecret", "strictMode"]),
+        ..entry_of("Project")
+    }];
+    if !linked_projects.is_empty() {
+        out.push(AccessPolicyResource {
+            criteria: Some(format!("Project?_id={}", linked_projects.join(","))),
+            readonly: Some(true),
+            hidden_fields: strings(&[
+                "superAdmin",
+                "setting",
+                "systemSetting",
+                "secret",
+                "systemSecret",
+                "strictMode",
+            ]),
+            ..entry_of("Project")
+        });
+    }
+    out.push(AccessPolicyResource {
+        readonly_fields: strings(&["project", "user"]),
+        ..entry_of("ProjectMembership")
+    });
+    out.push(AccessPolicyResource {
+        readonly: Some(true),
+        ..entry_of("UserSecurityRequest")
+    });
+    out.push(AccessPolicyResource {
+        hidden_fields: strings(&["passwordHash", "mfaSecret"]),
+        readonly_fields: strings(&["email", "emailVerified", "mfaEnrolled", "project"]),
+        ..entry_of("User")
+    });
+    out
+}
+
+/// One substitution: `%name` → `value`, and for references `%name.id` → `id` first.
+struct Substitution {
+    name: String,
+    value: String,
+    id: Option<String>,
+}
+
+/// Step 2: textual parameter substitution on the serialised policy. The parameters are the
+/// entry's, then `profile`, then `patient` (unless given). A `valueString` replaces `%name`; a
+/// `valueReference` replaces `%name.id` with the id, then `%name` with the reference string.
+///
+/// Two deliberate departures from Medplum's plain `replaceAll` loop: longer names go first (stable
+/// otherwise), so `%patientX` is not clobbered by `%patient` when `patientX` is a parameter; and
+/// values are JSON-escaped, so a value holding `"` cannot change the policy's structure.
+pub fn substitute_parameters(
+    policy: &AccessPolicy,
+    parameters: &[AccessParameter],
+    profile: &Reference,
+) -> Result<AccessPolicy, EffectiveError> {
+    let reference_substitution = |name: &str, r: &Reference| {
+        // Medplum's resolveId is `reference.split('/')[1]`; a missing piece prints "undefined".
+        let raw = r.reference.as_deref();
+        let id = raw.and_then(|s| s.split('/').nth(1)).unwrap_or("undefined");
+        Substitution {
+            name: name.to_string(),
+            value: raw.unwrap_or("undefined").to_string(),
+            id: Some(id.to_string()),
+        }
+    };
+    let mut subs: Vec<Substitution> = Vec::new();
+    for p in parameters {
+        match (&p.value_string, &p.value_reference) {
+            // An empty valueString is falsy in Medplum and falls through to the reference.
+            (Some(s), _) if !s.is_empty() => subs.push(Substitution {
+                name: p.name.clone(),
+                value: s.clone(),
+                id: None,
+            }),
+            (_, Some(r)) => subs.push(reference_substitution(&p.name, r)),
+            _ => {}
+        }
+    }
+    subs.push(reference_substitution("profile", profile));
+    if !parameters.iter().any(|p| p.name == "patient") {
+        subs.push(reference_substitution("patient", profile));
+    }
+    subs.sort_by_key(|s| std::cmp::Reverse(s.name.len()));
+
+    let policy_ref = policy.id.clone().unwrap_or_default();
+    let mut json = serde_json::to_string(policy)
+        .map_err(|_| EffectiveError::Substitution(policy_ref.clone()))?;
+    for s in &subs {
+        if let Some(id) = &s.id {
+            json = json.replace(&format!("%{}.id", s.name), &json_escape(id));
+        }
+        json = json.replace(&format!("%{}", s.name), &json_escape(&s.value));
+    }
+    serde_json::from_str(&json).map_err(|_| EffectiveError::Substitution(policy_ref))
+}
+
+/// `s` as it appears inside a JSON string literal.
+fn json_escape(s: &str) -> String {
+    let quoted = Value::String(s.to_string()).to_string();
+    quoted[1..quoted.len() - 1].to_string()
+}
+
+/// Step 6 (medplum-auth.md §5): each entry is kept and merged with the scope for its type (exact,
+/// then `*`); a `*` entry without such a scope becomes one merged copy per scope; other entries are
+/// dropped. Stricter than Medplum (SPEC §2): each merged entry's interactions are narrowed to the
+/// scope's letters, and an entry left with none is dropped.
+pub fn apply_smart_scopes(
+    resource: Vec<AccessPolicyResource>,
+    scopes: &[SmartScope],
+) -> Vec<AccessPolicyResource> {
+    let mut out = Vec::new();
+    for entry in &resource {
+        if let Some(scope) = scope_for(scopes, &entry.resource_type) {
+            out.extend(merge_with_scope(entry, scope));
+        } else if entry.resource_type == "*" {
+            for scope in scopes {
+                out.extend(merge_with_scope(entry, scope).map(|mut merged| {
+                    merged.resource_type = scope.resource_type.clone();
+                    merged
+                }));
+            }
+        }
+    }
+    out
+}
+
+fn scope_for<'a>(scopes: &'a [SmartScope], resource_type: &str) -> Option<&'a SmartScope> {
+    scopes
+        .iter()
+        .find(|s| s.resource_type == resource_type)
+        .or_else(|| scopes.iter().find(|s| s.resource_type == "*"))
+}
+
+fn merge_with_scope(entry: &AccessPolicyResource, scope: &SmartScope) -> Option<AccessPolicyResource> {
+    let granted = InteractionSet::of_entry(entry).intersection(scope.interactions());
+    if granted.is_empty() {
+        return None;
+    }
+    let mut merged = entry.clone();
+    if scope.resource_type != "*"
+        && let Some(c) = &merged.criteria
+        && c.starts_with('*')
+    {
+        merged.criteria = Some(c.replacen('*', &scope.resource_type, 1));
+    }
+    if scope.is_read_only() {
+        merged.readonly = Some(true);
+    }
+    if let Some(extra) = &scope.criteria {
+        merged.criteria = Some(match merged.criteria.take() {
+            // Medplum adds `&` unless the criteria already ends with one; after a bare `Type?`
+            // it would produce `Type?&…`, which means the same.
+            Some(c) if c.ends_with('&') || c.ends_with('?') => format!("{c}{extra}"),
+            Some(c) => format!("{c}&{extra}"),
+            None => format!("{}?{extra}", scope.resource_type),
+        });
+    }
+    // Letters enforced: make the wire entry say exactly what it grants.
+    if InteractionSet::of_entry(&merged) != granted {
+        merged.interaction = Some(granted.codes());
+    }
+    Some(merged)
+}
+
+#[cfg(test)]
+mod tests;

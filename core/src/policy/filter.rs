@@ -1,0 +1,64 @@
+//! Response filtering: every resource returned is checked against the policy's read access and
+//! redacted (hiddenFields); Bundle entries that fail are removed. Pure.
+
+use serde_json::Value;
+
+use crate::fhir::request::Interaction;
+use crate::policy::EffectivePolicy;
+
+/// Checks one resource for `interaction` and redacts it. False: the caller may not see it.
+pub fn check_resource(policy: &EffectivePolicy, resource: &mut Value, interaction: Interaction) -> bool {
+    let Some(entry) = policy.satisfied(resource, interaction) else { return false };
+    let entry = entry.clone();
+    policy.redact(resource, &entry);
+    true
+}
+
+fn is_outcome(v: &Value) -> bool {
+    v.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
+}
+
+/// Filters a response body in place: a Bundle (entries checked, nested Bundles recursed,
+/// `total` removed when anything was dropped or `drop_total`), or a single resource (replaced by
+/// nothing visible: the caller decides the status). Returns false when a single resource failed.
+pub fn filter_value(policy: &EffectivePolicy, value: &mut Value, drop_total: bool) -> bool {
+    if is_outcome(value) {
+        return true;
+    }
+    if value.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return check_resource(policy, value, Interaction::Read);
+    }
+    let mut dropped = false;
+    if let Some(entries) = value.get_mut("entry").and_then(Value::as_array_mut) {
+        entries.retain_mut(|entry| {
+            if let Some(outcome) = entry.get_mut("response").and_then(|r| r.get_mut("outcome")) {
+                let _ = outcome;
+            }
+            let Some(resource) = entry.get_mut("resource") else { return true };
+            if is_outcome(resource) {
+                return true;
+            }
+            let keep = if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                filter_value(policy, resource, true);
+                true
+            } else {
+                check_resource(policy, resource, Interaction::Read)
+            };
+            if !keep {
+                dropped = true;
+            }
+            keep
+        });
+    }
+    if dropped || drop_total {
+        if let Some(obj) = value.as_object_mut() {
+            obj.remove("total");
+        }
+    }
+    true
+}
+
+/// Filters a whole response the gateway could not narrow exactly.
+pub fn filter_response(policy: &EffectivePolicy, value: &mut Value) {
+    filter_value(policy, value, false);
+}

@@ -1,0 +1,380 @@
+//! Configuration: a TOML file (`ConfigFile`), every key overridable by a `FHIRGATE_…` environment
+//! variable or a flag (clap reads both), validated into `Config`. Precedence: flag > env > file >
+//! default. Invariant: every value the rest of the program reads has been checked here; a bad
+//! value is a one-line error at start, never a panic later.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Options shared by `serve`, `proxy` and `control`. Each is a flag, an env var, or a key of the
+/// TOML file (same name with `_` instead of `-`).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    /// Gateway listen address (all client traffic) [default: 0.0.0.0:8080]
+    #[arg(long, env = "FHIRGATE_LISTEN")]
+    pub listen: Option<String>,
+    /// Control API listen address (internal) [default: 127.0.0.1:8081]
+    #[arg(long, env = "FHIRGATE_CONTROL_LISTEN")]
+    pub control_listen: Option<String>,
+    /// Metrics and health listen address (/metrics, /healthz, /readyz) [default: 0.0.0.0:9090]
+    #[arg(long, env = "FHIRGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// Public base URL clients use, e.g. https://fhir.example.org/ [default: http://localhost:<listen port>/]
+    #[arg(long, env = "FHIRGATE_BASE_URL")]
+    pub base_url: Option<String>,
+    /// FHIR base URL of the upstream server [default: http://127.0.0.1:8103/fhir/R4]
+    #[arg(long, env = "FHIRGATE_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Authorization header value fhirgate presents to the upstream (e.g. "Bearer …" or "Basic …")
+    #[arg(long, env = "FHIRGATE_UPSTREAM_AUTHORIZATION", hide_env_values = true)]
+    pub upstream_authorization: Option<String>,
+    /// Upstream connect timeout in milliseconds [default: 1000]
+    #[arg(long, env = "FHIRGATE_UPSTREAM_CONNECT_TIMEOUT_MS")]
+    pub upstream_connect_timeout_ms: Option<u64>,
+    /// Upstream read timeout in milliseconds [default: 30000]
+    #[arg(long, env = "FHIRGATE_UPSTREAM_READ_TIMEOUT_MS")]
+    pub upstream_read_timeout_ms: Option<u64>,
+    /// Data directory for the embedded SQLite store and the mail outbox [default: ./data]
+    #[arg(long, env = "FHIRGATE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Store URL: sqlite://PATH or postgres://… [default: sqlite://<data-dir>/fhirgate.db]
+    #[arg(long, env = "FHIRGATE_STORE")]
+    pub store: Option<String>,
+    /// Comma-separated CIDRs whose X-Forwarded-For is believed [default: none]
+    #[arg(long, env = "FHIRGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Access token lifetime, e.g. 1h, 30m, 3600s [default: 1h]
+    #[arg(long, env = "FHIRGATE_ACCESS_TOKEN_LIFETIME")]
+    pub access_token_lifetime: Option<String>,
+    /// Refresh token lifetime [default: 2w]
+    #[arg(long, env = "FHIRGATE_REFRESH_TOKEN_LIFETIME")]
+    pub refresh_token_lifetime: Option<String>,
+    /// Verified-token cache capacity (entries) [default: 100000]
+    #[arg(long, env = "FHIRGATE_TOKEN_CACHE_CAPACITY")]
+    pub token_cache_capacity: Option<u64>,
+    /// Largest request body read by the gateway, in bytes [default: 16777216]
+    #[arg(long, env = "FHIRGATE_MAX_REQUEST_BODY")]
+    pub max_request_body: Option<usize>,
+    /// Largest upstream response buffered for filtering, in bytes [default: 67108864]
+    #[arg(long, env = "FHIRGATE_MAX_RESPONSE_BUFFER")]
+    pub max_response_buffer: Option<usize>,
+    /// Worker threads of the gateway [default: number of CPUs]
+    #[arg(long, env = "FHIRGATE_THREADS")]
+    pub threads: Option<usize>,
+    /// Directory of AccessPolicy JSON files loaded at start and on change
+    #[arg(long, env = "FHIRGATE_POLICIES_DIR")]
+    pub policies_dir: Option<PathBuf>,
+    /// Seconds to let in-flight requests finish on SIGTERM [default: 5]
+    #[arg(long, env = "FHIRGATE_GRACE_PERIOD_SECONDS")]
+    pub grace_period_seconds: Option<u64>,
+    /// E-mail of the bootstrap super admin [default: admin@example.com]
+    #[arg(long, env = "FHIRGATE_ADMIN_EMAIL")]
+    pub admin_email: Option<String>,
+    /// Password of the bootstrap super admin [default: generated, printed once]
+    #[arg(long, env = "FHIRGATE_ADMIN_PASSWORD", hide_env_values = true)]
+    pub admin_password: Option<String>,
+    /// Client id of the bootstrap admin ClientApplication [default: generated]
+    #[arg(long, env = "FHIRGATE_ADMIN_CLIENT_ID")]
+    pub admin_client_id: Option<String>,
+    /// Secret of the bootstrap admin ClientApplication [default: generated, printed once]
+    #[arg(long, env = "FHIRGATE_ADMIN_CLIENT_SECRET", hide_env_values = true)]
+    pub admin_client_secret: Option<String>,
+    /// Log format: json or text [default: json]
+    #[arg(long, env = "FHIRGATE_LOG_FORMAT")]
+    pub log_format: Option<String>,
+}
+
+impl ConfigFile {
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+    }
+
+    /// `self` (flags and env) wins over `file`.
+    pub fn layered_over(self, file: ConfigFile) -> ConfigFile {
+        macro_rules! pick {
+            ($($f:ident),*) => { ConfigFile { $($f: self.$f.or(file.$f),)* trusted_proxies: if self.trusted_proxies.is_empty() { file.trusted_proxies } else { self.trusted_proxies } } };
+        }
+        pick!(
+            listen,
+            control_listen,
+            metrics_listen,
+            base_url,
+            upstream,
+            upstream_authorization,
+            upstream_connect_timeout_ms,
+            upstream_read_timeout_ms,
+            data_dir,
+            store,
+            access_token_lifetime,
+            refresh_token_lifetime,
+            token_cache_capacity,
+            max_request_body,
+            max_response_buffer,
+            threads,
+            policies_dir,
+            grace_period_seconds,
+            admin_email,
+            admin_password,
+            admin_client_id,
+            admin_client_secret,
+            log_format
+        )
+    }
+}
+
+/// The upstream FHIR server, split for pingora's `HttpPeer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// As configured, without a trailing slash: `http://127.0.0.1:8103/fhir/R4`.
+    pub base_url: String,
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix of the FHIR base, without trailing slash: `/fhir/R4`.
+    pub base_path: String,
+    /// `Authorization` value presented upstream.
+    pub authorization: Option<String>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+}
+
+impl Upstream {
+    pub fn parse(url: &str, authorization: Option<String>) -> Result<Upstream, ConfigError> {
+        let parsed = url::Url::parse(url).map_err(|e| invalid("upstream", e.to_string()))?;
+        let tls = match parsed.scheme() {
+            "http" => false,
+            "https" => true,
+            other => return Err(invalid("upstream", format!("unsupported scheme `{other}`"))),
+        };
+        let host = parsed.host_str().ok_or_else(|| invalid("upstream", "missing host"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        let port = parsed.port_or_known_default().ok_or_else(|| invalid("upstream", "missing port"))?;
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(invalid("upstream", "must not have a query or fragment"));
+        }
+        let base_path = parsed.path().trim_end_matches('/').to_string();
+        Ok(Upstream {
+            base_url: url.trim_end_matches('/').to_string(),
+            tls,
+            host,
+            port,
+            base_path,
+            authorization,
+            connect_timeout: Duration::from_millis(1000),
+            read_timeout: Duration::from_millis(30_000),
+        })
+    }
+}
+
+/// Bootstrap credentials made known in advance (for automation).
+#[derive(Debug, Clone, Default)]
+pub struct Bootstrap {
+    pub admin_email: String,
+    pub admin_password: Option<String>,
+    pub admin_client_id: Option<String>,
+    pub admin_client_secret: Option<String>,
+}
+
+/// Checked configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub control_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
+    /// Public base URL with a trailing slash.
+    pub base_url: String,
+    pub upstream: Upstream,
+    pub data_dir: PathBuf,
+    pub store_url: String,
+    pub trusted_proxies: Vec<IpNet>,
+    pub access_token_lifetime: Duration,
+    pub refresh_token_lifetime: Duration,
+    pub token_cache_capacity: u64,
+    pub max_request_body: usize,
+    pub max_response_buffer: usize,
+    pub threads: usize,
+    pub policies_dir: Option<PathBuf>,
+    pub grace_period_seconds: u64,
+    pub bootstrap: Bootstrap,
+    pub json_logs: bool,
+}
+
+/// Parses Medplum's duration form `^[0-9]+[smhdwy]$`.
+pub fn parse_lifetime(s: &str) -> Option<Duration> {
+    let unit = s.chars().last()?;
+    let digits = &s[..s.len() - unit.len_utf8()];
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    let secs = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        'w' => 604_800,
+        'y' => 31_536_000,
+        _ => return None,
+    };
+    n.checked_mul(secs).map(Duration::from_secs)
+}
+
+fn addr(key: &'static str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let s = v.unwrap_or(default);
+    s.parse().map_err(|_| invalid(key, format!("`{s}` is not an address like 127.0.0.1:8080")))
+}
+
+impl Config {
+    pub fn from_file(f: ConfigFile) -> Result<Config, ConfigError> {
+        let listen = addr("listen", f.listen.as_deref(), "0.0.0.0:8080")?;
+        let control_listen = addr("control_listen", f.control_listen.as_deref(), "127.0.0.1:8081")?;
+        let metrics_listen = addr("metrics_listen", f.metrics_listen.as_deref(), "0.0.0.0:9090")?;
+        let base_url = match f.base_url {
+            Some(b) => {
+                let u = url::Url::parse(&b).map_err(|e| invalid("base_url", e.to_string()))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(invalid("base_url", "must be an http(s) URL"));
+                }
+                format!("{}/", b.trim_end_matches('/'))
+            }
+            None => format!("http://localhost:{}/", listen.port()),
+        };
+        let mut upstream = Upstream::parse(
+            f.upstream.as_deref().unwrap_or("http://127.0.0.1:8103/fhir/R4"),
+            f.upstream_authorization,
+        )?;
+        if let Some(ms) = f.upstream_connect_timeout_ms {
+            upstream.connect_timeout = Duration::from_millis(ms.max(1));
+        }
+        if let Some(ms) = f.upstream_read_timeout_ms {
+            upstream.read_timeout = Duration::from_millis(ms.max(1));
+        }
+        let data_dir = f.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
+        let store_url = f
+            .store
+            .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("fhirgate.db").display()));
+        if !(store_url.starts_with("sqlite:") || store_url.starts_with("postgres://") || store_url.starts_with("postgresql://")) {
+            return Err(invalid("store", "must start with sqlite: or postgres://"));
+        }
+        let trusted_proxies = f
+            .trusted_proxies
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| invalid("trusted_proxies", format!("`{s}` is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let lifetime = |key: &'static str, v: Option<String>, d: &str| {
+            let s = v.unwrap_or_else(|| d.to_string());
+            parse_lifetime(&s).ok_or_else(|| invalid(key, format!("`{s}` is not a duration like 60s, 1h, 2w")))
+        };
+        let log_format = f.log_format.unwrap_or_else(|| "json".into());
+        if !matches!(log_format.as_str(), "json" | "text") {
+            return Err(invalid("log_format", "must be json or text"));
+        }
+        Ok(Config {
+            listen,
+            control_listen,
+            metrics_listen,
+            base_url,
+            upstream,
+            data_dir,
+            store_url,
+            trusted_proxies,
+            access_token_lifetime: lifetime("access_token_lifetime", f.access_token_lifetime, "1h")?,
+            refresh_token_lifetime: lifetime("refresh_token_lifetime", f.refresh_token_lifetime, "2w")?,
+            token_cache_capacity: f.token_cache_capacity.unwrap_or(100_000),
+            max_request_body: f.max_request_body.unwrap_or(16 << 20),
+            max_response_buffer: f.max_response_buffer.unwrap_or(64 << 20),
+            threads: f
+                .threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+                .max(1),
+            policies_dir: f.policies_dir,
+            grace_period_seconds: f.grace_period_seconds.unwrap_or(5),
+            bootstrap: Bootstrap {
+                admin_email: f.admin_email.unwrap_or_else(|| "admin@example.com".into()).to_lowercase(),
+                admin_password: f.admin_password,
+                admin_client_id: f.admin_client_id,
+                admin_client_secret: f.admin_client_secret,
+            },
+            json_logs: log_format == "json",
+        })
+    }
+
+    /// The FHIR base URL clients see: `<base_url>fhir/R4`.
+    pub fn public_fhir_base(&self) -> String {
+        format!("{}fhir/R4", self.base_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_file(ConfigFile::default()).unwrap();
+        assert_eq!(c.listen.port(), 8080);
+        assert_eq!(c.control_listen.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.base_url, "http://localhost:8080/");
+        assert_eq!(c.upstream.base_path, "/fhir/R4");
+        assert!(c.store_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn bad_values_are_one_line_errors() {
+        let f = ConfigFile { trusted_proxies: vec!["nonsense".into()], ..Default::default() };
+        let e = Config::from_file(f).unwrap_err().to_string();
+        assert!(e.contains("trusted_proxies"), "{e}");
+        let f = ConfigFile { upstream: Some("ftp://x".into()), ..Default::default() };
+        assert!(Config::from_file(f).unwrap_err().to_string().contains("upstream"));
+        let f = ConfigFile { access_token_lifetime: Some("300".into()), ..Default::default() };
+        assert!(Config::from_file(f).unwrap_err().to_string().contains("access_token_lifetime"));
+    }
+
+    #[test]
+    fn lifetimes_follow_medplum_syntax() {
+        assert_eq!(parse_lifetime("60s"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_lifetime("2w"), Some(Duration::from_secs(1_209_600)));
+        assert_eq!(parse_lifetime("300"), None);
+        assert_eq!(parse_lifetime("medplum"), None);
+        assert_eq!(parse_lifetime(""), None);
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file = ConfigFile { listen: Some("0.0.0.0:1".into()), upstream: Some("http://a:1/fhir".into()), ..Default::default() };
+        let flags = ConfigFile { listen: Some("0.0.0.0:2".into()), ..Default::default() };
+        let c = Config::from_file(flags.layered_over(file)).unwrap();
+        assert_eq!(c.listen.port(), 2);
+        assert_eq!(c.upstream.host, "a");
+    }
+}

@@ -1,0 +1,232 @@
+//! The authorization step of the request path: authenticate → effective policy → IP rules →
+//! on-behalf-of → classify → decide. Produces a `Verdict`; the gateway acts on it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fhirgate_core::fhir::classify::classify;
+use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::request::{FhirOp, RequestParts};
+use fhirgate_core::policy::EffectivePolicy;
+use fhirgate_core::policy::decide::{self, Decision, Deny, Permit, ResponseNeed};
+use pingora::proxy::Session;
+
+use super::Gateway;
+use super::ctx::RequestCtx;
+use super::filter::{FilterSpec, ResponsePlan};
+use crate::state::{AuthError, CacheUse, Snapshot};
+
+pub enum Verdict {
+    /// Forward through pingora (with `ctx.extra_query` and `ctx.plan` set).
+    Forward,
+    /// The gateway performs the exchange itself (writes, checked reads, Bundles).
+    Mediate(Mediation),
+    Deny(Outcome, &'static str),
+}
+
+/// What a mediated request needs.
+pub struct Mediation {
+    pub policy: Arc<EffectivePolicy>,
+    pub body: Option<Bytes>,
+    pub op: FhirOp,
+    pub permit: Option<Permit>,
+    /// Entry decisions of a batch or transaction.
+    pub entries: Vec<Decision>,
+    pub super_admin: bool,
+}
+
+const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+
+fn deny(d: &Deny) -> Verdict {
+    match d {
+        Deny::Forbidden(l) => Verdict::Deny(Outcome::Forbidden, l),
+        Deny::BadRequest(l, t) => Verdict::Deny(Outcome::BadRequest(t.clone()), l),
+    }
+}
+
+/// The resource type a request is about, if one.
+pub fn op_resource_type(op: &FhirOp) -> Option<&str> {
+    match op {
+        FhirOp::Read { resource_type, .. }
+        | FhirOp::Vread { resource_type, .. }
+        | FhirOp::Create { resource_type, .. }
+        | FhirOp::Update { resource_type, .. }
+        | FhirOp::ConditionalUpdate { resource_type, .. }
+        | FhirOp::Patch { resource_type, .. }
+        | FhirOp::ConditionalPatch { resource_type, .. }
+        | FhirOp::Delete { resource_type, .. }
+        | FhirOp::ConditionalDelete { resource_type, .. } => Some(resource_type),
+        FhirOp::Search(s) => s.resource_type.as_deref(),
+        FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => resource_type.as_deref(),
+        FhirOp::Capabilities | FhirOp::Bundle { .. } | FhirOp::GraphQl => None,
+    }
+}
+
+fn is_admin(snap: &Snapshot, membership_id: &str) -> (bool, bool) {
+    let Some(m) = snap.memberships.get(membership_id) else { return (false, false) };
+    let super_admin = m.project.type_and_id().and_then(|(_, p)| snap.projects.get(p)).is_some_and(|p| p.super_admin);
+    (m.is_admin() || super_admin, super_admin)
+}
+
+/// Resolves `X-Medplum-On-Behalf-Of` (medplum-auth.md §6) to a membership id in the caller's
+/// project.
+fn on_behalf_of(snap: &Snapshot, project_id: &str, value: &str) -> Option<String> {
+    let value = value.trim();
+    if let Some(id) = value.strip_prefix("ProjectMembership/") {
+        let m = snap.memberships.get(id)?;
+        return (m.project.type_and_id()?.1 == project_id).then(|| id.to_string());
+    }
+    snap.membership_by_profile.get(&(project_id.to_string(), value.to_string())).cloned()
+}
+
+async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, Outcome> {
+    let mut buf = Vec::new();
+    loop {
+        match session.read_request_body().await {
+            Ok(Some(chunk)) => {
+                if buf.len() + chunk.len() > limit {
+                    return Err(Outcome::PayloadTooLarge("Request body too large".into()));
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(_) => return Err(Outcome::BadRequest("Could not read request body".into())),
+        }
+    }
+    Ok(if buf.is_empty() { None } else { Some(Bytes::from(buf)) })
+}
+
+pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, rest: &str) -> Verdict {
+    let state = &gw.state;
+    let req = session.req_header();
+    if req.headers.contains_key("upgrade") {
+        return Verdict::Deny(Outcome::BadRequest("Protocol upgrade is not supported".into()), "upgrade");
+    }
+    if METHOD_OVERRIDES.iter().any(|h| req.headers.contains_key(*h)) {
+        return Verdict::Deny(Outcome::BadRequest("Method override is not allowed".into()), "method_override");
+    }
+    let auth_header = req.headers.get("authorization").and_then(|v| v.to_str().ok());
+    let (auth, cache) = state.authenticate(auth_header).await;
+    match cache {
+        CacheUse::Hit => crate::obs::METRICS.token_cache.with_label_values(&["hit"]).inc(),
+        CacheUse::Miss => crate::obs::METRICS.token_cache.with_label_values(&["miss"]).inc(),
+        CacheUse::None => {}
+    }
+    let identity = match auth {
+        Ok(i) => i,
+        Err(AuthError::StoreUnavailable) => {
+            return Verdict::Deny(Outcome::ServiceUnavailable("Credential store unavailable".into()), "store_unavailable");
+        }
+        Err(e) => return Verdict::Deny(Outcome::Unauthorized, e.as_str()),
+    };
+    ctx.identity = Some(identity.clone());
+    let snap = state.snapshot();
+    let (caller_admin, super_admin) = is_admin(&snap, &identity.membership_id);
+
+    // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
+    let mut membership_id = identity.membership_id.clone();
+    let obo = session.req_header().headers.get("x-medplum-on-behalf-of").map(|v| v.to_str().map(str::to_string));
+    if let Some(value) = obo {
+        let Ok(value) = value else { return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_invalid") };
+        if !caller_admin {
+            return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_not_admin");
+        }
+        let Some(target) = on_behalf_of(&snap, &identity.project_id, &value) else {
+            return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown");
+        };
+        ctx.on_behalf_of_profile = snap.memberships.get(&target).and_then(|m| m.profile.reference.clone());
+        ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));
+        membership_id = target;
+    }
+    let Some(policy) = state.effective_policy(&snap, &membership_id, identity.scope.as_deref()) else {
+        return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
+    };
+
+    // IP rules on every request, Bearer and Basic (SPEC §2), from the caller's own policy.
+    if let Some(ip) = ctx.client_ip {
+        let caller_policy = if membership_id == identity.membership_id {
+            Some(policy.clone())
+        } else {
+            state.effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+        };
+        if let Some(cp) = caller_policy {
+            if !cp.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed() {
+                return Verdict::Deny(Outcome::Forbidden, "ip_blocked");
+            }
+        }
+    }
+
+    let method = session.req_header().method.clone();
+    let body = if matches!(method, http::Method::POST | http::Method::PUT | http::Method::PATCH) {
+        match read_body(session, state.config.max_request_body).await {
+            Ok(b) => b,
+            Err(o) => return Verdict::Deny(o, "body"),
+        }
+    } else {
+        None
+    };
+    let req = session.req_header();
+    let headers: Vec<(String, String)> = req
+        .headers
+        .iter()
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_ascii_lowercase(), v.to_string())))
+        .collect();
+    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let parts = RequestParts {
+        method: method.as_str(),
+        path: rest,
+        query: req.uri.query(),
+        headers: &header_refs,
+        body: body.as_deref(),
+    };
+    let request = match classify(&parts) {
+        Ok(r) => r,
+        Err(e) => {
+            use fhirgate_core::fhir::request::Unclassifiable as U;
+            let label = match e {
+                U::BadPath => "bad_path",
+                U::MethodOverride => "method_override",
+                U::UnknownType => "unknown_type",
+                U::MethodNotAllowed => "method_not_allowed",
+                U::BadBody => "bad_body",
+                U::BadQuery => "bad_query",
+                U::Unsupported => "unsupported",
+            };
+            let outcome = match e {
+                U::UnknownType => Outcome::NotFound,
+                U::Unsupported => Outcome::Forbidden,
+                other => Outcome::BadRequest(other.to_string()),
+            };
+            return Verdict::Deny(outcome, label);
+        }
+    };
+    ctx.resource_type = op_resource_type(&request.op).map(str::to_string);
+    if let Some(ty) = op_resource_type(&request.op) {
+        if super::route::CONTROL_FHIR_TYPES.contains(&ty) {
+            return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");
+        }
+    }
+
+    if let FhirOp::Bundle { .. } = &request.op {
+        let entries = decide::decide_entries(&policy, &request.op, super_admin);
+        ctx.decision = "allow_bundle";
+        return Verdict::Mediate(Mediation { policy, body, op: request.op, permit: None, entries, super_admin });
+    }
+    let permit = match decide::decide(&policy, &request, super_admin) {
+        Decision::Allow(p) => p,
+        Decision::Deny(d) => return deny(&d),
+    };
+    ctx.decision = "allow";
+    let mediated = body.is_some()
+        || permit.write != decide::WriteCheck::None
+        || permit.response == ResponseNeed::CheckResource;
+    if mediated {
+        return Verdict::Mediate(Mediation { policy, body, op: request.op, permit: Some(permit), entries: Vec::new(), super_admin });
+    }
+    ctx.extra_query = permit.narrowing.iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+    ctx.plan = match permit.response {
+        ResponseNeed::Untouched => ResponsePlan::Stream,
+        _ => ResponsePlan::Buffer(Arc::new(FilterSpec { policy: Some(policy), metadata: false, drop_total: permit.drop_total })),
+    };
+    Verdict::Forward
+}

@@ -1,0 +1,68 @@
+//! Per-request state, created by `new_ctx` (cheap: nothing is allocated until needed).
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::state::Identity;
+
+use super::filter::ResponsePlan;
+use super::route::Route;
+
+#[derive(Debug)]
+pub struct RequestCtx {
+    pub request_id: String,
+    pub started: Instant,
+    pub route: Route,
+    pub client_ip: Option<IpAddr>,
+    pub identity: Option<Arc<Identity>>,
+    /// `ProjectMembership/…` the request acts as, when `X-Medplum-On-Behalf-Of` was accepted.
+    pub on_behalf_of: Option<String>,
+    pub on_behalf_of_profile: Option<String>,
+    /// Stable label of the decision, for metrics and the audit record.
+    pub decision: &'static str,
+    pub resource_type: Option<String>,
+    /// Query parameters appended to the upstream request (policy narrowing).
+    pub extra_query: Vec<(String, String)>,
+    /// What to do with the upstream response.
+    pub plan: ResponsePlan,
+    /// The response body is being collected for filtering.
+    pub buffering: bool,
+    /// A body that replaces the upstream's (fail-closed answers decided at header time).
+    pub replacement: Option<Bytes>,
+    /// Response body collected for filtering.
+    pub body: Vec<u8>,
+    /// The body grew past the configured bound.
+    pub body_overflow: bool,
+    pub upstream_started: Option<Instant>,
+    pub upstream_elapsed: Option<std::time::Duration>,
+    /// The status written by the gateway itself, if it answered.
+    pub answered: Option<u16>,
+}
+
+impl RequestCtx {
+    pub fn new() -> RequestCtx {
+        RequestCtx {
+            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            started: Instant::now(),
+            route: Route::NotFound,
+            client_ip: None,
+            identity: None,
+            on_behalf_of: None,
+            on_behalf_of_profile: None,
+            decision: "none",
+            resource_type: None,
+            extra_query: Vec::new(),
+            plan: ResponsePlan::Stream,
+            buffering: false,
+            replacement: None,
+            body: Vec::new(),
+            body_overflow: false,
+            upstream_started: None,
+            upstream_elapsed: None,
+            answered: None,
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! Response handling: header rewrites (upstream URLs → the gateway's), and for responses that
+//! need it, buffering the JSON body and filtering it with the policy at end of stream. Bodies
+//! that cannot be filtered are never passed through: they are replaced (fail closed).
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::policy::EffectivePolicy;
+use pingora::http::ResponseHeader;
+use pingora::prelude::*;
+use serde_json::Value;
+
+use crate::config::Config;
+
+use super::ctx::RequestCtx;
+
+/// What to do with the upstream response of a forwarded request.
+#[derive(Debug, Clone)]
+pub enum ResponsePlan {
+    /// Untouched (headers still rewritten).
+    Stream,
+    /// Buffer the JSON body, rewrite upstream URLs, and filter it if `policy` is set.
+    Buffer(Arc<FilterSpec>),
+}
+
+#[derive(Debug)]
+pub struct FilterSpec {
+    /// Every returned resource is checked against this policy (read access) and redacted.
+    pub policy: Option<Arc<EffectivePolicy>>,
+    /// The response is the CapabilityStatement: advertise fhirgate's OAuth endpoints.
+    pub metadata: bool,
+    /// `Bundle.total` cannot be trusted and is removed.
+    pub drop_total: bool,
+}
+
+fn is_json(resp: &ResponseHeader) -> bool {
+    resp.headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(|ct| {
+            let ct = ct.to_ascii_lowercase();
+            ct.starts_with("application/fhir+json") || ct.starts_with("application/json") || ct.starts_with("application/json+fhir")
+        })
+        .unwrap_or(false)
+}
+
+/// Rewrites an upstream URL (or anything starting with the upstream base) to the public base.
+pub fn rewrite_url(config: &Config, value: &str) -> String {
+    let up = &config.upstream.base_url;
+    match value.strip_prefix(up.as_str()) {
+        Some(rest) => format!("{}{}", config.public_fhir_base(), rest),
+        None => value.to_string(),
+    }
+}
+
+/// Header stage. Runs before any body chunk.
+pub fn prepare_response(config: &Config, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    for name in ["location", "content-location"] {
+        if let Some(v) = resp.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| rewrite_url(config, v)) {
+            resp.insert_header(name, v)?;
+        }
+    }
+    let ResponsePlan::Buffer(spec) = &ctx.plan else { return Ok(()) };
+    let status = resp.status.as_u16();
+    if status == 204 || status == 304 || (100..200).contains(&status) {
+        return Ok(());
+    }
+    let too_big = resp
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .is_some_and(|n| n > config.max_response_buffer);
+    let unfilterable = spec.policy.is_some() && (200..300).contains(&status) && !is_json(resp);
+    if too_big || unfilterable {
+        let outcome = if too_big {
+            Outcome::BadGateway("Upstream response too large to filter".into())
+        } else {
+            Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into())
+        };
+        let body = Bytes::from(outcome.to_bytes());
+        resp.set_status(outcome.status())?;
+        resp.insert_header("content-type", "application/fhir+json")?;
+        resp.insert_header("content-length", body.len().to_string())?;
+        resp.remove_header("transfer-encoding");
+        resp.remove_header("etag");
+        resp.remove_header("last-modified");
+        ctx.replacement = Some(body);
+        ctx.decision = "unfilterable";
+        return Ok(());
+    }
+    if !is_json(resp) {
+        return Ok(());
+    }
+    resp.remove_header("content-length");
+    resp.insert_header("transfer-encoding", "chunked")?;
+    ctx.buffering = true;
+    Ok(())
+}
+
+/// Body stage (synchronous, pure CPU): collect, then filter at end of stream.
+pub fn body_chunk(config: &Config, body: &mut Option<Bytes>, end: bool, ctx: &mut RequestCtx) -> Result<()> {
+    if let Some(replacement) = &ctx.replacement {
+        *body = if end { Some(replacement.clone()) } else { None };
+        if end {
+            ctx.replacement = None;
+        }
+        return Ok(());
+    }
+    if !ctx.buffering {
+        return Ok(());
+    }
+    if let Some(chunk) = body.take() {
+        if ctx.body.len() + chunk.len() > config.max_response_buffer {
+            // Headers are gone already: abort the response rather than send part of it.
+            ctx.body_overflow = true;
+            return Error::e_explain(ErrorType::InternalError, "response exceeds the filtering buffer");
+        }
+        ctx.body.extend_from_slice(&chunk);
+    }
+    if end {
+        let ResponsePlan::Buffer(spec) = &ctx.plan else { return Ok(()) };
+        let raw = std::mem::take(&mut ctx.body);
+        *body = Some(Bytes::from(apply(config, spec, &raw)));
+    }
+    Ok(())
+}
+
+/// Filters a whole JSON body. Anything that cannot be parsed is replaced, never passed on.
+pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
+    let Ok(mut value) = serde_json::from_slice::<Value>(raw) else {
+        return Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes();
+    };
+    rewrite_urls(config, &mut value);
+    if spec.metadata {
+        advertise_oauth(config, &mut value);
+    }
+    if let Some(policy) = &spec.policy {
+        if !fhirgate_core::policy::filter::filter_value(policy, &mut value, spec.drop_total) {
+            return Outcome::NotFound.to_bytes();
+        }
+    }
+    serde_json::to_vec(&value).unwrap_or_default()
+}
+
+/// Replaces the upstream base in every string (Bundle links, fullUrl, references).
+pub fn rewrite_urls(config: &Config, value: &mut Value) {
+    let up = config.upstream.base_url.as_str();
+    match value {
+        Value::String(s) if s.starts_with(up) => *s = rewrite_url(config, s),
+        Value::Array(a) => a.iter_mut().for_each(|v| rewrite_urls(config, v)),
+        Value::Object(o) => o.values_mut().for_each(|v| rewrite_urls(config, v)),
+        _ => {}
+    }
+}
+
+/// Makes the CapabilityStatement advertise fhirgate's OAuth endpoints (SMART `oauth-uris`).
+fn advertise_oauth(config: &Config, value: &mut Value) {
+    let base = &config.base_url;
+    let security = serde_json::json!({
+        "cors": true,
+        "service": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/restful-security-service", "code": "SMART-on-FHIR"}], "text": "OAuth2 using SMART-on-FHIR profile"}],
+        "extension": [{
+            "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
+            "extension": [
+                {"url": "authorize", "valueUri": format!("{base}oauth2/authorize")},
+                {"url": "token", "valueUri": format!("{base}oauth2/token")},
+                {"url": "introspect", "valueUri": format!("{base}oauth2/introspect")},
+                {"url": "revoke", "valueUri": format!("{base}oauth2/revoke")}
+            ]
+        }]
+    });
+    if let Some(rest) = value.get_mut("rest").and_then(Value::as_array_mut) {
+        for r in rest {
+            if let Some(o) = r.as_object_mut() {
+                o.insert("security".into(), security.clone());
+            }
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! The data plane: `impl ProxyHttp for Gateway`. Invariant: this is the only module (with
+//! `server.rs`) that imports pingora, and it never awaits the store on the hot path — it reads
+//! `state` (snapshot and caches). Each hook is short and hands the work to a named helper.
+//!
+//! | step           | hook                          | helper                              |
+//! |----------------|-------------------------------|-------------------------------------|
+//! | identify       | `request_filter`              | `route::route`, `client_ip::resolve` |
+//! | authenticate   | `request_filter`              | `State::authenticate`                |
+//! | policy, decide | `request_filter`              | `authorize::authorize`               |
+//! | forward        | `upstream_peer`, `upstream_request_filter` | `forward`               |
+//! | filter         | `response_filter`, `response_body_filter`  | `filter`                |
+//! | record         | `logging`                     | `obs`                                |
+
+pub mod authorize;
+pub mod client_ip;
+pub mod ctx;
+pub mod filter;
+mod forward;
+mod mediate;
+pub mod respond;
+pub mod route;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fhirgate_core::fhir::outcome::Outcome;
+use pingora::prelude::*;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::http::{RequestHeader, ResponseHeader};
+
+use crate::obs::{Audit, METRICS};
+use crate::state::State;
+use ctx::RequestCtx;
+use filter::ResponsePlan;
+use route::Route;
+
+pub struct Gateway {
+    pub state: Arc<State>,
+    http: reqwest::Client,
+}
+
+impl Gateway {
+    pub fn new(state: Arc<State>) -> Gateway {
+        let up = &state.config.upstream;
+        let http = reqwest::Client::builder()
+            .connect_timeout(up.connect_timeout)
+            .timeout(up.read_timeout)
+            .redirect(reqwest::redirect::Policy::none())
+            .pool_max_idle_per_host(64)
+            .build()
+            .unwrap_or_else(|_| reqwest::Client::new());
+        Gateway { state, http }
+    }
+
+    fn client_ip(&self, session: &Session) -> Result<std::net::IpAddr, client_ip::BadForwardedFor> {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+            .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+        let xff: Vec<&str> = session
+            .req_header()
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .map(|v| v.to_str().map_err(|_| client_ip::BadForwardedFor))
+            .collect::<Result<_, _>>()?;
+        client_ip::resolve(peer, &xff, &self.state.config.trusted_proxies)
+    }
+
+    async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, outcome: Outcome, label: &'static str) -> Result<bool> {
+        let mut extra = Vec::new();
+        if outcome == Outcome::Unauthorized
+            && session.req_header().uri.query().is_some_and(|q| q.contains("_medplum-prompt-basic-auth"))
+        {
+            extra.push(("www-authenticate", format!("Basic realm=\"{}\"", self.state.config.base_url)));
+        }
+        ctx.decision = label;
+        ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
+        Ok(true)
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::new()
+    }
+
+    /// Identify, authenticate, decide. Returns `Ok(true)` when the gateway answered itself.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        ctx.started = Instant::now();
+        let req = session.req_header();
+        ctx.route = route::route(req.method.as_str(), req.uri.path());
+        ctx.client_ip = match self.client_ip(session) {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                let o = Outcome::BadRequest("Invalid X-Forwarded-For header".into());
+                return self.deny(session, ctx, o, "bad_forwarded_for").await;
+            }
+        };
+        match ctx.route.clone() {
+            Route::Control => {
+                ctx.decision = "pass";
+                Ok(false)
+            }
+            Route::Metadata => {
+                ctx.decision = "public";
+                ctx.plan = ResponsePlan::Buffer(Arc::new(filter::FilterSpec { policy: None, metadata: true, drop_total: false }));
+                Ok(false)
+            }
+            Route::NotFound => self.deny(session, ctx, Outcome::NotFound, "not_found").await,
+            Route::BadPath => {
+                let o = Outcome::BadRequest("Invalid path".into());
+                self.deny(session, ctx, o, "bad_path").await
+            }
+            Route::Fhir { rest } => match authorize::authorize(self, session, ctx, &rest).await {
+                authorize::Verdict::Forward => Ok(false),
+                authorize::Verdict::Deny(outcome, label) => self.deny(session, ctx, outcome, label).await,
+                authorize::Verdict::Mediate(plan) => {
+                    let status = mediate::run(self, session, ctx, &rest, plan).await?;
+                    ctx.answered = Some(status);
+                    Ok(true)
+                }
+            },
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+        ctx.upstream_started = Some(Instant::now());
+        Ok(forward::peer(&self.state.config, &ctx.route))
+    }
+
+    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+        forward::rewrite_request(&self.state.config, session, upstream, ctx)
+    }
+
+    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+        if let Some(t) = ctx.upstream_started {
+            ctx.upstream_elapsed = Some(t.elapsed());
+        }
+        filter::prepare_response(&self.state.config, resp, ctx)
+    }
+
+    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, end: bool, ctx: &mut RequestCtx) -> Result<Option<Duration>> {
+        filter::body_chunk(&self.state.config, body, end, ctx)?;
+        Ok(None)
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+        use pingora::ErrorType::*;
+        let outcome = match e.etype() {
+            ConnectTimedout | ReadTimedout | WriteTimedout => Outcome::GatewayTimeout("Upstream timed out".into()),
+            _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => Outcome::BadGateway("Upstream unavailable".into()),
+            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => Outcome::BadGateway("Upstream unavailable".into()),
+            _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => Outcome::BadRequest("Bad request".into()),
+            _ => Outcome::BadGateway("Upstream error".into()),
+        };
+        ctx.decision = "upstream_error";
+        let code = outcome.status();
+        if !session.response_written().is_some() {
+            let _ = respond::outcome(session, &outcome, &[]).await;
+        }
+        FailToProxy { error_code: code, can_reuse_downstream: false }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
+        let status = ctx.answered.or_else(|| session.response_written().map(|r| r.status.as_u16())).unwrap_or(0);
+        let route = ctx.route.as_str();
+        METRICS.requests.with_label_values(&[route, ctx.decision]).inc();
+        let total = ctx.started.elapsed();
+        let upstream = ctx.upstream_elapsed.unwrap_or_default();
+        METRICS.gateway_seconds.with_label_values(&[route]).observe(total.saturating_sub(upstream).as_secs_f64());
+        if ctx.upstream_elapsed.is_some() {
+            METRICS.upstream_seconds.with_label_values(&[route]).observe(upstream.as_secs_f64());
+        }
+        if matches!(ctx.route, Route::Fhir { .. }) {
+            Audit {
+                request_id: &ctx.request_id,
+                route,
+                method: session.req_header().method.as_str(),
+                resource_type: ctx.resource_type.as_deref(),
+                profile: ctx.identity.as_ref().map(|i| i.profile.as_str()),
+                on_behalf_of: ctx.on_behalf_of_profile.as_deref(),
+                client_ip: ctx.client_ip,
+                decision: ctx.decision,
+                status,
+            }
+            .emit();
+        }
+    }
+}

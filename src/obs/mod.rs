@@ -1,0 +1,93 @@
+//! Observability: Prometheus metrics, JSON logs and the audit record. Labels come only from
+//! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
+
+use std::sync::LazyLock;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub gateway_seconds: HistogramVec,
+    pub upstream_seconds: HistogramVec,
+    pub token_cache: IntCounterVec,
+    pub tokens_issued: IntCounterVec,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
+    r.register(Box::new(c.clone())).expect("metric registered once");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
+    let buckets = vec![0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric definition");
+    r.register(Box::new(h.clone())).expect("metric registered once");
+    h
+}
+
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
+    let registry = Registry::new();
+    Metrics {
+        requests: counter(&registry, "fhirgate_requests_total", "Requests by route class and decision", &["route", "decision"]),
+        gateway_seconds: histogram(&registry, "fhirgate_gateway_added_seconds", "Time spent in the gateway itself, excluding upstream time", &["route"]),
+        upstream_seconds: histogram(&registry, "fhirgate_upstream_seconds", "Time waiting for the upstream", &["route"]),
+        token_cache: counter(&registry, "fhirgate_token_cache_total", "Verified-token cache lookups", &["result"]),
+        tokens_issued: counter(&registry, "fhirgate_tokens_issued_total", "Access tokens issued by grant type", &["grant"]),
+        registry,
+    }
+});
+
+/// The Prometheus text exposition of every fhirgate metric.
+pub fn encode() -> String {
+    let mut buf = Vec::new();
+    let _ = TextEncoder::new().encode(&METRICS.registry.gather(), &mut buf);
+    String::from_utf8(buf).unwrap_or_default()
+}
+
+/// Installs the global tracing subscriber (JSON or text). Safe to call more than once.
+pub fn init_logging(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("FHIRGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = if json {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).try_init()
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).try_init()
+    };
+}
+
+/// One audit record per decision. Built from typed fields only, so no header, token or secret
+/// can reach it.
+#[derive(Debug)]
+pub struct Audit<'a> {
+    pub request_id: &'a str,
+    pub route: &'static str,
+    pub method: &'a str,
+    pub resource_type: Option<&'a str>,
+    pub profile: Option<&'a str>,
+    pub on_behalf_of: Option<&'a str>,
+    pub client_ip: Option<std::net::IpAddr>,
+    pub decision: &'static str,
+    pub status: u16,
+}
+
+impl Audit<'_> {
+    pub fn emit(&self) {
+        tracing::info!(
+            target: "fhirgate::audit",
+            request_id = self.request_id,
+            route = self.route,
+            method = self.method,
+            resource_type = self.resource_type,
+            profile = self.profile,
+            on_behalf_of = self.on_behalf_of,
+            client_ip = self.client_ip.map(|i| i.to_string()),
+            decision = self.decision,
+            status = self.status,
+            "decision"
+        );
+    }
+}

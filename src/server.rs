@@ -1,0 +1,201 @@
+//! THE assembly point: opens the store, bootstraps, builds the shared `State`, and runs the
+//! pingora `Server` with the gateway, the control API (axum as a background service), the
+//! metrics/health listener and the change feed. `start` returns a handle whose `shutdown` stops
+//! everything; tests and `fhirgate serve` use the same path (`Server::run`, never
+//! `run_forever`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::{BackgroundService, background_service};
+
+use crate::config::Config;
+use crate::control::bootstrap::{BootstrapReport, bootstrap};
+use crate::gateway::Gateway;
+use crate::state::State;
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("bootstrap: {0}")]
+    Bootstrap(String),
+    #[error("cannot start: {0}")]
+    Runtime(String),
+}
+
+/// Which planes this process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Planes {
+    pub gateway: bool,
+    pub control: bool,
+}
+
+impl Planes {
+    pub const BOTH: Planes = Planes { gateway: true, control: true };
+}
+
+struct ChannelShutdown(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<ShutdownSignal>>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let rx = self.0.lock().await.take();
+        match rx {
+            Some(rx) => rx.await.unwrap_or(ShutdownSignal::FastShutdown),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// A running fhirgate.
+pub struct Running {
+    pub state: Arc<State>,
+    pub bootstrap: BootstrapReport,
+    tx: Option<tokio::sync::oneshot::Sender<ShutdownSignal>>,
+    join: Option<std::thread::JoinHandle<()>>,
+    /// Runtime that owns the store's connections and the startup work; lives as long as we do.
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Running {
+    /// Stops all listeners and waits for the server thread.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(ShutdownSignal::GracefulTerminate);
+        }
+        if let Some(j) = self.join.take() {
+            let _ = j.join();
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+
+    /// Blocks on the startup runtime (used by the CLI to wait for signals).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        self.runtime.as_ref().map(|rt| rt.block_on(f))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct AxumService {
+    name: &'static str,
+    addr: SocketAddr,
+    router: axum::Router,
+}
+
+#[async_trait]
+impl BackgroundService for AxumService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let listener = match tokio::net::TcpListener::bind(self.addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(service = self.name, addr = %self.addr, error = %e, "cannot listen");
+                return;
+            }
+        };
+        let app = self.router.clone().into_make_service_with_connect_info::<SocketAddr>();
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(service = self.name, error = %e, "listener failed");
+        }
+    }
+}
+
+struct ChangeFeed(Arc<State>);
+
+#[async_trait]
+impl BackgroundService for ChangeFeed {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run_change_feed(shutdown).await;
+    }
+}
+
+fn health_router(state: Arc<State>) -> axum::Router {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let ready_state = state.clone();
+    axum::Router::new()
+        .route("/metrics", get(|| async { ([("content-type", "text/plain; version=0.0.4")], crate::obs::encode()) }))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let state = ready_state.clone();
+                async move {
+                    let store_ok = state.store.ping().await.is_ok();
+                    let keys_ok = !state.keyring().is_empty();
+                    if store_ok && keys_ok { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                }
+            }),
+        )
+}
+
+/// Opens the store, bootstraps, and starts the planes on a background thread.
+pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("fhirgate-store")
+        .enable_all()
+        .build()
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    let (state, report) = runtime.block_on(async {
+        let store = Store::open(&config.store_url).await?;
+        let key = store.setting_init("secret_hash_key", &crate::tokens::random_hex(32)).await?;
+        let state = State::new(config.clone(), store, key.into_bytes()).await?;
+        let report = bootstrap(&state).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        state.refresh().await?;
+        Ok::<_, StartError>((state, report))
+    })?;
+
+    let conf = ServerConf {
+        threads: config.threads,
+        grace_period_seconds: Some(config.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    if planes.gateway {
+        let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
+        proxy.add_tcp(&config.listen.to_string());
+        server.add_service(proxy);
+    }
+    if planes.control {
+        let mut svc = background_service(
+            "control api",
+            AxumService { name: "control", addr: config.control_listen, router: crate::control::router(state.clone()) },
+        );
+        svc.threads = Some(config.threads.max(1));
+        server.add_service(svc);
+    }
+    server.add_service(background_service("metrics", AxumService { name: "metrics", addr: config.metrics_listen, router: health_router(state.clone()) }));
+    server.add_service(background_service("change feed", ChangeFeed(state.clone())));
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let join = std::thread::Builder::new()
+        .name("fhirgate-server".into())
+        .spawn(move || {
+            server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(tokio::sync::Mutex::new(Some(rx)))) });
+        })
+        .map_err(|e| StartError::Runtime(e.to_string()))?;
+    Ok(Running { state, bootstrap: report, tx: Some(tx), join: Some(join), runtime: Some(runtime) })
+}

@@ -1,0 +1,193 @@
+//! Authentication of an `Authorization` header into an `Identity` (medplum-auth.md §3.6), with
+//! the stricter live checks of SPEC §2: a revoked Login, an inactive membership, a client that
+//! is `off` or a rotated-out secret fail on the very next request.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
+use super::{Snapshot, State};
+use crate::store::now_unix;
+
+/// Who is calling, once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// `None` for Basic auth (no Login is created).
+    pub login_id: Option<String>,
+    pub membership_id: String,
+    pub project_id: String,
+    /// `ClientApplication/…`, `Practitioner/…`, …
+    pub profile: String,
+    /// `User/…` or `ClientApplication/…`.
+    pub user_ref: String,
+    pub client_id: Option<String>,
+    /// The Login's scope; `None` (Basic) never narrows by SMART scopes.
+    pub scope: Option<String>,
+    /// Unix seconds after which this identity must be re-established.
+    pub expires_at: i64,
+}
+
+/// Why authentication failed. All of them answer 401 on the wire; the variant is for metrics
+/// and the audit record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no credentials")]
+    Missing,
+    #[error("malformed authorization header")]
+    Malformed,
+    #[error("invalid token")]
+    InvalidToken,
+    #[error("login revoked or unknown")]
+    LoginRevoked,
+    #[error("membership inactive or missing")]
+    MembershipInactive,
+    #[error("client off or unknown")]
+    ClientInactive,
+    #[error("invalid client credentials")]
+    InvalidClient,
+    #[error("store unavailable")]
+    StoreUnavailable,
+}
+
+impl AuthError {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthError::Missing => "missing",
+            AuthError::Malformed => "malformed",
+            AuthError::InvalidToken => "invalid_token",
+            AuthError::LoginRevoked => "login_revoked",
+            AuthError::MembershipInactive => "membership_inactive",
+            AuthError::ClientInactive => "client_inactive",
+            AuthError::InvalidClient => "invalid_client",
+            AuthError::StoreUnavailable => "store_unavailable",
+        }
+    }
+}
+
+/// Outcome of the token cache lookup, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheUse {
+    Hit,
+    Miss,
+    None,
+}
+
+impl State {
+    /// Authenticates an `Authorization` header value.
+    pub async fn authenticate(&self, header: Option<&str>) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+        let Some(header) = header else { return (Err(AuthError::Missing), CacheUse::None) };
+        let Some((scheme, value)) = header.split_once(' ') else { return (Err(AuthError::Malformed), CacheUse::None) };
+        let snap = self.snapshot();
+        match scheme {
+            "Bearer" => self.authenticate_bearer(&snap, value).await,
+            "Basic" => (self.authenticate_basic(&snap, value).map(Arc::new), CacheUse::None),
+            _ => (Err(AuthError::Malformed), CacheUse::None),
+        }
+    }
+
+    async fn authenticate_bearer(&self, snap: &Snapshot, token: &str) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+        if token.is_empty() || token.contains(' ') {
+            return (Err(AuthError::Malformed), CacheUse::None);
+        }
+        let now = now_unix();
+        if let Some(id) = self.tokens.get(token) {
+            if id.expires_at > now {
+                return (live_check(snap, id), CacheUse::Hit);
+            }
+            self.tokens.invalidate(token);
+            return (Err(AuthError::InvalidToken), CacheUse::Hit);
+        }
+        let claims = match snap.keyring.verify(token) {
+            Ok(c) => c,
+            Err(_) => return (Err(AuthError::InvalidToken), CacheUse::Miss),
+        };
+        // Refresh tokens carry a refresh secret and are not access tokens.
+        if claims.refresh_secret.is_some() {
+            return (Err(AuthError::InvalidToken), CacheUse::Miss);
+        }
+        let Some(login_id) = claims.login_id else { return (Err(AuthError::InvalidToken), CacheUse::Miss) };
+        let login = match self.store.login(&login_id).await {
+            Ok(Some(l)) => l,
+            Ok(None) => return (Err(AuthError::LoginRevoked), CacheUse::Miss),
+            Err(_) => return (Err(AuthError::StoreUnavailable), CacheUse::Miss),
+        };
+        if login.revoked {
+            return (Err(AuthError::LoginRevoked), CacheUse::Miss);
+        }
+        let Some(membership_id) = login.membership_id.clone() else {
+            return (Err(AuthError::LoginRevoked), CacheUse::Miss);
+        };
+        let Some(membership) = snap.memberships.get(&membership_id) else {
+            return (Err(AuthError::MembershipInactive), CacheUse::Miss);
+        };
+        let identity = Arc::new(Identity {
+            login_id: Some(login.id.clone()),
+            membership_id,
+            project_id: membership.project.type_and_id().map(|(_, id)| id.to_string()).unwrap_or_default(),
+            profile: membership.profile.reference.clone().unwrap_or_default(),
+            user_ref: login.user_ref.clone(),
+            client_id: login.client_id.clone(),
+            scope: Some(login.scope.clone()),
+            expires_at: claims.exp.min(login.expires_at),
+        });
+        self.tokens.insert(token.to_string(), identity.clone());
+        (live_check(snap, identity), CacheUse::Miss)
+    }
+
+    fn authenticate_basic(&self, snap: &Snapshot, value: &str) -> Result<Identity, AuthError> {
+        let decoded = STANDARD.decode(value.trim()).map_err(|_| AuthError::Malformed)?;
+        let text = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
+        let (client_id, secret) = text.split_once(':').ok_or(AuthError::Malformed)?;
+        if client_id.is_empty() || secret.is_empty() {
+            return Err(AuthError::Malformed);
+        }
+        let client = snap.clients.get(client_id).ok_or(AuthError::InvalidClient)?;
+        // Only the primary secret is accepted here (medplum-auth.md §8.3): a rotated-out secret
+        // stops working at once.
+        let stored = client.secret_hash.as_deref().ok_or(AuthError::InvalidClient)?;
+        if !crate::tokens::hashes_equal(stored, &self.hash_secret(secret)) {
+            return Err(AuthError::InvalidClient);
+        }
+        if !client.active {
+            return Err(AuthError::ClientInactive);
+        }
+        let (membership_id, membership) = snap.client_membership(client).ok_or(AuthError::MembershipInactive)?;
+        if !membership.is_active() {
+            return Err(AuthError::MembershipInactive);
+        }
+        Ok(Identity {
+            login_id: None,
+            membership_id: membership_id.clone(),
+            project_id: client.project_id.clone().unwrap_or_default(),
+            profile: format!("ClientApplication/{}", client.id),
+            user_ref: format!("ClientApplication/{}", client.id),
+            client_id: Some(client.id.clone()),
+            scope: None,
+            expires_at: i64::MAX,
+        })
+    }
+}
+
+/// The checks that run on every request, cache hit or not.
+fn live_check(snap: &Snapshot, id: Arc<Identity>) -> Result<Arc<Identity>, AuthError> {
+    if let Some(login) = &id.login_id {
+        if snap.revoked_logins.contains(login) {
+            return Err(AuthError::LoginRevoked);
+        }
+    }
+    match snap.memberships.get(&id.membership_id) {
+        Some(m) if m.is_active() => {}
+        _ => return Err(AuthError::MembershipInactive),
+    }
+    if let Some(client_id) = &id.client_id {
+        // Every token obtained through a client stops working when the client is turned off;
+        // a client-credentials token also when its client is deleted.
+        match snap.clients.get(client_id) {
+            Some(c) if !c.active => return Err(AuthError::ClientInactive),
+            None if id.user_ref.starts_with("ClientApplication/") => return Err(AuthError::ClientInactive),
+            _ => {}
+        }
+    }
+    Ok(id)
+}

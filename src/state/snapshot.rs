@@ -1,0 +1,139 @@
+//! `Snapshot`: an immutable, fully built view of the identity store. Built off the request
+//! path and swapped in whole; a request holds one `Arc<Snapshot>` from start to end.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use fhirgate_core::policy::model::{AccessPolicy, ProjectMembership};
+use serde_json::Value;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError, now_unix};
+use crate::tokens::{Keyring, SigningKey};
+
+#[derive(Debug, Clone)]
+pub struct ProjectInfo {
+    pub id: String,
+    pub name: String,
+    pub super_admin: bool,
+    pub content: Value,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub id: String,
+    pub project_id: Option<String>,
+    /// `status` absent or `active`.
+    pub active: bool,
+    pub secret_hash: Option<String>,
+    pub retiring_hash: Option<String>,
+    pub access_token_lifetime: Option<String>,
+    pub content: Value,
+}
+
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub version: u64,
+    pub keyring: Arc<Keyring>,
+    pub projects: HashMap<String, ProjectInfo>,
+    pub memberships: HashMap<String, Arc<ProjectMembership>>,
+    /// `(project id, profile reference)` → membership id.
+    pub membership_by_profile: HashMap<(String, String), String>,
+    pub clients: HashMap<String, ClientInfo>,
+    pub policies: HashMap<String, AccessPolicy>,
+    pub revoked_logins: HashSet<String>,
+}
+
+impl Snapshot {
+    pub async fn load(store: &Store, config: &Config, version: u64) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot { version, ..Default::default() };
+        let keys = store
+            .active_keys()
+            .await?
+            .into_iter()
+            .filter_map(|k| match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");
+                    None
+                }
+            })
+            .collect();
+        snap.keyring = Arc::new(Keyring::new(config.base_url.clone(), keys));
+        for p in store.list("Project").await? {
+            let c = p.content;
+            snap.projects.insert(
+                p.id.clone(),
+                ProjectInfo {
+                    id: p.id,
+                    name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
+                    super_admin: c.get("superAdmin").and_then(Value::as_bool).unwrap_or(false),
+                    content: c,
+                },
+            );
+        }
+        for m in store.list("ProjectMembership").await? {
+            match serde_json::from_value::<ProjectMembership>(m.content) {
+                Ok(pm) => {
+                    if let (Some(project), Some(profile)) = (pm.project.type_and_id(), pm.profile.reference.clone()) {
+                        snap.membership_by_profile.insert((project.1.to_string(), profile), m.id.clone());
+                    }
+                    snap.memberships.insert(m.id, Arc::new(pm));
+                }
+                Err(e) => tracing::error!(id = %m.id, error = %e, "stored membership is unreadable; it grants nothing"),
+            }
+        }
+        let secrets: HashMap<String, (Option<String>, Option<String>)> =
+            store.client_secrets().await?.into_iter().map(|(id, s, r)| (id, (s, r))).collect();
+        for c in store.list("ClientApplication").await? {
+            let content = c.content;
+            let (secret_hash, retiring_hash) = secrets.get(&c.id).cloned().unwrap_or_default();
+            let status = content.get("status").and_then(Value::as_str);
+            snap.clients.insert(
+                c.id.clone(),
+                ClientInfo {
+                    id: c.id,
+                    project_id: c.project_id,
+                    active: matches!(status, None | Some("active")),
+                    secret_hash,
+                    retiring_hash,
+                    access_token_lifetime: content.get("accessTokenLifetime").and_then(Value::as_str).map(str::to_string),
+                    content,
+                },
+            );
+        }
+        for p in store.list("AccessPolicy").await? {
+            match serde_json::from_value::<AccessPolicy>(p.content) {
+                Ok(ap) => {
+                    snap.policies.insert(p.id, ap);
+                }
+                Err(e) => tracing::error!(id = %p.id, error = %e, "stored AccessPolicy is unreadable; references to it grant nothing"),
+            }
+        }
+        snap.revoked_logins = store.revoked_logins(now_unix()).await?.into_iter().collect();
+        Ok(snap)
+    }
+
+    /// The membership of a client application (`user == profile == ClientApplication/<id>`).
+    pub fn client_membership(&self, client: &ClientInfo) -> Option<(&String, &Arc<ProjectMembership>)> {
+        let project = client.project_id.as_ref()?;
+        let id = self.membership_by_profile.get(&(project.clone(), format!("ClientApplication/{}", client.id)))?;
+        self.memberships.get_key_value(id)
+    }
+
+    /// Builds the effective policy of a membership (medplum-auth.md §4.2) with optional SMART
+    /// scopes. `None` when the membership or its project is gone.
+    pub fn effective_policy(&self, membership_id: &str, scope: Option<&str>) -> Option<fhirgate_core::policy::EffectivePolicy> {
+        let membership = self.memberships.get(membership_id)?;
+        let project_id = membership.project.type_and_id()?.1;
+        let project = self.projects.get(project_id)?;
+        Some(fhirgate_core::policy::effective::effective(&fhirgate_core::policy::effective::EffectiveInputs {
+            membership,
+            policies: &self.policies,
+            project_id,
+            project_super_admin: project.super_admin,
+            linked_projects: &[],
+            scope,
+        }))
+    }
+}

@@ -1,0 +1,46 @@
+//! Schema migrations, one list per dialect, applied in order and recorded in `schema_version`.
+
+use sqlx::{AnyPool, Row};
+
+use super::{Dialect, Result};
+
+/// Each step is a list of statements. Append only; never edit a released step.
+fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
+    let serial = match dialect {
+        Dialect::Sqlite => "INTEGER PRIMARY KEY AUTOINCREMENT",
+        Dialect::Postgres => "BIGSERIAL PRIMARY KEY",
+    };
+    let changes: &'static str = Box::leak(format!("CREATE TABLE IF NOT EXISTS changes (seq {serial}, kind TEXT NOT NULL, at BIGINT NOT NULL)").into_boxed_str());
+    vec![vec![
+        "CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS resources (resource_type TEXT NOT NULL, id TEXT NOT NULL, project_id TEXT, version_id TEXT NOT NULL, last_updated TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (resource_type, id))",
+        "CREATE TABLE IF NOT EXISTS resource_index (resource_type TEXT NOT NULL, id TEXT NOT NULL, name TEXT NOT NULL, value TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS resource_index_lookup ON resource_index (resource_type, name, value)",
+        "CREATE INDEX IF NOT EXISTS resource_index_owner ON resource_index (resource_type, id)",
+        "CREATE TABLE IF NOT EXISTS client_secrets (client_id TEXT PRIMARY KEY, secret_hash TEXT, retiring_hash TEXT)",
+        "CREATE TABLE IF NOT EXISTS logins (id TEXT PRIMARY KEY, user_ref TEXT NOT NULL, client_id TEXT, membership_id TEXT, project_id TEXT, scope TEXT NOT NULL, auth_method TEXT NOT NULL, auth_time BIGINT NOT NULL, expires_at BIGINT NOT NULL, revoked BIGINT NOT NULL DEFAULT 0, remote_address TEXT, code TEXT, refresh_secret TEXT, extra TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS logins_code ON logins (code)",
+        "CREATE INDEX IF NOT EXISTS logins_revoked ON logins (revoked, expires_at)",
+        "CREATE TABLE IF NOT EXISTS signing_keys (id TEXT PRIMARY KEY, alg TEXT NOT NULL, private_der TEXT NOT NULL, active BIGINT NOT NULL, created_at BIGINT NOT NULL)",
+        changes,
+    ]]
+}
+
+pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<()> {
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)").execute(pool).await?;
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetch_one(pool).await?;
+    let current: i64 = row.try_get("v")?;
+    for (i, step) in steps(dialect).into_iter().enumerate() {
+        let version = i as i64 + 1;
+        if version <= current {
+            continue;
+        }
+        let mut tx = pool.begin().await?;
+        for stmt in step {
+            sqlx::query(stmt).execute(&mut *tx).await?;
+        }
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+        tx.commit().await?;
+    }
+    Ok(())
+}

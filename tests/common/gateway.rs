@@ -1,0 +1,138 @@
+//! A real fhirgate for end-to-end tests: `server::start` (pingora `Server::run` on a thread,
+//! axum control API, metrics) on free loopback ports, with a temp data dir and known bootstrap
+//! credentials. Dropping it shuts everything down.
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use fhirgate::config::{Config, ConfigFile};
+use fhirgate::server::{Planes, Running, start};
+use serde_json::Value;
+
+pub const ADMIN_CLIENT_ID: &str = "test-admin-client";
+pub const ADMIN_CLIENT_SECRET: &str = "test-admin-secret-0123456789abcdef";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub struct TestGateway {
+    /// `http://127.0.0.1:PORT/` (trailing slash).
+    pub base: String,
+    pub fhir: String,
+    pub control: String,
+    pub metrics: String,
+    pub data_dir: std::path::PathBuf,
+    running: Option<Running>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestGateway {
+    /// Starts fhirgate in front of `upstream` (a FHIR base URL) with a fresh data dir.
+    pub fn start(upstream: &str) -> TestGateway {
+        Self::start_with(upstream, |_| {})
+    }
+
+    pub fn start_with(upstream: &str, tweak: impl FnOnce(&mut ConfigFile)) -> TestGateway {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let dir = tmp.path().to_path_buf();
+        let mut g = Self::start_in(upstream, &dir, tweak);
+        g._tmp = Some(tmp);
+        g
+    }
+
+    /// Starts on an existing data dir (to test restarts).
+    pub fn start_in(upstream: &str, data_dir: &std::path::Path, tweak: impl FnOnce(&mut ConfigFile)) -> TestGateway {
+        let (gp, cp, mp) = (free_port(), free_port(), free_port());
+        let mut file = ConfigFile {
+            listen: Some(format!("127.0.0.1:{gp}")),
+            control_listen: Some(format!("127.0.0.1:{cp}")),
+            metrics_listen: Some(format!("127.0.0.1:{mp}")),
+            base_url: Some(format!("http://127.0.0.1:{gp}/")),
+            upstream: Some(upstream.to_string()),
+            data_dir: Some(data_dir.to_path_buf()),
+            trusted_proxies: vec!["127.0.0.0/8".into()],
+            admin_client_id: Some(ADMIN_CLIENT_ID.into()),
+            admin_client_secret: Some(ADMIN_CLIENT_SECRET.into()),
+            admin_password: Some("admin-password-for-tests".into()),
+            threads: Some(2),
+            grace_period_seconds: Some(0),
+            log_format: Some("text".into()),
+            upstream_connect_timeout_ms: Some(500),
+            upstream_read_timeout_ms: Some(5000),
+            ..Default::default()
+        };
+        tweak(&mut file);
+        let config = Config::from_file(file).expect("valid test config");
+        let listen = config.listen;
+        let control = config.control_listen;
+        let metrics = config.metrics_listen;
+        // pingora must not be started from inside a tokio runtime.
+        let running = std::thread::spawn(move || start(config, Planes::BOTH))
+            .join()
+            .expect("start thread")
+            .expect("fhirgate starts");
+        wait_listening(listen);
+        wait_listening(control);
+        wait_listening(metrics);
+        TestGateway {
+            base: format!("http://127.0.0.1:{}/", listen.port()),
+            fhir: format!("http://127.0.0.1:{}/fhir/R4/", listen.port()),
+            control: format!("http://127.0.0.1:{}/", control.port()),
+            metrics: format!("http://127.0.0.1:{}/", metrics.port()),
+            data_dir: data_dir.to_path_buf(),
+            running: Some(running),
+            _tmp: None,
+        }
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
+    }
+
+    /// Stops the server but keeps the data dir.
+    pub fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(r) = self.running.take() {
+            std::thread::spawn(move || r.shutdown()).join().expect("shutdown");
+        }
+        self._tmp.take()
+    }
+
+    pub fn client() -> reqwest::Client {
+        reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client")
+    }
+
+    /// A client-credentials access token.
+    pub async fn token(&self, client_id: &str, secret: &str, scope: Option<&str>) -> String {
+        let mut form = vec![("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret)];
+        if let Some(s) = scope {
+            form.push(("scope", s));
+        }
+        let resp = Self::client().post(format!("{}oauth2/token", self.base)).form(&form).send().await.expect("token request");
+        let status = resp.status();
+        let body: Value = resp.json().await.expect("token JSON");
+        assert_eq!(status, 200, "token request failed: {body}");
+        body["access_token"].as_str().expect("access_token").to_string()
+    }
+
+    pub async fn admin_token(&self) -> String {
+        self.token(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, None).await
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        if let Some(r) = self.running.take() {
+            let _ = std::thread::spawn(move || r.shutdown()).join();
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! End to end through a real fhirgate (pingora + control API + SQLite) in front of a real FHIR
+//! server (Medplum's fhir-router, in memory, over HTTP): authentication on FHIR routes,
+//! forwarding, header hygiene, type-level authorization, revocation and upstream failure.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway};
+use common::upstream::FhirUpstream;
+use serde_json::{Value, json};
+
+fn basic(id: &str, secret: &str) -> String {
+    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+}
+
+/// Creates a client through the admin API with the given access policy; returns (id, secret).
+async fn new_client(gw: &TestGateway, admin: &str, policy: Option<Value>) -> (String, String) {
+    let c = TestGateway::client();
+    let me: Value = c.get(format!("{}auth/me", gw.base)).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
+    let project = me["project"]["id"].as_str().unwrap().to_string();
+    let mut body = json!({"name": "test client"});
+    if let Some(p) = policy {
+        let created: Value = c
+            .post(format!("{}AccessPolicy", gw.fhir))
+            .bearer_auth(admin)
+            .json(&p)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["accessPolicy"] = json!({"reference": format!("AccessPolicy/{}", created["id"].as_str().unwrap())});
+    }
+    let resp = c.post(format!("{}admin/projects/{project}/client", gw.base)).bearer_auth(admin).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 201);
+    let client: Value = resp.json().await.unwrap();
+    (client["id"].as_str().unwrap().to_string(), client["secret"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn create_and_read_a_patient_with_bearer_and_basic() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let token = gw.admin_token().await;
+        let created = c
+            .post(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .header("content-type", "application/fhir+json")
+            .json(&json!({"resourceType": "Patient", "name": [{"family": "Smith", "given": ["Ann"]}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let location = created.headers().get("location").map(|v| v.to_str().unwrap().to_string());
+        let body: Value = created.json().await.unwrap();
+        let id = body["id"].as_str().unwrap().to_string();
+        if let Some(loc) = location {
+            assert!(loc.starts_with(&gw.fhir), "Location {loc} must point at the gateway");
+        }
+
+        let read = c.get(format!("{}Patient/{id}", gw.fhir)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(read.status(), 200);
+        let p: Value = read.json().await.unwrap();
+        assert_eq!(p["name"][0]["family"], "Smith");
+
+        let via_basic = c.get(format!("{}Patient/{id}", gw.fhir)).header("authorization", basic(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET)).send().await.unwrap();
+        assert_eq!(via_basic.status(), 200);
+
+        let search: Value = c.get(format!("{}Patient?family=Smith", gw.fhir)).bearer_auth(&token).send().await.unwrap().json().await.unwrap();
+        assert_eq!(search["resourceType"], "Bundle");
+        let text = search.to_string();
+        assert!(!text.contains(&upstream.base_url), "upstream address leaked: {text}");
+        assert!(search["entry"].as_array().unwrap().iter().any(|e| e["resource"]["id"] == id.as_str()));
+    });
+}
+
+#[test]
+fn every_malformed_or_unknown_credential_is_401() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let cases = vec![
+            "foo".to_string(),
+            "foo foo".to_string(),
+            "Bearer foo".to_string(),
+            "Basic ".to_string(),
+            "Basic foo".to_string(),
+            format!("Basic {}", b64(":secret")),
+            format!("Basic {}", b64(&format!("{ADMIN_CLIENT_ID}:"))),
+            format!("Basic {}", b64("unknown-client:secret")),
+            format!("Basic {}", b64(&format!("{ADMIN_CLIENT_ID}:wrong"))),
+            "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IngifQ.eyJleHAiOjk5OTk5OTk5OTl9.c2ln".to_string(),
+        ];
+        let before = upstream.requests().len();
+        for auth in cases {
+            let r = c.get(format!("{}Patient", gw.fhir)).header("authorization", &auth).send().await.unwrap();
+            assert_eq!(r.status(), 401, "{auth}");
+            assert_eq!(r.headers().get("content-type").unwrap(), "application/fhir+json");
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["issue"][0]["details"]["text"], "Unauthorized", "{auth}");
+        }
+        let none = c.get(format!("{}Patient", gw.fhir)).send().await.unwrap();
+        assert_eq!(none.status(), 401);
+        assert!(none.headers().get("www-authenticate").is_none());
+        let prompt = c.get(format!("{}Patient?_medplum-prompt-basic-auth=1", gw.fhir)).send().await.unwrap();
+        assert_eq!(prompt.status(), 401);
+        assert_eq!(prompt.headers().get("www-authenticate").unwrap().to_str().unwrap(), format!("Basic realm=\"{}\"", gw.base));
+        assert_eq!(upstream.requests().len(), before, "no unauthenticated request may reach the upstream");
+    });
+}
+
+#[test]
+fn upstream_never_sees_client_credentials_or_spoofed_identity_headers() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let token = gw.admin_token().await;
+        upstream.reset();
+        let r = TestGateway::client()
+            .get(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .header("x-fhirgate-profile", "Practitioner/spoofed")
+            .header("x-fhirgate-project", "spoofed")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let seen = upstream.requests();
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let headers = &seen[0]["headers"];
+        assert!(headers.get("authorization").is_none(), "client Authorization reached upstream: {headers}");
+        assert_eq!(headers["x-fhirgate-profile"], format!("ClientApplication/{ADMIN_CLIENT_ID}"));
+        assert_ne!(headers["x-fhirgate-project"], "spoofed");
+        assert!(headers["x-forwarded-for"].as_str().unwrap().contains("127.0.0.1"));
+    });
+}
+
+#[test]
+fn type_level_policy_gives_403_and_nothing_reaches_upstream() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let policy = json!({"resourceType": "AccessPolicy", "name": "observations only", "resource": [{"resourceType": "Observation"}]});
+        let (id, secret) = new_client(&gw, &admin, Some(policy)).await;
+        let token = gw.token(&id, &secret, None).await;
+        let c = TestGateway::client();
+        upstream.reset();
+        let r = c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["issue"][0]["code"], "forbidden");
+        assert!(upstream.requests().is_empty());
+        let ok = c.get(format!("{}Observation", gw.fhir)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(ok.status(), 200);
+    });
+}
+
+#[test]
+fn revocation_takes_effect_on_the_next_request() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let admin = gw.admin_token().await;
+        let me: Value = c.get(format!("{}auth/me", gw.base)).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+        let project = me["project"]["id"].as_str().unwrap().to_string();
+
+        // Client turned off: Bearer and Basic both stop at once.
+        let (id, secret) = new_client(&gw, &admin, None).await;
+        let token = gw.token(&id, &secret, None).await;
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap().status(), 200);
+        let mut client: Value = c.get(format!("{}ClientApplication/{id}", gw.fhir)).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+        client["status"] = json!("off");
+        let put = c.put(format!("{}ClientApplication/{id}", gw.fhir)).bearer_auth(&admin).json(&client).send().await.unwrap();
+        assert_eq!(put.status(), 200);
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap().status(), 401);
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id, &secret)).send().await.unwrap().status(), 401);
+
+        // Membership deactivated.
+        let (id2, secret2) = new_client(&gw, &admin, None).await;
+        let token2 = gw.token(&id2, &secret2, None).await;
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2).send().await.unwrap().status(), 200);
+        let found: Value = c
+            .get(format!("{}ProjectMembership?profile=ClientApplication/{id2}", gw.fhir))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let mut membership = found["entry"][0]["resource"].clone();
+        let mid = membership["id"].as_str().unwrap().to_string();
+        membership["active"] = json!(false);
+        let post = c.post(format!("{}admin/projects/{project}/members/{mid}", gw.base)).bearer_auth(&admin).json(&membership).send().await.unwrap();
+        assert_eq!(post.status(), 200);
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2).send().await.unwrap().status(), 401);
+
+        // Secret rotated: the old secret fails on the very next Basic request.
+        let (id3, secret3) = new_client(&gw, &admin, None).await;
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3)).send().await.unwrap().status(), 200);
+        let rotate = json!({"resourceType": "Parameters", "parameter": [{"name": "secret", "valueString": secret3}]});
+        let rotated = c.post(format!("{}ClientApplication/{id3}/$rotate-secret", gw.fhir)).bearer_auth(&admin).json(&rotate).send().await.unwrap();
+        assert_eq!(rotated.status(), 200);
+        let rotated: Value = rotated.json().await.unwrap();
+        let new_secret = rotated["secret"].as_str().unwrap().to_string();
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3)).send().await.unwrap().status(), 401);
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &new_secret)).send().await.unwrap().status(), 200);
+    });
+}
+
+#[test]
+fn upstream_down_answers_502_promptly() {
+    let dead = format!("http://127.0.0.1:{}/fhir/R4", common::gateway::free_port());
+    let gw = TestGateway::start(&dead);
+    rt().block_on(async {
+        let token = gw.admin_token().await;
+        let started = Instant::now();
+        let r = TestGateway::client().get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(!body.to_string().contains("127.0.0.1"), "upstream address leaked: {body}");
+        let w = TestGateway::client()
+            .post(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .json(&json!({"resourceType": "Patient"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(w.status(), 502);
+    });
+}
+
+#[test]
+fn bootstrap_then_restart_keeps_keys_and_clients() {
+    let upstream = FhirUpstream::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let gw = TestGateway::start_in(&upstream.base_url, tmp.path(), |_| {});
+    assert_eq!(gw.running().bootstrap.client_id, ADMIN_CLIENT_ID);
+    let token = rt().block_on(gw.admin_token());
+    let jwks1: Value = rt().block_on(async { TestGateway::client().get(format!("{}.well-known/jwks.json", gw.base)).send().await.unwrap().json().await.unwrap() });
+    gw.stop();
+    let gw2 = TestGateway::start_in(&upstream.base_url, tmp.path(), |_| {});
+    assert!(gw2.running().bootstrap.client_secret.is_none(), "restart must not create a new admin client");
+    rt().block_on(async {
+        let jwks2: Value = TestGateway::client().get(format!("{}.well-known/jwks.json", gw2.base)).send().await.unwrap().json().await.unwrap();
+        assert_eq!(jwks1, jwks2);
+        // The token issued before the restart still works: same key, same Login.
+        let r = TestGateway::client().get(format!("{}Patient", gw2.fhir)).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let fresh = gw2.admin_token().await;
+        assert!(!fresh.is_empty());
+    });
+}
+
+#[test]
+fn metadata_is_public_and_advertises_oauth() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let r = TestGateway::client().get(format!("{}metadata", gw.fhir)).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let cs: Value = r.json().await.unwrap();
+        assert_eq!(cs["resourceType"], "CapabilityStatement");
+        let text = cs.to_string();
+        assert!(text.contains(&format!("{}oauth2/token", gw.base)), "{text}");
+        let health = TestGateway::client().get(format!("{}readyz", gw.metrics)).send().await.unwrap();
+        assert_eq!(health.status(), 200);
+        let metrics = TestGateway::client().get(format!("{}metrics", gw.metrics)).send().await.unwrap().text().await.unwrap();
+        assert!(metrics.contains("fhirgate_requests_total"), "{metrics}");
+    });
+}
