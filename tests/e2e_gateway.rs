@@ -249,12 +249,14 @@ fn upstream_down_answers_502_promptly() {
 fn bootstrap_then_restart_keeps_keys_and_clients() {
     let upstream = FhirUpstream::start();
     let tmp = tempfile::tempdir().unwrap();
-    let gw = TestGateway::start_in(&upstream.base_url, tmp.path(), |_| {});
+    // The issuer is the public base URL: keep it across the restart (ports change).
+    let pin = |f: &mut fhirgate::config::ConfigFile| f.base_url = Some("http://fhirgate.test/".into());
+    let gw = TestGateway::start_in(&upstream.base_url, tmp.path(), pin);
     assert_eq!(gw.running().bootstrap.client_id, ADMIN_CLIENT_ID);
     let token = rt().block_on(gw.admin_token());
     let jwks1: Value = rt().block_on(async { TestGateway::client().get(format!("{}.well-known/jwks.json", gw.base)).send().await.unwrap().json().await.unwrap() });
     gw.stop();
-    let gw2 = TestGateway::start_in(&upstream.base_url, tmp.path(), |_| {});
+    let gw2 = TestGateway::start_in(&upstream.base_url, tmp.path(), pin);
     assert!(gw2.running().bootstrap.client_secret.is_none(), "restart must not create a new admin client");
     rt().block_on(async {
         let jwks2: Value = TestGateway::client().get(format!("{}.well-known/jwks.json", gw2.base)).send().await.unwrap().json().await.unwrap();

@@ -167,11 +167,10 @@ async fn prepare_write(gw: &Gateway, ctx: &RequestCtx, session: &Session, m: &Me
                 (FhirOp::Patch { .. }, None) => return Err(Failure::Answer(Outcome::NotFound, "not_found")),
                 (FhirOp::Patch { .. }, Some(cur)) => {
                     let patch_doc = parse_json(&m.body)?;
-                    let patch: json_patch::Patch = serde_json::from_value(patch_doc)
-                        .map_err(|_| Failure::Answer(Outcome::BadRequest("Only JSON Patch is supported".into()), "bad_patch"))?;
-                    let mut doc = cur.clone();
-                    json_patch::patch(&mut doc, &patch).map_err(|e| Failure::Answer(Outcome::BadRequest(format!("Patch failed: {e}")), "bad_patch"))?;
-                    doc
+                    fhirgate_core::fhir::patch::apply_json_patch(cur, &patch_doc).map_err(|e| match e {
+                        fhirgate_core::fhir::patch::PatchError::NotJsonPatch => Failure::Answer(Outcome::BadRequest("Only JSON Patch is supported".into()), "bad_patch"),
+                        other => Failure::Answer(Outcome::BadRequest(other.to_string()), "bad_patch"),
+                    })?
                 }
                 _ => parse_json(&m.body)?,
             };
@@ -267,7 +266,7 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
         (WriteCheck::Update, Some(FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. }))
         | (WriteCheck::Delete, Some(FhirOp::Delete { resource_type, .. })) => {
             let i = if permit.write == WriteCheck::Delete { Interaction::Delete } else { Interaction::Update };
-            if m.policy.instance_checks_needed(resource_type, i) { Some(Deny::Forbidden("bundle_write_with_criteria")) } else { None }
+            if m.policy.instance_checks_needed(resource_type.as_str(), i) { Some(Deny::Forbidden("bundle_write_with_criteria")) } else { None }
         }
         (WriteCheck::None, _) => None,
         _ => Some(Deny::Forbidden("bundle_entry")),

@@ -227,14 +227,14 @@ impl Store {
 
     pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
         let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 AND id = $2");
-        let row = sqlx::query(&sql).bind(resource_type).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(row_to_resource).transpose()
     }
 
     /// All resources of a type (for snapshots), oldest first.
     pub async fn list(&self, resource_type: &str) -> Result<Vec<StoredResource>> {
         let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 ORDER BY last_updated, id");
-        let rows = sqlx::query(&sql).bind(resource_type).fetch_all(&self.pool).await?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).fetch_all(&self.pool).await?;
         rows.iter().map(row_to_resource).collect()
     }
 
@@ -270,7 +270,7 @@ impl Store {
             ));
         }
         sql.push_str(&format!(" ORDER BY r.last_updated, r.id LIMIT {}", limit.clamp(1, 10_000)));
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for b in &binds {
             q = q.bind(b.clone());
         }
@@ -409,7 +409,7 @@ impl Store {
 
     pub async fn insert_login(&self, l: &LoginRecord) -> Result<()> {
         let sql = format!("INSERT INTO logins ({LOGIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)");
-        sqlx::query(&sql)
+        sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&l.id)
             .bind(&l.user_ref)
             .bind(l.client_id.clone())
@@ -431,7 +431,7 @@ impl Store {
 
     pub async fn login(&self, id: &str) -> Result<Option<LoginRecord>> {
         let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE id = $1");
-        let row = sqlx::query(&sql).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?;
         row.as_ref().map(row_to_login).transpose()
     }
 
@@ -442,6 +442,14 @@ impl Store {
         Self::record_change(&mut tx, "Login").await?;
         tx.commit().await?;
         Ok(n > 0)
+    }
+
+    /// Logins of one user (`User/…`) authenticated at or after `since` (unix seconds), newest
+    /// first, at most 100.
+    pub async fn logins_for_user(&self, user_ref: &str, since: i64) -> Result<Vec<LoginRecord>> {
+        let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE user_ref = $1 AND auth_time >= $2 ORDER BY auth_time DESC LIMIT 100");
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_ref).bind(since).fetch_all(&self.pool).await?;
+        rows.iter().map(row_to_login).collect()
     }
 
     /// Ids of revoked Logins whose tokens could still be unexpired.

@@ -2,7 +2,9 @@
 
 pub mod classify;
 pub mod outcome;
+pub mod patch;
 pub mod path;
 pub mod request;
 pub mod search;
+pub mod searchparam;
 pub mod types;

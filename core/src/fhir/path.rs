@@ -42,8 +42,22 @@ fn is_raw_segment_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric()
         || matches!(
             b,
-            b'-' | b'.' | b'_' | b'~' | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b','
-                | b'=' | b':' | b'@' | b'%'
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b'='
+                | b':'
+                | b'@'
+                | b'%'
         )
 }
 
@@ -55,7 +69,9 @@ fn decode_segment(raw: &str) -> Result<String, Unclassifiable> {
     let segment = String::from_utf8(bytes).map_err(|_| Unclassifiable::BadPath)?;
     if segment == "."
         || segment.contains("..")
-        || segment.chars().any(|c| matches!(c, '/' | '\\' | '%' | ';') || c.is_control())
+        || segment
+            .chars()
+            .any(|c| matches!(c, '/' | '\\' | '%' | ';') || c.is_control())
     {
         return Err(Unclassifiable::BadPath);
     }
@@ -94,7 +110,9 @@ fn hex_value(b: u8) -> Option<u8> {
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Operation name after `$`: a letter, then letters, digits, `-` or `_`, at most 64 characters.
@@ -124,13 +142,25 @@ mod tests {
             ("", Ok(&[])),
             ("Patient", Ok(&["Patient"])),
             ("Patient/p1", Ok(&["Patient", "p1"])),
-            ("Patient/p1/_history/2", Ok(&["Patient", "p1", "_history", "2"])),
-            ("Patient/p1/$everything", Ok(&["Patient", "p1", "$everything"])),
+            (
+                "Patient/p1/_history/2",
+                Ok(&["Patient", "p1", "_history", "2"]),
+            ),
+            (
+                "Patient/p1/$everything",
+                Ok(&["Patient", "p1", "$everything"]),
+            ),
             ("metadata", Ok(&["metadata"])),
             ("%50atient/p1", Ok(&["Patient", "p1"])),
             ("Patient/p1.v2", Ok(&["Patient", "p1.v2"])),
             ("Patient/p1/*", Ok(&["Patient", "p1", "*"])),
-            (long_ok.as_str(), Ok(&["Patient", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"])),
+            (
+                long_ok.as_str(),
+                Ok(&[
+                    "Patient",
+                    "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                ]),
+            ),
             (too_long.as_str(), Err(BadPath)),
             ("Patient/../AccessPolicy", Err(BadPath)),
             ("Patient/./p1", Err(BadPath)),

@@ -90,23 +90,66 @@ pub struct Search {
 #[derive(Debug, Clone, PartialEq)]
 pub enum FhirOp {
     Capabilities,
-    Read { resource_type: String, id: String },
-    Vread { resource_type: String, id: String, version: String },
-    Create { resource_type: String, resource: Option<Value>, if_none_exist: Option<Vec<QueryParam>> },
-    Update { resource_type: String, id: String, resource: Option<Value> },
-    ConditionalUpdate { resource_type: String, criteria: Vec<QueryParam>, resource: Option<Value> },
+    Read {
+        resource_type: String,
+        id: String,
+    },
+    Vread {
+        resource_type: String,
+        id: String,
+        version: String,
+    },
+    Create {
+        resource_type: String,
+        resource: Option<Value>,
+        if_none_exist: Option<Vec<QueryParam>>,
+    },
+    Update {
+        resource_type: String,
+        id: String,
+        resource: Option<Value>,
+    },
+    ConditionalUpdate {
+        resource_type: String,
+        criteria: Vec<QueryParam>,
+        resource: Option<Value>,
+    },
     /// `patch` carries the raw patch document (JSON Patch or FHIRPath Patch Parameters).
-    Patch { resource_type: String, id: String, patch: Option<Value> },
-    ConditionalPatch { resource_type: String, criteria: Vec<QueryParam>, patch: Option<Value> },
-    Delete { resource_type: String, id: String },
-    ConditionalDelete { resource_type: String, criteria: Vec<QueryParam> },
+    Patch {
+        resource_type: String,
+        id: String,
+        patch: Option<Value>,
+    },
+    ConditionalPatch {
+        resource_type: String,
+        criteria: Vec<QueryParam>,
+        patch: Option<Value>,
+    },
+    Delete {
+        resource_type: String,
+        id: String,
+    },
+    ConditionalDelete {
+        resource_type: String,
+        criteria: Vec<QueryParam>,
+    },
     Search(Search),
     /// Instance (`type` and `id`), type (`type` only) or system (neither) history.
-    History { resource_type: Option<String>, id: Option<String> },
+    History {
+        resource_type: Option<String>,
+        id: Option<String>,
+    },
     /// `$name` at system, type or instance level.
-    Operation { name: String, resource_type: Option<String>, id: Option<String> },
+    Operation {
+        name: String,
+        resource_type: Option<String>,
+        id: Option<String>,
+    },
     /// A batch or transaction Bundle posted to the base; entries in order.
-    Bundle { transaction: bool, entries: Vec<BundleEntry> },
+    Bundle {
+        transaction: bool,
+        entries: Vec<BundleEntry>,
+    },
     GraphQl,
 }
 

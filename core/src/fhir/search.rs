@@ -20,7 +20,10 @@ pub fn parse_form_body(body: &[u8]) -> Result<Vec<QueryParam>, Unclassifiable> {
 }
 
 fn parse_urlencoded(raw: &[u8]) -> Option<Vec<QueryParam>> {
-    if raw.iter().any(|&b| b == b'#' || b == b' ' || b.is_ascii_control()) {
+    if raw
+        .iter()
+        .any(|&b| b == b'#' || b == b' ' || b.is_ascii_control())
+    {
         return None;
     }
     let mut params = Vec::new();
@@ -43,7 +46,10 @@ fn parse_urlencoded(raw: &[u8]) -> Option<Vec<QueryParam>> {
 }
 
 fn decode_component(raw: &[u8]) -> Option<String> {
-    let plus_as_space: Vec<u8> = raw.iter().map(|&b| if b == b'+' { b' ' } else { b }).collect();
+    let plus_as_space: Vec<u8> = raw
+        .iter()
+        .map(|&b| if b == b'+' { b' ' } else { b })
+        .collect();
     let bytes = super::path::percent_decode_strict(&plus_as_space)?;
     let text = String::from_utf8(bytes).ok()?;
     if text.chars().any(char::is_control) {
@@ -137,7 +143,10 @@ fn include_types(rev: bool, value: &str, out: &mut Vec<String>) -> Result<(), Un
     if source != "*" {
         check_type(source)?;
     }
-    if param.is_empty() || !param.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'*')
+    if param.is_empty()
+        || !param
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'*')
     {
         return Err(Unclassifiable::BadQuery);
     }
@@ -233,9 +242,17 @@ fn dedup(needs: Vec<(String, Interaction)>) -> Vec<(String, Interaction)> {
 pub(crate) fn op_required_access(op: &FhirOp) -> Vec<(String, Interaction)> {
     let mut needs = Vec::new();
     match op {
-        FhirOp::Read { resource_type, .. } => needs.push((resource_type.clone(), Interaction::Read)),
-        FhirOp::Vread { resource_type, .. } => needs.push((resource_type.clone(), Interaction::Vread)),
-        FhirOp::Create { resource_type, if_none_exist, .. } => {
+        FhirOp::Read { resource_type, .. } => {
+            needs.push((resource_type.clone(), Interaction::Read))
+        }
+        FhirOp::Vread { resource_type, .. } => {
+            needs.push((resource_type.clone(), Interaction::Vread))
+        }
+        FhirOp::Create {
+            resource_type,
+            if_none_exist,
+            ..
+        } => {
             needs.push((resource_type.clone(), Interaction::Create));
             if let Some(criteria) = if_none_exist {
                 needs.push((resource_type.clone(), Interaction::Search));
@@ -245,24 +262,42 @@ pub(crate) fn op_required_access(op: &FhirOp) -> Vec<(String, Interaction)> {
         FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. } => {
             needs.push((resource_type.clone(), Interaction::Update));
         }
-        FhirOp::ConditionalUpdate { resource_type, criteria, .. }
-        | FhirOp::ConditionalPatch { resource_type, criteria, .. } => {
+        FhirOp::ConditionalUpdate {
+            resource_type,
+            criteria,
+            ..
+        }
+        | FhirOp::ConditionalPatch {
+            resource_type,
+            criteria,
+            ..
+        } => {
             needs.push((resource_type.clone(), Interaction::Update));
             needs.push((resource_type.clone(), Interaction::Search));
             add_param_needs(criteria, &mut needs);
         }
-        FhirOp::Delete { resource_type, .. } => needs.push((resource_type.clone(), Interaction::Delete)),
-        FhirOp::ConditionalDelete { resource_type, criteria } => {
+        FhirOp::Delete { resource_type, .. } => {
+            needs.push((resource_type.clone(), Interaction::Delete))
+        }
+        FhirOp::ConditionalDelete {
+            resource_type,
+            criteria,
+        } => {
             needs.push((resource_type.clone(), Interaction::Delete));
             needs.push((resource_type.clone(), Interaction::Search));
             add_param_needs(criteria, &mut needs);
         }
         FhirOp::Search(search) => return search_required_access(search),
         FhirOp::History { resource_type, .. } => needs.push((
-            resource_type.clone().unwrap_or_else(|| ANY_TYPE.to_string()),
+            resource_type
+                .clone()
+                .unwrap_or_else(|| ANY_TYPE.to_string()),
             Interaction::History,
         )),
-        FhirOp::Capabilities | FhirOp::Operation { .. } | FhirOp::Bundle { .. } | FhirOp::GraphQl => {}
+        FhirOp::Capabilities
+        | FhirOp::Operation { .. }
+        | FhirOp::Bundle { .. }
+        | FhirOp::GraphQl => {}
     }
     dedup(needs)
 }
@@ -272,7 +307,10 @@ mod tests {
     use super::*;
 
     fn qp(name: &str, value: &str) -> QueryParam {
-        QueryParam { name: name.to_string(), value: value.to_string() }
+        QueryParam {
+            name: name.to_string(),
+            value: value.to_string(),
+        }
     }
 
     fn check_query(raw: &str, expected: Result<&[(&str, &str)], Unclassifiable>) {
@@ -283,7 +321,8 @@ mod tests {
     #[test]
     fn query_table() {
         use Unclassifiable::BadQuery;
-        let table: Vec<(&str, Result<&[(&str, &str)], Unclassifiable>)> = vec![
+        type Row<'a> = (&'a str, Result<&'a [(&'a str, &'a str)], Unclassifiable>);
+        let table: Vec<Row> = vec![
             ("", Ok(&[])),
             ("a=1", Ok(&[("a", "1")])),
             ("a=1&b=2", Ok(&[("a", "1"), ("b", "2")])),
@@ -293,8 +332,14 @@ mod tests {
             ("a=b=c", Ok(&[("a", "b=c")])),
             ("a=x+y", Ok(&[("a", "x y")])),
             ("a=x%2By", Ok(&[("a", "x+y")])),
-            ("code=http%3A%2F%2Floinc.org%7C8867-4", Ok(&[("code", "http://loinc.org|8867-4")])),
-            ("identifier=http://h.org/mrn|MRN-1", Ok(&[("identifier", "http://h.org/mrn|MRN-1")])),
+            (
+                "code=http%3A%2F%2Floinc.org%7C8867-4",
+                Ok(&[("code", "http://loinc.org|8867-4")]),
+            ),
+            (
+                "identifier=http://h.org/mrn|MRN-1",
+                Ok(&[("identifier", "http://h.org/mrn|MRN-1")]),
+            ),
             ("%5Fmethod=DELETE", Ok(&[("_method", "DELETE")])),
             ("name=%C3%A9", Ok(&[("name", "\u{e9}")])),
             ("name=\u{e9}", Ok(&[("name", "\u{e9}")])),
@@ -333,37 +378,79 @@ mod tests {
     #[test]
     fn referenced_types_table() {
         use Unclassifiable::{BadQuery, UnknownType};
-        type Row<'a> = (&'a [(&'a str, &'a str)], Result<&'a [&'a str], Unclassifiable>);
+        type Row<'a> = (
+            &'a [(&'a str, &'a str)],
+            Result<&'a [&'a str], Unclassifiable>,
+        );
         let table: Vec<Row> = vec![
             (&[("name", "x")], Ok(&[])),
             (&[("name:exact", "x")], Ok(&[])),
             (&[("_count", "10"), ("_sort", "-date")], Ok(&[])),
-            (&[("_include", "Observation:subject:Patient")], Ok(&["Patient"])),
+            (
+                &[("_include", "Observation:subject:Patient")],
+                Ok(&["Patient"]),
+            ),
             (&[("_include", "Observation:subject")], Ok(&["*"])),
             (&[("_include", "Observation:*")], Ok(&["*"])),
             (&[("_include", "*")], Ok(&["*"])),
             (&[("_include", "Observation:*:Patient")], Ok(&["Patient"])),
-            (&[("_include:iterate", "Patient:general-practitioner:Practitioner")], Ok(&["Practitioner"])),
-            (&[("_include:recurse", "Patient:link:Patient")], Ok(&["Patient"])),
-            (&[("_include:foo", "Observation:subject:Patient")], Err(BadQuery)),
+            (
+                &[(
+                    "_include:iterate",
+                    "Patient:general-practitioner:Practitioner",
+                )],
+                Ok(&["Practitioner"]),
+            ),
+            (
+                &[("_include:recurse", "Patient:link:Patient")],
+                Ok(&["Patient"]),
+            ),
+            (
+                &[("_include:foo", "Observation:subject:Patient")],
+                Err(BadQuery),
+            ),
             (&[("_include", "Observation")], Err(BadQuery)),
-            (&[("_include", "Observation:subject:Patient:x")], Err(BadQuery)),
+            (
+                &[("_include", "Observation:subject:Patient:x")],
+                Err(BadQuery),
+            ),
             (&[("_include", "Observation::Patient")], Err(BadQuery)),
             (&[("_include", "observation:subject")], Err(UnknownType)),
-            (&[("_include", "Observation:subject:patient")], Err(UnknownType)),
+            (
+                &[("_include", "Observation:subject:patient")],
+                Err(UnknownType),
+            ),
             (&[("_revinclude", "Provenance:target")], Ok(&["Provenance"])),
-            (&[("_revinclude", "Provenance:target:Patient")], Ok(&["Provenance"])),
-            (&[("_revinclude:iterate", "Observation:subject")], Ok(&["Observation"])),
+            (
+                &[("_revinclude", "Provenance:target:Patient")],
+                Ok(&["Provenance"]),
+            ),
+            (
+                &[("_revinclude:iterate", "Observation:subject")],
+                Ok(&["Observation"]),
+            ),
             (&[("_revinclude", "*:subject")], Ok(&["*"])),
             (&[("_revinclude", "Nope:target")], Err(UnknownType)),
-            (&[("_has:Observation:subject:code", "x")], Ok(&["Observation"])),
+            (
+                &[("_has:Observation:subject:code", "x")],
+                Ok(&["Observation"]),
+            ),
             (
                 &[("_has:Observation:subject:_has:AuditEvent:entity:type", "x")],
                 Ok(&["Observation", "AuditEvent"]),
             ),
-            (&[("_has:Observation:subject:performer:Practitioner.name", "x")], Ok(&["Observation", "Practitioner"])),
-            (&[("_has:Observation:subject:subject:Patient.name", "x")], Ok(&["Observation", "Patient"])),
-            (&[("_has:Observation:subject:focus.name", "x")], Ok(&["Observation", "*"])),
+            (
+                &[("_has:Observation:subject:performer:Practitioner.name", "x")],
+                Ok(&["Observation", "Practitioner"]),
+            ),
+            (
+                &[("_has:Observation:subject:subject:Patient.name", "x")],
+                Ok(&["Observation", "Patient"]),
+            ),
+            (
+                &[("_has:Observation:subject:focus.name", "x")],
+                Ok(&["Observation", "*"]),
+            ),
             (&[("_has:observation:subject:code", "x")], Err(UnknownType)),
             (&[("_has:Observation:subject", "x")], Err(BadQuery)),
             (&[("_has:Observation", "x")], Err(BadQuery)),
@@ -371,15 +458,27 @@ mod tests {
             (&[("_has:Observation::code", "x")], Err(BadQuery)),
             (&[("subject:Patient.name", "Nguyen")], Ok(&["Patient"])),
             (&[("subject.name", "Nguyen")], Ok(&["*"])),
-            (&[("subject:Patient.organization:Organization.name", "x")], Ok(&["Patient", "Organization"])),
-            (&[("subject:Patient.organization.name", "x")], Ok(&["Patient", "*"])),
-            (&[("subject:Patient._has:Observation:subject:code", "x")], Ok(&["Patient", "Observation"])),
+            (
+                &[("subject:Patient.organization:Organization.name", "x")],
+                Ok(&["Patient", "Organization"]),
+            ),
+            (
+                &[("subject:Patient.organization.name", "x")],
+                Ok(&["Patient", "*"]),
+            ),
+            (
+                &[("subject:Patient._has:Observation:subject:code", "x")],
+                Ok(&["Patient", "Observation"]),
+            ),
             (&[("subject:Patient.name:exact", "x")], Ok(&["Patient"])),
             (&[("subject:patient.name", "x")], Ok(&["*"])),
             (&[("subject:Nope.name", "x")], Err(UnknownType)),
             (&[("subject.", "x")], Err(BadQuery)),
             (&[(".name", "x")], Err(BadQuery)),
-            (&[("_type", "Patient,Observation")], Ok(&["Patient", "Observation"])),
+            (
+                &[("_type", "Patient,Observation")],
+                Ok(&["Patient", "Observation"]),
+            ),
             (&[("_type", "Patient,,Observation")], Err(BadQuery)),
             (&[("_type", "")], Err(BadQuery)),
             (&[("_type", "patient")], Err(UnknownType)),
@@ -387,7 +486,11 @@ mod tests {
             (&[("_filter", "name eq x")], Ok(&["*"])),
             (&[("_query", "q")], Ok(&["*"])),
             (
-                &[("_include", "Observation:subject:Patient"), ("_revinclude", "Provenance:target"), ("_include", "Observation:performer:Patient")],
+                &[
+                    ("_include", "Observation:subject:Patient"),
+                    ("_revinclude", "Provenance:target"),
+                    ("_include", "Observation:performer:Patient"),
+                ],
                 Ok(&["Patient", "Provenance"]),
             ),
         ];
@@ -396,7 +499,11 @@ mod tests {
         }
     }
 
-    fn search(ty: Option<&str>, compartment: Option<(&str, &str)>, params: &[(&str, &str)]) -> Search {
+    fn search(
+        ty: Option<&str>,
+        compartment: Option<(&str, &str)>,
+        params: &[(&str, &str)],
+    ) -> Search {
         Search {
             resource_type: ty.map(str::to_string),
             compartment: compartment.map(|(t, i)| (t.to_string(), i.to_string())),
@@ -406,7 +513,8 @@ mod tests {
     }
 
     fn check_access(op: FhirOp, expected: &[(&str, Interaction)]) {
-        let expected: Vec<(String, Interaction)> = expected.iter().map(|(t, i)| (t.to_string(), *i)).collect();
+        let expected: Vec<(String, Interaction)> =
+            expected.iter().map(|(t, i)| (t.to_string(), *i)).collect();
         assert_eq!(op.required_access(), expected, "op {op:?}");
     }
 
@@ -418,13 +526,27 @@ mod tests {
         let table: Vec<(FhirOp, Vec<(&str, Interaction)>)> = vec![
             (FhirOp::Capabilities, vec![]),
             (FhirOp::GraphQl, vec![]),
-            (FhirOp::Read { resource_type: "Patient".into(), id: "p1".into() }, vec![("Patient", Read)]),
             (
-                FhirOp::Vread { resource_type: "Patient".into(), id: "p1".into(), version: "2".into() },
+                FhirOp::Read {
+                    resource_type: "Patient".into(),
+                    id: "p1".into(),
+                },
+                vec![("Patient", Read)],
+            ),
+            (
+                FhirOp::Vread {
+                    resource_type: "Patient".into(),
+                    id: "p1".into(),
+                    version: "2".into(),
+                },
                 vec![("Patient", Vread)],
             ),
             (
-                FhirOp::Create { resource_type: "Patient".into(), resource: None, if_none_exist: None },
+                FhirOp::Create {
+                    resource_type: "Patient".into(),
+                    resource: None,
+                    if_none_exist: None,
+                },
                 vec![("Patient", Create)],
             ),
             (
@@ -441,14 +563,26 @@ mod tests {
                     resource: None,
                     if_none_exist: Some(crit(&[("_has:Observation:subject:code", "x")])),
                 },
-                vec![("Patient", Create), ("Patient", Search), ("Observation", Search)],
+                vec![
+                    ("Patient", Create),
+                    ("Patient", Search),
+                    ("Observation", Search),
+                ],
             ),
             (
-                FhirOp::Update { resource_type: "Patient".into(), id: "p1".into(), resource: None },
+                FhirOp::Update {
+                    resource_type: "Patient".into(),
+                    id: "p1".into(),
+                    resource: None,
+                },
                 vec![("Patient", Update)],
             ),
             (
-                FhirOp::Patch { resource_type: "Patient".into(), id: "p1".into(), patch: None },
+                FhirOp::Patch {
+                    resource_type: "Patient".into(),
+                    id: "p1".into(),
+                    patch: None,
+                },
                 vec![("Patient", Update)],
             ),
             (
@@ -465,40 +599,84 @@ mod tests {
                     criteria: crit(&[("general-practitioner:Practitioner.name", "x")]),
                     patch: None,
                 },
-                vec![("Patient", Update), ("Patient", Search), ("Practitioner", Search)],
+                vec![
+                    ("Patient", Update),
+                    ("Patient", Search),
+                    ("Practitioner", Search),
+                ],
             ),
-            (FhirOp::Delete { resource_type: "Patient".into(), id: "p1".into() }, vec![("Patient", Delete)]),
             (
-                FhirOp::ConditionalDelete { resource_type: "Patient".into(), criteria: crit(&[("name", "x")]) },
+                FhirOp::Delete {
+                    resource_type: "Patient".into(),
+                    id: "p1".into(),
+                },
+                vec![("Patient", Delete)],
+            ),
+            (
+                FhirOp::ConditionalDelete {
+                    resource_type: "Patient".into(),
+                    criteria: crit(&[("name", "x")]),
+                },
                 vec![("Patient", Delete), ("Patient", Search)],
             ),
-            (FhirOp::Search(search(Some("Patient"), None, &[])), vec![("Patient", Search)]),
             (
-                FhirOp::Search(search(Some("Observation"), None, &[("_include", "Observation:subject:Patient")])),
+                FhirOp::Search(search(Some("Patient"), None, &[])),
+                vec![("Patient", Search)],
+            ),
+            (
+                FhirOp::Search(search(
+                    Some("Observation"),
+                    None,
+                    &[("_include", "Observation:subject:Patient")],
+                )),
                 vec![("Observation", Search), ("Patient", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Observation"), None, &[("_include", "Observation:subject")])),
+                FhirOp::Search(search(
+                    Some("Observation"),
+                    None,
+                    &[("_include", "Observation:subject")],
+                )),
                 vec![("Observation", Search), ("*", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Patient"), None, &[("_revinclude", "Provenance:target")])),
+                FhirOp::Search(search(
+                    Some("Patient"),
+                    None,
+                    &[("_revinclude", "Provenance:target")],
+                )),
                 vec![("Patient", Search), ("Provenance", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Patient"), None, &[("_has:Observation:subject:code", "2345-7")])),
+                FhirOp::Search(search(
+                    Some("Patient"),
+                    None,
+                    &[("_has:Observation:subject:code", "2345-7")],
+                )),
                 vec![("Patient", Search), ("Observation", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Observation"), None, &[("subject:Patient.name", "Nguyen")])),
+                FhirOp::Search(search(
+                    Some("Observation"),
+                    None,
+                    &[("subject:Patient.name", "Nguyen")],
+                )),
                 vec![("Observation", Search), ("Patient", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Observation"), None, &[("subject.name", "Nguyen")])),
+                FhirOp::Search(search(
+                    Some("Observation"),
+                    None,
+                    &[("subject.name", "Nguyen")],
+                )),
                 vec![("Observation", Search), ("*", Search)],
             ),
             (
-                FhirOp::Search(search(Some("Patient"), None, &[("_include", "Patient:link:Patient")])),
+                FhirOp::Search(search(
+                    Some("Patient"),
+                    None,
+                    &[("_include", "Patient:link:Patient")],
+                )),
                 vec![("Patient", Search)],
             ),
             (
@@ -509,22 +687,50 @@ mod tests {
                 FhirOp::Search(search(None, None, &[("_type", "Patient,Observation")])),
                 vec![("Patient", Search), ("Observation", Search)],
             ),
-            (FhirOp::Search(search(None, None, &[("_id", "x")])), vec![("*", Search)]),
+            (
+                FhirOp::Search(search(None, None, &[("_id", "x")])),
+                vec![("*", Search)],
+            ),
             (
                 FhirOp::Search(search(Some("Patient"), None, &[("_include", "garbage")])),
                 vec![("Patient", Search), ("*", Search)],
             ),
             (
-                FhirOp::History { resource_type: s("Patient"), id: s("p1") },
+                FhirOp::History {
+                    resource_type: s("Patient"),
+                    id: s("p1"),
+                },
                 vec![("Patient", History)],
             ),
-            (FhirOp::History { resource_type: s("Observation"), id: None }, vec![("Observation", History)]),
-            (FhirOp::History { resource_type: None, id: None }, vec![("*", History)]),
             (
-                FhirOp::Operation { name: "everything".into(), resource_type: s("Patient"), id: s("p1") },
+                FhirOp::History {
+                    resource_type: s("Observation"),
+                    id: None,
+                },
+                vec![("Observation", History)],
+            ),
+            (
+                FhirOp::History {
+                    resource_type: None,
+                    id: None,
+                },
+                vec![("*", History)],
+            ),
+            (
+                FhirOp::Operation {
+                    name: "everything".into(),
+                    resource_type: s("Patient"),
+                    id: s("p1"),
+                },
                 vec![],
             ),
-            (FhirOp::Bundle { transaction: true, entries: vec![] }, vec![]),
+            (
+                FhirOp::Bundle {
+                    transaction: true,
+                    entries: vec![],
+                },
+                vec![],
+            ),
         ];
         for (op, expected) in table {
             check_access(op, &expected);

@@ -173,10 +173,15 @@ fn registry() -> &'static Registry {
         let mut by_type: HashMap<String, HashMap<String, usize>> = HashMap::new();
         let mut codes = HashSet::new();
         for p in raw.params {
-            let Some(param_type) = ParamType::from_code(&p.param_type) else { continue };
+            let Some(param_type) = ParamType::from_code(&p.param_type) else {
+                continue;
+            };
             let idx = defs.len();
             for b in &p.base {
-                by_type.entry(b.clone()).or_default().insert(p.code.clone(), idx);
+                by_type
+                    .entry(b.clone())
+                    .or_default()
+                    .insert(p.code.clone(), idx);
             }
             codes.insert(p.code.clone());
             defs.push(SearchParamDef {
@@ -265,7 +270,11 @@ pub fn choice_types(name: &str) -> Option<&'static [String]> {
 /// Patient CompartmentDefinition). Empty for types outside the compartment. A `Patient` is also in
 /// its own compartment, which this list does not say.
 pub fn patient_compartment_params(resource_type: &str) -> &'static [String] {
-    registry().patient_compartment.get(resource_type).map(Vec::as_slice).unwrap_or(&[])
+    registry()
+        .patient_compartment
+        .get(resource_type)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
 }
 
 /// The compiled expressions of [`patient_compartment_params`] for `resource_type`.
@@ -362,28 +371,52 @@ enum Start {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    Member { name: String, choice: Option<&'static [String]> },
+    Member {
+        name: String,
+        choice: Option<&'static [String]>,
+    },
     OfType(String),
     WhereResolveIs(String),
-    WhereEq { field: String, value: String },
+    WhereEq {
+        field: String,
+        value: String,
+    },
     Index(usize),
 }
 
 impl FhirPath {
     /// Compiles `expression` for `resource_type`: union branches rooted at other types select
     /// nothing, and it is an error when no branch applies to `resource_type`.
-    pub fn compile(expression: &str, resource_type: &str) -> Result<FhirPath, UnsupportedExpression> {
-        let unsupported = |reason: String| UnsupportedExpression { expression: expression.to_string(), reason };
+    pub fn compile(
+        expression: &str,
+        resource_type: &str,
+    ) -> Result<FhirPath, UnsupportedExpression> {
+        let unsupported = |reason: String| UnsupportedExpression {
+            expression: expression.to_string(),
+            reason,
+        };
         let tokens = tokenize(expression).map_err(unsupported)?;
-        let mut parser = Parser { tokens, pos: 0, resource_type };
+        let mut parser = Parser {
+            tokens,
+            pos: 0,
+            resource_type,
+        };
         let expr = parser.union().map_err(unsupported)?;
         if parser.pos != parser.tokens.len() {
-            return Err(unsupported(format!("unexpected {:?}", parser.tokens.get(parser.pos))));
+            return Err(unsupported(format!(
+                "unexpected {:?}",
+                parser.tokens.get(parser.pos)
+            )));
         }
         if !expr.applies() {
-            return Err(unsupported(format!("no part of the expression applies to {resource_type}")));
+            return Err(unsupported(format!(
+                "no part of the expression applies to {resource_type}"
+            )));
         }
-        Ok(FhirPath { source: expression.to_string(), expr })
+        Ok(FhirPath {
+            source: expression.to_string(),
+            expr,
+        })
     }
 
     /// The expression text this was compiled from.
@@ -403,9 +436,17 @@ impl Expr {
     fn applies(&self) -> bool {
         match self {
             Expr::Union(items) => items.iter().any(Expr::applies),
-            Expr::Path { start: Start::This, .. } => true,
-            Expr::Path { start: Start::Nothing, .. } => false,
-            Expr::Path { start: Start::Group(e), .. } => e.applies(),
+            Expr::Path {
+                start: Start::This, ..
+            } => true,
+            Expr::Path {
+                start: Start::Nothing,
+                ..
+            } => false,
+            Expr::Path {
+                start: Start::Group(e),
+                ..
+            } => e.applies(),
         }
     }
 
@@ -418,7 +459,10 @@ impl Expr {
             }
             Expr::Path { start, steps } => {
                 let mut current = match start {
-                    Start::This => vec![Node { value: resource, type_name: None }],
+                    Start::This => vec![Node {
+                        value: resource,
+                        type_name: None,
+                    }],
                     Start::Nothing => return,
                     Start::Group(e) => {
                         let mut v = Vec::new();
@@ -442,7 +486,12 @@ fn push_flat<'a>(value: &'a Value, type_name: Option<&'static str>, out: &mut Ve
     match value {
         Value::Null => {}
         Value::Array(items) => {
-            out.extend(items.iter().filter(|v| !v.is_null()).map(|value| Node { value, type_name }));
+            out.extend(
+                items
+                    .iter()
+                    .filter(|v| !v.is_null())
+                    .map(|value| Node { value, type_name }),
+            );
         }
         _ => out.push(Node { value, type_name }),
     }
@@ -450,10 +499,17 @@ fn push_flat<'a>(value: &'a Value, type_name: Option<&'static str>, out: &mut Ve
 
 /// `suffix` (`Quantity`, `DateTime`) names one of `types` (`Quantity`, `dateTime`).
 fn choice_suffix_type(suffix: &str, types: &'static [String]) -> Option<&'static str> {
-    if !suffix.chars().next().is_some_and(|c| c.is_ascii_uppercase()) {
+    if !suffix
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_uppercase())
+    {
         return None;
     }
-    types.iter().find(|t| t.eq_ignore_ascii_case(suffix)).map(String::as_str)
+    types
+        .iter()
+        .find(|t| t.eq_ignore_ascii_case(suffix))
+        .map(String::as_str)
 }
 
 impl Step {
@@ -462,12 +518,17 @@ impl Step {
         match self {
             Step::Member { name, choice } => {
                 for node in input {
-                    let Value::Object(map) = node.value else { continue };
+                    let Value::Object(map) = node.value else {
+                        continue;
+                    };
                     if let Some(v) = map.get(name) {
                         push_flat(v, None, &mut out);
                     } else if let Some(types) = choice {
                         for (key, v) in map {
-                            if let Some(t) = key.strip_prefix(name.as_str()).and_then(|s| choice_suffix_type(s, types)) {
+                            if let Some(t) = key
+                                .strip_prefix(name.as_str())
+                                .and_then(|s| choice_suffix_type(s, types))
+                            {
                                 push_flat(v, Some(t), &mut out);
                             }
                         }
@@ -475,16 +536,24 @@ impl Step {
                 }
             }
             Step::OfType(t) => {
-                out.extend(input.into_iter().filter(|n| n.type_name.is_some_and(|tn| tn.eq_ignore_ascii_case(t))));
+                out.extend(
+                    input
+                        .into_iter()
+                        .filter(|n| n.type_name.is_some_and(|tn| tn.eq_ignore_ascii_case(t))),
+                );
             }
             Step::WhereResolveIs(t) => {
                 out.extend(input.into_iter().filter(|n| {
-                    reference_string(n).and_then(parse_reference).is_some_and(|(rt, _)| rt == t)
+                    reference_string(n)
+                        .and_then(parse_reference)
+                        .is_some_and(|(rt, _)| rt == t)
                 }));
             }
             Step::WhereEq { field, value } => {
                 out.extend(input.into_iter().filter(|n| {
-                    let Value::Object(map) = n.value else { return false };
+                    let Value::Object(map) = n.value else {
+                        return false;
+                    };
                     match map.get(field) {
                         Some(Value::String(s)) => s == value,
                         Some(Value::Bool(b)) => value == if *b { "true" } else { "false" },
@@ -647,7 +716,11 @@ impl Parser<'_> {
             self.pos += 1;
             items.push(self.as_expr()?);
         }
-        Ok(if items.len() == 1 { items.remove(0) } else { Expr::Union(items) })
+        Ok(if items.len() == 1 {
+            items.remove(0)
+        } else {
+            Expr::Union(items)
+        })
     }
 
     fn as_expr(&mut self) -> Result<Expr, String> {
@@ -671,7 +744,10 @@ impl Parser<'_> {
             Some(Tok::LParen) => {
                 let inner = self.union()?;
                 self.expect(Tok::RParen)?;
-                Expr::Path { start: Start::Group(Box::new(inner)), steps: Vec::new() }
+                Expr::Path {
+                    start: Start::Group(Box::new(inner)),
+                    steps: Vec::new(),
+                }
             }
             Some(Tok::Ident(root)) => {
                 if self.peek() == Some(&Tok::LParen) {
@@ -681,14 +757,21 @@ impl Parser<'_> {
                     // A relative path (`name | alias` in InsurancePlan-name): evaluated against
                     // the resource, as FHIRPath does with the resource as context.
                     let choice = choice_types(&root);
-                    Expr::Path { start: Start::This, steps: vec![Step::Member { name: root, choice }] }
+                    Expr::Path {
+                        start: Start::This,
+                        steps: vec![Step::Member { name: root, choice }],
+                    }
                 } else {
-                    let start = if root == self.resource_type || COMMON_BASES.contains(&root.as_str()) {
-                        Start::This
-                    } else {
-                        Start::Nothing
-                    };
-                    Expr::Path { start, steps: Vec::new() }
+                    let start =
+                        if root == self.resource_type || COMMON_BASES.contains(&root.as_str()) {
+                            Start::This
+                        } else {
+                            Start::Nothing
+                        };
+                    Expr::Path {
+                        start,
+                        steps: Vec::new(),
+                    }
                 }
             }
             other => return Err(format!("unexpected {other:?}")),
@@ -712,7 +795,9 @@ impl Parser<'_> {
                         Some(Tok::Int(i)) => push_step(&mut expr, Step::Index(i)),
                         // `value[x]`: the member already expands choice elements.
                         Some(Tok::Ident(x)) if x == "x" => match last_step(&expr) {
-                            Some(Step::Member { choice: Some(_), .. }) => {}
+                            Some(Step::Member {
+                                choice: Some(_), ..
+                            }) => {}
                             _ => return Err("`[x]` on an element that is not a choice".into()),
                         },
                         other => return Err(format!("unsupported indexer {other:?}")),
@@ -744,7 +829,9 @@ impl Parser<'_> {
                         self.expect(Tok::RParen)?;
                         match self.next() {
                             Some(Tok::Ident(is)) if is == "is" => {}
-                            other => return Err(format!("unsupported where(resolve() {other:?} …)")),
+                            other => {
+                                return Err(format!("unsupported where(resolve() {other:?} …)"));
+                            }
                         }
                         Step::WhereResolveIs(self.type_name()?)
                     }
@@ -778,7 +865,10 @@ fn push_step(expr: &mut Expr, step: Step) {
         Expr::Path { steps, .. } => steps.push(step),
         Expr::Union(_) => {
             let inner = std::mem::replace(expr, Expr::Union(Vec::new()));
-            *expr = Expr::Path { start: Start::Group(Box::new(inner)), steps: vec![step] };
+            *expr = Expr::Path {
+                start: Start::Group(Box::new(inner)),
+                steps: vec![step],
+            };
         }
     }
 }
@@ -786,7 +876,10 @@ fn push_step(expr: &mut Expr, step: Step) {
 /// `ofType(T)` is only evaluable right after a choice element, where the JSON key tells the type.
 fn push_of_type(expr: &mut Expr, t: String) -> Result<(), String> {
     match last_step(expr) {
-        Some(Step::Member { name, choice: Some(types) }) => {
+        Some(Step::Member {
+            name,
+            choice: Some(types),
+        }) => {
             if !types.iter().any(|x| x.eq_ignore_ascii_case(&t)) {
                 return Err(format!("`{name}` cannot be of type {t}"));
             }
@@ -803,7 +896,12 @@ mod tests {
     use serde_json::json;
 
     fn eval(expr: &str, rt: &str, resource: &Value) -> Vec<Value> {
-        FhirPath::compile(expr, rt).unwrap().evaluate(resource).into_iter().map(|n| n.value.clone()).collect()
+        FhirPath::compile(expr, rt)
+            .unwrap()
+            .evaluate(resource)
+            .into_iter()
+            .map(|n| n.value.clone())
+            .collect()
     }
 
     #[test]
@@ -826,11 +924,28 @@ mod tests {
         assert_eq!(id.param_type, ParamType::Token);
         assert!(id.is_common());
         assert_eq!(lookup("Resource", "_id"), Some(id));
-        assert_eq!(lookup("Patient", "_compartment").unwrap().expression, "Resource.meta.compartment");
-        for code in ["_id", "_lastUpdated", "_tag", "_profile", "_security", "_source", "_compartment"] {
+        assert_eq!(
+            lookup("Patient", "_compartment").unwrap().expression,
+            "Resource.meta.compartment"
+        );
+        for code in [
+            "_id",
+            "_lastUpdated",
+            "_tag",
+            "_profile",
+            "_security",
+            "_source",
+            "_compartment",
+        ] {
             assert!(lookup("Resource", code).is_some(), "{code}");
         }
-        assert_eq!(lookup("Patient", "general-practitioner").unwrap().targets.len(), 3);
+        assert_eq!(
+            lookup("Patient", "general-practitioner")
+                .unwrap()
+                .targets
+                .len(),
+            3
+        );
         assert!(lookup("Observation", "birthdate").is_none());
         assert!(lookup("Observation", "nope").is_none());
         assert!(is_known_code("birthdate"));
@@ -839,8 +954,13 @@ mod tests {
         assert!(!lookup("Bot", "name").unwrap().is_common());
         assert!(lookup("Bot", "name").unwrap().medplum);
         assert!(!lookup("Patient", "name").unwrap().medplum);
-        let codes: Vec<_> = params_for_type("Patient").iter().map(|d| d.code.as_str()).collect();
-        assert!(codes.contains(&"birthdate") && codes.contains(&"_id") && !codes.contains(&"subject"));
+        let codes: Vec<_> = params_for_type("Patient")
+            .iter()
+            .map(|d| d.code.as_str())
+            .collect();
+        assert!(
+            codes.contains(&"birthdate") && codes.contains(&"_id") && !codes.contains(&"subject")
+        );
     }
 
     #[test]
@@ -852,24 +972,60 @@ mod tests {
         assert_eq!(p.evaluate(&obs).len(), 1);
         let cond = json!({"resourceType": "Condition", "subject": {"reference": "Patient/p1"}});
         // The Observation-compiled path has no Condition branch.
-        assert!(p.evaluate(&cond).iter().all(|n| n.value == &json!({"reference": "Patient/p1"})));
+        assert!(
+            p.evaluate(&cond)
+                .iter()
+                .all(|n| n.value == &json!({"reference": "Patient/p1"}))
+        );
         assert!(def.compile("Bot").is_err());
     }
 
     #[test]
     fn choice_elements_and_of_type() {
         let obs = json!({"resourceType": "Observation", "valueQuantity": {"value": 1}, "effectivePeriod": {"start": "2020"}});
-        assert_eq!(eval("Observation.value", "Observation", &obs), vec![json!({"value": 1})]);
-        assert_eq!(eval("Observation.value.ofType(Quantity)", "Observation", &obs).len(), 1);
-        assert!(eval("Observation.value.ofType(CodeableConcept)", "Observation", &obs).is_empty());
-        assert_eq!(eval("(Observation.value as Quantity)", "Observation", &obs).len(), 1);
-        assert_eq!(eval("Observation.value.as(Quantity)", "Observation", &obs).len(), 1);
+        assert_eq!(
+            eval("Observation.value", "Observation", &obs),
+            vec![json!({"value": 1})]
+        );
+        assert_eq!(
+            eval("Observation.value.ofType(Quantity)", "Observation", &obs).len(),
+            1
+        );
+        assert!(
+            eval(
+                "Observation.value.ofType(CodeableConcept)",
+                "Observation",
+                &obs
+            )
+            .is_empty()
+        );
+        assert_eq!(
+            eval("(Observation.value as Quantity)", "Observation", &obs).len(),
+            1
+        );
+        assert_eq!(
+            eval("Observation.value.as(Quantity)", "Observation", &obs).len(),
+            1
+        );
         assert_eq!(eval("Observation.value[x]", "Observation", &obs).len(), 1);
-        let nodes = FhirPath::compile("Observation.effective", "Observation").unwrap().evaluate(&obs);
+        let nodes = FhirPath::compile("Observation.effective", "Observation")
+            .unwrap()
+            .evaluate(&obs);
         assert_eq!(nodes[0].type_name, Some("Period"));
         let cond = json!({"resourceType": "Condition", "onsetDateTime": "2020-01-01"});
-        assert_eq!(eval("Condition.onset.ofType(dateTime)", "Condition", &cond), vec![json!("2020-01-01")]);
-        assert_eq!(eval("(Condition.onset.ofType(FHIR.dateTime))", "Condition", &cond).len(), 1);
+        assert_eq!(
+            eval("Condition.onset.ofType(dateTime)", "Condition", &cond),
+            vec![json!("2020-01-01")]
+        );
+        assert_eq!(
+            eval(
+                "(Condition.onset.ofType(FHIR.dateTime))",
+                "Condition",
+                &cond
+            )
+            .len(),
+            1
+        );
         // Not a choice: ofType cannot be decided from the JSON.
         assert!(FhirPath::compile("Observation.status.ofType(code)", "Observation").is_err());
         assert!(FhirPath::compile("Observation.value.ofType(Foo)", "Observation").is_err());
@@ -881,15 +1037,46 @@ mod tests {
         let pat = json!({"resourceType": "Patient", "telecom": [
             {"system": "phone", "value": "1"}, {"system": "email", "value": "a@b"}],
             "generalPractitioner": [{"reference": "Practitioner/1"}, {"reference": "http://x/fhir/Organization/2/_history/3"}]});
-        assert_eq!(eval("Patient.telecom.where(system='phone')", "Patient", &pat), vec![json!({"system": "phone", "value": "1"})]);
-        assert_eq!(eval("Patient.telecom.where(system = 'email').value", "Patient", &pat), vec![json!("a@b")]);
-        assert_eq!(eval("Patient.generalPractitioner.where(resolve() is Organization)", "Patient", &pat).len(), 1);
-        assert_eq!(eval("Patient.telecom[1].value", "Patient", &pat), vec![json!("a@b")]);
+        assert_eq!(
+            eval("Patient.telecom.where(system='phone')", "Patient", &pat),
+            vec![json!({"system": "phone", "value": "1"})]
+        );
+        assert_eq!(
+            eval(
+                "Patient.telecom.where(system = 'email').value",
+                "Patient",
+                &pat
+            ),
+            vec![json!("a@b")]
+        );
+        assert_eq!(
+            eval(
+                "Patient.generalPractitioner.where(resolve() is Organization)",
+                "Patient",
+                &pat
+            )
+            .len(),
+            1
+        );
+        assert_eq!(
+            eval("Patient.telecom[1].value", "Patient", &pat),
+            vec![json!("a@b")]
+        );
         assert_eq!(eval("telecom.value | id", "Patient", &pat).len(), 2);
-        assert_eq!(eval("Patient.telecom.first().value", "Patient", &pat), vec![json!("1")]);
-        assert_eq!(eval("Patient.telecom.value | Patient.id", "Patient", &pat).len(), 2);
+        assert_eq!(
+            eval("Patient.telecom.first().value", "Patient", &pat),
+            vec![json!("1")]
+        );
+        assert_eq!(
+            eval("Patient.telecom.value | Patient.id", "Patient", &pat).len(),
+            2
+        );
         assert_eq!(eval("Resource.telecom.value", "Resource", &pat).len(), 2);
-        let union = eval("(Patient.telecom | Patient.generalPractitioner).where(resolve() is Practitioner)", "Patient", &pat);
+        let union = eval(
+            "(Patient.telecom | Patient.generalPractitioner).where(resolve() is Practitioner)",
+            "Patient",
+            &pat,
+        );
         assert_eq!(union.len(), 1);
     }
 
@@ -916,8 +1103,14 @@ mod tests {
     #[test]
     fn references_parse() {
         assert_eq!(parse_reference("Patient/1"), Some(("Patient", "1")));
-        assert_eq!(parse_reference("https://h/fhir/R4/Patient/1"), Some(("Patient", "1")));
-        assert_eq!(parse_reference("Patient/1/_history/2"), Some(("Patient", "1")));
+        assert_eq!(
+            parse_reference("https://h/fhir/R4/Patient/1"),
+            Some(("Patient", "1"))
+        );
+        assert_eq!(
+            parse_reference("Patient/1/_history/2"),
+            Some(("Patient", "1"))
+        );
         assert_eq!(parse_reference("urn:uuid:123"), None);
         assert_eq!(parse_reference("#c1"), None);
         assert_eq!(parse_reference("1"), None);
@@ -933,8 +1126,15 @@ mod tests {
             let paths = patient_compartment_paths(rt).unwrap_or_else(|e| panic!("{rt}: {e}"));
             assert_eq!(paths.len(), patient_compartment_params(rt).len());
         }
-        assert_eq!(patient_compartment_params("Observation"), ["subject", "performer"]);
-        assert!(patient_compartment_paths("Organization").unwrap().is_empty());
+        assert_eq!(
+            patient_compartment_params("Observation"),
+            ["subject", "performer"]
+        );
+        assert!(
+            patient_compartment_paths("Organization")
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// Every definition of a type the criteria support compiles, apart from a known few that
@@ -946,7 +1146,11 @@ mod tests {
         for def in all_params() {
             if !matches!(
                 def.param_type,
-                ParamType::String | ParamType::Token | ParamType::Reference | ParamType::Date | ParamType::Uri
+                ParamType::String
+                    | ParamType::Token
+                    | ParamType::Reference
+                    | ParamType::Date
+                    | ParamType::Uri
             ) || def.expression.is_empty()
             {
                 continue;
@@ -959,7 +1163,10 @@ mod tests {
             }
         }
         failures.sort();
-        assert_eq!(failures, ["Patient.deceased", "ProjectMembership.profile-type"]);
+        assert_eq!(
+            failures,
+            ["Patient.deceased", "ProjectMembership.profile-type"]
+        );
         assert!(ok > 1700, "{ok}");
     }
 }

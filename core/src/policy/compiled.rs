@@ -97,7 +97,9 @@ impl InteractionSet {
 
     /// Members in the order of [`Interaction::ALL`].
     pub fn iter(self) -> impl Iterator<Item = Interaction> {
-        Interaction::ALL.into_iter().filter(move |&i| self.contains(i))
+        Interaction::ALL
+            .into_iter()
+            .filter(move |&i| self.contains(i))
     }
 
     /// Wire codes in the order of [`Interaction::ALL`].
@@ -459,7 +461,11 @@ fn remove_at(value: &mut Value, segments: &[Segment]) {
     }
 }
 
-fn restore_at(new: &mut Map<String, Value>, old: Option<&Map<String, Value>>, segments: &[Segment]) {
+fn restore_at(
+    new: &mut Map<String, Value>,
+    old: Option<&Map<String, Value>>,
+    segments: &[Segment],
+) {
     let Some((first, rest)) = segments.split_first() else {
         return;
     };
@@ -517,11 +523,8 @@ pub struct CompiledEntry {
     pub readonly_fields: Vec<FieldPath>,
     /// FHIRPath `writeConstraint` expressions (language checked: `text/fhirpath`).
     pub write_constraints: Vec<String>,
-    /// Query part of `criteria` (after `Type?`).
-    criteria_query: Option<String>,
     /// Criteria that narrow a search: `criteria` AND `_compartment=<compartment>`.
     search_criteria: Option<Criteria>,
-    search_query: Option<String>,
     broken: bool,
 }
 
@@ -544,60 +547,57 @@ impl CompiledEntry {
     }
 
     /// The criteria for a resource of `resource_type`: a `*?…` criteria is instantiated as
-    /// `Type?…`. `None` when the entry has no criteria.
+    /// `Type?…` (an error when one of its parameters does not exist on that type). `None` when
+    /// the entry has no criteria.
     pub fn criteria_for(
         &self,
         resource_type: &str,
     ) -> Option<Result<Cow<'_, Criteria>, CriteriaError>> {
-        instantiate(self, self.criteria.as_ref()?, self.criteria_query.as_deref(), resource_type)
+        Some(instantiate(self, self.criteria.as_ref()?, resource_type))
     }
 
     /// The criteria that narrow a search of `resource_type` (criteria AND deprecated
-    /// compartment). `None` when the entry does not restrict searches.
+    /// compartment), instantiated like [`Self::criteria_for`]. `None` when the entry does not
+    /// restrict searches.
     pub fn search_criteria_for(
         &self,
         resource_type: &str,
     ) -> Option<Result<Cow<'_, Criteria>, CriteriaError>> {
-        instantiate(
+        Some(instantiate(
             self,
             self.search_criteria.as_ref()?,
-            self.search_query.as_deref(),
             resource_type,
-        )
+        ))
     }
 
     /// Instance conditions of medplum-auth.md §4.4 (the type and interaction are assumed to
-    /// shallow-match). `Err` when a `*?…` criteria cannot be instantiated for the type.
-    fn instance_holds(&self, resource_type: &str, resource: &Value) -> Result<bool, CriteriaError> {
+    /// shallow-match). A `*?…` criteria whose parameters do not exist on the resource's type does
+    /// not match it.
+    fn instance_holds(&self, resource_type: &str, resource: &Value) -> bool {
         if resource_type == "Binary" {
-            return Ok(true);
+            return true;
         }
         if let Some(compartment) = &self.compartment
             && !meta_compartment_contains(resource, compartment)
         {
-            return Ok(false);
+            return false;
         }
-        match self.criteria_for(resource_type) {
-            None => Ok(true),
-            Some(Ok(c)) => Ok(c.matches(resource)),
-            Some(Err(e)) => Err(e),
-        }
+        self.criteria.as_ref().is_none_or(|c| c.matches(resource))
     }
 }
 
-/// A concrete entry's criteria are used as they are; a `*` entry's are re-read for the concrete
-/// type (`*?a=b` → `Observation?a=b`).
+/// A concrete entry's criteria are used as they are; a `*` entry's are instantiated for the
+/// concrete type (`*?a=b` → `Observation?a=b`).
 fn instantiate<'a>(
-    entry: &'a CompiledEntry,
-    generic: &'a Criteria,
-    query: Option<&str>,
+    entry: &CompiledEntry,
+    criteria: &'a Criteria,
     resource_type: &str,
-) -> Option<Result<Cow<'a, Criteria>, CriteriaError>> {
-    if !entry.is_wildcard() {
-        return Some(Ok(Cow::Borrowed(generic)));
+) -> Result<Cow<'a, Criteria>, CriteriaError> {
+    if entry.is_wildcard() {
+        criteria.for_type(resource_type).map(Cow::Owned)
+    } else {
+        Ok(Cow::Borrowed(criteria))
     }
-    let query = query.unwrap_or_default();
-    Some(Criteria::parse(resource_type, &format!("{resource_type}?{query}")).map(Cow::Owned))
 }
 
 fn meta_compartment_contains(resource: &Value, reference: &str) -> bool {
@@ -692,7 +692,12 @@ impl CompiledPolicy {
 
     /// Type-level check (medplum-auth.md §4.3): protected types are refused unless `super_admin`;
     /// otherwise the first entry that shallow-matches must exist and not be broken.
-    pub fn type_allows(&self, resource_type: &str, interaction: Interaction, super_admin: bool) -> bool {
+    pub fn type_allows(
+        &self,
+        resource_type: &str,
+        interaction: Interaction,
+        super_admin: bool,
+    ) -> bool {
         if is_protected_type(resource_type) && !super_admin {
             return false;
         }
@@ -720,7 +725,11 @@ impl CompiledPolicy {
     /// compartment, and no broken entry granting `interaction` comes before it. Untyped targets
     /// (system-level searches, `_include=*`) need this.
     pub fn wildcard_unrestricted(&self, interaction: Interaction) -> bool {
-        for entry in self.entries.iter().filter(|e| e.interactions.contains(interaction)) {
+        for entry in self
+            .entries
+            .iter()
+            .filter(|e| e.interactions.contains(interaction))
+        {
             if entry.broken {
                 return false;
             }
@@ -755,8 +764,8 @@ impl CompiledPolicy {
             match entry.search_criteria_for(resource_type) {
                 None => return SearchNarrowing::Unrestricted,
                 Some(Ok(c)) => any.push(c.into_owned()),
-                // Cannot be evaluated for this type: stop like a broken entry.
-                Some(Err(_)) => break,
+                // A `*?…` criteria naming parameters this type lacks matches nothing of it.
+                Some(Err(_)) => {}
             }
         }
         if any.is_empty() {
@@ -770,14 +779,8 @@ impl CompiledPolicy {
     /// shallow-matches the resource's type and `interaction` and whose instance conditions hold.
     pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
         let resource_type = resource.get("resourceType")?.as_str()?;
-        for entry in self.entries_for(resource_type, interaction) {
-            match entry.instance_holds(resource_type, resource) {
-                Ok(true) => return Some(entry),
-                Ok(false) => {}
-                Err(_) => return None,
-            }
-        }
-        None
+        self.entries_for(resource_type, interaction)
+            .find(|entry| entry.instance_holds(resource_type, resource))
     }
 
     /// Removes `entry`'s hiddenFields from `resource`.
@@ -894,13 +897,13 @@ fn compile_entry(
         },
     };
 
-    let mut criteria_query = None;
     let mut criteria = None;
+    let mut query = None;
     if let Some(raw) = &entry.criteria {
         match check_criteria_shape(index, rt, raw, errors) {
             None => broken = true,
-            Some(query) => {
-                criteria_query = Some(query.to_string());
+            Some(q) => {
+                query = Some(q);
                 match mode {
                     Mode::Compile => match Criteria::parse(rt, raw) {
                         Ok(c) => criteria = Some(c),
@@ -909,31 +912,29 @@ fn compile_entry(
                             errors.push(criteria_error(index, raw, &e));
                         }
                     },
-                    Mode::Validate => validate_criteria_values(index, rt, raw, query, errors),
+                    Mode::Validate => validate_criteria_values(index, rt, raw, q, errors),
                 }
             }
         }
     }
 
-    let mut search_query = criteria_query.clone();
     let mut search_criteria = criteria.clone();
-    if let Some(reference) = &compartment {
+    if let Some(reference) = &compartment
+        && mode == Mode::Compile
+        && !broken
+    {
         let value: String = form_urlencoded::byte_serialize(reference.as_bytes()).collect();
-        let query = match criteria_query.as_deref() {
-            Some(q) if !q.is_empty() => format!("{q}&_compartment={value}"),
-            _ => format!("_compartment={value}"),
+        let combined = match query {
+            Some(q) if !q.is_empty() => format!("{rt}?{q}&_compartment={value}"),
+            _ => format!("{rt}?_compartment={value}"),
         };
-        search_criteria = None;
-        if mode == Mode::Compile && !broken {
-            match Criteria::parse(rt, &format!("{rt}?{query}")) {
-                Ok(c) => search_criteria = Some(c),
-                Err(e) => {
-                    broken = true;
-                    errors.push(criteria_error(index, &format!("{rt}?{query}"), &e));
-                }
+        match Criteria::parse(rt, &combined) {
+            Ok(c) => search_criteria = Some(c),
+            Err(e) => {
+                broken = true;
+                errors.push(criteria_error(index, &combined, &e));
             }
         }
-        search_query = Some(query);
     }
 
     CompiledEntry {
@@ -945,9 +946,7 @@ fn compile_entry(
         hidden_fields,
         readonly_fields,
         write_constraints,
-        criteria_query,
         search_criteria,
-        search_query,
         broken,
     }
 }
@@ -1073,7 +1072,11 @@ pub fn validate_policy(policy: &AccessPolicy) -> Result<(), Vec<PolicyError>> {
             });
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]

@@ -178,7 +178,7 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
                 need(policy, ty, i, super_admin)?;
                 return Ok(Permit { drop_total: true, ..Permit::filtered() });
             }
-            if policy.operation_allowed(name, resource_type.as_deref()) || super_admin {
+            if operation_granted(policy, name, resource_type.as_deref()) || super_admin {
                 return Ok(Permit::filtered());
             }
             Err(Deny::Forbidden("operation_not_granted"))
@@ -186,6 +186,22 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
         FhirOp::GraphQl => Err(Deny::Forbidden("graphql")),
         FhirOp::Bundle { .. } => Err(Deny::Forbidden("nested_bundle")),
     }
+}
+
+/// Operations other than the read-like ones must be granted by name. A policy grants one with
+/// an entry of the operation's resource type (or `*`) whose `interaction` lists `create` and
+/// whose `fhirgateOperation` extension field lists the operation name, e.g.
+/// `{"resourceType": "Bundle", "interaction": ["create"], "fhirgateOperation": ["process-message"]}`.
+fn operation_granted(policy: &EffectivePolicy, name: &str, resource_type: Option<&str>) -> bool {
+    let ty = resource_type.unwrap_or("*");
+    policy.access_policy().resource.iter().any(|e| {
+        (e.resource_type == ty || e.resource_type == "*")
+            && e.extra
+                .get("fhirgateOperation")
+                .and_then(|v| v.as_array())
+                .is_some_and(|ops| ops.iter().any(|o| o.as_str() == Some(name)))
+            && policy.type_allows(&e.resource_type, Interaction::Create, false)
+    })
 }
 
 /// Decides a request. Bundles are decided entry by entry by `decide_bundle`.

@@ -20,7 +20,7 @@ use crate::policy::model::{
 };
 use crate::policy::scope::{SmartScope, parse_scopes};
 
-pub use crate::policy::compiled::SearchNarrowing;
+pub use crate::policy::compiled::{SearchNarrowing, validate_policy};
 
 /// Where stored AccessPolicies are looked up, by id.
 pub trait PolicySource {
@@ -33,7 +33,8 @@ impl<V: Borrow<AccessPolicy>, S: BuildHasher> PolicySource for HashMap<String, V
     }
 }
 
-impl PolicySource for [AccessPolicy] {
+/// A plain list, looked up by `AccessPolicy.id` (tests, `policy explain`).
+impl PolicySource for Vec<AccessPolicy> {
     fn access_policy(&self, id: &str) -> Option<&AccessPolicy> {
         self.iter().find(|p| p.id.as_deref() == Some(id))
     }
@@ -71,7 +72,12 @@ pub enum EffectiveError {
 const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
 
 /// The order in which a super-admin project gets the admin types (step 7).
-const SUPER_ADMIN_TYPES: [&str; 4] = ["UserSecurityRequest", "Project", "ProjectMembership", "User"];
+const SUPER_ADMIN_TYPES: [&str; 4] = [
+    "UserSecurityRequest",
+    "Project",
+    "ProjectMembership",
+    "User",
+];
 
 // === EffectivePolicy ===
 
@@ -105,9 +111,16 @@ impl EffectivePolicy {
 
     /// The policy of a membership whose policy could not be built: it grants nothing (its IP
     /// rules are empty, so requests fail with 403 rather than an IP error). `failure` says why.
-    pub fn deny_all(failure: EffectiveError, super_admin: bool, project_admin: bool) -> EffectivePolicy {
+    pub fn deny_all(
+        failure: EffectiveError,
+        super_admin: bool,
+        project_admin: bool,
+    ) -> EffectivePolicy {
         EffectivePolicy {
-            access_policy: AccessPolicy::default(),
+            access_policy: AccessPolicy {
+                resource_type: "AccessPolicy".to_string(),
+                ..AccessPolicy::default()
+            },
             compiled: CompiledPolicy::deny_all(super_admin),
             errors: Vec::new(),
             project_admin,
@@ -149,8 +162,14 @@ impl EffectivePolicy {
     }
 
     /// Type-level check (medplum-auth.md §4.3).
-    pub fn type_allows(&self, resource_type: &str, interaction: Interaction, super_admin: bool) -> bool {
-        self.compiled.type_allows(resource_type, interaction, super_admin)
+    pub fn type_allows(
+        &self,
+        resource_type: &str,
+        interaction: Interaction,
+        super_admin: bool,
+    ) -> bool {
+        self.compiled
+            .type_allows(resource_type, interaction, super_admin)
     }
 
     /// Entries granting `interaction` on `resource_type`, in order (see
@@ -174,7 +193,8 @@ impl EffectivePolicy {
 
     /// See [`CompiledPolicy::instance_checks_needed`].
     pub fn instance_checks_needed(&self, resource_type: &str, interaction: Interaction) -> bool {
-        self.compiled.instance_checks_needed(resource_type, interaction)
+        self.compiled
+            .instance_checks_needed(resource_type, interaction)
     }
 
     /// Instance-level check (medplum-auth.md §4.4): the first entry that grants `interaction` on
@@ -289,12 +309,16 @@ pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy,
         }
     } else if membership.is_admin() {
         resource.retain(|e| !is_project_admin_type(&e.resource_type));
-        resource.extend(project_admin_entries(inputs.project_id, inputs.linked_projects));
+        resource.extend(project_admin_entries(
+            inputs.project_id,
+            inputs.linked_projects,
+        ));
     } else {
         resource.retain(|e| !is_project_admin_type(&e.resource_type));
     }
 
     Ok(AccessPolicy {
+        resource_type: "AccessPolicy".to_string(),
         based_on: sources.iter().map(|(r, _)| (*r).clone()).collect(),
         compartment,
         resource,
@@ -315,7 +339,10 @@ fn strings(list: &[&str]) -> Vec<String> {
 }
 
 /// The entries a project admin gets for the four admin types (medplum-auth.md §4.2 step 7).
-fn project_admin_entries(project_id: &str, linked_projects: &[String]) -> Vec<AccessPolicyResource> {
+fn project_admin_entries(
+    project_id: &str,
+    linked_projects: &[String],
+) -> Vec<AccessPolicyResource> {
     let mut out = vec![AccessPolicyResource {
         criteria: Some(format!("Project?_id={project_id}")),
         readonly_fields: strings(&["features", "link", "systemSetting"]),
@@ -450,7 +477,10 @@ fn scope_for<'a>(scopes: &'a [SmartScope], resource_type: &str) -> Option<&'a Sm
         .or_else(|| scopes.iter().find(|s| s.resource_type == "*"))
 }
 
-fn merge_with_scope(entry: &AccessPolicyResource, scope: &SmartScope) -> Option<AccessPolicyResource> {
+fn merge_with_scope(
+    entry: &AccessPolicyResource,
+    scope: &SmartScope,
+) -> Option<AccessPolicyResource> {
     let granted = InteractionSet::of_entry(entry).intersection(scope.interactions());
     if granted.is_empty() {
         return None;

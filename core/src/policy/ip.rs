@@ -32,8 +32,12 @@ impl IpAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum IpVerdict {
     /// A rule allowed the address, or (`rule: None`) no rule matched.
-    Allow { rule: Option<usize> },
-    Block { rule: usize },
+    Allow {
+        rule: Option<usize>,
+    },
+    Block {
+        rule: usize,
+    },
 }
 
 impl IpVerdict {
@@ -48,8 +52,12 @@ enum Matcher {
     Exact(IpAddr),
     Net(IpNet),
     /// Medplum's `address.startsWith(value)`, against the canonical text of the address
-    /// (dotted quad, or RFC 5952 lower-case IPv6). Stored lower-case.
-    Prefix(String),
+    /// (dotted quad, or RFC 5952 lower-case IPv6). Stored lower-case. A dotted prefix only
+    /// applies to IPv4 addresses and a colon prefix only to IPv6 ones.
+    Prefix {
+        text: String,
+        v6: bool,
+    },
 }
 
 /// One compiled `ipAccessRule`.
@@ -113,7 +121,9 @@ impl CompiledIpRule {
             Matcher::Any => true,
             Matcher::Exact(a) => *a == addr,
             Matcher::Net(net) => net.contains(&addr),
-            Matcher::Prefix(prefix) => addr.to_string().starts_with(prefix.as_str()),
+            Matcher::Prefix { text, v6 } => {
+                addr.is_ipv6() == *v6 && addr.to_string().starts_with(text.as_str())
+            }
         }
     }
 }
@@ -155,8 +165,17 @@ fn parse_value(value: &str) -> Option<Matcher> {
     if let Ok(addr) = IpAddr::from_str(value) {
         return Some(Matcher::Exact(normalise(addr)));
     }
-    if is_ipv4_prefix(value) || is_ipv6_prefix(value) {
-        return Some(Matcher::Prefix(value.to_ascii_lowercase()));
+    if is_ipv4_prefix(value) {
+        return Some(Matcher::Prefix {
+            text: value.to_string(),
+            v6: false,
+        });
+    }
+    if is_ipv6_prefix(value) {
+        return Some(Matcher::Prefix {
+            text: value.to_ascii_lowercase(),
+            v6: true,
+        });
     }
     None
 }
@@ -262,7 +281,11 @@ mod tests {
 
     #[test]
     fn first_match_wins_block_before_allow() {
-        let rules = [("10.0.0.66", "block"), ("10.0.0.0/8", "allow"), ("*", "block")];
+        let rules = [
+            ("10.0.0.66", "block"),
+            ("10.0.0.0/8", "allow"),
+            ("*", "block"),
+        ];
         check(&rules, "10.0.0.66", block(0));
         check(&rules, "10.0.0.67", allow(1));
         check(&rules, "192.0.2.1", block(2));
@@ -281,8 +304,9 @@ mod tests {
         // Without the trailing dot the prefix is plain text, as in Medplum.
         check(&[("10.1", "allow"), ("*", "block")], "10.10.1.5", allow(0));
         check(&[("192.168.0.", "block")], "192.168.0.254", block(0));
-        // An IPv4 prefix never matches an IPv6 address.
+        // An IPv4 prefix never matches an IPv6 address (Medplum's plain text would).
         check(&[("20", "block")], "2001:db8::1", ALLOW_NONE);
+        check(&[("20", "block")], "20.1.1.1", block(0));
     }
 
     #[test]
@@ -292,8 +316,16 @@ mod tests {
         check(&rules, "2001:db9::1", block(1));
         check(&[("2001:DB8::1", "block")], "2001:db8:0:0::1", block(0));
         check(&[("fe80::/10", "block")], "fe80::1234", block(0));
-        check(&[("2001:db8:", "allow"), ("*", "block")], "2001:db8:aa::1", allow(0));
-        check(&[("2001:DB8:", "allow"), ("*", "block")], "2001:db9::1", block(1));
+        check(
+            &[("2001:db8:", "allow"), ("*", "block")],
+            "2001:db8:aa::1",
+            allow(0),
+        );
+        check(
+            &[("2001:DB8:", "allow"), ("*", "block")],
+            "2001:db9::1",
+            block(1),
+        );
         check(&[("::1", "block")], "::1", block(0));
     }
 
@@ -343,14 +375,29 @@ mod tests {
                 "{action:?} → {got:?}"
             );
         }
-        for value in ["*", "8.8.", "8", "10.1", "192.168.0.", "::1", "2001:db8:", "10.0.0.0/8"] {
-            assert!(CompiledIpRule::compile(&rule(value, "allow")).is_ok(), "{value}");
+        for value in [
+            "*",
+            "8.8.",
+            "8",
+            "10.1",
+            "192.168.0.",
+            "::1",
+            "2001:db8:",
+            "10.0.0.0/8",
+        ] {
+            assert!(
+                CompiledIpRule::compile(&rule(value, "allow")).is_ok(),
+                "{value}"
+            );
         }
     }
 
     #[test]
     fn block_all_stand_in_blocks_everything() {
-        let rules = [CompiledIpRule::block_all(None), compile(&[("*", "allow")]).remove(0)];
+        let rules = [
+            CompiledIpRule::block_all(None),
+            compile(&[("*", "allow")]).remove(0),
+        ];
         assert_eq!(check_ip(&rules, "1.2.3.4".parse().expect("ip")), block(0));
         assert!(!check_ip(&rules, "::1".parse().expect("ip")).is_allowed());
     }

@@ -1,11 +1,13 @@
 //! Medplum AccessPolicy semantics: wire model, effective policy, SMART scopes, IP rules,
 //! decisions and response filtering.
 
-pub mod criteria;
-pub mod model;
 pub mod compiled;
+pub mod criteria;
+pub mod decide;
 pub mod effective;
+pub mod filter;
 pub mod ip;
+pub mod model;
 pub mod scope;
 
 pub use effective::EffectivePolicy;

@@ -207,12 +207,20 @@ fn normalise_query(query: &str) -> String {
 mod tests {
     use super::*;
 
-    /// `(scope word, expected (context, type, letters, criteria))`; `None` = not a SMART scope.
-    fn check(term: &str, expected: Option<(ScopeContext, &str, &str, Option<&str>)>) {
+    /// Expected (context, type, letters, criteria) of a parsed scope.
+    type Parsed<'a> = (ScopeContext, &'a str, &'a str, Option<&'a str>);
+
+    /// `(scope word, expected)`; `None` = not a SMART scope.
+    fn check(term: &str, expected: Option<Parsed<'_>>) {
         let got = SmartScope::parse(term);
-        let got = got
-            .as_ref()
-            .map(|s| (s.context, s.resource_type.as_str(), s.letters(), s.criteria.as_deref()));
+        let got = got.as_ref().map(|s| {
+            (
+                s.context,
+                s.resource_type.as_str(),
+                s.letters(),
+                s.criteria.as_deref(),
+            )
+        });
         let expected = expected.map(|(c, t, l, q)| (c, t, l.to_string(), q));
         assert_eq!(got, expected, "scope {term:?}");
     }
@@ -220,19 +228,37 @@ mod tests {
     #[test]
     fn parses_v1_and_v2_scopes() {
         use ScopeContext::*;
-        let cases: &[(&str, Option<(ScopeContext, &str, &str, Option<&str>)>)] = &[
-            ("patient/Observation.rs", Some((Patient, "Observation", "rs", None))),
+        let cases: &[(&str, Option<Parsed<'_>>)] = &[
+            (
+                "patient/Observation.rs",
+                Some((Patient, "Observation", "rs", None)),
+            ),
             ("patient/Patient.r", Some((Patient, "Patient", "r", None))),
-            ("patient/Observation.c", Some((Patient, "Observation", "c", None))),
+            (
+                "patient/Observation.c",
+                Some((Patient, "Observation", "c", None)),
+            ),
             ("patient/*.cruds", Some((Patient, "*", "cruds", None))),
-            ("user/Appointment.cruds", Some((User, "Appointment", "cruds", None))),
-            ("system/Encounter.cud", Some((System, "Encounter", "cud", None))),
+            (
+                "user/Appointment.cruds",
+                Some((User, "Appointment", "cruds", None)),
+            ),
+            (
+                "system/Encounter.cud",
+                Some((System, "Encounter", "cud", None)),
+            ),
             ("system/*.rs", Some((System, "*", "rs", None))),
             ("patient/*.read", Some((Patient, "*", "rs", None))),
             ("user/Patient.write", Some((User, "Patient", "cud", None))),
             ("system/Patient.*", Some((System, "Patient", "cruds", None))),
-            ("patient/Practitioner.rus", Some((Patient, "Practitioner", "rus", None))),
-            ("patient/Custom_Type1.s", Some((Patient, "Custom_Type1", "s", None))),
+            (
+                "patient/Practitioner.rus",
+                Some((Patient, "Practitioner", "rus", None)),
+            ),
+            (
+                "patient/Custom_Type1.s",
+                Some((Patient, "Custom_Type1", "s", None)),
+            ),
         ];
         for (term, expected) in cases {
             check(term, *expected);
@@ -278,7 +304,10 @@ mod tests {
         let system = "http://terminology.hl7.org/CodeSystem/observation-category|laboratory";
         let lab = format!("patient/Observation.rs?category={system}");
         let want = format!("category={system}");
-        check(&lab, Some((Patient, "Observation", "rs", Some(want.as_str()))));
+        check(
+            &lab,
+            Some((Patient, "Observation", "rs", Some(want.as_str()))),
+        );
         check(
             "patient/Condition.rs?category=health-concern",
             Some((Patient, "Condition", "rs", Some("category=health-concern"))),
@@ -287,9 +316,18 @@ mod tests {
             "user/Goal.rs?a=1&&b=2&a=3",
             Some((User, "Goal", "rs", Some("a=1&a=3&b=2"))),
         );
-        check("user/Goal.rs?flag", Some((User, "Goal", "rs", Some("flag="))));
-        check("user/Goal.rs?x=a+b", Some((User, "Goal", "rs", Some("x=a%20b"))));
-        check("user/Goal.rs?x=a%7Cb", Some((User, "Goal", "rs", Some("x=a%7Cb"))));
+        check(
+            "user/Goal.rs?flag",
+            Some((User, "Goal", "rs", Some("flag="))),
+        );
+        check(
+            "user/Goal.rs?x=a+b",
+            Some((User, "Goal", "rs", Some("x=a%20b"))),
+        );
+        check(
+            "user/Goal.rs?x=a%7Cb",
+            Some((User, "Goal", "rs", Some("x=a%7Cb"))),
+        );
         check("user/Goal.rs?", Some((User, "Goal", "rs", None)));
         check("user/Goal.rs?&", Some((User, "Goal", "rs", None)));
         check("user/Goal.rsx?a=1", None);
@@ -351,7 +389,11 @@ mod tests {
             ("patient/Patient.c", false),
             ("patient/Patient.*", false),
         ] {
-            assert_eq!(SmartScope::parse(term).expect(term).is_read_only(), ro, "{term}");
+            assert_eq!(
+                SmartScope::parse(term).expect(term).is_read_only(),
+                ro,
+                "{term}"
+            );
         }
     }
 
@@ -360,10 +402,22 @@ mod tests {
         let s = |t: &str| SmartScope::parse(t).expect(t);
         let cases = [
             ("patient/Condition.read", "patient/Condition.crs", true),
-            ("patient/Condition.rs?category=x", "patient/Condition.rs", true),
-            ("patient/Condition.rs?category=x", "patient/Condition.rs?encounter=y", false),
-            ("patient/Condition.rs", "patient/Condition.rs?category=x", false),
-            ("patient/Condition.rsd", "patient/Condition.rs", false),
+            (
+                "patient/Condition.rs?category=x",
+                "patient/Condition.rs",
+                true,
+            ),
+            (
+                "patient/Condition.rs?category=x",
+                "patient/Condition.rs?encounter=y",
+                false,
+            ),
+            (
+                "patient/Condition.rs",
+                "patient/Condition.rs?category=x",
+                false,
+            ),
+            ("patient/Condition.rds", "patient/Condition.rs", false),
             ("user/Condition.rs", "patient/Condition.rs", false),
             ("patient/Observation.rs", "patient/Condition.rs", false),
         ];

@@ -1,0 +1,188 @@
+//! Search index rows of the identity resources: the `(name, value)` pairs the store matches
+//! searches against. Reference values are full references (`Project/123`); tokens and strings
+//! are stored as given, except e-mail addresses, which are lower-cased (Medplum matches them
+//! exactly, lower-cased).
+
+use serde_json::Value;
+
+fn reference(v: &Value) -> Option<&str> {
+    v.get("reference").and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+fn string<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
+    v.get(field).and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+fn push(rows: &mut Vec<(String, String)>, name: &str, value: &str) {
+    let row = (name.to_string(), value.to_string());
+    if !rows.contains(&row) {
+        rows.push(row);
+    }
+}
+
+fn identifiers(rows: &mut Vec<(String, String)>, resource: &Value) {
+    for ident in resource.get("identifier").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(value) = string(ident, "value") {
+            push(rows, "identifier", value);
+            if let Some(system) = string(ident, "system") {
+                push(rows, "identifier", &format!("{system}|{value}"));
+            }
+        }
+    }
+}
+
+/// The index rows of one resource.
+pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+    match resource_type {
+        "ProjectMembership" => {
+            if let Some(p) = resource.get("project").and_then(reference) {
+                push(&mut rows, "project", p);
+            }
+            if let Some(u) = resource.get("user").and_then(reference) {
+                push(&mut rows, "user", u);
+            }
+            if let Some(p) = resource.get("profile").and_then(reference) {
+                push(&mut rows, "profile", p);
+                if let Some((ty, _)) = p.split_once('/') {
+                    push(&mut rows, "profile-type", ty);
+                }
+            }
+            if let Some(a) = resource.get("accessPolicy").and_then(reference) {
+                push(&mut rows, "access-policy", a);
+            }
+            for access in resource.get("access").and_then(Value::as_array).into_iter().flatten() {
+                if let Some(a) = access.get("policy").and_then(reference) {
+                    push(&mut rows, "access-policy", a);
+                }
+            }
+            if let Some(e) = string(resource, "externalId") {
+                push(&mut rows, "external-id", e);
+            }
+            if let Some(u) = string(resource, "userName") {
+                push(&mut rows, "user-name", u);
+            }
+            identifiers(&mut rows, resource);
+        }
+        "ClientApplication" | "AccessPolicy" => {
+            if let Some(n) = string(resource, "name") {
+                push(&mut rows, "name", n);
+            }
+            identifiers(&mut rows, resource);
+        }
+        "User" => {
+            if let Some(e) = string(resource, "email") {
+                push(&mut rows, "email", &e.to_lowercase());
+            }
+            if let Some(p) = resource.get("project").and_then(reference) {
+                push(&mut rows, "project", p);
+            }
+            if let Some(e) = string(resource, "externalId") {
+                push(&mut rows, "external-id", e);
+            }
+            identifiers(&mut rows, resource);
+        }
+        "Project" => {
+            if let Some(n) = string(resource, "name") {
+                push(&mut rows, "name", n);
+            }
+            if let Some(o) = resource.get("owner").and_then(reference) {
+                push(&mut rows, "owner", o);
+            }
+            identifiers(&mut rows, resource);
+        }
+        _ => {}
+    }
+    rows
+}
+
+/// How a search parameter of an identity type matches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamKind {
+    /// `Type/id`, or a bare id matching any type.
+    Reference,
+    /// Exact, case-sensitive (`system|value` allowed for identifiers).
+    Token,
+    /// Case-insensitive prefix.
+    String,
+}
+
+/// The search parameters of each identity type.
+pub fn param_kind(resource_type: &str, name: &str) -> Option<ParamKind> {
+    use ParamKind::*;
+    let kind = match (resource_type, name) {
+        (_, "identifier") => Token,
+        ("ProjectMembership", "project" | "user" | "profile" | "access-policy") => Reference,
+        ("ProjectMembership", "profile-type" | "external-id" | "user-name") => Token,
+        ("ClientApplication" | "AccessPolicy" | "Project", "name") => String,
+        ("Project", "owner") => Reference,
+        ("User", "email") => Token,
+        ("User", "project") => Reference,
+        ("User", "external-id") => Token,
+        _ => return None,
+    };
+    Some(kind)
+}
+
+/// Does one index value match one search value?
+pub fn value_matches(kind: ParamKind, name: &str, indexed: &str, wanted: &str) -> bool {
+    match kind {
+        ParamKind::Reference => indexed == wanted || (!wanted.contains('/') && indexed.rsplit('/').next() == Some(wanted)),
+        ParamKind::Token if name == "email" => indexed == wanted.to_lowercase(),
+        ParamKind::Token => match wanted.strip_prefix('|') {
+            Some(code) => indexed == code,
+            None => indexed == wanted,
+        },
+        ParamKind::String => indexed.to_lowercase().starts_with(&wanted.to_lowercase()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn membership_rows_cover_every_search_parameter() {
+        let m = json!({
+            "resourceType": "ProjectMembership",
+            "project": {"reference": "Project/p"},
+            "user": {"reference": "User/u"},
+            "profile": {"reference": "Patient/x"},
+            "accessPolicy": {"reference": "AccessPolicy/a"},
+            "access": [{"policy": {"reference": "AccessPolicy/b"}}],
+            "externalId": "ext",
+            "identifier": [{"system": "s", "value": "v"}]
+        });
+        let rows = index_rows(&m);
+        for (n, v) in [
+            ("project", "Project/p"),
+            ("user", "User/u"),
+            ("profile", "Patient/x"),
+            ("profile-type", "Patient"),
+            ("access-policy", "AccessPolicy/a"),
+            ("access-policy", "AccessPolicy/b"),
+            ("external-id", "ext"),
+            ("identifier", "v"),
+            ("identifier", "s|v"),
+        ] {
+            assert!(rows.contains(&(n.to_string(), v.to_string())), "{n}={v} missing from {rows:?}");
+        }
+    }
+
+    #[test]
+    fn user_email_is_lower_cased() {
+        let rows = index_rows(&json!({"resourceType": "User", "email": "A@Example.com"}));
+        assert_eq!(rows, vec![("email".to_string(), "a@example.com".to_string())]);
+    }
+
+    #[test]
+    fn matching_rules() {
+        assert!(value_matches(ParamKind::Reference, "user", "User/u", "u"));
+        assert!(value_matches(ParamKind::Reference, "user", "User/u", "User/u"));
+        assert!(!value_matches(ParamKind::Reference, "user", "User/u", "Bot/u"));
+        assert!(value_matches(ParamKind::String, "name", "Lab Device", "lab"));
+        assert!(value_matches(ParamKind::Token, "email", "a@example.com", "A@example.com"));
+    }
+}

@@ -1,0 +1,182 @@
+//! `GET /auth/me` (medplum-auth.md §2.6): who the caller is, in the shape `MedplumClient`
+//! reads after every token response — project, membership, profile, user configuration and
+//! the effective AccessPolicy.
+
+use std::sync::{Arc, LazyLock};
+
+use axum::extract::{Request, State as AxState};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+
+use super::access::{Caller, authenticate};
+use super::fhir::strip_secrets;
+use super::{ApiError, json_response};
+use crate::state::State;
+
+/// Sessions listed in `security.sessions` are the Logins of the last hour.
+const SESSION_WINDOW: i64 = 3600;
+
+fn pick(source: &Value, keys: &[&str], resource_type: &str) -> Value {
+    let mut out = Map::new();
+    out.insert("resourceType".into(), Value::String(resource_type.into()));
+    for k in keys {
+        if let Some(v) = source.get(*k) {
+            out.insert((*k).to_string(), v.clone());
+        }
+    }
+    Value::Object(out)
+}
+
+pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let caller = authenticate(&state, &parts).await?;
+    let membership = serde_json::to_value(caller.membership.as_ref()).map_err(|e| ApiError::internal("serializing a membership", e))?;
+    let mut body = Map::new();
+    let user = match caller.identity.user_ref.strip_prefix("User/") {
+        Some(id) => state.store.read("User", id).await?.map(|u| u.content),
+        None => None,
+    };
+    if let Some(u) = &user {
+        body.insert("user".into(), pick(u, &["id", "email", "identifier"], "User"));
+    }
+    body.insert(
+        "project".into(),
+        pick(&caller.project.content, &["id", "name", "description", "strictMode", "superAdmin"], "Project"),
+    );
+    body.insert("membership".into(), pick(&membership, &["id", "identifier", "user", "profile", "admin"], "ProjectMembership"));
+    body.insert("profile".into(), profile_resource(&state, &caller).await);
+    body.insert("config".into(), user_configuration(&caller));
+    let policy = serde_json::to_value(caller.policy.access_policy()).map_err(|e| ApiError::internal("serializing a policy", e))?;
+    body.insert("accessPolicy".into(), policy);
+    if let Some(u) = &user {
+        body.insert("security".into(), security(&state, &caller, u).await?);
+    }
+    Ok(json_response(StatusCode::OK, "application/json", &Value::Object(body)))
+}
+
+/// The full profile resource. ClientApplications live in the store; the other profile types
+/// live in the upstream FHIR server and are read from it. When the upstream cannot be reached,
+/// a bare `{resourceType, id}` stands in, so that `/auth/me` itself still works.
+async fn profile_resource(state: &State, caller: &Caller) -> Value {
+    let profile = caller.identity.profile.as_str();
+    let Some((resource_type, id)) = profile.split_once('/') else {
+        return json!({});
+    };
+    let bare = json!({"resourceType": resource_type, "id": id});
+    if resource_type == "ClientApplication" {
+        return match caller.snap.clients.get(id) {
+            Some(c) => {
+                let mut content = c.content.clone();
+                strip_secrets(&mut content);
+                content
+            }
+            None => bare,
+        };
+    }
+    if !super::fhir::valid_id(id) || !matches!(resource_type, "Patient" | "Practitioner" | "RelatedPerson" | "Bot") {
+        return bare;
+    }
+    match fetch_upstream(state, resource_type, id).await {
+        Some(v) if v.get("resourceType").and_then(Value::as_str) == Some(resource_type) => v,
+        _ => bare,
+    }
+}
+
+static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| reqwest::Client::builder().build().ok());
+
+async fn fetch_upstream(state: &State, resource_type: &str, id: &str) -> Option<Value> {
+    let client = HTTP.as_ref()?;
+    let up = &state.config.upstream;
+    let url = format!("{}/{resource_type}/{id}", up.base_url);
+    let mut req = client.get(url).header("accept", "application/fhir+json").timeout(up.read_timeout);
+    if let Some(auth) = &up.authorization {
+        req = req.header("authorization", auth);
+    }
+    let resp = req.send().await.ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<Value>().await.ok()
+}
+
+/// The synthetic UserConfiguration Medplum builds when the membership has none.
+fn user_configuration(caller: &Caller) -> Value {
+    let link = |name: &str, target: &str| json!({"name": name, "target": target});
+    let mut menu = vec![json!({
+        "title": "Favorites",
+        "link": [
+            link("Patients", "/Patient"),
+            link("Practitioners", "/Practitioner"),
+            link("Organizations", "/Organization"),
+            link("Orders", "/ServiceRequest"),
+            link("Diagnostic Reports", "/DiagnosticReport"),
+            link("Questionnaires", "/Questionnaire"),
+        ]
+    })];
+    if caller.is_admin() {
+        let mut admin = vec![
+            link("Project", "/admin/project"),
+            link("AccessPolicy", "/AccessPolicy"),
+            link("Subscriptions", "/Subscription"),
+            link("Batch", "/batch"),
+        ];
+        if !caller.super_admin() {
+            admin.push(link("Config", "/admin/config"));
+        }
+        menu.push(json!({"title": "Admin", "link": admin}));
+    }
+    if caller.super_admin() {
+        menu.push(json!({"title": "Super Admin", "link": [link("Super Admin", "/admin/super")]}));
+    }
+    json!({"resourceType": "UserConfiguration", "menu": menu})
+}
+
+/// `security` for Users: MFA state, recent sessions and active memberships.
+async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value, ApiError> {
+    let user_ref = caller.identity.user_ref.as_str();
+    let since = crate::store::now_unix() - SESSION_WINDOW;
+    let sessions: Vec<Value> = state
+        .store
+        .logins_for_user(user_ref, since)
+        .await?
+        .into_iter()
+        .filter(|l| l.membership_id.is_some() && !l.revoked)
+        .map(|l| {
+            let mut s = json!({"id": l.id, "lastUpdated": rfc3339(l.auth_time), "authMethod": l.auth_method});
+            if let Some(ip) = l.remote_address {
+                s["remoteAddress"] = Value::String(ip);
+            }
+            s
+        })
+        .collect();
+    let mut memberships: Vec<(&String, Value)> = caller
+        .snap
+        .memberships
+        .iter()
+        .filter(|(_, m)| m.user.reference.as_deref() == Some(user_ref) && m.is_active())
+        .map(|(id, m)| {
+            let mut v = json!({"resourceType": "ProjectMembership", "id": id, "profile": m.profile});
+            if let Some(i) = m.extra.get("identifier") {
+                v["identifier"] = i.clone();
+            }
+            if let Some(a) = m.admin {
+                v["admin"] = Value::Bool(a);
+            }
+            (id, v)
+        })
+        .collect();
+    memberships.sort_by(|a, b| a.0.cmp(b.0));
+    Ok(json!({
+        "mfaEnrolled": user.get("mfaEnrolled").and_then(Value::as_bool).unwrap_or(false),
+        "sessions": sessions,
+        "memberships": memberships.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
+    }))
+}
+
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
