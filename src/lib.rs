@@ -4,6 +4,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod gateway;
+pub mod net;
 pub mod obs;
 pub mod server;
 pub mod state;

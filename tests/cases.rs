@@ -116,6 +116,17 @@ fn at_path(v: &Value, path: &str) -> Value {
     cur
 }
 
+/// The corpus writes `access[].policy` as a reference string; the wire form is a Reference.
+fn access_entries(v: Option<&Value>) -> Value {
+    let mut list = v.cloned().unwrap_or(json!([]));
+    for a in list.as_array_mut().into_iter().flatten() {
+        if let Some(s) = a.get("policy").and_then(Value::as_str).map(str::to_string) {
+            a["policy"] = json!({"reference": s});
+        }
+    }
+    list
+}
+
 fn status_ok(expect: &Value, status: u16) -> bool {
     if let Some(s) = expect.get("status").and_then(Value::as_u64) {
         return status as u64 == s;
@@ -163,7 +174,7 @@ fn run_case(path: &Path) -> Result<(), String> {
     let (_, found) = admin(w, "GET", &format!("fhir/R4/ProjectMembership?profile=ClientApplication/{client_id}"), None);
     let mut membership = found["entry"][0]["resource"].clone();
     let mid = membership["id"].as_str().ok_or("membership id")?.to_string();
-    membership["access"] = caller.get("access").cloned().unwrap_or(json!([]));
+    membership["access"] = access_entries(caller.get("access"));
     if caller["access"].as_array().is_some_and(|a| !a.is_empty()) {
         membership.as_object_mut().map(|o| o.remove("accessPolicy"));
     }
@@ -181,7 +192,7 @@ fn run_case(path: &Path) -> Result<(), String> {
             "project": {"reference": format!("Project/{}", w.project)},
             "user": {"reference": format!("User/case-user-{}", uuid::Uuid::new_v4())},
             "profile": {"reference": t["profile"]},
-            "access": t.get("access").cloned().unwrap_or(json!([])),
+            "access": access_entries(t.get("access")),
             "admin": t.get("admin").cloned().unwrap_or(json!(false)),
         });
         let (s, body) = admin(w, "POST", "fhir/R4/ProjectMembership", Some(&m));

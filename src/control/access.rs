@@ -66,16 +66,17 @@ impl Caller {
 
 /// True when the query string names `_medplum-prompt-basic-auth` (medplum-auth.md §0.1).
 fn prompts_basic(parts: &Parts) -> bool {
-    parts
-        .uri
-        .query()
-        .is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "_medplum-prompt-basic-auth"))
+    parts.uri.query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "_medplum-prompt-basic-auth")
+    })
 }
 
 /// Authenticates the request; 401 OperationOutcome when it cannot. IP rules of the caller's
 /// effective policy are checked on every request (SPEC §2), not only at token time.
 pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiError> {
-    let unauthorized = || ApiError::Unauthorized { basic_realm: prompts_basic(parts).then(|| state.config.base_url.clone()) };
+    let unauthorized = || ApiError::Unauthorized {
+        basic_realm: prompts_basic(parts).then(|| state.config.base_url.clone()),
+    };
     let header = match parts.headers.get(header::AUTHORIZATION) {
         Some(v) => Some(v.to_str().map_err(|_| unauthorized())?),
         None => None,
@@ -83,20 +84,37 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
     let (result, _cache) = state.authenticate(header).await;
     let identity = result.map_err(|_| unauthorized())?;
     let snap = state.snapshot();
-    let membership = snap.memberships.get(&identity.membership_id).cloned().ok_or_else(unauthorized)?;
+    let membership = snap
+        .memberships
+        .get(&identity.membership_id)
+        .cloned()
+        .ok_or_else(unauthorized)?;
     if !membership.is_active() {
         return Err(unauthorized());
     }
-    let project = snap.projects.get(&identity.project_id).cloned().ok_or_else(unauthorized)?;
+    let project = snap
+        .projects
+        .get(&identity.project_id)
+        .cloned()
+        .ok_or_else(unauthorized)?;
     // A membership whose policies cannot be built grants nothing: fail closed.
-    let policy = state.effective_policy(&snap, &identity.membership_id, identity.scope.as_deref()).ok_or_else(ApiError::forbidden)?;
+    let policy = state
+        .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+        .ok_or_else(ApiError::forbidden)?;
     let ip = client_ip(state, parts)?;
-    if let Some(ip) = ip {
-        if !policy.check_ip(ip).is_allowed() {
-            return Err(ApiError::forbidden());
-        }
+    if let Some(ip) = ip
+        && !policy.check_ip(ip).is_allowed()
+    {
+        return Err(ApiError::forbidden());
     }
-    Ok(Caller { identity, snap, membership, project, policy, client_ip: ip })
+    Ok(Caller {
+        identity,
+        snap,
+        membership,
+        project,
+        policy,
+        client_ip: ip,
+    })
 }
 
 /// Authenticates and requires a project admin or super admin (403 otherwise).

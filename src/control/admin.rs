@@ -23,7 +23,12 @@ use crate::tokens::random_hex;
 /// The project an admin call acts on.
 fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
     if caller.super_admin() {
-        caller.snap.projects.get(url_project).cloned().ok_or_else(ApiError::not_found)
+        caller
+            .snap
+            .projects
+            .get(url_project)
+            .cloned()
+            .ok_or_else(ApiError::not_found)
     } else {
         Ok(caller.project.clone())
     }
@@ -44,17 +49,33 @@ pub async fn get_project(
             p[key] = v.clone();
         }
     }
-    Ok(json_response(StatusCode::OK, "application/json", &json!({ "project": p })))
+    Ok(json_response(
+        StatusCode::OK,
+        "application/json",
+        &json!({ "project": p }),
+    ))
 }
 
 /// Reads a membership and checks it belongs to the project the call acts on: 404 when it does
 /// not exist, 403 when it belongs elsewhere.
-async fn member_in_project(state: &State, project: &ProjectInfo, membership_id: &str) -> Result<StoredResource, ApiError> {
+async fn member_in_project(
+    state: &State,
+    project: &ProjectInfo,
+    membership_id: &str,
+) -> Result<StoredResource, ApiError> {
     if !valid_id(membership_id) {
         return Err(ApiError::not_found());
     }
-    let m = state.store.read("ProjectMembership", membership_id).await?.ok_or_else(ApiError::not_found)?;
-    let project_ref = m.content.get("project").and_then(|p| p.get("reference")).and_then(Value::as_str);
+    let m = state
+        .store
+        .read("ProjectMembership", membership_id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let project_ref = m
+        .content
+        .get("project")
+        .and_then(|p| p.get("reference"))
+        .and_then(Value::as_str);
     if project_ref != Some(format!("Project/{}", project.id).as_str()) {
         return Err(ApiError::forbidden());
     }
@@ -105,10 +126,20 @@ pub async fn delete_member(
     let caller = authenticate_admin(&state, &parts).await?;
     let project = target_project(&caller, &project_id)?;
     let m = member_in_project(&state, &project, &membership_id).await?;
-    let owner = project.content.get("owner").and_then(|o| o.get("reference")).and_then(Value::as_str);
-    let user = m.content.get("user").and_then(|u| u.get("reference")).and_then(Value::as_str);
+    let owner = project
+        .content
+        .get("owner")
+        .and_then(|o| o.get("reference"))
+        .and_then(Value::as_str);
+    let user = m
+        .content
+        .get("user")
+        .and_then(|u| u.get("reference"))
+        .and_then(Value::as_str);
     if owner.is_some() && owner == user {
-        return Err(ApiError::bad_request("Cannot delete the owner of the project"));
+        return Err(ApiError::bad_request(
+            "Cannot delete the owner of the project",
+        ));
     }
     state.store.delete("ProjectMembership", &m.id).await?;
     refreshed(&state).await;
@@ -116,11 +147,25 @@ pub async fn delete_member(
 }
 
 /// A reference to an AccessPolicy usable in `project` (its own, or a global one).
-async fn check_policy_reference(state: &State, project: &str, reference: &Value) -> Result<Value, ApiError> {
+async fn check_policy_reference(
+    state: &State,
+    project: &str,
+    reference: &Value,
+) -> Result<Value, ApiError> {
     let bad = || ApiError::invalid("accessPolicy", "Invalid access policy");
-    let r = reference.get("reference").and_then(Value::as_str).ok_or_else(bad)?;
-    let id = r.strip_prefix("AccessPolicy/").filter(|id| valid_id(id)).ok_or_else(bad)?;
-    let policy = state.store.read("AccessPolicy", id).await?.ok_or_else(bad)?;
+    let r = reference
+        .get("reference")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?;
+    let id = r
+        .strip_prefix("AccessPolicy/")
+        .filter(|id| valid_id(id))
+        .ok_or_else(bad)?;
+    let policy = state
+        .store
+        .read("AccessPolicy", id)
+        .await?
+        .ok_or_else(bad)?;
     if policy.project_id.as_deref().is_some_and(|p| p != project) {
         return Err(bad());
     }
@@ -138,10 +183,19 @@ pub async fn create_client(
     let caller = authenticate_admin(&state, &parts).await?;
     let project = target_project(&caller, &project_id)?;
     let input = json_body(&parts, body).await?;
-    let name = input.get("name").and_then(Value::as_str).map(str::trim).filter(|n| !n.is_empty());
+    let name = input
+        .get("name")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
     let name = name.ok_or_else(|| ApiError::invalid("name", "Client name is required"))?;
     let mut client = json!({"resourceType": "ClientApplication", "name": name});
-    for key in ["description", "redirectUri", "accessTokenLifetime", "refreshTokenLifetime"] {
+    for key in [
+        "description",
+        "redirectUri",
+        "accessTokenLifetime",
+        "refreshTokenLifetime",
+    ] {
         match input.get(key) {
             None | Some(Value::Null) => {}
             Some(Value::String(s)) => client[key] = Value::String(s.clone()),
@@ -149,7 +203,9 @@ pub async fn create_client(
         }
     }
     if let Some(uris) = input.get("redirectUris") {
-        let ok = uris.as_array().is_some_and(|a| a.iter().all(Value::is_string));
+        let ok = uris
+            .as_array()
+            .is_some_and(|a| a.iter().all(Value::is_string));
         if !ok {
             return Err(ApiError::invalid("redirectUris", "Invalid redirectUris"));
         }
@@ -157,30 +213,44 @@ pub async fn create_client(
     }
     if let Some(idp) = input.get("identityProvider").filter(|v| !v.is_null()) {
         if !idp.is_object() {
-            return Err(ApiError::invalid("identityProvider", "Invalid identityProvider"));
+            return Err(ApiError::invalid(
+                "identityProvider",
+                "Invalid identityProvider",
+            ));
         }
         client["identityProvider"] = idp.clone();
     }
     for key in ["accessTokenLifetime", "refreshTokenLifetime"] {
-        if let Some(v) = client.get(key).and_then(Value::as_str) {
-            if crate::config::parse_lifetime(v).is_none() {
-                return Err(ApiError::invalid(
-                    key,
-                    "Constraint clapp-1 not met: Token lifetime must be a valid string representing time duration (eg. 2w, 1h)",
-                ));
-            }
+        if let Some(v) = client.get(key).and_then(Value::as_str)
+            && crate::config::parse_lifetime(v).is_none()
+        {
+            return Err(ApiError::invalid(
+                key,
+                "Constraint clapp-1 not met: Token lifetime must be a valid string representing time duration (eg. 2w, 1h)",
+            ));
         }
     }
     let access_policy = match input.get("accessPolicy").filter(|v| !v.is_null()) {
         Some(r) => Some(check_policy_reference(&state, &project.id, r).await?),
         None => None,
     };
-    let created = create_client_with_membership(&state, &project.id, client, access_policy, false, Some(caller.profile())).await?;
+    let created = create_client_with_membership(
+        &state,
+        &project.id,
+        client,
+        access_policy,
+        false,
+        Some(caller.profile()),
+    )
+    .await?;
     let mut body = created.client.content.clone();
     strip_secrets(&mut body);
     body["secret"] = Value::String(created.secret);
     let mut r = json_response(StatusCode::CREATED, FHIR_JSON, &body);
-    let location = format!("{}fhir/R4/ClientApplication/{}", state.config.base_url, created.client.id);
+    let location = format!(
+        "{}fhir/R4/ClientApplication/{}",
+        state.config.base_url, created.client.id
+    );
     if let Ok(v) = HeaderValue::from_str(&location) {
         r.headers_mut().insert(header::LOCATION, v);
     }
@@ -204,7 +274,16 @@ pub(crate) async fn create_client_with_membership(
     admin: bool,
     author: Option<&str>,
 ) -> Result<CreatedClient, ApiError> {
-    create_client_with_secret(state, project_id, &mut client, access_policy, admin, author, random_hex(32)).await
+    create_client_with_secret(
+        state,
+        project_id,
+        &mut client,
+        access_policy,
+        admin,
+        author,
+        random_hex(32),
+    )
+    .await
 }
 
 /// As [`create_client_with_membership`], with a given secret.
@@ -242,11 +321,32 @@ pub(crate) async fn create_client_with_secret(
     if let Some(a) = author {
         membership["meta"] = json!({"author": {"reference": a}});
     }
-    let stored_client = state.store.put(client.clone(), Some(project_id), &index_rows(client), None, true).await?;
+    let stored_client = state
+        .store
+        .put(
+            client.clone(),
+            Some(project_id),
+            &index_rows(client),
+            None,
+            true,
+        )
+        .await?;
     let hash = state.hash_secret(&secret);
     let rest = async {
-        state.store.set_client_secret(&client_id, Some(&hash), None).await?;
-        state.store.put(membership.clone(), Some(project_id), &index_rows(&membership), None, true).await
+        state
+            .store
+            .set_client_secret(&client_id, Some(&hash), None)
+            .await?;
+        state
+            .store
+            .put(
+                membership.clone(),
+                Some(project_id),
+                &index_rows(&membership),
+                None,
+                true,
+            )
+            .await
     };
     if let Err(e) = rest.await {
         if let Err(cleanup) = state.store.delete("ClientApplication", &client_id).await {
@@ -255,7 +355,10 @@ pub(crate) async fn create_client_with_secret(
         return Err(e.into());
     }
     refreshed(state).await;
-    Ok(CreatedClient { client: stored_client, secret })
+    Ok(CreatedClient {
+        client: stored_client,
+        secret,
+    })
 }
 
 /// Reads `parameter[name].valueString` of a Parameters resource.
@@ -283,12 +386,22 @@ pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Resp
     }
     let secret = parameter(&params, "secret");
     let retiring = parameter(&params, "retiringSecret");
-    let client = if valid_id(id) { state.store.read("ClientApplication", id).await? } else { None };
+    let client = if valid_id(id) {
+        state.store.read("ClientApplication", id).await?
+    } else {
+        None
+    };
     // Stricter than Medplum: another project's client does not exist for this caller.
-    let client = client.filter(|c| caller.in_scope(c.project_id.as_deref())).ok_or_else(ApiError::not_found)?;
+    let client = client
+        .filter(|c| caller.in_scope(c.project_id.as_deref()))
+        .ok_or_else(ApiError::not_found)?;
     let (secret, retiring) = match (secret, retiring) {
         (None, None) => return Err(ApiError::bad_request("Secret to rotate must be provided")),
-        (Some(_), Some(_)) => return Err(ApiError::bad_request("Only one secret can be rotated at a time")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "Only one secret can be rotated at a time",
+            ));
+        }
         other => other,
     };
     // The decision needs the current hashes: make sure this instance has seen the latest write.
@@ -304,19 +417,34 @@ pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Resp
     strip_secrets(&mut body);
     if let Some(current) = secret {
         if !matches(info.secret_hash.as_deref(), current) {
-            return Err(ApiError::bad_request("Provided secret does not match client"));
+            return Err(ApiError::bad_request(
+                "Provided secret does not match client",
+            ));
         }
         let new_secret = random_hex(32);
         let new_hash = state.hash_secret(&new_secret);
-        state.store.set_client_secret(id, Some(&new_hash), info.secret_hash.as_deref()).await?;
+        state
+            .store
+            .set_client_secret(id, Some(&new_hash), info.secret_hash.as_deref())
+            .await?;
         body["secret"] = Value::String(new_secret);
         body["retiringSecret"] = Value::String(current.to_string());
     } else if let Some(old) = retiring {
         if !matches(info.retiring_hash.as_deref(), old) {
-            return Err(ApiError::bad_request("Provided secret does not match client"));
+            return Err(ApiError::bad_request(
+                "Provided secret does not match client",
+            ));
         }
-        state.store.set_client_secret(id, info.secret_hash.as_deref(), None).await?;
+        state
+            .store
+            .set_client_secret(id, info.secret_hash.as_deref(), None)
+            .await?;
     }
     refreshed(state).await;
-    Ok((StatusCode::OK, [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))], body.to_string()).into_response())
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        body.to_string(),
+    )
+        .into_response())
 }

@@ -63,17 +63,36 @@ async fn claim(store: &Store, key: &str, candidate: String) -> Result<Claim, Sto
 }
 
 async fn finish(store: &Store, key: &str) -> Result<(), StoreError> {
-    store.setting_init(&format!("{key}.done"), "1").await.map(|_| ())
+    store
+        .setting_init(&format!("{key}.done"), "1")
+        .await
+        .map(|_| ())
 }
 
 /// Creates a resource unless one with its id exists; true when it was created here.
-async fn create_if_missing(store: &Store, resource: Value, project: Option<&str>) -> Result<bool, StoreError> {
-    let resource_type = resource["resourceType"].as_str().unwrap_or_default().to_string();
+async fn create_if_missing(
+    store: &Store,
+    resource: Value,
+    project: Option<&str>,
+) -> Result<bool, StoreError> {
+    let resource_type = resource["resourceType"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     let id = resource["id"].as_str().unwrap_or_default().to_string();
     if store.read(&resource_type, &id).await?.is_some() {
         return Ok(false);
     }
-    match store.put(resource.clone(), project, &index_rows(&resource), None, true).await {
+    match store
+        .put(
+            resource.clone(),
+            project,
+            &index_rows(&resource),
+            None,
+            true,
+        )
+        .await
+    {
         Ok(_) => Ok(true),
         Err(StoreError::Conflict) => Ok(false),
         Err(e) => Err(e),
@@ -87,7 +106,8 @@ pub fn hash_password(password: &str) -> Result<String, BootstrapError> {
     use rand::RngCore;
     let mut salt = [0u8; 16];
     rand::rng().fill_bytes(&mut salt);
-    let salt = SaltString::encode_b64(&salt).map_err(|e| BootstrapError::Password(e.to_string()))?;
+    let salt =
+        SaltString::encode_b64(&salt).map_err(|e| BootstrapError::Password(e.to_string()))?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
@@ -100,9 +120,16 @@ async fn ensure_signing_key(store: &Store) -> Result<bool, BootstrapError> {
         return Ok(false);
     }
     let kid = uuid::Uuid::new_v4().to_string();
-    let (_, der) = SigningKey::generate(kid.clone()).map_err(|e| BootstrapError::Key(e.to_string()))?;
+    let (_, der) =
+        SigningKey::generate(kid.clone()).map_err(|e| BootstrapError::Key(e.to_string()))?;
     store
-        .insert_key(&StoredKey { id: kid, alg: "ES256".into(), private_der: STANDARD.encode(der), active: true, created_at: now_unix() })
+        .insert_key(&StoredKey {
+            id: kid,
+            alg: "ES256".into(),
+            private_der: STANDARD.encode(der),
+            active: true,
+            created_at: now_unix(),
+        })
         .await?;
     Ok(true)
 }
@@ -145,7 +172,13 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     }
 
     for (claimed, key, name, super_admin_flag, label) in [
-        (&super_admin, KEY_SUPER_ADMIN, "Super Admin", true, "super admin project"),
+        (
+            &super_admin,
+            KEY_SUPER_ADMIN,
+            "Super Admin",
+            true,
+            "super admin project",
+        ),
         (&default, KEY_DEFAULT, "Default", false, "default project"),
     ] {
         if claimed.done {
@@ -163,7 +196,11 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
 
     let candidate = match &boot.admin_client_id {
         Some(id) if valid_id(id) => id.clone(),
-        Some(id) => return Err(BootstrapError::Config(format!("admin client id `{id}` must match [A-Za-z0-9-.]{{1,64}}"))),
+        Some(id) => {
+            return Err(BootstrapError::Config(format!(
+                "admin client id `{id}` must match [A-Za-z0-9-.]{{1,64}}"
+            )));
+        }
         None => uuid::Uuid::new_v4().to_string(),
     };
     let client = claim(store, KEY_CLIENT, candidate).await?;
@@ -181,9 +218,17 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
                 "description": "Created by fhirgate on first start; admin of the Default project.",
                 "status": "active",
             });
-            super::admin::create_client_with_secret(state, &default.id, &mut resource, None, true, None, secret.clone())
-                .await
-                .map_err(BootstrapError::Client)?;
+            super::admin::create_client_with_secret(
+                state,
+                &default.id,
+                &mut resource,
+                None,
+                true,
+                None,
+                secret.clone(),
+            )
+            .await
+            .map_err(BootstrapError::Client)?;
             created.push("admin client");
             client_secret = Some(secret);
         }

@@ -13,9 +13,17 @@ use serde_json::{Value, json};
 use super::{ApiError, json_response};
 use crate::state::State;
 
-const GRANT_TYPES: [&str; 4] =
-    ["client_credentials", "authorization_code", "refresh_token", "urn:ietf:params:oauth:grant-type:token-exchange"];
-const AUTH_METHODS: [&str; 3] = ["client_secret_basic", "client_secret_post", "private_key_jwt"];
+const GRANT_TYPES: [&str; 4] = [
+    "client_credentials",
+    "authorization_code",
+    "refresh_token",
+    "urn:ietf:params:oauth:grant-type:token-exchange",
+];
+const AUTH_METHODS: [&str; 3] = [
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+];
 /// Algorithms accepted in `private_key_jwt` client assertions.
 const ASSERTION_ALGS: [&str; 6] = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"];
 
@@ -28,8 +36,13 @@ fn signing_algs(state: &State) -> Vec<String> {
     let jwks = state.keyring().jwks();
     let mut algs: Vec<String> = jwks["keys"]
         .as_array()
-        .map(|keys| keys.iter().filter_map(|k| k["alg"].as_str().map(str::to_string)).collect())
+        .map(|keys| {
+            keys.iter()
+                .filter_map(|k| k["alg"].as_str().map(str::to_string))
+                .collect()
+        })
         .unwrap_or_default();
+    algs.sort();
     algs.dedup();
     if algs.is_empty() {
         algs.push("ES256".into());
@@ -63,7 +76,11 @@ pub fn openid_configuration_value(state: &State) -> Value {
 }
 
 pub async fn openid_configuration(AxState(state): AxState<Arc<State>>) -> Response {
-    json_response(StatusCode::OK, "application/json", &openid_configuration_value(&state))
+    json_response(
+        StatusCode::OK,
+        "application/json",
+        &openid_configuration_value(&state),
+    )
 }
 
 pub async fn jwks(AxState(state): AxState<Arc<State>>) -> Response {
@@ -109,7 +126,11 @@ pub fn smart_configuration_value(state: &State) -> Value {
 }
 
 pub async fn smart_configuration(AxState(state): AxState<Arc<State>>) -> Response {
-    json_response(StatusCode::OK, "application/json", &smart_configuration_value(&state))
+    json_response(
+        StatusCode::OK,
+        "application/json",
+        &smart_configuration_value(&state),
+    )
 }
 
 /// The SMART style sheet that token responses point at (`smart_style_url`).
@@ -131,13 +152,21 @@ pub async fn smart_styles() -> Response {
 }
 
 /// RFC 9728 protected-resource metadata.
-pub async fn protected_resource(AxState(state): AxState<Arc<State>>, uri: Uri) -> Result<Response, ApiError> {
-    let resource = uri
-        .query()
-        .and_then(|q| form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == "resource").map(|(_, v)| v.into_owned()));
+pub async fn protected_resource(
+    AxState(state): AxState<Arc<State>>,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    let resource = uri.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "resource")
+            .map(|(_, v)| v.into_owned())
+    });
     let resource = match resource {
         Some(r) if !r.starts_with(&state.config.base_url) => {
-            return Err(ApiError::Text(StatusCode::BAD_REQUEST, "Invalid resource URL"));
+            return Err(ApiError::Text(
+                StatusCode::BAD_REQUEST,
+                "Invalid resource URL",
+            ));
         }
         Some(r) => r,
         None => state.config.base_url.clone(),

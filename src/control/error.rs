@@ -16,7 +16,11 @@ pub const FHIR_JSON: &str = "application/fhir+json";
 #[derive(Debug)]
 pub enum ApiError {
     /// RFC 6749 error: `{error, error_description}`.
-    OAuth { status: StatusCode, error: &'static str, description: String },
+    OAuth {
+        status: StatusCode,
+        error: &'static str,
+        description: String,
+    },
     /// An OperationOutcome with Medplum's status and text.
     Outcome(Outcome),
     /// 401 `unauthorized`; with `basic_realm`, also `WWW-Authenticate: Basic realm="…"`.
@@ -34,11 +38,19 @@ pub enum ApiError {
 impl ApiError {
     /// `invalid_request` with a description, status 400 (the token endpoint's usual error).
     pub fn oauth(description: impl Into<String>) -> ApiError {
-        ApiError::OAuth { status: StatusCode::BAD_REQUEST, error: "invalid_request", description: description.into() }
+        ApiError::OAuth {
+            status: StatusCode::BAD_REQUEST,
+            error: "invalid_request",
+            description: description.into(),
+        }
     }
 
     pub fn oauth_code(error: &'static str, description: impl Into<String>) -> ApiError {
-        ApiError::OAuth { status: StatusCode::BAD_REQUEST, error, description: description.into() }
+        ApiError::OAuth {
+            status: StatusCode::BAD_REQUEST,
+            error,
+            description: description.into(),
+        }
     }
 
     pub fn bad_request(text: impl Into<String>) -> ApiError {
@@ -46,7 +58,10 @@ impl ApiError {
     }
 
     pub fn invalid(expression: &str, text: impl Into<String>) -> ApiError {
-        ApiError::Invalid { text: text.into(), expression: expression.to_string() }
+        ApiError::Invalid {
+            text: text.into(),
+            expression: expression.to_string(),
+        }
     }
 
     pub fn forbidden() -> ApiError {
@@ -74,8 +89,15 @@ impl ApiError {
         match self {
             ApiError::Outcome(o) if o.status() < 500 => {
                 let status = StatusCode::from_u16(o.status()).unwrap_or(StatusCode::BAD_REQUEST);
-                let text = o.to_json()["issue"][0]["details"]["text"].as_str().unwrap_or("Invalid request").to_string();
-                ApiError::OAuth { status, error: "invalid_request", description: text }
+                let text = o.to_json()["issue"][0]["details"]["text"]
+                    .as_str()
+                    .unwrap_or("Invalid request")
+                    .to_string();
+                ApiError::OAuth {
+                    status,
+                    error: "invalid_request",
+                    description: text,
+                }
             }
             ApiError::Invalid { text, .. } => ApiError::oauth(text),
             other => other,
@@ -86,7 +108,9 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::VersionConflict => ApiError::Outcome(Outcome::PreconditionFailed("Version mismatch".into())),
+            StoreError::VersionConflict => {
+                ApiError::Outcome(Outcome::PreconditionFailed("Version mismatch".into()))
+            }
             StoreError::Conflict => ApiError::conflict("Resource already exists"),
             StoreError::NotFound => ApiError::not_found(),
             other => ApiError::internal("store", other),
@@ -96,18 +120,30 @@ impl From<StoreError> for ApiError {
 
 /// An OperationOutcome response.
 pub fn outcome_response(outcome: &Outcome) -> Response {
-    let status = StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))], outcome.to_bytes()).into_response()
+    let status =
+        StatusCode::from_u16(outcome.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+        outcome.to_bytes(),
+    )
+        .into_response()
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match self {
-            ApiError::OAuth { status, error, description } => {
+            ApiError::OAuth {
+                status,
+                error,
+                description,
+            } => {
                 let body = json!({"error": error, "error_description": description});
                 let mut r = (status, axum::Json(body)).into_response();
-                r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                r.headers_mut().insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r.headers_mut()
+                    .insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
                 r
             }
             ApiError::Outcome(o) => outcome_response(&o),
@@ -127,7 +163,11 @@ impl IntoResponse for ApiError {
                     "id": uuid::Uuid::new_v4().to_string(),
                     "issue": [{"severity": "error", "code": "invalid", "expression": [expression], "details": {"text": text}}]
                 });
-                (StatusCode::BAD_REQUEST, [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))], body.to_string())
+                (
+                    StatusCode::BAD_REQUEST,
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+                    body.to_string(),
+                )
                     .into_response()
             }
             ApiError::MethodNotAllowed => {
@@ -135,12 +175,22 @@ impl IntoResponse for ApiError {
                     "resourceType": "OperationOutcome",
                     "issue": [{"severity": "error", "code": "not-supported", "details": {"text": "Method not allowed"}}]
                 });
-                (StatusCode::METHOD_NOT_ALLOWED, [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))], body.to_string())
+                (
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
+                    body.to_string(),
+                )
                     .into_response()
             }
-            ApiError::Text(status, text) => {
-                (status, [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"))], text).into_response()
-            }
+            ApiError::Text(status, text) => (
+                status,
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                )],
+                text,
+            )
+                .into_response(),
             ApiError::Internal(message) => {
                 tracing::error!(error = %message, "control API internal error");
                 outcome_response(&Outcome::Internal)
@@ -156,7 +206,11 @@ mod tests {
     #[test]
     fn outcome_errors_convert_to_oauth_shape() {
         match ApiError::bad_request("IP address not allowed").into_oauth() {
-            ApiError::OAuth { status, error, description } => {
+            ApiError::OAuth {
+                status,
+                error,
+                description,
+            } => {
                 assert_eq!(status, StatusCode::BAD_REQUEST);
                 assert_eq!(error, "invalid_request");
                 assert_eq!(description, "IP address not allowed");
@@ -167,8 +221,17 @@ mod tests {
 
     #[test]
     fn store_errors_map_to_statuses() {
-        assert!(matches!(ApiError::from(StoreError::VersionConflict), ApiError::Outcome(Outcome::PreconditionFailed(_))));
-        assert!(matches!(ApiError::from(StoreError::Conflict), ApiError::Outcome(Outcome::Conflict(_))));
-        assert!(matches!(ApiError::from(StoreError::NotFound), ApiError::Outcome(Outcome::NotFound)));
+        assert!(matches!(
+            ApiError::from(StoreError::VersionConflict),
+            ApiError::Outcome(Outcome::PreconditionFailed(_))
+        ));
+        assert!(matches!(
+            ApiError::from(StoreError::Conflict),
+            ApiError::Outcome(Outcome::Conflict(_))
+        ));
+        assert!(matches!(
+            ApiError::from(StoreError::NotFound),
+            ApiError::Outcome(Outcome::NotFound)
+        ));
     }
 }

@@ -6,11 +6,15 @@
 use serde_json::Value;
 
 fn reference(v: &Value) -> Option<&str> {
-    v.get("reference").and_then(Value::as_str).filter(|s| !s.is_empty())
+    v.get("reference")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn string<'a>(v: &'a Value, field: &str) -> Option<&'a str> {
-    v.get(field).and_then(Value::as_str).filter(|s| !s.is_empty())
+    v.get(field)
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 fn push(rows: &mut Vec<(String, String)>, name: &str, value: &str) {
@@ -21,7 +25,12 @@ fn push(rows: &mut Vec<(String, String)>, name: &str, value: &str) {
 }
 
 fn identifiers(rows: &mut Vec<(String, String)>, resource: &Value) {
-    for ident in resource.get("identifier").and_then(Value::as_array).into_iter().flatten() {
+    for ident in resource
+        .get("identifier")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         if let Some(value) = string(ident, "value") {
             push(rows, "identifier", value);
             if let Some(system) = string(ident, "system") {
@@ -34,7 +43,10 @@ fn identifiers(rows: &mut Vec<(String, String)>, resource: &Value) {
 /// The index rows of one resource.
 pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
     let mut rows = Vec::new();
-    let resource_type = resource.get("resourceType").and_then(Value::as_str).unwrap_or_default();
+    let resource_type = resource
+        .get("resourceType")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     match resource_type {
         "ProjectMembership" => {
             if let Some(p) = resource.get("project").and_then(reference) {
@@ -52,7 +64,12 @@ pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
             if let Some(a) = resource.get("accessPolicy").and_then(reference) {
                 push(&mut rows, "access-policy", a);
             }
-            for access in resource.get("access").and_then(Value::as_array).into_iter().flatten() {
+            for access in resource
+                .get("access")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
                 if let Some(a) = access.get("policy").and_then(reference) {
                     push(&mut rows, "access-policy", a);
                 }
@@ -128,7 +145,10 @@ pub fn param_kind(resource_type: &str, name: &str) -> Option<ParamKind> {
 /// Does one index value match one search value?
 pub fn value_matches(kind: ParamKind, name: &str, indexed: &str, wanted: &str) -> bool {
     match kind {
-        ParamKind::Reference => indexed == wanted || (!wanted.contains('/') && indexed.rsplit('/').next() == Some(wanted)),
+        ParamKind::Reference => {
+            indexed == wanted
+                || (!wanted.contains('/') && indexed.rsplit('/').next() == Some(wanted))
+        }
         ParamKind::Token if name == "email" => indexed == wanted.to_lowercase(),
         ParamKind::Token => match wanted.strip_prefix('|') {
             Some(code) => indexed == code,
@@ -167,22 +187,48 @@ mod tests {
             ("identifier", "v"),
             ("identifier", "s|v"),
         ] {
-            assert!(rows.contains(&(n.to_string(), v.to_string())), "{n}={v} missing from {rows:?}");
+            assert!(
+                rows.contains(&(n.to_string(), v.to_string())),
+                "{n}={v} missing from {rows:?}"
+            );
         }
     }
 
     #[test]
     fn user_email_is_lower_cased() {
         let rows = index_rows(&json!({"resourceType": "User", "email": "A@Example.com"}));
-        assert_eq!(rows, vec![("email".to_string(), "a@example.com".to_string())]);
+        assert_eq!(
+            rows,
+            vec![("email".to_string(), "a@example.com".to_string())]
+        );
     }
 
     #[test]
     fn matching_rules() {
         assert!(value_matches(ParamKind::Reference, "user", "User/u", "u"));
-        assert!(value_matches(ParamKind::Reference, "user", "User/u", "User/u"));
-        assert!(!value_matches(ParamKind::Reference, "user", "User/u", "Bot/u"));
-        assert!(value_matches(ParamKind::String, "name", "Lab Device", "lab"));
-        assert!(value_matches(ParamKind::Token, "email", "a@example.com", "A@example.com"));
+        assert!(value_matches(
+            ParamKind::Reference,
+            "user",
+            "User/u",
+            "User/u"
+        ));
+        assert!(!value_matches(
+            ParamKind::Reference,
+            "user",
+            "User/u",
+            "Bot/u"
+        ));
+        assert!(value_matches(
+            ParamKind::String,
+            "name",
+            "Lab Device",
+            "lab"
+        ));
+        assert!(value_matches(
+            ParamKind::Token,
+            "email",
+            "a@example.com",
+            "A@example.com"
+        ));
     }
 }

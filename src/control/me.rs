@@ -14,6 +14,8 @@ use super::fhir::strip_secrets;
 use super::{ApiError, json_response};
 use crate::state::State;
 
+/// `/auth/me` waits at most this long for the profile from the upstream.
+const PROFILE_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Sessions listed in `security.sessions` are the Logins of the last hour.
 const SESSION_WINDOW: i64 = 3600;
 
@@ -31,28 +33,48 @@ fn pick(source: &Value, keys: &[&str], resource_type: &str) -> Value {
 pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
-    let membership = serde_json::to_value(caller.membership.as_ref()).map_err(|e| ApiError::internal("serializing a membership", e))?;
+    let membership = serde_json::to_value(caller.membership.as_ref())
+        .map_err(|e| ApiError::internal("serializing a membership", e))?;
     let mut body = Map::new();
     let user = match caller.identity.user_ref.strip_prefix("User/") {
         Some(id) => state.store.read("User", id).await?.map(|u| u.content),
         None => None,
     };
     if let Some(u) = &user {
-        body.insert("user".into(), pick(u, &["id", "email", "identifier"], "User"));
+        body.insert(
+            "user".into(),
+            pick(u, &["id", "email", "identifier"], "User"),
+        );
     }
     body.insert(
         "project".into(),
-        pick(&caller.project.content, &["id", "name", "description", "strictMode", "superAdmin"], "Project"),
+        pick(
+            &caller.project.content,
+            &["id", "name", "description", "strictMode", "superAdmin"],
+            "Project",
+        ),
     );
-    body.insert("membership".into(), pick(&membership, &["id", "identifier", "user", "profile", "admin"], "ProjectMembership"));
+    body.insert(
+        "membership".into(),
+        pick(
+            &membership,
+            &["id", "identifier", "user", "profile", "admin"],
+            "ProjectMembership",
+        ),
+    );
     body.insert("profile".into(), profile_resource(&state, &caller).await);
     body.insert("config".into(), user_configuration(&caller));
-    let policy = serde_json::to_value(caller.policy.access_policy()).map_err(|e| ApiError::internal("serializing a policy", e))?;
+    let policy = serde_json::to_value(caller.policy.access_policy())
+        .map_err(|e| ApiError::internal("serializing a policy", e))?;
     body.insert("accessPolicy".into(), policy);
     if let Some(u) = &user {
         body.insert("security".into(), security(&state, &caller, u).await?);
     }
-    Ok(json_response(StatusCode::OK, "application/json", &Value::Object(body)))
+    Ok(json_response(
+        StatusCode::OK,
+        "application/json",
+        &Value::Object(body),
+    ))
 }
 
 /// The full profile resource. ClientApplications live in the store; the other profile types
@@ -74,7 +96,12 @@ async fn profile_resource(state: &State, caller: &Caller) -> Value {
             None => bare,
         };
     }
-    if !super::fhir::valid_id(id) || !matches!(resource_type, "Patient" | "Practitioner" | "RelatedPerson" | "Bot") {
+    if !super::fhir::valid_id(id)
+        || !matches!(
+            resource_type,
+            "Patient" | "Practitioner" | "RelatedPerson" | "Bot"
+        )
+    {
         return bare;
     }
     match fetch_upstream(state, resource_type, id).await {
@@ -83,13 +110,17 @@ async fn profile_resource(state: &State, caller: &Caller) -> Value {
     }
 }
 
-static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| reqwest::Client::builder().build().ok());
+static HTTP: LazyLock<Option<reqwest::Client>> =
+    LazyLock::new(|| reqwest::Client::builder().build().ok());
 
 async fn fetch_upstream(state: &State, resource_type: &str, id: &str) -> Option<Value> {
     let client = HTTP.as_ref()?;
     let up = &state.config.upstream;
     let url = format!("{}/{resource_type}/{id}", up.base_url);
-    let mut req = client.get(url).header("accept", "application/fhir+json").timeout(up.read_timeout);
+    let mut req = client
+        .get(url)
+        .header("accept", "application/fhir+json")
+        .timeout(up.read_timeout.min(PROFILE_FETCH_TIMEOUT));
     if let Some(auth) = &up.authorization {
         req = req.header("authorization", auth);
     }
@@ -156,7 +187,8 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
         .iter()
         .filter(|(_, m)| m.user.reference.as_deref() == Some(user_ref) && m.is_active())
         .map(|(id, m)| {
-            let mut v = json!({"resourceType": "ProjectMembership", "id": id, "profile": m.profile});
+            let mut v =
+                json!({"resourceType": "ProjectMembership", "id": id, "profile": m.profile});
             if let Some(i) = m.extra.get("identifier") {
                 v["identifier"] = i.clone();
             }
@@ -177,6 +209,9 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
 fn rfc3339(unix: i64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_default()
 }

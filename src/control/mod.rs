@@ -51,28 +51,70 @@ pub fn router(state: Arc<State>) -> Router {
 
 fn routes() -> Router<AppState> {
     Router::new()
-        .route("/.well-known/openid-configuration", with_405(get(discovery::openid_configuration)))
-        .route("/.well-known/oauth-authorization-server", with_405(get(discovery::openid_configuration)))
+        .route(
+            "/.well-known/openid-configuration",
+            with_405(get(discovery::openid_configuration)),
+        )
+        .route(
+            "/.well-known/oauth-authorization-server",
+            with_405(get(discovery::openid_configuration)),
+        )
         .route("/.well-known/jwks.json", with_405(get(discovery::jwks)))
-        .route("/.well-known/smart-configuration", with_405(get(discovery::smart_configuration)))
-        .route("/.well-known/smart-styles.json", with_405(get(discovery::smart_styles)))
-        .route("/.well-known/oauth-protected-resource", with_405(get(discovery::protected_resource)))
-        .route("/fhir/R4/.well-known/smart-configuration", with_405(get(discovery::smart_configuration)))
-        .route("/fhir/R4/.well-known/smart-styles.json", with_405(get(discovery::smart_styles)))
+        .route(
+            "/.well-known/smart-configuration",
+            with_405(get(discovery::smart_configuration)),
+        )
+        .route(
+            "/.well-known/smart-styles.json",
+            with_405(get(discovery::smart_styles)),
+        )
+        .route(
+            "/.well-known/oauth-protected-resource",
+            with_405(get(discovery::protected_resource)),
+        )
+        .route(
+            "/fhir/R4/.well-known/smart-configuration",
+            with_405(get(discovery::smart_configuration)),
+        )
+        .route(
+            "/fhir/R4/.well-known/smart-styles.json",
+            with_405(get(discovery::smart_styles)),
+        )
         .route("/oauth2/token", with_405(post(token::token)))
         .route("/auth/me", with_405(get(me::me)))
-        .route("/admin/projects/{project_id}", with_405(get(admin::get_project)))
-        .route("/admin/projects/{project_id}/client", with_405(post(admin::create_client)))
+        .route(
+            "/admin/projects/{project_id}",
+            with_405(get(admin::get_project)),
+        )
+        .route(
+            "/admin/projects/{project_id}/client",
+            with_405(post(admin::create_client)),
+        )
         .route(
             "/admin/projects/{project_id}/members/{membership_id}",
-            with_405(get(admin::get_member).post(admin::update_member).delete(admin::delete_member)),
+            with_405(
+                get(admin::get_member)
+                    .post(admin::update_member)
+                    .delete(admin::delete_member),
+            ),
         )
-        .route("/fhir/R4/{resource_type}", with_405(get(fhir::search).post(fhir::create)))
+        .route(
+            "/fhir/R4/{resource_type}",
+            with_405(get(fhir::search).post(fhir::create)),
+        )
         .route(
             "/fhir/R4/{resource_type}/{id}",
-            with_405(get(fhir::read).put(fhir::update).delete(fhir::delete).post(fhir::post_search)),
+            with_405(
+                get(fhir::read)
+                    .put(fhir::update)
+                    .delete(fhir::delete)
+                    .post(fhir::post_search),
+            ),
         )
-        .route("/fhir/R4/{resource_type}/{id}/{operation}", with_405(post(fhir::instance_operation)))
+        .route(
+            "/fhir/R4/{resource_type}/{id}/{operation}",
+            with_405(post(fhir::instance_operation)),
+        )
 }
 
 fn with_405(m: MethodRouter<AppState>) -> MethodRouter<AppState> {
@@ -91,11 +133,20 @@ async fn not_found() -> ApiError {
 async fn security_headers(mut response: Response) -> Response {
     let h = response.headers_mut();
     if !h.contains_key(header::CACHE_CONTROL) {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store, no-cache, must-revalidate"));
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store, no-cache, must-revalidate"),
+        );
     }
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     response
 }
 
@@ -110,11 +161,14 @@ pub(crate) fn client_ip(state: &State, parts: &Parts) -> Result<Option<IpAddr>, 
     };
     let mut xff = Vec::new();
     for v in parts.headers.get_all("x-forwarded-for") {
-        xff.push(v.to_str().map_err(|_| ApiError::bad_request("Invalid X-Forwarded-For header"))?);
+        xff.push(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("Invalid X-Forwarded-For header"))?,
+        );
     }
     let mut proxies: Vec<IpNet> = state.config.trusted_proxies.clone();
     proxies.extend(LOOPBACK.iter().filter_map(|n| n.parse::<IpNet>().ok()));
-    crate::gateway::client_ip::resolve(peer.ip(), &xff, &proxies)
+    crate::net::resolve(peer.ip(), &xff, &proxies)
         .map(Some)
         .map_err(|_| ApiError::bad_request("Invalid X-Forwarded-For header"))
 }
@@ -123,15 +177,23 @@ const LOOPBACK: [&str; 2] = ["127.0.0.0/8", "::1/128"];
 
 /// Reads the whole body, at most `limit` bytes.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::PayloadTooLarge("Request body too large".into())))
+    axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::PayloadTooLarge(
+            "Request body too large".into(),
+        ))
+    })
 }
 
 /// The media type of a request, lower-case, without parameters.
 pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
     let v = headers.get(header::CONTENT_TYPE)?.to_str().ok()?;
-    Some(v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+    Some(
+        v.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase(),
+    )
 }
 
 /// Parses a JSON request body (`application/json` or `application/fhir+json`) into an object.
@@ -141,7 +203,8 @@ pub(crate) async fn json_body(parts: &Parts, body: Body) -> Result<serde_json::V
         Some("application/json" | "application/fhir+json") => {}
         _ => return Err(ApiError::bad_request("Unsupported content type")),
     }
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("Invalid JSON"))?;
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|_| ApiError::bad_request("Invalid JSON"))?;
     if !value.is_object() {
         return Err(ApiError::bad_request("Invalid JSON"));
     }
@@ -149,6 +212,15 @@ pub(crate) async fn json_body(parts: &Parts, body: Body) -> Result<serde_json::V
 }
 
 /// A JSON response with a content type.
-pub(crate) fn json_response(status: axum::http::StatusCode, content_type: &'static str, body: &serde_json::Value) -> Response {
-    (status, [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))], body.to_string()).into_response()
+pub(crate) fn json_response(
+    status: axum::http::StatusCode,
+    content_type: &'static str,
+    body: &serde_json::Value,
+) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+        body.to_string(),
+    )
+        .into_response()
 }

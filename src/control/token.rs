@@ -66,7 +66,10 @@ impl TokenForm {
 
     /// A non-empty parameter.
     pub(crate) fn get(&self, name: &str) -> Option<&str> {
-        self.0.get(name).map(String::as_str).filter(|v| !v.is_empty())
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .filter(|v| !v.is_empty())
     }
 }
 
@@ -80,16 +83,24 @@ pub async fn token(AxState(state): AxState<Arc<State>>, req: Request) -> Respons
 async fn handle(state: &State, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
-        return Err(ApiError::Text(StatusCode::BAD_REQUEST, "Unsupported content type"));
+        return Err(ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            "Unsupported content type",
+        ));
     }
     let bytes = read_body(body, MAX_FORM).await?;
     let form = TokenForm::parse(&bytes)?;
-    let grant = form.get("grant_type").ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
+    let grant = form
+        .get("grant_type")
+        .ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
     let grant = Grant::parse(grant).ok_or_else(|| ApiError::oauth("Unsupported grant_type"))?;
     let body = match grant {
         Grant::ClientCredentials => client_credentials(state, &parts, &form).await?,
     };
-    METRICS.tokens_issued.with_label_values(&[grant.label()]).inc();
+    METRICS
+        .tokens_issued
+        .with_label_values(&[grant.label()])
+        .inc();
     Ok(token_response(&body))
 }
 
@@ -113,12 +124,18 @@ pub(crate) struct PresentedClient {
 /// RFC 6749 §2.3.1: both halves of `client_secret_basic` are form-urlencoded.
 fn form_urldecode(s: &str) -> Option<String> {
     let plus = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus).decode_utf8().ok().map(|c| c.into_owned())
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 /// `getClientIdAndSecret` (medplum-auth.md §2.13): a client assertion, else the `Authorization`
 /// header (Basic only), else the body.
-pub(crate) fn presented_client(parts: &Parts, form: &TokenForm) -> Result<PresentedClient, ApiError> {
+pub(crate) fn presented_client(
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<PresentedClient, ApiError> {
     if let Some(kind) = form.get("client_assertion_type") {
         if kind != JWT_BEARER_ASSERTION {
             return Err(ApiError::oauth("Unsupported client assertion type"));
@@ -139,50 +156,87 @@ pub(crate) fn presented_client(parts: &Parts, form: &TokenForm) -> Result<Presen
         };
         return Ok(PresentedClient {
             id: Some(form_urldecode(id).ok_or_else(bad)?),
-            secret: secret.map(|s| form_urldecode(s).ok_or_else(bad)).transpose()?,
+            secret: secret
+                .map(|s| form_urldecode(s).ok_or_else(bad))
+                .transpose()?,
         });
     }
-    Ok(PresentedClient { id: form.get("client_id").map(str::to_string), secret: form.get("client_secret").map(str::to_string) })
+    Ok(PresentedClient {
+        id: form.get("client_id").map(str::to_string),
+        secret: form.get("client_secret").map(str::to_string),
+    })
 }
 
 /// `validateClientIdAndSecret`: the secret must equal the client's secret or its retiring
 /// secret. Both hashes are always compared.
-pub(crate) fn check_client_secret(state: &State, client: &ClientInfo, secret: &str) -> Result<(), ApiError> {
+pub(crate) fn check_client_secret(
+    state: &State,
+    client: &ClientInfo,
+    secret: &str,
+) -> Result<(), ApiError> {
     let Some(primary) = client.secret_hash.as_deref() else {
         return Err(ApiError::oauth("Invalid client"));
     };
     let presented = state.hash_secret(secret);
     let primary_ok = hashes_equal(primary, &presented);
-    let retiring_ok = client.retiring_hash.as_deref().is_some_and(|h| hashes_equal(h, &presented));
-    if primary_ok | retiring_ok { Ok(()) } else { Err(ApiError::oauth("Invalid secret")) }
+    let retiring_ok = client
+        .retiring_hash
+        .as_deref()
+        .is_some_and(|h| hashes_equal(h, &presented));
+    if primary_ok | retiring_ok {
+        Ok(())
+    } else {
+        Err(ApiError::oauth("Invalid secret"))
+    }
 }
 
 // === grants ===
 
-async fn client_credentials(state: &State, parts: &Parts, form: &TokenForm) -> Result<Value, ApiError> {
+async fn client_credentials(
+    state: &State,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<Value, ApiError> {
     let presented = presented_client(parts, form)?;
-    let client_id = presented.id.filter(|s| !s.is_empty()).ok_or_else(|| ApiError::oauth("Missing client_id"))?;
-    let secret = presented.secret.filter(|s| !s.is_empty()).ok_or_else(|| ApiError::oauth("Missing client_secret"))?;
+    let client_id = presented
+        .id
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::oauth("Missing client_id"))?;
+    let secret = presented
+        .secret
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::oauth("Missing client_secret"))?;
     let snap = state.snapshot();
-    let client = snap.clients.get(&client_id).ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let client = snap
+        .clients
+        .get(&client_id)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
     if !client.active {
         return Err(ApiError::oauth("Invalid client"));
     }
     check_client_secret(state, client, &secret)?;
-    let (membership_id, membership) = snap.client_membership(client).ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let (membership_id, membership) = snap
+        .client_membership(client)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
     if !membership.is_active() {
         return Err(ApiError::oauth("Invalid client"));
     }
-    let project_id = membership.project.type_and_id().map(|(_, id)| id.to_string()).ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let project_id = membership
+        .project
+        .type_and_id()
+        .map(|(_, id)| id.to_string())
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
     let scope = form.get("scope").unwrap_or("openid").to_string();
     let ip = client_ip(state, parts)?;
     let policy = state
         .effective_policy(&snap, membership_id, Some(&scope))
-        .ok_or_else(|| ApiError::oauth("Cannot authenticate: Invalid access policy configuration"))?;
-    if let Some(ip) = ip {
-        if !policy.check_ip(ip).is_allowed() {
-            return Err(ApiError::oauth("IP address not allowed"));
-        }
+        .ok_or_else(|| {
+            ApiError::oauth("Cannot authenticate: Invalid access policy configuration")
+        })?;
+    if let Some(ip) = ip
+        && !policy.check_ip(ip).is_allowed()
+    {
+        return Err(ApiError::oauth("IP address not allowed"));
     }
     let lifetime = access_token_lifetime(state, client);
     let now = now_unix();
@@ -289,12 +343,24 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
         login_id: Some(login.id.clone()),
         sub: Some(i.sub.to_string()),
         fhir_user: Some(i.profile.to_string()),
-        nonce: login.extra.get("nonce").and_then(Value::as_str).map(str::to_string),
+        nonce: login
+            .extra
+            .get("nonce")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         auth_time: Some(login.auth_time),
-        email: if login.scope.contains("email") { i.email.map(str::to_string) } else { None },
+        email: if login.scope.contains("email") {
+            i.email.map(str::to_string)
+        } else {
+            None
+        },
         ..Default::default()
     };
-    let sign = |c: &Claims| keyring.sign(c).map_err(|e| ApiError::internal("signing a token", e));
+    let sign = |c: &Claims| {
+        keyring
+            .sign(c)
+            .map_err(|e| ApiError::internal("signing a token", e))
+    };
     let access_token = sign(&access)?;
     let id_token = sign(&id_claims)?;
     let mut body = json!({
@@ -322,7 +388,10 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
     if let Some(p) = i.patient {
         body["patient"] = Value::String(p.to_string());
     }
-    body["smart_style_url"] = Value::String(format!("{}fhir/R4/.well-known/smart-styles.json", state.config.base_url));
+    body["smart_style_url"] = Value::String(format!(
+        "{}fhir/R4/.well-known/smart-styles.json",
+        state.config.base_url
+    ));
     body["need_patient_banner"] = Value::Bool(i.patient.is_some());
     Ok(body)
 }

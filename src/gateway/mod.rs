@@ -4,7 +4,7 @@
 //!
 //! | step           | hook                          | helper                              |
 //! |----------------|-------------------------------|-------------------------------------|
-//! | identify       | `request_filter`              | `route::route`, `client_ip::resolve` |
+//! | identify       | `request_filter`              | `route::route`, `net::resolve`        |
 //! | authenticate   | `request_filter`              | `State::authenticate`                |
 //! | policy, decide | `request_filter`              | `authorize::authorize`               |
 //! | forward        | `upstream_peer`, `upstream_request_filter` | `forward`               |
@@ -12,7 +12,6 @@
 //! | record         | `logging`                     | `obs`                                |
 
 pub mod authorize;
-pub mod client_ip;
 pub mod ctx;
 pub mod filter;
 mod forward;
@@ -54,7 +53,7 @@ impl Gateway {
         Gateway { state, http }
     }
 
-    fn client_ip(&self, session: &Session) -> Result<std::net::IpAddr, client_ip::BadForwardedFor> {
+    fn client_ip(&self, session: &Session) -> Result<std::net::IpAddr, crate::net::BadForwardedFor> {
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -65,9 +64,9 @@ impl Gateway {
             .headers
             .get_all("x-forwarded-for")
             .iter()
-            .map(|v| v.to_str().map_err(|_| client_ip::BadForwardedFor))
+            .map(|v| v.to_str().map_err(|_| crate::net::BadForwardedFor))
             .collect::<Result<_, _>>()?;
-        client_ip::resolve(peer, &xff, &self.state.config.trusted_proxies)
+        crate::net::resolve(peer, &xff, &self.state.config.trusted_proxies)
     }
 
     async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, outcome: Outcome, label: &'static str) -> Result<bool> {

@@ -102,8 +102,8 @@ impl State {
             Ok(c) => c,
             Err(_) => return (Err(AuthError::InvalidToken), CacheUse::Miss),
         };
-        // Refresh tokens carry a refresh secret and are not access tokens.
-        if claims.refresh_secret.is_some() {
+        // Refresh tokens (refresh secret) and ID tokens (fhirUser, no scope) are not access tokens.
+        if claims.refresh_secret.is_some() || claims.fhir_user.is_some() || claims.scope.is_none() {
             return (Err(AuthError::InvalidToken), CacheUse::Miss);
         }
         let Some(login_id) = claims.login_id else { return (Err(AuthError::InvalidToken), CacheUse::Miss) };

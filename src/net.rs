@@ -1,4 +1,4 @@
-//! The client's address: the socket peer, or — only when the peer is a trusted proxy — the
+//! Network facts shared by both planes. The client's address: the socket peer, or — only when the peer is a trusted proxy — the
 //! right-most untrusted hop of `X-Forwarded-For`. An unparsable header fails closed.
 
 use std::net::IpAddr;
