@@ -187,10 +187,15 @@ fn run_case(path: &Path) -> Result<(), String> {
     // On-behalf-of target.
     let mut target_membership = None;
     if let Some(t) = caller.get("target") {
+        let email = format!("case-{}@example.com", uuid::Uuid::new_v4().simple());
+        let (s, user) = admin(w, "POST", "fhir/R4/User", Some(&json!({"resourceType": "User", "firstName": "Case", "lastName": "Target", "email": email, "project": {"reference": format!("Project/{}", w.project)}})));
+        if s != 201 {
+            return Err(format!("creating target user: {s} {user}"));
+        }
         let m = json!({
             "resourceType": "ProjectMembership",
             "project": {"reference": format!("Project/{}", w.project)},
-            "user": {"reference": format!("User/case-user-{}", uuid::Uuid::new_v4())},
+            "user": {"reference": format!("User/{}", user["id"].as_str().unwrap_or(""))},
             "profile": {"reference": t["profile"]},
             "access": access_entries(t.get("access")),
             "admin": t.get("admin").cloned().unwrap_or(json!(false)),

@@ -113,8 +113,18 @@ fn narrowing(policy: &EffectivePolicy, ty: &str) -> Result<(Vec<QueryParam>, boo
     }
 }
 
-fn decide_search(policy: &EffectivePolicy, s: &Search, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
-    for (ty, i) in op.required_access() {
+/// `_include` and `_revinclude` only add resources to the response, and every returned resource
+/// is checked, so they need no permission of their own: what the caller may not see is dropped.
+/// Everything that can change which primary resources match (`_has`, chains) needs search
+/// permission on its target type.
+fn is_include(name: &str) -> bool {
+    let base = name.split(':').next().unwrap_or(name);
+    base == "_include" || base == "_revinclude"
+}
+
+fn decide_search(policy: &EffectivePolicy, s: &Search, super_admin: bool) -> Result<Permit, Deny> {
+    let probe = Search { params: s.params.iter().filter(|p| !is_include(&p.name)).cloned().collect(), ..s.clone() };
+    for (ty, i) in FhirOp::Search(probe).required_access() {
         need(policy, &ty, i, super_admin)?;
     }
     let mut permit = Permit::filtered();
@@ -137,7 +147,7 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
             let response = if policy.instance_checks_needed(resource_type, i) { ResponseNeed::CheckResource } else { ResponseNeed::Untouched };
             Ok(Permit { response, ..Permit::untouched() })
         }
-        FhirOp::Search(s) => decide_search(policy, s, op, super_admin),
+        FhirOp::Search(s) => decide_search(policy, s, super_admin),
         FhirOp::History { .. } => {
             for (ty, i) in op.required_access() {
                 need(policy, &ty, i, super_admin)?;
