@@ -8,7 +8,11 @@ use crate::config::{Config, ConfigFile};
 use crate::server::{Planes, start};
 
 #[derive(Debug, Parser)]
-#[command(name = "fhirgate", version, about = "Authorization gateway for FHIR servers")]
+#[command(
+    name = "fhirgate",
+    version,
+    about = "Authorization gateway for FHIR servers"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -74,7 +78,10 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
     println!("fhirgate is running");
     println!("  gateway      {}  (public base URL {base})", config.listen);
     println!("  control API  {}", config.control_listen);
-    println!("  metrics      {}  (/metrics, /healthz, /readyz)", config.metrics_listen);
+    println!(
+        "  metrics      {}  (/metrics, /healthz, /readyz)",
+        config.metrics_listen
+    );
     println!("  upstream     {}", config.upstream.base_url);
     if let Some(secret) = &report.client_secret {
         let id = &report.client_id;
@@ -84,9 +91,13 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
         println!("  client_secret {secret}");
         println!();
         println!("Get a token:");
-        println!("  TOKEN=$(curl -s {base}oauth2/token -d grant_type=client_credentials -d client_id={id} -d client_secret={secret} | sed 's/.*\"access_token\":\"\\([^\"]*\\)\".*/\\1/')");
+        println!(
+            "  TOKEN=$(curl -s {base}oauth2/token -d grant_type=client_credentials -d client_id={id} -d client_secret={secret} | sed 's/.*\"access_token\":\"\\([^\"]*\\)\".*/\\1/')"
+        );
         println!("Create and read a Patient through the gateway:");
-        println!("  curl -s -X POST {base}fhir/R4/Patient -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/fhir+json' -d '{{\"resourceType\":\"Patient\",\"name\":[{{\"family\":\"Smith\"}}]}}'");
+        println!(
+            "  curl -s -X POST {base}fhir/R4/Patient -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/fhir+json' -d '{{\"resourceType\":\"Patient\",\"name\":[{{\"family\":\"Smith\"}}]}}'"
+        );
         println!("  curl -s {base}fhir/R4/Patient -H \"Authorization: Bearer $TOKEN\"");
     } else {
         println!("Admin client: {} (secret set earlier)", report.client_id);
@@ -113,14 +124,30 @@ fn policy_check(files: Vec<PathBuf>) -> Result<(), String> {
             },
         }
     }
-    if failed { Err("some policies are invalid".into()) } else { Ok(()) }
+    if failed {
+        Err("some policies are invalid".into())
+    } else {
+        Ok(())
+    }
 }
 
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
         Command::Serve(a) => serve(a, Planes::BOTH),
-        Command::Proxy(a) => serve(a, Planes { gateway: true, control: false }),
-        Command::Control(a) => serve(a, Planes { gateway: false, control: true }),
+        Command::Proxy(a) => serve(
+            a,
+            Planes {
+                gateway: true,
+                control: false,
+            },
+        ),
+        Command::Control(a) => serve(
+            a,
+            Planes {
+                gateway: false,
+                control: true,
+            },
+        ),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(files),
     }
 }

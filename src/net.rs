@@ -11,7 +11,10 @@ pub struct BadForwardedFor;
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
         v4 => v4,
     }
 }
@@ -54,14 +57,24 @@ mod tests {
 
     #[test]
     fn untrusted_peer_is_the_client_whatever_the_header_says() {
-        let ip = resolve("203.0.113.9".parse().unwrap(), &["1.2.3.4"], &nets(&["127.0.0.0/8"])).unwrap();
+        let ip = resolve(
+            "203.0.113.9".parse().unwrap(),
+            &["1.2.3.4"],
+            &nets(&["127.0.0.0/8"]),
+        )
+        .unwrap();
         assert_eq!(ip.to_string(), "203.0.113.9");
     }
 
     #[test]
     fn trusted_peer_yields_rightmost_untrusted_hop() {
         let p = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
-        let ip = resolve("127.0.0.1".parse().unwrap(), &["6.6.6.6, 5.5.5.5, 10.1.1.1"], &p).unwrap();
+        let ip = resolve(
+            "127.0.0.1".parse().unwrap(),
+            &["6.6.6.6, 5.5.5.5, 10.1.1.1"],
+            &p,
+        )
+        .unwrap();
         assert_eq!(ip.to_string(), "5.5.5.5");
         let ip = resolve("127.0.0.1".parse().unwrap(), &["6.6.6.6", "5.5.5.5"], &p).unwrap();
         assert_eq!(ip.to_string(), "5.5.5.5");
@@ -77,7 +90,12 @@ mod tests {
 
     #[test]
     fn ipv4_mapped_ipv6_is_ipv4() {
-        let ip = resolve("::ffff:127.0.0.1".parse().unwrap(), &["2001:db8::1"], &nets(&["127.0.0.0/8"])).unwrap();
+        let ip = resolve(
+            "::ffff:127.0.0.1".parse().unwrap(),
+            &["2001:db8::1"],
+            &nets(&["127.0.0.0/8"]),
+        )
+        .unwrap();
         assert_eq!(ip.to_string(), "2001:db8::1");
     }
 }

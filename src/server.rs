@@ -36,7 +36,10 @@ pub struct Planes {
 }
 
 impl Planes {
-    pub const BOTH: Planes = Planes { gateway: true, control: true };
+    pub const BOTH: Planes = Planes {
+        gateway: true,
+        control: true,
+    };
 }
 
 struct ChannelShutdown(tokio::sync::Mutex<Option<tokio::sync::oneshot::Receiver<ShutdownSignal>>>);
@@ -108,7 +111,10 @@ impl BackgroundService for AxumService {
                 return;
             }
         };
-        let app = self.router.clone().into_make_service_with_connect_info::<SocketAddr>();
+        let app = self
+            .router
+            .clone()
+            .into_make_service_with_connect_info::<SocketAddr>();
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = shutdown.changed().await;
@@ -134,7 +140,15 @@ fn health_router(state: Arc<State>) -> axum::Router {
     use axum::routing::get;
     let ready_state = state.clone();
     axum::Router::new()
-        .route("/metrics", get(|| async { ([("content-type", "text/plain; version=0.0.4")], crate::obs::encode()) }))
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    crate::obs::encode(),
+                )
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -143,7 +157,11 @@ fn health_router(state: Arc<State>) -> axum::Router {
                 async move {
                     let store_ok = state.store.ping().await.is_ok();
                     let keys_ok = !state.keyring().is_empty();
-                    if store_ok && keys_ok { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                    if store_ok && keys_ok {
+                        (StatusCode::OK, "ready")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+                    }
                 }
             }),
         )
@@ -159,9 +177,13 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         .map_err(|e| StartError::Runtime(e.to_string()))?;
     let (state, report) = runtime.block_on(async {
         let store = Store::open(&config.store_url).await?;
-        let key = store.setting_init("secret_hash_key", &crate::tokens::random_hex(32)).await?;
+        let key = store
+            .setting_init("secret_hash_key", &crate::tokens::random_hex(32))
+            .await?;
         let state = State::new(config.clone(), store, key.into_bytes()).await?;
-        let report = bootstrap(&state).await.map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        let report = bootstrap(&state)
+            .await
+            .map_err(|e| StartError::Bootstrap(e.to_string()))?;
         state.refresh().await?;
         Ok::<_, StartError>((state, report))
     })?;
@@ -175,27 +197,47 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     if planes.gateway {
-        let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
+        let mut proxy =
+            pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
         proxy.add_tcp(&config.listen.to_string());
         server.add_service(proxy);
     }
     if planes.control {
         let mut svc = background_service(
             "control api",
-            AxumService { name: "control", addr: config.control_listen, router: crate::control::router(state.clone()) },
+            AxumService {
+                name: "control",
+                addr: config.control_listen,
+                router: crate::control::router(state.clone()),
+            },
         );
         svc.threads = Some(config.threads.max(1));
         server.add_service(svc);
     }
-    server.add_service(background_service("metrics", AxumService { name: "metrics", addr: config.metrics_listen, router: health_router(state.clone()) }));
+    server.add_service(background_service(
+        "metrics",
+        AxumService {
+            name: "metrics",
+            addr: config.metrics_listen,
+            router: health_router(state.clone()),
+        },
+    ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
 
     let (tx, rx) = tokio::sync::oneshot::channel();
     let join = std::thread::Builder::new()
         .name("fhirgate-server".into())
         .spawn(move || {
-            server.run(RunArgs { shutdown_signal: Box::new(ChannelShutdown(tokio::sync::Mutex::new(Some(rx)))) });
+            server.run(RunArgs {
+                shutdown_signal: Box::new(ChannelShutdown(tokio::sync::Mutex::new(Some(rx)))),
+            });
         })
         .map_err(|e| StartError::Runtime(e.to_string()))?;
-    Ok(Running { state, bootstrap: report, tx: Some(tx), join: Some(join), runtime: Some(runtime) })
+    Ok(Running {
+        state,
+        bootstrap: report,
+        tx: Some(tx),
+        join: Some(join),
+        runtime: Some(runtime),
+    })
 }

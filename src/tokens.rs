@@ -74,7 +74,9 @@ pub struct SigningKey {
 
 impl std::fmt::Debug for SigningKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SigningKey").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("SigningKey")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -97,13 +99,21 @@ impl SigningKey {
         }
         let x = URL_SAFE_NO_PAD.encode(&point[1..33]);
         let y = URL_SAFE_NO_PAD.encode(&point[33..65]);
-        let decoding = DecodingKey::from_ec_components(&x, &y).map_err(|e| TokenError::Key(e.to_string()))?;
+        let decoding =
+            DecodingKey::from_ec_components(&x, &y).map_err(|e| TokenError::Key(e.to_string()))?;
         let jwk = json!({"kid": kid, "alg": "ES256", "kty": "EC", "use": "sig", "crv": "P-256", "x": x, "y": y});
-        Ok(SigningKey { kid, encoding: EncodingKey::from_ec_der(der), decoding, jwk })
+        Ok(SigningKey {
+            kid,
+            encoding: EncodingKey::from_ec_der(der),
+            decoding,
+            jwk,
+        })
     }
 
     pub fn from_base64_pkcs8(kid: String, b64: &str) -> Result<SigningKey, TokenError> {
-        let der = STANDARD.decode(b64).map_err(|e| TokenError::Key(e.to_string()))?;
+        let der = STANDARD
+            .decode(b64)
+            .map_err(|e| TokenError::Key(e.to_string()))?;
         SigningKey::from_pkcs8(kid, &der)
     }
 }
@@ -118,8 +128,16 @@ pub struct Keyring {
 
 impl Keyring {
     pub fn new(issuer: String, keys: Vec<SigningKey>) -> Keyring {
-        let by_kid = keys.iter().enumerate().map(|(i, k)| (k.kid.clone(), i)).collect();
-        Keyring { keys, by_kid, issuer }
+        let by_kid = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (k.kid.clone(), i))
+            .collect();
+        Keyring {
+            keys,
+            by_kid,
+            issuer,
+        }
     }
 
     pub fn issuer(&self) -> &str {
@@ -139,7 +157,8 @@ impl Keyring {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid.clone());
         header.typ = Some("JWT".into());
-        jsonwebtoken::encode(&header, claims, &key.encoding).map_err(|e| TokenError::Invalid(e.to_string()))
+        jsonwebtoken::encode(&header, claims, &key.encoding)
+            .map_err(|e| TokenError::Invalid(e.to_string()))
     }
 
     /// Verifies signature, `iss`, `exp` and `nbf` (no leeway) and returns the claims.
@@ -155,7 +174,8 @@ impl Keyring {
         v.validate_aud = false;
         v.set_issuer(&[&self.issuer]);
         v.set_required_spec_claims(&["exp", "iss"]);
-        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &v).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &v)
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         Ok(data.claims)
     }
 }
@@ -197,7 +217,13 @@ mod tests {
 
     fn claims(exp_offset: i64) -> Claims {
         let now = crate::store::now_unix();
-        Claims { iss: "http://localhost:8080/".into(), iat: now, exp: now + exp_offset, login_id: Some("l".into()), ..Default::default() }
+        Claims {
+            iss: "http://localhost:8080/".into(),
+            iat: now,
+            exp: now + exp_offset,
+            login_id: Some("l".into()),
+            ..Default::default()
+        }
     }
 
     // jsonwebtoken panics at the first decode when no crypto backend (or two) is compiled in;
@@ -220,10 +246,15 @@ mod tests {
         c.iss = "http://evil/".into();
         assert!(r.verify(&r.sign(&c).unwrap()).is_err());
         let other = ring();
-        assert!(matches!(other.verify(&r.sign(&claims(60)).unwrap()), Err(TokenError::UnknownKey) | Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            other.verify(&r.sign(&claims(60)).unwrap()),
+            Err(TokenError::UnknownKey) | Err(TokenError::Invalid(_))
+        ));
         let t = r.sign(&claims(60)).unwrap();
         let mut parts: Vec<String> = t.split('.').map(String::from).collect();
-        parts[1] = URL_SAFE_NO_PAD.encode(br#"{"iss":"http://localhost:8080/","iat":1,"exp":99999999999,"login_id":"x"}"#);
+        parts[1] = URL_SAFE_NO_PAD.encode(
+            br#"{"iss":"http://localhost:8080/","iat":1,"exp":99999999999,"login_id":"x"}"#,
+        );
         assert!(r.verify(&parts.join(".")).is_err());
         assert!(matches!(r.verify("not a jwt"), Err(TokenError::Malformed)));
     }
@@ -243,7 +274,10 @@ mod tests {
         let (k, der) = SigningKey::generate("k2".into()).unwrap();
         let r1 = Keyring::new("i".into(), vec![k]);
         let b64 = STANDARD.encode(&der);
-        let r2 = Keyring::new("i".into(), vec![SigningKey::from_base64_pkcs8("k2".into(), &b64).unwrap()]);
+        let r2 = Keyring::new(
+            "i".into(),
+            vec![SigningKey::from_base64_pkcs8("k2".into(), &b64).unwrap()],
+        );
         let mut c = claims(60);
         c.iss = "i".into();
         assert!(r2.verify(&r1.sign(&c).unwrap()).is_ok());

@@ -4,6 +4,7 @@
 //!
 //! Cases listed in `EXPECTED_FAILURES` are known gaps: they still run, and the runner reports a
 //! failure if one of them starts passing, so the list only ever shrinks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -41,10 +42,21 @@ fn world() -> &'static Mutex<World> {
 }
 
 /// A raw request to the gateway, path sent byte for byte. Returns (status, JSON body or Null, headers).
-fn gateway_request(gw: &TestGateway, method: &str, path: &str, headers: &[(&str, &str)], body: Option<Vec<u8>>) -> (u16, Value, Vec<(String, String)>) {
-    let authority = gw.base.trim_start_matches("http://").trim_end_matches('/').to_string();
+fn gateway_request(
+    gw: &TestGateway,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<Vec<u8>>,
+) -> (u16, Value, Vec<(String, String)>) {
+    let authority = gw
+        .base
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     let target = format!("/{path}");
-    let resp = http_request(&authority, method, &target, headers, body.as_deref()).unwrap_or_else(|e| panic!("{method} {target}: {e}"));
+    let resp = http_request(&authority, method, &target, headers, body.as_deref())
+        .unwrap_or_else(|e| panic!("{method} {target}: {e}"));
     let text = resp.text();
     let json = serde_json::from_str(&text).unwrap_or(Value::Null);
     let hs = resp.headers.clone();
@@ -57,7 +69,13 @@ fn admin(w: &World, method: &str, path: &str, body: Option<&Value>) -> (u16, Val
     if body.is_some() {
         headers.push(("content-type", "application/fhir+json"));
     }
-    let (s, v, _) = gateway_request(&w.gateway, method, path, &headers, body.map(|b| b.to_string().into_bytes()));
+    let (s, v, _) = gateway_request(
+        &w.gateway,
+        method,
+        path,
+        &headers,
+        body.map(|b| b.to_string().into_bytes()),
+    );
     (s, v)
 }
 
@@ -83,7 +101,9 @@ fn resources(v: &Value, out: &mut Vec<Value>) {
 fn all_ids(v: &Value, out: &mut BTreeSet<String>) {
     match v {
         Value::Object(o) => {
-            if let (Some(Value::String(id)), Some(Value::String(_))) = (o.get("id"), o.get("resourceType")) {
+            if let (Some(Value::String(id)), Some(Value::String(_))) =
+                (o.get("id"), o.get("resourceType"))
+            {
                 out.insert(id.clone());
             }
             o.values().for_each(|x| all_ids(x, out));
@@ -95,7 +115,9 @@ fn all_ids(v: &Value, out: &mut BTreeSet<String>) {
 
 /// Does the dot path exist anywhere in `v` (arrays traversed element by element)?
 fn has_path(v: &Value, path: &[&str]) -> bool {
-    let Some((first, rest)) = path.split_first() else { return !v.is_null() };
+    let Some((first, rest)) = path.split_first() else {
+        return !v.is_null();
+    };
     match v {
         Value::Array(a) => a.iter().any(|x| has_path(x, path)),
         Value::Object(o) => o.get(*first).is_some_and(|x| has_path(x, rest)),
@@ -138,7 +160,9 @@ fn status_ok(expect: &Value, status: u16) -> bool {
 }
 
 fn run_case(path: &Path) -> Result<(), String> {
-    let case: Value = serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| e.to_string())?).map_err(|e| e.to_string())?;
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
     let guard = world().lock().unwrap_or_else(|e| e.into_inner());
     let w = &*guard;
     w.upstream.reset();
@@ -148,9 +172,19 @@ fn run_case(path: &Path) -> Result<(), String> {
     let mut types: BTreeSet<String> = BTreeSet::new();
     for f in case["fixtures"].as_array().into_iter().flatten() {
         let stored = w.upstream.put_resource(f);
-        let key = format!("{}/{}", f["resourceType"].as_str().unwrap_or(""), f["id"].as_str().unwrap_or(""));
+        let key = format!(
+            "{}/{}",
+            f["resourceType"].as_str().unwrap_or(""),
+            f["id"].as_str().unwrap_or("")
+        );
         types.insert(f["resourceType"].as_str().unwrap_or("").to_string());
-        versions.insert(key, stored["meta"]["versionId"].as_str().unwrap_or("").to_string());
+        versions.insert(
+            key,
+            stored["meta"]["versionId"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+        );
     }
     let fixture_requests = w.upstream.requests().len();
 
@@ -165,21 +199,42 @@ fn run_case(path: &Path) -> Result<(), String> {
 
     // The caller: a client with the case's membership.
     let caller = &case["caller"];
-    let (s, client) = admin(w, "POST", &format!("admin/projects/{}/client", w.project), Some(&json!({"name": "case caller"})));
+    let (s, client) = admin(
+        w,
+        "POST",
+        &format!("admin/projects/{}/client", w.project),
+        Some(&json!({"name": "case caller"})),
+    );
     if s != 201 {
         return Err(format!("creating client: {s} {client}"));
     }
     let client_id = client["id"].as_str().ok_or("client id")?.to_string();
-    let secret = client["secret"].as_str().ok_or("client secret")?.to_string();
-    let (_, found) = admin(w, "GET", &format!("fhir/R4/ProjectMembership?profile=ClientApplication/{client_id}"), None);
+    let secret = client["secret"]
+        .as_str()
+        .ok_or("client secret")?
+        .to_string();
+    let (_, found) = admin(
+        w,
+        "GET",
+        &format!("fhir/R4/ProjectMembership?profile=ClientApplication/{client_id}"),
+        None,
+    );
     let mut membership = found["entry"][0]["resource"].clone();
-    let mid = membership["id"].as_str().ok_or("membership id")?.to_string();
+    let mid = membership["id"]
+        .as_str()
+        .ok_or("membership id")?
+        .to_string();
     membership["access"] = access_entries(caller.get("access"));
     if caller["access"].as_array().is_some_and(|a| !a.is_empty()) {
         membership.as_object_mut().map(|o| o.remove("accessPolicy"));
     }
     membership["admin"] = caller.get("admin").cloned().unwrap_or(json!(false));
-    let (s, body) = admin(w, "POST", &format!("admin/projects/{}/members/{mid}", w.project), Some(&membership));
+    let (s, body) = admin(
+        w,
+        "POST",
+        &format!("admin/projects/{}/members/{mid}", w.project),
+        Some(&membership),
+    );
     if s != 200 {
         return Err(format!("updating membership: {s} {body}"));
     }
@@ -188,7 +243,14 @@ fn run_case(path: &Path) -> Result<(), String> {
     let mut target_membership = None;
     if let Some(t) = caller.get("target") {
         let email = format!("case-{}@example.com", uuid::Uuid::new_v4().simple());
-        let (s, user) = admin(w, "POST", "fhir/R4/User", Some(&json!({"resourceType": "User", "firstName": "Case", "lastName": "Target", "email": email, "project": {"reference": format!("Project/{}", w.project)}})));
+        let (s, user) = admin(
+            w,
+            "POST",
+            "fhir/R4/User",
+            Some(
+                &json!({"resourceType": "User", "firstName": "Case", "lastName": "Target", "email": email, "project": {"reference": format!("Project/{}", w.project)}}),
+            ),
+        );
         if s != 201 {
             return Err(format!("creating target user: {s} {user}"));
         }
@@ -209,7 +271,10 @@ fn run_case(path: &Path) -> Result<(), String> {
 
     // Credentials.
     let ip = caller.get("ip").and_then(Value::as_str);
-    let scope = caller.get("scope").and_then(Value::as_str).unwrap_or("openid");
+    let scope = caller
+        .get("scope")
+        .and_then(Value::as_str)
+        .unwrap_or("openid");
     let form = form_urlencoded::Serializer::new(String::new())
         .append_pair("grant_type", "client_credentials")
         .append_pair("client_id", &client_id)
@@ -220,11 +285,20 @@ fn run_case(path: &Path) -> Result<(), String> {
     if let Some(ip) = ip {
         token_headers.push(("x-forwarded-for", ip));
     }
-    let (ts, tbody, _) = gateway_request(&w.gateway, "POST", "oauth2/token", &token_headers, Some(form.into_bytes()));
+    let (ts, tbody, _) = gateway_request(
+        &w.gateway,
+        "POST",
+        "oauth2/token",
+        &token_headers,
+        Some(form.into_bytes()),
+    );
     let authorization = if ts == 200 {
         format!("Bearer {}", tbody["access_token"].as_str().unwrap_or(""))
     } else if ip.is_some() {
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}")))
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{client_id}:{secret}"))
+        )
     } else {
         return Err(format!("token request failed: {ts} {tbody}"));
     };
@@ -240,20 +314,25 @@ fn run_case(path: &Path) -> Result<(), String> {
     for (k, v) in req["headers"].as_object().into_iter().flatten() {
         let mut v = v.as_str().unwrap_or("").to_string();
         if v == "$target" {
-            v = format!("ProjectMembership/{}", target_membership.clone().unwrap_or_default());
+            v = format!(
+                "ProjectMembership/{}",
+                target_membership.clone().unwrap_or_default()
+            );
         }
-        if k.eq_ignore_ascii_case("x-forwarded-for") {
-            if let Some(ip) = ip {
-                v = format!("{v}, {ip}");
-            }
+        if k.eq_ignore_ascii_case("x-forwarded-for")
+            && let Some(ip) = ip
+        {
+            v = format!("{v}, {ip}");
         }
         has_ct |= k.eq_ignore_ascii_case("content-type");
         headers.push((k.clone(), v));
     }
-    if let Some(ip) = ip {
-        if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for")) {
-            headers.push(("x-forwarded-for".into(), ip.to_string()));
-        }
+    if let Some(ip) = ip
+        && !headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
+    {
+        headers.push(("x-forwarded-for".into(), ip.to_string()));
     }
     headers.push(("authorization".into(), authorization));
     let body = match &req["body"] {
@@ -266,40 +345,74 @@ fn run_case(path: &Path) -> Result<(), String> {
             Some(other.to_string().into_bytes())
         }
     };
-    let href: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let href: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let method = req["method"].as_str().unwrap_or("GET");
-    let (status, resp, _) = gateway_request(&w.gateway, method, &format!("fhir/R4/{path_s}"), &href, body);
+    let (status, resp, _) = gateway_request(
+        &w.gateway,
+        method,
+        &format!("fhir/R4/{path_s}"),
+        &href,
+        body,
+    );
 
     // Expectations.
     let expect = &case["expect"];
     let mut errors = Vec::new();
     if !status_ok(expect, status) {
-        errors.push(format!("status {status}, expected {}", expect.get("status").or(expect.get("status_in")).unwrap_or(&Value::Null)));
+        errors.push(format!(
+            "status {status}, expected {}",
+            expect
+                .get("status")
+                .or(expect.get("status_in"))
+                .unwrap_or(&Value::Null)
+        ));
     }
     let mut found = Vec::new();
     resources(&resp, &mut found);
     if !(200..300).contains(&status) && !found.is_empty() {
         errors.push(format!("non-2xx response carries resources: {resp}"));
     }
-    let ids: BTreeSet<String> = found.iter().filter_map(|r| r["id"].as_str().map(str::to_string)).collect();
+    let ids: BTreeSet<String> = found
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_string))
+        .collect();
     if (200..300).contains(&status) {
         if let Some(want) = expect.get("ids").and_then(Value::as_array) {
-            let want: BTreeSet<String> = want.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let want: BTreeSet<String> = want
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             if want != ids {
                 errors.push(format!("ids {ids:?}, expected {want:?}"));
             }
         }
         if let Some(within) = expect.get("ids_within").and_then(Value::as_array) {
-            let within: BTreeSet<String> = within.iter().filter_map(|v| v.as_str().map(str::to_string)).collect();
+            let within: BTreeSet<String> = within
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect();
             if !ids.is_subset(&within) {
                 errors.push(format!("ids {ids:?} not within {within:?}"));
             }
         }
-        for (id, paths) in expect.get("present").and_then(Value::as_object).into_iter().flatten() {
+        for (id, paths) in expect
+            .get("present")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
             match found.iter().find(|r| r["id"] == id.as_str()) {
                 None => errors.push(format!("{id} missing (present)")),
                 Some(r) => {
-                    for p in paths.as_array().into_iter().flatten().filter_map(Value::as_str) {
+                    for p in paths
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_str)
+                    {
                         if !has_path(r, &p.split('.').collect::<Vec<_>>()) {
                             errors.push(format!("{id}.{p} missing"));
                         }
@@ -307,17 +420,20 @@ fn run_case(path: &Path) -> Result<(), String> {
                 }
             }
         }
-        if let Some(max) = expect.get("total_max").and_then(Value::as_u64) {
-            if let Some(total) = resp.get("total").and_then(Value::as_u64) {
-                if total > max {
-                    errors.push(format!("total {total} > {max}"));
-                }
-            }
+        if let Some(max) = expect.get("total_max").and_then(Value::as_u64)
+            && let Some(total) = resp.get("total").and_then(Value::as_u64)
+            && total > max
+        {
+            errors.push(format!("total {total} > {max}"));
         }
         if let Some(list) = expect.get("entry_status").and_then(Value::as_array) {
             let entries = resp["entry"].as_array().cloned().unwrap_or_default();
             for (i, want) in list.iter().enumerate() {
-                let got = entries.get(i).and_then(|e| e["response"]["status"].as_str()).and_then(|s| s.split(' ').next()).and_then(|s| s.parse::<u64>().ok());
+                let got = entries
+                    .get(i)
+                    .and_then(|e| e["response"]["status"].as_str())
+                    .and_then(|s| s.split(' ').next())
+                    .and_then(|s| s.parse::<u64>().ok());
                 let ok = match want {
                     Value::Array(a) => a.iter().any(|x| x.as_u64() == got),
                     x => x.as_u64() == got,
@@ -337,15 +453,31 @@ fn run_case(path: &Path) -> Result<(), String> {
             }
         }
     }
-    for p in expect.get("absent").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+    for p in expect
+        .get("absent")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
         let segs: Vec<&str> = p.split('.').collect();
         if found.iter().any(|r| has_path(r, &segs)) {
             errors.push(format!("{p} present in a returned resource"));
         }
     }
-    for (id, paths) in expect.get("absent_in").and_then(Value::as_object).into_iter().flatten() {
+    for (id, paths) in expect
+        .get("absent_in")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
         if let Some(r) = found.iter().find(|r| r["id"] == id.as_str()) {
-            for p in paths.as_array().into_iter().flatten().filter_map(Value::as_str) {
+            for p in paths
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
                 if has_path(r, &p.split('.').collect::<Vec<_>>()) {
                     errors.push(format!("{id}.{p} present"));
                 }
@@ -354,8 +486,17 @@ fn run_case(path: &Path) -> Result<(), String> {
     }
     let seen = w.upstream.requests();
     let after: Vec<&Value> = seen.iter().skip(fixture_requests).collect();
-    for h in expect.get("upstream_headers_absent").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
-        if after.iter().any(|r| r["headers"].get(h.to_ascii_lowercase()).is_some()) {
+    for h in expect
+        .get("upstream_headers_absent")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
+        if after
+            .iter()
+            .any(|r| r["headers"].get(h.to_ascii_lowercase()).is_some())
+        {
             errors.push(format!("upstream saw header {h}"));
         }
     }
@@ -369,7 +510,11 @@ fn run_case(path: &Path) -> Result<(), String> {
             }
         }
         let mut all_types = types.clone();
-        if let Some(t) = path_s.split(['/', '?']).next().filter(|t| !t.is_empty() && t.chars().next().is_some_and(|c| c.is_ascii_uppercase())) {
+        if let Some(t) = path_s
+            .split(['/', '?'])
+            .next()
+            .filter(|t| !t.is_empty() && t.chars().next().is_some_and(|c| c.is_ascii_uppercase()))
+        {
             all_types.insert(t.to_string());
         }
         if let Some(t) = req["body"].get("resourceType").and_then(Value::as_str) {
@@ -392,7 +537,12 @@ fn run_case(path: &Path) -> Result<(), String> {
             }
         }
     }
-    for (key, fields) in expect.get("upstream_fields").and_then(Value::as_object).into_iter().flatten() {
+    for (key, fields) in expect
+        .get("upstream_fields")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
         let r = w.upstream.fhir("GET", key, None).json();
         for (p, want) in fields.as_object().into_iter().flatten() {
             let got = at_path(&r, p);
@@ -401,12 +551,22 @@ fn run_case(path: &Path) -> Result<(), String> {
             }
         }
     }
-    for key in expect.get("upstream_deleted").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+    for key in expect
+        .get("upstream_deleted")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+    {
         if w.upstream.fhir("GET", key, None).status == 200 {
             errors.push(format!("{key} still exists upstream"));
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(format!("{}\nresponse: {}", errors.join("\n"), resp)) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}\nresponse: {}", errors.join("\n"), resp))
+    }
 }
 
 fn main() {
@@ -422,13 +582,19 @@ fn main() {
     let trials = files
         .into_iter()
         .map(|path| {
-            let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("case").to_string();
+            let name = path
+                .file_stem()
+                .and_then(|s| s.to_str())
+                .unwrap_or("case")
+                .to_string();
             let expected_failure = EXPECTED_FAILURES.iter().any(|(n, _)| *n == name);
             Trial::test(name, move || match (run_case(&path), expected_failure) {
                 (Ok(()), false) => Ok(()),
                 (Err(e), false) => Err(Failed::from(e)),
                 (Err(_), true) => Ok(()),
-                (Ok(()), true) => Err(Failed::from("listed in EXPECTED_FAILURES but passes: remove it from the list")),
+                (Ok(()), true) => Err(Failed::from(
+                    "listed in EXPECTED_FAILURES but passes: remove it from the list",
+                )),
             })
         })
         .collect();

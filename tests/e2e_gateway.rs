@@ -1,6 +1,7 @@
 //! End to end through a real fhirgate (pingora + control API + SQLite) in front of a real FHIR
 //! server (Medplum's fhir-router, in memory, over HTTP): authentication on FHIR routes,
 //! forwarding, header hygiene, type-level authorization, revocation and upstream failure.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -12,17 +13,32 @@ use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
 fn basic(id: &str, secret: &str) -> String {
-    format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}")))
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
+    )
 }
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 /// Creates a client through the admin API with the given access policy; returns (id, secret).
 async fn new_client(gw: &TestGateway, admin: &str, policy: Option<Value>) -> (String, String) {
     let c = TestGateway::client();
-    let me: Value = c.get(format!("{}auth/me", gw.base)).bearer_auth(admin).send().await.unwrap().json().await.unwrap();
+    let me: Value = c
+        .get(format!("{}auth/me", gw.base))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let project = me["project"]["id"].as_str().unwrap().to_string();
     let mut body = json!({"name": "test client"});
     if let Some(p) = policy {
@@ -36,12 +52,22 @@ async fn new_client(gw: &TestGateway, admin: &str, policy: Option<Value>) -> (St
             .json()
             .await
             .unwrap();
-        body["accessPolicy"] = json!({"reference": format!("AccessPolicy/{}", created["id"].as_str().unwrap())});
+        body["accessPolicy"] =
+            json!({"reference": format!("AccessPolicy/{}", created["id"].as_str().unwrap())});
     }
-    let resp = c.post(format!("{}admin/projects/{project}/client", gw.base)).bearer_auth(admin).json(&body).send().await.unwrap();
+    let resp = c
+        .post(format!("{}admin/projects/{project}/client", gw.base))
+        .bearer_auth(admin)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 201);
     let client: Value = resp.json().await.unwrap();
-    (client["id"].as_str().unwrap().to_string(), client["secret"].as_str().unwrap().to_string())
+    (
+        client["id"].as_str().unwrap().to_string(),
+        client["secret"].as_str().unwrap().to_string(),
+    )
 }
 
 #[test]
@@ -104,19 +130,46 @@ fn every_malformed_or_unknown_credential_is_401() {
         ];
         let before = upstream.requests().len();
         for auth in cases {
-            let r = c.get(format!("{}Patient", gw.fhir)).header("authorization", &auth).send().await.unwrap();
+            let r = c
+                .get(format!("{}Patient", gw.fhir))
+                .header("authorization", &auth)
+                .send()
+                .await
+                .unwrap();
             assert_eq!(r.status(), 401, "{auth}");
-            assert_eq!(r.headers().get("content-type").unwrap(), "application/fhir+json");
+            assert_eq!(
+                r.headers().get("content-type").unwrap(),
+                "application/fhir+json"
+            );
             let body: Value = r.json().await.unwrap();
-            assert_eq!(body["issue"][0]["details"]["text"], "Unauthorized", "{auth}");
+            assert_eq!(
+                body["issue"][0]["details"]["text"], "Unauthorized",
+                "{auth}"
+            );
         }
         let none = c.get(format!("{}Patient", gw.fhir)).send().await.unwrap();
         assert_eq!(none.status(), 401);
         assert!(none.headers().get("www-authenticate").is_none());
-        let prompt = c.get(format!("{}Patient?_medplum-prompt-basic-auth=1", gw.fhir)).send().await.unwrap();
+        let prompt = c
+            .get(format!("{}Patient?_medplum-prompt-basic-auth=1", gw.fhir))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(prompt.status(), 401);
-        assert_eq!(prompt.headers().get("www-authenticate").unwrap().to_str().unwrap(), format!("Basic realm=\"{}\"", gw.base));
-        assert_eq!(upstream.requests().len(), before, "no unauthenticated request may reach the upstream");
+        assert_eq!(
+            prompt
+                .headers()
+                .get("www-authenticate")
+                .unwrap()
+                .to_str()
+                .unwrap(),
+            format!("Basic realm=\"{}\"", gw.base)
+        );
+        assert_eq!(
+            upstream.requests().len(),
+            before,
+            "no unauthenticated request may reach the upstream"
+        );
     });
 }
 
@@ -139,10 +192,21 @@ fn upstream_never_sees_client_credentials_or_spoofed_identity_headers() {
         let seen = upstream.requests();
         assert_eq!(seen.len(), 1, "{seen:?}");
         let headers = &seen[0]["headers"];
-        assert!(headers.get("authorization").is_none(), "client Authorization reached upstream: {headers}");
-        assert_eq!(headers["x-fhirgate-profile"], format!("ClientApplication/{ADMIN_CLIENT_ID}"));
+        assert!(
+            headers.get("authorization").is_none(),
+            "client Authorization reached upstream: {headers}"
+        );
+        assert_eq!(
+            headers["x-fhirgate-profile"],
+            format!("ClientApplication/{ADMIN_CLIENT_ID}")
+        );
         assert_ne!(headers["x-fhirgate-project"], "spoofed");
-        assert!(headers["x-forwarded-for"].as_str().unwrap().contains("127.0.0.1"));
+        assert!(
+            headers["x-forwarded-for"]
+                .as_str()
+                .unwrap()
+                .contains("127.0.0.1")
+        );
     });
 }
 
@@ -228,12 +292,24 @@ fn upstream_down_answers_502_promptly() {
     rt().block_on(async {
         let token = gw.admin_token().await;
         let started = Instant::now();
-        let r = TestGateway::client().get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap();
+        let r = TestGateway::client()
+            .get(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 502);
-        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            started.elapsed()
+        );
         let body: Value = r.json().await.unwrap();
         assert_eq!(body["resourceType"], "OperationOutcome");
-        assert!(!body.to_string().contains("127.0.0.1"), "upstream address leaked: {body}");
+        assert!(
+            !body.to_string().contains("127.0.0.1"),
+            "upstream address leaked: {body}"
+        );
         let w = TestGateway::client()
             .post(format!("{}Patient", gw.fhir))
             .bearer_auth(&token)
@@ -250,19 +326,44 @@ fn bootstrap_then_restart_keeps_keys_and_clients() {
     let upstream = FhirUpstream::start();
     let tmp = tempfile::tempdir().unwrap();
     // The issuer is the public base URL: keep it across the restart (ports change).
-    let pin = |f: &mut fhirgate::config::ConfigFile| f.base_url = Some("http://fhirgate.test/".into());
+    let pin =
+        |f: &mut fhirgate::config::ConfigFile| f.base_url = Some("http://fhirgate.test/".into());
     let gw = TestGateway::start_in(&upstream.base_url, tmp.path(), pin);
     assert_eq!(gw.running().bootstrap.client_id, ADMIN_CLIENT_ID);
     let token = rt().block_on(gw.admin_token());
-    let jwks1: Value = rt().block_on(async { TestGateway::client().get(format!("{}.well-known/jwks.json", gw.base)).send().await.unwrap().json().await.unwrap() });
+    let jwks1: Value = rt().block_on(async {
+        TestGateway::client()
+            .get(format!("{}.well-known/jwks.json", gw.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
     gw.stop();
     let gw2 = TestGateway::start_in(&upstream.base_url, tmp.path(), pin);
-    assert!(gw2.running().bootstrap.client_secret.is_none(), "restart must not create a new admin client");
+    assert!(
+        gw2.running().bootstrap.client_secret.is_none(),
+        "restart must not create a new admin client"
+    );
     rt().block_on(async {
-        let jwks2: Value = TestGateway::client().get(format!("{}.well-known/jwks.json", gw2.base)).send().await.unwrap().json().await.unwrap();
+        let jwks2: Value = TestGateway::client()
+            .get(format!("{}.well-known/jwks.json", gw2.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         assert_eq!(jwks1, jwks2);
         // The token issued before the restart still works: same key, same Login.
-        let r = TestGateway::client().get(format!("{}Patient", gw2.fhir)).bearer_auth(&token).send().await.unwrap();
+        let r = TestGateway::client()
+            .get(format!("{}Patient", gw2.fhir))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let fresh = gw2.admin_token().await;
         assert!(!fresh.is_empty());
@@ -274,15 +375,30 @@ fn metadata_is_public_and_advertises_oauth() {
     let upstream = FhirUpstream::start();
     let gw = TestGateway::start(&upstream.base_url);
     rt().block_on(async {
-        let r = TestGateway::client().get(format!("{}metadata", gw.fhir)).send().await.unwrap();
+        let r = TestGateway::client()
+            .get(format!("{}metadata", gw.fhir))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 200);
         let cs: Value = r.json().await.unwrap();
         assert_eq!(cs["resourceType"], "CapabilityStatement");
         let text = cs.to_string();
         assert!(text.contains(&format!("{}oauth2/token", gw.base)), "{text}");
-        let health = TestGateway::client().get(format!("{}readyz", gw.metrics)).send().await.unwrap();
+        let health = TestGateway::client()
+            .get(format!("{}readyz", gw.metrics))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(health.status(), 200);
-        let metrics = TestGateway::client().get(format!("{}metrics", gw.metrics)).send().await.unwrap().text().await.unwrap();
+        let metrics = TestGateway::client()
+            .get(format!("{}metrics", gw.metrics))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         assert!(metrics.contains("fhirgate_requests_total"), "{metrics}");
     });
 }

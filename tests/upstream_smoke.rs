@@ -1,5 +1,6 @@
 //! The FHIR test upstream (tests/upstream/server.mjs) starts, stores and serves a resource, and
 //! records and forgets the requests it receives.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -120,7 +120,11 @@ fn searchset(target: usize, keep_every: usize) -> (Value, usize) {
     let mut size = 0;
     let mut i = 0;
     while size < target {
-        let patient = if i % keep_every == 0 { "Patient/p1".to_string() } else { format!("Patient/other-{}", i % 50) };
+        let patient = if i % keep_every == 0 {
+            "Patient/p1".to_string()
+        } else {
+            format!("Patient/other-{}", i % 50)
+        };
         let e = json!({
             "fullUrl": format!("{base}/Observation/obs-{i}"),
             "resource": observation(i, &patient),
@@ -142,24 +146,43 @@ fn searchset(target: usize, keep_every: usize) -> (Value, usize) {
     (bundle, len)
 }
 
-fn parts<'a>(method: &'a str, path: &'a str, query: Option<&'a str>, headers: &'a [(&'a str, &'a str)], body: Option<&'a [u8]>) -> RequestParts<'a> {
-    RequestParts { method, path, query, headers, body }
+fn parts<'a>(
+    method: &'a str,
+    path: &'a str,
+    query: Option<&'a str>,
+    headers: &'a [(&'a str, &'a str)],
+    body: Option<&'a [u8]>,
+) -> RequestParts<'a> {
+    RequestParts {
+        method,
+        path,
+        query,
+        headers,
+        body,
+    }
 }
 
 const GET_HEADERS: [(&str, &str); 4] = [
     ("host", "localhost:8080"),
     ("user-agent", "wrk/4.1"),
     ("accept", "application/fhir+json"),
-    ("authorization", "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IjEyMyJ9.e30.sig"),
+    (
+        "authorization",
+        "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IjEyMyJ9.e30.sig",
+    ),
 ];
 const POST_HEADERS: [(&str, &str); 5] = [
     ("host", "localhost:8080"),
     ("user-agent", "wrk/4.1"),
     ("accept", "application/fhir+json"),
     ("content-type", "application/fhir+json"),
-    ("authorization", "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IjEyMyJ9.e30.sig"),
+    (
+        "authorization",
+        "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IjEyMyJ9.e30.sig",
+    ),
 ];
-const SEARCH_QUERY: &str = "subject=Patient/p1&code=http://loinc.org|85354-9&date=ge2024-01-01&_count=50&_sort=-date";
+const SEARCH_QUERY: &str =
+    "subject=Patient/p1&code=http://loinc.org|85354-9&date=ge2024-01-01&_count=50&_sort=-date";
 
 fn classify_ok(p: &RequestParts) -> FhirRequest {
     classify(p).expect("classifiable")
@@ -189,7 +212,13 @@ fn bench_effective(c: &mut Criterion) {
     let m = membership("patient-compartment");
     let ps = policies();
     let mut g = c.benchmark_group("effective");
-    for (name, scope) in [("patient-compartment, no scope", None), ("patient-compartment, scope patient/*.rs", Some("openid patient/*.rs"))] {
+    for (name, scope) in [
+        ("patient-compartment, no scope", None),
+        (
+            "patient-compartment, scope patient/*.rs",
+            Some("openid patient/*.rs"),
+        ),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 effective(black_box(&EffectiveInputs {
@@ -209,15 +238,30 @@ fn bench_effective(c: &mut Criterion) {
 fn bench_decide(c: &mut Criterion) {
     let policy = effective_for("patient-compartment", None);
     let read = classify_ok(&parts("GET", "Patient/p1", None, &GET_HEADERS, None));
-    let search = classify_ok(&parts("GET", "Observation", Some(SEARCH_QUERY), &GET_HEADERS, None));
+    let search = classify_ok(&parts(
+        "GET",
+        "Observation",
+        Some(SEARCH_QUERY),
+        &GET_HEADERS,
+        None,
+    ));
     let denied = classify_ok(&parts("GET", "Practitioner/pr1", None, &GET_HEADERS, None));
     assert!(matches!(decide(&policy, &read, false), Decision::Allow(_)));
-    assert!(matches!(decide(&policy, &search, false), Decision::Allow(_)));
+    assert!(matches!(
+        decide(&policy, &search, false),
+        Decision::Allow(_)
+    ));
     assert!(matches!(decide(&policy, &denied, false), Decision::Deny(_)));
     let mut g = c.benchmark_group("decide (patient-compartment)");
-    g.bench_function("read Patient/p1", |b| b.iter(|| decide(black_box(&policy), black_box(&read), false)));
-    g.bench_function("search Observation", |b| b.iter(|| decide(black_box(&policy), black_box(&search), false)));
-    g.bench_function("read Practitioner (denied)", |b| b.iter(|| decide(black_box(&policy), black_box(&denied), false)));
+    g.bench_function("read Patient/p1", |b| {
+        b.iter(|| decide(black_box(&policy), black_box(&read), false))
+    });
+    g.bench_function("search Observation", |b| {
+        b.iter(|| decide(black_box(&policy), black_box(&search), false))
+    });
+    g.bench_function("read Practitioner (denied)", |b| {
+        b.iter(|| decide(black_box(&policy), black_box(&denied), false))
+    });
     g.finish();
 
     // classify + decide, the per-request pure CPU of a forwarded search.
@@ -238,17 +282,29 @@ fn bench_criteria(c: &mut Criterion) {
     let obs = observation(7, "Patient/p1");
     let other = observation(8, "Patient/p2");
     let mut g = c.benchmark_group("criteria");
-    g.bench_function("parse subject", |b| b.iter(|| Criteria::parse("Observation", black_box(simple))));
-    g.bench_function("parse 5 filters", |b| b.iter(|| Criteria::parse("Observation", black_box(complex))));
+    g.bench_function("parse subject", |b| {
+        b.iter(|| Criteria::parse("Observation", black_box(simple)))
+    });
+    g.bench_function("parse 5 filters", |b| {
+        b.iter(|| Criteria::parse("Observation", black_box(complex)))
+    });
     let cs = Criteria::parse("Observation", simple).expect("criteria");
     let cc = Criteria::parse("Observation", complex).expect("criteria");
     assert!(cs.matches(&obs) && !cs.matches(&other) && cc.matches(&obs));
-    g.bench_function("matches subject (hit)", |b| b.iter(|| cs.matches(black_box(&obs))));
-    g.bench_function("matches subject (miss)", |b| b.iter(|| cs.matches(black_box(&other))));
-    g.bench_function("matches 5 filters (hit)", |b| b.iter(|| cc.matches(black_box(&obs))));
+    g.bench_function("matches subject (hit)", |b| {
+        b.iter(|| cs.matches(black_box(&obs)))
+    });
+    g.bench_function("matches subject (miss)", |b| {
+        b.iter(|| cs.matches(black_box(&other)))
+    });
+    g.bench_function("matches 5 filters (hit)", |b| {
+        b.iter(|| cc.matches(black_box(&obs)))
+    });
     let compartment = Criteria::parse("*", "*?_compartment=Patient/p1").expect("criteria");
     assert!(compartment.matches(&obs));
-    g.bench_function("matches *?_compartment (hit)", |b| b.iter(|| compartment.matches(black_box(&obs))));
+    g.bench_function("matches *?_compartment (hit)", |b| {
+        b.iter(|| compartment.matches(black_box(&obs)))
+    });
     g.finish();
 }
 
@@ -267,31 +323,63 @@ fn bench_filter(c: &mut Criterion) {
         let mut probe = bundle.clone();
         filter_value(&patient, &mut probe, false);
         let kept = probe["entry"].as_array().map_or(0, Vec::len);
-        assert_eq!(kept, n.div_ceil(2), "patient policy keeps p1's entries only");
+        assert_eq!(
+            kept,
+            n.div_ceil(2),
+            "patient policy keeps p1's entries only"
+        );
         if mb == 1 {
-            eprintln!("filter: {mb} MB bundle = {bytes} bytes, {n} entries, {kept} kept by patient-compartment");
+            eprintln!(
+                "filter: {mb} MB bundle = {bytes} bytes, {n} entries, {kept} kept by patient-compartment"
+            );
         }
-        g.bench_function(format!("filter_value {mb}MB patient-compartment (half dropped)"), |b| {
-            b.iter_batched(|| bundle.clone(), |mut v| { filter_value(&patient, &mut v, false); v }, BatchSize::LargeInput)
-        });
-        g.bench_function(format!("filter_value {mb}MB auditor (hiddenFields on all)"), |b| {
-            b.iter_batched(|| bundle.clone(), |mut v| { filter_value(&auditor, &mut v, false); v }, BatchSize::LargeInput)
-        });
+        g.bench_function(
+            format!("filter_value {mb}MB patient-compartment (half dropped)"),
+            |b| {
+                b.iter_batched(
+                    || bundle.clone(),
+                    |mut v| {
+                        filter_value(&patient, &mut v, false);
+                        v
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
+        g.bench_function(
+            format!("filter_value {mb}MB auditor (hiddenFields on all)"),
+            |b| {
+                b.iter_batched(
+                    || bundle.clone(),
+                    |mut v| {
+                        filter_value(&auditor, &mut v, false);
+                        v
+                    },
+                    BatchSize::LargeInput,
+                )
+            },
+        );
         // What the gateway does per filtered response: parse, filter, serialize (without its
         // URL rewrite pass, which lives in the root crate).
-        g.bench_function(format!("parse+filter+serialize {mb}MB patient-compartment"), |b| {
-            b.iter(|| {
-                let mut v: Value = serde_json::from_slice(black_box(&raw)).expect("json");
-                filter_value(&patient, &mut v, false);
-                serde_json::to_vec(&v).expect("json")
-            })
-        });
-        g.bench_function(format!("parse+serialize {mb}MB (no filter, baseline)"), |b| {
-            b.iter(|| {
-                let v: Value = serde_json::from_slice(black_box(&raw)).expect("json");
-                serde_json::to_vec(&v).expect("json")
-            })
-        });
+        g.bench_function(
+            format!("parse+filter+serialize {mb}MB patient-compartment"),
+            |b| {
+                b.iter(|| {
+                    let mut v: Value = serde_json::from_slice(black_box(&raw)).expect("json");
+                    filter_value(&patient, &mut v, false);
+                    serde_json::to_vec(&v).expect("json")
+                })
+            },
+        );
+        g.bench_function(
+            format!("parse+serialize {mb}MB (no filter, baseline)"),
+            |b| {
+                b.iter(|| {
+                    let v: Value = serde_json::from_slice(black_box(&raw)).expect("json");
+                    serde_json::to_vec(&v).expect("json")
+                })
+            },
+        );
     }
     g.finish();
 }

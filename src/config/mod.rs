@@ -14,7 +14,10 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value for `{key}`: {message}")]
@@ -22,7 +25,10 @@ pub enum ConfigError {
 }
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { key, message: message.into() }
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
 }
 
 /// Options shared by `serve`, `proxy` and `control`. Each is a flag, an env var, or a key of the
@@ -107,10 +113,14 @@ pub struct ConfigFile {
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
     }
 
     /// `self` (flags and env) wins over `file`.
@@ -170,9 +180,16 @@ impl Upstream {
             "https" => true,
             other => return Err(invalid("upstream", format!("unsupported scheme `{other}`"))),
         };
-        let host = parsed.host_str().ok_or_else(|| invalid("upstream", "missing host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-        let port = parsed.port_or_known_default().ok_or_else(|| invalid("upstream", "missing port"))?;
+        let host = parsed
+            .host_str()
+            .ok_or_else(|| invalid("upstream", "missing host"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| invalid("upstream", "missing port"))?;
         if parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(invalid("upstream", "must not have a query or fragment"));
         }
@@ -245,14 +262,23 @@ pub fn parse_lifetime(s: &str) -> Option<Duration> {
 
 fn addr(key: &'static str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
     let s = v.unwrap_or(default);
-    s.parse().map_err(|_| invalid(key, format!("`{s}` is not an address like 127.0.0.1:8080")))
+    s.parse()
+        .map_err(|_| invalid(key, format!("`{s}` is not an address like 127.0.0.1:8080")))
 }
 
 impl Config {
     pub fn from_file(f: ConfigFile) -> Result<Config, ConfigError> {
         let listen = addr("listen", f.listen.as_deref(), "0.0.0.0:8080")?;
-        let control_listen = addr("control_listen", f.control_listen.as_deref(), "127.0.0.1:8081")?;
-        let metrics_listen = addr("metrics_listen", f.metrics_listen.as_deref(), "0.0.0.0:9090")?;
+        let control_listen = addr(
+            "control_listen",
+            f.control_listen.as_deref(),
+            "127.0.0.1:8081",
+        )?;
+        let metrics_listen = addr(
+            "metrics_listen",
+            f.metrics_listen.as_deref(),
+            "0.0.0.0:9090",
+        )?;
         let base_url = match f.base_url {
             Some(b) => {
                 let u = url::Url::parse(&b).map_err(|e| invalid("base_url", e.to_string()))?;
@@ -264,7 +290,9 @@ impl Config {
             None => format!("http://localhost:{}/", listen.port()),
         };
         let mut upstream = Upstream::parse(
-            f.upstream.as_deref().unwrap_or("http://127.0.0.1:8103/fhir/R4"),
+            f.upstream
+                .as_deref()
+                .unwrap_or("http://127.0.0.1:8103/fhir/R4"),
             f.upstream_authorization,
         )?;
         if let Some(ms) = f.upstream_connect_timeout_ms {
@@ -277,7 +305,10 @@ impl Config {
         let store_url = f
             .store
             .unwrap_or_else(|| format!("sqlite://{}", data_dir.join("fhirgate.db").display()));
-        if !(store_url.starts_with("sqlite:") || store_url.starts_with("postgres://") || store_url.starts_with("postgresql://")) {
+        if !(store_url.starts_with("sqlite:")
+            || store_url.starts_with("postgres://")
+            || store_url.starts_with("postgresql://"))
+        {
             return Err(invalid("store", "must start with sqlite: or postgres://"));
         }
         let trusted_proxies = f
@@ -293,7 +324,8 @@ impl Config {
             .collect::<Result<Vec<_>, _>>()?;
         let lifetime = |key: &'static str, v: Option<String>, d: &str| {
             let s = v.unwrap_or_else(|| d.to_string());
-            parse_lifetime(&s).ok_or_else(|| invalid(key, format!("`{s}` is not a duration like 60s, 1h, 2w")))
+            parse_lifetime(&s)
+                .ok_or_else(|| invalid(key, format!("`{s}` is not a duration like 60s, 1h, 2w")))
         };
         let log_format = f.log_format.unwrap_or_else(|| "json".into());
         if !matches!(log_format.as_str(), "json" | "text") {
@@ -308,19 +340,34 @@ impl Config {
             data_dir,
             store_url,
             trusted_proxies,
-            access_token_lifetime: lifetime("access_token_lifetime", f.access_token_lifetime, "1h")?,
-            refresh_token_lifetime: lifetime("refresh_token_lifetime", f.refresh_token_lifetime, "2w")?,
+            access_token_lifetime: lifetime(
+                "access_token_lifetime",
+                f.access_token_lifetime,
+                "1h",
+            )?,
+            refresh_token_lifetime: lifetime(
+                "refresh_token_lifetime",
+                f.refresh_token_lifetime,
+                "2w",
+            )?,
             token_cache_capacity: f.token_cache_capacity.unwrap_or(100_000),
             max_request_body: f.max_request_body.unwrap_or(16 << 20),
             max_response_buffer: f.max_response_buffer.unwrap_or(64 << 20),
             threads: f
                 .threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism()
+                        .map(|n| n.get())
+                        .unwrap_or(2)
+                })
                 .max(1),
             policies_dir: f.policies_dir,
             grace_period_seconds: f.grace_period_seconds.unwrap_or(5),
             bootstrap: Bootstrap {
-                admin_email: f.admin_email.unwrap_or_else(|| "admin@example.com".into()).to_lowercase(),
+                admin_email: f
+                    .admin_email
+                    .unwrap_or_else(|| "admin@example.com".into())
+                    .to_lowercase(),
                 admin_password: f.admin_password,
                 admin_client_id: f.admin_client_id,
                 admin_client_secret: f.admin_client_secret,
@@ -351,13 +398,32 @@ mod tests {
 
     #[test]
     fn bad_values_are_one_line_errors() {
-        let f = ConfigFile { trusted_proxies: vec!["nonsense".into()], ..Default::default() };
+        let f = ConfigFile {
+            trusted_proxies: vec!["nonsense".into()],
+            ..Default::default()
+        };
         let e = Config::from_file(f).unwrap_err().to_string();
         assert!(e.contains("trusted_proxies"), "{e}");
-        let f = ConfigFile { upstream: Some("ftp://x".into()), ..Default::default() };
-        assert!(Config::from_file(f).unwrap_err().to_string().contains("upstream"));
-        let f = ConfigFile { access_token_lifetime: Some("300".into()), ..Default::default() };
-        assert!(Config::from_file(f).unwrap_err().to_string().contains("access_token_lifetime"));
+        let f = ConfigFile {
+            upstream: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        assert!(
+            Config::from_file(f)
+                .unwrap_err()
+                .to_string()
+                .contains("upstream")
+        );
+        let f = ConfigFile {
+            access_token_lifetime: Some("300".into()),
+            ..Default::default()
+        };
+        assert!(
+            Config::from_file(f)
+                .unwrap_err()
+                .to_string()
+                .contains("access_token_lifetime")
+        );
     }
 
     #[test]
@@ -371,8 +437,15 @@ mod tests {
 
     #[test]
     fn flags_win_over_file() {
-        let file = ConfigFile { listen: Some("0.0.0.0:1".into()), upstream: Some("http://a:1/fhir".into()), ..Default::default() };
-        let flags = ConfigFile { listen: Some("0.0.0.0:2".into()), ..Default::default() };
+        let file = ConfigFile {
+            listen: Some("0.0.0.0:1".into()),
+            upstream: Some("http://a:1/fhir".into()),
+            ..Default::default()
+        };
+        let flags = ConfigFile {
+            listen: Some("0.0.0.0:2".into()),
+            ..Default::default()
+        };
         let c = Config::from_file(flags.layered_over(file)).unwrap();
         assert_eq!(c.listen.port(), 2);
         assert_eq!(c.upstream.host, "a");

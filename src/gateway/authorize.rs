@@ -35,7 +35,11 @@ pub struct Mediation {
     pub super_admin: bool,
 }
 
-const METHOD_OVERRIDES: [&str; 3] = ["x-http-method-override", "x-http-method", "x-method-override"];
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 fn deny(d: &Deny) -> Verdict {
     match d {
@@ -57,14 +61,22 @@ pub fn op_resource_type(op: &FhirOp) -> Option<&str> {
         | FhirOp::Delete { resource_type, .. }
         | FhirOp::ConditionalDelete { resource_type, .. } => Some(resource_type),
         FhirOp::Search(s) => s.resource_type.as_deref(),
-        FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => resource_type.as_deref(),
+        FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => {
+            resource_type.as_deref()
+        }
         FhirOp::Capabilities | FhirOp::Bundle { .. } | FhirOp::GraphQl => None,
     }
 }
 
 fn is_admin(snap: &Snapshot, membership_id: &str) -> (bool, bool) {
-    let Some(m) = snap.memberships.get(membership_id) else { return (false, false) };
-    let super_admin = m.project.type_and_id().and_then(|(_, p)| snap.projects.get(p)).is_some_and(|p| p.super_admin);
+    let Some(m) = snap.memberships.get(membership_id) else {
+        return (false, false);
+    };
+    let super_admin = m
+        .project
+        .type_and_id()
+        .and_then(|(_, p)| snap.projects.get(p))
+        .is_some_and(|p| p.super_admin);
     (m.is_admin() || super_admin, super_admin)
 }
 
@@ -76,7 +88,9 @@ fn on_behalf_of(snap: &Snapshot, project_id: &str, value: &str) -> Option<String
         let m = snap.memberships.get(id)?;
         return (m.project.type_and_id()?.1 == project_id).then(|| id.to_string());
     }
-    snap.membership_by_profile.get(&(project_id.to_string(), value.to_string())).cloned()
+    snap.membership_by_profile
+        .get(&(project_id.to_string(), value.to_string()))
+        .cloned()
 }
 
 async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, Outcome> {
@@ -93,29 +107,59 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
             Err(_) => return Err(Outcome::BadRequest("Could not read request body".into())),
         }
     }
-    Ok(if buf.is_empty() { None } else { Some(Bytes::from(buf)) })
+    Ok(if buf.is_empty() {
+        None
+    } else {
+        Some(Bytes::from(buf))
+    })
 }
 
-pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, rest: &str) -> Verdict {
+pub async fn authorize(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    rest: &str,
+) -> Verdict {
     let state = &gw.state;
     let req = session.req_header();
     if req.headers.contains_key("upgrade") {
-        return Verdict::Deny(Outcome::BadRequest("Protocol upgrade is not supported".into()), "upgrade");
+        return Verdict::Deny(
+            Outcome::BadRequest("Protocol upgrade is not supported".into()),
+            "upgrade",
+        );
     }
-    if METHOD_OVERRIDES.iter().any(|h| req.headers.contains_key(*h)) {
-        return Verdict::Deny(Outcome::BadRequest("Method override is not allowed".into()), "method_override");
+    if METHOD_OVERRIDES
+        .iter()
+        .any(|h| req.headers.contains_key(*h))
+    {
+        return Verdict::Deny(
+            Outcome::BadRequest("Method override is not allowed".into()),
+            "method_override",
+        );
     }
-    let auth_header = req.headers.get("authorization").and_then(|v| v.to_str().ok());
+    let auth_header = req
+        .headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
     let (auth, cache) = state.authenticate(auth_header).await;
     match cache {
-        CacheUse::Hit => crate::obs::METRICS.token_cache.with_label_values(&["hit"]).inc(),
-        CacheUse::Miss => crate::obs::METRICS.token_cache.with_label_values(&["miss"]).inc(),
+        CacheUse::Hit => crate::obs::METRICS
+            .token_cache
+            .with_label_values(&["hit"])
+            .inc(),
+        CacheUse::Miss => crate::obs::METRICS
+            .token_cache
+            .with_label_values(&["miss"])
+            .inc(),
         CacheUse::None => {}
     }
     let identity = match auth {
         Ok(i) => i,
         Err(AuthError::StoreUnavailable) => {
-            return Verdict::Deny(Outcome::ServiceUnavailable("Credential store unavailable".into()), "store_unavailable");
+            return Verdict::Deny(
+                Outcome::ServiceUnavailable("Credential store unavailable".into()),
+                "store_unavailable",
+            );
         }
         Err(e) => return Verdict::Deny(Outcome::Unauthorized, e.as_str()),
     };
@@ -125,20 +169,30 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
 
     // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
     let mut membership_id = identity.membership_id.clone();
-    let obo = session.req_header().headers.get("x-medplum-on-behalf-of").map(|v| v.to_str().map(str::to_string));
+    let obo = session
+        .req_header()
+        .headers
+        .get("x-medplum-on-behalf-of")
+        .map(|v| v.to_str().map(str::to_string));
     if let Some(value) = obo {
-        let Ok(value) = value else { return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_invalid") };
+        let Ok(value) = value else {
+            return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_invalid");
+        };
         if !caller_admin {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_not_admin");
         }
         let Some(target) = on_behalf_of(&snap, &identity.project_id, &value) else {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown");
         };
-        ctx.on_behalf_of_profile = snap.memberships.get(&target).and_then(|m| m.profile.reference.clone());
+        ctx.on_behalf_of_profile = snap
+            .memberships
+            .get(&target)
+            .and_then(|m| m.profile.reference.clone());
         ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));
         membership_id = target;
     }
-    let Some(policy) = state.effective_policy(&snap, &membership_id, identity.scope.as_deref()) else {
+    let Some(policy) = state.effective_policy(&snap, &membership_id, identity.scope.as_deref())
+    else {
         return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
     };
 
@@ -149,15 +203,18 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         } else {
             state.effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
         };
-        if let Some(cp) = caller_policy {
-            if !cp.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed() {
-                return Verdict::Deny(Outcome::Forbidden, "ip_blocked");
-            }
+        if let Some(cp) = caller_policy
+            && (!cp.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed())
+        {
+            return Verdict::Deny(Outcome::Forbidden, "ip_blocked");
         }
     }
 
     let method = session.req_header().method.clone();
-    let body = if matches!(method, http::Method::POST | http::Method::PUT | http::Method::PATCH) {
+    let body = if matches!(
+        method,
+        http::Method::POST | http::Method::PUT | http::Method::PATCH
+    ) {
         match read_body(session, state.config.max_request_body).await {
             Ok(b) => b,
             Err(o) => return Verdict::Deny(o, "body"),
@@ -169,9 +226,16 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     let headers: Vec<(String, String)> = req
         .headers
         .iter()
-        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_ascii_lowercase(), v.to_string())))
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_string()))
+        })
         .collect();
-    let header_refs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let header_refs: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     let parts = RequestParts {
         method: method.as_str(),
         path: rest,
@@ -201,16 +265,23 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         }
     };
     ctx.resource_type = op_resource_type(&request.op).map(str::to_string);
-    if let Some(ty) = op_resource_type(&request.op) {
-        if super::route::CONTROL_FHIR_TYPES.contains(&ty) {
-            return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");
-        }
+    if let Some(ty) = op_resource_type(&request.op)
+        && super::route::CONTROL_FHIR_TYPES.contains(&ty)
+    {
+        return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");
     }
 
     if let FhirOp::Bundle { .. } = &request.op {
         let entries = decide::decide_entries(&policy, &request.op, super_admin);
         ctx.decision = "allow_bundle";
-        return Verdict::Mediate(Mediation { policy, body, op: request.op, permit: None, entries, super_admin });
+        return Verdict::Mediate(Mediation {
+            policy,
+            body,
+            op: request.op,
+            permit: None,
+            entries,
+            super_admin,
+        });
     }
     let permit = match decide::decide(&policy, &request, super_admin) {
         Decision::Allow(p) => p,
@@ -221,12 +292,27 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         || permit.write != decide::WriteCheck::None
         || permit.response == ResponseNeed::CheckResource;
     if mediated {
-        return Verdict::Mediate(Mediation { policy, body, op: request.op, permit: Some(permit), entries: Vec::new(), super_admin });
+        return Verdict::Mediate(Mediation {
+            policy,
+            body,
+            op: request.op,
+            permit: Some(permit),
+            entries: Vec::new(),
+            super_admin,
+        });
     }
-    ctx.extra_query = permit.narrowing.iter().map(|p| (p.name.clone(), p.value.clone())).collect();
+    ctx.extra_query = permit
+        .narrowing
+        .iter()
+        .map(|p| (p.name.clone(), p.value.clone()))
+        .collect();
     ctx.plan = match permit.response {
         ResponseNeed::Untouched => ResponsePlan::Stream,
-        _ => ResponsePlan::Buffer(Arc::new(FilterSpec { policy: Some(policy), metadata: false, drop_total: permit.drop_total })),
+        _ => ResponsePlan::Buffer(Arc::new(FilterSpec {
+            policy: Some(policy),
+            metadata: false,
+            drop_total: permit.drop_total,
+        })),
     };
     Verdict::Forward
 }

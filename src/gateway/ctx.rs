@@ -42,6 +42,12 @@ pub struct RequestCtx {
     pub answered: Option<u16>,
 }
 
+impl Default for RequestCtx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl RequestCtx {
     pub fn new() -> RequestCtx {
         RequestCtx {

@@ -40,7 +40,9 @@ fn is_json(resp: &ResponseHeader) -> bool {
         .and_then(|v| v.to_str().ok())
         .map(|ct| {
             let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/fhir+json") || ct.starts_with("application/json") || ct.starts_with("application/json+fhir")
+            ct.starts_with("application/fhir+json")
+                || ct.starts_with("application/json")
+                || ct.starts_with("application/json+fhir")
         })
         .unwrap_or(false)
 }
@@ -55,13 +57,24 @@ pub fn rewrite_url(config: &Config, value: &str) -> String {
 }
 
 /// Header stage. Runs before any body chunk.
-pub fn prepare_response(config: &Config, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+pub fn prepare_response(
+    config: &Config,
+    resp: &mut ResponseHeader,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
     for name in ["location", "content-location"] {
-        if let Some(v) = resp.headers.get(name).and_then(|v| v.to_str().ok()).map(|v| rewrite_url(config, v)) {
+        if let Some(v) = resp
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| rewrite_url(config, v))
+        {
             resp.insert_header(name, v)?;
         }
     }
-    let ResponsePlan::Buffer(spec) = &ctx.plan else { return Ok(()) };
+    let ResponsePlan::Buffer(spec) = &ctx.plan else {
+        return Ok(());
+    };
     let status = resp.status.as_u16();
     if status == 204 || status == 304 || (100..200).contains(&status) {
         return Ok(());
@@ -100,7 +113,12 @@ pub fn prepare_response(config: &Config, resp: &mut ResponseHeader, ctx: &mut Re
 }
 
 /// Body stage (synchronous, pure CPU): collect, then filter at end of stream.
-pub fn body_chunk(config: &Config, body: &mut Option<Bytes>, end: bool, ctx: &mut RequestCtx) -> Result<()> {
+pub fn body_chunk(
+    config: &Config,
+    body: &mut Option<Bytes>,
+    end: bool,
+    ctx: &mut RequestCtx,
+) -> Result<()> {
     if let Some(replacement) = &ctx.replacement {
         *body = if end { Some(replacement.clone()) } else { None };
         if end {
@@ -115,12 +133,17 @@ pub fn body_chunk(config: &Config, body: &mut Option<Bytes>, end: bool, ctx: &mu
         if ctx.body.len() + chunk.len() > config.max_response_buffer {
             // Headers are gone already: abort the response rather than send part of it.
             ctx.body_overflow = true;
-            return Error::e_explain(ErrorType::InternalError, "response exceeds the filtering buffer");
+            return Error::e_explain(
+                ErrorType::InternalError,
+                "response exceeds the filtering buffer",
+            );
         }
         ctx.body.extend_from_slice(&chunk);
     }
     if end {
-        let ResponsePlan::Buffer(spec) = &ctx.plan else { return Ok(()) };
+        let ResponsePlan::Buffer(spec) = &ctx.plan else {
+            return Ok(());
+        };
         let raw = std::mem::take(&mut ctx.body);
         *body = Some(Bytes::from(apply(config, spec, &raw)));
     }
@@ -136,10 +159,10 @@ pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
     if spec.metadata {
         advertise_oauth(config, &mut value);
     }
-    if let Some(policy) = &spec.policy {
-        if !fhirgate_core::policy::filter::filter_value(policy, &mut value, spec.drop_total) {
-            return Outcome::NotFound.to_bytes();
-        }
+    if let Some(policy) = &spec.policy
+        && !fhirgate_core::policy::filter::filter_value(policy, &mut value, spec.drop_total)
+    {
+        return Outcome::NotFound.to_bytes();
     }
     serde_json::to_vec(&value).unwrap_or_default()
 }

@@ -28,7 +28,11 @@ pub fn peer(config: &Config, route: &Route) -> Box<HttpPeer> {
         Route::Control => Box::new(HttpPeer::new(config.control_listen, false, String::new())),
         _ => {
             let up = &config.upstream;
-            Box::new(HttpPeer::new((up.host.as_str(), up.port), up.tls, up.host.clone()))
+            Box::new(HttpPeer::new(
+                (up.host.as_str(), up.port),
+                up.tls,
+                up.host.clone(),
+            ))
         }
     };
     peer.options.connection_timeout = Some(config.upstream.connect_timeout);
@@ -40,19 +44,32 @@ pub fn peer(config: &Config, route: &Route) -> Box<HttpPeer> {
 }
 
 fn append_xff(upstream: &mut RequestHeader, session: &Session) -> Result<()> {
-    let peer = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip().to_string()).unwrap_or_default();
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let prior: Vec<String> = upstream
         .headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok().map(str::to_string))
         .collect();
-    let value = if prior.is_empty() { peer } else { format!("{}, {peer}", prior.join(", ")) };
+    let value = if prior.is_empty() {
+        peer
+    } else {
+        format!("{}, {peer}", prior.join(", "))
+    };
     upstream.insert_header("x-forwarded-for", value)?;
     Ok(())
 }
 
-pub fn rewrite_request(config: &Config, session: &Session, upstream: &mut RequestHeader, ctx: &RequestCtx) -> Result<()> {
+pub fn rewrite_request(
+    config: &Config,
+    session: &Session,
+    upstream: &mut RequestHeader,
+    ctx: &RequestCtx,
+) -> Result<()> {
     append_xff(upstream, session)?;
     let public = url::Url::parse(&config.base_url).ok();
     if let Some(u) = &public {
@@ -69,7 +86,9 @@ pub fn rewrite_request(config: &Config, session: &Session, upstream: &mut Reques
         Route::Control => return Ok(()),
         Route::Metadata => "metadata".to_string(),
         Route::Fhir { rest } => rest.clone(),
-        Route::NotFound | Route::BadPath => return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding"),
+        Route::NotFound | Route::BadPath => {
+            return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding");
+        }
     };
     for h in STRIPPED {
         upstream.remove_header(h);
@@ -87,25 +106,40 @@ pub fn rewrite_request(config: &Config, session: &Session, upstream: &mut Reques
     if let Some(obo) = &ctx.on_behalf_of_profile {
         upstream.insert_header("x-fhirgate-on-behalf-of", obo.as_str())?;
     }
-    let host = if (up.tls && up.port == 443) || (!up.tls && up.port == 80) { up.host.clone() } else { format!("{}:{}", up.host, up.port) };
+    let host = if (up.tls && up.port == 443) || (!up.tls && up.port == 80) {
+        up.host.clone()
+    } else {
+        format!("{}:{}", up.host, up.port)
+    };
     upstream.insert_header("host", host)?;
     if !matches!(ctx.plan, ResponsePlan::Stream) {
         // Filtering needs the plain body.
         upstream.remove_header("accept-encoding");
     }
-    let mut query = session.req_header().uri.query().map(str::to_string).unwrap_or_default();
+    let mut query = session
+        .req_header()
+        .uri
+        .query()
+        .map(str::to_string)
+        .unwrap_or_default();
     for (k, v) in &ctx.extra_query {
         if !query.is_empty() {
             query.push('&');
         }
-        query.extend(form_urlencoded::Serializer::new(String::new()).append_pair(k, v).finish().chars());
+        query.push_str(
+            &form_urlencoded::Serializer::new(String::new())
+                .append_pair(k, v)
+                .finish(),
+        );
     }
     let mut uri = format!("{}/{}", up.base_path, rest);
     if !query.is_empty() {
         uri.push('?');
         uri.push_str(&query);
     }
-    let parsed = uri.parse::<http::Uri>().or_err(HTTPStatus(400), "invalid upstream URI")?;
+    let parsed = uri
+        .parse::<http::Uri>()
+        .or_err(HTTPStatus(400), "invalid upstream URI")?;
     upstream.set_uri(parsed);
     Ok(())
 }

@@ -20,9 +20,18 @@ use super::filter::rewrite_urls;
 use super::respond;
 
 /// Request headers passed on to the upstream in a mediated exchange.
-const PASSED_REQUEST_HEADERS: [&str; 7] = ["content-type", "if-match", "if-none-match", "if-none-exist", "if-modified-since", "prefer", "accept"];
+const PASSED_REQUEST_HEADERS: [&str; 7] = [
+    "content-type",
+    "if-match",
+    "if-none-match",
+    "if-none-exist",
+    "if-modified-since",
+    "prefer",
+    "accept",
+];
 /// Response headers passed back to the client.
-const PASSED_RESPONSE_HEADERS: [&str; 4] = ["etag", "last-modified", "location", "content-location"];
+const PASSED_RESPONSE_HEADERS: [&str; 4] =
+    ["etag", "last-modified", "location", "content-location"];
 
 struct Upstream {
     status: u16,
@@ -49,7 +58,11 @@ impl Gateway {
             if !q.is_empty() {
                 q.push('&');
             }
-            q.push_str(&form_urlencoded::Serializer::new(String::new()).append_pair(k, v).finish());
+            q.push_str(
+                &form_urlencoded::Serializer::new(String::new())
+                    .append_pair(k, v)
+                    .finish(),
+            );
         }
         if !q.is_empty() {
             url.push('?');
@@ -84,7 +97,9 @@ impl Gateway {
             rb = rb.header("authorization", auth.as_str());
         }
         if let Some(id) = &ctx.identity {
-            rb = rb.header("x-fhirgate-profile", id.profile.as_str()).header("x-fhirgate-project", id.project_id.as_str());
+            rb = rb
+                .header("x-fhirgate-profile", id.profile.as_str())
+                .header("x-fhirgate-project", id.project_id.as_str());
         }
         if let Some(obo) = &ctx.on_behalf_of_profile {
             rb = rb.header("x-fhirgate-on-behalf-of", obo.as_str());
@@ -97,79 +112,178 @@ impl Gateway {
         }
         let resp = rb.send().await.map_err(|e| {
             if e.is_timeout() {
-                Failure::Answer(Outcome::GatewayTimeout("Upstream timed out".into()), "upstream_timeout")
+                Failure::Answer(
+                    Outcome::GatewayTimeout("Upstream timed out".into()),
+                    "upstream_timeout",
+                )
             } else {
-                Failure::Answer(Outcome::BadGateway("Upstream unavailable".into()), "upstream_error")
+                Failure::Answer(
+                    Outcome::BadGateway("Upstream unavailable".into()),
+                    "upstream_error",
+                )
             }
         })?;
         let status = resp.status().as_u16();
-        let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_ascii_lowercase();
+        let ct = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let is_json = ct.contains("json");
         let headers = PASSED_RESPONSE_HEADERS
             .iter()
-            .filter_map(|h| resp.headers().get(*h).and_then(|v| v.to_str().ok()).map(|v| (*h, super::filter::rewrite_url(&self.state.config, v))))
+            .filter_map(|h| {
+                resp.headers()
+                    .get(*h)
+                    .and_then(|v| v.to_str().ok())
+                    .map(|v| (*h, super::filter::rewrite_url(&self.state.config, v)))
+            })
             .collect();
         let limit = self.state.config.max_response_buffer;
         if resp.content_length().is_some_and(|n| n as usize > limit) {
-            return Err(Failure::Answer(Outcome::BadGateway("Upstream response too large to filter".into()), "too_large"));
+            return Err(Failure::Answer(
+                Outcome::BadGateway("Upstream response too large to filter".into()),
+                "too_large",
+            ));
         }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|_| Failure::Answer(Outcome::BadGateway("Upstream response incomplete".into()), "upstream_error"))?;
+        let body = resp.bytes().await.map_err(|_| {
+            Failure::Answer(
+                Outcome::BadGateway("Upstream response incomplete".into()),
+                "upstream_error",
+            )
+        })?;
         if body.len() > limit {
-            return Err(Failure::Answer(Outcome::BadGateway("Upstream response too large to filter".into()), "too_large"));
+            return Err(Failure::Answer(
+                Outcome::BadGateway("Upstream response too large to filter".into()),
+                "too_large",
+            ));
         }
-        Ok(Upstream { status, headers, body, is_json })
+        Ok(Upstream {
+            status,
+            headers,
+            body,
+            is_json,
+        })
     }
 
     /// Reads the current version of `Type/id` from the upstream: `None` when it does not exist.
-    async fn current(&self, ctx: &RequestCtx, session: &Session, ty: &str, id: &str) -> Step<Option<Value>> {
+    async fn current(
+        &self,
+        ctx: &RequestCtx,
+        session: &Session,
+        ty: &str,
+        id: &str,
+    ) -> Step<Option<Value>> {
         let url = format!("{}/{}/{}", self.state.config.upstream.base_url, ty, id);
-        let up = self.exchange(ctx, session, http::Method::GET, url, None, &[("accept", "application/fhir+json".into()), ("if-none-match", String::new())]).await?;
+        let up = self
+            .exchange(
+                ctx,
+                session,
+                http::Method::GET,
+                url,
+                None,
+                &[
+                    ("accept", "application/fhir+json".into()),
+                    ("if-none-match", String::new()),
+                ],
+            )
+            .await?;
         match up.status {
-            200 => serde_json::from_slice(&up.body).map(Some).map_err(|_| Failure::Answer(Outcome::BadGateway("Upstream returned malformed JSON".into()), "upstream_error")),
+            200 => serde_json::from_slice(&up.body).map(Some).map_err(|_| {
+                Failure::Answer(
+                    Outcome::BadGateway("Upstream returned malformed JSON".into()),
+                    "upstream_error",
+                )
+            }),
             404 | 410 => Ok(None),
-            _ => Err(Failure::Answer(Outcome::BadGateway("Could not read the current version".into()), "upstream_error")),
+            _ => Err(Failure::Answer(
+                Outcome::BadGateway("Could not read the current version".into()),
+                "upstream_error",
+            )),
         }
     }
 }
 
 fn version_of(resource: &Value) -> Option<String> {
-    resource.get("meta")?.get("versionId")?.as_str().map(|v| format!("W/\"{v}\""))
+    resource
+        .get("meta")?
+        .get("versionId")?
+        .as_str()
+        .map(|v| format!("W/\"{v}\""))
 }
 
 fn parse_json(body: &Option<Bytes>) -> Step<Value> {
-    let b = body.as_ref().ok_or_else(|| Failure::Answer(Outcome::BadRequest("Missing request body".into()), "bad_body"))?;
-    serde_json::from_slice(b).map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
+    let b = body.as_ref().ok_or_else(|| {
+        Failure::Answer(
+            Outcome::BadRequest("Missing request body".into()),
+            "bad_body",
+        )
+    })?;
+    serde_json::from_slice(b)
+        .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
 /// Write step of create/update/patch: the checks of medplum-auth.md §4.5, stricter where SPEC
 /// says so. Returns the body to send and the `If-Match` to pin.
-async fn prepare_write(gw: &Gateway, ctx: &RequestCtx, session: &Session, m: &Mediation) -> Step<(http::Method, String, Option<Bytes>, Vec<(&'static str, String)>)> {
+async fn prepare_write(
+    gw: &Gateway,
+    ctx: &RequestCtx,
+    session: &Session,
+    m: &Mediation,
+) -> Step<(
+    http::Method,
+    String,
+    Option<Bytes>,
+    Vec<(&'static str, String)>,
+)> {
     let policy = &m.policy;
     let req = session.req_header();
     let query = req.uri.query();
     match &m.op {
         FhirOp::Create { resource_type, .. } => {
             let mut resource = parse_json(&m.body)?;
-            let entry = policy.satisfied(&resource, Interaction::Create).cloned().ok_or_else(|| forbid("create_outside_criteria"))?;
+            let entry = policy
+                .satisfied(&resource, Interaction::Create)
+                .cloned()
+                .ok_or_else(|| forbid("create_outside_criteria"))?;
             policy.restore_readonly(&mut resource, None, &entry);
             if policy.satisfied(&resource, Interaction::Create).is_none() {
                 return Err(forbid("create_outside_criteria"));
             }
             let body = serde_json::to_vec(&resource).unwrap_or_default();
-            Ok((http::Method::POST, gw.upstream_url(resource_type, query, &[]), Some(Bytes::from(body)), vec![("content-type", "application/fhir+json".into())]))
+            Ok((
+                http::Method::POST,
+                gw.upstream_url(resource_type, query, &[]),
+                Some(Bytes::from(body)),
+                vec![("content-type", "application/fhir+json".into())],
+            ))
         }
-        FhirOp::Update { resource_type, id, .. } | FhirOp::Patch { resource_type, id, .. } => {
+        FhirOp::Update {
+            resource_type, id, ..
+        }
+        | FhirOp::Patch {
+            resource_type, id, ..
+        } => {
             let current = gw.current(ctx, session, resource_type, id).await?;
             let mut new = match (&m.op, &current) {
-                (FhirOp::Patch { .. }, None) => return Err(Failure::Answer(Outcome::NotFound, "not_found")),
+                (FhirOp::Patch { .. }, None) => {
+                    return Err(Failure::Answer(Outcome::NotFound, "not_found"));
+                }
                 (FhirOp::Patch { .. }, Some(cur)) => {
                     let patch_doc = parse_json(&m.body)?;
-                    fhirgate_core::fhir::patch::apply_json_patch(cur, &patch_doc).map_err(|e| match e {
-                        fhirgate_core::fhir::patch::PatchError::NotJsonPatch => Failure::Answer(Outcome::BadRequest("Only JSON Patch is supported".into()), "bad_patch"),
-                        other => Failure::Answer(Outcome::BadRequest(other.to_string()), "bad_patch"),
+                    fhirgate_core::fhir::patch::apply_json_patch(cur, &patch_doc).map_err(|e| {
+                        match e {
+                            fhirgate_core::fhir::patch::PatchError::NotJsonPatch => {
+                                Failure::Answer(
+                                    Outcome::BadRequest("Only JSON Patch is supported".into()),
+                                    "bad_patch",
+                                )
+                            }
+                            other => {
+                                Failure::Answer(Outcome::BadRequest(other.to_string()), "bad_patch")
+                            }
+                        }
                     })?
                 }
                 _ => parse_json(&m.body)?,
@@ -177,23 +291,38 @@ async fn prepare_write(gw: &Gateway, ctx: &RequestCtx, session: &Session, m: &Me
             let mut pin = Vec::new();
             match &current {
                 Some(cur) => {
-                    if policy.satisfied(cur, Interaction::Read).is_none() && policy.satisfied(cur, Interaction::Update).is_none() {
-                        return Err(Failure::Answer(Outcome::NotFound, "current_outside_criteria"));
+                    if policy.satisfied(cur, Interaction::Read).is_none()
+                        && policy.satisfied(cur, Interaction::Update).is_none()
+                    {
+                        return Err(Failure::Answer(
+                            Outcome::NotFound,
+                            "current_outside_criteria",
+                        ));
                     }
-                    let entry = policy.satisfied(cur, Interaction::Update).cloned().ok_or_else(|| forbid("current_outside_criteria"))?;
+                    let entry = policy
+                        .satisfied(cur, Interaction::Update)
+                        .cloned()
+                        .ok_or_else(|| forbid("current_outside_criteria"))?;
                     policy.restore_readonly(&mut new, Some(cur), &entry);
                     if policy.satisfied(&new, Interaction::Update).is_none() {
                         return Err(forbid("result_outside_criteria"));
                     }
                     if let Some(v) = version_of(cur) {
                         // A client's own If-Match is honoured; otherwise we pin what we checked.
-                        let client = req.headers.get("if-match").and_then(|v| v.to_str().ok()).map(str::to_string);
+                        let client = req
+                            .headers
+                            .get("if-match")
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string);
                         pin.push(("if-match", client.unwrap_or(v)));
                     }
                 }
                 None => {
                     // Update-as-create.
-                    let entry = policy.satisfied(&new, Interaction::Create).cloned().ok_or_else(|| forbid("create_outside_criteria"))?;
+                    let entry = policy
+                        .satisfied(&new, Interaction::Create)
+                        .cloned()
+                        .ok_or_else(|| forbid("create_outside_criteria"))?;
                     policy.restore_readonly(&mut new, None, &entry);
                     if policy.satisfied(&new, Interaction::Create).is_none() {
                         return Err(forbid("create_outside_criteria"));
@@ -206,19 +335,36 @@ async fn prepare_write(gw: &Gateway, ctx: &RequestCtx, session: &Session, m: &Me
             }
             pin.push(("content-type", "application/fhir+json".into()));
             let body = serde_json::to_vec(&new).unwrap_or_default();
-            Ok((http::Method::PUT, gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]), Some(Bytes::from(body)), pin))
+            Ok((
+                http::Method::PUT,
+                gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]),
+                Some(Bytes::from(body)),
+                pin,
+            ))
         }
         FhirOp::Delete { resource_type, id } => {
             let current = gw.current(ctx, session, resource_type, id).await?;
-            let Some(cur) = current else { return Err(Failure::Answer(Outcome::NotFound, "not_found")) };
+            let Some(cur) = current else {
+                return Err(Failure::Answer(Outcome::NotFound, "not_found"));
+            };
             if policy.satisfied(&cur, Interaction::Delete).is_none() {
                 if policy.satisfied(&cur, Interaction::Read).is_none() {
-                    return Err(Failure::Answer(Outcome::NotFound, "current_outside_criteria"));
+                    return Err(Failure::Answer(
+                        Outcome::NotFound,
+                        "current_outside_criteria",
+                    ));
                 }
                 return Err(forbid("current_outside_criteria"));
             }
-            let pin = version_of(&cur).map(|v| vec![("if-match", v)]).unwrap_or_default();
-            Ok((http::Method::DELETE, gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]), None, pin))
+            let pin = version_of(&cur)
+                .map(|v| vec![("if-match", v)])
+                .unwrap_or_default();
+            Ok((
+                http::Method::DELETE,
+                gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]),
+                None,
+                pin,
+            ))
         }
         _ => Err(forbid("unsupported_write")),
     }
@@ -228,8 +374,16 @@ async fn prepare_write(gw: &Gateway, ctx: &RequestCtx, session: &Session, m: &Me
 /// and, per original entry, `None` when sent or `Some(deny)` when answered by the gateway.
 fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
     let mut bundle = parse_json(&m.body)?;
-    let transaction = matches!(m.op, FhirOp::Bundle { transaction: true, .. });
-    let FhirOp::Bundle { entries, .. } = &m.op else { return Err(forbid("not_bundle")) };
+    let transaction = matches!(
+        m.op,
+        FhirOp::Bundle {
+            transaction: true,
+            ..
+        }
+    );
+    let FhirOp::Bundle { entries, .. } = &m.op else {
+        return Err(forbid("not_bundle"));
+    };
     let mut verdicts: Vec<Option<Deny>> = Vec::new();
     for (decision, entry) in m.entries.iter().zip(entries) {
         let verdict = match decision {
@@ -256,17 +410,36 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
 /// instance checks are refused inside Bundles; creates are checked against the new resource.
 fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Option<Deny> {
     match (permit.write, op) {
-        (WriteCheck::Create, Some(FhirOp::Create { resource: Some(r), .. })) => {
+        (
+            WriteCheck::Create,
+            Some(FhirOp::Create {
+                resource: Some(r), ..
+            }),
+        ) => {
             let mut r = r.clone();
             let entry = m.policy.satisfied(&r, Interaction::Create)?.clone();
             m.policy.restore_readonly(&mut r, None, &entry);
-            m.policy.satisfied(&r, Interaction::Create).map(|_| ()).map_or(Some(Deny::Forbidden("create_outside_criteria")), |_| None)
+            m.policy
+                .satisfied(&r, Interaction::Create)
+                .map(|_| ())
+                .map_or(Some(Deny::Forbidden("create_outside_criteria")), |_| None)
         }
         (WriteCheck::Create, _) => Some(Deny::Forbidden("create_without_body")),
-        (WriteCheck::Update, Some(FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. }))
+        (
+            WriteCheck::Update,
+            Some(FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. }),
+        )
         | (WriteCheck::Delete, Some(FhirOp::Delete { resource_type, .. })) => {
-            let i = if permit.write == WriteCheck::Delete { Interaction::Delete } else { Interaction::Update };
-            if m.policy.instance_checks_needed(resource_type.as_str(), i) { Some(Deny::Forbidden("bundle_write_with_criteria")) } else { None }
+            let i = if permit.write == WriteCheck::Delete {
+                Interaction::Delete
+            } else {
+                Interaction::Update
+            };
+            if m.policy.instance_checks_needed(resource_type.as_str(), i) {
+                Some(Deny::Forbidden("bundle_write_with_criteria"))
+            } else {
+                None
+            }
         }
         (WriteCheck::None, _) => None,
         _ => Some(Deny::Forbidden("bundle_entry")),
@@ -281,7 +454,13 @@ fn denied_entry(d: &Deny) -> Value {
     serde_json::json!({"response": {"status": status, "outcome": outcome.to_json()}})
 }
 
-async fn run_inner(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, rest: &str, m: Mediation) -> Step<(u16, Vec<(&'static str, String)>, Bytes)> {
+async fn run_inner(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    rest: &str,
+    m: Mediation,
+) -> Step<(u16, Vec<(&'static str, String)>, Bytes)> {
     let method = session.req_header().method.clone();
     let query = session.req_header().uri.query().map(str::to_string);
     let config = &gw.state.config;
@@ -289,48 +468,93 @@ async fn run_inner(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, re
     if let FhirOp::Bundle { .. } = &m.op {
         let (bundle, verdicts) = prepare_bundle(&m)?;
         let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
-        let up = gw.exchange(ctx, session, http::Method::POST, gw.upstream_url("", None, &[]), Some(body), &[("content-type", "application/fhir+json".into())]).await?;
-        let mut value: Value = serde_json::from_slice(&up.body).map_err(|_| Failure::Answer(Outcome::BadGateway("Upstream returned malformed JSON".into()), "upstream_error"))?;
+        let up = gw
+            .exchange(
+                ctx,
+                session,
+                http::Method::POST,
+                gw.upstream_url("", None, &[]),
+                Some(body),
+                &[("content-type", "application/fhir+json".into())],
+            )
+            .await?;
+        let mut value: Value = serde_json::from_slice(&up.body).map_err(|_| {
+            Failure::Answer(
+                Outcome::BadGateway("Upstream returned malformed JSON".into()),
+                "upstream_error",
+            )
+        })?;
         rewrite_urls(config, &mut value);
-        if (200..300).contains(&up.status) {
-            if let Some(list) = value.get_mut("entry").and_then(Value::as_array_mut) {
-                let mut sent = std::mem::take(list).into_iter();
-                for v in &verdicts {
-                    match v {
-                        Some(d) => list.push(denied_entry(d)),
-                        None => list.push(sent.next().unwrap_or(Value::Null)),
-                    }
+        if (200..300).contains(&up.status)
+            && let Some(list) = value.get_mut("entry").and_then(Value::as_array_mut)
+        {
+            let mut sent = std::mem::take(list).into_iter();
+            for v in &verdicts {
+                match v {
+                    Some(d) => list.push(denied_entry(d)),
+                    None => list.push(sent.next().unwrap_or(Value::Null)),
                 }
             }
         }
         filter_value(&m.policy, &mut value, true);
-        return Ok((up.status, up.headers, Bytes::from(serde_json::to_vec(&value).unwrap_or_default())));
+        return Ok((
+            up.status,
+            up.headers,
+            Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+        ));
     }
 
     let permit = m.permit.clone().ok_or_else(|| forbid("no_permit"))?;
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
         prepare_write(gw, ctx, session, &m).await?
     } else {
-        let extra: Vec<(String, String)> = permit.narrowing.iter().map(|p| (p.name.clone(), p.value.clone())).collect();
-        (method, gw.upstream_url(rest, query.as_deref(), &extra), m.body.clone(), Vec::new())
+        let extra: Vec<(String, String)> = permit
+            .narrowing
+            .iter()
+            .map(|p| (p.name.clone(), p.value.clone()))
+            .collect();
+        (
+            method,
+            gw.upstream_url(rest, query.as_deref(), &extra),
+            m.body.clone(),
+            Vec::new(),
+        )
     };
-    let up = gw.exchange(ctx, session, method, url, body, &overrides).await?;
+    let up = gw
+        .exchange(ctx, session, method, url, body, &overrides)
+        .await?;
     if up.body.is_empty() {
         return Ok((up.status, up.headers, up.body));
     }
     if !up.is_json {
         if (200..300).contains(&up.status) {
-            return Err(Failure::Answer(Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into()), "unfilterable"));
+            return Err(Failure::Answer(
+                Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into()),
+                "unfilterable",
+            ));
         }
-        return Ok((up.status, Vec::new(), Bytes::from(Outcome::BadGateway("Upstream error".into()).to_bytes())));
+        return Ok((
+            up.status,
+            Vec::new(),
+            Bytes::from(Outcome::BadGateway("Upstream error".into()).to_bytes()),
+        ));
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(&up.body) else {
-        return Err(Failure::Answer(Outcome::BadGateway("Upstream returned malformed JSON".into()), "upstream_error"));
+        return Err(Failure::Answer(
+            Outcome::BadGateway("Upstream returned malformed JSON".into()),
+            "upstream_error",
+        ));
     };
     rewrite_urls(config, &mut value);
     let visible = match permit.response {
-        ResponseNeed::CheckResource if value.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") => {
-            let i = if matches!(m.op, FhirOp::Vread { .. }) { Interaction::Vread } else { Interaction::Read };
+        ResponseNeed::CheckResource
+            if value.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") =>
+        {
+            let i = if matches!(m.op, FhirOp::Vread { .. }) {
+                Interaction::Vread
+            } else {
+                Interaction::Read
+            };
             check_resource(&m.policy, &mut value, i)
         }
         _ => filter_value(&m.policy, &mut value, permit.drop_total),
@@ -342,17 +566,31 @@ async fn run_inner(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, re
         }
         return Err(Failure::Answer(Outcome::NotFound, "outside_criteria"));
     }
-    Ok((up.status, up.headers, Bytes::from(serde_json::to_vec(&value).unwrap_or_default())))
+    Ok((
+        up.status,
+        up.headers,
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+    ))
 }
 
 /// Runs a mediated exchange and answers the client. Returns the status written.
-pub async fn run(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx, rest: &str, m: Mediation) -> Result<u16> {
+pub async fn run(
+    gw: &Gateway,
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    rest: &str,
+    m: Mediation,
+) -> Result<u16> {
     ctx.upstream_started = Some(std::time::Instant::now());
     let result = run_inner(gw, session, ctx, rest, m).await;
     ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
     match result {
         Ok((status, headers, body)) => {
-            let ct = if body.is_empty() { "application/fhir+json" } else { "application/fhir+json; charset=utf-8" };
+            let ct = if body.is_empty() {
+                "application/fhir+json"
+            } else {
+                "application/fhir+json; charset=utf-8"
+            };
             respond::write(session, status, ct, &headers, body).await?;
             Ok(status)
         }

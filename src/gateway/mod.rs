@@ -25,9 +25,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
+use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::http::{RequestHeader, ResponseHeader};
 
 use crate::obs::{Audit, METRICS};
 use crate::state::State;
@@ -53,7 +53,10 @@ impl Gateway {
         Gateway { state, http }
     }
 
-    fn client_ip(&self, session: &Session) -> Result<std::net::IpAddr, crate::net::BadForwardedFor> {
+    fn client_ip(
+        &self,
+        session: &Session,
+    ) -> Result<std::net::IpAddr, crate::net::BadForwardedFor> {
         let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -69,12 +72,25 @@ impl Gateway {
         crate::net::resolve(peer, &xff, &self.state.config.trusted_proxies)
     }
 
-    async fn deny(&self, session: &mut Session, ctx: &mut RequestCtx, outcome: Outcome, label: &'static str) -> Result<bool> {
+    async fn deny(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        outcome: Outcome,
+        label: &'static str,
+    ) -> Result<bool> {
         let mut extra = Vec::new();
         if outcome == Outcome::Unauthorized
-            && session.req_header().uri.query().is_some_and(|q| q.contains("_medplum-prompt-basic-auth"))
+            && session
+                .req_header()
+                .uri
+                .query()
+                .is_some_and(|q| q.contains("_medplum-prompt-basic-auth"))
         {
-            extra.push(("www-authenticate", format!("Basic realm=\"{}\"", self.state.config.base_url)));
+            extra.push((
+                "www-authenticate",
+                format!("Basic realm=\"{}\"", self.state.config.base_url),
+            ));
         }
         ctx.decision = label;
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
@@ -109,17 +125,26 @@ impl ProxyHttp for Gateway {
             }
             Route::Metadata => {
                 ctx.decision = "public";
-                ctx.plan = ResponsePlan::Buffer(Arc::new(filter::FilterSpec { policy: None, metadata: true, drop_total: false }));
+                ctx.plan = ResponsePlan::Buffer(Arc::new(filter::FilterSpec {
+                    policy: None,
+                    metadata: true,
+                    drop_total: false,
+                }));
                 Ok(false)
             }
-            Route::NotFound => self.deny(session, ctx, Outcome::NotFound, "not_found").await,
+            Route::NotFound => {
+                self.deny(session, ctx, Outcome::NotFound, "not_found")
+                    .await
+            }
             Route::BadPath => {
                 let o = Outcome::BadRequest("Invalid path".into());
                 self.deny(session, ctx, o, "bad_path").await
             }
             Route::Fhir { rest } => match authorize::authorize(self, session, ctx, &rest).await {
                 authorize::Verdict::Forward => Ok(false),
-                authorize::Verdict::Deny(outcome, label) => self.deny(session, ctx, outcome, label).await,
+                authorize::Verdict::Deny(outcome, label) => {
+                    self.deny(session, ctx, outcome, label).await
+                }
                 authorize::Verdict::Mediate(plan) => {
                     let status = mediate::run(self, session, ctx, &rest, plan).await?;
                     ctx.answered = Some(status);
@@ -129,53 +154,106 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut RequestCtx) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
         Ok(forward::peer(&self.state.config, &ctx.route))
     }
 
-    async fn upstream_request_filter(&self, session: &mut Session, upstream: &mut RequestHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         forward::rewrite_request(&self.state.config, session, upstream, ctx)
     }
 
-    async fn response_filter(&self, _session: &mut Session, resp: &mut ResponseHeader, ctx: &mut RequestCtx) -> Result<()> {
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
         if let Some(t) = ctx.upstream_started {
             ctx.upstream_elapsed = Some(t.elapsed());
         }
         filter::prepare_response(&self.state.config, resp, ctx)
     }
 
-    fn response_body_filter(&self, _session: &mut Session, body: &mut Option<Bytes>, end: bool, ctx: &mut RequestCtx) -> Result<Option<Duration>> {
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
         filter::body_chunk(&self.state.config, body, end, ctx)?;
         Ok(None)
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &pingora::Error, ctx: &mut RequestCtx) -> FailToProxy {
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &pingora::Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
         use pingora::ErrorType::*;
         let outcome = match e.etype() {
-            ConnectTimedout | ReadTimedout | WriteTimedout => Outcome::GatewayTimeout("Upstream timed out".into()),
-            _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => Outcome::BadGateway("Upstream unavailable".into()),
-            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => Outcome::BadGateway("Upstream unavailable".into()),
-            _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => Outcome::BadRequest("Bad request".into()),
+            ConnectTimedout | ReadTimedout | WriteTimedout => {
+                Outcome::GatewayTimeout("Upstream timed out".into())
+            }
+            _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => {
+                Outcome::BadGateway("Upstream unavailable".into())
+            }
+            ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => {
+                Outcome::BadGateway("Upstream unavailable".into())
+            }
+            _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => {
+                Outcome::BadRequest("Bad request".into())
+            }
             _ => Outcome::BadGateway("Upstream error".into()),
         };
         ctx.decision = "upstream_error";
         let code = outcome.status();
-        if !session.response_written().is_some() {
+        if session.response_written().is_none() {
             let _ = respond::outcome(session, &outcome, &[]).await;
         }
-        FailToProxy { error_code: code, can_reuse_downstream: false }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&pingora::Error>, ctx: &mut RequestCtx) {
-        let status = ctx.answered.or_else(|| session.response_written().map(|r| r.status.as_u16())).unwrap_or(0);
+    async fn logging(
+        &self,
+        session: &mut Session,
+        _e: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+    ) {
+        let status = ctx
+            .answered
+            .or_else(|| session.response_written().map(|r| r.status.as_u16()))
+            .unwrap_or(0);
         let route = ctx.route.as_str();
-        METRICS.requests.with_label_values(&[route, ctx.decision]).inc();
+        METRICS
+            .requests
+            .with_label_values(&[route, ctx.decision])
+            .inc();
         let total = ctx.started.elapsed();
         let upstream = ctx.upstream_elapsed.unwrap_or_default();
-        METRICS.gateway_seconds.with_label_values(&[route]).observe(total.saturating_sub(upstream).as_secs_f64());
+        METRICS
+            .gateway_seconds
+            .with_label_values(&[route])
+            .observe(total.saturating_sub(upstream).as_secs_f64());
         if ctx.upstream_elapsed.is_some() {
-            METRICS.upstream_seconds.with_label_values(&[route]).observe(upstream.as_secs_f64());
+            METRICS
+                .upstream_seconds
+                .with_label_values(&[route])
+                .observe(upstream.as_secs_f64());
         }
         if matches!(ctx.route, Route::Fhir { .. }) {
             Audit {

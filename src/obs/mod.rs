@@ -18,25 +18,56 @@ pub struct Metrics {
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric definition");
-    r.register(Box::new(c.clone())).expect("metric registered once");
+    r.register(Box::new(c.clone()))
+        .expect("metric registered once");
     c
 }
 
 fn histogram(r: &Registry, name: &str, help: &str, labels: &[&str]) -> HistogramVec {
-    let buckets = vec![0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
-    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("valid metric definition");
-    r.register(Box::new(h.clone())).expect("metric registered once");
+    let buckets = vec![
+        0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+        0.5, 1.0, 2.5, 5.0,
+    ];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("valid metric definition");
+    r.register(Box::new(h.clone()))
+        .expect("metric registered once");
     h
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let registry = Registry::new();
     Metrics {
-        requests: counter(&registry, "fhirgate_requests_total", "Requests by route class and decision", &["route", "decision"]),
-        gateway_seconds: histogram(&registry, "fhirgate_gateway_added_seconds", "Time spent in the gateway itself, excluding upstream time", &["route"]),
-        upstream_seconds: histogram(&registry, "fhirgate_upstream_seconds", "Time waiting for the upstream", &["route"]),
-        token_cache: counter(&registry, "fhirgate_token_cache_total", "Verified-token cache lookups", &["result"]),
-        tokens_issued: counter(&registry, "fhirgate_tokens_issued_total", "Access tokens issued by grant type", &["grant"]),
+        requests: counter(
+            &registry,
+            "fhirgate_requests_total",
+            "Requests by route class and decision",
+            &["route", "decision"],
+        ),
+        gateway_seconds: histogram(
+            &registry,
+            "fhirgate_gateway_added_seconds",
+            "Time spent in the gateway itself, excluding upstream time",
+            &["route"],
+        ),
+        upstream_seconds: histogram(
+            &registry,
+            "fhirgate_upstream_seconds",
+            "Time waiting for the upstream",
+            &["route"],
+        ),
+        token_cache: counter(
+            &registry,
+            "fhirgate_token_cache_total",
+            "Verified-token cache lookups",
+            &["result"],
+        ),
+        tokens_issued: counter(
+            &registry,
+            "fhirgate_tokens_issued_total",
+            "Access tokens issued by grant type",
+            &["grant"],
+        ),
         registry,
     }
 });
@@ -53,7 +84,11 @@ pub fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FHIRGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = if json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(false).try_init()
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(false)
+            .try_init()
     } else {
         tracing_subscriber::fmt().with_env_filter(filter).try_init()
     };

@@ -75,18 +75,32 @@ pub enum CacheUse {
 
 impl State {
     /// Authenticates an `Authorization` header value.
-    pub async fn authenticate(&self, header: Option<&str>) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
-        let Some(header) = header else { return (Err(AuthError::Missing), CacheUse::None) };
-        let Some((scheme, value)) = header.split_once(' ') else { return (Err(AuthError::Malformed), CacheUse::None) };
+    pub async fn authenticate(
+        &self,
+        header: Option<&str>,
+    ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+        let Some(header) = header else {
+            return (Err(AuthError::Missing), CacheUse::None);
+        };
+        let Some((scheme, value)) = header.split_once(' ') else {
+            return (Err(AuthError::Malformed), CacheUse::None);
+        };
         let snap = self.snapshot();
         match scheme {
             "Bearer" => self.authenticate_bearer(&snap, value).await,
-            "Basic" => (self.authenticate_basic(&snap, value).map(Arc::new), CacheUse::None),
+            "Basic" => (
+                self.authenticate_basic(&snap, value).map(Arc::new),
+                CacheUse::None,
+            ),
             _ => (Err(AuthError::Malformed), CacheUse::None),
         }
     }
 
-    async fn authenticate_bearer(&self, snap: &Snapshot, token: &str) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+    async fn authenticate_bearer(
+        &self,
+        snap: &Snapshot,
+        token: &str,
+    ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
         if token.is_empty() || token.contains(' ') {
             return (Err(AuthError::Malformed), CacheUse::None);
         }
@@ -106,7 +120,9 @@ impl State {
         if claims.refresh_secret.is_some() || claims.fhir_user.is_some() || claims.scope.is_none() {
             return (Err(AuthError::InvalidToken), CacheUse::Miss);
         }
-        let Some(login_id) = claims.login_id else { return (Err(AuthError::InvalidToken), CacheUse::Miss) };
+        let Some(login_id) = claims.login_id else {
+            return (Err(AuthError::InvalidToken), CacheUse::Miss);
+        };
         let login = match self.store.login(&login_id).await {
             Ok(Some(l)) => l,
             Ok(None) => return (Err(AuthError::LoginRevoked), CacheUse::Miss),
@@ -124,7 +140,11 @@ impl State {
         let identity = Arc::new(Identity {
             login_id: Some(login.id.clone()),
             membership_id,
-            project_id: membership.project.type_and_id().map(|(_, id)| id.to_string()).unwrap_or_default(),
+            project_id: membership
+                .project
+                .type_and_id()
+                .map(|(_, id)| id.to_string())
+                .unwrap_or_default(),
             profile: membership.profile.reference.clone().unwrap_or_default(),
             user_ref: login.user_ref.clone(),
             client_id: login.client_id.clone(),
@@ -136,23 +156,33 @@ impl State {
     }
 
     fn authenticate_basic(&self, snap: &Snapshot, value: &str) -> Result<Identity, AuthError> {
-        let decoded = STANDARD.decode(value.trim()).map_err(|_| AuthError::Malformed)?;
+        let decoded = STANDARD
+            .decode(value.trim())
+            .map_err(|_| AuthError::Malformed)?;
         let text = String::from_utf8(decoded).map_err(|_| AuthError::Malformed)?;
         let (client_id, secret) = text.split_once(':').ok_or(AuthError::Malformed)?;
         if client_id.is_empty() || secret.is_empty() {
             return Err(AuthError::Malformed);
         }
-        let client = snap.clients.get(client_id).ok_or(AuthError::InvalidClient)?;
+        let client = snap
+            .clients
+            .get(client_id)
+            .ok_or(AuthError::InvalidClient)?;
         // Only the primary secret is accepted here (medplum-auth.md §8.3): a rotated-out secret
         // stops working at once.
-        let stored = client.secret_hash.as_deref().ok_or(AuthError::InvalidClient)?;
+        let stored = client
+            .secret_hash
+            .as_deref()
+            .ok_or(AuthError::InvalidClient)?;
         if !crate::tokens::hashes_equal(stored, &self.hash_secret(secret)) {
             return Err(AuthError::InvalidClient);
         }
         if !client.active {
             return Err(AuthError::ClientInactive);
         }
-        let (membership_id, membership) = snap.client_membership(client).ok_or(AuthError::MembershipInactive)?;
+        let (membership_id, membership) = snap
+            .client_membership(client)
+            .ok_or(AuthError::MembershipInactive)?;
         if !membership.is_active() {
             return Err(AuthError::MembershipInactive);
         }
@@ -171,10 +201,10 @@ impl State {
 
 /// The checks that run on every request, cache hit or not.
 fn live_check(snap: &Snapshot, id: Arc<Identity>) -> Result<Arc<Identity>, AuthError> {
-    if let Some(login) = &id.login_id {
-        if snap.revoked_logins.contains(login) {
-            return Err(AuthError::LoginRevoked);
-        }
+    if let Some(login) = &id.login_id
+        && snap.revoked_logins.contains(login)
+    {
+        return Err(AuthError::LoginRevoked);
     }
     match snap.memberships.get(&id.membership_id) {
         Some(m) if m.is_active() => {}
@@ -185,7 +215,9 @@ fn live_check(snap: &Snapshot, id: Arc<Identity>) -> Result<Arc<Identity>, AuthE
         // a client-credentials token also when its client is deleted.
         match snap.clients.get(client_id) {
             Some(c) if !c.active => return Err(AuthError::ClientInactive),
-            None if id.user_ref.starts_with("ClientApplication/") => return Err(AuthError::ClientInactive),
+            None if id.user_ref.starts_with("ClientApplication/") => {
+                return Err(AuthError::ClientInactive);
+            }
             _ => {}
         }
     }

@@ -30,25 +30,37 @@ pub struct State {
     /// Keyed-hash key for client secrets (per installation).
     secret_key: Vec<u8>,
     tokens: moka::sync::Cache<String, Arc<Identity>>,
-    effective: moka::sync::Cache<(u64, String, Option<String>), Arc<fhirgate_core::policy::EffectivePolicy>>,
+    effective: moka::sync::Cache<
+        (u64, String, Option<String>),
+        Arc<fhirgate_core::policy::EffectivePolicy>,
+    >,
     refresh_lock: tokio::sync::Mutex<i64>,
 }
 
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("State").field("version", &self.snapshot().version).finish_non_exhaustive()
+        f.debug_struct("State")
+            .field("version", &self.snapshot().version)
+            .finish_non_exhaustive()
     }
 }
 
 impl State {
-    pub async fn new(config: Config, store: Store, secret_key: Vec<u8>) -> Result<Arc<State>, StoreError> {
+    pub async fn new(
+        config: Config,
+        store: Store,
+        secret_key: Vec<u8>,
+    ) -> Result<Arc<State>, StoreError> {
         let seq = store.change_seq().await?;
         let snap = Snapshot::load(&store, &config, 1).await?;
         let tokens = moka::sync::Cache::builder()
             .max_capacity(config.token_cache_capacity)
             .time_to_live(Duration::from_secs(24 * 3600))
             .build();
-        let effective = moka::sync::Cache::builder().max_capacity(10_000).time_to_live(Duration::from_secs(600)).build();
+        let effective = moka::sync::Cache::builder()
+            .max_capacity(10_000)
+            .time_to_live(Duration::from_secs(600))
+            .build();
         Ok(Arc::new(State {
             config,
             store,
@@ -95,7 +107,10 @@ impl State {
     }
 
     /// Polls the change feed until `shutdown` fires.
-    pub async fn run_change_feed(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    pub async fn run_change_feed(
+        self: Arc<Self>,
+        mut shutdown: tokio::sync::watch::Receiver<bool>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -117,7 +132,11 @@ impl State {
         membership_id: &str,
         scope: Option<&str>,
     ) -> Option<Arc<fhirgate_core::policy::EffectivePolicy>> {
-        let key = (snap.version, membership_id.to_string(), scope.map(str::to_string));
+        let key = (
+            snap.version,
+            membership_id.to_string(),
+            scope.map(str::to_string),
+        );
         if let Some(p) = self.effective.get(&key) {
             return Some(p);
         }

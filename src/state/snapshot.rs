@@ -45,19 +45,28 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    pub async fn load(store: &Store, config: &Config, version: u64) -> Result<Snapshot, StoreError> {
-        let mut snap = Snapshot { version, ..Default::default() };
+    pub async fn load(
+        store: &Store,
+        config: &Config,
+        version: u64,
+    ) -> Result<Snapshot, StoreError> {
+        let mut snap = Snapshot {
+            version,
+            ..Default::default()
+        };
         let keys = store
             .active_keys()
             .await?
             .into_iter()
-            .filter_map(|k| match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
-                Ok(key) => Some(key),
-                Err(e) => {
-                    tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");
-                    None
-                }
-            })
+            .filter_map(
+                |k| match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
+                    Ok(key) => Some(key),
+                    Err(e) => {
+                        tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");
+                        None
+                    }
+                },
+            )
             .collect();
         snap.keyring = Arc::new(Keyring::new(config.base_url.clone(), keys));
         for p in store.list("Project").await? {
@@ -66,8 +75,15 @@ impl Snapshot {
                 p.id.clone(),
                 ProjectInfo {
                     id: p.id,
-                    name: c.get("name").and_then(Value::as_str).unwrap_or_default().to_string(),
-                    super_admin: c.get("superAdmin").and_then(Value::as_bool).unwrap_or(false),
+                    name: c
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .unwrap_or_default()
+                        .to_string(),
+                    super_admin: c
+                        .get("superAdmin")
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false),
                     content: c,
                 },
             );
@@ -75,16 +91,25 @@ impl Snapshot {
         for m in store.list("ProjectMembership").await? {
             match serde_json::from_value::<ProjectMembership>(m.content) {
                 Ok(pm) => {
-                    if let (Some(project), Some(profile)) = (pm.project.type_and_id(), pm.profile.reference.clone()) {
-                        snap.membership_by_profile.insert((project.1.to_string(), profile), m.id.clone());
+                    if let (Some(project), Some(profile)) =
+                        (pm.project.type_and_id(), pm.profile.reference.clone())
+                    {
+                        snap.membership_by_profile
+                            .insert((project.1.to_string(), profile), m.id.clone());
                     }
                     snap.memberships.insert(m.id, Arc::new(pm));
                 }
-                Err(e) => tracing::error!(id = %m.id, error = %e, "stored membership is unreadable; it grants nothing"),
+                Err(e) => {
+                    tracing::error!(id = %m.id, error = %e, "stored membership is unreadable; it grants nothing")
+                }
             }
         }
-        let secrets: HashMap<String, (Option<String>, Option<String>)> =
-            store.client_secrets().await?.into_iter().map(|(id, s, r)| (id, (s, r))).collect();
+        let secrets: HashMap<String, (Option<String>, Option<String>)> = store
+            .client_secrets()
+            .await?
+            .into_iter()
+            .map(|(id, s, r)| (id, (s, r)))
+            .collect();
         for c in store.list("ClientApplication").await? {
             let content = c.content;
             let (secret_hash, retiring_hash) = secrets.get(&c.id).cloned().unwrap_or_default();
@@ -97,7 +122,10 @@ impl Snapshot {
                     active: matches!(status, None | Some("active")),
                     secret_hash,
                     retiring_hash,
-                    access_token_lifetime: content.get("accessTokenLifetime").and_then(Value::as_str).map(str::to_string),
+                    access_token_lifetime: content
+                        .get("accessTokenLifetime")
+                        .and_then(Value::as_str)
+                        .map(str::to_string),
                     content,
                 },
             );
@@ -107,33 +135,50 @@ impl Snapshot {
                 Ok(ap) => {
                     snap.policies.insert(p.id, ap);
                 }
-                Err(e) => tracing::error!(id = %p.id, error = %e, "stored AccessPolicy is unreadable; references to it grant nothing"),
+                Err(e) => {
+                    tracing::error!(id = %p.id, error = %e, "stored AccessPolicy is unreadable; references to it grant nothing")
+                }
             }
         }
-        snap.revoked_logins = store.revoked_logins(now_unix()).await?.into_iter().collect();
+        snap.revoked_logins = store
+            .revoked_logins(now_unix())
+            .await?
+            .into_iter()
+            .collect();
         Ok(snap)
     }
 
     /// The membership of a client application (`user == profile == ClientApplication/<id>`).
-    pub fn client_membership(&self, client: &ClientInfo) -> Option<(&String, &Arc<ProjectMembership>)> {
+    pub fn client_membership(
+        &self,
+        client: &ClientInfo,
+    ) -> Option<(&String, &Arc<ProjectMembership>)> {
         let project = client.project_id.as_ref()?;
-        let id = self.membership_by_profile.get(&(project.clone(), format!("ClientApplication/{}", client.id)))?;
+        let id = self
+            .membership_by_profile
+            .get(&(project.clone(), format!("ClientApplication/{}", client.id)))?;
         self.memberships.get_key_value(id)
     }
 
     /// Builds the effective policy of a membership (medplum-auth.md §4.2) with optional SMART
     /// scopes. `None` when the membership or its project is gone.
-    pub fn effective_policy(&self, membership_id: &str, scope: Option<&str>) -> Option<fhirgate_core::policy::EffectivePolicy> {
+    pub fn effective_policy(
+        &self,
+        membership_id: &str,
+        scope: Option<&str>,
+    ) -> Option<fhirgate_core::policy::EffectivePolicy> {
         let membership = self.memberships.get(membership_id)?;
         let project_id = membership.project.type_and_id()?.1;
         let project = self.projects.get(project_id)?;
-        Some(fhirgate_core::policy::effective::effective(&fhirgate_core::policy::effective::EffectiveInputs {
-            membership,
-            policies: &self.policies,
-            project_id,
-            project_super_admin: project.super_admin,
-            linked_projects: &[],
-            scope,
-        }))
+        Some(fhirgate_core::policy::effective::effective(
+            &fhirgate_core::policy::effective::EffectiveInputs {
+                membership,
+                policies: &self.policies,
+                project_id,
+                project_super_admin: project.super_admin,
+                linked_projects: &[],
+                scope,
+            },
+        ))
     }
 }

@@ -27,8 +27,12 @@ fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
 }
 
 pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<()> {
-    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)").execute(pool).await?;
-    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version").fetch_one(pool).await?;
+    sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(pool)
+        .await?;
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM schema_version")
+        .fetch_one(pool)
+        .await?;
     let current: i64 = row.try_get("v")?;
     for (i, step) in steps(dialect).into_iter().enumerate() {
         let version = i as i64 + 1;
@@ -39,7 +43,10 @@ pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<()> {
         for stmt in step {
             sqlx::query(stmt).execute(&mut *tx).await?;
         }
-        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)").bind(version).execute(&mut *tx).await?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+            .bind(version)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
     }
     Ok(())

@@ -85,7 +85,10 @@ pub struct StoredKey {
 }
 
 pub fn now_unix() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 pub fn now_rfc3339() -> String {
@@ -102,7 +105,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dialect", &self.dialect).finish()
+        f.debug_struct("Store")
+            .field("dialect", &self.dialect)
+            .finish()
     }
 }
 
@@ -145,17 +150,22 @@ impl Store {
     /// Opens (creating if needed) and migrates the store at `url`.
     pub async fn open(url: &str) -> Result<Store> {
         sqlx::any::install_default_drivers();
-        let dialect = if url.starts_with("sqlite:") { Dialect::Sqlite } else { Dialect::Postgres };
+        let dialect = if url.starts_with("sqlite:") {
+            Dialect::Sqlite
+        } else {
+            Dialect::Postgres
+        };
         let mut url = url.to_string();
         if dialect == Dialect::Sqlite {
-            if let Some(path) = url.strip_prefix("sqlite://").map(|p| p.split('?').next().unwrap_or(p).to_string()) {
-                if path != ":memory:" {
-                    if let Some(parent) = std::path::Path::new(&path).parent() {
-                        if !parent.as_os_str().is_empty() {
-                            std::fs::create_dir_all(parent).map_err(|e| StoreError::Open(format!("{}: {e}", parent.display())))?;
-                        }
-                    }
-                }
+            if let Some(path) = url
+                .strip_prefix("sqlite://")
+                .map(|p| p.split('?').next().unwrap_or(p).to_string())
+                && path != ":memory:"
+                && let Some(parent) = std::path::Path::new(&path).parent()
+                && !parent.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(parent)
+                    .map_err(|e| StoreError::Open(format!("{}: {e}", parent.display())))?;
             }
             if !url.contains('?') {
                 url.push_str("?mode=rwc");
@@ -168,9 +178,15 @@ impl Store {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if dialect == Dialect::Sqlite {
-                        sqlx::query("PRAGMA journal_mode=WAL").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA busy_timeout=5000").execute(&mut *conn).await?;
-                        sqlx::query("PRAGMA synchronous=NORMAL").execute(&mut *conn).await?;
+                        sqlx::query("PRAGMA journal_mode=WAL")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA busy_timeout=5000")
+                            .execute(&mut *conn)
+                            .await?;
+                        sqlx::query("PRAGMA synchronous=NORMAL")
+                            .execute(&mut *conn)
+                            .await?;
                     }
                     Ok(())
                 })
@@ -196,17 +212,22 @@ impl Store {
     // === settings ===
 
     pub async fn setting(&self, key: &str) -> Result<Option<String>> {
-        let row = sqlx::query("SELECT value FROM settings WHERE key = $1").bind(key).fetch_optional(&self.pool).await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(|r| r.try_get::<String, _>("value")).transpose()?)
     }
 
     /// Sets `key` only if it has no value yet; returns the value in force.
     pub async fn setting_init(&self, key: &str, value: &str) -> Result<String> {
-        sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .bind(value)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await?;
         self.setting(key).await?.ok_or(StoreError::NotFound)
     }
 
@@ -214,27 +235,44 @@ impl Store {
 
     /// The latest change sequence number; it grows with every write.
     pub async fn change_seq(&self) -> Result<i64> {
-        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes").fetch_one(&self.pool).await?;
+        let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS seq FROM changes")
+            .fetch_one(&self.pool)
+            .await?;
         Ok(row.try_get::<i64, _>("seq")?)
     }
 
     async fn record_change(tx: &mut sqlx::Transaction<'_, sqlx::Any>, kind: &str) -> Result<()> {
-        sqlx::query("INSERT INTO changes (kind, at) VALUES ($1, $2)").bind(kind).bind(now_unix()).execute(&mut **tx).await?;
+        sqlx::query("INSERT INTO changes (kind, at) VALUES ($1, $2)")
+            .bind(kind)
+            .bind(now_unix())
+            .execute(&mut **tx)
+            .await?;
         Ok(())
     }
 
     // === identity resources ===
 
     pub async fn read(&self, resource_type: &str, id: &str) -> Result<Option<StoredResource>> {
-        let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 AND id = $2");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).bind(id).fetch_optional(&self.pool).await?;
+        let sql = format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 AND id = $2"
+        );
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(resource_type)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(row_to_resource).transpose()
     }
 
     /// All resources of a type (for snapshots), oldest first.
     pub async fn list(&self, resource_type: &str) -> Result<Vec<StoredResource>> {
-        let sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 ORDER BY last_updated, id");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(resource_type).fetch_all(&self.pool).await?;
+        let sql = format!(
+            "SELECT {RESOURCE_COLUMNS} FROM resources WHERE resource_type = $1 ORDER BY last_updated, id"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(resource_type)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(row_to_resource).collect()
     }
 
@@ -247,7 +285,8 @@ impl Store {
         project: Option<&str>,
         limit: i64,
     ) -> Result<Vec<StoredResource>> {
-        let mut sql = format!("SELECT {RESOURCE_COLUMNS} FROM resources r WHERE r.resource_type = $1");
+        let mut sql =
+            format!("SELECT {RESOURCE_COLUMNS} FROM resources r WHERE r.resource_type = $1");
         let mut binds: Vec<String> = vec![resource_type.to_string()];
         if let Some(p) = project {
             binds.push(p.to_string());
@@ -269,7 +308,10 @@ impl Store {
                 slots.join(", ")
             ));
         }
-        sql.push_str(&format!(" ORDER BY r.last_updated, r.id LIMIT {}", limit.clamp(1, 10_000)));
+        sql.push_str(&format!(
+            " ORDER BY r.last_updated, r.id LIMIT {}",
+            limit.clamp(1, 10_000)
+        ));
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
         for b in &binds {
             q = q.bind(b.clone());
@@ -288,30 +330,42 @@ impl Store {
         expected_version: Option<&str>,
         create_only: bool,
     ) -> Result<StoredResource> {
-        let resource_type = content.get("resourceType").and_then(Value::as_str).unwrap_or_default().to_string();
-        let id = content.get("id").and_then(Value::as_str).unwrap_or_default().to_string();
+        let resource_type = content
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
+        let id = content
+            .get("id")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string();
         if resource_type.is_empty() || id.is_empty() {
             return Err(StoreError::NotFound);
         }
         let mut tx = self.pool.begin().await?;
-        let current = sqlx::query("SELECT version_id FROM resources WHERE resource_type = $1 AND id = $2")
-            .bind(&resource_type)
-            .bind(&id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let current_version: Option<String> = current.map(|r| r.try_get("version_id")).transpose()?;
+        let current =
+            sqlx::query("SELECT version_id FROM resources WHERE resource_type = $1 AND id = $2")
+                .bind(&resource_type)
+                .bind(&id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let current_version: Option<String> =
+            current.map(|r| r.try_get("version_id")).transpose()?;
         if create_only && current_version.is_some() {
             return Err(StoreError::Conflict);
         }
-        if let Some(expected) = expected_version {
-            if current_version.as_deref() != Some(expected) {
-                return Err(StoreError::VersionConflict);
-            }
+        if let Some(expected) = expected_version
+            && current_version.as_deref() != Some(expected)
+        {
+            return Err(StoreError::VersionConflict);
         }
         let version_id = uuid::Uuid::new_v4().to_string();
         let last_updated = now_rfc3339();
         if let Some(obj) = content.as_object_mut() {
-            let meta = obj.entry("meta").or_insert_with(|| Value::Object(Default::default()));
+            let meta = obj
+                .entry("meta")
+                .or_insert_with(|| Value::Object(Default::default()));
             if let Some(meta) = meta.as_object_mut() {
                 meta.insert("versionId".into(), Value::String(version_id.clone()));
                 meta.insert("lastUpdated".into(), Value::String(last_updated.clone()));
@@ -358,7 +412,14 @@ impl Store {
         }
         Self::record_change(&mut tx, &resource_type).await?;
         tx.commit().await?;
-        Ok(StoredResource { resource_type, id, project_id: project_id.map(str::to_string), version_id, last_updated, content })
+        Ok(StoredResource {
+            resource_type,
+            id,
+            project_id: project_id.map(str::to_string),
+            version_id,
+            last_updated,
+            content,
+        })
     }
 
     pub async fn delete(&self, resource_type: &str, id: &str) -> Result<bool> {
@@ -375,7 +436,10 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if resource_type == "ClientApplication" {
-            sqlx::query("DELETE FROM client_secrets WHERE client_id = $1").bind(id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM client_secrets WHERE client_id = $1")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
         }
         Self::record_change(&mut tx, resource_type).await?;
         tx.commit().await?;
@@ -384,7 +448,12 @@ impl Store {
 
     // === client secrets (keyed hashes, never the secret) ===
 
-    pub async fn set_client_secret(&self, client_id: &str, secret_hash: Option<&str>, retiring_hash: Option<&str>) -> Result<()> {
+    pub async fn set_client_secret(
+        &self,
+        client_id: &str,
+        secret_hash: Option<&str>,
+        retiring_hash: Option<&str>,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("INSERT INTO client_secrets (client_id, secret_hash, retiring_hash) VALUES ($1, $2, $3) ON CONFLICT (client_id) DO UPDATE SET secret_hash = excluded.secret_hash, retiring_hash = excluded.retiring_hash")
             .bind(client_id)
@@ -399,16 +468,26 @@ impl Store {
 
     /// `(client_id, secret_hash, retiring_hash)` of every client.
     pub async fn client_secrets(&self) -> Result<Vec<(String, Option<String>, Option<String>)>> {
-        let rows = sqlx::query("SELECT client_id, secret_hash, retiring_hash FROM client_secrets").fetch_all(&self.pool).await?;
+        let rows = sqlx::query("SELECT client_id, secret_hash, retiring_hash FROM client_secrets")
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
-            .map(|r| Ok((r.try_get("client_id")?, r.try_get("secret_hash")?, r.try_get("retiring_hash")?)))
+            .map(|r| {
+                Ok((
+                    r.try_get("client_id")?,
+                    r.try_get("secret_hash")?,
+                    r.try_get("retiring_hash")?,
+                ))
+            })
             .collect()
     }
 
     // === logins ===
 
     pub async fn insert_login(&self, l: &LoginRecord) -> Result<()> {
-        let sql = format!("INSERT INTO logins ({LOGIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)");
+        let sql = format!(
+            "INSERT INTO logins ({LOGIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+        );
         sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(&l.id)
             .bind(&l.user_ref)
@@ -431,14 +510,21 @@ impl Store {
 
     pub async fn login(&self, id: &str) -> Result<Option<LoginRecord>> {
         let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE id = $1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(id).fetch_optional(&self.pool).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
         row.as_ref().map(row_to_login).transpose()
     }
 
     /// Marks a Login revoked; returns false if it does not exist.
     pub async fn revoke_login(&self, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        let n = sqlx::query("UPDATE logins SET revoked = 1 WHERE id = $1").bind(id).execute(&mut *tx).await?.rows_affected();
+        let n = sqlx::query("UPDATE logins SET revoked = 1 WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
         Self::record_change(&mut tx, "Login").await?;
         tx.commit().await?;
         Ok(n > 0)
@@ -447,15 +533,26 @@ impl Store {
     /// Logins of one user (`User/…`) authenticated at or after `since` (unix seconds), newest
     /// first, at most 100.
     pub async fn logins_for_user(&self, user_ref: &str, since: i64) -> Result<Vec<LoginRecord>> {
-        let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE user_ref = $1 AND auth_time >= $2 ORDER BY auth_time DESC LIMIT 100");
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(user_ref).bind(since).fetch_all(&self.pool).await?;
+        let sql = format!(
+            "SELECT {LOGIN_COLUMNS} FROM logins WHERE user_ref = $1 AND auth_time >= $2 ORDER BY auth_time DESC LIMIT 100"
+        );
+        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(user_ref)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter().map(row_to_login).collect()
     }
 
     /// Ids of revoked Logins whose tokens could still be unexpired.
     pub async fn revoked_logins(&self, now: i64) -> Result<Vec<String>> {
-        let rows = sqlx::query("SELECT id FROM logins WHERE revoked = 1 AND expires_at > $1").bind(now).fetch_all(&self.pool).await?;
-        rows.iter().map(|r| Ok(r.try_get::<String, _>("id")?)).collect()
+        let rows = sqlx::query("SELECT id FROM logins WHERE revoked = 1 AND expires_at > $1")
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(r.try_get::<String, _>("id")?))
+            .collect()
     }
 
     // === signing keys ===

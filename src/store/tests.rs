@@ -5,7 +5,9 @@ use super::*;
 async fn mem() -> Store {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
-    let store = Store::open(&format!("sqlite://{}", path.display())).await.unwrap();
+    let store = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
     std::mem::forget(dir);
     store
 }
@@ -15,29 +17,86 @@ async fn put_read_search_delete_roundtrip() {
     let s = mem().await;
     let seq0 = s.change_seq().await.unwrap();
     let m = json!({"resourceType": "ProjectMembership", "id": "m1", "profile": {"reference": "Patient/p1"}});
-    let idx = vec![("profile".to_string(), "Patient/p1".to_string()), ("profile-type".to_string(), "Patient".to_string())];
+    let idx = vec![
+        ("profile".to_string(), "Patient/p1".to_string()),
+        ("profile-type".to_string(), "Patient".to_string()),
+    ];
     let stored = s.put(m, Some("proj"), &idx, None, true).await.unwrap();
     assert_eq!(stored.content["meta"]["project"], "proj");
     assert!(s.change_seq().await.unwrap() > seq0);
 
-    let again = s.put(json!({"resourceType": "ProjectMembership", "id": "m1"}), Some("proj"), &[], None, true).await;
+    let again = s
+        .put(
+            json!({"resourceType": "ProjectMembership", "id": "m1"}),
+            Some("proj"),
+            &[],
+            None,
+            true,
+        )
+        .await;
     assert!(matches!(again, Err(StoreError::Conflict)));
 
-    let found = s.search("ProjectMembership", &[("profile-type".into(), vec!["Patient".into()])], Some("proj"), 100).await.unwrap();
+    let found = s
+        .search(
+            "ProjectMembership",
+            &[("profile-type".into(), vec!["Patient".into()])],
+            Some("proj"),
+            100,
+        )
+        .await
+        .unwrap();
     assert_eq!(found.len(), 1);
-    let none = s.search("ProjectMembership", &[("profile-type".into(), vec!["Practitioner".into()])], None, 100).await.unwrap();
+    let none = s
+        .search(
+            "ProjectMembership",
+            &[("profile-type".into(), vec!["Practitioner".into()])],
+            None,
+            100,
+        )
+        .await
+        .unwrap();
     assert!(none.is_empty());
-    let other_project = s.search("ProjectMembership", &[], Some("other"), 100).await.unwrap();
+    let other_project = s
+        .search("ProjectMembership", &[], Some("other"), 100)
+        .await
+        .unwrap();
     assert!(other_project.is_empty());
 
-    let wrong = s.put(stored.content.clone(), Some("proj"), &idx, Some("not-the-version"), false).await;
+    let wrong = s
+        .put(
+            stored.content.clone(),
+            Some("proj"),
+            &idx,
+            Some("not-the-version"),
+            false,
+        )
+        .await;
     assert!(matches!(wrong, Err(StoreError::VersionConflict)));
-    let updated = s.put(stored.content.clone(), Some("proj"), &idx, Some(&stored.version_id), false).await.unwrap();
+    let updated = s
+        .put(
+            stored.content.clone(),
+            Some("proj"),
+            &idx,
+            Some(&stored.version_id),
+            false,
+        )
+        .await
+        .unwrap();
     assert_ne!(updated.version_id, stored.version_id);
 
     assert!(s.delete("ProjectMembership", "m1").await.unwrap());
     assert!(s.read("ProjectMembership", "m1").await.unwrap().is_none());
-    assert!(s.search("ProjectMembership", &[("profile".into(), vec!["Patient/p1".into()])], None, 10).await.unwrap().is_empty());
+    assert!(
+        s.search(
+            "ProjectMembership",
+            &[("profile".into(), vec!["Patient/p1".into()])],
+            None,
+            10
+        )
+        .await
+        .unwrap()
+        .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -63,7 +122,10 @@ async fn logins_revoke_and_list() {
     assert_eq!(s.login("l1").await.unwrap().unwrap(), login);
     assert!(s.revoked_logins(now_unix()).await.unwrap().is_empty());
     assert!(s.revoke_login("l1").await.unwrap());
-    assert_eq!(s.revoked_logins(now_unix()).await.unwrap(), vec!["l1".to_string()]);
+    assert_eq!(
+        s.revoked_logins(now_unix()).await.unwrap(),
+        vec!["l1".to_string()]
+    );
     assert!(!s.revoke_login("nope").await.unwrap());
 }
 

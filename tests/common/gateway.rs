@@ -14,7 +14,10 @@ pub const ADMIN_CLIENT_ID: &str = "test-admin-client";
 pub const ADMIN_CLIENT_SECRET: &str = "test-admin-secret-0123456789abcdef";
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }
 
 fn wait_listening(addr: SocketAddr) {
@@ -51,7 +54,11 @@ impl TestGateway {
     }
 
     /// Starts on an existing data dir (to test restarts).
-    pub fn start_in(upstream: &str, data_dir: &std::path::Path, tweak: impl FnOnce(&mut ConfigFile)) -> TestGateway {
+    pub fn start_in(
+        upstream: &str,
+        data_dir: &std::path::Path,
+        tweak: impl FnOnce(&mut ConfigFile),
+    ) -> TestGateway {
         let (gp, cp, mp) = (free_port(), free_port(), free_port());
         let mut file = ConfigFile {
             listen: Some(format!("127.0.0.1:{gp}")),
@@ -102,26 +109,43 @@ impl TestGateway {
     /// Stops the server but keeps the data dir.
     pub fn stop(mut self) -> Option<tempfile::TempDir> {
         if let Some(r) = self.running.take() {
-            std::thread::spawn(move || r.shutdown()).join().expect("shutdown");
+            std::thread::spawn(move || r.shutdown())
+                .join()
+                .expect("shutdown");
         }
         self._tmp.take()
     }
 
     pub fn client() -> reqwest::Client {
-        reqwest::Client::builder().timeout(Duration::from_secs(20)).build().expect("client")
+        reqwest::Client::builder()
+            .timeout(Duration::from_secs(20))
+            .build()
+            .expect("client")
     }
 
     /// A client-credentials access token.
     pub async fn token(&self, client_id: &str, secret: &str, scope: Option<&str>) -> String {
-        let mut form = vec![("grant_type", "client_credentials"), ("client_id", client_id), ("client_secret", secret)];
+        let mut form = vec![
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+            ("client_secret", secret),
+        ];
         if let Some(s) = scope {
             form.push(("scope", s));
         }
-        let resp = Self::client().post(format!("{}oauth2/token", self.base)).form(&form).send().await.expect("token request");
+        let resp = Self::client()
+            .post(format!("{}oauth2/token", self.base))
+            .form(&form)
+            .send()
+            .await
+            .expect("token request");
         let status = resp.status();
         let body: Value = resp.json().await.expect("token JSON");
         assert_eq!(status, 200, "token request failed: {body}");
-        body["access_token"].as_str().expect("access_token").to_string()
+        body["access_token"]
+            .as_str()
+            .expect("access_token")
+            .to_string()
     }
 
     pub async fn admin_token(&self) -> String {

@@ -46,11 +46,16 @@ impl Outcome {
             Outcome::Unauthorized => (Some("unauthorized"), "error", "login", "Unauthorized"),
             Outcome::Forbidden => (Some("forbidden"), "error", "forbidden", "Forbidden"),
             Outcome::NotFound => (Some("not-found"), "error", "not-found", "Not found"),
-            Outcome::TooManyRequests => {
-                (Some("too-many-requests"), "error", "throttled", "Too Many Requests")
-            }
+            Outcome::TooManyRequests => (
+                Some("too-many-requests"),
+                "error",
+                "throttled",
+                "Too Many Requests",
+            ),
             Outcome::Gone => (Some("gone"), "error", "deleted", "Gone"),
-            Outcome::PreconditionFailed(t) => (Some("precondition-failed"), "error", "processing", t),
+            Outcome::PreconditionFailed(t) => {
+                (Some("precondition-failed"), "error", "processing", t)
+            }
             Outcome::Conflict(t) => (Some("conflict"), "error", "conflict", t),
             Outcome::BadRequest(t) => (None, "error", "invalid", t),
             Outcome::PayloadTooLarge(t) => (None, "error", "too-costly", t),

@@ -13,7 +13,8 @@ pub enum PatchError {
 
 /// Applies `patch` (a JSON Patch array) to a copy of `doc`.
 pub fn apply_json_patch(doc: &Value, patch: &Value) -> Result<Value, PatchError> {
-    let patch: json_patch::Patch = serde_json::from_value(patch.clone()).map_err(|_| PatchError::NotJsonPatch)?;
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch.clone()).map_err(|_| PatchError::NotJsonPatch)?;
     let mut out = doc.clone();
     json_patch::patch(&mut out, &patch).map_err(|e| PatchError::Failed(e.to_string()))?;
     Ok(out)
@@ -27,9 +28,22 @@ mod tests {
     #[test]
     fn applies_and_refuses() {
         let doc = json!({"resourceType": "Patient", "active": true});
-        let out = apply_json_patch(&doc, &json!([{"op": "replace", "path": "/active", "value": false}])).unwrap();
+        let out = apply_json_patch(
+            &doc,
+            &json!([{"op": "replace", "path": "/active", "value": false}]),
+        )
+        .unwrap();
         assert_eq!(out["active"], false);
-        assert_eq!(apply_json_patch(&doc, &json!({"resourceType": "Parameters"})), Err(PatchError::NotJsonPatch));
-        assert!(matches!(apply_json_patch(&doc, &json!([{"op": "test", "path": "/active", "value": false}])), Err(PatchError::Failed(_))));
+        assert_eq!(
+            apply_json_patch(&doc, &json!({"resourceType": "Parameters"})),
+            Err(PatchError::NotJsonPatch)
+        );
+        assert!(matches!(
+            apply_json_patch(
+                &doc,
+                &json!([{"op": "test", "path": "/active", "value": false}])
+            ),
+            Err(PatchError::Failed(_))
+        ));
     }
 }

@@ -62,10 +62,18 @@ pub struct Permit {
 
 impl Permit {
     fn untouched() -> Permit {
-        Permit { narrowing: Vec::new(), response: ResponseNeed::Untouched, write: WriteCheck::None, drop_total: false }
+        Permit {
+            narrowing: Vec::new(),
+            response: ResponseNeed::Untouched,
+            write: WriteCheck::None,
+            drop_total: false,
+        }
     }
     fn filtered() -> Permit {
-        Permit { response: ResponseNeed::FilterResources, ..Permit::untouched() }
+        Permit {
+            response: ResponseNeed::FilterResources,
+            ..Permit::untouched()
+        }
     }
 }
 
@@ -83,7 +91,11 @@ fn need(policy: &EffectivePolicy, ty: &str, i: Interaction, super_admin: bool) -
         }
         return Err(Deny::Forbidden("untyped_target"));
     }
-    if policy.type_allows(ty, i, super_admin) { Ok(()) } else { Err(Deny::Forbidden("type_interaction")) }
+    if policy.type_allows(ty, i, super_admin) {
+        Ok(())
+    } else {
+        Err(Deny::Forbidden("type_interaction"))
+    }
 }
 
 /// The narrowing for a search of `ty`, as parameters to append, or a denial.
@@ -105,8 +117,17 @@ fn narrowing(policy: &EffectivePolicy, ty: &str) -> Result<(Vec<QueryParam>, boo
                 })
                 .collect();
             if names.len() == list.len() && names.windows(2).all(|w| w[0] == w[1]) {
-                let values: Vec<&str> = list.iter().map(|c| c.query_params()[0].value.as_str()).collect();
-                return Ok((vec![QueryParam { name: names[0].to_string(), value: values.join(",") }], false));
+                let values: Vec<&str> = list
+                    .iter()
+                    .map(|c| c.query_params()[0].value.as_str())
+                    .collect();
+                return Ok((
+                    vec![QueryParam {
+                        name: names[0].to_string(),
+                        value: values.join(","),
+                    }],
+                    false,
+                ));
             }
             Ok((Vec::new(), true))
         }
@@ -123,7 +144,15 @@ fn is_include(name: &str) -> bool {
 }
 
 fn decide_search(policy: &EffectivePolicy, s: &Search, super_admin: bool) -> Result<Permit, Deny> {
-    let probe = Search { params: s.params.iter().filter(|p| !is_include(&p.name)).cloned().collect(), ..s.clone() };
+    let probe = Search {
+        params: s
+            .params
+            .iter()
+            .filter(|p| !is_include(&p.name))
+            .cloned()
+            .collect(),
+        ..s.clone()
+    };
     for (ty, i) in FhirOp::Search(probe).required_access() {
         need(policy, &ty, i, super_admin)?;
     }
@@ -142,51 +171,98 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
     match op {
         FhirOp::Capabilities => Ok(Permit::untouched()),
         FhirOp::Read { resource_type, .. } | FhirOp::Vread { resource_type, .. } => {
-            let i = if matches!(op, FhirOp::Read { .. }) { Interaction::Read } else { Interaction::Vread };
+            let i = if matches!(op, FhirOp::Read { .. }) {
+                Interaction::Read
+            } else {
+                Interaction::Vread
+            };
             need(policy, resource_type, i, super_admin)?;
-            let response = if policy.instance_checks_needed(resource_type, i) { ResponseNeed::CheckResource } else { ResponseNeed::Untouched };
-            Ok(Permit { response, ..Permit::untouched() })
+            let response = if policy.instance_checks_needed(resource_type, i) {
+                ResponseNeed::CheckResource
+            } else {
+                ResponseNeed::Untouched
+            };
+            Ok(Permit {
+                response,
+                ..Permit::untouched()
+            })
         }
         FhirOp::Search(s) => decide_search(policy, s, super_admin),
         FhirOp::History { .. } => {
             for (ty, i) in op.required_access() {
                 need(policy, &ty, i, super_admin)?;
             }
-            Ok(Permit { drop_total: true, ..Permit::filtered() })
+            Ok(Permit {
+                drop_total: true,
+                ..Permit::filtered()
+            })
         }
         FhirOp::Create { resource_type, .. } => {
             for (ty, i) in op.required_access() {
                 need(policy, &ty, i, super_admin)?;
             }
             let _ = resource_type;
-            Ok(Permit { write: WriteCheck::Create, response: ResponseNeed::CheckResource, ..Permit::untouched() })
+            Ok(Permit {
+                write: WriteCheck::Create,
+                response: ResponseNeed::CheckResource,
+                ..Permit::untouched()
+            })
         }
         FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. } => {
             need(policy, resource_type, Interaction::Update, super_admin)?;
-            Ok(Permit { write: WriteCheck::Update, response: ResponseNeed::CheckResource, ..Permit::untouched() })
+            Ok(Permit {
+                write: WriteCheck::Update,
+                response: ResponseNeed::CheckResource,
+                ..Permit::untouched()
+            })
         }
         FhirOp::Delete { resource_type, .. } => {
             need(policy, resource_type, Interaction::Delete, super_admin)?;
-            Ok(Permit { write: WriteCheck::Delete, ..Permit::untouched() })
+            Ok(Permit {
+                write: WriteCheck::Delete,
+                ..Permit::untouched()
+            })
         }
-        FhirOp::ConditionalUpdate { resource_type, .. } | FhirOp::ConditionalPatch { resource_type, .. } | FhirOp::ConditionalDelete { resource_type, .. } => {
+        FhirOp::ConditionalUpdate { resource_type, .. }
+        | FhirOp::ConditionalPatch { resource_type, .. }
+        | FhirOp::ConditionalDelete { resource_type, .. } => {
             for (ty, i) in op.required_access() {
                 need(policy, &ty, i, super_admin)?;
             }
             // The target is chosen by the upstream, so only a policy without instance conditions
             // for this type can allow it.
-            let i = if matches!(op, FhirOp::ConditionalDelete { .. }) { Interaction::Delete } else { Interaction::Update };
-            if policy.instance_checks_needed(resource_type, i) || policy.instance_checks_needed(resource_type, Interaction::Search) {
+            let i = if matches!(op, FhirOp::ConditionalDelete { .. }) {
+                Interaction::Delete
+            } else {
+                Interaction::Update
+            };
+            if policy.instance_checks_needed(resource_type, i)
+                || policy.instance_checks_needed(resource_type, Interaction::Search)
+            {
                 return Err(Deny::Forbidden("conditional_write_with_criteria"));
             }
-            Ok(Permit { response: ResponseNeed::CheckResource, ..Permit::untouched() })
+            Ok(Permit {
+                response: ResponseNeed::CheckResource,
+                ..Permit::untouched()
+            })
         }
-        FhirOp::Operation { name, resource_type, id } => {
+        FhirOp::Operation {
+            name,
+            resource_type,
+            id,
+        } => {
             if READ_OPERATIONS.contains(&name.as_str()) {
                 let ty = resource_type.as_deref().unwrap_or("*");
-                let i = if id.is_some() { Interaction::Read } else { Interaction::Search };
+                let i = if id.is_some() {
+                    Interaction::Read
+                } else {
+                    Interaction::Search
+                };
                 need(policy, ty, i, super_admin)?;
-                return Ok(Permit { drop_total: true, ..Permit::filtered() });
+                return Ok(Permit {
+                    drop_total: true,
+                    ..Permit::filtered()
+                });
             }
             if operation_granted(policy, name, resource_type.as_deref()) || super_admin {
                 return Ok(Permit::filtered());
@@ -217,7 +293,10 @@ fn operation_granted(policy: &EffectivePolicy, name: &str, resource_type: Option
 /// Decides a request. Bundles are decided entry by entry by `decide_bundle`.
 pub fn decide(policy: &EffectivePolicy, req: &FhirRequest, super_admin: bool) -> Decision {
     if req.wants_non_json {
-        return Decision::Deny(Deny::BadRequest("non_json_format", "Only JSON is supported".into()));
+        return Decision::Deny(Deny::BadRequest(
+            "non_json_format",
+            "Only JSON is supported".into(),
+        ));
     }
     match decide_op(policy, &req.op, super_admin) {
         Ok(p) => Decision::Allow(p),
@@ -227,7 +306,9 @@ pub fn decide(policy: &EffectivePolicy, req: &FhirRequest, super_admin: bool) ->
 
 /// Decides each entry of a batch or transaction.
 pub fn decide_entries(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Vec<Decision> {
-    let FhirOp::Bundle { entries, .. } = op else { return Vec::new() };
+    let FhirOp::Bundle { entries, .. } = op else {
+        return Vec::new();
+    };
     entries
         .iter()
         .map(|e| match &e.op {
@@ -236,7 +317,10 @@ pub fn decide_entries(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) 
                 Ok(p) => Decision::Allow(p),
                 Err(d) => Decision::Deny(d),
             },
-            Err(_) => Decision::Deny(Deny::BadRequest("unclassifiable", "Invalid bundle entry".into())),
+            Err(_) => Decision::Deny(Deny::BadRequest(
+                "unclassifiable",
+                "Invalid bundle entry".into(),
+            )),
         })
         .collect()
 }

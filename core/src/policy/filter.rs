@@ -7,8 +7,14 @@ use crate::fhir::request::Interaction;
 use crate::policy::EffectivePolicy;
 
 /// Checks one resource for `interaction` and redacts it. False: the caller may not see it.
-pub fn check_resource(policy: &EffectivePolicy, resource: &mut Value, interaction: Interaction) -> bool {
-    let Some(entry) = policy.satisfied(resource, interaction) else { return false };
+pub fn check_resource(
+    policy: &EffectivePolicy,
+    resource: &mut Value,
+    interaction: Interaction,
+) -> bool {
+    let Some(entry) = policy.satisfied(resource, interaction) else {
+        return false;
+    };
     let entry = entry.clone();
     policy.redact(resource, &entry);
     true
@@ -31,10 +37,9 @@ pub fn filter_value(policy: &EffectivePolicy, value: &mut Value, drop_total: boo
     let mut dropped = false;
     if let Some(entries) = value.get_mut("entry").and_then(Value::as_array_mut) {
         entries.retain_mut(|entry| {
-            if let Some(outcome) = entry.get_mut("response").and_then(|r| r.get_mut("outcome")) {
-                let _ = outcome;
-            }
-            let Some(resource) = entry.get_mut("resource") else { return true };
+            let Some(resource) = entry.get_mut("resource") else {
+                return true;
+            };
             if is_outcome(resource) {
                 return true;
             }
@@ -50,10 +55,8 @@ pub fn filter_value(policy: &EffectivePolicy, value: &mut Value, drop_total: boo
             keep
         });
     }
-    if dropped || drop_total {
-        if let Some(obj) = value.as_object_mut() {
-            obj.remove("total");
-        }
+    if let (true, Some(obj)) = (dropped || drop_total, value.as_object_mut()) {
+        obj.remove("total");
     }
     true
 }

@@ -16,7 +16,10 @@ pub struct Reference {
 
 impl Reference {
     pub fn to(reference: impl Into<String>) -> Self {
-        Reference { reference: Some(reference.into()), display: None }
+        Reference {
+            reference: Some(reference.into()),
+            display: None,
+        }
     }
 
     /// `"Patient/123"` → `Some(("Patient", "123"))`.
@@ -161,7 +164,12 @@ impl ProjectMembership {
 }
 
 /// The four "project admin" resource types: wildcards never grant them (medplum-auth.md §4.3).
-pub const PROJECT_ADMIN_TYPES: [&str; 4] = ["Project", "ProjectMembership", "User", "UserSecurityRequest"];
+pub const PROJECT_ADMIN_TYPES: [&str; 4] = [
+    "Project",
+    "ProjectMembership",
+    "User",
+    "UserSecurityRequest",
+];
 
 /// Types only super admins may touch, whatever a policy says (medplum-auth.md §4.3).
 pub const PROTECTED_TYPES: [&str; 3] = ["DomainConfiguration", "JsonWebKey", "Login"];

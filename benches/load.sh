@@ -1,0 +1,429 @@
+#!/usr/bin/env bash
+# benches/load.sh — side-by-side load test of fhirgate against nginx, on loopback (SPEC §5).
+#
+# What it does, all on 127.0.0.1, with bounded run time, cleaning up every process on exit:
+#   1. builds fhirgate in release (`cargo build --release`; CARGO_TARGET_DIR is respected);
+#   2. starts a static nginx "FHIR server" (1 worker) serving a Patient at /fhir/R4/Patient/p1
+#      and a CapabilityStatement at /fhir/R4/metadata (application/fhir+json);
+#   3. starts an nginx reverse proxy (2 workers, upstream keepalive 128, HTTP/1.1) in front of it;
+#   4. starts `fhirgate serve` in front of it (2 threads, SQLite in a temp dir, known admin
+#      client), and gets a client-credentials token from it;
+#   5. runs `wrk -t2 -c50 -d10s --latency` for each case, REPS times, interleaved:
+#        direct     GET /fhir/R4/Patient/p1 straight to the upstream (no proxy)
+#        nginx      the same through the nginx reverse proxy
+#        fg-pass    GET /fhir/R4/metadata through fhirgate (public, no auth: the pass-through
+#                   baseline of SPEC §1; NB fhirgate buffers and rewrites this JSON body)
+#        fg-full    GET /fhir/R4/Patient/p1 through fhirgate with `Authorization: Bearer`
+#                   (cached after the first request) + policy decision + forwarding
+#        fg-basic   the same with `Authorization: Basic client_id:secret`
+#      and, for token issuance (client_credentials POSTs from a wrk Lua script):
+#        issue-gw   POST /oauth2/token through the gateway (as clients do)
+#        issue-ctl  POST /oauth2/token straight to the control listener
+#   6. prints, per case: req/s, p50/p99 latency, the proxy's CPU-µs per request (utime+stime
+#      from /proc/PID/stat before/after; nginx = master + workers), the upstream's CPU-µs per
+#      request, and for fhirgate the p99 of its own "gateway-added time" histogram; then the
+#      ratios fhirgate/nginx and fhirgate-full/fhirgate-pass-through.
+#
+# Usage (from the repo root):
+#   benches/load.sh
+#   DURATION=5 REPS=3 benches/load.sh          # shorter runs, more reps
+#   SKIP_BUILD=1 FHIRGATE_BIN=/path/to/fhirgate benches/load.sh
+#   PIN=1 benches/load.sh                      # proxies on vCPU1 with 1 worker/thread;
+#                                              # wrk and the upstream on vCPU0
+# Environment (defaults in brackets):
+#   DURATION [10] seconds per wrk run · REPS [2] (min 2) · CONNS [50] · WRK_THREADS [2]
+#   ISSUE_DURATION [$DURATION] · ISSUE_CONNS [$CONNS] · CASES [all: "direct nginx fg-pass
+#   fg-full fg-basic issue-gw issue-ctl"] · BASE_PORT [18180] (uses BASE_PORT..BASE_PORT+4)
+#   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
+#   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
+# Needs: nginx (nginx-light), wrk, curl, awk; Linux /proc. Numbers on a shared 2-vCPU VM are
+# noisy (±15 %): compare CPU-µs per request, and the medians over the interleaved reps.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DURATION=${DURATION:-10}
+REPS=${REPS:-2}
+if ((REPS < 2)); then REPS=2; fi
+CONNS=${CONNS:-50}
+WRK_THREADS=${WRK_THREADS:-2}
+ISSUE_DURATION=${ISSUE_DURATION:-$DURATION}
+ISSUE_CONNS=${ISSUE_CONNS:-$CONNS}
+CASES=${CASES:-"direct nginx fg-pass fg-full fg-basic issue-gw issue-ctl"}
+BASE_PORT=${BASE_PORT:-18180}
+SKIP_BUILD=${SKIP_BUILD:-0}
+PIN=${PIN:-0}
+KEEP_TMP=${KEEP_TMP:-0}
+PROXY_THREADS=${PROXY_THREADS:-2}
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+FHIRGATE_BIN=${FHIRGATE_BIN:-$TARGET_DIR/release/fhirgate}
+
+UP_PORT=$BASE_PORT
+NGX_PORT=$((BASE_PORT + 1))
+GW_PORT=$((BASE_PORT + 2))
+CTL_PORT=$((BASE_PORT + 3))
+MET_PORT=$((BASE_PORT + 4))
+CLIENT_ID=load-admin
+CLIENT_SECRET=load-secret-5f1c2a9e8b7d4c3f
+CLK_TCK=$(getconf CLK_TCK)
+
+# Pinning: the proxy under test alone on vCPU1, everything else on vCPU0.
+if [[ $PIN == 1 ]]; then
+  PROXY_THREADS=1
+  PIN_PROXY=(taskset -c 1)
+  PIN_OTHER=(taskset -c 0)
+else
+  PIN_PROXY=()
+  PIN_OTHER=()
+fi
+
+for tool in nginx wrk curl awk; do
+  command -v "$tool" >/dev/null || { echo "load.sh: $tool is required (apt-get install -y nginx-light wrk curl)" >&2; exit 1; }
+done
+
+port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT; do
+  if port_busy "$p"; then
+    echo "load.sh: port $p is in use; set BASE_PORT to a free range" >&2
+    exit 1
+  fi
+done
+
+TMP=$(mktemp -d /tmp/fhirgate-load.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 1 50); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ $KEEP_TMP == 1 ]]; then
+    echo "load.sh: temp dir kept: $TMP"
+  else
+    rm -rf "$TMP"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+# --- build ---------------------------------------------------------------------------------
+if [[ $SKIP_BUILD != 1 ]]; then
+  log "building fhirgate (release) into $TARGET_DIR"
+  (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --bin fhirgate)
+fi
+[[ -x $FHIRGATE_BIN ]] || { echo "load.sh: no binary at $FHIRGATE_BIN" >&2; exit 1; }
+
+# --- fixtures ------------------------------------------------------------------------------
+mkdir -p "$TMP/www/fhir/R4/Patient" "$TMP/data" "$TMP/nginx-up" "$TMP/nginx-rp"
+cat >"$TMP/www/fhir/R4/Patient/p1" <<'EOF'
+{"resourceType":"Patient","id":"p1","meta":{"versionId":"3","lastUpdated":"2024-05-01T10:00:00.000Z"},"identifier":[{"system":"urn:oid:1.2.36.146.595.217.0.1","value":"12345"}],"active":true,"name":[{"use":"official","family":"Chalmers","given":["Peter","James"]}],"telecom":[{"system":"phone","value":"(03) 5555 6473","use":"work"}],"gender":"male","birthDate":"1974-12-25","address":[{"use":"home","line":["534 Erewhon St"],"city":"PleasantVille","state":"Vic","postalCode":"3999"}],"managingOrganization":{"reference":"Organization/1"}}
+EOF
+{
+  printf '{"resourceType":"CapabilityStatement","id":"load-upstream","status":"active","date":"2024-05-01","kind":"instance","software":{"name":"static nginx"},"implementation":{"description":"load test upstream","url":"http://127.0.0.1:%s/fhir/R4"},"fhirVersion":"4.0.1","format":["application/fhir+json","json"],"rest":[{"mode":"server","resource":[' "$UP_PORT"
+  sep=""
+  for t in Patient Observation Encounter Condition Practitioner Organization MedicationRequest AllergyIntolerance DiagnosticReport Procedure; do
+    printf '%s{"type":"%s","interaction":[{"code":"read"},{"code":"vread"},{"code":"update"},{"code":"delete"},{"code":"search-type"},{"code":"create"}],"searchParam":[{"name":"_id","type":"token"},{"name":"_lastUpdated","type":"date"}]}' "$sep" "$t"
+    sep=","
+  done
+  printf '],"interaction":[{"code":"transaction"},{"code":"batch"},{"code":"search-system"}]}]}\n'
+} >"$TMP/www/fhir/R4/metadata"
+chmod -R a+rX "$TMP/www"
+PATIENT_BYTES=$(wc -c <"$TMP/www/fhir/R4/Patient/p1")
+METADATA_BYTES=$(wc -c <"$TMP/www/fhir/R4/metadata")
+
+NGINX_USER=""
+[[ $(id -u) == 0 ]] && NGINX_USER="user www-data;"
+
+common_main() { # $1 prefix dir, $2 workers
+  cat <<EOF
+$NGINX_USER
+worker_processes $2;
+pid $1/nginx.pid;
+error_log $1/error.log warn;
+events { worker_connections 4096; }
+EOF
+}
+common_http() { # $1 prefix dir
+  cat <<EOF
+  access_log off;
+  client_body_temp_path $1/body;
+  proxy_temp_path $1/proxy;
+  keepalive_requests 1000000;
+  keepalive_timeout 75s;
+EOF
+}
+
+{
+  common_main "$TMP/nginx-up" 1
+  cat <<EOF
+http {
+$(common_http "$TMP/nginx-up")
+  types { }
+  default_type application/fhir+json;
+  server {
+    listen 127.0.0.1:$UP_PORT;
+    root $TMP/www;
+    etag on;
+    location / { try_files \$uri =404; }
+  }
+}
+EOF
+} >"$TMP/nginx-up/nginx.conf"
+
+{
+  common_main "$TMP/nginx-rp" "$PROXY_THREADS"
+  cat <<EOF
+http {
+$(common_http "$TMP/nginx-rp")
+  upstream fhir_upstream {
+    server 127.0.0.1:$UP_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$NGX_PORT;
+    location / {
+      proxy_pass http://fhir_upstream;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+EOF
+} >"$TMP/nginx-rp/nginx.conf"
+
+cat >"$TMP/issue.lua" <<EOF
+wrk.method = "POST"
+wrk.body = "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET"
+wrk.headers["Content-Type"] = "application/x-www-form-urlencoded"
+EOF
+
+# --- start ---------------------------------------------------------------------------------
+wait_http() { # $1 url, $2 what
+  for _ in $(seq 1 300); do
+    if curl -s -o /dev/null --max-time 1 "$1"; then return 0; fi
+    sleep 0.1
+  done
+  echo "load.sh: $2 did not come up ($1)" >&2
+  return 1
+}
+
+STARTED_PID=""
+start_nginx() { # $1 dir, $2 name of the pinning array; sets STARTED_PID (the master)
+  local -n pin=$2
+  nginx -t -q -c "$1/nginx.conf" -p "$1" -e "$1/error.log"
+  "${pin[@]}" nginx -c "$1/nginx.conf" -p "$1" -e "$1/error.log" -g 'daemon off;' \
+    >"$1/stdout.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+log "starting upstream nginx on :$UP_PORT (1 worker)"
+start_nginx "$TMP/nginx-up" PIN_OTHER
+UP_PID=$STARTED_PID
+wait_http "http://127.0.0.1:$UP_PORT/fhir/R4/metadata" "upstream nginx"
+log "starting nginx reverse proxy on :$NGX_PORT ($PROXY_THREADS workers)"
+start_nginx "$TMP/nginx-rp" PIN_PROXY
+NGX_PID=$STARTED_PID
+wait_http "http://127.0.0.1:$NGX_PORT/fhir/R4/metadata" "nginx reverse proxy"
+
+log "starting fhirgate on :$GW_PORT ($PROXY_THREADS threads)"
+FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=warn \
+  "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
+  --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
+  --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
+  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format text \
+  >"$TMP/fhirgate.log" 2>&1 &
+FG_PID=$!
+PIDS+=("$FG_PID")
+wait_http "http://127.0.0.1:$MET_PORT/healthz" "fhirgate" || { tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+wait_http "http://127.0.0.1:$GW_PORT/fhir/R4/metadata" "fhirgate gateway" || { tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+
+TOKEN_JSON=$(curl -s --max-time 10 -X POST "http://127.0.0.1:$GW_PORT/oauth2/token" \
+  -H 'Content-Type: application/x-www-form-urlencoded' \
+  --data "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET")
+TOKEN=$(printf '%s' "$TOKEN_JSON" | sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
+if [[ -z $TOKEN ]]; then
+  echo "load.sh: no token from fhirgate: $TOKEN_JSON" >&2
+  tail -30 "$TMP/fhirgate.log" >&2
+  exit 1
+fi
+BASIC=$(printf '%s:%s' "$CLIENT_ID" "$CLIENT_SECRET" | base64 -w0)
+log "token: ${#TOKEN} bytes"
+
+# Smoke checks: every case must answer 200 before we measure it.
+check() { # $1 name, $2 url, rest: curl args
+  local name=$1 url=$2
+  shift 2
+  local code
+  code=$(curl -s -o "$TMP/check.out" -w '%{http_code}' --max-time 5 "$@" "$url")
+  if [[ $code != 200 ]]; then
+    echo "load.sh: $name answered $code: $(head -c 400 "$TMP/check.out")" >&2
+    exit 1
+  fi
+}
+check direct "http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1"
+check nginx "http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"
+check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
+check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
+check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
+check issue-ctl "http://127.0.0.1:$CTL_PORT/oauth2/token" -X POST --data "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET"
+
+# --- measurement ---------------------------------------------------------------------------
+# Sum of utime+stime (clock ticks) of the given pids and, for nginx masters, their workers.
+cpu_ticks() {
+  local total=0 pid p line f
+  for pid in "$@"; do
+    for p in $pid $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
+      line=$(cat "/proc/$p/stat" 2>/dev/null) || continue
+      # After the ")" that closes comm, field 1 is the state (stat field 3): utime and stime
+      # (stat fields 14 and 15) are fields 12 and 13 here. They cover every thread.
+      read -r -a f <<<"${line##*) }"
+      total=$((total + f[11] + f[12]))
+    done
+  done
+  echo "$total"
+}
+
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# Cumulative buckets of fhirgate_gateway_added_seconds for a route label, "le count" lines.
+gw_hist() {
+  curl -s --max-time 5 "http://127.0.0.1:$MET_PORT/metrics" |
+    awk -v r="route=\"$1\"" '/^fhirgate_gateway_added_seconds_bucket/ && index($0, r) {
+      match($0, /le="[^"]*"/); le = substr($0, RSTART + 4, RLENGTH - 5); print le, $NF }'
+}
+
+# p99 upper bound (in ms) from two bucket snapshots.
+hist_p99() { # $1 before file, $2 after file
+  awk 'NR == FNR { before[$1] = $2; next }
+       { le[++n] = $1; c[n] = $2 - before[$1] }
+       END {
+         total = c[n]; if (total <= 0) { print "-"; exit }
+         for (i = 1; i <= n; i++) if (c[i] >= 0.99 * total) {
+           if (le[i] == "+Inf") print ">" le[i-1] * 1000; else print le[i] * 1000; exit }
+       }' "$1" "$2"
+}
+
+to_ms() { # wrk latency like 1.23ms, 456.78us, 1.02s
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+    else print "?" }'
+}
+
+RESULTS=$TMP/results.tsv
+: >"$RESULTS"
+
+run_case() { # $1 case, $2 rep
+  local name=$1 rep=$2 url proxy_pids=() upstream_pids=("$UP_PID") args=() route="" dur=$DURATION conns=$CONNS
+  case $name in
+    direct) url="http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1" ;;
+    nginx) url="http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"; proxy_pids=("$NGX_PID") ;;
+    fg-pass) url="http://127.0.0.1:$GW_PORT/fhir/R4/metadata"; proxy_pids=("$FG_PID"); route=metadata ;;
+    fg-full) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $TOKEN") ;;
+    fg-basic) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Basic $BASIC") ;;
+    issue-gw) url="http://127.0.0.1:$GW_PORT/oauth2/token"; proxy_pids=("$FG_PID"); upstream_pids=()
+      args=(-s "$TMP/issue.lua"); dur=$ISSUE_DURATION; conns=$ISSUE_CONNS ;;
+    issue-ctl) url="http://127.0.0.1:$CTL_PORT/oauth2/token"; proxy_pids=("$FG_PID"); upstream_pids=()
+      args=(-s "$TMP/issue.lua"); dur=$ISSUE_DURATION; conns=$ISSUE_CONNS ;;
+    *) echo "load.sh: unknown case $name" >&2; exit 1 ;;
+  esac
+  local out=$TMP/wrk-$name-$rep.txt
+  [[ -n $route ]] && gw_hist "$route" >"$TMP/hist-before"
+  local p0 u0 p1 u1
+  p0=$(cpu_ticks "${proxy_pids[@]}")
+  u0=$(cpu_ticks "${upstream_pids[@]}")
+  log "rep $rep: $name (${dur}s, $conns connections)"
+  timeout $((dur + 30)) "${PIN_OTHER[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${dur}s" --latency "${args[@]}" "$url" >"$out" 2>&1 || {
+    echo "load.sh: wrk failed for $name:" >&2
+    cat "$out" >&2
+    exit 1
+  }
+  p1=$(cpu_ticks "${proxy_pids[@]}")
+  u1=$(cpu_ticks "${upstream_pids[@]}")
+  local gwp99="-"
+  if [[ -n $route ]]; then
+    gw_hist "$route" >"$TMP/hist-after"
+    gwp99=$(hist_p99 "$TMP/hist-before" "$TMP/hist-after")
+  fi
+  local rps reqs p50 p99 non2xx errors
+  rps=$(awk '/^Requests\/sec:/ {print $2}' "$out")
+  reqs=$(awk '/requests in/ {print $1}' "$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
+  non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
+  errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$out")
+  local pcpu ucpu
+  pcpu=$(awk -v d=$((p1 - p0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#proxy_pids[@]} \
+    'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
+  ucpu=$(awk -v d=$((u1 - u0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#upstream_pids[@]} \
+    'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
+    "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" >>"$RESULTS"
+  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req  upstream %6s µs/req  gw-added p99 %s ms%s\n' \
+    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$gwp99" \
+    "$([[ ${non2xx:-0} != 0 || ${errors:-0} != 0 ]] && echo "  (!! non-2xx ${non2xx:-0}, socket errors ${errors:-0})")" >&2
+}
+
+FG_RSS_START=$(rss_kb "$FG_PID")
+for rep in $(seq 1 "$REPS"); do
+  for c in $CASES; do
+    run_case "$c" "$rep"
+  done
+done
+FG_RSS_END=$(rss_kb "$FG_PID")
+
+# --- summary -------------------------------------------------------------------------------
+median() { sort -g | awk '{v[NR] = $1} END { if (NR == 0) { print "-"; exit } if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+col() { # $1 case, $2 column number → median over reps (non-numeric values skipped)
+  awk -F'\t' -v c="$1" -v k="$2" '$1 == c && $k ~ /^[0-9.]+$/ {print $k}' "$RESULTS" | median
+}
+allcol() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c {printf "%s%s", sep, $k; sep = ", "}' "$RESULTS"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f", a / b }'; }
+
+echo
+echo "fhirgate load test — $(date -u +%FT%TZ), $(nproc) vCPU, wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $REPS reps interleaved, PIN=$PIN, proxy threads/workers $PROXY_THREADS"
+echo "bodies: Patient $PATIENT_BYTES B, CapabilityStatement $METADATA_BYTES B; token ${#TOKEN} B; token issuance -c$ISSUE_CONNS -d${ISSUE_DURATION}s"
+echo
+printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "non-2xx/err"
+printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|------------"
+for c in $CASES; do
+  printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %s |\n' "$c" "$(col "$c" 3)" "$(allcol "$c" 3)" \
+    "$(col "$c" 5)" "$(col "$c" 6)" "$(col "$c" 7)" "$(col "$c" 8)" "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s", s, $9; s = "/"}' "$RESULTS")" \
+    "$(awk -F'\t' -v c="$c" '$1 == c {n += $10; e += $11} END {print n "/" e}' "$RESULTS")"
+done
+echo
+NGX_RPS=$(col nginx 3); NGX_CPU=$(col nginx 7)
+PASS_RPS=$(col fg-pass 3); PASS_CPU=$(col fg-pass 7)
+FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
+BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
+echo "ratios (medians)                          throughput   CPU/req"
+printf '  fhirgate full   / nginx                 %8s   %8s   (SPEC: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
+printf '  fhirgate pass   / nginx                 %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
+printf '  fhirgate full   / fhirgate pass-through %8s   %8s   (SPEC: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
+printf '  fhirgate basic  / fhirgate full         %8s   %8s\n' "$(ratio "$BASIC_RPS" "$FULL_RPS")" "$(ratio "$BASIC_CPU" "$FULL_CPU")"
+printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (SPEC: >= 2000)\n' \
+  "$(col issue-gw 3)" "$(col issue-ctl 3)"
+printf '  fhirgate RSS: %s kB before the runs, %s kB after\n' "$FG_RSS_START" "$FG_RSS_END"
+echo
+echo "notes: 'proxy µs/req' is utime+stime of the proxy process(es) per request (nginx: master + workers;"
+echo "       fhirgate: the whole process, so issuance includes the control API and SQLite). 'gw-add p99' is the"
+echo "       upper bucket bound (ms) of fhirgate_gateway_added_seconds for the run (at saturation, not at 50 %)."
+echo "       fg-pass buffers and rewrites the CapabilityStatement (SPEC §1), so it is not a zero-work baseline."
