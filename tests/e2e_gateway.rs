@@ -402,3 +402,97 @@ fn metadata_is_public_and_advertises_oauth() {
         assert!(metrics.contains("fhirgate_requests_total"), "{metrics}");
     });
 }
+
+#[test]
+fn logout_revokes_the_login_on_the_next_request() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let token = gw.admin_token().await;
+        let other = gw.admin_token().await;
+        assert_eq!(
+            c.get(format!("{}Patient", gw.fhir))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        let out = c
+            .post(format!("{}oauth2/logout", gw.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.status(), 200);
+        let r = c
+            .get(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "a revoked Login's token must fail at once");
+        assert_eq!(
+            c.get(format!("{}auth/me", gw.base))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+        // Another Login of the same client is unaffected.
+        assert_eq!(
+            c.get(format!("{}Patient", gw.fhir))
+                .bearer_auth(&other)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        // Logging out again with the dead token is unauthenticated.
+        assert_eq!(
+            c.post(format!("{}oauth2/logout", gw.base))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap()
+                .status(),
+            401
+        );
+    });
+}
+
+#[test]
+fn an_id_token_is_not_an_access_token() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", ADMIN_CLIENT_ID),
+            ("client_secret", ADMIN_CLIENT_SECRET),
+        ];
+        let body: Value = c
+            .post(format!("{}oauth2/token", gw.base))
+            .form(&form)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id_token = body["id_token"].as_str().unwrap();
+        let r = c
+            .get(format!("{}Patient", gw.fhir))
+            .bearer_auth(id_token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+    });
+}

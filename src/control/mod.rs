@@ -13,6 +13,7 @@ mod discovery;
 mod error;
 mod fhir;
 pub mod index;
+mod logout;
 mod me;
 mod token;
 
@@ -82,6 +83,10 @@ fn routes() -> Router<AppState> {
         )
         .route("/oauth2/token", with_405(post(token::token)))
         .route("/auth/me", with_405(get(me::me)))
+        .route(
+            "/oauth2/logout",
+            with_405(get(logout::logout).post(logout::logout)),
+        )
         .route(
             "/admin/projects/{project_id}",
             with_405(get(admin::get_project)),
