@@ -102,6 +102,13 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
     } else {
         println!("Admin client: {} (secret set earlier)", report.client_id);
     }
+    if let Some(password) = &report.admin_password {
+        println!();
+        println!(
+            "Admin user {} created with password {password} (shown only this once)",
+            report.admin_email
+        );
+    }
 }
 
 fn policy_check(files: Vec<PathBuf>) -> Result<(), String> {
