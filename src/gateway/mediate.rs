@@ -8,6 +8,7 @@ use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction};
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
+use fhirgate_core::policy::fhirpath::write_constraints_hold;
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -248,8 +249,11 @@ async fn prepare_write(
                 .cloned()
                 .ok_or_else(|| forbid("create_outside_criteria"))?;
             policy.restore_readonly(&mut resource, None, &entry);
-            if policy.satisfied(&resource, Interaction::Create).is_none() {
+            let Some(after) = policy.satisfied(&resource, Interaction::Create) else {
                 return Err(forbid("create_outside_criteria"));
+            };
+            if !write_constraints_hold(&after.write_constraints, &resource, None) {
+                return Err(forbid("write_constraint"));
             }
             let body = serde_json::to_vec(&resource).unwrap_or_default();
             Ok((
@@ -304,8 +308,11 @@ async fn prepare_write(
                         .cloned()
                         .ok_or_else(|| forbid("current_outside_criteria"))?;
                     policy.restore_readonly(&mut new, Some(cur), &entry);
-                    if policy.satisfied(&new, Interaction::Update).is_none() {
+                    let Some(after) = policy.satisfied(&new, Interaction::Update) else {
                         return Err(forbid("result_outside_criteria"));
+                    };
+                    if !write_constraints_hold(&after.write_constraints, &new, Some(cur)) {
+                        return Err(forbid("write_constraint"));
                     }
                     if let Some(v) = version_of(cur) {
                         // A client's own If-Match is honoured; otherwise we pin what we checked.
@@ -324,8 +331,11 @@ async fn prepare_write(
                         .cloned()
                         .ok_or_else(|| forbid("create_outside_criteria"))?;
                     policy.restore_readonly(&mut new, None, &entry);
-                    if policy.satisfied(&new, Interaction::Create).is_none() {
+                    let Some(after) = policy.satisfied(&new, Interaction::Create) else {
                         return Err(forbid("create_outside_criteria"));
+                    };
+                    if !write_constraints_hold(&after.write_constraints, &new, None) {
+                        return Err(forbid("write_constraint"));
                     }
                     pin.push(("if-none-match", "*".into()));
                 }
@@ -419,6 +429,13 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
             let mut r = r.clone();
             let entry = m.policy.satisfied(&r, Interaction::Create)?.clone();
             m.policy.restore_readonly(&mut r, None, &entry);
+            if !m
+                .policy
+                .satisfied(&r, Interaction::Create)
+                .is_some_and(|e| write_constraints_hold(&e.write_constraints, &r, None))
+            {
+                return Some(Deny::Forbidden("write_constraint"));
+            }
             m.policy
                 .satisfied(&r, Interaction::Create)
                 .map(|_| ())

@@ -5,6 +5,7 @@ pub mod compiled;
 pub mod criteria;
 pub mod decide;
 pub mod effective;
+pub mod fhirpath;
 pub mod filter;
 pub mod ip;
 pub mod model;
