@@ -875,7 +875,11 @@ fn compile_entry(
     let mut write_constraints = Vec::new();
     for (constraint, expr) in entry.write_constraint.iter().enumerate() {
         match (expr.language.as_deref(), expr.expression.as_deref()) {
-            (Some("text/fhirpath"), Some(e)) if !e.trim().is_empty() => {
+            // Outside the supported FHIRPath subset: refused at save time, broken at run time.
+            (Some("text/fhirpath"), Some(e))
+                if !e.trim().is_empty()
+                    && crate::policy::fhirpath::Expression::parse(e).is_ok() =>
+            {
                 write_constraints.push(e.to_string());
             }
             _ => {
