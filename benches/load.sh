@@ -2,27 +2,33 @@
 # benches/load.sh — side-by-side load test of fhirgate against nginx, on loopback (SPEC §5).
 #
 # What it does, all on 127.0.0.1, with bounded run time, cleaning up every process on exit:
-#   1. builds fhirgate in release (`cargo build --release`; CARGO_TARGET_DIR is respected);
+#   1. builds fhirgate in release (`cargo build --release`; CARGO_TARGET_DIR is respected), and
+#      the plain pingora pass-through proxy of benches/pingora_baseline.rs (same pingora, same
+#      profile, none of fhirgate's own work);
 #   2. starts a static nginx "FHIR server" (1 worker) serving a Patient at /fhir/R4/Patient/p1
 #      and a CapabilityStatement at /fhir/R4/metadata (application/fhir+json);
 #   3. starts an nginx reverse proxy (2 workers, upstream keepalive 128, HTTP/1.1) in front of it;
-#   4. starts `fhirgate serve` in front of it (2 threads, SQLite in a temp dir, known admin
+#   4. starts that pingora pass-through (2 threads) and `fhirgate serve` in front of it (2 threads, SQLite in a temp dir, known admin
 #      client), and gets a client-credentials token from it;
 #   5. runs `wrk -t2 -c50 -d10s --latency` for each case, REPS times, interleaved:
 #        direct     GET /fhir/R4/Patient/p1 straight to the upstream (no proxy)
 #        nginx      the same through the nginx reverse proxy
+#        pingora    the same through the plain pingora pass-through (SPEC §5's baseline)
 #        fg-pass    GET /fhir/R4/metadata through fhirgate (public, no auth: the pass-through
 #                   baseline of SPEC §1; NB fhirgate buffers and rewrites this JSON body)
 #        fg-full    GET /fhir/R4/Patient/p1 through fhirgate with `Authorization: Bearer`
 #                   (cached after the first request) + policy decision + forwarding
 #        fg-basic   the same with `Authorization: Basic client_id:secret`
+#        fg-half    fg-full paced at half the fg-full throughput measured so far (wrk Lua
+#                   `delay()`), for SPEC §5's "gateway-added p99 ≤ 1 ms at 50 % of saturation"
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
 #        issue-gw   POST /oauth2/token through the gateway (as clients do)
 #        issue-ctl  POST /oauth2/token straight to the control listener
 #   6. prints, per case: req/s, p50/p99 latency, the proxy's CPU-µs per request (utime+stime
 #      from /proc/PID/stat before/after; nginx = master + workers), the upstream's CPU-µs per
-#      request, and for fhirgate the p99 of its own "gateway-added time" histogram; then the
-#      ratios fhirgate/nginx and fhirgate-full/fhirgate-pass-through.
+#      request, and for fhirgate the p99 of its own "gateway-added time" histogram, plus the
+#      share of CPU that processes other than ours used meanwhile (other builds or tests on the
+#      machine make a run worthless: check "foreign CPU"); then the ratios of SPEC §5.
 #
 # Usage (from the repo root):
 #   benches/load.sh
@@ -33,9 +39,13 @@
 # Environment (defaults in brackets):
 #   DURATION [10] seconds per wrk run · REPS [2] (min 2) · CONNS [50] · WRK_THREADS [2]
 #   ISSUE_DURATION [$DURATION] · ISSUE_CONNS [$CONNS] · CASES [all: "direct nginx fg-pass
-#   fg-full fg-basic issue-gw issue-ctl"] · BASE_PORT [18180] (uses BASE_PORT..BASE_PORT+4)
+#   pingora fg-full fg-basic fg-half issue-gw issue-ctl"] · BASE_PORT [18180] (uses ..+5)
 #   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
+#   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 #   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
+#   PRELOAD [none] a malloc to LD_PRELOAD into fhirgate and the pingora baseline, for an A/B of
+#     the allocator without rebuilding, e.g. PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
+#     (apt-get install libjemalloc2) or .../libmimalloc.so.2 (libmimalloc2.0)
 # Needs: nginx (nginx-light), wrk, curl, awk; Linux /proc. Numbers on a shared 2-vCPU VM are
 # noisy (±15 %): compare CPU-µs per request, and the medians over the interleaved reps.
 
@@ -49,12 +59,17 @@ CONNS=${CONNS:-50}
 WRK_THREADS=${WRK_THREADS:-2}
 ISSUE_DURATION=${ISSUE_DURATION:-$DURATION}
 ISSUE_CONNS=${ISSUE_CONNS:-$CONNS}
-CASES=${CASES:-"direct nginx fg-pass fg-full fg-basic issue-gw issue-ctl"}
+CASES=${CASES:-"direct nginx pingora fg-pass fg-full fg-basic fg-half issue-gw issue-ctl"}
 BASE_PORT=${BASE_PORT:-18180}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PIN=${PIN:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXY_THREADS=${PROXY_THREADS:-2}
+PRELOAD=${PRELOAD:-}
+if [[ -n $PRELOAD && ! -r $PRELOAD ]]; then
+  echo "load.sh: PRELOAD=$PRELOAD is not a readable file" >&2
+  exit 1
+fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FHIRGATE_BIN=${FHIRGATE_BIN:-$TARGET_DIR/release/fhirgate}
 
@@ -63,6 +78,7 @@ NGX_PORT=$((BASE_PORT + 1))
 GW_PORT=$((BASE_PORT + 2))
 CTL_PORT=$((BASE_PORT + 3))
 MET_PORT=$((BASE_PORT + 4))
+PB_PORT=$((BASE_PORT + 5))
 CLIENT_ID=load-admin
 CLIENT_SECRET=load-secret-5f1c2a9e8b7d4c3f
 CLK_TCK=$(getconf CLK_TCK)
@@ -82,7 +98,7 @@ for tool in nginx wrk curl awk; do
 done
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT; do
+for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT $PB_PORT; do
   if port_busy "$p"; then
     echo "load.sh: port $p is in use; set BASE_PORT to a free range" >&2
     exit 1
@@ -120,11 +136,26 @@ trap 'exit 130' INT TERM
 log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 
 # --- build ---------------------------------------------------------------------------------
+PINGORA_BASELINE_BIN=${PINGORA_BASELINE_BIN:-}
 if [[ $SKIP_BUILD != 1 ]]; then
+  log "building the pingora baseline (release) into $TARGET_DIR"
+  # Its executable name carries a hash: take it from cargo's own report.
+  PINGORA_BASELINE_BIN=$(cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release \
+    --bench pingora_baseline --message-format=json-render-diagnostics |
+    grep -o '"executable":"[^"]*pingora_baseline[^"]*"' | tail -1 | sed 's/^"executable":"//; s/"$//')
+  # Last, so that the fhirgate binary in place is the plain release build (no dev-dependency
+  # feature unification).
   log "building fhirgate (release) into $TARGET_DIR"
   (cd "$ROOT" && CARGO_TARGET_DIR=$TARGET_DIR cargo build --release --bin fhirgate)
 fi
+if [[ -z $PINGORA_BASELINE_BIN ]]; then
+  PINGORA_BASELINE_BIN=$(ls -t "$TARGET_DIR"/release/deps/pingora_baseline-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+fi
 [[ -x $FHIRGATE_BIN ]] || { echo "load.sh: no binary at $FHIRGATE_BIN" >&2; exit 1; }
+if [[ " $CASES " == *" pingora "* && ! -x $PINGORA_BASELINE_BIN ]]; then
+  echo "load.sh: no pingora baseline binary (build it: cargo build --release --bench pingora_baseline)" >&2
+  exit 1
+fi
 
 # --- fixtures ------------------------------------------------------------------------------
 mkdir -p "$TMP/www/fhir/R4/Patient" "$TMP/data" "$TMP/nginx-up" "$TMP/nginx-rp"
@@ -240,8 +271,19 @@ start_nginx "$TMP/nginx-rp" PIN_PROXY
 NGX_PID=$STARTED_PID
 wait_http "http://127.0.0.1:$NGX_PORT/fhir/R4/metadata" "nginx reverse proxy"
 
+PB_PID=""
+if [[ " $CASES " == *" pingora "* ]]; then
+  log "starting the pingora pass-through on :$PB_PORT ($PROXY_THREADS threads)"
+  LD_PRELOAD=$PRELOAD PINGORA_BASELINE_LISTEN=127.0.0.1:$PB_PORT PINGORA_BASELINE_UPSTREAM=127.0.0.1:$UP_PORT \
+    PINGORA_BASELINE_THREADS=$PROXY_THREADS "${PIN_PROXY[@]}" "$PINGORA_BASELINE_BIN" \
+    >"$TMP/pingora-baseline.log" 2>&1 &
+  PB_PID=$!
+  PIDS+=("$PB_PID")
+  wait_http "http://127.0.0.1:$PB_PORT/fhir/R4/metadata" "pingora baseline" || { tail -20 "$TMP/pingora-baseline.log" >&2; exit 1; }
+fi
+
 log "starting fhirgate on :$GW_PORT ($PROXY_THREADS threads)"
-FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=warn \
+LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=warn \
   "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
@@ -277,6 +319,7 @@ check() { # $1 name, $2 url, rest: curl args
 }
 check direct "http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1"
 check nginx "http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"
+[[ -n $PB_PID ]] && check pingora "http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"
 check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
 check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
 check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
@@ -297,6 +340,9 @@ cpu_ticks() {
   done
   echo "$total"
 }
+
+# Busy ticks of the whole machine (user + nice + system, all CPUs).
+sys_busy() { awk '/^cpu / {print $2 + $3 + $4; exit}' /proc/stat; }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -334,11 +380,28 @@ run_case() { # $1 case, $2 rep
   case $name in
     direct) url="http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1" ;;
     nginx) url="http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"; proxy_pids=("$NGX_PID") ;;
+    pingora) url="http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PB_PID") ;;
     fg-pass) url="http://127.0.0.1:$GW_PORT/fhir/R4/metadata"; proxy_pids=("$FG_PID"); route=metadata ;;
     fg-full) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $TOKEN") ;;
     fg-basic) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Basic $BASIC") ;;
+    fg-half)
+      local full_rps
+      full_rps=$(awk -F'\t' '$1 == "fg-full" && $3 ~ /^[0-9.]+$/ {s += $3; n++} END {if (n) print s / n}' "$RESULTS")
+      if [[ -z $full_rps ]]; then
+        log "fg-half needs an fg-full run before it; skipped"
+        return 0
+      fi
+      # Each connection waits `delay` ms between requests: conns * 1000 / delay ≈ half of full.
+      local delay_ms
+      delay_ms=$(awk -v r="$full_rps" -v c="$conns" 'BEGIN { d = int(c * 1000 / (r / 2) + 0.5); if (d < 1) d = 1; print d }')
+      cat >"$TMP/half.lua" <<EOF
+wrk.headers["Authorization"] = "Bearer $TOKEN"
+function delay() return $delay_ms end
+EOF
+      url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-s "$TMP/half.lua") ;;
     issue-gw) url="http://127.0.0.1:$GW_PORT/oauth2/token"; proxy_pids=("$FG_PID"); upstream_pids=()
       args=(-s "$TMP/issue.lua"); dur=$ISSUE_DURATION; conns=$ISSUE_CONNS ;;
     issue-ctl) url="http://127.0.0.1:$CTL_PORT/oauth2/token"; proxy_pids=("$FG_PID"); upstream_pids=()
@@ -347,17 +410,28 @@ run_case() { # $1 case, $2 rep
   esac
   local out=$TMP/wrk-$name-$rep.txt
   [[ -n $route ]] && gw_hist "$route" >"$TMP/hist-before"
-  local p0 u0 p1 u1
+  local p0 u0 p1 u1 o0 o1 s0 s1 wrk_cpu
   p0=$(cpu_ticks "${proxy_pids[@]}")
   u0=$(cpu_ticks "${upstream_pids[@]}")
+  o0=$(cpu_ticks "${PIDS[@]}")
+  s0=$(sys_busy)
   log "rep $rep: $name (${dur}s, $conns connections)"
-  timeout $((dur + 30)) "${PIN_OTHER[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${dur}s" --latency "${args[@]}" "$url" >"$out" 2>&1 || {
+  local TIMEFORMAT='%U %S'
+  if ! { time timeout $((dur + 30)) "${PIN_OTHER[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${dur}s" --latency \
+    "${args[@]}" "$url" >"$out" 2>&1; } 2>"$TMP/wrk-time"; then
     echo "load.sh: wrk failed for $name:" >&2
     cat "$out" >&2
     exit 1
-  }
+  fi
   p1=$(cpu_ticks "${proxy_pids[@]}")
   u1=$(cpu_ticks "${upstream_pids[@]}")
+  o1=$(cpu_ticks "${PIDS[@]}")
+  s1=$(sys_busy)
+  wrk_cpu=$(awk -v t="$CLK_TCK" '{print int(($1 + $2) * t)}' "$TMP/wrk-time")
+  # CPU used by processes other than ours and wrk, as % of the machine, over the run.
+  local foreign
+  foreign=$(awk -v d=$((s1 - s0 - (o1 - o0) - wrk_cpu)) -v t="$CLK_TCK" -v s="$dur" -v n="$(nproc)" \
+    'BEGIN { f = d / t / s / n * 100; if (f < 0) f = 0; printf "%.0f", f }')
   local gwp99="-"
   if [[ -n $route ]]; then
     gw_hist "$route" >"$TMP/hist-after"
@@ -375,10 +449,10 @@ run_case() { # $1 case, $2 rep
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
   ucpu=$(awk -v d=$((u1 - u0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#upstream_pids[@]} \
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
-    "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" >>"$RESULTS"
-  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req  upstream %6s µs/req  gw-added p99 %s ms%s\n' \
-    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$gwp99" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
+    "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" "$foreign" >>"$RESULTS"
+  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req  upstream %6s µs/req  gw-added p99 %s ms  foreign CPU %s%%%s\n' \
+    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$gwp99" "$foreign" \
     "$([[ ${non2xx:-0} != 0 || ${errors:-0} != 0 ]] && echo "  (!! non-2xx ${non2xx:-0}, socket errors ${errors:-0})")" >&2
 }
 
@@ -399,25 +473,29 @@ allcol() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c {printf "%s%s", sep, $k; sep 
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f", a / b }'; }
 
 echo
-echo "fhirgate load test — $(date -u +%FT%TZ), $(nproc) vCPU, wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $REPS reps interleaved, PIN=$PIN, proxy threads/workers $PROXY_THREADS"
+echo "fhirgate load test — $(date -u +%FT%TZ), $(nproc) vCPU, wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $REPS reps interleaved, PIN=$PIN, proxy threads/workers $PROXY_THREADS${PRELOAD:+, LD_PRELOAD=$PRELOAD}"
 echo "bodies: Patient $PATIENT_BYTES B, CapabilityStatement $METADATA_BYTES B; token ${#TOKEN} B; token issuance -c$ISSUE_CONNS -d${ISSUE_DURATION}s"
 echo
-printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "non-2xx/err"
-printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|------------"
+printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "foreign CPU" "non-2xx/err"
+printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|-------------|------------"
 for c in $CASES; do
-  printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %s |\n' "$c" "$(col "$c" 3)" "$(allcol "$c" 3)" \
+  printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %s |\n' "$c" "$(col "$c" 3)" "$(allcol "$c" 3)" \
     "$(col "$c" 5)" "$(col "$c" 6)" "$(col "$c" 7)" "$(col "$c" 8)" "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s", s, $9; s = "/"}' "$RESULTS")" \
+    "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s%%", s, $12; s = "/"}' "$RESULTS")" \
     "$(awk -F'\t' -v c="$c" '$1 == c {n += $10; e += $11} END {print n "/" e}' "$RESULTS")"
 done
 echo
 NGX_RPS=$(col nginx 3); NGX_CPU=$(col nginx 7)
+PB_RPS=$(col pingora 3); PB_CPU=$(col pingora 7)
 PASS_RPS=$(col fg-pass 3); PASS_CPU=$(col fg-pass 7)
 FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
 BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
 echo "ratios (medians)                          throughput   CPU/req"
 printf '  fhirgate full   / nginx                 %8s   %8s   (SPEC: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
-printf '  fhirgate pass   / nginx                 %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
-printf '  fhirgate full   / fhirgate pass-through %8s   %8s   (SPEC: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
+printf '  fhirgate full   / pingora pass-through  %8s   %8s   (SPEC: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
+printf '  pingora pass    / nginx                 %8s   %8s\n' "$(ratio "$PB_RPS" "$NGX_RPS")" "$(ratio "$PB_CPU" "$NGX_CPU")"
+printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
+printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
 printf '  fhirgate basic  / fhirgate full         %8s   %8s\n' "$(ratio "$BASIC_RPS" "$FULL_RPS")" "$(ratio "$BASIC_CPU" "$FULL_CPU")"
 printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (SPEC: >= 2000)\n' \
   "$(col issue-gw 3)" "$(col issue-ctl 3)"
@@ -426,4 +504,6 @@ echo
 echo "notes: 'proxy µs/req' is utime+stime of the proxy process(es) per request (nginx: master + workers;"
 echo "       fhirgate: the whole process, so issuance includes the control API and SQLite). 'gw-add p99' is the"
 echo "       upper bucket bound (ms) of fhirgate_gateway_added_seconds for the run (at saturation, not at 50 %)."
-echo "       fg-pass buffers and rewrites the CapabilityStatement (SPEC §1), so it is not a zero-work baseline."
+echo "       fg-pass (GET metadata) buffers and rewrites the CapabilityStatement (SPEC §1), so it is not a"
+echo "       zero-work baseline; 'pingora' is. 'foreign CPU' above ~5 % means something else was running."
+echo "       fg-half: wrk's p50/p99 there are the client-side latency at ~50 % load; gw-add p99 is SPEC's number."

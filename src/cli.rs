@@ -1,4 +1,4 @@
-//! The command line: `serve`, `proxy`, `control`, and `policy check`.
+//! The command line: `serve`, `proxy`, `control`, `policy check` and `policy explain`.
 
 use std::path::PathBuf;
 
@@ -42,8 +42,50 @@ pub struct ServeArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum PolicyCommand {
-    /// Validate AccessPolicy JSON files
-    Check { files: Vec<PathBuf> },
+    /// Validate AccessPolicy JSON files as `--policies-dir` loads them; exits non-zero when any
+    /// file is invalid
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Show the decision trace of one request under a membership built from policy files
+    Explain(ExplainArgs),
+}
+
+/// `fhirgate policy explain --policy FILE [--param name=value …] METHOD PATH [--body FILE]`
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Example:\n  fhirgate policy explain --policy policies/patient-compartment.json \\\n    --param patient=Patient/p1 GET 'Observation?code=1234-5'"
+)]
+pub struct ExplainArgs {
+    /// AccessPolicy file of the membership (repeatable; each becomes one `access` entry)
+    #[arg(long = "policy", value_name = "FILE", required = true)]
+    pub policies: Vec<PathBuf>,
+    /// Policy parameter, given to every policy: `name=value`, or `name=Type/id` for a reference
+    #[arg(long = "param", value_name = "NAME=VALUE")]
+    pub params: Vec<String>,
+    /// The membership's profile [default: ClientApplication/explain]
+    #[arg(long, value_name = "TYPE/ID")]
+    pub profile: Option<String>,
+    /// The membership is a project admin
+    #[arg(long)]
+    pub admin: bool,
+    /// The token's SMART scope (omit for Basic auth, which is never narrowed)
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Client address, checked against the IP rules
+    #[arg(long, value_name = "ADDR")]
+    pub ip: Option<std::net::IpAddr>,
+    /// Request header `name: value` (repeatable), e.g. `If-None-Exist: identifier=x`
+    #[arg(long = "header", short = 'H', value_name = "NAME: VALUE")]
+    pub headers: Vec<String>,
+    /// Request body (JSON; a form for `_search`)
+    #[arg(long, value_name = "FILE")]
+    pub body: Option<PathBuf>,
+    /// HTTP method
+    pub method: String,
+    /// Path relative to /fhir/R4/, with the query (`Observation?code=x`)
+    pub path: String,
 }
 
 impl ServeArgs {
@@ -83,6 +125,9 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
         config.metrics_listen
     );
     println!("  upstream     {}", config.upstream.base_url);
+    if let Some(dir) = &config.policies_dir {
+        println!("  policies     {}  (loaded, watched)", dir.display());
+    }
     if let Some(secret) = &report.client_secret {
         let id = &report.client_id;
         println!();
@@ -112,30 +157,65 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
 }
 
 fn policy_check(files: Vec<PathBuf>) -> Result<(), String> {
-    let mut failed = false;
+    let mut failed = 0;
     for f in &files {
-        let text = std::fs::read_to_string(f).map_err(|e| format!("{}: {e}", f.display()))?;
-        match serde_json::from_str::<fhirgate_core::policy::model::AccessPolicy>(&text) {
+        match crate::policies_dir::read_policy_file(f) {
+            Ok(p) => println!("{}: ok (AccessPolicy/{})", f.display(), p.id),
             Err(e) => {
-                failed = true;
-                println!("{}: invalid JSON: {e}", f.display());
+                failed += 1;
+                println!("{e}");
             }
-            Ok(p) => match fhirgate_core::policy::effective::validate_policy(&p) {
-                Ok(()) => println!("{}: ok", f.display()),
-                Err(errors) => {
-                    failed = true;
-                    for e in errors {
-                        println!("{}: {e}", f.display());
-                    }
-                }
-            },
         }
     }
-    if failed {
-        Err("some policies are invalid".into())
+    if failed > 0 {
+        Err(format!(
+            "{failed} of {} policy files are invalid",
+            files.len()
+        ))
     } else {
         Ok(())
     }
+}
+
+/// Builds the `explain` input from the flags and files.
+pub fn explain_input(args: ExplainArgs) -> Result<crate::explain::ExplainInput, String> {
+    let mut policies = Vec::new();
+    for f in &args.policies {
+        let file = crate::policies_dir::read_policy_file(f).map_err(|e| e.to_string())?;
+        policies.push(file.policy);
+    }
+    let parameters = args
+        .params
+        .iter()
+        .map(|p| crate::explain::parse_param(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let headers = args
+        .headers
+        .iter()
+        .map(|h| crate::explain::parse_header(h))
+        .collect::<Result<Vec<_>, _>>()?;
+    let body = match &args.body {
+        Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
+    Ok(crate::explain::ExplainInput {
+        policies,
+        parameters,
+        profile: args.profile,
+        admin: args.admin,
+        scope: args.scope,
+        ip: args.ip,
+        method: args.method,
+        path: args.path,
+        headers,
+        body,
+    })
+}
+
+fn policy_explain(args: ExplainArgs) -> Result<(), String> {
+    let input = explain_input(args)?;
+    print!("{}", crate::explain::explain(&input)?);
+    Ok(())
 }
 
 pub fn run(cli: Cli) -> Result<(), String> {
@@ -156,5 +236,6 @@ pub fn run(cli: Cli) -> Result<(), String> {
             },
         ),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(files),
+        Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
     }
 }

@@ -3,9 +3,11 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod explain;
 pub mod gateway;
 pub mod net;
 pub mod obs;
+pub mod policies_dir;
 pub mod server;
 pub mod state;
 pub mod store;

@@ -24,6 +24,8 @@ pub enum StartError {
     Store(#[from] crate::store::StoreError),
     #[error("bootstrap: {0}")]
     Bootstrap(String),
+    #[error("policies_dir: {0}")]
+    Policies(#[from] crate::policies_dir::PoliciesDirError),
     #[error("cannot start: {0}")]
     Runtime(String),
 }
@@ -135,6 +137,16 @@ impl BackgroundService for ChangeFeed {
     }
 }
 
+/// Keeps `policies_dir` applied (see `policies_dir`).
+struct PolicyReload(Arc<crate::policies_dir::PolicyWatcher>, Arc<State>);
+
+#[async_trait]
+impl BackgroundService for PolicyReload {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        self.0.clone().run(self.1.clone(), shutdown).await;
+    }
+}
+
 fn health_router(state: Arc<State>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
@@ -175,7 +187,7 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         .enable_all()
         .build()
         .map_err(|e| StartError::Runtime(e.to_string()))?;
-    let (state, report) = runtime.block_on(async {
+    let (state, report, watcher) = runtime.block_on(async {
         let store = Store::open(&config.store_url).await?;
         let key = store
             .setting_init("secret_hash_key", &crate::tokens::random_hex(32))
@@ -184,8 +196,17 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         let report = bootstrap(&state)
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+        // Policies as files: all valid or no start (fail closed), then watched.
+        let watcher = match &config.policies_dir {
+            Some(dir) => Some(
+                crate::policies_dir::load_at_start(&state, dir, &report.default_project_id)
+                    .await?
+                    .0,
+            ),
+            None => None,
+        };
         state.refresh().await?;
-        Ok::<_, StartError>((state, report))
+        Ok::<_, StartError>((state, report, watcher))
     })?;
 
     let conf = ServerConf {
@@ -223,6 +244,12 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         },
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
+    if let Some(w) = watcher {
+        server.add_service(background_service(
+            "policies dir",
+            PolicyReload(Arc::new(w), state.clone()),
+        ));
+    }
 
     let (tx, rx) = tokio::sync::oneshot::channel();
     let join = std::thread::Builder::new()

@@ -290,7 +290,8 @@ pub async fn authorize(
     ctx.decision = "allow";
     let mediated = body.is_some()
         || permit.write != decide::WriteCheck::None
-        || permit.response == ResponseNeed::CheckResource;
+        || permit.response == ResponseNeed::CheckResource
+        || permit.guard_current;
     if mediated {
         return Verdict::Mediate(Mediation {
             policy,

@@ -7,7 +7,9 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction};
+use fhirgate_core::policy::compiled::CompiledEntry;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
+use fhirgate_core::policy::effective::SearchNarrowing;
 use fhirgate_core::policy::fhirpath::write_constraints_hold;
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
@@ -206,6 +208,18 @@ impl Gateway {
     }
 }
 
+/// Readonly and hidden fields are the current version's (dropped on create): a client can neither
+/// set them nor, by omitting a field it never saw, erase it (medplum-auth.md §4.5).
+fn strip_protected_fields(new: &mut Value, old: Option<&Value>, entry: &CompiledEntry) {
+    for path in entry
+        .readonly_fields
+        .iter()
+        .chain(entry.hidden_fields.iter())
+    {
+        path.restore_from(new, old);
+    }
+}
+
 fn version_of(resource: &Value) -> Option<String> {
     resource
         .get("meta")?
@@ -242,13 +256,50 @@ async fn prepare_write(
     let req = session.req_header();
     let query = req.uri.query();
     match &m.op {
-        FhirOp::Create { resource_type, .. } => {
+        FhirOp::Create {
+            resource_type,
+            if_none_exist,
+            ..
+        } => {
+            // If-None-Exist makes the upstream search: where the caller's view is narrowed, the
+            // probe is narrowed the same way (exactly, or it is refused), so a match or a miss
+            // can only be about resources the caller may see.
+            let mut probe_headers = Vec::new();
+            if if_none_exist.is_some()
+                && policy.instance_checks_needed(resource_type.as_str(), Interaction::Search)
+            {
+                let narrowed = match policy.search_narrowing(resource_type) {
+                    SearchNarrowing::AnyOf(list)
+                        if list.len() == 1 && list[0].upstream_complete() =>
+                    {
+                        list[0].query_params().to_vec()
+                    }
+                    SearchNarrowing::Unrestricted => Vec::new(),
+                    _ => return Err(forbid("conditional_create_with_criteria")),
+                };
+                let original = req
+                    .headers
+                    .get("if-none-exist")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_string();
+                let mut value = original;
+                for p in narrowed {
+                    value.push('&');
+                    value.push_str(
+                        &form_urlencoded::Serializer::new(String::new())
+                            .append_pair(&p.name, &p.value)
+                            .finish(),
+                    );
+                }
+                probe_headers.push(("if-none-exist", value));
+            }
             let mut resource = parse_json(&m.body)?;
             let entry = policy
                 .satisfied(&resource, Interaction::Create)
                 .cloned()
                 .ok_or_else(|| forbid("create_outside_criteria"))?;
-            policy.restore_readonly(&mut resource, None, &entry);
+            strip_protected_fields(&mut resource, None, &entry);
             let Some(after) = policy.satisfied(&resource, Interaction::Create) else {
                 return Err(forbid("create_outside_criteria"));
             };
@@ -256,11 +307,12 @@ async fn prepare_write(
                 return Err(forbid("write_constraint"));
             }
             let body = serde_json::to_vec(&resource).unwrap_or_default();
+            probe_headers.push(("content-type", "application/fhir+json".into()));
             Ok((
                 http::Method::POST,
                 gw.upstream_url(resource_type, query, &[]),
                 Some(Bytes::from(body)),
-                vec![("content-type", "application/fhir+json".into())],
+                probe_headers,
             ))
         }
         FhirOp::Update {
@@ -307,7 +359,7 @@ async fn prepare_write(
                         .satisfied(cur, Interaction::Update)
                         .cloned()
                         .ok_or_else(|| forbid("current_outside_criteria"))?;
-                    policy.restore_readonly(&mut new, Some(cur), &entry);
+                    strip_protected_fields(&mut new, Some(cur), &entry);
                     let Some(after) = policy.satisfied(&new, Interaction::Update) else {
                         return Err(forbid("result_outside_criteria"));
                     };
@@ -330,7 +382,7 @@ async fn prepare_write(
                         .satisfied(&new, Interaction::Create)
                         .cloned()
                         .ok_or_else(|| forbid("create_outside_criteria"))?;
-                    policy.restore_readonly(&mut new, None, &entry);
+                    strip_protected_fields(&mut new, None, &entry);
                     let Some(after) = policy.satisfied(&new, Interaction::Create) else {
                         return Err(forbid("create_outside_criteria"));
                     };
@@ -366,7 +418,14 @@ async fn prepare_write(
                 }
                 return Err(forbid("current_outside_criteria"));
             }
-            let pin = version_of(&cur)
+            // A client's own If-Match is honoured; otherwise we pin what we checked.
+            let client = req
+                .headers
+                .get("if-match")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let pin = client
+                .or_else(|| version_of(&cur))
                 .map(|v| vec![("if-match", v)])
                 .unwrap_or_default();
             Ok((
@@ -396,7 +455,14 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
     };
     let mut verdicts: Vec<Option<Deny>> = Vec::new();
     for (decision, entry) in m.entries.iter().zip(entries) {
+        let identity_type = entry
+            .op
+            .as_ref()
+            .ok()
+            .and_then(super::authorize::op_resource_type)
+            .is_some_and(|t| super::route::CONTROL_FHIR_TYPES.contains(&t));
         let verdict = match decision {
+            _ if identity_type => Some(Deny::Forbidden("identity_type_upstream")),
             Decision::Deny(d) => Some(d.clone()),
             Decision::Allow(p) => bundle_entry_check(m, p, entry.op.as_ref().ok()),
         };
@@ -423,23 +489,28 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
         (
             WriteCheck::Create,
             Some(FhirOp::Create {
-                resource: Some(r), ..
+                resource: Some(r),
+                resource_type,
+                if_none_exist,
             }),
         ) => {
-            let mut r = r.clone();
-            let entry = m.policy.satisfied(&r, Interaction::Create)?.clone();
-            m.policy.restore_readonly(&mut r, None, &entry);
-            if !m
-                .policy
-                .satisfied(&r, Interaction::Create)
-                .is_some_and(|e| write_constraints_hold(&e.write_constraints, &r, None))
+            // A conditional create probes existence: only allowed where nothing is hidden.
+            if if_none_exist.is_some()
+                && m.policy
+                    .instance_checks_needed(resource_type.as_str(), Interaction::Search)
             {
-                return Some(Deny::Forbidden("write_constraint"));
+                return Some(Deny::Forbidden("conditional_create_with_criteria"));
             }
-            m.policy
-                .satisfied(&r, Interaction::Create)
-                .map(|_| ())
-                .map_or(Some(Deny::Forbidden("create_outside_criteria")), |_| None)
+            let mut r = r.clone();
+            let Some(entry) = m.policy.satisfied(&r, Interaction::Create).cloned() else {
+                return Some(Deny::Forbidden("create_outside_criteria"));
+            };
+            strip_protected_fields(&mut r, None, &entry);
+            match m.policy.satisfied(&r, Interaction::Create) {
+                Some(after) if write_constraints_hold(&after.write_constraints, &r, None) => None,
+                Some(_) => Some(Deny::Forbidden("write_constraint")),
+                None => Some(Deny::Forbidden("create_outside_criteria")),
+            }
         }
         (WriteCheck::Create, _) => Some(Deny::Forbidden("create_without_body")),
         (
@@ -484,6 +555,28 @@ async fn run_inner(
 
     if let FhirOp::Bundle { .. } = &m.op {
         let (bundle, verdicts) = prepare_bundle(&m)?;
+        if verdicts.iter().all(Option::is_some) {
+            // Nothing left to send: the gateway answers every entry itself.
+            let kind = if matches!(
+                m.op,
+                FhirOp::Bundle {
+                    transaction: true,
+                    ..
+                }
+            ) {
+                "transaction-response"
+            } else {
+                "batch-response"
+            };
+            let entries: Vec<Value> = verdicts.iter().flatten().map(denied_entry).collect();
+            let body =
+                serde_json::json!({"resourceType": "Bundle", "type": kind, "entry": entries});
+            return Ok((
+                200,
+                Vec::new(),
+                Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+            ));
+        }
         let body = Bytes::from(serde_json::to_vec(&bundle).unwrap_or_default());
         let up = gw
             .exchange(
@@ -522,6 +615,26 @@ async fn run_inner(
     }
 
     let permit = m.permit.clone().ok_or_else(|| forbid("no_permit"))?;
+    if permit.guard_current
+        && let FhirOp::History {
+            resource_type: Some(ty),
+            id: Some(id),
+        } = &m.op
+    {
+        let visible = gw
+            .current(ctx, session, ty, id)
+            .await?
+            .is_some_and(|cur| m.policy.satisfied(&cur, Interaction::History).is_some());
+        if !visible {
+            return Err(Failure::Answer(Outcome::NotFound, "outside_criteria"));
+        }
+    }
+    // A checked read needs the body even when the client only wants the headers.
+    let method = if method == http::Method::HEAD && permit.response == ResponseNeed::CheckResource {
+        http::Method::GET
+    } else {
+        method
+    };
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
         prepare_write(gw, ctx, session, &m).await?
     } else {

@@ -58,6 +58,9 @@ pub struct Permit {
     pub write: WriteCheck,
     /// `Bundle.total` cannot be trusted (the upstream was not narrowed exactly).
     pub drop_total: bool,
+    /// The instance the request names must be visible first (its current version is fetched
+    /// and checked; invisible → 404), so an empty answer cannot reveal that it exists.
+    pub guard_current: bool,
 }
 
 impl Permit {
@@ -67,6 +70,7 @@ impl Permit {
             response: ResponseNeed::Untouched,
             write: WriteCheck::None,
             drop_total: false,
+            guard_current: false,
         }
     }
     fn filtered() -> Permit {
@@ -188,12 +192,17 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
             })
         }
         FhirOp::Search(s) => decide_search(policy, s, super_admin),
-        FhirOp::History { .. } => {
+        FhirOp::History { resource_type, id } => {
             for (ty, i) in op.required_access() {
                 need(policy, &ty, i, super_admin)?;
             }
+            let guard_current = match (resource_type, id) {
+                (Some(ty), Some(_)) => policy.instance_checks_needed(ty, Interaction::History),
+                _ => false,
+            };
             Ok(Permit {
                 drop_total: true,
+                guard_current,
                 ..Permit::filtered()
             })
         }

@@ -20,6 +20,10 @@ pub fn check_resource(
     true
 }
 
+fn not_found_entry() -> Value {
+    serde_json::json!({"response": {"status": "404 Not Found", "outcome": crate::fhir::outcome::Outcome::NotFound.to_json()}})
+}
+
 fn is_outcome(v: &Value) -> bool {
     v.get("resourceType").and_then(Value::as_str) == Some("OperationOutcome")
 }
@@ -35,6 +39,33 @@ pub fn filter_value(policy: &EffectivePolicy, value: &mut Value, drop_total: boo
         return check_resource(policy, value, Interaction::Read);
     }
     let mut dropped = false;
+    // In a batch or transaction response every entry answers one request entry: an invisible
+    // result becomes a 404 entry instead of disappearing, so positions still line up.
+    let per_request = matches!(
+        value.get("type").and_then(Value::as_str),
+        Some("batch-response" | "transaction-response")
+    );
+    if per_request {
+        for entry in value
+            .get_mut("entry")
+            .and_then(Value::as_array_mut)
+            .into_iter()
+            .flatten()
+        {
+            let Some(resource) = entry.get_mut("resource") else {
+                continue;
+            };
+            if is_outcome(resource) {
+                continue;
+            }
+            if resource.get("resourceType").and_then(Value::as_str) == Some("Bundle") {
+                filter_value(policy, resource, true);
+            } else if !check_resource(policy, resource, Interaction::Read) {
+                *entry = not_found_entry();
+            }
+        }
+        return true;
+    }
     if let Some(entries) = value.get_mut("entry").and_then(Value::as_array_mut) {
         entries.retain_mut(|entry| {
             let Some(resource) = entry.get_mut("resource") else {
