@@ -48,26 +48,6 @@ fn deny(d: &Deny) -> Verdict {
     }
 }
 
-/// The resource type a request is about, if one.
-pub fn op_resource_type(op: &FhirOp) -> Option<&str> {
-    match op {
-        FhirOp::Read { resource_type, .. }
-        | FhirOp::Vread { resource_type, .. }
-        | FhirOp::Create { resource_type, .. }
-        | FhirOp::Update { resource_type, .. }
-        | FhirOp::ConditionalUpdate { resource_type, .. }
-        | FhirOp::Patch { resource_type, .. }
-        | FhirOp::ConditionalPatch { resource_type, .. }
-        | FhirOp::Delete { resource_type, .. }
-        | FhirOp::ConditionalDelete { resource_type, .. } => Some(resource_type),
-        FhirOp::Search(s) => s.resource_type.as_deref(),
-        FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => {
-            resource_type.as_deref()
-        }
-        FhirOp::Capabilities | FhirOp::Bundle { .. } | FhirOp::GraphQl => None,
-    }
-}
-
 fn is_admin(snap: &Snapshot, membership_id: &str) -> (bool, bool) {
     let Some(m) = snap.memberships.get(membership_id) else {
         return (false, false);
@@ -264,8 +244,8 @@ pub async fn authorize(
             return Verdict::Deny(outcome, label);
         }
     };
-    ctx.resource_type = op_resource_type(&request.op).map(str::to_string);
-    if let Some(ty) = op_resource_type(&request.op)
+    ctx.resource_type = request.op.resource_type().map(str::to_string);
+    if let Some(ty) = request.op.resource_type()
         && super::route::CONTROL_FHIR_TYPES.contains(&ty)
     {
         return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");

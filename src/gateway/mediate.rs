@@ -459,7 +459,7 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
             .op
             .as_ref()
             .ok()
-            .and_then(super::authorize::op_resource_type)
+            .and_then(FhirOp::resource_type)
             .is_some_and(|t| super::route::CONTROL_FHIR_TYPES.contains(&t));
         let verdict = match decision {
             _ if identity_type => Some(Deny::Forbidden("identity_type_upstream")),

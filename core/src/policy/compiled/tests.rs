@@ -51,7 +51,9 @@ fn interaction_set_basics() {
 #[test]
 fn resource_type_lists() {
     assert!(
-        R4_RESOURCE_TYPES.windows(2).all(|w| w[0] < w[1]),
+        crate::fhir::types::R4_RESOURCE_TYPES
+            .windows(2)
+            .all(|w| w[0] < w[1]),
         "sorted for binary_search"
     );
     for ty in [
