@@ -496,3 +496,47 @@ fn an_id_token_is_not_an_access_token() {
         assert_eq!(r.status(), 401);
     });
 }
+
+#[test]
+fn lab_analyzer_with_shipped_policy_posts_observations_and_nothing_else() {
+    let upstream = FhirUpstream::start();
+    let policies = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let gw = TestGateway::start_with(&upstream.base_url, |f| f.policies_dir = Some(policies));
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let admin = gw.admin_token().await;
+        let me: Value = c.get(format!("{}auth/me", gw.base)).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
+        let project = me["project"]["id"].as_str().unwrap().to_string();
+        let body = json!({"name": "analyzer", "accessPolicy": {"reference": "AccessPolicy/lab-analyzer"}});
+        let created: Value = c
+            .post(format!("{}admin/projects/{project}/client", gw.base))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let (id, secret) = (created["id"].as_str().unwrap(), created["secret"].as_str().unwrap());
+        let auth = basic(id, secret);
+        let lab = json!({"resourceType": "Observation", "status": "final", "category": [{"coding": [{"code": "laboratory"}]}], "code": {"text": "Glucose"}});
+        let r = c.post(format!("{}Observation", gw.fhir)).header("authorization", &auth).json(&lab).send().await.unwrap();
+        assert_eq!(r.status(), 201);
+        let vitals = json!({"resourceType": "Observation", "status": "final", "category": [{"coding": [{"code": "vital-signs"}]}], "code": {"text": "Pulse"}});
+        let r = c.post(format!("{}Observation", gw.fhir)).header("authorization", &auth).json(&vitals).send().await.unwrap();
+        assert_eq!(r.status(), 403, "outside the policy's criteria");
+        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", &auth).send().await.unwrap().status(), 403);
+        assert_eq!(c.get(format!("{}Observation", gw.fhir)).header("authorization", &auth).send().await.unwrap().status(), 403);
+        // The same client from outside the lab subnet (through a trusted proxy) is refused.
+        let r = c
+            .post(format!("{}Observation", gw.fhir))
+            .header("authorization", &auth)
+            .header("x-forwarded-for", "8.8.8.8")
+            .json(&lab)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    });
+}
