@@ -540,3 +540,34 @@ fn lab_analyzer_with_shipped_policy_posts_observations_and_nothing_else() {
         assert_eq!(r.status(), 403);
     });
 }
+
+#[test]
+fn admins_get_the_decision_trace_and_others_cannot() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let admin = gw.admin_token().await;
+        upstream.reset();
+        let r = c.get(format!("{}Patient?name=x", gw.fhir)).bearer_auth(&admin).header("x-fhirgate-explain", "1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let trace: Value = r.json().await.unwrap();
+        assert_eq!(trace["decision"]["allow"], true, "{trace}");
+        assert_eq!(trace["needs"][0]["resourceType"], "Patient");
+        assert_eq!(trace["needs"][0]["interaction"], "search");
+        assert!(upstream.requests().is_empty(), "an explained request is not forwarded");
+
+        // A non-admin's header is ignored (and never forwarded): the request runs normally.
+        let policy = json!({"resourceType": "AccessPolicy", "name": "observations", "resource": [{"resourceType": "Observation"}]});
+        let (id, secret) = new_client(&gw, &admin, Some(policy)).await;
+        let token = gw.token(&id, &secret, None).await;
+        let r = c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).header("x-fhirgate-explain", "1").send().await.unwrap();
+        assert_eq!(r.status(), 403);
+        let r = c.get(format!("{}Observation", gw.fhir)).bearer_auth(&token).header("x-fhirgate-explain", "1").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["resourceType"], "Bundle");
+        let seen = upstream.requests();
+        assert!(seen.iter().all(|s| s["headers"].get("x-fhirgate-explain").is_none()));
+    });
+}

@@ -22,6 +22,8 @@ pub enum Verdict {
     /// The gateway performs the exchange itself (writes, checked reads, Bundles).
     Mediate(Mediation),
     Deny(Outcome, &'static str),
+    /// An admin asked for the decision trace (`X-Fhirgate-Explain`): answer it, forward nothing.
+    Explain(serde_json::Value),
 }
 
 /// What a mediated request needs.
@@ -263,7 +265,16 @@ pub async fn authorize(
             super_admin,
         });
     }
-    let permit = match decide::decide(&policy, &request, super_admin) {
+    let decision = decide::decide(&policy, &request, super_admin);
+    if caller_admin
+        && session
+            .req_header()
+            .headers
+            .contains_key("x-fhirgate-explain")
+    {
+        return Verdict::Explain(trace(&policy, &request, &decision, &membership_id, ctx));
+    }
+    let permit = match decision {
         Decision::Allow(p) => p,
         Decision::Deny(d) => return deny(&d),
     };
@@ -296,4 +307,55 @@ pub async fn authorize(
         })),
     };
     Verdict::Forward
+}
+
+/// The decision trace an admin gets instead of a forwarded request: what the request was
+/// classified as, what it needs at type level and which entries grant it, and the decision.
+fn trace(
+    policy: &EffectivePolicy,
+    request: &fhirgate_core::fhir::request::FhirRequest,
+    decision: &Decision,
+    membership_id: &str,
+    ctx: &RequestCtx,
+) -> serde_json::Value {
+    use fhirgate_core::policy::decide::WriteCheck;
+    use serde_json::json;
+    let needs: Vec<serde_json::Value> = request
+        .op
+        .required_access()
+        .into_iter()
+        .map(|(ty, i)| {
+            let granted_by: Vec<usize> = policy.entries_for(&ty, i).map(|e| e.index).collect();
+            json!({"resourceType": ty, "interaction": i.as_str(), "grantedBy": granted_by})
+        })
+        .collect();
+    let outcome = match decision {
+        Decision::Allow(p) => json!({
+            "allow": true,
+            "narrowing": p.narrowing.iter().map(|q| format!("{}={}", q.name, q.value)).collect::<Vec<_>>(),
+            "response": match p.response {
+                ResponseNeed::Untouched => "streamed untouched",
+                ResponseNeed::CheckResource => "single resource checked (invisible: 404) and redacted",
+                ResponseNeed::FilterResources => "every resource checked, failing entries dropped, hidden fields removed",
+            },
+            "writeCheck": match p.write {
+                WriteCheck::None => "none",
+                WriteCheck::Create => "new resource must satisfy a create entry; readonly and hidden fields dropped",
+                WriteCheck::Update => "current and new versions must satisfy update; written with If-Match",
+                WriteCheck::Delete => "current version must satisfy delete; deleted with If-Match",
+            },
+            "dropTotal": p.drop_total,
+        }),
+        Decision::Deny(d) => json!({"allow": false, "reason": d.label()}),
+    };
+    json!({
+        "membership": format!("ProjectMembership/{membership_id}"),
+        "onBehalfOf": ctx.on_behalf_of,
+        "clientIp": ctx.client_ip.map(|i| i.to_string()),
+        "request": format!("{:?}", request.op).chars().take(2000).collect::<String>(),
+        "wantsNonJson": request.wants_non_json,
+        "needs": needs,
+        "decision": outcome,
+        "accessPolicy": policy.access_policy(),
+    })
 }

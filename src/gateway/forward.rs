@@ -12,7 +12,8 @@ use super::filter::ResponsePlan;
 use super::route::Route;
 
 /// Headers a client may not send upstream: fhirgate sets or strips them itself.
-const STRIPPED: [&str; 8] = [
+const STRIPPED: [&str; 9] = [
+    "x-fhirgate-explain",
     "authorization",
     "x-fhirgate-profile",
     "x-fhirgate-project",

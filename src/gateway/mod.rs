@@ -145,6 +145,13 @@ impl ProxyHttp for Gateway {
                 authorize::Verdict::Deny(outcome, label) => {
                     self.deny(session, ctx, outcome, label).await
                 }
+                authorize::Verdict::Explain(trace) => {
+                    ctx.decision = "explain";
+                    let body = Bytes::from(serde_json::to_vec_pretty(&trace).unwrap_or_default());
+                    respond::write(session, 200, "application/json", &[], body).await?;
+                    ctx.answered = Some(200);
+                    Ok(true)
+                }
                 authorize::Verdict::Mediate(plan) => {
                     let status = mediate::run(self, session, ctx, &rest, plan).await?;
                     ctx.answered = Some(status);
