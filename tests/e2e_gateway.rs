@@ -27,47 +27,25 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Creates a client through the admin API with the given access policy; returns (id, secret).
+/// Creates a client whose membership references a new AccessPolicy (or none); returns (id, secret).
 async fn new_client(gw: &TestGateway, admin: &str, policy: Option<Value>) -> (String, String) {
-    let c = TestGateway::client();
-    let me: Value = c
-        .get(format!("{}auth/me", gw.base))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let project = me["project"]["id"].as_str().unwrap().to_string();
-    let mut body = json!({"name": "test client"});
-    if let Some(p) = policy {
-        let created: Value = c
-            .post(format!("{}AccessPolicy", gw.fhir))
-            .bearer_auth(admin)
-            .json(&p)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["accessPolicy"] =
-            json!({"reference": format!("AccessPolicy/{}", created["id"].as_str().unwrap())});
-    }
-    let resp = c
-        .post(format!("{}admin/projects/{project}/client", gw.base))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let client: Value = resp.json().await.unwrap();
-    (
-        client["id"].as_str().unwrap().to_string(),
-        client["secret"].as_str().unwrap().to_string(),
-    )
+    let policy_id = match policy {
+        Some(p) => {
+            let created: Value = TestGateway::client()
+                .post(format!("{}AccessPolicy", gw.fhir))
+                .bearer_auth(admin)
+                .json(&p)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            Some(created["id"].as_str().unwrap().to_string())
+        }
+        None => None,
+    };
+    gw.client_with_policy(admin, policy_id.as_deref()).await
 }
 
 #[test]

@@ -25,40 +25,6 @@ fn shipped_policies() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
 }
 
-/// Creates a client in the admin's project whose membership references `AccessPolicy/<id>`;
-/// returns (id, secret). (As `new_client` in e2e_gateway.rs, with an existing policy.)
-async fn client_with_policy(gw: &TestGateway, admin: &str, policy_id: &str) -> (String, String) {
-    let c = TestGateway::client();
-    let me: Value = c
-        .get(format!("{}auth/me", gw.base))
-        .bearer_auth(admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let project = me["project"]["id"].as_str().unwrap().to_string();
-    let body = json!({
-        "name": "policy file client",
-        "accessPolicy": {"reference": format!("AccessPolicy/{policy_id}")},
-    });
-    let resp = c
-        .post(format!("{}admin/projects/{project}/client", gw.base))
-        .bearer_auth(admin)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    let status = resp.status();
-    let client: Value = resp.json().await.unwrap();
-    assert_eq!(status, 201, "{client}");
-    (
-        client["id"].as_str().unwrap().to_string(),
-        client["secret"].as_str().unwrap().to_string(),
-    )
-}
-
 async fn status_of(gw: &TestGateway, token: &str, path: &str) -> u16 {
     TestGateway::client()
         .get(format!("{}{path}", gw.fhir))
@@ -120,7 +86,7 @@ fn a_policy_file_is_applied_reloaded_and_an_invalid_change_is_refused() {
         assert_eq!(status, 200, "{stored}");
         assert_eq!(stored["name"], "from a file");
 
-        let (id, secret) = client_with_policy(&gw, &admin, "file-policy").await;
+        let (id, secret) = gw.client_with_policy(&admin, Some("file-policy")).await;
         let token = gw.token(&id, &secret, None).await;
         assert_eq!(status_of(&gw, &token, "Observation").await, 200);
         assert_eq!(status_of(&gw, &token, "Patient").await, 403);
@@ -236,7 +202,7 @@ fn serve_loads_every_shipped_example_and_a_restart_creates_no_versions() {
     // create Communications.
     rt().block_on(async {
         let admin = gw.admin_token().await;
-        let (id, secret) = client_with_policy(&gw, &admin, "webhook-sender").await;
+        let (id, secret) = gw.client_with_policy(&admin, Some("webhook-sender")).await;
         let token = gw.token(&id, &secret, None).await;
         assert_eq!(status_of(&gw, &token, "Patient").await, 403);
         let created = TestGateway::client()

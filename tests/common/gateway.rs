@@ -151,6 +151,51 @@ impl TestGateway {
     pub async fn admin_token(&self) -> String {
         self.token(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, None).await
     }
+
+    /// The project of the caller behind `token` (from `/auth/me`).
+    pub async fn project_of(&self, token: &str) -> String {
+        let me: Value = Self::client()
+            .get(format!("{}auth/me", self.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("auth/me")
+            .json()
+            .await
+            .expect("auth/me JSON");
+        me["project"]["id"]
+            .as_str()
+            .expect("project id")
+            .to_string()
+    }
+
+    /// Creates a client through the admin API whose membership references
+    /// `AccessPolicy/<policy_id>` (or no policy); returns (id, secret).
+    pub async fn client_with_policy(
+        &self,
+        admin: &str,
+        policy_id: Option<&str>,
+    ) -> (String, String) {
+        let project = self.project_of(admin).await;
+        let mut body = serde_json::json!({"name": "test client"});
+        if let Some(id) = policy_id {
+            body["accessPolicy"] = serde_json::json!({"reference": format!("AccessPolicy/{id}")});
+        }
+        let resp = Self::client()
+            .post(format!("{}admin/projects/{project}/client", self.base))
+            .bearer_auth(admin)
+            .json(&body)
+            .send()
+            .await
+            .expect("create client");
+        let status = resp.status();
+        let client: Value = resp.json().await.expect("client JSON");
+        assert_eq!(status, 201, "{client}");
+        (
+            client["id"].as_str().expect("id").to_string(),
+            client["secret"].as_str().expect("secret").to_string(),
+        )
+    }
 }
 
 impl Drop for TestGateway {
