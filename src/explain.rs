@@ -831,7 +831,7 @@ fn create_body_check(policy: &EffectivePolicy, op: &FhirOp, permit: &Permit) -> 
         );
     };
     let mut r = resource.clone();
-    policy.restore_readonly(&mut r, None, &entry);
+    policy.restore_protected_fields(&mut r, None, &entry);
     if policy.satisfied(&r, Interaction::Create).is_none() {
         return Some(format!(
             "the body satisfies resource[{}] only with its readonlyFields, which are removed on create",

@@ -170,6 +170,8 @@ pub struct Upstream {
     pub authorization: Option<String>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// The `Host` header the upstream expects (`host` or `host:port`).
+    pub host_header: String,
 }
 
 impl Upstream {
@@ -194,6 +196,11 @@ impl Upstream {
             return Err(invalid("upstream", "must not have a query or fragment"));
         }
         let base_path = parsed.path().trim_end_matches('/').to_string();
+        let default_port = if tls { 443 } else { 80 };
+        let host_header = match parsed.port() {
+            Some(p) if p != default_port => format!("{}:{p}", parsed.host_str().unwrap_or(&host)),
+            _ => parsed.host_str().unwrap_or(&host).to_string(),
+        };
         Ok(Upstream {
             base_url: url.trim_end_matches('/').to_string(),
             tls,
@@ -203,6 +210,7 @@ impl Upstream {
             authorization,
             connect_timeout: Duration::from_millis(1000),
             read_timeout: Duration::from_millis(30_000),
+            host_header,
         })
     }
 }
@@ -224,6 +232,9 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Public base URL with a trailing slash.
     pub base_url: String,
+    /// `X-Forwarded-Proto` and `X-Forwarded-Host` derived from `base_url`, computed once.
+    pub forwarded_proto: String,
+    pub forwarded_host: String,
     pub upstream: Upstream,
     pub data_dir: PathBuf,
     pub store_url: String,
@@ -279,7 +290,7 @@ impl Config {
             f.metrics_listen.as_deref(),
             "0.0.0.0:9090",
         )?;
-        let base_url = match f.base_url {
+        let base_url: String = match f.base_url {
             Some(b) => {
                 let u = url::Url::parse(&b).map_err(|e| invalid("base_url", e.to_string()))?;
                 if !matches!(u.scheme(), "http" | "https") {
@@ -331,8 +342,17 @@ impl Config {
         if !matches!(log_format.as_str(), "json" | "text") {
             return Err(invalid("log_format", "must be json or text"));
         }
+        let public = url::Url::parse(&base_url).map_err(|e| invalid("base_url", e.to_string()))?;
+        let forwarded_proto = public.scheme().to_string();
+        let forwarded_host = match (public.host_str(), public.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_string(),
+            (None, _) => return Err(invalid("base_url", "missing host")),
+        };
         Ok(Config {
             listen,
+            forwarded_proto,
+            forwarded_host,
             control_listen,
             metrics_listen,
             base_url,

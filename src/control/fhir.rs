@@ -211,6 +211,24 @@ fn if_match(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(v.to_string()))
 }
 
+/// Whether the caller may perform `interaction` on `resource_type` at all: stored identity types
+/// by the caller's policy; routed-but-unstored types (Login, JsonWebKey, …) only for super admins,
+/// and then they do not exist here; anything else is unknown.
+fn admit(caller: &Caller, resource_type: &str, interaction: Interaction) -> Result<(), ApiError> {
+    match classify(resource_type) {
+        TypeClass::Stored => require_type(caller, resource_type, interaction),
+        TypeClass::Unstored => {
+            unstored(caller, resource_type, interaction)?;
+            Err(if interaction == Interaction::Create {
+                ApiError::bad_request("Unsupported resource type")
+            } else {
+                ApiError::not_found()
+            })
+        }
+        TypeClass::Unknown => Err(ApiError::not_found()),
+    }
+}
+
 // === read ===
 
 pub async fn read(
@@ -220,15 +238,7 @@ pub async fn read(
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
-    match classify(&resource_type) {
-        TypeClass::Stored => {}
-        TypeClass::Unstored => {
-            unstored(&caller, &resource_type, Interaction::Read)?;
-            return Err(ApiError::not_found());
-        }
-        TypeClass::Unknown => return Err(ApiError::not_found()),
-    }
-    require_type(&caller, &resource_type, Interaction::Read)?;
+    admit(&caller, &resource_type, Interaction::Read)?;
     if !valid_id(&id) {
         return Err(ApiError::not_found());
     }
@@ -965,15 +975,7 @@ pub async fn create(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
-    match classify(&resource_type) {
-        TypeClass::Stored => {}
-        TypeClass::Unstored => {
-            unstored(&caller, &resource_type, Interaction::Create)?;
-            return Err(ApiError::bad_request("Unsupported resource type"));
-        }
-        TypeClass::Unknown => return Err(ApiError::not_found()),
-    }
-    require_type(&caller, &resource_type, Interaction::Create)?;
+    admit(&caller, &resource_type, Interaction::Create)?;
     let resource = json_body(&parts, body).await?;
     create_resource(&state, &caller, &resource_type, resource, false).await
 }
@@ -1069,15 +1071,7 @@ pub async fn update(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
-    match classify(&resource_type) {
-        TypeClass::Stored => {}
-        TypeClass::Unstored => {
-            unstored(&caller, &resource_type, Interaction::Update)?;
-            return Err(ApiError::not_found());
-        }
-        TypeClass::Unknown => return Err(ApiError::not_found()),
-    }
-    require_type(&caller, &resource_type, Interaction::Update)?;
+    admit(&caller, &resource_type, Interaction::Update)?;
     let resource = json_body(&parts, body).await?;
     if str_field(&resource, "resourceType") != Some(resource_type.as_str()) {
         return Err(ApiError::bad_request("Incorrect resource type"));
@@ -1156,10 +1150,7 @@ pub(crate) async fn update_resource(
         .ok_or_else(ApiError::forbidden)?;
     caller
         .policy
-        .restore_readonly(&mut resource, Some(&existing.content), pre);
-    for path in &pre.hidden_fields {
-        path.restore_from(&mut resource, Some(&existing.content));
-    }
+        .restore_protected_fields(&mut resource, Some(&existing.content), pre);
     let post = caller
         .policy
         .satisfied(&resource, Interaction::Update)
@@ -1205,15 +1196,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
-    match classify(&resource_type) {
-        TypeClass::Stored => {}
-        TypeClass::Unstored => {
-            unstored(&caller, &resource_type, Interaction::Delete)?;
-            return Err(ApiError::not_found());
-        }
-        TypeClass::Unknown => return Err(ApiError::not_found()),
-    }
-    require_type(&caller, &resource_type, Interaction::Delete)?;
+    admit(&caller, &resource_type, Interaction::Delete)?;
     let existing = if valid_id(&id) {
         state.store.read(&resource_type, &id).await?
     } else {

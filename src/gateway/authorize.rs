@@ -205,18 +205,10 @@ pub async fn authorize(
         None
     };
     let req = session.req_header();
-    let headers: Vec<(String, String)> = req
+    let header_refs: Vec<(&str, &str)> = req
         .headers
         .iter()
-        .filter_map(|(k, v)| {
-            v.to_str()
-                .ok()
-                .map(|v| (k.as_str().to_ascii_lowercase(), v.to_string()))
-        })
-        .collect();
-    let header_refs: Vec<(&str, &str)> = headers
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
         .collect();
     let parts = RequestParts {
         method: method.as_str(),

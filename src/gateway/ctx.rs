@@ -48,10 +48,24 @@ impl Default for RequestCtx {
     }
 }
 
+/// Unique per process run: a random prefix chosen once, then a counter (a UUID per request cost
+/// a `getrandom` syscall on the hot path).
+fn next_request_id() -> String {
+    use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PREFIX: LazyLock<String> = LazyLock::new(|| crate::tokens::random_hex(8));
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}{:012x}",
+        *PREFIX,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 impl RequestCtx {
     pub fn new() -> RequestCtx {
         RequestCtx {
-            request_id: uuid::Uuid::new_v4().simple().to_string(),
+            request_id: next_request_id(),
             started: Instant::now(),
             route: Route::NotFound,
             client_ip: None,

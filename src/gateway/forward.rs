@@ -72,17 +72,8 @@ pub fn rewrite_request(
     ctx: &RequestCtx,
 ) -> Result<()> {
     append_xff(upstream, session)?;
-    let public = url::Url::parse(&config.base_url).ok();
-    if let Some(u) = &public {
-        upstream.insert_header("x-forwarded-proto", u.scheme())?;
-        if let Some(h) = u.host_str() {
-            let host = match u.port() {
-                Some(p) => format!("{h}:{p}"),
-                None => h.to_string(),
-            };
-            upstream.insert_header("x-forwarded-host", host)?;
-        }
-    }
+    upstream.insert_header("x-forwarded-proto", config.forwarded_proto.as_str())?;
+    upstream.insert_header("x-forwarded-host", config.forwarded_host.as_str())?;
     let rest = match &ctx.route {
         Route::Control => return Ok(()),
         Route::Metadata => "metadata".to_string(),
@@ -107,12 +98,7 @@ pub fn rewrite_request(
     if let Some(obo) = &ctx.on_behalf_of_profile {
         upstream.insert_header("x-fhirgate-on-behalf-of", obo.as_str())?;
     }
-    let host = if (up.tls && up.port == 443) || (!up.tls && up.port == 80) {
-        up.host.clone()
-    } else {
-        format!("{}:{}", up.host, up.port)
-    };
-    upstream.insert_header("host", host)?;
+    upstream.insert_header("host", up.host_header.as_str())?;
     if !matches!(ctx.plan, ResponsePlan::Stream) {
         // Filtering needs the plain body.
         upstream.remove_header("accept-encoding");

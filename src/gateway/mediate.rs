@@ -7,7 +7,6 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction};
-use fhirgate_core::policy::compiled::CompiledEntry;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
 use fhirgate_core::policy::effective::SearchNarrowing;
 use fhirgate_core::policy::fhirpath::write_constraints_hold;
@@ -208,18 +207,6 @@ impl Gateway {
     }
 }
 
-/// Readonly and hidden fields are the current version's (dropped on create): a client can neither
-/// set them nor, by omitting a field it never saw, erase it (medplum-auth.md §4.5).
-fn strip_protected_fields(new: &mut Value, old: Option<&Value>, entry: &CompiledEntry) {
-    for path in entry
-        .readonly_fields
-        .iter()
-        .chain(entry.hidden_fields.iter())
-    {
-        path.restore_from(new, old);
-    }
-}
-
 fn version_of(resource: &Value) -> Option<String> {
     resource
         .get("meta")?
@@ -299,7 +286,7 @@ async fn prepare_write(
                 .satisfied(&resource, Interaction::Create)
                 .cloned()
                 .ok_or_else(|| forbid("create_outside_criteria"))?;
-            strip_protected_fields(&mut resource, None, &entry);
+            policy.restore_protected_fields(&mut resource, None, &entry);
             let Some(after) = policy.satisfied(&resource, Interaction::Create) else {
                 return Err(forbid("create_outside_criteria"));
             };
@@ -359,7 +346,7 @@ async fn prepare_write(
                         .satisfied(cur, Interaction::Update)
                         .cloned()
                         .ok_or_else(|| forbid("current_outside_criteria"))?;
-                    strip_protected_fields(&mut new, Some(cur), &entry);
+                    policy.restore_protected_fields(&mut new, Some(cur), &entry);
                     let Some(after) = policy.satisfied(&new, Interaction::Update) else {
                         return Err(forbid("result_outside_criteria"));
                     };
@@ -382,7 +369,7 @@ async fn prepare_write(
                         .satisfied(&new, Interaction::Create)
                         .cloned()
                         .ok_or_else(|| forbid("create_outside_criteria"))?;
-                    strip_protected_fields(&mut new, None, &entry);
+                    policy.restore_protected_fields(&mut new, None, &entry);
                     let Some(after) = policy.satisfied(&new, Interaction::Create) else {
                         return Err(forbid("create_outside_criteria"));
                     };
@@ -505,7 +492,7 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
             let Some(entry) = m.policy.satisfied(&r, Interaction::Create).cloned() else {
                 return Some(Deny::Forbidden("create_outside_criteria"));
             };
-            strip_protected_fields(&mut r, None, &entry);
+            m.policy.restore_protected_fields(&mut r, None, &entry);
             match m.policy.satisfied(&r, Interaction::Create) {
                 Some(after) if write_constraints_hold(&after.write_constraints, &r, None) => None,
                 Some(_) => Some(Deny::Forbidden("write_constraint")),

@@ -649,6 +649,20 @@ impl CompiledPolicy {
         }
     }
 
+    /// What every write does (medplum-auth.md §4.5): readonly and hidden fields are the current
+    /// version's (dropped on create), so a client can neither set them nor, by omitting a field
+    /// it never saw, erase it.
+    pub fn restore_protected_fields(
+        &self,
+        new: &mut Value,
+        old: Option<&Value>,
+        entry: &CompiledEntry,
+    ) {
+        for path in entry.readonly_fields.iter().chain(&entry.hidden_fields) {
+            path.restore_from(new, old);
+        }
+    }
+
     pub fn check_ip(&self, addr: IpAddr) -> IpVerdict {
         check_ip(&self.ip_rules, addr)
     }

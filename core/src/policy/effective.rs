@@ -213,6 +213,17 @@ impl EffectivePolicy {
         self.compiled.restore_readonly(new, old, entry);
     }
 
+    /// Restores readonly and hidden fields from `old` (drops them on create): see
+    /// `CompiledPolicy::restore_protected_fields`.
+    pub fn restore_protected_fields(
+        &self,
+        new: &mut Value,
+        old: Option<&Value>,
+        entry: &CompiledEntry,
+    ) {
+        self.compiled.restore_protected_fields(new, old, entry);
+    }
+
     pub fn check_ip(&self, addr: IpAddr) -> IpVerdict {
         self.compiled.check_ip(addr)
     }

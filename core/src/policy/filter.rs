@@ -15,8 +15,7 @@ pub fn check_resource(
     let Some(entry) = policy.satisfied(resource, interaction) else {
         return false;
     };
-    let entry = entry.clone();
-    policy.redact(resource, &entry);
+    policy.redact(resource, entry);
     true
 }
 
