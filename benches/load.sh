@@ -19,6 +19,10 @@
 #        fg-full    GET /fhir/R4/Patient/p1 through fhirgate with `Authorization: Bearer`
 #                   (cached after the first request) + policy decision + forwarding
 #        fg-basic   the same with `Authorization: Basic client_id:secret`
+#        fg-patient the same with the Bearer token of a client whose membership carries the
+#                   shipped policies/patient-compartment.json with patient=Patient/p1: a policy
+#                   with criteria on every type, on a read that needs no response filtering
+#                   (issue 3: within 10 % of fg-full)
 #        fg-half    fg-full paced at half the fg-full throughput measured so far (wrk Lua
 #                   `delay()`), for SPEC §5's "gateway-added p99 ≤ 1 ms at 50 % of saturation"
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
@@ -39,14 +43,14 @@
 # Environment (defaults in brackets):
 #   DURATION [10] seconds per wrk run · REPS [2] (min 2) · CONNS [50] · WRK_THREADS [2]
 #   ISSUE_DURATION [$DURATION] · ISSUE_CONNS [$CONNS] · CASES [all: "direct nginx fg-pass
-#   pingora fg-full fg-basic fg-half issue-gw issue-ctl"] · BASE_PORT [18180] (uses ..+5)
+#   pingora fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"] · BASE_PORT [18180] (uses ..+5)
 #   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 #   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
 #   PRELOAD [none] a malloc to LD_PRELOAD into fhirgate and the pingora baseline, for an A/B of
 #     the allocator without rebuilding, e.g. PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 #     (apt-get install libjemalloc2) or .../libmimalloc.so.2 (libmimalloc2.0)
-# Needs: nginx (nginx-light), wrk, curl, awk; Linux /proc. Numbers on a shared 2-vCPU VM are
+# Needs: nginx (nginx-light), wrk, curl, awk, python3; Linux /proc. Numbers on a shared 2-vCPU VM are
 # noisy (±15 %): compare CPU-µs per request, and the medians over the interleaved reps.
 
 set -euo pipefail
@@ -59,7 +63,7 @@ CONNS=${CONNS:-50}
 WRK_THREADS=${WRK_THREADS:-2}
 ISSUE_DURATION=${ISSUE_DURATION:-$DURATION}
 ISSUE_CONNS=${ISSUE_CONNS:-$CONNS}
-CASES=${CASES:-"direct nginx pingora fg-pass fg-full fg-basic fg-half issue-gw issue-ctl"}
+CASES=${CASES:-"direct nginx pingora fg-pass fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"}
 BASE_PORT=${BASE_PORT:-18180}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PIN=${PIN:-0}
@@ -93,7 +97,7 @@ else
   PIN_OTHER=()
 fi
 
-for tool in nginx wrk curl awk; do
+for tool in nginx wrk curl awk python3; do
   command -v "$tool" >/dev/null || { echo "load.sh: $tool is required (apt-get install -y nginx-light wrk curl)" >&2; exit 1; }
 done
 
@@ -287,7 +291,7 @@ LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SE
   "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
-  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format text \
+  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format text --policies-dir "$ROOT/policies" \
   >"$TMP/fhirgate.log" 2>&1 &
 FG_PID=$!
 PIDS+=("$FG_PID")
@@ -306,6 +310,40 @@ fi
 BASIC=$(printf '%s:%s' "$CLIENT_ID" "$CLIENT_SECRET" | base64 -w0)
 log "token: ${#TOKEN} bytes"
 
+# A patient app: a client whose membership carries the shipped patient-compartment policy with
+# patient=Patient/p1, set up through the admin API as an operator would.
+PATIENT_TOKEN=$(GW="http://127.0.0.1:$GW_PORT" ADMIN_TOKEN=$TOKEN python3 - <<'PY'
+import json, os, sys, urllib.parse, urllib.request
+
+gw, admin = os.environ["GW"], os.environ["ADMIN_TOKEN"]
+
+def call(method, path, body=None, token=admin, form=None):
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
+    if form is not None:
+        data = urllib.parse.urlencode(form).encode()
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+    req = urllib.request.Request(gw + path, data=data, method=method, headers=headers)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.load(resp)
+
+project = call("GET", "/auth/me")["project"]["id"]
+client = call("POST", f"/admin/projects/{project}/client",
+              {"name": "load patient app", "accessPolicy": {"reference": "AccessPolicy/patient-compartment"}})
+found = call("GET", f"/fhir/R4/ProjectMembership?profile=ClientApplication/{client['id']}")
+membership = found["entry"][0]["resource"]
+membership.pop("accessPolicy", None)
+membership["access"] = [{"policy": {"reference": "AccessPolicy/patient-compartment"},
+                         "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/p1"}}]}]
+call("POST", f"/admin/projects/{project}/members/{membership['id']}", membership)
+token = call("POST", "/oauth2/token", token=None, form={
+    "grant_type": "client_credentials", "client_id": client["id"], "client_secret": client["secret"]})
+print(token["access_token"])
+PY
+) || { echo "load.sh: could not set up the patient-compartment client" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+
 # Smoke checks: every case must answer 200 before we measure it.
 check() { # $1 name, $2 url, rest: curl args
   local name=$1 url=$2
@@ -323,6 +361,11 @@ check nginx "http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"
 check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
 check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
 check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
+check fg-patient "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $PATIENT_TOKEN"
+# The patient policy must really be in force: another patient is not visible.
+mkdir -p "$TMP/www/fhir/R4/Patient" && sed 's/"id":"p1"/"id":"p2"/' "$TMP/www/fhir/R4/Patient/p1" >"$TMP/www/fhir/R4/Patient/p2"
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Bearer $PATIENT_TOKEN" "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p2")
+[[ $code == 404 ]] || { echo "load.sh: the patient client read Patient/p2 with $code (want 404): policy not in force" >&2; exit 1; }
 check issue-ctl "http://127.0.0.1:$CTL_PORT/oauth2/token" -X POST --data "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET"
 
 # --- measurement ---------------------------------------------------------------------------
@@ -386,6 +429,8 @@ run_case() { # $1 case, $2 rep
       args=(-H "Authorization: Bearer $TOKEN") ;;
     fg-basic) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Basic $BASIC") ;;
+    fg-patient) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $PATIENT_TOKEN") ;;
     fg-half)
       local full_rps
       full_rps=$(awk -F'\t' '$1 == "fg-full" && $3 ~ /^[0-9.]+$/ {s += $3; n++} END {if (n) print s / n}' "$RESULTS")
@@ -490,6 +535,7 @@ PB_RPS=$(col pingora 3); PB_CPU=$(col pingora 7)
 PASS_RPS=$(col fg-pass 3); PASS_CPU=$(col fg-pass 7)
 FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
 BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
+PATIENT_RPS=$(col fg-patient 3); PATIENT_CPU=$(col fg-patient 7)
 echo "ratios (medians)                          throughput   CPU/req"
 printf '  fhirgate full   / nginx                 %8s   %8s   (SPEC: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / pingora pass-through  %8s   %8s   (SPEC: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
@@ -497,6 +543,7 @@ printf '  pingora pass    / nginx                 %8s   %8s\n' "$(ratio "$PB_RPS
 printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
 printf '  fhirgate basic  / fhirgate full         %8s   %8s\n' "$(ratio "$BASIC_RPS" "$FULL_RPS")" "$(ratio "$BASIC_CPU" "$FULL_CPU")"
+printf '  patient policy  / fhirgate full         %8s   %8s   (issue 3: throughput >= 0.9)\n' "$(ratio "$PATIENT_RPS" "$FULL_RPS")" "$(ratio "$PATIENT_CPU" "$FULL_CPU")"
 printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (SPEC: >= 2000)\n' \
   "$(col issue-gw 3)" "$(col issue-ctl 3)"
 printf '  fhirgate RSS: %s kB before the runs, %s kB after\n' "$FG_RSS_START" "$FG_RSS_END"

@@ -79,6 +79,9 @@ pub struct ConfigFile {
     /// Verified-token cache capacity (entries) [default: 100000]
     #[arg(long, env = "FHIRGATE_TOKEN_CACHE_CAPACITY")]
     pub token_cache_capacity: Option<u64>,
+    /// Requests per minute per client address to /auth/* and /oauth2/* (0 = no limit) [default: 160]
+    #[arg(long, env = "FHIRGATE_AUTH_RATE_LIMIT")]
+    pub auth_rate_limit: Option<u32>,
     /// Largest request body read by the gateway, in bytes [default: 16777216]
     #[arg(long, env = "FHIRGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<usize>,
@@ -142,6 +145,7 @@ impl ConfigFile {
             access_token_lifetime,
             refresh_token_lifetime,
             token_cache_capacity,
+            auth_rate_limit,
             max_request_body,
             max_response_buffer,
             threads,
@@ -242,6 +246,8 @@ pub struct Config {
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
     pub token_cache_capacity: u64,
+    /// Per client address and minute, on /auth/* and /oauth2/*; 0 disables the limit.
+    pub auth_rate_limit: u32,
     pub max_request_body: usize,
     pub max_response_buffer: usize,
     pub threads: usize,
@@ -371,6 +377,7 @@ impl Config {
                 "2w",
             )?,
             token_cache_capacity: f.token_cache_capacity.unwrap_or(100_000),
+            auth_rate_limit: f.auth_rate_limit.unwrap_or(160),
             max_request_body: f.max_request_body.unwrap_or(16 << 20),
             max_response_buffer: f.max_response_buffer.unwrap_or(64 << 20),
             threads: f

@@ -1026,10 +1026,9 @@ pub(crate) async fn create_resource(
         .iter()
         .filter_map(|k| resource.get(*k).map(|v| (k.to_string(), v.clone())))
         .collect();
-    caller.policy.restore_readonly(&mut resource, None, entry);
-    for path in &entry.hidden_fields {
-        path.remove_from(&mut resource);
-    }
+    caller
+        .policy
+        .restore_protected_fields(&mut resource, None, entry);
     if let Some(obj) = resource.as_object_mut() {
         obj.extend(managed);
     }

@@ -15,6 +15,7 @@ mod fhir;
 pub mod index;
 mod logout;
 mod me;
+mod ratelimit;
 mod token;
 
 use std::net::{IpAddr, SocketAddr};
@@ -42,10 +43,20 @@ type AppState = Arc<State>;
 /// the client address (and so IP rules) needs the TCP peer.
 pub fn router(state: Arc<State>) -> Router {
     let routes = routes();
-    Router::new()
+    let mut router = Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
-        .fallback(not_found)
+        .fallback(not_found);
+    if let Some(limit) = ratelimit::AuthRateLimit::new(state.config.auth_rate_limit) {
+        router = router.layer(axum::middleware::from_fn_with_state(
+            ratelimit::Limiting {
+                state: state.clone(),
+                limit,
+            },
+            ratelimit::enforce,
+        ));
+    }
+    router
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }

@@ -607,6 +607,28 @@ impl CompiledPolicy {
             })
     }
 
+    /// Whether a direct read of `resource_type/id` needs its response body checked. It does not
+    /// when, walking the granting entries in order, one that certainly matches (no criteria, or
+    /// criteria that pin exactly this id) is reached before any entry with hiddenFields, criteria
+    /// on a `*` entry aside: whichever entry matches first then hides nothing. This is the
+    /// common "a patient reads their own Patient" request, which can then stream.
+    pub fn read_needs_check(&self, resource_type: &str, id: &str) -> bool {
+        for e in self.entries_for(resource_type, Interaction::Read) {
+            if !e.hidden_fields.is_empty() {
+                return true;
+            }
+            let certain = e.compartment.is_none()
+                && match &e.criteria {
+                    None => true,
+                    Some(c) => !e.is_wildcard() && c.pins_id(id),
+                };
+            if certain {
+                return false;
+            }
+        }
+        true
+    }
+
     /// How to narrow a search of `resource_type`: any granting entry without criteria leaves it
     /// unrestricted; otherwise the OR of their criteria; no granting entry denies.
     pub fn search_narrowing(&self, resource_type: &str) -> SearchNarrowing {

@@ -202,6 +202,21 @@ impl Criteria {
 
     /// Whether [`Criteria::query_params`] carries every filter. When false, the upstream returns
     /// more than the criteria allow and only [`Criteria::matches`] narrows it.
+    /// True when these criteria are exactly `_id=<…>` (no modifier, no other filter) and one of
+    /// the listed ids is `id`: then a resource read as `Type/<id>` satisfies them without being
+    /// looked at, because the id is the one thing the upstream cannot answer differently.
+    pub fn pins_id(&self, id: &str) -> bool {
+        match self.raw.as_slice() {
+            [only] => {
+                only.code == "_id"
+                    && only.modifier.is_none()
+                    && !self.is_wildcard()
+                    && only.value.split(',').any(|v| v == id)
+            }
+            _ => false,
+        }
+    }
+
     pub fn upstream_complete(&self) -> bool {
         self.upstream_complete
     }

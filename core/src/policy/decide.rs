@@ -174,12 +174,20 @@ fn decide_search(policy: &EffectivePolicy, s: &Search, super_admin: bool) -> Res
 fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
     match op {
         FhirOp::Capabilities => Ok(Permit::untouched()),
-        FhirOp::Read { resource_type, .. } | FhirOp::Vread { resource_type, .. } => {
-            let i = if matches!(op, FhirOp::Read { .. }) {
-                Interaction::Read
+        FhirOp::Read { resource_type, id } => {
+            need(policy, resource_type, Interaction::Read, super_admin)?;
+            let response = if policy.read_needs_check(resource_type, id) {
+                ResponseNeed::CheckResource
             } else {
-                Interaction::Vread
+                ResponseNeed::Untouched
             };
+            Ok(Permit {
+                response,
+                ..Permit::untouched()
+            })
+        }
+        FhirOp::Vread { resource_type, .. } => {
+            let i = Interaction::Vread;
             need(policy, resource_type, i, super_admin)?;
             let response = if policy.instance_checks_needed(resource_type, i) {
                 ResponseNeed::CheckResource

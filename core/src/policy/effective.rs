@@ -197,6 +197,11 @@ impl EffectivePolicy {
             .instance_checks_needed(resource_type, interaction)
     }
 
+    /// See [`CompiledPolicy::read_needs_check`].
+    pub fn read_needs_check(&self, resource_type: &str, id: &str) -> bool {
+        self.compiled.read_needs_check(resource_type, id)
+    }
+
     /// Instance-level check (medplum-auth.md §4.4): the first entry that grants `interaction` on
     /// this resource.
     pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {

@@ -781,3 +781,59 @@ fn validation_checks_parameter_names_behind_placeholders() {
         "{errors:?}"
     );
 }
+
+// === direct reads that can stream ===
+
+#[test]
+fn read_needs_check_only_when_the_body_could_change_the_answer() {
+    let c = compile(json!([
+        {"resourceType": "Patient", "criteria": "Patient?_id=p1,p2", "readonlyFields": ["identifier"]},
+        {"resourceType": "Observation", "criteria": "Observation?subject=Patient/p1"},
+        {"resourceType": "Encounter", "hiddenFields": ["note"]},
+        {"resourceType": "Encounter", "criteria": "Encounter?_id=e1"},
+        {"resourceType": "Condition", "criteria": "Condition?_id=c1&clinical-status=active"},
+        {"resourceType": "Goal", "criteria": "Goal?_id:not=g1"},
+        {"resourceType": "Goal", "criteria": "Goal?_id=g2"},
+        {"resourceType": "CarePlan", "criteria": "CarePlan?subject=Patient/p1"},
+        {"resourceType": "CarePlan", "criteria": "CarePlan?_id=cp1"},
+        {"resourceType": "Device"},
+        {"resourceType": "*", "criteria": "*?_id=x1"},
+    ]));
+    for (ty, id, want) in [
+        // pinned by `_id`, readonlyFields do not matter for a read
+        ("Patient", "p1", false),
+        ("Patient", "p2", false),
+        // not in the list: only the body can tell (it will be refused, 404)
+        ("Patient", "p3", true),
+        ("Patient", "P1", true),
+        ("Observation", "o1", true),
+        // hiddenFields on the first entry: redaction needs the body
+        ("Encounter", "e1", true),
+        // `_id` with another filter, or with a modifier
+        ("Condition", "c1", true),
+        ("Goal", "g1", true),
+        // a later pinning entry after one that may or may not match, neither hiding anything
+        ("Goal", "g2", false),
+        ("CarePlan", "cp1", false),
+        ("CarePlan", "cp2", true),
+        // no criteria at all
+        ("Device", "d1", false),
+        // `*?_id=` is not trusted to pin
+        ("Medication", "x1", true),
+    ] {
+        assert_eq!(c.read_needs_check(ty, id), want, "{ty}/{id}");
+    }
+}
+
+#[test]
+fn read_needs_check_when_a_broken_entry_stops_the_walk() {
+    let (c, errors) = CompiledPolicy::compile(
+        &policy(json!({"resourceType": "AccessPolicy", "resource": [
+            {"resourceType": "Patient", "criteria": "Patient?no-such-param=1"},
+            {"resourceType": "Patient", "criteria": "Patient?_id=p1"},
+        ]})),
+        false,
+    );
+    assert!(!errors.is_empty());
+    assert!(c.read_needs_check("Patient", "p1"));
+}
