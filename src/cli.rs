@@ -102,7 +102,7 @@ fn serve(args: ServeArgs, planes: Planes) -> Result<(), String> {
     let config = args.config()?;
     crate::obs::init_logging(config.json_logs);
     let running = start(config.clone(), planes).map_err(|e| e.to_string())?;
-    print_welcome(&config, &running.bootstrap);
+    print_welcome(&config, planes, &running.bootstrap);
     running.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -115,11 +115,24 @@ fn serve(args: ServeArgs, planes: Planes) -> Result<(), String> {
     Ok(())
 }
 
-fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapReport) {
+fn print_welcome(
+    config: &Config,
+    planes: Planes,
+    report: &crate::control::bootstrap::BootstrapReport,
+) {
     let base = &config.base_url;
     println!("fhirgate is running");
-    println!("  gateway      {}  (public base URL {base})", config.listen);
-    println!("  control API  {}", config.control_listen);
+    if planes.gateway {
+        println!("  gateway      {}  (public base URL {base})", config.listen);
+    }
+    if planes.control {
+        println!("  control API  {}", config.control_listen);
+    } else {
+        println!(
+            "  control API  {}  (another instance: the gateway forwards to it)",
+            config.control_listen
+        );
+    }
     println!(
         "  metrics      {}  (/metrics, /healthz, /readyz)",
         config.metrics_listen
@@ -144,6 +157,11 @@ fn print_welcome(config: &Config, report: &crate::control::bootstrap::BootstrapR
             "  curl -s -X POST {base}fhir/R4/Patient -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/fhir+json' -d '{{\"resourceType\":\"Patient\",\"name\":[{{\"family\":\"Smith\"}}]}}'"
         );
         println!("  curl -s {base}fhir/R4/Patient -H \"Authorization: Bearer $TOKEN\"");
+    } else if report.created.contains(&"admin client") {
+        println!(
+            "Admin client created: {} (with the configured secret)",
+            report.client_id
+        );
     } else {
         println!("Admin client: {} (secret set earlier)", report.client_id);
     }
