@@ -9,6 +9,11 @@
 //!   pieces (the Login read from SQLite).
 //! - `issue/*`: one whole client-credentials request through the control router in process
 //!   (form parsing, secret check, Login insert into SQLite, two ES256 signatures, JSON).
+//! - `signin/*`: a user's tokens. `argon2id verify` is the password check alone (slow on
+//!   purpose: it dominates a password sign-in); `password sign-in` is `/auth/login` (argon2,
+//!   user and membership lookups, Login insert, code) plus the PKCE code exchange (atomic
+//!   redemption, User read, three ES256 signatures); `refresh_token` is one rotation (JWT
+//!   verification, Login read, compare-and-swap of the refresh secret, three signatures).
 //!
 //! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench --bench tokens`
 //! (quick pass: append `-- --warm-up-time 1 --measurement-time 3`). These measure; they never
@@ -288,9 +293,138 @@ fn bench_state(c: &mut Criterion) {
     g.finish();
 }
 
+const USER_EMAIL: &str = "bench-user@example.com";
+const USER_PASSWORD: &str = "bench password 123";
+/// RFC 7636 appendix B.
+const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+
+/// A server-scoped user with one Practitioner membership in the default project.
+async fn seed_user(state: &State, project: &str) {
+    use fhirgate::control::index::index_rows;
+    use serde_json::json;
+    let user = json!({
+        "resourceType": "User", "id": "bench-user", "firstName": "Bench", "lastName": "User",
+        "email": USER_EMAIL,
+        "passwordHash": fhirgate::control::bootstrap::hash_password(USER_PASSWORD).unwrap(),
+    });
+    state
+        .store
+        .put(user.clone(), None, &index_rows(&user), None, true)
+        .await
+        .unwrap();
+    let m = json!({
+        "resourceType": "ProjectMembership", "id": "bench-membership",
+        "project": {"reference": format!("Project/{project}")},
+        "user": {"reference": "User/bench-user"},
+        "profile": {"reference": "Practitioner/bench-practitioner"},
+    });
+    state
+        .store
+        .put(m.clone(), Some(project), &index_rows(&m), None, true)
+        .await
+        .unwrap();
+    state.refresh().await.unwrap();
+}
+
+async fn call(app: &Router, req: Request<Body>) -> serde_json::Value {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        status.is_success(),
+        "{status} {}",
+        String::from_utf8_lossy(&bytes)
+    );
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn form_post(uri: &str, form: String) -> Request<Body> {
+    Request::builder()
+        .method("POST")
+        .uri(uri)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Body::from(form))
+        .unwrap()
+}
+
+/// `/auth/login` with an S256 challenge, then the code exchange; returns the token response.
+async fn password_sign_in(app: &Router, scope: &str) -> serde_json::Value {
+    let login = serde_json::json!({
+        "email": USER_EMAIL, "password": USER_PASSWORD, "scope": scope,
+        "codeChallenge": CHALLENGE, "codeChallengeMethod": "S256",
+    });
+    let req = Request::builder()
+        .method("POST")
+        .uri("/auth/login")
+        .header("content-type", "application/json")
+        .body(Body::from(login.to_string()))
+        .unwrap();
+    let login = call(app, req).await;
+    let code = login["code"].as_str().expect("a code");
+    call(
+        app,
+        form_post(
+            "/oauth2/token",
+            format!("grant_type=authorization_code&code={code}&code_verifier={VERIFIER}"),
+        ),
+    )
+    .await
+}
+
+fn bench_signin(c: &mut Criterion) {
+    let env = env();
+    let project = env
+        .rt
+        .block_on(env.state.store.list("Project"))
+        .unwrap()
+        .into_iter()
+        .find(|p| p.content.get("superAdmin").is_none())
+        .unwrap()
+        .id;
+    env.rt.block_on(seed_user(&env.state, &project));
+
+    let hash = fhirgate::control::bootstrap::hash_password(USER_PASSWORD).unwrap();
+    let parsed = argon2::PasswordHash::new(&hash).unwrap();
+    let mut g = c.benchmark_group("signin");
+    g.sample_size(20);
+    g.bench_function("argon2id verify (default params)", |b| {
+        use argon2::PasswordVerifier;
+        b.iter(|| {
+            argon2::Argon2::default()
+                .verify_password(black_box(USER_PASSWORD.as_bytes()), &parsed)
+                .unwrap()
+        })
+    });
+    g.bench_function("password sign-in (/auth/login + code exchange)", |b| {
+        b.iter(|| env.rt.block_on(password_sign_in(&env.app, "openid")))
+    });
+    let first = env
+        .rt
+        .block_on(password_sign_in(&env.app, "openid offline"));
+    let refresh = std::cell::RefCell::new(first["refresh_token"].as_str().unwrap().to_string());
+    g.bench_function(
+        "refresh_token rotation via control router (in process)",
+        |b| {
+            b.iter(|| {
+                let current = refresh.borrow().clone();
+                let next = env.rt.block_on(call(
+                    &env.app,
+                    form_post(
+                        "/oauth2/token",
+                        format!("grant_type=refresh_token&refresh_token={current}"),
+                    ),
+                ));
+                *refresh.borrow_mut() = next["refresh_token"].as_str().unwrap().to_string();
+            })
+        },
+    );
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    targets = bench_keyring, bench_state
+    targets = bench_keyring, bench_state, bench_signin
 }
 criterion_main!(benches);

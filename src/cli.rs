@@ -1,4 +1,5 @@
-//! The command line: `serve`, `proxy`, `control`, `policy check` and `policy explain`.
+//! The command line: `serve`, `proxy`, `control`, `policy check`, `policy explain`, `keys rotate`
+//! and `keys list`.
 
 use std::path::PathBuf;
 
@@ -29,6 +30,32 @@ pub enum Command {
     /// AccessPolicy tools
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Signing keys: rotation and listing (on the store every instance shares)
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Add a new signing key: in every instance's JWKS at once, signing after
+    /// `key_publish_delay`; the current keys retire when every token they signed has expired
+    Rotate(RotateArgs),
+    /// List the signing keys: signing, published (signs later), verifying (retires later)
+    List(ServeArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub server: ServeArgs,
+    /// This rotation's publish delay, instead of `key_publish_delay` (e.g. 0s, 5m)
+    #[arg(long, value_name = "DURATION")]
+    pub publish_delay: Option<String>,
+    /// Retire the current keys this long after the new one starts to sign [default: the longest
+    /// token lifetime + 1m]. `0s` retires them at once: for a compromised key (their tokens stop
+    /// working)
+    #[arg(long, value_name = "DURATION")]
+    pub retire_after: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -130,7 +157,7 @@ fn print_welcome(
     } else {
         println!(
             "  control API  {}  (another instance: the gateway forwards to it)",
-            config.control_listen
+            config.control_url.url
         );
     }
     println!(
@@ -172,6 +199,97 @@ fn print_welcome(
             report.admin_email
         );
     }
+}
+
+fn unix_to_rfc3339(t: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|d| {
+            d.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// Runs `f` on the store of `config` (a runtime of its own; the CLI has none).
+fn with_store<T>(
+    config: &Config,
+    f: impl AsyncFnOnce(&crate::store::Store) -> Result<T, String>,
+) -> Result<T, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let store = crate::store::Store::open_with(&config.store_url, Some(2))
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        f(&store).await
+    })
+}
+
+fn keys_rotate(args: RotateArgs) -> Result<(), String> {
+    let duration = |flag: &str, v: Option<String>| -> Result<Option<std::time::Duration>, String> {
+        v.map(|s| {
+            crate::config::parse_lifetime(&s)
+                .ok_or_else(|| format!("--{flag}: `{s}` is not a duration like 0s, 60s, 1h"))
+        })
+        .transpose()
+    };
+    let opts = crate::state::keys::RotateOptions {
+        publish_delay: duration("publish-delay", args.publish_delay)?,
+        retire_after: duration("retire-after", args.retire_after)?,
+    };
+    let config = args.server.config()?;
+    let rotation = with_store(&config, async |store| {
+        let now = crate::store::now_unix();
+        crate::state::keys::deactivate_retired(store, now)
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        crate::state::keys::rotate(store, &config, &opts)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
+    let now = crate::store::now_unix();
+    println!("new signing key {}", rotation.kid);
+    println!(
+        "  in every JWKS now; signs from {} (in {} s)",
+        unix_to_rfc3339(rotation.signs_from),
+        (rotation.signs_from - now).max(0)
+    );
+    for kid in &rotation.retiring {
+        println!("  retires {kid} at {}", unix_to_rfc3339(rotation.retire_at));
+    }
+    Ok(())
+}
+
+fn keys_list(args: ServeArgs) -> Result<(), String> {
+    let config = args.config()?;
+    let now = crate::store::now_unix();
+    let keys = with_store(&config, async |store| {
+        crate::state::keys::deactivate_retired(store, now)
+            .await
+            .map_err(|e| format!("store: {e}"))?;
+        crate::state::keys::status(store, now)
+            .await
+            .map_err(|e| format!("store: {e}"))
+    })?;
+    if keys.is_empty() {
+        println!("no signing keys yet (the first start of an instance creates one)");
+    }
+    for k in keys {
+        let retire = k
+            .retire_at
+            .map(|t| format!("  retires {}", unix_to_rfc3339(t)))
+            .unwrap_or_default();
+        println!(
+            "{}  {:<9}  signs from {}{retire}",
+            k.kid,
+            k.state,
+            unix_to_rfc3339(k.signs_from)
+        );
+    }
+    Ok(())
 }
 
 fn policy_check(files: Vec<PathBuf>) -> Result<(), String> {
@@ -255,5 +373,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         ),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(files),
         Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
+        Command::Keys(KeysCommand::Rotate(args)) => keys_rotate(args),
+        Command::Keys(KeysCommand::List(args)) => keys_list(args),
     }
 }

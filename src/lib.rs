@@ -3,7 +3,9 @@
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod email;
 pub mod explain;
+pub mod feed;
 pub mod gateway;
 pub mod net;
 pub mod obs;

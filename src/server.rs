@@ -128,14 +128,28 @@ impl BackgroundService for AxumService {
     }
 }
 
+/// See `feed`.
 struct ChangeFeed(Arc<State>);
 
 #[async_trait]
 impl BackgroundService for ChangeFeed {
     async fn start(&self, shutdown: ShutdownWatch) {
-        self.0.clone().run_change_feed(shutdown).await;
+        crate::feed::run(self.0.clone(), shutdown).await;
     }
 }
+
+/// Keeps `control_url`'s addresses current (see `feed::resolve_control`).
+struct ControlResolver(Arc<State>);
+
+#[async_trait]
+impl BackgroundService for ControlResolver {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        crate::feed::resolve_control(self.0.clone(), shutdown).await;
+    }
+}
+
+/// `/readyz` answers within this, database or not (probes time out after a few seconds).
+const READY_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Keeps `policies_dir` applied (see `policies_dir`).
 struct PolicyReload(Arc<crate::policies_dir::PolicyWatcher>, Arc<State>);
@@ -167,7 +181,13 @@ fn health_router(state: Arc<State>) -> axum::Router {
             get(move || {
                 let state = ready_state.clone();
                 async move {
-                    let store_ok = state.store.ping().await.is_ok();
+                    // Red as soon as the change feed has lost the store, and until a fresh
+                    // round trip succeeds; never waits longer than a probe allows.
+                    let store_ok = state.store_up()
+                        && matches!(
+                            tokio::time::timeout(READY_PROBE_TIMEOUT, state.store.ping()).await,
+                            Ok(Ok(()))
+                        );
                     let keys_ok = !state.keyring().is_empty();
                     if store_ok && keys_ok {
                         (StatusCode::OK, "ready")
@@ -188,7 +208,7 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         .build()
         .map_err(|e| StartError::Runtime(e.to_string()))?;
     let (state, report, watcher) = runtime.block_on(async {
-        let store = Store::open(&config.store_url).await?;
+        let store = Store::open_with(&config.store_url, config.store_max_connections).await?;
         let key = store
             .setting_init("secret_hash_key", &crate::tokens::random_hex(32))
             .await?;
@@ -206,6 +226,15 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
             None => None,
         };
         state.refresh().await?;
+        if planes.gateway {
+            // Not fatal: the control instance or the upstream may start later; the resolver
+            // keeps trying, and requests get 502 until then.
+            for target in [&state.control, &state.upstream_target] {
+                if let Err(e) = target.resolve().await {
+                    tracing::warn!(url = %target.url().url, error = %e, "cannot resolve a host name yet");
+                }
+            }
+        }
         Ok::<_, StartError>((state, report, watcher))
     })?;
 
@@ -244,6 +273,14 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         },
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
+    if planes.gateway
+        && (state.control.needs_resolution() || state.upstream_target.needs_resolution())
+    {
+        server.add_service(background_service(
+            "control resolver",
+            ControlResolver(state.clone()),
+        ));
+    }
     if let Some(w) = watcher {
         server.add_service(background_service(
             "policies dir",

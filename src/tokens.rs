@@ -62,6 +62,13 @@ pub struct Claims {
     pub auth_time: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
+    /// ID token profile claims (OIDC Core §5.1), with the `profile` scope.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub given_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub family_name: Option<String>,
 }
 
 /// One ES256 key pair.
@@ -180,6 +187,107 @@ impl Keyring {
     }
 }
 
+/// Why a `private_key_jwt` client assertion was refused; each maps to Medplum's text
+/// (medplum-auth.md §2.13, case 25).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AssertionError {
+    #[error("Invalid client assertion")]
+    Malformed,
+    #[error("Invalid client assertion audience")]
+    Audience,
+    #[error("Invalid client assertion issuer")]
+    Issuer,
+    #[error("Invalid client assertion signature")]
+    Signature,
+}
+
+/// The unverified claims of a client assertion that decide which client it names.
+#[derive(Debug, Clone, Deserialize)]
+struct AssertionClaims {
+    iss: Option<String>,
+    sub: Option<String>,
+    aud: Option<Value>,
+}
+
+fn audience_is(aud: Option<&Value>, expected: &str) -> bool {
+    match aud {
+        Some(Value::String(s)) => s == expected,
+        Some(Value::Array(a)) => a.iter().any(|v| v.as_str() == Some(expected)),
+        _ => false,
+    }
+}
+
+/// First look at a client assertion, before any key is fetched: it must be a JWT whose `aud`
+/// is the token URL and whose `iss` equals `sub`. Returns the client id (`iss`).
+pub fn assertion_client_id(assertion: &str, token_url: &str) -> Result<String, AssertionError> {
+    jsonwebtoken::decode_header(assertion).map_err(|_| AssertionError::Malformed)?;
+    let claims: AssertionClaims = jsonwebtoken::dangerous::insecure_decode_claims(assertion)
+        .map_err(|_| AssertionError::Malformed)?;
+    if !audience_is(claims.aud.as_ref(), token_url) {
+        return Err(AssertionError::Audience);
+    }
+    match (claims.iss, claims.sub) {
+        (Some(iss), Some(sub)) if !iss.is_empty() && iss == sub => Ok(iss),
+        _ => Err(AssertionError::Issuer),
+    }
+}
+
+/// Algorithms a client may sign its assertion with: asymmetric only, so a JWKS entry can never
+/// be used as an HMAC secret.
+const ASSERTION_ALGS: [Algorithm; 5] = [
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+];
+
+/// Verifies a client assertion's signature against the client's JWK Set: the algorithm must be
+/// one of [`ASSERTION_ALGS`] and match the key; `iss` = `sub` = `client_id`, `aud` = the token
+/// URL, `exp` required and checked without leeway. With a `kid`, only that key is tried;
+/// without one, every key of the set is.
+pub fn verify_assertion(
+    assertion: &str,
+    jwks: &jsonwebtoken::jwk::JwkSet,
+    client_id: &str,
+    token_url: &str,
+) -> Result<Value, AssertionError> {
+    let header = jsonwebtoken::decode_header(assertion).map_err(|_| AssertionError::Malformed)?;
+    if !ASSERTION_ALGS.contains(&header.alg) {
+        return Err(AssertionError::Signature);
+    }
+    let mut v = Validation::new(header.alg);
+    v.leeway = 0;
+    v.set_issuer(&[client_id]);
+    v.sub = Some(client_id.to_string());
+    v.set_audience(&[token_url]);
+    v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    let candidates = jwks
+        .keys
+        .iter()
+        .filter(|k| header.kid.is_none() || k.common.key_id.as_deref() == header.kid.as_deref());
+    for jwk in candidates {
+        if matches!(
+            jwk.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+        ) {
+            continue;
+        }
+        if let Some(alg) = jwk.common.key_algorithm
+            && alg.to_string() != format!("{:?}", header.alg)
+        {
+            continue;
+        }
+        let Ok(key) = DecodingKey::from_jwk(jwk) else {
+            continue;
+        };
+        if let Ok(data) = jsonwebtoken::decode::<Value>(assertion, &key, &v) {
+            return Ok(data.claims);
+        }
+    }
+    Err(AssertionError::Signature)
+}
+
 /// Keyed hash of a client secret. Secrets are 256-bit random values, so a fast keyed hash is
 /// right; slow KDFs are for passwords. The key is per installation, kept in the store.
 pub fn hash_secret(key: &[u8], secret: &str) -> String {
@@ -281,6 +389,65 @@ mod tests {
         let mut c = claims(60);
         c.iss = "i".into();
         assert!(r2.verify(&r1.sign(&c).unwrap()).is_ok());
+    }
+
+    #[test]
+    fn client_assertions_are_checked_before_and_after_the_key() {
+        let token_url = "http://localhost:8080/oauth2/token";
+        let (key, der) = SigningKey::generate("a1".into()).unwrap();
+        let jwks: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_value(Keyring::new("x".into(), vec![key]).jwks()).unwrap();
+        let now = crate::store::now_unix();
+        let sign = |claims: Value| {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some("a1".into());
+            jsonwebtoken::encode(&h, &claims, &EncodingKey::from_ec_der(&der)).unwrap()
+        };
+        let good = sign(json!({"iss": "c", "sub": "c", "aud": token_url, "exp": now + 60}));
+        assert_eq!(assertion_client_id(&good, token_url).unwrap(), "c");
+        assert!(verify_assertion(&good, &jwks, "c", token_url).is_ok());
+        assert_eq!(
+            verify_assertion(&good, &jwks, "d", token_url),
+            Err(AssertionError::Signature)
+        );
+        let bad_aud = sign(json!({"iss": "c", "sub": "c", "aud": "elsewhere", "exp": now + 60}));
+        assert_eq!(
+            assertion_client_id(&bad_aud, token_url),
+            Err(AssertionError::Audience)
+        );
+        let bad_iss = sign(json!({"iss": "c", "sub": "d", "aud": token_url, "exp": now + 60}));
+        assert_eq!(
+            assertion_client_id(&bad_iss, token_url),
+            Err(AssertionError::Issuer)
+        );
+        assert_eq!(
+            assertion_client_id("nope", token_url),
+            Err(AssertionError::Malformed)
+        );
+        let expired = sign(json!({"iss": "c", "sub": "c", "aud": token_url, "exp": now - 1}));
+        assert_eq!(
+            verify_assertion(&expired, &jwks, "c", token_url),
+            Err(AssertionError::Signature)
+        );
+    }
+
+    #[test]
+    fn a_symmetric_jwk_never_verifies_an_assertion() {
+        // Algorithm confusion: an `oct` key in a client's JWKS must not act as an HMAC secret.
+        let token_url = "http://localhost:8080/oauth2/token";
+        let jwks: jsonwebtoken::jwk::JwkSet = serde_json::from_value(json!({"keys": [
+            {"kty": "oct", "kid": "h", "k": URL_SAFE_NO_PAD.encode(b"shared")}
+        ]}))
+        .unwrap();
+        let mut h = Header::new(Algorithm::HS256);
+        h.kid = Some("h".into());
+        let claims = json!({"iss": "c", "sub": "c", "aud": token_url,
+                            "exp": crate::store::now_unix() + 60});
+        let t = jsonwebtoken::encode(&h, &claims, &EncodingKey::from_secret(b"shared")).unwrap();
+        assert_eq!(
+            verify_assertion(&t, &jwks, "c", token_url),
+            Err(AssertionError::Signature)
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use clap::{CommandFactory, FromArgMatches};
@@ -233,7 +233,7 @@ fn config_from_env(sub: &str, env: &BTreeMap<String, String>) -> Config {
     let cli = Cli::from_arg_matches(&matches).unwrap();
     let serve_args = match cli.command {
         Command::Serve(a) | Command::Proxy(a) | Command::Control(a) => a,
-        Command::Policy(_) => unreachable!("not a server command"),
+        Command::Policy(_) | Command::Keys(_) => unreachable!("not a server command"),
     };
     serve_args
         .config()
@@ -818,28 +818,36 @@ fn compose_configurations_are_valid_and_agree() {
         "HAPI's FHIR base"
     );
 
-    // The proxies reach the control API at its fixed address on a network they share.
-    let control_ips = c.addresses("control");
+    // The proxies reach the control API by its service name, on a network they share, at the
+    // port it listens on; it listens on every address of its container.
+    let control_nets = c.networks_of("control");
     for (name, p) in ["proxy-1", "proxy-2"].iter().zip(&proxies) {
-        let shared: Vec<_> = c
-            .addresses(name)
-            .keys()
-            .filter_map(|net| control_ips.get(net))
-            .copied()
-            .collect();
+        let target = &p.control_url;
         assert_eq!(
-            p.control_listen.ip(),
-            IpAddr::V4(*shared.first().expect("proxy and control share a network")),
-            "{name}: control_listen is the control service's address"
+            c.fhirgate_services("control"),
+            vec![target.host.clone()],
+            "{name}: control_url {} names the control service",
+            target.url
         );
-        assert_eq!(p.control_listen.port(), control.control_listen.port());
+        assert!(!target.tls, "{name}: plain HTTP inside the backend network");
+        assert_eq!(target.port, control.control_listen.port(), "{name}");
+        assert!(
+            !c.networks_of(name).is_disjoint(&control_nets),
+            "{name}: shares a network with the control service"
+        );
+        // `control_listen` means nothing to a proxy any more; setting it would mislead.
+        assert!(
+            !c.env(name).contains_key("FHIRGATE_CONTROL_LISTEN"),
+            "{name}: FHIRGATE_CONTROL_LISTEN on a proxy"
+        );
     }
     assert!(
-        control.control_listen.ip().is_unspecified()
-            || control_ips
-                .values()
-                .any(|ip| IpAddr::V4(*ip) == control.control_listen.ip()),
+        control.control_listen.ip().is_unspecified(),
         "control listens where the proxies connect"
+    );
+    assert!(
+        c.addresses("control").is_empty(),
+        "the control service needs no fixed address"
     );
 
     // Fixed addresses sit inside their network's subnet.
@@ -866,7 +874,7 @@ fn compose_configurations_are_valid_and_agree() {
     let proxy_ips: BTreeSet<Ipv4Addr> = ["proxy-1", "proxy-2"]
         .iter()
         .flat_map(|n| c.addresses(n).into_iter())
-        .filter(|(net, _)| control_ips.contains_key(net))
+        .filter(|(net, _)| control_nets.contains(net))
         .map(|(_, ip)| ip)
         .collect();
     assert_eq!(proxy_ips.len(), 2);
@@ -1089,16 +1097,25 @@ fn kubernetes_planes_probes_and_services_agree_with_the_configuration() {
         &labels(&control_svc["spec"]["selector"]),
         &proxy.pod_labels
     ));
-    // The proxies' control_listen is the control Service's fixed clusterIP and port.
-    let cluster_ip: IpAddr = s(&control_svc["spec"]["clusterIP"], "clusterIP")
-        .parse()
-        .unwrap();
-    assert_eq!(proxy.config.control_listen.ip(), cluster_ip);
-    let port = &control_svc["spec"]["ports"][0];
-    assert_eq!(
-        port["port"].as_u64().unwrap(),
-        u64::from(proxy.config.control_listen.port())
+    // The proxies reach the control Service by its name (in their namespace, or fully
+    // qualified) and port.
+    let target = &proxy.config.control_url;
+    let svc_name = s(&control_svc["metadata"]["name"], "Service name");
+    assert!(
+        target.host == svc_name || target.host.starts_with(&format!("{svc_name}.")),
+        "control_url {} names the Service {svc_name}",
+        target.url
     );
+    assert!(
+        control_svc["spec"]["clusterIP"].is_null(),
+        "no fixed clusterIP needed"
+    );
+    assert!(
+        !container_env(&docs, proxy.container).contains_key("FHIRGATE_CONTROL_LISTEN"),
+        "FHIRGATE_CONTROL_LISTEN on a proxy"
+    );
+    let port = &control_svc["spec"]["ports"][0];
+    assert_eq!(port["port"].as_u64().unwrap(), u64::from(target.port));
     assert_eq!(
         port_number(control.container, &port["targetPort"]),
         control.config.control_listen.port()

@@ -549,3 +549,49 @@ fn admins_get_the_decision_trace_and_others_cannot() {
         assert!(seen.iter().all(|s| s["headers"].get("x-fhirgate-explain").is_none()));
     });
 }
+
+#[test]
+fn upstream_by_host_name_is_resolved_off_the_request_path() {
+    // A name (as in compose or Kubernetes), not an address: it must be looked up by the
+    // resolver, never on the request path, and an unresolvable one must answer 502, not panic.
+    let upstream = FhirUpstream::start();
+    let by_name = upstream.base_url.replace("127.0.0.1", "localhost");
+    assert_ne!(by_name, upstream.base_url);
+    let gw = TestGateway::start(&by_name);
+    let nowhere = TestGateway::start("http://no-such-host.invalid:8080/fhir/R4");
+    rt().block_on(async {
+        let token = gw.admin_token().await;
+        let created = TestGateway::client()
+            .post(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .json(&json!({"resourceType": "Patient", "name": [{"family": "Named"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), 201);
+        let id = created.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let read = TestGateway::client()
+            .get(format!("{}Patient/{id}", gw.fhir))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200);
+
+        let token = nowhere.admin_token().await;
+        for _ in 0..3 {
+            let r = TestGateway::client()
+                .get(format!("{}Patient", nowhere.fhir))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 502);
+            let body: Value = r.json().await.unwrap();
+            assert_eq!(body["resourceType"], "OperationOutcome");
+        }
+    });
+}

@@ -66,6 +66,9 @@ pub struct ConfigFile {
     /// Store URL: sqlite://PATH or postgres://… [default: sqlite://<data-dir>/fhirgate.db]
     #[arg(long, env = "FHIRGATE_STORE")]
     pub store: Option<String>,
+    /// Store connection pool size per process [default: 4 for SQLite, 16 for PostgreSQL]
+    #[arg(long, env = "FHIRGATE_STORE_MAX_CONNECTIONS")]
+    pub store_max_connections: Option<u32>,
     /// Comma-separated CIDRs whose X-Forwarded-For is believed [default: none]
     #[arg(long, env = "FHIRGATE_TRUSTED_PROXIES", value_delimiter = ',')]
     #[serde(default)]
@@ -112,6 +115,40 @@ pub struct ConfigFile {
     /// Log format: json or text [default: json]
     #[arg(long, env = "FHIRGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
+    /// SMTP server for invitation and password e-mails [default: none: each message is written to <data-dir>/outbox/ as an .eml file]
+    #[arg(long, env = "FHIRGATE_SMTP_HOST")]
+    pub smtp_host: Option<String>,
+    /// SMTP port [default: 587 for starttls, 465 for tls, 25 for none]
+    #[arg(long, env = "FHIRGATE_SMTP_PORT")]
+    pub smtp_port: Option<u16>,
+    /// SMTP user name (with smtp_password) [default: no authentication]
+    #[arg(long, env = "FHIRGATE_SMTP_USERNAME")]
+    pub smtp_username: Option<String>,
+    /// SMTP password
+    #[arg(long, env = "FHIRGATE_SMTP_PASSWORD", hide_env_values = true)]
+    pub smtp_password: Option<String>,
+    /// SMTP transport security: starttls, tls (implicit, "SMTPS") or none [default: starttls]
+    #[arg(long, env = "FHIRGATE_SMTP_TLS")]
+    pub smtp_tls: Option<String>,
+    /// From address of e-mails, e.g. "Clinic <no-reply@clinic.example>" [default: no-reply@<host of base_url>]
+    #[arg(long, env = "FHIRGATE_SMTP_FROM")]
+    pub smtp_from: Option<String>,
+    /// Open self-registration through /auth/newuser (true or false) [default: false]
+    #[arg(long, env = "FHIRGATE_REGISTER_ENABLED")]
+    pub register_enabled: Option<bool>,
+    /// Where the gateway reaches the control API, e.g. http://control:8081 (host names are
+    /// re-resolved every few seconds) [default: http://<control_listen>, loopback if it binds all addresses]
+    #[arg(long, env = "FHIRGATE_CONTROL_URL")]
+    pub control_url: Option<String>,
+    /// How long a new signing key is published in the JWKS before it signs (`fhirgate keys rotate`) [default: 1m]
+    #[arg(long, env = "FHIRGATE_KEY_PUBLISH_DELAY")]
+    pub key_publish_delay: Option<String>,
+    /// How long a verified token stays in the cache before its Login is read again [default: 1h]
+    #[arg(long, env = "FHIRGATE_TOKEN_CACHE_TTL")]
+    pub token_cache_ttl: Option<String>,
+    /// How long an instance that cannot reach the store keeps serving already-verified credentials and policies; then 503 [default: 10m]
+    #[arg(long, env = "FHIRGATE_STORE_OUTAGE_TTL")]
+    pub store_outage_ttl: Option<String>,
 }
 
 impl ConfigFile {
@@ -142,6 +179,7 @@ impl ConfigFile {
             upstream_read_timeout_ms,
             data_dir,
             store,
+            store_max_connections,
             access_token_lifetime,
             refresh_token_lifetime,
             token_cache_capacity,
@@ -155,7 +193,18 @@ impl ConfigFile {
             admin_password,
             admin_client_id,
             admin_client_secret,
-            log_format
+            log_format,
+            smtp_host,
+            smtp_port,
+            smtp_username,
+            smtp_password,
+            smtp_tls,
+            smtp_from,
+            register_enabled,
+            control_url,
+            key_publish_delay,
+            token_cache_ttl,
+            store_outage_ttl
         )
     }
 }
@@ -219,6 +268,162 @@ impl Upstream {
     }
 }
 
+/// Where the gateway reaches the control API: `http(s)://HOST:PORT`, HOST a name (resolved again
+/// and again, so the control instance can move) or an IP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlUrl {
+    /// As configured (or derived), without a trailing slash.
+    pub url: String,
+    pub tls: bool,
+    /// Host name or IP address, without IPv6 brackets.
+    pub host: String,
+    pub port: u16,
+}
+
+impl ControlUrl {
+    pub fn parse(url: &str) -> Result<ControlUrl, ConfigError> {
+        let parsed = url::Url::parse(url).map_err(|e| invalid("control_url", e.to_string()))?;
+        let tls = match parsed.scheme() {
+            "http" => false,
+            "https" => true,
+            other => {
+                return Err(invalid(
+                    "control_url",
+                    format!("unsupported scheme `{other}`"),
+                ));
+            }
+        };
+        let host = parsed
+            .host_str()
+            .filter(|h| !h.is_empty())
+            .ok_or_else(|| invalid("control_url", "missing host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        // Control paths are forwarded unchanged, so the URL names a server, not a path on it.
+        if parsed.path() != "/"
+            || parsed.query().is_some()
+            || parsed.fragment().is_some()
+            || !parsed.username().is_empty()
+        {
+            return Err(invalid(
+                "control_url",
+                "must be scheme://host:port only (no path, query or credentials)",
+            ));
+        }
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| invalid("control_url", "missing port"))?;
+        Ok(ControlUrl {
+            url: url.trim_end_matches('/').to_string(),
+            tls,
+            host,
+            port,
+        })
+    }
+
+    /// The control listener of this host: `control_listen`, with an unspecified address
+    /// (0.0.0.0, ::) replaced by loopback.
+    pub fn local(listen: SocketAddr) -> ControlUrl {
+        let ip = match listen.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+            }
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
+                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
+            }
+            ip => ip,
+        };
+        let addr = SocketAddr::new(ip, listen.port());
+        ControlUrl {
+            url: format!("http://{addr}"),
+            tls: false,
+            host: ip.to_string(),
+            port: listen.port(),
+        }
+    }
+}
+
+/// How the SMTP connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SmtpTls {
+    /// Plain connection upgraded with STARTTLS, which is required.
+    StartTls,
+    /// TLS from the first byte ("SMTPS").
+    Tls,
+    /// No encryption: only for a relay on the same host or a test sink.
+    None,
+}
+
+/// A password that never shows up in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The SMTP server e-mails go through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Smtp {
+    pub host: String,
+    pub port: u16,
+    pub tls: SmtpTls,
+    /// User name and password, when the server wants authentication.
+    pub credentials: Option<(String, Secret)>,
+}
+
+impl Smtp {
+    fn from_file(
+        host: Option<String>,
+        port: Option<u16>,
+        username: Option<String>,
+        password: Option<String>,
+        tls: Option<String>,
+    ) -> Result<Option<Smtp>, ConfigError> {
+        let Some(host) = host.map(|h| h.trim().to_string()).filter(|h| !h.is_empty()) else {
+            if port.is_some() || username.is_some() || password.is_some() || tls.is_some() {
+                return Err(invalid("smtp_host", "required by the other smtp_ settings"));
+            }
+            return Ok(None);
+        };
+        let tls = match tls.as_deref().unwrap_or("starttls") {
+            "starttls" => SmtpTls::StartTls,
+            "tls" => SmtpTls::Tls,
+            "none" => SmtpTls::None,
+            other => {
+                return Err(invalid(
+                    "smtp_tls",
+                    format!("`{other}` is not one of starttls, tls, none"),
+                ));
+            }
+        };
+        let port = port.unwrap_or(match tls {
+            SmtpTls::StartTls => 587,
+            SmtpTls::Tls => 465,
+            SmtpTls::None => 25,
+        });
+        let credentials = match (username, password) {
+            (Some(u), Some(p)) => Some((u, Secret(p))),
+            (None, None) => None,
+            _ => {
+                return Err(invalid(
+                    "smtp_username",
+                    "smtp_username and smtp_password go together",
+                ));
+            }
+        };
+        Ok(Some(Smtp {
+            host,
+            port,
+            tls,
+            credentials,
+        }))
+    }
+}
+
 /// Bootstrap credentials made known in advance (for automation).
 #[derive(Debug, Clone, Default)]
 pub struct Bootstrap {
@@ -242,6 +447,8 @@ pub struct Config {
     pub upstream: Upstream,
     pub data_dir: PathBuf,
     pub store_url: String,
+    /// `None`: the store's default for its dialect.
+    pub store_max_connections: Option<u32>,
     pub trusted_proxies: Vec<IpNet>,
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
@@ -255,6 +462,19 @@ pub struct Config {
     pub grace_period_seconds: u64,
     pub bootstrap: Bootstrap,
     pub json_logs: bool,
+    /// Where e-mail goes; `None`: the outbox folder `<data_dir>/outbox`.
+    pub smtp: Option<Smtp>,
+    /// The From mailbox of every e-mail (checked: it parses as a mailbox).
+    pub mail_from: String,
+    /// `/auth/newuser` is open (medplum-auth.md §2.7 `registerEnabled`).
+    pub register_enabled: bool,
+    /// Where the gateway forwards control traffic.
+    pub control_url: ControlUrl,
+    /// A new signing key is in every JWKS this long before it signs.
+    pub key_publish_delay: Duration,
+    pub token_cache_ttl: Duration,
+    /// Without the store for longer than this, authenticated requests get 503.
+    pub store_outage_ttl: Duration,
 }
 
 /// Parses Medplum's duration form `^[0-9]+[smhdwy]$`.
@@ -328,6 +548,9 @@ impl Config {
         {
             return Err(invalid("store", "must start with sqlite: or postgres://"));
         }
+        if f.store_max_connections == Some(0) {
+            return Err(invalid("store_max_connections", "must be at least 1"));
+        }
         let trusted_proxies = f
             .trusted_proxies
             .iter()
@@ -349,6 +572,27 @@ impl Config {
             return Err(invalid("log_format", "must be json or text"));
         }
         let public = url::Url::parse(&base_url).map_err(|e| invalid("base_url", e.to_string()))?;
+        let smtp = Smtp::from_file(
+            f.smtp_host,
+            f.smtp_port,
+            f.smtp_username,
+            f.smtp_password,
+            f.smtp_tls,
+        )?;
+        let mail_from = match f.smtp_from {
+            Some(from) => from,
+            None => public
+                .host_str()
+                .map(|h| format!("no-reply@{h}"))
+                .filter(|a| a.parse::<lettre::Address>().is_ok())
+                .unwrap_or_else(|| "no-reply@localhost".into()),
+        };
+        if mail_from.parse::<lettre::message::Mailbox>().is_err() {
+            return Err(invalid(
+                "smtp_from",
+                format!("`{mail_from}` is not an address like \"Name <a@b.example>\""),
+            ));
+        }
         let forwarded_proto = public.scheme().to_string();
         let forwarded_host = match (public.host_str(), public.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -365,6 +609,7 @@ impl Config {
             upstream,
             data_dir,
             store_url,
+            store_max_connections: f.store_max_connections,
             trusted_proxies,
             access_token_lifetime: lifetime(
                 "access_token_lifetime",
@@ -400,6 +645,16 @@ impl Config {
                 admin_client_secret: f.admin_client_secret,
             },
             json_logs: log_format == "json",
+            smtp,
+            mail_from,
+            register_enabled: f.register_enabled.unwrap_or(false),
+            control_url: match f.control_url.as_deref() {
+                Some(u) => ControlUrl::parse(u)?,
+                None => ControlUrl::local(control_listen),
+            },
+            key_publish_delay: lifetime("key_publish_delay", f.key_publish_delay, "1m")?,
+            token_cache_ttl: lifetime("token_cache_ttl", f.token_cache_ttl, "1h")?,
+            store_outage_ttl: lifetime("store_outage_ttl", f.store_outage_ttl, "10m")?,
         })
     }
 
@@ -463,6 +718,70 @@ mod tests {
     }
 
     #[test]
+    fn smtp_settings_are_checked() {
+        let c = Config::from_file(ConfigFile::default()).unwrap();
+        assert!(c.smtp.is_none(), "no SMTP: the outbox");
+        assert_eq!(c.mail_from, "no-reply@localhost");
+        assert!(!c.register_enabled);
+        let f = ConfigFile {
+            smtp_host: Some("mail.example".into()),
+            smtp_username: Some("u".into()),
+            smtp_password: Some("p".into()),
+            base_url: Some("https://fhir.example.org/".into()),
+            ..Default::default()
+        };
+        let c = Config::from_file(f).unwrap();
+        let smtp = c.smtp.unwrap();
+        assert_eq!((smtp.port, smtp.tls), (587, SmtpTls::StartTls));
+        assert!(
+            !format!("{smtp:?}").contains("\"p\""),
+            "the password never prints"
+        );
+        assert_eq!(c.mail_from, "no-reply@fhir.example.org");
+        for (f, key) in [
+            (
+                ConfigFile {
+                    smtp_port: Some(25),
+                    ..Default::default()
+                },
+                "smtp_host",
+            ),
+            (
+                ConfigFile {
+                    smtp_host: Some("h".into()),
+                    smtp_tls: Some("ssl".into()),
+                    ..Default::default()
+                },
+                "smtp_tls",
+            ),
+            (
+                ConfigFile {
+                    smtp_host: Some("h".into()),
+                    smtp_username: Some("u".into()),
+                    ..Default::default()
+                },
+                "smtp_username",
+            ),
+            (
+                ConfigFile {
+                    smtp_from: Some("not a mailbox".into()),
+                    ..Default::default()
+                },
+                "smtp_from",
+            ),
+        ] {
+            let e = Config::from_file(f).unwrap_err().to_string();
+            assert!(e.contains(key), "{e}");
+        }
+        let f = ConfigFile {
+            smtp_host: Some("h".into()),
+            smtp_tls: Some("tls".into()),
+            ..Default::default()
+        };
+        assert_eq!(Config::from_file(f).unwrap().smtp.unwrap().port, 465);
+    }
+
+    #[test]
     fn flags_win_over_file() {
         let file = ConfigFile {
             listen: Some("0.0.0.0:1".into()),
@@ -476,5 +795,61 @@ mod tests {
         let c = Config::from_file(flags.layered_over(file)).unwrap();
         assert_eq!(c.listen.port(), 2);
         assert_eq!(c.upstream.host, "a");
+    }
+    #[test]
+    fn control_url_is_a_name_or_the_local_listener() {
+        let c = Config::from_file(ConfigFile {
+            control_listen: Some("0.0.0.0:9001".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.control_url.url, "http://127.0.0.1:9001");
+        assert_eq!(
+            (c.control_url.host.as_str(), c.control_url.port),
+            ("127.0.0.1", 9001)
+        );
+        let c = Config::from_file(ConfigFile {
+            control_url: Some("http://control:8081/".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.control_url.host, "control");
+        assert_eq!(c.control_url.port, 8081);
+        assert!(!c.control_url.tls);
+        let https = ControlUrl::parse("https://[::1]").unwrap();
+        assert_eq!(
+            (https.host.as_str(), https.port, https.tls),
+            ("::1", 443, true)
+        );
+        for bad in [
+            "control:8081",
+            "ftp://control:21",
+            "http://control:8081/api",
+            "http://u:p@control:8081",
+            "http://control:8081/?x=1",
+        ] {
+            let e = Config::from_file(ConfigFile {
+                control_url: Some(bad.into()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("control_url"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn rotation_and_outage_durations_are_checked() {
+        let c = Config::from_file(ConfigFile::default()).unwrap();
+        assert_eq!(c.key_publish_delay, Duration::from_secs(60));
+        assert_eq!(c.store_outage_ttl, Duration::from_secs(600));
+        assert_eq!(c.token_cache_ttl, Duration::from_secs(3600));
+        let e = Config::from_file(ConfigFile {
+            store_outage_ttl: Some("soon".into()),
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("store_outage_ttl"), "{e}");
     }
 }

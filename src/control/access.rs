@@ -82,7 +82,15 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
         None => None,
     };
     let (result, _cache) = state.authenticate(header).await;
-    let identity = result.map_err(|_| unauthorized())?;
+    let identity = result.map_err(|e| match e {
+        // The credential may be fine: the store that would say so cannot be reached.
+        crate::state::AuthError::StoreUnavailable => {
+            ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
+                "Credential store unavailable".into(),
+            ))
+        }
+        _ => unauthorized(),
+    })?;
     let snap = state.snapshot();
     let membership = snap
         .memberships

@@ -21,7 +21,7 @@ use crate::store::StoredResource;
 use crate::tokens::random_hex;
 
 /// The project an admin call acts on.
-fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
+pub(crate) fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
     if caller.super_admin() {
         caller
             .snap
@@ -142,12 +142,47 @@ pub async fn delete_member(
         ));
     }
     state.store.delete("ProjectMembership", &m.id).await?;
+    if let Some(user) = user {
+        remove_project_user_without_memberships(&state, &project.id, user).await;
+    }
     refreshed(&state).await;
     Ok(outcome_response(&Outcome::AllOk))
 }
 
+/// A project-scoped User exists only for its project: once its last membership there is gone,
+/// it goes too (as in newer Medplum), so no orphan can still sign in or hold the e-mail.
+async fn remove_project_user_without_memberships(state: &State, project_id: &str, user_ref: &str) {
+    let Some(user_id) = user_ref.strip_prefix("User/") else {
+        return;
+    };
+    let result = async {
+        let Some(user) = state.store.read("User", user_id).await? else {
+            return Ok(());
+        };
+        if user.project_id.as_deref() != Some(project_id) {
+            return Ok(());
+        }
+        let left = state
+            .store
+            .search(
+                "ProjectMembership",
+                &[("user".to_string(), vec![user_ref.to_string()])],
+                None,
+                1,
+            )
+            .await?;
+        if left.is_empty() {
+            state.store.delete("User", user_id).await?;
+        }
+        Ok::<(), crate::store::StoreError>(())
+    };
+    if let Err(e) = result.await {
+        tracing::error!(error = %e, "could not remove a project-scoped user without memberships");
+    }
+}
+
 /// A reference to an AccessPolicy usable in `project` (its own, or a global one).
-async fn check_policy_reference(
+pub(crate) async fn check_policy_reference(
     state: &State,
     project: &str,
     reference: &Value,

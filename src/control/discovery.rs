@@ -66,7 +66,7 @@ pub fn openid_configuration_value(state: &State) -> Value {
         "response_modes_supported": ["query"],
         "subject_types_supported": ["public"],
         "scopes_supported": ["openid", "profile", "email", "phone", "address", "offline_access"],
-        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser", "email"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "fhirUser", "email", "name", "given_name", "family_name"],
         "token_endpoint_auth_methods_supported": AUTH_METHODS,
         "token_endpoint_auth_signing_alg_values_supported": ASSERTION_ALGS,
         "revocation_endpoint_auth_methods_supported": AUTH_METHODS,

@@ -113,6 +113,11 @@ impl From<StoreError> for ApiError {
             }
             StoreError::Conflict => ApiError::conflict("Resource already exists"),
             StoreError::NotFound => ApiError::not_found(),
+            // The database is unreachable: nothing was written (each write is one transaction);
+            // the client may retry.
+            other if other.is_unavailable() => {
+                ApiError::Outcome(Outcome::ServiceUnavailable("Store unavailable".into()))
+            }
             other => ApiError::internal("store", other),
         }
     }

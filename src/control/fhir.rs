@@ -29,18 +29,18 @@ use crate::state::State;
 use crate::store::StoredResource;
 
 /// The identity types this module stores.
-pub const IDENTITY_TYPES: [&str; 5] = [
+pub const IDENTITY_TYPES: [&str; 6] = [
     "AccessPolicy",
     "ClientApplication",
+    "DomainConfiguration",
     "ProjectMembership",
     "Project",
     "User",
 ];
 /// Control-plane types the gateway routes here that fhirgate does not store as resources.
-const UNSTORED_TYPES: [&str; 5] = [
+const UNSTORED_TYPES: [&str; 4] = [
     "Login",
     "JsonWebKey",
-    "DomainConfiguration",
     "IdentityProvider",
     "UserSecurityRequest",
 ];
@@ -800,6 +800,10 @@ async fn prepare(
                 Some(old) => Ok(old.project_id.clone()),
                 None => default_project().map(Some),
             }
+        }
+        // Protected: only super admins get here (the type check refuses everyone else).
+        "DomainConfiguration" => {
+            super::external::prepare_domain_configuration(state, resource, existing).await
         }
         _ => Err(ApiError::not_found()),
     }

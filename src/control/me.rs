@@ -80,7 +80,7 @@ pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Res
 /// The full profile resource. ClientApplications live in the store; the other profile types
 /// live in the upstream FHIR server and are read from it. When the upstream cannot be reached,
 /// a bare `{resourceType, id}` stands in, so that `/auth/me` itself still works.
-async fn profile_resource(state: &State, caller: &Caller) -> Value {
+pub(crate) async fn profile_resource(state: &State, caller: &Caller) -> Value {
     let profile = caller.identity.profile.as_str();
     let Some((resource_type, id)) = profile.split_once('/') else {
         return json!({});
@@ -178,6 +178,15 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
             if let Some(ip) = l.remote_address {
                 s["remoteAddress"] = Value::String(ip);
             }
+            if let Some(ua) = l.extra.get("userAgent").and_then(Value::as_str) {
+                let (browser, os) = browser_and_os(ua);
+                if let Some(b) = browser {
+                    s["browser"] = Value::String(b.into());
+                }
+                if let Some(o) = os {
+                    s["os"] = Value::String(o.into());
+                }
+            }
             s
         })
         .collect();
@@ -204,6 +213,37 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
         "sessions": sessions,
         "memberships": memberships.into_iter().map(|(_, v)| v).collect::<Vec<_>>(),
     }))
+}
+
+/// Browser and operating system names from a User-Agent, for the session list. Only the family
+/// names: enough for a person to recognise a session.
+fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
+    let browser = [
+        ("Edg/", "Edge"),
+        ("OPR/", "Opera"),
+        ("Firefox/", "Firefox"),
+        ("Chrome/", "Chrome"),
+        ("Chromium/", "Chromium"),
+        ("Safari/", "Safari"),
+        ("curl/", "curl"),
+        ("node", "Node.js"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    let os = [
+        ("Windows", "Windows"),
+        ("iPhone", "iOS"),
+        ("iPad", "iOS"),
+        ("Android", "Android"),
+        ("Mac OS X", "Mac OS"),
+        ("CrOS", "Chrome OS"),
+        ("Linux", "Linux"),
+    ]
+    .iter()
+    .find(|(needle, _)| ua.contains(needle))
+    .map(|(_, name)| *name);
+    (browser, os)
 }
 
 fn rfc3339(unix: i64) -> String {

@@ -8,14 +8,23 @@
 
 mod access;
 mod admin;
+mod authorize;
 pub mod bootstrap;
 mod discovery;
 mod error;
+mod external;
 mod fhir;
 pub mod index;
+mod invite;
+mod login;
 mod logout;
 mod me;
+mod mfa;
+mod oauth;
+mod pages;
+mod password;
 mod ratelimit;
+mod register;
 mod token;
 
 use std::net::{IpAddr, SocketAddr};
@@ -56,9 +65,30 @@ pub fn router(state: Arc<State>) -> Router {
             ratelimit::enforce,
         ));
     }
+    router = router.layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        store_gate,
+    ));
     router
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// While the store is known to be unreachable (the change feed's last round trip failed),
+/// answer 503 at once instead of letting each handler wait for the pool to give up: nothing can
+/// be read or written meanwhile. Discovery and the JWKS come from the snapshot and stay up.
+async fn store_gate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.store_up() && !req.uri().path().contains("/.well-known/") {
+        return ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
+            "Store unavailable".into(),
+        ))
+        .into_response();
+    }
+    next.run(req).await
 }
 
 fn routes() -> Router<AppState> {
@@ -94,6 +124,61 @@ fn routes() -> Router<AppState> {
         )
         .route("/oauth2/token", with_405(post(token::token)))
         .route("/auth/me", with_405(get(me::me)))
+        .route("/auth/method", with_405(post(external::method)))
+        .route("/auth/external", with_405(get(external::external_callback)))
+        .route("/auth/exchange", with_405(post(external::exchange_legacy)))
+        .route("/auth/login", with_405(post(login::login)))
+        .route("/auth/login/{login_id}", with_405(get(login::login_status)))
+        .route("/auth/profile", with_405(post(login::profile)))
+        .route("/auth/scope", with_405(post(login::scope)))
+        .route("/auth/revoke", with_405(post(oauth::auth_revoke)))
+        .route(
+            "/oauth2/userinfo",
+            with_405(get(oauth::userinfo).post(oauth::userinfo)),
+        )
+        .route("/oauth2/introspect", with_405(post(oauth::introspect)))
+        .route("/oauth2/revoke", with_405(post(oauth::revoke_token)))
+        .route(
+            "/oauth2/authorize",
+            with_405(get(authorize::authorize).post(authorize::authorize)),
+        )
+        .route("/auth/mfa/status", with_405(get(mfa::status)))
+        .route("/auth/mfa/enroll", with_405(post(mfa::enroll)))
+        .route("/auth/mfa/verify", with_405(post(mfa::verify)))
+        .route(
+            "/auth/mfa/login-enroll",
+            with_405(post(mfa::login_enroll_handler)),
+        )
+        .route("/auth/mfa/disable", with_405(post(mfa::disable)))
+        .route("/auth/newuser", with_405(post(register::new_user)))
+        .route("/auth/newproject", with_405(post(register::new_project)))
+        .route("/auth/newpatient", with_405(post(register::new_patient)))
+        .route("/auth/setpassword", with_405(post(password::set_password)))
+        .route(
+            "/auth/setpassword/{id}/{secret}",
+            with_405(get(password::set_password_page)),
+        )
+        .route(
+            "/auth/resetpassword",
+            with_405(post(password::reset_password)),
+        )
+        .route(
+            "/auth/changepassword",
+            with_405(post(password::change_password)),
+        )
+        .route("/auth/verifyemail", with_405(post(password::verify_email)))
+        .route(
+            "/admin/projects/setpassword",
+            with_405(post(password::admin_set_password)),
+        )
+        .route(
+            "/admin/super/setpassword",
+            with_405(post(password::super_set_password)),
+        )
+        .route(
+            "/admin/projects/{project_id}/invite",
+            with_405(post(invite::invite)),
+        )
         .route(
             "/oauth2/logout",
             with_405(get(logout::logout).post(logout::logout)),

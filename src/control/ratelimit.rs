@@ -141,7 +141,8 @@ pub async fn enforce(
             resp
         }
         Verdict::Refused { retry_secs } => {
-            tracing::warn!(client = %addr, path = parts.uri.path(), "auth rate limit exceeded");
+            // Not the path: some carry a one-time secret (set-password links).
+            tracing::warn!(client = %addr, "auth rate limit exceeded");
             let outcome = json!({
                 "resourceType": "OperationOutcome",
                 "issue": [{

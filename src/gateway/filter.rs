@@ -152,6 +152,20 @@ pub fn body_chunk(
 
 /// Filters a whole JSON body. Anything that cannot be parsed is replaced, never passed on.
 pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
+    if let (Some(policy), false) = (&spec.policy, spec.metadata) {
+        // Same result as below, without materialising what the policy does not change.
+        use fhirgate_core::policy::filter::{Filtered, UrlRewrite, filter_bytes};
+        let public = config.public_fhir_base();
+        let rewrite = UrlRewrite {
+            from: &config.upstream.base_url,
+            to: &public,
+        };
+        return match filter_bytes(policy, raw, spec.drop_total, Some(rewrite)) {
+            Ok(Filtered::Visible(body)) => body,
+            Ok(Filtered::Hidden) => Outcome::NotFound.to_bytes(),
+            Err(_) => Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes(),
+        };
+    }
     let Ok(mut value) = serde_json::from_slice::<Value>(raw) else {
         return Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes();
     };

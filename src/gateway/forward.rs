@@ -6,6 +6,7 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use crate::config::Config;
+use crate::state::State;
 
 use super::ctx::RequestCtx;
 use super::filter::ResponsePlan;
@@ -24,16 +25,25 @@ const STRIPPED: [&str; 9] = [
     "cookie",
 ];
 
-pub fn peer(config: &Config, route: &Route) -> Box<HttpPeer> {
+pub fn peer(state: &State, route: &Route) -> Result<Box<HttpPeer>> {
+    let config = &state.config;
     let mut peer = match route {
-        Route::Control => Box::new(HttpPeer::new(config.control_listen, false, String::new())),
+        Route::Control => {
+            // `control_url`, resolved off the request path (a name is looked up again every
+            // few seconds, so a control instance that moves is followed).
+            let target = &state.control;
+            let Some(addr) = target.pick() else {
+                return Error::e_explain(ConnectNoRoute, "control_url has no address yet");
+            };
+            let url = target.url();
+            Box::new(HttpPeer::new(addr, url.tls, url.host.clone()))
+        }
         _ => {
             let up = &config.upstream;
-            Box::new(HttpPeer::new(
-                (up.host.as_str(), up.port),
-                up.tls,
-                up.host.clone(),
-            ))
+            let Some(addr) = state.upstream_target.pick() else {
+                return Error::e_explain(ConnectNoRoute, "the upstream's host has no address yet");
+            };
+            Box::new(HttpPeer::new(addr, up.tls, up.host.clone()))
         }
     };
     peer.options.connection_timeout = Some(config.upstream.connect_timeout);
@@ -41,7 +51,7 @@ pub fn peer(config: &Config, route: &Route) -> Box<HttpPeer> {
     peer.options.read_timeout = Some(config.upstream.read_timeout);
     peer.options.write_timeout = Some(config.upstream.read_timeout);
     peer.options.idle_timeout = Some(std::time::Duration::from_secs(60));
-    peer
+    Ok(peer)
 }
 
 fn append_xff(upstream: &mut RequestHeader, session: &Session) -> Result<()> {

@@ -167,7 +167,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
-        Ok(forward::peer(&self.state.config, &ctx.route))
+        forward::peer(&self.state, &ctx.route)
     }
 
     async fn upstream_request_filter(

@@ -3,12 +3,16 @@
 //! is `off` or a rotated-out secret fail on the very next request.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::{Snapshot, State};
 use crate::store::now_unix;
+
+/// The longest the first sight of a token waits for its Login; then 503 rather than a hang.
+const LOGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Who is calling, once authenticated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +89,9 @@ impl State {
         let Some((scheme, value)) = header.split_once(' ') else {
             return (Err(AuthError::Malformed), CacheUse::None);
         };
+        if self.store_outage_expired() {
+            return (Err(AuthError::StoreUnavailable), CacheUse::None);
+        }
         let snap = self.snapshot();
         match scheme {
             "Bearer" => self.authenticate_bearer(&snap, value).await,
@@ -123,16 +130,39 @@ impl State {
         let Some(login_id) = claims.login_id else {
             return (Err(AuthError::InvalidToken), CacheUse::Miss);
         };
-        let login = match self.store.login(&login_id).await {
-            Ok(Some(l)) => l,
-            Ok(None) => return (Err(AuthError::LoginRevoked), CacheUse::Miss),
-            Err(_) => return (Err(AuthError::StoreUnavailable), CacheUse::Miss),
-        };
+        // Known to be down: answer at once instead of waiting for the pool to give up.
+        if !self.store_up() {
+            return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
+        }
+        let login =
+            match tokio::time::timeout(LOGIN_LOOKUP_TIMEOUT, self.store.login(&login_id)).await {
+                Ok(Ok(Some(l))) => l,
+                Ok(Ok(None)) => return (Err(AuthError::LoginRevoked), CacheUse::Miss),
+                Ok(Err(e)) => {
+                    self.note_store::<()>(&Err(e));
+                    return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
+                }
+                Err(_) => {
+                    self.note_store_timeout();
+                    return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
+                }
+            };
         if login.revoked {
             return (Err(AuthError::LoginRevoked), CacheUse::Miss);
         }
         let Some(membership_id) = login.membership_id.clone() else {
             return (Err(AuthError::LoginRevoked), CacheUse::Miss);
+        };
+        let caught_up;
+        let snap = if snap.memberships.contains_key(&membership_id) {
+            snap
+        } else {
+            // Created moments ago through another instance, maybe (a new client's first token):
+            // catch up with the store once before refusing. Only a validly signed token with a
+            // live Login gets here, so this is no lever for unauthenticated traffic.
+            let _ = tokio::time::timeout(LOGIN_LOOKUP_TIMEOUT, self.refresh_if_changed()).await;
+            caught_up = self.snapshot();
+            &caught_up
         };
         let Some(membership) = snap.memberships.get(&membership_id) else {
             return (Err(AuthError::MembershipInactive), CacheUse::Miss);

@@ -3,14 +3,22 @@
 //! in front of it, and authentication of `Authorization` headers.
 //!
 //! Invariant: the request path reads the snapshot and the caches only. The one exception is the
-//! first sight of a Bearer token, whose Login is read from the store once and then cached; every
+//! first sight of a Bearer token, whose Login is read from the store once and then cached (and,
+//! when the Login's membership is not in the snapshot yet, the snapshot caught up once); every
 //! later request re-checks the Login, membership and client against the current snapshot, so a
 //! revocation is seen on the very next request after the snapshot is refreshed.
+//!
+//! The store's reachability is tracked here too (`note_store`): while it is down, what cannot be
+//! verified without it gets 503 at once, and after `store_outage_ttl` nothing authenticated is
+//! served (an instance cut off from the store cannot learn of revocations).
 
 mod auth;
+pub mod control;
+pub mod keys;
 mod snapshot;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -19,8 +27,9 @@ pub use auth::{AuthError, CacheUse, Identity};
 pub use snapshot::{ClientInfo, ProjectInfo, Snapshot};
 
 use crate::config::Config;
-use crate::store::{Store, StoreError};
+use crate::store::{Store, StoreError, now_unix};
 use crate::tokens::Keyring;
+use control::ControlTarget;
 
 /// Everything both planes share.
 pub struct State {
@@ -35,6 +44,16 @@ pub struct State {
         Arc<fhirgate_core::policy::EffectivePolicy>,
     >,
     refresh_lock: tokio::sync::Mutex<i64>,
+    /// Where the gateway forwards control traffic.
+    pub control: ControlTarget,
+    /// The upstream FHIR server's addresses, resolved off the request path like `control`
+    /// (pingora's `HttpPeer::new` would look a name up on every request, blocking, and panic
+    /// when the lookup fails).
+    pub upstream_target: ControlTarget,
+    /// The last store round trip succeeded.
+    store_up: AtomicBool,
+    /// Unix milliseconds of the last successful store round trip.
+    last_store_contact: AtomicI64,
 }
 
 impl std::fmt::Debug for State {
@@ -55,12 +74,19 @@ impl State {
         let snap = Snapshot::load(&store, &config, 1).await?;
         let tokens = moka::sync::Cache::builder()
             .max_capacity(config.token_cache_capacity)
-            .time_to_live(Duration::from_secs(24 * 3600))
+            .time_to_live(config.token_cache_ttl)
             .build();
         let effective = moka::sync::Cache::builder()
             .max_capacity(10_000)
             .time_to_live(Duration::from_secs(600))
             .build();
+        let control = ControlTarget::new(config.control_url.clone());
+        let upstream_target = ControlTarget::new(crate::config::ControlUrl {
+            url: config.upstream.base_url.clone(),
+            tls: config.upstream.tls,
+            host: config.upstream.host.clone(),
+            port: config.upstream.port,
+        });
         Ok(Arc::new(State {
             config,
             store,
@@ -69,6 +95,10 @@ impl State {
             tokens,
             effective,
             refresh_lock: tokio::sync::Mutex::new(seq),
+            control,
+            upstream_target,
+            store_up: AtomicBool::new(true),
+            last_store_contact: AtomicI64::new(now_millis()),
         }))
     }
 
@@ -85,44 +115,91 @@ impl State {
     }
 
     /// Rebuilds the snapshot from the store and swaps it in. Called after every local write and
-    /// by the change-feed poller; concurrent calls coalesce.
+    /// by the change feed; concurrent calls coalesce.
     pub async fn refresh(&self) -> Result<(), StoreError> {
+        let result = self.refresh_inner().await;
+        self.note_store(&result);
+        result
+    }
+
+    async fn refresh_inner(&self) -> Result<(), StoreError> {
         let mut last_seq = self.refresh_lock.lock().await;
         let seq = self.store.change_seq().await?;
-        let version = self.snapshot.load().version + 1;
-        let snap = Snapshot::load(&self.store, &self.config, version).await?;
+        let old = self.snapshot.load_full();
+        let snap = Snapshot::load(&self.store, &self.config, old.version + 1).await?;
+        // A key that left the keyring (retired, or deactivated after a compromise) must take
+        // the tokens it verified with it, cached or not.
+        if old.key_ids.iter().any(|k| !snap.key_ids.contains(k)) {
+            self.tokens.invalidate_all();
+        }
         self.snapshot.store(Arc::new(snap));
         *last_seq = seq;
         Ok(())
     }
 
-    /// Refreshes only if the store's change sequence moved.
+    /// Refreshes if the store's change sequence moved, or a signing key's start or retirement
+    /// came due. Returns whether it refreshed.
     pub async fn refresh_if_changed(&self) -> Result<bool, StoreError> {
-        let seq = self.store.change_seq().await?;
-        if seq == *self.refresh_lock.lock().await {
+        let result = self.store.change_seq().await;
+        self.note_store(&result);
+        self.refresh_if_behind(result?).await
+    }
+
+    /// [`State::refresh_if_changed`] with the sequence number already read.
+    pub async fn refresh_if_behind(&self, seq: i64) -> Result<bool, StoreError> {
+        let key_due = self
+            .snapshot
+            .load()
+            .next_key_change
+            .is_some_and(|t| t <= now_unix());
+        if !key_due && seq == *self.refresh_lock.lock().await {
             return Ok(false);
         }
         self.refresh().await?;
         Ok(true)
     }
 
-    /// Polls the change feed until `shutdown` fires.
-    pub async fn run_change_feed(
-        self: Arc<Self>,
-        mut shutdown: tokio::sync::watch::Receiver<bool>,
-    ) {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.refresh_if_changed().await {
-                        tracing::warn!(error = %e, "change feed poll failed");
-                    }
+    /// Records the outcome of a store round trip (logs the transitions, not every failure).
+    pub fn note_store<T>(&self, result: &Result<T, StoreError>) {
+        match result {
+            Ok(_) => {
+                self.last_store_contact
+                    .store(now_millis(), Ordering::Relaxed);
+                if !self.store_up.swap(true, Ordering::Relaxed) {
+                    tracing::info!("store reachable again");
                 }
-                _ = shutdown.changed() => break,
             }
+            Err(e) if e.is_unavailable() => {
+                if self.store_up.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(error = %e, "store unreachable: serving already-verified credentials until it returns or store_outage_ttl passes");
+                }
+            }
+            Err(_) => {}
         }
+    }
+
+    /// A store round trip that did not finish in time counts as a failure.
+    pub fn note_store_timeout(&self) {
+        if self.store_up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "store unreachable (timed out): serving already-verified credentials until it returns or store_outage_ttl passes"
+            );
+        }
+    }
+
+    /// The last store round trip succeeded.
+    pub fn store_up(&self) -> bool {
+        self.store_up.load(Ordering::Relaxed)
+    }
+
+    /// Cut off from the store for longer than `store_outage_ttl`: revocations made meanwhile
+    /// could be missed, so nothing authenticated is served any more (fail closed).
+    pub fn store_outage_expired(&self) -> bool {
+        if self.store_up() {
+            return false;
+        }
+        let ttl = i64::try_from(self.config.store_outage_ttl.as_millis()).unwrap_or(i64::MAX);
+        now_millis().saturating_sub(self.last_store_contact.load(Ordering::Relaxed)) > ttl
     }
 
     /// The effective policy of an identity under the current snapshot (cached per snapshot).
@@ -144,4 +221,11 @@ impl State {
         self.effective.insert(key, p.clone());
         Some(p)
     }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
 }

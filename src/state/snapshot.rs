@@ -11,6 +11,8 @@ use crate::config::Config;
 use crate::store::{Store, StoreError, now_unix};
 use crate::tokens::{Keyring, SigningKey};
 
+use super::keys::{load_schedule, ring_at};
+
 #[derive(Debug, Clone)]
 pub struct ProjectInfo {
     pub id: String,
@@ -35,6 +37,10 @@ pub struct ClientInfo {
 pub struct Snapshot {
     pub version: u64,
     pub keyring: Arc<Keyring>,
+    /// The kids of `keyring`, signer first.
+    pub key_ids: Vec<String>,
+    /// When the keyring changes next by the clock (a key starts to sign or retires).
+    pub next_key_change: Option<i64>,
     pub projects: HashMap<String, ProjectInfo>,
     pub memberships: HashMap<String, Arc<ProjectMembership>>,
     /// `(project id, profile reference)` → membership id.
@@ -54,20 +60,24 @@ impl Snapshot {
             version,
             ..Default::default()
         };
-        let keys = store
-            .active_keys()
-            .await?
+        let schedule = load_schedule(store).await?;
+        let times: Vec<_> = schedule.iter().map(|(_, s)| s.clone()).collect();
+        let (ring, next) = ring_at(&times, now_unix());
+        snap.next_key_change = next;
+        let keys: Vec<SigningKey> = ring
             .into_iter()
-            .filter_map(
-                |k| match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
+            .filter_map(|i| {
+                let k = &schedule[i].0;
+                match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
                     Ok(key) => Some(key),
                     Err(e) => {
                         tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");
                         None
                     }
-                },
-            )
+                }
+            })
             .collect();
+        snap.key_ids = keys.iter().map(|k| k.kid.clone()).collect();
         snap.keyring = Arc::new(Keyring::new(config.base_url.clone(), keys));
         for p in store.list("Project").await? {
             let c = p.content;

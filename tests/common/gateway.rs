@@ -1,6 +1,7 @@
 //! A real fhirgate for end-to-end tests: `server::start` (pingora `Server::run` on a thread,
 //! axum control API, metrics) on free loopback ports, with a temp data dir and known bootstrap
-//! credentials. Dropping it shuts everything down.
+//! credentials. Dropping it shuts everything down. The store is SQLite in the data dir, or with
+//! `FHIRGATE_TEST_STORE=postgres` a fresh PostgreSQL database of the test cluster (`pg.rs`).
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -81,7 +82,11 @@ impl TestGateway {
             upstream_read_timeout_ms: Some(5000),
             ..Default::default()
         };
+        let test_store = super::pg::store_for(data_dir);
+        file.store.clone_from(&test_store);
         tweak(&mut file);
+        // A PostgreSQL run must really run on PostgreSQL (unless a test chose its own store).
+        let expect_postgres = test_store.is_some() && file.store == test_store;
         let config = Config::from_file(file).expect("valid test config");
         let listen = config.listen;
         let control = config.control_listen;
@@ -91,6 +96,12 @@ impl TestGateway {
             .join()
             .expect("start thread")
             .expect("fhirgate starts");
+        if expect_postgres {
+            assert_eq!(
+                running.state.store.dialect(),
+                fhirgate::store::Dialect::Postgres
+            );
+        }
         wait_listening(listen);
         wait_listening(control);
         wait_listening(metrics);
@@ -198,6 +209,78 @@ impl TestGateway {
             client["id"].as_str().expect("id").to_string(),
             client["secret"].as_str().expect("secret").to_string(),
         )
+    }
+}
+
+impl TestGateway {
+    /// One instance of a scaled-out fhirgate: only `planes`, on `store` (shared with the other
+    /// instances), with a temp data dir. `tweak` sets what instances share (`base_url`, the
+    /// issuer; `control_url` of a proxy) and may pin ports. `base` is the gateway when this
+    /// instance runs one, else the control API; `control` is where its control traffic goes.
+    pub fn start_planes(
+        upstream: &str,
+        store: &str,
+        planes: Planes,
+        tweak: impl FnOnce(&mut ConfigFile),
+    ) -> TestGateway {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let (gp, cp, mp) = (free_port(), free_port(), free_port());
+        let mut file = ConfigFile {
+            listen: Some(format!("127.0.0.1:{gp}")),
+            control_listen: Some(format!("127.0.0.1:{cp}")),
+            metrics_listen: Some(format!("127.0.0.1:{mp}")),
+            base_url: Some(format!("http://127.0.0.1:{gp}/")),
+            upstream: Some(upstream.to_string()),
+            data_dir: Some(tmp.path().to_path_buf()),
+            store: Some(store.to_string()),
+            store_max_connections: Some(4),
+            trusted_proxies: vec!["127.0.0.0/8".into()],
+            admin_client_id: Some(ADMIN_CLIENT_ID.into()),
+            admin_client_secret: Some(ADMIN_CLIENT_SECRET.into()),
+            admin_password: Some("admin-password-for-tests".into()),
+            threads: Some(1),
+            auth_rate_limit: Some(1_000_000),
+            grace_period_seconds: Some(0),
+            log_format: Some("text".into()),
+            upstream_connect_timeout_ms: Some(500),
+            upstream_read_timeout_ms: Some(5000),
+            ..Default::default()
+        };
+        tweak(&mut file);
+        let config = Config::from_file(file).expect("valid test config");
+        let (listen, control, metrics) =
+            (config.listen, config.control_listen, config.metrics_listen);
+        let control_url = format!("{}/", config.control_url.url);
+        let running = std::thread::spawn(move || start(config, planes))
+            .join()
+            .expect("start thread")
+            .expect("fhirgate starts");
+        if planes.gateway {
+            wait_listening(listen);
+        }
+        if planes.control {
+            wait_listening(control);
+        }
+        wait_listening(metrics);
+        let control_base = format!("http://127.0.0.1:{}/", control.port());
+        let base = if planes.gateway {
+            format!("http://127.0.0.1:{}/", listen.port())
+        } else {
+            control_base.clone()
+        };
+        TestGateway {
+            fhir: format!("{base}fhir/R4/"),
+            base,
+            control: if planes.control {
+                control_base
+            } else {
+                control_url
+            },
+            metrics: format!("http://127.0.0.1:{}/", metrics.port()),
+            data_dir: tmp.path().to_path_buf(),
+            running: Some(running),
+            _tmp: Some(tmp),
+        }
     }
 }
 

@@ -2,5 +2,9 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod compat;
 pub mod gateway;
+pub mod mail;
+pub mod people;
+pub mod pg;
 pub mod upstream;

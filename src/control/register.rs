@@ -1,0 +1,479 @@
+//! Self-service registration (medplum-auth.md §2.7–§2.9): `/auth/newuser` creates a User and a
+//! Login without a membership, then `/auth/newproject` makes the user the admin of a new
+//! Project, or `/auth/newpatient` makes them a Patient of a project that opened registration
+//! (`defaultPatientAccessPolicy`). Both answer `{login, code}` through login.rs.
+//!
+//! Stricter than Medplum, on purpose: `/auth/newuser` and `/auth/newproject` are closed unless
+//! `register_enabled` is set (a new project's admin has no access policy, and projects share
+//! the upstream FHIR server); project-scoped registration also needs the project's
+//! `defaultPatientAccessPolicy`. No default ClientApplication is made for a new project: its
+//! secret could never be shown to anyone; admins create clients through the admin API.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State as AxState};
+use axum::http::{StatusCode, header};
+use axum::response::Response;
+use serde_json::{Map, Value, json};
+
+use super::fhir::refreshed;
+use super::index::index_rows;
+use super::invite::{ProfileSpec, email_key, ensure_profile, profile_key, remove_profile};
+use super::login::{
+    self, LoginRequest, auth_body, body_str, choose_profile, ensure_pending, get_login,
+    login_result, save_pending, set_extra, user_agent, valid_email,
+};
+use super::password::{BREACHED, OUT_OF_RANGE, breached, hash_password};
+use super::{ApiError, client_ip, json_response};
+use crate::state::State;
+use crate::store::{BatchWrite, LoginRecord, StoreError, StoredResource, now_unix};
+
+/// A Login made at registration can be continued (newproject, newpatient) this long.
+const REGISTRATION_LOGIN_LIFETIME: i64 = login::PENDING_LIFETIME;
+
+fn ok_json(body: &Value) -> Response {
+    json_response(StatusCode::OK, "application/json", body)
+}
+
+fn length_between(s: &str, min: usize, max: usize) -> bool {
+    (min..=max).contains(&s.chars().count())
+}
+
+// === /auth/newuser ===
+
+/// `POST /auth/newuser`: 200 `{login}`, no code yet.
+pub async fn new_user(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let first_name = body_str(&body, "firstName").unwrap_or_default();
+    let last_name = body_str(&body, "lastName").unwrap_or_default();
+    let email = body_str(&body, "email")
+        .map(|e| e.trim().to_lowercase())
+        .unwrap_or_default();
+    let password = body_str(&body, "password").unwrap_or_default();
+    if !length_between(first_name.trim(), 1, 128) {
+        return Err(ApiError::invalid(
+            "firstName",
+            "First name must be between 1 and 128 characters",
+        ));
+    }
+    if !length_between(last_name.trim(), 1, 128) {
+        return Err(ApiError::invalid(
+            "lastName",
+            "Last name must be between 1 and 128 characters",
+        ));
+    }
+    if !length_between(&email, 3, 72) || !valid_email(&email) {
+        return Err(ApiError::invalid(
+            "email",
+            "Valid email address between 3 and 72 characters is required",
+        ));
+    }
+    // Bytes, not characters: Medplum's bcrypt limit, kept as the rule.
+    if !(8..=72).contains(&password.len()) {
+        return Err(ApiError::invalid("password", OUT_OF_RANGE));
+    }
+    if !state.config.register_enabled {
+        return Err(ApiError::bad_request("Registration is disabled"));
+    }
+    let snap = state.snapshot();
+    let client = match body_str(&body, "clientId") {
+        Some(id) => Some(
+            snap.clients
+                .get(&id)
+                .ok_or_else(ApiError::not_found)?
+                .clone(),
+        ),
+        None => None,
+    };
+    let mut project_id = body_str(&body, "projectId").filter(|p| p != "new");
+    if let Some(c) = &client {
+        if project_id.is_some() && project_id != c.project_id {
+            return Err(ApiError::bad_request("Client and project do not match"));
+        }
+        if !c.active {
+            return Err(ApiError::bad_request("Invalid client"));
+        }
+        project_id.clone_from(&c.project_id);
+    }
+    if let Some(p) = &project_id {
+        let open = snap
+            .projects
+            .get(p)
+            .is_some_and(|p| p.content.get("defaultPatientAccessPolicy").is_some());
+        if !open {
+            return Err(ApiError::bad_request(
+                "Project does not allow open registration",
+            ));
+        }
+    }
+    let challenge = body_str(&body, "codeChallenge");
+    let method = body_str(&body, "codeChallengeMethod");
+    let pkce_optional = client
+        .as_ref()
+        .is_some_and(|c| login::client_flag(c, "pkceOptional"));
+    if !pkce_optional {
+        check_pkce(challenge.as_deref(), method.as_deref())?;
+    }
+    if state
+        .store
+        .users_by_email(&email, project_id.as_deref())
+        .await?
+        .into_iter()
+        .next()
+        .is_some()
+    {
+        return Err(ApiError::invalid("email", "Email already registered"));
+    }
+    if breached(&password) {
+        return Err(ApiError::invalid("password", BREACHED));
+    }
+    let user_id = uuid::Uuid::new_v4().to_string();
+    let mut user = json!({
+        "resourceType": "User",
+        "id": user_id,
+        "firstName": first_name.trim(),
+        "lastName": last_name.trim(),
+        "email": email,
+        "passwordHash": hash_password(&password).await?,
+    });
+    if let Some(p) = &project_id {
+        user["project"] = json!({"reference": format!("Project/{p}")});
+    }
+    let written = state
+        .store
+        .write_batch(vec![
+            BatchWrite::Claim {
+                key: email_key(project_id.as_deref(), &email),
+                resource_type: "User".into(),
+                id: user_id.clone(),
+            },
+            BatchWrite::Put {
+                index: index_rows(&user),
+                content: user,
+                project_id: project_id.clone(),
+                expected_version: None,
+                create_only: true,
+            },
+        ])
+        .await;
+    match written {
+        Ok(_) => {}
+        // Someone registered the same address a moment earlier.
+        Err(StoreError::Conflict) => {
+            return Err(ApiError::invalid("email", "Email already registered"));
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let request = LoginRequest {
+        email,
+        client_id: client.map(|c| c.id),
+        project_id: Some(project_id.unwrap_or_else(|| "new".into())),
+        scope: body_str(&body, "scope"),
+        nonce: body_str(&body, "nonce"),
+        code_challenge: challenge,
+        code_challenge_method: method,
+        remember: matches!(body.get("remember"), Some(Value::Bool(true))),
+        origin: parts
+            .headers
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        remote_address: client_ip(&state, &parts)?,
+        user_agent: user_agent(&parts.headers),
+        ..Default::default()
+    };
+    let login = registration_login(&format!("User/{user_id}"), &request);
+    state.store.insert_login(&login).await?;
+    Ok(ok_json(&json!({"login": login.id})))
+}
+
+/// `/auth/login`'s PKCE parameter checks.
+fn check_pkce(challenge: Option<&str>, method: Option<&str>) -> Result<(), ApiError> {
+    match (challenge, method) {
+        (None, Some(_)) => Err(ApiError::invalid(
+            "code_challenge",
+            "Invalid code challenge",
+        )),
+        (Some(_), None) => Err(ApiError::invalid(
+            "code_challenge_method",
+            "Invalid code challenge method",
+        )),
+        (Some(_), Some(m)) if m != "plain" && m != "S256" => Err(ApiError::invalid(
+            "code_challenge_method",
+            "Invalid code challenge method",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The Login of a user who just registered: authenticated by the password they chose, with no
+/// membership yet (Medplum's `tryLogin` with `allowNoMembership`). Flow state as login.rs keeps
+/// it.
+fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
+    use login::keys;
+    let now = now_unix();
+    let scope = req
+        .scope
+        .clone()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| "openid".to_string());
+    let mut extra = Map::new();
+    let mut put = |k: &str, v: Value| {
+        extra.insert(k.to_string(), v);
+    };
+    put(keys::GRANTED, Value::Bool(false));
+    put(
+        keys::NONCE,
+        Value::String(
+            req.nonce
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        ),
+    );
+    if let Some(c) = &req.code_challenge {
+        put(keys::CODE_CHALLENGE, Value::String(c.clone()));
+        put(
+            keys::CODE_CHALLENGE_METHOD,
+            Value::String(
+                req.code_challenge_method
+                    .clone()
+                    .unwrap_or_else(|| "plain".into()),
+            ),
+        );
+    }
+    if let Some(o) = &req.origin {
+        put(keys::ORIGIN, Value::String(o.clone()));
+    }
+    if let Some(ua) = &req.user_agent {
+        put(keys::USER_AGENT, Value::String(ua.clone()));
+    }
+    put(keys::REMEMBER, Value::Bool(req.remember));
+    put(
+        keys::OFFLINE,
+        Value::Bool(req.remember || login::wants_offline(&scope)),
+    );
+    put(keys::MFA_REQUIRED, Value::Bool(false));
+    put(keys::MFA_VERIFIED, Value::Bool(false));
+    put(keys::MFA_ENROLL_REQUIRED, Value::Bool(false));
+    LoginRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_ref: user_ref.to_string(),
+        client_id: req.client_id.clone(),
+        membership_id: None,
+        project_id: req.project_id.clone(),
+        scope,
+        auth_method: "password".into(),
+        auth_time: now,
+        expires_at: now.saturating_add(REGISTRATION_LOGIN_LIFETIME),
+        revoked: false,
+        remote_address: req.remote_address.map(|a| a.to_string()),
+        code: None,
+        refresh_secret: None,
+        extra: Value::Object(extra),
+    }
+}
+
+/// The Login of a registration step: pending, unexpired, a User's, without a membership, and
+/// past MFA. Returns it with the User.
+async fn pending_registration(
+    state: &State,
+    login_id: &str,
+) -> Result<(LoginRecord, StoredResource), ApiError> {
+    let login = get_login(state, login_id).await?;
+    ensure_pending(&login)?;
+    if login.membership_id.is_some() {
+        return Err(ApiError::bad_request("Login already has a membership"));
+    }
+    if login.expires_at <= now_unix() {
+        return Err(ApiError::bad_request("Login expired"));
+    }
+    if !login::mfa_satisfied(&login) {
+        return Err(ApiError::bad_request("MFA verification required"));
+    }
+    let user = match login.user_ref.strip_prefix("User/") {
+        Some(id) => state.store.read("User", id).await?,
+        None => None,
+    };
+    let user = user.ok_or_else(|| ApiError::bad_request("User not found"))?;
+    Ok((login, user))
+}
+
+fn user_field<'a>(user: &'a StoredResource, key: &str) -> &'a str {
+    user.content.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+// === /auth/newproject ===
+
+/// `POST /auth/newproject {login, projectName}`: 200 `{login, code}`.
+pub async fn new_project(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let login_id = body_str(&body, "login").filter(|l| uuid::Uuid::parse_str(l).is_ok());
+    let login_id = login_id.ok_or_else(|| ApiError::invalid("login", "Login ID is required."))?;
+    let name = body_str(&body, "projectName")
+        .map(|n| n.trim().to_string())
+        .filter(|n| length_between(n, 4, 72))
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "projectName",
+                "Project name must be between 4 and 72 characters",
+            )
+        })?;
+    if !state.config.register_enabled {
+        return Err(ApiError::bad_request("Registration is disabled"));
+    }
+    let (mut login, user) = pending_registration(&state, &login_id).await?;
+    if user.project_id.is_some() {
+        return Err(ApiError::bad_request(
+            "Project owner must not belong to another Project",
+        ));
+    }
+    let user_ref = format!("User/{}", user.id);
+    let project_id = uuid::Uuid::new_v4().to_string();
+    let project = json!({
+        "resourceType": "Project",
+        "id": project_id,
+        "name": name,
+        "owner": {"reference": user_ref},
+        "strictMode": true,
+    });
+    let email = user_field(&user, "email");
+    let spec = ProfileSpec {
+        resource_type: "Practitioner",
+        first_name: user_field(&user, "firstName"),
+        last_name: user_field(&user, "lastName"),
+        email: Some(email).filter(|e| !e.is_empty()),
+        key: profile_key(&project_id, email),
+    };
+    let (profile, created) = ensure_profile(&state, None, &spec).await?;
+    let membership_id = uuid::Uuid::new_v4().to_string();
+    let membership = json!({
+        "resourceType": "ProjectMembership",
+        "id": membership_id,
+        "project": {"reference": format!("Project/{project_id}")},
+        "user": {"reference": user_ref},
+        "profile": {"reference": profile},
+        "admin": true,
+    });
+    let written = state
+        .store
+        .write_batch(vec![
+            BatchWrite::Put {
+                index: index_rows(&project),
+                content: project,
+                project_id: Some(project_id.clone()),
+                expected_version: None,
+                create_only: true,
+            },
+            BatchWrite::Claim {
+                key: format!("membership:{project_id}:{user_ref}"),
+                resource_type: "ProjectMembership".into(),
+                id: membership_id.clone(),
+            },
+            BatchWrite::Put {
+                index: index_rows(&membership),
+                content: membership,
+                project_id: Some(project_id.clone()),
+                expected_version: None,
+                create_only: true,
+            },
+        ])
+        .await;
+    if let Err(e) = written {
+        if created {
+            remove_profile(&state, &profile).await;
+        }
+        return Err(e.into());
+    }
+    refreshed(&state).await;
+    // Medplum sets the membership here without the sign-in checks: the user owns the project.
+    login.membership_id = Some(membership_id);
+    login.project_id = Some(project_id);
+    set_extra(&mut login, login::keys::PROFILE_SET, Value::Bool(true));
+    save_pending(&state, &login).await?;
+    let result = login_result(&state, &mut login).await?;
+    Ok(ok_json(&result))
+}
+
+// === /auth/newpatient ===
+
+/// `POST /auth/newpatient {login, projectId}`: 200 `{login, code}`.
+pub async fn new_patient(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let login_id =
+        body_str(&body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
+    let project_id = body_str(&body, "projectId")
+        .ok_or_else(|| ApiError::invalid("projectId", "Project ID is required"))?;
+    let (login, user) = pending_registration(&state, &login_id).await?;
+    if user.project_id.as_deref() != Some(project_id.as_str()) {
+        return Err(ApiError::bad_request("User must be scoped to the project"));
+    }
+    let policy = state
+        .snapshot()
+        .projects
+        .get(&project_id)
+        .and_then(|p| p.content.get("defaultPatientAccessPolicy").cloned())
+        .filter(|p| p.get("reference").and_then(Value::as_str).is_some())
+        .ok_or_else(|| ApiError::bad_request("Project does not allow open registration"))?;
+    let email = user_field(&user, "email");
+    let spec = ProfileSpec {
+        resource_type: "Patient",
+        first_name: user_field(&user, "firstName"),
+        last_name: user_field(&user, "lastName"),
+        email: Some(email).filter(|e| !e.is_empty()),
+        key: profile_key(&project_id, email),
+    };
+    let user_ref = format!("User/{}", user.id);
+    let (profile, created) = ensure_profile(&state, None, &spec).await?;
+    let membership_id = uuid::Uuid::new_v4().to_string();
+    let membership = json!({
+        "resourceType": "ProjectMembership",
+        "id": membership_id,
+        "project": {"reference": format!("Project/{project_id}")},
+        "user": {"reference": user_ref},
+        "profile": {"reference": profile},
+        "accessPolicy": {"reference": policy["reference"]},
+    });
+    let written = state
+        .store
+        .write_batch(vec![
+            BatchWrite::Claim {
+                key: format!("membership:{project_id}:{user_ref}"),
+                resource_type: "ProjectMembership".into(),
+                id: membership_id.clone(),
+            },
+            BatchWrite::Put {
+                index: index_rows(&membership),
+                content: membership,
+                project_id: Some(project_id.clone()),
+                expected_version: None,
+                create_only: true,
+            },
+        ])
+        .await;
+    if let Err(e) = written {
+        if created {
+            remove_profile(&state, &profile).await;
+        }
+        return Err(match e {
+            StoreError::Conflict => ApiError::bad_request("Login already has a membership"),
+            other => other.into(),
+        });
+    }
+    refreshed(&state).await;
+    let ip = client_ip(&state, &parts)?;
+    let mut login = choose_profile(&state, &login, &membership_id, ip).await?;
+    let result = login_result(&state, &mut login).await?;
+    Ok(ok_json(&result))
+}

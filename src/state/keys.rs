@@ -1,0 +1,274 @@
+//! Signing keys over time. A key is stored with the moment it starts to sign (`created_at`) and,
+//! once a newer key replaces it, the moment it retires (a settings row written by the rotation).
+//! At any moment the keyring holds every stored active key that has not retired: the key that
+//! signs (the newest that has started) first, then the others, which only verify. So a rotation
+//! publishes the new key in every instance's JWKS and keyring (through the change feed) before
+//! any token signed with it can exist, and keeps the old key verifying until every token it
+//! signed has expired. Each instance derives the same keyring from the store and its clock; the
+//! change feed rebuilds the snapshot when the next start or retirement comes due.
+
+use std::time::Duration;
+
+use crate::config::{Config, parse_lifetime};
+use crate::store::{Store, StoreError, StoredKey, now_unix};
+use crate::tokens::SigningKey;
+
+/// ID tokens live one hour (`control::token`); they are verified with the same keys.
+const ID_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+/// Added to every retirement: instances' clocks differ by a little.
+const CLOCK_SKEW_MARGIN: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot generate a key: {0}")]
+    Generate(String),
+}
+
+/// A stored key's schedule (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledKey {
+    pub id: String,
+    pub signs_from: i64,
+    pub retire_at: Option<i64>,
+}
+
+/// The keyring at `now`: indices into `keys`, the signing key first; and the next moment the
+/// answer changes (a key starts to sign or retires), if any.
+///
+/// The signer is the newest key that has started; if none has (only when a rotation retired the
+/// old key before the new one starts, e.g. after a key compromise), the earliest pending one, so
+/// tokens can still be issued.
+pub fn ring_at(keys: &[ScheduledKey], now: i64) -> (Vec<usize>, Option<i64>) {
+    let mut live: Vec<usize> = (0..keys.len())
+        .filter(|&i| keys[i].retire_at.is_none_or(|r| r > now))
+        .collect();
+    live.sort_by(|&a, &b| {
+        (keys[a].signs_from, &keys[a].id).cmp(&(keys[b].signs_from, &keys[b].id))
+    });
+    let signer = live
+        .iter()
+        .rposition(|&i| keys[i].signs_from <= now)
+        .or(if live.is_empty() { None } else { Some(0) });
+    if let Some(pos) = signer {
+        let s = live.remove(pos);
+        live.insert(0, s);
+    }
+    let next = live
+        .iter()
+        .flat_map(|&i| [Some(keys[i].signs_from), keys[i].retire_at])
+        .flatten()
+        .filter(|&t| t > now)
+        .min();
+    (live, next)
+}
+
+/// The stored keys with their schedules, as [`ring_at`] takes them.
+pub async fn load_schedule(store: &Store) -> Result<Vec<(StoredKey, ScheduledKey)>, StoreError> {
+    let retirements: std::collections::HashMap<String, i64> =
+        store.key_retirements().await?.into_iter().collect();
+    Ok(store
+        .active_keys()
+        .await?
+        .into_iter()
+        .map(|k| {
+            let s = ScheduledKey {
+                id: k.id.clone(),
+                signs_from: k.created_at,
+                retire_at: retirements.get(&k.id).copied(),
+            };
+            (k, s)
+        })
+        .collect())
+}
+
+/// The longest a token signed now could stay valid: access, refresh and ID tokens, with the
+/// configured lifetimes and every client's own.
+pub async fn longest_token_lifetime(
+    store: &Store,
+    config: &Config,
+) -> Result<Duration, StoreError> {
+    let mut longest = config
+        .access_token_lifetime
+        .max(config.refresh_token_lifetime)
+        .max(ID_TOKEN_LIFETIME);
+    for c in store.list("ClientApplication").await? {
+        for field in ["accessTokenLifetime", "refreshTokenLifetime"] {
+            if let Some(d) = c
+                .content
+                .get(field)
+                .and_then(serde_json::Value::as_str)
+                .and_then(parse_lifetime)
+            {
+                longest = longest.max(d);
+            }
+        }
+    }
+    Ok(longest)
+}
+
+/// What `fhirgate keys rotate` asks for.
+#[derive(Debug, Clone, Default)]
+pub struct RotateOptions {
+    /// Overrides `key_publish_delay`.
+    pub publish_delay: Option<Duration>,
+    /// How long after the new key starts to sign the old ones retire. Default: the longest
+    /// token lifetime plus a clock-skew margin. Shorter only on purpose (a compromised key).
+    pub retire_after: Option<Duration>,
+}
+
+/// What a rotation did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rotation {
+    pub kid: String,
+    /// When the new key starts to sign (unix seconds).
+    pub signs_from: i64,
+    /// Keys scheduled to retire at `retire_at` by this rotation.
+    pub retiring: Vec<String>,
+    pub retire_at: i64,
+}
+
+fn secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Adds a new signing key: published at once, signing after the publish delay; the current keys
+/// retire after the tokens they may still sign have expired.
+pub async fn rotate(
+    store: &Store,
+    config: &Config,
+    opts: &RotateOptions,
+) -> Result<Rotation, KeyError> {
+    let kid = uuid::Uuid::new_v4().to_string();
+    let (_, der) =
+        SigningKey::generate(kid.clone()).map_err(|e| KeyError::Generate(e.to_string()))?;
+    // Rounded up: `now_unix` truncates, and the delay is a minimum.
+    let now = now_unix().saturating_add(1);
+    let signs_from =
+        now.saturating_add(secs(opts.publish_delay.unwrap_or(config.key_publish_delay)));
+    let retire_after = match opts.retire_after {
+        Some(d) => d,
+        None => longest_token_lifetime(store, config).await? + CLOCK_SKEW_MARGIN,
+    };
+    let retire_at = signs_from.saturating_add(secs(retire_after));
+    use base64::Engine;
+    let key = StoredKey {
+        id: kid.clone(),
+        alg: "ES256".into(),
+        private_der: base64::engine::general_purpose::STANDARD.encode(&der),
+        active: true,
+        created_at: signs_from,
+    };
+    let retiring = store.rotate_signing_key(&key, retire_at).await?;
+    Ok(Rotation {
+        kid,
+        signs_from,
+        retiring,
+        retire_at,
+    })
+}
+
+/// Marks the keys whose retirement has come inactive (they already left every keyring by the
+/// clock; this keeps the table truthful). Returns their ids.
+pub async fn deactivate_retired(store: &Store, now: i64) -> Result<Vec<String>, StoreError> {
+    let due: Vec<String> = load_schedule(store)
+        .await?
+        .into_iter()
+        .filter(|(_, s)| s.retire_at.is_some_and(|r| r <= now))
+        .map(|(k, _)| k.id)
+        .collect();
+    store.deactivate_keys(&due).await?;
+    Ok(due)
+}
+
+/// One line of `fhirgate keys list`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStatus {
+    pub kid: String,
+    /// `signing`, `published` (verifies, signs later), `verifying` (signed before, retires
+    /// later) or `retired`.
+    pub state: &'static str,
+    pub signs_from: i64,
+    pub retire_at: Option<i64>,
+}
+
+pub async fn status(store: &Store, now: i64) -> Result<Vec<KeyStatus>, StoreError> {
+    let schedule: Vec<ScheduledKey> = load_schedule(store)
+        .await?
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect();
+    let (ring, _) = ring_at(&schedule, now);
+    Ok(schedule
+        .iter()
+        .enumerate()
+        .map(|(i, s)| KeyStatus {
+            kid: s.id.clone(),
+            state: match ring.iter().position(|&r| r == i) {
+                Some(0) => "signing",
+                Some(_) if s.signs_from > now => "published",
+                Some(_) => "verifying",
+                None => "retired",
+            },
+            signs_from: s.signs_from,
+            retire_at: s.retire_at,
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(id: &str, signs_from: i64, retire_at: Option<i64>) -> ScheduledKey {
+        ScheduledKey {
+            id: id.into(),
+            signs_from,
+            retire_at,
+        }
+    }
+
+    fn ids(keys: &[ScheduledKey], now: i64) -> (Vec<&str>, Option<i64>) {
+        let (ring, next) = ring_at(keys, now);
+        (ring.iter().map(|&i| keys[i].id.as_str()).collect(), next)
+    }
+
+    #[test]
+    fn one_key_signs_alone() {
+        let keys = [key("a", 100, None)];
+        assert_eq!(ids(&keys, 200), (vec!["a"], None));
+    }
+
+    #[test]
+    fn a_rotation_publishes_first_signs_later_and_retires_the_old_key_last() {
+        // Rotation at 1000: "b" signs from 1060, "a" retires at 5000.
+        let keys = [key("a", 100, Some(5000)), key("b", 1060, None)];
+        assert_eq!(ids(&keys, 1000), (vec!["a", "b"], Some(1060)));
+        assert_eq!(ids(&keys, 1059), (vec!["a", "b"], Some(1060)));
+        assert_eq!(ids(&keys, 1060), (vec!["b", "a"], Some(5000)));
+        assert_eq!(ids(&keys, 4999), (vec!["b", "a"], Some(5000)));
+        assert_eq!(ids(&keys, 5000), (vec!["b"], None));
+    }
+
+    #[test]
+    fn the_newest_started_key_signs_whatever_the_order() {
+        let keys = [
+            key("c", 300, None),
+            key("a", 100, Some(900)),
+            key("b", 200, Some(900)),
+        ];
+        assert_eq!(ids(&keys, 250), (vec!["b", "a", "c"], Some(300)));
+        assert_eq!(ids(&keys, 300), (vec!["c", "a", "b"], Some(900)));
+        // Equal start times: the id decides, the same way on every instance.
+        let tie = [key("y", 100, None), key("x", 100, None)];
+        assert_eq!(ids(&tie, 100).0, vec!["y", "x"]);
+    }
+
+    #[test]
+    fn a_key_retired_before_its_successor_starts_leaves_the_successor_signing() {
+        let keys = [key("old", 100, Some(1000)), key("new", 1060, None)];
+        assert_eq!(ids(&keys, 1000), (vec!["new"], Some(1060)));
+        assert_eq!(ids(&[], 1000), (vec![], None));
+    }
+}

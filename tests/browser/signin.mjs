@@ -1,0 +1,151 @@
+// Drives fhirgate's sign-in page (/oauth2/authorize) in Debian's chromium, as a person would:
+// keyboard only on the sign-in form, a wrong password first (the inline error must show), then
+// the right one, the TOTP code (RFC 6238, computed here with node's crypto), the scope consent
+// (unticking the scopes named in `untick`), and finally the client's redirect URI, which a
+// local HTTP listener catches. Page JavaScript is disabled: the page must work without it.
+//
+// Input: one JSON argument {authorizeUrl, email, password, wrongPassword, totpSecret,
+// callbackPort, screenshotDir, untick}. Output: one JSON line on stdout
+// {callback: {code, state, error}, pages: [...], inlineError, focusOrder, screenshots}.
+// Exit code 0 when the flow reached the callback, 1 otherwise (the Rust test asserts on the
+// JSON either way).
+
+import { createHmac } from 'node:crypto';
+import { createServer } from 'node:http';
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { chromium } from 'playwright-core';
+
+const input = JSON.parse(process.argv[2] ?? '{}');
+const STEP_TIMEOUT = 15000;
+
+/** RFC 4648 base32 to bytes. */
+function base32Decode(text) {
+  const alphabet = 'ABCDEFGHIJKLMNOPQRSTUVWXYZ234567';
+  const clean = text.replace(/=+$/, '').toUpperCase();
+  let bits = 0;
+  let value = 0;
+  const out = [];
+  for (const ch of clean) {
+    const idx = alphabet.indexOf(ch);
+    if (idx < 0) throw new Error(`invalid base32 character ${ch}`);
+    value = (value << 5) | idx;
+    bits += 5;
+    if (bits >= 8) {
+      out.push((value >>> (bits - 8)) & 0xff);
+      bits -= 8;
+    }
+  }
+  return Buffer.from(out);
+}
+
+/** RFC 6238 TOTP: HMAC-SHA1, 30 s steps, 6 digits (RFC 4226 dynamic truncation). */
+export function totp(secretBase32, unixSeconds) {
+  const counter = Buffer.alloc(8);
+  counter.writeBigUInt64BE(BigInt(Math.floor(unixSeconds / 30)));
+  const mac = createHmac('sha1', base32Decode(secretBase32)).update(counter).digest();
+  const offset = mac[mac.length - 1] & 0x0f;
+  const binary =
+    ((mac[offset] & 0x7f) << 24) |
+    (mac[offset + 1] << 16) |
+    (mac[offset + 2] << 8) |
+    mac[offset + 3];
+  return String(binary % 1_000_000).padStart(6, '0');
+}
+
+function listenForCallback(port) {
+  let resolve;
+  const received = new Promise((r) => (resolve = r));
+  const server = createServer((req, res) => {
+    const url = new URL(req.url, `http://127.0.0.1:${port}`);
+    if (url.pathname !== '/callback') {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
+    res.end('<!doctype html><title>Signed in</title><h1>Signed in</h1>');
+    resolve(Object.fromEntries(url.searchParams));
+  });
+  return new Promise((ready, fail) => {
+    server.once('error', fail);
+    server.listen(port, '127.0.0.1', () => ready({ server, received }));
+  });
+}
+
+async function main() {
+  const result = { pages: [], screenshots: [], focusOrder: [], inlineError: null, callback: null };
+  mkdirSync(input.screenshotDir, { recursive: true });
+  const { server, received } = await listenForCallback(input.callbackPort);
+  const browser = await chromium.launch({
+    executablePath: '/usr/bin/chromium',
+    headless: true,
+    // Root in a container: chromium's own sandbox needs user namespaces it may not have.
+    args: ['--no-sandbox'],
+  });
+  try {
+    const context = await browser.newContext({ javaScriptEnabled: false });
+    const page = await context.newPage();
+    page.setDefaultTimeout(STEP_TIMEOUT);
+    const shot = async (name) => {
+      const path = join(input.screenshotDir, `${String(result.screenshots.length + 1).padStart(2, '0')}-${name}.png`);
+      await page.screenshot({ path, fullPage: true });
+      result.screenshots.push(path);
+    };
+    const heading = async () => (await page.locator('h1').innerText()).trim();
+
+    await page.goto(input.authorizeUrl);
+    result.pages.push(await heading());
+    await shot('signin');
+
+    // Keyboard only: the e-mail field has focus on load, Tab reaches the password, Enter submits.
+    const focused = async () => page.locator('input:focus').getAttribute('id');
+    result.focusOrder.push(await focused());
+    await page.keyboard.type(input.email);
+    await page.keyboard.press('Tab');
+    result.focusOrder.push(await focused());
+    await page.keyboard.type(input.wrongPassword);
+    await page.keyboard.press('Enter');
+    await page.waitForLoadState();
+    result.inlineError = (await page.getByRole('alert').innerText()).trim();
+    await shot('signin-error');
+
+    // The e-mail is kept; the password is typed again.
+    await page.getByLabel('Password').fill(input.password);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.waitForLoadState();
+    result.pages.push(await heading());
+
+    const code = totp(input.totpSecret, Date.now() / 1000);
+    await page.getByLabel('Authentication code').fill(code);
+    await shot('mfa');
+    await page.getByRole('button', { name: 'Verify' }).click();
+    await page.waitForLoadState();
+    result.pages.push(await heading());
+
+    for (const word of input.untick ?? []) {
+      await page.locator(`input[type=checkbox][value="${word}"]`).uncheck();
+    }
+    await shot('consent');
+    const [callback] = await Promise.all([
+      Promise.race([
+        received,
+        new Promise((_, fail) => setTimeout(() => fail(new Error('no callback')), STEP_TIMEOUT)),
+      ]),
+      page.getByRole('button', { name: 'Allow' }).click(),
+    ]);
+    result.callback = callback;
+    await page.waitForLoadState();
+    await shot('callback');
+  } catch (e) {
+    result.failure = String(e?.stack ?? e);
+  } finally {
+    await browser.close();
+    server.close();
+  }
+  process.stdout.write(JSON.stringify(result) + '\n');
+  process.exit(result.callback?.code ? 0 : 1);
+}
+
+if (process.argv[2]) {
+  await main();
+}
