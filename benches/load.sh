@@ -292,6 +292,7 @@ LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SE
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
   --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format text --policies-dir "$ROOT/policies" \
+  --auth-rate-limit 0 \
   >"$TMP/fhirgate.log" 2>&1 &
 FG_PID=$!
 PIDS+=("$FG_PID")
