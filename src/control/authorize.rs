@@ -193,7 +193,7 @@ fn redirect(base: &str, params: &[(&str, &str)], cookies: &[String]) -> Response
 }
 
 /// The redirect URIs a client registered (`redirectUri` and `redirectUris[]`).
-fn registered_redirect_uris(client: &ClientInfo) -> Vec<&str> {
+pub(crate) fn registered_redirect_uris(client: &ClientInfo) -> Vec<&str> {
     let mut out: Vec<&str> = client
         .content
         .get("redirectUris")
@@ -497,18 +497,7 @@ async fn start(state: &State, parts: &Parts, p: &Params) -> Result<Response, Api
         && login::scope_narrows(&login.scope, &request.scope)
     {
         // Nothing changes until the person answers: the consent form carries the request.
-        let mut hidden = request.hidden(&csrf);
-        hidden[0] = Hidden::new("step", "resume");
-        return consent_page(
-            state,
-            Some(&request.client),
-            &request.scope,
-            &request.redirect_uri,
-            hidden,
-            &csrf,
-            None,
-            StatusCode::OK,
-        );
+        return resume_consent_page(state, &request, &csrf, None, StatusCode::OK);
     }
     signin_page(state, &request, &csrf, None, "", StatusCode::OK)
 }
@@ -901,14 +890,9 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
     let chosen = match chosen_scopes(p, &request.scope) {
         Ok(c) => c,
         Err(message) => {
-            let mut hidden = request.hidden(&csrf);
-            hidden[0] = Hidden::new("step", "resume");
-            return consent_page(
+            return resume_consent_page(
                 state,
-                Some(&request.client),
-                &request.scope,
-                &request.redirect_uri,
-                hidden,
+                &request,
                 &csrf,
                 Some(message.to_string()),
                 StatusCode::BAD_REQUEST,
@@ -1060,6 +1044,28 @@ async fn render_step(
             Hidden::new("login", login.id.clone()),
             Hidden::new("csrf", csrf),
         ],
+        csrf,
+        error,
+        status,
+    )
+}
+
+/// The consent page of a signed-in person, whose answer comes back as the `resume` step.
+fn resume_consent_page(
+    state: &State,
+    request: &AuthRequest,
+    csrf: &str,
+    error: Option<String>,
+    status: StatusCode,
+) -> Result<Response, ApiError> {
+    let mut hidden = request.hidden(csrf);
+    hidden[0] = Hidden::new("step", "resume");
+    consent_page(
+        state,
+        Some(&request.client),
+        &request.scope,
+        &request.redirect_uri,
+        hidden,
         csrf,
         error,
         status,

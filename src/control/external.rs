@@ -33,8 +33,11 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Map, Value, json};
 
+use super::authorize;
 use super::login::{self, keys};
-use super::token::{Issue, TokenForm, access_token_lifetime, issue_tokens, refresh_token_lifetime};
+use super::token::{
+    TokenForm, access_token_lifetime, granted_until, issue_user_tokens, refresh_token_lifetime,
+};
 use super::{ApiError, client_ip, json_response};
 use crate::obs::METRICS;
 use crate::state::{ClientInfo, State};
@@ -56,8 +59,6 @@ const IDP_TIMEOUT: Duration = Duration::from_secs(10);
 const IDP_MAX_BODY: usize = 256 * 1024;
 /// Largest `/auth/*` body of this module.
 const MAX_BODY: usize = 64 * 1024;
-/// ID tokens live one hour (medplum-auth.md §3.3); a granted Login must outlive them.
-const ID_TOKEN_LIFETIME: u64 = 3600;
 
 static IDP_HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
     reqwest::Client::builder()
@@ -485,34 +486,6 @@ async fn user_by_external_id(
     Ok(users.into_iter().next())
 }
 
-/// Medplum's PKCE parameter checks (skipped for `pkceOptional` clients).
-fn check_pkce(req: &ExternalLogin<'_>) -> Result<(), ApiError> {
-    if req
-        .client
-        .is_some_and(|c| login::client_flag(c, "pkceOptional"))
-    {
-        return Ok(());
-    }
-    match (
-        req.code_challenge.as_deref(),
-        req.code_challenge_method.as_deref(),
-    ) {
-        (None, Some(_)) => Err(ApiError::invalid(
-            "code_challenge",
-            "Invalid code challenge",
-        )),
-        (Some(_), None) => Err(ApiError::invalid(
-            "code_challenge_method",
-            "Invalid code challenge method",
-        )),
-        (Some(_), Some(m)) if m != "plain" && m != "S256" => Err(ApiError::invalid(
-            "code_challenge_method",
-            "Invalid code challenge method",
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// Finds the user, stores a new Login and chooses its membership when there is one to take
 /// (through `login::choose_profile`, with all of its checks). "User not found" when there is no
 /// such user or no membership to sign in to.
@@ -525,7 +498,11 @@ pub async fn external_login(
     {
         return Err(ApiError::bad_request("Invalid client"));
     }
-    check_pkce(req)?;
+    login::check_client_pkce(
+        req.client,
+        req.code_challenge.as_deref(),
+        req.code_challenge_method.as_deref(),
+    )?;
     let project = req.project_id.as_deref().filter(|p| !p.is_empty());
     let user = match (&req.external_id, &req.email) {
         (Some(ext), _) => user_by_external_id(state, ext, project).await?,
@@ -551,16 +528,11 @@ pub async fn external_login(
     };
     put(keys::GRANTED, Value::Bool(false));
     put(keys::NONCE, Value::String(req.nonce.clone()));
-    if let Some(c) = &req.code_challenge {
-        put(keys::CODE_CHALLENGE, Value::String(c.clone()));
-        put(
-            keys::CODE_CHALLENGE_METHOD,
-            Value::String(
-                req.code_challenge_method
-                    .clone()
-                    .unwrap_or_else(|| "plain".into()),
-            ),
-        );
+    for (k, v) in login::pkce_extra(
+        req.code_challenge.as_deref(),
+        req.code_challenge_method.as_deref(),
+    ) {
+        put(k, v);
     }
     if let Some(l) = &req.launch {
         put(keys::LAUNCH, Value::String(l.clone()));
@@ -703,30 +675,11 @@ impl ExternalState {
     }
 }
 
-/// A client's registered redirect URIs (`redirectUri` and `redirectUris[]`).
-fn redirect_uris(client: &ClientInfo) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Some(u) = client.content.get("redirectUri").and_then(Value::as_str) {
-        out.push(u.to_string());
-    }
-    for u in client
-        .content
-        .get("redirectUris")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-    {
-        out.push(u.to_string());
-    }
-    out
-}
-
 /// Medplum's `getClientRedirectUri(client, uri, allowPartial = true)`: an exact match, else
 /// the requested URI when a registered one is its prefix. Stricter: the prefix must have the
 /// same scheme, host and port, end on a path segment boundary, and carry no user info.
-pub fn match_redirect_uri(registered: &[String], requested: &str) -> Option<String> {
-    if registered.iter().any(|r| r == requested) {
+pub fn match_redirect_uri<S: AsRef<str>>(registered: &[S], requested: &str) -> Option<String> {
+    if registered.iter().any(|r| r.as_ref() == requested) {
         return Some(requested.to_string());
     }
     let req = url::Url::parse(requested).ok()?;
@@ -734,7 +687,7 @@ pub fn match_redirect_uri(registered: &[String], requested: &str) -> Option<Stri
         return None;
     }
     registered.iter().find_map(|r| {
-        let reg = url::Url::parse(r).ok()?;
+        let reg = url::Url::parse(r.as_ref()).ok()?;
         let same_origin = reg.scheme() == req.scheme()
             && reg.host_str() == req.host_str()
             && reg.port_or_known_default() == req.port_or_known_default();
@@ -751,15 +704,7 @@ pub async fn external_callback(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
-    let query: Vec<(String, String)> = parts
-        .uri
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let query: Vec<(String, String)> = super::query_pairs(&parts);
     let param = |name: &str| {
         query
             .iter()
@@ -855,7 +800,7 @@ pub async fn external_callback(
         && login::not_ready(&login).is_none()
         && let (Some(requested), Some(c)) = (&st.redirect_uri, client)
     {
-        let target = match_redirect_uri(&redirect_uris(c), requested)
+        let target = match_redirect_uri(&authorize::registered_redirect_uris(c), requested)
             .ok_or_else(|| ApiError::bad_request("Invalid redirect URI"))?;
         let mut url =
             url::Url::parse(&target).map_err(|_| ApiError::bad_request("Invalid redirect URI"))?;
@@ -1083,48 +1028,24 @@ async fn grant(
     let offline = login::flag(&login, keys::OFFLINE);
     let refresh_lifetime = offline.then(|| refresh_token_lifetime(state, Some(client)));
     let refresh_secret = offline.then(|| random_hex(32));
-    let longest = lifetime
-        .as_secs()
-        .max(ID_TOKEN_LIFETIME)
-        .max(refresh_lifetime.map(|r| r.as_secs()).unwrap_or(0));
-    login.expires_at = now.saturating_add(i64::try_from(longest).unwrap_or(i64::MAX));
+    login.expires_at = granted_until(now, lifetime, refresh_lifetime);
     login.refresh_secret = refresh_secret.as_deref().map(|s| state.hash_secret(s));
     login::set_extra(&mut login, keys::GRANTED, Value::Bool(true));
     if !state.store.update_login(&login).await? {
         return Err(ApiError::bad_request("Login revoked"));
     }
-
-    let user = match login::user_id(&login) {
-        Some(id) => state.store.read("User", id).await?.map(|u| u.content),
-        None => None,
-    };
-    let field = |k: &str| {
-        user.as_ref()
-            .and_then(|u| u.get(k))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    let (email, given, family) = (field("email"), field("firstName"), field("lastName"));
-    let sub = login::user_id(&login)
-        .unwrap_or(login.user_ref.as_str())
-        .to_string();
-    issue_tokens(
+    // The exchange Login was started by `client` (external_login records it), so the tokens
+    // name the same client issue_user_tokens reads from the Login.
+    issue_user_tokens(
         state,
-        &Issue {
-            login: &login,
-            sub: &sub,
-            profile: &profile,
-            project_id: &project_id,
-            client_id: Some(&client.id),
-            lifetime,
-            refresh: refresh_secret.as_deref().zip(refresh_lifetime),
-            email: Some(email.as_str()).filter(|e| !e.is_empty()),
-            names: Some((&given, &family)),
-            patient: profile.strip_prefix("Patient/"),
-            now,
-        },
+        &login,
+        &profile,
+        &project_id,
+        Some(client),
+        refresh_secret.as_deref().zip(refresh_lifetime),
+        now,
     )
+    .await
 }
 
 #[cfg(test)]

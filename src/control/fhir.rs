@@ -260,15 +260,7 @@ pub async fn search(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
-    let params: Vec<(String, String)> = parts
-        .uri
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let params: Vec<(String, String)> = super::query_pairs(&parts);
     run_search(&state, &parts, &resource_type, params).await
 }
 
@@ -286,15 +278,7 @@ pub async fn post_search(
         return Err(ApiError::bad_request("Unsupported content type"));
     }
     let bytes = read_body(body, super::MAX_BODY).await?;
-    let mut params: Vec<(String, String)> = parts
-        .uri
-        .query()
-        .map(|q| {
-            form_urlencoded::parse(q.as_bytes())
-                .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut params: Vec<(String, String)> = super::query_pairs(&parts);
     params.extend(form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())));
     run_search(&state, &parts, &resource_type, params).await
 }

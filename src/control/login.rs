@@ -91,6 +91,16 @@ pub struct LoginRequest {
     pub user_agent: Option<String>,
 }
 
+impl LoginRequest {
+    /// The requested scope, `openid` when none was asked for (Medplum's default).
+    pub(crate) fn scope_or_openid(&self) -> String {
+        self.scope
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "openid".to_string())
+    }
+}
+
 // === small accessors of the flow state ===
 
 pub fn flag(login: &LoginRecord, key: &str) -> bool {
@@ -321,7 +331,19 @@ fn validation_errors(errors: &[(&str, &str)]) -> ApiError {
     }
 }
 
-/// Medplum's PKCE parameter checks of `/auth/login` (skipped for `pkceOptional` clients).
+/// Medplum's PKCE parameter checks of every sign-in that starts a Login (`/auth/login`,
+/// `/auth/newuser`, external IdPs), skipped for `pkceOptional` clients.
+pub(crate) fn check_client_pkce(
+    client: Option<&ClientInfo>,
+    challenge: Option<&str>,
+    method: Option<&str>,
+) -> Result<(), ApiError> {
+    if client.is_some_and(|c| client_flag(c, "pkceOptional")) {
+        return Ok(());
+    }
+    check_pkce_params(challenge, method)
+}
+
 fn check_pkce_params(challenge: Option<&str>, method: Option<&str>) -> Result<(), ApiError> {
     match (challenge, method) {
         (None, Some(_)) => Err(ApiError::invalid(
@@ -338,6 +360,24 @@ fn check_pkce_params(challenge: Option<&str>, method: Option<&str>) -> Result<()
         )),
         _ => Ok(()),
     }
+}
+
+/// A new Login's PKCE state, as its `extra` entries: the challenge and its method, a bare
+/// challenge counting as plain.
+pub(crate) fn pkce_extra(
+    challenge: Option<&str>,
+    method: Option<&str>,
+) -> impl Iterator<Item = (&'static str, Value)> {
+    // pkceOptional clients may send a bare challenge; Medplum then compares it as plain.
+    challenge.into_iter().flat_map(move |c| {
+        [
+            (keys::CODE_CHALLENGE, Value::String(c.to_string())),
+            (
+                keys::CODE_CHALLENGE_METHOD,
+                Value::String(method.unwrap_or("plain").to_string()),
+            ),
+        ]
+    })
 }
 
 pub fn client_flag(client: &ClientInfo, key: &str) -> bool {
@@ -400,12 +440,7 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         .code_challenge_method
         .as_deref()
         .filter(|s| !s.is_empty());
-    if !client
-        .as_ref()
-        .is_some_and(|c| client_flag(c, "pkceOptional"))
-    {
-        check_pkce_params(challenge, method)?;
-    }
+    check_client_pkce(client.as_ref(), challenge, method)?;
     let user = find_user(state, &email, project_id.as_deref())
         .await?
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
@@ -423,11 +458,7 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
     }
 
     let now = now_unix();
-    let scope = req
-        .scope
-        .clone()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "openid".to_string());
+    let scope = req.scope_or_openid();
     let mfa_enrolled = user
         .content
         .get("mfaEnrolled")
@@ -458,13 +489,8 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         ),
     );
-    if let (Some(c), Some(m)) = (challenge, method) {
-        put(keys::CODE_CHALLENGE, Value::String(c.to_string()));
-        put(keys::CODE_CHALLENGE_METHOD, Value::String(m.to_string()));
-    } else if let Some(c) = challenge {
-        // pkceOptional clients may send a bare challenge; Medplum then compares it as plain.
-        put(keys::CODE_CHALLENGE, Value::String(c.to_string()));
-        put(keys::CODE_CHALLENGE_METHOD, Value::String("plain".into()));
+    for (k, v) in pkce_extra(challenge, method) {
+        put(k, v);
     }
     if let Some(l) = req.launch.as_deref().filter(|s| !s.is_empty()) {
         put(keys::LAUNCH, Value::String(l.to_string()));
@@ -882,6 +908,19 @@ pub async fn login_status(
     Ok(ok_json(&result))
 }
 
+/// The `login` of a step on a pending Login and the one other field the step needs, reported
+/// in that order when missing.
+pub(crate) fn login_and(
+    body: &Map<String, Value>,
+    key: &str,
+    missing: &str,
+) -> Result<(String, String), ApiError> {
+    let login_id =
+        body_str(body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
+    let other = body_str(body, key).ok_or_else(|| ApiError::invalid(key, missing))?;
+    Ok((login_id, other))
+}
+
 /// `POST /auth/profile {login, profile}`.
 pub async fn profile(
     AxState(state): AxState<Arc<State>>,
@@ -889,18 +928,7 @@ pub async fn profile(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
-    let login_id = body_str(&body, "login");
-    let profile = body_str(&body, "profile");
-    let mut errors = Vec::new();
-    if login_id.is_none() {
-        errors.push(("login", "Missing login"));
-    }
-    if profile.is_none() {
-        errors.push(("profile", "Missing profile"));
-    }
-    let (Some(login_id), Some(profile)) = (login_id, profile) else {
-        return Err(validation_errors(&errors));
-    };
+    let (login_id, profile) = login_and(&body, "profile", "Missing profile")?;
     let ip = client_ip(&state, &parts)?;
     let login = get_login(&state, &login_id).await?;
     let mut login = choose_profile(&state, &login, &profile, ip).await?;
@@ -915,18 +943,7 @@ pub async fn scope(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
-    let login_id = body_str(&body, "login");
-    let scope = body_str(&body, "scope");
-    let mut errors = Vec::new();
-    if login_id.is_none() {
-        errors.push(("login", "Missing login"));
-    }
-    if scope.is_none() {
-        errors.push(("scope", "Missing scope"));
-    }
-    let (Some(login_id), Some(scope)) = (login_id, scope) else {
-        return Err(validation_errors(&errors));
-    };
+    let (login_id, scope) = login_and(&body, "scope", "Missing scope")?;
     let login = get_login(&state, &login_id).await?;
     let mut login = set_scope(&state, &login, &scope).await?;
     let result = login_result(&state, &mut login).await?;

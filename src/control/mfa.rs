@@ -599,14 +599,6 @@ pub async fn disable(
     Ok(outcome_response(&Outcome::AllOk))
 }
 
-fn login_and_token(body: &Map<String, Value>) -> Result<(&str, &str), ApiError> {
-    let login =
-        body_string(body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
-    let token =
-        body_string(body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
-    Ok((login, token))
-}
-
 /// `POST /auth/mfa/verify {login, token}`: the sign-in step, then the usual login result.
 pub async fn verify(
     AxState(state): AxState<Arc<State>>,
@@ -614,8 +606,8 @@ pub async fn verify(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = super::login::auth_body(&parts, body).await?;
-    let (login, token) = login_and_token(&body)?;
-    let login = verify_login(&state, login, token).await?;
+    let (login, token) = super::login::login_and(&body, "token", "Missing token")?;
+    let login = verify_login(&state, &login, &token).await?;
     login_result(&state, login).await
 }
 
@@ -626,8 +618,8 @@ pub async fn login_enroll_handler(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = super::login::auth_body(&parts, body).await?;
-    let (login, token) = login_and_token(&body)?;
-    let login = login_enroll(&state, login, token).await?;
+    let (login, token) = super::login::login_and(&body, "token", "Missing token")?;
+    let login = login_enroll(&state, &login, &token).await?;
     login_result(&state, login).await
 }
 

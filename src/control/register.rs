@@ -112,12 +112,7 @@ pub async fn new_user(
     }
     let challenge = body_str(&body, "codeChallenge");
     let method = body_str(&body, "codeChallengeMethod");
-    let pkce_optional = client
-        .as_ref()
-        .is_some_and(|c| login::client_flag(c, "pkceOptional"));
-    if !pkce_optional {
-        check_pkce(challenge.as_deref(), method.as_deref())?;
-    }
+    login::check_client_pkce(client.as_ref(), challenge.as_deref(), method.as_deref())?;
     if state
         .store
         .users_by_email(&email, project_id.as_deref())
@@ -191,36 +186,13 @@ pub async fn new_user(
     Ok(ok_json(&json!({"login": login.id})))
 }
 
-/// `/auth/login`'s PKCE parameter checks.
-fn check_pkce(challenge: Option<&str>, method: Option<&str>) -> Result<(), ApiError> {
-    match (challenge, method) {
-        (None, Some(_)) => Err(ApiError::invalid(
-            "code_challenge",
-            "Invalid code challenge",
-        )),
-        (Some(_), None) => Err(ApiError::invalid(
-            "code_challenge_method",
-            "Invalid code challenge method",
-        )),
-        (Some(_), Some(m)) if m != "plain" && m != "S256" => Err(ApiError::invalid(
-            "code_challenge_method",
-            "Invalid code challenge method",
-        )),
-        _ => Ok(()),
-    }
-}
-
 /// The Login of a user who just registered: authenticated by the password they chose, with no
 /// membership yet (Medplum's `tryLogin` with `allowNoMembership`). Flow state as login.rs keeps
 /// it.
 fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
     use login::keys;
     let now = now_unix();
-    let scope = req
-        .scope
-        .clone()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| "openid".to_string());
+    let scope = req.scope_or_openid();
     let mut extra = Map::new();
     let mut put = |k: &str, v: Value| {
         extra.insert(k.to_string(), v);
@@ -234,16 +206,11 @@ fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
                 .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         ),
     );
-    if let Some(c) = &req.code_challenge {
-        put(keys::CODE_CHALLENGE, Value::String(c.clone()));
-        put(
-            keys::CODE_CHALLENGE_METHOD,
-            Value::String(
-                req.code_challenge_method
-                    .clone()
-                    .unwrap_or_else(|| "plain".into()),
-            ),
-        );
+    for (k, v) in login::pkce_extra(
+        req.code_challenge.as_deref(),
+        req.code_challenge_method.as_deref(),
+    ) {
+        put(k, v);
     }
     if let Some(o) = &req.origin {
         put(keys::ORIGIN, Value::String(o.clone()));
@@ -364,27 +331,22 @@ pub async fn new_project(
     });
     let written = state
         .store
-        .write_batch(vec![
-            BatchWrite::Put {
+        .write_batch(
+            std::iter::once(BatchWrite::Put {
                 index: index_rows(&project),
                 content: project,
                 project_id: Some(project_id.clone()),
                 expected_version: None,
                 create_only: true,
-            },
-            BatchWrite::Claim {
-                key: format!("membership:{project_id}:{user_ref}"),
-                resource_type: "ProjectMembership".into(),
-                id: membership_id.clone(),
-            },
-            BatchWrite::Put {
-                index: index_rows(&membership),
-                content: membership,
-                project_id: Some(project_id.clone()),
-                expected_version: None,
-                create_only: true,
-            },
-        ])
+            })
+            .chain(membership_writes(
+                &project_id,
+                &user_ref,
+                &membership_id,
+                membership,
+            ))
+            .collect(),
+        )
         .await;
     if let Err(e) = written {
         if created {
@@ -402,6 +364,29 @@ pub async fn new_project(
     Ok(ok_json(&result))
 }
 
+/// A new membership of a registering user, claimed so that a user has at most one per project.
+fn membership_writes(
+    project_id: &str,
+    user_ref: &str,
+    membership_id: &str,
+    membership: Value,
+) -> [BatchWrite; 2] {
+    [
+        BatchWrite::Claim {
+            key: format!("membership:{project_id}:{user_ref}"),
+            resource_type: "ProjectMembership".into(),
+            id: membership_id.to_string(),
+        },
+        BatchWrite::Put {
+            index: index_rows(&membership),
+            content: membership,
+            project_id: Some(project_id.to_string()),
+            expected_version: None,
+            create_only: true,
+        },
+    ]
+}
+
 // === /auth/newpatient ===
 
 /// `POST /auth/newpatient {login, projectId}`: 200 `{login, code}`.
@@ -411,10 +396,7 @@ pub async fn new_patient(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
-    let login_id =
-        body_str(&body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
-    let project_id = body_str(&body, "projectId")
-        .ok_or_else(|| ApiError::invalid("projectId", "Project ID is required"))?;
+    let (login_id, project_id) = login::login_and(&body, "projectId", "Project ID is required")?;
     let (login, user) = pending_registration(&state, &login_id).await?;
     if user.project_id.as_deref() != Some(project_id.as_str()) {
         return Err(ApiError::bad_request("User must be scoped to the project"));
@@ -447,20 +429,7 @@ pub async fn new_patient(
     });
     let written = state
         .store
-        .write_batch(vec![
-            BatchWrite::Claim {
-                key: format!("membership:{project_id}:{user_ref}"),
-                resource_type: "ProjectMembership".into(),
-                id: membership_id.clone(),
-            },
-            BatchWrite::Put {
-                index: index_rows(&membership),
-                content: membership,
-                project_id: Some(project_id.clone()),
-                expected_version: None,
-                create_only: true,
-            },
-        ])
+        .write_batch(membership_writes(&project_id, &user_ref, &membership_id, membership).into())
         .await;
     if let Err(e) = written {
         if created {

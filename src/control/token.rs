@@ -554,6 +554,49 @@ fn live_membership<'s>(
     Ok((id, membership.as_ref(), super_admin))
 }
 
+/// The profile reference and project id a token of `membership` names.
+fn profile_and_project(
+    membership: &fhirgate_core::policy::model::ProjectMembership,
+) -> Result<(String, String), ApiError> {
+    let profile = membership
+        .profile
+        .reference
+        .clone()
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let project_id = membership
+        .project
+        .type_and_id()
+        .map(|(_, p)| p.to_string())
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    Ok((profile, project_id))
+}
+
+/// Access token lifetime of a user's Login: its client's, or the server default without one.
+fn user_access_lifetime(state: &State, client: Option<&ClientInfo>) -> Duration {
+    match client {
+        Some(c) => access_token_lifetime(state, c),
+        None => state.config.access_token_lifetime,
+    }
+}
+
+/// The client a Login was started by, which must still exist and be active to redeem it.
+fn login_client<'s>(
+    snap: &'s Snapshot,
+    login: &LoginRecord,
+) -> Result<Option<&'s ClientInfo>, ApiError> {
+    let Some(id) = login.client_id.as_deref() else {
+        return Ok(None);
+    };
+    let c = snap
+        .clients
+        .get(id)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    if !c.active {
+        return Err(ApiError::oauth("Invalid client"));
+    }
+    Ok(Some(c))
+}
+
 /// Everything the token response says about a user's Login.
 struct UserFacts {
     email: Option<String>,
@@ -581,7 +624,7 @@ async fn user_facts(state: &State, login: &LoginRecord) -> Result<UserFacts, Api
 }
 
 /// Signs the tokens of a user's Login (authorization code and refresh grants).
-async fn issue_user_tokens(
+pub(crate) async fn issue_user_tokens(
     state: &State,
     login: &LoginRecord,
     profile: &str,
@@ -591,10 +634,7 @@ async fn issue_user_tokens(
     now: i64,
 ) -> Result<Value, ApiError> {
     let facts = user_facts(state, login).await?;
-    let lifetime = match client {
-        Some(c) => access_token_lifetime(state, c),
-        None => state.config.access_token_lifetime,
-    };
+    let lifetime = user_access_lifetime(state, client);
     let sub = login::user_id(login).unwrap_or(login.user_ref.as_str());
     let patient = profile.strip_prefix("Patient/");
     issue_tokens(
@@ -616,7 +656,7 @@ async fn issue_user_tokens(
 }
 
 /// How long a granted Login must stay known: as long as any token it issued can be valid.
-fn granted_until(now: i64, access: Duration, refresh: Option<Duration>) -> i64 {
+pub(crate) fn granted_until(now: i64, access: Duration, refresh: Option<Duration>) -> i64 {
     let longest = access
         .as_secs()
         .max(ID_TOKEN_LIFETIME as u64)
@@ -678,19 +718,7 @@ async fn authorization_code(
         return Err(ApiError::oauth_code("invalid_grant", why));
     }
     let snap = snapshot_for(state, &login).await;
-    let client = match login.client_id.as_deref() {
-        Some(id) => {
-            let c = snap
-                .clients
-                .get(id)
-                .ok_or_else(|| ApiError::oauth("Invalid client"))?;
-            if !c.active {
-                return Err(ApiError::oauth("Invalid client"));
-            }
-            Some(c)
-        }
-        None => None,
-    };
+    let client = login_client(&snap, &login)?;
     if let Some(bound) = login::extra_str(&login, keys::REDIRECT_URI)
         && form.get("redirect_uri") != Some(bound)
     {
@@ -718,21 +746,9 @@ async fn authorization_code(
         check_client_secret(state, c, secret)?;
     }
     let (_, membership, super_admin) = live_membership(state, &snap, parts, &login)?;
-    let profile = membership
-        .profile
-        .reference
-        .clone()
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, p)| p.to_string())
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let (profile, project_id) = profile_and_project(membership)?;
 
-    let lifetime = match client {
-        Some(c) => access_token_lifetime(state, c),
-        None => state.config.access_token_lifetime,
-    };
+    let lifetime = user_access_lifetime(state, client);
     let offline = login::flag(&login, keys::OFFLINE) && !super_admin;
     let refresh_lifetime = offline.then(|| refresh_token_lifetime(state, client));
     let refresh_secret = offline.then(|| random_hex(32));
@@ -815,35 +831,11 @@ async fn refresh_token(state: &State, parts: &Parts, form: &TokenForm) -> Result
     {
         return Err(ApiError::oauth_code("invalid_grant", "Incorrect client"));
     }
-    let client = match login.client_id.as_deref() {
-        Some(id) => {
-            let c = snap
-                .clients
-                .get(id)
-                .ok_or_else(|| ApiError::oauth("Invalid client"))?;
-            if !c.active {
-                return Err(ApiError::oauth("Invalid client"));
-            }
-            Some(c)
-        }
-        None => None,
-    };
+    let client = login_client(&snap, &login)?;
     let (_, membership, _) = live_membership(state, &snap, parts, &login)?;
-    let profile = membership
-        .profile
-        .reference
-        .clone()
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, p)| p.to_string())
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let (profile, project_id) = profile_and_project(membership)?;
     let now = now_unix();
-    let lifetime = match client {
-        Some(c) => access_token_lifetime(state, c),
-        None => state.config.access_token_lifetime,
-    };
+    let lifetime = user_access_lifetime(state, client);
     let refresh_lifetime = refresh_token_lifetime(state, client);
     let new_secret = random_hex(32);
     let ip = client_ip(state, parts)?.map(|i| i.to_string());

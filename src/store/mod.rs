@@ -498,9 +498,14 @@ impl Store {
     }
 
     pub async fn login(&self, id: &str) -> Result<Option<LoginRecord>> {
-        let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE id = $1");
+        self.login_where("id = $1", id).await
+    }
+
+    /// The first Login matching `condition`, a fixed SQL condition on the one bound `value`.
+    async fn login_where(&self, condition: &str, value: &str) -> Result<Option<LoginRecord>> {
+        let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE {condition} LIMIT 1");
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(id)
+            .bind(value)
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(row_to_login).transpose()
@@ -628,12 +633,7 @@ impl Store {
 
     /// The Login whose `code` column holds `value`.
     pub async fn login_by_code(&self, value: &str) -> Result<Option<LoginRecord>> {
-        let sql = format!("SELECT {LOGIN_COLUMNS} FROM logins WHERE code = $1 LIMIT 1");
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(value)
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(row_to_login).transpose()
+        self.login_where("code = $1", value).await
     }
 
     /// Redeems an authorization code: compare-and-swap of the `code` column from `code_hash` to
