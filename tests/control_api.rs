@@ -1,5 +1,6 @@
 //! In-process tests of the control API (SPEC §2; medplum-auth.md §12 cases 1–9, 32–35, 55, 74),
-//! driving `control::router` with `tower::ServiceExt::oneshot` against a temp-dir SQLite store.
+//! driving `control::router` with `tower::ServiceExt::oneshot` against a temp-dir SQLite store
+//! (or, with `FHIRGATE_TEST_STORE=postgres`, a fresh PostgreSQL database of the test cluster).
 
 // Helpers of an integration test crate are test code too; a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -21,6 +22,13 @@ use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+mod common;
+
+/// The store of one test: SQLite in `dir`, or PostgreSQL when the run asks for it.
+fn store_url(dir: &std::path::Path) -> String {
+    common::pg::store_for(dir).unwrap_or_else(|| format!("sqlite://{}", dir.join("t.db").display()))
+}
+
 const BASE: &str = "http://gw.test/";
 
 struct Env {
@@ -32,7 +40,7 @@ struct Env {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let url = store_url(dir.path());
     let store = Store::open(&url).await.unwrap();
     let file = ConfigFile {
         base_url: Some(BASE.into()),
@@ -1679,7 +1687,7 @@ async fn bootstrap_is_idempotent() {
 #[tokio::test]
 async fn bootstrap_uses_configured_credentials() {
     let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
+    let url = store_url(dir.path());
     let store = Store::open(&url).await.unwrap();
     let file = ConfigFile {
         base_url: Some(BASE.into()),
