@@ -8,15 +8,14 @@ use std::net::IpAddr;
 
 use fhirgate_core::fhir::classify::classify;
 use fhirgate_core::fhir::path::is_valid_id;
-use fhirgate_core::fhir::request::{
-    FhirOp, FhirRequest, Interaction, QueryParam, RequestParts, Search, Unclassifiable,
-};
+use fhirgate_core::fhir::request::{FhirOp, FhirRequest, Interaction, QueryParam, RequestParts};
 use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::compiled::{
     InteractionSet, is_known_resource_type, is_project_admin_type, is_protected_type,
 };
 use fhirgate_core::policy::decide::{
-    Decision, Deny, Permit, READ_OPERATIONS, ResponseNeed, WriteCheck, decide, decide_entries,
+    Decision, Deny, Permit, ResponseNeed, WriteCheck, checked_access, decide, decide_entries,
+    is_include,
 };
 use fhirgate_core::policy::effective::{EffectiveInputs, SearchNarrowing, effective};
 use fhirgate_core::policy::ip::IpVerdict;
@@ -25,22 +24,10 @@ use fhirgate_core::policy::model::{
 };
 use serde_json::Value;
 
+use crate::gateway::route::CONTROL_FHIR_TYPES;
+
 /// Project id of the in-memory membership (it appears in a project admin's entries).
 pub const PROJECT_ID: &str = "explain";
-
-/// Identity types the gateway hands to the control API (`gateway::route::CONTROL_FHIR_TYPES`).
-const CONTROL_TYPES: [&str; 10] = [
-    "Project",
-    "ProjectMembership",
-    "User",
-    "ClientApplication",
-    "AccessPolicy",
-    "Login",
-    "JsonWebKey",
-    "DomainConfiguration",
-    "IdentityProvider",
-    "UserSecurityRequest",
-];
 
 /// Everything `explain` needs; the CLI fills it from flags and files.
 #[derive(Debug, Clone, Default)]
@@ -371,18 +358,6 @@ fn ip_section(out: &mut String, policy: &EffectivePolicy, ip: Option<IpAddr>) ->
     blocked
 }
 
-fn unclassifiable(e: &Unclassifiable) -> (u16, &'static str) {
-    match e {
-        Unclassifiable::BadPath => (400, "bad_path"),
-        Unclassifiable::MethodOverride => (400, "method_override"),
-        Unclassifiable::UnknownType => (404, "unknown_type"),
-        Unclassifiable::MethodNotAllowed => (400, "method_not_allowed"),
-        Unclassifiable::BadBody => (400, "bad_body"),
-        Unclassifiable::BadQuery => (400, "bad_query"),
-        Unclassifiable::Unsupported => (403, "unsupported"),
-    }
-}
-
 fn content_type(method: &str, path: &str, body: &[u8]) -> &'static str {
     if path.ends_with("_search") {
         "application/x-www-form-urlencoded"
@@ -424,7 +399,7 @@ fn request_section(
         return;
     }
     let first = path.split('/').next().unwrap_or("");
-    if CONTROL_TYPES.contains(&first) {
+    if CONTROL_FHIR_TYPES.contains(&first) {
         let _ = writeln!(
             out,
             "  note: {first} is an identity resource: the gateway hands it to the control API, which applies this policy with its own checks"
@@ -451,10 +426,14 @@ fn request_section(
     let request = match classify(&parts) {
         Ok(r) => r,
         Err(e) => {
-            let (status, label) = unclassifiable(&e);
             let _ = writeln!(out, "  classified: unclassifiable ({e})");
             let _ = writeln!(out);
-            let _ = writeln!(out, "Decision: DENY {status} ({label})");
+            let _ = writeln!(
+                out,
+                "Decision: DENY {} ({})",
+                e.outcome().status(),
+                e.label()
+            );
             let _ = writeln!(
                 out,
                 "  a request the gateway cannot classify exactly is always refused"
@@ -467,15 +446,12 @@ fn request_section(
         let _ = writeln!(out, "  asks for a non-JSON representation");
     }
 
-    if let FhirOp::Bundle {
-        transaction,
-        entries,
-    } = &request.op
-    {
-        bundle_section(out, policy, *transaction, entries);
+    if let FhirOp::Bundle { .. } = &request.op {
+        bundle_section(out, policy, &request.op);
         return;
     }
-    let (needs, includes) = needs(&request.op);
+    let needs = checked_access(&request.op);
+    let includes = includes(&request.op);
     if needs.is_empty() {
         let _ = writeln!(out, "  needs: no (type, interaction) pair");
     } else {
@@ -497,60 +473,16 @@ fn request_section(
     decision_section(out, policy, &request, &needs);
 }
 
-/// The pairs `decide` checks, and the include parameters it leaves out.
-fn needs(op: &FhirOp) -> (Vec<(String, Interaction)>, Vec<String>) {
-    let is_include = |name: &str| {
-        let base = name.split(':').next().unwrap_or(name);
-        base == "_include" || base == "_revinclude"
-    };
+/// The include parameters `decide` leaves out of a search's needs (see [`is_include`]).
+fn includes(op: &FhirOp) -> Vec<String> {
     match op {
-        FhirOp::Search(s) => {
-            let includes = s
-                .params
-                .iter()
-                .filter(|p| is_include(&p.name))
-                .map(|p| format!("{}={}", p.name, p.value))
-                .collect();
-            let probe = Search {
-                params: s
-                    .params
-                    .iter()
-                    .filter(|p| !is_include(&p.name))
-                    .cloned()
-                    .collect(),
-                ..s.clone()
-            };
-            (FhirOp::Search(probe).required_access(), includes)
-        }
-        FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. } => (
-            vec![(resource_type.clone(), Interaction::Update)],
-            Vec::new(),
-        ),
-        FhirOp::Delete { resource_type, .. } => (
-            vec![(resource_type.clone(), Interaction::Delete)],
-            Vec::new(),
-        ),
-        FhirOp::Read { resource_type, .. } => {
-            (vec![(resource_type.clone(), Interaction::Read)], Vec::new())
-        }
-        FhirOp::Vread { resource_type, .. } => (
-            vec![(resource_type.clone(), Interaction::Vread)],
-            Vec::new(),
-        ),
-        FhirOp::Operation {
-            name,
-            resource_type,
-            id,
-        } if READ_OPERATIONS.contains(&name.as_str()) => {
-            let ty = resource_type.clone().unwrap_or_else(|| "*".into());
-            let i = if id.is_some() {
-                Interaction::Read
-            } else {
-                Interaction::Search
-            };
-            (vec![(ty, i)], Vec::new())
-        }
-        other => (other.required_access(), Vec::new()),
+        FhirOp::Search(s) => s
+            .params
+            .iter()
+            .filter(|p| is_include(&p.name))
+            .map(|p| format!("{}={}", p.name, p.value))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 
@@ -740,7 +672,7 @@ fn deny_reason(label: &str, op: &FhirOp) -> String {
         ),
         "operation_not_granted" => match op {
             FhirOp::Operation { name, resource_type, .. } => format!(
-                "operation ${name} must be granted by name: an entry of {} (or `*`) with interaction create and \"fhirgateOperation\": [\"{name}\"]",
+                "operation ${name} must be granted by name: an entry of {} (or `*`) with interaction create and \"fhirgateOperation\": [\"{name}\"], without criteria or, on an instance, with criteria `_id=<that id>`",
                 resource_type.as_deref().unwrap_or("`*`")
             ),
             _ => "the operation is not granted by name".into(),
@@ -975,17 +907,16 @@ fn permit_lines(out: &mut String, policy: &EffectivePolicy, op: &FhirOp, permit:
     }
 }
 
-fn bundle_section(
-    out: &mut String,
-    policy: &EffectivePolicy,
-    transaction: bool,
-    entries: &[fhirgate_core::fhir::request::BundleEntry],
-) {
-    let op = FhirOp::Bundle {
+fn bundle_section(out: &mut String, policy: &EffectivePolicy, op: &FhirOp) {
+    let FhirOp::Bundle {
         transaction,
-        entries: entries.to_vec(),
+        entries,
+    } = op
+    else {
+        return;
     };
-    let decisions = decide_entries(policy, &op, policy.is_super_admin());
+    let transaction = *transaction;
+    let decisions = decide_entries(policy, op, policy.is_super_admin());
     let _ = writeln!(out);
     let denied = decisions
         .iter()
@@ -1020,8 +951,7 @@ fn bundle_section(
             }
             Decision::Deny(d) => {
                 let reasons: Vec<String> = match &entry.op {
-                    Ok(op) if d.label() == "type_interaction" => needs(op)
-                        .0
+                    Ok(op) if d.label() == "type_interaction" => checked_access(op)
                         .iter()
                         .map(|(t, i)| pair_text(policy, t, *i))
                         .filter(|(ok, _)| !ok)

@@ -98,6 +98,17 @@ fn err(path: &Path, reason: impl Into<String>) -> PolicyFileError {
     }
 }
 
+/// `path` has the id `id` of the file `other`.
+fn duplicate_id(path: &Path, id: &str, other: &Path) -> PolicyFileError {
+    err(
+        path,
+        format!(
+            "id `{id}` is also the id of {}; each file needs its own id",
+            other.display()
+        ),
+    )
+}
+
 /// Removes the store-owned `meta` elements (and `meta` itself when nothing else is left).
 pub fn normalize(content: &mut Value) {
     let Some(obj) = content.as_object_mut() else {
@@ -393,7 +404,7 @@ pub async fn load_at_start(
     state: &State,
     dir: &Path,
     project: &str,
-) -> Result<(PolicyWatcher, LoadReport), PoliciesDirError> {
+) -> Result<PolicyWatcher, PoliciesDirError> {
     let dir_error = |reason: String| PoliciesDirError::Dir {
         path: dir.to_path_buf(),
         reason,
@@ -420,14 +431,7 @@ pub async fn load_at_start(
     let mut first_of: HashMap<&str, &Path> = HashMap::new();
     for f in &files {
         if let Some(other) = first_of.insert(&f.id, &f.path) {
-            errors.push(err(
-                &f.path,
-                format!(
-                    "id `{}` is also the id of {}; each file needs its own id",
-                    f.id,
-                    other.display()
-                ),
-            ));
+            errors.push(duplicate_id(&f.path, &f.id, other));
         }
     }
     if !errors.is_empty() {
@@ -460,14 +464,11 @@ pub async fn load_at_start(
         unchanged = report.unchanged,
         "policies_dir loaded"
     );
-    Ok((
-        PolicyWatcher {
-            dir: dir.to_path_buf(),
-            project: project.to_string(),
-            seen: tokio::sync::Mutex::new(seen),
-        },
-        report,
-    ))
+    Ok(PolicyWatcher {
+        dir: dir.to_path_buf(),
+        project: project.to_string(),
+        seen: tokio::sync::Mutex::new(seen),
+    })
 }
 
 /// One file as read by a poll.
@@ -487,10 +488,6 @@ fn read_dir_contents(dir: &Path) -> std::io::Result<Vec<Read>> {
 }
 
 impl PolicyWatcher {
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Polls every [`POLL_INTERVAL`] until `shutdown` fires.
     pub async fn run(
         self: Arc<Self>,
@@ -564,66 +561,51 @@ impl PolicyWatcher {
                     .iter()
                     .find(|(p, s)| **p != read.path && s.applied_id.as_deref() == Some(&f.id));
                 match clash {
-                    Some((other, _)) => Err(err(
-                        &read.path,
-                        format!(
-                            "id `{}` is also the id of {}; each file needs its own id",
-                            f.id,
-                            other.display()
-                        ),
-                    )),
+                    Some((other, _)) => Err(duplicate_id(&read.path, &f.id, other)),
                     None => Ok(f),
                 }
             });
-            let file = match parsed {
-                Ok(f) => f,
+            match parsed {
                 Err(e) => {
                     tracing::error!(file = %e.path.display(), reason = %e.reason, "policy file refused; the previous version stays in force");
-                    // Remember the bytes so the same content is reported once, and keep the id
-                    // the previous version was stored under.
-                    seen.insert(
-                        read.path,
-                        Seen {
-                            bytes,
-                            applied_id: previous_id,
-                        },
-                    );
-                    report.refused += 1;
-                    continue;
                 }
-            };
-            match upsert(&state.store, &self.project, &file).await {
-                Ok(done) => {
-                    tracing::info!(file = %file.path.display(), id = %file.id, result = ?done, "policy file applied");
-                    report.count(done);
-                    seen.insert(
-                        read.path,
-                        Seen {
-                            bytes,
-                            applied_id: Some(file.id),
-                        },
-                    );
-                }
-                Err(e @ UpsertError::Foreign(_)) => {
-                    tracing::error!(file = %file.path.display(), error = %e, "policy file refused; the previous version stays in force");
-                    seen.insert(
-                        read.path,
-                        Seen {
-                            bytes,
-                            applied_id: previous_id,
-                        },
-                    );
-                    report.refused += 1;
-                }
-                Err(e) => {
-                    // Transient: forget the bytes so the next poll tries again.
-                    tracing::warn!(file = %file.path.display(), error = %e, "policy file not applied; retrying");
-                    if let Some(s) = seen.get_mut(&read.path) {
-                        s.bytes.clear();
+                Ok(file) => match upsert(&state.store, &self.project, &file).await {
+                    Ok(done) => {
+                        tracing::info!(file = %file.path.display(), id = %file.id, result = ?done, "policy file applied");
+                        report.count(done);
+                        seen.insert(
+                            read.path,
+                            Seen {
+                                bytes,
+                                applied_id: Some(file.id),
+                            },
+                        );
+                        continue;
                     }
-                    report.refused += 1;
-                }
+                    Err(e @ UpsertError::Foreign(_)) => {
+                        tracing::error!(file = %file.path.display(), error = %e, "policy file refused; the previous version stays in force");
+                    }
+                    Err(e) => {
+                        // Transient: forget the bytes so the next poll tries again.
+                        tracing::warn!(file = %file.path.display(), error = %e, "policy file not applied; retrying");
+                        if let Some(s) = seen.get_mut(&read.path) {
+                            s.bytes.clear();
+                        }
+                        report.refused += 1;
+                        continue;
+                    }
+                },
             }
+            // Refused: remember the bytes so the same content is reported once, and keep the id
+            // the previous version was stored under.
+            seen.insert(
+                read.path,
+                Seen {
+                    bytes,
+                    applied_id: previous_id,
+                },
+            );
+            report.refused += 1;
         }
         drop(seen);
         if report.wrote()

@@ -220,12 +220,12 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         let watcher = match &config.policies_dir {
             Some(dir) => Some(
                 crate::policies_dir::load_at_start(&state, dir, &report.default_project_id)
-                    .await?
-                    .0,
+                    .await?,
             ),
             None => None,
         };
-        state.refresh().await?;
+        // `bootstrap` has just refreshed: read again only what the policy files wrote.
+        state.refresh_if_changed().await?;
         if planes.gateway {
             // Not fatal: the control instance or the upstream may start later; the resolver
             // keeps trying, and requests get 502 until then.

@@ -11,57 +11,18 @@
 mod common;
 
 use std::collections::HashMap;
-use std::sync::OnceLock;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use common::gateway::TestGateway;
+use common::gateway::{TestGateway, shared as gw};
+use common::http::{outcome_text, rt};
 use common::people::{
     Seeded, UserSeed, auth_login, jwt_claims, on_gateway, pkce_pair, post_json, seed, seed_client,
-    sign_in, token_request,
+    sign_in, token_request, unique_email,
 };
-use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
-
-struct Env {
-    _upstream: FhirUpstream,
-    gw: TestGateway,
-}
-
-static ENV: OnceLock<Env> = OnceLock::new();
-
-fn gw() -> &'static TestGateway {
-    &ENV.get_or_init(|| {
-        let upstream = FhirUpstream::start();
-        let gw = TestGateway::start(&upstream.base_url);
-        Env {
-            _upstream: upstream,
-            gw,
-        }
-    })
-    .gw
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 const PASSWORD: &str = "correct horse battery";
 const REDIRECT: &str = "https://app.example.org/callback";
-
-fn email(tag: &str) -> String {
-    format!(
-        "{tag}-{}@example.com",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
-fn outcome_text(body: &Value) -> &str {
-    body["issue"][0]["details"]["text"].as_str().unwrap_or("")
-}
 
 /// A client of the default project registered for [`REDIRECT`].
 fn app(extra: Value) -> String {
@@ -73,7 +34,7 @@ fn app(extra: Value) -> String {
 }
 
 fn user(tag: &str) -> (String, Seeded) {
-    let e = email(tag);
+    let e = unique_email(tag);
     let s = seed(gw(), &UserSeed::new(&e, PASSWORD));
     (e, s)
 }
@@ -866,7 +827,7 @@ fn a_session_is_only_for_its_own_client() {
 #[test]
 fn page_asks_for_the_mfa_code_and_shows_a_wrong_one_inline() {
     let client = app(json!({}));
-    let e = email("page-mfa");
+    let e = unique_email("page-mfa");
     let secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXP".to_string();
     let mut s = UserSeed::new(&e, PASSWORD);
     s.mfa_secret = Some(secret.clone());
@@ -897,7 +858,7 @@ fn page_asks_for_the_mfa_code_and_shows_a_wrong_one_inline() {
 #[test]
 fn page_enrols_a_user_whose_mfa_is_required() {
     let client = app(json!({}));
-    let e = email("page-enroll");
+    let e = unique_email("page-enroll");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.mfa_required = true;
     let seeded = seed(gw(), &s);
@@ -934,33 +895,6 @@ fn page_enrols_a_user_whose_mfa_is_required() {
 
 // === case 54: the MFA endpoints ===
 
-async fn get_json(path: &str, token: &str) -> (u16, Value) {
-    let resp = TestGateway::client()
-        .get(format!("{}{path}", gw().base))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
-    (
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or(Value::Null),
-    )
-}
-
-async fn post_auth(path: &str, token: &str, body: &Value) -> (u16, Value) {
-    let resp = TestGateway::client()
-        .post(format!("{}{path}", gw().base))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    (
-        resp.status().as_u16(),
-        resp.json().await.unwrap_or(Value::Null),
-    )
-}
-
 fn login_body(email: &str) -> Value {
     let (_, challenge) = pkce_pair();
     json!({"email": email, "password": PASSWORD, "codeChallenge": challenge, "codeChallengeMethod": "S256"})
@@ -974,14 +908,17 @@ fn case_54_mfa_enrol_verify_disable() {
         let token = tokens.access_token.as_str();
 
         // Before any secret exists.
-        let (status, body) = post_auth("auth/mfa/enroll", token, &json!({"token": "123456"})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/enroll", Some(token), &json!({"token": "123456"}))
+            .await;
         assert_eq!(
             (status, outcome_text(&body)),
             (400, "Secret not found"),
             "{body}"
         );
-        let (status, body) =
-            post_auth("auth/mfa/disable", token, &json!({"token": "123456"})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/disable", Some(token), &json!({"token": "123456"}))
+            .await;
         assert_eq!(
             (status, outcome_text(&body)),
             (400, "Secret not found"),
@@ -1001,7 +938,7 @@ fn case_54_mfa_enrol_verify_disable() {
         );
 
         // Status creates the secret; it stays the same until enrolment.
-        let (status, st) = get_json("auth/mfa/status", token).await;
+        let (status, st) = gw().get("auth/mfa/status", Some(token)).await;
         assert_eq!(status, 200, "{st}");
         assert_eq!(st["enrolled"], false);
         let uri = st["enrollUri"].as_str().unwrap().to_string();
@@ -1019,22 +956,28 @@ fn case_54_mfa_enrol_verify_disable() {
                 .unwrap()
                 .starts_with("data:image/png;base64,iVBORw0KGgo")
         );
-        let (_, again) = get_json("auth/mfa/status", token).await;
+        let (_, again) = gw().get("auth/mfa/status", Some(token)).await;
         assert_eq!(again["enrollUri"], uri.as_str());
         let secret = secret_of(&uri);
 
-        let (status, body) = post_auth("auth/mfa/enroll", token, &json!({"token": "12345x"})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/enroll", Some(token), &json!({"token": "12345x"}))
+            .await;
         assert_eq!((status, outcome_text(&body)), (400, "Invalid token"));
-        let (status, body) = post_auth("auth/mfa/enroll", token, &json!({})).await;
+        let (status, body) = gw().post("auth/mfa/enroll", Some(token), &json!({})).await;
         assert_eq!((status, outcome_text(&body)), (400, "Missing token"));
         let (code, used) = code_after(&secret, 0);
-        let (status, body) = post_auth("auth/mfa/enroll", token, &json!({"token": code})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/enroll", Some(token), &json!({"token": code}))
+            .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["id"], "ok");
         let (code2, _) = code_after(&secret, used);
-        let (status, body) = post_auth("auth/mfa/enroll", token, &json!({"token": code2})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/enroll", Some(token), &json!({"token": code2}))
+            .await;
         assert_eq!((status, outcome_text(&body)), (400, "Already enrolled"));
-        let (_, st) = get_json("auth/mfa/status", token).await;
+        let (_, st) = gw().get("auth/mfa/status", Some(token)).await;
         assert_eq!(st, json!({"enrolled": true}));
 
         // Sign-in now asks for the code, and gives no code before it.
@@ -1089,20 +1032,25 @@ fn case_54_mfa_enrol_verify_disable() {
         );
 
         // Disable: token checks, then a new secret.
-        let (status, body) = post_auth("auth/mfa/disable", token, &json!({})).await;
+        let (status, body) = gw().post("auth/mfa/disable", Some(token), &json!({})).await;
         assert_eq!((status, outcome_text(&body)), (400, "Missing token"));
-        let (status, body) =
-            post_auth("auth/mfa/disable", token, &json!({"token": "12345x"})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/disable", Some(token), &json!({"token": "12345x"}))
+            .await;
         assert_eq!((status, outcome_text(&body)), (400, "Invalid token"));
         let (code4, _) = code_after(&secret, used);
-        let (status, body) = post_auth("auth/mfa/disable", token, &json!({"token": code4})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/disable", Some(token), &json!({"token": code4}))
+            .await;
         assert_eq!(status, 200, "{body}");
-        let (status, body) = post_auth("auth/mfa/disable", token, &json!({"token": code4})).await;
+        let (status, body) = gw()
+            .post("auth/mfa/disable", Some(token), &json!({"token": code4}))
+            .await;
         assert_eq!(
             (status, outcome_text(&body)),
             (400, "User not enrolled in MFA")
         );
-        let (_, st) = get_json("auth/mfa/status", token).await;
+        let (_, st) = gw().get("auth/mfa/status", Some(token)).await;
         assert_eq!(st["enrolled"], false);
         assert_ne!(st["enrollUri"], uri.as_str());
     });
@@ -1110,7 +1058,7 @@ fn case_54_mfa_enrol_verify_disable() {
 
 #[test]
 fn case_54_forced_enrolment_at_login() {
-    let e = email("forced");
+    let e = unique_email("forced");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.mfa_required = true;
     let seeded = seed(gw(), &s);
@@ -1181,7 +1129,7 @@ fn case_54_forced_enrolment_at_login() {
 
 #[test]
 fn mfa_attempts_are_limited_per_login_and_per_user() {
-    let e = email("limits");
+    let e = unique_email("limits");
     let secret = "JBSWY3DPEHPK3PXPJBSWY3DPEHPK3PXQ".to_string();
     let mut s = UserSeed::new(&e, PASSWORD);
     s.mfa_secret = Some(secret.clone());
@@ -1234,7 +1182,7 @@ fn mfa_endpoints_need_a_signed_in_user() {
         assert_eq!(resp.status(), 401);
         // A client is no user: nothing to enrol.
         let admin = gw().admin_token().await;
-        let (status, _) = get_json("auth/mfa/status", &admin).await;
+        let (status, _) = gw().get("auth/mfa/status", Some(&admin)).await;
         assert_eq!(status, 403);
     });
 }

@@ -500,6 +500,46 @@ fn run_case(path: &Path) -> Result<(), String> {
             errors.push(format!("upstream saw header {h}"));
         }
     }
+    // `{header: value}`: some request the gateway sent upstream carried the header with that
+    // value (`${vid:Type/id}` is the fixture's version, `$target` the on-behalf-of membership).
+    for (h, want) in expect
+        .get("upstream_headers")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let mut want = want.as_str().unwrap_or("").to_string();
+        for (k, v) in &versions {
+            want = want.replace(&format!("${{vid:{k}}}"), v);
+        }
+        want = want.replace(
+            "$target",
+            &format!(
+                "ProjectMembership/{}",
+                target_membership.clone().unwrap_or_default()
+            ),
+        );
+        let h = h.to_ascii_lowercase();
+        if !after
+            .iter()
+            .any(|r| r["headers"].get(&h).and_then(Value::as_str) == Some(want.as_str()))
+        {
+            let got: Vec<&Value> = after.iter().map(|r| &r["headers"][&h]).collect();
+            errors.push(format!("no upstream request had {h}: {want} (saw {got:?})"));
+        }
+    }
+    // The request itself was forwarded (an upstream answer, not the gateway's).
+    if expect.get("upstream_reached").and_then(Value::as_bool) == Some(true) {
+        let target = path_s.split('?').next().unwrap_or("");
+        if !after.iter().any(|r| {
+            r["method"].as_str() == Some(method)
+                && r["url"]
+                    .as_str()
+                    .is_some_and(|u| u.split('?').next().unwrap_or("").ends_with(target))
+        }) {
+            errors.push(format!("{method} {target} never reached the upstream"));
+        }
+    }
     if expect.get("upstream_unchanged").and_then(Value::as_bool) == Some(true) {
         for (key, vid) in &versions {
             let r = w.upstream.fhir("GET", key, None);

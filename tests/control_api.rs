@@ -5,120 +5,31 @@
 // Helpers of an integration test crate are test code too; a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-
-use axum::Router;
 use axum::body::Body;
-use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, Request, StatusCode};
-use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use fhirgate::config::{Config, ConfigFile};
-use fhirgate::control::bootstrap::{BootstrapReport, bootstrap};
-use fhirgate::state::State;
-use fhirgate::store::Store;
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
+use common::http::basic;
+use common::inprocess::{BASE, InProcess, PEER, Resp, request};
+use common::people::jwt_claims;
+use fhirgate::control::bootstrap::bootstrap;
 use serde_json::{Value, json};
-use tower::ServiceExt;
 
 mod common;
 
-/// The store of one test: SQLite in `dir`, or PostgreSQL when the run asks for it.
-fn store_url(dir: &std::path::Path) -> String {
-    common::pg::store_for(dir).unwrap_or_else(|| format!("sqlite://{}", dir.join("t.db").display()))
-}
+/// One test's control API: on SQLite, or on PostgreSQL when the run asks for it.
+struct Env(InProcess);
 
-const BASE: &str = "http://gw.test/";
-
-struct Env {
-    state: Arc<State>,
-    app: Router,
-    boot: BootstrapReport,
-    _dir: tempfile::TempDir,
+impl std::ops::Deref for Env {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.0
+    }
 }
 
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let url = store_url(dir.path());
-    let store = Store::open(&url).await.unwrap();
-    let file = ConfigFile {
-        base_url: Some(BASE.into()),
-        data_dir: Some(dir.path().to_path_buf()),
-        ..Default::default()
-    };
-    let config = Config::from_file(file).unwrap();
-    let state = State::new(config, store, b"test-secret-hash-key".to_vec())
-        .await
-        .unwrap();
-    let boot = bootstrap(&state).await.unwrap();
-    let app = fhirgate::control::router(state.clone());
-    Env {
-        state,
-        app,
-        boot,
-        _dir: dir,
-    }
-}
-
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    text: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn outcome_text(&self) -> String {
-        self.json()["issue"][0]["details"]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn oauth_error(&self) -> (String, String) {
-        let v = self.json();
-        (
-            v["error"].as_str().unwrap_or_default().into(),
-            v["error_description"].as_str().unwrap_or_default().into(),
-        )
-    }
-}
-
-/// A request from `peer` (loopback by default, i.e. the gateway).
-fn request(
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-    body: impl Into<Body>,
-    peer: &str,
-) -> Request<Body> {
-    let mut b = Request::builder().method(method).uri(uri);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let mut req = b.body(body.into()).unwrap();
-    let peer: SocketAddr = peer.parse().unwrap();
-    req.extensions_mut().insert(ConnectInfo(peer));
-    req
+    Env(InProcess::start(common::pg::store_for, |_| {}).await)
 }
 
 impl Env {
-    async fn send(&self, req: Request<Body>) -> Resp {
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-        }
-    }
-
     async fn call(&self, method: &str, uri: &str, auth: Option<&str>, body: Option<Value>) -> Resp {
         let mut headers = vec![];
         if let Some(a) = auth {
@@ -131,21 +42,14 @@ impl Env {
             }
             None => Body::empty(),
         };
-        self.send(request(method, uri, &headers, body, "127.0.0.1:40000"))
-            .await
+        self.send(request(method, uri, &headers, body, PEER)).await
     }
 
     async fn token_form(&self, form: &str, headers: &[(&str, &str)]) -> Resp {
         let mut h = vec![("content-type", "application/x-www-form-urlencoded")];
         h.extend_from_slice(headers);
-        self.send(request(
-            "POST",
-            "/oauth2/token",
-            &h,
-            form.to_string(),
-            "127.0.0.1:40000",
-        ))
-        .await
+        self.send(request("POST", "/oauth2/token", &h, form.to_string(), PEER))
+            .await
     }
 
     async fn client_token(&self, id: &str, secret: &str) -> Resp {
@@ -216,15 +120,6 @@ impl Env {
         assert_eq!(r.status, StatusCode::OK, "{}", r.text);
         r.json()["entry"][0]["resource"].clone()
     }
-}
-
-fn basic(id: &str, secret: &str) -> String {
-    format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))
-}
-
-fn claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).unwrap();
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
 
 // === token endpoint, cases 1–9 ===
@@ -308,7 +203,7 @@ async fn case4_client_credentials_token_claims_and_response_shape() {
     let access = v["access_token"].as_str().unwrap();
     let verified = env.state.keyring().verify(access).unwrap();
     assert_eq!(verified.iss, BASE);
-    let c = claims(access);
+    let c = jwt_claims(access);
     assert_eq!(c["aud"], id.as_str());
     assert_eq!(c["client_id"], id.as_str());
     assert_eq!(c["sub"], id.as_str());
@@ -327,7 +222,7 @@ async fn case4_client_credentials_token_claims_and_response_shape() {
     assert!(login.membership_id.is_some());
     assert_eq!(login.user_ref, format!("ClientApplication/{id}"));
 
-    let idt = claims(v["id_token"].as_str().unwrap());
+    let idt = jwt_claims(v["id_token"].as_str().unwrap());
     assert_eq!(idt["fhirUser"], format!("ClientApplication/{id}"));
     assert_eq!(idt["login_id"], login_id);
     assert_eq!(idt["aud"], id.as_str());
@@ -643,8 +538,8 @@ async fn auth_me_for_bearer_basic_and_nobody() {
         "Bearer foo".into(),
         "Basic ".into(),
         "Basic foo".into(),
-        format!("Basic {}", STANDARD.encode(":secret")),
-        format!("Basic {}", STANDARD.encode(format!("{id}:"))),
+        basic("", "secret"),
+        basic(&id, ""),
         basic("unknown", "x"),
         basic(&id, "wrong"),
     ] {
@@ -679,7 +574,7 @@ async fn auth_me_lists_the_membership_policy_in_based_on() {
 async fn revoked_login_and_unknown_login_are_unauthorized() {
     let env = env().await;
     let bearer = env.admin_bearer().await;
-    let login_id = claims(bearer.trim_start_matches("Bearer "))["login_id"]
+    let login_id = jwt_claims(bearer.trim_start_matches("Bearer "))["login_id"]
         .as_str()
         .unwrap()
         .to_string();
@@ -1189,8 +1084,16 @@ async fn access_policy_crud_with_if_match_and_validation() {
     let r = env
         .call("POST", "/fhir/R4/AccessPolicy", Some(&auth), Some(bad))
         .await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
     assert!(r.outcome_text().contains("axp-3"), "{}", r.text);
+    // Criteria that cannot be evaluated (an unknown search parameter) are refused the same way,
+    // with the reason.
+    let unknown = json!({"resourceType": "AccessPolicy", "resource": [{"resourceType": "Patient", "criteria": "Patient?nonsense=x"}]});
+    let r = env
+        .call("POST", "/fhir/R4/AccessPolicy", Some(&auth), Some(unknown))
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+    assert!(r.outcome_text().contains("nonsense"), "{}", r.text);
     let r = env
         .call(
             "POST",
@@ -1686,20 +1589,13 @@ async fn bootstrap_is_idempotent() {
 
 #[tokio::test]
 async fn bootstrap_uses_configured_credentials() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = store_url(dir.path());
-    let store = Store::open(&url).await.unwrap();
-    let file = ConfigFile {
-        base_url: Some(BASE.into()),
-        admin_client_id: Some("automation".into()),
-        admin_client_secret: Some("known-secret-value".into()),
-        admin_password: Some("known-password".into()),
-        ..Default::default()
-    };
-    let state = State::new(Config::from_file(file).unwrap(), store, b"k".to_vec())
-        .await
-        .unwrap();
-    let report = bootstrap(&state).await.unwrap();
+    let env = InProcess::start(common::pg::store_for, |f| {
+        f.admin_client_id = Some("automation".into());
+        f.admin_client_secret = Some("known-secret-value".into());
+        f.admin_password = Some("known-password".into());
+    })
+    .await;
+    let (state, report) = (&env.state, &env.boot);
     assert_eq!(report.client_id, "automation");
     assert!(
         report.client_secret.is_none(),

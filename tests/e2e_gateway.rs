@@ -7,40 +7,16 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway};
+use common::http::{basic, rt, status};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
-
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Creates a client whose membership references a new AccessPolicy (or none); returns (id, secret).
 async fn new_client(gw: &TestGateway, admin: &str, policy: Option<Value>) -> (String, String) {
     let policy_id = match policy {
         Some(p) => {
-            let created: Value = TestGateway::client()
-                .post(format!("{}AccessPolicy", gw.fhir))
-                .bearer_auth(admin)
-                .json(&p)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let (_, created) = gw.post("fhir/R4/AccessPolicy", Some(admin), &p).await;
             Some(created["id"].as_str().unwrap().to_string())
         }
         None => None,
@@ -93,17 +69,16 @@ fn every_malformed_or_unknown_credential_is_401() {
     let gw = TestGateway::start(&upstream.base_url);
     rt().block_on(async {
         let c = TestGateway::client();
-        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         let cases = vec![
             "foo".to_string(),
             "foo foo".to_string(),
             "Bearer foo".to_string(),
             "Basic ".to_string(),
             "Basic foo".to_string(),
-            format!("Basic {}", b64(":secret")),
-            format!("Basic {}", b64(&format!("{ADMIN_CLIENT_ID}:"))),
-            format!("Basic {}", b64("unknown-client:secret")),
-            format!("Basic {}", b64(&format!("{ADMIN_CLIENT_ID}:wrong"))),
+            basic("", "secret"),
+            basic(ADMIN_CLIENT_ID, ""),
+            basic("unknown-client", "secret"),
+            basic(ADMIN_CLIENT_ID, "wrong"),
             "Bearer eyJhbGciOiJFUzI1NiIsImtpZCI6IngifQ.eyJleHAiOjk5OTk5OTk5OTl9.c2ln".to_string(),
         ];
         let before = upstream.requests().len();
@@ -222,18 +197,18 @@ fn revocation_takes_effect_on_the_next_request() {
         // Client turned off: Bearer and Basic both stop at once.
         let (id, secret) = new_client(&gw, &admin, None).await;
         let token = gw.token(&id, &secret, None).await;
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap().status(), 200);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token)).await, 200);
         let mut client: Value = c.get(format!("{}ClientApplication/{id}", gw.fhir)).bearer_auth(&admin).send().await.unwrap().json().await.unwrap();
         client["status"] = json!("off");
         let put = c.put(format!("{}ClientApplication/{id}", gw.fhir)).bearer_auth(&admin).json(&client).send().await.unwrap();
         assert_eq!(put.status(), 200);
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token).send().await.unwrap().status(), 401);
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id, &secret)).send().await.unwrap().status(), 401);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token)).await, 401);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id, &secret))).await, 401);
 
         // Membership deactivated.
         let (id2, secret2) = new_client(&gw, &admin, None).await;
         let token2 = gw.token(&id2, &secret2, None).await;
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2).send().await.unwrap().status(), 200);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2)).await, 200);
         let found: Value = c
             .get(format!("{}ProjectMembership?profile=ClientApplication/{id2}", gw.fhir))
             .bearer_auth(&admin)
@@ -248,18 +223,18 @@ fn revocation_takes_effect_on_the_next_request() {
         membership["active"] = json!(false);
         let post = c.post(format!("{}admin/projects/{project}/members/{mid}", gw.base)).bearer_auth(&admin).json(&membership).send().await.unwrap();
         assert_eq!(post.status(), 200);
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2).send().await.unwrap().status(), 401);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).bearer_auth(&token2)).await, 401);
 
         // Secret rotated: the old secret fails on the very next Basic request.
         let (id3, secret3) = new_client(&gw, &admin, None).await;
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3)).send().await.unwrap().status(), 200);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3))).await, 200);
         let rotate = json!({"resourceType": "Parameters", "parameter": [{"name": "secret", "valueString": secret3}]});
         let rotated = c.post(format!("{}ClientApplication/{id3}/$rotate-secret", gw.fhir)).bearer_auth(&admin).json(&rotate).send().await.unwrap();
         assert_eq!(rotated.status(), 200);
         let rotated: Value = rotated.json().await.unwrap();
         let new_secret = rotated["secret"].as_str().unwrap().to_string();
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3)).send().await.unwrap().status(), 401);
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &new_secret)).send().await.unwrap().status(), 200);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &secret3))).await, 401);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).header("authorization", basic(&id3, &new_secret))).await, 200);
     });
 }
 
@@ -389,58 +364,23 @@ fn logout_revokes_the_login_on_the_next_request() {
         let c = TestGateway::client();
         let token = gw.admin_token().await;
         let other = gw.admin_token().await;
+        let patients = format!("{}Patient", gw.fhir);
+        let logout = format!("{}oauth2/logout", gw.base);
+        assert_eq!(status(c.get(&patients).bearer_auth(&token)).await, 200);
+        assert_eq!(status(c.post(&logout).bearer_auth(&token)).await, 200);
         assert_eq!(
-            c.get(format!("{}Patient", gw.fhir))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
+            status(c.get(&patients).bearer_auth(&token)).await,
+            401,
+            "a revoked Login's token must fail at once"
         );
-        let out = c
-            .post(format!("{}oauth2/logout", gw.base))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(out.status(), 200);
-        let r = c
-            .get(format!("{}Patient", gw.fhir))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 401, "a revoked Login's token must fail at once");
         assert_eq!(
-            c.get(format!("{}auth/me", gw.base))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .status(),
+            status(c.get(format!("{}auth/me", gw.base)).bearer_auth(&token)).await,
             401
         );
         // Another Login of the same client is unaffected.
-        assert_eq!(
-            c.get(format!("{}Patient", gw.fhir))
-                .bearer_auth(&other)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            200
-        );
+        assert_eq!(status(c.get(&patients).bearer_auth(&other)).await, 200);
         // Logging out again with the dead token is unauthenticated.
-        assert_eq!(
-            c.post(format!("{}oauth2/logout", gw.base))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap()
-                .status(),
-            401
-        );
+        assert_eq!(status(c.post(&logout).bearer_auth(&token)).await, 401);
     });
 }
 
@@ -504,8 +444,8 @@ fn lab_analyzer_with_shipped_policy_posts_observations_and_nothing_else() {
         let vitals = json!({"resourceType": "Observation", "status": "final", "category": [{"coding": [{"code": "vital-signs"}]}], "code": {"text": "Pulse"}});
         let r = c.post(format!("{}Observation", gw.fhir)).header("authorization", &auth).json(&vitals).send().await.unwrap();
         assert_eq!(r.status(), 403, "outside the policy's criteria");
-        assert_eq!(c.get(format!("{}Patient", gw.fhir)).header("authorization", &auth).send().await.unwrap().status(), 403);
-        assert_eq!(c.get(format!("{}Observation", gw.fhir)).header("authorization", &auth).send().await.unwrap().status(), 403);
+        assert_eq!(status(c.get(format!("{}Patient", gw.fhir)).header("authorization", &auth)).await, 403);
+        assert_eq!(status(c.get(format!("{}Observation", gw.fhir)).header("authorization", &auth)).await, 403);
         // The same client from outside the lab subnet (through a trusted proxy) is refused.
         let r = c
             .post(format!("{}Observation", gw.fhir))

@@ -7,34 +7,10 @@
 mod common;
 
 use common::gateway::TestGateway;
+use common::http::{outcome_text, rt};
 use common::mail::{self, SmtpSink};
 use common::upstream::FhirUpstream;
-use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn text(v: &Value) -> &str {
-    v["issue"][0]["details"]["text"]
-        .as_str()
-        .unwrap_or_default()
-}
-
-async fn post_json(gw: &TestGateway, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-    let mut rb = TestGateway::client()
-        .post(format!("{}{path}", gw.base))
-        .json(&body);
-    if let Some(t) = token {
-        rb = rb.bearer_auth(t);
-    }
-    let resp = rb.send().await.unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
-}
+use serde_json::json;
 
 /// What a browser does with the page's form.
 async fn submit_form(gw: &TestGateway, fields: &[(&str, &str)]) -> (u16, String) {
@@ -73,7 +49,7 @@ async fn signs_in_to(gw: &TestGateway, email: &str, password: &str, project: Opt
     if let Some(p) = project {
         body["projectId"] = json!(p);
     }
-    let (status, body) = post_json(gw, "auth/login", None, body).await;
+    let (status, body) = gw.post("auth/login", None, body).await;
     status == 200 && (body["code"].is_string() || body["memberships"].is_array())
 }
 
@@ -102,8 +78,7 @@ fn invite_and_reset_e_mails_through_smtp_and_their_links_work_once() {
         let project = gw.project_of(&admin).await;
 
         // The invite e-mail.
-        let (status, m) = post_json(
-            &gw,
+        let (status, m) = gw.post(
             &format!("admin/projects/{project}/invite"),
             Some(&admin),
             json!({"resourceType": "Practitioner", "firstName": "Mary", "lastName": "Seacole", "email": "Mary.Seacole@Example.com"}),
@@ -160,21 +135,19 @@ fn invite_and_reset_e_mails_through_smtp_and_their_links_work_once() {
         let (status, page) = get_page(&link).await;
         assert_eq!(status, 400);
         assert!(page.contains("already been used"), "{page}");
-        let (status, out) = post_json(
-            &gw,
+        let (status, out) = gw.post(
             "auth/setpassword",
             None,
             json!({"id": id, "secret": secret, "password": "another-pass-1"}),
         )
         .await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Already used");
+        assert_eq!(outcome_text(&out), "Already used");
         assert!(!signs_in(&gw, "mary.seacole@example.com", "another-pass-1").await);
 
         // Inviting an existing user into the project again (another membership) sends the
         // "welcome to the project" e-mail, without a link.
-        let (status, _) = post_json(
-            &gw,
+        let (status, _) = gw.post(
             &format!("admin/projects/{project}/invite"),
             Some(&admin),
             json!({"resourceType": "Practitioner", "firstName": "Mary", "lastName": "Seacole", "email": "mary.seacole@example.com", "forceNewMembership": true}),
@@ -186,28 +159,26 @@ fn invite_and_reset_e_mails_through_smtp_and_their_links_work_once() {
         assert!(mail::link(&messages[1], "/auth/setpassword/").is_none());
 
         // The reset e-mail.
-        let (status, out) = post_json(&gw, "auth/resetpassword", None, json!({"email": "mary.seacole@example.com"})).await;
+        let (status, out) = gw.post("auth/resetpassword", None, json!({"email": "mary.seacole@example.com"})).await;
         assert_eq!(status, 200);
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         let messages = sink.wait_for(3);
         let reset = &messages[2];
         assert_eq!(mail::header(reset, "Subject").as_deref(), Some("fhirgate Password Reset"));
-        let link = mail::link(reset, "/auth/setpassword/").expect("a reset link");
-        let rest = link.strip_prefix(&format!("{}auth/setpassword/", gw.base)).unwrap();
-        let (rid, rsecret) = rest.split_once('/').unwrap();
-        let (status, out) = post_json(&gw, "auth/setpassword", None, json!({"id": rid, "secret": rsecret, "password": "reset-pass-1860"})).await;
+        let (rid, rsecret) = mail::set_password_ids(reset, &gw.base);
+        let (status, out) = gw.post("auth/setpassword", None, json!({"id": rid, "secret": rsecret, "password": "reset-pass-1860"})).await;
         assert_eq!(status, 200, "{out}");
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         assert!(signs_in(&gw, "mary.seacole@example.com", "reset-pass-1860").await);
         assert!(!signs_in(&gw, "mary.seacole@example.com", "sea-cole-1854").await);
-        let (status, out) = post_json(&gw, "auth/setpassword", None, json!({"id": rid, "secret": rsecret, "password": "reset-pass-1861"})).await;
+        let (status, out) = gw.post("auth/setpassword", None, json!({"id": rid, "secret": rsecret, "password": "reset-pass-1861"})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Already used");
+        assert_eq!(outcome_text(&out), "Already used");
 
         // Resetting an unknown address: the same answer, and no e-mail.
-        let (status, out) = post_json(&gw, "auth/resetpassword", None, json!({"email": "nobody@example.com"})).await;
+        let (status, out) = gw.post("auth/resetpassword", None, json!({"email": "nobody@example.com"})).await;
         assert_eq!(status, 200);
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         std::thread::sleep(std::time::Duration::from_millis(500));
         assert_eq!(sink.messages().len(), 3);
     });
@@ -220,8 +191,7 @@ fn without_smtp_e_mails_go_to_the_outbox_and_their_links_work() {
     rt().block_on(async {
         let admin = gw.admin_token().await;
         let project = gw.project_of(&admin).await;
-        let (status, _) = post_json(
-            &gw,
+        let (status, _) = gw.post(
             &format!("admin/projects/{project}/invite"),
             Some(&admin),
             json!({"resourceType": "Patient", "firstName": "Out", "lastName": "Box", "email": "outbox@example.com"}),

@@ -15,7 +15,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -24,26 +23,21 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State as AxState};
-use axum::http::{HeaderMap, Request, StatusCode, header};
+use axum::extract::{Path, State as AxState};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway};
+use common::http::{basic, rt};
+use common::inprocess::{InProcess, PEER, Resp, request};
 use common::people;
 use common::upstream::FhirUpstream;
-use fhirgate::config::{Config, ConfigFile};
-use fhirgate::control::bootstrap::{BootstrapReport, bootstrap};
 use fhirgate::control::index::index_rows;
-use fhirgate::state::State;
-use fhirgate::store::Store;
-use http_body_util::BodyExt;
 use serde_json::{Value, json};
 use sha2::Digest;
-use tower::ServiceExt;
 
-const BASE: &str = "http://gw.test/";
 const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 /// The only access token the fake IdP's userinfo accepts.
@@ -55,10 +49,6 @@ fn b64url(v: &Value) -> String {
 
 fn s256(verifier: &str) -> String {
     URL_SAFE_NO_PAD.encode(sha2::Sha256::digest(verifier.as_bytes()))
-}
-
-fn basic(id: &str, secret: &str) -> String {
-    format!("Basic {}", STANDARD.encode(format!("{id}:{secret}")))
 }
 
 fn enc(s: &str) -> String {
@@ -198,96 +188,31 @@ async fn fake_userinfo(
 // fhirgate in process
 // =============================================================================================
 
+/// The control API in process (SQLite, no rate limit) and its admin client's Basic credentials.
 struct Env {
-    state: Arc<State>,
-    app: Router,
-    boot: BootstrapReport,
+    inner: InProcess,
     admin: String,
-    _dir: tempfile::TempDir,
 }
 
-struct Resp {
-    status: StatusCode,
-    headers: HeaderMap,
-    text: String,
-}
-
-impl Resp {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
-    }
-
-    fn outcome_text(&self) -> String {
-        let v = self.json();
-        assert_eq!(v["resourceType"], "OperationOutcome", "{v}");
-        v["issue"][0]["details"]["text"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-
-    fn oauth_error(&self) -> (String, String) {
-        let v = self.json();
-        (
-            v["error"].as_str().unwrap_or_default().into(),
-            v["error_description"].as_str().unwrap_or_default().into(),
-        )
-    }
-
-    fn location(&self) -> String {
-        self.headers
-            .get(header::LOCATION)
-            .unwrap_or_else(|| panic!("no Location ({}): {}", self.status, self.text))
-            .to_str()
-            .unwrap()
-            .to_string()
+impl std::ops::Deref for Env {
+    type Target = InProcess;
+    fn deref(&self) -> &InProcess {
+        &self.inner
     }
 }
 
 async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", dir.path().join("t.db").display());
-    let store = Store::open(&url).await.unwrap();
-    let file = ConfigFile {
-        base_url: Some(BASE.into()),
-        data_dir: Some(dir.path().to_path_buf()),
-        auth_rate_limit: Some(0),
-        ..Default::default()
-    };
-    let config = Config::from_file(file).unwrap();
-    let state = State::new(config, store, b"test-secret-hash-key".to_vec())
-        .await
-        .unwrap();
-    let boot = bootstrap(&state).await.unwrap();
-    let app = fhirgate::control::router(state.clone());
+    let inner = InProcess::start(|_| None, |f| f.auth_rate_limit = Some(0)).await;
+    let boot = &inner.boot;
     let admin = basic(&boot.client_id, boot.client_secret.as_deref().unwrap());
-    Env {
-        state,
-        app,
-        boot,
-        admin,
-        _dir: dir,
-    }
+    Env { inner, admin }
 }
 
 impl Env {
     async fn send(&self, method: &str, uri: &str, headers: &[(&str, &str)], body: Body) -> Resp {
-        let mut b = Request::builder().method(method).uri(uri);
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let mut req = b.body(body).unwrap();
-        let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-        req.extensions_mut().insert(ConnectInfo(peer));
-        let resp = self.app.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        Resp {
-            status,
-            headers,
-            text: String::from_utf8_lossy(&bytes).into_owned(),
-        }
+        self.inner
+            .send(request(method, uri, headers, body, PEER))
+            .await
     }
 
     async fn json(&self, method: &str, uri: &str, auth: Option<&str>, body: &Value) -> Resp {
@@ -494,7 +419,10 @@ async fn case_56_auth_method() {
     ] {
         let r = e.json("POST", "/auth/method", None, &body).await;
         assert_eq!(r.status, 400, "{body}: {}", r.text);
-        assert_eq!(r.outcome_text(), "Valid email address is required");
+        assert_eq!(
+            r.operation_outcome_text(),
+            "Valid email address is required"
+        );
         assert_eq!(r.json()["issue"][0]["expression"][0], "email");
     }
 
@@ -533,7 +461,10 @@ async fn case_56_auth_method() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "Failed to construct URL for the domain");
+    assert_eq!(
+        r.operation_outcome_text(),
+        "Failed to construct URL for the domain"
+    );
 
     // Form bodies parse too (Medplum parses both on every /auth route).
     let r = e
@@ -573,7 +504,7 @@ async fn domain_configurations_are_managed_by_super_admins_only() {
         )
         .await;
     assert_eq!(r.status, 403, "{}", r.text);
-    assert_eq!(r.outcome_text(), "Forbidden");
+    assert_eq!(r.operation_outcome_text(), "Forbidden");
 
     let r = e
         .json("POST", "/fhir/R4/DomainConfiguration", Some(&sa), &body)
@@ -606,7 +537,7 @@ async fn domain_configurations_are_managed_by_super_admins_only() {
         .await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert_eq!(
-        r.outcome_text(),
+        r.operation_outcome_text(),
         "Key (domain)=(clinic.test) already exists."
     );
 
@@ -619,7 +550,7 @@ async fn domain_configurations_are_managed_by_super_admins_only() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "Missing required property");
+    assert_eq!(r.operation_outcome_text(), "Missing required property");
     let mut partial = idp.clone();
     partial.as_object_mut().unwrap().remove("tokenUrl");
     let r = e
@@ -723,7 +654,7 @@ async fn case_57_auth_external_errors() {
 
     let expect = |r: Resp, text: &str| {
         assert_eq!(r.status, 400, "{text}: {}", r.text);
-        assert_eq!(r.outcome_text(), text);
+        assert_eq!(r.operation_outcome_text(), text);
     };
     expect(
         e.get(&external_uri(None, Some(&json!({"domain": "clinic.test"}))))
@@ -1011,7 +942,7 @@ async fn external_ids_resolve_through_the_clients_project() {
     let unknown = FakeIdp::code_for(&json!({"sub": "someone-else"}));
     let r = e.get(&external_uri(Some(&unknown), Some(&st))).await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "User not found");
+    assert_eq!(r.operation_outcome_text(), "User not found");
 }
 
 // === case 26: token exchange ===
@@ -1284,7 +1215,7 @@ async fn case_26_token_exchange() {
     )
     .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "User not found");
+    assert_eq!(r.operation_outcome_text(), "User not found");
     let r = exchange(
         &e,
         Some(&json_client),
@@ -1306,7 +1237,7 @@ async fn case_26_token_exchange() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(r.outcome_text(), "User not found");
+    assert_eq!(r.operation_outcome_text(), "User not found");
     let r = e
         .json(
             "POST",
@@ -1316,7 +1247,7 @@ async fn case_26_token_exchange() {
         )
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(r.outcome_text(), "User not found");
+    assert_eq!(r.operation_outcome_text(), "User not found");
 
     // The legacy endpoint: its own validation, then the same exchange.
     let r = e
@@ -1328,7 +1259,7 @@ async fn case_26_token_exchange() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "Missing externalAccessToken");
+    assert_eq!(r.operation_outcome_text(), "Missing externalAccessToken");
     let r = e
         .json(
             "POST",
@@ -1338,7 +1269,7 @@ async fn case_26_token_exchange() {
         )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(r.outcome_text(), "Missing clientId");
+    assert_eq!(r.operation_outcome_text(), "Missing clientId");
     let r = e
         .json(
             "POST",
@@ -1415,7 +1346,7 @@ async fn token_exchange_by_subject_and_an_inactive_membership() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(r.outcome_text(), "Profile not active");
+    assert_eq!(r.operation_outcome_text(), "Profile not active");
 }
 
 // =============================================================================================
@@ -1621,14 +1552,6 @@ impl Browser {
         }
         panic!("too many redirects at the IdP, last {url}");
     }
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// A super admin's token: a client of the super admin project, by client credentials.
@@ -2038,5 +1961,5 @@ async fn a_membership_that_requires_mfa_is_never_skipped() {
     )
     .await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert_eq!(r.outcome_text(), "MFA verification required");
+    assert_eq!(r.operation_outcome_text(), "MFA verification required");
 }

@@ -9,31 +9,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use clap::Parser;
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, free_port};
+use common::http::rt;
+use common::people::jwt_header;
 use common::upstream::FhirUpstream;
 use fhirgate::cli::Cli;
 use fhirgate::server::Planes;
 use serde_json::Value;
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn kid(token: &str) -> String {
-    let header = token.split('.').next().unwrap();
-    let header: Value = serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(header)
-            .unwrap(),
-    )
-    .unwrap();
-    header["kid"].as_str().unwrap().to_string()
+    jwt_header(token)["kid"].as_str().unwrap().to_string()
 }
 
 /// `fhirgate <args…>` in-process, on a thread of its own (the CLI builds its own runtime).

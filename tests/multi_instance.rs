@@ -13,9 +13,9 @@ mod common;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, free_port};
-use common::people::{self, UserSeed};
+use common::http::{basic, json_of, rt};
+use common::people::{self, UserSeed, jwt_header};
 use common::pg::DedicatedCluster;
 use common::upstream::FhirUpstream;
 use fhirgate::config::ConfigFile;
@@ -44,14 +44,6 @@ fn serial() -> MutexGuard<'static, ()> {
 fn upstream() -> &'static FhirUpstream {
     static UPSTREAM: OnceLock<FhirUpstream> = OnceLock::new();
     UPSTREAM.get_or_init(FhirUpstream::start)
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// One control instance and two proxies on `store`. All three share the issuer (`base_url`, A's
@@ -96,13 +88,6 @@ impl Deployment {
     }
 }
 
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
-
 /// The status of `GET url`, with `authorization` unless it is empty.
 async fn get_status(url: &str, authorization: &str) -> u16 {
     let mut req = TestGateway::client().get(url);
@@ -110,17 +95,6 @@ async fn get_status(url: &str, authorization: &str) -> u16 {
         req = req.header("authorization", authorization);
     }
     req.send().await.unwrap().status().as_u16()
-}
-
-/// The header of a JWT, unverified.
-fn jwt_header(token: &str) -> Value {
-    let part = token.split('.').next().unwrap();
-    serde_json::from_slice(
-        &base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .decode(part)
-            .unwrap(),
-    )
-    .unwrap()
 }
 
 /// Polls `url` (with `authorization`) until it answers `want`; returns the time since `since`
@@ -151,15 +125,6 @@ fn assert_within_bound(what: &str, took: Duration) {
     assert!(took <= BOUND, "{what} took {took:?}, more than {BOUND:?}");
 }
 
-async fn admin_token(gw: &TestGateway) -> String {
-    gw.token(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, None).await
-}
-
-async fn json_of(resp: reqwest::Response) -> (u16, Value) {
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
-}
-
 #[test]
 fn a_token_issued_through_one_proxy_works_on_the_other() {
     let _serial = serial();
@@ -169,7 +134,7 @@ fn a_token_issued_through_one_proxy_works_on_the_other() {
     people::seed(&d.control, &user);
     rt().block_on(async {
         // Client credentials and a user sign-in (code + PKCE), both through A.
-        let admin = admin_token(&d.a).await;
+        let admin = d.a.admin_token().await;
         let signed_in = people::sign_in(&d.a, &user.email, &user.password, None, "openid").await;
         for (who, token) in [("client", &admin), ("user", &signed_in.access_token)] {
             for gw in [&d.a, &d.b] {
@@ -228,7 +193,7 @@ fn every_write_notifies_listeners_at_commit() {
     let d = Deployment::start(&store);
     rt().block_on(async {
         let mut listener = fhirgate::store::Store::change_listener(&store).await.unwrap();
-        let admin = admin_token(&d.a).await;
+        let admin = d.a.admin_token().await;
         let started = Instant::now();
         let (status, body) = json_of(
             TestGateway::client()
@@ -298,7 +263,7 @@ fn membership_client_secret_and_policy_changes_reach_b_within_one_second() {
     let d = Deployment::start(&store);
     rt().block_on(async {
         let c = TestGateway::client();
-        let admin = admin_token(&d.a).await;
+        let admin = d.a.admin_token().await;
         let project = d.a.project_of(&admin).await;
 
         // A deactivated membership.
@@ -537,8 +502,8 @@ fn a_database_outage_keeps_verified_credentials_refuses_the_rest_and_recovers() 
     let d = Deployment::start_with(&store, |_| {}, |f| f.store_outage_ttl = Some("2s".into()));
     rt().block_on(async {
         let c = TestGateway::client();
-        let seen = admin_token(&d.a).await;
-        let unseen = admin_token(&d.a).await;
+        let seen = d.a.admin_token().await;
+        let unseen = d.a.admin_token().await;
         let seen_bearer = format!("Bearer {seen}");
         let unseen_bearer = format!("Bearer {unseen}");
         let admin_basic = basic(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET);
@@ -611,7 +576,7 @@ fn a_database_outage_keeps_verified_credentials_refuses_the_rest_and_recovers() 
         let took = until_status("unseen token verified after the restart", restarted, &patients_a, &unseen_bearer, 200).await;
         println!("recovery after the database restart: {} ms", took.as_millis());
         until_status("B serves again after the restart", restarted, &patients_b, &seen_bearer, 200).await;
-        let fresh = admin_token(&d.b).await;
+        let fresh = d.b.admin_token().await;
         assert_eq!(get_status(&patients_b, &format!("Bearer {fresh}")).await, 200);
         // The refused write left nothing behind.
         let (status, found) = json_of(

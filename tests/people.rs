@@ -6,74 +6,16 @@
 mod common;
 
 use common::gateway::{ADMIN_CLIENT_ID, TestGateway};
+use common::http::{outcome_expression, outcome_text, rt};
 use common::mail;
+use common::people::{super_admin_token, token_request};
 use common::upstream::FhirUpstream;
 use fhirgate::config::ConfigFile;
 use fhirgate::store::{BatchWrite, SecurityRequest};
 use serde_json::{Value, json};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-/// The `details.text` of an OperationOutcome's first issue.
-fn text(v: &Value) -> &str {
-    v["issue"][0]["details"]["text"]
-        .as_str()
-        .unwrap_or_default()
-}
-
-fn expression(v: &Value) -> &str {
-    v["issue"][0]["expression"][0].as_str().unwrap_or_default()
-}
-
-async fn send(
-    method: reqwest::Method,
-    url: String,
-    token: Option<&str>,
-    body: Option<Value>,
-) -> (u16, Value) {
-    let mut rb = TestGateway::client().request(method, url);
-    if let Some(t) = token {
-        rb = rb.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        rb = rb.json(&b);
-    }
-    let resp = rb.send().await.unwrap();
-    let status = resp.status().as_u16();
-    let text = resp.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    (status, value)
-}
-
-async fn post(gw: &TestGateway, path: &str, token: Option<&str>, body: Value) -> (u16, Value) {
-    send(
-        reqwest::Method::POST,
-        format!("{}{path}", gw.base),
-        token,
-        Some(body),
-    )
-    .await
-}
-
-async fn get(gw: &TestGateway, path: &str, token: Option<&str>) -> (u16, Value) {
-    send(
-        reqwest::Method::GET,
-        format!("{}{path}", gw.base),
-        token,
-        None,
-    )
-    .await
-}
-
 async fn invite(gw: &TestGateway, token: &str, project: &str, body: Value) -> (u16, Value) {
-    post(
-        gw,
+    gw.post(
         &format!("admin/projects/{project}/invite"),
         Some(token),
         body,
@@ -91,8 +33,7 @@ fn patient(email: &str) -> Value {
 
 /// `/auth/login` with a plain PKCE challenge.
 async fn login(gw: &TestGateway, email: &str, password: &str) -> (u16, Value) {
-    post(
-        gw,
+    gw.post(
         "auth/login",
         None,
         json!({"email": email, "password": password, "codeChallenge": "verifier-0123456789", "codeChallengeMethod": "plain"}),
@@ -102,17 +43,15 @@ async fn login(gw: &TestGateway, email: &str, password: &str) -> (u16, Value) {
 
 /// Exchanges a code of a Login made with [`login`]'s challenge.
 async fn exchange(gw: &TestGateway, code: &str) -> (u16, Value) {
-    let resp = TestGateway::client()
-        .post(format!("{}oauth2/token", gw.base))
-        .form(&[
+    token_request(
+        gw,
+        &[
             ("grant_type", "authorization_code"),
             ("code", code),
             ("code_verifier", "verifier-0123456789"),
-        ])
-        .send()
-        .await
-        .unwrap();
-    (resp.status().as_u16(), resp.json().await.unwrap())
+        ],
+    )
+    .await
 }
 
 /// Signs a user in and returns the access token.
@@ -144,47 +83,6 @@ fn user_id(membership: &Value) -> String {
 async fn non_admin_token(gw: &TestGateway, admin: &str) -> String {
     let (id, secret) = gw.client_with_policy(admin, None).await;
     gw.token(&id, &secret, None).await
-}
-
-/// A ClientApplication with an admin membership in the super admin project, made in the store
-/// (nothing on the wire creates one); returns its access token.
-async fn super_admin_token(gw: &TestGateway) -> String {
-    let running = gw.running();
-    let state = &running.state;
-    let project = running.bootstrap.super_admin_project_id.clone();
-    let (id, secret) = ("super-client", "super-secret-0123456789");
-    let client = json!({"resourceType": "ClientApplication", "id": id, "name": "super"});
-    let membership = json!({
-        "resourceType": "ProjectMembership", "id": "super-client-membership",
-        "project": {"reference": format!("Project/{project}")},
-        "user": {"reference": format!("ClientApplication/{id}")},
-        "profile": {"reference": format!("ClientApplication/{id}")},
-        "admin": true,
-    });
-    let index = fhirgate::control::index::index_rows;
-    state
-        .store
-        .put(client.clone(), Some(&project), &index(&client), None, true)
-        .await
-        .unwrap();
-    state
-        .store
-        .set_client_secret(id, Some(&state.hash_secret(secret)), None)
-        .await
-        .unwrap();
-    state
-        .store
-        .put(
-            membership.clone(),
-            Some(&project),
-            &index(&membership),
-            None,
-            true,
-        )
-        .await
-        .unwrap();
-    state.refresh().await.unwrap();
-    gw.token(id, secret, None).await
 }
 
 async fn memberships_of_user(gw: &TestGateway, user: &str) -> Vec<fhirgate::store::StoredResource> {
@@ -237,7 +135,7 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         let plain = non_admin_token(&gw, &admin).await;
         let (status, body) = invite(&gw, &plain, &project, practitioner("x@example.com")).await;
         assert_eq!(status, 403, "{body}");
-        assert_eq!(text(&body), "Forbidden");
+        assert_eq!(outcome_text(&body), "Forbidden");
 
         // Invalid bodies: 400 with Medplum's texts, nothing created.
         for (body, want) in [
@@ -248,7 +146,7 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         ] {
             let (status, out) = invite(&gw, &admin, &project, body).await;
             assert_eq!(status, 400, "{out}");
-            assert_eq!(text(&out), want);
+            assert_eq!(outcome_text(&out), want);
         }
         assert!(upstream_profiles(&upstream, "Practitioner", "a@example.com").is_empty());
 
@@ -268,13 +166,13 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         assert_eq!(user.content["email"], "grace.hopper@example.com");
         assert!(user.project_id.is_none(), "an invited Practitioner is server-scoped");
         // The User resource never shows its secrets, not even to the admin.
-        let (_, me) = get(&gw, &format!("fhir/R4/User/{}", user_id(&m1)), Some(&admin)).await;
+        let (_, me) = gw.get(&format!("fhir/R4/User/{}", user_id(&m1)), Some(&admin)).await;
         assert!(me.get("passwordHash").is_none(), "{me}");
 
         // The same e-mail again: 409; with upsert: 200 and the same membership.
         let (status, body) = invite(&gw, &admin, &project, practitioner("grace.hopper@example.com")).await;
         assert_eq!(status, 409, "{body}");
-        assert_eq!(text(&body), "User is already a member of this project");
+        assert_eq!(outcome_text(&body), "User is already a member of this project");
         let mut up = practitioner("grace.hopper@example.com");
         up["upsert"] = json!(true);
         up["membership"] = json!({"admin": true});
@@ -287,14 +185,13 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         up["membership"] = json!({"profile": {"reference": "Practitioner/someone-else"}});
         let (status, body) = invite(&gw, &admin, &project, up.clone()).await;
         assert_eq!(status, 400, "{body}");
-        assert_eq!(text(&body), "Profile does not belong to project");
+        assert_eq!(outcome_text(&body), "Profile does not belong to project");
         let mut wrong_type = up.clone();
         wrong_type["membership"] = json!({"profile": {"reference": "Patient/someone-else"}});
         let (status, body) = invite(&gw, &admin, &project, wrong_type).await;
         assert_eq!(status, 400, "{body}");
-        assert_eq!(text(&body), "Profile resourceType does not match request");
-        let (status, other) = post(
-            &gw,
+        assert_eq!(outcome_text(&body), "Profile resourceType does not match request");
+        let (status, other) = gw.post(
             "fhir/R4/Practitioner",
             Some(&admin),
             json!({"resourceType": "Practitioner", "name": [{"family": "Other"}]}),
@@ -304,7 +201,7 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         up["membership"] = json!({"profile": {"reference": format!("Practitioner/{}", other["id"].as_str().unwrap())}});
         let (status, body) = invite(&gw, &admin, &project, up).await;
         assert_eq!(status, 409, "{body}");
-        assert_eq!(text(&body), "User is already a member of this project with a different profile");
+        assert_eq!(outcome_text(&body), "User is already a member of this project with a different profile");
         // forceNewMembership: a new membership, with the same profile (no duplicate upstream).
         let mut force = practitioner("grace.hopper@example.com");
         force["forceNewMembership"] = json!(true);
@@ -322,10 +219,10 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         assert_eq!(mx["externalId"], "ext-42");
         let (status, body) = invite(&gw, &admin, &project, ext).await;
         assert_eq!(status, 409, "{body}");
-        assert!(text(&body).contains("already exists"), "{body}");
+        assert!(outcome_text(&body).contains("already exists"), "{body}");
 
         // A Patient invite makes a project-scoped user, with the membership template applied.
-        let policy = post(&gw, "fhir/R4/AccessPolicy", Some(&admin), json!({"resourceType": "AccessPolicy", "name": "patients", "resource": [{"resourceType": "Patient"}]})).await.1;
+        let policy = gw.post("fhir/R4/AccessPolicy", Some(&admin), json!({"resourceType": "AccessPolicy", "name": "patients", "resource": [{"resourceType": "Patient"}]})).await.1;
         let mut pat = patient("pat@example.com");
         pat["membership"] = json!({"accessPolicy": {"reference": format!("AccessPolicy/{}", policy["id"].as_str().unwrap())}});
         let (status, mp) = invite(&gw, &admin, &project, pat).await;
@@ -366,7 +263,7 @@ fn case_73_invite_creates_the_profile_upstream_then_user_and_membership() {
         assert_eq!(status, 200, "{out}");
         assert_eq!(out["mfaEnrollRequired"], true, "{out}");
         assert!(out.get("code").is_none(), "{out}");
-        let (status, read) = get(&gw, &format!("fhir/R4/User/{}", user_id(&mm)), Some(&sup)).await;
+        let (status, read) = gw.get(&format!("fhir/R4/User/{}", user_id(&mm)), Some(&sup)).await;
         assert_eq!(status, 200, "{read}");
         assert_eq!(read["email"], "mfa@example.com");
         assert!(read.get("mfaSecret").is_none() && read.get("passwordHash").is_none(), "{read}");
@@ -394,7 +291,7 @@ fn case_73_a_failed_send_answers_200_with_the_reference_text() {
         assert_eq!(out["id"], "ok");
         assert_eq!(out["issue"][0]["code"], "exception");
         assert_eq!(
-            text(&out),
+            outcome_text(&out),
             "Could not send email. Make sure you have SMTP set up."
         );
         // The invite itself stands.
@@ -414,7 +311,7 @@ fn a_failed_invite_leaves_nothing_behind() {
         body["membership"] = json!({"active": "not a boolean"});
         let (status, out) = invite(&gw, &admin, &project, body).await;
         assert_eq!(status, 400, "{out}");
-        assert_eq!(text(&out), "Invalid membership");
+        assert_eq!(outcome_text(&out), "Invalid membership");
         assert_eq!(users_with_email(&gw, "half@example.com").await, 0);
         let posts = |upstream: &FhirUpstream| {
             upstream
@@ -490,13 +387,12 @@ fn a_failed_invite_leaves_nothing_behind() {
 
         // A membership deleted and the person invited again: the first profile is reused.
         let first = memberships_of_user(&gw, &users[0].id).await.remove(0);
-        let (status, _) = send(
-            reqwest::Method::DELETE,
-            format!("{}admin/projects/{project}/members/{}", gw.base, first.id),
-            Some(&admin),
-            None,
-        )
-        .await;
+        let (status, _) = gw
+            .delete(
+                &format!("admin/projects/{project}/members/{}", first.id),
+                Some(&admin),
+            )
+            .await;
         assert_eq!(status, 200);
         let (status, again) = invite(&gw, &admin, &project, practitioner("race@example.com")).await;
         assert_eq!(status, 200, "{again}");
@@ -549,47 +445,35 @@ fn case_74_members_and_project_admin_api() {
         let mid = m["id"].as_str().unwrap().to_string();
         let member_path = format!("admin/projects/{project}/members/{mid}");
 
-        let (status, _) = get(&gw, &format!("admin/projects/{project}"), Some(&plain)).await;
+        let (status, _) = gw
+            .get(&format!("admin/projects/{project}"), Some(&plain))
+            .await;
         assert_eq!(status, 403);
-        let (status, p) = get(&gw, &format!("admin/projects/{project}"), Some(&admin)).await;
+        let (status, p) = gw
+            .get(&format!("admin/projects/{project}"), Some(&admin))
+            .await;
         assert_eq!(status, 200, "{p}");
         assert_eq!(p["project"]["id"], project.as_str());
         assert_eq!(p["project"]["name"], "Default");
 
-        assert_eq!(get(&gw, &member_path, Some(&plain)).await.0, 403);
-        assert_eq!(
-            post(&gw, &member_path, Some(&plain), m.clone()).await.0,
-            403
-        );
-        assert_eq!(
-            send(
-                reqwest::Method::DELETE,
-                format!("{}{member_path}", gw.base),
-                Some(&plain),
-                None
-            )
-            .await
-            .0,
-            403
-        );
+        assert_eq!(gw.get(&member_path, Some(&plain)).await.0, 403);
+        assert_eq!(gw.post(&member_path, Some(&plain), m.clone()).await.0, 403);
+        assert_eq!(gw.delete(&member_path, Some(&plain)).await.0, 403);
 
-        let (status, read) = get(&gw, &member_path, Some(&admin)).await;
+        let (status, read) = gw.get(&member_path, Some(&admin)).await;
         assert_eq!(status, 200);
         assert_eq!(read["id"], mid.as_str());
 
         let mut wrong_type = m.clone();
         wrong_type["resourceType"] = json!("Patient");
-        assert_eq!(
-            post(&gw, &member_path, Some(&admin), wrong_type).await.0,
-            403
-        );
+        assert_eq!(gw.post(&member_path, Some(&admin), wrong_type).await.0, 403);
         let mut wrong_id = m.clone();
         wrong_id["id"] = json!("another-id");
-        assert_eq!(post(&gw, &member_path, Some(&admin), wrong_id).await.0, 403);
+        assert_eq!(gw.post(&member_path, Some(&admin), wrong_id).await.0, 403);
 
         let mut promoted = read.clone();
         promoted["admin"] = json!(true);
-        let (status, updated) = post(&gw, &member_path, Some(&admin), promoted).await;
+        let (status, updated) = gw.post(&member_path, Some(&admin), promoted).await;
         assert_eq!(status, 200, "{updated}");
         assert_eq!(updated["admin"], true);
         assert_eq!(
@@ -601,46 +485,41 @@ fn case_74_members_and_project_admin_api() {
         let owner = gw.running().bootstrap.admin_email.clone();
         let (status, om) = invite(&gw, &admin, &project, practitioner(&owner)).await;
         assert_eq!(status, 200, "{om}");
-        let (status, body) = send(
-            reqwest::Method::DELETE,
-            format!(
-                "{}admin/projects/{project}/members/{}",
-                gw.base,
-                om["id"].as_str().unwrap()
-            ),
-            Some(&admin),
-            None,
-        )
-        .await;
+        let (status, body) = gw
+            .delete(
+                &format!(
+                    "admin/projects/{project}/members/{}",
+                    om["id"].as_str().unwrap()
+                ),
+                Some(&admin),
+            )
+            .await;
         assert_eq!(status, 400, "{body}");
-        assert_eq!(text(&body), "Cannot delete the owner of the project");
-        let (status, _) = send(
-            reqwest::Method::DELETE,
-            format!(
-                "{}admin/projects/{project}/members/00000000-0000-4000-8000-000000000000",
-                gw.base
-            ),
-            Some(&admin),
-            None,
-        )
-        .await;
+        assert_eq!(
+            outcome_text(&body),
+            "Cannot delete the owner of the project"
+        );
+        let (status, _) = gw
+            .delete(
+                &format!("admin/projects/{project}/members/00000000-0000-4000-8000-000000000000"),
+                Some(&admin),
+            )
+            .await;
         assert_eq!(status, 404);
 
         // Deleting: 200 All OK; a project-scoped user goes with its last membership.
         let (_, pm) = invite(&gw, &admin, &project, patient("leaving@example.com")).await;
-        let (status, body) = send(
-            reqwest::Method::DELETE,
-            format!(
-                "{}admin/projects/{project}/members/{}",
-                gw.base,
-                pm["id"].as_str().unwrap()
-            ),
-            Some(&admin),
-            None,
-        )
-        .await;
+        let (status, body) = gw
+            .delete(
+                &format!(
+                    "admin/projects/{project}/members/{}",
+                    pm["id"].as_str().unwrap()
+                ),
+                Some(&admin),
+            )
+            .await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(text(&body), "All OK");
+        assert_eq!(outcome_text(&body), "All OK");
         assert!(
             gw.running()
                 .state
@@ -650,13 +529,7 @@ fn case_74_members_and_project_admin_api() {
                 .unwrap()
                 .is_none()
         );
-        let (status, _) = send(
-            reqwest::Method::DELETE,
-            format!("{}{member_path}", gw.base),
-            Some(&admin),
-            None,
-        )
-        .await;
+        let (status, _) = gw.delete(&member_path, Some(&admin)).await;
         assert_eq!(status, 200);
         // A server-scoped user stays.
         assert!(
@@ -685,16 +558,14 @@ fn case_75_admin_setpassword() {
         invite(&gw, &admin, &project, patient("scoped@example.com")).await;
         let set = |email: &str, password: &str| json!({"email": email, "password": password});
 
-        let (status, _) = post(
-            &gw,
+        let (status, _) = gw.post(
             "admin/projects/setpassword",
             Some(&plain),
             set("scoped@example.com", "long-enough-1"),
         )
         .await;
         assert_eq!(status, 403);
-        let (status, body) = post(
-            &gw,
+        let (status, body) = gw.post(
             "admin/projects/setpassword",
             Some(&admin),
             set("scoped@example.com", "short"),
@@ -702,54 +573,36 @@ fn case_75_admin_setpassword() {
         .await;
         assert_eq!(status, 400);
         assert_eq!(
-            text(&body),
+            outcome_text(&body),
             "Invalid password, must be at least 8 characters"
         );
-        assert_eq!(expression(&body), "password");
-        let (status, body) = post(
-            &gw,
-            "admin/projects/setpassword",
-            Some(&admin),
-            set("server@example.com", "long-enough-1"),
-        )
-        .await;
-        assert_eq!(status, 400);
-        assert_eq!(text(&body), "User not found");
-        let (status, body) = post(
-            &gw,
-            "admin/projects/setpassword",
-            Some(&admin),
-            set("nobody@example.com", "long-enough-1"),
-        )
-        .await;
-        assert_eq!(status, 400);
-        assert_eq!(text(&body), "User not found");
-        // A project-scoped user of another project is not found either.
+        assert_eq!(outcome_expression(&body), "password");
+        // A server-scoped user, nobody, and a project-scoped user of another project: not found.
         let sup = super_admin_token(&gw).await;
         let other = gw.running().bootstrap.super_admin_project_id.clone();
         let (status, _) = invite(&gw, &sup, &other, patient("elsewhere@example.com")).await;
         assert_eq!(status, 200);
-        let (status, body) = post(
-            &gw,
-            "admin/projects/setpassword",
-            Some(&admin),
-            set("elsewhere@example.com", "long-enough-1"),
-        )
-        .await;
-        assert_eq!(status, 400);
-        assert_eq!(text(&body), "User not found");
+        for email in ["server@example.com", "nobody@example.com", "elsewhere@example.com"] {
+            let (status, body) = gw
+                .post(
+                    "admin/projects/setpassword",
+                    Some(&admin),
+                    set(email, "long-enough-1"),
+                )
+                .await;
+            assert_eq!(status, 400);
+            assert_eq!(outcome_text(&body), "User not found");
+        }
 
-        let (status, body) = post(
-            &gw,
+        let (status, body) = gw.post(
             "admin/projects/setpassword",
             Some(&admin),
             set("Scoped@Example.com", "long-enough-1"),
         )
         .await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(text(&body), "All OK");
-        let (status, body) = post(
-            &gw,
+        assert_eq!(outcome_text(&body), "All OK");
+        let (status, body) = gw.post(
             "auth/login",
             None,
             json!({"email": "scoped@example.com", "password": "long-enough-1", "projectId": project}),
@@ -788,29 +641,29 @@ fn case_51_setpassword_through_an_invite_link() {
             (json!({"id": id, "password": "long-enough-1"}), "Missing secret", "secret"),
             (set(id, secret, "seven77"), "Invalid password, must be at least 8 characters", "password"),
         ] {
-            let (status, out) = post(&gw, "auth/setpassword", None, body).await;
+            let (status, out) = gw.post("auth/setpassword", None, body).await;
             assert_eq!(status, 400, "{out}");
-            assert_eq!(text(&out), want);
-            assert_eq!(expression(&out), expr);
+            assert_eq!(outcome_text(&out), want);
+            assert_eq!(outcome_expression(&out), expr);
         }
-        let (status, _) = post(&gw, "auth/setpassword", None, set("00000000-0000-4000-8000-000000000000", secret, "long-enough-1")).await;
+        let (status, _) = gw.post("auth/setpassword", None, set("00000000-0000-4000-8000-000000000000", secret, "long-enough-1")).await;
         assert_eq!(status, 404);
-        let (status, out) = post(&gw, "auth/setpassword", None, set(id, "0123456789abcdef0123456789abcdef", "long-enough-1")).await;
+        let (status, out) = gw.post("auth/setpassword", None, set(id, "0123456789abcdef0123456789abcdef", "long-enough-1")).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Incorrect secret");
+        assert_eq!(outcome_text(&out), "Incorrect secret");
         // Before the password is set, the invited user cannot sign in with any guess.
         assert_eq!(login(&gw, "linked@example.com", "long-enough-1").await.0, 400);
 
-        let (status, out) = post(&gw, "auth/setpassword", None, set(id, secret, "long-enough-1")).await;
+        let (status, out) = gw.post("auth/setpassword", None, set(id, secret, "long-enough-1")).await;
         assert_eq!(status, 200, "{out}");
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         let user = gw.running().state.store.read("User", &user_id(&m)).await.unwrap().unwrap();
         assert_eq!(user.content["emailVerified"], true);
         let (status, out) = login(&gw, "linked@example.com", "long-enough-1").await;
         assert_eq!(status, 200, "{out}");
-        let (status, out) = post(&gw, "auth/setpassword", None, set(id, secret, "another-one-2")).await;
+        let (status, out) = gw.post("auth/setpassword", None, set(id, secret, "another-one-2")).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Already used");
+        assert_eq!(outcome_text(&out), "Already used");
         assert_eq!(login(&gw, "linked@example.com", "another-one-2").await.0, 400);
 
         // A verify-email request cannot set a password; an expired link is refused.
@@ -835,35 +688,33 @@ fn case_51_setpassword_through_an_invite_link() {
             ])
             .await
             .unwrap();
-        let (status, out) = post(&gw, "auth/setpassword", None, set(verify_id, "seeded-secret", "long-enough-1")).await;
+        let (status, out) = gw.post("auth/setpassword", None, set(verify_id, "seeded-secret", "long-enough-1")).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Invalid request type");
-        let (status, out) = post(&gw, "auth/setpassword", None, set(expired_id, "seeded-secret", "long-enough-1")).await;
+        assert_eq!(outcome_text(&out), "Invalid request type");
+        let (status, out) = gw.post("auth/setpassword", None, set(expired_id, "seeded-secret", "long-enough-1")).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Security request expired");
+        assert_eq!(outcome_text(&out), "Security request expired");
         // The verify-email link verifies, once.
-        let (status, out) = post(&gw, "auth/verifyemail", None, json!({"id": verify_id, "secret": "seeded-secret"})).await;
+        let (status, out) = gw.post("auth/verifyemail", None, json!({"id": verify_id, "secret": "seeded-secret"})).await;
         assert_eq!(status, 200, "{out}");
-        let (status, out) = post(&gw, "auth/verifyemail", None, json!({"id": verify_id, "secret": "seeded-secret"})).await;
+        let (status, out) = gw.post("auth/verifyemail", None, json!({"id": verify_id, "secret": "seeded-secret"})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Already used");
+        assert_eq!(outcome_text(&out), "Already used");
 
         // One link, five simultaneous uses: exactly one sets the password.
-        let (status, _) = post(&gw, "auth/resetpassword", None, json!({"email": "linked@example.com"})).await;
+        let (status, _) = gw.post("auth/resetpassword", None, json!({"email": "linked@example.com"})).await;
         assert_eq!(status, 200);
         let reset = mail::wait_for_outbox(&gw.data_dir, 2)[1].clone();
-        let link = mail::link(&reset, "/auth/setpassword/").unwrap();
-        let rest = link.strip_prefix(&format!("{}auth/setpassword/", gw.base)).unwrap();
-        let (rid, rsecret) = rest.split_once('/').unwrap();
+        let (rid, rsecret) = mail::set_password_ids(&reset, &gw.base);
         let mut tasks = Vec::new();
         for i in 0..5 {
             let url = format!("{}auth/setpassword", gw.base);
-            let body = set(rid, rsecret, &format!("racing-password-{i}"));
+            let body = set(&rid, &rsecret, &format!("racing-password-{i}"));
             tasks.push(tokio::spawn(async move {
                 let resp = TestGateway::client().post(url).json(&body).send().await.unwrap();
                 let status = resp.status().as_u16();
                 let out: Value = resp.json().await.unwrap();
-                (status, text(&out).to_string(), i)
+                (status, outcome_text(&out).to_string(), i)
             }));
         }
         let mut results = Vec::new();
@@ -894,8 +745,7 @@ fn case_52_resetpassword_never_reveals_an_account() {
 
         // A domain that signs in at an external identity provider has no password to reset.
         let sup = super_admin_token(&gw).await;
-        let (status, out) = post(
-            &gw,
+        let (status, out) = gw.post(
             "fhir/R4/DomainConfiguration",
             Some(&sup),
             json!({"resourceType": "DomainConfiguration", "domain": "idp.example", "identityProvider": {
@@ -904,8 +754,7 @@ fn case_52_resetpassword_never_reveals_an_account() {
         )
         .await;
         assert_eq!(status, 201, "{out}");
-        let (status, out) = post(
-            &gw,
+        let (status, out) = gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "someone@IDP.example"}),
@@ -913,53 +762,46 @@ fn case_52_resetpassword_never_reveals_an_account() {
         .await;
         assert_eq!(status, 400, "{out}");
         assert_eq!(
-            text(&out),
+            outcome_text(&out),
             "Cannot reset password for external auth. Contact your system administrator."
         );
 
-        let (status, out) = post(
-            &gw,
+        let (status, out) = gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "unknown@example.com"}),
         )
         .await;
         assert_eq!(status, 200, "{out}");
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         for blank in [
             json!({"email": ""}),
             json!({}),
             json!({"email": "not-an-email"}),
         ] {
-            let (status, out) = post(&gw, "auth/resetpassword", None, blank).await;
+            let (status, out) = gw.post("auth/resetpassword", None, blank).await;
             assert_eq!(status, 400);
             assert_eq!(
-                text(&out),
+                outcome_text(&out),
                 "Valid email address between 3 and 72 characters is required"
             );
         }
-        let (status, out) = post(
-            &gw,
+        let (status, out) = gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "Resets@Example.com"}),
         )
         .await;
         assert_eq!(status, 200);
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         let messages = mail::wait_for_outbox(&gw.data_dir, 1);
         assert_eq!(messages.len(), 1, "only the known account got an e-mail");
         assert_eq!(
             mail::header(&messages[0], "Subject").as_deref(),
             Some("fhirgate Password Reset")
         );
-        let link = mail::link(&messages[0], "/auth/setpassword/").unwrap();
-        let rest = link
-            .strip_prefix(&format!("{}auth/setpassword/", gw.base))
-            .unwrap();
-        let (id, secret) = rest.split_once('/').unwrap();
-        let (status, out) = post(
-            &gw,
+        let (id, secret) = mail::set_password_ids(&messages[0], &gw.base);
+        let (status, out) = gw.post(
             "auth/setpassword",
             None,
             json!({"id": id, "secret": secret, "password": "second-password-2"}),
@@ -974,55 +816,41 @@ fn case_52_resetpassword_never_reveals_an_account() {
         );
         let (status, out) = login(&gw, "resets@example.com", "first-password-1").await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Email or password is invalid");
+        assert_eq!(outcome_text(&out), "Email or password is invalid");
 
         // A second reset supersedes the first link; sendEmail:false sends nothing.
-        post(
-            &gw,
+        gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "resets@example.com"}),
         )
         .await;
         let first = mail::wait_for_outbox(&gw.data_dir, 2)[1].clone();
-        post(
-            &gw,
+        gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "resets@example.com"}),
         )
         .await;
         let second = mail::wait_for_outbox(&gw.data_dir, 3)[2].clone();
-        let ids = |m: &str| {
-            let l = mail::link(m, "/auth/setpassword/").unwrap();
-            let rest = l
-                .strip_prefix(&format!("{}auth/setpassword/", gw.base))
-                .unwrap()
-                .to_string();
-            let (i, s) = rest.split_once('/').unwrap();
-            (i.to_string(), s.to_string())
-        };
-        let (id1, s1) = ids(&first);
-        let (id2, s2) = ids(&second);
-        let (status, out) = post(
-            &gw,
+        let (id1, s1) = mail::set_password_ids(&first, &gw.base);
+        let (id2, s2) = mail::set_password_ids(&second, &gw.base);
+        let (status, out) = gw.post(
             "auth/setpassword",
             None,
             json!({"id": id1, "secret": s1, "password": "third-password-3"}),
         )
         .await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Already used");
-        let (status, _) = post(
-            &gw,
+        assert_eq!(outcome_text(&out), "Already used");
+        let (status, _) = gw.post(
             "auth/setpassword",
             None,
             json!({"id": id2, "secret": s2, "password": "third-password-3"}),
         )
         .await;
         assert_eq!(status, 200);
-        post(
-            &gw,
+        gw.post(
             "auth/resetpassword",
             None,
             json!({"email": "resets@example.com", "sendEmail": false}),
@@ -1045,55 +873,55 @@ fn case_53_changepassword() {
         let (_, m) = invite(&gw, &admin, &project, body).await;
         let token = user_token(&gw, "changer@example.com", "old-password-1").await;
 
-        let (status, _) = post(
-            &gw,
-            "auth/changepassword",
-            None,
-            json!({"oldPassword": "old-password-1", "newPassword": "new-password-2"}),
-        )
-        .await;
+        let (status, _) = gw
+            .post(
+                "auth/changepassword",
+                None,
+                json!({"oldPassword": "old-password-1", "newPassword": "new-password-2"}),
+            )
+            .await;
         assert_eq!(status, 401);
-        let (status, out) = post(
-            &gw,
-            "auth/changepassword",
-            Some(&token),
-            json!({"newPassword": "new-password-2"}),
-        )
-        .await;
+        let (status, out) = gw
+            .post(
+                "auth/changepassword",
+                Some(&token),
+                json!({"newPassword": "new-password-2"}),
+            )
+            .await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Missing oldPassword");
-        let (status, out) = post(
-            &gw,
-            "auth/changepassword",
-            Some(&token),
-            json!({"oldPassword": "old-password-1", "newPassword": "short"}),
-        )
-        .await;
+        assert_eq!(outcome_text(&out), "Missing oldPassword");
+        let (status, out) = gw
+            .post(
+                "auth/changepassword",
+                Some(&token),
+                json!({"oldPassword": "old-password-1", "newPassword": "short"}),
+            )
+            .await;
         assert_eq!(status, 400);
         assert_eq!(
-            text(&out),
+            outcome_text(&out),
             "Invalid password, must be at least 8 characters"
         );
-        assert_eq!(expression(&out), "newPassword");
-        let (status, out) = post(
-            &gw,
-            "auth/changepassword",
-            Some(&token),
-            json!({"oldPassword": "wrong-password", "newPassword": "new-password-2"}),
-        )
-        .await;
+        assert_eq!(outcome_expression(&out), "newPassword");
+        let (status, out) = gw
+            .post(
+                "auth/changepassword",
+                Some(&token),
+                json!({"oldPassword": "wrong-password", "newPassword": "new-password-2"}),
+            )
+            .await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Incorrect password");
-        assert_eq!(expression(&out), "oldPassword");
-        let (status, out) = post(
-            &gw,
-            "auth/changepassword",
-            Some(&token),
-            json!({"oldPassword": "old-password-1", "newPassword": "new-password-2"}),
-        )
-        .await;
+        assert_eq!(outcome_text(&out), "Incorrect password");
+        assert_eq!(outcome_expression(&out), "oldPassword");
+        let (status, out) = gw
+            .post(
+                "auth/changepassword",
+                Some(&token),
+                json!({"oldPassword": "old-password-1", "newPassword": "new-password-2"}),
+            )
+            .await;
         assert_eq!(status, 200, "{out}");
-        assert_eq!(text(&out), "All OK");
+        assert_eq!(outcome_text(&out), "All OK");
         assert_eq!(
             login(&gw, "changer@example.com", "new-password-2").await.0,
             200
@@ -1118,16 +946,16 @@ fn case_53_changepassword() {
             )
             .await
             .unwrap();
-        let (status, out) = post(
-            &gw,
-            "auth/changepassword",
-            Some(&token),
-            json!({"oldPassword": "new-password-2", "newPassword": "third-password-3"}),
-        )
-        .await;
+        let (status, out) = gw
+            .post(
+                "auth/changepassword",
+                Some(&token),
+                json!({"oldPassword": "new-password-2", "newPassword": "third-password-3"}),
+            )
+            .await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Existing password not set");
-        assert_eq!(expression(&out), "oldPassword");
+        assert_eq!(outcome_text(&out), "Existing password not set");
+        assert_eq!(outcome_expression(&out), "oldPassword");
     });
 }
 
@@ -1138,12 +966,12 @@ fn case_48_newuser_is_closed_by_default() {
     let upstream = FhirUpstream::start();
     let gw = start(&upstream, |_| {});
     rt().block_on(async {
-        let (status, out) = post(&gw, "auth/newuser", None, json!({"firstName": "A", "lastName": "B", "email": "new@example.com", "password": "long-enough-1"})).await;
+        let (status, out) = gw.post("auth/newuser", None, json!({"firstName": "A", "lastName": "B", "email": "new@example.com", "password": "long-enough-1"})).await;
         assert_eq!(status, 400, "{out}");
-        assert_eq!(text(&out), "Registration is disabled");
-        let (status, out) = post(&gw, "auth/newproject", None, json!({"login": "00000000-0000-4000-8000-000000000000", "projectName": "My Project"})).await;
+        assert_eq!(outcome_text(&out), "Registration is disabled");
+        let (status, out) = gw.post("auth/newproject", None, json!({"login": "00000000-0000-4000-8000-000000000000", "projectName": "My Project"})).await;
         assert_eq!(status, 400, "{out}");
-        assert_eq!(text(&out), "Registration is disabled");
+        assert_eq!(outcome_text(&out), "Registration is disabled");
         assert_eq!(users_with_email(&gw, "new@example.com").await, 0);
     });
 }
@@ -1159,44 +987,44 @@ fn case_48_49_newuser_then_newproject() {
     rt().block_on(async {
         let new_user = |password: &str| json!({"firstName": "Reg", "lastName": "Istrant", "email": "Reg@Example.com", "password": password, "codeChallenge": "verifier-0123456789", "codeChallengeMethod": "plain"});
         for bad in ["seven77", &"x".repeat(73), &"€".repeat(25)] {
-            let (status, out) = post(&gw, "auth/newuser", None, new_user(bad)).await;
+            let (status, out) = gw.post("auth/newuser", None, new_user(bad)).await;
             assert_eq!(status, 400, "{out}");
-            assert_eq!(text(&out), "Password must be between 8 and 72 characters");
+            assert_eq!(outcome_text(&out), "Password must be between 8 and 72 characters");
         }
-        let (status, out) = post(&gw, "auth/newuser", None, json!({"firstName": "A", "lastName": "B", "email": "", "password": "long-enough-1"})).await;
+        let (status, out) = gw.post("auth/newuser", None, json!({"firstName": "A", "lastName": "B", "email": "", "password": "long-enough-1"})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Valid email address between 3 and 72 characters is required");
+        assert_eq!(outcome_text(&out), "Valid email address between 3 and 72 characters is required");
 
-        let (status, out) = post(&gw, "auth/newuser", None, new_user("long-enough-1")).await;
+        let (status, out) = gw.post("auth/newuser", None, new_user("long-enough-1")).await;
         assert_eq!(status, 200, "{out}");
         let login_id = out["login"].as_str().unwrap().to_string();
         assert!(out.get("code").is_none(), "{out}");
-        let (status, out) = post(&gw, "auth/newuser", None, new_user("long-enough-1")).await;
+        let (status, out) = gw.post("auth/newuser", None, new_user("long-enough-1")).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Email already registered");
-        assert_eq!(expression(&out), "email");
+        assert_eq!(outcome_text(&out), "Email already registered");
+        assert_eq!(outcome_expression(&out), "email");
 
-        let (status, out) = post(&gw, "auth/newproject", None, json!({"projectName": "My Project"})).await;
+        let (status, out) = gw.post("auth/newproject", None, json!({"projectName": "My Project"})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Login ID is required.");
-        let (status, out) = post(&gw, "auth/newproject", None, json!({"login": login_id, "projectName": "My Project"})).await;
+        assert_eq!(outcome_text(&out), "Login ID is required.");
+        let (status, out) = gw.post("auth/newproject", None, json!({"login": login_id, "projectName": "My Project"})).await;
         assert_eq!(status, 200, "{out}");
         assert_eq!(out["login"], login_id.as_str());
         let code = out["code"].as_str().unwrap().to_string();
-        let (status, out) = post(&gw, "auth/newproject", None, json!({"login": login_id, "projectName": "Second Project"})).await;
+        let (status, out) = gw.post("auth/newproject", None, json!({"login": login_id, "projectName": "Second Project"})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Login already has a membership");
+        assert_eq!(outcome_text(&out), "Login already has a membership");
 
         let (status, tokens) = exchange(&gw, &code).await;
         assert_eq!(status, 200, "{tokens}");
         let token = tokens["access_token"].as_str().unwrap();
         let profile = tokens["profile"]["reference"].as_str().unwrap().to_string();
         assert!(profile.starts_with("Practitioner/"), "{profile}");
-        let (status, read) = get(&gw, &format!("fhir/R4/{profile}"), Some(token)).await;
+        let (status, read) = gw.get(&format!("fhir/R4/{profile}"), Some(token)).await;
         assert_eq!(status, 200, "{read}");
         assert_eq!(read["name"][0]["family"], "Istrant");
         // The new user owns the new project and is its admin.
-        let (status, me) = get(&gw, "auth/me", Some(token)).await;
+        let (status, me) = gw.get("auth/me", Some(token)).await;
         assert_eq!(status, 200, "{me}");
         assert_eq!(me["project"]["name"], "My Project");
         assert_eq!(me["membership"]["admin"], true);
@@ -1211,25 +1039,25 @@ fn case_50_newpatient_needs_a_default_patient_policy() {
         let admin = gw.admin_token().await;
         let project = gw.project_of(&admin).await;
         let reg = json!({"firstName": "Open", "lastName": "Patient", "email": "open@example.com", "password": "long-enough-1", "projectId": project, "codeChallenge": "verifier-0123456789", "codeChallengeMethod": "plain"});
-        let (status, out) = post(&gw, "auth/newuser", None, reg.clone()).await;
+        let (status, out) = gw.post("auth/newuser", None, reg.clone()).await;
         assert_eq!(status, 400, "{out}");
-        assert_eq!(text(&out), "Project does not allow open registration");
+        assert_eq!(outcome_text(&out), "Project does not allow open registration");
 
         // The admin creates a policy and sets it as the project's default for patients.
-        let (status, policy) = post(&gw, "fhir/R4/AccessPolicy", Some(&admin), json!({"resourceType": "AccessPolicy", "name": "self-registered", "resource": [{"resourceType": "Patient"}]})).await;
+        let (status, policy) = gw.post("fhir/R4/AccessPolicy", Some(&admin), json!({"resourceType": "AccessPolicy", "name": "self-registered", "resource": [{"resourceType": "Patient"}]})).await;
         assert_eq!(status, 201, "{policy}");
-        let (_, mut p) = get(&gw, &format!("fhir/R4/Project/{project}"), Some(&admin)).await;
+        let (_, mut p) = gw.get(&format!("fhir/R4/Project/{project}"), Some(&admin)).await;
         p["defaultPatientAccessPolicy"] = json!({"reference": format!("AccessPolicy/{}", policy["id"].as_str().unwrap())});
-        let (status, out) = send(reqwest::Method::PUT, format!("{}fhir/R4/Project/{project}", gw.base), Some(&admin), Some(p)).await;
+        let (status, out) = gw.put(&format!("fhir/R4/Project/{project}"), Some(&admin), p).await;
         assert_eq!(status, 200, "{out}");
 
-        let (status, out) = post(&gw, "auth/newuser", None, reg).await;
+        let (status, out) = gw.post("auth/newuser", None, reg).await;
         assert_eq!(status, 200, "{out}");
         let login_id = out["login"].as_str().unwrap().to_string();
-        let (status, out) = post(&gw, "auth/newpatient", None, json!({"login": login_id})).await;
+        let (status, out) = gw.post("auth/newpatient", None, json!({"login": login_id})).await;
         assert_eq!(status, 400);
-        assert_eq!(text(&out), "Project ID is required");
-        let (status, out) = post(&gw, "auth/newpatient", None, json!({"login": login_id, "projectId": project})).await;
+        assert_eq!(outcome_text(&out), "Project ID is required");
+        let (status, out) = gw.post("auth/newpatient", None, json!({"login": login_id, "projectId": project})).await;
         assert_eq!(status, 200, "{out}");
         let code = out["code"].as_str().unwrap().to_string();
         let (status, tokens) = exchange(&gw, &code).await;
@@ -1237,9 +1065,9 @@ fn case_50_newpatient_needs_a_default_patient_policy() {
         let profile = tokens["profile"]["reference"].as_str().unwrap();
         assert!(profile.starts_with("Patient/"), "{profile}");
         assert_eq!(upstream.fhir("GET", profile, None).status, 200);
-        let (_, me) = get(&gw, "auth/me", Some(tokens["access_token"].as_str().unwrap())).await;
+        let (_, me) = gw.get("auth/me", Some(tokens["access_token"].as_str().unwrap())).await;
         assert_eq!(me["membership"]["admin"], Value::Null);
-        let (status, out) = post(&gw, "auth/newpatient", None, json!({"login": login_id, "projectId": project})).await;
+        let (status, out) = gw.post("auth/newpatient", None, json!({"login": login_id, "projectId": project})).await;
         assert_eq!(status, 400, "{out}");
     });
 }

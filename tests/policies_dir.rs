@@ -10,16 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, free_port};
+use common::http::{basic, rt};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 fn shipped_policies() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies")
@@ -198,22 +191,62 @@ fn serve_loads_every_shipped_example_and_a_restart_creates_no_versions() {
         "unchanged files must not create versions"
     );
 
-    // A shipped policy works for a client that references it: the webhook sender may only
-    // create Communications.
+    // A shipped policy works for a client that references it: the webhook sender, on Basic
+    // auth, may run its one Bot operation and nothing else.
     rt().block_on(async {
         let admin = gw.admin_token().await;
         let (id, secret) = gw.client_with_policy(&admin, Some("webhook-sender")).await;
-        let token = gw.token(&id, &secret, None).await;
-        assert_eq!(status_of(&gw, &token, "Patient").await, 403);
-        let created = TestGateway::client()
-            .post(format!("{}Communication", gw.fhir))
-            .bearer_auth(&token)
-            .header("content-type", "application/fhir+json")
-            .json(&json!({"resourceType": "Communication", "status": "completed"}))
+        let post = |path: &str, body: serde_json::Value| {
+            TestGateway::client()
+                .post(format!("{}{path}", gw.fhir))
+                .header("authorization", basic(&id, &secret))
+                .header("content-type", "application/json")
+                .json(&body)
+                .send()
+        };
+        let event = json!({"id": "evt_1", "type": "invoice.paid"});
+        upstream.reset();
+        let run = post("Bot/stripe-webhook/$execute", event.clone())
+            .await
+            .unwrap();
+        assert_ne!(run.status(), 403, "the granted operation was refused");
+        assert_ne!(run.status(), 401);
+        let seen = upstream.requests();
+        assert!(
+            seen.iter().any(|r| r["method"] == "POST"
+                && r["url"]
+                    .as_str()
+                    .unwrap_or("")
+                    .ends_with("Bot/stripe-webhook/$execute")),
+            "the operation never reached the upstream: {seen:?}"
+        );
+        upstream.reset();
+        for (path, body) in [
+            ("Bot/other-bot/$execute", event.clone()),
+            ("Bot/stripe-webhook/$validate", event.clone()),
+            (
+                "Bot",
+                json!({"resourceType": "Bot", "id": "stripe-webhook"}),
+            ),
+            (
+                "Communication",
+                json!({"resourceType": "Communication", "status": "completed"}),
+            ),
+        ] {
+            let r = post(path, body).await.unwrap();
+            assert_eq!(r.status(), 403, "POST {path}");
+        }
+        let read = TestGateway::client()
+            .get(format!("{}Patient", gw.fhir))
+            .header("authorization", basic(&id, &secret))
             .send()
             .await
             .unwrap();
-        assert_eq!(created.status(), 201);
+        assert_eq!(read.status(), 403);
+        assert!(
+            upstream.requests().is_empty(),
+            "a refused request reached the upstream"
+        );
     });
 }
 

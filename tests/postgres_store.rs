@@ -8,18 +8,11 @@
 mod common;
 
 use common::gateway::{ADMIN_CLIENT_ID, TestGateway};
+use common::http::{rt, status};
 use common::upstream::FhirUpstream;
 use fhirgate::config::ConfigFile;
 use fhirgate::store::{Dialect, Store};
 use serde_json::{Value, json};
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Pins the store to `url` and the issuer across restarts (ports change, tokens must not).
 fn on(url: &str) -> impl Fn(&mut ConfigFile) + '_ {
@@ -28,10 +21,6 @@ fn on(url: &str) -> impl Fn(&mut ConfigFile) + '_ {
         f.store_max_connections = Some(4);
         f.base_url = Some("http://fhirgate.test/".into());
     }
-}
-
-async fn status(req: reqwest::RequestBuilder) -> u16 {
-    req.send().await.unwrap().status().as_u16()
 }
 
 #[test]

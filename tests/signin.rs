@@ -11,73 +11,24 @@
 
 mod common;
 
-use std::sync::OnceLock;
-
-use base64::Engine;
-use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway};
+use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, shared as gw};
+use common::http::{basic, outcome_text, rt, send, status, with_authorization};
 use common::people::{
     Seeded, TokenResponse, UserSeed, add_membership, auth_login, default_project, jwt_claims,
     on_gateway, pkce_pair, post_json, seed, seed_client, seed_policy, seed_project, seed_user,
-    sign_in, super_admin_project, token_request,
+    sign_in, super_admin_project, token_request, unique_email,
 };
-use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
-struct Env {
-    _upstream: FhirUpstream,
-    gw: TestGateway,
-}
-
-static ENV: OnceLock<Env> = OnceLock::new();
-
-fn gw() -> &'static TestGateway {
-    &ENV.get_or_init(|| {
-        let upstream = FhirUpstream::start();
-        let gw = TestGateway::start(&upstream.base_url);
-        Env {
-            _upstream: upstream,
-            gw,
-        }
-    })
-    .gw
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 const PASSWORD: &str = "correct horse battery";
-
-fn email(tag: &str) -> String {
-    format!(
-        "{tag}-{}@example.com",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    )
-}
-
-fn basic(id: &str, secret: &str) -> String {
-    format!(
-        "Basic {}",
-        base64::engine::general_purpose::STANDARD.encode(format!("{id}:{secret}"))
-    )
-}
 
 fn oauth_error(error: &str, description: &str) -> Value {
     json!({"error": error, "error_description": description})
 }
 
-/// `issue[0].details.text` of an OperationOutcome.
-fn outcome_text(body: &Value) -> &str {
-    body["issue"][0]["details"]["text"].as_str().unwrap_or("")
-}
-
 /// A user with one Practitioner membership in the default project.
 fn user(tag: &str) -> (String, Seeded) {
-    let e = email(tag);
+    let e = unique_email(tag);
     let s = seed(gw(), &UserSeed::new(&e, PASSWORD));
     (e, s)
 }
@@ -97,36 +48,27 @@ async fn login_code(body: Value) -> (String, String) {
 
 /// A FHIR read through the gateway with a Bearer token; returns the status.
 async fn fhir_status(token: &str) -> u16 {
-    TestGateway::client()
-        .get(format!("{}Patient?_count=1", gw().fhir))
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
-        .status()
-        .as_u16()
+    status(
+        TestGateway::client()
+            .get(format!("{}Patient?_count=1", gw().fhir))
+            .bearer_auth(token),
+    )
+    .await
 }
 
 async fn get_with(path: &str, auth: Option<&str>) -> (u16, Value) {
-    let mut req = TestGateway::client().get(format!("{}{path}", gw().base));
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    send(with_authorization(
+        TestGateway::client().get(format!("{}{path}", gw().base)),
+        auth,
+    ))
+    .await
 }
 
 async fn post_with(path: &str, auth: Option<&str>, body: &Value) -> (u16, Value) {
-    let mut req = TestGateway::client()
+    let req = TestGateway::client()
         .post(format!("{}{path}", gw().base))
         .json(body);
-    if let Some(a) = auth {
-        req = req.header("authorization", a);
-    }
-    let resp = req.send().await.unwrap();
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    send(with_authorization(req, auth)).await
 }
 
 fn revoke_in_store(login_id: &str) {
@@ -777,7 +719,7 @@ fn case_23_access_token_lifetime_per_client() {
 
 #[test]
 fn case_24_patient_profile_in_token_response() {
-    let e = email("c24");
+    let e = unique_email("c24");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.profile_type = "Patient".into();
     s.project_scoped = true;
@@ -934,7 +876,7 @@ fn case_25_client_assertions() {
 
 #[test]
 fn case_27_super_admin_users_get_no_refresh_token() {
-    let e = email("c27");
+    let e = unique_email("c27");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.project = Some(super_admin_project(gw()));
     seed(gw(), &s);
@@ -1081,7 +1023,7 @@ fn introspection_is_limited_to_the_clients_project() {
 
 #[test]
 fn case_38_userinfo_by_scope() {
-    let e = email("c38");
+    let e = unique_email("c38");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.first_name = "Medplum".into();
     s.last_name = "Admin".into();
@@ -1178,15 +1120,15 @@ fn case_40_login_validation() {
 
 #[test]
 fn case_41_memberships_and_email_case() {
-    let no_membership = email("c41-none");
+    let no_membership = unique_email("c41-none");
     let mut s = UserSeed::new(&no_membership, PASSWORD);
     s.no_membership = true;
     seed(gw(), &s);
-    let inactive = email("c41-inactive");
+    let inactive = unique_email("c41-inactive");
     let mut s = UserSeed::new(&inactive, PASSWORD);
     s.active = false;
     seed(gw(), &s);
-    let google = email("c41-google");
+    let google = unique_email("c41-google");
     let project = seed_project(gw(), json!({"features": ["google-auth-required"]}));
     let mut s = UserSeed::new(&google, PASSWORD);
     s.project = Some(project);
@@ -1203,7 +1145,7 @@ fn case_41_memberships_and_email_case() {
         }
         let (s, b) = auth_login(
             gw(),
-            &json!({"email": email("nobody"), "password": PASSWORD}),
+            &json!({"email": unique_email("nobody"), "password": PASSWORD}),
         )
         .await;
         assert_eq!((s, outcome_text(&b)), (400, "User not found"));
@@ -1259,7 +1201,7 @@ fn case_43_ip_rules_at_login() {
                "ipAccessRule": [{"value": "6.6.6.6", "action": "block"},
                                 {"value": "*", "action": "allow"}]}),
     );
-    let e = email("c43");
+    let e = unique_email("c43");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.access_policy = Some(policy);
     seed(gw(), &s);
@@ -1574,7 +1516,7 @@ fn case_55_auth_me() {
         None,
         json!({"resource": [{"resourceType": "Patient"}]}),
     );
-    let e = email("c55");
+    let e = unique_email("c55");
     let mut s = UserSeed::new(&e, PASSWORD);
     s.access_policy = Some(policy.clone());
     s.last_name = "Upstreamson".into();
@@ -1648,11 +1590,11 @@ fn case_55_auth_me() {
 
 #[test]
 fn mfa_gates_the_code() {
-    let enrolled = email("mfa-enrolled");
+    let enrolled = unique_email("mfa-enrolled");
     let mut s = UserSeed::new(&enrolled, PASSWORD);
     s.mfa_secret = Some("JBSWY3DPEHPK3PXP".into());
     seed(gw(), &s);
-    let forced = email("mfa-forced");
+    let forced = unique_email("mfa-forced");
     let mut s = UserSeed::new(&forced, PASSWORD);
     s.mfa_required = true;
     seed(gw(), &s);
@@ -1813,7 +1755,7 @@ fn discovery_advertises_the_sign_in_endpoints() {
 
 #[test]
 fn seed_user_helper_signs_in() {
-    let e = email("helper");
+    let e = unique_email("helper");
     let (user_id, membership_id) = seed_user(gw(), &e, PASSWORD, None, "Practitioner");
     rt().block_on(async {
         let t = sign_in(gw(), &e, PASSWORD, Some(ADMIN_CLIENT_ID), "openid").await;

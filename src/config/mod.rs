@@ -31,6 +31,50 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// How a value given by flag or env is layered over the file's: one that is set wins.
+trait Layer {
+    fn over(self, file: Self) -> Self;
+}
+
+impl<T> Layer for Option<T> {
+    fn over(self, file: Self) -> Self {
+        self.or(file)
+    }
+}
+
+/// A list is set when it is not empty.
+impl<T> Layer for Vec<T> {
+    fn over(self, file: Self) -> Self {
+        if self.is_empty() { file } else { self }
+    }
+}
+
+/// Declares `ConfigFile` and its `layered_over`, so the merge names every field the struct has
+/// (a new option cannot be forgotten there).
+macro_rules! config_file {
+    (
+        $(#[$outer:meta])*
+        pub struct ConfigFile {
+            $( $(#[$m:meta])* pub $f:ident: $t:ty, )*
+        }
+    ) => {
+        $(#[$outer])*
+        pub struct ConfigFile {
+            $( $(#[$m])* pub $f: $t, )*
+        }
+
+        impl ConfigFile {
+            /// `self` (flags and env) wins over `file`.
+            pub fn layered_over(self, file: ConfigFile) -> ConfigFile {
+                ConfigFile {
+                    $( $f: Layer::over(self.$f, file.$f), )*
+                }
+            }
+        }
+    };
+}
+
+config_file! {
 /// Options shared by `serve`, `proxy` and `control`. Each is a flag, an env var, or a key of the
 /// TOML file (same name with `_` instead of `-`).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -150,6 +194,7 @@ pub struct ConfigFile {
     #[arg(long, env = "FHIRGATE_STORE_OUTAGE_TTL")]
     pub store_outage_ttl: Option<String>,
 }
+}
 
 impl ConfigFile {
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
@@ -161,51 +206,6 @@ impl ConfigFile {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
-    }
-
-    /// `self` (flags and env) wins over `file`.
-    pub fn layered_over(self, file: ConfigFile) -> ConfigFile {
-        macro_rules! pick {
-            ($($f:ident),*) => { ConfigFile { $($f: self.$f.or(file.$f),)* trusted_proxies: if self.trusted_proxies.is_empty() { file.trusted_proxies } else { self.trusted_proxies } } };
-        }
-        pick!(
-            listen,
-            control_listen,
-            metrics_listen,
-            base_url,
-            upstream,
-            upstream_authorization,
-            upstream_connect_timeout_ms,
-            upstream_read_timeout_ms,
-            data_dir,
-            store,
-            store_max_connections,
-            access_token_lifetime,
-            refresh_token_lifetime,
-            token_cache_capacity,
-            auth_rate_limit,
-            max_request_body,
-            max_response_buffer,
-            threads,
-            policies_dir,
-            grace_period_seconds,
-            admin_email,
-            admin_password,
-            admin_client_id,
-            admin_client_secret,
-            log_format,
-            smtp_host,
-            smtp_port,
-            smtp_username,
-            smtp_password,
-            smtp_tls,
-            smtp_from,
-            register_enabled,
-            control_url,
-            key_publish_delay,
-            token_cache_ttl,
-            store_outage_ttl
-        )
     }
 }
 
@@ -227,21 +227,28 @@ pub struct Upstream {
     pub host_header: String,
 }
 
+/// `url` (the value of `key`) parsed as an http(s) URL with a host: the URL, whether it is
+/// https, and the host without IPv6 brackets.
+fn http_url(key: &'static str, url: &str) -> Result<(url::Url, bool, String), ConfigError> {
+    let parsed = url::Url::parse(url).map_err(|e| invalid(key, e.to_string()))?;
+    let tls = match parsed.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Err(invalid(key, format!("unsupported scheme `{other}`"))),
+    };
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| invalid(key, "missing host"))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    Ok((parsed, tls, host))
+}
+
 impl Upstream {
     pub fn parse(url: &str, authorization: Option<String>) -> Result<Upstream, ConfigError> {
-        let parsed = url::Url::parse(url).map_err(|e| invalid("upstream", e.to_string()))?;
-        let tls = match parsed.scheme() {
-            "http" => false,
-            "https" => true,
-            other => return Err(invalid("upstream", format!("unsupported scheme `{other}`"))),
-        };
-        let host = parsed
-            .host_str()
-            .ok_or_else(|| invalid("upstream", "missing host"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let (parsed, tls, host) = http_url("upstream", url)?;
         let port = parsed
             .port_or_known_default()
             .ok_or_else(|| invalid("upstream", "missing port"))?;
@@ -282,24 +289,7 @@ pub struct ControlUrl {
 
 impl ControlUrl {
     pub fn parse(url: &str) -> Result<ControlUrl, ConfigError> {
-        let parsed = url::Url::parse(url).map_err(|e| invalid("control_url", e.to_string()))?;
-        let tls = match parsed.scheme() {
-            "http" => false,
-            "https" => true,
-            other => {
-                return Err(invalid(
-                    "control_url",
-                    format!("unsupported scheme `{other}`"),
-                ));
-            }
-        };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| invalid("control_url", "missing host"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let (parsed, tls, host) = http_url("control_url", url)?;
         // Control paths are forwarded unchanged, so the URL names a server, not a path on it.
         if parsed.path() != "/"
             || parsed.query().is_some()

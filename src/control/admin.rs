@@ -6,16 +6,16 @@
 use std::sync::Arc;
 
 use axum::extract::{Path, Request, State as AxState};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderValue, StatusCode, header, request::Parts};
+use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Value, json};
 
-use super::access::{Caller, authenticate, authenticate_admin};
+use super::access::{Caller, authenticate_admin};
 use super::error::{FHIR_JSON, outcome_response};
 use super::fhir::{refreshed, strip_secrets, update_resource, valid_id};
 use super::index::index_rows;
-use super::{ApiError, json_body, json_response};
+use super::{ApiError, json_body, json_response, ok_json};
 use crate::state::{ProjectInfo, State};
 use crate::store::StoredResource;
 use crate::tokens::random_hex;
@@ -49,15 +49,24 @@ pub async fn get_project(
             p[key] = v.clone();
         }
     }
-    Ok(json_response(
-        StatusCode::OK,
-        "application/json",
-        &json!({ "project": p }),
-    ))
+    Ok(ok_json(&json!({ "project": p })))
 }
 
-/// Reads a membership and checks it belongs to the project the call acts on: 404 when it does
-/// not exist, 403 when it belongs elsewhere.
+/// The admin caller, the project the call acts on and the membership `membership_id` of it
+/// (the members routes): 404 when it does not exist, 403 when it belongs elsewhere.
+async fn admin_member(
+    state: &State,
+    parts: &Parts,
+    url_project: &str,
+    membership_id: &str,
+) -> Result<(Caller, ProjectInfo, StoredResource), ApiError> {
+    let caller = authenticate_admin(state, parts).await?;
+    let project = target_project(&caller, url_project)?;
+    let member = member_in_project(state, &project, membership_id).await?;
+    Ok((caller, project, member))
+}
+
+/// Reads a membership and checks it belongs to `project`.
 async fn member_in_project(
     state: &State,
     project: &ProjectInfo,
@@ -89,9 +98,7 @@ pub async fn get_member(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let m = member_in_project(&state, &project, &membership_id).await?;
+    let (_, _, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
     Ok(json_response(StatusCode::OK, FHIR_JSON, &m.content))
 }
 
@@ -103,9 +110,7 @@ pub async fn update_member(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let existing = member_in_project(&state, &project, &membership_id).await?;
+    let (caller, _, existing) = admin_member(&state, &parts, &project_id, &membership_id).await?;
     let resource = json_body(&parts, body).await?;
     let resource_type = resource.get("resourceType").and_then(Value::as_str);
     let id = resource.get("id").and_then(Value::as_str);
@@ -123,9 +128,7 @@ pub async fn delete_member(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let m = member_in_project(&state, &project, &membership_id).await?;
+    let (_, project, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
     let owner = project
         .content
         .get("owner")
@@ -276,6 +279,7 @@ pub async fn create_client(
         access_policy,
         false,
         Some(caller.profile()),
+        random_hex(32),
     )
     .await?;
     let mut body = created.client.content.clone();
@@ -299,33 +303,12 @@ pub(crate) struct CreatedClient {
 }
 
 /// Stores a ClientApplication (`client` without id: one is generated unless `client.id` is
-/// set), its secret's hash and its membership (`user = profile = client`). On failure,
+/// set), the hash of `secret` and its membership (`user = profile = client`). On failure,
 /// nothing is left behind. Refreshes the snapshot.
 pub(crate) async fn create_client_with_membership(
     state: &State,
     project_id: &str,
     mut client: Value,
-    access_policy: Option<Value>,
-    admin: bool,
-    author: Option<&str>,
-) -> Result<CreatedClient, ApiError> {
-    create_client_with_secret(
-        state,
-        project_id,
-        &mut client,
-        access_policy,
-        admin,
-        author,
-        random_hex(32),
-    )
-    .await
-}
-
-/// As [`create_client_with_membership`], with a given secret.
-pub(crate) async fn create_client_with_secret(
-    state: &State,
-    project_id: &str,
-    client: &mut Value,
     access_policy: Option<Value>,
     admin: bool,
     author: Option<&str>,
@@ -356,15 +339,10 @@ pub(crate) async fn create_client_with_secret(
     if let Some(a) = author {
         membership["meta"] = json!({"author": {"reference": a}});
     }
+    let index = index_rows(&client);
     let stored_client = state
         .store
-        .put(
-            client.clone(),
-            Some(project_id),
-            &index_rows(client),
-            None,
-            true,
-        )
+        .put(client, Some(project_id), &index, None, true)
         .await?;
     let hash = state.hash_secret(&secret);
     let rest = async {
@@ -411,10 +389,7 @@ fn parameter<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
 /// `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md §8.3).
 pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let caller = authenticate(state, &parts).await?;
-    if !caller.is_admin() {
-        return Err(ApiError::forbidden());
-    }
+    let caller = authenticate_admin(state, &parts).await?;
     let params = json_body(&parts, body).await?;
     if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(ApiError::bad_request("Incorrect resource type"));
@@ -476,10 +451,5 @@ pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Resp
             .await?;
     }
     refreshed(state).await;
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON))],
-        body.to_string(),
-    )
-        .into_response())
+    Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }

@@ -811,6 +811,17 @@ fn chosen_scopes<'a>(p: &'a Params, requested: &str) -> Result<Vec<&'a str>, &'s
     Ok(chosen)
 }
 
+/// Where the page's Login goes back to: its redirect URI and the client's `state`.
+fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
+    let redirect_uri = login::extra_str(login, keys::REDIRECT_URI)
+        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
+        .to_string();
+    let client_state = login::extra_str(login, page_keys::STATE)
+        .unwrap_or_default()
+        .to_string();
+    Ok((redirect_uri, client_state))
+}
+
 /// `step=consent`: the ticked scopes (a subset of those asked for), or a denial, which ends
 /// the Login.
 async fn consent(
@@ -819,12 +830,7 @@ async fn consent(
     csrf: &str,
     p: &Params,
 ) -> Result<Response, ApiError> {
-    let redirect_uri = login::extra_str(&login, keys::REDIRECT_URI)
-        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
-        .to_string();
-    let client_state = login::extra_str(&login, page_keys::STATE)
-        .unwrap_or_default()
-        .to_string();
+    let (redirect_uri, client_state) = return_to(&login)?;
     if p.one("decision") == Some("deny") {
         login::revoke(state, &login.id).await?;
         return Ok(denied(&redirect_uri, &client_state));
@@ -1122,12 +1128,7 @@ fn consent_page(
 /// The code, on a 302 to the redirect URI with the client's `state`, and the session cookie
 /// whose secret's hash the Login keeps.
 async fn finish(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
-    let redirect_uri = login::extra_str(&login, keys::REDIRECT_URI)
-        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
-        .to_string();
-    let client_state = login::extra_str(&login, page_keys::STATE)
-        .unwrap_or_default()
-        .to_string();
+    let (redirect_uri, client_state) = return_to(&login)?;
     let secret = random_hex(32);
     login::set_extra(
         &mut login,

@@ -212,17 +212,17 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
                 Some(s) if !s.is_empty() => (s.clone(), false),
                 _ => (random_hex(32), true),
             };
-            let mut resource = json!({
+            let resource = json!({
                 "resourceType": "ClientApplication",
                 "id": client.id,
                 "name": "fhirgate admin client",
                 "description": "Created by fhirgate on first start; admin of the Default project.",
                 "status": "active",
             });
-            super::admin::create_client_with_secret(
+            super::admin::create_client_with_membership(
                 state,
                 &default.id,
-                &mut resource,
+                resource,
                 None,
                 true,
                 None,

@@ -10,7 +10,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use super::{ApiError, json_response};
+use super::{ApiError, ok_json};
 use crate::state::State;
 
 const GRANT_TYPES: [&str; 4] = [
@@ -76,15 +76,11 @@ pub fn openid_configuration_value(state: &State) -> Value {
 }
 
 pub async fn openid_configuration(AxState(state): AxState<Arc<State>>) -> Response {
-    json_response(
-        StatusCode::OK,
-        "application/json",
-        &openid_configuration_value(&state),
-    )
+    ok_json(&openid_configuration_value(&state))
 }
 
 pub async fn jwks(AxState(state): AxState<Arc<State>>) -> Response {
-    json_response(StatusCode::OK, "application/json", &state.keyring().jwks())
+    ok_json(&state.keyring().jwks())
 }
 
 pub fn smart_configuration_value(state: &State) -> Value {
@@ -126,11 +122,7 @@ pub fn smart_configuration_value(state: &State) -> Value {
 }
 
 pub async fn smart_configuration(AxState(state): AxState<Arc<State>>) -> Response {
-    json_response(
-        StatusCode::OK,
-        "application/json",
-        &smart_configuration_value(&state),
-    )
+    ok_json(&smart_configuration_value(&state))
 }
 
 /// The SMART style sheet that token responses point at (`smart_style_url`).
@@ -148,7 +140,7 @@ pub async fn smart_styles() -> Response {
         "font_family_body": "Georgia, Times, 'Times New Roman', serif",
         "font_family_heading": "'HelveticaNeue-Light', Helvetica, Arial, 'Lucida Grande', sans-serif"
     });
-    json_response(StatusCode::OK, "application/json", &styles)
+    ok_json(&styles)
 }
 
 /// RFC 9728 protected-resource metadata.
@@ -179,5 +171,5 @@ pub async fn protected_resource(
         "bearer_methods_supported": ["header"],
         "introspection_endpoint": endpoint(&state, "oauth2/introspect"),
     });
-    Ok(json_response(StatusCode::OK, "application/json", &body))
+    Ok(ok_json(&body))
 }

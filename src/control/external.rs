@@ -38,7 +38,7 @@ use super::login::{self, keys};
 use super::token::{
     TokenForm, access_token_lifetime, granted_until, issue_user_tokens, refresh_token_lifetime,
 };
-use super::{ApiError, client_ip, json_response};
+use super::{ApiError, client_ip, ok_json};
 use crate::obs::METRICS;
 use crate::state::{ClientInfo, State};
 use crate::store::{LoginRecord, StoredResource, now_unix};
@@ -211,10 +211,6 @@ pub async fn prepare_domain_configuration(
 }
 
 // === small helpers ===
-
-fn ok_json(body: &Value) -> Response {
-    json_response(StatusCode::OK, "application/json", body)
-}
 
 /// Express's `res.redirect`: 302 with a `Location`.
 fn found(location: &str) -> Result<Response, ApiError> {

@@ -776,9 +776,10 @@ async fn prepare(
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join("; ");
-                return Err(ApiError::bad_request(format!(
+                // Well-formed but not enforceable as written: refused, never saved to fail later.
+                return Err(ApiError::Outcome(Outcome::Unprocessable(format!(
                     "Invalid AccessPolicy: {text}"
-                )));
+                ))));
             }
             match existing {
                 Some(old) => Ok(old.project_id.clone()),

@@ -609,7 +609,9 @@ static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
         .ok()
 });
 
-fn upstream_request(
+/// A request to the upstream FHIR server: its base URL and credentials, `Accept` FHIR JSON, no
+/// redirects followed; `identity` adds the `X-Fhirgate-*` headers of a write made for someone.
+pub(crate) fn upstream_request(
     state: &State,
     identity: Option<(&str, &str)>,
     method: reqwest::Method,

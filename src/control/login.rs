@@ -19,13 +19,13 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, Request, State as AxState};
-use axum::http::{HeaderMap, StatusCode, header, request::Parts};
+use axum::http::{HeaderMap, header, request::Parts};
 use axum::response::Response;
 use fhirgate_core::policy::model::ProjectMembership;
 use fhirgate_core::policy::scope::SmartScope;
 use serde_json::{Map, Value, json};
 
-use super::{ApiError, client_ip, json_response, media_type, read_body};
+use super::{ApiError, client_ip, media_type, ok_json, read_body};
 use crate::state::{ClientInfo, State};
 use crate::store::{LoginRecord, StoredResource, now_unix};
 use crate::tokens::random_hex;
@@ -201,6 +201,15 @@ pub fn ensure_pending(login: &LoginRecord) -> Result<(), ApiError> {
 /// The `User/<id>` a Login belongs to, when it is a user's Login.
 pub fn user_id(login: &LoginRecord) -> Option<&str> {
     login.user_ref.strip_prefix("User/")
+}
+
+/// The User behind a `User/<id>` reference; `None` for a client's reference or a User that is
+/// gone.
+pub async fn read_user(state: &State, user_ref: &str) -> Result<Option<StoredResource>, ApiError> {
+    match user_ref.strip_prefix("User/") {
+        Some(id) => Ok(state.store.read("User", id).await?),
+        None => Ok(None),
+    }
 }
 
 /// Medplum's `getUserByEmail`: a project-scoped user of `project` first (when a real project
@@ -789,6 +798,12 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
     Ok(json!({"login": id, "memberships": list}))
 }
 
+/// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.
+pub async fn login_response(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
+    let result = login_result(state, &mut login).await?;
+    Ok(ok_json(&result))
+}
+
 /// Revokes a Login and makes the gateway see it at once; false when it does not exist.
 pub async fn revoke(state: &State, login_id: &str) -> Result<bool, ApiError> {
     let found = state.store.revoke_login(login_id).await?;
@@ -846,13 +861,17 @@ fn body_bool(body: &Map<String, Value>, key: &str) -> bool {
     }
 }
 
+/// The request's `Origin` header.
+pub fn origin(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::ORIGIN)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 pub fn user_agent(headers: &HeaderMap) -> Option<String> {
     let ua = headers.get(header::USER_AGENT)?.to_str().ok()?;
     Some(ua.chars().take(256).collect())
-}
-
-fn ok_json(body: &Value) -> Response {
-    json_response(StatusCode::OK, "application/json", body)
 }
 
 /// `POST /auth/login`.
@@ -876,17 +895,12 @@ pub async fn login(
         code_challenge_method: body_str(&body, "codeChallengeMethod"),
         remember: body_bool(&body, "remember"),
         redirect_uri: None,
-        origin: parts
-            .headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        origin: origin(&parts.headers),
         remote_address: ip,
         user_agent: user_agent(&parts.headers),
     };
-    let mut login = password_login(&state, &request).await?;
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    let login = password_login(&state, &request).await?;
+    login_response(&state, login).await
 }
 
 /// `GET /auth/login/:login`: the state of a sign-in, for clients that resume it.
@@ -897,15 +911,14 @@ pub async fn login_status(
     if uuid::Uuid::parse_str(&id).is_err() {
         return Err(ApiError::bad_request("Login ID is required"));
     }
-    let mut login = get_login(&state, &id).await?;
+    let login = get_login(&state, &id).await?;
     if is_granted(&login) {
         return Err(ApiError::bad_request("Login already granted"));
     }
     if login.revoked {
         return Err(ApiError::bad_request("Login revoked"));
     }
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    login_response(&state, login).await
 }
 
 /// The `login` of a step on a pending Login and the one other field the step needs, reported
@@ -931,9 +944,8 @@ pub async fn profile(
     let (login_id, profile) = login_and(&body, "profile", "Missing profile")?;
     let ip = client_ip(&state, &parts)?;
     let login = get_login(&state, &login_id).await?;
-    let mut login = choose_profile(&state, &login, &profile, ip).await?;
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    let login = choose_profile(&state, &login, &profile, ip).await?;
+    login_response(&state, login).await
 }
 
 /// `POST /auth/scope {login, scope}`.
@@ -945,9 +957,8 @@ pub async fn scope(
     let body = auth_body(&parts, body).await?;
     let (login_id, scope) = login_and(&body, "scope", "Missing scope")?;
     let login = get_login(&state, &login_id).await?;
-    let mut login = set_scope(&state, &login, &scope).await?;
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    let login = set_scope(&state, &login, &scope).await?;
+    login_response(&state, login).await
 }
 
 #[cfg(test)]

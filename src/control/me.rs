@@ -2,16 +2,15 @@
 //! reads after every token response — project, membership, profile, user configuration and
 //! the effective AccessPolicy.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 
 use axum::extract::{Request, State as AxState};
-use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use super::access::{Caller, authenticate};
 use super::fhir::strip_secrets;
-use super::{ApiError, json_response};
+use super::{ApiError, ok_json};
 use crate::state::State;
 
 /// `/auth/me` waits at most this long for the profile from the upstream.
@@ -36,10 +35,9 @@ pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Res
     let membership = serde_json::to_value(caller.membership.as_ref())
         .map_err(|e| ApiError::internal("serializing a membership", e))?;
     let mut body = Map::new();
-    let user = match caller.identity.user_ref.strip_prefix("User/") {
-        Some(id) => state.store.read("User", id).await?.map(|u| u.content),
-        None => None,
-    };
+    let user = super::login::read_user(&state, &caller.identity.user_ref)
+        .await?
+        .map(|u| u.content);
     if let Some(u) = &user {
         body.insert(
             "user".into(),
@@ -70,11 +68,7 @@ pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Res
     if let Some(u) = &user {
         body.insert("security".into(), security(&state, &caller, u).await?);
     }
-    Ok(json_response(
-        StatusCode::OK,
-        "application/json",
-        &Value::Object(body),
-    ))
+    Ok(ok_json(&Value::Object(body)))
 }
 
 /// The full profile resource. ClientApplications live in the store; the other profile types
@@ -110,21 +104,22 @@ pub(crate) async fn profile_resource(state: &State, caller: &Caller) -> Value {
     }
 }
 
-static HTTP: LazyLock<Option<reqwest::Client>> =
-    LazyLock::new(|| reqwest::Client::builder().build().ok());
-
+/// The profile as the upstream FHIR server has it (the client of `invite.rs`, which knows the
+/// upstream's address and credentials), with a shorter deadline: `/auth/me` answers without it.
 async fn fetch_upstream(state: &State, resource_type: &str, id: &str) -> Option<Value> {
-    let client = HTTP.as_ref()?;
-    let up = &state.config.upstream;
-    let url = format!("{}/{resource_type}/{id}", up.base_url);
-    let mut req = client
-        .get(url)
-        .header("accept", "application/fhir+json")
-        .timeout(up.read_timeout.min(PROFILE_FETCH_TIMEOUT));
-    if let Some(auth) = &up.authorization {
-        req = req.header("authorization", auth);
-    }
-    let resp = req.send().await.ok()?;
+    let path = format!("{resource_type}/{id}");
+    let resp = super::invite::upstream_request(state, None, reqwest::Method::GET, &path)
+        .ok()?
+        .timeout(
+            state
+                .config
+                .upstream
+                .read_timeout
+                .min(PROFILE_FETCH_TIMEOUT),
+        )
+        .send()
+        .await
+        .ok()?;
     if !resp.status().is_success() {
         return None;
     }

@@ -16,7 +16,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State as AxState};
-use axum::http::StatusCode;
 use axum::response::Response;
 use base64::Engine;
 use fhirgate_core::fhir::outcome::Outcome;
@@ -26,7 +25,8 @@ use serde_json::{Map, Value, json};
 use super::access::authenticate;
 use super::error::outcome_response;
 use super::index::index_rows;
-use super::{ApiError, json_response};
+use super::login::{auth_body, body_str, flag, get_login, keys, login_and, login_response};
+use super::{ApiError, ok_json};
 use crate::state::State;
 use crate::store::{LoginRecord, StoreError, StoredResource, now_unix};
 
@@ -163,12 +163,7 @@ impl MfaUser {
 
 /// Reads the User behind a `User/<id>` reference.
 pub(crate) async fn read_user(state: &State, user_ref: &str) -> Result<Option<MfaUser>, ApiError> {
-    let Some(id) = user_ref.strip_prefix("User/") else {
-        return Ok(None);
-    };
-    Ok(state
-        .store
-        .read("User", id)
+    Ok(super::login::read_user(state, user_ref)
         .await?
         .map(|stored| MfaUser { stored }))
 }
@@ -273,6 +268,16 @@ enum Rejected {
     Throttled,
 }
 
+impl Rejected {
+    /// The answer: `wrong_text` (400) for a wrong code, 429 when throttled.
+    fn error(self, wrong_text: &'static str) -> ApiError {
+        match self {
+            Rejected::Wrong => ApiError::bad_request(wrong_text),
+            Rejected::Throttled => ApiError::Outcome(Outcome::TooManyRequests),
+        }
+    }
+}
+
 /// Checks `token` for `user` on behalf of the Login `login_id`, counting a failure on that Login.
 /// On success the accepted step is recorded on the Login and `on_success` may change its
 /// `extra` in the same write. `revoke_on_limit`: the fifth wrong code revokes the Login.
@@ -343,37 +348,18 @@ async fn attempt(
     Err(ApiError::conflict("Login changed; try again"))
 }
 
-fn flag(extra: &Value, key: &str) -> bool {
-    extra.get(key).and_then(Value::as_bool) == Some(true)
-}
-
 /// The checks of `verifyMfaToken` on a Login, in Medplum's order.
 fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
     if login.revoked {
         return Err(ApiError::bad_request("Login revoked"));
     }
-    if flag(&login.extra, "granted") {
+    if flag(login, keys::GRANTED) {
         return Err(ApiError::bad_request("Login granted"));
     }
-    if flag(&login.extra, "mfaVerified") {
+    if flag(login, keys::MFA_VERIFIED) {
         return Err(ApiError::bad_request("Login already verified"));
     }
     Ok(())
-}
-
-async fn read_login(state: &State, login_id: &str) -> Result<LoginRecord, ApiError> {
-    if !super::fhir::valid_id(login_id) {
-        return Err(ApiError::not_found());
-    }
-    state
-        .store
-        .login(login_id)
-        .await?
-        .ok_or_else(ApiError::not_found)
-}
-
-fn too_many() -> ApiError {
-    ApiError::Outcome(Outcome::TooManyRequests)
 }
 
 /// The sign-in step: checks `token` for the Login's user and marks the Login `mfaVerified`.
@@ -383,7 +369,7 @@ pub(crate) async fn verify_login(
     login_id: &str,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = read_login(state, login_id).await?;
+    let login = get_login(state, login_id).await?;
     check_login_open(&login)?;
     let user = read_user(state, &login.user_ref)
         .await?
@@ -392,7 +378,7 @@ pub(crate) async fn verify_login(
         .secret()
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?
         .to_string();
-    match attempt(
+    attempt(
         state,
         &login.id,
         &login.user_ref,
@@ -400,15 +386,11 @@ pub(crate) async fn verify_login(
         token,
         true,
         |extra| {
-            extra.insert("mfaVerified".into(), Value::Bool(true));
+            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
         },
     )
     .await?
-    {
-        Ok(login) => Ok(login),
-        Err(Rejected::Wrong) => Err(ApiError::bad_request("Invalid MFA token")),
-        Err(Rejected::Throttled) => Err(too_many()),
-    }
+    .map_err(|r| r.error("Invalid MFA token"))
 }
 
 /// Forced enrolment during sign-in (`User.mfaRequired`): checks `token` against the secret the
@@ -418,7 +400,7 @@ pub(crate) async fn login_enroll(
     login_id: &str,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = read_login(state, login_id).await?;
+    let login = get_login(state, login_id).await?;
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;
@@ -430,7 +412,7 @@ pub(crate) async fn login_enroll(
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?
         .to_string();
     check_login_open(&login)?;
-    let verified = match attempt(
+    let verified = attempt(
         state,
         &login.id,
         &login.user_ref,
@@ -438,16 +420,12 @@ pub(crate) async fn login_enroll(
         token,
         true,
         |extra| {
-            extra.insert("mfaVerified".into(), Value::Bool(true));
-            extra.insert("mfaEnrollRequired".into(), Value::Bool(false));
+            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
+            extra.insert(keys::MFA_ENROLL_REQUIRED.into(), Value::Bool(false));
         },
     )
     .await?
-    {
-        Ok(login) => login,
-        Err(Rejected::Wrong) => return Err(ApiError::bad_request("Invalid MFA token")),
-        Err(Rejected::Throttled) => return Err(too_many()),
-    };
+    .map_err(|r| r.error("Invalid MFA token"))?;
     update_user(state, user.id(), |current, obj| {
         // The secret the code was checked against must still be the one stored.
         if current.secret() != Some(secret.as_str()) {
@@ -461,12 +439,6 @@ pub(crate) async fn login_enroll(
 }
 
 // === handlers ===
-
-fn body_string<'a>(body: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
-    body.get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-}
 
 /// The authenticated caller's User and Login. MFA belongs to Users: a client gets 403.
 async fn caller_user(
@@ -488,20 +460,14 @@ pub async fn status(
     let (parts, _) = req.into_parts();
     let (user, _) = caller_user(&state, &parts).await?;
     if user.enrolled() {
-        return Ok(json_response(
-            StatusCode::OK,
-            "application/json",
-            &json!({"enrolled": true}),
-        ));
+        return Ok(ok_json(&json!({"enrolled": true})));
     }
     let user = ensure_secret(&state, user).await?;
     let secret = user
         .secret()
         .ok_or_else(|| ApiError::internal("MFA status", "secret missing after creation"))?;
     let (uri, qr) = enroll_details(user.email(), secret)?;
-    Ok(json_response(
-        StatusCode::OK,
-        "application/json",
+    Ok(ok_json(
         &json!({"enrolled": false, "enrollUri": uri, "enrollQrCode": qr}),
     ))
 }
@@ -518,7 +484,7 @@ async fn caller_attempt(
     let Some(login_id) = login_id else {
         return Err(ApiError::forbidden());
     };
-    match attempt(
+    attempt(
         state,
         login_id,
         &format!("User/{}", user.id()),
@@ -528,11 +494,8 @@ async fn caller_attempt(
         |_| {},
     )
     .await?
-    {
-        Ok(_) => Ok(()),
-        Err(Rejected::Wrong) => Err(ApiError::bad_request("Invalid token")),
-        Err(Rejected::Throttled) => Err(too_many()),
-    }
+    .map(drop)
+    .map_err(|r| r.error("Invalid token"))
 }
 
 /// `POST /auth/mfa/enroll {token}`.
@@ -542,9 +505,9 @@ pub async fn enroll(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let (user, login_id) = caller_user(&state, &parts).await?;
-    let body = super::login::auth_body(&parts, body).await?;
+    let body = auth_body(&parts, body).await?;
     let token =
-        body_string(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
+        body_str(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
     if user.enrolled() {
         return Err(ApiError::bad_request("Already enrolled"));
     }
@@ -552,7 +515,7 @@ pub async fn enroll(
         .secret()
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?
         .to_string();
-    caller_attempt(&state, login_id.as_deref(), &user, &secret, token).await?;
+    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
     update_user(&state, user.id(), |current, obj| {
         if current.enrolled() {
             return Err(ApiError::bad_request("Already enrolled"));
@@ -575,7 +538,7 @@ pub async fn disable(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let (user, login_id) = caller_user(&state, &parts).await?;
-    let body = super::login::auth_body(&parts, body).await?;
+    let body = auth_body(&parts, body).await?;
     let secret = user
         .secret()
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?
@@ -583,9 +546,8 @@ pub async fn disable(
     if !user.enrolled() {
         return Err(ApiError::bad_request("User not enrolled in MFA"));
     }
-    let token =
-        body_string(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
-    caller_attempt(&state, login_id.as_deref(), &user, &secret, token).await?;
+    let token = body_str(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
+    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
     let rotated = new_secret();
     update_user(&state, user.id(), |current, obj| {
         if current.secret() != Some(secret.as_str()) {
@@ -605,10 +567,11 @@ pub async fn verify(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = super::login::auth_body(&parts, body).await?;
-    let (login, token) = super::login::login_and(&body, "token", "Missing token")?;
+    let body = auth_body(&parts, body).await?;
+    let (login, token) = login_and(&body, "token", "Missing token")?;
     let login = verify_login(&state, &login, &token).await?;
-    login_result(&state, login).await
+    // After MFA, the same answer `/auth/login` would give now.
+    login_response(&state, login).await
 }
 
 /// `POST /auth/mfa/login-enroll {login, token}` (no bearer: the Login is the credential).
@@ -617,17 +580,11 @@ pub async fn login_enroll_handler(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
-    let body = super::login::auth_body(&parts, body).await?;
-    let (login, token) = super::login::login_and(&body, "token", "Missing token")?;
+    let body = auth_body(&parts, body).await?;
+    let (login, token) = login_and(&body, "token", "Missing token")?;
     let login = login_enroll(&state, &login, &token).await?;
-    login_result(&state, login).await
-}
-
-/// After MFA, the same answer `/auth/login` would give now (`{login, code}` or
-/// `{login, memberships}`), from the Login lifecycle module.
-async fn login_result(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
-    let body = super::login::login_result(state, &mut login).await?;
-    Ok(json_response(StatusCode::OK, "application/json", &body))
+    // After MFA, the same answer `/auth/login` would give now.
+    login_response(&state, login).await
 }
 
 #[cfg(test)]

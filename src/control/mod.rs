@@ -325,6 +325,11 @@ pub(crate) async fn json_body(parts: &Parts, body: Body) -> Result<serde_json::V
     Ok(value)
 }
 
+/// 200 `application/json`: the answer of the `/auth/*`, OAuth and discovery endpoints.
+pub(crate) fn ok_json(body: &serde_json::Value) -> Response {
+    json_response(axum::http::StatusCode::OK, "application/json", body)
+}
+
 /// A JSON response with a content type.
 pub(crate) fn json_response(
     status: axum::http::StatusCode,

@@ -18,7 +18,7 @@ use super::access::authenticate;
 use super::error::outcome_response;
 use super::login::{self, auth_body, body_str};
 use super::token::{TokenForm, check_client_secret, has_word, presented_client};
-use super::{ApiError, json_response};
+use super::{ApiError, ok_json};
 use crate::state::State;
 use crate::store::LoginRecord;
 use crate::tokens::{Claims, hashes_equal};
@@ -49,17 +49,12 @@ pub async fn userinfo(
     let scope = caller.identity.scope.clone().unwrap_or_default();
     let wants = |w: &str| has_word(&scope, w);
     if !(wants("profile") || wants("email") || wants("phone") || wants("address")) {
-        return Ok(json_response(
-            StatusCode::OK,
-            "application/json",
-            &Value::Object(out),
-        ));
+        return Ok(ok_json(&Value::Object(out)));
     }
     let profile = super::me::profile_resource(&state, &caller).await;
-    let user = match caller.identity.user_ref.strip_prefix("User/") {
-        Some(id) => state.store.read("User", id).await?.map(|u| u.content),
-        None => None,
-    };
+    let user = super::login::read_user(&state, &caller.identity.user_ref)
+        .await?
+        .map(|u| u.content);
     if wants("profile") {
         let name = profile
             .get("name")
@@ -152,11 +147,7 @@ pub async fn userinfo(
     {
         out.insert("address".into(), json!({"formatted": format_address(a)}));
     }
-    Ok(json_response(
-        StatusCode::OK,
-        "application/json",
-        &Value::Object(out),
-    ))
+    Ok(ok_json(&Value::Object(out)))
 }
 
 /// The first `telecom` value of a system (`email`, `phone`).
@@ -357,13 +348,7 @@ pub async fn introspect(
     let (_, client_project) = authenticate_client(&state, &parts, &form, false)
         .await
         .map_err(ApiError::into_oauth)?;
-    let inactive = || {
-        json_response(
-            StatusCode::OK,
-            "application/json",
-            &json!({"active": false}),
-        )
-    };
+    let inactive = || ok_json(&json!({"active": false}));
     let Some((claims, login)) = live_token(&state, &token).await else {
         return Ok(inactive());
     };
@@ -397,7 +382,7 @@ pub async fn introspect(
     if let Some(p) = profile.as_deref().and_then(|p| p.strip_prefix("Patient/")) {
         out["patient"] = Value::String(p.to_string());
     }
-    Ok(json_response(StatusCode::OK, "application/json", &out))
+    Ok(ok_json(&out))
 }
 
 // === /oauth2/revoke ===
@@ -440,11 +425,7 @@ pub async fn auth_revoke(
     let login_id = body_str(&body, "loginId")
         .filter(|id| uuid::Uuid::parse_str(id).is_ok())
         .ok_or_else(|| ApiError::invalid("loginId", "Login ID is required."))?;
-    let login = state
-        .store
-        .login(&login_id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let login = login::get_login(&state, &login_id).await?;
     // Someone else's session does not exist for this caller.
     if login.user_ref != caller.identity.user_ref {
         return Err(ApiError::not_found());

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use super::access::{authenticate, authenticate_admin};
 use super::error::outcome_response;
 use super::index::index_rows;
-use super::login::{auth_body, body_str, find_user, valid_email, verify_password};
+use super::login::{auth_body, body_str, find_user, read_user, valid_email, verify_password};
 use super::{ApiError, media_type};
 use crate::state::State;
 use crate::store::{BatchWrite, SecurityRequest, StoreError, StoredResource, now_unix};
@@ -244,38 +244,48 @@ async fn usable_request(
     Ok(Ok(request))
 }
 
-/// Sets the password through a link: one transaction marks the link used (compare-and-swap)
-/// and writes the password hash and `emailVerified`.
+/// Redeems a link: one transaction marks it used (compare-and-swap) and applies `change` to its
+/// User.
+async fn redeem(
+    state: &State,
+    request: &SecurityRequest,
+    change: impl Fn(&mut Map<String, Value>),
+) -> Result<(), ApiError> {
+    let write = || {
+        vec![BatchWrite::RedeemSecurityRequest {
+            id: request.id.clone(),
+            now: now_unix(),
+        }]
+    };
+    update_user(state, &request.user_id, write, change).await
+}
+
+/// Sets the password through a link, and `emailVerified` (the link reached the address).
 async fn redeem_set_password(
     state: &State,
     request: &SecurityRequest,
     password: &str,
 ) -> Result<(), ApiError> {
     let hash = hash_password(password).await?;
-    let id = request.id.clone();
-    update_user(
-        state,
-        &request.user_id,
-        || {
-            vec![BatchWrite::RedeemSecurityRequest {
-                id: id.clone(),
-                now: now_unix(),
-            }]
-        },
-        |user| {
-            user.insert("passwordHash".into(), Value::String(hash.clone()));
-            user.insert("emailVerified".into(), Value::Bool(true));
-        },
-    )
+    redeem(state, request, |user| {
+        user.insert("passwordHash".into(), Value::String(hash.clone()));
+        user.insert("emailVerified".into(), Value::Bool(true));
+    })
     .await
 }
 
-/// The fields of a set-password request, validated in Medplum's order.
-fn set_password_fields(body: &Map<String, Value>) -> Result<(String, String, String), ApiError> {
+/// The `id` and `secret` of a link, validated in Medplum's order.
+fn link_fields(body: &Map<String, Value>) -> Result<(String, String), ApiError> {
     let id = body_str(body, "id").filter(|id| uuid::Uuid::parse_str(id).is_ok());
     let id = id.ok_or_else(|| ApiError::invalid("id", "Invalid request ID"))?;
     let secret =
         body_str(body, "secret").ok_or_else(|| ApiError::invalid("secret", "Missing secret"))?;
+    Ok((id, secret))
+}
+
+/// The fields of a set-password request, validated in Medplum's order.
+fn set_password_fields(body: &Map<String, Value>) -> Result<(String, String, String), ApiError> {
+    let (id, secret) = link_fields(body)?;
     let password = body_str(body, "password").unwrap_or_default();
     if password.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::invalid("password", TOO_SHORT));
@@ -516,27 +526,13 @@ pub async fn verify_email(
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
-    let id = body_str(&body, "id").filter(|id| uuid::Uuid::parse_str(id).is_ok());
-    let id = id.ok_or_else(|| ApiError::invalid("id", "Invalid request ID"))?;
-    let secret =
-        body_str(&body, "secret").ok_or_else(|| ApiError::invalid("secret", "Missing secret"))?;
+    let (id, secret) = link_fields(&body)?;
     let request = usable_request(&state, &id, &secret, true)
         .await?
         .map_err(|p| p.error("Invalid user security request type"))?;
-    let rid = request.id.clone();
-    update_user(
-        &state,
-        &request.user_id,
-        || {
-            vec![BatchWrite::RedeemSecurityRequest {
-                id: rid.clone(),
-                now: now_unix(),
-            }]
-        },
-        |user| {
-            user.insert("emailVerified".into(), Value::Bool(true));
-        },
-    )
+    redeem(&state, &request, |user| {
+        user.insert("emailVerified".into(), Value::Bool(true));
+    })
     .await?;
     Ok(ok())
 }
@@ -630,15 +626,7 @@ pub async fn change_password(
     if new.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::invalid("newPassword", TOO_SHORT));
     }
-    let user_id = caller
-        .identity
-        .user_ref
-        .strip_prefix("User/")
-        .ok_or_else(|| ApiError::bad_request("User not found"))?
-        .to_string();
-    let user = state
-        .store
-        .read("User", &user_id)
+    let user = read_user(&state, &caller.identity.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
     let Some(hash) = user.content.get("passwordHash").and_then(Value::as_str) else {
@@ -651,12 +639,7 @@ pub async fn change_password(
         return Err(ApiError::invalid("oldPassword", "Incorrect password"));
     }
     check_new_password("newPassword", &new)?;
-    let new_hash = hash_password(&new).await?;
-    update_user(&state, &user_id, Vec::new, |u| {
-        u.insert("passwordHash".into(), Value::String(new_hash.clone()));
-    })
-    .await?;
-    Ok(ok())
+    set_user_password(&state, &user.id, &new).await
 }
 
 // === admins ===

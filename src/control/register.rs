@@ -12,7 +12,6 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State as AxState};
-use axum::http::{StatusCode, header};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
@@ -21,19 +20,15 @@ use super::index::index_rows;
 use super::invite::{ProfileSpec, email_key, ensure_profile, profile_key, remove_profile};
 use super::login::{
     self, LoginRequest, auth_body, body_str, choose_profile, ensure_pending, get_login,
-    login_result, save_pending, set_extra, user_agent, valid_email,
+    login_response, save_pending, set_extra, user_agent, valid_email,
 };
 use super::password::{BREACHED, OUT_OF_RANGE, breached, hash_password};
-use super::{ApiError, client_ip, json_response};
+use super::{ApiError, client_ip, ok_json};
 use crate::state::State;
 use crate::store::{BatchWrite, LoginRecord, StoreError, StoredResource, now_unix};
 
 /// A Login made at registration can be continued (newproject, newpatient) this long.
 const REGISTRATION_LOGIN_LIFETIME: i64 = login::PENDING_LIFETIME;
-
-fn ok_json(body: &Value) -> Response {
-    json_response(StatusCode::OK, "application/json", body)
-}
 
 fn length_between(s: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&s.chars().count())
@@ -172,11 +167,7 @@ pub async fn new_user(
         code_challenge: challenge,
         code_challenge_method: method,
         remember: matches!(body.get("remember"), Some(Value::Bool(true))),
-        origin: parts
-            .headers
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string),
+        origin: login::origin(&parts.headers),
         remote_address: client_ip(&state, &parts)?,
         user_agent: user_agent(&parts.headers),
         ..Default::default()
@@ -261,11 +252,9 @@ async fn pending_registration(
     if !login::mfa_satisfied(&login) {
         return Err(ApiError::bad_request("MFA verification required"));
     }
-    let user = match login.user_ref.strip_prefix("User/") {
-        Some(id) => state.store.read("User", id).await?,
-        None => None,
-    };
-    let user = user.ok_or_else(|| ApiError::bad_request("User not found"))?;
+    let user = login::read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
     Ok((login, user))
 }
 
@@ -360,8 +349,7 @@ pub async fn new_project(
     login.project_id = Some(project_id);
     set_extra(&mut login, login::keys::PROFILE_SET, Value::Bool(true));
     save_pending(&state, &login).await?;
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    login_response(&state, login).await
 }
 
 /// A new membership of a registering user, claimed so that a user has at most one per project.
@@ -442,7 +430,6 @@ pub async fn new_patient(
     }
     refreshed(&state).await;
     let ip = client_ip(&state, &parts)?;
-    let mut login = choose_profile(&state, &login, &membership_id, ip).await?;
-    let result = login_result(&state, &mut login).await?;
-    Ok(ok_json(&result))
+    let login = choose_profile(&state, &login, &membership_id, ip).await?;
+    login_response(&state, login).await
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fhirgate_core::fhir::classify::classify;
+use fhirgate_core::fhir::classify::{METHOD_OVERRIDE_HEADERS, classify};
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, RequestParts};
 use fhirgate_core::policy::EffectivePolicy;
@@ -36,12 +36,6 @@ pub struct Mediation {
     pub entries: Vec<Decision>,
     pub super_admin: bool,
 }
-
-const METHOD_OVERRIDES: [&str; 3] = [
-    "x-http-method-override",
-    "x-http-method",
-    "x-method-override",
-];
 
 fn deny(d: &Deny) -> Verdict {
     match d {
@@ -96,12 +90,7 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
     })
 }
 
-pub async fn authorize(
-    gw: &Gateway,
-    session: &mut Session,
-    ctx: &mut RequestCtx,
-    rest: &str,
-) -> Verdict {
+pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Verdict {
     let state = &gw.state;
     let req = session.req_header();
     if req.headers.contains_key("upgrade") {
@@ -110,7 +99,7 @@ pub async fn authorize(
             "upgrade",
         );
     }
-    if METHOD_OVERRIDES
+    if METHOD_OVERRIDE_HEADERS
         .iter()
         .any(|h| req.headers.contains_key(*h))
     {
@@ -125,14 +114,8 @@ pub async fn authorize(
         .and_then(|v| v.to_str().ok());
     let (auth, cache) = state.authenticate(auth_header).await;
     match cache {
-        CacheUse::Hit => crate::obs::METRICS
-            .token_cache
-            .with_label_values(&["hit"])
-            .inc(),
-        CacheUse::Miss => crate::obs::METRICS
-            .token_cache
-            .with_label_values(&["miss"])
-            .inc(),
+        CacheUse::Hit => crate::obs::count_token_cache(true),
+        CacheUse::Miss => crate::obs::count_token_cache(false),
         CacheUse::None => {}
     }
     let identity = match auth {
@@ -150,7 +133,8 @@ pub async fn authorize(
     let (caller_admin, super_admin) = is_admin(&snap, &identity.membership_id);
 
     // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
-    let mut membership_id = identity.membership_id.clone();
+    let target;
+    let mut membership_id = identity.membership_id.as_str();
     let obo = session
         .req_header()
         .headers
@@ -163,31 +147,35 @@ pub async fn authorize(
         if !caller_admin {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_not_admin");
         }
-        let Some(target) = on_behalf_of(&snap, &identity.project_id, &value) else {
+        let Some(found) = on_behalf_of(&snap, &identity.project_id, &value) else {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown");
         };
+        target = found;
         ctx.on_behalf_of_profile = snap
             .memberships
             .get(&target)
             .and_then(|m| m.profile.reference.clone());
         ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));
-        membership_id = target;
+        membership_id = &target;
     }
-    let Some(policy) = state.effective_policy(&snap, &membership_id, identity.scope.as_deref())
+    let Some(policy) = state.effective_policy(&snap, membership_id, identity.scope.as_deref())
     else {
         return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
     };
 
-    // IP rules on every request, Bearer and Basic (SPEC §2), from the caller's own policy.
+    // IP rules on every request, Bearer and Basic (SPEC §2), from the caller's own policy (and,
+    // on behalf of someone, the target's too).
     if let Some(ip) = ctx.client_ip {
-        let caller_policy = if membership_id == identity.membership_id {
-            Some(policy.clone())
+        let blocked = if membership_id == identity.membership_id {
+            !policy.check_ip(ip).is_allowed()
         } else {
-            state.effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+            state
+                .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+                .is_some_and(|caller| {
+                    !caller.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed()
+                })
         };
-        if let Some(cp) = caller_policy
-            && (!cp.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed())
-        {
+        if blocked {
             return Verdict::Deny(Outcome::Forbidden, "ip_blocked");
         }
     }
@@ -205,6 +193,7 @@ pub async fn authorize(
         None
     };
     let req = session.req_header();
+    let rest = ctx.fhir_rest();
     let header_refs: Vec<(&str, &str)> = req
         .headers
         .iter()
@@ -264,7 +253,7 @@ pub async fn authorize(
             .headers
             .contains_key("x-fhirgate-explain")
     {
-        return Verdict::Explain(trace(&policy, &request, &decision, &membership_id, ctx));
+        return Verdict::Explain(trace(&policy, &request, &decision, membership_id, ctx));
     }
     let permit = match decision {
         Decision::Allow(p) => p,
@@ -285,11 +274,7 @@ pub async fn authorize(
             super_admin,
         });
     }
-    ctx.extra_query = permit
-        .narrowing
-        .iter()
-        .map(|p| (p.name.clone(), p.value.clone()))
-        .collect();
+    ctx.extra_query = permit.narrowing;
     ctx.plan = match permit.response {
         ResponseNeed::Untouched => ResponsePlan::Stream,
         _ => ResponsePlan::Buffer(Arc::new(FilterSpec {

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
+use fhirgate_core::fhir::request::QueryParam;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,7 +26,7 @@ pub struct RequestCtx {
     pub decision: &'static str,
     pub resource_type: Option<String>,
     /// Query parameters appended to the upstream request (policy narrowing).
-    pub extra_query: Vec<(String, String)>,
+    pub extra_query: Vec<QueryParam>,
     /// What to do with the upstream response.
     pub plan: ResponsePlan,
     /// The response body is being collected for filtering.
@@ -63,6 +64,15 @@ fn next_request_id() -> String {
 }
 
 impl RequestCtx {
+    /// What follows `/fhir/R4/` on a FHIR route; `""` on any other route (authorization and
+    /// mediation only ever run on a FHIR route).
+    pub fn fhir_rest(&self) -> &str {
+        match &self.route {
+            Route::Fhir { rest } => rest,
+            _ => "",
+        }
+    }
+
     pub fn new() -> RequestCtx {
         RequestCtx {
             request_id: next_request_id(),

@@ -38,13 +38,14 @@ fn is_json(resp: &ResponseHeader) -> bool {
     resp.headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .map(|ct| {
-            let ct = ct.to_ascii_lowercase();
-            ct.starts_with("application/fhir+json")
-                || ct.starts_with("application/json")
-                || ct.starts_with("application/json+fhir")
+        .is_some_and(|ct| {
+            ["application/fhir+json", "application/json"]
+                .iter()
+                .any(|json| {
+                    ct.get(..json.len())
+                        .is_some_and(|p| p.eq_ignore_ascii_case(json))
+                })
         })
-        .unwrap_or(false)
 }
 
 /// Rewrites an upstream URL (or anything starting with the upstream base) to the public base.
@@ -85,7 +86,8 @@ pub fn prepare_response(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > config.max_response_buffer);
-    let unfilterable = spec.policy.is_some() && (200..300).contains(&status) && !is_json(resp);
+    let json = is_json(resp);
+    let unfilterable = spec.policy.is_some() && (200..300).contains(&status) && !json;
     if too_big || unfilterable {
         let outcome = if too_big {
             Outcome::BadGateway("Upstream response too large to filter".into())
@@ -103,7 +105,7 @@ pub fn prepare_response(
         ctx.decision = "unfilterable";
         return Ok(());
     }
-    if !is_json(resp) {
+    if !json {
         return Ok(());
     }
     resp.remove_header("content-length");

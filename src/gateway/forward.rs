@@ -1,6 +1,7 @@
 //! Forwarding: the upstream peer for a route, and the upstream request rewrite. The client's
 //! `Authorization` never leaves the gateway; identity headers are ours alone.
 
+use fhirgate_core::fhir::request::QueryParam;
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -54,23 +55,41 @@ pub fn peer(state: &State, route: &Route) -> Result<Box<HttpPeer>> {
     Ok(peer)
 }
 
+/// `base/rest?query&narrowing…`: the upstream target of a forwarded or mediated request, the
+/// client's query kept as sent and the policy's narrowing parameters appended.
+pub(super) fn upstream_target(
+    base: &str,
+    rest: &str,
+    query: Option<&str>,
+    narrowing: &[QueryParam],
+) -> String {
+    let mut target = format!("{base}/{rest}");
+    let query = query.unwrap_or("");
+    if query.is_empty() && narrowing.is_empty() {
+        return target;
+    }
+    target.push('?');
+    target.push_str(query);
+    let start = target.len() - query.len();
+    let mut pairs = form_urlencoded::Serializer::for_suffix(target, start);
+    for p in narrowing {
+        pairs.append_pair(&p.name, &p.value);
+    }
+    pairs.finish()
+}
+
 fn append_xff(upstream: &mut RequestHeader, session: &Session) -> Result<()> {
-    let peer = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    let prior: Vec<String> = upstream
-        .headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok().map(str::to_string))
-        .collect();
-    let value = if prior.is_empty() {
-        peer
-    } else {
-        format!("{}, {peer}", prior.join(", "))
-    };
+    use std::fmt::Write;
+    let mut value = String::new();
+    for prior in upstream.headers.get_all("x-forwarded-for") {
+        if let Ok(prior) = prior.to_str() {
+            value.push_str(prior);
+            value.push_str(", ");
+        }
+    }
+    if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+        let _ = write!(value, "{}", peer.ip());
+    }
     upstream.insert_header("x-forwarded-for", value)?;
     Ok(())
 }
@@ -86,8 +105,8 @@ pub fn rewrite_request(
     upstream.insert_header("x-forwarded-host", config.forwarded_host.as_str())?;
     let rest = match &ctx.route {
         Route::Control => return Ok(()),
-        Route::Metadata => "metadata".to_string(),
-        Route::Fhir { rest } => rest.clone(),
+        Route::Metadata => "metadata",
+        Route::Fhir { rest } => rest.as_str(),
         Route::NotFound | Route::BadPath => {
             return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding");
         }
@@ -113,30 +132,52 @@ pub fn rewrite_request(
         // Filtering needs the plain body.
         upstream.remove_header("accept-encoding");
     }
-    let mut query = session
-        .req_header()
-        .uri
-        .query()
-        .map(str::to_string)
-        .unwrap_or_default();
-    for (k, v) in &ctx.extra_query {
-        if !query.is_empty() {
-            query.push('&');
-        }
-        query.push_str(
-            &form_urlencoded::Serializer::new(String::new())
-                .append_pair(k, v)
-                .finish(),
-        );
-    }
-    let mut uri = format!("{}/{}", up.base_path, rest);
-    if !query.is_empty() {
-        uri.push('?');
-        uri.push_str(&query);
-    }
+    let uri = upstream_target(
+        &up.base_path,
+        rest,
+        session.req_header().uri.query(),
+        &ctx.extra_query,
+    );
     let parsed = uri
         .parse::<http::Uri>()
         .or_err(HTTPStatus(400), "invalid upstream URI")?;
     upstream.set_uri(parsed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn param(name: &str, value: &str) -> QueryParam {
+        QueryParam {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn narrowing_is_appended_to_the_query_as_sent() {
+        let narrowing = [param("_compartment", "Patient/p 1"), param("x", "&=")];
+        assert_eq!(
+            upstream_target("/base", "Patient", None, &[]),
+            "/base/Patient"
+        );
+        assert_eq!(
+            upstream_target("/base", "Patient", Some(""), &[]),
+            "/base/Patient"
+        );
+        assert_eq!(
+            upstream_target("/base", "Patient", Some("name=a%20b"), &[]),
+            "/base/Patient?name=a%20b"
+        );
+        assert_eq!(
+            upstream_target("/base", "Patient", Some(""), &narrowing),
+            "/base/Patient?_compartment=Patient%2Fp+1&x=%26%3D"
+        );
+        assert_eq!(
+            upstream_target("/base", "", Some("name=a"), &narrowing[..1]),
+            "/base/?name=a&_compartment=Patient%2Fp+1"
+        );
+    }
 }

@@ -6,7 +6,8 @@
 
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
-use fhirgate_core::fhir::request::{FhirOp, Interaction};
+use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
+use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
 use fhirgate_core::policy::effective::SearchNarrowing;
 use fhirgate_core::policy::fhirpath::write_constraints_hold;
@@ -53,24 +54,8 @@ fn forbid(label: &'static str) -> Failure {
 }
 
 impl Gateway {
-    fn upstream_url(&self, path: &str, query: Option<&str>, extra: &[(String, String)]) -> String {
-        let mut url = format!("{}/{}", self.state.config.upstream.base_url, path);
-        let mut q = query.map(str::to_string).unwrap_or_default();
-        for (k, v) in extra {
-            if !q.is_empty() {
-                q.push('&');
-            }
-            q.push_str(
-                &form_urlencoded::Serializer::new(String::new())
-                    .append_pair(k, v)
-                    .finish(),
-            );
-        }
-        if !q.is_empty() {
-            url.push('?');
-            url.push_str(&q);
-        }
-        url
+    fn upstream_url(&self, path: &str, query: Option<&str>, extra: &[QueryParam]) -> String {
+        super::forward::upstream_target(&self.state.config.upstream.base_url, path, query, extra)
     }
 
     async fn exchange(
@@ -226,6 +211,51 @@ fn parse_json(body: &Option<Bytes>) -> Step<Value> {
         .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
+/// The checks of a resource about to be written: the entry that allows the write (on the new
+/// resource for a create, on the current version for an update) restores what the caller may
+/// not set, and the result must still satisfy the policy and its write constraints. The error is
+/// the denial label.
+fn check_written(
+    policy: &EffectivePolicy,
+    new: &mut Value,
+    current: Option<&Value>,
+) -> Result<(), &'static str> {
+    let (interaction, basis, outside, result_outside) = match current {
+        Some(cur) => (
+            Interaction::Update,
+            cur,
+            "current_outside_criteria",
+            "result_outside_criteria",
+        ),
+        None => (
+            Interaction::Create,
+            &*new,
+            "create_outside_criteria",
+            "create_outside_criteria",
+        ),
+    };
+    let entry = policy
+        .satisfied(basis, interaction)
+        .cloned()
+        .ok_or(outside)?;
+    policy.restore_protected_fields(new, current, &entry);
+    let after = policy.satisfied(new, interaction).ok_or(result_outside)?;
+    if !write_constraints_hold(&after.write_constraints, new, current) {
+        return Err("write_constraint");
+    }
+    Ok(())
+}
+
+/// [`check_written`] for a create. The upstream assigns the id of a created resource, so the
+/// client's `id` is dropped first: it must not satisfy an `_id` criteria for a resource that
+/// will be stored under another id.
+fn check_create(policy: &EffectivePolicy, new: &mut Value) -> Result<(), &'static str> {
+    if let Some(obj) = new.as_object_mut() {
+        obj.remove("id");
+    }
+    check_written(policy, new, None)
+}
+
 /// Write step of create/update/patch: the checks of medplum-auth.md §4.5, stricter where SPEC
 /// says so. Returns the body to send and the `If-Match` to pin.
 async fn prepare_write(
@@ -282,17 +312,7 @@ async fn prepare_write(
                 probe_headers.push(("if-none-exist", value));
             }
             let mut resource = parse_json(&m.body)?;
-            let entry = policy
-                .satisfied(&resource, Interaction::Create)
-                .cloned()
-                .ok_or_else(|| forbid("create_outside_criteria"))?;
-            policy.restore_protected_fields(&mut resource, None, &entry);
-            let Some(after) = policy.satisfied(&resource, Interaction::Create) else {
-                return Err(forbid("create_outside_criteria"));
-            };
-            if !write_constraints_hold(&after.write_constraints, &resource, None) {
-                return Err(forbid("write_constraint"));
-            }
+            check_create(policy, &mut resource).map_err(forbid)?;
             let body = serde_json::to_vec(&resource).unwrap_or_default();
             probe_headers.push(("content-type", "application/fhir+json".into()));
             Ok((
@@ -331,6 +351,10 @@ async fn prepare_write(
                 }
                 _ => parse_json(&m.body)?,
             };
+            // Checked as it will be stored: under the id of the path.
+            if let Some(obj) = new.as_object_mut() {
+                obj.insert("id".into(), Value::String(id.clone()));
+            }
             let mut pin = Vec::new();
             match &current {
                 Some(cur) => {
@@ -342,17 +366,7 @@ async fn prepare_write(
                             "current_outside_criteria",
                         ));
                     }
-                    let entry = policy
-                        .satisfied(cur, Interaction::Update)
-                        .cloned()
-                        .ok_or_else(|| forbid("current_outside_criteria"))?;
-                    policy.restore_protected_fields(&mut new, Some(cur), &entry);
-                    let Some(after) = policy.satisfied(&new, Interaction::Update) else {
-                        return Err(forbid("result_outside_criteria"));
-                    };
-                    if !write_constraints_hold(&after.write_constraints, &new, Some(cur)) {
-                        return Err(forbid("write_constraint"));
-                    }
+                    check_written(policy, &mut new, Some(cur)).map_err(forbid)?;
                     if let Some(v) = version_of(cur) {
                         // A client's own If-Match is honoured; otherwise we pin what we checked.
                         let client = req
@@ -365,22 +379,9 @@ async fn prepare_write(
                 }
                 None => {
                     // Update-as-create.
-                    let entry = policy
-                        .satisfied(&new, Interaction::Create)
-                        .cloned()
-                        .ok_or_else(|| forbid("create_outside_criteria"))?;
-                    policy.restore_protected_fields(&mut new, None, &entry);
-                    let Some(after) = policy.satisfied(&new, Interaction::Create) else {
-                        return Err(forbid("create_outside_criteria"));
-                    };
-                    if !write_constraints_hold(&after.write_constraints, &new, None) {
-                        return Err(forbid("write_constraint"));
-                    }
+                    check_written(policy, &mut new, None).map_err(forbid)?;
                     pin.push(("if-none-match", "*".into()));
                 }
-            }
-            if let Some(obj) = new.as_object_mut() {
-                obj.insert("id".into(), Value::String(id.clone()));
             }
             pin.push(("content-type", "application/fhir+json".into()));
             let body = serde_json::to_vec(&new).unwrap_or_default();
@@ -488,16 +489,9 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
             {
                 return Some(Deny::Forbidden("conditional_create_with_criteria"));
             }
-            let mut r = r.clone();
-            let Some(entry) = m.policy.satisfied(&r, Interaction::Create).cloned() else {
-                return Some(Deny::Forbidden("create_outside_criteria"));
-            };
-            m.policy.restore_protected_fields(&mut r, None, &entry);
-            match m.policy.satisfied(&r, Interaction::Create) {
-                Some(after) if write_constraints_hold(&after.write_constraints, &r, None) => None,
-                Some(_) => Some(Deny::Forbidden("write_constraint")),
-                None => Some(Deny::Forbidden("create_outside_criteria")),
-            }
+            check_create(&m.policy, &mut r.clone())
+                .err()
+                .map(Deny::Forbidden)
         }
         (WriteCheck::Create, _) => Some(Deny::Forbidden("create_without_body")),
         (
@@ -532,12 +526,10 @@ fn denied_entry(d: &Deny) -> Value {
 async fn run_inner(
     gw: &Gateway,
     session: &mut Session,
-    ctx: &mut RequestCtx,
-    rest: &str,
+    ctx: &RequestCtx,
     m: Mediation,
 ) -> Step<(u16, Vec<(&'static str, String)>, Bytes)> {
     let method = session.req_header().method.clone();
-    let query = session.req_header().uri.query().map(str::to_string);
     let config = &gw.state.config;
 
     if let FhirOp::Bundle { .. } = &m.op {
@@ -601,7 +593,7 @@ async fn run_inner(
         ));
     }
 
-    let permit = m.permit.clone().ok_or_else(|| forbid("no_permit"))?;
+    let permit = m.permit.as_ref().ok_or_else(|| forbid("no_permit"))?;
     if permit.guard_current
         && let FhirOp::History {
             resource_type: Some(ty),
@@ -625,14 +617,13 @@ async fn run_inner(
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
         prepare_write(gw, ctx, session, &m).await?
     } else {
-        let extra: Vec<(String, String)> = permit
-            .narrowing
-            .iter()
-            .map(|p| (p.name.clone(), p.value.clone()))
-            .collect();
         (
             method,
-            gw.upstream_url(rest, query.as_deref(), &extra),
+            gw.upstream_url(
+                ctx.fhir_rest(),
+                session.req_header().uri.query(),
+                &permit.narrowing,
+            ),
             m.body.clone(),
             Vec::new(),
         )
@@ -695,11 +686,10 @@ pub async fn run(
     gw: &Gateway,
     session: &mut Session,
     ctx: &mut RequestCtx,
-    rest: &str,
     m: Mediation,
 ) -> Result<u16> {
     ctx.upstream_started = Some(std::time::Instant::now());
-    let result = run_inner(gw, session, ctx, rest, m).await;
+    let result = run_inner(gw, session, ctx, m).await;
     ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
     match result {
         Ok((status, headers, body)) => {

@@ -29,7 +29,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::obs::{Audit, METRICS};
+use crate::obs::{Audit, Children, METRICS};
 use crate::state::State;
 use ctx::RequestCtx;
 use filter::ResponsePlan;
@@ -118,7 +118,7 @@ impl ProxyHttp for Gateway {
                 return self.deny(session, ctx, o, "bad_forwarded_for").await;
             }
         };
-        match ctx.route.clone() {
+        match ctx.route {
             Route::Control => {
                 ctx.decision = "pass";
                 Ok(false)
@@ -140,7 +140,7 @@ impl ProxyHttp for Gateway {
                 let o = Outcome::BadRequest("Invalid path".into());
                 self.deny(session, ctx, o, "bad_path").await
             }
-            Route::Fhir { rest } => match authorize::authorize(self, session, ctx, &rest).await {
+            Route::Fhir { .. } => match authorize::authorize(self, session, ctx).await {
                 authorize::Verdict::Forward => Ok(false),
                 authorize::Verdict::Deny(outcome, label) => {
                     self.deny(session, ctx, outcome, label).await
@@ -153,7 +153,7 @@ impl ProxyHttp for Gateway {
                     Ok(true)
                 }
                 authorize::Verdict::Mediate(plan) => {
-                    let status = mediate::run(self, session, ctx, &rest, plan).await?;
+                    let status = mediate::run(self, session, ctx, plan).await?;
                     ctx.answered = Some(status);
                     Ok(true)
                 }
@@ -245,6 +245,8 @@ impl ProxyHttp for Gateway {
             .answered
             .or_else(|| session.response_written().map(|r| r.status.as_u16()))
             .unwrap_or(0);
+        static GATEWAY_SECONDS: Children<prometheus::Histogram, 5> = Children::new(Route::LABELS);
+        static UPSTREAM_SECONDS: Children<prometheus::Histogram, 5> = Children::new(Route::LABELS);
         let route = ctx.route.as_str();
         METRICS
             .requests
@@ -252,14 +254,12 @@ impl ProxyHttp for Gateway {
             .inc();
         let total = ctx.started.elapsed();
         let upstream = ctx.upstream_elapsed.unwrap_or_default();
-        METRICS
-            .gateway_seconds
-            .with_label_values(&[route])
+        GATEWAY_SECONDS
+            .get(&METRICS.gateway_seconds, ctx.route.index())
             .observe(total.saturating_sub(upstream).as_secs_f64());
         if ctx.upstream_elapsed.is_some() {
-            METRICS
-                .upstream_seconds
-                .with_label_values(&[route])
+            UPSTREAM_SECONDS
+                .get(&METRICS.upstream_seconds, ctx.route.index())
                 .observe(upstream.as_secs_f64());
         }
         if matches!(ctx.route, Route::Fhir { .. }) {

@@ -29,32 +29,52 @@ pub enum Route {
 }
 
 impl Route {
-    pub fn as_str(&self) -> &'static str {
+    /// The metric and audit labels, in [`Route::index`] order.
+    pub const LABELS: [&'static str; 5] = ["control", "metadata", "fhir", "not_found", "bad_path"];
+
+    pub fn index(&self) -> usize {
         match self {
-            Route::Control => "control",
-            Route::Metadata => "metadata",
-            Route::Fhir { .. } => "fhir",
-            Route::NotFound => "not_found",
-            Route::BadPath => "bad_path",
+            Route::Control => 0,
+            Route::Metadata => 1,
+            Route::Fhir { .. } => 2,
+            Route::NotFound => 3,
+            Route::BadPath => 4,
         }
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        Self::LABELS[self.index()]
     }
 }
 
-/// True when a raw path has a segment that could change meaning after normalisation.
+/// True when a raw path has a segment that could change meaning after normalisation. Runs on
+/// every request, so it compares in place instead of lowercasing copies.
 fn is_unclean(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    if lower.contains("%2f")
-        || lower.contains("%5c")
-        || lower.contains('\\')
-        || lower.contains("%00")
-    {
+    let bytes = path.as_bytes();
+    let encoded = |code: &[u8]| {
+        bytes
+            .windows(code.len())
+            .any(|w| w.eq_ignore_ascii_case(code))
+    };
+    if encoded(b"%2f") || encoded(b"%5c") || path.contains('\\') || encoded(b"%00") {
         return true;
     }
-    path.contains("//")
-        || path.split('/').any(|seg| {
-            let seg = seg.to_ascii_lowercase().replace("%2e", ".");
-            seg == "." || seg == ".."
-        })
+    path.contains("//") || path.split('/').any(is_dot_segment)
+}
+
+/// `.` or `..`, each dot possibly percent-encoded (`%2e`, any case).
+fn is_dot_segment(seg: &str) -> bool {
+    fn strip_dot(s: &[u8]) -> Option<&[u8]> {
+        match s {
+            [b'.', rest @ ..] => Some(rest),
+            [b'%', b'2', e, rest @ ..] if e.eq_ignore_ascii_case(&b'e') => Some(rest),
+            _ => None,
+        }
+    }
+    let Some(rest) = strip_dot(seg.as_bytes()) else {
+        return false;
+    };
+    rest.is_empty() || strip_dot(rest).is_some_and(<[u8]>::is_empty)
 }
 
 pub fn route(method: &str, path: &str) -> Route {
@@ -139,6 +159,40 @@ mod tests {
             },
         );
         check("GET", "/somewhere", Route::NotFound);
+    }
+
+    /// `is_unclean` compares in place; it must agree with the plain rule it replaced (lowercase,
+    /// decode `%2e`, look for `.`/`..` segments and encoded separators) on every short path.
+    #[test]
+    fn in_place_check_agrees_with_the_lowercasing_rule() {
+        fn reference(path: &str) -> bool {
+            let lower = path.to_ascii_lowercase();
+            if ["%2f", "%5c", "\\", "%00"]
+                .iter()
+                .any(|c| lower.contains(c))
+            {
+                return true;
+            }
+            path.contains("//")
+                || path.split('/').any(|seg| {
+                    let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+                    seg == "." || seg == ".."
+                })
+        }
+        let alphabet = ['.', '%', '2', 'e', 'E', 'f', '5', 'c', '0', '/', '\\'];
+        let mut paths = vec![String::new()];
+        for _ in 0..5 {
+            let longer: Vec<String> = paths
+                .iter()
+                .filter(|p| p.len() == paths.last().map_or(0, String::len))
+                .flat_map(|p| alphabet.iter().map(move |c| format!("{p}{c}")))
+                .collect();
+            paths.extend(longer);
+        }
+        for p in &paths {
+            let path = format!("/fhir/R4/{p}");
+            assert_eq!(is_unclean(&path), reference(&path), "{path:?}");
+        }
     }
 
     #[test]

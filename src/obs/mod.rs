@@ -1,10 +1,11 @@
 //! Observability: Prometheus metrics, JSON logs and the audit record. Labels come only from
 //! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
 
-use std::sync::LazyLock;
+use std::sync::{LazyLock, OnceLock};
 
+use prometheus::core::{MetricVec, MetricVecBuilder};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 pub struct Metrics {
@@ -71,6 +72,37 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         registry,
     }
 });
+
+/// The children of a labelled metric for a fixed list of label values, each looked up on first
+/// use and then kept. On the request path this replaces `with_label_values`, which hashes the
+/// labels and takes the vector's lock on every call, by one `OnceLock` read. A series still
+/// appears in the exposition only once it is first used.
+pub struct Children<M, const N: usize> {
+    labels: [&'static str; N],
+    slots: [OnceLock<M>; N],
+}
+
+impl<M: Clone, const N: usize> Children<M, N> {
+    pub const fn new(labels: [&'static str; N]) -> Self {
+        Children {
+            labels,
+            slots: [const { OnceLock::new() }; N],
+        }
+    }
+
+    /// The child of `vec` for `self.labels[i]` (a one-label metric).
+    pub fn get<T: MetricVecBuilder<M = M>>(&self, vec: &MetricVec<T>, i: usize) -> &M {
+        self.slots[i].get_or_init(|| vec.with_label_values(&[self.labels[i]]))
+    }
+}
+
+/// Counts one verified-token cache lookup (`hit` or not).
+pub fn count_token_cache(hit: bool) {
+    static RESULTS: Children<IntCounter, 2> = Children::new(["hit", "miss"]);
+    RESULTS
+        .get(&METRICS.token_cache, if hit { 0 } else { 1 })
+        .inc();
+}
 
 /// The Prometheus text exposition of every fhirgate metric.
 pub fn encode() -> String {

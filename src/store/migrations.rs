@@ -40,15 +40,10 @@ fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
 /// Applies the missing steps, all in one transaction: a failed step leaves the schema as it was.
 pub(super) async fn run(pool: &AnyPool, dialect: Dialect) -> Result<()> {
     let mut tx = pool.begin().await?;
-    if dialect == Dialect::Postgres {
-        // Instances starting together on one database take turns: concurrent
-        // `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL, and two could apply the same step.
-        // The lock is released with the transaction.
-        sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
-            .bind(super::MIGRATION_LOCK)
-            .fetch_one(&mut *tx)
-            .await?;
-    }
+    // Instances starting together on one database take turns: concurrent
+    // `CREATE TABLE IF NOT EXISTS` can fail on PostgreSQL, and two could apply the same step.
+    // The lock is released with the transaction.
+    super::xact_lock(&mut tx, super::MIGRATION_LOCK).await?;
     sqlx::query("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
         .execute(&mut *tx)
         .await?;

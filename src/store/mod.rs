@@ -167,7 +167,27 @@ fn row_to_login(row: &AnyRow) -> Result<LoginRecord> {
 const POSTGRES_BACKEND: &str = "PostgreSQL";
 /// PostgreSQL advisory lock keys (one namespace per database; arbitrary but fixed).
 const CHANGE_FEED_LOCK: i64 = 0x6668_6972_6761_7401;
-pub(crate) const MIGRATION_LOCK: i64 = 0x6668_6972_6761_7402;
+const MIGRATION_LOCK: i64 = 0x6668_6972_6761_7402;
+
+/// Takes the PostgreSQL advisory lock `key` until the transaction ends (nothing on SQLite, whose
+/// write transactions are serial already).
+async fn xact_lock(tx: &mut sqlx::Transaction<'_, sqlx::Any>, key: i64) -> Result<()> {
+    if tx.backend_name() == POSTGRES_BACKEND {
+        sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
+            .bind(key)
+            .fetch_one(&mut **tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Runs a compare-and-swap `UPDATE`: true when it changed exactly one row.
+async fn swapped(
+    pool: &AnyPool,
+    update: sqlx::query::Query<'_, sqlx::Any, sqlx::any::AnyArguments>,
+) -> Result<bool> {
+    Ok(update.execute(pool).await?.rows_affected() == 1)
+}
 
 const RESOURCE_COLUMNS: &str = "resource_type, id, project_id, version_id, last_updated, content";
 const LOGIN_COLUMNS: &str = "id, user_ref, client_id, membership_id, project_id, scope, auth_method, auth_time, expires_at, revoked, remote_address, code, refresh_secret, extra";
@@ -294,12 +314,7 @@ impl Store {
     /// had already seen 11 would never notice 10. A transaction-scoped lock taken here makes seq
     /// order commit order (it is held from here to commit, so only this last step is serialised).
     async fn record_change(tx: &mut sqlx::Transaction<'_, sqlx::Any>, kind: &str) -> Result<()> {
-        if tx.backend_name() == POSTGRES_BACKEND {
-            sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
-                .bind(CHANGE_FEED_LOCK)
-                .fetch_one(&mut **tx)
-                .await?;
-        }
+        xact_lock(tx, CHANGE_FEED_LOCK).await?;
         sqlx::query("INSERT INTO changes (kind, at) VALUES ($1, $2)")
             .bind(kind)
             .bind(now_unix())
@@ -520,16 +535,13 @@ impl Store {
         expected: &Value,
         new: &Value,
     ) -> Result<bool> {
-        let n = sqlx::query(
+        let update = sqlx::query(
             "UPDATE logins SET extra = $3 WHERE id = $1 AND extra = $2 AND revoked = 0",
         )
         .bind(id)
         .bind(serde_json::to_string(expected)?)
-        .bind(serde_json::to_string(new)?)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(n == 1)
+        .bind(serde_json::to_string(new)?);
+        swapped(&self.pool, update).await
     }
 
     /// Marks a Login revoked; returns false if it does not exist.
@@ -595,7 +607,7 @@ impl Store {
     /// Writes the flow state of a Login that has no tokens yet (membership, project, scope,
     /// expiry, address, refresh secret hash, `extra`). False when the Login is gone or revoked.
     pub async fn update_login(&self, l: &LoginRecord) -> Result<bool> {
-        let n = sqlx::query("UPDATE logins SET membership_id = $2, project_id = $3, scope = $4, expires_at = $5, remote_address = $6, refresh_secret = $7, extra = $8 WHERE id = $1 AND revoked = 0")
+        let update = sqlx::query("UPDATE logins SET membership_id = $2, project_id = $3, scope = $4, expires_at = $5, remote_address = $6, refresh_secret = $7, extra = $8 WHERE id = $1 AND revoked = 0")
             .bind(&l.id)
             .bind(l.membership_id.clone())
             .bind(l.project_id.clone())
@@ -603,11 +615,8 @@ impl Store {
             .bind(l.expires_at)
             .bind(l.remote_address.clone())
             .bind(l.refresh_secret.clone())
-            .bind(serde_json::to_string(&l.extra)?)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .bind(serde_json::to_string(&l.extra)?);
+        swapped(&self.pool, update).await
     }
 
     /// Replaces a Login's authorization code (stored as a hash) and `extra`, compare-and-swap on
@@ -620,15 +629,12 @@ impl Store {
         code_hash: &str,
         extra: &Value,
     ) -> Result<bool> {
-        let n = sqlx::query("UPDATE logins SET code = $2, extra = $3 WHERE id = $1 AND revoked = 0 AND COALESCE(code, '') = $4")
+        let update = sqlx::query("UPDATE logins SET code = $2, extra = $3 WHERE id = $1 AND revoked = 0 AND COALESCE(code, '') = $4")
             .bind(id)
             .bind(code_hash)
             .bind(serde_json::to_string(extra)?)
-            .bind(expected.unwrap_or_default())
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .bind(expected.unwrap_or_default());
+        swapped(&self.pool, update).await
     }
 
     /// The Login whose `code` column holds `value`.
@@ -648,17 +654,14 @@ impl Store {
         expires_at: i64,
         extra: &Value,
     ) -> Result<bool> {
-        let n = sqlx::query("UPDATE logins SET code = $3, refresh_secret = $4, expires_at = $5, extra = $6 WHERE id = $1 AND code = $2 AND revoked = 0")
+        let update = sqlx::query("UPDATE logins SET code = $3, refresh_secret = $4, expires_at = $5, extra = $6 WHERE id = $1 AND code = $2 AND revoked = 0")
             .bind(id)
             .bind(code_hash)
             .bind(granted)
             .bind(refresh_secret.map(str::to_string))
             .bind(expires_at)
-            .bind(serde_json::to_string(extra)?)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .bind(serde_json::to_string(extra)?);
+        swapped(&self.pool, update).await
     }
 
     /// Rotates a refresh secret (hashes): compare-and-swap from `old` to `new`, so a refresh
@@ -671,32 +674,37 @@ impl Store {
         expires_at: i64,
         remote_address: Option<&str>,
     ) -> Result<bool> {
-        let n = sqlx::query("UPDATE logins SET refresh_secret = $3, expires_at = $4, remote_address = COALESCE($5, remote_address) WHERE id = $1 AND refresh_secret = $2 AND revoked = 0")
+        let update = sqlx::query("UPDATE logins SET refresh_secret = $3, expires_at = $4, remote_address = COALESCE($5, remote_address) WHERE id = $1 AND refresh_secret = $2 AND revoked = 0")
             .bind(id)
             .bind(old)
             .bind(new)
             .bind(expires_at)
-            .bind(remote_address.map(str::to_string))
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
-        Ok(n == 1)
+            .bind(remote_address.map(str::to_string));
+        swapped(&self.pool, update).await
     }
 
     // === signing keys ===
 
     pub async fn insert_key(&self, k: &StoredKey) -> Result<()> {
         let mut tx = self.begin_write().await?;
+        Self::insert_key_in_tx(&mut tx, k).await?;
+        Self::record_change(&mut tx, "JsonWebKey").await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn insert_key_in_tx(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        k: &StoredKey,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("INSERT INTO signing_keys (id, alg, private_der, active, created_at) VALUES ($1, $2, $3, $4, $5)")
             .bind(&k.id)
             .bind(&k.alg)
             .bind(&k.private_der)
             .bind(i64::from(k.active))
             .bind(k.created_at)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await?;
-        Self::record_change(&mut tx, "JsonWebKey").await?;
-        tx.commit().await?;
         Ok(())
     }
 
@@ -816,37 +824,7 @@ impl Store {
                     key,
                     resource_type,
                     id,
-                } => {
-                    sqlx::query("DELETE FROM unique_keys WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM resources r WHERE r.resource_type = unique_keys.resource_type AND r.id = unique_keys.id)")
-                        .bind(&key)
-                        .execute(&mut *tx)
-                        .await?;
-                    let n = sqlx::query("INSERT INTO unique_keys (key, resource_type, id) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING")
-                        .bind(&key)
-                        .bind(&resource_type)
-                        .bind(&id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(conflict_on_duplicate)?
-                        .rows_affected();
-                    if n != 1 {
-                        let holder =
-                            sqlx::query("SELECT resource_type, id FROM unique_keys WHERE key = $1")
-                                .bind(&key)
-                                .fetch_optional(&mut *tx)
-                                .await?;
-                        let same = match holder {
-                            Some(row) => {
-                                row.try_get::<String, _>("resource_type")? == resource_type
-                                    && row.try_get::<String, _>("id")? == id
-                            }
-                            None => false,
-                        };
-                        if !same {
-                            return Err(StoreError::Conflict);
-                        }
-                    }
-                }
+                } => Self::claim_in_tx(&mut tx, &key, &resource_type, &id).await?,
                 BatchWrite::NewSecurityRequest(r) => {
                     sqlx::query("UPDATE security_requests SET used = 1 WHERE user_id = $1 AND kind = $2 AND used = 0")
                         .bind(&r.user_id)
@@ -882,6 +860,42 @@ impl Store {
         Self::record_change(&mut tx, &kind).await?;
         tx.commit().await?;
         Ok(stored)
+    }
+
+    /// [`BatchWrite::Claim`] inside a caller's transaction.
+    async fn claim_in_tx(
+        tx: &mut sqlx::Transaction<'static, sqlx::Any>,
+        key: &str,
+        resource_type: &str,
+        id: &str,
+    ) -> Result<()> {
+        // A claim whose resource is gone is stale: drop it, so it can be taken over.
+        sqlx::query("DELETE FROM unique_keys WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM resources r WHERE r.resource_type = unique_keys.resource_type AND r.id = unique_keys.id)")
+            .bind(key)
+            .execute(&mut **tx)
+            .await?;
+        let inserted = sqlx::query("INSERT INTO unique_keys (key, resource_type, id) VALUES ($1, $2, $3) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .bind(resource_type)
+            .bind(id)
+            .execute(&mut **tx)
+            .await
+            .map_err(conflict_on_duplicate)?
+            .rows_affected()
+            == 1;
+        // Held already: fine when by this very resource (an update claims again).
+        if !inserted
+            && sqlx::query("SELECT 1 AS held FROM unique_keys WHERE key = $1 AND resource_type = $2 AND id = $3")
+                .bind(key)
+                .bind(resource_type)
+                .bind(id)
+                .fetch_optional(&mut **tx)
+                .await?
+                .is_none()
+        {
+            return Err(StoreError::Conflict);
+        }
+        Ok(())
     }
 
     /// [`Store::put`] inside a caller's transaction (no change record: the caller adds one).
@@ -1018,6 +1032,15 @@ const KEY_ROTATION_LOCK: i64 = 0x6668_6972_6761_7403;
 /// Settings key prefix of a signing key's scheduled retirement (`<prefix><kid>` → unix seconds).
 const KEY_RETIRE_PREFIX: &str = "signing-key-retire:";
 
+/// The settings rows of scheduled key retirements (`key`, `value`).
+fn retirements_query() -> sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments> {
+    let sql = format!(
+        "SELECT key, value FROM settings WHERE substr(key, 1, {}) = $1",
+        KEY_RETIRE_PREFIX.len()
+    );
+    sqlx::query(sqlx::AssertSqlSafe(sql)).bind(KEY_RETIRE_PREFIX)
+}
+
 impl StoreError {
     /// The database could not be reached (or is shutting down, or has no connection to give):
     /// a condition to answer with 503 and retry later, not a bug. Nothing was written.
@@ -1083,14 +1106,7 @@ impl Store {
 
     /// Scheduled retirements of signing keys: `(kid, unix seconds)`.
     pub async fn key_retirements(&self) -> Result<Vec<(String, i64)>> {
-        let sql = format!(
-            "SELECT key, value FROM settings WHERE substr(key, 1, {}) = $1",
-            KEY_RETIRE_PREFIX.len()
-        );
-        let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(KEY_RETIRE_PREFIX)
-            .fetch_all(&self.pool)
-            .await?;
+        let rows = retirements_query().fetch_all(&self.pool).await?;
         let mut out = Vec::new();
         for r in &rows {
             let key: String = r.try_get("key")?;
@@ -1107,36 +1123,20 @@ impl Store {
     /// `retire_at`. Rotations on several instances take turns. Returns the keys scheduled.
     pub async fn rotate_signing_key(&self, new: &StoredKey, retire_at: i64) -> Result<Vec<String>> {
         let mut tx = self.begin_write().await?;
-        if self.dialect == Dialect::Postgres {
-            sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
-                .bind(KEY_ROTATION_LOCK)
-                .fetch_one(&mut *tx)
-                .await?;
-        }
+        xact_lock(&mut tx, KEY_ROTATION_LOCK).await?;
         let active = sqlx::query("SELECT id FROM signing_keys WHERE active = 1")
             .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
             .collect::<Result<Vec<_>, _>>()?;
-        let sql = format!(
-            "SELECT key FROM settings WHERE substr(key, 1, {}) = $1",
-            KEY_RETIRE_PREFIX.len()
-        );
-        let scheduled = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(KEY_RETIRE_PREFIX)
+        let scheduled = retirements_query()
             .fetch_all(&mut *tx)
             .await?
             .iter()
             .map(|r| r.try_get::<String, _>("key"))
             .collect::<Result<std::collections::HashSet<_>, _>>()?;
-        sqlx::query("INSERT INTO signing_keys (id, alg, private_der, active, created_at) VALUES ($1, $2, $3, $4, $5)")
-            .bind(&new.id)
-            .bind(&new.alg)
-            .bind(&new.private_der)
-            .bind(i64::from(new.active))
-            .bind(new.created_at)
-            .execute(&mut *tx)
+        Self::insert_key_in_tx(&mut tx, new)
             .await
             .map_err(conflict_on_duplicate)?;
         let mut retiring = Vec::new();

@@ -5,39 +5,7 @@ use serde_json::json;
 
 use super::*;
 
-use super::test_pg as pg;
-
-async fn sqlite() -> Store {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    let store = Store::open(&format!("sqlite://{}", path.display()))
-        .await
-        .unwrap();
-    std::mem::forget(dir);
-    store
-}
-
-async fn postgres() -> Store {
-    let url = tokio::task::spawn_blocking(pg::fresh_database)
-        .await
-        .unwrap();
-    Store::open(&url).await.unwrap()
-}
-
-macro_rules! on_both_dialects {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() {
-                super::$name(super::sqlite().await).await;
-            }
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() {
-                super::$name(super::postgres().await).await;
-            }
-        }
-    )*};
-}
+use super::tests::{on_both_dialects, postgres, sqlite, winners};
 
 on_both_dialects!(
     a_failing_step_undoes_the_whole_batch,
@@ -185,14 +153,9 @@ async fn concurrent_redemptions_have_one_winner(store: Store) {
             .await
         }));
     }
-    let mut wins = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(_) => wins += 1,
-            Err(StoreError::Conflict) => {}
-            Err(e) => panic!("unexpected {e:?}"),
-        }
-    }
+    let wins = winners(tasks, |e| matches!(e, StoreError::Conflict))
+        .await
+        .len();
     assert_eq!(wins, 1);
 }
 
@@ -206,14 +169,9 @@ async fn concurrent_claims_have_one_winner(store: Store) {
                 .await
         }));
     }
-    let mut wins = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            Ok(_) => wins += 1,
-            Err(StoreError::Conflict) => {}
-            Err(e) => panic!("unexpected {e:?}"),
-        }
-    }
+    let wins = winners(tasks, |e| matches!(e, StoreError::Conflict))
+        .await
+        .len();
     assert_eq!(wins, 1);
     let users = store
         .search(

@@ -7,7 +7,7 @@ use super::*;
 
 use super::test_pg as pg;
 
-async fn sqlite() -> Store {
+pub(super) async fn sqlite() -> Store {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.db");
     let store = Store::open(&format!("sqlite://{}", path.display()))
@@ -17,7 +17,7 @@ async fn sqlite() -> Store {
     store
 }
 
-async fn postgres() -> Store {
+pub(super) async fn postgres() -> Store {
     // The harness shells out (initdb, createdb): keep that off the runtime's worker threads.
     let url = tokio::task::spawn_blocking(pg::fresh_database)
         .await
@@ -41,6 +41,24 @@ macro_rules! on_both_dialects {
             }
         }
     )*};
+}
+pub(super) use on_both_dialects;
+
+/// What the successful `tasks` returned; `lost(e)` tells the failures a loser may see, any other
+/// failure panics.
+pub(super) async fn winners<T>(
+    tasks: Vec<tokio::task::JoinHandle<Result<T>>>,
+    lost: fn(&StoreError) -> bool,
+) -> Vec<T> {
+    let mut won = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(v) => won.push(v),
+            Err(e) if lost(&e) => {}
+            Err(e) => panic!("unexpected error: {e:?}"),
+        }
+    }
+    won
 }
 
 on_both_dialects!(
@@ -362,28 +380,23 @@ async fn concurrent_updates_of_one_version_have_one_winner(s: Store) {
         )
         .await
         .unwrap();
-    let writers = (1..=8).map(|n| {
-        let s = s.clone();
-        let version = first.version_id.clone();
-        tokio::spawn(async move {
-            s.put(
-                json!({"resourceType": "AccessPolicy", "id": "a", "n": n}),
-                Some("p"),
-                &[("name".into(), format!("n{n}"))],
-                Some(&version),
-                false,
-            )
-            .await
+    let writers = (1..=8)
+        .map(|n| {
+            let s = s.clone();
+            let version = first.version_id.clone();
+            tokio::spawn(async move {
+                s.put(
+                    json!({"resourceType": "AccessPolicy", "id": "a", "n": n}),
+                    Some("p"),
+                    &[("name".into(), format!("n{n}"))],
+                    Some(&version),
+                    false,
+                )
+                .await
+            })
         })
-    });
-    let mut winners = Vec::new();
-    for w in writers.collect::<Vec<_>>() {
-        match w.await.unwrap() {
-            Ok(stored) => winners.push(stored),
-            Err(StoreError::VersionConflict) => {}
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-    }
+        .collect();
+    let winners = winners(writers, |e| matches!(e, StoreError::VersionConflict)).await;
     assert_eq!(winners.len(), 1);
     let now = s.read("AccessPolicy", "a").await.unwrap().unwrap();
     assert_eq!(now.version_id, winners[0].version_id);
@@ -419,14 +432,9 @@ async fn concurrent_creates_of_one_id_have_one_winner(s: Store) {
             })
         })
         .collect();
-    let mut created = 0;
-    for w in writers {
-        match w.await.unwrap() {
-            Ok(_) => created += 1,
-            Err(StoreError::Conflict) => {}
-            Err(e) => panic!("unexpected error: {e}"),
-        }
-    }
+    let created = winners(writers, |e| matches!(e, StoreError::Conflict))
+        .await
+        .len();
     assert_eq!(created, 1);
     assert_eq!(s.list("Project").await.unwrap().len(), 1);
 }

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use fhirgate::config::{Config, ConfigFile};
@@ -26,6 +27,53 @@ fn wait_listening(addr: SocketAddr) {
     while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
         assert!(Instant::now() < deadline, "nothing listens on {addr}");
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// One gateway in front of one upstream for the whole test binary, started on first use (tests
+/// that share it give their people and clients names of their own).
+pub fn shared() -> &'static TestGateway {
+    struct Shared {
+        _upstream: super::upstream::FhirUpstream,
+        gw: TestGateway,
+    }
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    &SHARED
+        .get_or_init(|| {
+            let upstream = super::upstream::FhirUpstream::start();
+            let gw = TestGateway::start(&upstream.base_url);
+            Shared {
+                _upstream: upstream,
+                gw,
+            }
+        })
+        .gw
+}
+
+/// The configuration every test fhirgate starts from: free loopback ports, `upstream`,
+/// `data_dir`, the known admin credentials, loopback as trusted proxy, short upstream timeouts.
+fn test_config(upstream: &str, data_dir: &std::path::Path) -> ConfigFile {
+    let (gp, cp, mp) = (free_port(), free_port(), free_port());
+    ConfigFile {
+        listen: Some(format!("127.0.0.1:{gp}")),
+        control_listen: Some(format!("127.0.0.1:{cp}")),
+        metrics_listen: Some(format!("127.0.0.1:{mp}")),
+        base_url: Some(format!("http://127.0.0.1:{gp}/")),
+        upstream: Some(upstream.to_string()),
+        data_dir: Some(data_dir.to_path_buf()),
+        trusted_proxies: vec!["127.0.0.0/8".into()],
+        admin_client_id: Some(ADMIN_CLIENT_ID.into()),
+        admin_client_secret: Some(ADMIN_CLIENT_SECRET.into()),
+        admin_password: Some("admin-password-for-tests".into()),
+        threads: Some(2),
+        // Suites sign in far more than 160 times a minute from one address; the limiter
+        // still runs (and answers RateLimit headers) with this budget.
+        auth_rate_limit: Some(1_000_000),
+        grace_period_seconds: Some(0),
+        log_format: Some("text".into()),
+        upstream_connect_timeout_ms: Some(500),
+        upstream_read_timeout_ms: Some(5000),
+        ..Default::default()
     }
 }
 
@@ -60,28 +108,7 @@ impl TestGateway {
         data_dir: &std::path::Path,
         tweak: impl FnOnce(&mut ConfigFile),
     ) -> TestGateway {
-        let (gp, cp, mp) = (free_port(), free_port(), free_port());
-        let mut file = ConfigFile {
-            listen: Some(format!("127.0.0.1:{gp}")),
-            control_listen: Some(format!("127.0.0.1:{cp}")),
-            metrics_listen: Some(format!("127.0.0.1:{mp}")),
-            base_url: Some(format!("http://127.0.0.1:{gp}/")),
-            upstream: Some(upstream.to_string()),
-            data_dir: Some(data_dir.to_path_buf()),
-            trusted_proxies: vec!["127.0.0.0/8".into()],
-            admin_client_id: Some(ADMIN_CLIENT_ID.into()),
-            admin_client_secret: Some(ADMIN_CLIENT_SECRET.into()),
-            admin_password: Some("admin-password-for-tests".into()),
-            threads: Some(2),
-            // Suites sign in far more than 160 times a minute from one address; the limiter
-            // still runs (and answers RateLimit headers) with this budget.
-            auth_rate_limit: Some(1_000_000),
-            grace_period_seconds: Some(0),
-            log_format: Some("text".into()),
-            upstream_connect_timeout_ms: Some(500),
-            upstream_read_timeout_ms: Some(5000),
-            ..Default::default()
-        };
+        let mut file = test_config(upstream, data_dir);
         let test_store = super::pg::store_for(data_dir);
         file.store.clone_from(&test_store);
         tweak(&mut file);
@@ -224,27 +251,11 @@ impl TestGateway {
         tweak: impl FnOnce(&mut ConfigFile),
     ) -> TestGateway {
         let tmp = tempfile::tempdir().expect("temp dir");
-        let (gp, cp, mp) = (free_port(), free_port(), free_port());
         let mut file = ConfigFile {
-            listen: Some(format!("127.0.0.1:{gp}")),
-            control_listen: Some(format!("127.0.0.1:{cp}")),
-            metrics_listen: Some(format!("127.0.0.1:{mp}")),
-            base_url: Some(format!("http://127.0.0.1:{gp}/")),
-            upstream: Some(upstream.to_string()),
-            data_dir: Some(tmp.path().to_path_buf()),
             store: Some(store.to_string()),
             store_max_connections: Some(4),
-            trusted_proxies: vec!["127.0.0.0/8".into()],
-            admin_client_id: Some(ADMIN_CLIENT_ID.into()),
-            admin_client_secret: Some(ADMIN_CLIENT_SECRET.into()),
-            admin_password: Some("admin-password-for-tests".into()),
             threads: Some(1),
-            auth_rate_limit: Some(1_000_000),
-            grace_period_seconds: Some(0),
-            log_format: Some("text".into()),
-            upstream_connect_timeout_ms: Some(500),
-            upstream_read_timeout_ms: Some(5000),
-            ..Default::default()
+            ..test_config(upstream, tmp.path())
         };
         tweak(&mut file);
         let config = Config::from_file(file).expect("valid test config");

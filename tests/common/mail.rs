@@ -141,3 +141,13 @@ pub fn link(message: &str, part: &str) -> Option<String> {
         .find(|w| w.starts_with("http") && w.contains(part))
         .map(str::to_string)
 }
+
+/// The (request id, secret) of a message's set-password link to the gateway at `base`.
+pub fn set_password_ids(message: &str, base: &str) -> (String, String) {
+    let link = link(message, "/auth/setpassword/").expect("a set-password link");
+    let rest = link
+        .strip_prefix(&format!("{base}auth/setpassword/"))
+        .expect("a link to the gateway");
+    let (id, secret) = rest.split_once('/').expect("<id>/<secret>");
+    (id.to_string(), secret.to_string())
+}

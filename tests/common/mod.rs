@@ -4,6 +4,8 @@
 
 pub mod compat;
 pub mod gateway;
+pub mod http;
+pub mod inprocess;
 pub mod mail;
 pub mod people;
 pub mod pg;

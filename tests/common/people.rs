@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use sha2::Digest;
 
 use super::gateway::TestGateway;
+use super::http::send;
 
 /// Runs `f(state)` to completion on the gateway's runtime, from a thread of its own (so it
 /// works whether or not the caller is inside a runtime).
@@ -46,6 +47,14 @@ pub fn default_project(gw: &TestGateway) -> String {
 /// The super-admin project.
 pub fn super_admin_project(gw: &TestGateway) -> String {
     gw.running().bootstrap.super_admin_project_id.clone()
+}
+
+/// An e-mail address no other test uses: `<tag>-<12 random hex digits>@example.com`.
+pub fn unique_email(tag: &str) -> String {
+    format!(
+        "{tag}-{}@example.com",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 /// What [`seed`] creates.
@@ -259,17 +268,36 @@ pub fn seed_client(
     fields: Value,
     access_policy: Option<&str>,
 ) -> (String, String) {
+    let membership = match access_policy {
+        Some(p) => json!({"accessPolicy": {"reference": p}}),
+        None => json!({}),
+    };
+    seed_client_with(gw, project, fields, membership)
+}
+
+/// A ClientApplication with an admin membership in the super admin project (nothing on the wire
+/// creates one); returns its client-credentials access token.
+pub async fn super_admin_token(gw: &TestGateway) -> String {
+    let project = super_admin_project(gw);
+    let (id, secret) = seed_client_with(gw, Some(&project), json!({}), json!({"admin": true}));
+    gw.token(&id, &secret, None).await
+}
+
+/// [`seed_client`] with `membership` merged into the client's membership.
+fn seed_client_with(
+    gw: &TestGateway,
+    project: Option<&str>,
+    fields: Value,
+    membership: Value,
+) -> (String, String) {
     let project = project
         .map(str::to_string)
         .unwrap_or_else(|| default_project(gw));
-    let access_policy = access_policy.map(str::to_string);
     on_gateway(gw, move |state| async move {
         let id = uuid::Uuid::new_v4().to_string();
         let secret = fhirgate::tokens::random_hex(32);
         let mut client = json!({"resourceType": "ClientApplication", "id": id, "name": "test app", "status": "active"});
-        if let (Some(obj), Value::Object(extra)) = (client.as_object_mut(), fields) {
-            obj.extend(extra);
-        }
+        merge(&mut client, fields);
         state
             .store
             .put(
@@ -294,9 +322,7 @@ pub fn seed_client(
             "user": {"reference": client_ref},
             "profile": {"reference": client_ref},
         });
-        if let Some(p) = access_policy {
-            m["accessPolicy"] = json!({"reference": p});
-        }
+        merge(&mut m, membership);
         state
             .store
             .put(m.clone(), Some(&project), &index_rows(&m), None, true)
@@ -307,14 +333,19 @@ pub fn seed_client(
     })
 }
 
+/// `extra`'s fields set on `target` (both JSON objects).
+fn merge(target: &mut Value, extra: Value) {
+    if let (Some(obj), Value::Object(extra)) = (target.as_object_mut(), extra) {
+        obj.extend(extra);
+    }
+}
+
 /// A project (not super admin) with `fields` merged in; returns its id.
 pub fn seed_project(gw: &TestGateway, fields: Value) -> String {
     on_gateway(gw, move |state| async move {
         let id = uuid::Uuid::new_v4().to_string();
         let mut p = json!({"resourceType": "Project", "id": id, "name": "test project"});
-        if let (Some(obj), Value::Object(extra)) = (p.as_object_mut(), fields) {
-            obj.extend(extra);
-        }
+        merge(&mut p, fields);
         state
             .store
             .put(p.clone(), Some(&id), &index_rows(&p), None, true)
@@ -384,37 +415,37 @@ impl TokenResponse {
 
 /// The claims of a JWT, unverified (tests read what fhirgate signed).
 pub fn jwt_claims(token: &str) -> Value {
-    let payload = token.split('.').nth(1).expect("a JWT");
-    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).expect("base64url")).expect("JSON")
+    jwt_part(token, 1)
+}
+
+/// The header of a JWT, unverified.
+pub fn jwt_header(token: &str) -> Value {
+    jwt_part(token, 0)
+}
+
+fn jwt_part(token: &str, n: usize) -> Value {
+    let part = token.split('.').nth(n).expect("a JWT");
+    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url")).expect("JSON")
 }
 
 /// `POST /auth/login` with a JSON body; returns (status, body).
 pub async fn auth_login(gw: &TestGateway, body: &Value) -> (u16, Value) {
-    post_json(gw, "auth/login", body).await
+    gw.post("auth/login", None, body).await
 }
 
-/// A JSON POST to the gateway; returns (status, body, or Null when not JSON).
+/// An unauthenticated JSON POST to the gateway; returns (status, body).
 pub async fn post_json(gw: &TestGateway, path: &str, body: &Value) -> (u16, Value) {
-    let resp = TestGateway::client()
-        .post(format!("{}{path}", gw.base))
-        .json(body)
-        .send()
-        .await
-        .expect("POST");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    gw.post(path, None, body).await
 }
 
 /// `POST /oauth2/token` with a form; returns (status, body).
 pub async fn token_request(gw: &TestGateway, form: &[(&str, &str)]) -> (u16, Value) {
-    let resp = TestGateway::client()
-        .post(format!("{}oauth2/token", gw.base))
-        .form(form)
-        .send()
-        .await
-        .expect("token request");
-    let status = resp.status().as_u16();
-    (status, resp.json().await.unwrap_or(Value::Null))
+    send(
+        TestGateway::client()
+            .post(format!("{}oauth2/token", gw.base))
+            .form(form),
+    )
+    .await
 }
 
 /// Signs a user in over HTTP the way the SDK does: `/auth/login` with an S256 challenge (the

@@ -13,6 +13,8 @@ pub enum Outcome {
     PreconditionFailed(String),
     Conflict(String),
     BadRequest(String),
+    /// 422: well-formed, but refused by a rule (a policy that cannot be evaluated).
+    Unprocessable(String),
     PayloadTooLarge(String),
     BadGateway(String),
     GatewayTimeout(String),
@@ -32,6 +34,7 @@ impl Outcome {
             Outcome::PreconditionFailed(_) => 412,
             Outcome::Conflict(_) => 409,
             Outcome::BadRequest(_) => 400,
+            Outcome::Unprocessable(_) => 422,
             Outcome::PayloadTooLarge(_) => 413,
             Outcome::BadGateway(_) => 502,
             Outcome::GatewayTimeout(_) => 504,
@@ -57,7 +60,7 @@ impl Outcome {
                 (Some("precondition-failed"), "error", "processing", t)
             }
             Outcome::Conflict(t) => (Some("conflict"), "error", "conflict", t),
-            Outcome::BadRequest(t) => (None, "error", "invalid", t),
+            Outcome::BadRequest(t) | Outcome::Unprocessable(t) => (None, "error", "invalid", t),
             Outcome::PayloadTooLarge(t) => (None, "error", "too-costly", t),
             Outcome::BadGateway(t) => (None, "error", "transient", t),
             Outcome::GatewayTimeout(t) => (Some("server-timeout"), "error", "timeout", t),

@@ -4,6 +4,8 @@
 
 use serde_json::Value;
 
+use super::outcome::Outcome;
+
 /// Medplum's policy interaction vocabulary (`AccessPolicy.resource.interaction`). A FHIR `patch`
 /// is an `Update` here, as in Medplum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -187,6 +189,31 @@ pub enum Unclassifiable {
     Unsupported,
 }
 
+impl Unclassifiable {
+    /// The denial's stable label (metrics, audit).
+    pub fn label(&self) -> &'static str {
+        match self {
+            Unclassifiable::BadPath => "bad_path",
+            Unclassifiable::MethodOverride => "method_override",
+            Unclassifiable::UnknownType => "unknown_type",
+            Unclassifiable::MethodNotAllowed => "method_not_allowed",
+            Unclassifiable::BadBody => "bad_body",
+            Unclassifiable::BadQuery => "bad_query",
+            Unclassifiable::Unsupported => "unsupported",
+        }
+    }
+
+    /// The answer: 404 for an unknown type, 403 for an unsupported request, otherwise 400 with
+    /// the error's text.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Unclassifiable::UnknownType => Outcome::NotFound,
+            Unclassifiable::Unsupported => Outcome::Forbidden,
+            other => Outcome::BadRequest(other.to_string()),
+        }
+    }
+}
+
 /// The "any resource type" marker in [`FhirOp::required_access`]: the request may reach
 /// resources of types that cannot be known from the request alone (an `_include` without a
 /// target type, a chain without a type modifier, a system search without `_type`, system
@@ -244,7 +271,7 @@ impl Search {
     ///   → X; `subject.name` → `*`), `_list` → List, `_filter`/`_query` → `*`.
     ///   Parameters that cannot be analysed add `(*, Search)`.
     pub fn required_access(&self) -> Vec<(String, Interaction)> {
-        super::search::search_required_access(self)
+        super::search::search_required_access(self, |_| false)
     }
 
     /// The types the parameters reach beyond the searched one; see

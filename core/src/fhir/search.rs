@@ -202,8 +202,12 @@ fn name_types(name: &str, out: &mut Vec<String>) -> Result<(), Unclassifiable> {
     name_types(rest, out)
 }
 
-/// Type-level needs of a search: see [`Search::required_access`].
-pub(crate) fn search_required_access(search: &Search) -> Vec<(String, Interaction)> {
+/// Type-level needs of a search: see [`Search::required_access`]. Parameters for which `skip`
+/// is true are left out (`policy::decide` leaves out `_include` and `_revinclude`).
+pub(crate) fn search_required_access(
+    search: &Search,
+    skip: impl Fn(&QueryParam) -> bool,
+) -> Vec<(String, Interaction)> {
     let mut needs = Vec::new();
     match &search.resource_type {
         Some(ty) => needs.push((ty.clone(), Interaction::Search)),
@@ -216,16 +220,23 @@ pub(crate) fn search_required_access(search: &Search) -> Vec<(String, Interactio
     if let Some((owner, _)) = &search.compartment {
         needs.push((owner.clone(), Interaction::Read));
     }
-    add_param_needs(&search.params, &mut needs);
+    add_param_needs(search.params.iter().filter(|p| !skip(p)), &mut needs);
     dedup(needs)
 }
 
 /// Every type the parameters reach, as `Search`; a malformed list needs `*`.
-fn add_param_needs(params: &[QueryParam], needs: &mut Vec<(String, Interaction)>) {
-    match referenced_types(params) {
-        Ok(types) => needs.extend(types.into_iter().map(|t| (t, Interaction::Search))),
-        Err(_) => needs.push((ANY_TYPE.to_string(), Interaction::Search)),
+fn add_param_needs<'a>(
+    params: impl IntoIterator<Item = &'a QueryParam>,
+    needs: &mut Vec<(String, Interaction)>,
+) {
+    let mut types = Vec::new();
+    for param in params {
+        if param_types(param, &mut types).is_err() {
+            needs.push((ANY_TYPE.to_string(), Interaction::Search));
+            return;
+        }
     }
+    needs.extend(types.into_iter().map(|t| (t, Interaction::Search)));
 }
 
 fn dedup(needs: Vec<(String, Interaction)>) -> Vec<(String, Interaction)> {
@@ -287,7 +298,7 @@ pub(crate) fn op_required_access(op: &FhirOp) -> Vec<(String, Interaction)> {
             needs.push((resource_type.clone(), Interaction::Search));
             add_param_needs(criteria, &mut needs);
         }
-        FhirOp::Search(search) => return search_required_access(search),
+        FhirOp::Search(search) => return search_required_access(search, |_| false),
         FhirOp::History { resource_type, .. } => needs.push((
             resource_type
                 .clone()

@@ -169,169 +169,40 @@ pub const MEDPLUM_RESOURCE_TYPES: &[&str] = &[
     "UserSecurityRequest",
 ];
 
-/// Every known type: R4 and Medplum, sorted by byte order for `binary_search`.
-pub const RESOURCE_TYPES: &[&str] = &[
-    "AccessPolicy",
-    "Account",
-    "ActivityDefinition",
-    "AdverseEvent",
-    "Agent",
-    "AllergyIntolerance",
-    "Appointment",
-    "AppointmentResponse",
-    "AuditEvent",
-    "Basic",
-    "Binary",
-    "BiologicallyDerivedProduct",
-    "BodyStructure",
-    "Bot",
-    "BulkDataExport",
-    "Bundle",
-    "CapabilityStatement",
-    "CarePlan",
-    "CareTeam",
-    "CatalogEntry",
-    "ChargeItem",
-    "ChargeItemDefinition",
-    "Claim",
-    "ClaimResponse",
-    "ClientApplication",
-    "ClinicalImpression",
-    "CodeSystem",
-    "Communication",
-    "CommunicationRequest",
-    "CompartmentDefinition",
-    "Composition",
-    "ConceptMap",
-    "Condition",
-    "Consent",
-    "Contract",
-    "Coverage",
-    "CoverageEligibilityRequest",
-    "CoverageEligibilityResponse",
-    "DetectedIssue",
-    "Device",
-    "DeviceDefinition",
-    "DeviceMetric",
-    "DeviceRequest",
-    "DeviceUseStatement",
-    "DiagnosticReport",
-    "DocumentManifest",
-    "DocumentReference",
-    "DomainConfiguration",
-    "EffectEvidenceSynthesis",
-    "Encounter",
-    "Endpoint",
-    "EnrollmentRequest",
-    "EnrollmentResponse",
-    "EpisodeOfCare",
-    "EventDefinition",
-    "Evidence",
-    "EvidenceVariable",
-    "ExampleScenario",
-    "ExplanationOfBenefit",
-    "FamilyMemberHistory",
-    "Flag",
-    "Goal",
-    "GraphDefinition",
-    "Group",
-    "GuidanceResponse",
-    "HealthcareService",
-    "ImagingStudy",
-    "Immunization",
-    "ImmunizationEvaluation",
-    "ImmunizationRecommendation",
-    "ImplementationGuide",
-    "InsurancePlan",
-    "Invoice",
-    "JsonWebKey",
-    "Library",
-    "Linkage",
-    "List",
-    "Location",
-    "Login",
-    "Measure",
-    "MeasureReport",
-    "Media",
-    "Medication",
-    "MedicationAdministration",
-    "MedicationDispense",
-    "MedicationKnowledge",
-    "MedicationRequest",
-    "MedicationStatement",
-    "MedicinalProduct",
-    "MedicinalProductAuthorization",
-    "MedicinalProductContraindication",
-    "MedicinalProductIndication",
-    "MedicinalProductIngredient",
-    "MedicinalProductInteraction",
-    "MedicinalProductManufactured",
-    "MedicinalProductPackaged",
-    "MedicinalProductPharmaceutical",
-    "MedicinalProductUndesirableEffect",
-    "MessageDefinition",
-    "MessageHeader",
-    "MolecularSequence",
-    "NamingSystem",
-    "NutritionOrder",
-    "Observation",
-    "ObservationDefinition",
-    "OperationDefinition",
-    "OperationOutcome",
-    "Organization",
-    "OrganizationAffiliation",
-    "Parameters",
-    "Patient",
-    "PaymentNotice",
-    "PaymentReconciliation",
-    "Person",
-    "PlanDefinition",
-    "Practitioner",
-    "PractitionerRole",
-    "Procedure",
-    "Project",
-    "ProjectMembership",
-    "Provenance",
-    "Questionnaire",
-    "QuestionnaireResponse",
-    "RelatedPerson",
-    "RequestGroup",
-    "ResearchDefinition",
-    "ResearchElementDefinition",
-    "ResearchStudy",
-    "ResearchSubject",
-    "RiskAssessment",
-    "RiskEvidenceSynthesis",
-    "Schedule",
-    "SearchParameter",
-    "ServiceRequest",
-    "Slot",
-    "SmartAppLaunch",
-    "Specimen",
-    "SpecimenDefinition",
-    "StructureDefinition",
-    "StructureMap",
-    "Subscription",
-    "Substance",
-    "SubstanceNucleicAcid",
-    "SubstancePolymer",
-    "SubstanceProtein",
-    "SubstanceReferenceInformation",
-    "SubstanceSourceMaterial",
-    "SubstanceSpecification",
-    "SupplyDelivery",
-    "SupplyRequest",
-    "Task",
-    "TerminologyCapabilities",
-    "TestReport",
-    "TestScript",
-    "User",
-    "UserConfiguration",
-    "UserSecurityRequest",
-    "ValueSet",
-    "VerificationResult",
-    "VisionPrescription",
-];
+/// Every known type: R4 and Medplum, sorted by byte order for `binary_search`. Merged from the
+/// two lists above at compile time.
+pub const RESOURCE_TYPES: &[&str] = &merge_sorted::<
+    { R4_RESOURCE_TYPES.len() + MEDPLUM_RESOURCE_TYPES.len() },
+>(R4_RESOURCE_TYPES, MEDPLUM_RESOURCE_TYPES);
+
+/// `a` and `b` (each sorted by bytes) merged in byte order; `N` must be their total length.
+const fn merge_sorted<const N: usize>(a: &[&'static str], b: &[&'static str]) -> [&'static str; N] {
+    assert!(a.len() + b.len() == N);
+    let mut out = [""; N];
+    let (mut i, mut j) = (0, 0);
+    while i + j < N {
+        if j == b.len() || (i < a.len() && bytes_before(a[i].as_bytes(), b[j].as_bytes())) {
+            out[i + j] = a[i];
+            i += 1;
+        } else {
+            out[i + j] = b[j];
+            j += 1;
+        }
+    }
+    out
+}
+
+/// `a < b` in byte order (`Ord` is not usable in a `const fn`).
+const fn bytes_before(a: &[u8], b: &[u8]) -> bool {
+    let mut k = 0;
+    while k < a.len() && k < b.len() {
+        if a[k] != b[k] {
+            return a[k] < b[k];
+        }
+        k += 1;
+    }
+    a.len() < b.len()
+}
 
 /// Resource types that own an R4 compartment (`CompartmentDefinition`): a compartment search
 /// (`Patient/p1/Observation`) is only meaningful for these.

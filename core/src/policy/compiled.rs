@@ -147,6 +147,10 @@ pub enum PolicyError {
     WriteConstraint { index: usize, constraint: usize },
     #[error("resource[{index}]: compartment needs a reference")]
     Compartment { index: usize },
+    #[error(
+        "resource[{index}]: fhirgateOperation must be a list of operation names (`process-message`, without `$`)"
+    )]
+    OperationGrant { index: usize },
     #[error("invalid IP rule value `{value}`")]
     IpValue { value: String },
     #[error("invalid IP rule action `{action}`: must be `allow` or `block`")]
@@ -161,34 +165,20 @@ pub enum PolicyError {
 
 // === Resource types ===
 
-/// Medplum's own resource types that a policy may name (medplum-auth.md §1, SPEC §1); the R4
-/// types come from `fhir::types`.
-const MEDPLUM_RESOURCE_TYPES: &[&str] = &[
-    "AccessPolicy",
-    "Agent",
+/// Medplum's resource types that a policy may name (medplum-auth.md §1, SPEC §1) beyond those
+/// `fhir::types` knows (R4 and the Medplum types a request can address).
+const POLICY_ONLY_TYPES: &[&str] = &[
     "AsyncJob",
-    "Bot",
-    "BulkDataExport",
-    "ClientApplication",
-    "DomainConfiguration",
     "IdentityProvider",
-    "JsonWebKey",
-    "Login",
     "Package",
     "PackageInstallation",
     "PackageRelease",
     "PasswordChangeRequest",
-    "Project",
-    "ProjectMembership",
-    "SmartAppLaunch",
-    "User",
-    "UserConfiguration",
-    "UserSecurityRequest",
 ];
 
 /// True for a FHIR R4 or Medplum resource type name.
 pub fn is_known_resource_type(name: &str) -> bool {
-    crate::fhir::types::is_resource_type(name) || MEDPLUM_RESOURCE_TYPES.contains(&name)
+    crate::fhir::types::is_resource_type(name) || POLICY_ONLY_TYPES.contains(&name)
 }
 
 /// `Project`, `ProjectMembership`, `User`, `UserSecurityRequest`: never granted by `*`.
@@ -374,6 +364,8 @@ pub struct CompiledEntry {
     pub readonly_fields: Vec<FieldPath>,
     /// FHIRPath `writeConstraint` expressions (language checked: `text/fhirpath`).
     pub write_constraints: Vec<String>,
+    /// Operations granted by name (`fhirgateOperation`, without the `$`).
+    pub operations: Vec<String>,
     /// Criteria that narrow a search: `criteria` AND `_compartment=<compartment>`.
     search_criteria: Option<Criteria>,
     broken: bool,
@@ -558,6 +550,31 @@ impl CompiledPolicy {
             .is_some_and(|e| !e.broken)
     }
 
+    /// Whether an entry grants the operation `$name` on `resource_type` (`None`: at the base,
+    /// which only a `*` entry names) and, for an instance-level operation, on the instance `id`.
+    /// The entry must allow `create` and list the operation in `fhirgateOperation`. An instance
+    /// is granted only by an entry without instance conditions or one whose criteria pin exactly
+    /// that id (`Bot?_id=stripe-webhook`): the gateway does not fetch the instance to match other
+    /// criteria against it, so those grant nothing (fail closed).
+    pub fn grants_operation(
+        &self,
+        name: &str,
+        resource_type: Option<&str>,
+        id: Option<&str>,
+    ) -> bool {
+        let ty = resource_type.unwrap_or("*");
+        self.entries_for(ty, Interaction::Create)
+            .filter(|e| e.operations.iter().any(|op| op == name))
+            .any(|e| {
+                e.compartment.is_none()
+                    && match (&e.criteria, id) {
+                        (None, _) => true,
+                        (Some(c), Some(id)) => !e.is_wildcard() && c.pins_id(id),
+                        (Some(_), None) => false,
+                    }
+            })
+    }
+
     /// The entries that grant `interaction` on `resource_type`, in order, up to (excluding) the
     /// first broken one. Empty for a protected type unless this is a super admin's policy.
     pub fn entries_for<'a, 'r>(
@@ -700,8 +717,30 @@ enum Mode {
     Validate,
 }
 
-const ENTRY_ELEMENTS_OK: &[&str] = &["id", "extension"];
+/// `fhirgateOperation`: the operations an entry grants by name (see [`CompiledPolicy::grants_operation`]).
+const ENTRY_ELEMENTS_OK: &[&str] = &["id", "extension", OPERATION_GRANT];
+pub(crate) const OPERATION_GRANT: &str = "fhirgateOperation";
 const POLICY_ELEMENTS_OK: &[&str] = &["meta", "text", "language", "contained", "extension"];
+
+/// A non-empty list of operation names as a request path spells them after `$`; `None` for
+/// anything else.
+fn operation_names(ops: &Value) -> Option<Vec<String>> {
+    let names = ops
+        .as_array()?
+        .iter()
+        .map(|op| {
+            op.as_str()
+                .filter(|name| {
+                    !name.is_empty()
+                        && name
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                })
+                .map(str::to_string)
+        })
+        .collect::<Option<Vec<_>>>()?;
+    (!names.is_empty()).then_some(names)
+}
 
 fn compile_entry(
     index: usize,
@@ -718,6 +757,14 @@ fn compile_entry(
             resource_type: rt.to_string(),
         });
     }
+    let operations = match entry.extra.get(OPERATION_GRANT) {
+        None => Vec::new(),
+        Some(ops) => operation_names(ops).unwrap_or_else(|| {
+            broken = true;
+            errors.push(PolicyError::OperationGrant { index });
+            Vec::new()
+        }),
+    };
     for name in entry.extra.keys() {
         if !ENTRY_ELEMENTS_OK.contains(&name.as_str()) {
             // A modifier extension could change the meaning of the entry: fail closed.
@@ -837,6 +884,7 @@ fn compile_entry(
         hidden_fields,
         readonly_fields,
         write_constraints,
+        operations,
         search_criteria,
         broken,
     }

@@ -200,8 +200,6 @@ impl Criteria {
         &self.params
     }
 
-    /// Whether [`Criteria::query_params`] carries every filter. When false, the upstream returns
-    /// more than the criteria allow and only [`Criteria::matches`] narrows it.
     /// True when these criteria are exactly `_id=<…>` (no modifier, no other filter) and one of
     /// the listed ids is `id`: then a resource read as `Type/<id>` satisfies them without being
     /// looked at, because the id is the one thing the upstream cannot answer differently.
@@ -217,6 +215,8 @@ impl Criteria {
         }
     }
 
+    /// Whether [`Criteria::query_params`] carries every filter. When false, the upstream returns
+    /// more than the criteria allow and only [`Criteria::matches`] narrows it.
     pub fn upstream_complete(&self) -> bool {
         self.upstream_complete
     }

@@ -4,7 +4,8 @@
 //! says what the gateway must still do: append narrowing parameters to a search, filter the
 //! response, or check a write against the current version.
 
-use crate::fhir::request::{FhirOp, FhirRequest, Interaction, QueryParam, Search};
+use crate::fhir::request::{ANY_TYPE, FhirOp, FhirRequest, Interaction, QueryParam, Search};
+use crate::fhir::search::search_required_access;
 use crate::policy::EffectivePolicy;
 use crate::policy::effective::SearchNarrowing;
 
@@ -142,24 +143,46 @@ fn narrowing(policy: &EffectivePolicy, ty: &str) -> Result<(Vec<QueryParam>, boo
 /// is checked, so they need no permission of their own: what the caller may not see is dropped.
 /// Everything that can change which primary resources match (`_has`, chains) needs search
 /// permission on its target type.
-fn is_include(name: &str) -> bool {
+pub fn is_include(name: &str) -> bool {
     let base = name.split(':').next().unwrap_or(name);
     base == "_include" || base == "_revinclude"
 }
 
-fn decide_search(policy: &EffectivePolicy, s: &Search, super_admin: bool) -> Result<Permit, Deny> {
-    let probe = Search {
-        params: s
-            .params
-            .iter()
-            .filter(|p| !is_include(&p.name))
-            .cloned()
-            .collect(),
-        ..s.clone()
-    };
-    for (ty, i) in FhirOp::Search(probe).required_access() {
+/// The `(type, interaction)` pairs [`decide`] checks for `op`; every one must be allowed. They
+/// are the request's [`FhirOp::required_access`], except that a search's `_include` and
+/// `_revinclude` need nothing (see [`is_include`]) and a read-like operation
+/// ([`READ_OPERATIONS`]) needs a read of its instance or a search of its type (`*` at system
+/// level). Other operations are granted by name, Bundles entry by entry: no pairs.
+pub fn checked_access(op: &FhirOp) -> Vec<(String, Interaction)> {
+    match op {
+        FhirOp::Search(s) => search_required_access(s, |p| is_include(&p.name)),
+        FhirOp::Operation {
+            name,
+            resource_type,
+            id,
+        } if READ_OPERATIONS.contains(&name.as_str()) => {
+            let ty = resource_type.as_deref().unwrap_or(ANY_TYPE);
+            let i = if id.is_some() {
+                Interaction::Read
+            } else {
+                Interaction::Search
+            };
+            vec![(ty.to_string(), i)]
+        }
+        other => other.required_access(),
+    }
+}
+
+/// Every pair of [`checked_access`] must be allowed.
+fn need_all(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<(), Deny> {
+    for (ty, i) in checked_access(op) {
         need(policy, &ty, i, super_admin)?;
     }
+    Ok(())
+}
+
+/// The permit of an allowed search: its narrowing, and whether `Bundle.total` can be trusted.
+fn search_permit(policy: &EffectivePolicy, s: &Search) -> Result<Permit, Deny> {
     let mut permit = Permit::filtered();
     if let Some(ty) = &s.resource_type {
         let (params, drop_total) = narrowing(policy, ty)?;
@@ -171,39 +194,38 @@ fn decide_search(policy: &EffectivePolicy, s: &Search, super_admin: bool) -> Res
     Ok(permit)
 }
 
+/// The permit of a read of one resource: streamed untouched, or checked when `check`.
+fn single_read(check: bool) -> Permit {
+    Permit {
+        response: if check {
+            ResponseNeed::CheckResource
+        } else {
+            ResponseNeed::Untouched
+        },
+        ..Permit::untouched()
+    }
+}
+
+/// Read, vread, update, patch and delete check their one pair directly (it is what
+/// [`checked_access`] returns for them), without building a list on the request path.
 fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
     match op {
         FhirOp::Capabilities => Ok(Permit::untouched()),
         FhirOp::Read { resource_type, id } => {
             need(policy, resource_type, Interaction::Read, super_admin)?;
-            let response = if policy.read_needs_check(resource_type, id) {
-                ResponseNeed::CheckResource
-            } else {
-                ResponseNeed::Untouched
-            };
-            Ok(Permit {
-                response,
-                ..Permit::untouched()
-            })
+            Ok(single_read(policy.read_needs_check(resource_type, id)))
         }
         FhirOp::Vread { resource_type, .. } => {
             let i = Interaction::Vread;
             need(policy, resource_type, i, super_admin)?;
-            let response = if policy.instance_checks_needed(resource_type, i) {
-                ResponseNeed::CheckResource
-            } else {
-                ResponseNeed::Untouched
-            };
-            Ok(Permit {
-                response,
-                ..Permit::untouched()
-            })
+            Ok(single_read(policy.instance_checks_needed(resource_type, i)))
         }
-        FhirOp::Search(s) => decide_search(policy, s, super_admin),
+        FhirOp::Search(s) => {
+            need_all(policy, op, super_admin)?;
+            search_permit(policy, s)
+        }
         FhirOp::History { resource_type, id } => {
-            for (ty, i) in op.required_access() {
-                need(policy, &ty, i, super_admin)?;
-            }
+            need_all(policy, op, super_admin)?;
             let guard_current = match (resource_type, id) {
                 (Some(ty), Some(_)) => policy.instance_checks_needed(ty, Interaction::History),
                 _ => false,
@@ -214,11 +236,8 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
                 ..Permit::filtered()
             })
         }
-        FhirOp::Create { resource_type, .. } => {
-            for (ty, i) in op.required_access() {
-                need(policy, &ty, i, super_admin)?;
-            }
-            let _ = resource_type;
+        FhirOp::Create { .. } => {
+            need_all(policy, op, super_admin)?;
             Ok(Permit {
                 write: WriteCheck::Create,
                 response: ResponseNeed::CheckResource,
@@ -243,9 +262,7 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
         FhirOp::ConditionalUpdate { resource_type, .. }
         | FhirOp::ConditionalPatch { resource_type, .. }
         | FhirOp::ConditionalDelete { resource_type, .. } => {
-            for (ty, i) in op.required_access() {
-                need(policy, &ty, i, super_admin)?;
-            }
+            need_all(policy, op, super_admin)?;
             // The target is chosen by the upstream, so only a policy without instance conditions
             // for this type can allow it.
             let i = if matches!(op, FhirOp::ConditionalDelete { .. }) {
@@ -269,19 +286,18 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
             id,
         } => {
             if READ_OPERATIONS.contains(&name.as_str()) {
-                let ty = resource_type.as_deref().unwrap_or("*");
-                let i = if id.is_some() {
-                    Interaction::Read
-                } else {
-                    Interaction::Search
-                };
-                need(policy, ty, i, super_admin)?;
+                need_all(policy, op, super_admin)?;
                 return Ok(Permit {
                     drop_total: true,
                     ..Permit::filtered()
                 });
             }
-            if operation_granted(policy, name, resource_type.as_deref()) || super_admin {
+            // Any other operation is granted by name: `CompiledPolicy::grants_operation`.
+            if super_admin
+                || policy
+                    .compiled()
+                    .grants_operation(name, resource_type.as_deref(), id.as_deref())
+            {
                 return Ok(Permit::filtered());
             }
             Err(Deny::Forbidden("operation_not_granted"))
@@ -291,20 +307,11 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
     }
 }
 
-/// Operations other than the read-like ones must be granted by name. A policy grants one with
-/// an entry of the operation's resource type (or `*`) whose `interaction` lists `create` and
-/// whose `fhirgateOperation` extension field lists the operation name, e.g.
-/// `{"resourceType": "Bundle", "interaction": ["create"], "fhirgateOperation": ["process-message"]}`.
-fn operation_granted(policy: &EffectivePolicy, name: &str, resource_type: Option<&str>) -> bool {
-    let ty = resource_type.unwrap_or("*");
-    policy.access_policy().resource.iter().any(|e| {
-        (e.resource_type == ty || e.resource_type == "*")
-            && e.extra
-                .get("fhirgateOperation")
-                .and_then(|v| v.as_array())
-                .is_some_and(|ops| ops.iter().any(|o| o.as_str() == Some(name)))
-            && policy.type_allows(&e.resource_type, Interaction::Create, false)
-    })
+fn decision(result: Result<Permit, Deny>) -> Decision {
+    match result {
+        Ok(p) => Decision::Allow(p),
+        Err(d) => Decision::Deny(d),
+    }
 }
 
 /// Decides a request. Bundles are decided entry by entry by `decide_bundle`.
@@ -315,10 +322,7 @@ pub fn decide(policy: &EffectivePolicy, req: &FhirRequest, super_admin: bool) ->
             "Only JSON is supported".into(),
         ));
     }
-    match decide_op(policy, &req.op, super_admin) {
-        Ok(p) => Decision::Allow(p),
-        Err(d) => Decision::Deny(d),
-    }
+    decision(decide_op(policy, &req.op, super_admin))
 }
 
 /// Decides each entry of a batch or transaction.
@@ -330,10 +334,7 @@ pub fn decide_entries(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) 
         .iter()
         .map(|e| match &e.op {
             Ok(FhirOp::Bundle { .. }) => Decision::Deny(Deny::Forbidden("nested_bundle")),
-            Ok(op) => match decide_op(policy, op, super_admin) {
-                Ok(p) => Decision::Allow(p),
-                Err(d) => Decision::Deny(d),
-            },
+            Ok(op) => decision(decide_op(policy, op, super_admin)),
             Err(_) => Decision::Deny(Deny::BadRequest(
                 "unclassifiable",
                 "Invalid bundle entry".into(),

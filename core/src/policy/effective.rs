@@ -6,15 +6,10 @@
 use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::BuildHasher;
-use std::net::IpAddr;
 
 use serde_json::Value;
 
-use crate::fhir::request::Interaction;
-use crate::policy::compiled::{
-    CompiledEntry, CompiledPolicy, InteractionSet, PolicyError, is_project_admin_type,
-};
-use crate::policy::ip::IpVerdict;
+use crate::policy::compiled::{CompiledPolicy, InteractionSet, PolicyError, is_project_admin_type};
 use crate::policy::model::{
     AccessParameter, AccessPolicy, AccessPolicyResource, ProjectMembership, Reference,
 };
@@ -147,10 +142,6 @@ impl EffectivePolicy {
         &self.errors
     }
 
-    pub fn is_super_admin(&self) -> bool {
-        self.compiled.is_super_admin()
-    }
-
     pub fn is_project_admin(&self) -> bool {
         self.project_admin
     }
@@ -160,77 +151,15 @@ impl EffectivePolicy {
     pub fn compartment(&self) -> Option<&Reference> {
         self.access_policy.compartment.as_ref()
     }
+}
 
-    /// Type-level check (medplum-auth.md §4.3).
-    pub fn type_allows(
-        &self,
-        resource_type: &str,
-        interaction: Interaction,
-        super_admin: bool,
-    ) -> bool {
-        self.compiled
-            .type_allows(resource_type, interaction, super_admin)
-    }
+/// The decisions themselves (`type_allows`, `satisfied`, `search_narrowing`, `check_ip`, …) are
+/// [`CompiledPolicy`]'s.
+impl std::ops::Deref for EffectivePolicy {
+    type Target = CompiledPolicy;
 
-    /// Entries granting `interaction` on `resource_type`, in order (see
-    /// [`CompiledPolicy::entries_for`]).
-    pub fn entries_for<'a, 'r>(
-        &'a self,
-        resource_type: &'r str,
-        interaction: Interaction,
-    ) -> impl Iterator<Item = &'a CompiledEntry> + use<'a, 'r> {
-        self.compiled.entries_for(resource_type, interaction)
-    }
-
-    pub fn search_narrowing(&self, resource_type: &str) -> SearchNarrowing {
-        self.compiled.search_narrowing(resource_type)
-    }
-
-    /// See [`CompiledPolicy::wildcard_unrestricted`].
-    pub fn wildcard_unrestricted(&self, interaction: Interaction) -> bool {
-        self.compiled.wildcard_unrestricted(interaction)
-    }
-
-    /// See [`CompiledPolicy::instance_checks_needed`].
-    pub fn instance_checks_needed(&self, resource_type: &str, interaction: Interaction) -> bool {
-        self.compiled
-            .instance_checks_needed(resource_type, interaction)
-    }
-
-    /// See [`CompiledPolicy::read_needs_check`].
-    pub fn read_needs_check(&self, resource_type: &str, id: &str) -> bool {
-        self.compiled.read_needs_check(resource_type, id)
-    }
-
-    /// Instance-level check (medplum-auth.md §4.4): the first entry that grants `interaction` on
-    /// this resource.
-    pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
-        self.compiled.satisfied(resource, interaction)
-    }
-
-    /// Removes the entry's hiddenFields.
-    pub fn redact(&self, resource: &mut Value, entry: &CompiledEntry) {
-        self.compiled.redact(resource, entry);
-    }
-
-    /// Restores the entry's readonlyFields from `old` (removes them on create).
-    pub fn restore_readonly(&self, new: &mut Value, old: Option<&Value>, entry: &CompiledEntry) {
-        self.compiled.restore_readonly(new, old, entry);
-    }
-
-    /// Restores readonly and hidden fields from `old` (drops them on create): see
-    /// `CompiledPolicy::restore_protected_fields`.
-    pub fn restore_protected_fields(
-        &self,
-        new: &mut Value,
-        old: Option<&Value>,
-        entry: &CompiledEntry,
-    ) {
-        self.compiled.restore_protected_fields(new, old, entry);
-    }
-
-    pub fn check_ip(&self, addr: IpAddr) -> IpVerdict {
-        self.compiled.check_ip(addr)
+    fn deref(&self) -> &CompiledPolicy {
+        &self.compiled
     }
 }
 

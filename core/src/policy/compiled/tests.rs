@@ -663,6 +663,8 @@ fn valid_policies_pass() {
              "writeConstraint": [{"language": "text/fhirpath", "expression": "status.exists()"}]},
             {"resourceType": "Binary", "compartment": {"reference": "Organization/A"}},
             {"resourceType": "Project"},
+            {"resourceType": "Bundle", "interaction": ["create"], "fhirgateOperation": ["process-message"]},
+            {"resourceType": "Bot", "interaction": ["create"], "fhirgateOperation": ["execute", "my_op-2"]},
         ],
         "ipAccessRule": [
             {"name": "lan", "value": "10.0.0.0/8", "action": "allow"},
@@ -692,6 +694,10 @@ fn invalid_policies_are_refused_with_every_reason() {
         {"resourceType": "Patient", "readonlyFields": [""]},
         {"resourceType": "Patient", "compartment": {}},
         {"resourceType": "Patient", "unknownThing": true},
+        {"resourceType": "Bundle", "fhirgateOperation": "process-message"},
+        {"resourceType": "Bundle", "fhirgateOperation": ["$process-message"]},
+        {"resourceType": "Bundle", "fhirgateOperation": []},
+        {"resourceType": "Bundle", "fhirgateOperation": ["ok", 7]},
     ], "ipAccessRule": [
         {"value": "10.0.0.0/40", "action": "allow"},
         {"value": "*", "action": "deny"},
@@ -714,6 +720,10 @@ fn invalid_policies_are_refused_with_every_reason() {
         "FieldPath 12",
         "Compartment 13",
         "UnsupportedEntryElement 14",
+        "OperationGrant 15",
+        "OperationGrant 16",
+        "OperationGrant 17",
+        "OperationGrant 18",
         "IpRule 0 IpValue",
         "IpRule 1 IpAction",
     ];
@@ -740,6 +750,7 @@ fn label(e: &PolicyError) -> String {
         PolicyError::FieldPath { index, .. } => format!("FieldPath {index}"),
         PolicyError::WriteConstraint { index, .. } => format!("WriteConstraint {index}"),
         PolicyError::Compartment { index } => format!("Compartment {index}"),
+        PolicyError::OperationGrant { index } => format!("OperationGrant {index}"),
         PolicyError::IpValue { .. } => "IpValue".into(),
         PolicyError::IpAction { .. } => "IpAction".into(),
         PolicyError::IpRule { index, source } => format!("IpRule {index} {}", label(source)),
