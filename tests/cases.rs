@@ -444,6 +444,18 @@ fn run_case(path: &Path) -> Result<(), String> {
             }
         }
     }
+    // `{dot.path: value}` in the response body (a created resource as the upstream stored it).
+    for (p, want) in expect
+        .get("response_fields")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+    {
+        let got = at_path(&resp, p);
+        if &got != want {
+            errors.push(format!("response {p} = {got}, expected {want}"));
+        }
+    }
     if let Some(not) = expect.get("not_ids").and_then(Value::as_array) {
         let mut every = BTreeSet::new();
         all_ids(&resp, &mut every);

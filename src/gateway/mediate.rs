@@ -211,15 +211,19 @@ fn parse_json(body: &Option<Bytes>) -> Step<Value> {
         .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
-/// The checks of a resource about to be written: the entry that allows the write (on the new
-/// resource for a create, on the current version for an update) restores what the caller may
-/// not set, and the result must still satisfy the policy and its write constraints. The error is
-/// the denial label.
+/// The checks of a resource about to be written: a create is stamped with the policy's
+/// compartment (`meta.account`); the entry that allows the write (on the new resource for a
+/// create, on the current version for an update) restores what the caller may not set, and the
+/// result must still satisfy the policy and its write constraints. The error is the denial
+/// label.
 fn check_written(
     policy: &EffectivePolicy,
     new: &mut Value,
     current: Option<&Value>,
 ) -> Result<(), &'static str> {
+    if current.is_none() {
+        policy.stamp_account(new);
+    }
     let (interaction, basis, outside, result_outside) = match current {
         Some(cur) => (
             Interaction::Update,
@@ -442,6 +446,9 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
         return Err(forbid("not_bundle"));
     };
     let mut verdicts: Vec<Option<Deny>> = Vec::new();
+    // The checked (stamped, readonly-stripped, id-less) resource of each allowed create: what
+    // is sent is what was checked.
+    let mut checked: Vec<Option<Value>> = Vec::new();
     for (decision, entry) in m.entries.iter().zip(entries) {
         let identity_type = entry
             .op
@@ -449,17 +456,26 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
             .ok()
             .and_then(FhirOp::resource_type)
             .is_some_and(|t| super::route::CONTROL_FHIR_TYPES.contains(&t));
-        let verdict = match decision {
-            _ if identity_type => Some(Deny::Forbidden("identity_type_upstream")),
-            Decision::Deny(d) => Some(d.clone()),
-            Decision::Allow(p) => bundle_entry_check(m, p, entry.op.as_ref().ok()),
+        let (verdict, resource) = match decision {
+            _ if identity_type => (Some(Deny::Forbidden("identity_type_upstream")), None),
+            Decision::Deny(d) => (Some(d.clone()), None),
+            Decision::Allow(p) => match bundle_entry_check(m, p, entry.op.as_ref().ok()) {
+                Ok(resource) => (None, resource),
+                Err(d) => (Some(d), None),
+            },
         };
         verdicts.push(verdict);
+        checked.push(resource);
     }
     if transaction && verdicts.iter().any(Option::is_some) {
         return Err(forbid("transaction_entry_denied"));
     }
     if let Some(list) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
+        for (entry, resource) in list.iter_mut().zip(checked) {
+            if let (Some(resource), Some(obj)) = (resource, entry.as_object_mut()) {
+                obj.insert("resource".into(), resource);
+            }
+        }
         let mut i = 0;
         list.retain(|_| {
             let keep = verdicts.get(i).is_none_or(Option::is_none);
@@ -471,8 +487,13 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
 }
 
 /// Bundle entries cannot be checked against a current version atomically, so writes that need
-/// instance checks are refused inside Bundles; creates are checked against the new resource.
-fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Option<Deny> {
+/// instance checks are refused inside Bundles; creates are checked against the new resource,
+/// which is returned to be sent in place of the client's.
+fn bundle_entry_check(
+    m: &Mediation,
+    permit: &Permit,
+    op: Option<&FhirOp>,
+) -> Result<Option<Value>, Deny> {
     match (permit.write, op) {
         (
             WriteCheck::Create,
@@ -487,13 +508,13 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
                 && m.policy
                     .instance_checks_needed(resource_type.as_str(), Interaction::Search)
             {
-                return Some(Deny::Forbidden("conditional_create_with_criteria"));
+                return Err(Deny::Forbidden("conditional_create_with_criteria"));
             }
-            check_create(&m.policy, &mut r.clone())
-                .err()
-                .map(Deny::Forbidden)
+            let mut resource = r.clone();
+            check_create(&m.policy, &mut resource).map_err(Deny::Forbidden)?;
+            Ok(Some(resource))
         }
-        (WriteCheck::Create, _) => Some(Deny::Forbidden("create_without_body")),
+        (WriteCheck::Create, _) => Err(Deny::Forbidden("create_without_body")),
         (
             WriteCheck::Update,
             Some(FhirOp::Update { resource_type, .. } | FhirOp::Patch { resource_type, .. }),
@@ -505,13 +526,13 @@ fn bundle_entry_check(m: &Mediation, permit: &Permit, op: Option<&FhirOp>) -> Op
                 Interaction::Update
             };
             if m.policy.instance_checks_needed(resource_type.as_str(), i) {
-                Some(Deny::Forbidden("bundle_write_with_criteria"))
+                Err(Deny::Forbidden("bundle_write_with_criteria"))
             } else {
-                None
+                Ok(None)
             }
         }
-        (WriteCheck::None, _) => None,
-        _ => Some(Deny::Forbidden("bundle_entry")),
+        (WriteCheck::None, _) => Ok(None),
+        _ => Err(Deny::Forbidden("bundle_entry")),
     }
 }
 

@@ -19,7 +19,7 @@
 //!   dateTimes, instants, Periods (open ends are unbounded) and Timings (their outer limits).
 //!   Values without a timezone are taken as UTC; a search value with a time must carry a timezone;
 //! - `:missing=true|false`, `:present=true|false`, `:not` (negation of the whole filter);
-//! - `_compartment=<Type/id | id>` matches a `meta.compartment` reference, and for a patient
+//! - `_compartment=<Type/id | id>` matches a `meta.compartment` or `meta.account` reference, and for a patient
 //!   (`Patient/id`, or a bare id) also membership of the R4 Patient compartment: a `Patient` with
 //!   that id, or a resource whose compartment parameters (Observation: `subject`, `performer`)
 //!   reference that patient. Plain FHIR servers do not fill `meta.compartment`.
@@ -651,6 +651,7 @@ impl Filter {
                 nodes
                     .iter()
                     .filter_map(searchparam::reference_string)
+                    .chain(meta_account(resource))
                     .any(|r| values.iter().any(|v| v.matches(r)))
                     || values
                         .iter()
@@ -660,6 +661,13 @@ impl Filter {
         };
         positive != self.negate
     }
+}
+
+/// `meta.account`: the compartment a resource was written in (the gateway stamps it on creates
+/// under a policy with a `compartment`). Plain FHIR servers keep it but fill no
+/// `meta.compartment`, so `_compartment` looks here too.
+fn meta_account(resource: &Value) -> Option<&str> {
+    resource.pointer("/meta/account/reference")?.as_str()
 }
 
 fn string_matches(s: &str, values: &[String], exact: bool) -> bool {
@@ -1810,6 +1818,7 @@ mod tests {
         let p1 = &patients()[0];
         let p2 = &patients()[1];
         let tagged = json!({"resourceType": "Organization", "id": "org9", "meta": {"compartment": [{"reference": "Patient/p1"}, {"reference": "Project/proj"}]}});
+        let account_a = json!({"resourceType": "Patient", "id": "pa", "meta": {"account": {"reference": "Organization/A"}}});
         let org = json!({"resourceType": "Organization", "id": "org1"});
         let linked = json!({"resourceType": "Patient", "id": "p7", "link": [{"other": {"reference": "Patient/p1"}, "type": "seealso"}]});
         let table: Vec<(&str, &Value, bool)> = vec![
@@ -1824,6 +1833,8 @@ mod tests {
             ("_compartment=Patient/p1", &linked, true),
             ("_compartment=Patient/p1", &tagged, true),
             ("_compartment=Project/proj", &tagged, true),
+            ("_compartment=Organization/A", &account_a, true),
+            ("_compartment=Organization/B", &account_a, false),
             ("_compartment=proj", &tagged, true),
             ("_compartment=Project/other", &tagged, false),
             ("_compartment=Patient/p1", &org, false),

@@ -151,6 +151,30 @@ impl EffectivePolicy {
     pub fn compartment(&self) -> Option<&Reference> {
         self.access_policy.compartment.as_ref()
     }
+
+    /// medplum-auth.md §12 case 62: a resource created under a policy with a `compartment` is
+    /// written with `meta.account` set to it, whatever the client sent, so that the
+    /// compartment's `_compartment` criteria find it and no other compartment's do.
+    pub fn stamp_account(&self, resource: &mut Value) {
+        let Some(reference) = self.compartment().and_then(|c| c.reference.as_deref()) else {
+            return;
+        };
+        let Some(obj) = resource.as_object_mut() else {
+            return;
+        };
+        let meta = obj
+            .entry("meta")
+            .or_insert_with(|| Value::Object(Default::default()));
+        if !meta.is_object() {
+            *meta = Value::Object(Default::default());
+        }
+        if let Some(meta) = meta.as_object_mut() {
+            meta.insert(
+                "account".into(),
+                serde_json::json!({ "reference": reference }),
+            );
+        }
+    }
 }
 
 /// The decisions themselves (`type_allows`, `satisfied`, `search_narrowing`, `check_ip`, …) are

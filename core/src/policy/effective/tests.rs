@@ -223,6 +223,34 @@ fn sources_concatenate_in_order_with_based_on_compartment_and_ip_rules() {
         e.compartment().and_then(|r| r.reference.as_deref()),
         Some("Organization/C")
     );
+    // Creates are stamped with that compartment, whatever the client sent.
+    for sent in [
+        json!({"resourceType": "Encounter"}),
+        json!({"resourceType": "Encounter", "meta": {"account": {"reference": "Organization/A"}, "tag": [{"code": "t"}]}}),
+        json!({"resourceType": "Encounter", "meta": "garbage"}),
+    ] {
+        let mut stamped = sent.clone();
+        e.stamp_account(&mut stamped);
+        assert_eq!(
+            stamped["meta"]["account"],
+            json!({"reference": "Organization/C"}),
+            "{sent}"
+        );
+        if sent["meta"]["tag"].is_array() {
+            assert_eq!(
+                stamped["meta"]["tag"], sent["meta"]["tag"],
+                "other meta is kept"
+            );
+        }
+    }
+    let without = eff(
+        &membership(json!({"access": [{"policy": ap("b")}]})),
+        &store,
+        &Opts::default(),
+    );
+    let mut untouched = json!({"resourceType": "Observation", "meta": {"account": {"reference": "Organization/X"}}});
+    without.stamp_account(&mut untouched);
+    assert_eq!(untouched["meta"]["account"]["reference"], "Organization/X");
     let ip = |s: &str| e.check_ip(s.parse().expect("ip"));
     assert_eq!(ip("10.0.0.66"), IpVerdict::Block { rule: 0 });
     assert_eq!(ip("10.1.2.3"), IpVerdict::Allow { rule: Some(1) });
