@@ -535,3 +535,91 @@ fn upstream_by_host_name_is_resolved_off_the_request_path() {
         }
     });
 }
+
+#[test]
+fn unfiltered_responses_stream_untouched_and_filtered_ones_are_bounded() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start_with(&upstream.base_url, |f| {
+        f.max_response_buffer = Some(4096);
+    });
+    rt().block_on(async {
+        let c = TestGateway::client();
+        let admin = gw.admin_token().await;
+        // Stored directly upstream: a create through the gateway is mediated, and its answer
+        // would meet the bound too.
+        let id = "big-patient";
+        let big =
+            json!({"resourceType": "Patient", "id": id, "name": [{"family": "L".repeat(20_000)}]});
+
+        // A read with nothing to check streams: byte for byte what the upstream sends, past the
+        // buffer bound, with the client's Accept-Encoding passed on.
+        upstream.reset();
+        upstream.put_resource(&big);
+        let before = upstream.requests().len();
+        let read = c
+            .get(format!("{}Patient/{id}", gw.fhir))
+            .bearer_auth(&admin)
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200);
+        let through_gateway = read.bytes().await.unwrap();
+        let seen = upstream.requests();
+        assert_eq!(
+            seen[before]["headers"]["accept-encoding"], "gzip",
+            "{seen:?}"
+        );
+        let direct = upstream.fhir("GET", &format!("Patient/{id}"), None);
+        assert!(through_gateway.len() > 4096);
+        assert_eq!(through_gateway.as_ref(), direct.body.as_slice());
+
+        // A search is buffered to be filtered: past the bound it is a 502 OperationOutcome,
+        // never part of the Bundle, and the upstream was asked for a plain body.
+        let before = upstream.requests().len();
+        let search = c
+            .get(format!("{}Patient?_id={id}", gw.fhir))
+            .bearer_auth(&admin)
+            .header("accept-encoding", "gzip")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(search.status(), 502);
+        let body: Value = search.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert_eq!(
+            body["issue"][0]["details"]["text"],
+            "Upstream response too large to filter"
+        );
+        assert!(
+            !body.to_string().contains(&"L".repeat(100)),
+            "partial data sent"
+        );
+        let seen = upstream.requests();
+        assert!(
+            seen[before]["headers"].get("accept-encoding").is_none(),
+            "{seen:?}"
+        );
+
+        // Under the bound, the same search is answered in full.
+        let (status, small) = gw
+            .post(
+                "fhir/R4/Patient",
+                Some(&admin),
+                &json!({"resourceType": "Patient", "name": [{"family": "Short"}]}),
+            )
+            .await;
+        assert_eq!(status, 201);
+        let small_id = small["id"].as_str().unwrap();
+        let found: Value = c
+            .get(format!("{}Patient?_id={small_id}", gw.fhir))
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(found["entry"][0]["resource"]["id"], small_id);
+    });
+}
