@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::assertion::{assertion, assertion_key, serve_jwks};
 use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, shared as gw};
 use common::http::{basic, outcome_text, rt, send, status, with_authorization};
 use common::people::{
@@ -738,47 +739,6 @@ fn case_24_patient_profile_in_token_response() {
 }
 
 // === client assertions (private_key_jwt) ===
-
-struct AssertionKey {
-    kid: String,
-    der: Vec<u8>,
-    jwks: Value,
-}
-
-fn assertion_key() -> AssertionKey {
-    let kid = uuid::Uuid::new_v4().to_string();
-    let (key, der) = fhirgate::tokens::SigningKey::generate(kid.clone()).unwrap();
-    let jwks = fhirgate::tokens::Keyring::new("x".into(), vec![key]).jwks();
-    AssertionKey { kid, der, jwks }
-}
-
-fn assertion(key: &AssertionKey, claims: &Value) -> String {
-    let mut h = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
-    h.kid = Some(key.kid.clone());
-    jsonwebtoken::encode(
-        &h,
-        claims,
-        &jsonwebtoken::EncodingKey::from_ec_der(&key.der),
-    )
-    .unwrap()
-}
-
-/// Serves `jwks` at `http://127.0.0.1:PORT/jwks.json` on the current runtime.
-async fn serve_jwks(jwks: Value) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let app = axum::Router::new().route(
-        "/jwks.json",
-        axum::routing::get(move || {
-            let jwks = jwks.clone();
-            async move { axum::Json(jwks) }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    format!("http://127.0.0.1:{port}/jwks.json")
-}
 
 #[test]
 fn case_25_client_assertions() {

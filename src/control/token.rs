@@ -239,14 +239,6 @@ static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = Lazy
         .build()
 });
 
-/// `jti`s of accepted assertions, until they expire: an assertion authenticates once.
-static SEEN_ASSERTIONS: LazyLock<moka::sync::Cache<String, i64>> = LazyLock::new(|| {
-    moka::sync::Cache::builder()
-        .max_capacity(100_000)
-        .time_to_live(Duration::from_secs(3600))
-        .build()
-});
-
 static JWKS_HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
     reqwest::Client::builder()
         .timeout(JWKS_TIMEOUT)
@@ -321,21 +313,17 @@ async fn verify_client_assertion(state: &State, assertion: &str) -> Result<Strin
         Err(_) => return Err(bad_signature()),
     };
     let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
-    let jti = match claims.get("jti").and_then(Value::as_str) {
-        Some(j) => format!("{client_id}\u{0}{j}"),
-        None => format!("{client_id}\u{0}{}", state.hash_secret(assertion)),
+    // Kept in the store, so a replay is refused on every control instance and after a restart.
+    let seen_key = match claims.get("jti").and_then(Value::as_str) {
+        Some(j) => state.hash_secret(&format!("assertion\u{0}{client_id}\u{0}{j}")),
+        None => state.hash_secret(&format!("assertion\u{0}{client_id}\u{0}{assertion}")),
     };
-    let mut replay = false;
-    SEEN_ASSERTIONS
-        .entry(jti)
-        .and_compute_with(|existing| match existing {
-            Some(_) => {
-                replay = true;
-                moka::ops::compute::Op::Nop
-            }
-            None => moka::ops::compute::Op::Put(exp),
-        });
-    if replay {
+    let now = crate::store::now_unix();
+    if !state
+        .store
+        .claim_assertion(&seen_key, exp.max(now) + 60, now)
+        .await?
+    {
         return Err(ApiError::oauth("Invalid client assertion"));
     }
     Ok(client_id)

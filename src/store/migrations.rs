@@ -34,6 +34,12 @@ fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
             "CREATE INDEX IF NOT EXISTS security_requests_user ON security_requests (user_id, kind, used)",
             "CREATE TABLE IF NOT EXISTS unique_keys (key TEXT PRIMARY KEY, resource_type TEXT NOT NULL, id TEXT NOT NULL)",
         ],
+        // 3: `private_key_jwt` assertions already accepted (a keyed hash of client and `jti`),
+        // until they expire: an assertion authenticates once across every control instance.
+        vec![
+            "CREATE TABLE IF NOT EXISTS used_assertions (key TEXT PRIMARY KEY, expires_at BIGINT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS used_assertions_expiry ON used_assertions (expires_at)",
+        ],
     ]
 }
 

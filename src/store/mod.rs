@@ -297,6 +297,23 @@ impl Store {
         self.setting(key).await?.ok_or(StoreError::NotFound)
     }
 
+    /// Records the first use of a client assertion, kept until `expires_at`: false when it was
+    /// used before, on any instance sharing this store. Expired records are dropped first.
+    pub async fn claim_assertion(&self, key: &str, expires_at: i64, now: i64) -> Result<bool> {
+        sqlx::query("DELETE FROM used_assertions WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        let inserted = sqlx::query(
+            "INSERT INTO used_assertions (key, expires_at) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(expires_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
     // === change feed ===
 
     /// The latest change sequence number; it grows with every write.

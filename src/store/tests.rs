@@ -73,6 +73,7 @@ on_both_dialects!(
     concurrent_unconditional_updates_all_land,
     concurrent_code_redemptions_have_one_winner,
     reopen_keeps_data_and_migrates_once,
+    assertions_are_claimed_once_until_they_expire,
 );
 
 fn login(id: &str, user_ref: &str, auth_time: i64) -> LoginRecord {
@@ -612,4 +613,20 @@ async fn store_url(s: &Store) -> String {
             )
         }
     }
+}
+
+async fn assertions_are_claimed_once_until_they_expire(s: Store) {
+    let now = now_unix();
+    let claimers: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.claim_assertion("a1", now + 60, now).await })
+        })
+        .collect();
+    let won = winners(claimers, |_| false).await;
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    assert!(s.claim_assertion("a2", now + 60, now).await.unwrap());
+    // Past its expiry a record is dropped (the assertion itself is refused by then).
+    assert!(s.claim_assertion("a1", now + 200, now + 120).await.unwrap());
+    assert!(!s.claim_assertion("a1", now + 200, now + 121).await.unwrap());
 }
