@@ -1071,3 +1071,167 @@ fn case_50_newpatient_needs_a_default_patient_policy() {
         assert_eq!(status, 400, "{out}");
     });
 }
+
+/// The forms a local service received.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
+
+/// A local stand-in for Google's reCAPTCHA `siteverify`: a token is valid for a secret when it
+/// is `good-for-<secret>`. Every form it received is kept.
+async fn serve_siteverify() -> (String, Received) {
+    let seen = Received::default();
+    let record = seen.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/siteverify",
+        axum::routing::post(move |form: axum::extract::Form<Vec<(String, String)>>| {
+            let record = record.clone();
+            async move {
+                let get = |k: &str| form.0.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+                let ok = get("response") == get("secret").map(|s| format!("good-for-{s}"));
+                record.lock().unwrap().push(form.0.clone());
+                axum::Json(json!({"success": ok}))
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://127.0.0.1:{port}/siteverify"), seen)
+}
+
+/// A local breached-password range service (HaveIBeenPwned's protocol) that lists `breached`
+/// among padding lines; every prefix it was asked for is kept.
+async fn serve_pwned_range(
+    breached: &'static str,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use sha1::Digest;
+    use std::sync::{Arc, Mutex};
+    let digest = hex::encode_upper(sha1::Sha1::digest(breached.as_bytes()));
+    let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let record = asked.clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let app = axum::Router::new().route(
+        "/range/{prefix}",
+        axum::routing::get(
+            move |axum::extract::Path(prefix): axum::extract::Path<String>| {
+                let record = record.clone();
+                let digest = digest.clone();
+                async move {
+                    record.lock().unwrap().push(prefix.clone());
+                    let mut lines = vec!["0000000000000000000000000000000000A:0".to_string()];
+                    if digest.starts_with(&prefix) {
+                        lines.push(format!("{}:3861493", &digest[5..]));
+                    }
+                    lines.join("\r\n")
+                }
+            },
+        ),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://127.0.0.1:{port}"), asked)
+}
+
+#[test]
+fn case_48_recaptcha_and_breached_passwords_on_self_service() {
+    let upstream = FhirUpstream::start();
+    let runtime = rt();
+    let ((verify_url, verified), (range_url, asked)) = runtime.block_on(async {
+        (
+            serve_siteverify().await,
+            serve_pwned_range("password123").await,
+        )
+    });
+    let gw = start(&upstream, |f| {
+        f.register_enabled = Some(true);
+        f.recaptcha_site_key = Some("server-site-key".into());
+        f.recaptcha_secret_key = Some("server-secret".into());
+        f.recaptcha_verify_url = Some(verify_url);
+        f.pwned_passwords_url = Some(range_url);
+    });
+    common::people::seed_project(
+        &gw,
+        json!({"name": "Clinic with a site", "site": [
+            {"name": "portal", "domain": ["portal.example.com"], "recaptchaSiteKey": "portal-key", "recaptchaSecretKey": "portal-secret"},
+            {"name": "kiosk", "domain": ["kiosk.example.com"], "recaptchaSiteKey": "kiosk-key"},
+        ]}),
+    );
+    runtime.block_on(async {
+        let user = |extra: Value| {
+            let mut body = json!({"firstName": "Rec", "lastName": "Aptcha", "email": "recaptcha@example.com", "password": "a-long-fine-passphrase"});
+            for (k, v) in extra.as_object().unwrap() {
+                body[k] = v.clone();
+            }
+            body
+        };
+        let refused = |text: &'static str| move |(status, out): (u16, Value)| {
+            assert_eq!(status, 400, "{out}");
+            assert_eq!(outcome_text(&out), text, "{out}");
+        };
+        refused("Recaptcha token is required")(gw.post("auth/newuser", None, user(json!({}))).await);
+        refused("Recaptcha failed")(
+            gw.post("auth/newuser", None, user(json!({"recaptchaToken": "forged"}))).await,
+        );
+        refused("Invalid recaptchaSiteKey")(
+            gw.post("auth/newuser", None, user(json!({"recaptchaSiteKey": "nobody", "recaptchaToken": "x"}))).await,
+        );
+        refused("Invalid recaptchaSecretKey")(
+            gw.post("auth/newuser", None, user(json!({"recaptchaSiteKey": "kiosk-key", "recaptchaToken": "x"}))).await,
+        );
+        // A project site's key is verified with that site's secret; then the password is
+        // checked against the breach list (only a 5-digit prefix leaves).
+        let (status, out) = gw
+            .post("auth/newuser", None, user(json!({"recaptchaSiteKey": "portal-key", "recaptchaToken": "good-for-portal-secret", "password": "password123"})))
+            .await;
+        assert_eq!(status, 400, "{out}");
+        assert_eq!(outcome_text(&out), "Password found in breach database");
+        assert_eq!(outcome_expression(&out), "password");
+        assert_eq!(asked.lock().unwrap().as_slice(), ["CBFDA"]);
+        assert_eq!(users_with_email(&gw, "recaptcha@example.com").await, 0);
+        let (status, out) = gw
+            .post("auth/newuser", None, user(json!({"recaptchaToken": "good-for-server-secret"})))
+            .await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(users_with_email(&gw, "recaptcha@example.com").await, 1);
+        let forms = verified.lock().unwrap().clone();
+        let secrets: Vec<&str> = forms
+            .iter()
+            .filter_map(|f| f.iter().find(|(k, _)| k == "secret").map(|(_, v)| v.as_str()))
+            .collect();
+        assert_eq!(secrets, ["server-secret", "portal-secret", "server-secret"]);
+        assert!(forms.iter().all(|f| f.iter().any(|(k, v)| k == "remoteip" && v == "127.0.0.1")));
+
+        // Reset is guarded the same way, and still reveals nothing about the account.
+        refused("Recaptcha token is required")(
+            gw.post("auth/resetpassword", None, json!({"email": "recaptcha@example.com"})).await,
+        );
+        for email in ["recaptcha@example.com", "nobody@example.com"] {
+            let (status, out) = gw
+                .post("auth/resetpassword", None, json!({"email": email, "sendEmail": false, "recaptchaToken": "good-for-server-secret"}))
+                .await;
+            assert_eq!((status, outcome_text(&out)), (200, "All OK"), "{out}");
+        }
+    });
+
+    // A breach service that cannot be reached refuses new passwords (503), never skips the check.
+    let closed = free_port_url();
+    let gw = start(&upstream, |f| {
+        f.register_enabled = Some(true);
+        f.pwned_passwords_url = Some(closed);
+    });
+    runtime.block_on(async {
+        let (status, out) = gw
+            .post("auth/newuser", None, json!({"firstName": "A", "lastName": "B", "email": "down@example.com", "password": "a-long-fine-passphrase"}))
+            .await;
+        assert_eq!(status, 503, "{out}");
+        assert_eq!(users_with_email(&gw, "down@example.com").await, 0);
+    });
+}
+
+/// A URL where nothing listens.
+fn free_port_url() -> String {
+    format!("http://127.0.0.1:{}", common::gateway::free_port())
+}

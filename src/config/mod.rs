@@ -180,6 +180,18 @@ pub struct ConfigFile {
     /// Open self-registration through /auth/newuser (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_REGISTER_ENABLED")]
     pub register_enabled: Option<bool>,
+    /// reCAPTCHA site key of the server's own sign-up and reset pages
+    #[arg(long, env = "FHIRGATE_RECAPTCHA_SITE_KEY")]
+    pub recaptcha_site_key: Option<String>,
+    /// reCAPTCHA secret: when set, /auth/newuser and /auth/resetpassword need a verified recaptchaToken
+    #[arg(long, env = "FHIRGATE_RECAPTCHA_SECRET_KEY")]
+    pub recaptcha_secret_key: Option<String>,
+    /// reCAPTCHA siteverify endpoint [default: https://www.google.com/recaptcha/api/siteverify]
+    #[arg(long, env = "FHIRGATE_RECAPTCHA_VERIFY_URL")]
+    pub recaptcha_verify_url: Option<String>,
+    /// Breached-password range API (HaveIBeenPwned protocol, e.g. https://api.pwnedpasswords.com, or a mirror); new passwords it lists are refused [default: off]
+    #[arg(long, env = "FHIRGATE_PWNED_PASSWORDS_URL")]
+    pub pwned_passwords_url: Option<String>,
     /// Where the gateway reaches the control API, e.g. http://control:8081 (host names are
     /// re-resolved every few seconds) [default: http://<control_listen>, loopback if it binds all addresses]
     #[arg(long, env = "FHIRGATE_CONTROL_URL")]
@@ -207,6 +219,15 @@ impl ConfigFile {
             message: e.to_string(),
         })
     }
+}
+
+/// reCAPTCHA on the self-service endpoints (medplum-auth.md §2.18).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recaptcha {
+    pub site_key: Option<String>,
+    /// When set, the check runs for bodies that use the server's own site key (or none).
+    pub secret_key: Option<Secret>,
+    pub verify_url: String,
 }
 
 /// The upstream FHIR server, split for pingora's `HttpPeer`.
@@ -458,6 +479,9 @@ pub struct Config {
     pub mail_from: String,
     /// `/auth/newuser` is open (medplum-auth.md §2.7 `registerEnabled`).
     pub register_enabled: bool,
+    pub recaptcha: Recaptcha,
+    /// The breached-password range API's base URL; `None`: no check.
+    pub pwned_passwords_url: Option<String>,
     /// Where the gateway forwards control traffic.
     pub control_url: ControlUrl,
     /// A new signing key is in every JWKS this long before it signs.
@@ -583,6 +607,24 @@ impl Config {
                 format!("`{mail_from}` is not an address like \"Name <a@b.example>\""),
             ));
         }
+        let recaptcha = Recaptcha {
+            site_key: f.recaptcha_site_key.filter(|k| !k.is_empty()),
+            secret_key: f.recaptcha_secret_key.filter(|k| !k.is_empty()).map(Secret),
+            verify_url: match f.recaptcha_verify_url {
+                Some(url) => {
+                    http_url("recaptcha_verify_url", &url)?;
+                    url
+                }
+                None => "https://www.google.com/recaptcha/api/siteverify".into(),
+            },
+        };
+        let pwned_passwords_url = match f.pwned_passwords_url.filter(|u| !u.is_empty()) {
+            Some(url) => {
+                http_url("pwned_passwords_url", &url)?;
+                Some(url)
+            }
+            None => None,
+        };
         let forwarded_proto = public.scheme().to_string();
         let forwarded_host = match (public.host_str(), public.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -638,6 +680,8 @@ impl Config {
             smtp,
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),
+            recaptcha,
+            pwned_passwords_url,
             control_url: match f.control_url.as_deref() {
                 Some(u) => ControlUrl::parse(u)?,
                 None => ControlUrl::local(control_listen),

@@ -195,6 +195,9 @@ pub async fn invite(
     let project = target_project(&caller, &project_id)?;
     let body = auth_body(&parts, body).await?;
     let invite = Invite::parse(&body)?;
+    if let Some(password) = &invite.password {
+        super::guards::check_not_breached(&state, "password", password).await?;
+    }
     let mut outcome = None;
     for attempt in 1..=ATTEMPTS {
         match run(&state, &caller, &project, &invite).await {

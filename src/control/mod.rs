@@ -14,6 +14,7 @@ mod discovery;
 mod error;
 mod external;
 mod fhir;
+mod guards;
 pub mod index;
 mod invite;
 mod login;

@@ -109,15 +109,7 @@ pub fn new_link(
     }
 }
 
-/// The breached-password hook. Medplum asks HaveIBeenPwned; fhirgate runs without outside
-/// network, so nothing is known to be breached. A local list (e.g. a k-anonymity range file)
-/// would plug in here.
-pub fn breached(_password: &str) -> bool {
-    false
-}
-
-/// The rules for a new password: length, then the breach hook. `field` is the expression of
-/// the validation error.
+/// The length rules for a new password. `field` is the expression of the validation error.
 pub fn check_new_password(field: &str, password: &str) -> Result<(), ApiError> {
     if password.chars().count() < MIN_PASSWORD_CHARS {
         return Err(ApiError::invalid(field, TOO_SHORT));
@@ -125,10 +117,13 @@ pub fn check_new_password(field: &str, password: &str) -> Result<(), ApiError> {
     if password.len() > MAX_PASSWORD_BYTES {
         return Err(ApiError::invalid(field, OUT_OF_RANGE));
     }
-    if breached(password) {
-        return Err(ApiError::invalid(field, BREACHED));
-    }
     Ok(())
+}
+
+/// A new password: the length rules, then the breached-password check (when configured).
+pub async fn check_password(state: &State, field: &str, password: &str) -> Result<(), ApiError> {
+    check_new_password(field, password)?;
+    super::guards::check_not_breached(state, field, password).await
 }
 
 /// An argon2id PHC string, computed off the async threads (argon2 is slow on purpose).
@@ -309,7 +304,7 @@ pub async fn set_password(
     let request = usable_request(&state, &id, &secret, false)
         .await?
         .map_err(|p| p.error("Invalid request type"))?;
-    check_new_password("password", &password)?;
+    check_password(&state, "password", &password).await?;
     redeem_set_password(&state, &request, &password).await?;
     Ok(ok())
 }
@@ -355,8 +350,10 @@ async fn set_password_from_page(state: &State, body: &Map<String, Value>) -> Res
     if password != confirm {
         return form(StatusCode::BAD_REQUEST, "Passwords do not match");
     }
-    if let Err(ApiError::Invalid { text, .. }) = check_new_password("password", &password) {
-        return form(StatusCode::BAD_REQUEST, &text);
+    match check_password(state, "password", &password).await {
+        Ok(()) => {}
+        Err(ApiError::Invalid { text, .. }) => return form(StatusCode::BAD_REQUEST, &text),
+        Err(other) => return other.into_response(),
     }
     match redeem_set_password(state, &request, &password).await {
         Ok(()) => page(StatusCode::OK, &state.config.base_url, PageView::Done),
@@ -567,6 +564,8 @@ pub async fn reset_password(
             "Cannot reset password for external auth. Contact your system administrator.",
         ));
     }
+    let remote_ip = super::client_ip(&state, &parts)?.map(|ip| ip.to_string());
+    super::guards::check_recaptcha(&state, &body, remote_ip.as_deref()).await?;
     let project = body_str(&body, "projectId").filter(|p| p != "new");
     let redirect_uri = body_str(&body, "redirectUri")
         .filter(|u| url::Url::parse(u).is_ok_and(|u| matches!(u.scheme(), "http" | "https")));
@@ -638,7 +637,7 @@ pub async fn change_password(
     if !verify_password(hash, &old).await? {
         return Err(ApiError::invalid("oldPassword", "Incorrect password"));
     }
-    check_new_password("newPassword", &new)?;
+    check_password(&state, "newPassword", &new).await?;
     set_user_password(&state, &user.id, &new).await
 }
 
@@ -653,7 +652,7 @@ pub async fn admin_set_password(
     let (parts, body) = req.into_parts();
     let caller = authenticate_admin(&state, &parts).await?;
     let body = auth_body(&parts, body).await?;
-    let (email, password) = email_and_password(&body)?;
+    let (email, password) = email_and_password(&state, &body).await?;
     let user = state
         .store
         .users_by_email(&email, Some(caller.project_id()))
@@ -675,7 +674,7 @@ pub async fn super_set_password(
         return Err(ApiError::forbidden());
     }
     let body = auth_body(&parts, body).await?;
-    let (email, password) = email_and_password(&body)?;
+    let (email, password) = email_and_password(&state, &body).await?;
     let project = body_str(&body, "projectId");
     let user = find_user(&state, &email, project.as_deref())
         .await?
@@ -683,13 +682,16 @@ pub async fn super_set_password(
     set_user_password(&state, &user.id, &password).await
 }
 
-fn email_and_password(body: &Map<String, Value>) -> Result<(String, String), ApiError> {
+async fn email_and_password(
+    state: &State,
+    body: &Map<String, Value>,
+) -> Result<(String, String), ApiError> {
     let email = body_str(body, "email")
         .map(|e| e.trim().to_lowercase())
         .filter(|e| valid_email(e))
         .ok_or_else(|| ApiError::invalid("email", "Valid email address is required"))?;
     let password = body_str(body, "password").unwrap_or_default();
-    check_new_password("password", &password)?;
+    check_password(state, "password", &password).await?;
     Ok((email, password))
 }
 

@@ -22,7 +22,7 @@ use super::login::{
     self, LoginRequest, auth_body, body_str, choose_profile, ensure_pending, get_login,
     login_response, save_pending, set_extra, user_agent, valid_email,
 };
-use super::password::{BREACHED, OUT_OF_RANGE, breached, hash_password};
+use super::password::{OUT_OF_RANGE, hash_password};
 use super::{ApiError, client_ip, ok_json};
 use crate::state::State;
 use crate::store::{BatchWrite, LoginRecord, StoreError, StoredResource, now_unix};
@@ -74,6 +74,8 @@ pub async fn new_user(
     if !state.config.register_enabled {
         return Err(ApiError::bad_request("Registration is disabled"));
     }
+    let remote_ip = client_ip(&state, &parts)?.map(|ip| ip.to_string());
+    super::guards::check_recaptcha(&state, &body, remote_ip.as_deref()).await?;
     let snap = state.snapshot();
     let client = match body_str(&body, "clientId") {
         Some(id) => Some(
@@ -118,9 +120,7 @@ pub async fn new_user(
     {
         return Err(ApiError::invalid("email", "Email already registered"));
     }
-    if breached(&password) {
-        return Err(ApiError::invalid("password", BREACHED));
-    }
+    super::guards::check_not_breached(&state, "password", &password).await?;
     let user_id = uuid::Uuid::new_v4().to_string();
     let mut user = json!({
         "resourceType": "User",
