@@ -3,7 +3,8 @@
 //! fhirgate in front of the real FHIR upstream — keyboard focus order, a wrong password shown
 //! inline, the TOTP code, the scope consent with one scope unticked — and lands on the client's
 //! redirect URI with a code. This test then redeems the code and uses the tokens at the gateway.
-//! Screenshots of every page go to `target/test-output/browser-signin/`.
+//! A second test follows an invited person from the invitation e-mail to signing out.
+//! Screenshots of every page go to `target/test-output/browser-*/`.
 //!
 //! Needs `/usr/bin/chromium` and `tests/browser/node_modules` (both installed by
 //! `scripts/setup`).
@@ -26,8 +27,9 @@ fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-#[test]
-fn a_person_signs_in_with_mfa_in_chromium() {
+/// Runs `tests/browser/signin.mjs` with `input` (plus a screenshot folder under
+/// `target/test-output/<name>/`) and returns its JSON, which must report no failure.
+fn run_browser(name: &str, mut input: Value) -> Value {
     let dir = browser_dir();
     assert!(
         dir.join("node_modules/playwright-core/package.json")
@@ -38,49 +40,11 @@ fn a_person_signs_in_with_mfa_in_chromium() {
         std::path::Path::new("/usr/bin/chromium").is_file(),
         "/usr/bin/chromium is missing: run scripts/setup (Debian package chromium)"
     );
-
-    let upstream = FhirUpstream::start();
-    let gw = TestGateway::start(&upstream.base_url);
-    let email = format!("browser-{}@example.com", uuid::Uuid::new_v4().simple());
-    let mut person = UserSeed::new(&email, PASSWORD);
-    person.first_name = "Brenda".into();
-    person.last_name = "Browser".into();
-    person.mfa_secret = Some(SECRET.into());
-    let seeded = seed(&gw, &person);
-
-    let port = free_port();
-    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
-    let (client, _) = seed_client(
-        &gw,
-        None,
-        json!({"name": "Browser Test App", "redirectUris": [redirect_uri]}),
-        None,
-    );
-    let (verifier, challenge) = pkce_pair();
-    let scope = "openid profile user/Patient.rs offline_access";
-    let mut url = url::Url::parse(&format!("{}oauth2/authorize", gw.base)).unwrap();
-    url.query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", &client)
-        .append_pair("redirect_uri", &redirect_uri)
-        .append_pair("scope", scope)
-        .append_pair("state", "browser-state")
-        .append_pair("nonce", "browser-nonce")
-        .append_pair("code_challenge", &challenge)
-        .append_pair("code_challenge_method", "S256");
-
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-output/browser-signin");
+    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("target/test-output")
+        .join(name);
     let _ = std::fs::remove_dir_all(&shots);
-    let input = json!({
-        "authorizeUrl": url.to_string(),
-        "email": email,
-        "password": PASSWORD,
-        "wrongPassword": "not the password",
-        "totpSecret": SECRET,
-        "callbackPort": port,
-        "screenshotDir": shots,
-        "untick": ["offline_access"],
-    });
+    input["screenshotDir"] = json!(shots);
     let node = std::env::var("FHIRGATE_TEST_NODE").unwrap_or_else(|_| "node".into());
     let out = Command::new(node)
         .arg("signin.mjs")
@@ -98,6 +62,68 @@ fn a_person_signs_in_with_mfa_in_chromium() {
         result["failure"]
     );
     assert!(out.status.success(), "{result}\n{stderr}");
+    for s in result["screenshots"].as_array().unwrap() {
+        let bytes = std::fs::read(s.as_str().unwrap()).unwrap();
+        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000);
+    }
+    result
+}
+
+/// An authorization request of `client` with a fresh PKCE pair; returns (URL, verifier).
+fn authorize_url(
+    gw: &TestGateway,
+    client: &str,
+    redirect_uri: &str,
+    scope: &str,
+) -> (String, String) {
+    let (verifier, challenge) = pkce_pair();
+    let mut url = url::Url::parse(&format!("{}oauth2/authorize", gw.base)).unwrap();
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client)
+        .append_pair("redirect_uri", redirect_uri)
+        .append_pair("scope", scope)
+        .append_pair("state", "browser-state")
+        .append_pair("nonce", "browser-nonce")
+        .append_pair("code_challenge", &challenge)
+        .append_pair("code_challenge_method", "S256");
+    (url.to_string(), verifier)
+}
+
+#[test]
+fn a_person_signs_in_with_mfa_in_chromium() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    let email = format!("browser-{}@example.com", uuid::Uuid::new_v4().simple());
+    let mut person = UserSeed::new(&email, PASSWORD);
+    person.first_name = "Brenda".into();
+    person.last_name = "Browser".into();
+    person.mfa_secret = Some(SECRET.into());
+    let seeded = seed(&gw, &person);
+
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
+    let (client, _) = seed_client(
+        &gw,
+        None,
+        json!({"name": "Browser Test App", "redirectUris": [redirect_uri]}),
+        None,
+    );
+    let scope = "openid profile user/Patient.rs offline_access";
+    let (url, verifier) = authorize_url(&gw, &client, &redirect_uri, scope);
+
+    let result = run_browser(
+        "browser-signin",
+        json!({
+            "authorizeUrl": url,
+            "email": email,
+            "password": PASSWORD,
+            "wrongPassword": "not the password",
+            "totpSecret": SECRET,
+            "callbackPort": port,
+            "untick": ["offline_access"],
+        }),
+    );
 
     // What the person saw, in order.
     assert_eq!(
@@ -107,12 +133,11 @@ fn a_person_signs_in_with_mfa_in_chromium() {
     );
     assert_eq!(result["focusOrder"], json!(["email", "password"]));
     assert_eq!(result["inlineError"], "Email or password is invalid");
-    let screenshots = result["screenshots"].as_array().unwrap();
-    assert_eq!(screenshots.len(), 5, "{result}");
-    for s in screenshots {
-        let bytes = std::fs::read(s.as_str().unwrap()).unwrap();
-        assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000);
-    }
+    assert_eq!(
+        result["screenshots"].as_array().unwrap().len(),
+        5,
+        "{result}"
+    );
 
     // Where the browser landed.
     let callback = &result["callback"];
@@ -173,4 +198,124 @@ fn a_person_signs_in_with_mfa_in_chromium() {
             .unwrap();
         assert_eq!(observations.status(), 403);
     });
+}
+
+/// The whole life of a person, in the browser where a person acts: an admin invites a
+/// practitioner with MFA required; the invitation e-mail (the outbox: no SMTP configured) has a
+/// set-password link; the browser sets the password there, signs in on the authorization page,
+/// enrols an authenticator (reading the key off the page) and consents. The SMART app's tokens
+/// then read the practitioner's own record through the gateway; signing out kills them, and
+/// the invitation link does not work twice.
+#[test]
+fn an_invited_person_sets_a_password_enrols_mfa_signs_in_and_out() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    let rt = common::http::rt();
+    let email = common::people::unique_email("invited");
+    let password = "my own chosen passphrase";
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
+    let project = common::people::default_project(&gw);
+    let (client, _) = seed_client(
+        &gw,
+        Some(&project),
+        json!({"name": "Clinic App", "redirectUris": [redirect_uri]}),
+        None,
+    );
+    let membership = rt.block_on(async {
+        let admin = gw.admin_token().await;
+        assert_eq!(gw.project_of(&admin).await, project);
+        let (status, membership) = gw
+            .post(
+                &format!("admin/projects/{project}/invite"),
+                Some(&admin),
+                json!({"resourceType": "Practitioner", "firstName": "Ida", "lastName": "Invited",
+                       "email": email, "sendEmail": true, "mfaRequired": true}),
+            )
+            .await;
+        assert_eq!(status, 200, "{membership}");
+        membership
+    });
+    let profile = membership["profile"]["reference"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let messages = common::mail::wait_for_outbox(&gw.data_dir, 1);
+    assert_eq!(
+        common::mail::header(&messages[0], "To").as_deref(),
+        Some(email.as_str())
+    );
+    let link = common::mail::link(&messages[0], "/auth/setpassword/").expect("a set-password link");
+
+    let (url, verifier) = authorize_url(&gw, &client, &redirect_uri, "openid profile user/*.rs");
+    let result = run_browser(
+        "browser-invitation",
+        json!({
+            "setPasswordUrl": link,
+            "authorizeUrl": url,
+            "email": email,
+            "password": password,
+            "callbackPort": port,
+            "untick": [],
+        }),
+    );
+    assert_eq!(
+        result["pages"],
+        json!([
+            "Set your password",
+            "Password set",
+            "Sign in",
+            "Set up two-step verification",
+            "Allow access"
+        ]),
+        "{result}"
+    );
+    let code = result["callback"]["code"]
+        .as_str()
+        .expect("a code")
+        .to_string();
+    assert_eq!(result["callback"]["state"], "browser-state");
+
+    rt.block_on(async {
+        let (status, tokens) = token_request(
+            &gw,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("code_verifier", &verifier),
+                ("client_id", &client),
+                ("redirect_uri", &redirect_uri),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200, "{tokens}");
+        assert_eq!(tokens["profile"]["reference"], profile.as_str());
+        let token = tokens["access_token"].as_str().unwrap().to_string();
+        // The practitioner record the invitation created upstream, read as its owner.
+        let (status, me) = gw.get(&format!("fhir/R4/{profile}"), Some(&token)).await;
+        assert_eq!(status, 200, "{me}");
+        assert_eq!(me["name"][0]["family"], "Invited");
+
+        let http = TestGateway::client();
+        let out = http
+            .post(format!("{}oauth2/logout", gw.base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(out.status(), 200);
+        let (status, _) = gw.get(&format!("fhir/R4/{profile}"), Some(&token)).await;
+        assert_eq!(status, 401, "a signed-out token still works");
+
+        // The invitation link was used: it answers the "already used" page.
+        let again = http.get(&link).send().await.unwrap();
+        let html = again.text().await.unwrap();
+        assert!(html.contains("Link already used"), "{html}");
+    });
+    // The secret the person enrolled is now the user's: a later sign-in needs its codes.
+    assert!(
+        result["enrolledSecret"]
+            .as_str()
+            .is_some_and(|s| s.len() >= 16)
+    );
 }

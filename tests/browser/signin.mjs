@@ -4,9 +4,15 @@
 // (unticking the scopes named in `untick`), and finally the client's redirect URI, which a
 // local HTTP listener catches. Page JavaScript is disabled: the page must work without it.
 //
-// Input: one JSON argument {authorizeUrl, email, password, wrongPassword, totpSecret,
-// callbackPort, screenshotDir, untick}. Output: one JSON line on stdout
-// {callback: {code, state, error}, pages: [...], inlineError, focusOrder, screenshots}.
+// An invited person starts one step earlier: with `setPasswordUrl` (the link of their invitation
+// e-mail), the script first sets the password on that page; and a user whose MFA is required
+// but not yet set up gets the enrolment page, whose key the script reads (as a person would type
+// it into an authenticator app) to compute the code.
+//
+// Input: one JSON argument {authorizeUrl, email, password, wrongPassword?, totpSecret?,
+// setPasswordUrl?, callbackPort, screenshotDir, untick}. Output: one JSON line on stdout
+// {callback: {code, state, error}, pages: [...], inlineError, focusOrder, screenshots,
+// enrolledSecret}.
 // Exit code 0 when the flow reached the callback, 1 otherwise (the Rust test asserts on the
 // JSON either way).
 
@@ -93,6 +99,18 @@ async function main() {
     };
     const heading = async () => (await page.locator('h1').innerText()).trim();
 
+    if (input.setPasswordUrl) {
+      await page.goto(input.setPasswordUrl);
+      result.pages.push(await heading());
+      await page.getByLabel('New password', { exact: true }).fill(input.password);
+      await page.getByLabel('Confirm new password').fill(input.password);
+      await shot('set-password');
+      await page.getByRole('button', { name: 'Set password' }).click();
+      await page.waitForLoadState();
+      result.pages.push(await heading());
+      await shot('password-set');
+    }
+
     await page.goto(input.authorizeUrl);
     result.pages.push(await heading());
     await shot('signin');
@@ -103,22 +121,34 @@ async function main() {
     await page.keyboard.type(input.email);
     await page.keyboard.press('Tab');
     result.focusOrder.push(await focused());
-    await page.keyboard.type(input.wrongPassword);
-    await page.keyboard.press('Enter');
+    if (input.wrongPassword) {
+      await page.keyboard.type(input.wrongPassword);
+      await page.keyboard.press('Enter');
+      await page.waitForLoadState();
+      result.inlineError = (await page.getByRole('alert').innerText()).trim();
+      await shot('signin-error');
+      // The e-mail is kept; the password is typed again.
+      await page.getByLabel('Password').fill(input.password);
+      await page.getByRole('button', { name: 'Sign in' }).click();
+    } else {
+      await page.keyboard.type(input.password);
+      await page.keyboard.press('Enter');
+    }
     await page.waitForLoadState();
-    result.inlineError = (await page.getByRole('alert').innerText()).trim();
-    await shot('signin-error');
+    const mfaPage = await heading();
+    result.pages.push(mfaPage);
 
-    // The e-mail is kept; the password is typed again.
-    await page.getByLabel('Password').fill(input.password);
-    await page.getByRole('button', { name: 'Sign in' }).click();
-    await page.waitForLoadState();
-    result.pages.push(await heading());
-
-    const code = totp(input.totpSecret, Date.now() / 1000);
+    let secret = input.totpSecret;
+    let submit = 'Verify';
+    if (mfaPage === 'Set up two-step verification') {
+      secret = (await page.locator('.secret').innerText()).trim();
+      result.enrolledSecret = secret;
+      submit = 'Turn on and continue';
+    }
+    const code = totp(secret, Date.now() / 1000);
     await page.getByLabel('Authentication code').fill(code);
     await shot('mfa');
-    await page.getByRole('button', { name: 'Verify' }).click();
+    await page.getByRole('button', { name: submit }).click();
     await page.waitForLoadState();
     result.pages.push(await heading());
 
