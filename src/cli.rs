@@ -75,8 +75,9 @@ pub enum PolicyCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
-    /// Show the decision trace of one request under a membership built from policy files
-    Explain(ExplainArgs),
+    /// Show the decision trace of one request under a membership built from policy files, or
+    /// a stored one
+    Explain(Box<ExplainArgs>),
 }
 
 /// `fhirgate policy explain --policy FILE [--param name=value …] METHOD PATH [--body FILE]`
@@ -86,8 +87,24 @@ pub enum PolicyCommand {
 )]
 pub struct ExplainArgs {
     /// AccessPolicy file of the membership (repeatable; each becomes one `access` entry)
-    #[arg(long = "policy", value_name = "FILE", required = true)]
+    #[arg(
+        long = "policy",
+        value_name = "FILE",
+        required_unless_present = "membership"
+    )]
     pub policies: Vec<PathBuf>,
+    /// A stored ProjectMembership id instead: its own access, parameters, admin flag and
+    /// project, with the policies of the store (read from --store)
+    #[arg(long, value_name = "ID", conflicts_with_all = ["policies", "params", "profile", "admin"])]
+    pub membership: Option<String>,
+    /// The store to read --membership from [default: the one `fhirgate serve` uses]
+    #[arg(
+        long,
+        env = "FHIRGATE_STORE",
+        value_name = "URL",
+        requires = "membership"
+    )]
+    pub store: Option<String>,
     /// Policy parameter, given to every policy: `name=value`, or `name=Type/id` for a reference
     #[arg(long = "param", value_name = "NAME=VALUE")]
     pub params: Vec<String>,
@@ -334,8 +351,17 @@ pub fn explain_input(args: ExplainArgs) -> Result<crate::explain::ExplainInput, 
         Some(p) => Some(std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()))?),
         None => None,
     };
+    let stored = match &args.membership {
+        Some(id) => {
+            let (stored, stored_policies) = read_membership(args.store.as_deref(), id)?;
+            policies = stored_policies;
+            Some(stored)
+        }
+        None => None,
+    };
     Ok(crate::explain::ExplainInput {
         policies,
+        stored,
         parameters,
         profile: args.profile,
         admin: args.admin,
@@ -345,6 +371,72 @@ pub fn explain_input(args: ExplainArgs) -> Result<crate::explain::ExplainInput, 
         path: args.path,
         headers,
         body,
+    })
+}
+
+/// `ProjectMembership/<id>`, its project, and every stored AccessPolicy (the membership's
+/// references are resolved among them, as the gateway's snapshot does).
+fn read_membership(
+    store_url: Option<&str>,
+    id: &str,
+) -> Result<
+    (
+        crate::explain::StoredMembership,
+        Vec<fhirgate_core::policy::model::AccessPolicy>,
+    ),
+    String,
+> {
+    let url = match store_url {
+        Some(u) => u.to_string(),
+        None => {
+            Config::from_file(ConfigFile::default())
+                .map_err(|e| e.to_string())?
+                .store_url
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    runtime.block_on(async {
+        let store = crate::store::Store::open(&url)
+            .await
+            .map_err(|e| format!("store {url}: {e}"))?;
+        let found = store
+            .read("ProjectMembership", id)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("ProjectMembership/{id} is not in the store"))?;
+        let membership: fhirgate_core::policy::model::ProjectMembership =
+            serde_json::from_value(found.content)
+                .map_err(|e| format!("ProjectMembership/{id}: {e}"))?;
+        let project_id = membership
+            .project
+            .reference
+            .as_deref()
+            .and_then(|r| r.strip_prefix("Project/"))
+            .ok_or_else(|| format!("ProjectMembership/{id} names no project"))?
+            .to_string();
+        let super_admin = store
+            .read("Project", &project_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .is_some_and(|p| p.content["superAdmin"] == serde_json::Value::Bool(true));
+        let policies = store
+            .list("AccessPolicy")
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .filter_map(|p| serde_json::from_value(p.content).ok())
+            .collect();
+        Ok((
+            crate::explain::StoredMembership {
+                membership,
+                project_id,
+                super_admin,
+            },
+            policies,
+        ))
     })
 }
 
@@ -372,7 +464,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             },
         ),
         Command::Policy(PolicyCommand::Check { files }) => policy_check(files),
-        Command::Policy(PolicyCommand::Explain(args)) => policy_explain(args),
+        Command::Policy(PolicyCommand::Explain(args)) => policy_explain(*args),
         Command::Keys(KeysCommand::Rotate(args)) => keys_rotate(args),
         Command::Keys(KeysCommand::List(args)) => keys_list(args),
     }

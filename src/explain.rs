@@ -1,6 +1,7 @@
 //! `fhirgate policy explain`: the decision trace of one request under a membership built in
-//! memory from AccessPolicy files. It runs the same pure steps as the gateway (effective policy,
-//! IP rules, classification, decision, and the write check of a created resource) and says, at
+//! memory from AccessPolicy files, or a membership read from the store (the CLI reads it; this
+//! module gets it as data). It runs the same pure steps as the gateway (effective policy, IP
+//! rules, classification, decision, and the write check of a created resource) and says, at
 //! each step, which entry or rule decided. Pure: no store, no network, no clock.
 
 use std::fmt::Write as _;
@@ -29,11 +30,24 @@ use crate::gateway::route::CONTROL_FHIR_TYPES;
 /// Project id of the in-memory membership (it appears in a project admin's entries).
 pub const PROJECT_ID: &str = "explain";
 
-/// Everything `explain` needs; the CLI fills it from flags and files.
+/// A membership as the store has it, with what its effective policy is built from.
+#[derive(Debug, Clone)]
+pub struct StoredMembership {
+    pub membership: ProjectMembership,
+    pub project_id: String,
+    /// The project is the super-admin project.
+    pub super_admin: bool,
+}
+
+/// Everything `explain` needs; the CLI fills it from flags and files (or the store).
 #[derive(Debug, Clone, Default)]
 pub struct ExplainInput {
-    /// The membership's policies, in order; each must have an id.
+    /// The membership's policies, in order; each must have an id. With `stored`: every policy
+    /// the membership may reference.
     pub policies: Vec<AccessPolicy>,
+    /// A stored membership: used as it is instead of one built from `policies`, `parameters`,
+    /// `profile` and `admin`.
+    pub stored: Option<StoredMembership>,
     /// Parameters given to every policy (`ProjectMembership.access[].parameter`).
     pub parameters: Vec<AccessParameter>,
     /// `Type/id`; default `ClientApplication/explain`.
@@ -166,12 +180,15 @@ fn membership(input: &ExplainInput) -> Result<ProjectMembership, String> {
 
 /// The decision trace of `input`, or why it cannot be built (bad profile, duplicate ids).
 pub fn explain(input: &ExplainInput) -> Result<String, String> {
-    let m = membership(input)?;
+    let (m, project_id, super_admin) = match &input.stored {
+        Some(s) => (s.membership.clone(), s.project_id.as_str(), s.super_admin),
+        None => (membership(input)?, PROJECT_ID, false),
+    };
     let policy = effective(&EffectiveInputs {
         membership: &m,
         policies: &input.policies,
-        project_id: PROJECT_ID,
-        project_super_admin: false,
+        project_id,
+        project_super_admin: super_admin,
         linked_projects: &[],
         scope: input.scope.as_deref(),
     });
@@ -184,7 +201,20 @@ pub fn explain(input: &ExplainInput) -> Result<String, String> {
 }
 
 fn membership_section(out: &mut String, input: &ExplainInput, m: &ProjectMembership) {
-    let _ = writeln!(out, "Membership (in memory)");
+    match &input.stored {
+        Some(s) => {
+            let _ = writeln!(
+                out,
+                "Membership ProjectMembership/{} (from the store, project {}{})",
+                m.id.as_deref().unwrap_or(""),
+                s.project_id,
+                if s.super_admin { ", super admin" } else { "" }
+            );
+        }
+        None => {
+            let _ = writeln!(out, "Membership (in memory)");
+        }
+    }
     let _ = writeln!(
         out,
         "  profile   {}",
@@ -193,7 +223,7 @@ fn membership_section(out: &mut String, input: &ExplainInput, m: &ProjectMembers
     let _ = writeln!(
         out,
         "  admin     {}",
-        if input.admin {
+        if m.admin == Some(true) {
             "yes (project admin)"
         } else {
             "no"

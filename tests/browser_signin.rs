@@ -58,8 +58,9 @@ fn run_browser(name: &str, mut input: Value) -> Value {
         .unwrap_or_else(|e| panic!("no JSON from the browser script ({e}):\n{stdout}\n{stderr}"));
     assert!(
         result.get("failure").is_none(),
-        "the browser flow failed: {}\n{stderr}",
-        result["failure"]
+        "the browser flow failed: {}\npages: {}\n{stderr}",
+        result["failure"],
+        result["pages"]
     );
     assert!(out.status.success(), "{result}\n{stderr}");
     for s in result["screenshots"].as_array().unwrap() {

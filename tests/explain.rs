@@ -7,6 +7,7 @@ use std::process::Command;
 
 use fhirgate::explain::{ExplainInput, explain, parse_param};
 use fhirgate::policies_dir::read_policy_file;
+use serde_json::json;
 
 fn policy(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -228,4 +229,66 @@ fn policy_check_passes_the_examples_and_fails_a_broken_file() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("half.json: invalid JSON"));
+}
+
+#[test]
+fn the_binary_explains_a_stored_membership() {
+    // A store as `fhirgate serve` leaves it: a project, a policy, a membership with parameters.
+    let tmp = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", tmp.path().join("fhirgate.db").display());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let store = fhirgate::store::Store::open(&url).await.unwrap();
+        let policy = read_policy_file(&policy("patient-compartment.json")).unwrap().policy;
+        for (content, project) in [
+            (json!({"resourceType": "Project", "id": "clinic", "name": "Clinic"}), "clinic"),
+            (serde_json::to_value(&policy).unwrap(), "clinic"),
+            (
+                json!({"resourceType": "ProjectMembership", "id": "m-pat",
+                       "project": {"reference": "Project/clinic"},
+                       "user": {"reference": "User/u1"},
+                       "profile": {"reference": "Patient/p1"},
+                       "access": [{"policy": {"reference": "AccessPolicy/patient-compartment"},
+                                   "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/p1"}}]}]}),
+                "clinic",
+            ),
+        ] {
+            store.put(content, Some(project), &[], None, false).await.unwrap();
+        }
+    });
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_fhirgate"))
+            .args(["policy", "explain", "--store", &url])
+            .args(args)
+            .env_remove("FHIRGATE_STORE")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, text, err) = run(&["--membership", "m-pat", "GET", "Observation?code=1234-5"]);
+    assert!(ok, "{text}\n{err}");
+    assert!(
+        text.contains("Membership ProjectMembership/m-pat (from the store, project clinic)"),
+        "{text}"
+    );
+    assert!(text.contains("profile   Patient/p1"), "{text}");
+    assert!(text.contains("Decision: ALLOW"), "{text}");
+    assert!(text.contains("subject=Patient/p1"), "{text}");
+    let (ok, text, _) = run(&["--membership", "m-pat", "GET", "Practitioner"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("Decision: DENY 403"), "{text}");
+    // An unknown membership is a one-line error, not a trace.
+    let (ok, text, err) = run(&["--membership", "nobody", "GET", "Patient"]);
+    assert!(!ok && text.is_empty(), "{text}");
+    assert!(
+        err.contains("ProjectMembership/nobody is not in the store"),
+        "{err}"
+    );
 }

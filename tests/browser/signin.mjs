@@ -98,6 +98,10 @@ async function main() {
       result.screenshots.push(path);
     };
     const heading = async () => (await page.locator('h1').innerText()).trim();
+    // A form post: done when the next page has loaded (not when the current one had).
+    const submit = async (act) => {
+      await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), act()]);
+    };
 
     if (input.setPasswordUrl) {
       await page.goto(input.setPasswordUrl);
@@ -105,8 +109,7 @@ async function main() {
       await page.getByLabel('New password', { exact: true }).fill(input.password);
       await page.getByLabel('Confirm new password').fill(input.password);
       await shot('set-password');
-      await page.getByRole('button', { name: 'Set password' }).click();
-      await page.waitForLoadState();
+      await submit(() => page.getByRole('button', { name: 'Set password' }).click());
       result.pages.push(await heading());
       await shot('password-set');
     }
@@ -123,33 +126,34 @@ async function main() {
     result.focusOrder.push(await focused());
     if (input.wrongPassword) {
       await page.keyboard.type(input.wrongPassword);
-      await page.keyboard.press('Enter');
-      await page.waitForLoadState();
+      await submit(() => page.keyboard.press('Enter'));
       result.inlineError = (await page.getByRole('alert').innerText()).trim();
       await shot('signin-error');
       // The e-mail is kept; the password is typed again.
       await page.getByLabel('Password').fill(input.password);
-      await page.getByRole('button', { name: 'Sign in' }).click();
+      await submit(() => page.getByRole('button', { name: 'Sign in' }).click());
     } else {
       await page.keyboard.type(input.password);
-      await page.keyboard.press('Enter');
+      await submit(() => page.keyboard.press('Enter'));
     }
-    await page.waitForLoadState();
     const mfaPage = await heading();
     result.pages.push(mfaPage);
+    if (mfaPage === 'Sign in') {
+      await shot('signin-refused');
+      throw new Error(`sign-in refused: ${(await page.getByRole('alert').innerText()).trim()}`);
+    }
 
     let secret = input.totpSecret;
-    let submit = 'Verify';
+    let button = 'Verify';
     if (mfaPage === 'Set up two-step verification') {
       secret = (await page.locator('.secret').innerText()).trim();
       result.enrolledSecret = secret;
-      submit = 'Turn on and continue';
+      button = 'Turn on and continue';
     }
     const code = totp(secret, Date.now() / 1000);
     await page.getByLabel('Authentication code').fill(code);
     await shot('mfa');
-    await page.getByRole('button', { name: submit }).click();
-    await page.waitForLoadState();
+    await submit(() => page.getByRole('button', { name: button }).click());
     result.pages.push(await heading());
 
     for (const word of input.untick ?? []) {
