@@ -191,6 +191,35 @@ fn case_12_plain_pkce_then_tokens_with_email_claim() {
         assert!(access["login_id"].is_string());
         // The token works at the gateway.
         assert_eq!(fhir_status(b["access_token"].as_str().unwrap()).await, 200);
+
+        // Without the `email` (or `profile`) scope, the ID token names neither.
+        let (_, code) = login_code(json!({
+            "email": e, "password": PASSWORD, "scope": "openid",
+            "codeChallenge": "xyz", "codeChallengeMethod": "plain"
+        }))
+        .await;
+        let (s, b) = token_request(
+            gw(),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("code_verifier", "xyz"),
+            ],
+        )
+        .await;
+        assert_eq!(s, 200, "{b}");
+        let id = jwt_claims(b["id_token"].as_str().unwrap());
+        for claim in [
+            "email",
+            "email_verified",
+            "name",
+            "given_name",
+            "family_name",
+        ] {
+            assert!(id.get(claim).is_none(), "{claim} without its scope: {id}");
+        }
+        assert_eq!(id["fhirUser"], seeded.profile);
+        assert_eq!(id["sub"], seeded.user_id);
     });
 }
 
