@@ -456,6 +456,58 @@ fn run_case(path: &Path) -> Result<(), String> {
             errors.push(format!("response {p} = {got}, expected {want}"));
         }
     }
+    // Every case: a Bundle's links and fullUrls point at the gateway, and the upstream's
+    // address appears nowhere in the body.
+    let public_base = format!("{}fhir/R4/", w.gateway.base);
+    let upstream_authority = w.upstream.authority();
+    if resp.to_string().contains(&upstream_authority) {
+        errors.push(format!("the upstream address {upstream_authority} leaked"));
+    }
+    if resp["resourceType"] == "Bundle" {
+        let urls = resp["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| &l["url"])
+            .chain(
+                resp["entry"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| &e["fullUrl"]),
+            );
+        for url in urls.filter_map(Value::as_str) {
+            if !url.starts_with(&public_base) {
+                errors.push(format!("{url} does not point at the gateway"));
+            }
+        }
+    }
+    // The `next` page, fetched by the same caller, stays within these ids.
+    if let Some(within) = expect.get("next_ids_within").and_then(Value::as_array) {
+        let next = resp["link"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["relation"] == "next")
+            .and_then(|l| l["url"].as_str());
+        match next.and_then(|n| n.strip_prefix(w.gateway.base.as_str())) {
+            None => errors.push(format!("no next link at the gateway: {}", resp["link"])),
+            Some(path) => {
+                let (s, page, _) = gateway_request(&w.gateway, "GET", path, &href, None);
+                let mut found = Vec::new();
+                resources(&page, &mut found);
+                let within: BTreeSet<&str> = within.iter().filter_map(Value::as_str).collect();
+                let outside: Vec<&str> = found
+                    .iter()
+                    .filter_map(|r| r["id"].as_str())
+                    .filter(|id| !within.contains(id))
+                    .collect();
+                if s != 200 || !outside.is_empty() || found.is_empty() {
+                    errors.push(format!("next page {s}: {outside:?} outside, {page}"));
+                }
+            }
+        }
+    }
     if let Some(not) = expect.get("not_ids").and_then(Value::as_array) {
         let mut every = BTreeSet::new();
         all_ids(&resp, &mut every);

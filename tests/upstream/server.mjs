@@ -417,6 +417,24 @@ function sendOutcome(req, res, status, code, text) {
   sendJson(req, res, status, outcome(status >= 500 ? 'fatal' : 'error', code, text));
 }
 
+/**
+ * Paging links as FHIR servers such as HAPI write them: `self`, and `next` (by `_offset`) while
+ * matches remain beyond this page. Absolute URLs on this server, so the gateway must rewrite
+ * them.
+ */
+function addPagingLinks(bundle, base, url) {
+  const params = new URLSearchParams(url.search);
+  const count = Number.parseInt(params.get('_count') ?? '', 10);
+  const offset = Number.parseInt(params.get('_offset') ?? '0', 10) || 0;
+  const path = url.pathname.slice(FHIR_BASE_PATH.length);
+  const links = [{ relation: 'self', url: `${base}${path}${url.search}` }];
+  if (count > 0 && typeof bundle.total === 'number' && offset + count < bundle.total) {
+    params.set('_offset', String(offset + count));
+    links.push({ relation: 'next', url: `${base}${path}?${params}` });
+  }
+  bundle.link = links;
+}
+
 function addFullUrls(bundle, base) {
   for (const entry of bundle.entry ?? []) {
     const r = entry.resource;
@@ -504,6 +522,9 @@ async function handleFhir(req, res, url, body) {
   }
   if (resource.resourceType === 'Bundle' && (resource.type === 'searchset' || resource.type === 'history')) {
     addFullUrls(resource, base);
+  }
+  if (resource.resourceType === 'Bundle' && resource.type === 'searchset' && method === 'GET' && !resource.link) {
+    addPagingLinks(resource, base, url);
   }
   const versionId = resource.meta?.versionId;
   if (versionId && resource.resourceType !== 'Bundle') {
