@@ -707,7 +707,7 @@ fn deny_reason(label: &str, op: &FhirOp) -> String {
             ),
             _ => "the operation is not granted by name".into(),
         },
-        "graphql" => "GraphQL is refused: its results cannot be checked resource by resource".into(),
+        "graphql" => "GraphQL is refused: its results cannot be checked resource by resource. It is allowed only to a policy with an unrestricted `*` entry (read and search), no hidden fields, and an entry naming it: \"fhirgateOperation\": [\"graphql\"]".into(),
         "nested_bundle" => "a Bundle inside a Bundle is refused".into(),
         "non_json_format" => "only JSON can be checked and filtered; the request asks for another format".into(),
         other => format!("refused ({other})"),

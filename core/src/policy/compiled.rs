@@ -575,6 +575,22 @@ impl CompiledPolicy {
             })
     }
 
+    /// GraphQL (`$graphql`) answers are not resources the gateway can check one by one, so a
+    /// policy may allow it only where nothing would have been filtered: some entry names
+    /// `graphql` in `fhirgateOperation`, a `*` entry reads and searches every non-admin type
+    /// without criteria, and no entry hides fields.
+    pub fn allows_graphql(&self) -> bool {
+        let named = self
+            .entries
+            .iter()
+            .take_while(|e| !e.broken)
+            .any(|e| e.operations.iter().any(|op| op == "graphql"));
+        named
+            && self.wildcard_unrestricted(Interaction::Read)
+            && self.wildcard_unrestricted(Interaction::Search)
+            && self.entries.iter().all(|e| e.hidden_fields.is_empty())
+    }
+
     /// The entries that grant `interaction` on `resource_type`, in order, up to (excluding) the
     /// first broken one. Empty for a protected type unless this is a super admin's policy.
     pub fn entries_for<'a, 'r>(

@@ -302,6 +302,9 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
             }
             Err(Deny::Forbidden("operation_not_granted"))
         }
+        FhirOp::GraphQl if super_admin || policy.compiled().allows_graphql() => {
+            Ok(Permit::untouched())
+        }
         FhirOp::GraphQl => Err(Deny::Forbidden("graphql")),
         FhirOp::Bundle { .. } => Err(Deny::Forbidden("nested_bundle")),
     }

@@ -848,3 +848,30 @@ fn read_needs_check_when_a_broken_entry_stops_the_walk() {
     assert!(!errors.is_empty());
     assert!(c.read_needs_check("Patient", "p1"));
 }
+
+#[test]
+fn graphql_needs_a_name_an_unrestricted_wildcard_and_nothing_hidden() {
+    let graphql = |resources: Value| compile(resources).allows_graphql();
+    assert!(graphql(
+        json!([{"resourceType": "*", "fhirgateOperation": ["graphql"]}])
+    ));
+    assert!(graphql(json!([
+        {"resourceType": "Patient", "interaction": ["read"], "fhirgateOperation": ["graphql"]},
+        {"resourceType": "*"}
+    ])));
+    // Not named; named but the wildcard has criteria or is read-only without search; a hidden field.
+    assert!(!graphql(json!([{"resourceType": "*"}])));
+    assert!(!graphql(
+        json!([{"resourceType": "*", "criteria": "*?_compartment=Patient/p1", "fhirgateOperation": ["graphql"]}])
+    ));
+    assert!(!graphql(
+        json!([{"resourceType": "*", "interaction": ["read"], "fhirgateOperation": ["graphql"]}])
+    ));
+    assert!(!graphql(json!([
+        {"resourceType": "Patient", "hiddenFields": ["birthDate"]},
+        {"resourceType": "*", "fhirgateOperation": ["graphql"]}
+    ])));
+    assert!(!graphql(
+        json!([{"resourceType": "Patient", "fhirgateOperation": ["graphql"]}])
+    ));
+}
