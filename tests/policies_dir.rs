@@ -316,3 +316,67 @@ fn an_invalid_policy_file_stops_the_start() {
         .to_string();
     assert!(message.contains("no-such-dir"), "{message}");
 }
+
+#[test]
+fn reloads_under_load_drop_no_request() {
+    let upstream = FhirUpstream::start();
+    let policies = tempfile::tempdir().unwrap();
+    let file = policies.path().join("busy-policy.json");
+    let version = |n: usize| {
+        json!({"resourceType": "AccessPolicy", "name": format!("busy v{n}"), "resource": [
+            {"resourceType": "Observation"},
+            {"resourceType": "Patient", "readonly": n % 2 == 0}
+        ]})
+    };
+    write_policy(&file, &version(0));
+    let dir = policies.path().to_path_buf();
+    let gw = TestGateway::start_with(&upstream.base_url, |f| f.policies_dir = Some(dir));
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let (id, secret) = gw.client_with_policy(&admin, Some("busy-policy")).await;
+        let token = gw.token(&id, &secret, None).await;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Four clients read without pause while the file changes eight times.
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (url, token, stop) = (
+                    format!("{}Observation?_count=1", gw.fhir),
+                    token.clone(),
+                    stop.clone(),
+                );
+                tokio::spawn(async move {
+                    let c = TestGateway::client();
+                    let mut answers = Vec::new();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let r = c.get(&url).bearer_auth(&token).send().await;
+                        answers.push(r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()));
+                    }
+                    answers
+                })
+            })
+            .collect();
+        for n in 1..=8 {
+            write_policy(&file, &version(n));
+            tokio::time::sleep(Duration::from_millis(400)).await;
+        }
+        // The last version is applied (within the reload period) while the readers go on.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, stored) = stored_policy(&gw, &admin, "busy-policy").await;
+            if stored["name"] == "busy v8" {
+                break;
+            }
+            assert!(Instant::now() < deadline, "v8 never applied: {stored}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = 0;
+        for r in readers {
+            for answer in r.await.unwrap() {
+                total += 1;
+                assert_eq!(answer, Ok(200), "a request during a reload");
+            }
+        }
+        assert!(total > 40, "only {total} requests ran during the reloads");
+    });
+}
