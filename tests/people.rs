@@ -1217,7 +1217,8 @@ fn case_48_recaptcha_and_breached_passwords_on_self_service() {
     });
 
     // A breach service that cannot be reached refuses new passwords (503), never skips the check.
-    let closed = free_port_url();
+    // Port 1 (tcpmux): nothing listens there on a test machine, and no test takes it.
+    let closed = "http://127.0.0.1:1".to_string();
     let gw = start(&upstream, |f| {
         f.register_enabled = Some(true);
         f.pwned_passwords_url = Some(closed);
@@ -1229,9 +1230,4 @@ fn case_48_recaptcha_and_breached_passwords_on_self_service() {
         assert_eq!(status, 503, "{out}");
         assert_eq!(users_with_email(&gw, "down@example.com").await, 0);
     });
-}
-
-/// A URL where nothing listens.
-fn free_port_url() -> String {
-    format!("http://127.0.0.1:{}", common::gateway::free_port())
 }
