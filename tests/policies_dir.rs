@@ -325,7 +325,7 @@ fn reloads_under_load_drop_no_request() {
     let version = |n: usize| {
         json!({"resourceType": "AccessPolicy", "name": format!("busy v{n}"), "resource": [
             {"resourceType": "Observation"},
-            {"resourceType": "Patient", "readonly": n % 2 == 0}
+            {"resourceType": "Patient", "readonly": n.is_multiple_of(2)}
         ]})
     };
     write_policy(&file, &version(0));
