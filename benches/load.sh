@@ -47,6 +47,7 @@
 #   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 #   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
+#   AUDIT [1] 1 = fhirgate's per-request audit record on (info, JSON) and nginx's access log on
 #   PRELOAD [none] a malloc to LD_PRELOAD into fhirgate and the pingora baseline, for an A/B of
 #     the allocator without rebuilding, e.g. PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 #     (apt-get install libjemalloc2) or .../libmimalloc.so.2 (libmimalloc2.0)
@@ -70,6 +71,10 @@ PIN=${PIN:-0}
 KEEP_TMP=${KEEP_TMP:-0}
 PROXY_THREADS=${PROXY_THREADS:-2}
 PRELOAD=${PRELOAD:-}
+# AUDIT=1: fhirgate writes its audit record per request (FHIRGATE_LOG=info, JSON, as operators
+# run it) and the nginx proxy its access log, both to a file (the default); AUDIT=0: neither
+# logs per request.
+AUDIT=${AUDIT:-1}
 if [[ -n $PRELOAD && ! -r $PRELOAD ]]; then
   echo "load.sh: PRELOAD=$PRELOAD is not a readable file" >&2
   exit 1
@@ -179,6 +184,15 @@ chmod -R a+rX "$TMP/www"
 PATIENT_BYTES=$(wc -c <"$TMP/www/fhir/R4/Patient/p1")
 METADATA_BYTES=$(wc -c <"$TMP/www/fhir/R4/metadata")
 
+NGINX_ACCESS_LOG=""
+FG_LOG_LEVEL=warn
+FG_LOG_FORMAT=text
+if [[ $AUDIT == 1 ]]; then
+  NGINX_ACCESS_LOG="access_log $TMP/nginx-rp/access.log;"
+  FG_LOG_LEVEL=info
+  FG_LOG_FORMAT=json
+fi
+
 NGINX_USER=""
 [[ $(id -u) == 0 ]] && NGINX_USER="user www-data;"
 
@@ -230,6 +244,7 @@ $(common_http "$TMP/nginx-rp")
   }
   server {
     listen 127.0.0.1:$NGX_PORT;
+    $NGINX_ACCESS_LOG
     location / {
       proxy_pass http://fhir_upstream;
       proxy_http_version 1.1;
@@ -287,11 +302,11 @@ if [[ " $CASES " == *" pingora "* ]]; then
 fi
 
 log "starting fhirgate on :$GW_PORT ($PROXY_THREADS threads)"
-LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=warn \
+LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG_LEVEL \
   "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
-  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format text --policies-dir "$ROOT/policies" \
+  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format "$FG_LOG_FORMAT" --policies-dir "$ROOT/policies" \
   --auth-rate-limit 0 \
   >"$TMP/fhirgate.log" 2>&1 &
 FG_PID=$!

@@ -300,7 +300,15 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
             "the replay reached another control process"
         );
     });
-    // No process wrote the admin secret it was configured with to its log.
+    // Proxy B, which served the FHIR requests, wrote their audit records (its log writer
+    // batches, so give it a moment); no process wrote the admin secret it was configured with,
+    // or a token.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let b = &d.procs[3];
+    while log_of(b).matches("fhirgate::audit").count() < 2 {
+        assert!(Instant::now() < deadline, "no audit records: {}", log_of(b));
+        std::thread::sleep(Duration::from_millis(50));
+    }
     for p in &d.procs {
         let log = log_of(p);
         assert!(
@@ -308,5 +316,6 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
             "secret in {:?}",
             data_dir(p)
         );
+        assert!(!log.contains("eyJ"), "a token in {:?}", data_dir(p));
     }
 }

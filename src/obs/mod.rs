@@ -112,18 +112,34 @@ pub fn encode() -> String {
 }
 
 /// Installs the global tracing subscriber (JSON or text). Safe to call more than once.
-pub fn init_logging(json: bool) {
+/// Sets up logging to stdout. Lines are handed to a writer thread that writes them in batches
+/// (a buffer flushed whenever no more lines are waiting), so the request path does no write
+/// syscall; when the queue is full, callers wait rather than drop audit records. Keep the
+/// returned guard alive while the process runs: dropping it writes out what is queued.
+pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("FHIRGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("fhirgate-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stdout(),
+        ));
     let _ = if json {
         tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
             .with_current_span(false)
+            .with_writer(writer)
             .try_init()
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).try_init()
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(writer)
+            .try_init()
     };
+    guard
 }
 
 /// One audit record per decision. Built from typed fields only, so no header, token or secret
