@@ -167,6 +167,21 @@ async fn token_request(base: &str, form: &[(&str, &str)]) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
+/// A client_credentials token of the admin client, through the gateway at `base`.
+async fn admin_token(base: &str) -> String {
+    let (status, body) = token_request(
+        base,
+        &[
+            ("grant_type", "client_credentials"),
+            ("client_id", ADMIN_CLIENT_ID),
+            ("client_secret", ADMIN_CLIENT_SECRET),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    body["access_token"].as_str().unwrap().to_string()
+}
+
 async fn get_status(url: &str, token: &str) -> u16 {
     client()
         .get(url)
@@ -185,17 +200,7 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
     let d = deploy(&store, &upstream.base_url);
     rt().block_on(async {
         // A token issued through A (control 1) works on B.
-        let (status, body) = token_request(
-            &d.a,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", ADMIN_CLIENT_ID),
-                ("client_secret", ADMIN_CLIENT_SECRET),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let admin = body["access_token"].as_str().unwrap().to_string();
+        let admin = admin_token(&d.a).await;
         let on_b = format!("{}fhir/R4/Patient?_count=1", d.b);
         assert_eq!(get_status(&on_b, &admin).await, 200);
 
@@ -222,17 +227,7 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
         assert!(took <= Duration::from_secs(1), "took {took:?}");
 
         // A private_key_jwt assertion accepted by control 1 is refused by control 2.
-        let (status, body) = token_request(
-            &d.a,
-            &[
-                ("grant_type", "client_credentials"),
-                ("client_id", ADMIN_CLIENT_ID),
-                ("client_secret", ADMIN_CLIENT_SECRET),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{body}");
-        let admin = body["access_token"].as_str().unwrap().to_string();
+        let admin = admin_token(&d.a).await;
         let key = assertion_key();
         let jwks_uri = serve_jwks(key.jwks.clone()).await;
         let me: Value = client()
