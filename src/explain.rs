@@ -23,6 +23,7 @@ use fhirgate_core::policy::ip::IpVerdict;
 use fhirgate_core::policy::model::{
     AccessParameter, AccessPolicy, MembershipAccess, ProjectMembership, Reference,
 };
+use fhirgate_core::policy::write::WriteRefusal;
 use serde_json::Value;
 
 use crate::gateway::route::CONTROL_FHIR_TYPES;
@@ -787,20 +788,28 @@ fn create_body_check(policy: &EffectivePolicy, op: &FhirOp, permit: &Permit) -> 
     if permit.write != WriteCheck::Create {
         return None;
     }
-    let Some(entry) = policy.satisfied(resource, Interaction::Create).cloned() else {
-        return Some(
-            "the body satisfies no entry granting create (criteria or compartment)".into(),
-        );
-    };
-    let mut r = resource.clone();
-    policy.restore_protected_fields(&mut r, None, &entry);
-    if policy.satisfied(&r, Interaction::Create).is_none() {
-        return Some(format!(
-            "the body satisfies resource[{}] only with its readonlyFields, which are removed on create",
-            entry.index
-        ));
-    }
-    None
+    // The gateway's own check, on a copy: id dropped, compartment stamped, readonly fields
+    // removed, criteria and writeConstraint.
+    let refusal = policy.check_create(&mut resource.clone()).err()?;
+    Some(match refusal {
+        WriteRefusal::WriteConstraint => {
+            "the body does not satisfy the writeConstraint of the entry that grants create".into()
+        }
+        _ => {
+            let mut without_id = resource.clone();
+            if let Some(obj) = without_id.as_object_mut() {
+                obj.remove("id");
+            }
+            let as_sent = policy.satisfied(resource, Interaction::Create).is_some();
+            if as_sent && policy.satisfied(&without_id, Interaction::Create).is_none() {
+                "the body satisfies an entry only with its own `id`, which the upstream replaces on create".into()
+            } else if as_sent {
+                "the body satisfies an entry only with its readonlyFields (removed on create) or another compartment (meta.account is stamped with the policy's)".into()
+            } else {
+                "the body satisfies no entry granting create (criteria or compartment)".into()
+            }
+        }
+    })
 }
 
 fn permit_lines(out: &mut String, policy: &EffectivePolicy, op: &FhirOp, permit: &Permit) {
@@ -1139,5 +1148,23 @@ mod tests {
             ..ExplainInput::default()
         };
         assert!(explain(&i).is_err());
+    }
+
+    #[test]
+    fn a_create_that_claims_an_id_is_explained_as_the_gateway_decides_it() {
+        let mut i = input(
+            json!({"resourceType": "AccessPolicy", "id": "own", "resource": [
+                {"resourceType": "Patient", "criteria": "Patient?_id=p1"}
+            ]}),
+            "POST",
+            "Patient",
+        );
+        i.body = Some(br#"{"resourceType": "Patient", "id": "p1"}"#.to_vec());
+        let trace = explain(&i).unwrap();
+        assert!(trace.contains("its own `id`"), "{trace}");
+        assert!(
+            trace.lines().any(|l| l.starts_with("Decision: DENY 403")),
+            "{trace}"
+        );
     }
 }

@@ -7,10 +7,8 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
-use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
 use fhirgate_core::policy::effective::SearchNarrowing;
-use fhirgate_core::policy::fhirpath::write_constraints_hold;
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -211,55 +209,6 @@ fn parse_json(body: &Option<Bytes>) -> Step<Value> {
         .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
-/// The checks of a resource about to be written: a create is stamped with the policy's
-/// compartment (`meta.account`); the entry that allows the write (on the new resource for a
-/// create, on the current version for an update) restores what the caller may not set, and the
-/// result must still satisfy the policy and its write constraints. The error is the denial
-/// label.
-fn check_written(
-    policy: &EffectivePolicy,
-    new: &mut Value,
-    current: Option<&Value>,
-) -> Result<(), &'static str> {
-    if current.is_none() {
-        policy.stamp_account(new);
-    }
-    let (interaction, basis, outside, result_outside) = match current {
-        Some(cur) => (
-            Interaction::Update,
-            cur,
-            "current_outside_criteria",
-            "result_outside_criteria",
-        ),
-        None => (
-            Interaction::Create,
-            &*new,
-            "create_outside_criteria",
-            "create_outside_criteria",
-        ),
-    };
-    let entry = policy
-        .satisfied(basis, interaction)
-        .cloned()
-        .ok_or(outside)?;
-    policy.restore_protected_fields(new, current, &entry);
-    let after = policy.satisfied(new, interaction).ok_or(result_outside)?;
-    if !write_constraints_hold(&after.write_constraints, new, current) {
-        return Err("write_constraint");
-    }
-    Ok(())
-}
-
-/// [`check_written`] for a create. The upstream assigns the id of a created resource, so the
-/// client's `id` is dropped first: it must not satisfy an `_id` criteria for a resource that
-/// will be stored under another id.
-fn check_create(policy: &EffectivePolicy, new: &mut Value) -> Result<(), &'static str> {
-    if let Some(obj) = new.as_object_mut() {
-        obj.remove("id");
-    }
-    check_written(policy, new, None)
-}
-
 /// Write step of create/update/patch: the checks of medplum-auth.md §4.5, stricter where SPEC
 /// says so. Returns the body to send and the `If-Match` to pin.
 async fn prepare_write(
@@ -316,7 +265,9 @@ async fn prepare_write(
                 probe_headers.push(("if-none-exist", value));
             }
             let mut resource = parse_json(&m.body)?;
-            check_create(policy, &mut resource).map_err(forbid)?;
+            policy
+                .check_create(&mut resource)
+                .map_err(|r| forbid(r.label()))?;
             let body = serde_json::to_vec(&resource).unwrap_or_default();
             probe_headers.push(("content-type", "application/fhir+json".into()));
             Ok((
@@ -370,7 +321,9 @@ async fn prepare_write(
                             "current_outside_criteria",
                         ));
                     }
-                    check_written(policy, &mut new, Some(cur)).map_err(forbid)?;
+                    policy
+                        .check_write(&mut new, Some(cur))
+                        .map_err(|r| forbid(r.label()))?;
                     if let Some(v) = version_of(cur) {
                         // A client's own If-Match is honoured; otherwise we pin what we checked.
                         let client = req
@@ -383,7 +336,9 @@ async fn prepare_write(
                 }
                 None => {
                     // Update-as-create.
-                    check_written(policy, &mut new, None).map_err(forbid)?;
+                    policy
+                        .check_write(&mut new, None)
+                        .map_err(|r| forbid(r.label()))?;
                     pin.push(("if-none-match", "*".into()));
                 }
             }
@@ -511,7 +466,9 @@ fn bundle_entry_check(
                 return Err(Deny::Forbidden("conditional_create_with_criteria"));
             }
             let mut resource = r.clone();
-            check_create(&m.policy, &mut resource).map_err(Deny::Forbidden)?;
+            m.policy
+                .check_create(&mut resource)
+                .map_err(|r| Deny::Forbidden(r.label()))?;
             Ok(Some(resource))
         }
         (WriteCheck::Create, _) => Err(Deny::Forbidden("create_without_body")),

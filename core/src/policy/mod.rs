@@ -10,5 +10,6 @@ pub mod filter;
 pub mod ip;
 pub mod model;
 pub mod scope;
+pub mod write;
 
 pub use effective::EffectivePolicy;
