@@ -443,6 +443,41 @@ fn missing_scope_falls_back_to_the_clients_default_scope() {
     });
 }
 
+#[test]
+fn an_authorization_request_sent_by_post_works_like_get() {
+    // OpenID Connect Core §3.1.2.1: the request may come as a form POST.
+    let client = app(json!({}));
+    let (email, seeded) = user("post-request");
+    rt().block_on(async {
+        let (verifier, challenge) = pkce_pair();
+        let fields: Vec<(String, String)> = [
+            ("response_type", "code"),
+            ("client_id", client.as_str()),
+            ("redirect_uri", REDIRECT),
+            ("scope", "openid"),
+            ("state", "st-post"),
+            ("code_challenge", challenge.as_str()),
+            ("code_challenge_method", "S256"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let mut b = Browser::default();
+        let page = b.post(&fields).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(page.title(), "Sign in");
+        let done = b
+            .submit(&page, &[("email", email.as_str()), ("password", PASSWORD)])
+            .await;
+        assert_eq!(done.status, 302, "{}", done.body);
+        let params = done.redirect_params();
+        assert_eq!(params["state"], "st-post");
+        let (status, tokens) = exchange(&client, &params["code"], &verifier).await;
+        assert_eq!(status, 200, "{tokens}");
+        assert_eq!(tokens["profile"]["reference"], seeded.profile.as_str());
+    });
+}
+
 // === the page over HTTP ===
 
 /// Signs in through the page (no MFA, one membership) and consents to everything; returns the
