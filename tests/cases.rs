@@ -138,6 +138,19 @@ fn at_path(v: &Value, path: &str) -> Value {
     cur
 }
 
+/// A case's placeholders in `text`: `${vid:Type/id}` is that fixture's stored version, `$target`
+/// the on-behalf-of membership (when the case has one).
+fn substitute(text: &str, versions: &HashMap<String, String>, target: Option<&str>) -> String {
+    let mut out = text.to_string();
+    for (k, v) in versions {
+        out = out.replace(&format!("${{vid:{k}}}"), v);
+    }
+    if let Some(t) = target {
+        out = out.replace("$target", &format!("ProjectMembership/{t}"));
+    }
+    out
+}
+
 /// The corpus writes `access[].policy` as a reference string; the wire form is a Reference.
 fn access_entries(v: Option<&Value>) -> Value {
     let mut list = v.cloned().unwrap_or(json!([]));
@@ -305,10 +318,7 @@ fn run_case(path: &Path) -> Result<(), String> {
 
     // The request, byte for byte.
     let req = &case["request"];
-    let mut path_s = req["path"].as_str().unwrap_or("").to_string();
-    for (k, v) in &versions {
-        path_s = path_s.replace(&format!("${{vid:{k}}}"), v);
-    }
+    let path_s = substitute(req["path"].as_str().unwrap_or(""), &versions, None);
     let mut headers: Vec<(String, String)> = Vec::new();
     let mut has_ct = false;
     for (k, v) in req["headers"].as_object().into_iter().flatten() {
@@ -572,16 +582,10 @@ fn run_case(path: &Path) -> Result<(), String> {
         .into_iter()
         .flatten()
     {
-        let mut want = want.as_str().unwrap_or("").to_string();
-        for (k, v) in &versions {
-            want = want.replace(&format!("${{vid:{k}}}"), v);
-        }
-        want = want.replace(
-            "$target",
-            &format!(
-                "ProjectMembership/{}",
-                target_membership.clone().unwrap_or_default()
-            ),
+        let want = substitute(
+            want.as_str().unwrap_or(""),
+            &versions,
+            Some(target_membership.as_deref().unwrap_or_default()),
         );
         let h = h.to_ascii_lowercase();
         if !after

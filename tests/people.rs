@@ -1080,8 +1080,6 @@ type Received = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
 async fn serve_siteverify() -> (String, Received) {
     let seen = Received::default();
     let record = seen.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route(
         "/siteverify",
         axum::routing::post(move |form: axum::extract::Form<Vec<(String, String)>>| {
@@ -1094,9 +1092,7 @@ async fn serve_siteverify() -> (String, Received) {
             }
         }),
     );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let port = common::http::serve(app).await;
     (format!("http://127.0.0.1:{port}/siteverify"), seen)
 }
 
@@ -1110,8 +1106,6 @@ async fn serve_pwned_range(
     let digest = hex::encode_upper(sha1::Sha1::digest(breached.as_bytes()));
     let asked: Arc<Mutex<Vec<String>>> = Arc::default();
     let record = asked.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route(
         "/range/{prefix}",
         axum::routing::get(
@@ -1129,9 +1123,7 @@ async fn serve_pwned_range(
             },
         ),
     );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let port = common::http::serve(app).await;
     (format!("http://127.0.0.1:{port}"), asked)
 }
 

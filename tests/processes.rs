@@ -12,8 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::assertion::{assertion, assertion_key, serve_jwks};
-use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, free_port};
-use common::http::rt;
+use common::gateway::{ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET, TestGateway, free_port};
+use common::http::{rt, send};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
@@ -150,21 +150,11 @@ fn deploy(store: &str, upstream: &str) -> Deployment {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    TestGateway::client()
 }
 
 async fn token_request(base: &str, form: &[(&str, &str)]) -> (u16, Value) {
-    let r = client()
-        .post(format!("{base}oauth2/token"))
-        .form(form)
-        .send()
-        .await
-        .unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    send(client().post(format!("{base}oauth2/token")).form(form)).await
 }
 
 /// A client_credentials token of the admin client, through the gateway at `base`.
@@ -230,45 +220,29 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
         let admin = admin_token(&d.a).await;
         let key = assertion_key();
         let jwks_uri = serve_jwks(key.jwks.clone()).await;
-        let me: Value = client()
-            .get(format!("{}auth/me", d.a))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (_, me) = send(client().get(format!("{}auth/me", d.a)).bearer_auth(&admin)).await;
         let project = me["project"]["id"].as_str().unwrap().to_string();
-        let created = client()
-            .post(format!("{}admin/projects/{project}/client", d.a))
-            .bearer_auth(&admin)
-            .json(&json!({"name": "signed-assertions"}))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(created.status(), 201);
-        let created: Value = created.json().await.unwrap();
+        let (status, created) = send(
+            client()
+                .post(format!("{}admin/projects/{project}/client", d.a))
+                .bearer_auth(&admin)
+                .json(&json!({"name": "signed-assertions"})),
+        )
+        .await;
+        assert_eq!(status, 201, "{created}");
         let id = created["id"].as_str().unwrap().to_string();
-        let mut app: Value = client()
-            .get(format!("{}fhir/R4/ClientApplication/{id}", d.a))
-            .bearer_auth(&admin)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let app_url = format!("{}fhir/R4/ClientApplication/{id}", d.a);
+        let (_, mut app) = send(client().get(&app_url).bearer_auth(&admin)).await;
         app["jwksUri"] = json!(jwks_uri);
-        let put = client()
-            .put(format!("{}fhir/R4/ClientApplication/{id}", d.a))
-            .bearer_auth(&admin)
-            .header("content-type", "application/fhir+json")
-            .json(&app)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(put.status(), 200);
+        let (status, put) = send(
+            client()
+                .put(&app_url)
+                .bearer_auth(&admin)
+                .header("content-type", "application/fhir+json")
+                .json(&app),
+        )
+        .await;
+        assert_eq!(status, 200, "{put}");
         let now = fhirgate::store::now_unix();
         let signed = assertion(
             &key,

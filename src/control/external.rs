@@ -60,13 +60,8 @@ const IDP_MAX_BODY: usize = 256 * 1024;
 /// Largest `/auth/*` body of this module.
 const MAX_BODY: usize = 64 * 1024;
 
-static IDP_HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .timeout(IDP_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .ok()
-});
+static IDP_HTTP: LazyLock<Option<reqwest::Client>> =
+    LazyLock::new(|| super::outbound::client(IDP_TIMEOUT));
 
 // === configuration ===
 
@@ -257,18 +252,6 @@ pub fn jwt_payload(token: &str) -> Option<Map<String, Value>> {
     }
 }
 
-/// Reads at most [`IDP_MAX_BODY`] bytes of an IdP answer.
-async fn bounded_body(mut resp: reqwest::Response) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.ok()? {
-        if body.len() + chunk.len() > IDP_MAX_BODY {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Some(body)
-}
-
 /// The host of an IdP URL, for log lines (never the URL's query, which may carry secrets).
 fn host_of(url: &str) -> String {
     url::Url::parse(url)
@@ -341,13 +324,17 @@ pub async fn user_info(url: &str, access_token: &str) -> Result<Map<String, Valu
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
         .unwrap_or_else(|| "null".to_string());
     if content_type.contains("application/json") {
-        let body = bounded_body(resp).await.ok_or(IdpError::Failed)?;
+        let body = super::outbound::read_bounded(resp, IDP_MAX_BODY)
+            .await
+            .ok_or(IdpError::Failed)?;
         match serde_json::from_slice(&body) {
             Ok(Value::Object(m)) => Ok(m),
             _ => Err(IdpError::Failed),
         }
     } else if content_type.contains("application/jwt") {
-        let body = bounded_body(resp).await.ok_or(IdpError::Failed)?;
+        let body = super::outbound::read_bounded(resp, IDP_MAX_BODY)
+            .await
+            .ok_or(IdpError::Failed)?;
         let text = String::from_utf8(body).map_err(|_| IdpError::Failed)?;
         jwt_payload(text.trim()).ok_or(IdpError::Failed)
     } else {
@@ -402,7 +389,9 @@ async fn claims_for_code(
         failed()
     })?;
     let status = resp.status();
-    let body = bounded_body(resp).await.ok_or_else(failed)?;
+    let body = super::outbound::read_bounded(resp, IDP_MAX_BODY)
+        .await
+        .ok_or_else(failed)?;
     if !status.is_success() {
         tracing::warn!(idp = %host_of(token_url), status = status.as_u16(), "IdP refused the authorization code");
         return Err(failed());

@@ -1,8 +1,8 @@
 //! Checks that ask a service outside fhirgate, on the self-service endpoints: reCAPTCHA
 //! (`/auth/newuser`, `/auth/resetpassword`; medplum-auth.md §2.18) and the breached-password
 //! range API (HaveIBeenPwned's k-anonymity protocol: only the first five hex digits of the
-//! password's SHA-1 leave the process). Both are off until configured. Calls follow no
-//! redirects, time out, and read bounded bodies.
+//! password's SHA-1 leave the process). Both are off until configured; the calls are
+//! `outbound`'s.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -10,33 +10,16 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 use sha1::{Digest, Sha1};
 
-use super::ApiError;
 use super::login::body_str;
 use super::password::BREACHED;
+use super::{ApiError, outbound};
 use crate::state::State;
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 /// A range answer lists about a thousand suffixes (~40 KB); padded answers stay well under this.
 const MAX_BODY: usize = 512 * 1024;
 
-static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .timeout(TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .ok()
-});
-
-async fn bounded_body(mut resp: reqwest::Response) -> Option<Vec<u8>> {
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.ok()? {
-        if body.len() + chunk.len() > MAX_BODY {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Some(body)
-}
+static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| outbound::client(TIMEOUT));
 
 // === reCAPTCHA ===
 
@@ -95,7 +78,7 @@ pub async fn check_recaptcha(
     if !resp.status().is_success() {
         return Err(failed());
     }
-    let answer: Value = bounded_body(resp)
+    let answer: Value = outbound::read_bounded(resp, MAX_BODY)
         .await
         .and_then(|b| serde_json::from_slice(&b).ok())
         .ok_or_else(failed)?;
@@ -145,7 +128,9 @@ pub async fn check_not_breached(
     if !resp.status().is_success() {
         return Err(unavailable());
     }
-    let body = bounded_body(resp).await.ok_or_else(unavailable)?;
+    let body = outbound::read_bounded(resp, MAX_BODY)
+        .await
+        .ok_or_else(unavailable)?;
     let answer = String::from_utf8(body).map_err(|_| unavailable())?;
     if range_lists(&answer, suffix) {
         return Err(ApiError::invalid(field, BREACHED));

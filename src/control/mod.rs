@@ -22,6 +22,7 @@ mod logout;
 mod me;
 mod mfa;
 mod oauth;
+mod outbound;
 mod pages;
 mod password;
 mod ratelimit;

@@ -239,17 +239,12 @@ static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = Lazy
         .build()
 });
 
-static JWKS_HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .timeout(JWKS_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .ok()
-});
+static JWKS_HTTP: LazyLock<Option<reqwest::Client>> =
+    LazyLock::new(|| super::outbound::client(JWKS_TIMEOUT));
 
 async fn fetch_jwks(url: &str) -> Option<CachedJwks> {
     let client = JWKS_HTTP.as_ref()?;
-    let mut resp = client
+    let resp = client
         .get(url)
         .header(header::ACCEPT, "application/json")
         .send()
@@ -258,13 +253,7 @@ async fn fetch_jwks(url: &str) -> Option<CachedJwks> {
     if !resp.status().is_success() {
         return None;
     }
-    let mut body = Vec::new();
-    while let Some(chunk) = resp.chunk().await.ok()? {
-        if body.len() + chunk.len() > JWKS_MAX_BYTES {
-            return None;
-        }
-        body.extend_from_slice(&chunk);
-    }
+    let body = super::outbound::read_bounded(resp, JWKS_MAX_BYTES).await?;
     let set = serde_json::from_slice(&body).ok()?;
     Some(CachedJwks {
         set,

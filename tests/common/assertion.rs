@@ -30,8 +30,6 @@ pub fn assertion(key: &AssertionKey, claims: &Value) -> String {
 
 /// Serves `jwks` at `http://127.0.0.1:PORT/jwks.json` on the current runtime.
 pub async fn serve_jwks(jwks: Value) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
     let app = axum::Router::new().route(
         "/jwks.json",
         axum::routing::get(move || {
@@ -39,8 +37,6 @@ pub async fn serve_jwks(jwks: Value) -> String {
             async move { axum::Json(jwks) }
         }),
     );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let port = super::http::serve(app).await;
     format!("http://127.0.0.1:{port}/jwks.json")
 }

@@ -127,3 +127,16 @@ pub async fn status(req: reqwest::RequestBuilder) -> u16 {
         .status()
         .as_u16()
 }
+
+/// Serves `app` on a free loopback port on the current runtime (a local stand-in for a service
+/// outside fhirgate); returns the port.
+pub async fn serve(app: axum::Router) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a loopback port");
+    let port = listener.local_addr().expect("its address").port();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    port
+}
