@@ -75,7 +75,8 @@ impl Gateway {
                 rb = rb.header(name, v.as_bytes());
             }
         }
-        for (k, v) in overrides {
+        // An empty override removes the client's header instead of sending an empty one.
+        for (k, v) in overrides.iter().filter(|(_, v)| !v.is_empty()) {
             rb = rb.header(*k, v.as_str());
         }
         if let Some(auth) = &self.state.config.upstream.authorization {
@@ -572,20 +573,33 @@ async fn run_inner(
     }
 
     let permit = m.permit.as_ref().ok_or_else(|| forbid("no_permit"))?;
-    if permit.guard_current
-        && let FhirOp::History {
+    // Instance history and instance read operations (`$everything`) answer only for an
+    // instance the caller may see: otherwise an empty answer and a 404 would tell them apart.
+    let guarded = match &m.op {
+        FhirOp::History {
             resource_type: Some(ty),
             id: Some(id),
-        } = &m.op
+        } => Some((ty, id, Interaction::History)),
+        FhirOp::Operation {
+            resource_type: Some(ty),
+            id: Some(id),
+            ..
+        } => Some((ty, id, Interaction::Read)),
+        _ => None,
+    };
+    if permit.guard_current
+        && let Some((ty, id, interaction)) = guarded
     {
         let visible = gw
             .current(ctx, session, ty, id)
             .await?
-            .is_some_and(|cur| m.policy.satisfied(&cur, Interaction::History).is_some());
+            .is_some_and(|cur| m.policy.satisfied(&cur, interaction).is_some());
         if !visible {
             return Err(Failure::Answer(Outcome::NotFound, "outside_criteria"));
         }
     }
+    let checked_read =
+        permit.write == WriteCheck::None && permit.response == ResponseNeed::CheckResource;
     // A checked read needs the body even when the client only wants the headers.
     let method = if method == http::Method::HEAD && permit.response == ResponseNeed::CheckResource {
         http::Method::GET
@@ -603,7 +617,16 @@ async fn run_inner(
                 &permit.narrowing,
             ),
             m.body.clone(),
-            Vec::new(),
+            // A 304 would confirm that an invisible resource exists and its version: ask for
+            // the body and answer the condition here, after the check.
+            if checked_read {
+                vec![
+                    ("if-none-match", String::new()),
+                    ("if-modified-since", String::new()),
+                ]
+            } else {
+                Vec::new()
+            },
         )
     };
     let up = gw
@@ -642,6 +665,7 @@ async fn run_inner(
                 Interaction::Read
             };
             check_resource(&m.policy, &mut value, i)
+                || binary_visible_through_context(gw, ctx, session, &m, &value).await?
         }
         _ => filter_value(&m.policy, &mut value, permit.drop_total),
     };
@@ -652,11 +676,71 @@ async fn run_inner(
         }
         return Err(Failure::Answer(Outcome::NotFound, "outside_criteria"));
     }
+    if checked_read && up.status == 200 && not_modified(session, &up.headers) {
+        return Ok((304, up.headers, Bytes::new()));
+    }
     Ok((
         up.status,
         up.headers,
         Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
     ))
+}
+
+/// The client's `If-None-Match` names the version the upstream answered with (weak compare).
+fn not_modified(session: &Session, headers: &[(&'static str, String)]) -> bool {
+    let Some(wanted) = session
+        .req_header()
+        .headers
+        .get("if-none-match")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(etag) = headers.iter().find(|(k, _)| *k == "etag").map(|(_, v)| v) else {
+        return false;
+    };
+    let bare = |t: &str| {
+        t.trim()
+            .trim_start_matches("W/")
+            .trim_matches('"')
+            .to_string()
+    };
+    wanted
+        .split(',')
+        .any(|w| w.trim() == "*" || bare(w) == bare(etag))
+}
+
+/// FHIR's rule for `Binary`: one that does not satisfy the policy itself is readable when the
+/// resource its `securityContext` points to is. Only reads; writes must satisfy the policy.
+async fn binary_visible_through_context(
+    gw: &Gateway,
+    ctx: &RequestCtx,
+    session: &Session,
+    m: &Mediation,
+    binary: &Value,
+) -> Step<bool> {
+    if binary.get("resourceType").and_then(Value::as_str) != Some("Binary") {
+        return Ok(false);
+    }
+    let Some((ty, id)) = binary
+        .get("securityContext")
+        .and_then(|c| c.get("reference"))
+        .and_then(Value::as_str)
+        .and_then(|r| r.split_once('/'))
+    else {
+        return Ok(false);
+    };
+    if !fhirgate_core::fhir::types::is_resource_type(ty)
+        || !fhirgate_core::fhir::path::is_valid_id(id)
+        || ty == "Binary"
+        || !m.policy.type_allows(ty, Interaction::Read, m.super_admin)
+    {
+        return Ok(false);
+    }
+    Ok(gw
+        .current(ctx, session, ty, id)
+        .await?
+        .is_some_and(|target| m.policy.satisfied(&target, Interaction::Read).is_some()))
 }
 
 /// Runs a mediated exchange and answers the client. Returns the status written.

@@ -16,7 +16,7 @@ use crate::fhir::request::Interaction;
 use crate::policy::criteria::{Criteria, CriteriaError};
 use crate::policy::ip::{CompiledIpRule, IpVerdict, check_ip};
 use crate::policy::model::{
-    AccessPolicy, AccessPolicyResource, PROJECT_ADMIN_TYPES, PROTECTED_TYPES,
+    AccessPolicy, AccessPolicyResource, CREDENTIAL_TYPES, PROJECT_ADMIN_TYPES, PROTECTED_TYPES,
 };
 
 // === InteractionSet ===
@@ -184,6 +184,13 @@ pub fn is_known_resource_type(name: &str) -> bool {
 /// `Project`, `ProjectMembership`, `User`, `UserSecurityRequest`: never granted by `*`.
 pub fn is_project_admin_type(name: &str) -> bool {
     PROJECT_ADMIN_TYPES.contains(&name)
+}
+
+/// True for every type a `*` entry does not reach: the project admin types, the protected types
+/// and the credential types (`AccessPolicy`, `ClientApplication`, `IdentityProvider`). Only an
+/// entry naming the type grants it.
+pub fn is_identity_type(name: &str) -> bool {
+    is_project_admin_type(name) || is_protected_type(name) || CREDENTIAL_TYPES.contains(&name)
 }
 
 /// `DomainConfiguration`, `JsonWebKey`, `Login`: super admins only.
@@ -381,11 +388,12 @@ impl CompiledEntry {
         self.resource_type == "*"
     }
 
-    /// medplum-auth.md §4.3: same type, or `*` for a non-admin type; and the interaction is
+    /// medplum-auth.md §4.3: same type, or `*` for a type that is not an identity type (stricter
+    /// than Medplum: `*` reaches neither admin nor credential types); and the interaction is
     /// granted. Broken entries still match here (so that they stop the walk).
     pub fn shallow_matches(&self, resource_type: &str, interaction: Interaction) -> bool {
         (self.resource_type == resource_type
-            || (self.is_wildcard() && !is_project_admin_type(resource_type)))
+            || (self.is_wildcard() && !is_identity_type(resource_type)))
             && self.interactions.contains(interaction)
     }
 
@@ -416,10 +424,11 @@ impl CompiledEntry {
     /// Instance conditions of medplum-auth.md §4.4 (the type and interaction are assumed to
     /// shallow-match). A `*?…` criteria whose parameters do not exist on the resource's type does
     /// not match it.
-    fn instance_holds(&self, resource_type: &str, resource: &Value) -> bool {
-        if resource_type == "Binary" {
-            return true;
-        }
+    ///
+    /// A `Binary` gets no exemption (Medplum lets every Binary through): it is checked like any
+    /// other resource, so under an entry with conditions it passes only when it satisfies them
+    /// itself. The gateway also grants it through its `securityContext`, FHIR's rule.
+    fn instance_holds(&self, resource: &Value) -> bool {
         if let Some(compartment) = &self.compartment
             && !meta_compartment_contains(resource, compartment)
         {
@@ -662,6 +671,48 @@ impl CompiledPolicy {
         true
     }
 
+    /// Whether a search may filter on `resource_type` as a target (`_has`, a chain, `_list`,
+    /// `_filter`): only when every resource of it is searchable and nothing of it is hidden, since
+    /// the primary results then reveal which targets match (an oracle on resources or fields
+    /// the caller may not see). `*` (an untyped target) needs every searching entry to be so.
+    pub fn search_target_open(&self, resource_type: &str) -> bool {
+        let plain = |e: &CompiledEntry| {
+            !e.broken
+                && e.criteria.is_none()
+                && e.compartment.is_none()
+                && e.hidden_fields.is_empty()
+        };
+        if resource_type == "*" {
+            let mut searching = self
+                .entries
+                .iter()
+                .filter(|e| e.interactions.contains(Interaction::Search))
+                .peekable();
+            return searching.peek().is_some()
+                && self.wildcard_unrestricted(Interaction::Search)
+                && searching.all(plain);
+        }
+        self.entries_for(resource_type, Interaction::Search)
+            .next()
+            .is_some_and(plain)
+    }
+
+    /// The top-level elements hidden from a search of `resource_type` by any entry granting it:
+    /// searching or sorting on them would reveal them.
+    pub fn hidden_search_elements(&self, resource_type: &str) -> Vec<&str> {
+        let mut out: Vec<&str> = Vec::new();
+        for e in self.entries_for(resource_type, Interaction::Search) {
+            for path in &e.hidden_fields {
+                let first = path.raw.split('.').next().unwrap_or("");
+                let first = first.strip_suffix("[x]").unwrap_or(first);
+                if !out.contains(&first) {
+                    out.push(first);
+                }
+            }
+        }
+        out
+    }
+
     /// How to narrow a search of `resource_type`: any granting entry without criteria leaves it
     /// unrestricted; otherwise the OR of their criteria; no granting entry denies.
     pub fn search_narrowing(&self, resource_type: &str) -> SearchNarrowing {
@@ -686,7 +737,7 @@ impl CompiledPolicy {
     pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
         let resource_type = resource.get("resourceType")?.as_str()?;
         self.entries_for(resource_type, interaction)
-            .find(|entry| entry.instance_holds(resource_type, resource))
+            .find(|entry| entry.instance_holds(resource))
     }
 
     /// Removes `entry`'s hiddenFields from `resource`.

@@ -181,8 +181,93 @@ fn need_all(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<
     Ok(())
 }
 
+/// Parameters that shape the result rather than select it; their search-parameter codes (in
+/// `_sort`) are checked separately.
+const SHAPING_PARAMS: [&str; 10] = [
+    "_format",
+    "_pretty",
+    "_summary",
+    "_elements",
+    "_count",
+    "_offset",
+    "_total",
+    "_contained",
+    "_containedType",
+    "_type",
+];
+
+/// Stricter than Medplum: a search may not use another type as a filter (`_has`, chains,
+/// `_list`, `_filter`, `_query`) unless every resource of that type is searchable and none of
+/// its fields hidden, and may not filter or sort on a field hidden from the searched type.
+/// Either would answer questions about what the caller cannot see.
+fn search_reveals_nothing(policy: &EffectivePolicy, s: &Search) -> Result<(), Deny> {
+    let selecting: Vec<QueryParam> = s
+        .params
+        .iter()
+        .filter(|p| {
+            let base = p.name.split(':').next().unwrap_or("");
+            !is_include(&p.name) && !SHAPING_PARAMS.contains(&base) && base != "_sort"
+        })
+        .cloned()
+        .collect();
+    let targets = crate::fhir::search::referenced_types(&selecting)
+        .map_err(|_| Deny::Forbidden("search_target_restricted"))?;
+    if targets.iter().any(|t| !policy.search_target_open(t)) {
+        return Err(Deny::Forbidden("search_target_restricted"));
+    }
+    let Some(ty) = &s.resource_type else {
+        return Ok(());
+    };
+    let hidden = policy.hidden_search_elements(ty);
+    if hidden.is_empty() {
+        return Ok(());
+    }
+    let sort_codes = s
+        .params
+        .iter()
+        .filter(|p| p.name == "_sort")
+        .flat_map(|p| p.value.split(','))
+        .map(|c| c.trim().trim_start_matches('-'));
+    let codes = selecting
+        .iter()
+        .map(|p| p.name.split(['.', ':']).next().unwrap_or(""))
+        .chain(sort_codes);
+    for code in codes {
+        if code.is_empty() {
+            continue;
+        }
+        let touches_hidden = match crate::fhir::searchparam::lookup(ty, code) {
+            // A parameter whose definition we cannot see through could read anything: refuse.
+            None => true,
+            // `_text`, `_content`: full-text search reads every element.
+            Some(def) if def.expression.is_empty() => true,
+            Some(def) => hidden
+                .iter()
+                .any(|field| expression_reads(&def.expression, ty, field)),
+        };
+        if touches_hidden {
+            return Err(Deny::Forbidden("search_hidden_field"));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a search parameter's FHIRPath `expression` reads `field` of `ty` (textually: the
+/// element after `ty.`, or after a `(` / `|` alternative; a choice element `value[x]` is written
+/// `valueQuantity`, `value.as(…)`, so a prefix match counts too).
+fn expression_reads(expression: &str, ty: &str, field: &str) -> bool {
+    let prefix = format!("{ty}.");
+    expression.split(['|', '(', ')', ' ']).any(|part| {
+        part.trim().strip_prefix(&prefix).is_some_and(|rest| {
+            let element = rest.split(['.', ' ', '[']).next().unwrap_or("");
+            !element.is_empty() && (element.starts_with(field) || field.starts_with(element))
+        })
+    })
+}
+
 /// The permit of an allowed search: its narrowing, and whether `Bundle.total` can be trusted.
 fn search_permit(policy: &EffectivePolicy, s: &Search) -> Result<Permit, Deny> {
+    search_reveals_nothing(policy, s)?;
     let mut permit = Permit::filtered();
     if let Some(ty) = &s.resource_type {
         let (params, drop_total) = narrowing(policy, ty)?;
@@ -206,9 +291,62 @@ fn single_read(check: bool) -> Permit {
     }
 }
 
+/// The target types of conditional references (`"reference": "Patient?identifier=…"`) in a
+/// body about to be written, including inside a JSON Patch or Parameters document. The
+/// upstream resolves them with a search the caller's policy never narrows.
+pub fn conditional_reference_targets(body: &serde_json::Value) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(map) => {
+                for (k, child) in map {
+                    if k == "reference"
+                        && let Some(r) = child.as_str()
+                        && let Some((ty, _)) = r.split_once('?')
+                    {
+                        let ty = if ty.is_empty() { "*" } else { ty };
+                        if !out.iter().any(|t| t == ty) {
+                            out.push(ty.to_string());
+                        }
+                    }
+                    walk(child, out);
+                }
+            }
+            serde_json::Value::Array(list) => list.iter().for_each(|c| walk(c, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(body, &mut out);
+    out
+}
+
+/// A write whose body resolves conditional references needs every target searchable in full
+/// (see [`search_reveals_nothing`]); otherwise it links to, and reveals, what the caller
+/// cannot see.
+fn check_conditional_references(policy: &EffectivePolicy, op: &FhirOp) -> Result<(), Deny> {
+    let body = match op {
+        FhirOp::Create { resource, .. }
+        | FhirOp::Update { resource, .. }
+        | FhirOp::ConditionalUpdate { resource, .. } => resource.as_ref(),
+        FhirOp::Patch { patch, .. } | FhirOp::ConditionalPatch { patch, .. } => patch.as_ref(),
+        _ => None,
+    };
+    let Some(body) = body else {
+        return Ok(());
+    };
+    if conditional_reference_targets(body)
+        .iter()
+        .any(|t| !policy.search_target_open(t))
+    {
+        return Err(Deny::Forbidden("conditional_reference"));
+    }
+    Ok(())
+}
+
 /// Read, vread, update, patch and delete check their one pair directly (it is what
 /// [`checked_access`] returns for them), without building a list on the request path.
 fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<Permit, Deny> {
+    check_conditional_references(policy, op)?;
     match op {
         FhirOp::Capabilities => Ok(Permit::untouched()),
         FhirOp::Read { resource_type, id } => {
@@ -287,8 +425,15 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
         } => {
             if READ_OPERATIONS.contains(&name.as_str()) {
                 need_all(policy, op, super_admin)?;
+                // `Patient/p2/$everything` must not answer differently for an instance the
+                // caller cannot read: the instance itself is checked first.
+                let guard_current = match (resource_type, id) {
+                    (Some(ty), Some(_)) => policy.instance_checks_needed(ty, Interaction::Read),
+                    _ => false,
+                };
                 return Ok(Permit {
                     drop_total: true,
+                    guard_current,
                     ..Permit::filtered()
                 });
             }
@@ -345,3 +490,6 @@ pub fn decide_entries(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) 
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests;

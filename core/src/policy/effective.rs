@@ -66,12 +66,19 @@ pub enum EffectiveError {
 /// Interactions Medplum gives a `readonly` entry without `interaction` (step 3).
 const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
 
-/// The order in which a super-admin project gets the admin types (step 7).
-const SUPER_ADMIN_TYPES: [&str; 4] = [
+/// The order in which a super-admin project gets the admin types (step 7), then the types `*`
+/// no longer reaches (SPEC §2), which Medplum's super admins get through `*`.
+const SUPER_ADMIN_TYPES: [&str; 10] = [
     "UserSecurityRequest",
     "Project",
     "ProjectMembership",
     "User",
+    "ClientApplication",
+    "AccessPolicy",
+    "IdentityProvider",
+    "DomainConfiguration",
+    "JsonWebKey",
+    "Login",
 ];
 
 // === EffectivePolicy ===
@@ -346,6 +353,10 @@ fn project_admin_entries(
         readonly_fields: strings(&["email", "emailVerified", "mfaEnrolled", "project"]),
         ..entry_of("User")
     });
+    // `*` never reaches these (SPEC §2); a project admin manages its project's clients and
+    // policies by name. The control API keeps them inside the project.
+    out.push(entry_of("ClientApplication"));
+    out.push(entry_of("AccessPolicy"));
     out
 }
 

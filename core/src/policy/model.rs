@@ -173,3 +173,8 @@ pub const PROJECT_ADMIN_TYPES: [&str; 4] = [
 
 /// Types only super admins may touch, whatever a policy says (medplum-auth.md §4.3).
 pub const PROTECTED_TYPES: [&str; 3] = ["DomainConfiguration", "JsonWebKey", "Login"];
+
+/// Types that carry credentials or decide access: besides the project admin and protected
+/// types, a `*` entry never grants these (SPEC §2, stricter than Medplum, whose `*` lets any
+/// member rewrite a client's secret or widen a policy). Admins get them by name.
+pub const CREDENTIAL_TYPES: [&str; 3] = ["AccessPolicy", "ClientApplication", "IdentityProvider"];

@@ -130,7 +130,9 @@ fn wildcard_never_grants_admin_types_and_protected_need_super_admin() {
             &[
                 ("Patient", i, true),
                 ("Observation", i, true),
-                ("AccessPolicy", i, true),
+                ("AccessPolicy", i, false),
+                ("ClientApplication", i, false),
+                ("IdentityProvider", i, false),
                 ("Project", i, false),
                 ("ProjectMembership", i, false),
                 ("User", i, false),
@@ -140,7 +142,7 @@ fn wildcard_never_grants_admin_types_and_protected_need_super_admin() {
                 ("DomainConfiguration", i, false),
             ],
         );
-        assert!(c.type_allows("Login", i, true));
+        assert!(!c.type_allows("Login", i, true));
     }
     // Explicit entries do grant admin types; protected types stay refused without super admin.
     let c = compile(json!([{"resourceType": "User"}, {"resourceType": "Login"}]));
@@ -210,12 +212,50 @@ fn deprecated_entry_compartment_needs_meta_compartment() {
 }
 
 #[test]
-fn binary_always_passes_instance_conditions() {
+fn binary_is_checked_like_any_resource() {
+    // Medplum exempts Binary from criteria and compartments; a patient-compartment policy could
+    // then read every Binary by id. Here it must satisfy the entry itself.
     let c = compile(json!([
         {"resourceType": "Binary", "compartment": {"reference": "Organization/A"}},
     ]));
-    let b = json!({"resourceType": "Binary", "id": "b1", "contentType": "text/plain"});
-    assert!(c.satisfied(&b, Read).is_some());
+    let bare = json!({"resourceType": "Binary", "id": "b1", "contentType": "text/plain"});
+    assert!(c.satisfied(&bare, Read).is_none());
+    let stamped = json!({"resourceType": "Binary", "id": "b2", "contentType": "text/plain",
+        "meta": {"compartment": [{"reference": "Organization/A"}]}});
+    assert!(c.satisfied(&stamped, Read).is_some());
+    let open = compile(json!([{"resourceType": "Binary"}]));
+    assert!(open.satisfied(&bare, Read).is_some());
+}
+
+#[test]
+fn wildcard_never_grants_credential_types() {
+    let c = compile(json!([{"resourceType": "*"}]));
+    for ty in [
+        "ClientApplication",
+        "AccessPolicy",
+        "IdentityProvider",
+        "Project",
+        "ProjectMembership",
+        "User",
+        "UserSecurityRequest",
+        "Login",
+        "JsonWebKey",
+        "DomainConfiguration",
+    ] {
+        for i in [
+            Read,
+            Interaction::Search,
+            Interaction::Create,
+            Interaction::Update,
+            Interaction::Delete,
+        ] {
+            assert!(!c.type_allows(ty, i, true), "{ty} {i:?} granted by *");
+        }
+    }
+    assert!(c.type_allows("Patient", Interaction::Update, false));
+    let named = compile(json!([{"resourceType": "ClientApplication", "readonly": true}]));
+    assert!(named.type_allows("ClientApplication", Read, false));
+    assert!(!named.type_allows("ClientApplication", Interaction::Update, false));
 }
 
 // === search narrowing ===

@@ -872,6 +872,8 @@ fn case_69_project_admin_entries() {
             "ProjectMembership",
             "UserSecurityRequest ro",
             "User",
+            "ClientApplication",
+            "AccessPolicy",
         ]
     );
     let p = e.access_policy();
@@ -947,6 +949,8 @@ fn project_admin_with_links_and_scopes() {
             "ProjectMembership",
             "UserSecurityRequest ro",
             "User",
+            "ClientApplication",
+            "AccessPolicy",
         ]
     );
     assert_eq!(
@@ -991,6 +995,12 @@ fn super_admin_project_gets_admin_types() {
             "UserSecurityRequest",
             "Project",
             "ProjectMembership",
+            "ClientApplication",
+            "AccessPolicy",
+            "IdentityProvider",
+            "DomainConfiguration",
+            "JsonWebKey",
+            "Login",
         ],
     );
     let e = eff(&m, &store, &opts);

@@ -1,0 +1,147 @@
+use serde_json::json;
+
+use super::*;
+use crate::fhir::classify::classify;
+use crate::fhir::request::RequestParts;
+
+fn policy(resources: serde_json::Value) -> EffectivePolicy {
+    let ap = serde_json::from_value(json!({"resourceType": "AccessPolicy", "resource": resources}))
+        .expect("policy");
+    EffectivePolicy::from_access_policy(ap, false, false)
+}
+
+fn decide_get(policy: &EffectivePolicy, path_and_query: &str) -> Decision {
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (path_and_query, None),
+    };
+    let parts = RequestParts {
+        method: "GET",
+        path,
+        query,
+        headers: &[],
+        body: None,
+    };
+    decide(policy, &classify(&parts).expect("classifies"), false)
+}
+
+fn denied_with(d: Decision) -> &'static str {
+    match d {
+        Decision::Deny(d) => d.label(),
+        Decision::Allow(p) => panic!("allowed: {p:?}"),
+    }
+}
+
+#[test]
+fn has_and_chains_need_an_open_target() {
+    let narrowed = policy(json!([
+        {"resourceType": "Patient"},
+        {"resourceType": "Observation", "criteria": "Observation?subject=Patient/p1"},
+    ]));
+    // Which patients have an Observation with this code: only p1's Observations are visible.
+    let has = "Patient?_has:Observation:subject:code=1234-5";
+    assert_eq!(
+        denied_with(decide_get(&narrowed, has)),
+        "search_target_restricted"
+    );
+    let chain = "Observation?subject:Patient.name=Okafor";
+    assert!(matches!(decide_get(&narrowed, chain), Decision::Allow(_)));
+    let reverse = policy(json!([
+        {"resourceType": "Patient", "criteria": "Patient?_id=p1"},
+        {"resourceType": "Observation"},
+    ]));
+    assert_eq!(
+        denied_with(decide_get(&reverse, chain)),
+        "search_target_restricted"
+    );
+    // An untyped chain reaches a narrowed Patient through the wildcard.
+    let wildcard = policy(json!([
+        {"resourceType": "Patient", "criteria": "Patient?_id=p1"},
+        {"resourceType": "*"},
+    ]));
+    let untyped = "Observation?subject.name=Okafor";
+    assert_eq!(
+        denied_with(decide_get(&wildcard, untyped)),
+        "search_target_restricted"
+    );
+    assert_eq!(
+        denied_with(decide_get(&reverse, "Observation?_list=l1")),
+        "type_interaction"
+    );
+    let open = policy(json!([{"resourceType": "*"}]));
+    assert!(matches!(decide_get(&open, has), Decision::Allow(_)));
+    assert!(matches!(decide_get(&open, untyped), Decision::Allow(_)));
+}
+
+#[test]
+fn hidden_fields_cannot_be_searched_or_sorted() {
+    let masked = policy(json!([
+        {"resourceType": "Patient", "hiddenFields": ["birthDate", "telecom"]},
+    ]));
+    for q in [
+        "Patient?birthdate=1984-03-12",
+        "Patient?birthdate=lt1990",
+        "Patient?_sort=birthdate",
+        "Patient?_sort=-birthdate",
+        "Patient?email=a@example.org",
+        "Patient?phone=555",
+        "Patient?_content=1984",
+    ] {
+        assert_eq!(
+            denied_with(decide_get(&masked, q)),
+            "search_hidden_field",
+            "{q}"
+        );
+    }
+    for q in [
+        "Patient?name=Nguyen",
+        "Patient?_sort=family",
+        "Patient?gender=female&_count=5",
+    ] {
+        assert!(matches!(decide_get(&masked, q), Decision::Allow(_)), "{q}");
+    }
+}
+
+#[test]
+fn instance_everything_checks_the_instance_first() {
+    let narrowed = policy(json!([{"resourceType": "Patient", "criteria": "Patient?_id=p1"}]));
+    match decide_get(&narrowed, "Patient/p2/$everything") {
+        Decision::Allow(p) => assert!(p.guard_current),
+        other => panic!("{other:?}"),
+    }
+    let open = policy(json!([{"resourceType": "Patient"}]));
+    match decide_get(&open, "Patient/p2/$everything") {
+        Decision::Allow(p) => assert!(!p.guard_current),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn conditional_references_need_an_open_target() {
+    let body = br#"{"resourceType":"Observation","status":"final","code":{"text":"x"},
+        "subject":{"reference":"Patient?identifier=MRN-1002"}}"#;
+    let parts = RequestParts {
+        method: "POST",
+        path: "Observation",
+        query: None,
+        headers: &[("content-type", "application/fhir+json")],
+        body: Some(body),
+    };
+    let request = classify(&parts).expect("classifies");
+    let narrowed = policy(json!([
+        {"resourceType": "Observation"},
+        {"resourceType": "Patient", "criteria": "Patient?_id=p1"},
+    ]));
+    assert_eq!(
+        denied_with(decide(&narrowed, &request, false)),
+        "conditional_reference"
+    );
+    let open = policy(json!([{"resourceType": "Observation"}, {"resourceType": "Patient"}]));
+    assert!(matches!(decide(&open, &request, false), Decision::Allow(_)));
+    assert_eq!(
+        conditional_reference_targets(
+            &json!({"a": [{"reference": "?x=1"}, {"reference": "Patient/p1"}]})
+        ),
+        vec!["*".to_string()]
+    );
+}
