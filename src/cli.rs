@@ -386,13 +386,10 @@ fn read_membership(
     ),
     String,
 > {
+    let config = Config::from_file(ConfigFile::default()).map_err(|e| e.to_string())?;
     let url = match store_url {
         Some(u) => u.to_string(),
-        None => {
-            Config::from_file(ConfigFile::default())
-                .map_err(|e| e.to_string())?
-                .store_url
-        }
+        None => config.store_url.clone(),
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -417,23 +414,31 @@ fn read_membership(
             .and_then(|r| r.strip_prefix("Project/"))
             .ok_or_else(|| format!("ProjectMembership/{id} names no project"))?
             .to_string();
-        let super_admin = store
-            .read("Project", &project_id)
+        // The project as the gateway sees it: its binding and isolation come from the whole
+        // store (who else shares the upstream), as in the snapshot.
+        let snap = crate::state::Snapshot::load(&store, &config, 0)
             .await
-            .map_err(|e| e.to_string())?
-            .is_some_and(|p| p.content["superAdmin"] == serde_json::Value::Bool(true));
+            .map_err(|e| e.to_string())?;
+        let project = snap
+            .projects
+            .get(&project_id)
+            .ok_or_else(|| format!("Project/{project_id} is not in the store"))?;
+        // A membership's policy references resolve within its own project only.
         let policies = store
             .list("AccessPolicy")
             .await
             .map_err(|e| e.to_string())?
             .into_iter()
+            .filter(|p| p.project_id.as_deref() == Some(project_id.as_str()))
             .filter_map(|p| serde_json::from_value(p.content).ok())
             .collect();
         Ok((
             crate::explain::StoredMembership {
                 membership,
+                super_admin: project.super_admin,
+                upstream: project.upstream.clone(),
+                isolation: project.isolation.clone(),
                 project_id,
-                super_admin,
             },
             policies,
         ))

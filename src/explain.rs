@@ -39,6 +39,9 @@ pub struct StoredMembership {
     pub project_id: String,
     /// The project is the super-admin project.
     pub super_admin: bool,
+    /// The project's upstream binding and what it sees of it.
+    pub upstream: String,
+    pub isolation: fhirgate_core::policy::isolation::Isolation,
 }
 
 /// Everything `explain` needs; the CLI fills it from flags and files (or the store).
@@ -194,6 +197,10 @@ pub fn explain(input: &ExplainInput) -> Result<String, String> {
         linked_projects: &[],
         scope: input.scope.as_deref(),
     });
+    let policy = match &input.stored {
+        Some(s) => policy.with_isolation(s.isolation.clone()),
+        None => policy,
+    };
     let mut out = String::new();
     membership_section(&mut out, input, &m);
     policy_section(&mut out, &policy);
@@ -211,6 +218,19 @@ fn membership_section(out: &mut String, input: &ExplainInput, m: &ProjectMembers
                 m.id.as_deref().unwrap_or(""),
                 s.project_id,
                 if s.super_admin { ", super admin" } else { "" }
+            );
+            let _ = writeln!(
+                out,
+                "  upstream  {} (isolation {}{})",
+                s.upstream,
+                s.isolation.label(),
+                match &s.isolation {
+                    fhirgate_core::policy::isolation::Isolation::Tag { .. } =>
+                        ": searches narrowed by _tag, every resource checked for the project's marker",
+                    fhirgate_core::policy::isolation::Isolation::Unmarked { .. } =>
+                        ": resources marked for another project are dropped",
+                    fhirgate_core::policy::isolation::Isolation::None => "",
+                }
             );
         }
         None => {

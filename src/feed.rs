@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior, interval, timeout};
 
 use crate::state::State;
+use crate::state::control::ControlTarget;
 use crate::store::{ChangeListener, Dialect, Store, StoreError};
 
 /// The catch-up poll.
@@ -131,13 +132,16 @@ async fn catch_up(state: &State) {
 /// Looks the host names of `control_url` and of the upstream up again and again (nothing to
 /// do for IP addresses).
 pub async fn resolve_control(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
-    let targets = [&state.control, &state.upstream_target];
+    let upstreams = state.upstreams.targets();
+    let targets: Vec<&ControlTarget> = std::iter::once(&state.control)
+        .chain(upstreams.iter().map(|t| t.as_ref()))
+        .collect();
     if !targets.iter().any(|t| t.needs_resolution()) {
         return;
     }
     let mut tick = interval(RESOLVE_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut failing = [false; 2];
+    let mut failing = vec![false; targets.len()];
     loop {
         tokio::select! {
             _ = shutdown.changed() => break,

@@ -229,7 +229,10 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         if planes.gateway {
             // Not fatal: the control instance or the upstream may start later; the resolver
             // keeps trying, and requests get 502 until then.
-            for target in [&state.control, &state.upstream_target] {
+            let upstreams = state.upstreams.targets();
+            let targets =
+                std::iter::once(&state.control).chain(upstreams.iter().map(|t| t.as_ref()));
+            for target in targets {
                 if let Err(e) = target.resolve().await {
                     tracing::warn!(url = %target.url().url, error = %e, "cannot resolve a host name yet");
                 }
@@ -274,7 +277,8 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
     if planes.gateway
-        && (state.control.needs_resolution() || state.upstream_target.needs_resolution())
+        && (state.control.needs_resolution()
+            || state.upstreams.targets().iter().any(|t| t.needs_resolution()))
     {
         server.add_service(background_service(
             "control resolver",

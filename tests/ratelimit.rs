@@ -113,3 +113,47 @@ async fn zero_turns_the_limit_off() {
         assert!(resp.headers().get("ratelimit").is_none());
     }
 }
+
+async fn basic_fhir(gw: &TestGateway, from: &str, client: &str, secret: &str) -> reqwest::Response {
+    TestGateway::client()
+        .get(format!("{}fhir/R4/Patient", gw.base))
+        .header("x-forwarded-for", from)
+        .header("authorization", common::http::basic(client, secret))
+        .send()
+        .await
+        .expect("FHIR request")
+}
+
+/// Issue 10: guessing a Basic secret on FHIR paths was unlimited, and every IPv6 address had a
+/// budget of its own. Failed credentials now count per address (IPv6 by /64) and per client id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_credentials_on_fhir_paths_are_limited() {
+    let gw = TestGateway::start_with("http://127.0.0.1:9/fhir/R4", |c| {
+        c.credential_failure_limit = Some(3);
+    });
+    for _ in 0..3 {
+        let resp = basic_fhir(&gw, "2001:db8:7:7::1", "guess-target", "wrong").await;
+        assert_eq!(resp.status(), 401);
+    }
+    // The fourth failure crosses the budget; then a neighbour in the same /64 is refused too,
+    // before any credential is looked at.
+    let _ = basic_fhir(&gw, "2001:db8:7:7::1", "guess-target", "wrong").await;
+    let resp = basic_fhir(&gw, "2001:db8:7:7:ffff::2", "someone-else", "wrong").await;
+    assert_eq!(resp.status(), 429);
+    let retry: u64 = resp
+        .headers()
+        .get("retry-after")
+        .expect("Retry-After")
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    // The client id is over budget from any address; an unrelated client elsewhere is not.
+    let resp = basic_fhir(&gw, "198.51.100.9", "guess-target", ADMIN_CLIENT_SECRET).await;
+    assert_eq!(resp.status(), 429);
+    let resp = basic_fhir(&gw, "198.51.100.10", ADMIN_CLIENT_ID, "wrong").await;
+    assert_eq!(resp.status(), 401);
+}

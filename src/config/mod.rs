@@ -98,6 +98,21 @@ pub struct ConfigFile {
     /// Authorization header value fhirgate presents to the upstream (e.g. "Bearer …" or "Basic …")
     #[arg(long, env = "FHIRGATE_UPSTREAM_AUTHORIZATION", hide_env_values = true)]
     pub upstream_authorization: Option<String>,
+    /// Further FHIR upstreams a Project can be bound to, as NAME=URL, comma-separated. Only a super
+    /// admin binds a project, by naming one in the Project's `fhirgate-upstream` system setting
+    /// [default: none]
+    #[arg(long, env = "FHIRGATE_UPSTREAMS", value_delimiter = ',')]
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// Authorization header values presented to those upstreams, as NAME=VALUE, comma-separated
+    #[arg(
+        long,
+        env = "FHIRGATE_UPSTREAM_AUTHORIZATIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    #[serde(default)]
+    pub upstream_authorizations: Vec<String>,
     /// Upstream connect timeout in milliseconds [default: 1000]
     #[arg(long, env = "FHIRGATE_UPSTREAM_CONNECT_TIMEOUT_MS")]
     pub upstream_connect_timeout_ms: Option<u64>,
@@ -129,6 +144,10 @@ pub struct ConfigFile {
     /// Requests per minute per client address to /auth/* and /oauth2/* (0 = no limit) [default: 160]
     #[arg(long, env = "FHIRGATE_AUTH_RATE_LIMIT")]
     pub auth_rate_limit: Option<u32>,
+    /// Failed credentials (Basic secrets, Bearer tokens) per minute per client address (IPv6: per
+    /// /64) and per client id on FHIR paths before 429 (0 = no limit) [default: 30]
+    #[arg(long, env = "FHIRGATE_CREDENTIAL_FAILURE_LIMIT")]
+    pub credential_failure_limit: Option<u32>,
     /// Largest request body read by the gateway, in bytes [default: 16777216]
     #[arg(long, env = "FHIRGATE_MAX_REQUEST_BODY")]
     pub max_request_body: Option<usize>,
@@ -296,6 +315,60 @@ impl Upstream {
     }
 }
 
+/// The name of the global `upstream` among the bindings a Project can name.
+pub const DEFAULT_UPSTREAM: &str = "default";
+
+/// `NAME=URL` entries (and `NAME=VALUE` credentials) → named upstreams with the global one's
+/// timeouts. Names are short identifiers; a credential must name a configured upstream, so a
+/// typo cannot silently send a request without it.
+fn named_upstreams(
+    entries: &[String],
+    authorizations: &[String],
+    global: &Upstream,
+) -> Result<std::collections::BTreeMap<String, Upstream>, ConfigError> {
+    let split = |key: &'static str, entry: &str| -> Result<(String, String), ConfigError> {
+        let (name, value) = entry
+            .split_once('=')
+            .ok_or_else(|| invalid(key, format!("`{entry}` is not NAME=VALUE")))?;
+        let name = name.trim();
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !valid || name == DEFAULT_UPSTREAM {
+            return Err(invalid(
+                key,
+                format!("`{name}` is not a usable upstream name (letters, digits, - and _; not `default`)"),
+            ));
+        }
+        Ok((name.to_string(), value.trim().to_string()))
+    };
+    let mut credentials = std::collections::BTreeMap::new();
+    for entry in authorizations.iter().filter(|e| !e.trim().is_empty()) {
+        let (name, value) = split("upstream_authorizations", entry)?;
+        credentials.insert(name, value);
+    }
+    let mut out = std::collections::BTreeMap::new();
+    for entry in entries.iter().filter(|e| !e.trim().is_empty()) {
+        let (name, url) = split("upstreams", entry)?;
+        let mut up = Upstream::parse(&url, credentials.remove(&name))
+            .map_err(|e| invalid("upstreams", format!("{name}: {e}")))?;
+        up.connect_timeout = global.connect_timeout;
+        up.read_timeout = global.read_timeout;
+        if out.insert(name.clone(), up).is_some() {
+            return Err(invalid("upstreams", format!("`{name}` is named twice")));
+        }
+    }
+    if let Some(name) = credentials.keys().next() {
+        return Err(invalid(
+            "upstream_authorizations",
+            format!("`{name}` names no configured upstream"),
+        ));
+    }
+    Ok(out)
+}
+
 /// Where the gateway reaches the control API: `http(s)://HOST:PORT`, HOST a name (resolved again
 /// and again, so the control instance can move) or an IP address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -456,6 +529,8 @@ pub struct Config {
     pub forwarded_proto: String,
     pub forwarded_host: String,
     pub upstream: Upstream,
+    /// The named upstreams of `upstreams` (never `default`, which is `upstream`).
+    pub named_upstreams: std::collections::BTreeMap<String, Upstream>,
     pub data_dir: PathBuf,
     pub store_url: String,
     /// `None`: the store's default for its dialect.
@@ -466,6 +541,7 @@ pub struct Config {
     pub token_cache_capacity: u64,
     /// Per client address and minute, on /auth/* and /oauth2/*; 0 disables the limit.
     pub auth_rate_limit: u32,
+    pub credential_failure_limit: u32,
     pub max_request_body: usize,
     pub max_response_buffer: usize,
     pub threads: usize,
@@ -518,6 +594,11 @@ fn addr(key: &'static str, v: Option<&str>, default: &str) -> Result<SocketAddr,
 }
 
 impl Config {
+    /// The names a Project can be bound to: `default` and the configured `upstreams`.
+    pub fn upstream_names(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(DEFAULT_UPSTREAM).chain(self.named_upstreams.keys().map(String::as_str))
+    }
+
     pub fn from_file(f: ConfigFile) -> Result<Config, ConfigError> {
         let listen = addr("listen", f.listen.as_deref(), "0.0.0.0:8080")?;
         let control_listen = addr(
@@ -552,6 +633,7 @@ impl Config {
         if let Some(ms) = f.upstream_read_timeout_ms {
             upstream.read_timeout = Duration::from_millis(ms.max(1));
         }
+        let named_upstreams = named_upstreams(&f.upstreams, &f.upstream_authorizations, &upstream)?;
         let data_dir = f.data_dir.unwrap_or_else(|| PathBuf::from("./data"));
         let store_url = f
             .store
@@ -639,6 +721,7 @@ impl Config {
             metrics_listen,
             base_url,
             upstream,
+            named_upstreams,
             data_dir,
             store_url,
             store_max_connections: f.store_max_connections,
@@ -655,6 +738,7 @@ impl Config {
             )?,
             token_cache_capacity: f.token_cache_capacity.unwrap_or(100_000),
             auth_rate_limit: f.auth_rate_limit.unwrap_or(160),
+            credential_failure_limit: f.credential_failure_limit.unwrap_or(30),
             max_request_body: f.max_request_body.unwrap_or(16 << 20),
             max_response_buffer: f.max_response_buffer.unwrap_or(64 << 20),
             threads: f

@@ -112,7 +112,19 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok());
+    let presented = crate::state::failures::basic_client_id(auth_header);
+    if let Some(failures) = &state.credential_failures
+        && let Some(wait) = failures.retry_after(ctx.client_ip, presented.as_deref())
+    {
+        ctx.retry_after = Some(wait.as_secs().max(1));
+        return Verdict::Deny(Outcome::TooManyRequests, "credential_failures");
+    }
     let (auth, cache) = state.authenticate(auth_header).await;
+    if let (Err(AuthError::Malformed | AuthError::InvalidToken | AuthError::InvalidClient), Some(f)) =
+        (&auth, &state.credential_failures)
+    {
+        f.record(ctx.client_ip, presented.as_deref());
+    }
     match cache {
         CacheUse::Hit => crate::obs::count_token_cache(true),
         CacheUse::Miss => crate::obs::count_token_cache(false),
@@ -130,6 +142,18 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     };
     ctx.identity = Some(identity.clone());
     let snap = state.snapshot();
+    // The project's upstream; a binding the operator has not configured fails closed.
+    let binding = snap
+        .projects
+        .get(&identity.project_id)
+        .and_then(|p| state.upstreams.get(&p.upstream));
+    let Some(binding) = binding else {
+        return Verdict::Deny(
+            Outcome::ServiceUnavailable("The project's upstream is not configured".into()),
+            "upstream_unbound",
+        );
+    };
+    ctx.upstream = Some(binding.clone());
     let (caller_admin, super_admin) = is_admin(&snap, &identity.membership_id);
 
     // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
@@ -334,5 +358,9 @@ fn trace(
         "needs": needs,
         "decision": outcome,
         "accessPolicy": policy.access_policy(),
+        "project": {
+            "upstream": ctx.upstream.as_ref().map(|b| b.name.as_str()),
+            "isolation": policy.isolation().label(),
+        },
     })
 }

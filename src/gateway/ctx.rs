@@ -8,6 +8,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::state::Identity;
+use crate::state::State;
+use crate::state::upstreams::UpstreamBinding;
 
 use super::filter::ResponsePlan;
 use super::route::Route;
@@ -19,6 +21,9 @@ pub struct RequestCtx {
     pub route: Route,
     pub client_ip: Option<IpAddr>,
     pub identity: Option<Arc<Identity>>,
+    /// The upstream the caller's project is bound to (`None`: the global one, for public and
+    /// unauthenticated routes).
+    pub upstream: Option<Arc<UpstreamBinding>>,
     /// `ProjectMembership/…` the request acts as, when `X-Medplum-On-Behalf-Of` was accepted.
     pub on_behalf_of: Option<String>,
     pub on_behalf_of_profile: Option<String>,
@@ -39,6 +44,8 @@ pub struct RequestCtx {
     pub body_overflow: bool,
     pub upstream_started: Option<Instant>,
     pub upstream_elapsed: Option<std::time::Duration>,
+    /// Seconds for a `Retry-After` on a 429 the gateway answers.
+    pub retry_after: Option<u64>,
     /// The status written by the gateway itself, if it answered.
     pub answered: Option<u16>,
 }
@@ -64,6 +71,13 @@ fn next_request_id() -> String {
 }
 
 impl RequestCtx {
+    /// The upstream this request goes to: its project's binding, or the global upstream.
+    pub fn binding<'a>(&'a self, state: &'a State) -> &'a UpstreamBinding {
+        self.upstream
+            .as_deref()
+            .unwrap_or_else(|| state.upstreams.default_binding())
+    }
+
     /// What follows `/fhir/R4/` on a FHIR route; `""` on any other route (authorization and
     /// mediation only ever run on a FHIR route).
     pub fn fhir_rest(&self) -> &str {
@@ -80,6 +94,8 @@ impl RequestCtx {
             route: Route::NotFound,
             client_ip: None,
             identity: None,
+            upstream: None,
+            retry_after: None,
             on_behalf_of: None,
             on_behalf_of_profile: None,
             decision: "none",

@@ -12,6 +12,7 @@ use pingora::prelude::*;
 use serde_json::Value;
 
 use crate::config::Config;
+use crate::state::State;
 
 use super::ctx::RequestCtx;
 
@@ -49,9 +50,8 @@ fn is_json(resp: &ResponseHeader) -> bool {
 }
 
 /// Rewrites an upstream URL (or anything starting with the upstream base) to the public base.
-pub fn rewrite_url(config: &Config, value: &str) -> String {
-    let up = &config.upstream.base_url;
-    match value.strip_prefix(up.as_str()) {
+pub fn rewrite_url(config: &Config, upstream_base: &str, value: &str) -> String {
+    match value.strip_prefix(upstream_base) {
         Some(rest) => format!("{}{}", config.public_fhir_base(), rest),
         None => value.to_string(),
     }
@@ -59,16 +59,18 @@ pub fn rewrite_url(config: &Config, value: &str) -> String {
 
 /// Header stage. Runs before any body chunk.
 pub fn prepare_response(
-    config: &Config,
+    state: &State,
     resp: &mut ResponseHeader,
     ctx: &mut RequestCtx,
 ) -> Result<()> {
+    let config = &state.config;
+    let upstream_base = ctx.binding(state).upstream.base_url.as_str();
     for name in ["location", "content-location"] {
         if let Some(v) = resp
             .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
-            .map(|v| rewrite_url(config, v))
+            .map(|v| rewrite_url(config, upstream_base, v))
         {
             resp.insert_header(name, v)?;
         }
@@ -116,7 +118,7 @@ pub fn prepare_response(
 
 /// Body stage (synchronous, pure CPU): collect, then filter at end of stream.
 pub fn body_chunk(
-    config: &Config,
+    state: &State,
     body: &mut Option<Bytes>,
     end: bool,
     ctx: &mut RequestCtx,
@@ -131,6 +133,7 @@ pub fn body_chunk(
     if !ctx.buffering {
         return Ok(());
     }
+    let config = &state.config;
     if let Some(chunk) = body.take() {
         if ctx.body.len() + chunk.len() > config.max_response_buffer {
             // Headers are gone already: abort the response rather than send part of it.
@@ -147,19 +150,20 @@ pub fn body_chunk(
             return Ok(());
         };
         let raw = std::mem::take(&mut ctx.body);
-        *body = Some(Bytes::from(apply(config, spec, &raw)));
+        let upstream_base = ctx.binding(state).upstream.base_url.as_str();
+        *body = Some(Bytes::from(apply(config, upstream_base, spec, &raw)));
     }
     Ok(())
 }
 
 /// Filters a whole JSON body. Anything that cannot be parsed is replaced, never passed on.
-pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
+pub fn apply(config: &Config, upstream_base: &str, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
     if let (Some(policy), false) = (&spec.policy, spec.metadata) {
         // Same result as below, without materialising what the policy does not change.
         use fhirgate_core::policy::filter::{Filtered, UrlRewrite, filter_bytes};
         let public = config.public_fhir_base();
         let rewrite = UrlRewrite {
-            from: &config.upstream.base_url,
+            from: upstream_base,
             to: &public,
         };
         return match filter_bytes(policy, raw, spec.drop_total, Some(rewrite)) {
@@ -171,7 +175,7 @@ pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
     let Ok(mut value) = serde_json::from_slice::<Value>(raw) else {
         return Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes();
     };
-    rewrite_urls(config, &mut value);
+    rewrite_urls(config, upstream_base, &mut value);
     if spec.metadata {
         advertise_oauth(config, &mut value);
     }
@@ -184,12 +188,17 @@ pub fn apply(config: &Config, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
 }
 
 /// Replaces the upstream base in every string (Bundle links, fullUrl, references).
-pub fn rewrite_urls(config: &Config, value: &mut Value) {
-    let up = config.upstream.base_url.as_str();
+pub fn rewrite_urls(config: &Config, upstream_base: &str, value: &mut Value) {
     match value {
-        Value::String(s) if s.starts_with(up) => *s = rewrite_url(config, s),
-        Value::Array(a) => a.iter_mut().for_each(|v| rewrite_urls(config, v)),
-        Value::Object(o) => o.values_mut().for_each(|v| rewrite_urls(config, v)),
+        Value::String(s) if s.starts_with(upstream_base) => {
+            *s = rewrite_url(config, upstream_base, s)
+        }
+        Value::Array(a) => a
+            .iter_mut()
+            .for_each(|v| rewrite_urls(config, upstream_base, v)),
+        Value::Object(o) => o
+            .values_mut()
+            .for_each(|v| rewrite_urls(config, upstream_base, v)),
         _ => {}
     }
 }

@@ -6,7 +6,6 @@ use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
-use crate::config::Config;
 use crate::state::State;
 
 use super::ctx::RequestCtx;
@@ -26,9 +25,9 @@ const STRIPPED: [&str; 9] = [
     "cookie",
 ];
 
-pub fn peer(state: &State, route: &Route) -> Result<Box<HttpPeer>> {
+pub fn peer(state: &State, ctx: &RequestCtx) -> Result<Box<HttpPeer>> {
     let config = &state.config;
-    let mut peer = match route {
+    let mut peer = match &ctx.route {
         Route::Control => {
             // `control_url`, resolved off the request path (a name is looked up again every
             // few seconds, so a control instance that moves is followed).
@@ -40,8 +39,9 @@ pub fn peer(state: &State, route: &Route) -> Result<Box<HttpPeer>> {
             Box::new(HttpPeer::new(addr, url.tls, url.host.clone()))
         }
         _ => {
-            let up = &config.upstream;
-            let Some(addr) = state.upstream_target.pick() else {
+            let binding = ctx.binding(state);
+            let up = &binding.upstream;
+            let Some(addr) = binding.target.pick() else {
                 return Error::e_explain(ConnectNoRoute, "the upstream's host has no address yet");
             };
             Box::new(HttpPeer::new(addr, up.tls, up.host.clone()))
@@ -95,11 +95,12 @@ fn append_xff(upstream: &mut RequestHeader, session: &Session) -> Result<()> {
 }
 
 pub fn rewrite_request(
-    config: &Config,
+    state: &State,
     session: &Session,
     upstream: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
+    let config = &state.config;
     append_xff(upstream, session)?;
     upstream.insert_header("x-forwarded-proto", config.forwarded_proto.as_str())?;
     upstream.insert_header("x-forwarded-host", config.forwarded_host.as_str())?;
@@ -116,7 +117,7 @@ pub fn rewrite_request(
     }
     // Authorization is decided here, never by the upstream: no protocol switch either.
     upstream.remove_header("upgrade");
-    let up = &config.upstream;
+    let up = &ctx.binding(state).upstream;
     if let Some(auth) = &up.authorization {
         upstream.insert_header("authorization", auth.as_str())?;
     }

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
-use fhirgate_core::policy::effective::SearchNarrowing;
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -52,8 +51,15 @@ fn forbid(label: &'static str) -> Failure {
 }
 
 impl Gateway {
-    fn upstream_url(&self, path: &str, query: Option<&str>, extra: &[QueryParam]) -> String {
-        super::forward::upstream_target(&self.state.config.upstream.base_url, path, query, extra)
+    fn upstream_url(
+        &self,
+        ctx: &RequestCtx,
+        path: &str,
+        query: Option<&str>,
+        extra: &[QueryParam],
+    ) -> String {
+        let base = &ctx.binding(&self.state).upstream.base_url;
+        super::forward::upstream_target(base, path, query, extra)
     }
 
     async fn exchange(
@@ -79,7 +85,8 @@ impl Gateway {
         for (k, v) in overrides.iter().filter(|(_, v)| !v.is_empty()) {
             rb = rb.header(*k, v.as_str());
         }
-        if let Some(auth) = &self.state.config.upstream.authorization {
+        let binding = ctx.binding(&self.state);
+        if let Some(auth) = &binding.upstream.authorization {
             rb = rb.header("authorization", auth.as_str());
         }
         if let Some(id) = &ctx.identity {
@@ -123,7 +130,10 @@ impl Gateway {
                 resp.headers()
                     .get(*h)
                     .and_then(|v| v.to_str().ok())
-                    .map(|v| (*h, super::filter::rewrite_url(&self.state.config, v)))
+                    .map(|v| {
+                        let base = binding.upstream.base_url.as_str();
+                        (*h, super::filter::rewrite_url(&self.state.config, base, v))
+                    })
             })
             .collect();
         let limit = self.state.config.max_response_buffer;
@@ -161,7 +171,7 @@ impl Gateway {
         ty: &str,
         id: &str,
     ) -> Step<Option<Value>> {
-        let url = format!("{}/{}/{}", self.state.config.upstream.base_url, ty, id);
+        let url = format!("{}/{}/{}", ctx.binding(&self.state).upstream.base_url, ty, id);
         let up = self
             .exchange(
                 ctx,
@@ -239,14 +249,8 @@ async fn prepare_write(
             if if_none_exist.is_some()
                 && policy.instance_checks_needed(resource_type.as_str(), Interaction::Search)
             {
-                let narrowed = match policy.search_narrowing(resource_type) {
-                    SearchNarrowing::AnyOf(list)
-                        if list.len() == 1 && list[0].upstream_complete() =>
-                    {
-                        list[0].query_params().to_vec()
-                    }
-                    SearchNarrowing::Unrestricted => Vec::new(),
-                    _ => return Err(forbid("conditional_create_with_criteria")),
+                let Some(narrowed) = policy.probe_narrowing(resource_type) else {
+                    return Err(forbid("conditional_create_with_criteria"));
                 };
                 let original = req
                     .headers
@@ -273,7 +277,7 @@ async fn prepare_write(
             probe_headers.push(("content-type", "application/fhir+json".into()));
             Ok((
                 http::Method::POST,
-                gw.upstream_url(resource_type, query, &[]),
+                gw.upstream_url(ctx, resource_type, query, &[]),
                 Some(Bytes::from(body)),
                 probe_headers,
             ))
@@ -347,7 +351,7 @@ async fn prepare_write(
             let body = serde_json::to_vec(&new).unwrap_or_default();
             Ok((
                 http::Method::PUT,
-                gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]),
+                gw.upstream_url(ctx, &format!("{resource_type}/{id}"), None, &[]),
                 Some(Bytes::from(body)),
                 pin,
             ))
@@ -378,7 +382,7 @@ async fn prepare_write(
                 .unwrap_or_default();
             Ok((
                 http::Method::DELETE,
-                gw.upstream_url(&format!("{resource_type}/{id}"), None, &[]),
+                gw.upstream_url(ctx, &format!("{resource_type}/{id}"), None, &[]),
                 None,
                 pin,
             ))
@@ -541,7 +545,7 @@ async fn run_inner(
                 ctx,
                 session,
                 http::Method::POST,
-                gw.upstream_url("", None, &[]),
+                gw.upstream_url(ctx, "", None, &[]),
                 Some(body),
                 &[("content-type", "application/fhir+json".into())],
             )
@@ -552,7 +556,7 @@ async fn run_inner(
                 "upstream_error",
             )
         })?;
-        rewrite_urls(config, &mut value);
+        rewrite_urls(config, &ctx.binding(&gw.state).upstream.base_url, &mut value);
         if (200..300).contains(&up.status)
             && let Some(list) = value.get_mut("entry").and_then(Value::as_array_mut)
         {
@@ -612,6 +616,7 @@ async fn run_inner(
         (
             method,
             gw.upstream_url(
+                ctx,
                 ctx.fhir_rest(),
                 session.req_header().uri.query(),
                 &permit.narrowing,
@@ -654,7 +659,7 @@ async fn run_inner(
             "upstream_error",
         ));
     };
-    rewrite_urls(config, &mut value);
+    rewrite_urls(config, &ctx.binding(&gw.state).upstream.base_url, &mut value);
     let visible = match permit.response {
         ResponseNeed::CheckResource
             if value.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") =>

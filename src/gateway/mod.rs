@@ -92,6 +92,9 @@ impl Gateway {
                 format!("Basic realm=\"{}\"", self.state.config.base_url),
             ));
         }
+        if let Some(secs) = ctx.retry_after {
+            extra.push(("retry-after", secs.to_string()));
+        }
         ctx.decision = label;
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
         Ok(true)
@@ -167,7 +170,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         ctx.upstream_started = Some(Instant::now());
-        forward::peer(&self.state, &ctx.route)
+        forward::peer(&self.state, ctx)
     }
 
     async fn upstream_request_filter(
@@ -176,7 +179,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        forward::rewrite_request(&self.state.config, session, upstream, ctx)
+        forward::rewrite_request(&self.state, session, upstream, ctx)
     }
 
     async fn response_filter(
@@ -188,7 +191,7 @@ impl ProxyHttp for Gateway {
         if let Some(t) = ctx.upstream_started {
             ctx.upstream_elapsed = Some(t.elapsed());
         }
-        filter::prepare_response(&self.state.config, resp, ctx)
+        filter::prepare_response(&self.state, resp, ctx)
     }
 
     fn response_body_filter(
@@ -198,7 +201,7 @@ impl ProxyHttp for Gateway {
         end: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        filter::body_chunk(&self.state.config, body, end, ctx)?;
+        filter::body_chunk(&self.state, body, end, ctx)?;
         Ok(None)
     }
 

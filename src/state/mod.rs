@@ -14,8 +14,10 @@
 
 mod auth;
 pub mod control;
+pub mod failures;
 pub mod keys;
 mod snapshot;
+pub mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -46,10 +48,14 @@ pub struct State {
     refresh_lock: tokio::sync::Mutex<i64>,
     /// Where the gateway forwards control traffic.
     pub control: ControlTarget,
-    /// The upstream FHIR server's addresses, resolved off the request path like `control`
-    /// (pingora's `HttpPeer::new` would look a name up on every request, blocking, and panic
-    /// when the lookup fails).
-    pub upstream_target: ControlTarget,
+    /// The global upstream FHIR server's addresses, resolved off the request path like
+    /// `control` (pingora's `HttpPeer::new` would look a name up on every request, blocking, and
+    /// panic when the lookup fails). The default binding of `upstreams`.
+    pub upstream_target: Arc<ControlTarget>,
+    /// Every upstream a project can be bound to.
+    pub upstreams: upstreams::Upstreams,
+    /// The failed-credential budget (`None`: off).
+    pub credential_failures: Option<failures::CredentialFailures>,
     /// The last store round trip succeeded.
     store_up: AtomicBool,
     /// Unix milliseconds of the last successful store round trip.
@@ -81,12 +87,10 @@ impl State {
             .time_to_live(Duration::from_secs(600))
             .build();
         let control = ControlTarget::new(config.control_url.clone());
-        let upstream_target = ControlTarget::new(crate::config::ControlUrl {
-            url: config.upstream.base_url.clone(),
-            tls: config.upstream.tls,
-            host: config.upstream.host.clone(),
-            port: config.upstream.port,
-        });
+        let upstreams = upstreams::Upstreams::from_config(&config);
+        let upstream_target = upstreams.default_binding().target.clone();
+        let credential_failures =
+            failures::CredentialFailures::new(config.credential_failure_limit);
         Ok(Arc::new(State {
             config,
             store,
@@ -97,6 +101,8 @@ impl State {
             refresh_lock: tokio::sync::Mutex::new(seq),
             control,
             upstream_target,
+            upstreams,
+            credential_failures,
             store_up: AtomicBool::new(true),
             last_store_contact: AtomicI64::new(now_millis()),
         }))

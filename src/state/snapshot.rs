@@ -7,11 +7,15 @@ use std::sync::Arc;
 use fhirgate_core::policy::model::{AccessPolicy, ProjectMembership};
 use serde_json::Value;
 
-use crate::config::Config;
+use crate::config::{Config, DEFAULT_UPSTREAM};
+use fhirgate_core::policy::isolation::Isolation;
 use crate::store::{Store, StoreError, now_unix};
 use crate::tokens::{Keyring, SigningKey};
 
 use super::keys::{load_schedule, ring_at};
+
+/// The store setting that names the default project (written by the first-run bootstrap).
+pub const DEFAULT_PROJECT_SETTING: &str = "bootstrap.default_project";
 
 #[derive(Debug, Clone)]
 pub struct ProjectInfo {
@@ -19,6 +23,49 @@ pub struct ProjectInfo {
     pub name: String,
     pub super_admin: bool,
     pub content: Value,
+    /// The upstream binding it is bound to (`default`, or an operator-configured name; a name
+    /// the operator has not configured makes every FHIR request of the project fail closed).
+    pub upstream: String,
+    /// What it sees of that upstream (see [`project_isolation`]).
+    pub isolation: Isolation,
+}
+
+/// The Project system settings that bind it (writable by super admins only).
+pub const UPSTREAM_SETTING: &str = "fhirgate-upstream";
+pub const ISOLATION_SETTING: &str = "fhirgate-isolation";
+
+/// `Project.systemSetting[name].valueString`.
+fn system_setting<'a>(project: &'a Value, name: &str) -> Option<&'a str> {
+    project
+        .get("systemSetting")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))?
+        .get("valueString")?
+        .as_str()
+}
+
+/// What a project sees of its upstream (SPEC §3). The super-admin project sees everything. A
+/// project that shares its upstream with another (the super-admin project aside) sees only
+/// its own marked resources (`tag`) — except the default project, which keeps the data that
+/// predates fhirgate and sees unmarked resources and its own (`unmarked`). A project alone on
+/// its upstream sees it as it is, unless its `fhirgate-isolation` setting says `tag`.
+pub fn project_isolation(
+    project: &ProjectInfo,
+    is_default: bool,
+    sharing: usize,
+    requested: Option<&str>,
+) -> Isolation {
+    let id = project.id.clone();
+    if project.super_admin {
+        return Isolation::None;
+    }
+    match requested {
+        Some("tag") => Isolation::Tag { project: id },
+        _ if sharing <= 1 => Isolation::None,
+        _ if is_default => Isolation::Unmarked { project: id },
+        _ => Isolation::Tag { project: id },
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -47,6 +94,9 @@ pub struct Snapshot {
     pub membership_by_profile: HashMap<(String, String), String>,
     pub clients: HashMap<String, ClientInfo>,
     pub policies: HashMap<String, AccessPolicy>,
+    /// The project each stored AccessPolicy belongs to: a membership's policy references
+    /// resolve within its own project only.
+    pub policy_projects: HashMap<String, Option<String>>,
     pub revoked_logins: HashSet<String>,
 }
 
@@ -94,9 +144,27 @@ impl Snapshot {
                         .get("superAdmin")
                         .and_then(Value::as_bool)
                         .unwrap_or(false),
+                    upstream: system_setting(&c, UPSTREAM_SETTING)
+                        .unwrap_or(DEFAULT_UPSTREAM)
+                        .to_string(),
+                    isolation: Isolation::None,
                     content: c,
                 },
             );
+        }
+        let default_project = store.setting(DEFAULT_PROJECT_SETTING).await?;
+        let mut sharing: HashMap<String, usize> = HashMap::new();
+        for p in snap.projects.values().filter(|p| !p.super_admin) {
+            *sharing.entry(p.upstream.clone()).or_default() += 1;
+        }
+        for p in snap.projects.values_mut() {
+            let requested = system_setting(&p.content, ISOLATION_SETTING).map(str::to_string);
+            let is_default = default_project.as_deref() == Some(p.id.as_str());
+            let shared = sharing.get(&p.upstream).copied().unwrap_or(0);
+            p.isolation = project_isolation(p, is_default, shared, requested.as_deref());
+            if !config.upstream_names().any(|n| n == p.upstream) {
+                tracing::error!(project = %p.id, upstream = %p.upstream, "project bound to an upstream that is not configured; its FHIR requests fail");
+            }
         }
         for m in store.list("ProjectMembership").await? {
             match serde_json::from_value::<ProjectMembership>(m.content) {
@@ -143,6 +211,7 @@ impl Snapshot {
         for p in store.list("AccessPolicy").await? {
             match serde_json::from_value::<AccessPolicy>(p.content) {
                 Ok(ap) => {
+                    snap.policy_projects.insert(p.id.clone(), p.project_id);
                     snap.policies.insert(p.id, ap);
                 }
                 Err(e) => {
@@ -180,15 +249,37 @@ impl Snapshot {
         let membership = self.memberships.get(membership_id)?;
         let project_id = membership.project.type_and_id()?.1;
         let project = self.projects.get(project_id)?;
-        Some(fhirgate_core::policy::effective::effective(
+        let policy = fhirgate_core::policy::effective::effective(
             &fhirgate_core::policy::effective::EffectiveInputs {
                 membership,
-                policies: &self.policies,
+                policies: &ProjectPolicies {
+                    snapshot: self,
+                    project_id,
+                },
                 project_id,
                 project_super_admin: project.super_admin,
                 linked_projects: &[],
                 scope,
             },
-        ))
+        );
+        Some(policy.with_isolation(project.isolation.clone()))
+    }
+}
+
+/// The snapshot's AccessPolicies as one project sees them: a policy of another project is not
+/// found, whatever its id (a project admin chooses the ids of the policies it creates).
+struct ProjectPolicies<'a> {
+    snapshot: &'a Snapshot,
+    project_id: &'a str,
+}
+
+impl fhirgate_core::policy::effective::PolicySource for ProjectPolicies<'_> {
+    fn access_policy(&self, id: &str) -> Option<&AccessPolicy> {
+        let owner = self.snapshot.policy_projects.get(id)?.as_deref();
+        if owner == Some(self.project_id) {
+            self.snapshot.policies.get(id)
+        } else {
+            None
+        }
     }
 }

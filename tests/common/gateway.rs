@@ -69,6 +69,7 @@ fn test_config(upstream: &str, data_dir: &std::path::Path) -> ConfigFile {
         // Suites sign in far more than 160 times a minute from one address; the limiter
         // still runs (and answers RateLimit headers) with this budget.
         auth_rate_limit: Some(1_000_000),
+        credential_failure_limit: Some(1_000_000),
         grace_period_seconds: Some(0),
         log_format: Some("text".into()),
         upstream_connect_timeout_ms: Some(500),

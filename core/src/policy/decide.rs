@@ -276,6 +276,13 @@ fn search_permit(policy: &EffectivePolicy, s: &Search) -> Result<Permit, Deny> {
     } else {
         permit.drop_total = true;
     }
+    // The project's own resources only: narrowed upstream where FHIR search can say it, and
+    // every returned resource is checked in any case.
+    let isolation = policy.isolation();
+    if isolation.is_active() {
+        permit.narrowing.extend(isolation.narrowing());
+        permit.drop_total |= !isolation.narrows_exactly();
+    }
     Ok(permit)
 }
 
@@ -437,6 +444,11 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
                     ..Permit::filtered()
                 });
             }
+            // An operation's effects on the upstream are not checked resource by resource, so
+            // an isolated project cannot run one (it could reach another project's data).
+            if policy.isolation().is_active() {
+                return Err(Deny::Forbidden("operation_isolated"));
+            }
             // Any other operation is granted by name: `CompiledPolicy::grants_operation`.
             if super_admin
                 || policy
@@ -446,6 +458,10 @@ fn decide_op(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result
                 return Ok(Permit::filtered());
             }
             Err(Deny::Forbidden("operation_not_granted"))
+        }
+        // GraphQL answers stream through unchecked: never for an isolated project.
+        FhirOp::GraphQl if policy.isolation().is_active() => {
+            Err(Deny::Forbidden("graphql_isolated"))
         }
         FhirOp::GraphQl if super_admin || policy.compiled().allows_graphql() => {
             Ok(Permit::untouched())

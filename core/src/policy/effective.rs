@@ -9,7 +9,12 @@ use std::hash::BuildHasher;
 
 use serde_json::Value;
 
-use crate::policy::compiled::{CompiledPolicy, InteractionSet, PolicyError, is_project_admin_type};
+use crate::fhir::request::{Interaction, QueryParam};
+use crate::policy::compiled::{
+    CompiledEntry, CompiledPolicy, InteractionSet, PolicyError, is_identity_type,
+    is_project_admin_type,
+};
+use crate::policy::isolation::Isolation;
 use crate::policy::model::{
     AccessParameter, AccessPolicy, AccessPolicyResource, ProjectMembership, Reference,
 };
@@ -92,6 +97,9 @@ pub struct EffectivePolicy {
     errors: Vec<PolicyError>,
     project_admin: bool,
     failure: Option<EffectiveError>,
+    /// What the membership's project sees of its upstream; applies to every type that lives
+    /// upstream (not to the identity types, which live in fhirgate's store).
+    isolation: Isolation,
 }
 
 impl EffectivePolicy {
@@ -108,6 +116,7 @@ impl EffectivePolicy {
             errors,
             project_admin,
             failure: None,
+            isolation: Isolation::None,
         }
     }
 
@@ -127,7 +136,74 @@ impl EffectivePolicy {
             errors: Vec::new(),
             project_admin,
             failure: Some(failure),
+            isolation: Isolation::None,
         }
+    }
+
+    /// The same policy, limited to what `isolation` lets the project see.
+    pub fn with_isolation(mut self, isolation: Isolation) -> EffectivePolicy {
+        self.isolation = isolation;
+        self
+    }
+
+    pub fn isolation(&self) -> &Isolation {
+        &self.isolation
+    }
+
+    /// Whether resources of `resource_type` are limited by the project's isolation.
+    pub fn isolates(&self, resource_type: &str) -> bool {
+        self.isolation.is_active() && !is_identity_type(resource_type)
+    }
+
+    /// [`CompiledPolicy::satisfied`], and the resource belongs to the project's view.
+    pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
+        let resource_type = resource.get("resourceType")?.as_str()?;
+        if self.isolates(resource_type) && !self.isolation.admits(resource) {
+            return None;
+        }
+        self.compiled.satisfied(resource, interaction)
+    }
+
+    /// [`CompiledPolicy::instance_checks_needed`]; always under isolation, since any resource
+    /// may belong to another project.
+    pub fn instance_checks_needed(&self, resource_type: &str, interaction: Interaction) -> bool {
+        self.isolates(resource_type)
+            || self.compiled.instance_checks_needed(resource_type, interaction)
+    }
+
+    /// [`CompiledPolicy::read_needs_check`]; always under isolation.
+    pub fn read_needs_check(&self, resource_type: &str, id: &str) -> bool {
+        self.isolates(resource_type) || self.compiled.read_needs_check(resource_type, id)
+    }
+
+    /// [`CompiledPolicy::search_target_open`]; never under isolation: a `_has` or a chain
+    /// would test another project's resources.
+    pub fn search_target_open(&self, resource_type: &str) -> bool {
+        !(self.isolation.is_active() && (resource_type == "*" || self.isolates(resource_type)))
+            && self.compiled.search_target_open(resource_type)
+    }
+
+    /// The parameters that narrow a conditional-create probe (`If-None-Exist`) of
+    /// `resource_type` to exactly what the caller may search, so that a match or a miss is only
+    /// about resources it may see; `None` when no such narrowing exists (refuse the probe).
+    pub fn probe_narrowing(&self, resource_type: &str) -> Option<Vec<QueryParam>> {
+        if !self.instance_checks_needed(resource_type, Interaction::Search) {
+            return Some(Vec::new());
+        }
+        if self.isolates(resource_type) && !self.isolation.narrows_exactly() {
+            return None;
+        }
+        let mut params = match self.compiled.search_narrowing(resource_type) {
+            SearchNarrowing::AnyOf(list) if list.len() == 1 && list[0].upstream_complete() => {
+                list[0].query_params().to_vec()
+            }
+            SearchNarrowing::Unrestricted => Vec::new(),
+            _ => return None,
+        };
+        if self.isolates(resource_type) {
+            params.extend(self.isolation.narrowing());
+        }
+        Some(params)
     }
 
     /// Why the membership's policy could not be built (then nothing is granted).

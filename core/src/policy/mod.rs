@@ -8,6 +8,7 @@ pub mod effective;
 pub mod fhirpath;
 pub mod filter;
 pub mod ip;
+pub mod isolation;
 pub mod model;
 pub mod scope;
 pub mod write;

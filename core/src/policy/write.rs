@@ -43,6 +43,13 @@ impl EffectivePolicy {
         new: &mut Value,
         current: Option<&Value>,
     ) -> Result<(), WriteRefusal> {
+        if new
+            .get("resourceType")
+            .and_then(Value::as_str)
+            .is_some_and(|t| self.isolates(t))
+        {
+            self.isolation().stamp(new);
+        }
         let (interaction, outside, result_outside) = match current {
             Some(_) => (
                 Interaction::Update,

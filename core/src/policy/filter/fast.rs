@@ -281,6 +281,9 @@ impl KeySet {
             all: false,
             names: vec!["resourceType".to_string()],
         };
+        if policy.isolates(resource_type) {
+            set.add("meta");
+        }
         for entry in policy.entries_for(resource_type, Interaction::Read) {
             if entry.compartment.is_some() {
                 set.add("meta");
