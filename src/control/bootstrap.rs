@@ -8,8 +8,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
-use super::fhir::valid_id;
-use super::index::index_rows;
+use fhirgate_core::fhir::path::is_valid_id;
+
+use crate::control::base::clients::create_client_with_membership;
+use crate::control::base::index::index_rows;
+use crate::control::base::passwords::hash_password_sync;
+use crate::control::web::error::ApiError;
 use crate::state::State;
 use crate::store::{Store, StoreError, StoredKey, now_unix};
 use crate::tokens::{SigningKey, random_hex};
@@ -43,7 +47,7 @@ pub enum BootstrapError {
     #[error("password hashing: {0}")]
     Password(String),
     #[error("creating the admin client: {0:?}")]
-    Client(super::ApiError),
+    Client(ApiError),
 }
 
 const KEY_SUPER_ADMIN: &str = "bootstrap.super_admin_project";
@@ -102,17 +106,7 @@ async fn create_if_missing(
 
 /// An argon2id PHC string of `password`.
 pub fn hash_password(password: &str) -> Result<String, BootstrapError> {
-    use argon2::PasswordHasher;
-    use argon2::password_hash::SaltString;
-    use rand::RngCore;
-    let mut salt = [0u8; 16];
-    rand::rng().fill_bytes(&mut salt);
-    let salt =
-        SaltString::encode_b64(&salt).map_err(|e| BootstrapError::Password(e.to_string()))?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| BootstrapError::Password(e.to_string()))
+    hash_password_sync(password).map_err(BootstrapError::Password)
 }
 
 /// Generates the signing key when there is none.
@@ -196,7 +190,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     }
 
     let candidate = match &boot.admin_client_id {
-        Some(id) if valid_id(id) => id.clone(),
+        Some(id) if is_valid_id(id) => id.clone(),
         Some(id) => {
             return Err(BootstrapError::Config(format!(
                 "admin client id `{id}` must match [A-Za-z0-9-.]{{1,64}}"
@@ -219,7 +213,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
                 "description": "Created by fhirgate on first start; admin of the Default project.",
                 "status": "active",
             });
-            super::admin::create_client_with_membership(
+            create_client_with_membership(
                 state,
                 &default.id,
                 resource,

@@ -1,0 +1,155 @@
+//! `/admin/projects/:projectId/members/:membershipId`: read, update, delete a membership.
+
+use crate::state::{ProjectInfo, State};
+use crate::store::StoredResource;
+use axum::extract::{Path, Request, State as AxState};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::Response;
+use fhirgate_core::fhir::outcome::Outcome;
+use serde_json::Value;
+use std::sync::Arc;
+
+use crate::control::base::access::Caller;
+use crate::control::base::access::authenticate_admin;
+use crate::control::base::access::target_project;
+use crate::control::base::resources::refreshed;
+use crate::control::base::resources::update_resource;
+use crate::control::web::body::json_body;
+use crate::control::web::body::json_response;
+use crate::control::web::error::ApiError;
+use crate::control::web::error::FHIR_JSON;
+use crate::control::web::error::outcome_response;
+use fhirgate_core::fhir::path::is_valid_id;
+
+/// The admin caller, the project the call acts on and the membership `membership_id` of it
+/// (the members routes): 404 when it does not exist, 403 when it belongs elsewhere.
+async fn admin_member(
+    state: &State,
+    parts: &Parts,
+    url_project: &str,
+    membership_id: &str,
+) -> Result<(Caller, ProjectInfo, StoredResource), ApiError> {
+    let caller = authenticate_admin(state, parts).await?;
+    let project = target_project(&caller, url_project)?;
+    let member = member_in_project(state, &project, membership_id).await?;
+    Ok((caller, project, member))
+}
+
+/// Reads a membership and checks it belongs to `project`.
+async fn member_in_project(
+    state: &State,
+    project: &ProjectInfo,
+    membership_id: &str,
+) -> Result<StoredResource, ApiError> {
+    if !is_valid_id(membership_id) {
+        return Err(ApiError::not_found());
+    }
+    let m = state
+        .store
+        .read("ProjectMembership", membership_id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
+    let project_ref = m
+        .content
+        .get("project")
+        .and_then(|p| p.get("reference"))
+        .and_then(Value::as_str);
+    if project_ref != Some(format!("Project/{}", project.id).as_str()) {
+        return Err(ApiError::forbidden());
+    }
+    Ok(m)
+}
+
+/// `GET /admin/projects/:projectId/members/:membershipId`.
+pub async fn get_member(
+    AxState(state): AxState<Arc<State>>,
+    Path((project_id, membership_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, _, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
+    Ok(json_response(StatusCode::OK, FHIR_JSON, &m.content))
+}
+
+/// `POST /admin/projects/:projectId/members/:membershipId`: the body must be that membership;
+/// `project` and `user` stay as they are.
+pub async fn update_member(
+    AxState(state): AxState<Arc<State>>,
+    Path((project_id, membership_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (caller, _, existing) = admin_member(&state, &parts, &project_id, &membership_id).await?;
+    let resource = json_body(&parts, body).await?;
+    let resource_type = resource.get("resourceType").and_then(Value::as_str);
+    let id = resource.get("id").and_then(Value::as_str);
+    if resource_type != Some("ProjectMembership") || id != Some(membership_id.as_str()) {
+        return Err(ApiError::forbidden());
+    }
+    let (body, _) = update_resource(&state, &caller, &existing, resource, None).await?;
+    Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
+}
+
+/// `DELETE /admin/projects/:projectId/members/:membershipId`.
+pub async fn delete_member(
+    AxState(state): AxState<Arc<State>>,
+    Path((project_id, membership_id)): Path<(String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (_, project, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
+    let owner = project
+        .content
+        .get("owner")
+        .and_then(|o| o.get("reference"))
+        .and_then(Value::as_str);
+    let user = m
+        .content
+        .get("user")
+        .and_then(|u| u.get("reference"))
+        .and_then(Value::as_str);
+    if owner.is_some() && owner == user {
+        return Err(ApiError::bad_request(
+            "Cannot delete the owner of the project",
+        ));
+    }
+    state.store.delete("ProjectMembership", &m.id).await?;
+    if let Some(user) = user {
+        remove_project_user_without_memberships(&state, &project.id, user).await;
+    }
+    refreshed(&state).await;
+    Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// A project-scoped User exists only for its project: once its last membership there is gone,
+/// it goes too (as in newer Medplum), so no orphan can still sign in or hold the e-mail.
+async fn remove_project_user_without_memberships(state: &State, project_id: &str, user_ref: &str) {
+    let Some(user_id) = user_ref.strip_prefix("User/") else {
+        return;
+    };
+    let result = async {
+        let Some(user) = state.store.read("User", user_id).await? else {
+            return Ok(());
+        };
+        if user.project_id.as_deref() != Some(project_id) {
+            return Ok(());
+        }
+        let left = state
+            .store
+            .search(
+                "ProjectMembership",
+                &[("user".to_string(), vec![user_ref.to_string()])],
+                None,
+                1,
+            )
+            .await?;
+        if left.is_empty() {
+            state.store.delete("User", user_id).await?;
+        }
+        Ok::<(), crate::store::StoreError>(())
+    };
+    if let Err(e) = result.await {
+        tracing::error!(error = %e, "could not remove a project-scoped user without memberships");
+    }
+}

@@ -1,0 +1,69 @@
+//! `POST /admin/projects/setpassword` and `POST /admin/super/setpassword`.
+
+use crate::state::State;
+use axum::extract::{Request, State as AxState};
+use axum::response::Response;
+use serde_json::{Map, Value};
+use std::sync::Arc;
+
+use crate::control::base::access::authenticate;
+use crate::control::base::access::authenticate_admin;
+use crate::control::base::passwords::check_password;
+use crate::control::base::passwords::set_user_password;
+use crate::control::base::users::find_user;
+use crate::control::base::users::valid_email;
+use crate::control::web::body::auth_body;
+use crate::control::web::body::body_str;
+use crate::control::web::error::ApiError;
+
+/// `POST /admin/projects/setpassword` (project admin): a project-scoped user of the caller's
+/// project only.
+pub async fn admin_set_password(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let caller = authenticate_admin(&state, &parts).await?;
+    let body = auth_body(&parts, body).await?;
+    let (email, password) = email_and_password(&state, &body).await?;
+    let user = state
+        .store
+        .users_by_email(&email, Some(caller.project_id()))
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    set_user_password(&state, &user.id, &password).await
+}
+
+/// `POST /admin/super/setpassword` (super admin): any user, by e-mail and optional project.
+pub async fn super_set_password(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let caller = authenticate(&state, &parts).await?;
+    if !caller.super_admin() {
+        return Err(ApiError::forbidden());
+    }
+    let body = auth_body(&parts, body).await?;
+    let (email, password) = email_and_password(&state, &body).await?;
+    let project = body_str(&body, "projectId");
+    let user = find_user(&state, &email, project.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    set_user_password(&state, &user.id, &password).await
+}
+
+async fn email_and_password(
+    state: &State,
+    body: &Map<String, Value>,
+) -> Result<(String, String), ApiError> {
+    let email = body_str(body, "email")
+        .map(|e| e.trim().to_lowercase())
+        .filter(|e| valid_email(e))
+        .ok_or_else(|| ApiError::invalid("email", "Valid email address is required"))?;
+    let password = body_str(body, "password").unwrap_or_default();
+    check_password(state, "password", &password).await?;
+    Ok((email, password))
+}

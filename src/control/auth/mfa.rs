@@ -1,0 +1,149 @@
+//! MFA endpoints (medplum-auth.md §10): `GET /auth/mfa/status`, `POST /auth/mfa/enroll`,
+//! `/auth/mfa/verify`, `/auth/mfa/login-enroll` and `/auth/mfa/disable`; the rules are
+//! `login::mfa`'s.
+
+use crate::state::State;
+use axum::extract::{Request, State as AxState};
+use axum::response::Response;
+use fhirgate_core::fhir::outcome::Outcome;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+use crate::control::base::access::authenticate;
+use crate::control::login::flow::login_response;
+use crate::control::login::mfa::MfaUser;
+use crate::control::login::mfa::caller_attempt;
+use crate::control::login::mfa::enroll_details;
+use crate::control::login::mfa::ensure_secret;
+use crate::control::login::mfa::login_enroll;
+use crate::control::login::mfa::new_secret;
+use crate::control::login::mfa::read_user;
+use crate::control::login::mfa::update_user;
+use crate::control::login::mfa::verify_login;
+use crate::control::web::body::auth_body;
+use crate::control::web::body::body_str;
+use crate::control::web::body::login_and;
+use crate::control::web::body::ok_json;
+use crate::control::web::error::ApiError;
+use crate::control::web::error::outcome_response;
+
+/// The authenticated caller's User and Login. MFA belongs to Users: a client gets 403.
+async fn caller_user(
+    state: &State,
+    parts: &axum::http::request::Parts,
+) -> Result<(MfaUser, Option<String>), ApiError> {
+    let caller = authenticate(state, parts).await?;
+    let user = read_user(state, &caller.identity.user_ref)
+        .await?
+        .ok_or_else(ApiError::forbidden)?;
+    Ok((user, caller.identity.login_id.clone()))
+}
+
+/// `GET /auth/mfa/status`.
+pub async fn status(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let (user, _) = caller_user(&state, &parts).await?;
+    if user.enrolled() {
+        return Ok(ok_json(&json!({"enrolled": true})));
+    }
+    let user = ensure_secret(&state, user).await?;
+    let secret = user
+        .secret()
+        .ok_or_else(|| ApiError::internal("MFA status", "secret missing after creation"))?;
+    let (uri, qr) = enroll_details(user.email(), secret)?;
+    Ok(ok_json(
+        &json!({"enrolled": false, "enrollUri": uri, "enrollQrCode": qr}),
+    ))
+}
+
+/// `POST /auth/mfa/enroll {token}`.
+pub async fn enroll(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (user, login_id) = caller_user(&state, &parts).await?;
+    let body = auth_body(&parts, body).await?;
+    let token =
+        body_str(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
+    if user.enrolled() {
+        return Err(ApiError::bad_request("Already enrolled"));
+    }
+    let secret = user
+        .secret()
+        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
+        .to_string();
+    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
+    update_user(&state, user.id(), |current, obj| {
+        if current.enrolled() {
+            return Err(ApiError::bad_request("Already enrolled"));
+        }
+        if current.secret() != Some(secret.as_str()) {
+            return Err(ApiError::bad_request("Secret not found"));
+        }
+        obj.insert("mfaEnrolled".into(), Value::Bool(true));
+        Ok(())
+    })
+    .await?;
+    Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// `POST /auth/mfa/disable {token}`: un-enrolls and rotates the secret, so a new enrolment
+/// needs a new authenticator entry.
+pub async fn disable(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let (user, login_id) = caller_user(&state, &parts).await?;
+    let body = auth_body(&parts, body).await?;
+    let secret = user
+        .secret()
+        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
+        .to_string();
+    if !user.enrolled() {
+        return Err(ApiError::bad_request("User not enrolled in MFA"));
+    }
+    let token = body_str(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
+    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
+    let rotated = new_secret();
+    update_user(&state, user.id(), |current, obj| {
+        if current.secret() != Some(secret.as_str()) {
+            return Err(ApiError::bad_request("Secret not found"));
+        }
+        obj.insert("mfaEnrolled".into(), Value::Bool(false));
+        obj.insert("mfaSecret".into(), Value::String(rotated.clone()));
+        Ok(())
+    })
+    .await?;
+    Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// `POST /auth/mfa/verify {login, token}`: the sign-in step, then the usual login result.
+pub async fn verify(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let (login, token) = login_and(&body, "token", "Missing token")?;
+    let login = verify_login(&state, &login, &token).await?;
+    // After MFA, the same answer `/auth/login` would give now.
+    login_response(&state, login).await
+}
+
+/// `POST /auth/mfa/login-enroll {login, token}` (no bearer: the Login is the credential).
+pub async fn login_enroll_handler(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let (login, token) = login_and(&body, "token", "Missing token")?;
+    let login = login_enroll(&state, &login, &token).await?;
+    // After MFA, the same answer `/auth/login` would give now.
+    login_response(&state, login).await
+}

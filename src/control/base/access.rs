@@ -1,0 +1,150 @@
+//! Who is calling the control API, and what they may do: authentication through
+//! `State::authenticate` (Bearer or Basic), the effective policy of the caller's membership, the
+//! per-request IP check, and the admin rules of medplum-auth.md §4.8 and §8.
+
+use crate::state::{Identity, ProjectInfo, Snapshot, State};
+use axum::http::header;
+use axum::http::request::Parts;
+use fhirgate_core::policy::effective::EffectivePolicy;
+use fhirgate_core::policy::model::ProjectMembership;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use crate::control::web::client_addr::client_ip;
+use crate::control::web::error::ApiError;
+
+/// An authenticated caller, with everything decisions need, all from one snapshot.
+pub struct Caller {
+    pub identity: Arc<Identity>,
+    pub snap: Arc<Snapshot>,
+    pub membership: Arc<ProjectMembership>,
+    pub project: ProjectInfo,
+    pub policy: Arc<EffectivePolicy>,
+    pub client_ip: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("membership", &self.identity.membership_id)
+            .field("project", &self.project.id)
+            .field("profile", &self.identity.profile)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Caller {
+    /// A member of a `superAdmin` project (medplum-auth.md §4.8).
+    pub fn super_admin(&self) -> bool {
+        self.project.super_admin
+    }
+
+    /// `ProjectMembership.admin`.
+    pub fn project_admin(&self) -> bool {
+        self.membership.is_admin()
+    }
+
+    /// Admin API access: project admin or super admin.
+    pub fn is_admin(&self) -> bool {
+        self.project_admin() || self.super_admin()
+    }
+
+    pub fn project_id(&self) -> &str {
+        &self.project.id
+    }
+
+    /// The caller's profile reference (`meta.author` of what it writes).
+    pub fn profile(&self) -> &str {
+        &self.identity.profile
+    }
+
+    /// May the caller see or change something stored in `project`? Super admins see every
+    /// project; everyone else only their own.
+    pub fn in_scope(&self, project: Option<&str>) -> bool {
+        self.super_admin() || project == Some(self.project_id())
+    }
+}
+
+/// True when the query string names `_medplum-prompt-basic-auth` (medplum-auth.md §0.1).
+fn prompts_basic(parts: &Parts) -> bool {
+    parts.uri.query().is_some_and(|q| {
+        form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "_medplum-prompt-basic-auth")
+    })
+}
+
+/// Authenticates the request; 401 OperationOutcome when it cannot. IP rules of the caller's
+/// effective policy are checked on every request (SPEC §2), not only at token time.
+pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiError> {
+    let unauthorized = || ApiError::Unauthorized {
+        basic_realm: prompts_basic(parts).then(|| state.config.base_url.clone()),
+    };
+    let header = match parts.headers.get(header::AUTHORIZATION) {
+        Some(v) => Some(v.to_str().map_err(|_| unauthorized())?),
+        None => None,
+    };
+    let (result, _cache) = state.authenticate(header).await;
+    let identity = result.map_err(|e| match e {
+        // The credential may be fine: the store that would say so cannot be reached.
+        crate::state::AuthError::StoreUnavailable => {
+            ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
+                "Credential store unavailable".into(),
+            ))
+        }
+        _ => unauthorized(),
+    })?;
+    let snap = state.snapshot();
+    let membership = snap
+        .memberships
+        .get(&identity.membership_id)
+        .cloned()
+        .ok_or_else(unauthorized)?;
+    if !membership.is_active() {
+        return Err(unauthorized());
+    }
+    let project = snap
+        .projects
+        .get(&identity.project_id)
+        .cloned()
+        .ok_or_else(unauthorized)?;
+    // A membership whose policies cannot be built grants nothing: fail closed.
+    let policy = state
+        .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+        .ok_or_else(ApiError::forbidden)?;
+    let ip = client_ip(state, parts)?;
+    if let Some(ip) = ip
+        && !policy.check_ip(ip).is_allowed()
+    {
+        return Err(ApiError::forbidden());
+    }
+    Ok(Caller {
+        identity,
+        snap,
+        membership,
+        project,
+        policy,
+        client_ip: ip,
+    })
+}
+
+/// Authenticates and requires a project admin or super admin (403 otherwise).
+pub async fn authenticate_admin(state: &State, parts: &Parts) -> Result<Caller, ApiError> {
+    let caller = authenticate(state, parts).await?;
+    if !caller.is_admin() {
+        return Err(ApiError::forbidden());
+    }
+    Ok(caller)
+}
+
+/// The project an admin call acts on.
+pub(crate) fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
+    if caller.super_admin() {
+        caller
+            .snap
+            .projects
+            .get(url_project)
+            .cloned()
+            .ok_or_else(ApiError::not_found)
+    } else {
+        Ok(caller.project.clone())
+    }
+}

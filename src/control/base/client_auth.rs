@@ -1,0 +1,273 @@
+//! Client authentication (medplum-auth.md §2.13): the presented client (assertion, `Basic` or
+//! body), `private_key_jwt` against the client's JWK Set, secrets compared by keyed hash, and the
+//! `invalid_client` authentication of `/oauth2/introspect` and `/oauth2/revoke`.
+
+use crate::state::{ClientInfo, State};
+use crate::tokens::hashes_equal;
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::Value;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+use crate::control::base::outbound;
+use crate::control::web::error::ApiError;
+use crate::control::web::form::TokenForm;
+
+const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Client id and secret as presented (not yet checked), or a client already authenticated by
+/// a verified client assertion.
+#[derive(Debug, Default)]
+pub(crate) struct PresentedClient {
+    pub id: Option<String>,
+    pub secret: Option<String>,
+    /// `private_key_jwt`: the assertion was verified against the client's JWKS.
+    pub assertion_verified: bool,
+}
+
+/// RFC 6749 §2.3.1: both halves of `client_secret_basic` are form-urlencoded.
+fn form_urldecode(s: &str) -> Option<String> {
+    let plus = s.replace('+', " ");
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
+/// `client_id:client_secret` of an `Authorization: Basic` value (anything else is "Invalid
+/// authorization header").
+pub(crate) fn basic_credentials(value: &HeaderValue) -> Result<(String, Option<String>), ApiError> {
+    let bad = || ApiError::oauth("Invalid authorization header");
+    let value = value.to_str().map_err(|_| bad())?;
+    let encoded = value.strip_prefix("Basic ").ok_or_else(bad)?;
+    let decoded = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
+    let text = String::from_utf8(decoded).map_err(|_| bad())?;
+    let (id, secret) = match text.split_once(':') {
+        Some((id, secret)) => (id, Some(secret)),
+        None => (text.as_str(), None),
+    };
+    Ok((
+        form_urldecode(id).ok_or_else(bad)?,
+        secret
+            .map(|s| form_urldecode(s).ok_or_else(bad))
+            .transpose()?,
+    ))
+}
+
+/// `getClientIdAndSecret` (medplum-auth.md §2.13): a client assertion, else the `Authorization`
+/// header (Basic only), else the body.
+pub(crate) async fn presented_client(
+    state: &State,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<PresentedClient, ApiError> {
+    if let Some(kind) = form.get("client_assertion_type") {
+        if kind != JWT_BEARER_ASSERTION {
+            return Err(ApiError::oauth("Unsupported client assertion type"));
+        }
+        let assertion = form
+            .get("client_assertion")
+            .ok_or_else(|| ApiError::oauth("Invalid client assertion"))?;
+        let client_id = verify_client_assertion(state, assertion).await?;
+        return Ok(PresentedClient {
+            id: Some(client_id),
+            secret: None,
+            assertion_verified: true,
+        });
+    }
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let (id, secret) = basic_credentials(value)?;
+        return Ok(PresentedClient {
+            id: Some(id),
+            secret,
+            assertion_verified: false,
+        });
+    }
+    Ok(PresentedClient {
+        id: form.get("client_id").map(str::to_string),
+        secret: form.get("client_secret").map(str::to_string),
+        assertion_verified: false,
+    })
+}
+
+/// A client's JWK Set as fetched, and when.
+struct CachedJwks {
+    set: jsonwebtoken::jwk::JwkSet,
+    fetched: std::time::Instant,
+}
+
+/// JWK Sets are kept this long; a key id that is not in a set older than
+/// [`JWKS_REFETCH_AFTER`] makes one fresh fetch (the client may have rotated its keys).
+const JWKS_TTL: Duration = Duration::from_secs(300);
+
+const JWKS_REFETCH_AFTER: Duration = Duration::from_secs(10);
+
+const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
+
+const JWKS_MAX_BYTES: usize = 256 * 1024;
+
+static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = LazyLock::new(|| {
+    moka::future::Cache::builder()
+        .max_capacity(1_000)
+        .time_to_live(JWKS_TTL)
+        .build()
+});
+
+static JWKS_HTTP: LazyLock<Option<reqwest::Client>> =
+    LazyLock::new(|| outbound::client(JWKS_TIMEOUT));
+
+async fn fetch_jwks(url: &str) -> Option<CachedJwks> {
+    let client = JWKS_HTTP.as_ref()?;
+    let resp = client
+        .get(url)
+        .header(header::ACCEPT, "application/json")
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    let body = outbound::read_bounded(resp, JWKS_MAX_BYTES).await?;
+    let set = serde_json::from_slice(&body).ok()?;
+    Some(CachedJwks {
+        set,
+        fetched: std::time::Instant::now(),
+    })
+}
+
+async fn jwks_for(url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
+    if !fresh && let Some(c) = JWKS_CACHE.get(url).await {
+        return Some(c);
+    }
+    let fetched = Arc::new(fetch_jwks(url).await?);
+    JWKS_CACHE.insert(url.to_string(), fetched.clone()).await;
+    Some(fetched)
+}
+
+/// Authenticates a client by its `private_key_jwt` assertion (medplum-auth.md §2.13, case 25);
+/// returns the client id. Stricter than Medplum: an assertion is accepted once (`jti`, or the
+/// whole assertion when it has none).
+async fn verify_client_assertion(state: &State, assertion: &str) -> Result<String, ApiError> {
+    let token_url = format!("{}oauth2/token", state.config.base_url);
+    let client_id = crate::tokens::assertion_client_id(assertion, &token_url)
+        .map_err(|e| ApiError::oauth(e.to_string()))?;
+    let snap = state.snapshot();
+    let client = snap
+        .clients
+        .get(&client_id)
+        .ok_or_else(|| ApiError::oauth("Client not found"))?;
+    let url = client
+        .content
+        .get("jwksUri")
+        .and_then(Value::as_str)
+        .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+        .ok_or_else(|| ApiError::oauth("Client must have a JWK Set URL"))?
+        .to_string();
+    let bad_signature = || ApiError::oauth("Invalid client assertion signature");
+    let mut jwks = jwks_for(&url, false).await.ok_or_else(bad_signature)?;
+    let claims = match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
+    {
+        Ok(c) => c,
+        Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
+            jwks = jwks_for(&url, true).await.ok_or_else(bad_signature)?;
+            crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
+                .map_err(|_| bad_signature())?
+        }
+        Err(_) => return Err(bad_signature()),
+    };
+    let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
+    // Kept in the store, so a replay is refused on every control instance and after a restart.
+    let seen_key = match claims.get("jti").and_then(Value::as_str) {
+        Some(j) => state.hash_secret(&format!("assertion\u{0}{client_id}\u{0}{j}")),
+        None => state.hash_secret(&format!("assertion\u{0}{client_id}\u{0}{assertion}")),
+    };
+    let now = crate::store::now_unix();
+    if !state
+        .store
+        .claim_assertion(&seen_key, exp.max(now) + 60, now)
+        .await?
+    {
+        return Err(ApiError::oauth("Invalid client assertion"));
+    }
+    Ok(client_id)
+}
+
+/// `validateClientIdAndSecret`: the secret must equal the client's secret or its retiring
+/// secret. Both hashes are always compared.
+pub(crate) fn check_client_secret(
+    state: &State,
+    client: &ClientInfo,
+    secret: &str,
+) -> Result<(), ApiError> {
+    let Some(primary) = client.secret_hash.as_deref() else {
+        return Err(ApiError::oauth("Invalid client"));
+    };
+    let presented = state.hash_secret(secret);
+    let primary_ok = hashes_equal(primary, &presented);
+    let retiring_ok = client
+        .retiring_hash
+        .as_deref()
+        .is_some_and(|h| hashes_equal(h, &presented));
+    if primary_ok | retiring_ok {
+        Ok(())
+    } else {
+        Err(ApiError::oauth("Invalid secret"))
+    }
+}
+
+/// RFC 6749 §5.2 `invalid_client`, 401.
+fn invalid_client() -> ApiError {
+    ApiError::OAuth {
+        status: StatusCode::UNAUTHORIZED,
+        error: "invalid_client",
+        description: "Invalid client".into(),
+    }
+}
+
+/// Authenticates the calling client (assertion, Basic or body). A client with a secret must
+/// present it (or a verified assertion); `public_ok` lets a client without a secret identify
+/// itself by its id alone (RFC 7009 public clients). Returns the client id and its project.
+pub(crate) async fn authenticate_client(
+    state: &State,
+    parts: &Parts,
+    form: &TokenForm,
+    public_ok: bool,
+) -> Result<(String, Option<String>), ApiError> {
+    let presented = presented_client(state, parts, form)
+        .await
+        .map_err(|_| invalid_client())?;
+    let id = presented
+        .id
+        .filter(|s| !s.is_empty())
+        .ok_or_else(invalid_client)?;
+    let snap = state.snapshot();
+    let client = snap.clients.get(&id).ok_or_else(invalid_client)?;
+    if !client.active {
+        return Err(invalid_client());
+    }
+    if !presented.assertion_verified {
+        match presented.secret.as_deref().filter(|s| !s.is_empty()) {
+            Some(secret) => {
+                check_client_secret(state, client, secret).map_err(|_| invalid_client())?
+            }
+            None if public_ok && client.secret_hash.is_none() => {}
+            None => return Err(invalid_client()),
+        }
+    }
+    Ok((id, client.project_id.clone()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_urldecoded() {
+        assert_eq!(form_urldecode("a%3Ab+c").as_deref(), Some("a:b c"));
+        assert_eq!(form_urldecode("plain").as_deref(), Some("plain"));
+        assert_eq!(form_urldecode("%FF"), None);
+    }
+}

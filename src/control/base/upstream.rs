@@ -1,0 +1,244 @@
+//! Calls to the upstream FHIR server made by the control API itself: profile resources of
+//! invited and registered users (created idempotently by an identifier fhirgate sets, removed
+//! again after a failed write) and the profile `/auth/me` and `/oauth2/userinfo` show.
+
+use crate::state::State;
+use fhirgate_core::fhir::outcome::Outcome;
+use serde_json::{Value, json};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use crate::control::base::access::Caller;
+use crate::control::base::resources::strip_secrets;
+use crate::control::web::error::ApiError;
+use crate::control::web::error::FHIR_JSON;
+use fhirgate_core::fhir::path::is_valid_id;
+
+/// Identifier system of the profiles invites create: the value names the project and the
+/// invited e-mail (or external id), which makes the conditional create idempotent.
+pub const PROFILE_IDENTIFIER_SYSTEM: &str = "urn:fhirgate:invite";
+
+/// The identifier value of the profile of `email` in `project`.
+pub fn profile_key(project: &str, email: &str) -> String {
+    format!("{project}/{email}")
+}
+
+static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .ok()
+});
+
+/// A request to the upstream FHIR server: its base URL and credentials, `Accept` FHIR JSON, no
+/// redirects followed; `identity` adds the `X-Fhirgate-*` headers of a write made for someone.
+pub(crate) fn upstream_request(
+    state: &State,
+    identity: Option<(&str, &str)>,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<reqwest::RequestBuilder, ApiError> {
+    let client = HTTP
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("upstream client", "could not be built"))?;
+    let up = &state.config.upstream;
+    let mut rb = client
+        .request(method, format!("{}/{path}", up.base_url))
+        .timeout(up.connect_timeout + up.read_timeout)
+        .header("accept", FHIR_JSON);
+    if let Some(auth) = &up.authorization {
+        rb = rb.header("authorization", auth.as_str());
+    }
+    // Who the write is for, as on every request the gateway forwards.
+    if let Some((profile, project)) = identity {
+        rb = rb
+            .header("x-fhirgate-profile", profile)
+            .header("x-fhirgate-project", project);
+    }
+    Ok(rb)
+}
+
+fn upstream_failure(e: &reqwest::Error) -> ApiError {
+    if e.is_timeout() {
+        ApiError::Outcome(Outcome::GatewayTimeout("Upstream timed out".into()))
+    } else {
+        ApiError::Outcome(Outcome::BadGateway("Upstream unavailable".into()))
+    }
+}
+
+pub(crate) async fn upstream_read(
+    state: &State,
+    ty: &str,
+    id: &str,
+) -> Result<Option<Value>, ApiError> {
+    let resp = upstream_request(state, None, reqwest::Method::GET, &format!("{ty}/{id}"))?
+        .send()
+        .await
+        .map_err(|e| upstream_failure(&e))?;
+    match resp.status().as_u16() {
+        200 => Ok(resp.json::<Value>().await.ok()),
+        404 | 410 => Ok(None),
+        _ => Err(ApiError::Outcome(Outcome::BadGateway(
+            "Could not read the profile from the FHIR server".into(),
+        ))),
+    }
+}
+
+/// A profile resource to create in the upstream FHIR server.
+pub struct ProfileSpec<'a> {
+    pub resource_type: &'a str,
+    pub first_name: &'a str,
+    pub last_name: &'a str,
+    pub email: Option<&'a str>,
+    /// The value of its [`PROFILE_IDENTIFIER_SYSTEM`] identifier: project plus e-mail or
+    /// external id, which makes the create idempotent.
+    pub key: String,
+}
+
+/// Creates a profile upstream unless the one of an earlier attempt exists (found by its
+/// identifier). `identity` is the (profile, project) the write is made for. Returns the
+/// profile's reference and whether this call created it.
+pub async fn ensure_profile(
+    state: &State,
+    identity: Option<(&str, &str)>,
+    spec: &ProfileSpec<'_>,
+) -> Result<(String, bool), ApiError> {
+    let key = &spec.key;
+    let mut profile = json!({
+        "resourceType": spec.resource_type,
+        "identifier": [{"system": PROFILE_IDENTIFIER_SYSTEM, "value": key}],
+        "name": [{"given": [spec.first_name], "family": spec.last_name}],
+    });
+    if let Some(email) = spec.email {
+        profile["telecom"] = json!([{"system": "email", "use": "work", "value": email}]);
+    }
+    let condition = form_urlencoded::Serializer::new(String::new())
+        .append_pair("identifier", &format!("{PROFILE_IDENTIFIER_SYSTEM}|{key}"))
+        .finish();
+    let resp = upstream_request(state, identity, reqwest::Method::POST, spec.resource_type)?
+        .header("content-type", FHIR_JSON)
+        .header("if-none-exist", condition)
+        .body(profile.to_string())
+        .send()
+        .await
+        .map_err(|e| upstream_failure(&e))?;
+    let status = resp.status().as_u16();
+    let refused = || {
+        ApiError::Outcome(Outcome::BadGateway(
+            "Could not create the profile in the FHIR server".into(),
+        ))
+    };
+    if status == 412 {
+        return Err(ApiError::conflict(
+            "Several profiles in the FHIR server match this invite",
+        ));
+    }
+    if status != 200 && status != 201 {
+        tracing::warn!(status, "the upstream refused an invited profile");
+        return Err(refused());
+    }
+    let body: Value = resp.json().await.map_err(|_| refused())?;
+    let id = body
+        .get("id")
+        .and_then(Value::as_str)
+        .filter(|id| is_valid_id(id))
+        .ok_or_else(refused)?;
+    if body.get("resourceType").and_then(Value::as_str) != Some(spec.resource_type) {
+        return Err(refused());
+    }
+    Ok((format!("{}/{id}", spec.resource_type), status == 201))
+}
+
+/// Deletes a profile this invite created, unless a membership uses it by now (a concurrent
+/// invite of the same person may have found it). Failures are logged: the profile then stays,
+/// harmless, and the next invite of that person reuses it.
+pub async fn remove_profile(state: &State, reference: &str) {
+    let used = state
+        .store
+        .search(
+            "ProjectMembership",
+            &[("profile".to_string(), vec![reference.to_string()])],
+            None,
+            1,
+        )
+        .await;
+    if !matches!(used, Ok(ref v) if v.is_empty()) {
+        return;
+    }
+    let request = upstream_request(state, None, reqwest::Method::DELETE, reference);
+    let result = match request {
+        Ok(rb) => rb
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(format!("{e:?}")),
+    };
+    match result {
+        Ok(s) if (200..300).contains(&s) || s == 404 || s == 410 => {}
+        other => tracing::warn!(
+            profile = reference,
+            result = ?other,
+            "could not remove the profile of a failed invite"
+        ),
+    }
+}
+
+/// `/auth/me` waits at most this long for the profile from the upstream.
+const PROFILE_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The full profile resource. ClientApplications live in the store; the other profile types
+/// live in the upstream FHIR server and are read from it. When the upstream cannot be reached,
+/// a bare `{resourceType, id}` stands in, so that `/auth/me` itself still works.
+pub(crate) async fn profile_resource(state: &State, caller: &Caller) -> Value {
+    let profile = caller.identity.profile.as_str();
+    let Some((resource_type, id)) = profile.split_once('/') else {
+        return json!({});
+    };
+    let bare = json!({"resourceType": resource_type, "id": id});
+    if resource_type == "ClientApplication" {
+        return match caller.snap.clients.get(id) {
+            Some(c) => {
+                let mut content = c.content.clone();
+                strip_secrets(&mut content);
+                content
+            }
+            None => bare,
+        };
+    }
+    if !is_valid_id(id)
+        || !matches!(
+            resource_type,
+            "Patient" | "Practitioner" | "RelatedPerson" | "Bot"
+        )
+    {
+        return bare;
+    }
+    match fetch_upstream(state, resource_type, id).await {
+        Some(v) if v.get("resourceType").and_then(Value::as_str) == Some(resource_type) => v,
+        _ => bare,
+    }
+}
+
+/// The profile as the upstream FHIR server has it (through [`upstream_request`], which knows the
+/// upstream's address and credentials), with a shorter deadline: `/auth/me` answers without it.
+async fn fetch_upstream(state: &State, resource_type: &str, id: &str) -> Option<Value> {
+    let path = format!("{resource_type}/{id}");
+    let resp = upstream_request(state, None, reqwest::Method::GET, &path)
+        .ok()?
+        .timeout(
+            state
+                .config
+                .upstream
+                .read_timeout
+                .min(PROFILE_FETCH_TIMEOUT),
+        )
+        .send()
+        .await
+        .ok()?;
+    if !resp.status().is_success() {
+        return None;
+    }
+    resp.json::<Value>().await.ok()
+}

@@ -1,0 +1,118 @@
+//! Instance operations: `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md
+//! §8.3); any other operation is 404 after authentication.
+
+use crate::state::State;
+use crate::tokens::random_hex;
+use axum::body::Body;
+use axum::extract::{Path, Request, State as AxState};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::Response;
+use serde_json::Value;
+use std::sync::Arc;
+
+use crate::control::base::access::authenticate;
+use crate::control::base::access::authenticate_admin;
+use crate::control::base::resources::refreshed;
+use crate::control::base::resources::strip_secrets;
+use crate::control::web::body::json_body;
+use crate::control::web::body::json_response;
+use crate::control::web::error::ApiError;
+use crate::control::web::error::FHIR_JSON;
+use fhirgate_core::fhir::path::is_valid_id;
+
+/// `POST /fhir/R4/<Type>/<id>/<$operation>`.
+pub async fn instance_operation(
+    AxState(state): AxState<Arc<State>>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    match (resource_type.as_str(), operation.as_str()) {
+        ("ClientApplication", "$rotate-secret") => rotate_secret(&state, &id, req).await,
+        _ => {
+            let (parts, _body): (Parts, Body) = req.into_parts();
+            authenticate(&state, &parts).await?;
+            Err(ApiError::not_found())
+        }
+    }
+}
+
+/// Reads `parameter[name].valueString` of a Parameters resource.
+fn parameter<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
+    params
+        .get("parameter")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("name").and_then(Value::as_str) == Some(name))?
+        .get("valueString")?
+        .as_str()
+        .filter(|s| !s.is_empty())
+}
+
+/// `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md §8.3).
+pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let caller = authenticate_admin(state, &parts).await?;
+    let params = json_body(&parts, body).await?;
+    if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(ApiError::bad_request("Incorrect resource type"));
+    }
+    let secret = parameter(&params, "secret");
+    let retiring = parameter(&params, "retiringSecret");
+    let client = if is_valid_id(id) {
+        state.store.read("ClientApplication", id).await?
+    } else {
+        None
+    };
+    // Stricter than Medplum: another project's client does not exist for this caller.
+    let client = client
+        .filter(|c| caller.in_scope(c.project_id.as_deref()))
+        .ok_or_else(ApiError::not_found)?;
+    let (secret, retiring) = match (secret, retiring) {
+        (None, None) => return Err(ApiError::bad_request("Secret to rotate must be provided")),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "Only one secret can be rotated at a time",
+            ));
+        }
+        other => other,
+    };
+    // The decision needs the current hashes: make sure this instance has seen the latest write.
+    if let Err(e) = state.refresh_if_changed().await {
+        return Err(ApiError::internal("refreshing before a secret rotation", e));
+    }
+    let snap = state.snapshot();
+    let info = snap.clients.get(id).ok_or_else(ApiError::not_found)?;
+    let matches = |stored: Option<&str>, presented: &str| {
+        stored.is_some_and(|h| crate::tokens::hashes_equal(h, &state.hash_secret(presented)))
+    };
+    let mut body = client.content.clone();
+    strip_secrets(&mut body);
+    if let Some(current) = secret {
+        if !matches(info.secret_hash.as_deref(), current) {
+            return Err(ApiError::bad_request(
+                "Provided secret does not match client",
+            ));
+        }
+        let new_secret = random_hex(32);
+        let new_hash = state.hash_secret(&new_secret);
+        state
+            .store
+            .set_client_secret(id, Some(&new_hash), info.secret_hash.as_deref())
+            .await?;
+        body["secret"] = Value::String(new_secret);
+        body["retiringSecret"] = Value::String(current.to_string());
+    } else if let Some(old) = retiring {
+        if !matches(info.retiring_hash.as_deref(), old) {
+            return Err(ApiError::bad_request(
+                "Provided secret does not match client",
+            ));
+        }
+        state
+            .store
+            .set_client_secret(id, info.secret_hash.as_deref(), None)
+            .await?;
+    }
+    refreshed(state).await;
+    Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
+}

@@ -1,0 +1,544 @@
+//! The Login lifecycle (medplum-auth.md §1.5, §2.2–§2.5): password sign-in creates a Login,
+//! a membership is chosen (automatically when there is one), the scope may be narrowed, and
+//! once everything is in place an authorization code is issued, which `/oauth2/token` redeems
+//! exactly once (`oauth2::token`).
+//!
+//! The plain async functions here are the API the sign-in front ends build on (the `/auth/*`
+//! JSON endpoints of `auth::login`, the server-rendered page of `/oauth2/authorize`, MFA,
+//! registration, external IdPs): [`password_login`] → [`choose_profile`] / [`set_scope`] →
+//! [`login_result`] (which calls [`issue_code`] when the Login is ready). Flow state lives in
+//! `LoginRecord.extra` under the keys of `login::state::keys`.
+//!
+//! Stricter than Medplum (SPEC §2): a code is issued only when a membership is chosen, the
+//! scope is set, the Login is neither revoked nor granted, MFA is verified when the user is
+//! enrolled and no enrolment is pending; codes are stored as keyed hashes, expire after
+//! [`CODE_LIFETIME`] seconds and are replaced by a fresh one each time a result shows one.
+
+use crate::state::State;
+use crate::store::{LoginRecord, now_unix};
+use crate::tokens::random_hex;
+use axum::response::Response;
+use fhirgate_core::policy::model::ProjectMembership;
+use fhirgate_core::policy::scope::SmartScope;
+use serde_json::{Map, Value, json};
+use std::net::IpAddr;
+
+use crate::control::base::passwords::verify_password;
+use crate::control::base::users::find_user;
+use crate::control::base::users::memberships_of;
+use crate::control::base::users::valid_email;
+use crate::control::login::mfa::enroll_details;
+use crate::control::login::mfa::ensure_secret;
+use crate::control::login::mfa::read_user;
+use crate::control::login::pkce::check_client_pkce;
+use crate::control::login::pkce::pkce_extra;
+use crate::control::login::state::CODE_LIFETIME;
+use crate::control::login::state::LoginRequest;
+use crate::control::login::state::PENDING_LIFETIME;
+use crate::control::login::state::code_hash;
+use crate::control::login::state::ensure_pending;
+use crate::control::login::state::extra_str;
+use crate::control::login::state::flag;
+use crate::control::login::state::get_login;
+use crate::control::login::state::keys;
+use crate::control::login::state::not_ready;
+use crate::control::login::state::save_pending;
+use crate::control::login::state::set_extra;
+use crate::control::login::state::wants_offline;
+use crate::control::web::body::ok_json;
+use crate::control::web::error::ApiError;
+use fhirgate_core::fhir::path::is_valid_id;
+
+/// express-validator's answer (a validation OperationOutcome with a random id), for the first
+/// failed field.
+fn validation_errors(errors: &[(&str, &str)]) -> ApiError {
+    match errors.first() {
+        Some((expression, text)) => ApiError::invalid(expression, *text),
+        None => ApiError::bad_request("Invalid request"),
+    }
+}
+
+/// `/auth/login` minus the HTTP: validates, checks the password, and returns the new Login,
+/// already stored, with its membership chosen when the user has exactly one. Nothing is
+/// stored when any check fails.
+pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRecord, ApiError> {
+    let email = req.email.trim().to_lowercase();
+    let mut errors = Vec::new();
+    if !valid_email(&email) {
+        errors.push(("email", "Valid email address is required"));
+    }
+    if req.password.chars().count() < 5 {
+        errors.push((
+            "password",
+            "Invalid password, must be at least 5 characters",
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(validation_errors(&errors));
+    }
+    let snap = state.snapshot();
+    let client = match req.client_id.as_deref().filter(|c| !c.is_empty()) {
+        Some(id) => Some(
+            snap.clients
+                .get(id)
+                .ok_or_else(ApiError::not_found)?
+                .clone(),
+        ),
+        None => None,
+    };
+    let mut project_id = req.project_id.clone().filter(|p| !p.is_empty());
+    if let Some(c) = &client {
+        let client_project = c.project_id.clone();
+        if project_id.is_some() && project_id != client_project {
+            return Err(ApiError::bad_request("Invalid projectId"));
+        }
+        project_id = client_project;
+        if let Some(allowed) = c.content.get("allowedOrigin").and_then(Value::as_array)
+            && let Some(origin) = req.origin.as_deref()
+            && !allowed.iter().any(|a| a.as_str() == Some(origin))
+        {
+            return Err(ApiError::bad_request("Invalid origin"));
+        }
+        if !c.active {
+            return Err(ApiError::bad_request("Invalid client"));
+        }
+    }
+    let challenge = req.code_challenge.as_deref().filter(|s| !s.is_empty());
+    let method = req
+        .code_challenge_method
+        .as_deref()
+        .filter(|s| !s.is_empty());
+    check_client_pkce(client.as_ref(), challenge, method)?;
+    let user = find_user(state, &email, project_id.as_deref())
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    let Some(hash) = user.content.get("passwordHash").and_then(Value::as_str) else {
+        return Err(ApiError::bad_request("Invalid authentication method"));
+    };
+    if !verify_password(hash, &req.password).await? {
+        return Err(ApiError::bad_request("Email or password is invalid"));
+    }
+    let user_ref = format!("User/{}", user.id);
+    let profile_type = req.resource_type.as_deref().filter(|s| !s.is_empty());
+    let memberships = memberships_of(state, &user_ref, project_id.as_deref(), profile_type).await?;
+    if memberships.is_empty() && project_id.as_deref() != Some("new") {
+        return Err(ApiError::bad_request("User not found"));
+    }
+
+    let now = now_unix();
+    let scope = req.scope_or_openid();
+    let mfa_enrolled = user
+        .content
+        .get("mfaEnrolled")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let mfa_wanted = user
+        .content
+        .get("mfaRequired")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        || memberships.iter().any(|(_, m)| {
+            m.extra
+                .get("mfaRequired")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+        });
+    let mut extra = Map::new();
+    let mut put = |k: &str, v: Value| {
+        extra.insert(k.to_string(), v);
+    };
+    put(keys::GRANTED, Value::Bool(false));
+    put(
+        keys::NONCE,
+        Value::String(
+            req.nonce
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        ),
+    );
+    for (k, v) in pkce_extra(challenge, method) {
+        put(k, v);
+    }
+    if let Some(l) = req.launch.as_deref().filter(|s| !s.is_empty()) {
+        put(keys::LAUNCH, Value::String(l.to_string()));
+    }
+    if let Some(r) = req.redirect_uri.as_deref().filter(|s| !s.is_empty()) {
+        put(keys::REDIRECT_URI, Value::String(r.to_string()));
+    }
+    if let Some(o) = req.origin.as_deref() {
+        put(keys::ORIGIN, Value::String(o.to_string()));
+    }
+    if let Some(ua) = &req.user_agent {
+        put(keys::USER_AGENT, Value::String(ua.clone()));
+    }
+    if let Some(t) = profile_type {
+        put(keys::PROFILE_TYPE, Value::String(t.to_string()));
+    }
+    put(keys::REMEMBER, Value::Bool(req.remember));
+    put(
+        keys::OFFLINE,
+        Value::Bool(req.remember || wants_offline(&scope)),
+    );
+    put(keys::MFA_REQUIRED, Value::Bool(mfa_enrolled));
+    put(keys::MFA_VERIFIED, Value::Bool(false));
+    put(
+        keys::MFA_ENROLL_REQUIRED,
+        Value::Bool(mfa_wanted && !mfa_enrolled),
+    );
+    let mut login = LoginRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_ref,
+        client_id: client.as_ref().map(|c| c.id.clone()),
+        membership_id: None,
+        project_id,
+        scope,
+        auth_method: "password".into(),
+        auth_time: now,
+        expires_at: now.saturating_add(PENDING_LIFETIME),
+        revoked: false,
+        remote_address: req.remote_address.map(|a| a.to_string()),
+        code: None,
+        refresh_secret: None,
+        extra: Value::Object(extra),
+    };
+    if let [(id, membership)] = memberships.as_slice() {
+        apply_membership(state, &mut login, id, membership, req.remote_address).await?;
+    }
+    state.store.insert_login(&login).await?;
+    Ok(login)
+}
+
+/// `setLoginMembership`'s checks after the Login-level ones, then the change in memory.
+async fn apply_membership(
+    state: &State,
+    login: &mut LoginRecord,
+    membership_id: &str,
+    membership: &ProjectMembership,
+    ip: Option<IpAddr>,
+) -> Result<(), ApiError> {
+    if membership.user.reference.as_deref() != Some(login.user_ref.as_str()) {
+        return Err(ApiError::bad_request("Invalid profile"));
+    }
+    let project_id = membership
+        .project
+        .type_and_id()
+        .map(|(_, id)| id.to_string())
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    if let Some(p) = login.project_id.as_deref()
+        && p != "new"
+        && p != project_id
+    {
+        return Err(ApiError::bad_request("Invalid profile"));
+    }
+    if !membership.is_active() {
+        return Err(ApiError::bad_request("Profile not active"));
+    }
+    let mut snap = state.snapshot();
+    if !snap.memberships.contains_key(membership_id) || !snap.projects.contains_key(&project_id) {
+        // Written moments ago, maybe by another instance: catch up once before refusing.
+        state
+            .refresh_if_changed()
+            .await
+            .map_err(|e| ApiError::internal("refreshing the snapshot", e))?;
+        snap = state.snapshot();
+    }
+    let project = snap
+        .projects
+        .get(&project_id)
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let google_required = project
+        .content
+        .get("features")
+        .and_then(Value::as_array)
+        .is_some_and(|f| f.iter().any(|v| v.as_str() == Some("google-auth-required")));
+    if google_required {
+        return Err(ApiError::bad_request("Google authentication is required"));
+    }
+    let ip = ip.or_else(|| login.remote_address.as_deref().and_then(|a| a.parse().ok()));
+    if let Some(ip) = ip {
+        let policy = state
+            .effective_policy(&snap, membership_id, Some(&login.scope))
+            .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+        if !policy.check_ip(ip).is_allowed() {
+            return Err(ApiError::bad_request("IP address not allowed"));
+        }
+    }
+    login.membership_id = Some(membership_id.to_string());
+    login.project_id = Some(project_id);
+    set_extra(login, keys::PROFILE_SET, Value::Bool(true));
+    if project.super_admin {
+        // Super admins never get refresh tokens (medplum-auth.md §3.4).
+        set_extra(login, keys::OFFLINE, Value::Bool(false));
+    }
+    if membership
+        .extra
+        .get("mfaRequired")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        && !flag(login, keys::MFA_REQUIRED)
+    {
+        set_extra(login, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
+    }
+    Ok(())
+}
+
+/// `POST /auth/profile` minus the HTTP: chooses the membership `membership_id` for the Login,
+/// with Medplum's checks in Medplum's order, and stores it.
+pub async fn choose_profile(
+    state: &State,
+    login: &LoginRecord,
+    membership_id: &str,
+    ip: Option<IpAddr>,
+) -> Result<LoginRecord, ApiError> {
+    ensure_pending(login)?;
+    if login.membership_id.is_some() {
+        return Err(ApiError::bad_request("Login profile already set"));
+    }
+    let stored = if is_valid_id(membership_id) {
+        state.store.read("ProjectMembership", membership_id).await?
+    } else {
+        None
+    };
+    let stored = stored.ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let membership: ProjectMembership = serde_json::from_value(stored.content)
+        .map_err(|_| ApiError::bad_request("Profile not found"))?;
+    let mut updated = login.clone();
+    apply_membership(state, &mut updated, membership_id, &membership, ip).await?;
+    save_pending(state, &updated).await?;
+    Ok(updated)
+}
+
+/// `POST /auth/scope` minus the HTTP: every SMART resource scope of `scope` must narrow one
+/// of the requested ones (medplum-auth.md §5); then the Login's scope is `scope` verbatim.
+pub async fn set_scope(
+    state: &State,
+    login: &LoginRecord,
+    scope: &str,
+) -> Result<LoginRecord, ApiError> {
+    ensure_pending(login)?;
+    if !scope_narrows(&login.scope, scope) {
+        return Err(ApiError::bad_request("Invalid scope"));
+    }
+    let mut updated = login.clone();
+    updated.scope = scope.to_string();
+    let offline =
+        flag(login, keys::OFFLINE) && (flag(login, keys::REMEMBER) || wants_offline(scope));
+    set_extra(&mut updated, keys::OFFLINE, Value::Bool(offline));
+    set_extra(&mut updated, keys::SCOPE_GRANTED, Value::Bool(true));
+    save_pending(state, &updated).await?;
+    Ok(updated)
+}
+
+/// Is every SMART resource scope of `submitted` a subset of one in `requested`?
+pub fn scope_narrows(requested: &str, submitted: &str) -> bool {
+    let requested: Vec<SmartScope> = requested
+        .split_ascii_whitespace()
+        .filter_map(SmartScope::parse)
+        .collect();
+    submitted
+        .split_ascii_whitespace()
+        .filter(|w| looks_like_smart(w))
+        .all(|w| match SmartScope::parse(w) {
+            Some(s) => requested.iter().any(|r| s.is_subset_of(r)),
+            // Shaped like a resource scope but malformed: never a narrowing.
+            None => false,
+        })
+}
+
+fn looks_like_smart(word: &str) -> bool {
+    ["patient/", "user/", "system/"]
+        .iter()
+        .any(|p| word.starts_with(p))
+}
+
+/// Issues a fresh authorization code for a ready Login (see [`not_ready`]); any previous code
+/// of it stops working. The code itself is returned once and only its hash is stored.
+pub async fn issue_code(state: &State, login: &mut LoginRecord) -> Result<String, ApiError> {
+    if let Some(why) = not_ready(login) {
+        return Err(ApiError::bad_request(why));
+    }
+    let code = random_hex(16);
+    let hash = code_hash(state, &code);
+    let mut extra = login.extra.clone();
+    if let Some(obj) = extra.as_object_mut() {
+        obj.insert(
+            keys::CODE_EXPIRES_AT.into(),
+            Value::from(now_unix().saturating_add(CODE_LIFETIME)),
+        );
+    }
+    if !state
+        .store
+        .set_login_code(&login.id, login.code.as_deref(), &hash, &extra)
+        .await?
+    {
+        // Revoked, granted or given another code since it was read: look again.
+        let fresh = get_login(state, &login.id).await?;
+        ensure_pending(&fresh)?;
+        return Err(ApiError::conflict("Login changed; try again"));
+    }
+    login.code = Some(hash);
+    login.extra = extra;
+    Ok(code)
+}
+
+/// Medplum's `sendLoginResult`: what the client does next, as the JSON body of 200.
+/// - MFA enrolment pending → `{login, mfaEnrollRequired: true, enrollUri, enrollQrCode}`;
+/// - MFA enrolled, not verified → `{login, mfaRequired: true}`;
+/// - project `new` → `{login}`;
+/// - membership chosen → `{login, code}` (a fresh code);
+/// - otherwise → `{login, memberships}`.
+pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Value, ApiError> {
+    let id = login.id.clone();
+    if flag(login, keys::MFA_ENROLL_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+        // Medplum hands out the secret to enrol with right here (creating it if needed).
+        let mut out = json!({"login": id, "mfaEnrollRequired": true});
+        if let Some(user) = read_user(state, &login.user_ref).await? {
+            let user = ensure_secret(state, user).await?;
+            if let Some(secret) = user.secret() {
+                let (uri, qr) = enroll_details(user.email(), secret)?;
+                out["enrollUri"] = Value::String(uri);
+                out["enrollQrCode"] = Value::String(qr);
+            }
+        }
+        return Ok(out);
+    }
+    if flag(login, keys::MFA_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+        return Ok(json!({"login": id, "mfaRequired": true}));
+    }
+    if login.project_id.as_deref() == Some("new") && login.membership_id.is_none() {
+        return Ok(json!({"login": id}));
+    }
+    if login.membership_id.is_some() {
+        let code = issue_code(state, login).await?;
+        return Ok(json!({"login": id, "code": code}));
+    }
+    let memberships = memberships_of(
+        state,
+        &login.user_ref,
+        login.project_id.as_deref(),
+        extra_str(login, keys::PROFILE_TYPE),
+    )
+    .await?;
+    let snap = state.snapshot();
+    let list: Vec<Value> = memberships
+        .iter()
+        .map(|(mid, m)| {
+            let mut project = serde_json::to_value(&m.project).unwrap_or(Value::Null);
+            if project.get("display").is_none()
+                && let Some(p) = m
+                    .project
+                    .type_and_id()
+                    .and_then(|(_, pid)| snap.projects.get(pid))
+            {
+                project["display"] = Value::String(p.name.clone());
+            }
+            let mut v = json!({
+                "id": mid,
+                "project": project,
+                "profile": serde_json::to_value(&m.profile).unwrap_or(Value::Null),
+            });
+            if let Some(i) = m.extra.get("identifier") {
+                v["identifier"] = i.clone();
+            }
+            v
+        })
+        .collect();
+    Ok(json!({"login": id, "memberships": list}))
+}
+
+/// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.
+pub async fn login_response(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
+    let result = login_result(state, &mut login).await?;
+    Ok(ok_json(&result))
+}
+
+/// A Login made at registration can be continued (newproject, newpatient) this long.
+const REGISTRATION_LOGIN_LIFETIME: i64 = PENDING_LIFETIME;
+
+/// The Login of a user who just registered: authenticated by the password they chose, with no
+/// membership yet (Medplum's `tryLogin` with `allowNoMembership`). Flow state as `login::state` keeps
+/// it.
+pub(crate) fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
+    let now = now_unix();
+    let scope = req.scope_or_openid();
+    let mut extra = Map::new();
+    let mut put = |k: &str, v: Value| {
+        extra.insert(k.to_string(), v);
+    };
+    put(keys::GRANTED, Value::Bool(false));
+    put(
+        keys::NONCE,
+        Value::String(
+            req.nonce
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        ),
+    );
+    for (k, v) in pkce_extra(
+        req.code_challenge.as_deref(),
+        req.code_challenge_method.as_deref(),
+    ) {
+        put(k, v);
+    }
+    if let Some(o) = &req.origin {
+        put(keys::ORIGIN, Value::String(o.clone()));
+    }
+    if let Some(ua) = &req.user_agent {
+        put(keys::USER_AGENT, Value::String(ua.clone()));
+    }
+    put(keys::REMEMBER, Value::Bool(req.remember));
+    put(
+        keys::OFFLINE,
+        Value::Bool(req.remember || wants_offline(&scope)),
+    );
+    put(keys::MFA_REQUIRED, Value::Bool(false));
+    put(keys::MFA_VERIFIED, Value::Bool(false));
+    put(keys::MFA_ENROLL_REQUIRED, Value::Bool(false));
+    LoginRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_ref: user_ref.to_string(),
+        client_id: req.client_id.clone(),
+        membership_id: None,
+        project_id: req.project_id.clone(),
+        scope,
+        auth_method: "password".into(),
+        auth_time: now,
+        expires_at: now.saturating_add(REGISTRATION_LOGIN_LIFETIME),
+        revoked: false,
+        remote_address: req.remote_address.map(|a| a.to_string()),
+        code: None,
+        refresh_secret: None,
+        extra: Value::Object(extra),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scope_narrowing_follows_case_44() {
+        assert!(!scope_narrows(
+            "openid profile",
+            "patient/Condition.rs?category=health-concern"
+        ));
+        assert!(scope_narrows(
+            "openid patient/Condition.crs",
+            "patient/Condition.read"
+        ));
+        assert!(scope_narrows(
+            "openid patient/Condition.rs",
+            "openid patient/Condition.rs?category=health-concern"
+        ));
+        assert!(!scope_narrows(
+            "openid patient/Condition.rs?encounter=123",
+            "openid patient/Condition.rs?category=health-concern"
+        ));
+        assert!(scope_narrows("openid", "openid profile email"));
+        assert!(!scope_narrows(
+            "openid patient/Patient.rs",
+            "patient/Patient.sdurc"
+        ));
+    }
+}

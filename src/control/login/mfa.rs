@@ -1,0 +1,535 @@
+//! MFA with TOTP (medplum-auth.md §10): the functions the `/auth/mfa/*` endpoints (`auth::mfa`),
+//! the sign-in page and `/auth/login` share (secret, enrolment URI, QR code, code checks,
+//! attempt limits).
+//!
+//! TOTP as otplib's `authenticator`: SHA-1, 6 digits, 30 s steps, ±1 step. The secret lives in
+//! the User resource (`mfaSecret`, base32), which no read ever returns.
+//!
+//! Stricter than Medplum v5.0.2, which has no limits (SPEC §2):
+//! - a code is accepted once: its time step must be later than any step this user already used
+//!   (RFC 6238 §5.2), so a code seen over a shoulder cannot be replayed within its 90 s window;
+//! - wrong codes are counted on the Login they were tried for: the fifth revokes a sign-in
+//!   Login (the password step must be done again), and ten across the user's Logins within
+//!   15 minutes lock MFA for that user until the window has passed (429). The counts are kept
+//!   in `logins.extra` and written with compare-and-swap, so they hold across instances.
+
+use crate::state::State;
+use crate::store::{LoginRecord, StoreError, StoredResource, now_unix};
+use base64::Engine;
+use fhirgate_core::fhir::outcome::Outcome;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use serde_json::{Map, Value, json};
+
+use crate::control::base::index::index_rows;
+use crate::control::login::state::flag;
+use crate::control::login::state::get_login;
+use crate::control::login::state::keys;
+use crate::control::web::error::ApiError;
+
+/// Wrong codes one Login may try; the last one revokes a sign-in Login.
+pub const MAX_LOGIN_FAILURES: usize = 5;
+
+/// Wrong codes one user may try across Logins within [`USER_WINDOW`].
+pub const MAX_USER_FAILURES: usize = 10;
+
+/// Seconds over which a user's wrong codes add up.
+pub const USER_WINDOW: i64 = 15 * 60;
+
+/// How far back a user's Logins are read for used steps and failures.
+const HISTORY: i64 = 24 * 3600;
+
+/// Secret size: 160 bits, RFC 4226 §4's recommendation.
+const SECRET_BYTES: usize = 20;
+
+/// The shortest secret accepted from the store: otplib's default of 80 bits, so secrets
+/// generated elsewhere still verify.
+const MIN_SECRET_BYTES: usize = 10;
+
+const STEP_SECONDS: u64 = 30;
+
+/// How often a code check is retried when its Login changed in between.
+const ATTEMPT_ROUNDS: usize = 5;
+
+/// How often a User update is retried when another writer got in between.
+const USER_UPDATE_TRIES: usize = 3;
+
+/// `encodeURIComponent`'s set: everything but `A-Za-z0-9-_.!~*'()`.
+const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// A new random secret, base32 (RFC 4648, no padding), as stored in `User.mfaSecret`.
+pub fn new_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; SECRET_BYTES];
+    rand::rng().fill_bytes(&mut bytes);
+    totp_rs::Secret::from(bytes.to_vec()).to_base32()
+}
+
+/// The key URI authenticator apps read (medplum-auth.md §10).
+pub fn enroll_uri(email: &str, secret: &str) -> String {
+    format!(
+        "otpauth://totp/{}?secret={}&issuer=medplum.com",
+        utf8_percent_encode(&format!("Medplum - {email}"), URI_COMPONENT),
+        utf8_percent_encode(secret, URI_COMPONENT),
+    )
+}
+
+/// The key URI as a QR code: a PNG data URL.
+pub fn qr_data_url(uri: &str) -> Result<String, ApiError> {
+    let png = qrcodegen_image::draw_png(uri).map_err(|e| ApiError::internal("QR code", e))?;
+    Ok(format!(
+        "data:image/png;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(png)
+    ))
+}
+
+/// `{enrollUri, enrollQrCode}` for a user's e-mail and secret.
+pub fn enroll_details(email: &str, secret: &str) -> Result<(String, String), ApiError> {
+    let uri = enroll_uri(email, secret);
+    let qr = qr_data_url(&uri)?;
+    Ok((uri, qr))
+}
+
+/// The time step `token` is valid for at `now` (±1 step), if any. Anything but six digits
+/// (spaces allowed between them, as people type them) is simply wrong.
+pub fn check_code(secret: &str, token: &str, now: u64) -> Option<u64> {
+    let digits: String = token.chars().filter(|c| !c.is_whitespace()).collect();
+    if digits.len() != 6 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let totp = totp(secret)?;
+    totp.check(&digits, now)
+}
+
+/// The code for `now` (tests and tools; the server never needs it).
+#[cfg(test)]
+pub fn code_at(secret: &str, now: u64) -> Option<String> {
+    Some(totp(secret)?.generate(now).to_string())
+}
+
+fn totp(secret: &str) -> Option<totp_rs::Totp> {
+    let secret = totp_rs::Secret::try_from_base32(secret.trim_end_matches('=')).ok()?;
+    if secret.as_ref().len() < MIN_SECRET_BYTES {
+        return None;
+    }
+    Some(
+        totp_rs::Builder::new()
+            .with_algorithm(totp_rs::Algorithm::SHA1)
+            .with_digits(6)
+            .with_skew(1)
+            .with_step_duration(STEP_SECONDS)
+            .with_secret(secret)
+            .build_noncompliant(),
+    )
+}
+
+/// A User as stored, with the fields MFA reads.
+pub(crate) struct MfaUser {
+    pub stored: StoredResource,
+}
+
+impl MfaUser {
+    pub fn id(&self) -> &str {
+        &self.stored.id
+    }
+    pub fn email(&self) -> &str {
+        self.stored
+            .content
+            .get("email")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    }
+    pub fn enrolled(&self) -> bool {
+        self.stored
+            .content
+            .get("mfaEnrolled")
+            .and_then(Value::as_bool)
+            == Some(true)
+    }
+    pub fn secret(&self) -> Option<&str> {
+        self.stored
+            .content
+            .get("mfaSecret")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+}
+
+/// Reads the User behind a `User/<id>` reference.
+pub(crate) async fn read_user(state: &State, user_ref: &str) -> Result<Option<MfaUser>, ApiError> {
+    Ok(crate::control::base::users::read_user(state, user_ref)
+        .await?
+        .map(|stored| MfaUser { stored }))
+}
+
+/// Changes a User with compare-and-swap on its version, retrying when another writer got in
+/// between. `change` sees the current content each time and may refuse.
+pub(crate) async fn update_user(
+    state: &State,
+    user_id: &str,
+    change: impl Fn(&MfaUser, &mut Map<String, Value>) -> Result<(), ApiError>,
+) -> Result<MfaUser, ApiError> {
+    for _ in 0..USER_UPDATE_TRIES {
+        let stored = state
+            .store
+            .read("User", user_id)
+            .await?
+            .ok_or_else(|| ApiError::bad_request("User not found"))?;
+        let current = MfaUser { stored };
+        let mut content = current.stored.content.clone();
+        let Some(obj) = content.as_object_mut() else {
+            return Err(ApiError::internal("stored User", "not an object"));
+        };
+        change(&current, obj)?;
+        match state
+            .store
+            .put(
+                content.clone(),
+                current.stored.project_id.as_deref(),
+                &index_rows(&content),
+                Some(&current.stored.version_id),
+                false,
+            )
+            .await
+        {
+            Ok(stored) => return Ok(MfaUser { stored }),
+            Err(StoreError::VersionConflict) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(ApiError::conflict(
+        "The user changed during the update; try again",
+    ))
+}
+
+/// Makes sure the user has a secret; returns the user as stored afterwards.
+pub(crate) async fn ensure_secret(state: &State, user: MfaUser) -> Result<MfaUser, ApiError> {
+    if user.secret().is_some() {
+        return Ok(user);
+    }
+    let secret = new_secret();
+    update_user(state, &user.stored.id, |current, obj| {
+        if current.secret().is_none() {
+            obj.insert("mfaSecret".into(), Value::String(secret.clone()));
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// What the user's recent Logins say: wrong codes in the window, and the last step used.
+struct History {
+    recent_failures: usize,
+    last_step: Option<u64>,
+}
+
+fn failures_of(extra: &Value) -> Vec<i64> {
+    extra
+        .get("mfaFailures")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_i64).collect())
+        .unwrap_or_default()
+}
+
+async fn history(state: &State, user_ref: &str, now: i64) -> Result<History, ApiError> {
+    let logins = state
+        .store
+        .logins_for_user(user_ref, now.saturating_sub(HISTORY))
+        .await?;
+    let mut h = History {
+        recent_failures: 0,
+        last_step: None,
+    };
+    for l in &logins {
+        h.recent_failures += failures_of(&l.extra)
+            .into_iter()
+            .filter(|t| *t > now - USER_WINDOW)
+            .count();
+        if let Some(step) = l.extra.get("mfaStep").and_then(Value::as_u64) {
+            h.last_step = Some(h.last_step.map_or(step, |s| s.max(step)));
+        }
+    }
+    Ok(h)
+}
+
+/// Why a code was not accepted.
+enum Rejected {
+    /// Wrong, or a step already used.
+    Wrong,
+    /// Too many wrong codes: 429.
+    Throttled,
+}
+
+impl Rejected {
+    /// The answer: `wrong_text` (400) for a wrong code, 429 when throttled.
+    fn error(self, wrong_text: &'static str) -> ApiError {
+        match self {
+            Rejected::Wrong => ApiError::bad_request(wrong_text),
+            Rejected::Throttled => ApiError::Outcome(Outcome::TooManyRequests),
+        }
+    }
+}
+
+/// Checks `token` for `user` on behalf of the Login `login_id`, counting a failure on that Login.
+/// On success the accepted step is recorded on the Login and `on_success` may change its
+/// `extra` in the same write. `revoke_on_limit`: the fifth wrong code revokes the Login.
+async fn attempt(
+    state: &State,
+    login_id: &str,
+    user_ref: &str,
+    secret: &str,
+    token: &str,
+    revoke_on_limit: bool,
+    on_success: impl Fn(&mut Map<String, Value>),
+) -> Result<Result<LoginRecord, Rejected>, ApiError> {
+    // Each round reads the Login again after another writer got in between; a Login that keeps
+    // changing under us is refused rather than spun on.
+    for _ in 0..ATTEMPT_ROUNDS {
+        let now = now_unix();
+        let login = state
+            .store
+            .login(login_id)
+            .await?
+            .ok_or_else(ApiError::not_found)?;
+        if login.revoked {
+            return Err(ApiError::bad_request("Login revoked"));
+        }
+        let own_failures = failures_of(&login.extra).len();
+        let h = history(state, user_ref, now).await?;
+        if own_failures >= MAX_LOGIN_FAILURES || h.recent_failures >= MAX_USER_FAILURES {
+            return Ok(Err(Rejected::Throttled));
+        }
+        let step = check_code(secret, token, now.max(0) as u64)
+            .filter(|s| h.last_step.is_none_or(|last| *s > last));
+        let mut extra = login.extra.clone();
+        if !extra.is_object() {
+            extra = Value::Object(Map::new());
+        }
+        let Some(obj) = extra.as_object_mut() else {
+            return Err(ApiError::internal("login extra", "not an object"));
+        };
+        let Some(step) = step else {
+            let mut failures = failures_of(&login.extra);
+            failures.push(now);
+            obj.insert("mfaFailures".into(), json!(failures));
+            if !state
+                .store
+                .update_login_extra_cas(&login.id, &login.extra, &extra)
+                .await?
+            {
+                continue;
+            }
+            if revoke_on_limit && failures.len() >= MAX_LOGIN_FAILURES {
+                tracing::warn!(login = %login.id, "too many wrong MFA codes; login revoked");
+                state.store.revoke_login(&login.id).await?;
+            }
+            return Ok(Err(Rejected::Wrong));
+        };
+        obj.insert("mfaStep".into(), json!(step));
+        on_success(obj);
+        if state
+            .store
+            .update_login_extra_cas(&login.id, &login.extra, &extra)
+            .await?
+        {
+            let mut updated = login;
+            updated.extra = extra;
+            return Ok(Ok(updated));
+        }
+    }
+    Err(ApiError::conflict("Login changed; try again"))
+}
+
+/// The checks of `verifyMfaToken` on a Login, in Medplum's order.
+fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
+    if login.revoked {
+        return Err(ApiError::bad_request("Login revoked"));
+    }
+    if flag(login, keys::GRANTED) {
+        return Err(ApiError::bad_request("Login granted"));
+    }
+    if flag(login, keys::MFA_VERIFIED) {
+        return Err(ApiError::bad_request("Login already verified"));
+    }
+    Ok(())
+}
+
+/// The sign-in step: checks `token` for the Login's user and marks the Login `mfaVerified`.
+/// Shared by `/auth/mfa/verify` and the sign-in page.
+pub(crate) async fn verify_login(
+    state: &State,
+    login_id: &str,
+    token: &str,
+) -> Result<LoginRecord, ApiError> {
+    let login = get_login(state, login_id).await?;
+    check_login_open(&login)?;
+    let user = read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?;
+    let secret = user
+        .secret()
+        .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?
+        .to_string();
+    attempt(
+        state,
+        &login.id,
+        &login.user_ref,
+        &secret,
+        token,
+        true,
+        |extra| {
+            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
+        },
+    )
+    .await?
+    .map_err(|r| r.error("Invalid MFA token"))
+}
+
+/// Forced enrolment during sign-in (`User.mfaRequired`): checks `token` against the secret the
+/// user was given, marks the user enrolled and the Login verified.
+pub(crate) async fn login_enroll(
+    state: &State,
+    login_id: &str,
+    token: &str,
+) -> Result<LoginRecord, ApiError> {
+    let login = get_login(state, login_id).await?;
+    let user = read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("Secret not found"))?;
+    if user.enrolled() {
+        return Err(ApiError::bad_request("Already enrolled"));
+    }
+    let secret = user
+        .secret()
+        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
+        .to_string();
+    check_login_open(&login)?;
+    let verified = attempt(
+        state,
+        &login.id,
+        &login.user_ref,
+        &secret,
+        token,
+        true,
+        |extra| {
+            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
+            extra.insert(keys::MFA_ENROLL_REQUIRED.into(), Value::Bool(false));
+        },
+    )
+    .await?
+    .map_err(|r| r.error("Invalid MFA token"))?;
+    update_user(state, user.id(), |current, obj| {
+        // The secret the code was checked against must still be the one stored.
+        if current.secret() != Some(secret.as_str()) {
+            return Err(ApiError::bad_request("Secret not found"));
+        }
+        obj.insert("mfaEnrolled".into(), Value::Bool(true));
+        Ok(())
+    })
+    .await?;
+    Ok(verified)
+}
+
+/// Checks a code for an authenticated caller (enroll, disable). Basic callers have no Login
+/// to count on; they are clients, refused before this.
+pub(crate) async fn caller_attempt(
+    state: &State,
+    login_id: Option<&str>,
+    user: &MfaUser,
+    secret: &str,
+    token: &str,
+) -> Result<(), ApiError> {
+    let Some(login_id) = login_id else {
+        return Err(ApiError::forbidden());
+    };
+    attempt(
+        state,
+        login_id,
+        &format!("User/{}", user.id()),
+        secret,
+        token,
+        false,
+        |_| {},
+    )
+    .await?
+    .map(drop)
+    .map_err(|r| r.error("Invalid token"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_160_bit_base32() {
+        let s = new_secret();
+        assert_eq!(s.len(), 32);
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_uppercase() || (b'2'..=b'7').contains(&b))
+        );
+        assert_ne!(s, new_secret());
+    }
+
+    #[test]
+    fn enroll_uri_has_medplums_shape() {
+        assert_eq!(
+            enroll_uri("a.b@example.com", "JBSWY3DPEHPK3PXP"),
+            "otpauth://totp/Medplum%20-%20a.b%40example.com?secret=JBSWY3DPEHPK3PXP&issuer=medplum.com"
+        );
+    }
+
+    #[test]
+    fn qr_code_is_a_png_data_url() {
+        let url = qr_data_url("otpauth://totp/x?secret=JBSWY3DPEHPK3PXP").unwrap();
+        let b64 = url.strip_prefix("data:image/png;base64,").unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    }
+
+    /// RFC 6238 Appendix B, SHA-1, truncated to 6 digits.
+    #[test]
+    fn rfc6238_vectors() {
+        // "12345678901234567890" in base32.
+        let secret = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ";
+        assert_eq!(code_at(secret, 59).as_deref(), Some("287082"));
+        assert_eq!(code_at(secret, 1_111_111_109).as_deref(), Some("081804"));
+        assert_eq!(code_at(secret, 1_234_567_890).as_deref(), Some("005924"));
+        assert_eq!(code_at(secret, 20_000_000_000).as_deref(), Some("353130"));
+    }
+
+    #[test]
+    fn codes_are_accepted_one_step_either_side() {
+        let secret = new_secret();
+        let now = 1_700_000_000u64;
+        let code = code_at(&secret, now).unwrap();
+        let step = now / 30;
+        assert_eq!(check_code(&secret, &code, now), Some(step));
+        assert_eq!(check_code(&secret, &code, now + 30), Some(step));
+        assert_eq!(check_code(&secret, &code, now - 30), Some(step));
+        assert_eq!(check_code(&secret, &code, now + 60), None);
+        let spaced = format!("{} {}", &code[..3], &code[3..]);
+        assert_eq!(check_code(&secret, &spaced, now), Some(step));
+    }
+
+    #[test]
+    fn malformed_codes_and_secrets_fail() {
+        let secret = new_secret();
+        for bad in ["", "12345", "1234567", "abcdef", "12345x", "１２３４５６"] {
+            assert_eq!(check_code(&secret, bad, 1_700_000_000), None, "{bad}");
+        }
+        assert_eq!(check_code("not base32!", "123456", 1_700_000_000), None);
+        // Too short to be a secret (40 bits).
+        assert_eq!(check_code("GEZDGNBV", "123456", 1_700_000_000), None);
+    }
+}

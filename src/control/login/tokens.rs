@@ -1,0 +1,226 @@
+//! Token issuance (medplum-auth.md §3): the access, ID and refresh tokens of a Login, signed
+//! with the current key, and the response body of the token endpoint.
+
+use crate::state::{ClientInfo, State};
+use crate::store::LoginRecord;
+use crate::tokens::Claims;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+use crate::control::base::clients::access_token_lifetime;
+use crate::control::login::state::user_id;
+use crate::control::web::error::ApiError;
+
+/// ID tokens live one hour, whatever the access token lifetime (medplum-auth.md §3.3).
+const ID_TOKEN_LIFETIME: i64 = 3600;
+
+/// Does the space-separated `scope` contain `word`?
+pub(crate) fn has_word(scope: &str, word: &str) -> bool {
+    scope.split_ascii_whitespace().any(|w| w == word)
+}
+
+/// Access token lifetime of a user's Login: its client's, or the server default without one.
+pub(crate) fn user_access_lifetime(state: &State, client: Option<&ClientInfo>) -> Duration {
+    match client {
+        Some(c) => access_token_lifetime(state, c),
+        None => state.config.access_token_lifetime,
+    }
+}
+
+/// Everything the token response says about a user's Login.
+struct UserFacts {
+    email: Option<String>,
+    given: String,
+    family: String,
+}
+
+async fn user_facts(state: &State, login: &LoginRecord) -> Result<UserFacts, ApiError> {
+    let user = match user_id(login) {
+        Some(id) => state.store.read("User", id).await?.map(|u| u.content),
+        None => None,
+    };
+    let field = |k: &str| {
+        user.as_ref()
+            .and_then(|u| u.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    Ok(UserFacts {
+        email: Some(field("email")).filter(|e| !e.is_empty()),
+        given: field("firstName"),
+        family: field("lastName"),
+    })
+}
+
+/// Signs the tokens of a user's Login (authorization code and refresh grants).
+pub(crate) async fn issue_user_tokens(
+    state: &State,
+    login: &LoginRecord,
+    profile: &str,
+    project_id: &str,
+    client: Option<&ClientInfo>,
+    refresh: Option<(&str, Duration)>,
+    now: i64,
+) -> Result<Value, ApiError> {
+    let facts = user_facts(state, login).await?;
+    let lifetime = user_access_lifetime(state, client);
+    let sub = user_id(login).unwrap_or(login.user_ref.as_str());
+    let patient = profile.strip_prefix("Patient/");
+    issue_tokens(
+        state,
+        &Issue {
+            login,
+            sub,
+            profile,
+            project_id,
+            client_id: login.client_id.as_deref(),
+            lifetime,
+            refresh,
+            email: facts.email.as_deref(),
+            names: Some((&facts.given, &facts.family)),
+            patient,
+            now,
+        },
+    )
+}
+
+/// How long a granted Login must stay known: as long as any token it issued can be valid.
+pub(crate) fn granted_until(now: i64, access: Duration, refresh: Option<Duration>) -> i64 {
+    let longest = access
+        .as_secs()
+        .max(ID_TOKEN_LIFETIME as u64)
+        .max(refresh.map(|r| r.as_secs()).unwrap_or(0));
+    now.saturating_add(i64::try_from(longest).unwrap_or(i64::MAX))
+}
+
+/// What a grant hands to [`issue_tokens`].
+pub(crate) struct Issue<'a> {
+    /// The Login, already stored.
+    pub login: &'a LoginRecord,
+    /// User id, or the client id for client credentials.
+    pub sub: &'a str,
+    /// `Practitioner/…`, `ClientApplication/…`, …
+    pub profile: &'a str,
+    pub project_id: &'a str,
+    pub client_id: Option<&'a str>,
+    pub lifetime: Duration,
+    /// The refresh secret (as carried by the token, not its stored hash) and the refresh
+    /// token's lifetime, when a refresh token is issued.
+    pub refresh: Option<(&'a str, Duration)>,
+    /// Put in the ID token when the scope asks for `email`.
+    pub email: Option<&'a str>,
+    /// `(given, family)`, put in the ID token when the scope asks for `profile`.
+    pub names: Option<(&'a str, &'a str)>,
+    /// Patient context of the token response.
+    pub patient: Option<&'a str>,
+    pub now: i64,
+}
+
+/// Signs the access token (claims of medplum-auth.md §3.2), the ID token (§3.3) and, when asked
+/// for, the refresh token (§3.4); returns the response body of §3.5.
+pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiError> {
+    let keyring = state.keyring();
+    let issuer = state.config.base_url.clone();
+    let login = i.login;
+    let expires_in = i.lifetime.as_secs() as i64;
+    let access = Claims {
+        iss: issuer.clone(),
+        iat: i.now,
+        exp: i.now.saturating_add(expires_in),
+        aud: i.client_id.map(str::to_string),
+        client_id: i.client_id.map(str::to_string),
+        login_id: Some(login.id.clone()),
+        sub: Some(i.sub.to_string()),
+        username: Some(i.sub.to_string()),
+        scope: Some(login.scope.clone()),
+        profile: Some(i.profile.to_string()),
+        ..Default::default()
+    };
+    let id_claims = Claims {
+        iss: issuer.clone(),
+        iat: i.now,
+        exp: i.now.saturating_add(ID_TOKEN_LIFETIME),
+        aud: i.client_id.map(str::to_string),
+        client_id: i.client_id.map(str::to_string),
+        login_id: Some(login.id.clone()),
+        sub: Some(i.sub.to_string()),
+        fhir_user: Some(i.profile.to_string()),
+        nonce: login
+            .extra
+            .get("nonce")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        auth_time: Some(login.auth_time),
+        email: if login.scope.contains("email") {
+            i.email.map(str::to_string)
+        } else {
+            None
+        },
+        ..Default::default()
+    };
+    let mut id_claims = id_claims;
+    if has_word(&login.scope, "profile")
+        && let Some((given, family)) = i.names
+    {
+        let full = [given, family]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" ");
+        id_claims.name = Some(full).filter(|s| !s.is_empty());
+        id_claims.given_name = Some(given.to_string()).filter(|s| !s.is_empty());
+        id_claims.family_name = Some(family.to_string()).filter(|s| !s.is_empty());
+    }
+    let sign = |c: &Claims| {
+        keyring
+            .sign(c)
+            .map_err(|e| ApiError::internal("signing a token", e))
+    };
+    let access_token = sign(&access)?;
+    let id_token = sign(&id_claims)?;
+    let mut body = json!({
+        "token_type": "Bearer",
+        "expires_in": expires_in,
+        "scope": login.scope,
+        "id_token": id_token,
+        "access_token": access_token,
+    });
+    if let Some((secret, lifetime)) = i.refresh {
+        let refresh = Claims {
+            iss: issuer,
+            iat: i.now,
+            exp: i.now.saturating_add(lifetime.as_secs() as i64),
+            aud: i.client_id.map(str::to_string),
+            client_id: i.client_id.map(str::to_string),
+            login_id: Some(login.id.clone()),
+            refresh_secret: Some(secret.to_string()),
+            ..Default::default()
+        };
+        body["refresh_token"] = Value::String(sign(&refresh)?);
+    }
+    body["project"] = json!({"reference": format!("Project/{}", i.project_id)});
+    body["profile"] = json!({"reference": i.profile});
+    if let Some(p) = i.patient {
+        body["patient"] = Value::String(p.to_string());
+    }
+    body["smart_style_url"] = Value::String(format!(
+        "{}fhir/R4/.well-known/smart-styles.json",
+        state.config.base_url
+    ));
+    body["need_patient_banner"] = Value::Bool(i.patient.is_some());
+    if login
+        .scope
+        .split_whitespace()
+        .any(|w| w.starts_with("fhircast/"))
+    {
+        // medplum-auth.md §3.5: FHIRcast scopes name the hub and a per-user topic. fhirgate
+        // hosts no hub; the URL is where an operator mounts one behind the same base URL. The
+        // topic is stable per user and unguessable without the installation's key.
+        body["hub.url"] = Value::String(format!("{}fhircast/STU3", state.config.base_url));
+        let topic = state.hash_secret(&format!("fhircast-topic:{}", login.user_ref));
+        body["hub.topic"] = Value::String(topic.chars().take(32).collect());
+    }
+    Ok(body)
+}

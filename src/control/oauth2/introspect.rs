@@ -1,0 +1,74 @@
+//! `POST /oauth2/introspect` (medplum-auth.md §2.17, RFC 7662). Stricter than Medplum:
+//! introspection requires client authentication and only answers `active: true` for live tokens
+//! of the introspecting client's project; a refresh token whose secret was rotated out is
+//! inactive.
+
+use crate::state::State;
+use axum::extract::{Request, State as AxState};
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+use crate::control::base::client_auth::authenticate_client;
+use crate::control::oauth2::live_token;
+use crate::control::web::body::auth_body;
+use crate::control::web::body::body_str;
+use crate::control::web::body::ok_json;
+use crate::control::web::error::ApiError;
+use crate::control::web::form::as_form;
+
+/// `POST /oauth2/introspect` (RFC 7662): `{active: false}` for anything that is not a live
+/// token of the calling client's project.
+pub async fn introspect(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body).await?;
+    let Some(token) = body_str(&body, "token") else {
+        return Err(ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            "Token to introspect must be provided",
+        ));
+    };
+    let form = as_form(&body);
+    let (_, client_project) = authenticate_client(&state, &parts, &form, false)
+        .await
+        .map_err(ApiError::into_oauth)?;
+    let inactive = || ok_json(&json!({"active": false}));
+    let Some((claims, login)) = live_token(&state, &token).await else {
+        return Ok(inactive());
+    };
+    if client_project.is_none() || login.project_id != client_project {
+        return Ok(inactive());
+    }
+    let snap = state.snapshot();
+    let profile = login
+        .membership_id
+        .as_deref()
+        .and_then(|m| snap.memberships.get(m))
+        .and_then(|m| m.profile.reference.clone());
+    let sub = claims.sub.clone().unwrap_or_else(|| {
+        login
+            .user_ref
+            .split_once('/')
+            .map(|(_, id)| id.to_string())
+            .unwrap_or_default()
+    });
+    let mut out = json!({
+        "active": true,
+        "iat": claims.iat,
+        "exp": claims.exp,
+        "iss": claims.iss,
+        "sub": sub,
+        "scope": login.scope,
+    });
+    if let Some(c) = login.client_id.as_deref().or(claims.client_id.as_deref()) {
+        out["client_id"] = Value::String(c.to_string());
+    }
+    if let Some(p) = profile.as_deref().and_then(|p| p.strip_prefix("Patient/")) {
+        out["patient"] = Value::String(p.to_string());
+    }
+    Ok(ok_json(&out))
+}

@@ -1,0 +1,42 @@
+//! `GET|POST /oauth2/logout` (medplum-auth.md §2.15, §7): revokes the caller's Login, so every
+//! access, refresh and ID token of it fails on the very next request, on every instance (the
+//! revocation is a store write, hence a change-feed event), and clears the browser session
+//! cookie `medplum-<clientId>` of the sign-in page.
+
+use crate::state::State;
+use axum::extract::{Request, State as AxState};
+use axum::http::{HeaderValue, header};
+use axum::response::Response;
+use fhirgate_core::fhir::outcome::Outcome;
+use std::sync::Arc;
+
+use crate::control::base::access::authenticate;
+use crate::control::login::state::revoke;
+use crate::control::web::error::ApiError;
+use crate::control::web::error::outcome_response;
+
+pub async fn logout(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, _) = req.into_parts();
+    let caller = authenticate(&state, &parts).await?;
+    // Basic auth has no Login to revoke; the call succeeds and changes nothing.
+    if let Some(login) = &caller.identity.login_id {
+        revoke(&state, login).await?;
+    }
+    let mut response = outcome_response(&Outcome::AllOk);
+    if let Some(client_id) = &caller.identity.client_id {
+        let secure = if state.config.base_url.starts_with("https:") {
+            "; Secure"
+        } else {
+            ""
+        };
+        let clear =
+            format!("medplum-{client_id}=; Path=/; Max-Age=0; HttpOnly; SameSite=Lax{secure}");
+        if let Ok(v) = HeaderValue::from_str(&clear) {
+            response.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    Ok(response)
+}

@@ -1,0 +1,40 @@
+//! `POST /oauth2/revoke` (RFC 7009).
+
+use crate::state::State;
+use axum::extract::{Request, State as AxState};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
+use crate::control::base::client_auth::authenticate_client;
+use crate::control::login::state::revoke;
+use crate::control::oauth2::live_token;
+use crate::control::web::body::auth_body;
+use crate::control::web::body::body_str;
+use crate::control::web::error::ApiError;
+use crate::control::web::form::as_form;
+
+/// `POST /oauth2/revoke` (RFC 7009): revokes the Login of an access or refresh token issued to
+/// the calling client. Answers 200 whatever the token was (§2.2).
+pub async fn revoke_token(
+    AxState(state): AxState<Arc<State>>,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let body = auth_body(&parts, body)
+        .await
+        .map_err(ApiError::into_oauth)?;
+    let form = as_form(&body);
+    let (client_id, _) = authenticate_client(&state, &parts, &form, true)
+        .await
+        .map_err(ApiError::into_oauth)?;
+    let token = body_str(&body, "token").ok_or_else(|| ApiError::oauth("Missing token"))?;
+    if let Some((_, login)) = live_token(&state, &token).await
+        && login.client_id.as_deref() == Some(client_id.as_str())
+    {
+        revoke(&state, &login.id)
+            .await
+            .map_err(ApiError::into_oauth)?;
+    }
+    Ok((StatusCode::OK, [(header::CACHE_CONTROL, "no-store")]).into_response())
+}

@@ -1,0 +1,512 @@
+//! `POST /oauth2/token` (medplum-auth.md §2.13, §3): form bodies only, client authentication by
+//! body, `Authorization: Basic` (form-urldecoded, RFC 6749 §2.3.1) or a client assertion, and
+//! the grants. Every error is `{error, error_description}`, except the plain-text
+//! "Unsupported content type".
+//!
+//! Grants are dispatched by [`Grant`]; each one authenticates the client, creates or loads a
+//! Login and hands it to `login::tokens`, which signs the tokens and shapes the response.
+//!
+//! Stricter than Medplum (SPEC §2): codes expire, are bound to the `redirect_uri` given at
+//! `/oauth2/authorize`, and are redeemed by a compare-and-swap (exactly one of two concurrent
+//! exchanges wins, the other counts as a replay); a client secret presented with a code or a
+//! refresh token is always checked; MFA, membership state and IP rules are checked again at
+//! every exchange; codes and refresh secrets are stored as keyed hashes only.
+
+use crate::obs::METRICS;
+use crate::state::{ClientInfo, Snapshot, State};
+use crate::store::{LoginRecord, now_unix};
+use crate::tokens::{hashes_equal, random_hex};
+use axum::extract::{Request, State as AxState};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use std::sync::Arc;
+
+use crate::control::base::client_auth::basic_credentials;
+use crate::control::base::client_auth::check_client_secret;
+use crate::control::base::client_auth::presented_client;
+use crate::control::base::clients::access_token_lifetime;
+use crate::control::base::clients::client_flag;
+use crate::control::base::clients::refresh_token_lifetime;
+use crate::control::login::exchange::TOKEN_EXCHANGE_GRANT;
+use crate::control::login::exchange::token_exchange;
+use crate::control::login::pkce::pkce_matches;
+use crate::control::login::state::GRANTED_PREFIX;
+use crate::control::login::state::code_hash;
+use crate::control::login::state::extra_str;
+use crate::control::login::state::flag;
+use crate::control::login::state::is_granted;
+use crate::control::login::state::keys;
+use crate::control::login::state::not_ready;
+use crate::control::login::state::revoke;
+use crate::control::login::tokens::Issue;
+use crate::control::login::tokens::granted_until;
+use crate::control::login::tokens::issue_tokens;
+use crate::control::login::tokens::issue_user_tokens;
+use crate::control::login::tokens::user_access_lifetime;
+use crate::control::web::body::media_type;
+use crate::control::web::body::read_body;
+use crate::control::web::body::user_agent;
+use crate::control::web::client_addr::client_ip;
+use crate::control::web::error::ApiError;
+use crate::control::web::form::TokenForm;
+
+/// Token requests are small; anything bigger is refused before parsing.
+const MAX_FORM: usize = 64 * 1024;
+
+/// The grant types of the token endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Grant {
+    ClientCredentials,
+    AuthorizationCode,
+    RefreshToken,
+    /// RFC 8693, answered by `login::exchange`.
+    TokenExchange,
+}
+
+impl Grant {
+    fn parse(s: &str) -> Option<Grant> {
+        match s {
+            "client_credentials" => Some(Grant::ClientCredentials),
+            "authorization_code" => Some(Grant::AuthorizationCode),
+            "refresh_token" => Some(Grant::RefreshToken),
+            TOKEN_EXCHANGE_GRANT => Some(Grant::TokenExchange),
+            _ => None,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Grant::ClientCredentials => "client_credentials",
+            Grant::AuthorizationCode => "authorization_code",
+            Grant::RefreshToken => "refresh_token",
+            Grant::TokenExchange => "token_exchange",
+        }
+    }
+}
+
+pub async fn token(AxState(state): AxState<Arc<State>>, req: Request) -> Response {
+    match handle(&state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_oauth().into_response(),
+    }
+}
+
+async fn handle(state: &State, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
+        return Err(ApiError::Text(
+            StatusCode::BAD_REQUEST,
+            "Unsupported content type",
+        ));
+    }
+    let bytes = read_body(body, MAX_FORM).await?;
+    let form = TokenForm::parse(&bytes)?;
+    let grant = form
+        .get("grant_type")
+        .ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
+    let grant = Grant::parse(grant).ok_or_else(|| ApiError::oauth("Unsupported grant_type"))?;
+    let body = match grant {
+        Grant::ClientCredentials => client_credentials(state, &parts, &form).await?,
+        Grant::AuthorizationCode => authorization_code(state, &parts, &form).await?,
+        Grant::RefreshToken => refresh_token(state, &parts, &form).await?,
+        // Answers its own errors: some are OperationOutcomes, not OAuth errors.
+        Grant::TokenExchange => {
+            return Ok(token_exchange(state, &parts, &form).await);
+        }
+    };
+    METRICS
+        .tokens_issued
+        .with_label_values(&[grant.label()])
+        .inc();
+    Ok(token_response(&body))
+}
+
+fn token_response(body: &Value) -> Response {
+    let mut r = (StatusCode::OK, axum::Json(body)).into_response();
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    r
+}
+
+async fn client_credentials(
+    state: &State,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<Value, ApiError> {
+    let presented = presented_client(state, parts, form).await?;
+    let client_id = presented
+        .id
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| ApiError::oauth("Missing client_id"))?;
+    let secret = presented.secret.filter(|s| !s.is_empty());
+    if secret.is_none() && !presented.assertion_verified {
+        return Err(ApiError::oauth("Missing client_secret"));
+    }
+    let snap = state.snapshot();
+    let client = snap
+        .clients
+        .get(&client_id)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    if !client.active {
+        return Err(ApiError::oauth("Invalid client"));
+    }
+    if let Some(secret) = &secret {
+        check_client_secret(state, client, secret)?;
+    }
+    let (membership_id, membership) = snap
+        .client_membership(client)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    if !membership.is_active() {
+        return Err(ApiError::oauth("Invalid client"));
+    }
+    let project_id = membership
+        .project
+        .type_and_id()
+        .map(|(_, id)| id.to_string())
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let scope = form.get("scope").unwrap_or("openid").to_string();
+    let ip = client_ip(state, parts)?;
+    let policy = state
+        .effective_policy(&snap, membership_id, Some(&scope))
+        .ok_or_else(|| {
+            ApiError::oauth("Cannot authenticate: Invalid access policy configuration")
+        })?;
+    if let Some(ip) = ip
+        && !policy.check_ip(ip).is_allowed()
+    {
+        return Err(ApiError::oauth("IP address not allowed"));
+    }
+    let lifetime = access_token_lifetime(state, client);
+    let now = now_unix();
+    let profile = format!("ClientApplication/{}", client.id);
+    let login = LoginRecord {
+        id: uuid::Uuid::new_v4().to_string(),
+        user_ref: profile.clone(),
+        client_id: Some(client.id.clone()),
+        membership_id: Some(membership_id.clone()),
+        project_id: Some(project_id.clone()),
+        scope,
+        auth_method: "client".into(),
+        auth_time: now,
+        expires_at: now.saturating_add(lifetime.as_secs() as i64),
+        revoked: false,
+        remote_address: ip.map(|i| i.to_string()),
+        code: None,
+        refresh_secret: None,
+        extra: json!({"granted": true, "userAgent": user_agent(&parts.headers)}),
+    };
+    state.store.insert_login(&login).await?;
+    issue_tokens(
+        state,
+        &Issue {
+            login: &login,
+            sub: &client.id,
+            profile: &profile,
+            project_id: &project_id,
+            client_id: Some(&client.id),
+            lifetime,
+            refresh: None,
+            email: None,
+            names: None,
+            patient: None,
+            now,
+        },
+    )
+}
+
+/// The current snapshot, caught up once when it does not know the Login's membership yet
+/// (written moments ago, maybe by another instance).
+async fn snapshot_for(state: &State, login: &LoginRecord) -> Arc<Snapshot> {
+    let snap = state.snapshot();
+    match login.membership_id.as_deref() {
+        Some(m) if !snap.memberships.contains_key(m) => {
+            if let Err(e) = state.refresh_if_changed().await {
+                tracing::warn!(error = %e, "snapshot refresh before a token exchange failed");
+            }
+            state.snapshot()
+        }
+        _ => snap,
+    }
+}
+
+/// The membership, project and IP checks a grant repeats at exchange time: the Login's
+/// membership must still exist and be active, and the caller's address must pass its IP rules.
+fn live_membership<'s>(
+    state: &State,
+    snap: &'s Snapshot,
+    parts: &Parts,
+    login: &LoginRecord,
+) -> Result<
+    (
+        &'s String,
+        &'s fhirgate_core::policy::model::ProjectMembership,
+        bool,
+    ),
+    ApiError,
+> {
+    let membership_id = login
+        .membership_id
+        .as_deref()
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let (id, membership) = snap
+        .memberships
+        .get_key_value(membership_id)
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    if !membership.is_active() {
+        return Err(ApiError::oauth("Profile not active"));
+    }
+    let super_admin = membership
+        .project
+        .type_and_id()
+        .and_then(|(_, p)| snap.projects.get(p))
+        .map(|p| p.super_admin)
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    if let Some(ip) = client_ip(state, parts)? {
+        let policy = state
+            .effective_policy(snap, membership_id, Some(&login.scope))
+            .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+        if !policy.check_ip(ip).is_allowed() {
+            return Err(ApiError::oauth("IP address not allowed"));
+        }
+    }
+    Ok((id, membership.as_ref(), super_admin))
+}
+
+/// The profile reference and project id a token of `membership` names.
+fn profile_and_project(
+    membership: &fhirgate_core::policy::model::ProjectMembership,
+) -> Result<(String, String), ApiError> {
+    let profile = membership
+        .profile
+        .reference
+        .clone()
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let project_id = membership
+        .project
+        .type_and_id()
+        .map(|(_, p)| p.to_string())
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    Ok((profile, project_id))
+}
+
+/// The client a Login was started by, which must still exist and be active to redeem it.
+fn login_client<'s>(
+    snap: &'s Snapshot,
+    login: &LoginRecord,
+) -> Result<Option<&'s ClientInfo>, ApiError> {
+    let Some(id) = login.client_id.as_deref() else {
+        return Ok(None);
+    };
+    let c = snap
+        .clients
+        .get(id)
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    if !c.active {
+        return Err(ApiError::oauth("Invalid client"));
+    }
+    Ok(Some(c))
+}
+
+/// Replay of a redeemed code: revoke the Login (every token of it stops working), then refuse.
+async fn replayed(state: &State, login_id: &str) -> ApiError {
+    if let Err(e) = revoke(state, login_id).await {
+        return e;
+    }
+    ApiError::oauth_code("invalid_grant", "Token already granted")
+}
+
+async fn authorization_code(
+    state: &State,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<Value, ApiError> {
+    let presented = presented_client(state, parts, form).await?;
+    let code = form
+        .get("code")
+        .ok_or_else(|| ApiError::oauth("Missing code"))?;
+    let hash = code_hash(state, code);
+    let granted_marker = format!("{GRANTED_PREFIX}{hash}");
+    let login = match state.store.login_by_code(&hash).await? {
+        Some(l) => l,
+        None => state
+            .store
+            .login_by_code(&granted_marker)
+            .await?
+            .ok_or_else(|| ApiError::oauth("Invalid code"))?,
+    };
+    if let Some(id) = presented.id.as_deref()
+        && login.client_id.as_deref() != Some(id)
+    {
+        return Err(ApiError::oauth("Invalid client"));
+    }
+    if login.membership_id.is_none() {
+        return Err(ApiError::oauth("Invalid profile"));
+    }
+    if is_granted(&login) {
+        return Err(replayed(state, &login.id).await);
+    }
+    if login.revoked {
+        return Err(ApiError::oauth_code("invalid_grant", "Token revoked"));
+    }
+    let now = now_unix();
+    let expires = login
+        .extra
+        .get(keys::CODE_EXPIRES_AT)
+        .and_then(Value::as_i64)
+        .unwrap_or(0);
+    if expires <= now {
+        return Err(ApiError::oauth_code("invalid_grant", "Code expired"));
+    }
+    if let Some(why) = not_ready(&login) {
+        return Err(ApiError::oauth_code("invalid_grant", why));
+    }
+    let snap = snapshot_for(state, &login).await;
+    let client = login_client(&snap, &login)?;
+    if let Some(bound) = extra_str(&login, keys::REDIRECT_URI)
+        && form.get("redirect_uri") != Some(bound)
+    {
+        return Err(ApiError::oauth_code(
+            "invalid_grant",
+            "Invalid redirect URI",
+        ));
+    }
+    let pkce_optional = client.is_some_and(|c| client_flag(c, "pkceOptional"));
+    let challenge = extra_str(&login, keys::CODE_CHALLENGE);
+    if !pkce_optional || challenge.is_some() {
+        let challenge = challenge.ok_or_else(|| ApiError::oauth("Missing verification context"))?;
+        let verifier = form
+            .get("code_verifier")
+            .ok_or_else(|| ApiError::oauth("Missing code verifier"))?;
+        let method = extra_str(&login, keys::CODE_CHALLENGE_METHOD).unwrap_or("plain");
+        if !pkce_matches(method, challenge, verifier) {
+            return Err(ApiError::oauth("Invalid code verifier"));
+        }
+    }
+    if !presented.assertion_verified
+        && let Some(secret) = presented.secret.as_deref().filter(|s| !s.is_empty())
+    {
+        let c = client.ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        check_client_secret(state, c, secret)?;
+    }
+    let (_, membership, super_admin) = live_membership(state, &snap, parts, &login)?;
+    let (profile, project_id) = profile_and_project(membership)?;
+
+    let lifetime = user_access_lifetime(state, client);
+    let offline = flag(&login, keys::OFFLINE) && !super_admin;
+    let refresh_lifetime = offline.then(|| refresh_token_lifetime(state, client));
+    let refresh_secret = offline.then(|| random_hex(32));
+    let mut extra = login.extra.clone();
+    if let Some(obj) = extra.as_object_mut() {
+        obj.insert(keys::GRANTED.into(), Value::Bool(true));
+        obj.remove(keys::CODE_EXPIRES_AT);
+    }
+    let won = state
+        .store
+        .redeem_login_code(
+            &login.id,
+            &hash,
+            &granted_marker,
+            refresh_secret
+                .as_deref()
+                .map(|s| state.hash_secret(s))
+                .as_deref(),
+            granted_until(now, lifetime, refresh_lifetime),
+            &extra,
+        )
+        .await?;
+    if !won {
+        // Another exchange of the same code got there first (or a revocation did).
+        return Err(replayed(state, &login.id).await);
+    }
+    let mut granted = login.clone();
+    granted.extra = extra;
+    granted.code = Some(granted_marker);
+    issue_user_tokens(
+        state,
+        &granted,
+        &profile,
+        &project_id,
+        client,
+        refresh_secret.as_deref().zip(refresh_lifetime),
+        now,
+    )
+    .await
+}
+
+async fn refresh_token(state: &State, parts: &Parts, form: &TokenForm) -> Result<Value, ApiError> {
+    let invalid = || ApiError::oauth("Invalid refresh token");
+    let token = form.get("refresh_token").ok_or_else(invalid)?;
+    let claims = state.keyring().verify(token).map_err(|_| invalid())?;
+    let (Some(login_id), Some(secret)) =
+        (claims.login_id.as_deref(), claims.refresh_secret.as_deref())
+    else {
+        return Err(invalid());
+    };
+    let login = state.store.login(login_id).await?.ok_or_else(invalid)?;
+    let stored = login.refresh_secret.clone().ok_or_else(invalid)?;
+    if login.revoked {
+        return Err(ApiError::oauth_code("invalid_grant", "Token revoked"));
+    }
+    if !hashes_equal(&stored, &state.hash_secret(secret)) {
+        return Err(ApiError::oauth("Invalid token"));
+    }
+    let snap = snapshot_for(state, &login).await;
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        let (id, presented_secret) = basic_credentials(value)?;
+        if login.client_id.as_deref() != Some(id.as_str()) {
+            return Err(ApiError::oauth_code("invalid_grant", "Incorrect client"));
+        }
+        let presented_secret = presented_secret
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| ApiError::oauth_code("invalid_grant", "Incorrect client secret"))?;
+        // Stricter than Medplum, which only checks that a secret is present.
+        if let Some(c) = snap.clients.get(&id)
+            && check_client_secret(state, c, &presented_secret).is_err()
+        {
+            return Err(ApiError::oauth_code(
+                "invalid_grant",
+                "Incorrect client secret",
+            ));
+        }
+    } else if let (Some(body_id), Some(login_client)) =
+        (form.get("client_id"), login.client_id.as_deref())
+        && body_id != login_client
+    {
+        return Err(ApiError::oauth_code("invalid_grant", "Incorrect client"));
+    }
+    let client = login_client(&snap, &login)?;
+    let (_, membership, _) = live_membership(state, &snap, parts, &login)?;
+    let (profile, project_id) = profile_and_project(membership)?;
+    let now = now_unix();
+    let lifetime = user_access_lifetime(state, client);
+    let refresh_lifetime = refresh_token_lifetime(state, client);
+    let new_secret = random_hex(32);
+    let ip = client_ip(state, parts)?.map(|i| i.to_string());
+    let rotated = state
+        .store
+        .rotate_refresh_secret(
+            &login.id,
+            &stored,
+            &state.hash_secret(&new_secret),
+            granted_until(now, lifetime, Some(refresh_lifetime)),
+            ip.as_deref(),
+        )
+        .await?;
+    if !rotated {
+        // Used concurrently, or revoked in between.
+        return Err(ApiError::oauth("Invalid token"));
+    }
+    issue_user_tokens(
+        state,
+        &login,
+        &profile,
+        &project_id,
+        client,
+        Some((&new_secret, refresh_lifetime)),
+        now,
+    )
+    .await
+}

@@ -1,0 +1,69 @@
+//! Axum plumbing shared by every handler, and nothing else: the app state type, the answers of
+//! the router itself (405, 404, the store gate, the security headers), and below it the body
+//! readers, errors, client address, rate limit and pages. Imports no other room of the control API.
+
+pub mod body;
+pub mod client_addr;
+pub mod error;
+pub mod form;
+pub mod pages;
+pub mod ratelimit;
+
+use crate::control::web::error::ApiError;
+use crate::state::State;
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::MethodRouter;
+use std::sync::Arc;
+
+pub(crate) type AppState = Arc<State>;
+
+/// While the store is known to be unreachable (the change feed's last round trip failed),
+/// answer 503 at once instead of letting each handler wait for the pool to give up: nothing can
+/// be read or written meanwhile. Discovery and the JWKS come from the snapshot and stay up.
+pub(crate) async fn store_gate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.store_up() && !req.uri().path().contains("/.well-known/") {
+        return ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
+            "Store unavailable".into(),
+        ))
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub(crate) fn with_405(m: MethodRouter<AppState>) -> MethodRouter<AppState> {
+    m.fallback(method_not_allowed)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+pub(crate) async fn not_found() -> ApiError {
+    ApiError::not_found()
+}
+
+/// Medplum's response hygiene: nothing the control API answers may be cached or sniffed.
+pub(crate) async fn security_headers(mut response: Response) -> Response {
+    let h = response.headers_mut();
+    if !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store, no-cache, must-revalidate"),
+        );
+    }
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}

@@ -1,0 +1,494 @@
+//! Tidy checks of the source tree (as rust-analyzer's `tidy.rs`): the dependency rules of
+//! ARCHITECTURE.md, read from the source files with plain string handling.
+//!
+//! - `core/` is pure: no tokio, pingora, axum, sqlx or reqwest, in its code or its manifest;
+//! - `src/gateway` never uses `crate::control`;
+//! - the rooms of `src/control` depend one way, `web` ← `base` ← `login` ← handler folders
+//!   (`oauth2`, `auth`, `admin`, `fhir`), and handler folders never use each other. The control
+//!   API's root `mod.rs` (the routes) and `bootstrap.rs` may use anything; no room uses them.
+//!
+//! A module's dependencies are the `crate::control::…` paths anywhere in its code (brace imports
+//! expanded) and its `super::…` / `self::…` paths, resolved against the file's module path (and
+//! against `…::tests` inside an inline `mod tests`). Comments are not code.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+const ROOT: &str = env!("CARGO_MANIFEST_DIR");
+
+/// The rooms of the control API, lowest first; handler folders share the top layer.
+const ROOMS: [(&str, u8); 7] = [
+    ("web", 0),
+    ("base", 1),
+    ("login", 2),
+    ("oauth2", 3),
+    ("auth", 3),
+    ("admin", 3),
+    ("fhir", 3),
+];
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let entries = fs::read_dir(&d).unwrap_or_else(|e| panic!("{}: {e}", d.display()));
+        for entry in entries {
+            let path = entry.unwrap_or_else(|e| panic!("{e}")).path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs") {
+                out.push(path);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The source without comments (line comments, doc comments, block comments); string
+/// literals are kept as they are.
+fn strip_comments(src: &str) -> String {
+    let b = src.as_bytes();
+    let mut out = String::with_capacity(src.len());
+    let mut i = 0;
+    let mut in_str = false;
+    while i < b.len() {
+        let c = b[i];
+        if in_str {
+            if c == b'\\' && i + 1 < b.len() {
+                out.push(c as char);
+                out.push(b[i + 1] as char);
+                i += 2;
+                continue;
+            }
+            if c == b'"' {
+                in_str = false;
+            }
+            out.push(c as char);
+            i += 1;
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'/') {
+            while i < b.len() && b[i] != b'\n' {
+                i += 1;
+            }
+            continue;
+        }
+        if c == b'/' && b.get(i + 1) == Some(&b'*') {
+            i += 2;
+            while i + 1 < b.len() && !(b[i] == b'*' && b[i + 1] == b'/') {
+                i += 1;
+            }
+            i += 2;
+            continue;
+        }
+        // Raw strings: skipped to their end, so their quotes and slashes are not read.
+        if c == b'r'
+            && (src[i..].starts_with("r#\"") || src[i..].starts_with("r\""))
+            && !(i > 0 && (b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_'))
+        {
+            let hashes = src[i + 1..].bytes().take_while(|&h| h == b'#').count();
+            let close = format!("\"{}", "#".repeat(hashes));
+            let body = i + 2 + hashes;
+            let end = src[body..]
+                .find(&close)
+                .map_or(src.len(), |e| body + e + close.len());
+            out.push_str(&src[i..end]);
+            i = end;
+            continue;
+        }
+        if c == b'"' && !(i > 0 && b[i - 1] == b'\'') {
+            in_str = true;
+        }
+        // Keep the text (not only ASCII): copy the whole UTF-8 character.
+        let ch = src[i..].chars().next().unwrap_or(' ');
+        out.push(ch);
+        i += ch.len_utf8();
+    }
+    out
+}
+
+/// Expands a use tree (`a::{b, c::{d as e, self}}`) into its paths.
+fn expand_use(tree: &str) -> Vec<String> {
+    // One space at most, and none around punctuation: `a::{ b as c, d }` → `a::{b as c,d}`.
+    let mut tree = tree.split_whitespace().collect::<Vec<_>>().join(" ");
+    for p in ["::", "{", "}", ","] {
+        tree = tree
+            .replace(&format!(" {p}"), p)
+            .replace(&format!("{p} "), p);
+    }
+    let mut out = Vec::new();
+    expand_into("", &tree, &mut out);
+    out
+}
+
+fn expand_into(prefix: &str, tree: &str, out: &mut Vec<String>) {
+    let join = |p: &str, s: &str| {
+        if p.is_empty() {
+            s.to_string()
+        } else {
+            format!("{p}::{s}")
+        }
+    };
+    match tree.find('{') {
+        Some(open) if tree.ends_with('}') => {
+            let head = tree[..open].trim_end_matches("::");
+            let base = join(prefix, head);
+            let inner = &tree[open + 1..tree.len() - 1];
+            let mut depth = 0;
+            let mut start = 0;
+            for (i, c) in inner.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        expand_into(&base, &inner[start..i], out);
+                        start = i + 1;
+                    }
+                    _ => {}
+                }
+            }
+            expand_into(&base, &inner[start..], out);
+        }
+        _ if tree.is_empty() => {}
+        _ => {
+            let path = tree.split(" as ").next().unwrap_or(tree);
+            let path = path.trim_end_matches("::self");
+            if path == "self" {
+                out.push(prefix.to_string());
+            } else {
+                out.push(join(prefix, path));
+            }
+        }
+    }
+}
+
+/// Every path of `code` that starts with `crate`, `super` or `self`: the trees of `use`
+/// items expanded, and paths written anywhere else.
+fn paths_in(code: &str) -> Vec<(usize, String)> {
+    let mut out = Vec::new();
+    // `use` items, braces expanded.
+    let mut rest = code;
+    let mut offset = 0;
+    while let Some(i) = find_word(rest, "use") {
+        let after = &rest[i + 3..];
+        let Some(end) = after.find(';') else { break };
+        for p in expand_use(&after[..end]) {
+            out.push((offset + i, p));
+        }
+        offset += i + 3 + end;
+        rest = &after[end..];
+    }
+    // Paths anywhere (a `use` path is found again; that does no harm).
+    let bytes = code.as_bytes();
+    for start in ["crate::", "super::", "self::"] {
+        let mut from = 0;
+        while let Some(i) = code[from..].find(start) {
+            let at = from + i;
+            from = at + start.len();
+            if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+                continue;
+            }
+            let end = code[at..]
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+                .map_or(code.len(), |e| at + e);
+            // `crate::control::{…}` is the head of a use tree, expanded above.
+            if code[at..end].ends_with("::") && code[end..].starts_with('{') {
+                continue;
+            }
+            out.push((at, code[at..end].trim_end_matches(':').to_string()));
+        }
+    }
+    out
+}
+
+fn find_word(hay: &str, word: &str) -> Option<usize> {
+    let b = hay.as_bytes();
+    let mut from = 0;
+    while let Some(i) = hay[from..].find(word) {
+        let at = from + i;
+        let before_ok = at == 0 || !(b[at - 1].is_ascii_alphanumeric() || b[at - 1] == b'_');
+        let after = at + word.len();
+        let after_ok = after < b.len() && b[after].is_ascii_whitespace();
+        if before_ok && after_ok {
+            return Some(at);
+        }
+        from = after;
+    }
+    None
+}
+
+/// The module path (inside `crate::control`) a path of the file at `module` names, or `None`
+/// when it is outside the control API.
+fn resolve(module: &[String], path: &str) -> Option<Vec<String>> {
+    let segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+    match segs.first() {
+        Some(&"crate") => match segs.get(1) {
+            Some(&"control") => Some(segs[2..].iter().map(|s| s.to_string()).collect()),
+            _ => None,
+        },
+        Some(&"self") => Some(
+            module
+                .iter()
+                .cloned()
+                .chain(segs[1..].iter().map(|s| s.to_string()))
+                .collect(),
+        ),
+        Some(&"super") => {
+            let mut base = module.to_vec();
+            let mut i = 0;
+            while segs.get(i) == Some(&"super") {
+                // `super` above `crate::control` leaves the control API.
+                base.pop()?;
+                i += 1;
+            }
+            Some(
+                base.into_iter()
+                    .chain(segs[i..].iter().map(|s| s.to_string()))
+                    .collect(),
+            )
+        }
+        _ => None,
+    }
+}
+
+fn room(module: &[String]) -> Option<(&'static str, u8)> {
+    let first = module.first()?;
+    ROOMS.iter().copied().find(|(name, _)| name == first)
+}
+
+/// The dependency-rule violations of one control API file, at module path `module` (relative
+/// to `crate::control`; a `mod.rs` names its folder).
+fn control_violations(module: &[String], src: &str) -> Vec<String> {
+    let Some((from, from_layer)) = room(module) else {
+        // The routes and bootstrap may use anything.
+        return Vec::new();
+    };
+    let code = strip_comments(src);
+    let tests_at = code.find("mod tests {").unwrap_or(code.len());
+    let mut in_tests = module.to_vec();
+    in_tests.push("tests".into());
+    let mut out = Vec::new();
+    for (at, path) in paths_in(&code) {
+        let here = if at > tests_at { &in_tests } else { module };
+        let Some(target) = resolve(here, &path) else {
+            continue;
+        };
+        let verdict = match room(&target) {
+            Some((to, to_layer)) if to == from || to_layer < from_layer => None,
+            Some((to, _)) => Some(format!("`{from}` uses `{to}`")),
+            None => Some(format!("`{from}` uses the control API's root or bootstrap")),
+        };
+        if let Some(v) = verdict {
+            out.push(format!("{} ({path})", v));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+fn module_path(control: &Path, file: &Path) -> Vec<String> {
+    let rel = file
+        .strip_prefix(control)
+        .unwrap_or(file)
+        .with_extension("");
+    let mut segs: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    if segs.last().is_some_and(|s| s == "mod") {
+        segs.pop();
+    }
+    segs
+}
+
+const IMPURE: [&str; 5] = ["tokio", "pingora", "axum", "sqlx", "reqwest"];
+
+fn impure_uses(src: &str) -> Vec<&'static str> {
+    let code = strip_comments(src);
+    IMPURE
+        .iter()
+        .copied()
+        .filter(|krate| {
+            let needle = format!("{krate}::");
+            code.match_indices(&needle).any(|(i, _)| {
+                let b = code.as_bytes();
+                i == 0
+                    || !(b[i - 1].is_ascii_alphanumeric() || b[i - 1] == b'_' || b[i - 1] == b':')
+            }) || code.contains(&format!("extern crate {krate}"))
+        })
+        .collect()
+}
+
+#[test]
+fn control_rooms_depend_one_way() {
+    let control = Path::new(ROOT).join("src/control");
+    let mut problems = Vec::new();
+    for file in rust_files(&control) {
+        let module = module_path(&control, &file);
+        for v in control_violations(&module, &read(&file)) {
+            problems.push(format!("{}: {v}", file.display()));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "the control API's rooms must depend one way (web ← base ← login ← oauth2 | auth | admin | fhir):\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn every_control_file_is_in_a_room() {
+    let control = Path::new(ROOT).join("src/control");
+    let stray: Vec<String> = rust_files(&control)
+        .iter()
+        .filter(|f| {
+            let m = module_path(&control, f);
+            !(m.is_empty() || m == ["bootstrap"] || room(&m).is_some())
+        })
+        .map(|f| f.display().to_string())
+        .collect();
+    assert!(
+        stray.is_empty(),
+        "control API files outside the rooms: {stray:?}"
+    );
+}
+
+#[test]
+fn the_gateway_never_uses_the_control_api() {
+    let gateway = Path::new(ROOT).join("src/gateway");
+    let mut problems = Vec::new();
+    for file in rust_files(&gateway) {
+        let code = strip_comments(&read(&file));
+        // How many modules the file is below the crate root: `gateway` is one, `gateway::x` two.
+        let below_root = module_path(&gateway, &file).len() + 1;
+        for (_, path) in paths_in(&code) {
+            let mut segs: Vec<&str> = path.split("::").collect();
+            let mut depth = below_root;
+            while segs.first() == Some(&"super") {
+                segs.remove(0);
+                depth = depth.saturating_sub(1);
+            }
+            let names_control = match segs.first() {
+                Some(&"crate") => segs.get(1) == Some(&"control"),
+                _ if path.starts_with("super") && depth == 0 => segs.first() == Some(&"control"),
+                _ => false,
+            };
+            if names_control {
+                problems.push(format!("{}: {path}", file.display()));
+            }
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "the gateway uses the control API:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn core_is_pure() {
+    let core = Path::new(ROOT).join("core");
+    let mut problems = Vec::new();
+    for file in rust_files(&core.join("src")) {
+        for krate in impure_uses(&read(&file)) {
+            problems.push(format!("{}: {krate}", file.display()));
+        }
+    }
+    let manifest = read(&core.join("Cargo.toml"));
+    for line in manifest.lines() {
+        let name = line.split(['=', '.', ' ']).next().unwrap_or("").trim();
+        if IMPURE.contains(&name) {
+            problems.push(format!("core/Cargo.toml: {}", line.trim()));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "core/ must stay pure (no I/O crates):\n{}",
+        problems.join("\n")
+    );
+}
+
+// === the detector checks itself ===
+
+fn m(path: &str) -> Vec<String> {
+    path.split('/').map(str::to_string).collect()
+}
+
+#[test]
+fn the_detector_flags_handler_folders_using_each_other() {
+    let v = control_violations(
+        &m("admin/members"),
+        "use crate::control::auth::login::login;\n",
+    );
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("`admin` uses `auth`"), "{v:?}");
+    // Anywhere in the code, not only in `use`.
+    let v = control_violations(
+        &m("fhir"),
+        "fn f() { crate::control::oauth2::token::token(); }",
+    );
+    assert!(
+        v.iter().any(|x| x.contains("`fhir` uses `oauth2`")),
+        "{v:?}"
+    );
+}
+
+#[test]
+fn the_detector_flags_lower_rooms_using_higher_ones() {
+    let v = control_violations(
+        &m("web/body"),
+        "use crate::control::base::users::read_user;",
+    );
+    assert!(v.iter().any(|x| x.contains("`web` uses `base`")), "{v:?}");
+    let v = control_violations(
+        &m("base/users"),
+        "use crate::control::{web::body::body_str, login::state::keys};",
+    );
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("`base` uses `login`"), "{v:?}");
+    let v = control_violations(&m("login/flow"), "use crate::control::ApiError;");
+    assert!(v.iter().any(|x| x.contains("root or bootstrap")), "{v:?}");
+}
+
+#[test]
+fn the_detector_resolves_super_and_self() {
+    // `super::super` from `auth/mfa` is the control root: `super::super::admin` is `admin`.
+    let v = control_violations(&m("auth/mfa"), "use super::super::admin::invite::invite;");
+    assert!(v.iter().any(|x| x.contains("`auth` uses `admin`")), "{v:?}");
+    // From a folder's `mod.rs`, `super` is the control root.
+    let v = control_violations(&m("base"), "use super::login::state::keys;");
+    assert!(v.iter().any(|x| x.contains("`base` uses `login`")), "{v:?}");
+    // Inside `mod tests`, `super` is the file itself, and `super::super` its folder.
+    let src = "use crate::control::web::body::body_str;\n#[cfg(test)]\nmod tests {\n    use super::*;\n    use super::super::users::x;\n}\n";
+    assert!(control_violations(&m("base/links"), src).is_empty());
+    // Comments are not code.
+    assert!(
+        control_violations(&m("web/form"), "//! See `crate::control::login::flow`.\n").is_empty()
+    );
+}
+
+#[test]
+fn the_detector_allows_what_the_rule_allows() {
+    let src = "use crate::control::web::error::ApiError;\nuse crate::control::base::users::find_user;\nuse crate::control::login::flow::login_response;\nuse crate::control::auth::mfa::x;\n";
+    assert!(control_violations(&m("auth/login"), src).is_empty());
+    // The routes and bootstrap use everything.
+    assert!(control_violations(&[], "use crate::control::fhir::search::search;").is_empty());
+    assert!(control_violations(&m("bootstrap"), "use crate::control::admin::x::y;").is_empty());
+}
+
+#[test]
+fn the_detector_flags_impure_core_code() {
+    assert_eq!(impure_uses("use tokio::sync::Mutex;"), vec!["tokio"]);
+    assert_eq!(
+        impure_uses("fn f() { let _ = axum::Router::new(); }"),
+        vec!["axum"]
+    );
+    assert!(impure_uses("// tokio::spawn is not used here\nuse serde_json::Value;").is_empty());
+    assert!(impure_uses("use crate::fhir::mytokio::x;").is_empty());
+}
