@@ -278,7 +278,11 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
     if planes.gateway
         && (state.control.needs_resolution()
-            || state.upstreams.targets().iter().any(|t| t.needs_resolution()))
+            || state
+                .upstreams
+                .targets()
+                .iter()
+                .any(|t| t.needs_resolution()))
     {
         server.add_service(background_service(
             "control resolver",

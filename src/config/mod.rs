@@ -339,7 +339,9 @@ fn named_upstreams(
         if !valid || name == DEFAULT_UPSTREAM {
             return Err(invalid(
                 key,
-                format!("`{name}` is not a usable upstream name (letters, digits, - and _; not `default`)"),
+                format!(
+                    "`{name}` is not a usable upstream name (letters, digits, - and _; not `default`)"
+                ),
             ));
         }
         Ok((name.to_string(), value.trim().to_string()))

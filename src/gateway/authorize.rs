@@ -56,19 +56,6 @@ fn is_admin(snap: &Snapshot, membership_id: &str) -> (bool, bool) {
     (m.is_admin() || super_admin, super_admin)
 }
 
-/// Resolves `X-Medplum-On-Behalf-Of` (medplum-auth.md §6) to a membership id in the caller's
-/// project.
-fn on_behalf_of(snap: &Snapshot, project_id: &str, value: &str) -> Option<String> {
-    let value = value.trim();
-    if let Some(id) = value.strip_prefix("ProjectMembership/") {
-        let m = snap.memberships.get(id)?;
-        return (m.project.type_and_id()?.1 == project_id).then(|| id.to_string());
-    }
-    snap.membership_by_profile
-        .get(&(project_id.to_string(), value.to_string()))
-        .cloned()
-}
-
 async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, Outcome> {
     let mut buf = Vec::new();
     loop {
@@ -120,8 +107,10 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         return Verdict::Deny(Outcome::TooManyRequests, "credential_failures");
     }
     let (auth, cache) = state.authenticate(auth_header).await;
-    if let (Err(AuthError::Malformed | AuthError::InvalidToken | AuthError::InvalidClient), Some(f)) =
-        (&auth, &state.credential_failures)
+    if let (
+        Err(AuthError::Malformed | AuthError::InvalidToken | AuthError::InvalidClient),
+        Some(f),
+    ) = (&auth, &state.credential_failures)
     {
         f.record(ctx.client_ip, presented.as_deref());
     }
@@ -171,7 +160,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         if !caller_admin {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_not_admin");
         }
-        let Some(found) = on_behalf_of(&snap, &identity.project_id, &value) else {
+        let Some(found) = snap.on_behalf_of(&identity.project_id, &value) else {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown");
         };
         target = found;

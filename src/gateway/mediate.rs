@@ -171,7 +171,12 @@ impl Gateway {
         ty: &str,
         id: &str,
     ) -> Step<Option<Value>> {
-        let url = format!("{}/{}/{}", ctx.binding(&self.state).upstream.base_url, ty, id);
+        let url = format!(
+            "{}/{}/{}",
+            ctx.binding(&self.state).upstream.base_url,
+            ty,
+            id
+        );
         let up = self
             .exchange(
                 ctx,
@@ -556,7 +561,11 @@ async fn run_inner(
                 "upstream_error",
             )
         })?;
-        rewrite_urls(config, &ctx.binding(&gw.state).upstream.base_url, &mut value);
+        rewrite_urls(
+            config,
+            &ctx.binding(&gw.state).upstream.base_url,
+            &mut value,
+        );
         if (200..300).contains(&up.status)
             && let Some(list) = value.get_mut("entry").and_then(Value::as_array_mut)
         {
@@ -659,7 +668,11 @@ async fn run_inner(
             "upstream_error",
         ));
     };
-    rewrite_urls(config, &ctx.binding(&gw.state).upstream.base_url, &mut value);
+    rewrite_urls(
+        config,
+        &ctx.binding(&gw.state).upstream.base_url,
+        &mut value,
+    );
     let visible = match permit.response {
         ResponseNeed::CheckResource
             if value.get("resourceType").and_then(Value::as_str) != Some("OperationOutcome") =>

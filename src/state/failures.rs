@@ -74,7 +74,8 @@ impl CredentialFailures {
         for key in keys(ip, client_id) {
             if let Err(not_until) = self.limiter.check_key(&key) {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                self.blocked.insert(key, Instant::now() + wait.max(Duration::from_secs(1)));
+                self.blocked
+                    .insert(key, Instant::now() + wait.max(Duration::from_secs(1)));
             }
         }
         if self.limiter.len() > 100_000 {
@@ -91,7 +92,9 @@ pub fn basic_client_id(header: Option<&str>) -> Option<String> {
     if value.len() > 4096 {
         return None;
     }
-    let decoded = base64::engine::general_purpose::STANDARD.decode(value).ok()?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(value)
+        .ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (id, _) = text.split_once(':')?;
     (!id.is_empty()).then(|| id.to_string())
@@ -123,14 +126,24 @@ mod tests {
         }
         f.record(Some(ip), Some("c1"));
         assert!(f.retry_after(Some(neighbour), None).is_some(), "same /64");
-        assert!(f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c1")).is_some(), "same client id");
-        assert!(f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c2")).is_none());
+        assert!(
+            f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c1"))
+                .is_some(),
+            "same client id"
+        );
+        assert!(
+            f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c2"))
+                .is_none()
+        );
         assert!(CredentialFailures::new(0).is_none());
     }
 
     #[test]
     fn basic_client_ids() {
-        assert_eq!(basic_client_id(Some("Basic YWJjOnNlY3JldA==")).as_deref(), Some("abc"));
+        assert_eq!(
+            basic_client_id(Some("Basic YWJjOnNlY3JldA==")).as_deref(),
+            Some("abc")
+        );
         assert_eq!(basic_client_id(Some("Bearer x")), None);
         assert_eq!(basic_client_id(Some("Basic !!")), None);
         assert_eq!(basic_client_id(None), None);

@@ -8,9 +8,9 @@ use fhirgate_core::policy::model::{AccessPolicy, ProjectMembership};
 use serde_json::Value;
 
 use crate::config::{Config, DEFAULT_UPSTREAM};
-use fhirgate_core::policy::isolation::Isolation;
 use crate::store::{Store, StoreError, now_unix};
 use crate::tokens::{Keyring, SigningKey};
+use fhirgate_core::policy::isolation::Isolation;
 
 use super::keys::{load_schedule, ring_at};
 
@@ -237,6 +237,20 @@ impl Snapshot {
             .membership_by_profile
             .get(&(project.clone(), format!("ClientApplication/{}", client.id)))?;
         self.memberships.get_key_value(id)
+    }
+
+    /// Resolves an `X-Medplum-On-Behalf-Of` value (medplum-auth.md §6: `ProjectMembership/<id>`
+    /// or a profile reference) to a membership id in `project_id`; `None` when it names nothing
+    /// there. Both planes use it.
+    pub fn on_behalf_of(&self, project_id: &str, value: &str) -> Option<String> {
+        let value = value.trim();
+        if let Some(id) = value.strip_prefix("ProjectMembership/") {
+            let m = self.memberships.get(id)?;
+            return (m.project.type_and_id()?.1 == project_id).then(|| id.to_string());
+        }
+        self.membership_by_profile
+            .get(&(project_id.to_string(), value.to_string()))
+            .cloned()
     }
 
     /// Builds the effective policy of a membership (medplum-auth.md §4.2) with optional SMART

@@ -168,7 +168,9 @@ impl EffectivePolicy {
     /// may belong to another project.
     pub fn instance_checks_needed(&self, resource_type: &str, interaction: Interaction) -> bool {
         self.isolates(resource_type)
-            || self.compiled.instance_checks_needed(resource_type, interaction)
+            || self
+                .compiled
+                .instance_checks_needed(resource_type, interaction)
     }
 
     /// [`CompiledPolicy::read_needs_check`]; always under isolation.

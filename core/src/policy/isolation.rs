@@ -91,11 +91,15 @@ impl Isolation {
         };
         for key in ["tag", "security"] {
             if let Some(Value::Array(list)) = meta.get_mut(key) {
-                list.retain(|c| c.get("system").and_then(Value::as_str) != Some(PROJECT_TAG_SYSTEM));
+                list.retain(|c| {
+                    c.get("system").and_then(Value::as_str) != Some(PROJECT_TAG_SYSTEM)
+                });
             }
         }
         if let Some(project) = project {
-            let tags = meta.entry("tag").or_insert_with(|| Value::Array(Vec::new()));
+            let tags = meta
+                .entry("tag")
+                .or_insert_with(|| Value::Array(Vec::new()));
             if !tags.is_array() {
                 *tags = Value::Array(Vec::new());
             }
@@ -103,10 +107,18 @@ impl Isolation {
                 list.push(json!({"system": PROJECT_TAG_SYSTEM, "code": project}));
             }
         }
-        if meta.get("tag").and_then(Value::as_array).is_some_and(Vec::is_empty) {
+        if meta
+            .get("tag")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+        {
             meta.remove("tag");
         }
-        if meta.get("security").and_then(Value::as_array).is_some_and(Vec::is_empty) {
+        if meta
+            .get("security")
+            .and_then(Value::as_array)
+            .is_some_and(Vec::is_empty)
+        {
             meta.remove("security");
         }
         if meta.is_empty() {
@@ -143,8 +155,12 @@ mod tests {
     #[test]
     fn each_mode_admits_its_view() {
         let plain = json!({"resourceType": "Patient", "id": "x"});
-        let a = Isolation::Tag { project: "a".into() };
-        let default = Isolation::Unmarked { project: "d".into() };
+        let a = Isolation::Tag {
+            project: "a".into(),
+        };
+        let default = Isolation::Unmarked {
+            project: "d".into(),
+        };
         assert!(a.admits(&tagged("a")));
         assert!(!a.admits(&tagged("b")));
         assert!(!a.admits(&plain));
@@ -160,23 +176,38 @@ mod tests {
 
     #[test]
     fn stamping_replaces_forged_markers() {
-        let a = Isolation::Tag { project: "a".into() };
+        let a = Isolation::Tag {
+            project: "a".into(),
+        };
         let mut forged = tagged("b");
         forged["meta"]["security"] = json!([{"system": PROJECT_TAG_SYSTEM, "code": "b"}]);
         a.stamp(&mut forged);
         assert!(a.admits(&forged));
-        assert!(!Isolation::Tag { project: "b".into() }.admits(&forged));
+        assert!(
+            !Isolation::Tag {
+                project: "b".into()
+            }
+            .admits(&forged)
+        );
         assert_eq!(forged["meta"]["tag"][0]["system"], "http://other");
         assert!(forged["meta"].get("security").is_none());
 
         let mut plain = json!({"resourceType": "Patient"});
         a.stamp(&mut plain);
-        assert_eq!(plain["meta"]["tag"], json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}]));
+        assert_eq!(
+            plain["meta"]["tag"],
+            json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}])
+        );
 
-        let default = Isolation::Unmarked { project: "d".into() };
+        let default = Isolation::Unmarked {
+            project: "d".into(),
+        };
         let mut claim = tagged("a");
         default.stamp(&mut claim);
-        assert_eq!(claim["meta"]["tag"], json!([{"system": "http://other", "code": "a"}]));
+        assert_eq!(
+            claim["meta"]["tag"],
+            json!([{"system": "http://other", "code": "a"}])
+        );
         let mut bare = json!({"resourceType": "Patient"});
         default.stamp(&mut bare);
         assert!(bare.get("meta").is_none());
@@ -188,11 +219,24 @@ mod tests {
 
     #[test]
     fn narrowing_names_the_marker() {
-        let a = Isolation::Tag { project: "a".into() };
+        let a = Isolation::Tag {
+            project: "a".into(),
+        };
         let n = a.narrowing();
         assert_eq!(n[0].name, "_tag");
         assert_eq!(n[0].value, format!("{PROJECT_TAG_SYSTEM}|a"));
-        assert!(Isolation::Unmarked { project: "d".into() }.narrowing().is_empty());
-        assert!(!Isolation::Unmarked { project: "d".into() }.narrows_exactly());
+        assert!(
+            Isolation::Unmarked {
+                project: "d".into()
+            }
+            .narrowing()
+            .is_empty()
+        );
+        assert!(
+            !Isolation::Unmarked {
+                project: "d".into()
+            }
+            .narrows_exactly()
+        );
     }
 }

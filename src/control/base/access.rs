@@ -107,15 +107,45 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
         .cloned()
         .ok_or_else(unauthorized)?;
     // A membership whose policies cannot be built grants nothing: fail closed.
-    let policy = state
+    let own_policy = state
         .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
         .ok_or_else(ApiError::forbidden)?;
     let ip = client_ip(state, parts)?;
     if let Some(ip) = ip
-        && !policy.check_ip(ip).is_allowed()
+        && !own_policy.check_ip(ip).is_allowed()
     {
         return Err(ApiError::forbidden());
     }
+    // On behalf of another member (admins only, same project), the target's membership replaces
+    // the caller's entirely, its `admin` flag included: an admin acting for a plain member has
+    // that member's rights here, as on the gateway.
+    let (membership, policy) = match parts.headers.get("x-medplum-on-behalf-of") {
+        None => (membership, own_policy),
+        Some(value) => {
+            let value = value.to_str().map_err(|_| ApiError::forbidden())?;
+            if !(membership.is_admin() || project.super_admin) {
+                return Err(ApiError::forbidden());
+            }
+            let target = snap
+                .on_behalf_of(&project.id, value)
+                .ok_or_else(ApiError::forbidden)?;
+            let target_membership = snap
+                .memberships
+                .get(&target)
+                .cloned()
+                .filter(|m| m.is_active())
+                .ok_or_else(ApiError::forbidden)?;
+            let target_policy = state
+                .effective_policy(&snap, &target, identity.scope.as_deref())
+                .ok_or_else(ApiError::forbidden)?;
+            if let Some(ip) = ip
+                && !target_policy.check_ip(ip).is_allowed()
+            {
+                return Err(ApiError::forbidden());
+            }
+            (target_membership, target_policy)
+        }
+    };
     Ok(Caller {
         identity,
         snap,

@@ -41,13 +41,105 @@ pub(crate) fn strip_secrets(resource: &mut Value) {
         Some("ClientApplication") => {
             obj.remove("secret");
             obj.remove("retiringSecret");
+            remove_idp_secret(obj);
         }
+        Some("DomainConfiguration") => remove_idp_secret(obj),
         Some("User") => {
             obj.remove("passwordHash");
             obj.remove("mfaSecret");
         }
         _ => {}
     }
+}
+
+/// `identityProvider.clientSecret`: fhirgate's own secret at the identity provider, used by the
+/// control API only; never read back by anyone.
+fn remove_idp_secret(obj: &mut serde_json::Map<String, Value>) {
+    if let Some(idp) = obj
+        .get_mut("identityProvider")
+        .and_then(Value::as_object_mut)
+    {
+        idp.remove("clientSecret");
+    }
+}
+
+/// An update that omits `identityProvider.clientSecret` (it never saw it) keeps the stored one.
+fn keep_idp_secret(new: &mut Value, old: &Value) {
+    let Some(secret) = old
+        .get("identityProvider")
+        .and_then(|i| i.get("clientSecret"))
+        .cloned()
+    else {
+        return;
+    };
+    if let Some(idp) = new
+        .get_mut("identityProvider")
+        .and_then(Value::as_object_mut)
+        && !idp.contains_key("clientSecret")
+    {
+        idp.insert("clientSecret".into(), secret);
+    }
+}
+
+/// The fields of a ClientApplication that decide how it authenticates and where its codes and
+/// tokens go (SPEC §2): only a project admin sets or changes them.
+const CLIENT_CREDENTIAL_FIELDS: [&str; 9] = [
+    "jwksUri",
+    "jwks",
+    "identityProvider",
+    "redirectUri",
+    "redirectUris",
+    "accessTokenLifetime",
+    "refreshTokenLifetime",
+    "pkceOptional",
+    "launchUri",
+];
+
+/// Refuses a ClientApplication write that would take the client over: a non-admin setting or
+/// changing a credential-bearing field, or anyone changing a secret other than through
+/// `$rotate-secret` (a secret may be given only when the client is created, by an admin).
+fn check_client_write(
+    caller: &Caller,
+    new: &Value,
+    existing: Option<&Value>,
+    fx: &SideEffects,
+) -> Result<(), ApiError> {
+    let secret_given = fx.client_secret.is_some() || fx.client_retiring.is_some();
+    if existing.is_some() && secret_given {
+        return Err(ApiError::invalid(
+            "ClientApplication.secret",
+            "Secrets change only through $rotate-secret",
+        ));
+    }
+    if caller.is_admin() {
+        return Ok(());
+    }
+    if secret_given {
+        return Err(ApiError::forbidden());
+    }
+    let changed = |field: &str| {
+        let was = existing.and_then(|e| e.get(field));
+        let now = new.get(field);
+        match field {
+            // The stored secret is never shown, so an update leaves it out: compare without it.
+            "identityProvider" => {
+                let strip = |v: Option<&Value>| {
+                    v.cloned().map(|mut v| {
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("clientSecret");
+                        }
+                        v
+                    })
+                };
+                strip(was) != strip(now) || now.and_then(|i| i.get("clientSecret")).is_some()
+            }
+            _ => was != now,
+        }
+    };
+    if CLIENT_CREDENTIAL_FIELDS.iter().any(|f| changed(f)) {
+        return Err(ApiError::forbidden());
+    }
+    Ok(())
 }
 
 /// The resource as the caller may see it: hidden fields of the granting entry removed, secrets
@@ -233,14 +325,7 @@ async fn prepare(
                     obj.insert("user".into(), user.clone());
                 }
             }
-            validate_membership(
-                state,
-                caller,
-                resource,
-                &project,
-                existing.map(|e| e.id.as_str()),
-            )
-            .await?;
+            validate_membership(state, resource, &project, existing.map(|e| e.id.as_str())).await?;
             Ok(Some(project))
         }
         "User" => {
@@ -351,7 +436,6 @@ async fn prepare(
 /// its project, reference only policies of its project, and keep per-project uniqueness.
 async fn validate_membership(
     state: &State,
-    caller: &Caller,
     resource: &Value,
     project: &str,
     own_id: Option<&str>,
@@ -421,12 +505,10 @@ async fn validate_membership(
                 "Invalid access policy reference",
             ));
         };
+        // Only the membership's own project's policies: the snapshot resolves references
+        // within the project, so any other could never take effect (and must not).
         let found = state.store.read("AccessPolicy", id).await?;
-        let ok = found.is_some_and(|f| {
-            f.project_id.is_none()
-                || f.project_id.as_deref() == Some(project)
-                || caller.super_admin()
-        });
+        let ok = found.is_some_and(|f| f.project_id.as_deref() == Some(project));
         if !ok {
             return Err(ApiError::invalid(
                 "ProjectMembership.access",
@@ -464,7 +546,7 @@ async fn validate_membership(
     Ok(())
 }
 
-/// A reference to an AccessPolicy usable in `project` (its own, or a global one).
+/// A reference to an AccessPolicy usable in `project`: one of its own.
 pub(crate) async fn check_policy_reference(
     state: &State,
     project: &str,
@@ -484,7 +566,7 @@ pub(crate) async fn check_policy_reference(
         .read("AccessPolicy", id)
         .await?
         .ok_or_else(bad)?;
-    if policy.project_id.as_deref().is_some_and(|p| p != project) {
+    if policy.project_id.as_deref() != Some(project) {
         return Err(bad());
     }
     Ok(json!({"reference": r}))
@@ -566,6 +648,9 @@ pub(crate) async fn create_resource(
         SideEffects::default()
     };
     let shown_secret = fx.client_secret.clone();
+    if resource_type == "ClientApplication" {
+        check_client_write(caller, &resource, None, &fx)?;
+    }
     let project = prepare(state, caller, &mut resource, None).await?;
     normalize_meta(&mut resource, caller);
     if let (Some(p), Some(meta)) = (
@@ -655,6 +740,15 @@ pub(crate) async fn update_resource(
         SideEffects::default()
     };
     let shown_secret = fx.client_secret.clone();
+    if existing.resource_type == "ClientApplication" {
+        check_client_write(caller, &resource, Some(&existing.content), &fx)?;
+    }
+    if matches!(
+        existing.resource_type.as_str(),
+        "ClientApplication" | "DomainConfiguration"
+    ) {
+        keep_idp_secret(&mut resource, &existing.content);
+    }
     let project = prepare(state, caller, &mut resource, Some(existing)).await?;
     normalize_meta(&mut resource, caller);
     if let (Some(p), Some(meta)) = (

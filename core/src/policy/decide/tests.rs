@@ -150,7 +150,9 @@ fn conditional_references_need_an_open_target() {
 fn an_isolated_project_is_narrowed_and_checked() {
     use crate::policy::isolation::Isolation;
     let open = |iso: Isolation| policy(json!([{"resourceType": "*"}])).with_isolation(iso);
-    let a = open(Isolation::Tag { project: "a".into() });
+    let a = open(Isolation::Tag {
+        project: "a".into(),
+    });
     match decide_get(&a, "Patient?name=x") {
         Decision::Allow(p) => {
             assert_eq!(p.narrowing.len(), 1);
@@ -167,10 +169,21 @@ fn an_isolated_project_is_narrowed_and_checked() {
         Decision::Allow(p) => assert!(p.guard_current),
         other => panic!("{other:?}"),
     }
-    assert_eq!(denied_with(decide_get(&a, "Patient?_has:Observation:subject:code=x")), "search_target_restricted");
-    assert_eq!(denied_with(decide_get(&a, "Observation?subject:Patient.name=x")), "search_target_restricted");
-    assert_eq!(denied_with(decide_get(&a, "Patient/p1/$validate")), "operation_isolated");
-    let default = open(Isolation::Unmarked { project: "d".into() });
+    assert_eq!(
+        denied_with(decide_get(&a, "Patient?_has:Observation:subject:code=x")),
+        "search_target_restricted"
+    );
+    assert_eq!(
+        denied_with(decide_get(&a, "Observation?subject:Patient.name=x")),
+        "search_target_restricted"
+    );
+    assert_eq!(
+        denied_with(decide_get(&a, "Patient/p1/$validate")),
+        "operation_isolated"
+    );
+    let default = open(Isolation::Unmarked {
+        project: "d".into(),
+    });
     match decide_get(&default, "Patient?name=x") {
         Decision::Allow(p) => assert!(p.narrowing.is_empty() && p.drop_total),
         other => panic!("{other:?}"),
@@ -186,19 +199,33 @@ fn an_isolated_project_is_narrowed_and_checked() {
     assert!(default.satisfied(&b, Interaction::Read).is_none());
     assert!(whole.satisfied(&b, Interaction::Read).is_some());
     // Identity resources live in fhirgate's store: isolation does not apply to them.
-    let admin = policy(json!([{"resourceType": "ClientApplication"}]))
-        .with_isolation(Isolation::Tag { project: "a".into() });
-    assert!(admin.satisfied(&json!({"resourceType": "ClientApplication", "id": "c"}), Interaction::Read).is_some());
+    let admin =
+        policy(json!([{"resourceType": "ClientApplication"}])).with_isolation(Isolation::Tag {
+            project: "a".into(),
+        });
+    assert!(
+        admin
+            .satisfied(
+                &json!({"resourceType": "ClientApplication", "id": "c"}),
+                Interaction::Read
+            )
+            .is_some()
+    );
 }
 
 #[test]
 fn an_isolated_write_is_stamped_and_cannot_take_another_projects_resource() {
     use crate::policy::isolation::{Isolation, PROJECT_TAG_SYSTEM};
-    let a = policy(json!([{"resourceType": "*"}])).with_isolation(Isolation::Tag { project: "a".into() });
+    let a = policy(json!([{"resourceType": "*"}])).with_isolation(Isolation::Tag {
+        project: "a".into(),
+    });
     let mut new = json!({"resourceType": "Patient",
         "meta": {"tag": [{"system": PROJECT_TAG_SYSTEM, "code": "b"}]}});
     assert_eq!(a.check_create(&mut new), Ok(()));
-    assert_eq!(new["meta"]["tag"], json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}]));
+    assert_eq!(
+        new["meta"]["tag"],
+        json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}])
+    );
     let theirs = json!({"resourceType": "Patient", "id": "p1",
         "meta": {"tag": [{"system": PROJECT_TAG_SYSTEM, "code": "b"}]}});
     let mut update = json!({"resourceType": "Patient", "id": "p1"});
@@ -207,5 +234,8 @@ fn an_isolated_write_is_stamped_and_cannot_take_another_projects_resource() {
         "meta": {"tag": [{"system": PROJECT_TAG_SYSTEM, "code": "a"}]}});
     let mut untag = json!({"resourceType": "Patient", "id": "p1", "meta": {"tag": []}});
     assert_eq!(a.check_write(&mut untag, Some(&ours)), Ok(()));
-    assert_eq!(untag["meta"]["tag"], json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}]));
+    assert_eq!(
+        untag["meta"]["tag"],
+        json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}])
+    );
 }
