@@ -772,15 +772,35 @@ fn case_31_prompt_none_and_browser_sessions() {
         assert_eq!(status, 200, "{tokens}");
         assert_eq!(tokens["scope"], "openid user/Patient.rs");
 
-        // With id_token_hint and no cookie: also a code.
+        // Issue 10: with id_token_hint and no cookie, Medplum (and fhirgate before) minted a
+        // fresh code, again and again: a leaked token became permanent access. Only the
+        // browser's cookie is a session.
         let mut fresh = Browser::default();
-        let (url, verifier) = request(
+        let (url, _) = request(
             &client,
             "openid",
             &[("prompt", "none"), ("id_token_hint", &id_token)],
         );
         let page = fresh.get(&url).await;
         assert_eq!(page.status, 302);
+        let q = page.redirect_params();
+        assert_eq!(q["error"], "login_required", "{q:?}");
+        assert!(!q.contains_key("code"), "{q:?}");
+        // The access token or the refresh token as a hint: no more.
+        let (url, _) = request(
+            &client,
+            "openid",
+            &[("prompt", "none"), ("id_token_hint", &access)],
+        );
+        let page = fresh.get(&url).await;
+        assert_eq!(page.redirect_params()["error"], "login_required");
+        // With the cookie, a hint naming the cookie's own Login still works.
+        let (url, verifier) = request(
+            &client,
+            "openid",
+            &[("prompt", "none"), ("id_token_hint", &id_token)],
+        );
+        let page = b.get(&url).await;
         let q = page.redirect_params();
         assert!(q.contains_key("code"), "{q:?}");
         let (status, _) = exchange(&client, &q["code"], &verifier).await;

@@ -657,18 +657,129 @@ fn case_21_refresh_rotation() {
         let (s, b) = refresh(r2.clone()).await;
         assert_eq!(s, 200, "{b}");
         let r3 = b["refresh_token"].as_str().unwrap().to_string();
+        let newest_access = b["access_token"].as_str().unwrap().to_string();
+        assert_eq!(fhir_status(&newest_access).await, 200);
+        // Issue 10: r1 was rotated away; presenting it again means someone else holds the
+        // family (OAuth 2.0 Security BCP): the whole Login ends, for the newest tokens too.
         let (s, b) = refresh(r1).await;
         assert_eq!(
             (s, b),
             (400, oauth_error("invalid_request", "Invalid token"))
         );
-        let (s, b) = refresh(r2).await;
         assert_eq!(
-            (s, b),
-            (400, oauth_error("invalid_request", "Invalid token"))
+            fhir_status(&newest_access).await,
+            401,
+            "the family is revoked"
         );
         let (s, b) = refresh(r3).await;
-        assert_eq!(s, 200, "the newest refresh token still works: {b}");
+        assert_eq!((s, b), (400, oauth_error("invalid_grant", "Token revoked")));
+        let (s, b) = refresh(r2).await;
+        assert_eq!((s, b), (400, oauth_error("invalid_grant", "Token revoked")));
+    });
+}
+
+/// Issue 10: a password change, a password set by an admin, an MFA reset, a User deletion or
+/// a membership removal left every existing access and refresh token working. Each now ends
+/// every session of that user (only that membership's, for a removal).
+#[test]
+fn credential_changes_end_every_session() {
+    rt().block_on(async {
+        // Own password change: both sessions end, the access tokens and the refresh tokens.
+        let (e, _) = user("sess-pw");
+        let a = offline_tokens(&e, None).await;
+        let b = offline_tokens(&e, None).await;
+        let (s, out) = post_with(
+            "auth/changepassword",
+            Some(&format!("Bearer {}", a.access_token)),
+            &json!({"oldPassword": PASSWORD, "newPassword": "a new horse battery"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        for t in [&a, &b] {
+            assert_eq!(fhir_status(&t.access_token).await, 401);
+            let (s, _) = token_request(
+                gw(),
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("refresh_token", t.refresh_token.as_deref().unwrap()),
+                ],
+            )
+            .await;
+            assert_eq!(s, 400, "the refresh token ended too");
+        }
+        // The new password signs in.
+        let t = sign_in(gw(), &e, "a new horse battery", None, "openid").await;
+        assert_eq!(fhir_status(&t.access_token).await, 200);
+
+        // A password set by the super admin.
+        let (e, _) = user("sess-admin");
+        let t = offline_tokens(&e, None).await;
+        let admin = common::people::super_admin_token(gw()).await;
+        let (s, out) = post_with(
+            "admin/super/setpassword",
+            Some(&format!("Bearer {admin}")),
+            &json!({"email": e, "password": "set by the admin 1"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        assert_eq!(fhir_status(&t.access_token).await, 401);
+
+        // The User deleted.
+        let (e, seeded) = user("sess-del");
+        let t = offline_tokens(&e, None).await;
+        let (s, out) = send(
+            TestGateway::client()
+                .delete(format!("{}fhir/R4/User/{}", gw().base, seeded.user_id))
+                .bearer_auth(&admin),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        assert_eq!(fhir_status(&t.access_token).await, 401);
+
+        // The membership removed by the project's admin.
+        let (e, seeded) = user("sess-member");
+        let t = offline_tokens(&e, None).await;
+        let project_admin = gw().admin_token().await;
+        let (s, out) = send(
+            TestGateway::client()
+                .delete(format!(
+                    "{}admin/projects/{}/members/{}",
+                    gw().base,
+                    seeded.project_id,
+                    seeded.membership_id
+                ))
+                .bearer_auth(&project_admin),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        assert_eq!(fhir_status(&t.access_token).await, 401);
+        let (s, _) = token_request(
+            gw(),
+            &[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", t.refresh_token.as_deref().unwrap()),
+            ],
+        )
+        .await;
+        assert_eq!(s, 400);
+    });
+}
+
+/// Issue 10: the operator could not sign in with the bootstrap credentials ("User not found":
+/// the admin User had no membership).
+#[test]
+fn the_bootstrap_admin_signs_in() {
+    rt().block_on(async {
+        let email = gw().running().bootstrap.admin_email.clone();
+        let t = sign_in(gw(), &email, "admin-password-for-tests", None, "openid").await;
+        let (s, me) = get_with("auth/me", Some(&format!("Bearer {}", t.access_token))).await;
+        assert_eq!(s, 200, "{me}");
+        assert_eq!(
+            me["project"]["id"],
+            super_admin_project(gw()).as_str(),
+            "{me}"
+        );
+        assert_eq!(me["membership"]["admin"], true, "{me}");
     });
 }
 

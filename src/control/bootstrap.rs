@@ -54,6 +54,8 @@ const KEY_SUPER_ADMIN: &str = "bootstrap.super_admin_project";
 const KEY_DEFAULT: &str = "bootstrap.default_project";
 const KEY_USER: &str = "bootstrap.admin_user";
 const KEY_CLIENT: &str = "bootstrap.admin_client";
+const KEY_MEMBERSHIP: &str = "bootstrap.admin_membership";
+const KEY_PROFILE: &str = "bootstrap.admin_profile";
 
 /// An item's id, agreed on through the settings table, and whether it is already done.
 struct Claim {
@@ -187,6 +189,26 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
             created.push(label);
         }
         finish(store, key).await?;
+    }
+
+    // The operator signs in as the admin User (`admin_email` / `admin_password`): that takes a
+    // membership, an admin one in the super-admin project. Its Practitioner profile is not
+    // created upstream (the upstream may not be up yet); `/auth/me` shows it bare until it is.
+    let membership = claim(store, KEY_MEMBERSHIP, uuid::Uuid::new_v4().to_string()).await?;
+    if !membership.done {
+        let profile = claim(store, KEY_PROFILE, uuid::Uuid::new_v4().to_string()).await?;
+        let resource = json!({
+            "resourceType": "ProjectMembership",
+            "id": membership.id,
+            "project": {"reference": format!("Project/{}", super_admin.id)},
+            "user": {"reference": format!("User/{}", user.id)},
+            "profile": {"reference": format!("Practitioner/{}", profile.id), "display": "Super Admin"},
+            "admin": true,
+        });
+        if create_if_missing(store, resource, Some(&super_admin.id)).await? {
+            created.push("admin membership");
+        }
+        finish(store, KEY_MEMBERSHIP).await?;
     }
 
     let candidate = match &boot.admin_client_id {

@@ -574,6 +574,36 @@ impl Store {
         Ok(n > 0)
     }
 
+    /// Revokes every Login of `user_ref` (`User/…`, or a client's reference) and, when given,
+    /// only those of one membership. Returns how many were revoked. Every instance sees it with
+    /// the next snapshot (the `Login` change), so all their tokens stop within the budget.
+    pub async fn revoke_logins_of(
+        &self,
+        user_ref: &str,
+        membership_id: Option<&str>,
+    ) -> Result<u64> {
+        let mut tx = self.begin_write().await?;
+        let n = match membership_id {
+            None => {
+                sqlx::query("UPDATE logins SET revoked = 1 WHERE user_ref = $1 AND revoked = 0")
+                    .bind(user_ref)
+                    .execute(&mut *tx)
+                    .await?
+            }
+            Some(m) => {
+                sqlx::query("UPDATE logins SET revoked = 1 WHERE user_ref = $1 AND membership_id = $2 AND revoked = 0")
+                    .bind(user_ref)
+                    .bind(m)
+                    .execute(&mut *tx)
+                    .await?
+            }
+        }
+        .rows_affected();
+        Self::record_change(&mut tx, "Login").await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
     /// Logins of one user (`User/…`) authenticated at or after `since` (unix seconds), newest
     /// first, at most 100.
     pub async fn logins_for_user(&self, user_ref: &str, since: i64) -> Result<Vec<LoginRecord>> {

@@ -15,6 +15,7 @@ use crate::control::base::access::authenticate_admin;
 use crate::control::base::access::target_project;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
+use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
@@ -116,6 +117,7 @@ pub async fn delete_member(
     }
     state.store.delete("ProjectMembership", &m.id).await?;
     if let Some(user) = user {
+        revoke_sessions_of(&state, user, Some(&m.id)).await?;
         remove_project_user_without_memberships(&state, &project.id, user).await;
     }
     refreshed(&state).await;

@@ -10,6 +10,7 @@ use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
+use crate::control::base::users::revoke_sessions_of;
 use crate::control::login::flow::login_response;
 use crate::control::login::mfa::MfaUser;
 use crate::control::login::mfa::caller_attempt;
@@ -119,6 +120,8 @@ pub async fn disable(
         Ok(())
     })
     .await?;
+    // Weaker credentials from now on: every session signed in under the old ones ends.
+    revoke_sessions_of(&state, &format!("User/{}", user.id()), None).await?;
     Ok(outcome_response(&Outcome::AllOk))
 }
 

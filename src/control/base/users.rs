@@ -151,13 +151,22 @@ pub(crate) async fn update_user(
             .read("User", user_id)
             .await?
             .ok_or_else(ApiError::not_found)?;
+        let password_before = user.content.get("passwordHash").cloned();
         if let Some(obj) = user.content.as_object_mut() {
             change(obj);
         }
+        let password_changed = user.content.get("passwordHash") != password_before.as_ref();
         let mut writes = also();
         writes.push(user_put(&user));
         match state.store.write_batch(writes).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                // A new password (changed, reset, set by an admin) ends every session: whoever
+                // held the old one is out (SPEC §2).
+                if password_changed && password_before.is_some() {
+                    revoke_sessions_of(state, &format!("User/{user_id}"), None).await?;
+                }
+                return Ok(());
+            }
             Err(StoreError::VersionConflict) => continue,
             // The only unique step of these batches is a link's redemption: another one won.
             Err(StoreError::Conflict) => return Err(ApiError::bad_request("Already used")),
@@ -165,6 +174,28 @@ pub(crate) async fn update_user(
         }
     }
     Err(ApiError::conflict("User changed; try again"))
+}
+
+/// Ends every session of `user_ref` (`User/…`), or only those of one membership: each of
+/// their tokens stops on every instance within the revocation budget. Called when credentials
+/// change (password, MFA), a User is deleted or a membership removed (SPEC §2).
+pub(crate) async fn revoke_sessions_of(
+    state: &State,
+    user_ref: &str,
+    membership_id: Option<&str>,
+) -> Result<u64, ApiError> {
+    let n = state
+        .store
+        .revoke_logins_of(user_ref, membership_id)
+        .await?;
+    state
+        .refresh()
+        .await
+        .map_err(|e| ApiError::internal("refreshing after a revocation", e))?;
+    if n > 0 {
+        tracing::info!(user = user_ref, sessions = n, "sessions ended");
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

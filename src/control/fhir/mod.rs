@@ -30,10 +30,12 @@ use crate::control::base::resources::refreshed;
 use crate::control::base::resources::resource_response;
 use crate::control::base::resources::str_field;
 use crate::control::base::resources::update_resource;
+use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::body::json_body;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 use fhirgate_core::fhir::path::is_valid_id;
+use serde_json::Value;
 
 /// The identity types this module stores.
 pub const IDENTITY_TYPES: [&str; 6] = [
@@ -245,6 +247,23 @@ pub async fn delete(
         return Err(ApiError::forbidden());
     }
     state.store.delete(&resource_type, &id).await?;
+    // A deleted User or membership takes its sessions with it (SPEC §2).
+    match resource_type.as_str() {
+        "User" => {
+            revoke_sessions_of(&state, &format!("User/{id}"), None).await?;
+        }
+        "ProjectMembership" => {
+            if let Some(user) = existing
+                .content
+                .get("user")
+                .and_then(|u| u.get("reference"))
+                .and_then(Value::as_str)
+            {
+                revoke_sessions_of(&state, user, Some(&id)).await?;
+            }
+        }
+        _ => {}
+    }
     refreshed(&state).await;
     Ok(outcome_response(&Outcome::AllOk))
 }

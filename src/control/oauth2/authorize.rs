@@ -4,8 +4,8 @@
 //!
 //! 1. the authorization request is checked in Medplum's order: client, then redirect URI (plain
 //!    text 400 until the redirect URI is trusted), then 302 errors to the client;
-//! 2. an existing browser session (`id_token_hint`, or the `medplum-<clientId>` cookie) is
-//!    reused: `prompt=none` gets a new code at once, otherwise the consent page;
+//! 2. an existing browser session (the `medplum-<clientId>` cookie; an `id_token_hint` must name
+//!    the same Login) is reused: `prompt=none` gets a new code at once, otherwise the consent page;
 //!    `prompt=none` without a session gets `login_required`;
 //! 3. otherwise the sign-in page: e-mail and password (→ `login::password_login`), then MFA
 //!    (enrolment when required), the profile choice when the user has several memberships, the
@@ -340,7 +340,9 @@ async fn check_request(state: &State, p: &Params) -> Result<AuthRequest, Refusal
             .parse::<i64>()
             .ok()
             .filter(|n| *n >= 0)
-            .ok_or_else(|| fail("invalid_request", "Invalid max_age"))?,
+            .ok_or_else(|| fail("invalid_request", "Invalid max_age"))?
+            // A client may ask for a fresher sign-in, never for an older session to count.
+            .min(DEFAULT_MAX_AGE),
     };
     let prompt: Vec<String> = p
         .one("prompt")
@@ -523,34 +525,32 @@ async fn find_session(
     parts: &Parts,
     request: &AuthRequest,
 ) -> Result<Option<LoginRecord>, ApiError> {
-    let login = if let Some(hint) = &request.id_token_hint {
-        let Some(id) = state.keyring().verify(hint).ok().and_then(|c| c.login_id) else {
-            return Ok(None);
-        };
-        if !is_valid_id(&id) {
-            return Ok(None);
-        }
-        state.store.login(&id).await?
-    } else {
-        let Some(value) = cookie_value(&parts.headers, &session_cookie_name(&request.client.id))
-        else {
-            return Ok(None);
-        };
-        let Some((id, secret)) = value.split_once('.') else {
-            return Ok(None);
-        };
-        if !is_valid_id(id) {
+    // Only the browser's session cookie is a session (SPEC §2): a token presented as
+    // `id_token_hint` (which may have leaked) never stands in for one, and when given it must
+    // name the cookie's own Login.
+    let Some(value) = cookie_value(&parts.headers, &session_cookie_name(&request.client.id)) else {
+        return Ok(None);
+    };
+    let Some((id, secret)) = value.split_once('.') else {
+        return Ok(None);
+    };
+    if !is_valid_id(id) {
+        return Ok(None);
+    }
+    if let Some(hint) = &request.id_token_hint {
+        let hinted = state.keyring().verify(hint).ok().and_then(|c| c.login_id);
+        if hinted.as_deref() != Some(id) {
             return Ok(None);
         }
-        match state.store.login(id).await? {
+    }
+    let login = match state.store.login(id).await? {
+        Some(l)
+            if extra_str(&l, keys::COOKIE)
+                .is_some_and(|h| hashes_equal(h, &state.hash_secret(secret))) =>
+        {
             Some(l)
-                if extra_str(&l, keys::COOKIE)
-                    .is_some_and(|h| hashes_equal(h, &state.hash_secret(secret))) =>
-            {
-                Some(l)
-            }
-            _ => None,
         }
+        _ => None,
     };
     let Some(login) = login else {
         return Ok(None);

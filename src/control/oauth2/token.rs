@@ -451,6 +451,11 @@ async fn refresh_token(state: &State, parts: &Parts, form: &TokenForm) -> Result
         return Err(ApiError::oauth_code("invalid_grant", "Token revoked"));
     }
     if !hashes_equal(&stored, &state.hash_secret(secret)) {
+        // Signed by us for this Login, yet not its current secret: an already rotated refresh
+        // token, used again. Someone else holds the family (OAuth 2.0 Security BCP 4.14.2):
+        // end it, for the thief and the owner alike.
+        revoke(state, &login.id).await?;
+        tracing::warn!(login = %login.id, "a rotated refresh token was used again; its Login is revoked");
         return Err(ApiError::oauth("Invalid token"));
     }
     let snap = snapshot_for(state, &login).await;
