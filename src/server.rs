@@ -261,7 +261,9 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
             AxumService {
                 name: "control",
                 addr: config.control_listen,
-                router: crate::control::router(state.clone()),
+                router: crate::control::try_router(state.clone()).map_err(|e| {
+                    StartError::Runtime(format!("the control API's HTTP clients: {e}"))
+                })?,
             },
         );
         svc.threads = Some(config.threads.max(1));

@@ -32,9 +32,24 @@ pub use web::error::ApiError;
 use crate::state::State;
 use web::with_405;
 
-/// The control API router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
-/// the client address (and so IP rules) needs the TCP peer.
+/// The control API router, for in-process use (tests, benches): [`try_router`], or a panic when
+/// its HTTP clients cannot be built (TLS cannot be set up).
+///
+/// # Panics
+/// When [`try_router`] fails.
 pub fn router(state: Arc<State>) -> Router {
+    try_router(state).expect("the control API's HTTP clients (TLS setup)")
+}
+
+/// The control API router. Serve it with `into_make_service_with_connect_info::<SocketAddr>()`:
+/// the client address (and so IP rules) needs the TCP peer. Fails when the HTTP clients of the
+/// control API's own calls cannot be built; the server then does not start.
+pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
+    let control = Arc::new(web::ControlState {
+        shared: state.clone(),
+        outbound: base::outbound::client()?,
+        upstream: base::upstream::client()?,
+    });
     let routes = routes();
     let mut router = Router::new()
         .merge(routes.clone())
@@ -53,9 +68,9 @@ pub fn router(state: Arc<State>) -> Router {
         state.clone(),
         web::store_gate,
     ));
-    router
+    Ok(router
         .layer(axum::middleware::map_response(web::security_headers))
-        .with_state(state)
+        .with_state(control))
 }
 
 fn routes() -> Router<web::AppState> {

@@ -1,18 +1,17 @@
 //! `POST /admin/projects/:projectId/client`.
 
-use crate::state::State;
 use crate::tokens::random_hex;
 use axum::extract::{Path, Request, State as AxState};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate_admin;
 use crate::control::base::access::target_project;
 use crate::control::base::clients::create_client_with_membership;
 use crate::control::base::resources::check_policy_reference;
 use crate::control::base::resources::strip_secrets;
+use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
@@ -21,7 +20,7 @@ use crate::control::web::error::FHIR_JSON;
 /// `POST /admin/projects/:projectId/client`: creates a ClientApplication with a fresh secret
 /// and its membership; 201 with the client, the secret shown this once.
 pub async fn create_client(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(project_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {

@@ -14,7 +14,7 @@
 //! - when that transaction fails, the profile is deleted again if this invite created it and no
 //!   membership uses it.
 
-use crate::state::{ProjectInfo, State};
+use crate::state::ProjectInfo;
 use crate::store::{BatchWrite, StoreError, StoredResource};
 use crate::tokens::random_hex;
 use axum::extract::{Path, Request, State as AxState};
@@ -22,7 +22,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use fhirgate_core::policy::model::ProjectMembership;
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::Caller;
 use crate::control::base::access::authenticate_admin;
@@ -43,6 +42,8 @@ use crate::control::base::upstream::upstream_read;
 use crate::control::base::users::email_key;
 use crate::control::base::users::valid_email;
 use crate::control::login::mfa::new_secret;
+use crate::control::web::AppState;
+use crate::control::web::ControlState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
@@ -195,7 +196,7 @@ fn text_field(body: &Map<String, Value>, key: &str) -> Option<String> {
 
 /// `POST /admin/projects/:projectId/invite`.
 pub async fn invite(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(project_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -279,7 +280,7 @@ fn membership_in(m: &StoredResource, field: &str) -> Option<String> {
 }
 
 async fn run(
-    state: &State,
+    state: &ControlState,
     caller: &Caller,
     project: &ProjectInfo,
     invite: &Invite,
@@ -523,7 +524,7 @@ async fn new_user(invite: &Invite, project: &str) -> Result<Value, ApiError> {
 /// A `membership.profile` given by the caller: of the invited type, existing upstream, and not
 /// the profile of a membership in another project. Returns the reference.
 async fn check_template_profile(
-    state: &State,
+    state: &ControlState,
     project: &ProjectInfo,
     invite: &Invite,
     reference: &Value,
@@ -579,7 +580,7 @@ fn check_template_shape(template: &Map<String, Value>) -> Result<(), ApiError> {
 }
 
 async fn check_policies(
-    state: &State,
+    state: &ControlState,
     project: &ProjectInfo,
     template: &Map<String, Value>,
 ) -> Result<(), ApiError> {
@@ -602,7 +603,7 @@ async fn check_policies(
 }
 
 fn welcome_email(
-    state: &State,
+    state: &ControlState,
     project: &ProjectInfo,
     to: &str,
     link: Option<&str>,

@@ -8,7 +8,6 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::Value;
-use std::sync::Arc;
 
 use crate::control::base::access::Caller;
 use crate::control::base::access::authenticate_admin;
@@ -16,6 +15,7 @@ use crate::control::base::access::target_project;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
 use crate::control::base::users::revoke_sessions_of;
+use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
@@ -64,7 +64,7 @@ async fn member_in_project(
 
 /// `GET /admin/projects/:projectId/members/:membershipId`.
 pub async fn get_member(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((project_id, membership_id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -76,7 +76,7 @@ pub async fn get_member(
 /// `POST /admin/projects/:projectId/members/:membershipId`: the body must be that membership;
 /// `project` and `user` stay as they are.
 pub async fn update_member(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((project_id, membership_id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -94,7 +94,7 @@ pub async fn update_member(
 
 /// `DELETE /admin/projects/:projectId/members/:membershipId`.
 pub async fn delete_member(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((project_id, membership_id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {

@@ -1,10 +1,8 @@
 //! `POST /admin/projects/setpassword` and `POST /admin/super/setpassword`.
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use serde_json::{Map, Value};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::access::authenticate_admin;
@@ -12,6 +10,8 @@ use crate::control::base::passwords::check_password;
 use crate::control::base::passwords::set_user_password;
 use crate::control::base::users::find_user;
 use crate::control::base::users::valid_email;
+use crate::control::web::AppState;
+use crate::control::web::ControlState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
@@ -19,7 +19,7 @@ use crate::control::web::error::ApiError;
 /// `POST /admin/projects/setpassword` (project admin): a project-scoped user of the caller's
 /// project only.
 pub async fn admin_set_password(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -38,7 +38,7 @@ pub async fn admin_set_password(
 
 /// `POST /admin/super/setpassword` (super admin): any user, by e-mail and optional project.
 pub async fn super_set_password(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -56,7 +56,7 @@ pub async fn super_set_password(
 }
 
 async fn email_and_password(
-    state: &State,
+    state: &ControlState,
     body: &Map<String, Value>,
 ) -> Result<(String, String), ApiError> {
     let email = body_str(body, "email")

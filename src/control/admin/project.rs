@@ -1,19 +1,18 @@
 //! `GET /admin/projects/:projectId`.
 
-use crate::state::State;
 use axum::extract::{Path, Request, State as AxState};
 use axum::response::Response;
 use serde_json::json;
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate_admin;
 use crate::control::base::access::target_project;
+use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 
 /// `GET /admin/projects/:projectId`.
 pub async fn get_project(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(project_id): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {

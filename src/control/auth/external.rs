@@ -9,7 +9,6 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
 
 use crate::control::base::clients::match_redirect_uri;
 use crate::control::base::clients::registered_redirect_uris;
@@ -29,6 +28,7 @@ use crate::control::login::flow::issue_code;
 use crate::control::login::state::extra_str;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::body::media_type;
@@ -109,10 +109,7 @@ async fn external_auth(state: &State, email: &str) -> Result<Option<Value>, ApiE
 }
 
 /// `POST /auth/method {email}`.
-pub async fn method(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn method(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
     let email = body_str(&body, "email").unwrap_or_default();
@@ -174,7 +171,7 @@ impl ExternalState {
 
 /// `GET /auth/external?code&state`.
 pub async fn external_callback(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
@@ -312,7 +309,7 @@ pub async fn external_callback(
 
 /// `POST /auth/exchange {externalAccessToken, clientId}` (legacy form of the token exchange).
 pub async fn exchange_legacy(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body): (Parts, Body) = req.into_parts();

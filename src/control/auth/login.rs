@@ -1,10 +1,8 @@
 //! `POST /auth/login`, `GET /auth/login/:login`, `POST /auth/profile`, `POST /auth/scope`: the
 //! JSON front end of the Login lifecycle (`login::flow`).
 
-use crate::state::State;
 use axum::extract::{Path, Request, State as AxState};
 use axum::response::Response;
-use std::sync::Arc;
 
 use crate::control::login::flow::choose_profile;
 use crate::control::login::flow::login_response;
@@ -13,6 +11,7 @@ use crate::control::login::flow::set_scope;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_bool;
 use crate::control::web::body::body_str;
@@ -23,10 +22,7 @@ use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 
 /// `POST /auth/login`.
-pub async fn login(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn login(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
     let ip = client_ip(&state, &parts)?;
@@ -53,7 +49,7 @@ pub async fn login(
 
 /// `GET /auth/login/:login`: the state of a sign-in, for clients that resume it.
 pub async fn login_status(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     if uuid::Uuid::parse_str(&id).is_err() {
@@ -71,7 +67,7 @@ pub async fn login_status(
 
 /// `POST /auth/profile {login, profile}`.
 pub async fn profile(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -84,10 +80,7 @@ pub async fn profile(
 }
 
 /// `POST /auth/scope {login, scope}`.
-pub async fn scope(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn scope(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
     let (login_id, scope) = login_and(&body, "scope", "Missing scope")?;

@@ -6,12 +6,12 @@ use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::Caller;
 use crate::control::base::access::authenticate;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
+use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 
@@ -29,7 +29,7 @@ fn pick(source: &Value, keys: &[&str], resource_type: &str) -> Value {
     Value::Object(out)
 }
 
-pub async fn me(AxState(state): AxState<Arc<State>>, req: Request) -> Result<Response, ApiError> {
+pub async fn me(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
     let membership = serde_json::to_value(caller.membership.as_ref())

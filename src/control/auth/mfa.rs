@@ -7,7 +7,6 @@ use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::users::revoke_sessions_of;
@@ -21,6 +20,7 @@ use crate::control::login::mfa::new_secret;
 use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::update_user;
 use crate::control::login::mfa::verify_login;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::body::login_and;
@@ -41,10 +41,7 @@ async fn caller_user(
 }
 
 /// `GET /auth/mfa/status`.
-pub async fn status(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn status(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let (user, _) = caller_user(&state, &parts).await?;
     if user.enrolled() {
@@ -61,10 +58,7 @@ pub async fn status(
 }
 
 /// `POST /auth/mfa/enroll {token}`.
-pub async fn enroll(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn enroll(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let (user, login_id) = caller_user(&state, &parts).await?;
     let body = auth_body(&parts, body).await?;
@@ -95,7 +89,7 @@ pub async fn enroll(
 /// `POST /auth/mfa/disable {token}`: un-enrolls and rotates the secret, so a new enrolment
 /// needs a new authenticator entry.
 pub async fn disable(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -126,10 +120,7 @@ pub async fn disable(
 }
 
 /// `POST /auth/mfa/verify {login, token}`: the sign-in step, then the usual login result.
-pub async fn verify(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn verify(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     let body = auth_body(&parts, body).await?;
     let (login, token) = login_and(&body, "token", "Missing token")?;
@@ -140,7 +131,7 @@ pub async fn verify(
 
 /// `POST /auth/mfa/login-enroll {login, token}` (no bearer: the Login is the credential).
 pub async fn login_enroll_handler(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

@@ -2,7 +2,6 @@
 //! page the invite and reset e-mails link to), `/auth/resetpassword`, `/auth/changepassword` and
 //! `/auth/verifyemail`. Links are `base::links`'s.
 
-use crate::state::State;
 use crate::store::BatchWrite;
 use axum::extract::{Path, Request, State as AxState};
 use axum::http::request::Parts;
@@ -10,7 +9,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Map, Value};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::domains::domain_configuration;
@@ -28,6 +26,8 @@ use crate::control::base::passwords::set_user_password;
 use crate::control::base::passwords::verify_password;
 use crate::control::base::users::read_user;
 use crate::control::base::users::valid_email;
+use crate::control::web::AppState;
+use crate::control::web::ControlState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::body::media_type;
@@ -63,7 +63,7 @@ fn set_password_fields(body: &Map<String, Value>) -> Result<(String, String, Str
 /// `POST /auth/setpassword`. A browser's form post (the page below) gets the page back; an API
 /// call gets Medplum's JSON.
 pub async fn set_password(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -91,7 +91,7 @@ fn wants_html(parts: &Parts) -> bool {
             .is_some_and(|a| a.contains("text/html"))
 }
 
-async fn set_password_from_page(state: &State, body: &Map<String, Value>) -> Response {
+async fn set_password_from_page(state: &ControlState, body: &Map<String, Value>) -> Response {
     let id = body_str(body, "id").unwrap_or_default();
     let secret = body_str(body, "secret").unwrap_or_default();
     let password = body_str(body, "password").unwrap_or_default();
@@ -136,7 +136,7 @@ async fn set_password_from_page(state: &State, body: &Map<String, Value>) -> Res
     }
 }
 
-fn invalid_link_page(state: &State, problem: LinkProblem) -> Response {
+fn invalid_link_page(state: &ControlState, problem: LinkProblem) -> Response {
     let status = match problem {
         LinkProblem::NotFound => StatusCode::NOT_FOUND,
         _ => StatusCode::BAD_REQUEST,
@@ -151,7 +151,7 @@ fn invalid_link_page(state: &State, problem: LinkProblem) -> Response {
 
 /// `GET /auth/setpassword/:id/:secret`: the page the e-mails link to.
 pub async fn set_password_page(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((id, secret)): Path<(String, String)>,
 ) -> Response {
     if uuid::Uuid::parse_str(&id).is_err() || secret.is_empty() {
@@ -178,7 +178,7 @@ pub async fn set_password_page(
 
 /// `POST /auth/verifyemail` (medplum-auth.md §2.10).
 pub async fn verify_email(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -198,7 +198,7 @@ pub async fn verify_email(
 /// that does, a reset link (1 h) is e-mailed in the background, so the answer takes as long
 /// either way.
 pub async fn reset_password(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -269,7 +269,7 @@ fn reset_body(url: &str) -> String {
 
 /// `POST /auth/changepassword` (authenticated): the caller's own password.
 pub async fn change_password(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

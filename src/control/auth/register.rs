@@ -14,7 +14,6 @@ use crate::store::{BatchWrite, LoginRecord, StoreError, StoredResource, now_unix
 use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::guards::check_recaptcha;
@@ -40,6 +39,7 @@ use crate::control::login::state::keys;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::login::state::save_pending;
 use crate::control::login::state::set_extra;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::body::login_and;
@@ -55,7 +55,7 @@ fn length_between(s: &str, min: usize, max: usize) -> bool {
 
 /// `POST /auth/newuser`: 200 `{login}`, no code yet.
 pub async fn new_user(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -223,7 +223,7 @@ fn user_field<'a>(user: &'a StoredResource, key: &str) -> &'a str {
 
 /// `POST /auth/newproject {login, projectName}`: 200 `{login, code}`.
 pub async fn new_project(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
@@ -334,7 +334,7 @@ fn membership_writes(
 
 /// `POST /auth/newpatient {login, projectId}`: 200 `{login, code}`.
 pub async fn new_patient(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

@@ -1,14 +1,13 @@
 //! `POST /auth/revoke {loginId}` (medplum-auth.md §2.16): ends another session of the same user.
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::login::state::get_login;
 use crate::control::login::state::revoke;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
@@ -16,7 +15,7 @@ use crate::control::web::error::outcome_response;
 
 /// `POST /auth/revoke {loginId}`: ends one of the caller's own sessions.
 pub async fn auth_revoke(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::control::base::outbound;
+use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::form::TokenForm;
 
@@ -60,7 +61,7 @@ pub(crate) fn basic_credentials(value: &HeaderValue) -> Result<(String, Option<S
 /// `getClientIdAndSecret` (medplum-auth.md §2.13): a client assertion, else the `Authorization`
 /// header (Basic only), else the body.
 pub(crate) async fn presented_client(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     form: &TokenForm,
 ) -> Result<PresentedClient, ApiError> {
@@ -116,13 +117,10 @@ static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = Lazy
         .build()
 });
 
-static JWKS_HTTP: LazyLock<Option<reqwest::Client>> =
-    LazyLock::new(|| outbound::client(JWKS_TIMEOUT));
-
-async fn fetch_jwks(url: &str) -> Option<CachedJwks> {
-    let client = JWKS_HTTP.as_ref()?;
-    let resp = client
+async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Option<CachedJwks> {
+    let resp = http
         .get(url)
+        .timeout(JWKS_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .send()
         .await
@@ -138,11 +136,11 @@ async fn fetch_jwks(url: &str) -> Option<CachedJwks> {
     })
 }
 
-async fn jwks_for(url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
+async fn jwks_for(http: &reqwest::Client, url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
     if !fresh && let Some(c) = JWKS_CACHE.get(url).await {
         return Some(c);
     }
-    let fetched = Arc::new(fetch_jwks(url).await?);
+    let fetched = Arc::new(fetch_jwks(http, url).await?);
     JWKS_CACHE.insert(url.to_string(), fetched.clone()).await;
     Some(fetched)
 }
@@ -150,7 +148,10 @@ async fn jwks_for(url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
 /// Authenticates a client by its `private_key_jwt` assertion (medplum-auth.md §2.13, case 25);
 /// returns the client id. Stricter than Medplum: an assertion is accepted once (`jti`, or the
 /// whole assertion when it has none).
-async fn verify_client_assertion(state: &State, assertion: &str) -> Result<String, ApiError> {
+async fn verify_client_assertion(
+    state: &ControlState,
+    assertion: &str,
+) -> Result<String, ApiError> {
     let token_url = format!("{}oauth2/token", state.config.base_url);
     let client_id = crate::tokens::assertion_client_id(assertion, &token_url)
         .map_err(|e| ApiError::oauth(e.to_string()))?;
@@ -167,12 +168,16 @@ async fn verify_client_assertion(state: &State, assertion: &str) -> Result<Strin
         .ok_or_else(|| ApiError::oauth("Client must have a JWK Set URL"))?
         .to_string();
     let bad_signature = || ApiError::oauth("Invalid client assertion signature");
-    let mut jwks = jwks_for(&url, false).await.ok_or_else(bad_signature)?;
+    let mut jwks = jwks_for(&state.outbound, &url, false)
+        .await
+        .ok_or_else(bad_signature)?;
     let claims = match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
     {
         Ok(c) => c,
         Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
-            jwks = jwks_for(&url, true).await.ok_or_else(bad_signature)?;
+            jwks = jwks_for(&state.outbound, &url, true)
+                .await
+                .ok_or_else(bad_signature)?;
             crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
                 .map_err(|_| bad_signature())?
         }
@@ -231,7 +236,7 @@ fn invalid_client() -> ApiError {
 /// present it (or a verified assertion); `public_ok` lets a client without a secret identify
 /// itself by its id alone (RFC 7009 public clients). Returns the client id and its project.
 pub(crate) async fn authenticate_client(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     form: &TokenForm,
     public_ok: bool,

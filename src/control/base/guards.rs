@@ -7,10 +7,10 @@
 use crate::state::State;
 use serde_json::{Map, Value};
 use sha1::{Digest, Sha1};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::control::base::outbound;
+use crate::control::web::ControlState;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 
@@ -18,8 +18,6 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A range answer lists about a thousand suffixes (~40 KB); padded answers stay well under this.
 const MAX_BODY: usize = 512 * 1024;
-
-static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| outbound::client(TIMEOUT));
 
 /// The reCAPTCHA secret that applies to a request body: the server's own when the body names
 /// no site key or the server's site key; else the secret of the project site (in `projectId`'s
@@ -51,7 +49,7 @@ fn recaptcha_secret(state: &State, body: &Map<String, Value>) -> Result<Option<S
 /// medplum-auth.md §2.18: with a secret in force, the body's `recaptchaToken` must be present
 /// and verified by the siteverify service.
 pub async fn check_recaptcha(
-    state: &State,
+    state: &ControlState,
     body: &Map<String, Value>,
     remote_ip: Option<&str>,
 ) -> Result<(), ApiError> {
@@ -62,13 +60,14 @@ pub async fn check_recaptcha(
         .filter(|t| !t.is_empty())
         .ok_or_else(|| ApiError::bad_request("Recaptcha token is required"))?;
     let failed = || ApiError::bad_request("Recaptcha failed");
-    let client = HTTP.as_ref().ok_or_else(failed)?;
     let mut form = vec![("secret", secret.as_str()), ("response", token.as_str())];
     if let Some(ip) = remote_ip {
         form.push(("remoteip", ip));
     }
-    let resp = client
+    let resp = state
+        .outbound
         .post(&state.config.recaptcha.verify_url)
+        .timeout(TIMEOUT)
         .form(&form)
         .send()
         .await
@@ -100,7 +99,7 @@ fn range_lists(answer: &str, suffix: &str) -> bool {
 /// Refuses a password that the configured range service lists as breached. An unreachable or
 /// garbled service refuses too (503): a password that could not be checked is not accepted.
 pub async fn check_not_breached(
-    state: &State,
+    state: &ControlState,
     field: &str,
     password: &str,
 ) -> Result<(), ApiError> {
@@ -114,9 +113,10 @@ pub async fn check_not_breached(
             "The breached-password check is unavailable; try again later".into(),
         ))
     };
-    let client = HTTP.as_ref().ok_or_else(unavailable)?;
-    let resp = client
+    let resp = state
+        .outbound
         .get(format!("{}/range/{prefix}", base.trim_end_matches('/')))
+        .timeout(TIMEOUT)
         .header("add-padding", "true")
         .send()
         .await

@@ -1,17 +1,14 @@
 //! Calls from the control API to services outside fhirgate — external identity providers,
-//! clients' JWK Sets, reCAPTCHA, the breached-password service. One way to make them: no
-//! redirect is followed, the whole call has a deadline, and an answer is read only up to a
-//! bound.
+//! clients' JWK Sets, reCAPTCHA, the breached-password service. One way to make them: one
+//! client held in `ControlState::outbound`, no redirect is followed, the whole call has a
+//! deadline, and an answer is read only up to a bound.
 
-use std::time::Duration;
-
-/// An HTTP client for outside calls; `None` only if TLS cannot be set up (the call then fails).
-pub fn client(timeout: Duration) -> Option<reqwest::Client> {
+/// The HTTP client of outside calls, built once at start (`ControlState::outbound`). It
+/// follows no redirect; each call sets its own deadline (`RequestBuilder::timeout`).
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
-        .timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .build()
-        .ok()
 }
 
 /// The body of `resp`, or `None` when it is longer than `max` bytes or cannot be read.

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::users::update_user;
+use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 
@@ -34,7 +35,11 @@ pub fn check_new_password(field: &str, password: &str) -> Result<(), ApiError> {
 }
 
 /// A new password: the length rules, then the breached-password check (when configured).
-pub async fn check_password(state: &State, field: &str, password: &str) -> Result<(), ApiError> {
+pub async fn check_password(
+    state: &ControlState,
+    field: &str,
+    password: &str,
+) -> Result<(), ApiError> {
     check_new_password(field, password)?;
     check_not_breached(state, field, password).await
 }

@@ -2,14 +2,13 @@
 //! invited and registered users (created idempotently by an identifier fhirgate sets, removed
 //! again after a failed write) and the profile `/auth/me` and `/oauth2/userinfo` show.
 
-use crate::state::State;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Value, json};
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::control::base::access::Caller;
 use crate::control::base::resources::strip_secrets;
+use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use fhirgate_core::fhir::path::is_valid_id;
@@ -23,27 +22,26 @@ pub fn profile_key(project: &str, email: &str) -> String {
     format!("{project}/{email}")
 }
 
-static HTTP: LazyLock<Option<reqwest::Client>> = LazyLock::new(|| {
+/// The HTTP client of calls to the upstream FHIR server, built once at start
+/// (`ControlState::upstream`): no redirects, 5 s to connect; each call sets its deadline.
+pub fn client() -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .connect_timeout(Duration::from_secs(5))
         .build()
-        .ok()
-});
+}
 
 /// A request to the upstream FHIR server: its base URL and credentials, `Accept` FHIR JSON, no
 /// redirects followed; `identity` adds the `X-Fhirgate-*` headers of a write made for someone.
 pub(crate) fn upstream_request(
-    state: &State,
+    state: &ControlState,
     identity: Option<(&str, &str)>,
     method: reqwest::Method,
     path: &str,
 ) -> Result<reqwest::RequestBuilder, ApiError> {
-    let client = HTTP
-        .as_ref()
-        .ok_or_else(|| ApiError::internal("upstream client", "could not be built"))?;
     let up = &state.config.upstream;
-    let mut rb = client
+    let mut rb = state
+        .upstream
         .request(method, format!("{}/{path}", up.base_url))
         .timeout(up.connect_timeout + up.read_timeout)
         .header("accept", FHIR_JSON);
@@ -68,7 +66,7 @@ fn upstream_failure(e: &reqwest::Error) -> ApiError {
 }
 
 pub(crate) async fn upstream_read(
-    state: &State,
+    state: &ControlState,
     ty: &str,
     id: &str,
 ) -> Result<Option<Value>, ApiError> {
@@ -100,7 +98,7 @@ pub struct ProfileSpec<'a> {
 /// identifier). `identity` is the (profile, project) the write is made for. Returns the
 /// profile's reference and whether this call created it.
 pub async fn ensure_profile(
-    state: &State,
+    state: &ControlState,
     identity: Option<(&str, &str)>,
     spec: &ProfileSpec<'_>,
 ) -> Result<(String, bool), ApiError> {
@@ -153,7 +151,7 @@ pub async fn ensure_profile(
 /// Deletes a profile this invite created, unless a membership uses it by now (a concurrent
 /// invite of the same person may have found it). Failures are logged: the profile then stays,
 /// harmless, and the next invite of that person reuses it.
-pub async fn remove_profile(state: &State, reference: &str) {
+pub async fn remove_profile(state: &ControlState, reference: &str) {
     let used = state
         .store
         .search(
@@ -191,7 +189,7 @@ const PROFILE_FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_sec
 /// The full profile resource. ClientApplications live in the store; the other profile types
 /// live in the upstream FHIR server and are read from it. When the upstream cannot be reached,
 /// a bare `{resourceType, id}` stands in, so that `/auth/me` itself still works.
-pub(crate) async fn profile_resource(state: &State, caller: &Caller) -> Value {
+pub(crate) async fn profile_resource(state: &ControlState, caller: &Caller) -> Value {
     let profile = caller.identity.profile.as_str();
     let Some((resource_type, id)) = profile.split_once('/') else {
         return json!({});
@@ -223,7 +221,7 @@ pub(crate) async fn profile_resource(state: &State, caller: &Caller) -> Value {
 
 /// The profile as the upstream FHIR server has it (through [`upstream_request`], which knows the
 /// upstream's address and credentials), with a shorter deadline: `/auth/me` answers without it.
-async fn fetch_upstream(state: &State, resource_type: &str, id: &str) -> Option<Value> {
+async fn fetch_upstream(state: &ControlState, resource_type: &str, id: &str) -> Option<Value> {
     let path = format!("{resource_type}/{id}");
     let resp = upstream_request(state, None, reqwest::Method::GET, &path)
         .ok()?

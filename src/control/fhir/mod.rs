@@ -12,7 +12,6 @@
 pub mod operations;
 pub mod search;
 
-use crate::state::State;
 use crate::store::StoredResource;
 use axum::extract::{Path, Request, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -20,7 +19,6 @@ use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::Interaction;
 use fhirgate_core::policy::compiled::{CompiledEntry, is_protected_type};
-use std::sync::Arc;
 
 use crate::control::base::access::Caller;
 use crate::control::base::access::authenticate;
@@ -31,6 +29,7 @@ use crate::control::base::resources::resource_response;
 use crate::control::base::resources::str_field;
 use crate::control::base::resources::update_resource;
 use crate::control::base::users::revoke_sessions_of;
+use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
@@ -154,7 +153,7 @@ fn admit(caller: &Caller, resource_type: &str, interaction: Interaction) -> Resu
 }
 
 pub async fn read(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -175,7 +174,7 @@ pub async fn read(
 }
 
 pub async fn create(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(resource_type): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -187,7 +186,7 @@ pub async fn create(
 }
 
 pub async fn update(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -223,7 +222,7 @@ pub async fn update(
 }
 
 pub async fn delete(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {

@@ -9,12 +9,12 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::Response;
 use serde_json::Value;
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::access::authenticate_admin;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::strip_secrets;
+use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
@@ -23,7 +23,7 @@ use fhirgate_core::fhir::path::is_valid_id;
 
 /// `POST /fhir/R4/<Type>/<id>/<$operation>`.
 pub async fn instance_operation(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((resource_type, id, operation)): Path<(String, String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {

@@ -8,7 +8,6 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use fhirgate_core::fhir::request::Interaction;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::index::ParamKind;
@@ -22,6 +21,7 @@ use crate::control::fhir::classify;
 use crate::control::fhir::granting;
 use crate::control::fhir::require_type;
 use crate::control::fhir::unstored;
+use crate::control::web::AppState;
 use crate::control::web::body::MAX_BODY;
 use crate::control::web::body::json_response;
 use crate::control::web::body::media_type;
@@ -37,7 +37,7 @@ const MAX_COUNT: usize = 1000;
 const SEARCH_CANDIDATES: i64 = 10_000;
 
 pub async fn search(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path(resource_type): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
@@ -48,7 +48,7 @@ pub async fn search(
 
 /// `POST /fhir/R4/<Type>/_search` with a form body; any other POST on an instance is refused.
 pub async fn post_search(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     req: Request,
 ) -> Result<Response, ApiError> {

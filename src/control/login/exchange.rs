@@ -2,7 +2,7 @@
 //! client's IdP userinfo endpoint, becomes fhirgate tokens of a new, granted Login.
 
 use crate::obs::METRICS;
-use crate::state::{ClientInfo, State};
+use crate::state::ClientInfo;
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::random_hex;
 use axum::http::request::Parts;
@@ -25,6 +25,7 @@ use crate::control::login::state::not_ready;
 use crate::control::login::state::set_extra;
 use crate::control::login::tokens::granted_until;
 use crate::control::login::tokens::issue_user_tokens;
+use crate::control::web::ControlState;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
@@ -50,7 +51,11 @@ pub(crate) struct ExchangeRequest<'a> {
 /// `grant_type=urn:ietf:params:oauth:grant-type:token-exchange` at `/oauth2/token`. Errors are
 /// OAuth-shaped, except those of the sign-in itself ("User not found", …), which Medplum answers
 /// as OperationOutcomes.
-pub(crate) async fn token_exchange(state: &State, parts: &Parts, form: &TokenForm) -> Response {
+pub(crate) async fn token_exchange(
+    state: &ControlState,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Response {
     let req = ExchangeRequest {
         client_id: form.get("client_id"),
         client_secret: form.get("client_secret"),
@@ -82,7 +87,7 @@ pub(crate) fn respond(result: Result<Value, ApiError>) -> Response {
 
 /// Medplum's `exchangeExternalAuthToken`, then the tokens of the new, granted Login.
 pub(crate) async fn exchange(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     req: &ExchangeRequest<'_>,
 ) -> Result<Value, ApiError> {
@@ -108,7 +113,7 @@ pub(crate) async fn exchange(
         check_client_secret(state, client, secret)?;
     }
     let url = idp.user_info_url.as_deref().unwrap_or_default();
-    let info = user_info(url, subject_token)
+    let info = user_info(&state.outbound, url, subject_token)
         .await
         .map_err(IdpError::into_oauth)?;
     let field = |k: &str| {
@@ -148,7 +153,7 @@ pub(crate) async fn exchange(
 
 /// Turns a ready exchange Login into a granted one and signs its tokens.
 async fn grant(
-    state: &State,
+    state: &ControlState,
     client: &ClientInfo,
     mut login: LoginRecord,
 ) -> Result<Value, ApiError> {

@@ -9,7 +9,6 @@ use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use serde_json::{Map, Value};
 use std::net::IpAddr;
-use std::sync::LazyLock;
 use std::time::Duration;
 
 use crate::control::base::outbound;
@@ -21,6 +20,7 @@ use crate::control::login::pkce::pkce_extra;
 use crate::control::login::state::PENDING_LIFETIME;
 use crate::control::login::state::keys;
 use crate::control::login::state::wants_offline;
+use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 
 const VERIFY_FAILED: &str = "Failed to verify code - check your identity provider configuration";
@@ -36,9 +36,6 @@ const IDP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest IdP answer read (token response, userinfo).
 const IDP_MAX_BODY: usize = 256 * 1024;
-
-static IDP_HTTP: LazyLock<Option<reqwest::Client>> =
-    LazyLock::new(|| outbound::client(IDP_TIMEOUT));
 
 /// An `IdentityProvider` (medplum-auth.md §1.7), read leniently: a missing field is caught
 /// where it is used, with the reference's error. No `Debug`: it holds the client secret.
@@ -131,13 +128,17 @@ impl IdpError {
 
 /// Medplum's `getExternalUserInfo`: `GET userInfoUrl` with the external access token; JSON or
 /// `application/jwt` (payload read unverified) answers are accepted.
-pub async fn user_info(url: &str, access_token: &str) -> Result<Map<String, Value>, IdpError> {
+pub async fn user_info(
+    http: &reqwest::Client,
+    url: &str,
+    access_token: &str,
+) -> Result<Map<String, Value>, IdpError> {
     if !url.starts_with("http:") && !url.starts_with("https:") {
         return Err(IdpError::InvalidUserInfoUrl);
     }
-    let client = IDP_HTTP.as_ref().ok_or(IdpError::Failed)?;
-    let resp = client
+    let resp = http
         .get(url)
+        .timeout(IDP_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .bearer_auth(access_token)
         .send()
@@ -183,7 +184,7 @@ pub async fn user_info(url: &str, access_token: &str) -> Result<Map<String, Valu
 /// Medplum's `verifyExternalCode`: the IdP's authorization code for its ID token's claims.
 /// `verifier` (the sign-in state's `codeChallenge`) is sent only when the IdP uses PKCE.
 pub(crate) async fn claims_for_code(
-    state: &State,
+    state: &ControlState,
     idp: &IdentityProvider,
     code: &str,
     verifier: Option<&str>,
@@ -211,9 +212,10 @@ pub(crate) async fn claims_for_code(
         form.push(("client_id", client_id));
         form.push(("client_secret", client_secret));
     }
-    let http = IDP_HTTP.as_ref().ok_or_else(failed)?;
-    let mut request = http
+    let mut request = state
+        .outbound
         .post(token_url)
+        .timeout(IDP_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .form(&form);
     if !post {

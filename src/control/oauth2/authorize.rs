@@ -29,7 +29,6 @@ use fhirgate_core::policy::scope::{ScopeContext, SmartScope};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::sync::Arc;
 
 use crate::control::base::clients::registered_redirect_uris;
 use crate::control::base::users::memberships_of;
@@ -54,6 +53,7 @@ use crate::control::login::state::keys;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::login::state::revoke;
 use crate::control::login::state::set_extra;
+use crate::control::web::AppState;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::body::user_agent;
@@ -440,7 +440,7 @@ fn csrf_matches(parts: &Parts, p: &Params) -> Option<String> {
     hashes_equal(&cookie, field).then(|| field.to_string())
 }
 
-pub async fn authorize(AxState(state): AxState<Arc<State>>, req: Request) -> Response {
+pub async fn authorize(AxState(state): AxState<AppState>, req: Request) -> Response {
     match handle(&state, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),

@@ -8,8 +8,8 @@ use axum::extract::State as AxState;
 use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
+use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 
@@ -77,11 +77,11 @@ pub fn openid_configuration_value(state: &State) -> Value {
     })
 }
 
-pub async fn openid_configuration(AxState(state): AxState<Arc<State>>) -> Response {
+pub async fn openid_configuration(AxState(state): AxState<AppState>) -> Response {
     ok_json(&openid_configuration_value(&state))
 }
 
-pub async fn jwks(AxState(state): AxState<Arc<State>>) -> Response {
+pub async fn jwks(AxState(state): AxState<AppState>) -> Response {
     ok_json(&state.keyring().jwks())
 }
 
@@ -123,7 +123,7 @@ pub fn smart_configuration_value(state: &State) -> Value {
     })
 }
 
-pub async fn smart_configuration(AxState(state): AxState<Arc<State>>) -> Response {
+pub async fn smart_configuration(AxState(state): AxState<AppState>) -> Response {
     ok_json(&smart_configuration_value(&state))
 }
 
@@ -147,7 +147,7 @@ pub async fn smart_styles() -> Response {
 
 /// RFC 9728 protected-resource metadata.
 pub async fn protected_resource(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     uri: Uri,
 ) -> Result<Response, ApiError> {
     let resource = uri.query().and_then(|q| {

@@ -3,15 +3,14 @@
 //! of the introspecting client's project; a refresh token whose secret was rotated out is
 //! inactive.
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{Value, json};
-use std::sync::Arc;
 
 use crate::control::base::client_auth::authenticate_client;
 use crate::control::oauth2::live_token;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::body::ok_json;
@@ -21,7 +20,7 @@ use crate::control::web::form::as_form;
 /// `POST /oauth2/introspect` (RFC 7662): `{active: false}` for anything that is not a live
 /// token of the calling client's project.
 pub async fn introspect(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

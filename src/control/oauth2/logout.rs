@@ -3,22 +3,18 @@
 //! revocation is a store write, hence a change-feed event), and clears the browser session
 //! cookie `medplum-<clientId>` of the sign-in page.
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::login::state::revoke;
+use crate::control::web::AppState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 
-pub async fn logout(
-    AxState(state): AxState<Arc<State>>,
-    req: Request,
-) -> Result<Response, ApiError> {
+pub async fn logout(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
     let caller = authenticate(&state, &parts).await?;
     // Basic auth has no Login to revoke; the call succeeds and changes nothing.

@@ -1,14 +1,13 @@
 //! `POST /oauth2/revoke` (RFC 7009).
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
 
 use crate::control::base::client_auth::authenticate_client;
 use crate::control::login::state::revoke;
 use crate::control::oauth2::live_token;
+use crate::control::web::AppState;
 use crate::control::web::body::auth_body;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
@@ -17,7 +16,7 @@ use crate::control::web::form::as_form;
 /// `POST /oauth2/revoke` (RFC 7009): revokes the Login of an access or refresh token issued to
 /// the calling client. Answers 200 whatever the token was (§2.2).
 pub async fn revoke_token(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();

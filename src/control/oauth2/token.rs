@@ -13,7 +13,7 @@
 //! every exchange; codes and refresh secrets are stored as keyed hashes only.
 
 use crate::obs::METRICS;
-use crate::state::{ClientInfo, Snapshot, State};
+use crate::state::{ClientInfo, Snapshot};
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
 use axum::extract::{Request, State as AxState};
@@ -45,6 +45,8 @@ use crate::control::login::tokens::granted_until;
 use crate::control::login::tokens::issue_tokens;
 use crate::control::login::tokens::issue_user_tokens;
 use crate::control::login::tokens::user_access_lifetime;
+use crate::control::web::AppState;
+use crate::control::web::ControlState;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::body::user_agent;
@@ -86,14 +88,14 @@ impl Grant {
     }
 }
 
-pub async fn token(AxState(state): AxState<Arc<State>>, req: Request) -> Response {
+pub async fn token(AxState(state): AxState<AppState>, req: Request) -> Response {
     match handle(&state, req).await {
         Ok(r) => r,
         Err(e) => e.into_oauth().into_response(),
     }
 }
 
-async fn handle(state: &State, req: Request) -> Result<Response, ApiError> {
+async fn handle(state: &ControlState, req: Request) -> Result<Response, ApiError> {
     let (parts, body) = req.into_parts();
     if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
         return Err(ApiError::Text(
@@ -132,7 +134,7 @@ fn token_response(body: &Value) -> Response {
 }
 
 async fn client_credentials(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     form: &TokenForm,
 ) -> Result<Value, ApiError> {
@@ -219,7 +221,7 @@ async fn client_credentials(
 
 /// The current snapshot, caught up once when it does not know the Login's membership yet
 /// (written moments ago, maybe by another instance).
-async fn snapshot_for(state: &State, login: &LoginRecord) -> Arc<Snapshot> {
+async fn snapshot_for(state: &ControlState, login: &LoginRecord) -> Arc<Snapshot> {
     let snap = state.snapshot();
     match login.membership_id.as_deref() {
         Some(m) if !snap.memberships.contains_key(m) => {
@@ -235,7 +237,7 @@ async fn snapshot_for(state: &State, login: &LoginRecord) -> Arc<Snapshot> {
 /// The membership, project and IP checks a grant repeats at exchange time: the Login's
 /// membership must still exist and be active, and the caller's address must pass its IP rules.
 fn live_membership<'s>(
-    state: &State,
+    state: &ControlState,
     snap: &'s Snapshot,
     parts: &Parts,
     login: &LoginRecord,
@@ -311,7 +313,7 @@ fn login_client<'s>(
 }
 
 /// Replay of a redeemed code: revoke the Login (every token of it stops working), then refuse.
-async fn replayed(state: &State, login_id: &str) -> ApiError {
+async fn replayed(state: &ControlState, login_id: &str) -> ApiError {
     if let Err(e) = revoke(state, login_id).await {
         return e;
     }
@@ -319,7 +321,7 @@ async fn replayed(state: &State, login_id: &str) -> ApiError {
 }
 
 async fn authorization_code(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     form: &TokenForm,
 ) -> Result<Value, ApiError> {
@@ -436,7 +438,11 @@ async fn authorization_code(
     .await
 }
 
-async fn refresh_token(state: &State, parts: &Parts, form: &TokenForm) -> Result<Value, ApiError> {
+async fn refresh_token(
+    state: &ControlState,
+    parts: &Parts,
+    form: &TokenForm,
+) -> Result<Value, ApiError> {
     let invalid = || ApiError::oauth("Invalid refresh token");
     let token = form.get("refresh_token").ok_or_else(invalid)?;
     let claims = state.keyring().verify(token).map_err(|_| invalid())?;

@@ -1,22 +1,21 @@
 //! `GET|POST /oauth2/userinfo` (medplum-auth.md §2.14): claims about the caller, by the scope of
 //! its Login.
 
-use crate::state::State;
 use axum::extract::{Request, State as AxState};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
 
 use crate::control::base::access::authenticate;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
 use crate::control::login::tokens::has_word;
+use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 
 /// `GET|POST /oauth2/userinfo`: claims about the caller, by the scope of its Login.
 pub async fn userinfo(
-    AxState(state): AxState<Arc<State>>,
+    AxState(state): AxState<AppState>,
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();

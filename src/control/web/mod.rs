@@ -16,13 +16,32 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::MethodRouter;
 use std::sync::Arc;
 
-pub(crate) type AppState = Arc<State>;
+/// The state every handler gets: the shared state (snapshots, store, caches, configuration),
+/// and the HTTP clients of the control API's own calls, built once at start.
+pub struct ControlState {
+    pub(crate) shared: Arc<State>,
+    /// Calls to services outside fhirgate (`base::outbound`): identity providers, clients' JWK
+    /// Sets, reCAPTCHA, the breached-password service.
+    pub(crate) outbound: reqwest::Client,
+    /// Calls to the upstream FHIR server (`base::upstream`).
+    pub(crate) upstream: reqwest::Client,
+}
+
+impl std::ops::Deref for ControlState {
+    type Target = State;
+
+    fn deref(&self) -> &State {
+        &self.shared
+    }
+}
+
+pub(crate) type AppState = Arc<ControlState>;
 
 /// While the store is known to be unreachable (the change feed's last round trip failed),
 /// answer 503 at once instead of letting each handler wait for the pool to give up: nothing can
 /// be read or written meanwhile. Discovery and the JWKS come from the snapshot and stay up.
 pub(crate) async fn store_gate(
-    axum::extract::State(state): axum::extract::State<AppState>,
+    axum::extract::State(state): axum::extract::State<Arc<State>>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {

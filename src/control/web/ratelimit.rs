@@ -21,8 +21,8 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::control::web::AppState;
 use crate::control::web::client_addr::client_ip;
+use crate::state::State;
 
 pub(crate) type Keyed =
     RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock, StateInformationMiddleware>;
@@ -102,7 +102,7 @@ fn rate_limit_header(remaining: u32, reset_secs: u64) -> Option<HeaderValue> {
 /// The middleware's state.
 #[derive(Clone)]
 pub struct Limiting {
-    pub state: AppState,
+    pub state: Arc<State>,
     pub limit: Arc<AuthRateLimit>,
 }
 
