@@ -119,6 +119,7 @@ fn deploy(store: &str, upstream: &str) -> Deployment {
         ("FHIRGATE_THREADS", "1".to_string()),
         ("FHIRGATE_GRACE_PERIOD_SECONDS", "0".to_string()),
         ("FHIRGATE_AUTH_RATE_LIMIT", "0".to_string()),
+        ("FHIRGATE_OUTBOUND_ALLOW", "127.0.0.0/8".to_string()),
         ("FHIRGATE_LOG_FORMAT", "text".to_string()),
     ];
     let mut procs = Vec::new();

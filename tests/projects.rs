@@ -12,7 +12,7 @@ mod common;
 
 use common::gateway::TestGateway;
 use common::http::rt;
-use common::people::{seed_client, seed_project};
+use common::people::{seed_admin_client, seed_client, seed_project};
 use common::upstream::FhirUpstream;
 use fhirgate_core::policy::isolation::PROJECT_TAG_SYSTEM;
 use serde_json::{Value, json};
@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 /// the project id.
 fn clinic(gw: &TestGateway, fields: Value) -> (String, String) {
     let project = seed_project(gw, fields);
-    let (id, secret) = seed_client(gw, Some(&project), json!({}), None);
+    let (id, secret) = seed_admin_client(gw, &project);
     let token = rt().block_on(gw.token(&id, &secret, None));
     (token, project)
 }
@@ -357,5 +357,176 @@ fn a_project_bound_to_its_own_upstream_reads_and_writes_only_there() {
         // A binding to an upstream the operator never configured fails closed.
         let (s, body) = gw.get("fhir/R4/Patient", Some(&unbound)).await;
         assert_eq!(s, 503, "{body}");
+    });
+}
+
+/// A new user registers a project (`register_enabled`) and gets its admin: what it reaches is
+/// its own project's data, from its first token on.
+async fn register(gw: &TestGateway, email: &str, project_name: &str) -> (String, String) {
+    let (s, out) = gw
+        .post(
+            "auth/newuser",
+            None,
+            json!({"firstName": "Reg", "lastName": project_name,
+            "email": email, "password": "long-enough-1",
+            "codeChallenge": "verifier-0123456789", "codeChallengeMethod": "plain"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let login = out["login"].as_str().expect("login").to_string();
+    let (s, out) = gw
+        .post(
+            "auth/newproject",
+            None,
+            json!({"login": login, "projectName": project_name}),
+        )
+        .await;
+    assert_eq!(s, 200, "{out}");
+    let code = out["code"].as_str().expect("code").to_string();
+    let (s, tokens) = common::people::token_request(
+        gw,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", &code),
+            ("code_verifier", "verifier-0123456789"),
+        ],
+    )
+    .await;
+    assert_eq!(s, 200, "{tokens}");
+    (
+        tokens["access_token"].as_str().expect("token").to_string(),
+        tokens["profile"]["reference"]
+            .as_str()
+            .expect("profile")
+            .to_string(),
+    )
+}
+
+#[test]
+fn self_registered_projects_are_isolated_from_the_start() {
+    let upstream = FhirUpstream::start();
+    upstream.put_resource(
+        &json!({"resourceType": "Patient", "id": "legacy-2", "name": [{"family": "Before"}]}),
+    );
+    let gw = TestGateway::start_with(&upstream.base_url, |c| c.register_enabled = Some(true));
+    rt().block_on(async {
+        let (a, a_profile) = register(&gw, "owner-a@example.com", "Tenant A").await;
+        let (b, b_profile) = register(&gw, "owner-b@example.com", "Tenant B").await;
+        // Each admin reads its own Practitioner (written upstream with its project's marker)…
+        let (s, me) = gw.get(&format!("fhir/R4/{a_profile}"), Some(&a)).await;
+        assert_eq!(s, 200, "{me}");
+        // …and nothing of the other tenant or of the data that predates it.
+        let (s, _) = gw.get(&format!("fhir/R4/{b_profile}"), Some(&a)).await;
+        assert_eq!(s, 404);
+        let (s, _) = gw.get("fhir/R4/Patient/legacy-2", Some(&a)).await;
+        assert_eq!(s, 404);
+        let (s, _) = gw.delete("fhir/R4/Patient/legacy-2", Some(&a)).await;
+        assert!(s == 403 || s == 404, "{s}");
+        assert_eq!(upstream.fhir("GET", "Patient/legacy-2", None).status, 200);
+        let (s, bundle) = gw.get("fhir/R4/Practitioner", Some(&a)).await;
+        assert_eq!(s, 200);
+        let found = ids(&bundle);
+        assert_eq!(
+            found,
+            vec![a_profile.trim_start_matches("Practitioner/").to_string()],
+            "{bundle}"
+        );
+        // A patient of B's is B's alone.
+        let (s, p) = gw
+            .post(
+                "fhir/R4/Patient",
+                Some(&b),
+                json!({"resourceType": "Patient"}),
+            )
+            .await;
+        assert_eq!(s, 201, "{p}");
+        let (s, _) = gw
+            .get(
+                &format!("fhir/R4/Patient/{}", p["id"].as_str().unwrap()),
+                Some(&a),
+            )
+            .await;
+        assert_eq!(s, 404);
+        // `/auth/me` shows each its own profile.
+        let (s, me) = gw.get("auth/me", Some(&a)).await;
+        assert_eq!(s, 200);
+        assert_eq!(me["profile"]["name"][0]["family"], "Tenant A", "{me}");
+        // The default project does not see the tenants' data either.
+        let admin = gw.admin_token().await;
+        let (s, _) = gw.get(&format!("fhir/R4/{a_profile}"), Some(&admin)).await;
+        assert_eq!(s, 404);
+        let (s, _) = gw.get("fhir/R4/Patient/legacy-2", Some(&admin)).await;
+        assert_eq!(s, 200);
+    });
+}
+
+#[test]
+fn a_project_admin_acts_only_in_its_project() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    let default_project = common::people::default_project(&gw);
+    let (b, project_b) = clinic(&gw, json!({"name": "Clinic B"}));
+    // A default-project client whose membership names a policy id that does not exist (yet).
+    let (victim, victim_secret) =
+        seed_client(&gw, None, json!({}), Some("AccessPolicy/ghost-policy"));
+    let admin = rt().block_on(gw.admin_token());
+    rt().block_on(async {
+        let victim_token = gw.token(&victim, &victim_secret, None).await;
+        let (s, _) = gw.get("fhir/R4/Patient", Some(&victim_token)).await;
+        assert_eq!(s, 403, "a missing policy grants nothing");
+        // B's admin creates a policy under that very id: it is B's, and never part of the
+        // default project's membership.
+        let (s, out) = gw
+            .put("fhir/R4/AccessPolicy/ghost-policy", Some(&b),
+                json!({"resourceType": "AccessPolicy", "id": "ghost-policy", "resource": [{"resourceType": "*"}]}))
+            .await;
+        assert_eq!(s, 201, "{out}");
+        let (s, _) = gw.get("fhir/R4/Patient", Some(&victim_token)).await;
+        assert_eq!(s, 403, "another project's policy never applies");
+
+        // Identity reads return B's only.
+        for ty in ["ProjectMembership", "ClientApplication", "AccessPolicy", "Project"] {
+            let (s, bundle) = gw.get(&format!("fhir/R4/{ty}"), Some(&b)).await;
+            assert_eq!(s, 200, "{ty}: {bundle}");
+            for e in bundle["entry"].as_array().cloned().unwrap_or_default() {
+                let r = &e["resource"];
+                let project = match ty {
+                    "Project" => r["id"].as_str().unwrap_or("").to_string(),
+                    "ProjectMembership" => r["project"]["reference"].as_str().unwrap_or("").trim_start_matches("Project/").to_string(),
+                    _ => r["meta"]["project"].as_str().unwrap_or("").to_string(),
+                };
+                assert_eq!(project, project_b, "{ty} of another project: {r}");
+            }
+        }
+        // The default project's members and clients are out of reach.
+        let (_, members) = gw.get("fhir/R4/ProjectMembership", Some(&admin)).await;
+        let default_member = members["entry"][0]["resource"]["id"].as_str().expect("a member").to_string();
+        let (s, _) = gw.get(&format!("admin/projects/{default_project}/members/{default_member}"), Some(&b)).await;
+        assert!(s == 403 || s == 404, "{s}");
+        let (s, _) = gw.delete(&format!("admin/projects/{default_project}/members/{default_member}"), Some(&b)).await;
+        assert!(s == 403 || s == 404, "{s}");
+        let (s, _) = gw.get(&format!("fhir/R4/ProjectMembership/{default_member}"), Some(&b)).await;
+        assert_eq!(s, 404);
+        let (s, _) = gw.get(&format!("fhir/R4/ClientApplication/{victim}"), Some(&b)).await;
+        assert_eq!(s, 404);
+        // A membership of B cannot name a default-project policy.
+        let (_, policies) = gw.get("fhir/R4/AccessPolicy", Some(&admin)).await;
+        if let Some(default_policy) = policies["entry"][0]["resource"]["id"].as_str() {
+            let (s, out) = gw
+                .post("fhir/R4/ProjectMembership", Some(&b), json!({"resourceType": "ProjectMembership",
+                    "project": {"reference": format!("Project/{project_b}")},
+                    "user": {"reference": format!("ClientApplication/{victim}")},
+                    "profile": {"reference": format!("ClientApplication/{victim}")},
+                    "accessPolicy": {"reference": format!("AccessPolicy/{default_policy}")}}))
+                .await;
+            assert!(s == 400 || s == 403 || s == 422, "{s} {out}");
+        }
+        // A project admin cannot rebind its own project to another upstream.
+        let (_, mut project) = gw.get(&format!("fhir/R4/Project/{project_b}"), Some(&b)).await;
+        project["systemSetting"] = json!([{"name": "fhirgate-upstream", "valueString": "elsewhere"},
+                                         {"name": "fhirgate-isolation", "valueString": "none"}]);
+        let _ = gw.put(&format!("fhir/R4/Project/{project_b}"), Some(&b), project).await;
+        let (s, _) = gw.get("fhir/R4/Patient", Some(&b)).await;
+        assert_eq!(s, 200, "still bound to the shared upstream, isolated");
     });
 }

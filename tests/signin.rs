@@ -1866,3 +1866,48 @@ fn seed_user_helper_signs_in() {
         assert_eq!(me["membership"]["id"], membership_id);
     });
 }
+
+/// Issue 10 (SSRF): a client record chose the address fhirgate fetched its JWK Set from,
+/// loopback, private and cloud-metadata addresses included. Without `outbound_allow`, those are
+/// refused before any connection (literal addresses) or at connection (names).
+#[test]
+fn client_chosen_urls_never_reach_internal_addresses() {
+    let gw = TestGateway::start_with("http://127.0.0.1:9/fhir/R4", |c| c.outbound_allow = vec![]);
+    let key = assertion_key();
+    rt().block_on(async {
+        let loopback = serve_jwks(key.jwks.clone()).await;
+        let by_name = loopback.replace("127.0.0.1", "localhost");
+        let token_url = format!("{}oauth2/token", gw.base);
+        for jwks_uri in [
+            loopback.as_str(),
+            by_name.as_str(),
+            "http://169.254.169.254/latest/meta-data/jwks.json",
+            "http://[::1]:8081/.well-known/jwks.json",
+        ] {
+            let (client, _) = seed_client(&gw, None, json!({"jwksUri": jwks_uri}), None);
+            let now = fhirgate::store::now_unix();
+            let claims = json!({"iss": client, "sub": client, "aud": token_url, "iat": now,
+                "exp": now + 300, "jti": uuid::Uuid::new_v4().to_string()});
+            let (s, b) = token_request(
+                &gw,
+                &[
+                    ("grant_type", "client_credentials"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", &assertion(&key, &claims)),
+                ],
+            )
+            .await;
+            assert_eq!(
+                (s, b),
+                (
+                    400,
+                    oauth_error("invalid_request", "Invalid client assertion signature")
+                ),
+                "{jwks_uri}"
+            );
+        }
+    });
+}

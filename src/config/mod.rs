@@ -144,6 +144,12 @@ pub struct ConfigFile {
     /// Requests per minute per client address to /auth/* and /oauth2/* (0 = no limit) [default: 160]
     #[arg(long, env = "FHIRGATE_AUTH_RATE_LIMIT")]
     pub auth_rate_limit: Option<u32>,
+    /// Comma-separated CIDRs that fetches chosen by a client record (a client's jwksUri, an
+    /// identity provider's endpoints) may reach although they are internal (loopback, private,
+    /// link-local) [default: none]
+    #[arg(long, env = "FHIRGATE_OUTBOUND_ALLOW", value_delimiter = ',')]
+    #[serde(default)]
+    pub outbound_allow: Vec<String>,
     /// Failed credentials (Basic secrets, Bearer tokens) per minute per client address (IPv6: per
     /// /64) and per client id on FHIR paths before 429 (0 = no limit) [default: 30]
     #[arg(long, env = "FHIRGATE_CREDENTIAL_FAILURE_LIMIT")]
@@ -538,6 +544,8 @@ pub struct Config {
     /// `None`: the store's default for its dialect.
     pub store_max_connections: Option<u32>,
     pub trusted_proxies: Vec<IpNet>,
+    /// Internal addresses that client-chosen fetches may reach anyway.
+    pub outbound_allow: Vec<IpNet>,
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
     pub token_cache_capacity: u64,
@@ -649,6 +657,17 @@ impl Config {
         if f.store_max_connections == Some(0) {
             return Err(invalid("store_max_connections", "must be at least 1"));
         }
+        let outbound_allow = f
+            .outbound_allow
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| {
+                let s = s.trim();
+                s.parse::<IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                    .map_err(|_| invalid("outbound_allow", format!("`{s}` is not a CIDR")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let trusted_proxies = f
             .trusted_proxies
             .iter()
@@ -728,6 +747,7 @@ impl Config {
             store_url,
             store_max_connections: f.store_max_connections,
             trusted_proxies,
+            outbound_allow,
             access_token_lifetime: lifetime(
                 "access_token_lifetime",
                 f.access_token_lifetime,

@@ -70,6 +70,8 @@ fn test_config(upstream: &str, data_dir: &std::path::Path) -> ConfigFile {
         // still runs (and answers RateLimit headers) with this budget.
         auth_rate_limit: Some(1_000_000),
         credential_failure_limit: Some(1_000_000),
+        // The test identity providers and JWK Sets listen on loopback.
+        outbound_allow: vec!["127.0.0.0/8".into()],
         grace_period_seconds: Some(0),
         log_format: Some("text".into()),
         upstream_connect_timeout_ms: Some(500),

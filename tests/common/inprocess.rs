@@ -46,6 +46,8 @@ impl InProcess {
         let mut file = ConfigFile {
             base_url: Some(BASE.into()),
             data_dir: Some(dir.path().to_path_buf()),
+            // The test identity providers and JWK Sets listen on loopback.
+            outbound_allow: vec!["127.0.0.0/8".into()],
             ..Default::default()
         };
         tweak(&mut file);

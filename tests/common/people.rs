@@ -283,6 +283,11 @@ pub async fn super_admin_token(gw: &TestGateway) -> String {
     gw.token(&id, &secret, None).await
 }
 
+/// A ClientApplication with an admin membership in `project`; returns (id, secret).
+pub fn seed_admin_client(gw: &TestGateway, project: &str) -> (String, String) {
+    seed_client_with(gw, Some(project), json!({}), json!({"admin": true}))
+}
+
 /// [`seed_client`] with `membership` merged into the client's membership.
 fn seed_client_with(
     gw: &TestGateway,

@@ -35,6 +35,7 @@ use crate::control::base::passwords::hash_password;
 use crate::control::base::resources::check_policy_reference;
 use crate::control::base::resources::refreshed;
 use crate::control::base::upstream::ProfileSpec;
+use crate::control::base::upstream::ProjectUpstream;
 use crate::control::base::upstream::ensure_profile;
 use crate::control::base::upstream::profile_key;
 use crate::control::base::upstream::remove_profile;
@@ -416,8 +417,14 @@ async fn run(
                         email: invite.email.as_deref(),
                         key: invite.profile_key(&project.id),
                     };
-                    let (reference, created) =
-                        ensure_profile(state, Some((caller.profile(), &project.id)), &spec).await?;
+                    let target = ProjectUpstream::of(state, &project.id)?;
+                    let (reference, created) = ensure_profile(
+                        state,
+                        &target,
+                        Some((caller.profile(), &project.id)),
+                        &spec,
+                    )
+                    .await?;
                     if created {
                         created_profile = Some(reference.clone());
                     }
@@ -482,8 +489,10 @@ async fn run(
             Ok(Done { membership, link })
         }
         Err(e) => {
-            if let Some(p) = &created_profile {
-                remove_profile(state, p).await;
+            if let Some(p) = &created_profile
+                && let Ok(target) = ProjectUpstream::of(state, &project.id)
+            {
+                remove_profile(state, &target, p).await;
             }
             match e {
                 StoreError::Conflict | StoreError::VersionConflict => Err(Failure::Lost),
@@ -558,7 +567,8 @@ async fn check_template_profile(
     {
         return Err(foreign());
     }
-    match upstream_read(state, ty, id).await? {
+    let target = ProjectUpstream::of(state, &project.id)?;
+    match upstream_read(state, &target, ty, id).await? {
         Some(_) => Ok(r.to_string()),
         None => Err(foreign()),
     }

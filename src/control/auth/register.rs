@@ -22,6 +22,7 @@ use crate::control::base::passwords::OUT_OF_RANGE;
 use crate::control::base::passwords::hash_password;
 use crate::control::base::resources::refreshed;
 use crate::control::base::upstream::ProfileSpec;
+use crate::control::base::upstream::ProjectUpstream;
 use crate::control::base::upstream::ensure_profile;
 use crate::control::base::upstream::profile_key;
 use crate::control::base::upstream::remove_profile;
@@ -265,7 +266,10 @@ pub async fn new_project(
         email: Some(email).filter(|e| !e.is_empty()),
         key: profile_key(&project_id, email),
     };
-    let (profile, created) = ensure_profile(&state, None, &spec).await?;
+    // A self-registered project shares the global upstream: its data, the admin's own
+    // Practitioner first, carries its marker (SPEC §3).
+    let target = ProjectUpstream::new_project(&state, &project_id);
+    let (profile, created) = ensure_profile(&state, &target, None, &spec).await?;
     let membership_id = uuid::Uuid::new_v4().to_string();
     let membership = json!({
         "resourceType": "ProjectMembership",
@@ -296,7 +300,7 @@ pub async fn new_project(
         .await;
     if let Err(e) = written {
         if created {
-            remove_profile(&state, &profile).await;
+            remove_profile(&state, &target, &profile).await;
         }
         return Err(e.into());
     }
@@ -360,7 +364,8 @@ pub async fn new_patient(
         key: profile_key(&project_id, email),
     };
     let user_ref = format!("User/{}", user.id);
-    let (profile, created) = ensure_profile(&state, None, &spec).await?;
+    let target = ProjectUpstream::of(&state, &project_id)?;
+    let (profile, created) = ensure_profile(&state, &target, None, &spec).await?;
     let membership_id = uuid::Uuid::new_v4().to_string();
     let membership = json!({
         "resourceType": "ProjectMembership",
@@ -376,7 +381,7 @@ pub async fn new_patient(
         .await;
     if let Err(e) = written {
         if created {
-            remove_profile(&state, &profile).await;
+            remove_profile(&state, &target, &profile).await;
         }
         return Err(match e {
             StoreError::Conflict => ApiError::bad_request("Login already has a membership"),

@@ -13,6 +13,7 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::control::base::outbound;
+use crate::control::base::outbound::Guarded;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::form::TokenForm;
@@ -117,9 +118,31 @@ static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = Lazy
         .build()
 });
 
-async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Option<CachedJwks> {
+/// URLs whose JWK Set could not be fetched lately: not fetched again before this long, so
+/// unauthenticated assertions cannot make fhirgate call out in a loop.
+const JWKS_FAILURE_TTL: Duration = Duration::from_secs(30);
+
+static JWKS_FAILURES: LazyLock<moka::sync::Cache<String, ()>> = LazyLock::new(|| {
+    moka::sync::Cache::builder()
+        .max_capacity(10_000)
+        .time_to_live(JWKS_FAILURE_TTL)
+        .build()
+});
+
+async fn fetch_jwks(http: &Guarded, url: &str) -> Option<CachedJwks> {
+    if JWKS_FAILURES.contains_key(url) {
+        return None;
+    }
+    let fetched = fetch_jwks_now(http, url).await;
+    if fetched.is_none() {
+        JWKS_FAILURES.insert(url.to_string(), ());
+    }
+    fetched
+}
+
+async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<CachedJwks> {
     let resp = http
-        .get(url)
+        .request(reqwest::Method::GET, url)?
         .timeout(JWKS_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .send()
@@ -136,7 +159,7 @@ async fn fetch_jwks(http: &reqwest::Client, url: &str) -> Option<CachedJwks> {
     })
 }
 
-async fn jwks_for(http: &reqwest::Client, url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
+async fn jwks_for(http: &Guarded, url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
     if !fresh && let Some(c) = JWKS_CACHE.get(url).await {
         return Some(c);
     }
@@ -168,14 +191,14 @@ async fn verify_client_assertion(
         .ok_or_else(|| ApiError::oauth("Client must have a JWK Set URL"))?
         .to_string();
     let bad_signature = || ApiError::oauth("Invalid client assertion signature");
-    let mut jwks = jwks_for(&state.outbound, &url, false)
+    let mut jwks = jwks_for(&state.guarded, &url, false)
         .await
         .ok_or_else(bad_signature)?;
     let claims = match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
     {
         Ok(c) => c,
         Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
-            jwks = jwks_for(&state.outbound, &url, true)
+            jwks = jwks_for(&state.guarded, &url, true)
                 .await
                 .ok_or_else(bad_signature)?;
             crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)

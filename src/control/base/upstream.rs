@@ -4,7 +4,11 @@
 
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Value, json};
+use std::sync::Arc;
 use std::time::Duration;
+
+use crate::state::upstreams::UpstreamBinding;
+use fhirgate_core::policy::isolation::Isolation;
 
 use crate::control::base::access::Caller;
 use crate::control::base::resources::strip_secrets;
@@ -31,15 +35,61 @@ pub fn client() -> Result<reqwest::Client, reqwest::Error> {
         .build()
 }
 
-/// A request to the upstream FHIR server: its base URL and credentials, `Accept` FHIR JSON, no
-/// redirects followed; `identity` adds the `X-Fhirgate-*` headers of a write made for someone.
+/// A project's upstream as the control API reaches it: the binding (address, credentials) and
+/// what the project sees there (SPEC §3). Profiles are written and read through it, so an
+/// invited person's profile lands in the project's own server, with its marker.
+pub(crate) struct ProjectUpstream {
+    binding: Arc<UpstreamBinding>,
+    isolation: Isolation,
+}
+
+impl ProjectUpstream {
+    /// The upstream of an existing project, from the snapshot; 503 when the project is bound to
+    /// an upstream the operator has not configured (as on the gateway).
+    pub(crate) fn of(state: &ControlState, project_id: &str) -> Result<ProjectUpstream, ApiError> {
+        let snap = state.snapshot();
+        let project = snap
+            .projects
+            .get(project_id)
+            .ok_or_else(ApiError::not_found)?;
+        let binding = state
+            .upstreams
+            .get(&project.upstream)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::Outcome(Outcome::ServiceUnavailable(
+                    "The project's upstream is not configured".into(),
+                ))
+            })?;
+        Ok(ProjectUpstream {
+            binding,
+            isolation: project.isolation.clone(),
+        })
+    }
+
+    /// The upstream of a project being created by self-registration: the global one, shared
+    /// with the default project, so isolated by its marker from the start.
+    pub(crate) fn new_project(state: &ControlState, project_id: &str) -> ProjectUpstream {
+        ProjectUpstream {
+            binding: state.upstreams.default_binding().clone(),
+            isolation: Isolation::Tag {
+                project: project_id.to_string(),
+            },
+        }
+    }
+}
+
+/// A request to the project's upstream FHIR server: its base URL and credentials, `Accept` FHIR
+/// JSON, no redirects followed; `identity` adds the `X-Fhirgate-*` headers of a write made for
+/// someone.
 pub(crate) fn upstream_request(
     state: &ControlState,
+    target: &ProjectUpstream,
     identity: Option<(&str, &str)>,
     method: reqwest::Method,
     path: &str,
 ) -> Result<reqwest::RequestBuilder, ApiError> {
-    let up = &state.config.upstream;
+    let up = &target.binding.upstream;
     let mut rb = state
         .upstream
         .request(method, format!("{}/{path}", up.base_url))
@@ -65,17 +115,25 @@ fn upstream_failure(e: &reqwest::Error) -> ApiError {
     }
 }
 
+/// A resource of the project's upstream, `None` when it does not exist or is not the project's
+/// (another project's marker, or none under `tag`).
 pub(crate) async fn upstream_read(
     state: &ControlState,
+    target: &ProjectUpstream,
     ty: &str,
     id: &str,
 ) -> Result<Option<Value>, ApiError> {
-    let resp = upstream_request(state, None, reqwest::Method::GET, &format!("{ty}/{id}"))?
+    let path = format!("{ty}/{id}");
+    let resp = upstream_request(state, target, None, reqwest::Method::GET, &path)?
         .send()
         .await
         .map_err(|e| upstream_failure(&e))?;
     match resp.status().as_u16() {
-        200 => Ok(resp.json::<Value>().await.ok()),
+        200 => Ok(resp
+            .json::<Value>()
+            .await
+            .ok()
+            .filter(|v| target.isolation.admits(v))),
         404 | 410 => Ok(None),
         _ => Err(ApiError::Outcome(Outcome::BadGateway(
             "Could not read the profile from the FHIR server".into(),
@@ -99,6 +157,7 @@ pub struct ProfileSpec<'a> {
 /// profile's reference and whether this call created it.
 pub async fn ensure_profile(
     state: &ControlState,
+    target: &ProjectUpstream,
     identity: Option<(&str, &str)>,
     spec: &ProfileSpec<'_>,
 ) -> Result<(String, bool), ApiError> {
@@ -111,16 +170,29 @@ pub async fn ensure_profile(
     if let Some(email) = spec.email {
         profile["telecom"] = json!([{"system": "email", "use": "work", "value": email}]);
     }
-    let condition = form_urlencoded::Serializer::new(String::new())
-        .append_pair("identifier", &format!("{PROFILE_IDENTIFIER_SYSTEM}|{key}"))
-        .finish();
-    let resp = upstream_request(state, identity, reqwest::Method::POST, spec.resource_type)?
-        .header("content-type", FHIR_JSON)
-        .header("if-none-exist", condition)
-        .body(profile.to_string())
-        .send()
-        .await
-        .map_err(|e| upstream_failure(&e))?;
+    // The project's marker, as on every write the gateway makes for it.
+    target.isolation.stamp(&mut profile);
+    let condition = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        query.append_pair("identifier", &format!("{PROFILE_IDENTIFIER_SYSTEM}|{key}"));
+        for p in target.isolation.narrowing() {
+            query.append_pair(&p.name, &p.value);
+        }
+        query.finish()
+    };
+    let resp = upstream_request(
+        state,
+        target,
+        identity,
+        reqwest::Method::POST,
+        spec.resource_type,
+    )?
+    .header("content-type", FHIR_JSON)
+    .header("if-none-exist", condition)
+    .body(profile.to_string())
+    .send()
+    .await
+    .map_err(|e| upstream_failure(&e))?;
     let status = resp.status().as_u16();
     let refused = || {
         ApiError::Outcome(Outcome::BadGateway(
@@ -151,7 +223,7 @@ pub async fn ensure_profile(
 /// Deletes a profile this invite created, unless a membership uses it by now (a concurrent
 /// invite of the same person may have found it). Failures are logged: the profile then stays,
 /// harmless, and the next invite of that person reuses it.
-pub async fn remove_profile(state: &ControlState, reference: &str) {
+pub async fn remove_profile(state: &ControlState, target: &ProjectUpstream, reference: &str) {
     let used = state
         .store
         .search(
@@ -164,7 +236,7 @@ pub async fn remove_profile(state: &ControlState, reference: &str) {
     if !matches!(used, Ok(ref v) if v.is_empty()) {
         return;
     }
-    let request = upstream_request(state, None, reqwest::Method::DELETE, reference);
+    let request = upstream_request(state, target, None, reqwest::Method::DELETE, reference);
     let result = match request {
         Ok(rb) => rb
             .send()
@@ -213,21 +285,36 @@ pub(crate) async fn profile_resource(state: &ControlState, caller: &Caller) -> V
     {
         return bare;
     }
-    match fetch_upstream(state, resource_type, id).await {
-        Some(v) if v.get("resourceType").and_then(Value::as_str) == Some(resource_type) => v,
+    let Ok(target) = ProjectUpstream::of(state, caller.project_id()) else {
+        return bare;
+    };
+    match fetch_upstream(state, &target, resource_type, id).await {
+        // Only the project's own: a profile reference pointing at another project's resource
+        // shows nothing of it.
+        Some(v)
+            if v.get("resourceType").and_then(Value::as_str) == Some(resource_type)
+                && target.isolation.admits(&v) =>
+        {
+            v
+        }
         _ => bare,
     }
 }
 
 /// The profile as the upstream FHIR server has it (through [`upstream_request`], which knows the
 /// upstream's address and credentials), with a shorter deadline: `/auth/me` answers without it.
-async fn fetch_upstream(state: &ControlState, resource_type: &str, id: &str) -> Option<Value> {
+async fn fetch_upstream(
+    state: &ControlState,
+    target: &ProjectUpstream,
+    resource_type: &str,
+    id: &str,
+) -> Option<Value> {
     let path = format!("{resource_type}/{id}");
-    let resp = upstream_request(state, None, reqwest::Method::GET, &path)
+    let resp = upstream_request(state, target, None, reqwest::Method::GET, &path)
         .ok()?
         .timeout(
-            state
-                .config
+            target
+                .binding
                 .upstream
                 .read_timeout
                 .min(PROFILE_FETCH_TIMEOUT),

@@ -113,7 +113,7 @@ pub(crate) async fn exchange(
         check_client_secret(state, client, secret)?;
     }
     let url = idp.user_info_url.as_deref().unwrap_or_default();
-    let info = user_info(&state.outbound, url, subject_token)
+    let info = user_info(&state.guarded, url, subject_token)
         .await
         .map_err(IdpError::into_oauth)?;
     let field = |k: &str| {

@@ -12,6 +12,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::control::base::outbound;
+use crate::control::base::outbound::Guarded;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::login::flow::choose_profile;
@@ -129,7 +130,7 @@ impl IdpError {
 /// Medplum's `getExternalUserInfo`: `GET userInfoUrl` with the external access token; JSON or
 /// `application/jwt` (payload read unverified) answers are accepted.
 pub async fn user_info(
-    http: &reqwest::Client,
+    http: &Guarded,
     url: &str,
     access_token: &str,
 ) -> Result<Map<String, Value>, IdpError> {
@@ -137,7 +138,8 @@ pub async fn user_info(
         return Err(IdpError::InvalidUserInfoUrl);
     }
     let resp = http
-        .get(url)
+        .request(reqwest::Method::GET, url)
+        .ok_or(IdpError::Failed)?
         .timeout(IDP_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .bearer_auth(access_token)
@@ -213,8 +215,9 @@ pub(crate) async fn claims_for_code(
         form.push(("client_secret", client_secret));
     }
     let mut request = state
-        .outbound
-        .post(token_url)
+        .guarded
+        .request(reqwest::Method::POST, token_url)
+        .ok_or_else(failed)?
         .timeout(IDP_TIMEOUT)
         .header(header::ACCEPT, "application/json")
         .form(&form);
