@@ -1098,6 +1098,13 @@ fn case_54_mfa_enrol_verify_disable() {
             .post("auth/mfa/disable", Some(token), &json!({"token": code4}))
             .await;
         assert_eq!(status, 200, "{body}");
+        // Issue 10: weaker credentials end every session, this one included.
+        let (status, _) = gw()
+            .post("auth/mfa/disable", Some(token), &json!({"token": code4}))
+            .await;
+        assert_eq!(status, 401, "the session ended with the MFA reset");
+        let fresh = sign_in(gw(), &email, PASSWORD, None, "openid").await;
+        let token = fresh.access_token.as_str();
         let (status, body) = gw()
             .post("auth/mfa/disable", Some(token), &json!({"token": code4}))
             .await;

@@ -1911,3 +1911,70 @@ fn client_chosen_urls_never_reach_internal_addresses() {
         }
     });
 }
+
+/// `fhirgate_security_events_total{event,outcome}` as the metrics listener shows it now.
+async fn security_events(event: &str, outcome: &str) -> u64 {
+    let text = TestGateway::client()
+        .get(format!("{}metrics", gw().metrics))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let series =
+        format!("fhirgate_security_events_total{{event=\"{event}\",outcome=\"{outcome}\"}}");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Issue 10: security events of the control plane are recorded (typed records without secrets,
+/// counted per event and outcome): sign-in and its failures, token issuance, refresh reuse,
+/// logout, password changes and the sessions they end.
+#[test]
+fn security_events_are_recorded() {
+    let (e, _) = user("audit");
+    rt().block_on(async {
+        let failures = security_events("sign_in", "failure").await;
+        let (s, _) = auth_login(gw(), &json!({"email": e, "password": "not the password"})).await;
+        assert_eq!(s, 400);
+        assert!(security_events("sign_in", "failure").await > failures);
+
+        let sign_ins = security_events("sign_in", "success").await;
+        let issued = security_events("token_issued", "success").await;
+        let t = offline_tokens(&e, None).await;
+        assert!(security_events("sign_in", "success").await > sign_ins);
+        assert!(security_events("token_issued", "success").await > issued);
+
+        let reused = security_events("refresh_token_reused", "failure").await;
+        let r1 = t.refresh_token.clone().unwrap();
+        let (s, _) = token_request(
+            gw(),
+            &[("grant_type", "refresh_token"), ("refresh_token", &r1)],
+        )
+        .await;
+        assert_eq!(s, 200);
+        let (s, _) = token_request(
+            gw(),
+            &[("grant_type", "refresh_token"), ("refresh_token", &r1)],
+        )
+        .await;
+        assert_eq!(s, 400);
+        assert!(security_events("refresh_token_reused", "failure").await > reused);
+
+        let t = offline_tokens(&e, None).await;
+        let changed = security_events("password_changed", "success").await;
+        let ended = security_events("sessions_ended", "success").await;
+        let (s, out) = post_with(
+            "auth/changepassword",
+            Some(&format!("Bearer {}", t.access_token)),
+            &json!({"oldPassword": PASSWORD, "newPassword": "another horse battery"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        assert!(security_events("password_changed", "success").await > changed);
+        assert!(security_events("sessions_ended", "success").await > ended);
+    });
+}

@@ -1,6 +1,8 @@
 //! Observability: Prometheus metrics, JSON logs and the audit record. Labels come only from
 //! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
 
+pub mod security;
+
 use std::sync::{LazyLock, OnceLock};
 
 use prometheus::core::{MetricVec, MetricVecBuilder};
@@ -15,6 +17,7 @@ pub struct Metrics {
     pub upstream_seconds: HistogramVec,
     pub token_cache: IntCounterVec,
     pub tokens_issued: IntCounterVec,
+    pub security_events: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -68,6 +71,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "fhirgate_tokens_issued_total",
             "Access tokens issued by grant type",
             &["grant"],
+        ),
+        security_events: counter(
+            &registry,
+            "fhirgate_security_events_total",
+            "Security events of the control plane by event and outcome",
+            &["event", "outcome"],
         ),
         registry,
     }

@@ -49,6 +49,7 @@ use crate::control::web::body::auth_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// An invite whose commit lost a race with a concurrent one is run once more: the second pass
@@ -486,6 +487,13 @@ async fn run(
                 .into_iter()
                 .find(|r| r.resource_type == "ProjectMembership")
                 .ok_or_else(|| ApiError::internal("invite", "membership not stored"))?;
+            let subject = format!("ProjectMembership/{}", membership.id);
+            SecurityEvent::new(SecurityEventKind::Invitation)
+                .actor(caller.profile())
+                .subject(&subject)
+                .project(&project.id)
+                .from_ip(caller.client_ip)
+                .emit();
             Ok(Done { membership, link })
         }
         Err(e) => {

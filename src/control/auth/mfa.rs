@@ -27,6 +27,7 @@ use crate::control::web::body::login_and;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// The authenticated caller's User and Login. MFA belongs to Users: a client gets 403.
 async fn caller_user(
@@ -115,7 +116,11 @@ pub async fn disable(
     })
     .await?;
     // Weaker credentials from now on: every session signed in under the old ones ends.
-    revoke_sessions_of(&state, &format!("User/{}", user.id()), None).await?;
+    let user_ref = format!("User/{}", user.id());
+    SecurityEvent::new(SecurityEventKind::MfaDisabled)
+        .subject(&user_ref)
+        .emit();
+    revoke_sessions_of(&state, &user_ref, None).await?;
     Ok(outcome_response(&Outcome::AllOk))
 }
 

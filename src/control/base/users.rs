@@ -8,6 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::control::base::index::index_rows;
 use crate::control::web::error::ApiError;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// Medplum lists at most this many memberships to choose from.
 const MAX_MEMBERSHIPS: i64 = 100;
@@ -162,8 +163,14 @@ pub(crate) async fn update_user(
             Ok(_) => {
                 // A new password (changed, reset, set by an admin) ends every session: whoever
                 // held the old one is out (SPEC §2).
-                if password_changed && password_before.is_some() {
-                    revoke_sessions_of(state, &format!("User/{user_id}"), None).await?;
+                if password_changed {
+                    let user_ref = format!("User/{user_id}");
+                    SecurityEvent::new(SecurityEventKind::PasswordChanged)
+                        .subject(&user_ref)
+                        .emit();
+                    if password_before.is_some() {
+                        revoke_sessions_of(state, &user_ref, None).await?;
+                    }
                 }
                 return Ok(());
             }
@@ -193,7 +200,9 @@ pub(crate) async fn revoke_sessions_of(
         .await
         .map_err(|e| ApiError::internal("refreshing after a revocation", e))?;
     if n > 0 {
-        tracing::info!(user = user_ref, sessions = n, "sessions ended");
+        SecurityEvent::new(SecurityEventKind::SessionsEnded)
+            .subject(user_ref)
+            .emit();
     }
     Ok(n)
 }

@@ -33,6 +33,7 @@ use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 use serde_json::Value;
 
@@ -246,6 +247,13 @@ pub async fn delete(
         return Err(ApiError::forbidden());
     }
     state.store.delete(&resource_type, &id).await?;
+    let subject = format!("{resource_type}/{id}");
+    SecurityEvent::new(SecurityEventKind::ResourceDeleted)
+        .actor(caller.profile())
+        .subject(&subject)
+        .project(caller.project_id())
+        .from_ip(caller.client_ip)
+        .emit();
     // A deleted User or membership takes its sessions with it (SPEC §2).
     match resource_type.as_str() {
         "User" => {

@@ -19,6 +19,7 @@ use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// `POST /fhir/R4/<Type>/<id>/<$operation>`.
@@ -114,5 +115,12 @@ pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Resp
             .await?;
     }
     refreshed(state).await;
+    let subject = format!("ClientApplication/{id}");
+    SecurityEvent::new(SecurityEventKind::SecretRotated)
+        .actor(caller.profile())
+        .subject(&subject)
+        .project(caller.project_id())
+        .from_ip(caller.client_ip)
+        .emit();
     Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }

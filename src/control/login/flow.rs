@@ -47,6 +47,7 @@ use crate::control::login::state::set_extra;
 use crate::control::login::state::wants_offline;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// express-validator's answer (a validation OperationOutcome with a random id), for the first
@@ -109,19 +110,32 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         .as_deref()
         .filter(|s| !s.is_empty());
     check_client_pkce(client.as_ref(), challenge, method)?;
-    let user = find_user(state, &email, project_id.as_deref())
-        .await?
-        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    let failed = |reason: &'static str, user: Option<&str>| {
+        let mut event = SecurityEvent::new(SecurityEventKind::SignIn)
+            .failed(reason)
+            .from_ip(req.remote_address);
+        if let Some(u) = user {
+            event = event.subject(u);
+        }
+        event.emit();
+    };
+    let Some(user) = find_user(state, &email, project_id.as_deref()).await? else {
+        failed("unknown_user", None);
+        return Err(ApiError::bad_request("User not found"));
+    };
+    let user_ref = format!("User/{}", user.id);
     let Some(hash) = user.content.get("passwordHash").and_then(Value::as_str) else {
+        failed("no_password", Some(&user_ref));
         return Err(ApiError::bad_request("Invalid authentication method"));
     };
     if !verify_password(hash, &req.password).await? {
+        failed("wrong_password", Some(&user_ref));
         return Err(ApiError::bad_request("Email or password is invalid"));
     }
-    let user_ref = format!("User/{}", user.id);
     let profile_type = req.resource_type.as_deref().filter(|s| !s.is_empty());
     let memberships = memberships_of(state, &user_ref, project_id.as_deref(), profile_type).await?;
     if memberships.is_empty() && project_id.as_deref() != Some("new") {
+        failed("no_membership", Some(&user_ref));
         return Err(ApiError::bad_request("User not found"));
     }
 
@@ -206,6 +220,10 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         apply_membership(state, &mut login, id, membership, req.remote_address).await?;
     }
     state.store.insert_login(&login).await?;
+    SecurityEvent::new(SecurityEventKind::SignIn)
+        .subject(&login.user_ref)
+        .from_ip(req.remote_address)
+        .emit();
     Ok(login)
 }
 

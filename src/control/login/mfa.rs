@@ -25,6 +25,7 @@ use crate::control::login::state::flag;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
 use crate::control::web::error::ApiError;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// Wrong codes one Login may try; the last one revokes a sign-in Login.
 pub const MAX_LOGIN_FAILURES: usize = 5;
@@ -269,6 +270,14 @@ enum Rejected {
 }
 
 impl Rejected {
+    /// The stable reason of the security event.
+    fn label(&self) -> &'static str {
+        match self {
+            Rejected::Wrong => "wrong_code",
+            Rejected::Throttled => "throttled",
+        }
+    }
+
     /// The answer: `wrong_text` (400) for a wrong code, 429 when throttled.
     fn error(self, wrong_text: &'static str) -> ApiError {
         match self {
@@ -378,7 +387,7 @@ pub(crate) async fn verify_login(
         .secret()
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?
         .to_string();
-    attempt(
+    let verified = attempt(
         state,
         &login.id,
         &login.user_ref,
@@ -389,8 +398,18 @@ pub(crate) async fn verify_login(
             extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
         },
     )
-    .await?
-    .map_err(|r| r.error("Invalid MFA token"))
+    .await?;
+    let event = SecurityEvent::new(SecurityEventKind::MfaVerification).subject(&login.user_ref);
+    match verified {
+        Ok(login) => {
+            event.emit();
+            Ok(login)
+        }
+        Err(r) => {
+            event.failed(r.label()).emit();
+            Err(r.error("Invalid MFA token"))
+        }
+    }
 }
 
 /// Forced enrolment during sign-in (`User.mfaRequired`): checks `token` against the secret the
@@ -435,6 +454,9 @@ pub(crate) async fn login_enroll(
         Ok(())
     })
     .await?;
+    SecurityEvent::new(SecurityEventKind::MfaEnrolment)
+        .subject(&verified.user_ref)
+        .emit();
     Ok(verified)
 }
 

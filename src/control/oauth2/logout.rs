@@ -13,6 +13,7 @@ use crate::control::login::state::revoke;
 use crate::control::web::AppState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 pub async fn logout(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
@@ -20,6 +21,13 @@ pub async fn logout(AxState(state): AxState<AppState>, req: Request) -> Result<R
     // Basic auth has no Login to revoke; the call succeeds and changes nothing.
     if let Some(login) = &caller.identity.login_id {
         revoke(&state, login).await?;
+        let subject = format!("Login/{login}");
+        SecurityEvent::new(SecurityEventKind::Logout)
+            .actor(caller.profile())
+            .subject(&subject)
+            .project(caller.project_id())
+            .from_ip(caller.client_ip)
+            .emit();
     }
     let mut response = outcome_response(&Outcome::AllOk);
     if let Some(client_id) = &caller.identity.client_id {

@@ -13,6 +13,7 @@
 //! every exchange; codes and refresh secrets are stored as keyed hashes only.
 
 use crate::obs::METRICS;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use crate::state::{ClientInfo, Snapshot};
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
@@ -109,15 +110,33 @@ async fn handle(state: &ControlState, req: Request) -> Result<Response, ApiError
         .get("grant_type")
         .ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
     let grant = Grant::parse(grant).ok_or_else(|| ApiError::oauth("Unsupported grant_type"))?;
-    let body = match grant {
-        Grant::ClientCredentials => client_credentials(state, &parts, &form).await?,
-        Grant::AuthorizationCode => authorization_code(state, &parts, &form).await?,
-        Grant::RefreshToken => refresh_token(state, &parts, &form).await?,
+    let result = match grant {
+        Grant::ClientCredentials => client_credentials(state, &parts, &form).await,
+        Grant::AuthorizationCode => authorization_code(state, &parts, &form).await,
+        Grant::RefreshToken => refresh_token(state, &parts, &form).await,
         // Answers its own errors: some are OperationOutcomes, not OAuth errors.
         Grant::TokenExchange => {
             return Ok(token_exchange(state, &parts, &form).await);
         }
     };
+    let kind = if grant == Grant::RefreshToken {
+        SecurityEventKind::TokenRefreshed
+    } else {
+        SecurityEventKind::TokenIssued
+    };
+    let ip = client_ip(state, &parts).ok().flatten();
+    let mut event = SecurityEvent::new(kind).subject(grant.label()).from_ip(ip);
+    if let Some(client) = form.get("client_id") {
+        event = event.actor(client);
+    }
+    let body = match result {
+        Ok(body) => body,
+        Err(e) => {
+            event.failed("refused").emit();
+            return Err(e);
+        }
+    };
+    event.emit();
     METRICS
         .tokens_issued
         .with_label_values(&[grant.label()])
@@ -461,7 +480,12 @@ async fn refresh_token(
         // token, used again. Someone else holds the family (OAuth 2.0 Security BCP 4.14.2):
         // end it, for the thief and the owner alike.
         revoke(state, &login.id).await?;
-        tracing::warn!(login = %login.id, "a rotated refresh token was used again; its Login is revoked");
+        let subject = format!("Login/{}", login.id);
+        SecurityEvent::new(SecurityEventKind::RefreshTokenReused)
+            .failed("rotated_token_reused")
+            .subject(&subject)
+            .actor(&login.user_ref)
+            .emit();
         return Err(ApiError::oauth("Invalid token"));
     }
     let snap = snapshot_for(state, &login).await;
