@@ -219,7 +219,7 @@ fn the_medplum_sdk_works_end_to_end() {
     assert_eq!(reads["observation"], forbidden());
 
     // refreshIfExpired with a grace period longer than the token's life: new tokens for the
-    // same Login, the old refresh token refused (rotation).
+    // same Login, the old refresh token refused (rotation), and its reuse ends the family.
     assert_eq!(
         r["refresh"],
         json!({
@@ -230,6 +230,7 @@ fn the_medplum_sdk_works_end_to_end() {
             "readAfter": reads["expectedPatient"],
             "oldRefreshTokenStatus": 400,
             "oldRefreshTokenError": {"error": "invalid_request", "error_description": "Invalid token"},
+            "familyEndedStatus": 401,
         })
     );
 

@@ -1315,13 +1315,15 @@ async fn membership_search_by_profile_type_and_user_secrets_hidden() {
         .status,
         StatusCode::FORBIDDEN
     );
-    // ... but a `*` policy still reads ClientApplications and AccessPolicies of its project.
-    assert_eq!(
-        env.call("GET", "/fhir/R4/ClientApplication", Some(&member), None)
-            .await
-            .status,
-        StatusCode::OK
-    );
+    // ... nor, stricter than Medplum (issue 10), ClientApplications and AccessPolicies: a `*`
+    // member could otherwise rewrite a client's credentials or widen a policy.
+    for path in ["/fhir/R4/ClientApplication", "/fhir/R4/AccessPolicy"] {
+        assert_eq!(
+            env.call("GET", path, Some(&member), None).await.status,
+            StatusCode::FORBIDDEN,
+            "{path}"
+        );
+    }
     // Protected types: super admins only.
     assert_eq!(
         env.call("GET", "/fhir/R4/Login", Some(&auth), None)

@@ -321,6 +321,19 @@ impl Upstream {
     }
 }
 
+/// A list of CIDRs (a bare address is its own /32 or /128); blank entries are skipped.
+fn cidrs(key: &'static str, list: &[String]) -> Result<Vec<IpNet>, ConfigError> {
+    list.iter()
+        .map(|s| s.trim())
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| invalid(key, format!("`{s}` is not a CIDR")))
+        })
+        .collect()
+}
+
 /// The name of the global `upstream` among the bindings a Project can name.
 pub const DEFAULT_UPSTREAM: &str = "default";
 
@@ -657,28 +670,8 @@ impl Config {
         if f.store_max_connections == Some(0) {
             return Err(invalid("store_max_connections", "must be at least 1"));
         }
-        let outbound_allow = f
-            .outbound_allow
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                let s = s.trim();
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| invalid("outbound_allow", format!("`{s}` is not a CIDR")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let trusted_proxies = f
-            .trusted_proxies
-            .iter()
-            .filter(|s| !s.trim().is_empty())
-            .map(|s| {
-                let s = s.trim();
-                s.parse::<IpNet>()
-                    .or_else(|_| s.parse::<std::net::IpAddr>().map(IpNet::from))
-                    .map_err(|_| invalid("trusted_proxies", format!("`{s}` is not a CIDR")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let outbound_allow = cidrs("outbound_allow", &f.outbound_allow)?;
+        let trusted_proxies = cidrs("trusted_proxies", &f.trusted_proxies)?;
         let lifetime = |key: &'static str, v: Option<String>, d: &str| {
             let s = v.unwrap_or_else(|| d.to_string());
             parse_lifetime(&s)

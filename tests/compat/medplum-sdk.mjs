@@ -265,7 +265,7 @@ async function main() {
 
   // Sign in again after the replay revoked the first Login.
   step = 'practitioner sign-in again';
-  const doctor2 = client();
+  let doctor2 = client();
   const login2 = await doctor2.startLogin({ email: pr.email, password: pr.password, scope: 'openid offline' });
   await doctor2.processCode(login2.code);
   result.firstLoginAfterReplay = issueOf((await raw('fhir/R4/Patient?_count=1', doctor.getAccessToken())).body);
@@ -298,6 +298,12 @@ async function main() {
     oldRefreshTokenStatus: oldRefresh.status,
     oldRefreshTokenError: oldRefresh.body,
   };
+  // Reusing a rotated refresh token ends its whole family (OAuth 2.0 Security BCP, stricter than
+  // Medplum): that session is over, so the practitioner signs in again.
+  result.refresh.familyEndedStatus = (await raw('fhir/R4/Patient?_count=1', doctor2.getAccessToken())).status;
+  doctor2 = client();
+  const login3 = await doctor2.startLogin({ email: pr.email, password: pr.password, scope: 'openid offline' });
+  await doctor2.processCode(login3.code);
 
   // --- AccessPolicy created with createResource, attached with the admin members API: the
   // practitioner's very next request obeys it (same token, no new sign-in). ---

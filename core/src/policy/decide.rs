@@ -4,6 +4,7 @@
 //! says what the gateway must still do: append narrowing parameters to a search, filter the
 //! response, or check a write against the current version.
 
+use crate::fhir::classify::RESULT_PARAMS;
 use crate::fhir::request::{ANY_TYPE, FhirOp, FhirRequest, Interaction, QueryParam, Search};
 use crate::fhir::search::search_required_access;
 use crate::policy::EffectivePolicy;
@@ -181,21 +182,6 @@ fn need_all(policy: &EffectivePolicy, op: &FhirOp, super_admin: bool) -> Result<
     Ok(())
 }
 
-/// Parameters that shape the result rather than select it; their search-parameter codes (in
-/// `_sort`) are checked separately.
-const SHAPING_PARAMS: [&str; 10] = [
-    "_format",
-    "_pretty",
-    "_summary",
-    "_elements",
-    "_count",
-    "_offset",
-    "_total",
-    "_contained",
-    "_containedType",
-    "_type",
-];
-
 /// Stricter than Medplum: a search may not use another type as a filter (`_has`, chains,
 /// `_list`, `_filter`, `_query`) unless every resource of that type is searchable and none of
 /// its fields hidden, and may not filter or sort on a field hidden from the searched type.
@@ -205,8 +191,10 @@ fn search_reveals_nothing(policy: &EffectivePolicy, s: &Search) -> Result<(), De
         .params
         .iter()
         .filter(|p| {
+            // What selects primary results: not the result parameters (`_sort`'s codes are
+            // checked below), nor `_type`, which names the searched types themselves.
             let base = p.name.split(':').next().unwrap_or("");
-            !is_include(&p.name) && !SHAPING_PARAMS.contains(&base) && base != "_sort"
+            !RESULT_PARAMS.contains(&base) && base != "_type"
         })
         .cloned()
         .collect();

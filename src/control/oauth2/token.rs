@@ -531,7 +531,9 @@ async fn refresh_token(
         )
         .await?;
     if !rotated {
-        // Used concurrently, or revoked in between.
+        // Used concurrently (another request rotated it first: the same token presented twice
+        // is reuse too), or revoked in between. Either way the family ends.
+        revoke(state, &login.id).await?;
         return Err(ApiError::oauth("Invalid token"));
     }
     issue_user_tokens(
