@@ -380,13 +380,7 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         let code = issue_code(state, login).await?;
         return Ok(json!({"login": id, "code": code}));
     }
-    let memberships = memberships_of(
-        state,
-        &login.user_ref,
-        login.project_id.as_deref(),
-        extra_str(login, keys::PROFILE_TYPE),
-    )
-    .await?;
+    let memberships = login_memberships(state, login).await?;
     let snap = state.snapshot();
     let list: Vec<Value> = memberships
         .iter()
@@ -412,6 +406,21 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         })
         .collect();
     Ok(json!({"login": id, "memberships": list}))
+}
+
+/// The memberships a Login may choose from: its user's, in its project (when it names one), of
+/// its profile type (when `/auth/login` asked for one).
+pub(crate) async fn login_memberships(
+    state: &State,
+    login: &LoginRecord,
+) -> Result<Vec<(String, ProjectMembership)>, ApiError> {
+    memberships_of(
+        state,
+        &login.user_ref,
+        login.project_id.as_deref(),
+        extra_str(login, keys::PROFILE_TYPE),
+    )
+    .await
 }
 
 /// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.

@@ -1,7 +1,7 @@
 //! The pages of the sign-in flow: sign-in, MFA, enrolment, profile choice, consent and
 //! messages, rendered with `web::pages`.
 
-use crate::control::base::users::memberships_of;
+use crate::control::login::flow::login_memberships;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::read_user;
@@ -96,13 +96,7 @@ pub(super) async fn render_step(
         )?);
     }
     if login.membership_id.is_none() {
-        let memberships = memberships_of(
-            state,
-            &login.user_ref,
-            login.project_id.as_deref(),
-            extra_str(login, keys::PROFILE_TYPE),
-        )
-        .await?;
+        let memberships = login_memberships(state, login).await?;
         let snap = state.snapshot();
         #[derive(Serialize)]
         struct Choice {
