@@ -9,6 +9,7 @@ pub mod feed;
 pub mod gateway;
 pub mod net;
 pub mod obs;
+pub mod outbound;
 pub mod policies_dir;
 pub mod server;
 pub mod state;

@@ -48,7 +48,7 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
     let control = Arc::new(web::ControlState {
         shared: state.clone(),
         outbound: base::outbound::client()?,
-        guarded: base::outbound::Guarded::new(&state.config.outbound_allow)?,
+        guarded: crate::outbound::Guarded::new(&state.config.outbound_allow)?,
         upstream: base::upstream::client()?,
     });
     let routes = routes();

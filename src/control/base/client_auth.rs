@@ -13,10 +13,10 @@ use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use crate::control::base::outbound;
-use crate::control::base::outbound::Guarded;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::form::TokenForm;
+use crate::outbound::Guarded;
 
 const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
 

@@ -12,17 +12,16 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use crate::control::base::outbound;
-use crate::control::base::outbound::Guarded;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::login::flow::choose_profile;
+use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
-use crate::control::login::pkce::pkce_extra;
 use crate::control::login::state::PENDING_LIFETIME;
-use crate::control::login::state::keys;
 use crate::control::login::state::wants_offline;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
+use crate::outbound::Guarded;
 
 const VERIFY_FAILED: &str = "Failed to verify code - check your identity provider configuration";
 
@@ -345,48 +344,30 @@ pub async fn external_login(
         return Err(ApiError::bad_request("User not found"));
     }
 
-    let now = now_unix();
-    let mut extra = Map::new();
-    let mut put = |k: &str, v: Value| {
-        extra.insert(k.to_string(), v);
-    };
-    put(keys::GRANTED, Value::Bool(false));
-    put(keys::NONCE, Value::String(req.nonce.clone()));
-    for (k, v) in pkce_extra(
-        req.code_challenge.as_deref(),
-        req.code_challenge_method.as_deref(),
-    ) {
-        put(k, v);
-    }
-    if let Some(l) = &req.launch {
-        put(keys::LAUNCH, Value::String(l.clone()));
-    }
-    if let Some(ua) = &req.user_agent {
-        put(keys::USER_AGENT, Value::String(ua.clone()));
-    }
-    put(keys::REMEMBER, Value::Bool(false));
-    put(keys::OFFLINE, Value::Bool(wants_offline(&req.scope)));
-    // The IdP authenticated the user: no fhirgate MFA for this sign-in (as Medplum); a
-    // membership that requires MFA still sets `mfaEnrollRequired` when it is chosen.
-    put(keys::MFA_REQUIRED, Value::Bool(false));
-    put(keys::MFA_VERIFIED, Value::Bool(false));
-    put(keys::MFA_ENROLL_REQUIRED, Value::Bool(false));
-    let login = LoginRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+    let login = PendingLogin {
         user_ref,
         client_id: req.client.map(|c| c.id.clone()),
-        membership_id: None,
         project_id: project.map(str::to_string),
         scope: req.scope.clone(),
-        auth_method: req.auth_method.into(),
-        auth_time: now,
-        expires_at: now.saturating_add(PENDING_LIFETIME),
-        revoked: false,
-        remote_address: req.remote_address.map(|a| a.to_string()),
-        code: None,
-        refresh_secret: None,
-        extra: Value::Object(extra),
-    };
+        auth_method: req.auth_method,
+        lifetime: PENDING_LIFETIME,
+        remote_address: req.remote_address,
+        nonce: req.nonce.clone(),
+        code_challenge: req.code_challenge.as_deref(),
+        code_challenge_method: req.code_challenge_method.as_deref(),
+        launch: req.launch.as_deref(),
+        redirect_uri: None,
+        origin: None,
+        user_agent: req.user_agent.as_deref(),
+        profile_type: None,
+        remember: false,
+        offline: wants_offline(&req.scope),
+        // The IdP authenticated the user: no fhirgate MFA for this sign-in (as Medplum); a
+        // membership that requires MFA still sets `mfaEnrollRequired` when it is chosen.
+        mfa_required: false,
+        mfa_enroll_required: false,
+    }
+    .build(now_unix());
     state.store.insert_login(&login).await?;
     let chosen = match memberships.as_slice() {
         [(id, _)] => Some(id.clone()),

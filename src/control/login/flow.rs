@@ -20,7 +20,7 @@ use crate::tokens::random_hex;
 use axum::response::Response;
 use fhirgate_core::policy::model::ProjectMembership;
 use fhirgate_core::policy::scope::SmartScope;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use std::net::IpAddr;
 
 use crate::control::base::passwords::verify_password;
@@ -30,8 +30,8 @@ use crate::control::base::users::valid_email;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::read_user;
+use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
-use crate::control::login::pkce::pkce_extra;
 use crate::control::login::state::CODE_LIFETIME;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::PENDING_LIFETIME;
@@ -157,65 +157,32 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
         });
-    let mut extra = Map::new();
-    let mut put = |k: &str, v: Value| {
-        extra.insert(k.to_string(), v);
-    };
-    put(keys::GRANTED, Value::Bool(false));
-    put(
-        keys::NONCE,
-        Value::String(
-            req.nonce
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        ),
-    );
-    for (k, v) in pkce_extra(challenge, method) {
-        put(k, v);
-    }
-    if let Some(l) = req.launch.as_deref().filter(|s| !s.is_empty()) {
-        put(keys::LAUNCH, Value::String(l.to_string()));
-    }
-    if let Some(r) = req.redirect_uri.as_deref().filter(|s| !s.is_empty()) {
-        put(keys::REDIRECT_URI, Value::String(r.to_string()));
-    }
-    if let Some(o) = req.origin.as_deref() {
-        put(keys::ORIGIN, Value::String(o.to_string()));
-    }
-    if let Some(ua) = &req.user_agent {
-        put(keys::USER_AGENT, Value::String(ua.clone()));
-    }
-    if let Some(t) = profile_type {
-        put(keys::PROFILE_TYPE, Value::String(t.to_string()));
-    }
-    put(keys::REMEMBER, Value::Bool(req.remember));
-    put(
-        keys::OFFLINE,
-        Value::Bool(req.remember || wants_offline(&scope)),
-    );
-    put(keys::MFA_REQUIRED, Value::Bool(mfa_enrolled));
-    put(keys::MFA_VERIFIED, Value::Bool(false));
-    put(
-        keys::MFA_ENROLL_REQUIRED,
-        Value::Bool(mfa_wanted && !mfa_enrolled),
-    );
-    let mut login = LoginRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+    let mut login = PendingLogin {
         user_ref,
         client_id: client.as_ref().map(|c| c.id.clone()),
-        membership_id: None,
         project_id,
-        scope,
-        auth_method: "password".into(),
-        auth_time: now,
-        expires_at: now.saturating_add(PENDING_LIFETIME),
-        revoked: false,
-        remote_address: req.remote_address.map(|a| a.to_string()),
-        code: None,
-        refresh_secret: None,
-        extra: Value::Object(extra),
-    };
+        scope: scope.clone(),
+        auth_method: "password",
+        lifetime: PENDING_LIFETIME,
+        remote_address: req.remote_address,
+        nonce: req
+            .nonce
+            .clone()
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        code_challenge: challenge,
+        code_challenge_method: method,
+        launch: req.launch.as_deref().filter(|s| !s.is_empty()),
+        redirect_uri: req.redirect_uri.as_deref().filter(|s| !s.is_empty()),
+        origin: req.origin.as_deref(),
+        user_agent: req.user_agent.as_deref(),
+        profile_type,
+        remember: req.remember,
+        offline: req.remember || wants_offline(&scope),
+        mfa_required: mfa_enrolled,
+        mfa_enroll_required: mfa_wanted && !mfa_enrolled,
+    }
+    .build(now);
     if let [(id, membership)] = memberships.as_slice() {
         apply_membership(state, &mut login, id, membership, req.remote_address).await?;
     }
@@ -431,13 +398,7 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         let code = issue_code(state, login).await?;
         return Ok(json!({"login": id, "code": code}));
     }
-    let memberships = memberships_of(
-        state,
-        &login.user_ref,
-        login.project_id.as_deref(),
-        extra_str(login, keys::PROFILE_TYPE),
-    )
-    .await?;
+    let memberships = login_memberships(state, login).await?;
     let snap = state.snapshot();
     let list: Vec<Value> = memberships
         .iter()
@@ -465,6 +426,21 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
     Ok(json!({"login": id, "memberships": list}))
 }
 
+/// The memberships a Login may choose from: its user's, in its project (when it names one), of
+/// its profile type (when `/auth/login` asked for one).
+pub(crate) async fn login_memberships(
+    state: &State,
+    login: &LoginRecord,
+) -> Result<Vec<(String, ProjectMembership)>, ApiError> {
+    memberships_of(
+        state,
+        &login.user_ref,
+        login.project_id.as_deref(),
+        extra_str(login, keys::PROFILE_TYPE),
+    )
+    .await
+}
+
 /// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.
 pub async fn login_response(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
     let result = login_result(state, &mut login).await?;
@@ -478,57 +454,32 @@ const REGISTRATION_LOGIN_LIFETIME: i64 = PENDING_LIFETIME;
 /// membership yet (Medplum's `tryLogin` with `allowNoMembership`). Flow state as `login::state` keeps
 /// it.
 pub(crate) fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
-    let now = now_unix();
     let scope = req.scope_or_openid();
-    let mut extra = Map::new();
-    let mut put = |k: &str, v: Value| {
-        extra.insert(k.to_string(), v);
-    };
-    put(keys::GRANTED, Value::Bool(false));
-    put(
-        keys::NONCE,
-        Value::String(
-            req.nonce
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        ),
-    );
-    for (k, v) in pkce_extra(
-        req.code_challenge.as_deref(),
-        req.code_challenge_method.as_deref(),
-    ) {
-        put(k, v);
-    }
-    if let Some(o) = &req.origin {
-        put(keys::ORIGIN, Value::String(o.clone()));
-    }
-    if let Some(ua) = &req.user_agent {
-        put(keys::USER_AGENT, Value::String(ua.clone()));
-    }
-    put(keys::REMEMBER, Value::Bool(req.remember));
-    put(
-        keys::OFFLINE,
-        Value::Bool(req.remember || wants_offline(&scope)),
-    );
-    put(keys::MFA_REQUIRED, Value::Bool(false));
-    put(keys::MFA_VERIFIED, Value::Bool(false));
-    put(keys::MFA_ENROLL_REQUIRED, Value::Bool(false));
-    LoginRecord {
-        id: uuid::Uuid::new_v4().to_string(),
+    PendingLogin {
         user_ref: user_ref.to_string(),
         client_id: req.client_id.clone(),
-        membership_id: None,
         project_id: req.project_id.clone(),
-        scope,
-        auth_method: "password".into(),
-        auth_time: now,
-        expires_at: now.saturating_add(REGISTRATION_LOGIN_LIFETIME),
-        revoked: false,
-        remote_address: req.remote_address.map(|a| a.to_string()),
-        code: None,
-        refresh_secret: None,
-        extra: Value::Object(extra),
+        scope: scope.clone(),
+        auth_method: "password",
+        lifetime: REGISTRATION_LOGIN_LIFETIME,
+        remote_address: req.remote_address,
+        nonce: req
+            .nonce
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        code_challenge: req.code_challenge.as_deref(),
+        code_challenge_method: req.code_challenge_method.as_deref(),
+        launch: None,
+        redirect_uri: None,
+        origin: req.origin.as_deref(),
+        user_agent: req.user_agent.as_deref(),
+        profile_type: None,
+        remember: req.remember,
+        offline: req.remember || wants_offline(&scope),
+        mfa_required: false,
+        mfa_enroll_required: false,
     }
+    .build(now_unix())
 }
 
 #[cfg(test)]

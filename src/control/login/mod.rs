@@ -7,6 +7,7 @@ pub mod exchange;
 pub mod external;
 pub mod flow;
 pub mod mfa;
+pub mod pending;
 pub mod pkce;
 pub mod state;
 pub mod tokens;

@@ -23,9 +23,9 @@ pub struct ControlState {
     /// Calls to services outside fhirgate (`base::outbound`): identity providers, clients' JWK
     /// Sets, reCAPTCHA, the breached-password service.
     pub(crate) outbound: reqwest::Client,
-    /// Calls to addresses a client record chose (`base::outbound::Guarded`): a client's JWK Set,
+    /// Calls to addresses a client record chose (`crate::outbound::Guarded`): a client's JWK Set,
     /// an identity provider's endpoints; internal addresses refused.
-    pub(crate) guarded: crate::control::base::outbound::Guarded,
+    pub(crate) guarded: crate::outbound::Guarded,
     /// Calls to the upstream FHIR server (`base::upstream`).
     pub(crate) upstream: reqwest::Client,
 }

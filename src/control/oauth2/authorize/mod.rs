@@ -1,0 +1,461 @@
+//! `GET|POST /oauth2/authorize` (medplum-auth.md §2.12) with fhirgate's own sign-in page: where
+//! Medplum redirects to its web app, fhirgate answers the browser itself, with server-rendered
+//! forms posting back to the same URL, one step at a time:
+//!
+//! 1. the authorization request is checked in Medplum's order: client, then redirect URI (plain
+//!    text 400 until the redirect URI is trusted), then 302 errors to the client;
+//! 2. an existing browser session (the `medplum-<clientId>` cookie; an `id_token_hint` must name
+//!    the same Login) is reused: `prompt=none` gets a new code at once, otherwise the consent page;
+//!    `prompt=none` without a session gets `login_required`;
+//! 3. otherwise the sign-in page: e-mail and password (→ `login::password_login`), then MFA
+//!    (enrolment when required), the profile choice when the user has several memberships, the
+//!    scope consent (boxes may be unticked), and finally a code (`login::issue_code`) on a 302 to
+//!    the redirect URI with `state`, plus the session cookie.
+//!
+//! Every form carries a CSRF token: a random value in the `fhirgate-csrf` cookie that the form
+//! repeats, and — once a Login exists — whose hash is stored in that Login, so a form only
+//! works for its own Login in its own browser. The session cookie holds `<loginId>.<secret>`;
+//! the Login keeps only the secret's keyed hash.
+
+mod render;
+mod request;
+mod session;
+
+use crate::control::login::flow::choose_profile;
+use crate::control::login::flow::issue_code;
+use crate::control::login::flow::password_login;
+use crate::control::login::flow::scope_narrows;
+use crate::control::login::flow::set_scope;
+use crate::control::login::mfa::login_enroll;
+use crate::control::login::mfa::verify_login;
+use crate::control::login::state::LoginRequest;
+use crate::control::login::state::extra_str;
+use crate::control::login::state::flag;
+use crate::control::login::state::get_login;
+use crate::control::login::state::is_granted;
+use crate::control::login::state::keys;
+use crate::control::login::state::mfa_satisfied;
+use crate::control::login::state::revoke;
+use crate::control::login::state::set_extra;
+use crate::control::oauth2::authorize::render::START_AGAIN;
+use crate::control::oauth2::authorize::render::TOO_MANY;
+use crate::control::oauth2::authorize::render::inline_message;
+use crate::control::oauth2::authorize::render::message_page;
+use crate::control::oauth2::authorize::render::render_step;
+use crate::control::oauth2::authorize::render::resume_consent_page;
+use crate::control::oauth2::authorize::render::signin_page;
+use crate::control::oauth2::authorize::request::MAX_FORM;
+use crate::control::oauth2::authorize::request::Params;
+use crate::control::oauth2::authorize::request::Redirect;
+use crate::control::oauth2::authorize::request::Refusal;
+use crate::control::oauth2::authorize::request::check_request;
+use crate::control::oauth2::authorize::request::login_client;
+use crate::control::oauth2::authorize::request::page_keys;
+use crate::control::oauth2::authorize::request::redirect;
+use crate::control::oauth2::authorize::session::SESSION_COOKIE_SECONDS;
+use crate::control::oauth2::authorize::session::bind_csrf;
+use crate::control::oauth2::authorize::session::csrf_matches;
+use crate::control::oauth2::authorize::session::csrf_token;
+use crate::control::oauth2::authorize::session::find_session;
+use crate::control::oauth2::authorize::session::reopen;
+use crate::control::oauth2::authorize::session::session_cookie_name;
+use crate::control::oauth2::authorize::session::set_cookie;
+use crate::control::web::AppState;
+use crate::control::web::body::media_type;
+use crate::control::web::body::read_body;
+use crate::control::web::body::user_agent;
+use crate::control::web::client_addr::client_ip;
+use crate::control::web::error::ApiError;
+use crate::state::State;
+use crate::store::{LoginRecord, now_unix};
+use crate::tokens::{hashes_equal, random_hex};
+use axum::extract::{Request, State as AxState};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+use fhirgate_core::fhir::outcome::Outcome;
+use serde_json::Value;
+
+pub async fn authorize(AxState(state): AxState<AppState>, req: Request) -> Response {
+    match handle(&state, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(state: &State, req: Request) -> Result<Response, ApiError> {
+    let (parts, body) = req.into_parts();
+    let params = if parts.method == axum::http::Method::POST {
+        let bytes = read_body(body, MAX_FORM).await?;
+        if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
+            return Err(ApiError::Text(
+                StatusCode::BAD_REQUEST,
+                "Unsupported content type",
+            ));
+        }
+        Params::parse(&bytes)
+    } else {
+        Params::parse(parts.uri.query().unwrap_or_default().as_bytes())
+    };
+    match params.one("step") {
+        None if params.count("step") == 0 => start(state, &parts, &params).await,
+        Some("signin") if parts.method == axum::http::Method::POST => {
+            signin(state, &parts, &params).await
+        }
+        Some("resume") if parts.method == axum::http::Method::POST => {
+            resume(state, &parts, &params).await
+        }
+        Some(step) if parts.method == axum::http::Method::POST => {
+            continue_step(state, &parts, &params, step).await
+        }
+        _ => Ok(Refusal::Text("Invalid request").into_response()),
+    }
+}
+
+/// The authorization request itself (GET, or POST without a step).
+async fn start(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+    let request = match check_request(state, p).await {
+        Ok(r) => r,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let session = if request.prompt("login") {
+        None
+    } else {
+        find_session(state, parts, &request).await?
+    };
+    if request.prompt("none") {
+        let reopened = match session {
+            Some(login) => reopen(state, &login, &request).await?,
+            None => None,
+        };
+        return Ok(match reopened {
+            Some((_, code)) => redirect(
+                &request.redirect_uri,
+                &[("code", &code), ("state", &request.state)],
+                &[],
+            ),
+            None => Refusal::Redirect(Redirect {
+                redirect_uri: request.redirect_uri.clone(),
+                error: "login_required",
+                description: "Login required",
+                state: request.state.clone(),
+            })
+            .into_response(),
+        });
+    }
+    let csrf = csrf_token(parts);
+    if let Some(login) = session
+        && scope_narrows(&login.scope, &request.scope)
+    {
+        // Nothing changes until the person answers: the consent form carries the request.
+        return resume_consent_page(state, &request, &csrf, None, StatusCode::OK);
+    }
+    signin_page(state, &request, &csrf, None, "", StatusCode::OK)
+}
+
+/// `step=signin`: the e-mail and password form.
+async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+    let request = match check_request(state, p).await {
+        Ok(r) => r,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let email = p.one("email").unwrap_or_default().to_string();
+    let Some(csrf) = csrf_matches(parts, p) else {
+        let fresh = random_hex(32);
+        return signin_page(
+            state,
+            &request,
+            &fresh,
+            Some("This form has expired. Please sign in again.".into()),
+            &email,
+            StatusCode::FORBIDDEN,
+        );
+    };
+    let login_request = LoginRequest {
+        email: email.clone(),
+        password: p.one("password").unwrap_or_default().to_string(),
+        client_id: Some(request.client.id.clone()),
+        project_id: None,
+        resource_type: None,
+        scope: Some(request.scope.clone()),
+        nonce: request.nonce.clone(),
+        launch: request.launch.clone(),
+        code_challenge: request.code_challenge.clone(),
+        code_challenge_method: request.code_challenge_method.clone(),
+        remember: false,
+        redirect_uri: Some(request.redirect_uri.clone()),
+        // The page is fhirgate's own: the client's allowed origins are about its own front end.
+        origin: None,
+        remote_address: client_ip(state, parts)?,
+        user_agent: user_agent(&parts.headers),
+    };
+    let mut login = match password_login(state, &login_request).await {
+        Ok(l) => l,
+        Err(e) => {
+            let message = match inline_message(&e) {
+                // Which half was wrong is not the browser's business.
+                Some(m) if m == "User not found" => "Email or password is invalid".to_string(),
+                Some(m) => m,
+                None => return Err(e),
+            };
+            return signin_page(
+                state,
+                &request,
+                &csrf,
+                Some(message),
+                &email,
+                StatusCode::BAD_REQUEST,
+            );
+        }
+    };
+    set_extra(
+        &mut login,
+        page_keys::STATE,
+        Value::String(request.state.clone()),
+    );
+    bind_csrf(state, &mut login, &csrf).await?;
+    next_step(state, login, &csrf).await
+}
+
+/// The steps after sign-in: the Login named by the form, in the browser that created it.
+async fn continue_step(
+    state: &State,
+    parts: &Parts,
+    p: &Params,
+    step: &str,
+) -> Result<Response, ApiError> {
+    let login = match p.one("login") {
+        Some(id) => get_login(state, id).await.ok(),
+        None => None,
+    };
+    let now = now_unix();
+    let Some(login) = login.filter(|l| !l.revoked && l.expires_at > now && !is_granted(l)) else {
+        return message_page(None, START_AGAIN, StatusCode::BAD_REQUEST);
+    };
+    let bound = csrf_matches(parts, p).filter(|token| {
+        extra_str(&login, page_keys::CSRF)
+            .is_some_and(|h| hashes_equal(h, &state.hash_secret(token)))
+    });
+    let Some(csrf) = bound else {
+        return message_page(
+            login_client(state, &login).as_ref(),
+            START_AGAIN,
+            StatusCode::FORBIDDEN,
+        );
+    };
+    let token = p.one("token").unwrap_or_default();
+    match step {
+        "mfa" => match verify_login(state, &login.id, token).await {
+            Ok(l) => next_step(state, l, &csrf).await,
+            Err(e) => step_error(state, login, &csrf, e).await,
+        },
+        "enroll" => match login_enroll(state, &login.id, token).await {
+            Ok(l) => next_step(state, l, &csrf).await,
+            Err(e) => step_error(state, login, &csrf, e).await,
+        },
+        "profile" => {
+            let ip = client_ip(state, parts)?;
+            let chosen = p.one("profile").unwrap_or_default();
+            match choose_profile(state, &login, chosen, ip).await {
+                Ok(l) => next_step(state, l, &csrf).await,
+                Err(e) => step_error(state, login, &csrf, e).await,
+            }
+        }
+        "consent" => consent(state, login, &csrf, p).await,
+        _ => message_page(None, START_AGAIN, StatusCode::BAD_REQUEST),
+    }
+}
+
+/// A failed step: the same page again with the message, or — when the Login is gone (too many
+/// wrong codes revoke it) — a page saying to start again.
+async fn step_error(
+    state: &State,
+    login: LoginRecord,
+    csrf: &str,
+    e: ApiError,
+) -> Result<Response, ApiError> {
+    let Some(message) = inline_message(&e) else {
+        return Err(e);
+    };
+    let fresh = get_login(state, &login.id).await?;
+    if fresh.revoked {
+        let message = if matches!(e, ApiError::Outcome(Outcome::TooManyRequests)) {
+            TOO_MANY.to_string()
+        } else {
+            format!("{message}. {START_AGAIN}")
+        };
+        return message_page(
+            login_client(state, &fresh).as_ref(),
+            &message,
+            StatusCode::BAD_REQUEST,
+        );
+    }
+    render_step(state, &fresh, csrf, Some(message), StatusCode::BAD_REQUEST).await
+}
+
+/// The ticked scopes of a consent form: each one asked for, at least one. `Err` is the message.
+fn chosen_scopes<'a>(p: &'a Params, requested: &str) -> Result<Vec<&'a str>, &'static str> {
+    let mut chosen: Vec<&str> = Vec::new();
+    for word in p.all("grant") {
+        if !requested.split_ascii_whitespace().any(|w| w == word) {
+            return Err("Invalid scope");
+        }
+        if !chosen.contains(&word) {
+            chosen.push(word);
+        }
+    }
+    if chosen.is_empty() {
+        return Err("Choose at least one permission, or deny access.");
+    }
+    Ok(chosen)
+}
+
+/// Where the page's Login goes back to: its redirect URI and the client's `state`.
+fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
+    let redirect_uri = extra_str(login, keys::REDIRECT_URI)
+        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
+        .to_string();
+    let client_state = extra_str(login, page_keys::STATE)
+        .unwrap_or_default()
+        .to_string();
+    Ok((redirect_uri, client_state))
+}
+
+/// `step=consent`: the ticked scopes (a subset of those asked for), or a denial, which ends
+/// the Login.
+async fn consent(
+    state: &State,
+    login: LoginRecord,
+    csrf: &str,
+    p: &Params,
+) -> Result<Response, ApiError> {
+    let (redirect_uri, client_state) = return_to(&login)?;
+    if p.one("decision") == Some("deny") {
+        revoke(state, &login.id).await?;
+        return Ok(denied(&redirect_uri, &client_state));
+    }
+    let chosen = match chosen_scopes(p, &login.scope) {
+        Ok(c) => c,
+        Err(message) => {
+            return render_step(
+                state,
+                &login,
+                csrf,
+                Some(message.to_string()),
+                StatusCode::BAD_REQUEST,
+            )
+            .await;
+        }
+    };
+    match set_scope(state, &login, &chosen.join(" ")).await {
+        Ok(l) => next_step(state, l, csrf).await,
+        Err(e) => step_error(state, login, csrf, e).await,
+    }
+}
+
+fn denied(redirect_uri: &str, client_state: &str) -> Response {
+    redirect(
+        redirect_uri,
+        &[
+            ("error", "access_denied"),
+            ("error_description", "Access denied"),
+            ("state", client_state),
+        ],
+        &[],
+    )
+}
+
+/// `step=resume`: consent for a new request in an existing session. The session is looked up
+/// again (it may have ended since the page was shown); then it gets a new code with the
+/// chosen scopes. A denial leaves the session as it was.
+async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+    let request = match check_request(state, p).await {
+        Ok(r) => r,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let Some(csrf) = csrf_matches(parts, p) else {
+        return message_page(Some(&request.client), START_AGAIN, StatusCode::FORBIDDEN);
+    };
+    let session = find_session(state, parts, &request)
+        .await?
+        .filter(|l| scope_narrows(&l.scope, &request.scope));
+    let Some(session) = session else {
+        return signin_page(
+            state,
+            &request,
+            &csrf,
+            Some("Your session has ended. Please sign in again.".into()),
+            "",
+            StatusCode::BAD_REQUEST,
+        );
+    };
+    if p.one("decision") == Some("deny") {
+        return Ok(denied(&request.redirect_uri, &request.state));
+    }
+    let chosen = match chosen_scopes(p, &request.scope) {
+        Ok(c) => c,
+        Err(message) => {
+            return resume_consent_page(
+                state,
+                &request,
+                &csrf,
+                Some(message.to_string()),
+                StatusCode::BAD_REQUEST,
+            );
+        }
+    };
+    let Some((login, _)) = reopen(state, &session, &request).await? else {
+        return message_page(Some(&request.client), START_AGAIN, StatusCode::CONFLICT);
+    };
+    let mut login = set_scope(state, &login, &chosen.join(" ")).await?;
+    set_extra(
+        &mut login,
+        page_keys::CSRF,
+        Value::String(state.hash_secret(&csrf)),
+    );
+    finish(state, login).await
+}
+
+/// Consent is asked for anything beyond a plain sign-in.
+fn needs_consent(login: &LoginRecord) -> bool {
+    !flag(login, keys::SCOPE_GRANTED) && login.scope.split_ascii_whitespace().any(|w| w != "openid")
+}
+
+/// The next page for a Login, or — when it is ready — the code.
+async fn next_step(state: &State, login: LoginRecord, csrf: &str) -> Result<Response, ApiError> {
+    let ready = mfa_satisfied(&login) && login.membership_id.is_some() && !needs_consent(&login);
+    if !ready {
+        return render_step(state, &login, csrf, None, StatusCode::OK).await;
+    }
+    finish(state, login).await
+}
+
+/// The code, on a 302 to the redirect URI with the client's `state`, and the session cookie
+/// whose secret's hash the Login keeps.
+async fn finish(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
+    let (redirect_uri, client_state) = return_to(&login)?;
+    let secret = random_hex(32);
+    set_extra(
+        &mut login,
+        keys::COOKIE,
+        Value::String(state.hash_secret(&secret)),
+    );
+    let code = issue_code(state, &mut login).await?;
+    let mut cookies = Vec::new();
+    if let Some(client_id) = &login.client_id {
+        cookies.push(set_cookie(
+            state,
+            session_cookie_name(client_id),
+            format!("{}.{secret}", login.id),
+            SESSION_COOKIE_SECONDS,
+        ));
+    }
+    Ok(redirect(
+        &redirect_uri,
+        &[("code", &code), ("state", &client_state)],
+        &cookies,
+    ))
+}
+
+#[cfg(test)]
+mod tests;

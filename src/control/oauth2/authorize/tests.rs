@@ -1,0 +1,59 @@
+use axum::http::{HeaderMap, HeaderValue, header};
+
+use super::render::describe_scope;
+use super::request::same_server;
+use super::session::cookie_value;
+use super::*;
+
+#[test]
+fn params_keep_every_value() {
+    assert!(!Params::parse(b"grant=a&grant=b&scope=a+b").has_duplicates());
+    let p = Params::parse(b"a=1&b=&c=x&c=y");
+    assert_eq!(p.one("a"), Some("1"));
+    assert_eq!(p.one("b"), None);
+    assert_eq!(p.one("c"), None);
+    assert_eq!(p.count("c"), 2);
+    assert!(p.has_duplicates());
+    assert_eq!(p.all("c").collect::<Vec<_>>(), ["x", "y"]);
+}
+
+#[test]
+fn audience_must_be_this_server() {
+    let base = "http://127.0.0.1:8080/";
+    assert!(same_server("http://127.0.0.1:8080/fhir/R4", base));
+    assert!(same_server("http://127.0.0.1:8080/", base));
+    assert!(!same_server("http://127.0.0.1:9999/fhir/R4", base));
+    assert!(!same_server("https://127.0.0.1:8080/", base));
+    assert!(!same_server("http://evil.example/", base));
+    assert!(!same_server("not a url", base));
+}
+
+#[test]
+fn scopes_are_described() {
+    assert_eq!(describe_scope("openid"), "Confirm who you are");
+    assert_eq!(
+        describe_scope("patient/Observation.rs"),
+        "Read and search Observation records of the patient"
+    );
+    assert_eq!(
+        describe_scope("user/*.cruds"),
+        "Read, search, create, update and delete all kinds of records you can access"
+    );
+    assert_eq!(
+        describe_scope("patient/Condition.rs?category=health-concern"),
+        "Read and search Condition records of the patient (only where category=health-concern)"
+    );
+    assert_eq!(describe_scope("custom"), "Use the permission “custom”");
+}
+
+#[test]
+fn cookies_are_found_by_name() {
+    let mut h = HeaderMap::new();
+    h.insert(
+        header::COOKIE,
+        HeaderValue::from_static("a=1; medplum-c1=l.s; fhirgate-csrf=abc"),
+    );
+    assert_eq!(cookie_value(&h, "medplum-c1").as_deref(), Some("l.s"));
+    assert_eq!(cookie_value(&h, "fhirgate-csrf").as_deref(), Some("abc"));
+    assert_eq!(cookie_value(&h, "nope"), None);
+}
