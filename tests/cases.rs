@@ -32,6 +32,10 @@ fn world() -> &'static Mutex<World> {
     static W: OnceLock<Mutex<World>> = OnceLock::new();
     W.get_or_init(|| {
         let upstream = FhirUpstream::start();
+        // The test upstream builds its GraphQL schema on first use, which can take longer than
+        // the gateway's 5 s upstream deadline on a busy machine: build it before any case runs.
+        let warm = upstream.fhir("POST", "$graphql", Some(&serde_json::json!({"query": "{ PatientList { id } }"})));
+        assert!(warm.status < 500, "GraphQL warm-up: {}", warm.status);
         let gateway = TestGateway::start(&upstream.base_url);
         let token = gateway_request(&gateway, "POST", "oauth2/token", &[("content-type", "application/x-www-form-urlencoded")], Some(format!("grant_type=client_credentials&client_id={ADMIN_CLIENT_ID}&client_secret={ADMIN_CLIENT_SECRET}").into_bytes()));
         let admin_token = token.1["access_token"].as_str().expect("admin token").to_string();

@@ -288,13 +288,14 @@ async function main() {
   await doctor2.refreshIfExpired(24 * 60 * 60 * 1000);
   const afterAccess = doctor2.getAccessToken();
   const afterRefresh = doctor2.getActiveLogin()?.refreshToken;
+  const readAfter = (await attempt(async () => getReferenceString(await doctor2.readResource('Patient', other.id)))).ok ?? null;
   const oldRefresh = await refreshGrant(beforeRefresh, '');
   result.refresh = {
     accessTokenChanged: typeof afterAccess === 'string' && afterAccess !== beforeAccess,
     refreshTokenRotated: typeof afterRefresh === 'string' && afterRefresh !== beforeRefresh,
     sameLogin: jwtClaims(afterAccess).login_id === jwtClaims(beforeAccess).login_id,
     profileAfter: doctor2.getProfile() ? getReferenceString(doctor2.getProfile()) : null,
-    readAfter: (await attempt(async () => getReferenceString(await doctor2.readResource('Patient', other.id)))).ok ?? null,
+    readAfter,
     oldRefreshTokenStatus: oldRefresh.status,
     oldRefreshTokenError: oldRefresh.body,
   };

@@ -74,7 +74,7 @@ impl AuthRateLimit {
             self.limiter.retain_recent();
             self.limiter.shrink_to_fit();
         }
-        match self.limiter.check_key(&addr) {
+        match self.limiter.check_key(&budget_key(addr)) {
             Ok(snapshot) => {
                 let remaining = snapshot.remaining_burst_capacity();
                 // One unit comes back every 60/per_minute seconds.
@@ -92,6 +92,21 @@ impl AuthRateLimit {
                 }
             }
         }
+    }
+}
+
+/// The key an address is counted under: an IPv4 address whole, an IPv6 address by its /64
+/// (one host usually owns the whole prefix, so per-address budgets would be endless).
+fn budget_key(addr: IpAddr) -> IpAddr {
+    match addr {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
+        v4 => v4,
     }
 }
 
@@ -220,6 +235,26 @@ mod tests {
         assert!(matches!(
             limit.check(b),
             Verdict::Allowed { remaining: 2, .. }
+        ));
+    }
+
+    #[test]
+    fn an_ipv6_prefix_shares_one_budget() {
+        // Issue 10: every address of a /64 had a fresh budget of its own.
+        let limit = AuthRateLimit::new(2).expect("limit on");
+        for host in ["2001:db8:5:5::1", "2001:db8:5:5::2"] {
+            assert!(matches!(
+                limit.check(host.parse().expect("ip")),
+                Verdict::Allowed { .. }
+            ));
+        }
+        assert!(matches!(
+            limit.check("2001:db8:5:5:ffff::3".parse().expect("ip")),
+            Verdict::Refused { .. }
+        ));
+        assert!(matches!(
+            limit.check("2001:db8:5:6::1".parse().expect("ip")),
+            Verdict::Allowed { .. }
         ));
     }
 
