@@ -28,6 +28,14 @@
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
 #        issue-gw   POST /oauth2/token through the gateway (as clients do)
 #        issue-ctl  POST /oauth2/token straight to the control listener
+#      and, with TENANT=1 (issue 9: the cost of project isolation), fhirgate is started with
+#      self-registration open and a tenant project is registered, so the default project shares
+#      the upstream with it (isolation `unmarked`, every response checked) and the tenant is
+#      isolated by its marker (`tag`):
+#        fg-tenant  GET /fhir/R4/Patient/t1 (carrying the tenant's marker) as the tenant
+#        fg-tsearch GET /fhir/R4/Patient?name=x as the tenant (narrowed by _tag, filtered)
+#        fg-dsearch the same search as the default project's admin (filtered: unmarked only)
+#      (fg-full then measures the default project's read in shared mode.)
 #   6. prints, per case: req/s, p50/p99 latency, the proxy's CPU-µs per request (utime+stime
 #      from /proc/PID/stat before/after; nginx = master + workers), the upstream's CPU-µs per
 #      request, and for fhirgate the p99 of its own "gateway-added time" histogram, plus the
@@ -64,6 +72,10 @@ CONNS=${CONNS:-50}
 WRK_THREADS=${WRK_THREADS:-2}
 ISSUE_DURATION=${ISSUE_DURATION:-$DURATION}
 ISSUE_CONNS=${ISSUE_CONNS:-$CONNS}
+TENANT=${TENANT:-0}
+if [[ $TENANT == 1 ]]; then
+  CASES=${CASES:-"direct nginx pingora fg-full fg-tenant fg-tsearch fg-dsearch"}
+fi
 CASES=${CASES:-"direct nginx pingora fg-pass fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"}
 BASE_PORT=${BASE_PORT:-18180}
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -180,6 +192,10 @@ EOF
   done
   printf '],"interaction":[{"code":"transaction"},{"code":"batch"},{"code":"search-system"}]}]}\n'
 } >"$TMP/www/fhir/R4/metadata"
+# A searchset for the isolation cases (the static upstream ignores the query): the default
+# project's p1 and, once a tenant exists, the tenant's t1.
+printf '{"resourceType":"Bundle","type":"searchset","entry":[{"fullUrl":"http://127.0.0.1:%s/fhir/R4/Patient/p1","resource":%s}]}\n' \
+  "$UP_PORT" "$(cat "$TMP/www/fhir/R4/Patient/p1")" >"$TMP/www/fhir/R4/search.json"
 chmod -R a+rX "$TMP/www"
 PATIENT_BYTES=$(wc -c <"$TMP/www/fhir/R4/Patient/p1")
 METADATA_BYTES=$(wc -c <"$TMP/www/fhir/R4/metadata")
@@ -227,6 +243,7 @@ $(common_http "$TMP/nginx-up")
     root $TMP/www;
     etag on;
     location / { try_files \$uri =404; }
+    location = /fhir/R4/Patient { try_files /fhir/R4/search.json =404; }
   }
 }
 EOF
@@ -307,7 +324,7 @@ LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SE
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
   --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format "$FG_LOG_FORMAT" --policies-dir "$ROOT/policies" \
-  --auth-rate-limit 0 \
+  --auth-rate-limit 0 --register-enabled "$([[ $TENANT == 1 ]] && echo true || echo false)" \
   >"$TMP/fhirgate.log" 2>&1 &
 FG_PID=$!
 PIDS+=("$FG_PID")
@@ -360,6 +377,46 @@ print(token["access_token"])
 PY
 ) || { echo "load.sh: could not set up the patient-compartment client" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
 
+# The tenant (TENANT=1): a self-registered project on the same upstream, so isolated by its
+# marker; its patient t1 carries the marker, and the searchset lists t1 beside p1.
+TENANT_TOKEN=""
+if [[ $TENANT == 1 ]]; then
+  read -r TENANT_TOKEN TENANT_PROJECT < <(GW="http://127.0.0.1:$GW_PORT" python3 - <<'PY'
+import json, os, urllib.parse, urllib.request
+
+gw = os.environ["GW"]
+
+def post(path, body=None, form=None):
+    if form is not None:
+        data, ctype = urllib.parse.urlencode(form).encode(), "application/x-www-form-urlencoded"
+    else:
+        data, ctype = json.dumps(body).encode(), "application/json"
+    req = urllib.request.Request(gw + path, data=data, method="POST", headers={"Content-Type": ctype})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+verifier = "load-tenant-verifier-0123456789"
+login = post("/auth/newuser", {"firstName": "Load", "lastName": "Tenant", "email": "tenant@load.example",
+                               "password": "load-tenant-password", "codeChallenge": verifier,
+                               "codeChallengeMethod": "plain"})["login"]
+code = post("/auth/newproject", {"login": login, "projectName": "Load tenant"})["code"]
+token = post("/oauth2/token", form={"grant_type": "authorization_code", "code": code, "code_verifier": verifier})
+me = urllib.request.Request(gw + "/auth/me", headers={"Authorization": "Bearer " + token["access_token"]})
+with urllib.request.urlopen(me, timeout=10) as resp:
+    project = json.load(resp)["project"]["id"]
+print(token["access_token"], project)
+PY
+  ) || { echo "load.sh: could not register the tenant" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+  sed 's/"id":"p1","meta":{/"id":"t1","meta":{"tag":[{"system":"https:\/\/fhirgate.dev\/fhir\/CodeSystem\/project","code":"'"$TENANT_PROJECT"'"}],/' \
+    "$TMP/www/fhir/R4/Patient/p1" >"$TMP/www/fhir/R4/Patient/t1"
+  printf '{"resourceType":"Bundle","type":"searchset","entry":[{"fullUrl":"http://127.0.0.1:%s/fhir/R4/Patient/p1","resource":%s},{"fullUrl":"http://127.0.0.1:%s/fhir/R4/Patient/t1","resource":%s}]}\n' \
+    "$UP_PORT" "$(cat "$TMP/www/fhir/R4/Patient/p1")" "$UP_PORT" "$(cat "$TMP/www/fhir/R4/Patient/t1")" >"$TMP/www/fhir/R4/search.json"
+  chmod -R a+rX "$TMP/www"
+  log "tenant project $TENANT_PROJECT registered"
+  # The snapshot with the new project (and the default project's new isolation) is in place.
+  sleep 1
+fi
+
 # Smoke checks: every case must answer 200 before we measure it.
 check() { # $1 name, $2 url, rest: curl args
   local name=$1 url=$2
@@ -378,6 +435,17 @@ check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
 check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
 check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
 check fg-patient "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $PATIENT_TOKEN"
+if [[ $TENANT == 1 ]]; then
+  check fg-tenant "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/t1" -H "Authorization: Bearer $TENANT_TOKEN"
+  check fg-tsearch "http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x" -H "Authorization: Bearer $TENANT_TOKEN"
+  grep -q '"t1"' "$TMP/check.out" && ! grep -q '"p1"' "$TMP/check.out" ||
+    { echo "load.sh: the tenant's search is not isolated: $(head -c 400 "$TMP/check.out")" >&2; exit 1; }
+  check fg-dsearch "http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x" -H "Authorization: Bearer $TOKEN"
+  grep -q '"p1"' "$TMP/check.out" && ! grep -q '"t1"' "$TMP/check.out" ||
+    { echo "load.sh: the default project's search shows the tenant: $(head -c 400 "$TMP/check.out")" >&2; exit 1; }
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/t1")
+  [[ $code == 404 ]] || { echo "load.sh: the default project reads the tenant's t1 ($code)" >&2; exit 1; }
+fi
 # The patient policy must really be in force: another patient is not visible.
 mkdir -p "$TMP/www/fhir/R4/Patient" && sed 's/"id":"p1"/"id":"p2"/' "$TMP/www/fhir/R4/Patient/p1" >"$TMP/www/fhir/R4/Patient/p2"
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Bearer $PATIENT_TOKEN" "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p2")
@@ -447,6 +515,12 @@ run_case() { # $1 case, $2 rep
       args=(-H "Authorization: Basic $BASIC") ;;
     fg-patient) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $PATIENT_TOKEN") ;;
+    fg-tenant) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/t1"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $TENANT_TOKEN") ;;
+    fg-tsearch) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $TENANT_TOKEN") ;;
+    fg-dsearch) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $TOKEN") ;;
     fg-half)
       local full_rps
       full_rps=$(awk -F'\t' '$1 == "fg-full" && $3 ~ /^[0-9.]+$/ {s += $3; n++} END {if (n) print s / n}' "$RESULTS")
