@@ -28,9 +28,9 @@
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
 #        issue-gw   POST /oauth2/token through the gateway (as clients do)
 #        issue-ctl  POST /oauth2/token straight to the control listener
-#      and, with TENANT=1 (issue 9: the cost of project isolation), fhirgate is started with
-#      self-registration open and a tenant project is registered, so the default project shares
-#      the upstream with it (isolation `unmarked`, every response checked) and the tenant is
+#      and, with TENANT=1 (issue 9: the cost of project isolation), the operator (bootstrap
+#      admin) creates a second project with an admin client on the same upstream, so the default
+#      project shares it (isolation `unmarked`, every response checked) and the tenant is
 #      isolated by its marker (`tag`):
 #        fg-tenant  GET /fhir/R4/Patient/t1 (carrying the tenant's marker) as the tenant
 #        fg-tsearch GET /fhir/R4/Patient?name=x as the tenant (narrowed by _tag, filtered)
@@ -102,6 +102,7 @@ MET_PORT=$((BASE_PORT + 4))
 PB_PORT=$((BASE_PORT + 5))
 CLIENT_ID=load-admin
 CLIENT_SECRET=load-secret-5f1c2a9e8b7d4c3f
+ADMIN_PASSWORD=load-operator-password-7e1d
 CLK_TCK=$(getconf CLK_TCK)
 
 # Pinning: the proxy under test alone on vCPU1, everything else on vCPU0.
@@ -319,12 +320,12 @@ if [[ " $CASES " == *" pingora "* ]]; then
 fi
 
 log "starting fhirgate on :$GW_PORT ($PROXY_THREADS threads)"
-LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG_LEVEL \
+LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_PASSWORD=$ADMIN_PASSWORD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG_LEVEL \
   "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
   --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
   --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
   --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format "$FG_LOG_FORMAT" --policies-dir "$ROOT/policies" \
-  --auth-rate-limit 0 --register-enabled "$([[ $TENANT == 1 ]] && echo true || echo false)" \
+  --auth-rate-limit 0 \
   >"$TMP/fhirgate.log" 2>&1 &
 FG_PID=$!
 PIDS+=("$FG_PID")
@@ -377,11 +378,11 @@ print(token["access_token"])
 PY
 ) || { echo "load.sh: could not set up the patient-compartment client" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
 
-# The tenant (TENANT=1): a self-registered project on the same upstream, so isolated by its
+# The tenant (TENANT=1): a second project on the same upstream, so isolated by its
 # marker; its patient t1 carries the marker, and the searchset lists t1 beside p1.
 TENANT_TOKEN=""
 if [[ $TENANT == 1 ]]; then
-  read -r TENANT_TOKEN TENANT_PROJECT < <(GW="http://127.0.0.1:$GW_PORT" python3 - <<'PY'
+  read -r TENANT_TOKEN TENANT_PROJECT < <(GW="http://127.0.0.1:$GW_PORT" ADMIN_PASSWORD=$ADMIN_PASSWORD python3 - <<'PY'
 import json, os, urllib.parse, urllib.request
 
 gw = os.environ["GW"]
@@ -395,15 +396,25 @@ def post(path, body=None, form=None):
     with urllib.request.urlopen(req, timeout=30) as resp:
         return json.load(resp)
 
+# The operator signs in (the bootstrap admin, super admin) and creates a clinic project with an
+# admin client, as a super admin would for a second tenant on the same upstream.
 verifier = "load-tenant-verifier-0123456789"
-login = post("/auth/newuser", {"firstName": "Load", "lastName": "Tenant", "email": "tenant@load.example",
-                               "password": "load-tenant-password", "codeChallenge": verifier,
-                               "codeChallengeMethod": "plain"})["login"]
-code = post("/auth/newproject", {"login": login, "projectName": "Load tenant"})["code"]
-token = post("/oauth2/token", form={"grant_type": "authorization_code", "code": code, "code_verifier": verifier})
-me = urllib.request.Request(gw + "/auth/me", headers={"Authorization": "Bearer " + token["access_token"]})
-with urllib.request.urlopen(me, timeout=10) as resp:
-    project = json.load(resp)["project"]["id"]
+code = post("/auth/login", {"email": "admin@example.com", "password": os.environ["ADMIN_PASSWORD"],
+                            "codeChallenge": verifier, "codeChallengeMethod": "plain"})["code"]
+operator = post("/oauth2/token", form={"grant_type": "authorization_code", "code": code,
+                                       "code_verifier": verifier})["access_token"]
+
+def call(method, path, body):
+    req = urllib.request.Request(gw + path, data=json.dumps(body).encode(), method=method,
+                                 headers={"Content-Type": "application/json",
+                                          "Authorization": "Bearer " + operator})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.load(resp)
+
+project = call("POST", "/fhir/R4/Project", {"resourceType": "Project", "name": "Load tenant"})["id"]
+client = call("POST", f"/admin/projects/{project}/client", {"name": "load tenant admin"})
+token = post("/oauth2/token", form={"grant_type": "client_credentials", "client_id": client["id"],
+                                    "client_secret": client["secret"]})
 print(token["access_token"], project)
 PY
   ) || { echo "load.sh: could not register the tenant" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }

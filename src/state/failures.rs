@@ -6,6 +6,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
@@ -18,6 +19,8 @@ pub struct CredentialFailures {
     limiter: Keyed,
     /// Keys over budget, with the instant they may try again.
     blocked: moka::sync::Cache<String, Instant>,
+    /// Some key was ever over budget: until then a request costs one atomic load here.
+    any_blocked: AtomicBool,
 }
 
 impl std::fmt::Debug for CredentialFailures {
@@ -56,11 +59,15 @@ impl CredentialFailures {
                 .max_capacity(100_000)
                 .time_to_live(Duration::from_secs(120))
                 .build(),
+            any_blocked: AtomicBool::new(false),
         })
     }
 
     /// How long the address or client id must wait, when either is over budget.
     pub fn retry_after(&self, ip: Option<IpAddr>, client_id: Option<&str>) -> Option<Duration> {
+        if !self.any_blocked.load(Ordering::Acquire) {
+            return None;
+        }
         let now = Instant::now();
         keys(ip, client_id)
             .filter_map(|k| self.blocked.get(&k))
@@ -76,6 +83,7 @@ impl CredentialFailures {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 self.blocked
                     .insert(key, Instant::now() + wait.max(Duration::from_secs(1)));
+                self.any_blocked.store(true, Ordering::Release);
             }
         }
         if self.limiter.len() > 100_000 {
