@@ -70,17 +70,36 @@ async fn raw(
 }
 
 #[test]
-fn clinics_on_a_shared_upstream_never_see_each_other() {
+fn self_registered_tenants_on_a_shared_upstream_never_see_each_other() {
     let upstream = FhirUpstream::start();
     // Data that predates fhirgate: the default project's, unmarked.
     upstream.put_resource(&json!({"resourceType": "Patient", "id": "legacy-1",
         "name": [{"family": "Legacy"}], "identifier": [{"system": "urn:mrn", "value": "L-1"}]}));
-    let gw = TestGateway::start(&upstream.base_url);
-    let (a, project_a) = clinic(&gw, json!({"name": "Clinic A"}));
-    let (b, project_b) = clinic(&gw, json!({"name": "Clinic B"}));
+    let gw = TestGateway::start_with(&upstream.base_url, |c| c.register_enabled = Some(true));
+    // Two tenants that registered themselves (`/auth/newuser` + `/auth/newproject`).
+    let (a, _) = rt().block_on(register(&gw, "owner-a@example.com", "Tenant A"));
+    let (b, _) = rt().block_on(register(&gw, "owner-b@example.com", "Tenant B"));
+    let project_a = rt().block_on(gw.project_of(&a));
+    let project_b = rt().block_on(gw.project_of(&b));
     let admin = rt().block_on(gw.admin_token());
 
     rt().block_on(async {
+        // The decision trace an admin asks for names the binding and the isolation narrowing.
+        let trace: Value = TestGateway::client()
+            .get(format!("{}fhir/R4/Patient?name=x", gw.base))
+            .bearer_auth(&b)
+            .header("x-fhirgate-explain", "1")
+            .send()
+            .await
+            .expect("trace")
+            .json()
+            .await
+            .expect("trace JSON");
+        assert_eq!(trace["project"]["isolation"], "tag", "{trace}");
+        assert_eq!(trace["project"]["upstream"], "default", "{trace}");
+        let narrowing = trace["decision"]["narrowing"].to_string();
+        assert!(narrowing.contains(&format!("_tag={PROJECT_TAG_SYSTEM}|{project_b}")), "{trace}");
+
         // A writes a patient and an observation: both carry A's marker upstream.
         let (s, pa) = gw
             .post("fhir/R4/Patient", Some(&a), json!({"resourceType": "Patient",
