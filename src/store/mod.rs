@@ -192,6 +192,29 @@ async fn swapped(
 const RESOURCE_COLUMNS: &str = "resource_type, id, project_id, version_id, last_updated, content";
 const LOGIN_COLUMNS: &str = "id, user_ref, client_id, membership_id, project_id, scope, auth_method, auth_time, expires_at, revoked, remote_address, code, refresh_secret, extra";
 
+/// The SQLite store holds password hashes, secret hashes and signing keys: a directory fhirgate
+/// creates for it is 0700 and the database file 0600 (SQLite gives its `-wal` and `-shm` files
+/// the database's mode). Existing directories and files keep the modes the operator gave them.
+fn create_private(db: &std::path::Path, parent: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if !parent.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(db)
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the store at `url` with the default pool size.
     pub async fn open(url: &str) -> Result<Store> {
@@ -216,7 +239,7 @@ impl Store {
                 && let Some(parent) = std::path::Path::new(&path).parent()
                 && !parent.as_os_str().is_empty()
             {
-                std::fs::create_dir_all(parent)
+                create_private(std::path::Path::new(&path), parent)
                     .map_err(|e| StoreError::Open(format!("{}: {e}", parent.display())))?;
             }
             if !url.contains('?') {

@@ -630,3 +630,24 @@ async fn assertions_are_claimed_once_until_they_expire(s: Store) {
     assert!(s.claim_assertion("a1", now + 200, now + 120).await.unwrap());
     assert!(!s.claim_assertion("a1", now + 200, now + 121).await.unwrap());
 }
+
+/// Issue 10: the SQLite file (password and secret hashes, signing keys) and the directory
+/// fhirgate makes for it were created with the umask's modes, often world-readable.
+#[tokio::test]
+async fn a_new_sqlite_store_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let path = data.join("fhirgate.db");
+    let store = Store::open(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    store.setting_init("probe", "1").await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(mode(&path), 0o600, "database file");
+    let wal = data.join("fhirgate.db-wal");
+    if wal.exists() {
+        assert_eq!(mode(&wal), 0o600, "write-ahead log");
+    }
+}
