@@ -15,11 +15,23 @@ use serde_json::Value;
 pub const ADMIN_CLIENT_ID: &str = "test-admin-client";
 pub const ADMIN_CLIENT_SECRET: &str = "test-admin-secret-0123456789abcdef";
 
+/// A port nothing listens on, for a listener the test starts next. It is taken below the
+/// kernel's ephemeral range (32768 and up on Linux), where no `bind(0)` — a test upstream, the
+/// SMTP sink, a client's outgoing connection — can be handed the same port between this check
+/// and the listener's own bind, and never twice in one test binary.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Test binaries run one after another; spread them anyway, by process id.
+    let offset = (std::process::id() % 100) * 120;
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(20_000 + (offset + n) % 12_000).expect("below 32768");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port below the ephemeral range")
 }
 
 fn wait_listening(addr: SocketAddr) {
