@@ -13,7 +13,7 @@ use pingora::proxy::Session;
 
 use super::Gateway;
 use super::ctx::RequestCtx;
-use super::filter::{FilterSpec, ResponsePlan};
+use super::ctx::{FilterSpec, ResponsePlan};
 use crate::state::{AuthError, CacheUse, Snapshot};
 
 pub enum Verdict {
@@ -99,9 +99,8 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         .headers
         .get("authorization")
         .and_then(|v| v.to_str().ok());
-    let presented = crate::state::failures::basic_client_id(auth_header);
     if let Some(failures) = &state.credential_failures
-        && let Some(wait) = failures.retry_after(ctx.client_ip, presented.as_deref())
+        && let Some(wait) = failures.retry_after(ctx.client_ip, auth_header)
     {
         ctx.retry_after = Some(wait.as_secs().max(1));
         return Verdict::Deny(Outcome::TooManyRequests, "credential_failures");
@@ -112,7 +111,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         Some(f),
     ) = (&auth, &state.credential_failures)
     {
-        f.record(ctx.client_ip, presented.as_deref());
+        f.record(ctx.client_ip, auth_header);
     }
     match cache {
         CacheUse::Hit => crate::obs::count_token_cache(true),

@@ -10,9 +10,28 @@ use std::time::Instant;
 use crate::state::Identity;
 use crate::state::State;
 use crate::state::upstreams::UpstreamBinding;
+use fhirgate_core::policy::EffectivePolicy;
 
-use super::filter::ResponsePlan;
 use super::route::Route;
+
+/// What to do with the upstream response of a forwarded request.
+#[derive(Debug, Clone)]
+pub enum ResponsePlan {
+    /// Untouched (headers still rewritten).
+    Stream,
+    /// Buffer the JSON body, rewrite upstream URLs, and filter it if `policy` is set.
+    Buffer(Arc<FilterSpec>),
+}
+
+#[derive(Debug)]
+pub struct FilterSpec {
+    /// Every returned resource is checked against this policy (read access) and redacted.
+    pub policy: Option<Arc<EffectivePolicy>>,
+    /// The response is the CapabilityStatement: advertise fhirgate's OAuth endpoints.
+    pub metadata: bool,
+    /// `Bundle.total` cannot be trusted and is removed.
+    pub drop_total: bool,
+}
 
 #[derive(Debug)]
 pub struct RequestCtx {

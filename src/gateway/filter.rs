@@ -2,11 +2,8 @@
 //! need it, buffering the JSON body and filtering it with the policy at end of stream. Bodies
 //! that cannot be filtered are never passed through: they are replaced (fail closed).
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
-use fhirgate_core::policy::EffectivePolicy;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use serde_json::Value;
@@ -14,26 +11,7 @@ use serde_json::Value;
 use crate::config::Config;
 use crate::state::State;
 
-use super::ctx::RequestCtx;
-
-/// What to do with the upstream response of a forwarded request.
-#[derive(Debug, Clone)]
-pub enum ResponsePlan {
-    /// Untouched (headers still rewritten).
-    Stream,
-    /// Buffer the JSON body, rewrite upstream URLs, and filter it if `policy` is set.
-    Buffer(Arc<FilterSpec>),
-}
-
-#[derive(Debug)]
-pub struct FilterSpec {
-    /// Every returned resource is checked against this policy (read access) and redacted.
-    pub policy: Option<Arc<EffectivePolicy>>,
-    /// The response is the CapabilityStatement: advertise fhirgate's OAuth endpoints.
-    pub metadata: bool,
-    /// `Bundle.total` cannot be trusted and is removed.
-    pub drop_total: bool,
-}
+use super::ctx::{FilterSpec, RequestCtx, ResponsePlan};
 
 fn is_json(resp: &ResponseHeader) -> bool {
     resp.headers

@@ -9,7 +9,7 @@ use pingora::proxy::Session;
 use crate::state::State;
 
 use super::ctx::RequestCtx;
-use super::filter::ResponsePlan;
+use super::ctx::ResponsePlan;
 use super::route::Route;
 
 /// Headers a client may not send upstream: fhirgate sets or strips them itself.

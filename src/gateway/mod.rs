@@ -32,7 +32,7 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use crate::obs::{Audit, Children, METRICS};
 use crate::state::State;
 use ctx::RequestCtx;
-use filter::ResponsePlan;
+use ctx::{FilterSpec, ResponsePlan};
 use route::Route;
 
 pub struct Gateway {
@@ -128,7 +128,7 @@ impl ProxyHttp for Gateway {
             }
             Route::Metadata => {
                 ctx.decision = "public";
-                ctx.plan = ResponsePlan::Buffer(Arc::new(filter::FilterSpec {
+                ctx.plan = ResponsePlan::Buffer(Arc::new(FilterSpec {
                     policy: None,
                     metadata: true,
                     drop_total: false,

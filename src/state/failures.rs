@@ -63,22 +63,25 @@ impl CredentialFailures {
         })
     }
 
-    /// How long the address or client id must wait, when either is over budget.
-    pub fn retry_after(&self, ip: Option<IpAddr>, client_id: Option<&str>) -> Option<Duration> {
+    /// How long the address, or the client id of a Basic `authorization` header, must wait,
+    /// when either is over budget. Nothing is decoded until some key was ever over budget.
+    pub fn retry_after(&self, ip: Option<IpAddr>, authorization: Option<&str>) -> Option<Duration> {
         if !self.any_blocked.load(Ordering::Acquire) {
             return None;
         }
         let now = Instant::now();
-        keys(ip, client_id)
+        let client_id = basic_client_id(authorization);
+        keys(ip, client_id.as_deref())
             .filter_map(|k| self.blocked.get(&k))
             .filter(|until| *until > now)
             .map(|until| until - now)
             .max()
     }
 
-    /// Counts one failed credential against the address and the client id.
-    pub fn record(&self, ip: Option<IpAddr>, client_id: Option<&str>) {
-        for key in keys(ip, client_id) {
+    /// Counts one failed credential against the address and, for Basic, the client id.
+    pub fn record(&self, ip: Option<IpAddr>, authorization: Option<&str>) {
+        let client_id = basic_client_id(authorization);
+        for key in keys(ip, client_id.as_deref()) {
             if let Err(not_until) = self.limiter.check_key(&key) {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 self.blocked
@@ -94,7 +97,7 @@ impl CredentialFailures {
 
 /// The client id of a Basic `Authorization` header, when there is one (bounded, never the
 /// secret).
-pub fn basic_client_id(header: Option<&str>) -> Option<String> {
+fn basic_client_id(header: Option<&str>) -> Option<String> {
     use base64::Engine;
     let value = header?.strip_prefix("Basic ")?.trim();
     if value.len() > 4096 {
@@ -128,19 +131,21 @@ mod tests {
         let f = CredentialFailures::new(3).expect("on");
         let ip: IpAddr = "2001:db8::1".parse().unwrap();
         let neighbour: IpAddr = "2001:db8::2".parse().unwrap();
+        let c1 = Some("Basic YzE6d3Jvbmc="); // c1:wrong
+        let c2 = Some("Basic YzI6d3Jvbmc="); // c2:wrong
         for _ in 0..3 {
-            assert!(f.retry_after(Some(ip), Some("c1")).is_none());
-            f.record(Some(ip), Some("c1"));
+            assert!(f.retry_after(Some(ip), c1).is_none());
+            f.record(Some(ip), c1);
         }
-        f.record(Some(ip), Some("c1"));
+        f.record(Some(ip), c1);
         assert!(f.retry_after(Some(neighbour), None).is_some(), "same /64");
         assert!(
-            f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c1"))
+            f.retry_after(Some("198.51.100.1".parse().unwrap()), c1)
                 .is_some(),
             "same client id"
         );
         assert!(
-            f.retry_after(Some("198.51.100.1".parse().unwrap()), Some("c2"))
+            f.retry_after(Some("198.51.100.1".parse().unwrap()), c2)
                 .is_none()
         );
         assert!(CredentialFailures::new(0).is_none());

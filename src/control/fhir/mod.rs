@@ -254,24 +254,25 @@ pub async fn delete(
         .project(caller.project_id())
         .from_ip(caller.client_ip)
         .emit();
-    // A deleted User or membership takes its sessions with it (SPEC §2).
-    match resource_type.as_str() {
-        "User" => {
-            revoke_sessions_of(&state, &format!("User/{id}"), None).await?;
+    // A deleted User or membership takes its sessions with it (SPEC §2); ending them refreshes
+    // the snapshot, which then holds the deletion too.
+    let user_ref = format!("User/{id}");
+    let sessions_of = match resource_type.as_str() {
+        "User" => Some((user_ref.as_str(), None)),
+        "ProjectMembership" => existing
+            .content
+            .get("user")
+            .and_then(|u| u.get("reference"))
+            .and_then(Value::as_str)
+            .map(|user| (user, Some(id.as_str()))),
+        _ => None,
+    };
+    match sessions_of {
+        Some((user, membership)) => {
+            revoke_sessions_of(&state, user, membership).await?;
         }
-        "ProjectMembership" => {
-            if let Some(user) = existing
-                .content
-                .get("user")
-                .and_then(|u| u.get("reference"))
-                .and_then(Value::as_str)
-            {
-                revoke_sessions_of(&state, user, Some(&id)).await?;
-            }
-        }
-        _ => {}
+        None => refreshed(&state).await,
     }
-    refreshed(&state).await;
     Ok(outcome_response(&Outcome::AllOk))
 }
 
