@@ -17,15 +17,14 @@
 use crate::state::ProjectInfo;
 use crate::store::{BatchWrite, StoreError, StoredResource};
 use crate::tokens::random_hex;
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use axum::response::Response;
 use fhirgate_core::policy::model::ProjectMembership;
 use serde_json::{Map, Value, json};
 
+use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate_admin;
-use crate::control::base::access::target_project;
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::index::index_rows;
 use crate::control::base::links::LinkKind;
@@ -45,11 +44,11 @@ use crate::control::base::users::valid_email;
 use crate::control::login::mfa::new_secret;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// An invite whose commit lost a race with a concurrent one is run once more: the second pass
@@ -199,13 +198,9 @@ fn text_field(body: &Map<String, Value>, key: &str) -> Option<String> {
 /// `POST /admin/projects/:projectId/invite`.
 pub async fn invite(
     AxState(state): AxState<AppState>,
-    Path(project_id): Path<String>,
-    req: Request,
+    AdminProject { caller, project }: AdminProject,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let body = auth_body(&parts, body).await?;
     let invite = Invite::parse(&body)?;
     if let Some(password) = &invite.password {
         check_not_breached(&state, "password", password).await?;
@@ -488,12 +483,7 @@ async fn run(
                 .find(|r| r.resource_type == "ProjectMembership")
                 .ok_or_else(|| ApiError::internal("invite", "membership not stored"))?;
             let subject = format!("ProjectMembership/{}", membership.id);
-            SecurityEvent::new(SecurityEventKind::Invitation)
-                .actor(caller.profile())
-                .subject(&subject)
-                .project(&project.id)
-                .from_ip(caller.client_ip)
-                .emit();
+            caller.record(SecurityEventKind::Invitation, &subject, &project.id);
             Ok(Done { membership, link })
         }
         Err(e) => {

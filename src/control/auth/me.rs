@@ -3,12 +3,11 @@
 //! the effective AccessPolicy.
 
 use crate::state::State;
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
 use crate::control::web::AppState;
@@ -29,9 +28,7 @@ fn pick(source: &Value, keys: &[&str], resource_type: &str) -> Value {
     Value::Object(out)
 }
 
-pub async fn me(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
+pub async fn me(AxState(state): AxState<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let membership = serde_json::to_value(caller.membership.as_ref())
         .map_err(|e| ApiError::internal("serializing a membership", e))?;
     let mut body = Map::new();
@@ -158,7 +155,14 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
 /// Browser and operating system names from a User-Agent, for the session list. Only the family
 /// names: enough for a person to recognise a session.
 fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
-    let browser = [
+    // The first name whose marker the user agent contains.
+    let first = |table: &[(&str, &'static str)]| {
+        table
+            .iter()
+            .find(|(needle, _)| ua.contains(needle))
+            .map(|(_, name)| *name)
+    };
+    let browser = first(&[
         ("Edg/", "Edge"),
         ("OPR/", "Opera"),
         ("Firefox/", "Firefox"),
@@ -167,11 +171,8 @@ fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
         ("Safari/", "Safari"),
         ("curl/", "curl"),
         ("node", "Node.js"),
-    ]
-    .iter()
-    .find(|(needle, _)| ua.contains(needle))
-    .map(|(_, name)| *name);
-    let os = [
+    ]);
+    let os = first(&[
         ("Windows", "Windows"),
         ("iPhone", "iOS"),
         ("iPad", "iOS"),
@@ -179,10 +180,7 @@ fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
         ("Mac OS X", "Mac OS"),
         ("CrOS", "Chrome OS"),
         ("Linux", "Linux"),
-    ]
-    .iter()
-    .find(|(needle, _)| ua.contains(needle))
-    .map(|(_, name)| *name);
+    ]);
     (browser, os)
 }
 

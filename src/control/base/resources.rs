@@ -18,7 +18,7 @@ use crate::control::base::domains::prepare_domain_configuration;
 use crate::control::base::index::index_rows;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 pub(crate) fn fhir_base(state: &State) -> String {
@@ -686,12 +686,11 @@ pub(crate) async fn create_resource(
     }
     refreshed(state).await;
     let subject = format!("{}/{}", stored.resource_type, stored.id);
-    SecurityEvent::new(SecurityEventKind::ResourceCreated)
-        .actor(caller.profile())
-        .subject(&subject)
-        .project(stored.project_id.as_deref().unwrap_or(""))
-        .from_ip(caller.client_ip)
-        .emit();
+    caller.record(
+        SecurityEventKind::ResourceCreated,
+        &subject,
+        stored.project_id.as_deref().unwrap_or(""),
+    );
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
     let mut body = match entry {
         Some(e) => present(caller, stored.content.clone(), e),
@@ -794,12 +793,11 @@ pub(crate) async fn update_resource(
         apply_client_secrets(state, &stored.id, &fx, true).await?;
         refreshed(state).await;
         let subject = format!("{}/{}", stored.resource_type, stored.id);
-        SecurityEvent::new(SecurityEventKind::ResourceUpdated)
-            .actor(caller.profile())
-            .subject(&subject)
-            .project(stored.project_id.as_deref().unwrap_or(""))
-            .from_ip(caller.client_ip)
-            .emit();
+        caller.record(
+            SecurityEventKind::ResourceUpdated,
+            &subject,
+            stored.project_id.as_deref().unwrap_or(""),
+        );
         stored
     };
     let mut body = present(caller, stored.content.clone(), post);

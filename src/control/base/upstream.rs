@@ -56,11 +56,7 @@ impl ProjectUpstream {
             .upstreams
             .get(&project.upstream)
             .cloned()
-            .ok_or_else(|| {
-                ApiError::Outcome(Outcome::ServiceUnavailable(
-                    "The project's upstream is not configured".into(),
-                ))
-            })?;
+            .ok_or_else(|| ApiError::Outcome(Outcome::upstream_not_configured()))?;
         Ok(ProjectUpstream {
             binding,
             isolation: project.isolation.clone(),
@@ -109,9 +105,9 @@ pub(crate) fn upstream_request(
 
 fn upstream_failure(e: &reqwest::Error) -> ApiError {
     if e.is_timeout() {
-        ApiError::Outcome(Outcome::GatewayTimeout("Upstream timed out".into()))
+        ApiError::Outcome(Outcome::upstream_timed_out())
     } else {
-        ApiError::Outcome(Outcome::BadGateway("Upstream unavailable".into()))
+        ApiError::Outcome(Outcome::upstream_unavailable())
     }
 }
 
@@ -135,9 +131,7 @@ pub(crate) async fn upstream_read(
             .ok()
             .filter(|v| target.isolation.admits(v))),
         404 | 410 => Ok(None),
-        _ => Err(ApiError::Outcome(Outcome::BadGateway(
-            "Could not read the profile from the FHIR server".into(),
-        ))),
+        _ => Err(ApiError::Outcome(Outcome::profile_unreadable())),
     }
 }
 
@@ -194,11 +188,7 @@ pub async fn ensure_profile(
     .await
     .map_err(|e| upstream_failure(&e))?;
     let status = resp.status().as_u16();
-    let refused = || {
-        ApiError::Outcome(Outcome::BadGateway(
-            "Could not create the profile in the FHIR server".into(),
-        ))
-    };
+    let refused = || ApiError::Outcome(Outcome::profile_not_created());
     if status == 412 {
         return Err(ApiError::conflict(
             "Several profiles in the FHIR server match this invite",

@@ -125,22 +125,45 @@ pub fn mfa_satisfied(login: &LoginRecord) -> bool {
         && (!flag(login, keys::MFA_ENROLL_REQUIRED) || flag(login, keys::MFA_VERIFIED))
 }
 
+/// Why a Login cannot have a code yet, in the order it is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Revoked,
+    Granted,
+    NoProfile,
+    NoScope,
+    MfaRequired,
+}
+
+impl NotReady {
+    /// Medplum's text of the error that refuses the code.
+    pub fn text(self) -> &'static str {
+        match self {
+            NotReady::Revoked => "Login revoked",
+            NotReady::Granted => "Login granted",
+            NotReady::NoProfile => "Profile not set",
+            NotReady::NoScope => "Scope not set",
+            NotReady::MfaRequired => "MFA verification required",
+        }
+    }
+}
+
 /// Why no code can be issued yet; `None` when one can.
-pub fn not_ready(login: &LoginRecord) -> Option<&'static str> {
+pub fn not_ready(login: &LoginRecord) -> Option<NotReady> {
     if login.revoked {
-        return Some("Login revoked");
+        return Some(NotReady::Revoked);
     }
     if is_granted(login) {
-        return Some("Login granted");
+        return Some(NotReady::Granted);
     }
     if login.membership_id.is_none() {
-        return Some("Profile not set");
+        return Some(NotReady::NoProfile);
     }
     if login.scope.trim().is_empty() {
-        return Some("Scope not set");
+        return Some(NotReady::NoScope);
     }
     if !mfa_satisfied(login) {
-        return Some("MFA verification required");
+        return Some(NotReady::MfaRequired);
     }
     None
 }
@@ -224,20 +247,20 @@ mod tests {
         let mut l = login();
         assert_eq!(not_ready(&l), None);
         l.membership_id = None;
-        assert_eq!(not_ready(&l), Some("Profile not set"));
+        assert_eq!(not_ready(&l), Some(NotReady::NoProfile));
         l = login();
         set_extra(&mut l, keys::MFA_REQUIRED, Value::Bool(true));
-        assert_eq!(not_ready(&l), Some("MFA verification required"));
+        assert_eq!(not_ready(&l), Some(NotReady::MfaRequired));
         set_extra(&mut l, keys::MFA_VERIFIED, Value::Bool(true));
         assert_eq!(not_ready(&l), None);
         l = login();
         set_extra(&mut l, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
-        assert_eq!(not_ready(&l), Some("MFA verification required"));
+        assert_eq!(not_ready(&l), Some(NotReady::MfaRequired));
         l = login();
         l.code = Some(format!("{GRANTED_PREFIX}abc"));
-        assert_eq!(not_ready(&l), Some("Login granted"));
+        assert_eq!(not_ready(&l), Some(NotReady::Granted));
         l = login();
         l.revoked = true;
-        assert_eq!(not_ready(&l), Some("Login revoked"));
+        assert_eq!(not_ready(&l), Some(NotReady::Revoked));
     }
 }

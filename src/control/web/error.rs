@@ -107,16 +107,12 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::VersionConflict => {
-                ApiError::Outcome(Outcome::PreconditionFailed("Version mismatch".into()))
-            }
+            StoreError::VersionConflict => ApiError::Outcome(Outcome::version_mismatch()),
             StoreError::Conflict => ApiError::conflict("Resource already exists"),
             StoreError::NotFound => ApiError::not_found(),
             // The database is unreachable: nothing was written (each write is one transaction);
             // the client may retry.
-            other if other.is_unavailable() => {
-                ApiError::Outcome(Outcome::ServiceUnavailable("Store unavailable".into()))
-            }
+            other if other.is_unavailable() => ApiError::Outcome(Outcome::store_unavailable()),
             other => ApiError::internal("store", other),
         }
     }
