@@ -40,6 +40,7 @@ use crate::control::base::upstream::profile_key;
 use crate::control::base::upstream::remove_profile;
 use crate::control::base::upstream::upstream_read;
 use crate::control::base::users::email_key;
+use crate::control::base::users::find_memberships;
 use crate::control::base::users::valid_email;
 use crate::control::login::mfa::new_secret;
 use crate::control::web::AppState;
@@ -300,20 +301,17 @@ async fn run(
         None => None,
     };
     let existing_membership = match (&existing_user, invite.force_new_membership) {
-        (Some(user), false) => state
-            .store
-            .search(
-                "ProjectMembership",
-                &[
-                    ("user".to_string(), vec![format!("User/{}", user.id)]),
-                    ("project".to_string(), vec![project_ref.clone()]),
-                ],
-                Some(&project.id),
-                2,
-            )
-            .await?
-            .into_iter()
-            .next(),
+        (Some(user), false) => {
+            let user_ref = format!("User/{}", user.id);
+            let filters = [
+                ("user", user_ref.as_str()),
+                ("project", project_ref.as_str()),
+            ];
+            find_memberships(state, &filters, Some(&project.id), 2)
+                .await?
+                .into_iter()
+                .next()
+        }
         _ => None,
     };
     if let Some(m) = &existing_membership {
@@ -330,18 +328,11 @@ async fn run(
         }
     }
     if let Some(ext) = &invite.external_id {
-        let dupes = state
-            .store
-            .search(
-                "ProjectMembership",
-                &[
-                    ("project".to_string(), vec![project_ref.clone()]),
-                    ("external-id".to_string(), vec![ext.clone()]),
-                ],
-                Some(&project.id),
-                2,
-            )
-            .await?;
+        let filters = [
+            ("project", project_ref.as_str()),
+            ("external-id", ext.as_str()),
+        ];
+        let dupes = find_memberships(state, &filters, Some(&project.id), 2).await?;
         let own = existing_membership.as_ref().map(|m| m.id.as_str());
         if dupes.iter().any(|d| Some(d.id.as_str()) != own) {
             return Err(ApiError::conflict(duplicate_external_id(&project.id, ext)).into());
@@ -550,15 +541,7 @@ async fn check_template_profile(
     if !is_valid_id(id) {
         return Err(foreign());
     }
-    let others = state
-        .store
-        .search(
-            "ProjectMembership",
-            &[("profile".to_string(), vec![r.to_string()])],
-            None,
-            100,
-        )
-        .await?;
+    let others = find_memberships(state, &[("profile", r)], None, 100).await?;
     if others
         .iter()
         .any(|m| m.project_id.as_deref() != Some(project.id.as_str()))

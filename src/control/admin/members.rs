@@ -14,6 +14,7 @@ use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
+use crate::control::base::users::find_memberships;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
@@ -145,15 +146,7 @@ async fn remove_project_user_without_memberships(state: &State, project_id: &str
         if user.project_id.as_deref() != Some(project_id) {
             return Ok(());
         }
-        let left = state
-            .store
-            .search(
-                "ProjectMembership",
-                &[("user".to_string(), vec![user_ref.to_string()])],
-                None,
-                1,
-            )
-            .await?;
+        let left = find_memberships(state, &[("user", user_ref)], None, 1).await?;
         if left.is_empty() {
             state.store.delete("User", user_id).await?;
         }

@@ -12,6 +12,7 @@ use fhirgate_core::policy::isolation::Isolation;
 
 use crate::control::base::access::Caller;
 use crate::control::base::resources::strip_secrets;
+use crate::control::base::users::find_memberships;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
@@ -214,15 +215,7 @@ pub async fn ensure_profile(
 /// invite of the same person may have found it). Failures are logged: the profile then stays,
 /// harmless, and the next invite of that person reuses it.
 pub async fn remove_profile(state: &ControlState, target: &ProjectUpstream, reference: &str) {
-    let used = state
-        .store
-        .search(
-            "ProjectMembership",
-            &[("profile".to_string(), vec![reference.to_string()])],
-            None,
-            1,
-        )
-        .await;
+    let used = find_memberships(state, &[("profile", reference)], None, 1).await;
     if !matches!(used, Ok(ref v) if v.is_empty()) {
         return;
     }

@@ -5,7 +5,7 @@ use serde_json::Value;
 use super::date::{DateValue, Range, node_range};
 use super::parse::{Modifier, RawFilter, alternatives, parse_modifier, split_unescaped, unescape};
 use super::reference::{RefValue, in_patient_compartment, meta_account};
-use super::string::{string_leaves, string_matches};
+use super::string::{string_leaves, string_matches, text_values};
 use super::token::{TokenValue, token_pairs};
 use super::{CriteriaError, unsupported};
 use crate::fhir::request::QueryParam;
@@ -111,21 +111,9 @@ pub(super) fn compile_filter(
 
     let (test, upstream) = match def.param_type {
         ParamType::String => {
-            let exact = match modifier {
-                Modifier::Exact => true,
-                Modifier::None | Modifier::Contains | Modifier::Not => false,
-                _ => return Err(bad_modifier()),
+            let Some((values, exact)) = text_values(raw, &modifier)? else {
+                return Err(bad_modifier());
             };
-            let values: Vec<String> = alternatives(raw)?
-                .into_iter()
-                .map(|v| {
-                    if exact {
-                        unescape(v)
-                    } else {
-                        unescape(v).to_lowercase()
-                    }
-                })
-                .collect();
             let upstream = match modifier {
                 Modifier::Exact => as_is(),
                 Modifier::None | Modifier::Contains => {
@@ -136,21 +124,9 @@ pub(super) fn compile_filter(
             (Test::Str { values, exact }, upstream)
         }
         ParamType::Uri => {
-            let exact = match modifier {
-                Modifier::Exact => true,
-                Modifier::None | Modifier::Contains | Modifier::Not => false,
-                _ => return Err(bad_modifier()),
+            let Some((values, exact)) = text_values(raw, &modifier)? else {
+                return Err(bad_modifier());
             };
-            let values: Vec<String> = alternatives(raw)?
-                .into_iter()
-                .map(|v| {
-                    if exact {
-                        unescape(v)
-                    } else {
-                        unescape(v).to_lowercase()
-                    }
-                })
-                .collect();
             // A FHIR server compares URIs exactly, which is what `:exact` asks; the default
             // *contains* has no FHIR equivalent.
             let upstream = if exact {

@@ -3,6 +3,9 @@
 
 use serde_json::Value;
 
+use super::CriteriaError;
+use super::parse::{Modifier, RawFilter, alternatives, unescape};
+
 pub(super) fn string_matches(s: &str, values: &[String], exact: bool) -> bool {
     if exact {
         values.iter().any(|v| v == s)
@@ -36,4 +39,28 @@ pub(super) fn string_leaves<'a>(value: &'a Value, out: &mut Vec<&'a str>) {
         }
         _ => {}
     }
+}
+
+/// The values of a `string` or `uri` filter (lower-cased unless `:exact`) and whether it is
+/// `:exact`; `None` for a modifier these types do not take.
+pub(super) fn text_values(
+    raw: &RawFilter,
+    modifier: &Modifier,
+) -> Result<Option<(Vec<String>, bool)>, CriteriaError> {
+    let exact = match modifier {
+        Modifier::Exact => true,
+        Modifier::None | Modifier::Contains | Modifier::Not => false,
+        _ => return Ok(None),
+    };
+    let values = alternatives(raw)?
+        .into_iter()
+        .map(|v| {
+            if exact {
+                unescape(v)
+            } else {
+                unescape(v).to_lowercase()
+            }
+        })
+        .collect();
+    Ok(Some((values, exact)))
 }
