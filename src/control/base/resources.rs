@@ -236,6 +236,25 @@ fn normalize_meta(resource: &mut Value, caller: &Caller) {
     obj.insert("meta".into(), Value::Object(meta));
 }
 
+/// [`prepare`], then the `meta` every write stores: normalized, and naming the project the
+/// resource lives in.
+async fn prepare_with_meta(
+    state: &State,
+    caller: &Caller,
+    resource: &mut Value,
+    existing: Option<&StoredResource>,
+) -> Result<Option<String>, ApiError> {
+    let project = prepare(state, caller, resource, existing).await?;
+    normalize_meta(resource, caller);
+    if let (Some(p), Some(meta)) = (
+        &project,
+        resource.get_mut("meta").and_then(Value::as_object_mut),
+    ) {
+        meta.insert("project".into(), Value::String(p.clone()));
+    }
+    Ok(project)
+}
+
 /// Validation and normalisation per type; returns the project the resource belongs to.
 async fn prepare(
     state: &State,
@@ -652,14 +671,7 @@ pub(crate) async fn create_resource(
     if resource_type == "ClientApplication" {
         check_client_write(caller, &resource, None, &fx)?;
     }
-    let project = prepare(state, caller, &mut resource, None).await?;
-    normalize_meta(&mut resource, caller);
-    if let (Some(p), Some(meta)) = (
-        &project,
-        resource.get_mut("meta").and_then(Value::as_object_mut),
-    ) {
-        meta.insert("project".into(), Value::String(p.clone()));
-    }
+    let project = prepare_with_meta(state, caller, &mut resource, None).await?;
     let entry = caller
         .policy
         .satisfied(&resource, Interaction::Create)
@@ -756,14 +768,7 @@ pub(crate) async fn update_resource(
     ) {
         keep_idp_secret(&mut resource, &existing.content);
     }
-    let project = prepare(state, caller, &mut resource, Some(existing)).await?;
-    normalize_meta(&mut resource, caller);
-    if let (Some(p), Some(meta)) = (
-        &project,
-        resource.get_mut("meta").and_then(Value::as_object_mut),
-    ) {
-        meta.insert("project".into(), Value::String(p.clone()));
-    }
+    let project = prepare_with_meta(state, caller, &mut resource, Some(existing)).await?;
     let pre = caller
         .policy
         .satisfied(&existing.content, Interaction::Update)
