@@ -83,58 +83,56 @@ impl Outcome {
     }
 }
 
-/// The texts fhirgate words itself where more than one place answers them (either plane).
-impl Outcome {
+/// Stock answers: the texts fhirgate words itself where more than one place answers them
+/// (either plane). The table is [`Stock::outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stock {
     /// 413: a request body past the reader's bound.
-    pub fn body_too_large() -> Outcome {
-        Outcome::PayloadTooLarge("Request body too large".into())
-    }
-
+    BodyTooLarge,
     /// 503: the store cannot be reached; nothing was read or written.
-    pub fn store_unavailable() -> Outcome {
-        Outcome::ServiceUnavailable("Store unavailable".into())
-    }
-
+    StoreUnavailable,
     /// 503: a credential may be fine, but the store that would say so cannot be reached.
-    pub fn credential_store_unavailable() -> Outcome {
-        Outcome::ServiceUnavailable("Credential store unavailable".into())
-    }
-
+    CredentialStoreUnavailable,
     /// 503: a project is bound to an upstream this instance does not know.
-    pub fn upstream_not_configured() -> Outcome {
-        Outcome::ServiceUnavailable("The project's upstream is not configured".into())
-    }
-
+    UpstreamNotConfigured,
     /// 503: the breached-password service did not answer (the check fails closed).
-    pub fn breach_check_unavailable() -> Outcome {
-        Outcome::ServiceUnavailable(
-            "The breached-password check is unavailable; try again later".into(),
-        )
-    }
-
+    BreachCheckUnavailable,
     /// 504: the upstream did not answer in time.
-    pub fn upstream_timed_out() -> Outcome {
-        Outcome::GatewayTimeout("Upstream timed out".into())
-    }
-
+    UpstreamTimedOut,
     /// 502: the upstream could not be reached.
-    pub fn upstream_unavailable() -> Outcome {
-        Outcome::BadGateway("Upstream unavailable".into())
-    }
-
+    UpstreamUnavailable,
     /// 502: the upstream refused to give back a user's profile resource.
-    pub fn profile_unreadable() -> Outcome {
-        Outcome::BadGateway("Could not read the profile from the FHIR server".into())
-    }
-
+    ProfileUnreadable,
     /// 502: the upstream refused to create a user's profile resource.
-    pub fn profile_not_created() -> Outcome {
-        Outcome::BadGateway("Could not create the profile in the FHIR server".into())
-    }
-
+    ProfileNotCreated,
     /// 412: an update named a version that is not the current one.
-    pub fn version_mismatch() -> Outcome {
-        Outcome::PreconditionFailed("Version mismatch".into())
+    VersionMismatch,
+}
+
+impl Stock {
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Stock::BodyTooLarge => Outcome::PayloadTooLarge("Request body too large".into()),
+            Stock::StoreUnavailable => Outcome::ServiceUnavailable("Store unavailable".into()),
+            Stock::CredentialStoreUnavailable => {
+                Outcome::ServiceUnavailable("Credential store unavailable".into())
+            }
+            Stock::UpstreamNotConfigured => {
+                Outcome::ServiceUnavailable("The project's upstream is not configured".into())
+            }
+            Stock::BreachCheckUnavailable => Outcome::ServiceUnavailable(
+                "The breached-password check is unavailable; try again later".into(),
+            ),
+            Stock::UpstreamTimedOut => Outcome::GatewayTimeout("Upstream timed out".into()),
+            Stock::UpstreamUnavailable => Outcome::BadGateway("Upstream unavailable".into()),
+            Stock::ProfileUnreadable => {
+                Outcome::BadGateway("Could not read the profile from the FHIR server".into())
+            }
+            Stock::ProfileNotCreated => {
+                Outcome::BadGateway("Could not create the profile in the FHIR server".into())
+            }
+            Stock::VersionMismatch => Outcome::PreconditionFailed("Version mismatch".into()),
+        }
     }
 }
 

@@ -105,9 +105,9 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
     let (result, _cache) = state.authenticate(header).await;
     let identity = result.map_err(|e| match e {
         // The credential may be fine: the store that would say so cannot be reached.
-        crate::state::AuthError::StoreUnavailable => {
-            ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::credential_store_unavailable())
-        }
+        crate::state::AuthError::StoreUnavailable => ApiError::Outcome(
+            fhirgate_core::fhir::outcome::Stock::CredentialStoreUnavailable.outcome(),
+        ),
         _ => unauthorized(),
     })?;
     let snap = state.snapshot();

@@ -109,7 +109,7 @@ pub async fn check_not_breached(
     let digest = hex::encode_upper(Sha1::digest(password.as_bytes()));
     let (prefix, suffix) = digest.split_at(5);
     let unavailable =
-        || ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::breach_check_unavailable());
+        || ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::BreachCheckUnavailable.outcome());
     let resp = state
         .outbound
         .get(format!("{}/range/{prefix}", base.trim_end_matches('/')))

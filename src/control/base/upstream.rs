@@ -2,7 +2,7 @@
 //! invited and registered users (created idempotently by an identifier fhirgate sets, removed
 //! again after a failed write) and the profile `/auth/me` and `/oauth2/userinfo` show.
 
-use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,7 +57,7 @@ impl ProjectUpstream {
             .upstreams
             .get(&project.upstream)
             .cloned()
-            .ok_or_else(|| ApiError::Outcome(Outcome::upstream_not_configured()))?;
+            .ok_or_else(|| ApiError::Outcome(Stock::UpstreamNotConfigured.outcome()))?;
         Ok(ProjectUpstream {
             binding,
             isolation: project.isolation.clone(),
@@ -106,9 +106,9 @@ pub(crate) fn upstream_request(
 
 fn upstream_failure(e: &reqwest::Error) -> ApiError {
     if e.is_timeout() {
-        ApiError::Outcome(Outcome::upstream_timed_out())
+        ApiError::Outcome(Stock::UpstreamTimedOut.outcome())
     } else {
-        ApiError::Outcome(Outcome::upstream_unavailable())
+        ApiError::Outcome(Stock::UpstreamUnavailable.outcome())
     }
 }
 
@@ -132,7 +132,7 @@ pub(crate) async fn upstream_read(
             .ok()
             .filter(|v| target.isolation.admits(v))),
         404 | 410 => Ok(None),
-        _ => Err(ApiError::Outcome(Outcome::profile_unreadable())),
+        _ => Err(ApiError::Outcome(Stock::ProfileUnreadable.outcome())),
     }
 }
 
@@ -189,7 +189,7 @@ pub async fn ensure_profile(
     .await
     .map_err(|e| upstream_failure(&e))?;
     let status = resp.status().as_u16();
-    let refused = || ApiError::Outcome(Outcome::profile_not_created());
+    let refused = || ApiError::Outcome(Stock::ProfileNotCreated.outcome());
     if status == 412 {
         return Err(ApiError::conflict(
             "Several profiles in the FHIR server match this invite",

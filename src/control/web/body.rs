@@ -18,7 +18,7 @@ const MAX_AUTH_BODY: usize = 64 * 1024;
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     axum::body::to_bytes(body, limit)
         .await
-        .map_err(|_| ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::body_too_large()))
+        .map_err(|_| ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::BodyTooLarge.outcome()))
 }
 
 /// The decoded `name=value` pairs of a request's query string, in order, repeats kept.
