@@ -474,7 +474,9 @@ async fn run(
                 .find(|r| r.resource_type == "ProjectMembership")
                 .ok_or_else(|| ApiError::internal("invite", "membership not stored"))?;
             let subject = format!("ProjectMembership/{}", membership.id);
-            caller.record(SecurityEventKind::Invitation, &subject, &project.id);
+            caller
+                .event(SecurityEventKind::Invitation, &subject, &project.id)
+                .emit();
             Ok(Done { membership, link })
         }
         Err(e) => {

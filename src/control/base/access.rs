@@ -68,14 +68,19 @@ impl Caller {
         &self.identity.profile
     }
 
-    /// Records a security event of something the caller did to `subject` in `project`.
-    pub fn record(&self, kind: SecurityEventKind, subject: &str, project: &str) {
+    /// A security event of something the caller did to `subject` in `project` (actor and
+    /// address filled in); the caller adds what else it knows and emits it.
+    pub fn event<'a>(
+        &'a self,
+        kind: SecurityEventKind,
+        subject: &'a str,
+        project: &'a str,
+    ) -> SecurityEvent<'a> {
         SecurityEvent::new(kind)
             .actor(self.profile())
             .subject(subject)
             .project(project)
             .from_ip(self.client_ip)
-            .emit();
     }
 
     /// May the caller see or change something stored in `project`? Super admins see every

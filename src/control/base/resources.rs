@@ -698,11 +698,13 @@ pub(crate) async fn create_resource(
     }
     refreshed(state).await;
     let subject = format!("{}/{}", stored.resource_type, stored.id);
-    caller.record(
-        SecurityEventKind::ResourceCreated,
-        &subject,
-        stored.project_id.as_deref().unwrap_or(""),
-    );
+    caller
+        .event(
+            SecurityEventKind::ResourceCreated,
+            &subject,
+            stored.project_id.as_deref().unwrap_or(""),
+        )
+        .emit();
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
     let mut body = match entry {
         Some(e) => present(caller, stored.content.clone(), e),
@@ -798,11 +800,13 @@ pub(crate) async fn update_resource(
         apply_client_secrets(state, &stored.id, &fx, true).await?;
         refreshed(state).await;
         let subject = format!("{}/{}", stored.resource_type, stored.id);
-        caller.record(
-            SecurityEventKind::ResourceUpdated,
-            &subject,
-            stored.project_id.as_deref().unwrap_or(""),
-        );
+        caller
+            .event(
+                SecurityEventKind::ResourceUpdated,
+                &subject,
+                stored.project_id.as_deref().unwrap_or(""),
+            )
+            .emit();
         stored
     };
     let mut body = present(caller, stored.content.clone(), post);

@@ -257,11 +257,13 @@ pub async fn delete(
     }
     state.store.delete(&resource_type, &id).await?;
     let subject = format!("{resource_type}/{id}");
-    caller.record(
-        SecurityEventKind::ResourceDeleted,
-        &subject,
-        caller.project_id(),
-    );
+    caller
+        .event(
+            SecurityEventKind::ResourceDeleted,
+            &subject,
+            caller.project_id(),
+        )
+        .emit();
     // A deleted User or membership takes its sessions with it (SPEC §2); ending them refreshes
     // the snapshot, which then holds the deletion too.
     let user_ref = format!("User/{id}");

@@ -121,10 +121,12 @@ async fn rotate_secret(
     }
     refreshed(state).await;
     let subject = format!("ClientApplication/{id}");
-    caller.record(
-        SecurityEventKind::SecretRotated,
-        &subject,
-        caller.project_id(),
-    );
+    caller
+        .event(
+            SecurityEventKind::SecretRotated,
+            &subject,
+            caller.project_id(),
+        )
+        .emit();
     Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }

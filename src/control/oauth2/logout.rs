@@ -23,7 +23,9 @@ pub async fn logout(
     if let Some(login) = &caller.identity.login_id {
         revoke(&state, login).await?;
         let subject = format!("Login/{login}");
-        caller.record(SecurityEventKind::Logout, &subject, caller.project_id());
+        caller
+            .event(SecurityEventKind::Logout, &subject, caller.project_id())
+            .emit();
     }
     let mut response = outcome_response(&Outcome::AllOk);
     if let Some(client_id) = &caller.identity.client_id {
