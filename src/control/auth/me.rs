@@ -10,6 +10,7 @@ use serde_json::{Map, Value, json};
 use crate::control::base::access::Caller;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
+use crate::control::login::state::keys;
 use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
@@ -115,7 +116,7 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
             if let Some(ip) = l.remote_address {
                 s["remoteAddress"] = Value::String(ip);
             }
-            if let Some(ua) = l.extra.get("userAgent").and_then(Value::as_str) {
+            if let Some(ua) = l.extra.get(keys::USER_AGENT).and_then(Value::as_str) {
                 let (browser, os) = browser_and_os(ua);
                 if let Some(b) = browser {
                     s["browser"] = Value::String(b.into());
