@@ -151,9 +151,14 @@ fn env() -> Env {
     let config = Config::from_file(file).unwrap();
     let state = rt.block_on(async {
         let store = Store::open(&url).await.unwrap();
-        let state = State::new(config, store, b"bench-secret-hash-key".to_vec())
-            .await
-            .unwrap();
+        let state = State::new(
+            config,
+            store,
+            std::sync::Arc::new(fhirgate::sealed::KeyEncryptionKey::from_bytes(&[9; 32]).unwrap()),
+            b"bench-secret-hash-key".to_vec(),
+        )
+        .await
+        .unwrap();
         bootstrap(&state).await.unwrap();
         state
     });

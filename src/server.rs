@@ -28,6 +28,8 @@ pub enum StartError {
     Policies(#[from] crate::policies_dir::PoliciesDirError),
     #[error("cannot start: {0}")]
     Runtime(String),
+    #[error("secrets at rest: {0}")]
+    Secrets(String),
 }
 
 /// Which planes this process runs.
@@ -148,6 +150,35 @@ impl BackgroundService for ControlResolver {
     }
 }
 
+/// Writes the security trail upstream as AuditEvents (`obs::trail`).
+type TrailStart = (crate::obs::trail::Subscription, reqwest::Client);
+struct TrailWriter(std::sync::Mutex<Option<TrailStart>>, Arc<State>);
+
+#[async_trait]
+impl BackgroundService for TrailWriter {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        use crate::obs::trail::{Destination, Resolver, run_writer};
+        let Some((sub, client)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let state = self.1.clone();
+        // An event without a project (a sign-in attempt for an unknown address, a refused
+        // client) belongs to no project's admins: it stays in the log only.
+        let resolve: Resolver = Arc::new(move |project: Option<&str>| {
+            let snap = state.snapshot();
+            let p = snap.projects.get(project?)?;
+            let binding = state.upstreams.get(&p.upstream)?.clone();
+            let isolation = p.isolation.clone();
+            Some(Destination {
+                base_url: binding.upstream.base_url.clone(),
+                authorization: binding.upstream.authorization.clone(),
+                isolation,
+            })
+        });
+        run_writer(sub, resolve, client, shutdown).await;
+    }
+}
+
 /// `/readyz` answers within this, database or not (probes time out after a few seconds).
 const READY_PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -209,10 +240,14 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         .map_err(|e| StartError::Runtime(e.to_string()))?;
     let (state, report, watcher) = runtime.block_on(async {
         let store = Store::open_with(&config.store_url, config.store_max_connections).await?;
-        let key = store
-            .setting_init("secret_hash_key", &crate::tokens::random_hex(32))
-            .await?;
-        let state = State::new(config.clone(), store, key.into_bytes()).await?;
+        // Secrets at rest: the key-encryption key lives outside the store (environment or
+        // a 0600 file); an instance holding another one than the store's refuses to start.
+        let kek = crate::sealed::KeyEncryptionKey::load(&config.key_encryption_key)
+            .map_err(|e| StartError::Secrets(e.to_string()))?;
+        let hash_key = crate::state::keys::open_store_secrets(&store, &kek)
+            .await
+            .map_err(|e| StartError::Secrets(e.to_string()))?;
+        let state = State::new(config.clone(), store, Arc::new(kek), hash_key).await?;
         let report = bootstrap(&state)
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
@@ -278,6 +313,22 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         },
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
+    if config.audit_events {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| {
+                StartError::Runtime(format!("the AuditEvent writer's HTTP client: {e}"))
+            })?;
+        server.add_service(background_service(
+            "audit trail",
+            TrailWriter(
+                std::sync::Mutex::new(Some((crate::obs::trail::subscribe(), client))),
+                state.clone(),
+            ),
+        ));
+    }
     if planes.gateway
         && (state.control.needs_resolution()
             || state

@@ -125,6 +125,15 @@ pub struct ConfigFile {
     /// Store URL: sqlite://PATH or postgres://… [default: sqlite://<data-dir>/fhirgate.db]
     #[arg(long, env = "FHIRGATE_STORE")]
     pub store: Option<String>,
+    /// The key-encryption key that seals signing keys and the client-secret hash key in the
+    /// store: 32 bytes as base64. Every instance sharing a store needs the same one [default:
+    /// read from key_encryption_key_file]
+    #[arg(long, env = "FHIRGATE_KEY_ENCRYPTION_KEY", hide_env_values = true)]
+    pub key_encryption_key: Option<String>,
+    /// File holding the key-encryption key (base64) [default: <data-dir>/key-encryption-key,
+    /// created with mode 0600 by the first start]
+    #[arg(long, env = "FHIRGATE_KEY_ENCRYPTION_KEY_FILE")]
+    pub key_encryption_key_file: Option<PathBuf>,
     /// Store connection pool size per process [default: 4 for SQLite, 16 for PostgreSQL]
     #[arg(long, env = "FHIRGATE_STORE_MAX_CONNECTIONS")]
     pub store_max_connections: Option<u32>,
@@ -205,6 +214,10 @@ pub struct ConfigFile {
     /// Open self-registration through /auth/newuser (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_REGISTER_ENABLED")]
     pub register_enabled: Option<bool>,
+    /// Also write every security event as a FHIR AuditEvent (IHE BALP shape) to the upstream
+    /// of its project, readable by the project's admins (true or false) [default: false]
+    #[arg(long, env = "FHIRGATE_AUDIT_EVENTS")]
+    pub audit_events: Option<bool>,
     /// reCAPTCHA site key of the server's own sign-up and reset pages
     #[arg(long, env = "FHIRGATE_RECAPTCHA_SITE_KEY")]
     pub recaptcha_site_key: Option<String>,
@@ -554,6 +567,8 @@ pub struct Config {
     pub named_upstreams: std::collections::BTreeMap<String, Upstream>,
     pub data_dir: PathBuf,
     pub store_url: String,
+    /// Where the key-encryption key comes from (`crate::sealed`).
+    pub key_encryption_key: crate::sealed::KekSource,
     /// `None`: the store's default for its dialect.
     pub store_max_connections: Option<u32>,
     pub trusted_proxies: Vec<IpNet>,
@@ -578,6 +593,8 @@ pub struct Config {
     pub mail_from: String,
     /// `/auth/newuser` is open (medplum-auth.md §2.7 `registerEnabled`).
     pub register_enabled: bool,
+    /// Security events are also written upstream as FHIR AuditEvents (`obs::trail`).
+    pub audit_events: bool,
     pub recaptcha: Recaptcha,
     /// The breached-password range API's base URL; `None`: no check.
     pub pwned_passwords_url: Option<String>,
@@ -736,6 +753,17 @@ impl Config {
             base_url,
             upstream,
             named_upstreams,
+            key_encryption_key: match (f.key_encryption_key, f.key_encryption_key_file) {
+                (Some(value), _) => crate::sealed::KekSource::Value(value),
+                (None, Some(path)) => crate::sealed::KekSource::File {
+                    path,
+                    create: false,
+                },
+                (None, None) => crate::sealed::KekSource::File {
+                    path: data_dir.join("key-encryption-key"),
+                    create: true,
+                },
+            },
             data_dir,
             store_url,
             store_max_connections: f.store_max_connections,
@@ -779,6 +807,7 @@ impl Config {
             smtp,
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),
+            audit_events: f.audit_events.unwrap_or(false),
             recaptcha,
             pwned_passwords_url,
             control_url: match f.control_url.as_deref() {

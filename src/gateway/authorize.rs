@@ -293,6 +293,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
             policy: Some(policy),
             metadata: false,
             drop_total: permit.drop_total,
+            subset: permit.subset,
         })),
     };
     Verdict::Forward

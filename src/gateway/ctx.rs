@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use fhirgate_core::fhir::request::QueryParam;
+use fhirgate_core::fhir::subset::{Subset, strip_query};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +32,19 @@ pub struct FilterSpec {
     pub metadata: bool,
     /// `Bundle.total` cannot be trusted and is removed.
     pub drop_total: bool,
+    /// The part of each resource the client asked for, taken here after the checks (the
+    /// upstream was asked for whole resources).
+    pub subset: Option<Subset>,
+}
+
+impl FilterSpec {
+    /// The query the upstream gets: the client's, without a subset the gateway takes itself.
+    pub fn upstream_query<'a>(&self, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+        match (query, &self.subset) {
+            (Some(q), Some(_)) => Some(std::borrow::Cow::Owned(strip_query(q))),
+            (q, _) => q.map(std::borrow::Cow::Borrowed),
+        }
+    }
 }
 
 #[derive(Debug)]

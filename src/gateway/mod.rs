@@ -132,6 +132,7 @@ impl ProxyHttp for Gateway {
                     policy: None,
                     metadata: true,
                     drop_total: false,
+                    subset: None,
                 }));
                 Ok(false)
             }
@@ -278,6 +279,24 @@ impl ProxyHttp for Gateway {
                 status,
             }
             .emit();
+            // A refusal of an authenticated caller joins the project's security trail.
+            if status == 403
+                && crate::obs::trail::active()
+                && let Some(identity) = &ctx.identity
+            {
+                crate::obs::trail::record(crate::obs::trail::TrailRecord {
+                    kind: crate::obs::trail::TrailKind::Alert,
+                    event: "request_denied",
+                    success: false,
+                    reason: Some(ctx.decision),
+                    actor: Some(identity.profile.clone()),
+                    subject: ctx.resource_type.clone(),
+                    project: Some(identity.project_id.clone()),
+                    client_ip: ctx.client_ip,
+                    versions: (None, None),
+                    recorded_ms: crate::obs::trail::now_ms(),
+                });
+            }
         }
     }
 }

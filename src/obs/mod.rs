@@ -2,6 +2,7 @@
 //! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
 
 pub mod security;
+pub mod trail;
 
 use std::sync::{LazyLock, OnceLock};
 
@@ -18,6 +19,7 @@ pub struct Metrics {
     pub token_cache: IntCounterVec,
     pub tokens_issued: IntCounterVec,
     pub security_events: IntCounterVec,
+    pub audit_events: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -77,6 +79,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "fhirgate_security_events_total",
             "Security events of the control plane by event and outcome",
             &["event", "outcome"],
+        ),
+        audit_events: counter(
+            &registry,
+            "fhirgate_audit_events_total",
+            "AuditEvents of the security trail written upstream, or dropped",
+            &["outcome"],
         ),
         registry,
     }

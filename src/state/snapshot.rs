@@ -101,9 +101,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The store as the planes see it. Without `kek` (the offline `policy explain`) the
+    /// keyring stays empty.
     pub async fn load(
         store: &Store,
         config: &Config,
+        kek: Option<&crate::sealed::KeyEncryptionKey>,
         version: u64,
     ) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot {
@@ -118,7 +121,7 @@ impl Snapshot {
             .into_iter()
             .filter_map(|i| {
                 let k = &schedule[i].0;
-                match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
+                match super::keys::open_key(kek?, k) {
                     Ok(key) => Some(key),
                     Err(e) => {
                         tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");

@@ -90,7 +90,8 @@ pub struct LoginRecord {
 pub struct StoredKey {
     pub id: String,
     pub alg: String,
-    /// PKCS#8 DER, base64.
+    /// PKCS#8 DER sealed with the key-encryption key (`crate::sealed`); a key written before
+    /// sealing existed holds it base64 in clear until the next start seals it.
     pub private_der: String,
     pub active: bool,
     pub created_at: i64,
@@ -318,6 +319,15 @@ impl Store {
         .execute(&self.pool)
         .await?;
         self.setting(key).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Removes `key` (a value that must no longer be kept, e.g. one now stored sealed).
+    pub async fn delete_setting(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM settings WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records the first use of a client assertion, kept until `expires_at`: false when it was
@@ -774,6 +784,28 @@ impl Store {
             .bind(i64::from(k.active))
             .bind(k.created_at)
             .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Every stored key's id and private half as stored, retired ones included.
+    pub async fn key_secrets(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT id, private_der FROM signing_keys ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("private_der")?)))
+            .collect()
+    }
+
+    /// Replaces a key's private half, only if it is still `old` (another instance may have
+    /// replaced it first).
+    pub async fn replace_key_secret(&self, id: &str, old: &str, new: &str) -> Result<()> {
+        sqlx::query("UPDATE signing_keys SET private_der = $1 WHERE id = $2 AND private_der = $3")
+            .bind(new)
+            .bind(id)
+            .bind(old)
+            .execute(&self.pool)
             .await?;
         Ok(())
     }

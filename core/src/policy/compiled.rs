@@ -17,6 +17,7 @@ use crate::policy::criteria::{Criteria, CriteriaError};
 use crate::policy::ip::{CompiledIpRule, IpVerdict, check_ip};
 use crate::policy::model::{
     AccessPolicy, AccessPolicyResource, CREDENTIAL_TYPES, PROJECT_ADMIN_TYPES, PROTECTED_TYPES,
+    TRAIL_TYPES,
 };
 
 // === InteractionSet ===
@@ -191,6 +192,12 @@ pub fn is_project_admin_type(name: &str) -> bool {
 /// entry naming the type grants it.
 pub fn is_identity_type(name: &str) -> bool {
     is_project_admin_type(name) || is_protected_type(name) || CREDENTIAL_TYPES.contains(&name)
+}
+
+/// Whether a `*` entry grants `name`: not for identity types nor the security trail
+/// ([`TRAIL_TYPES`]).
+pub fn wildcard_reaches(name: &str) -> bool {
+    !is_identity_type(name) && !TRAIL_TYPES.contains(&name)
 }
 
 /// `DomainConfiguration`, `JsonWebKey`, `Login`: super admins only.
@@ -393,7 +400,7 @@ impl CompiledEntry {
     /// granted. Broken entries still match here (so that they stop the walk).
     pub fn shallow_matches(&self, resource_type: &str, interaction: Interaction) -> bool {
         (self.resource_type == resource_type
-            || (self.is_wildcard() && !is_identity_type(resource_type)))
+            || (self.is_wildcard() && wildcard_reaches(resource_type)))
             && self.interactions.contains(interaction)
     }
 

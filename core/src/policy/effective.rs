@@ -73,7 +73,7 @@ const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
 
 /// The order in which a super-admin project gets the admin types (step 7), then the types `*`
 /// no longer reaches (SPEC §2), which Medplum's super admins get through `*`.
-const SUPER_ADMIN_TYPES: [&str; 10] = [
+const SUPER_ADMIN_TYPES: [&str; 11] = [
     "UserSecurityRequest",
     "Project",
     "ProjectMembership",
@@ -84,6 +84,7 @@ const SUPER_ADMIN_TYPES: [&str; 10] = [
     "DomainConfiguration",
     "JsonWebKey",
     "Login",
+    "AuditEvent",
 ];
 
 // === EffectivePolicy ===
@@ -435,6 +436,11 @@ fn project_admin_entries(
     // policies by name. The control API keeps them inside the project.
     out.push(entry_of("ClientApplication"));
     out.push(entry_of("AccessPolicy"));
+    // The project's security trail: read, never written (fhirgate writes it).
+    out.push(AccessPolicyResource {
+        readonly: Some(true),
+        ..entry_of("AuditEvent")
+    });
     out
 }
 

@@ -178,3 +178,8 @@ pub const PROTECTED_TYPES: [&str; 3] = ["DomainConfiguration", "JsonWebKey", "Lo
 /// types, a `*` entry never grants these (SPEC §2, stricter than Medplum, whose `*` lets any
 /// member rewrite a client's secret or widen a policy). Admins get them by name.
 pub const CREDENTIAL_TYPES: [&str; 3] = ["AccessPolicy", "ClientApplication", "IdentityProvider"];
+
+/// The security trail: fhirgate writes it (`obs::audit_events`), project admins read it. A `*`
+/// entry reaches neither its reads (who signed in from where) nor its writes (a forged trail);
+/// an entry naming the type does. It lives upstream, isolated like any clinical type.
+pub const TRAIL_TYPES: [&str; 1] = ["AuditEvent"];

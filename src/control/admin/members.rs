@@ -21,6 +21,7 @@ use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// The admin caller, the project the call acts on and the membership `membership_id` of it
@@ -99,7 +100,7 @@ pub async fn delete_member(
     req: Request,
 ) -> Result<Response, ApiError> {
     let (parts, _) = req.into_parts();
-    let (_, project, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
+    let (caller, project, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
     let owner = project
         .content
         .get("owner")
@@ -116,6 +117,14 @@ pub async fn delete_member(
         ));
     }
     state.store.delete("ProjectMembership", &m.id).await?;
+    let subject = format!("ProjectMembership/{}", m.id);
+    SecurityEvent::new(SecurityEventKind::ResourceDeleted)
+        .actor(caller.profile())
+        .subject(&subject)
+        .project(&project.id)
+        .versions(Some(&m.version_id), None)
+        .from_ip(caller.client_ip)
+        .emit();
     if let Some(user) = user {
         revoke_sessions_of(&state, user, Some(&m.id)).await?;
         remove_project_user_without_memberships(&state, &project.id, user).await;

@@ -690,6 +690,7 @@ pub(crate) async fn create_resource(
         .actor(caller.profile())
         .subject(&subject)
         .project(stored.project_id.as_deref().unwrap_or(""))
+        .versions(None, Some(&stored.version_id))
         .from_ip(caller.client_ip)
         .emit();
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
@@ -798,6 +799,7 @@ pub(crate) async fn update_resource(
             .actor(caller.profile())
             .subject(&subject)
             .project(stored.project_id.as_deref().unwrap_or(""))
+            .versions(Some(&existing.version_id), Some(&stored.version_id))
             .from_ip(caller.client_ip)
             .emit();
         stored

@@ -187,10 +187,13 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         apply_membership(state, &mut login, id, membership, req.remote_address).await?;
     }
     state.store.insert_login(&login).await?;
-    SecurityEvent::new(SecurityEventKind::SignIn)
+    let mut event = SecurityEvent::new(SecurityEventKind::SignIn)
         .subject(&login.user_ref)
-        .from_ip(req.remote_address)
-        .emit();
+        .from_ip(req.remote_address);
+    if let Some(project) = &login.project_id {
+        event = event.project(project);
+    }
+    event.emit();
     Ok(login)
 }
 

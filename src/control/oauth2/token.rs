@@ -136,6 +136,13 @@ async fn handle(state: &ControlState, req: Request) -> Result<Response, ApiError
             return Err(e);
         }
     };
+    let project = body
+        .pointer("/project/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("Project/"));
+    if let Some(project) = project {
+        event = event.project(project);
+    }
     event.emit();
     METRICS
         .tokens_issued
@@ -481,11 +488,14 @@ async fn refresh_token(
         // end it, for the thief and the owner alike.
         revoke(state, &login.id).await?;
         let subject = format!("Login/{}", login.id);
-        SecurityEvent::new(SecurityEventKind::RefreshTokenReused)
+        let mut event = SecurityEvent::new(SecurityEventKind::RefreshTokenReused)
             .failed("rotated_token_reused")
             .subject(&subject)
-            .actor(&login.user_ref)
-            .emit();
+            .actor(&login.user_ref);
+        if let Some(project) = &login.project_id {
+            event = event.project(project);
+        }
+        event.emit();
         return Err(ApiError::oauth("Invalid token"));
     }
     let snap = snapshot_for(state, &login).await;

@@ -874,6 +874,7 @@ fn case_69_project_admin_entries() {
             "User",
             "ClientApplication",
             "AccessPolicy",
+            "AuditEvent ro",
         ]
     );
     let p = e.access_policy();
@@ -951,6 +952,7 @@ fn project_admin_with_links_and_scopes() {
             "User",
             "ClientApplication",
             "AccessPolicy",
+            "AuditEvent ro",
         ]
     );
     assert_eq!(
@@ -1001,6 +1003,7 @@ fn super_admin_project_gets_admin_types() {
             "DomainConfiguration",
             "JsonWebKey",
             "Login",
+            "AuditEvent",
         ],
     );
     let e = eff(&m, &store, &opts);
