@@ -144,7 +144,7 @@ impl ServeArgs {
 
 fn serve(args: ServeArgs, planes: Planes) -> Result<(), String> {
     let config = args.config()?;
-    let _log_writer = crate::obs::init_logging(config.json_logs);
+    let _log_writer = crate::obs::init_logging(config.log_format);
     let running = start(config.clone(), planes).map_err(|e| e.to_string())?;
     print_welcome(&config, planes, &running.bootstrap);
     running.block_on(async {

@@ -247,6 +247,9 @@ fn an_unreachable_database_stops_the_start() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("cannot open store"), "{err}");
+    // Which store, and the driver's reason, not only "pool timed out".
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
 #[test]

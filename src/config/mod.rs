@@ -190,7 +190,7 @@ pub struct ConfigFile {
     /// Secret of the bootstrap admin ClientApplication [default: generated, printed once]
     #[arg(long, env = "FHIRGATE_ADMIN_CLIENT_SECRET", hide_env_values = true)]
     pub admin_client_secret: Option<String>,
-    /// Log format: json or text [default: json]
+    /// Log format: json, text, or auto (text on a terminal, JSON lines otherwise) [default: auto]
     #[arg(long, env = "FHIRGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// SMTP server for invitation and password e-mails [default: none: each message is written to <data-dir>/outbox/ as an .eml file]
@@ -473,6 +473,28 @@ pub enum SmtpTls {
     None,
 }
 
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines (colours only on a terminal).
+    Text,
+    /// Text on a terminal, JSON lines otherwise (a file, a pipe, a log collector).
+    Auto,
+}
+
+impl LogFormat {
+    /// Whether lines are JSON, given whether standard output is a terminal.
+    pub fn json(self, terminal: bool) -> bool {
+        match self {
+            LogFormat::Json => true,
+            LogFormat::Text => false,
+            LogFormat::Auto => !terminal,
+        }
+    }
+}
+
 /// A password that never shows up in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -586,7 +608,7 @@ pub struct Config {
     pub policies_dir: Option<PathBuf>,
     pub grace_period_seconds: u64,
     pub bootstrap: Bootstrap,
-    pub json_logs: bool,
+    pub log_format: LogFormat,
     /// Where e-mail goes; `None`: the outbox folder `<data_dir>/outbox`.
     pub smtp: Option<Smtp>,
     /// The From mailbox of every e-mail (checked: it parses as a mailbox).
@@ -694,9 +716,27 @@ impl Config {
             parse_lifetime(&s)
                 .ok_or_else(|| invalid(key, format!("`{s}` is not a duration like 60s, 1h, 2w")))
         };
-        let log_format = f.log_format.unwrap_or_else(|| "json".into());
-        if !matches!(log_format.as_str(), "json" | "text") {
-            return Err(invalid("log_format", "must be json or text"));
+        let log_format = match f.log_format.as_deref().unwrap_or("auto") {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            "auto" => LogFormat::Auto,
+            _ => return Err(invalid("log_format", "must be json, text or auto")),
+        };
+        if f.threads == Some(0) {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        if f.max_request_body == Some(0) || f.max_response_buffer == Some(0) {
+            return Err(invalid(
+                if f.max_request_body == Some(0) {
+                    "max_request_body"
+                } else {
+                    "max_response_buffer"
+                },
+                "must be at least 1 byte",
+            ));
+        }
+        if f.token_cache_capacity == Some(0) {
+            return Err(invalid("token_cache_capacity", "must be at least 1"));
         }
         let public = url::Url::parse(&base_url).map_err(|e| invalid("base_url", e.to_string()))?;
         let smtp = Smtp::from_file(
@@ -803,7 +843,7 @@ impl Config {
                 admin_client_id: f.admin_client_id,
                 admin_client_secret: f.admin_client_secret,
             },
-            json_logs: log_format == "json",
+            log_format,
             smtp,
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),

@@ -216,6 +216,18 @@ fn create_private(db: &std::path::Path, parent: &std::path::Path) -> std::io::Re
     }
 }
 
+/// A store URL fit for a message: no password, no query.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.scheme().starts_with("postgres") => {
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        _ => url.split('?').next().unwrap_or(url).to_string(),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the store at `url` with the default pool size.
     pub async fn open(url: &str) -> Result<Store> {
@@ -272,8 +284,32 @@ impl Store {
                 })
             })
             .connect(&url)
-            .await
-            .map_err(|e| StoreError::Open(e.to_string()))?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(e) => {
+                // A pool says only that it timed out: one plain connection says why.
+                let reason = match e {
+                    sqlx::Error::PoolTimedOut => {
+                        use sqlx::Connection;
+                        match tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            sqlx::AnyConnection::connect(&url),
+                        )
+                        .await
+                        {
+                            Ok(Err(direct)) => direct.to_string(),
+                            Ok(Ok(_)) | Err(_) => e.to_string(),
+                        }
+                    }
+                    other => other.to_string(),
+                };
+                return Err(StoreError::Open(format!(
+                    "{}: {reason}",
+                    without_password(&url)
+                )));
+            }
+        };
         let store = Store { pool, dialect };
         migrations::run(&store.pool, dialect).await?;
         Ok(store)
