@@ -355,7 +355,10 @@ fn the_bootstrap_admin_signs_in_in_chromium() {
         json!(["Sign in", "Allow access"]),
         "{result}"
     );
-    let code = result["callback"]["code"].as_str().expect("a code").to_string();
+    let code = result["callback"]["code"]
+        .as_str()
+        .expect("a code")
+        .to_string();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -214,6 +214,12 @@ pub struct ConfigFile {
     /// Open self-registration through /auth/newuser (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_REGISTER_ENABLED")]
     pub register_enabled: Option<bool>,
+    /// Browser origins allowed to call fhirgate (CORS), comma-separated `scheme://host[:port]`, or
+    /// `*` for any origin (then without credentials) [default: the origins of the registered
+    /// clients' redirect URIs, launch URIs and allowedOrigin]
+    #[arg(long, env = "FHIRGATE_CORS_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
     /// Also write every security event as a FHIR AuditEvent (IHE BALP shape) to the upstream
     /// of its project, readable by the project's admins (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_AUDIT_EVENTS")]
@@ -473,6 +479,48 @@ pub enum SmtpTls {
     None,
 }
 
+/// The browser origins CORS admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// The origins of the registered clients (redirect URIs, launch URI, `allowedOrigin`).
+    Registered,
+    /// Exactly these (`scheme://host[:port]`, lower case).
+    List(std::collections::BTreeSet<String>),
+    /// Any origin, answered `*` and never with credentials.
+    Any,
+}
+
+fn cors_origins(values: &[String]) -> Result<CorsOrigins, ConfigError> {
+    let values: Vec<&str> = values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.is_empty() {
+        return Ok(CorsOrigins::Registered);
+    }
+    if values == ["*"] {
+        return Ok(CorsOrigins::Any);
+    }
+    let mut list = std::collections::BTreeSet::new();
+    for v in values {
+        let origin = url::Url::parse(v)
+            .ok()
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https") && u.path() == "/" && !v.ends_with('/')
+            })
+            .map(|u| u.origin().ascii_serialization())
+            .ok_or_else(|| {
+                invalid(
+                    "cors_origins",
+                    format!("`{v}` is not an origin like https://app.example.com (or a lone *)"),
+                )
+            })?;
+        list.insert(origin);
+    }
+    Ok(CorsOrigins::List(list))
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -617,6 +665,8 @@ pub struct Config {
     pub register_enabled: bool,
     /// Security events are also written upstream as FHIR AuditEvents (`obs::trail`).
     pub audit_events: bool,
+    /// Which browser origins CORS admits.
+    pub cors_origins: CorsOrigins,
     pub recaptcha: Recaptcha,
     /// The breached-password range API's base URL; `None`: no check.
     pub pwned_passwords_url: Option<String>,
@@ -848,6 +898,7 @@ impl Config {
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),
             audit_events: f.audit_events.unwrap_or(false),
+            cors_origins: cors_origins(&f.cors_origins)?,
             recaptcha,
             pwned_passwords_url,
             control_url: match f.control_url.as_deref() {

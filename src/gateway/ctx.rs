@@ -81,6 +81,8 @@ pub struct RequestCtx {
     pub retry_after: Option<u64>,
     /// The status written by the gateway itself, if it answered.
     pub answered: Option<u16>,
+    /// The CORS answer for the request's `Origin`, when admitted.
+    pub cors: Option<super::cors::CorsGrant>,
     /// Counts this request as in flight until the context is dropped (a graceful stop waits for
     /// none to be left, not for the whole grace period).
     _in_flight: crate::obs::InFlight,
@@ -145,6 +147,7 @@ impl RequestCtx {
             upstream_started: None,
             upstream_elapsed: None,
             answered: None,
+            cors: None,
             _in_flight: crate::obs::InFlight::start(),
         }
     }

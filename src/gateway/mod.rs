@@ -12,6 +12,7 @@
 //! | record         | `logging`                     | `obs`                                |
 
 pub mod authorize;
+pub mod cors;
 pub mod ctx;
 pub mod filter;
 mod forward;
@@ -96,6 +97,7 @@ impl Gateway {
             extra.push(("retry-after", secs.to_string()));
         }
         ctx.decision = label;
+        let extra = respond::with_cors(&extra, ctx.cors.as_ref());
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
         Ok(true)
     }
@@ -121,6 +123,18 @@ impl ProxyHttp for Gateway {
                 return self.deny(session, ctx, o, "bad_forwarded_for").await;
             }
         };
+        // Browsers first: a preflight is answered here, before any credential is looked at,
+        // and never travels further.
+        ctx.cors = cors::grant(&self.state, session);
+        if cors::is_preflight(session) {
+            ctx.decision = if ctx.cors.is_some() {
+                "preflight"
+            } else {
+                "preflight_refused"
+            };
+            ctx.answered = Some(cors::answer_preflight(session, ctx.cors.as_ref()).await?);
+            return Ok(true);
+        }
         match ctx.route {
             Route::Control => {
                 ctx.decision = "pass";
@@ -152,7 +166,8 @@ impl ProxyHttp for Gateway {
                 authorize::Verdict::Explain(trace) => {
                     ctx.decision = "explain";
                     let body = Bytes::from(serde_json::to_vec_pretty(&trace).unwrap_or_default());
-                    respond::write(session, 200, "application/json", &[], body).await?;
+                    let cors = respond::with_cors(&[], ctx.cors.as_ref());
+                    respond::write(session, 200, "application/json", &cors, body).await?;
                     ctx.answered = Some(200);
                     Ok(true)
                 }
@@ -192,6 +207,7 @@ impl ProxyHttp for Gateway {
         if let Some(t) = ctx.upstream_started {
             ctx.upstream_elapsed = Some(t.elapsed());
         }
+        cors::apply(resp, ctx.cors.as_ref())?;
         filter::prepare_response(&self.state, resp, ctx)
     }
 
@@ -231,7 +247,8 @@ impl ProxyHttp for Gateway {
         ctx.decision = "upstream_error";
         let code = outcome.status();
         if session.response_written().is_none() {
-            let _ = respond::outcome(session, &outcome, &[]).await;
+            let cors = respond::with_cors(&[], ctx.cors.as_ref());
+            let _ = respond::outcome(session, &outcome, &cors).await;
         }
         FailToProxy {
             error_code: code,

@@ -98,6 +98,18 @@ pub struct Snapshot {
     /// resolve within its own project only.
     pub policy_projects: HashMap<String, Option<String>>,
     pub revoked_logins: HashSet<String>,
+    /// The origins of every active client's redirect URIs, launch URI and `allowedOrigin`: the
+    /// browser origins CORS admits unless `cors_origins` says otherwise.
+    pub client_origins: HashSet<String>,
+}
+
+/// `scheme://host[:port]` of a URL, if it has one.
+pub fn origin_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    match u.origin() {
+        url::Origin::Tuple(..) => Some(u.origin().ascii_serialization()),
+        url::Origin::Opaque(_) => None,
+    }
 }
 
 impl Snapshot {
@@ -195,6 +207,18 @@ impl Snapshot {
             let content = c.content;
             let (secret_hash, retiring_hash) = secrets.get(&c.id).cloned().unwrap_or_default();
             let status = content.get("status").and_then(Value::as_str);
+            if matches!(status, None | Some("active")) {
+                let urls = ["redirectUris", "allowedOrigin"]
+                    .iter()
+                    .filter_map(|k| content.get(*k))
+                    .flat_map(|v| match v {
+                        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+                        Value::String(s) => vec![s.as_str()],
+                        _ => Vec::new(),
+                    })
+                    .chain(content.get("launchUri").and_then(Value::as_str));
+                snap.client_origins.extend(urls.filter_map(origin_of));
+            }
             snap.clients.insert(
                 c.id.clone(),
                 ClientInfo {
