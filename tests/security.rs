@@ -473,3 +473,76 @@ fn a_key_a_client_withdraws_stops_working_when_its_jwk_set_expires() {
         assert_eq!(grant(signed()).await, 400);
     });
 }
+
+#[test]
+fn a_patients_patient_scopes_reach_only_that_patient() {
+    // SMART App Launch: `patient/` scopes are about the patient in context. Medplum lets a
+    // Patient's `patient/*.rs` token read every patient its policy reaches; fhirgate does not.
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    let email = format!("patient-{}@example.com", uuid::Uuid::new_v4().simple());
+    let mut s = common::people::UserSeed::new(&email, "a long patient password");
+    s.profile_type = "Patient".into();
+    // No policy: Medplum's legacy `*`, every non-admin type.
+    let seeded = common::people::seed(&gw, &s);
+    let own = seeded.profile.strip_prefix("Patient/").unwrap().to_string();
+    upstream.put_resource(&json!({"resourceType": "Patient", "id": "someone-else"}));
+    upstream.put_resource(
+        &json!({"resourceType": "Observation", "id": "own-obs", "status": "final",
+        "code": {"text": "Hb"}, "subject": {"reference": format!("Patient/{own}")}}),
+    );
+    upstream.put_resource(
+        &json!({"resourceType": "Observation", "id": "other-obs", "status": "final",
+        "code": {"text": "Hb"}, "subject": {"reference": "Patient/someone-else"}}),
+    );
+    rt().block_on(async {
+        let patient_scoped = common::people::sign_in(
+            &gw,
+            &email,
+            "a long patient password",
+            None,
+            "openid patient/*.rs",
+        )
+        .await;
+        assert_eq!(patient_scoped.body["patient"], own.as_str());
+        let t = patient_scoped.access_token.as_str();
+        let (s, _) = gw.get(&format!("fhir/R4/Patient/{own}"), Some(t)).await;
+        assert_eq!(s, 200);
+        let (s, _) = gw.get("fhir/R4/Patient/someone-else", Some(t)).await;
+        assert_eq!(s, 404);
+        let (s, _) = gw.get("fhir/R4/Observation/other-obs", Some(t)).await;
+        assert_eq!(s, 404);
+        let (s, bundle) = gw.get("fhir/R4/Observation", Some(t)).await;
+        assert_eq!(s, 200, "{bundle}");
+        let ids: Vec<&str> = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["resource"]["id"].as_str())
+            .collect();
+        assert_eq!(ids, vec!["own-obs"], "{bundle}");
+        let (s, bundle) = gw.get("fhir/R4/Patient", Some(t)).await;
+        assert_eq!(s, 200);
+        assert_eq!(
+            bundle["entry"].as_array().map(Vec::len),
+            Some(1),
+            "{bundle}"
+        );
+        // The same person with `user/` scopes keeps what the policy gives.
+        let user_scoped = common::people::sign_in(
+            &gw,
+            &email,
+            "a long patient password",
+            None,
+            "openid user/*.rs",
+        )
+        .await;
+        let (s, _) = gw
+            .get(
+                "fhir/R4/Patient/someone-else",
+                Some(&user_scoped.access_token),
+            )
+            .await;
+        assert_eq!(s, 200);
+    });
+}

@@ -18,7 +18,7 @@ use crate::policy::isolation::Isolation;
 use crate::policy::model::{
     AccessParameter, AccessPolicy, AccessPolicyResource, ProjectMembership, Reference,
 };
-use crate::policy::scope::{SmartScope, parse_scopes};
+use crate::policy::scope::{ScopeContext, SmartScope, parse_scopes};
 
 pub use crate::policy::compiled::{SearchNarrowing, validate_policy};
 
@@ -347,11 +347,18 @@ pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy,
         }
     }
 
-    // 6. SMART scopes, when at least one resource scope is present.
+    // 6. SMART scopes, when at least one resource scope is present. `patient/` scopes reach
+    // only the patient in context (stricter than Medplum, as SMART says): the membership's own
+    // Patient profile.
     if let Some(scope) = inputs.scope {
         let scopes = parse_scopes(scope);
         if !scopes.is_empty() {
-            resource = apply_smart_scopes(resource, &scopes);
+            let patient = membership
+                .profile
+                .reference
+                .as_deref()
+                .and_then(|r| r.strip_prefix("Patient/"));
+            resource = apply_smart_scopes(resource, &scopes, patient);
         }
     }
 
@@ -517,21 +524,55 @@ fn json_escape(s: &str) -> String {
 pub fn apply_smart_scopes(
     resource: Vec<AccessPolicyResource>,
     scopes: &[SmartScope],
+    patient_in_context: Option<&str>,
 ) -> Vec<AccessPolicyResource> {
     let mut out = Vec::new();
     for entry in &resource {
         if let Some(scope) = scope_for(scopes, &entry.resource_type) {
-            out.extend(merge_with_scope(entry, scope));
+            out.extend(
+                merge_with_scope(entry, scope)
+                    .map(|m| within_patient(m, scope, patient_in_context)),
+            );
         } else if entry.resource_type == "*" {
             for scope in scopes {
                 out.extend(merge_with_scope(entry, scope).map(|mut merged| {
                     merged.resource_type = scope.resource_type.clone();
-                    merged
+                    within_patient(merged, scope, patient_in_context)
                 }));
             }
         }
     }
     out
+}
+
+/// A `patient/` scope's entry limited to the patient in context: that Patient itself, and for
+/// every other type the resources in its compartment.
+fn within_patient(
+    mut entry: AccessPolicyResource,
+    scope: &SmartScope,
+    patient: Option<&str>,
+) -> AccessPolicyResource {
+    let (ScopeContext::Patient, Some(patient)) = (scope.context, patient) else {
+        return entry;
+    };
+    // The definitions every caller reads (step 5) are nobody's data.
+    if matches!(
+        entry.resource_type.as_str(),
+        "SearchParameter" | "StructureDefinition"
+    ) {
+        return entry;
+    }
+    let condition = if entry.resource_type == "Patient" {
+        format!("_id={patient}")
+    } else {
+        format!("_compartment=Patient/{patient}")
+    };
+    entry.criteria = Some(match entry.criteria.take() {
+        Some(c) if c.ends_with('&') || c.ends_with('?') => format!("{c}{condition}"),
+        Some(c) => format!("{c}&{condition}"),
+        None => format!("{}?{condition}", entry.resource_type),
+    });
+    entry
 }
 
 fn scope_for<'a>(scopes: &'a [SmartScope], resource_type: &str) -> Option<&'a SmartScope> {
