@@ -414,6 +414,110 @@ fn core_is_pure() {
     );
 }
 
+/// The handler folders, whose files take extractors rather than the raw request.
+const HANDLER_ROOMS: [&str; 4] = ["oauth2", "auth", "admin", "fhir"];
+
+/// Places allowed to authenticate by hand: `POST …/_search` reads its form before the caller
+/// (as Medplum does), so the caller cannot be an extractor there.
+const AUTHENTICATES_BY_HAND: [&str; 1] = ["fhir/search"];
+
+/// The code without the bodies of `FromRequest` / `FromRequestParts` impls: an extractor a
+/// handler folder defines for itself takes the request apart, as extractors do.
+fn without_extractor_impls(code: &str) -> String {
+    let mut out = String::with_capacity(code.len());
+    let mut rest = code;
+    while let Some(i) = rest.find("impl") {
+        let header_end = rest[i..].find('{').map_or(rest.len(), |j| i + j);
+        let header = &rest[i..header_end];
+        if !(header.contains("FromRequest") && header_end < rest.len()) {
+            out.push_str(&rest[..i + 4]);
+            rest = &rest[i + 4..];
+            continue;
+        }
+        out.push_str(&rest[..i]);
+        let mut depth = 0usize;
+        let mut end = rest.len();
+        for (k, c) in rest[header_end..].char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = header_end + k + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// What in a handler file bypasses the extractors of `web` and `base::access`: the raw
+/// `axum::extract::Request`, splitting a request by hand, or authenticating by hand. Extractors
+/// the file defines itself are not counted.
+fn extractor_bypasses(module: &[String], src: &str) -> Vec<String> {
+    let code = without_extractor_impls(&strip_comments(src));
+    let mut out = Vec::new();
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let extract_imports_request = code.match_indices("axum::extract::").any(|(i, _)| {
+        let rest = &code[i + "axum::extract::".len()..];
+        let plain = rest
+            .strip_prefix("Request")
+            .is_some_and(|after| !after.starts_with(is_word));
+        let listed = rest.strip_prefix('{').is_some_and(|list| {
+            list[..list.find('}').unwrap_or(list.len())]
+                .split(',')
+                .any(|item| item.trim() == "Request")
+        });
+        plain || listed
+    });
+    if extract_imports_request {
+        out.push("takes the raw `axum::extract::Request`".to_string());
+    }
+    if code.contains(".into_parts()") {
+        out.push("splits a request by hand (`into_parts`)".to_string());
+    }
+    let calls = |name: &str| {
+        let needle = format!("{name}(");
+        code.match_indices(&needle)
+            .any(|(i, _)| !code[..i].ends_with(is_word))
+    };
+    let joined = module.join("/");
+    if !AUTHENTICATES_BY_HAND.contains(&joined.as_str())
+        && (calls("authenticate") || calls("authenticate_admin"))
+    {
+        out.push("authenticates by hand instead of taking `Caller`".to_string());
+    }
+    out
+}
+
+#[test]
+fn handlers_take_extractors() {
+    let control = Path::new(ROOT).join("src/control");
+    let mut problems = Vec::new();
+    for file in rust_files(&control) {
+        let module = module_path(&control, &file);
+        if !module
+            .first()
+            .is_some_and(|r| HANDLER_ROOMS.contains(&r.as_str()))
+        {
+            continue;
+        }
+        for v in extractor_bypasses(&module, &read(&file)) {
+            problems.push(format!("{}: {v}", file.display()));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "handlers get the caller and the body through extractors:\n{}",
+        problems.join("\n")
+    );
+}
+
 // === the detector checks itself ===
 
 fn m(path: &str) -> Vec<String> {
@@ -491,4 +595,35 @@ fn the_detector_flags_impure_core_code() {
     );
     assert!(impure_uses("// tokio::spawn is not used here\nuse serde_json::Value;").is_empty());
     assert!(impure_uses("use crate::fhir::mytokio::x;").is_empty());
+}
+
+#[test]
+fn the_detector_flags_handlers_bypassing_extractors() {
+    let v = extractor_bypasses(
+        &m("auth/me"),
+        "use axum::extract::{Request, State as AxState};\nfn f(req: Request) { let (parts, _) = req.into_parts(); authenticate(&s, &parts); }",
+    );
+    assert_eq!(v.len(), 3, "{v:?}");
+    assert_eq!(
+        extractor_bypasses(&m("oauth2/token"), "use axum::extract::Request;").len(),
+        1
+    );
+    // Other names that merely start the same way, and comments, are fine.
+    assert!(
+        extractor_bypasses(
+            &m("auth/login"),
+            "use crate::control::login::state::LoginRequest;\nuse axum::extract::RequestParts2;\n// authenticate(&state, &parts)\n",
+        )
+        .is_empty()
+    );
+    // Words in strings are not calls; an extractor the file defines may split the request.
+    assert!(
+        extractor_bypasses(
+            &m("oauth2/token"),
+            "let e = \"Cannot authenticate: x\";\nimpl<S> FromRequest<S> for F { async fn from_request(req: Request, _: &S) { let (p, b) = req.into_parts(); if x { } } }\n",
+        )
+        .is_empty()
+    );
+    // The named exception may authenticate by hand.
+    assert!(extractor_bypasses(&m("fhir/search"), "let c = authenticate(&s, &p);").is_empty());
 }

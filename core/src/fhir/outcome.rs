@@ -83,6 +83,59 @@ impl Outcome {
     }
 }
 
+/// Stock answers: the texts fhirgate words itself where more than one place answers them
+/// (either plane). The table is [`Stock::outcome`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stock {
+    /// 413: a request body past the reader's bound.
+    BodyTooLarge,
+    /// 503: the store cannot be reached; nothing was read or written.
+    StoreUnavailable,
+    /// 503: a credential may be fine, but the store that would say so cannot be reached.
+    CredentialStoreUnavailable,
+    /// 503: a project is bound to an upstream this instance does not know.
+    UpstreamNotConfigured,
+    /// 503: the breached-password service did not answer (the check fails closed).
+    BreachCheckUnavailable,
+    /// 504: the upstream did not answer in time.
+    UpstreamTimedOut,
+    /// 502: the upstream could not be reached.
+    UpstreamUnavailable,
+    /// 502: the upstream refused to give back a user's profile resource.
+    ProfileUnreadable,
+    /// 502: the upstream refused to create a user's profile resource.
+    ProfileNotCreated,
+    /// 412: an update named a version that is not the current one.
+    VersionMismatch,
+}
+
+impl Stock {
+    pub fn outcome(self) -> Outcome {
+        match self {
+            Stock::BodyTooLarge => Outcome::PayloadTooLarge("Request body too large".into()),
+            Stock::StoreUnavailable => Outcome::ServiceUnavailable("Store unavailable".into()),
+            Stock::CredentialStoreUnavailable => {
+                Outcome::ServiceUnavailable("Credential store unavailable".into())
+            }
+            Stock::UpstreamNotConfigured => {
+                Outcome::ServiceUnavailable("The project's upstream is not configured".into())
+            }
+            Stock::BreachCheckUnavailable => Outcome::ServiceUnavailable(
+                "The breached-password check is unavailable; try again later".into(),
+            ),
+            Stock::UpstreamTimedOut => Outcome::GatewayTimeout("Upstream timed out".into()),
+            Stock::UpstreamUnavailable => Outcome::BadGateway("Upstream unavailable".into()),
+            Stock::ProfileUnreadable => {
+                Outcome::BadGateway("Could not read the profile from the FHIR server".into())
+            }
+            Stock::ProfileNotCreated => {
+                Outcome::BadGateway("Could not create the profile in the FHIR server".into())
+            }
+            Stock::VersionMismatch => Outcome::PreconditionFailed("Version mismatch".into()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,18 +1,17 @@
 //! `POST /admin/projects/:projectId/client`.
 
 use crate::tokens::random_hex;
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Value, json};
 
-use crate::control::base::access::authenticate_admin;
-use crate::control::base::access::target_project;
+use crate::control::base::access::AdminProject;
 use crate::control::base::clients::create_client_with_membership;
 use crate::control::base::resources::check_policy_reference;
 use crate::control::base::resources::strip_secrets;
 use crate::control::web::AppState;
-use crate::control::web::body::json_body;
+use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
@@ -21,13 +20,9 @@ use crate::control::web::error::FHIR_JSON;
 /// and its membership; 201 with the client, the secret shown this once.
 pub async fn create_client(
     AxState(state): AxState<AppState>,
-    Path(project_id): Path<String>,
-    req: Request,
+    AdminProject { caller, project }: AdminProject,
+    JsonBody(input): JsonBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let input = json_body(&parts, body).await?;
     let name = input
         .get("name")
         .and_then(Value::as_str)

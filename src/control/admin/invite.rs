@@ -17,15 +17,14 @@
 use crate::state::ProjectInfo;
 use crate::store::{BatchWrite, StoreError, StoredResource};
 use crate::tokens::random_hex;
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use axum::response::Response;
 use fhirgate_core::policy::model::ProjectMembership;
 use serde_json::{Map, Value, json};
 
+use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate_admin;
-use crate::control::base::access::target_project;
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::index::index_rows;
 use crate::control::base::links::LinkKind;
@@ -41,15 +40,16 @@ use crate::control::base::upstream::profile_key;
 use crate::control::base::upstream::remove_profile;
 use crate::control::base::upstream::upstream_read;
 use crate::control::base::users::email_key;
+use crate::control::base::users::find_memberships;
 use crate::control::base::users::valid_email;
 use crate::control::login::mfa::new_secret;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// An invite whose commit lost a race with a concurrent one is run once more: the second pass
@@ -199,13 +199,9 @@ fn text_field(body: &Map<String, Value>, key: &str) -> Option<String> {
 /// `POST /admin/projects/:projectId/invite`.
 pub async fn invite(
     AxState(state): AxState<AppState>,
-    Path(project_id): Path<String>,
-    req: Request,
+    AdminProject { caller, project }: AdminProject,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let project = target_project(&caller, &project_id)?;
-    let body = auth_body(&parts, body).await?;
     let invite = Invite::parse(&body)?;
     if let Some(password) = &invite.password {
         check_not_breached(&state, "password", password).await?;
@@ -305,20 +301,17 @@ async fn run(
         None => None,
     };
     let existing_membership = match (&existing_user, invite.force_new_membership) {
-        (Some(user), false) => state
-            .store
-            .search(
-                "ProjectMembership",
-                &[
-                    ("user".to_string(), vec![format!("User/{}", user.id)]),
-                    ("project".to_string(), vec![project_ref.clone()]),
-                ],
-                Some(&project.id),
-                2,
-            )
-            .await?
-            .into_iter()
-            .next(),
+        (Some(user), false) => {
+            let user_ref = format!("User/{}", user.id);
+            let filters = [
+                ("user", user_ref.as_str()),
+                ("project", project_ref.as_str()),
+            ];
+            find_memberships(state, &filters, Some(&project.id), 2)
+                .await?
+                .into_iter()
+                .next()
+        }
         _ => None,
     };
     if let Some(m) = &existing_membership {
@@ -335,18 +328,11 @@ async fn run(
         }
     }
     if let Some(ext) = &invite.external_id {
-        let dupes = state
-            .store
-            .search(
-                "ProjectMembership",
-                &[
-                    ("project".to_string(), vec![project_ref.clone()]),
-                    ("external-id".to_string(), vec![ext.clone()]),
-                ],
-                Some(&project.id),
-                2,
-            )
-            .await?;
+        let filters = [
+            ("project", project_ref.as_str()),
+            ("external-id", ext.as_str()),
+        ];
+        let dupes = find_memberships(state, &filters, Some(&project.id), 2).await?;
         let own = existing_membership.as_ref().map(|m| m.id.as_str());
         if dupes.iter().any(|d| Some(d.id.as_str()) != own) {
             return Err(ApiError::conflict(duplicate_external_id(&project.id, ext)).into());
@@ -488,11 +474,8 @@ async fn run(
                 .find(|r| r.resource_type == "ProjectMembership")
                 .ok_or_else(|| ApiError::internal("invite", "membership not stored"))?;
             let subject = format!("ProjectMembership/{}", membership.id);
-            SecurityEvent::new(SecurityEventKind::Invitation)
-                .actor(caller.profile())
-                .subject(&subject)
-                .project(&project.id)
-                .from_ip(caller.client_ip)
+            caller
+                .event(SecurityEventKind::Invitation, &subject, &project.id)
                 .emit();
             Ok(Done { membership, link })
         }
@@ -560,15 +543,7 @@ async fn check_template_profile(
     if !is_valid_id(id) {
         return Err(foreign());
     }
-    let others = state
-        .store
-        .search(
-            "ProjectMembership",
-            &[("profile".to_string(), vec![r.to_string()])],
-            None,
-            100,
-        )
-        .await?;
+    let others = find_memberships(state, &[("profile", r)], None, 100).await?;
     if others
         .iter()
         .any(|m| m.project_id.as_deref() != Some(project.id.as_str()))

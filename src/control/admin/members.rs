@@ -2,40 +2,59 @@
 
 use crate::state::{ProjectInfo, State};
 use crate::store::StoredResource;
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::{FromRequestParts, Path, State as AxState};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::Value;
+use std::collections::HashMap;
 
+use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate_admin;
-use crate::control::base::access::target_project;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
+use crate::control::base::users::find_memberships;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::AppState;
-use crate::control::web::body::json_body;
+use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::outcome_response;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// The admin caller, the project the call acts on and the membership `membership_id` of it
 /// (the members routes): 404 when it does not exist, 403 when it belongs elsewhere.
-async fn admin_member(
-    state: &State,
-    parts: &Parts,
-    url_project: &str,
-    membership_id: &str,
-) -> Result<(Caller, ProjectInfo, StoredResource), ApiError> {
-    let caller = authenticate_admin(state, parts).await?;
-    let project = target_project(&caller, url_project)?;
-    let member = member_in_project(state, &project, membership_id).await?;
-    Ok((caller, project, member))
+pub struct AdminMember {
+    caller: Caller,
+    project: ProjectInfo,
+    member: StoredResource,
+}
+
+impl FromRequestParts<AppState> for AdminMember {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<AdminMember, Response> {
+        let AdminProject { caller, project } =
+            AdminProject::from_request_parts(parts, state).await?;
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let membership_id = params.get("membership_id").map_or("", String::as_str);
+        let member = member_in_project(state, &project, membership_id)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(AdminMember {
+            caller,
+            project,
+            member,
+        })
+    }
 }
 
 /// Reads a membership and checks it belongs to `project`.
@@ -64,43 +83,35 @@ async fn member_in_project(
 }
 
 /// `GET /admin/projects/:projectId/members/:membershipId`.
-pub async fn get_member(
-    AxState(state): AxState<AppState>,
-    Path((project_id, membership_id)): Path<(String, String)>,
-    req: Request,
-) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (_, _, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
-    Ok(json_response(StatusCode::OK, FHIR_JSON, &m.content))
+pub async fn get_member(AdminMember { member, .. }: AdminMember) -> Response {
+    json_response(StatusCode::OK, FHIR_JSON, &member.content)
 }
 
 /// `POST /admin/projects/:projectId/members/:membershipId`: the body must be that membership;
 /// `project` and `user` stay as they are.
 pub async fn update_member(
     AxState(state): AxState<AppState>,
-    Path((project_id, membership_id)): Path<(String, String)>,
-    req: Request,
+    AdminMember { caller, member, .. }: AdminMember,
+    JsonBody(resource): JsonBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (caller, _, existing) = admin_member(&state, &parts, &project_id, &membership_id).await?;
-    let resource = json_body(&parts, body).await?;
     let resource_type = resource.get("resourceType").and_then(Value::as_str);
     let id = resource.get("id").and_then(Value::as_str);
-    if resource_type != Some("ProjectMembership") || id != Some(membership_id.as_str()) {
+    if resource_type != Some("ProjectMembership") || id != Some(member.id.as_str()) {
         return Err(ApiError::forbidden());
     }
-    let (body, _) = update_resource(&state, &caller, &existing, resource, None).await?;
+    let (body, _) = update_resource(&state, &caller, &member, resource, None).await?;
     Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }
 
 /// `DELETE /admin/projects/:projectId/members/:membershipId`.
 pub async fn delete_member(
     AxState(state): AxState<AppState>,
-    Path((project_id, membership_id)): Path<(String, String)>,
-    req: Request,
+    AdminMember {
+        caller,
+        project,
+        member: m,
+    }: AdminMember,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (caller, project, m) = admin_member(&state, &parts, &project_id, &membership_id).await?;
     let owner = project
         .content
         .get("owner")
@@ -118,12 +129,9 @@ pub async fn delete_member(
     }
     state.store.delete("ProjectMembership", &m.id).await?;
     let subject = format!("ProjectMembership/{}", m.id);
-    SecurityEvent::new(SecurityEventKind::ResourceDeleted)
-        .actor(caller.profile())
-        .subject(&subject)
-        .project(&project.id)
+    caller
+        .event(SecurityEventKind::ResourceDeleted, &subject, &project.id)
         .versions(Some(&m.version_id), None)
-        .from_ip(caller.client_ip)
         .emit();
     if let Some(user) = user {
         revoke_sessions_of(&state, user, Some(&m.id)).await?;
@@ -146,15 +154,7 @@ async fn remove_project_user_without_memberships(state: &State, project_id: &str
         if user.project_id.as_deref() != Some(project_id) {
             return Ok(());
         }
-        let left = state
-            .store
-            .search(
-                "ProjectMembership",
-                &[("user".to_string(), vec![user_ref.to_string()])],
-                None,
-                1,
-            )
-            .await?;
+        let left = find_memberships(state, &[("user", user_ref)], None, 1).await?;
         if left.is_empty() {
             state.store.delete("User", user_id).await?;
         }

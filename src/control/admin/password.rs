@@ -1,18 +1,18 @@
 //! `POST /admin/projects/setpassword` and `POST /admin/super/setpassword`.
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::response::Response;
 use serde_json::{Map, Value};
 
-use crate::control::base::access::authenticate;
-use crate::control::base::access::authenticate_admin;
+use crate::control::base::access::AdminCaller;
+use crate::control::base::access::SuperAdmin;
 use crate::control::base::passwords::check_password;
 use crate::control::base::passwords::set_user_password;
 use crate::control::base::users::find_user;
 use crate::control::base::users::valid_email;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 
@@ -20,11 +20,9 @@ use crate::control::web::error::ApiError;
 /// project only.
 pub async fn admin_set_password(
     AxState(state): AxState<AppState>,
-    req: Request,
+    AdminCaller(caller): AdminCaller,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(&state, &parts).await?;
-    let body = auth_body(&parts, body).await?;
     let (email, password) = email_and_password(&state, &body).await?;
     let user = state
         .store
@@ -39,14 +37,9 @@ pub async fn admin_set_password(
 /// `POST /admin/super/setpassword` (super admin): any user, by e-mail and optional project.
 pub async fn super_set_password(
     AxState(state): AxState<AppState>,
-    req: Request,
+    _: SuperAdmin,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
-    if !caller.super_admin() {
-        return Err(ApiError::forbidden());
-    }
-    let body = auth_body(&parts, body).await?;
     let (email, password) = email_and_password(&state, &body).await?;
     let project = body_str(&body, "projectId");
     let user = find_user(&state, &email, project.as_deref())

@@ -3,8 +3,7 @@
 //! the token exchange. The sign-in itself is `login::external`'s.
 
 use crate::state::State;
-use axum::body::Body;
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -29,18 +28,14 @@ use crate::control::login::state::extra_str;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
+use crate::control::web::body::StringBody;
 use crate::control::web::body::body_str;
-use crate::control::web::body::media_type;
 use crate::control::web::body::ok_json;
 use crate::control::web::body::query_pairs;
-use crate::control::web::body::read_body;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
-
-/// Largest `/auth/*` body of this module.
-const MAX_BODY: usize = 64 * 1024;
 
 /// Express's `res.redirect`: 302 with a `Location`.
 fn found(location: &str) -> Result<Response, ApiError> {
@@ -109,9 +104,10 @@ async fn external_auth(state: &State, email: &str) -> Result<Option<Value>, ApiE
 }
 
 /// `POST /auth/method {email}`.
-pub async fn method(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
+pub async fn method(
+    AxState(state): AxState<AppState>,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
     let email = body_str(&body, "email").unwrap_or_default();
     if !valid_email(&email) {
         return Err(ApiError::invalid(
@@ -172,10 +168,9 @@ impl ExternalState {
 /// `GET /auth/external?code&state`.
 pub async fn external_callback(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let query: Vec<(String, String)> = query_pairs(&parts);
+    let query: Vec<(String, String)> = query_pairs(&parts.uri);
     let param = |name: &str| {
         query
             .iter()
@@ -310,23 +305,9 @@ pub async fn external_callback(
 /// `POST /auth/exchange {externalAccessToken, clientId}` (legacy form of the token exchange).
 pub async fn exchange_legacy(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    StringBody(body): StringBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body): (Parts, Body) = req.into_parts();
-    let bytes = read_body(body, MAX_BODY).await?;
-    let body: Map<String, Value> = match media_type(&parts.headers).as_deref() {
-        Some("application/json" | "application/fhir+json") => {
-            match serde_json::from_slice::<Value>(&bytes) {
-                Ok(Value::Object(m)) => m,
-                _ => return Err(ApiError::bad_request("Invalid JSON")),
-            }
-        }
-        Some("application/x-www-form-urlencoded") => form_urlencoded::parse(&bytes)
-            .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
-            .collect(),
-        _ if bytes.is_empty() => Map::new(),
-        _ => return Err(ApiError::bad_request("Unsupported content type")),
-    };
     let s = |k: &str| {
         body.get(k)
             .and_then(Value::as_str)

@@ -1,7 +1,8 @@
 //! `POST /auth/login`, `GET /auth/login/:login`, `POST /auth/profile`, `POST /auth/scope`: the
 //! JSON front end of the Login lifecycle (`login::flow`).
 
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::{Path, State as AxState};
+use axum::http::request::Parts;
 use axum::response::Response;
 
 use crate::control::login::flow::choose_profile;
@@ -12,7 +13,7 @@ use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_bool;
 use crate::control::web::body::body_str;
 use crate::control::web::body::login_and;
@@ -22,9 +23,11 @@ use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 
 /// `POST /auth/login`.
-pub async fn login(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
+pub async fn login(
+    AxState(state): AxState<AppState>,
+    parts: Parts,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
     let ip = client_ip(&state, &parts)?;
     let request = LoginRequest {
         email: body_str(&body, "email").unwrap_or_default(),
@@ -68,10 +71,9 @@ pub async fn login_status(
 /// `POST /auth/profile {login, profile}`.
 pub async fn profile(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let (login_id, profile) = login_and(&body, "profile", "Missing profile")?;
     let ip = client_ip(&state, &parts)?;
     let login = get_login(&state, &login_id).await?;
@@ -80,9 +82,10 @@ pub async fn profile(
 }
 
 /// `POST /auth/scope {login, scope}`.
-pub async fn scope(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
+pub async fn scope(
+    AxState(state): AxState<AppState>,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
     let (login_id, scope) = login_and(&body, "scope", "Missing scope")?;
     let login = get_login(&state, &login_id).await?;
     let login = set_scope(&state, &login, &scope).await?;

@@ -3,14 +3,14 @@
 //! the effective AccessPolicy.
 
 use crate::state::State;
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
+use crate::control::login::state::keys;
 use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
@@ -29,9 +29,7 @@ fn pick(source: &Value, keys: &[&str], resource_type: &str) -> Value {
     Value::Object(out)
 }
 
-pub async fn me(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
+pub async fn me(AxState(state): AxState<AppState>, caller: Caller) -> Result<Response, ApiError> {
     let membership = serde_json::to_value(caller.membership.as_ref())
         .map_err(|e| ApiError::internal("serializing a membership", e))?;
     let mut body = Map::new();
@@ -118,7 +116,7 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
             if let Some(ip) = l.remote_address {
                 s["remoteAddress"] = Value::String(ip);
             }
-            if let Some(ua) = l.extra.get("userAgent").and_then(Value::as_str) {
+            if let Some(ua) = l.extra.get(keys::USER_AGENT).and_then(Value::as_str) {
                 let (browser, os) = browser_and_os(ua);
                 if let Some(b) = browser {
                     s["browser"] = Value::String(b.into());
@@ -158,7 +156,14 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
 /// Browser and operating system names from a User-Agent, for the session list. Only the family
 /// names: enough for a person to recognise a session.
 fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
-    let browser = [
+    // The first name whose marker the user agent contains.
+    let first = |table: &[(&str, &'static str)]| {
+        table
+            .iter()
+            .find(|(needle, _)| ua.contains(needle))
+            .map(|(_, name)| *name)
+    };
+    let browser = first(&[
         ("Edg/", "Edge"),
         ("OPR/", "Opera"),
         ("Firefox/", "Firefox"),
@@ -167,11 +172,8 @@ fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
         ("Safari/", "Safari"),
         ("curl/", "curl"),
         ("node", "Node.js"),
-    ]
-    .iter()
-    .find(|(needle, _)| ua.contains(needle))
-    .map(|(_, name)| *name);
-    let os = [
+    ]);
+    let os = first(&[
         ("Windows", "Windows"),
         ("iPhone", "iOS"),
         ("iPad", "iOS"),
@@ -179,10 +181,7 @@ fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
         ("Mac OS X", "Mac OS"),
         ("CrOS", "Chrome OS"),
         ("Linux", "Linux"),
-    ]
-    .iter()
-    .find(|(needle, _)| ua.contains(needle))
-    .map(|(_, name)| *name);
+    ]);
     (browser, os)
 }
 

@@ -2,13 +2,13 @@
 //! `/auth/mfa/verify`, `/auth/mfa/login-enroll` and `/auth/mfa/disable`; the rules are
 //! `login::mfa`'s.
 
-use crate::state::State;
-use axum::extract::{Request, State as AxState};
+use axum::extract::{FromRequestParts, State as AxState};
+use axum::http::request::Parts;
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Value, json};
 
-use crate::control::base::access::authenticate;
+use crate::control::base::access::Caller;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::login::flow::login_response;
 use crate::control::login::mfa::MfaUser;
@@ -21,7 +21,7 @@ use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::update_user;
 use crate::control::login::mfa::verify_login;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::body::login_and;
 use crate::control::web::body::ok_json;
@@ -30,21 +30,34 @@ use crate::control::web::error::outcome_response;
 use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// The authenticated caller's User and Login. MFA belongs to Users: a client gets 403.
-async fn caller_user(
-    state: &State,
-    parts: &axum::http::request::Parts,
-) -> Result<(MfaUser, Option<String>), ApiError> {
-    let caller = authenticate(state, parts).await?;
-    let user = read_user(state, &caller.identity.user_ref)
-        .await?
-        .ok_or_else(ApiError::forbidden)?;
-    Ok((user, caller.identity.login_id.clone()))
+pub struct CallerUser {
+    user: MfaUser,
+    login_id: Option<String>,
+}
+
+impl FromRequestParts<AppState> for CallerUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<CallerUser, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let user = read_user(state, &caller.identity.user_ref)
+            .await?
+            .ok_or_else(ApiError::forbidden)?;
+        Ok(CallerUser {
+            user,
+            login_id: caller.identity.login_id.clone(),
+        })
+    }
 }
 
 /// `GET /auth/mfa/status`.
-pub async fn status(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let (user, _) = caller_user(&state, &parts).await?;
+pub async fn status(
+    AxState(state): AxState<AppState>,
+    CallerUser { user, .. }: CallerUser,
+) -> Result<Response, ApiError> {
     if user.enrolled() {
         return Ok(ok_json(&json!({"enrolled": true})));
     }
@@ -59,19 +72,14 @@ pub async fn status(AxState(state): AxState<AppState>, req: Request) -> Result<R
 }
 
 /// `POST /auth/mfa/enroll {token}`.
-pub async fn enroll(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (user, login_id) = caller_user(&state, &parts).await?;
-    let body = auth_body(&parts, body).await?;
+pub async fn enroll(
+    AxState(state): AxState<AppState>,
+    CallerUser { user, login_id }: CallerUser,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
     let token =
         body_str(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
-    if user.enrolled() {
-        return Err(ApiError::bad_request("Already enrolled"));
-    }
-    let secret = user
-        .secret()
-        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
-        .to_string();
+    let secret = user.enrolment_secret()?;
     caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
     update_user(&state, user.id(), |current, obj| {
         if current.enrolled() {
@@ -91,15 +99,10 @@ pub async fn enroll(AxState(state): AxState<AppState>, req: Request) -> Result<R
 /// needs a new authenticator entry.
 pub async fn disable(
     AxState(state): AxState<AppState>,
-    req: Request,
+    CallerUser { user, login_id }: CallerUser,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let (user, login_id) = caller_user(&state, &parts).await?;
-    let body = auth_body(&parts, body).await?;
-    let secret = user
-        .secret()
-        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
-        .to_string();
+    let secret = user.secret_or("Secret not found")?;
     if !user.enrolled() {
         return Err(ApiError::bad_request("User not enrolled in MFA"));
     }
@@ -125,9 +128,10 @@ pub async fn disable(
 }
 
 /// `POST /auth/mfa/verify {login, token}`: the sign-in step, then the usual login result.
-pub async fn verify(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
+pub async fn verify(
+    AxState(state): AxState<AppState>,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
     let (login, token) = login_and(&body, "token", "Missing token")?;
     let login = verify_login(&state, &login, &token).await?;
     // After MFA, the same answer `/auth/login` would give now.
@@ -137,10 +141,8 @@ pub async fn verify(AxState(state): AxState<AppState>, req: Request) -> Result<R
 /// `POST /auth/mfa/login-enroll {login, token}` (no bearer: the Login is the credential).
 pub async fn login_enroll_handler(
     AxState(state): AxState<AppState>,
-    req: Request,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let (login, token) = login_and(&body, "token", "Missing token")?;
     let login = login_enroll(&state, &login, &token).await?;
     // After MFA, the same answer `/auth/login` would give now.

@@ -3,14 +3,14 @@
 //! `/auth/verifyemail`. Links are `base::links`'s.
 
 use crate::store::BatchWrite;
-use axum::extract::{Path, Request, State as AxState};
+use axum::extract::{Path, State as AxState};
 use axum::http::request::Parts;
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Map, Value};
 
-use crate::control::base::access::authenticate;
+use crate::control::base::access::Caller;
 use crate::control::base::domains::domain_configuration;
 use crate::control::base::guards::check_recaptcha;
 use crate::control::base::links::LinkKind;
@@ -28,7 +28,7 @@ use crate::control::base::users::read_user;
 use crate::control::base::users::valid_email;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::body::media_type;
 use crate::control::web::client_addr::client_ip;
@@ -64,11 +64,10 @@ fn set_password_fields(body: &Map<String, Value>) -> Result<(String, String, Str
 /// call gets Medplum's JSON.
 pub async fn set_password(
     AxState(state): AxState<AppState>,
-    req: Request,
+    headers: HeaderMap,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let from_page = wants_html(&parts);
-    let body = auth_body(&parts, body).await?;
+    let from_page = wants_html(&headers);
     if from_page {
         return Ok(set_password_from_page(&state, &body).await);
     }
@@ -82,10 +81,9 @@ pub async fn set_password(
 }
 
 /// A form post from a browser: form-encoded, asking for HTML.
-fn wants_html(parts: &Parts) -> bool {
-    media_type(&parts.headers).as_deref() == Some("application/x-www-form-urlencoded")
-        && parts
-            .headers
+fn wants_html(headers: &HeaderMap) -> bool {
+    media_type(headers).as_deref() == Some("application/x-www-form-urlencoded")
+        && headers
             .get(header::ACCEPT)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|a| a.contains("text/html"))
@@ -179,10 +177,8 @@ pub async fn set_password_page(
 /// `POST /auth/verifyemail` (medplum-auth.md §2.10).
 pub async fn verify_email(
     AxState(state): AxState<AppState>,
-    req: Request,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let (id, secret) = link_fields(&body)?;
     let request = usable_request(&state, &id, &secret, true)
         .await?
@@ -199,10 +195,9 @@ pub async fn verify_email(
 /// either way.
 pub async fn reset_password(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let email = body_str(&body, "email")
         .map(|e| e.trim().to_lowercase())
         .filter(|e| (3..=72).contains(&e.chars().count()) && valid_email(e));
@@ -270,11 +265,9 @@ fn reset_body(url: &str) -> String {
 /// `POST /auth/changepassword` (authenticated): the caller's own password.
 pub async fn change_password(
     AxState(state): AxState<AppState>,
-    req: Request,
+    caller: Caller,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
-    let body = auth_body(&parts, body).await?;
     let old = body_str(&body, "oldPassword")
         .ok_or_else(|| ApiError::invalid("oldPassword", "Missing oldPassword"))?;
     let new = body_str(&body, "newPassword").unwrap_or_default();

@@ -11,7 +11,8 @@
 
 use crate::state::State;
 use crate::store::{BatchWrite, LoginRecord, StoreError, StoredResource, now_unix};
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
+use axum::http::request::Parts;
 use axum::response::Response;
 use serde_json::{Value, json};
 
@@ -41,7 +42,8 @@ use crate::control::login::state::mfa_satisfied;
 use crate::control::login::state::save_pending;
 use crate::control::login::state::set_extra;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::ControlState;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::body::login_and;
 use crate::control::web::body::ok_json;
@@ -57,10 +59,9 @@ fn length_between(s: &str, min: usize, max: usize) -> bool {
 /// `POST /auth/newuser`: 200 `{login}`, no code yet.
 pub async fn new_user(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let first_name = body_str(&body, "firstName").unwrap_or_default();
     let last_name = body_str(&body, "lastName").unwrap_or_default();
     let email = body_str(&body, "email")
@@ -225,10 +226,8 @@ fn user_field<'a>(user: &'a StoredResource, key: &str) -> &'a str {
 /// `POST /auth/newproject {login, projectName}`: 200 `{login, code}`.
 pub async fn new_project(
     AxState(state): AxState<AppState>,
-    req: Request,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let login_id = body_str(&body, "login").filter(|l| uuid::Uuid::parse_str(l).is_ok());
     let login_id = login_id.ok_or_else(|| ApiError::invalid("login", "Login ID is required."))?;
     let name = body_str(&body, "projectName")
@@ -258,53 +257,26 @@ pub async fn new_project(
         "owner": {"reference": user_ref},
         "strictMode": true,
     });
-    let email = user_field(&user, "email");
-    let spec = ProfileSpec {
-        resource_type: "Practitioner",
-        first_name: user_field(&user, "firstName"),
-        last_name: user_field(&user, "lastName"),
-        email: Some(email).filter(|e| !e.is_empty()),
-        key: profile_key(&project_id, email),
-    };
     // A self-registered project shares the global upstream: its data, the admin's own
     // Practitioner first, carries its marker (SPEC §3).
     let target = ProjectUpstream::new_project(&state, &project_id);
-    let (profile, created) = ensure_profile(&state, &target, None, &spec).await?;
-    let membership_id = uuid::Uuid::new_v4().to_string();
-    let membership = json!({
-        "resourceType": "ProjectMembership",
-        "id": membership_id,
-        "project": {"reference": format!("Project/{project_id}")},
-        "user": {"reference": user_ref},
-        "profile": {"reference": profile},
-        "admin": true,
-    });
-    let written = state
-        .store
-        .write_batch(
-            std::iter::once(BatchWrite::Put {
-                index: index_rows(&project),
-                content: project,
-                project_id: Some(project_id.clone()),
-                expected_version: None,
-                create_only: true,
-            })
-            .chain(membership_writes(
-                &project_id,
-                &user_ref,
-                &membership_id,
-                membership,
-            ))
-            .collect(),
-        )
-        .await;
-    if let Err(e) = written {
-        if created {
-            remove_profile(&state, &target, &profile).await;
-        }
-        return Err(e.into());
-    }
-    refreshed(&state).await;
+    let project_write = BatchWrite::Put {
+        index: index_rows(&project),
+        content: project,
+        project_id: Some(project_id.clone()),
+        expected_version: None,
+        create_only: true,
+    };
+    let joining = Joining {
+        target: &target,
+        user: &user,
+        project_id: &project_id,
+        resource_type: "Practitioner",
+        grant: ("admin", Value::Bool(true)),
+    };
+    let membership_id = joining
+        .join(&state, Some(project_write), ApiError::from)
+        .await?;
     // Medplum sets the membership here without the sign-in checks: the user owns the project.
     login.membership_id = Some(membership_id);
     login.project_id = Some(project_id);
@@ -313,36 +285,82 @@ pub async fn new_project(
     login_response(&state, login).await
 }
 
-/// A new membership of a registering user, claimed so that a user has at most one per project.
-fn membership_writes(
-    project_id: &str,
-    user_ref: &str,
-    membership_id: &str,
-    membership: Value,
-) -> [BatchWrite; 2] {
-    [
-        BatchWrite::Claim {
-            key: format!("membership:{project_id}:{user_ref}"),
-            resource_type: "ProjectMembership".into(),
-            id: membership_id.to_string(),
-        },
-        BatchWrite::Put {
-            index: index_rows(&membership),
-            content: membership,
-            project_id: Some(project_id.to_string()),
-            expected_version: None,
-            create_only: true,
-        },
-    ]
+/// A registering user joining a project: their profile there (made upstream unless an earlier
+/// attempt made it) and a new membership with it; `grant` is the one field that differs
+/// (`admin` for a new project's owner, `accessPolicy` for a patient).
+struct Joining<'a> {
+    target: &'a ProjectUpstream,
+    user: &'a StoredResource,
+    project_id: &'a str,
+    resource_type: &'static str,
+    grant: (&'static str, Value),
+}
+
+impl Joining<'_> {
+    /// Makes the profile, then writes `first` (if any) and the membership, claimed so that a
+    /// user has at most one per project, in one transaction; a failed write removes the profile
+    /// it made, and `refused` says why. The new membership's id.
+    async fn join(
+        self,
+        state: &ControlState,
+        first: Option<BatchWrite>,
+        refused: impl FnOnce(StoreError) -> ApiError,
+    ) -> Result<String, ApiError> {
+        let email = user_field(self.user, "email");
+        let spec = ProfileSpec {
+            resource_type: self.resource_type,
+            first_name: user_field(self.user, "firstName"),
+            last_name: user_field(self.user, "lastName"),
+            email: Some(email).filter(|e| !e.is_empty()),
+            key: profile_key(self.project_id, email),
+        };
+        let (profile, created) = ensure_profile(state, self.target, None, &spec).await?;
+        let project_id = self.project_id;
+        let user_ref = format!("User/{}", self.user.id);
+        let membership_id = uuid::Uuid::new_v4().to_string();
+        let mut membership = json!({
+            "resourceType": "ProjectMembership",
+            "id": membership_id,
+            "project": {"reference": format!("Project/{project_id}")},
+            "user": {"reference": user_ref},
+            "profile": {"reference": profile},
+        });
+        let (key, value) = self.grant;
+        membership[key] = value;
+        let writes = first
+            .into_iter()
+            .chain([
+                BatchWrite::Claim {
+                    key: format!("membership:{project_id}:{user_ref}"),
+                    resource_type: "ProjectMembership".into(),
+                    id: membership_id.clone(),
+                },
+                BatchWrite::Put {
+                    index: index_rows(&membership),
+                    content: membership,
+                    project_id: Some(project_id.to_string()),
+                    expected_version: None,
+                    create_only: true,
+                },
+            ])
+            .collect();
+        if let Err(e) = state.store.write_batch(writes).await {
+            if created {
+                remove_profile(state, self.target, &profile).await;
+            }
+            return Err(refused(e));
+        }
+        refreshed(state).await;
+        Ok(membership_id)
+    }
 }
 
 /// `POST /auth/newpatient {login, projectId}`: 200 `{login, code}`.
 pub async fn new_patient(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let (login_id, project_id) = login_and(&body, "projectId", "Project ID is required")?;
     let (login, user) = pending_registration(&state, &login_id).await?;
     if user.project_id.as_deref() != Some(project_id.as_str()) {
@@ -355,40 +373,19 @@ pub async fn new_patient(
         .and_then(|p| p.content.get("defaultPatientAccessPolicy").cloned())
         .filter(|p| p.get("reference").and_then(Value::as_str).is_some())
         .ok_or_else(|| ApiError::bad_request("Project does not allow open registration"))?;
-    let email = user_field(&user, "email");
-    let spec = ProfileSpec {
-        resource_type: "Patient",
-        first_name: user_field(&user, "firstName"),
-        last_name: user_field(&user, "lastName"),
-        email: Some(email).filter(|e| !e.is_empty()),
-        key: profile_key(&project_id, email),
-    };
-    let user_ref = format!("User/{}", user.id);
     let target = ProjectUpstream::of(&state, &project_id)?;
-    let (profile, created) = ensure_profile(&state, &target, None, &spec).await?;
-    let membership_id = uuid::Uuid::new_v4().to_string();
-    let membership = json!({
-        "resourceType": "ProjectMembership",
-        "id": membership_id,
-        "project": {"reference": format!("Project/{project_id}")},
-        "user": {"reference": user_ref},
-        "profile": {"reference": profile},
-        "accessPolicy": {"reference": policy["reference"]},
-    });
-    let written = state
-        .store
-        .write_batch(membership_writes(&project_id, &user_ref, &membership_id, membership).into())
-        .await;
-    if let Err(e) = written {
-        if created {
-            remove_profile(&state, &target, &profile).await;
-        }
-        return Err(match e {
-            StoreError::Conflict => ApiError::bad_request("Login already has a membership"),
-            other => other.into(),
-        });
-    }
-    refreshed(&state).await;
+    let joining = Joining {
+        target: &target,
+        user: &user,
+        project_id: &project_id,
+        resource_type: "Patient",
+        grant: ("accessPolicy", json!({"reference": policy["reference"]})),
+    };
+    let refused = |e| match e {
+        StoreError::Conflict => ApiError::bad_request("Login already has a membership"),
+        other => other.into(),
+    };
+    let membership_id = joining.join(&state, None, refused).await?;
     let ip = client_ip(&state, &parts)?;
     let login = choose_profile(&state, &login, &membership_id, ip).await?;
     login_response(&state, login).await

@@ -1,14 +1,14 @@
 //! `POST /auth/revoke {loginId}` (medplum-auth.md §2.16): ends another session of the same user.
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 
-use crate::control::base::access::authenticate;
+use crate::control::base::access::Caller;
 use crate::control::login::state::get_login;
 use crate::control::login::state::revoke;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
@@ -17,11 +17,9 @@ use crate::obs::security::{SecurityEvent, SecurityEventKind};
 /// `POST /auth/revoke {loginId}`: ends one of the caller's own sessions.
 pub async fn auth_revoke(
     AxState(state): AxState<AppState>,
-    req: Request,
+    caller: Caller,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
-    let body = auth_body(&parts, body).await?;
     let login_id = body_str(&body, "loginId")
         .filter(|id| uuid::Uuid::parse_str(id).is_ok())
         .ok_or_else(|| ApiError::invalid("loginId", "Login ID is required."))?;

@@ -1,15 +1,25 @@
 //! Who is calling the control API, and what they may do: authentication through
 //! `State::authenticate` (Bearer or Basic), the effective policy of the caller's membership, the
 //! per-request IP check, and the admin rules of medplum-auth.md §4.8 and §8.
+//!
+//! Handlers get the caller through extractors, which run in the order of the handler's
+//! arguments and before its body: [`Caller`] (any authenticated caller), [`AdminCaller`]
+//! (project admin or super admin), [`SuperAdmin`], and [`AdminProject`] (an admin and the
+//! project of the URL's `project_id` it acts on: the project boundary of the admin API).
 
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use crate::state::{Identity, ProjectInfo, Snapshot, State};
+use axum::extract::{FromRequestParts, Path};
 use axum::http::header;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use fhirgate_core::policy::effective::EffectivePolicy;
 use fhirgate_core::policy::model::ProjectMembership;
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use crate::control::web::AppState;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 
@@ -58,6 +68,21 @@ impl Caller {
         &self.identity.profile
     }
 
+    /// A security event of something the caller did to `subject` in `project` (actor and
+    /// address filled in); the caller adds what else it knows and emits it.
+    pub fn event<'a>(
+        &'a self,
+        kind: SecurityEventKind,
+        subject: &'a str,
+        project: &'a str,
+    ) -> SecurityEvent<'a> {
+        SecurityEvent::new(kind)
+            .actor(self.profile())
+            .subject(subject)
+            .project(project)
+            .from_ip(self.client_ip)
+    }
+
     /// May the caller see or change something stored in `project`? Super admins see every
     /// project; everyone else only their own.
     pub fn in_scope(&self, project: Option<&str>) -> bool {
@@ -85,11 +110,9 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
     let (result, _cache) = state.authenticate(header).await;
     let identity = result.map_err(|e| match e {
         // The credential may be fine: the store that would say so cannot be reached.
-        crate::state::AuthError::StoreUnavailable => {
-            ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
-                "Credential store unavailable".into(),
-            ))
-        }
+        crate::state::AuthError::StoreUnavailable => ApiError::Outcome(
+            fhirgate_core::fhir::outcome::Stock::CredentialStoreUnavailable.outcome(),
+        ),
         _ => unauthorized(),
     })?;
     let snap = state.snapshot();
@@ -165,8 +188,9 @@ pub async fn authenticate_admin(state: &State, parts: &Parts) -> Result<Caller, 
     Ok(caller)
 }
 
-/// The project an admin call acts on.
-pub(crate) fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
+/// The project an admin call acts on: the URL's for a super admin (404 when it does not
+/// exist), the caller's own for a project admin.
+fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, ApiError> {
     if caller.super_admin() {
         caller
             .snap
@@ -176,5 +200,71 @@ pub(crate) fn target_project(caller: &Caller, url_project: &str) -> Result<Proje
             .ok_or_else(ApiError::not_found)
     } else {
         Ok(caller.project.clone())
+    }
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+        authenticate(state, parts).await
+    }
+}
+
+/// A project admin or super admin ([`authenticate_admin`]).
+pub struct AdminCaller(pub Caller);
+
+impl FromRequestParts<AppState> for AdminCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<AdminCaller, ApiError> {
+        authenticate_admin(state, parts).await.map(AdminCaller)
+    }
+}
+
+/// Proof that the caller is a member of a `superAdmin` project; 403 for anyone else.
+pub struct SuperAdmin;
+
+impl FromRequestParts<AppState> for SuperAdmin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<SuperAdmin, ApiError> {
+        if !authenticate(state, parts).await?.super_admin() {
+            return Err(ApiError::forbidden());
+        }
+        Ok(SuperAdmin)
+    }
+}
+
+/// An admin caller and the project the call acts on (the `/admin/projects/{project_id}/…`
+/// routes): the path first (its own rejection), then [`authenticate_admin`], then
+/// [`target_project`].
+pub struct AdminProject {
+    pub caller: Caller,
+    pub project: ProjectInfo,
+}
+
+impl FromRequestParts<AppState> for AdminProject {
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<AdminProject, Response> {
+        let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let caller = authenticate_admin(state, parts)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let url_project = params.get("project_id").map_or("", String::as_str);
+        let project = target_project(&caller, url_project).map_err(IntoResponse::into_response)?;
+        Ok(AdminProject { caller, project })
     }
 }

@@ -108,11 +108,8 @@ pub async fn check_not_breached(
     };
     let digest = hex::encode_upper(Sha1::digest(password.as_bytes()));
     let (prefix, suffix) = digest.split_at(5);
-    let unavailable = || {
-        ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
-            "The breached-password check is unavailable; try again later".into(),
-        ))
-    };
+    let unavailable =
+        || ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::BreachCheckUnavailable.outcome());
     let resp = state
         .outbound
         .get(format!("{}/range/{prefix}", base.trim_end_matches('/')))

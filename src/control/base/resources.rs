@@ -18,7 +18,7 @@ use crate::control::base::domains::prepare_domain_configuration;
 use crate::control::base::index::index_rows;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 pub(crate) fn fhir_base(state: &State) -> String {
@@ -234,6 +234,25 @@ fn normalize_meta(resource: &mut Value, caller: &Caller) {
     }
     meta.insert("author".into(), json!({"reference": caller.profile()}));
     obj.insert("meta".into(), Value::Object(meta));
+}
+
+/// [`prepare`], then the `meta` every write stores: normalized, and naming the project the
+/// resource lives in.
+async fn prepare_with_meta(
+    state: &State,
+    caller: &Caller,
+    resource: &mut Value,
+    existing: Option<&StoredResource>,
+) -> Result<Option<String>, ApiError> {
+    let project = prepare(state, caller, resource, existing).await?;
+    normalize_meta(resource, caller);
+    if let (Some(p), Some(meta)) = (
+        &project,
+        resource.get_mut("meta").and_then(Value::as_object_mut),
+    ) {
+        meta.insert("project".into(), Value::String(p.clone()));
+    }
+    Ok(project)
 }
 
 /// Validation and normalisation per type; returns the project the resource belongs to.
@@ -652,14 +671,7 @@ pub(crate) async fn create_resource(
     if resource_type == "ClientApplication" {
         check_client_write(caller, &resource, None, &fx)?;
     }
-    let project = prepare(state, caller, &mut resource, None).await?;
-    normalize_meta(&mut resource, caller);
-    if let (Some(p), Some(meta)) = (
-        &project,
-        resource.get_mut("meta").and_then(Value::as_object_mut),
-    ) {
-        meta.insert("project".into(), Value::String(p.clone()));
-    }
+    let project = prepare_with_meta(state, caller, &mut resource, None).await?;
     let entry = caller
         .policy
         .satisfied(&resource, Interaction::Create)
@@ -686,12 +698,13 @@ pub(crate) async fn create_resource(
     }
     refreshed(state).await;
     let subject = format!("{}/{}", stored.resource_type, stored.id);
-    SecurityEvent::new(SecurityEventKind::ResourceCreated)
-        .actor(caller.profile())
-        .subject(&subject)
-        .project(stored.project_id.as_deref().unwrap_or(""))
+    caller
+        .event(
+            SecurityEventKind::ResourceCreated,
+            &subject,
+            stored.project_id.as_deref().unwrap_or(""),
+        )
         .versions(None, Some(&stored.version_id))
-        .from_ip(caller.client_ip)
         .emit();
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
     let mut body = match entry {
@@ -758,14 +771,7 @@ pub(crate) async fn update_resource(
     ) {
         keep_idp_secret(&mut resource, &existing.content);
     }
-    let project = prepare(state, caller, &mut resource, Some(existing)).await?;
-    normalize_meta(&mut resource, caller);
-    if let (Some(p), Some(meta)) = (
-        &project,
-        resource.get_mut("meta").and_then(Value::as_object_mut),
-    ) {
-        meta.insert("project".into(), Value::String(p.clone()));
-    }
+    let project = prepare_with_meta(state, caller, &mut resource, Some(existing)).await?;
     let pre = caller
         .policy
         .satisfied(&existing.content, Interaction::Update)
@@ -795,12 +801,13 @@ pub(crate) async fn update_resource(
         apply_client_secrets(state, &stored.id, &fx, true).await?;
         refreshed(state).await;
         let subject = format!("{}/{}", stored.resource_type, stored.id);
-        SecurityEvent::new(SecurityEventKind::ResourceUpdated)
-            .actor(caller.profile())
-            .subject(&subject)
-            .project(stored.project_id.as_deref().unwrap_or(""))
+        caller
+            .event(
+                SecurityEventKind::ResourceUpdated,
+                &subject,
+                stored.project_id.as_deref().unwrap_or(""),
+            )
             .versions(Some(&existing.version_id), Some(&stored.version_id))
-            .from_ip(caller.client_ip)
             .emit();
         stored
     };

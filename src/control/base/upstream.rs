@@ -2,7 +2,7 @@
 //! invited and registered users (created idempotently by an identifier fhirgate sets, removed
 //! again after a failed write) and the profile `/auth/me` and `/oauth2/userinfo` show.
 
-use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +12,7 @@ use fhirgate_core::policy::isolation::Isolation;
 
 use crate::control::base::access::Caller;
 use crate::control::base::resources::strip_secrets;
+use crate::control::base::users::find_memberships;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
@@ -56,11 +57,7 @@ impl ProjectUpstream {
             .upstreams
             .get(&project.upstream)
             .cloned()
-            .ok_or_else(|| {
-                ApiError::Outcome(Outcome::ServiceUnavailable(
-                    "The project's upstream is not configured".into(),
-                ))
-            })?;
+            .ok_or_else(|| ApiError::Outcome(Stock::UpstreamNotConfigured.outcome()))?;
         Ok(ProjectUpstream {
             binding,
             isolation: project.isolation.clone(),
@@ -109,9 +106,9 @@ pub(crate) fn upstream_request(
 
 fn upstream_failure(e: &reqwest::Error) -> ApiError {
     if e.is_timeout() {
-        ApiError::Outcome(Outcome::GatewayTimeout("Upstream timed out".into()))
+        ApiError::Outcome(Stock::UpstreamTimedOut.outcome())
     } else {
-        ApiError::Outcome(Outcome::BadGateway("Upstream unavailable".into()))
+        ApiError::Outcome(Stock::UpstreamUnavailable.outcome())
     }
 }
 
@@ -135,9 +132,7 @@ pub(crate) async fn upstream_read(
             .ok()
             .filter(|v| target.isolation.admits(v))),
         404 | 410 => Ok(None),
-        _ => Err(ApiError::Outcome(Outcome::BadGateway(
-            "Could not read the profile from the FHIR server".into(),
-        ))),
+        _ => Err(ApiError::Outcome(Stock::ProfileUnreadable.outcome())),
     }
 }
 
@@ -194,11 +189,7 @@ pub async fn ensure_profile(
     .await
     .map_err(|e| upstream_failure(&e))?;
     let status = resp.status().as_u16();
-    let refused = || {
-        ApiError::Outcome(Outcome::BadGateway(
-            "Could not create the profile in the FHIR server".into(),
-        ))
-    };
+    let refused = || ApiError::Outcome(Stock::ProfileNotCreated.outcome());
     if status == 412 {
         return Err(ApiError::conflict(
             "Several profiles in the FHIR server match this invite",
@@ -224,15 +215,7 @@ pub async fn ensure_profile(
 /// invite of the same person may have found it). Failures are logged: the profile then stays,
 /// harmless, and the next invite of that person reuses it.
 pub async fn remove_profile(state: &ControlState, target: &ProjectUpstream, reference: &str) {
-    let used = state
-        .store
-        .search(
-            "ProjectMembership",
-            &[("profile".to_string(), vec![reference.to_string()])],
-            None,
-            1,
-        )
-        .await;
+    let used = find_memberships(state, &[("profile", reference)], None, 1).await;
     if !matches!(used, Ok(ref v) if v.is_empty()) {
         return;
     }

@@ -47,6 +47,24 @@ pub async fn find_user(
         .next())
 }
 
+/// Stored memberships with every `(search parameter, value)` of `filters`, in `project` when
+/// given; at most `limit`.
+pub async fn find_memberships(
+    state: &State,
+    filters: &[(&str, &str)],
+    project: Option<&str>,
+    limit: i64,
+) -> Result<Vec<StoredResource>, StoreError> {
+    let filters: Vec<(String, Vec<String>)> = filters
+        .iter()
+        .map(|(name, value)| (name.to_string(), vec![value.to_string()]))
+        .collect();
+    state
+        .store
+        .search("ProjectMembership", &filters, project, limit)
+        .await
+}
+
 /// The memberships of a user (`User/<id>`), of `project` when given, whose profile is of
 /// `profile_type` when given. Inactive ones are included: choosing one is what fails.
 pub async fn memberships_of(
@@ -55,15 +73,13 @@ pub async fn memberships_of(
     project: Option<&str>,
     profile_type: Option<&str>,
 ) -> Result<Vec<(String, ProjectMembership)>, ApiError> {
-    let rows = state
-        .store
-        .search(
-            "ProjectMembership",
-            &[("user".to_string(), vec![user_ref.to_string()])],
-            project.filter(|p| *p != "new"),
-            MAX_MEMBERSHIPS,
-        )
-        .await?;
+    let rows = find_memberships(
+        state,
+        &[("user", user_ref)],
+        project.filter(|p| *p != "new"),
+        MAX_MEMBERSHIPS,
+    )
+    .await?;
     let mut out = Vec::new();
     for row in rows {
         let Ok(m) = serde_json::from_value::<ProjectMembership>(row.content) else {

@@ -13,7 +13,8 @@ pub mod operations;
 pub mod search;
 
 use crate::store::StoredResource;
-use axum::extract::{Path, Request, State as AxState};
+use axum::body::Body;
+use axum::extract::{Path, State as AxState};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
@@ -21,7 +22,6 @@ use fhirgate_core::fhir::request::Interaction;
 use fhirgate_core::policy::compiled::{CompiledEntry, is_protected_type};
 
 use crate::control::base::access::Caller;
-use crate::control::base::access::authenticate;
 use crate::control::base::resources::create_resource;
 use crate::control::base::resources::present;
 use crate::control::base::resources::refreshed;
@@ -33,7 +33,7 @@ use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 use serde_json::Value;
 
@@ -153,13 +153,24 @@ fn admit(caller: &Caller, resource_type: &str, interaction: Interaction) -> Resu
     }
 }
 
+/// The body of a create or update, read once the type is admitted: a refused type is refused
+/// whatever the body.
+async fn admitted_body(
+    caller: &Caller,
+    resource_type: &str,
+    interaction: Interaction,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Value, ApiError> {
+    admit(caller, resource_type, interaction)?;
+    json_body(headers, body).await
+}
+
 pub async fn read(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
-    req: Request,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
     admit(&caller, &resource_type, Interaction::Read)?;
     if !is_valid_id(&id) {
         return Err(ApiError::not_found());
@@ -177,31 +188,31 @@ pub async fn read(
 pub async fn create(
     AxState(state): AxState<AppState>,
     Path(resource_type): Path<String>,
-    req: Request,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
-    admit(&caller, &resource_type, Interaction::Create)?;
-    let resource = json_body(&parts, body).await?;
+    let resource =
+        admitted_body(&caller, &resource_type, Interaction::Create, &headers, body).await?;
     create_resource(&state, &caller, &resource_type, resource, false).await
 }
 
 pub async fn update(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
-    req: Request,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
-    admit(&caller, &resource_type, Interaction::Update)?;
-    let resource = json_body(&parts, body).await?;
+    let resource =
+        admitted_body(&caller, &resource_type, Interaction::Update, &headers, body).await?;
     if str_field(&resource, "resourceType") != Some(resource_type.as_str()) {
         return Err(ApiError::bad_request("Incorrect resource type"));
     }
     if str_field(&resource, "id") != Some(id.as_str()) {
         return Err(ApiError::bad_request("Incorrect ID"));
     }
-    let expected = if_match(&parts.headers)?;
+    let expected = if_match(&headers)?;
     let existing = if is_valid_id(&id) {
         state.store.read(&resource_type, &id).await?
     } else {
@@ -225,10 +236,8 @@ pub async fn update(
 pub async fn delete(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
-    req: Request,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
     admit(&caller, &resource_type, Interaction::Delete)?;
     let existing = if is_valid_id(&id) {
         state.store.read(&resource_type, &id).await?
@@ -248,11 +257,12 @@ pub async fn delete(
     }
     state.store.delete(&resource_type, &id).await?;
     let subject = format!("{resource_type}/{id}");
-    SecurityEvent::new(SecurityEventKind::ResourceDeleted)
-        .actor(caller.profile())
-        .subject(&subject)
-        .project(caller.project_id())
-        .from_ip(caller.client_ip)
+    caller
+        .event(
+            SecurityEventKind::ResourceDeleted,
+            &subject,
+            caller.project_id(),
+        )
         .emit();
     // A deleted User or membership takes its sessions with it (SPEC §2); ending them refreshes
     // the snapshot, which then holds the deletion too.

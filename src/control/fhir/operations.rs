@@ -4,14 +4,12 @@
 use crate::state::State;
 use crate::tokens::random_hex;
 use axum::body::Body;
-use axum::extract::{Path, Request, State as AxState};
-use axum::http::StatusCode;
-use axum::http::request::Parts;
+use axum::extract::{Path, State as AxState};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde_json::Value;
 
-use crate::control::base::access::authenticate;
-use crate::control::base::access::authenticate_admin;
+use crate::control::base::access::Caller;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::strip_secrets;
 use crate::control::web::AppState;
@@ -19,22 +17,27 @@ use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// `POST /fhir/R4/<Type>/<id>/<$operation>`.
 pub async fn instance_operation(
     AxState(state): AxState<AppState>,
     Path((resource_type, id, operation)): Path<(String, String, String)>,
-    req: Request,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     match (resource_type.as_str(), operation.as_str()) {
-        ("ClientApplication", "$rotate-secret") => rotate_secret(&state, &id, req).await,
-        _ => {
-            let (parts, _body): (Parts, Body) = req.into_parts();
-            authenticate(&state, &parts).await?;
-            Err(ApiError::not_found())
+        ("ClientApplication", "$rotate-secret") => {
+            // As `AdminCaller`, here because other operations take any caller.
+            if !caller.is_admin() {
+                return Err(ApiError::forbidden());
+            }
+            let params = json_body(&headers, body).await?;
+            rotate_secret(&state, &caller, &id, &params).await
         }
+        _ => Err(ApiError::not_found()),
     }
 }
 
@@ -51,15 +54,17 @@ fn parameter<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
 }
 
 /// `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md §8.3).
-pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let caller = authenticate_admin(state, &parts).await?;
-    let params = json_body(&parts, body).await?;
+async fn rotate_secret(
+    state: &State,
+    caller: &Caller,
+    id: &str,
+    params: &Value,
+) -> Result<Response, ApiError> {
     if params.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
         return Err(ApiError::bad_request("Incorrect resource type"));
     }
-    let secret = parameter(&params, "secret");
-    let retiring = parameter(&params, "retiringSecret");
+    let secret = parameter(params, "secret");
+    let retiring = parameter(params, "retiringSecret");
     let client = if is_valid_id(id) {
         state.store.read("ClientApplication", id).await?
     } else {
@@ -116,11 +121,12 @@ pub async fn rotate_secret(state: &State, id: &str, req: Request) -> Result<Resp
     }
     refreshed(state).await;
     let subject = format!("ClientApplication/{id}");
-    SecurityEvent::new(SecurityEventKind::SecretRotated)
-        .actor(caller.profile())
-        .subject(&subject)
-        .project(caller.project_id())
-        .from_ip(caller.client_ip)
+    caller
+        .event(
+            SecurityEventKind::SecretRotated,
+            &subject,
+            caller.project_id(),
+        )
         .emit();
     Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }

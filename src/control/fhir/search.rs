@@ -2,13 +2,15 @@
 //! and `:exact`, `_count` and `_offset`, under the caller's policy per resource.
 
 use crate::state::State;
-use axum::extract::{Path, Request, State as AxState};
-use axum::http::StatusCode;
+use axum::body::Body;
+use axum::extract::{Path, State as AxState};
 use axum::http::request::Parts;
+use axum::http::{StatusCode, Uri};
 use axum::response::Response;
 use fhirgate_core::fhir::request::Interaction;
 use serde_json::{Value, json};
 
+use crate::control::base::access::Caller;
 use crate::control::base::access::authenticate;
 use crate::control::base::index::ParamKind;
 use crate::control::base::index::index_rows;
@@ -39,30 +41,33 @@ const SEARCH_CANDIDATES: i64 = 10_000;
 pub async fn search(
     AxState(state): AxState<AppState>,
     Path(resource_type): Path<String>,
-    req: Request,
+    caller: Caller,
+    uri: Uri,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let params: Vec<(String, String)> = query_pairs(&parts);
-    run_search(&state, &parts, &resource_type, params).await
+    let params: Vec<(String, String)> = query_pairs(&uri);
+    run_search(&state, &caller, &resource_type, params).await
 }
 
 /// `POST /fhir/R4/<Type>/_search` with a form body; any other POST on an instance is refused.
+/// The one handler that authenticates after reading its body (as Medplum does): the caller is
+/// not an extractor here.
 pub async fn post_search(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
-    req: Request,
+    parts: Parts,
+    body: Body,
 ) -> Result<Response, ApiError> {
     if id != "_search" {
         return Err(ApiError::MethodNotAllowed);
     }
-    let (parts, body) = req.into_parts();
     if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
         return Err(ApiError::bad_request("Unsupported content type"));
     }
     let bytes = read_body(body, MAX_BODY).await?;
-    let mut params: Vec<(String, String)> = query_pairs(&parts);
+    let mut params: Vec<(String, String)> = query_pairs(&parts.uri);
     params.extend(form_urlencoded::parse(&bytes).map(|(k, v)| (k.into_owned(), v.into_owned())));
-    run_search(&state, &parts, &resource_type, params).await
+    let caller = authenticate(&state, &parts).await?;
+    run_search(&state, &caller, &resource_type, params).await
 }
 
 /// One parsed search filter.
@@ -219,15 +224,14 @@ fn parse_search(
 
 async fn run_search(
     state: &State,
-    parts: &Parts,
+    caller: &Caller,
     resource_type: &str,
     params: Vec<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(state, parts).await?;
     let stored_type = match classify(resource_type) {
         TypeClass::Stored => true,
         TypeClass::Unstored => {
-            unstored(&caller, resource_type, Interaction::Search)?;
+            unstored(caller, resource_type, Interaction::Search)?;
             false
         }
         TypeClass::Unknown => return Err(ApiError::not_found()),
@@ -237,7 +241,7 @@ async fn run_search(
     let mut count = DEFAULT_COUNT;
     let mut offset = 0;
     if stored_type {
-        require_type(&caller, resource_type, Interaction::Search)?;
+        require_type(caller, resource_type, Interaction::Search)?;
         let req = parse_search(resource_type, &params)?;
         summary_count = req.summary_count;
         count = req.count;
@@ -266,10 +270,10 @@ async fn run_search(
             if !req.filters.iter().all(|f| f.matches(&rows)) {
                 continue;
             }
-            let Some(entry) = granting(&caller, &stored, Interaction::Search) else {
+            let Some(entry) = granting(caller, &stored, Interaction::Search) else {
                 continue;
             };
-            let body = present(&caller, stored.content.clone(), entry);
+            let body = present(caller, stored.content.clone(), entry);
             matches.push((stored.id, body));
         }
     }

@@ -158,7 +158,7 @@ async fn grant(
     mut login: LoginRecord,
 ) -> Result<Value, ApiError> {
     if let Some(why) = not_ready(&login) {
-        return Err(ApiError::bad_request(why));
+        return Err(ApiError::bad_request(why.text()));
     }
     let membership_id = login
         .membership_id

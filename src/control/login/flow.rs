@@ -59,6 +59,27 @@ fn validation_errors(errors: &[(&str, &str)]) -> ApiError {
     }
 }
 
+/// Why a password sign-in failed, as its security event says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SignInFailure {
+    UnknownUser,
+    NoPassword,
+    WrongPassword,
+    NoMembership,
+}
+
+impl SignInFailure {
+    /// The stable label of the security event.
+    fn label(self) -> &'static str {
+        match self {
+            SignInFailure::UnknownUser => "unknown_user",
+            SignInFailure::NoPassword => "no_password",
+            SignInFailure::WrongPassword => "wrong_password",
+            SignInFailure::NoMembership => "no_membership",
+        }
+    }
+}
+
 /// `/auth/login` minus the HTTP: validates, checks the password, and returns the new Login,
 /// already stored, with its membership chosen when the user has exactly one. Nothing is
 /// stored when any check fails.
@@ -110,9 +131,9 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         .as_deref()
         .filter(|s| !s.is_empty());
     check_client_pkce(client.as_ref(), challenge, method)?;
-    let failed = |reason: &'static str, user: Option<&str>| {
+    let failed = |reason: SignInFailure, user: Option<&str>| {
         let mut event = SecurityEvent::new(SecurityEventKind::SignIn)
-            .failed(reason)
+            .failed(reason.label())
             .from_ip(req.remote_address);
         if let Some(u) = user {
             event = event.subject(u);
@@ -120,22 +141,22 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         event.emit();
     };
     let Some(user) = find_user(state, &email, project_id.as_deref()).await? else {
-        failed("unknown_user", None);
+        failed(SignInFailure::UnknownUser, None);
         return Err(ApiError::bad_request("User not found"));
     };
     let user_ref = format!("User/{}", user.id);
     let Some(hash) = user.content.get("passwordHash").and_then(Value::as_str) else {
-        failed("no_password", Some(&user_ref));
+        failed(SignInFailure::NoPassword, Some(&user_ref));
         return Err(ApiError::bad_request("Invalid authentication method"));
     };
     if !verify_password(hash, &req.password).await? {
-        failed("wrong_password", Some(&user_ref));
+        failed(SignInFailure::WrongPassword, Some(&user_ref));
         return Err(ApiError::bad_request("Email or password is invalid"));
     }
     let profile_type = req.resource_type.as_deref().filter(|s| !s.is_empty());
     let memberships = memberships_of(state, &user_ref, project_id.as_deref(), profile_type).await?;
     if memberships.is_empty() && project_id.as_deref() != Some("new") {
-        failed("no_membership", Some(&user_ref));
+        failed(SignInFailure::NoMembership, Some(&user_ref));
         return Err(ApiError::bad_request("User not found"));
     }
 
@@ -344,7 +365,7 @@ fn looks_like_smart(word: &str) -> bool {
 /// of it stops working. The code itself is returned once and only its hash is stored.
 pub async fn issue_code(state: &State, login: &mut LoginRecord) -> Result<String, ApiError> {
     if let Some(why) = not_ready(login) {
-        return Err(ApiError::bad_request(why));
+        return Err(ApiError::bad_request(why.text()));
     }
     let code = random_hex(16);
     let hash = code_hash(state, &code);

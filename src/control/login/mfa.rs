@@ -162,6 +162,21 @@ impl MfaUser {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
     }
+
+    /// The secret, or 400 `missing` when there is none.
+    pub fn secret_or(&self, missing: &str) -> Result<String, ApiError> {
+        self.secret()
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_request(missing))
+    }
+
+    /// The secret of a user about to enrol: 400 when already enrolled or when there is none.
+    pub fn enrolment_secret(&self) -> Result<String, ApiError> {
+        if self.enrolled() {
+            return Err(ApiError::bad_request("Already enrolled"));
+        }
+        self.secret_or("Secret not found")
+    }
 }
 
 /// Reads the User behind a `User/<id>` reference.
@@ -371,6 +386,32 @@ fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A code checked during sign-in: a Login past its attempt limit is revoked; success marks the
+/// Login verified (and, for a forced enrolment, no longer waiting for one).
+async fn sign_in_attempt(
+    state: &State,
+    login: &LoginRecord,
+    secret: &str,
+    token: &str,
+    enrolment: bool,
+) -> Result<Result<LoginRecord, Rejected>, ApiError> {
+    attempt(
+        state,
+        &login.id,
+        &login.user_ref,
+        secret,
+        token,
+        true,
+        |extra| {
+            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
+            if enrolment {
+                extra.insert(keys::MFA_ENROLL_REQUIRED.into(), Value::Bool(false));
+            }
+        },
+    )
+    .await
+}
+
 /// The sign-in step: checks `token` for the Login's user and marks the Login `mfaVerified`.
 /// Shared by `/auth/mfa/verify` and the sign-in page.
 pub(crate) async fn verify_login(
@@ -383,22 +424,8 @@ pub(crate) async fn verify_login(
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?;
-    let secret = user
-        .secret()
-        .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?
-        .to_string();
-    let verified = attempt(
-        state,
-        &login.id,
-        &login.user_ref,
-        &secret,
-        token,
-        true,
-        |extra| {
-            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
-        },
-    )
-    .await?;
+    let secret = user.secret_or("User not enrolled in MFA")?;
+    let verified = sign_in_attempt(state, &login, &secret, token, false).await?;
     let event = SecurityEvent::new(SecurityEventKind::MfaVerification).subject(&login.user_ref);
     match verified {
         Ok(login) => {
@@ -423,28 +450,11 @@ pub(crate) async fn login_enroll(
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;
-    if user.enrolled() {
-        return Err(ApiError::bad_request("Already enrolled"));
-    }
-    let secret = user
-        .secret()
-        .ok_or_else(|| ApiError::bad_request("Secret not found"))?
-        .to_string();
+    let secret = user.enrolment_secret()?;
     check_login_open(&login)?;
-    let verified = attempt(
-        state,
-        &login.id,
-        &login.user_ref,
-        &secret,
-        token,
-        true,
-        |extra| {
-            extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
-            extra.insert(keys::MFA_ENROLL_REQUIRED.into(), Value::Bool(false));
-        },
-    )
-    .await?
-    .map_err(|r| r.error("Invalid MFA token"))?;
+    let verified = sign_in_attempt(state, &login, &secret, token, true)
+        .await?
+        .map_err(|r| r.error("Invalid MFA token"))?;
     update_user(state, user.id(), |current, obj| {
         // The secret the code was checked against must still be the one stored.
         if current.secret() != Some(secret.as_str()) {

@@ -1,13 +1,11 @@
 //! The one builder of a new pending Login (password sign-in, registration, external IdPs): its
-//! row, and its flow state in `extra` under the keys of `login::state::keys`, always in the same
-//! order.
+//! row, and its flow state in `extra` (a `login::state::LoginFlow`, under the keys of
+//! `login::state::keys`, always in the same order).
 
 use std::net::IpAddr;
 
-use serde_json::{Map, Value};
-
-use crate::control::login::pkce::pkce_extra;
-use crate::control::login::state::keys;
+use crate::control::login::pkce::pkce_state;
+use crate::control::login::state::LoginFlow;
 use crate::store::LoginRecord;
 
 /// What a sign-in that starts a Login knows.
@@ -42,35 +40,25 @@ pub struct PendingLogin<'a> {
 impl PendingLogin<'_> {
     /// The Login, not stored yet, started at `now`.
     pub fn build(&self, now: i64) -> LoginRecord {
-        let mut extra = Map::new();
-        let mut put = |k: &str, v: Value| {
-            extra.insert(k.to_string(), v);
+        let (code_challenge, code_challenge_method) =
+            pkce_state(self.code_challenge, self.code_challenge_method);
+        let owned = |v: Option<&str>| v.map(str::to_string);
+        let flow = LoginFlow {
+            granted: false,
+            nonce: self.nonce.clone(),
+            code_challenge,
+            code_challenge_method,
+            launch: owned(self.launch),
+            redirect_uri: owned(self.redirect_uri),
+            origin: owned(self.origin),
+            user_agent: owned(self.user_agent),
+            profile_type: owned(self.profile_type),
+            remember: self.remember,
+            offline: self.offline,
+            mfa_required: self.mfa_required,
+            mfa_verified: false,
+            mfa_enroll_required: self.mfa_enroll_required,
         };
-        put(keys::GRANTED, Value::Bool(false));
-        put(keys::NONCE, Value::String(self.nonce.clone()));
-        for (k, v) in pkce_extra(self.code_challenge, self.code_challenge_method) {
-            put(k, v);
-        }
-        let optional = [
-            (keys::LAUNCH, self.launch),
-            (keys::REDIRECT_URI, self.redirect_uri),
-            (keys::ORIGIN, self.origin),
-            (keys::USER_AGENT, self.user_agent),
-            (keys::PROFILE_TYPE, self.profile_type),
-        ];
-        for (k, v) in optional {
-            if let Some(v) = v {
-                put(k, Value::String(v.to_string()));
-            }
-        }
-        put(keys::REMEMBER, Value::Bool(self.remember));
-        put(keys::OFFLINE, Value::Bool(self.offline));
-        put(keys::MFA_REQUIRED, Value::Bool(self.mfa_required));
-        put(keys::MFA_VERIFIED, Value::Bool(false));
-        put(
-            keys::MFA_ENROLL_REQUIRED,
-            Value::Bool(self.mfa_enroll_required),
-        );
         LoginRecord {
             id: uuid::Uuid::new_v4().to_string(),
             user_ref: self.user_ref.clone(),
@@ -85,7 +73,50 @@ impl PendingLogin<'_> {
             remote_address: self.remote_address.map(|a| a.to_string()),
             code: None,
             refresh_secret: None,
-            extra: Value::Object(extra),
+            extra: flow.to_extra(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flow state is stored exactly as the string-keyed builder before it wrote it: the same
+    /// keys, in the same order, absent options left out, a bare challenge as plain.
+    #[test]
+    fn a_new_login_stores_the_same_extra_as_before() {
+        let pending = PendingLogin {
+            user_ref: "User/u".into(),
+            client_id: Some("c".into()),
+            project_id: None,
+            scope: "openid".into(),
+            auth_method: "password",
+            lifetime: 60,
+            remote_address: None,
+            nonce: "n".into(),
+            code_challenge: Some("ch"),
+            code_challenge_method: None,
+            launch: None,
+            redirect_uri: Some("https://app/cb"),
+            origin: None,
+            user_agent: Some("ua"),
+            profile_type: Some("Patient"),
+            remember: true,
+            offline: false,
+            mfa_required: true,
+            mfa_enroll_required: false,
+        };
+        let login = pending.build(100);
+        assert_eq!(
+            serde_json::to_string(&login.extra).unwrap(),
+            concat!(
+                r#"{"granted":false,"nonce":"n","codeChallenge":"ch","codeChallengeMethod":"plain","#,
+                r#""redirectUri":"https://app/cb","userAgent":"ua","profileType":"Patient","#,
+                r#""remember":true,"offline":false,"mfaRequired":true,"mfaVerified":false,"#,
+                r#""mfaEnrollRequired":false}"#
+            )
+        );
+        assert_eq!(login.expires_at, 160);
     }
 }

@@ -3,10 +3,8 @@
 
 use crate::state::ClientInfo;
 use base64::Engine;
-use serde_json::Value;
 
 use crate::control::base::clients::client_flag;
-use crate::control::login::state::keys;
 use crate::control::web::error::ApiError;
 
 /// Medplum's PKCE parameter checks of every sign-in that starts a Login (`/auth/login`,
@@ -40,22 +38,19 @@ fn check_pkce_params(challenge: Option<&str>, method: Option<&str>) -> Result<()
     }
 }
 
-/// A new Login's PKCE state, as its `extra` entries: the challenge and its method, a bare
-/// challenge counting as plain.
-pub(crate) fn pkce_extra(
+/// A new Login's PKCE state: the challenge and its method, a bare challenge counting as plain.
+pub(crate) fn pkce_state(
     challenge: Option<&str>,
     method: Option<&str>,
-) -> impl Iterator<Item = (&'static str, Value)> {
+) -> (Option<String>, Option<String>) {
     // pkceOptional clients may send a bare challenge; Medplum then compares it as plain.
-    challenge.into_iter().flat_map(move |c| {
-        [
-            (keys::CODE_CHALLENGE, Value::String(c.to_string())),
-            (
-                keys::CODE_CHALLENGE_METHOD,
-                Value::String(method.unwrap_or("plain").to_string()),
-            ),
-        ]
-    })
+    match challenge {
+        Some(c) => (
+            Some(c.to_string()),
+            Some(method.unwrap_or("plain").to_string()),
+        ),
+        None => (None, None),
+    }
 }
 
 /// PKCE (RFC 7636): `plain` compares the strings, `S256` the unpadded base64url SHA-256 of the

@@ -3,6 +3,7 @@
 
 use crate::state::State;
 use crate::store::LoginRecord;
+use serde::Serialize;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 
@@ -33,7 +34,6 @@ pub mod keys {
     pub const PROFILE_SET: &str = "profileSet";
     pub const COOKIE: &str = "cookie";
     pub const REMEMBER: &str = "remember";
-    pub const ORIGIN: &str = "origin";
     pub const USER_AGENT: &str = "userAgent";
     /// The profile type the membership must have (`resourceType` of `/auth/login`).
     pub const PROFILE_TYPE: &str = "profileType";
@@ -42,6 +42,46 @@ pub mod keys {
     pub const OFFLINE: &str = "offline";
     /// Unix seconds after which the current code is refused.
     pub const CODE_EXPIRES_AT: &str = "codeExpiresAt";
+}
+
+/// The flow state a new Login starts with, stored as its `extra` under the keys of [`keys`], in
+/// this order (the rows earlier versions wrote have the same shape). Later steps add to it
+/// (`scopeGranted`, `profileSet`, the code's expiry, the page's keys, MFA attempts).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LoginFlow {
+    pub granted: bool,
+    pub nonce: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code_challenge: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code_challenge_method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub launch: Option<String>,
+    /// Set by `/oauth2/authorize`: the code is then bound to it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+    /// The profile type the membership must have.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_type: Option<String>,
+    pub remember: bool,
+    /// Offline access was asked for and is allowed: the code exchange creates a refresh secret.
+    pub offline: bool,
+    pub mfa_required: bool,
+    pub mfa_verified: bool,
+    pub mfa_enroll_required: bool,
+}
+
+impl LoginFlow {
+    /// The state as a Login's `extra`.
+    pub fn to_extra(&self) -> Value {
+        // Strings and booleans only: serializing cannot fail.
+        serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()))
+    }
 }
 
 /// What `/auth/login` (or the sign-in page) received.
@@ -125,22 +165,45 @@ pub fn mfa_satisfied(login: &LoginRecord) -> bool {
         && (!flag(login, keys::MFA_ENROLL_REQUIRED) || flag(login, keys::MFA_VERIFIED))
 }
 
+/// Why a Login cannot have a code yet, in the order it is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Revoked,
+    Granted,
+    NoProfile,
+    NoScope,
+    MfaRequired,
+}
+
+impl NotReady {
+    /// Medplum's text of the error that refuses the code.
+    pub fn text(self) -> &'static str {
+        match self {
+            NotReady::Revoked => "Login revoked",
+            NotReady::Granted => "Login granted",
+            NotReady::NoProfile => "Profile not set",
+            NotReady::NoScope => "Scope not set",
+            NotReady::MfaRequired => "MFA verification required",
+        }
+    }
+}
+
 /// Why no code can be issued yet; `None` when one can.
-pub fn not_ready(login: &LoginRecord) -> Option<&'static str> {
+pub fn not_ready(login: &LoginRecord) -> Option<NotReady> {
     if login.revoked {
-        return Some("Login revoked");
+        return Some(NotReady::Revoked);
     }
     if is_granted(login) {
-        return Some("Login granted");
+        return Some(NotReady::Granted);
     }
     if login.membership_id.is_none() {
-        return Some("Profile not set");
+        return Some(NotReady::NoProfile);
     }
     if login.scope.trim().is_empty() {
-        return Some("Scope not set");
+        return Some(NotReady::NoScope);
     }
     if !mfa_satisfied(login) {
-        return Some("MFA verification required");
+        return Some(NotReady::MfaRequired);
     }
     None
 }
@@ -224,20 +287,20 @@ mod tests {
         let mut l = login();
         assert_eq!(not_ready(&l), None);
         l.membership_id = None;
-        assert_eq!(not_ready(&l), Some("Profile not set"));
+        assert_eq!(not_ready(&l), Some(NotReady::NoProfile));
         l = login();
         set_extra(&mut l, keys::MFA_REQUIRED, Value::Bool(true));
-        assert_eq!(not_ready(&l), Some("MFA verification required"));
+        assert_eq!(not_ready(&l), Some(NotReady::MfaRequired));
         set_extra(&mut l, keys::MFA_VERIFIED, Value::Bool(true));
         assert_eq!(not_ready(&l), None);
         l = login();
         set_extra(&mut l, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
-        assert_eq!(not_ready(&l), Some("MFA verification required"));
+        assert_eq!(not_ready(&l), Some(NotReady::MfaRequired));
         l = login();
         l.code = Some(format!("{GRANTED_PREFIX}abc"));
-        assert_eq!(not_ready(&l), Some("Login granted"));
+        assert_eq!(not_ready(&l), Some(NotReady::Granted));
         l = login();
         l.revoked = true;
-        assert_eq!(not_ready(&l), Some("Login revoked"));
+        assert_eq!(not_ready(&l), Some(NotReady::Revoked));
     }
 }

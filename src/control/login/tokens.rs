@@ -124,27 +124,25 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
     let issuer = state.config.base_url.clone();
     let login = i.login;
     let expires_in = i.lifetime.as_secs() as i64;
-    let access = Claims {
+    // What the access and the ID token both say.
+    let common = Claims {
         iss: issuer.clone(),
         iat: i.now,
-        exp: i.now.saturating_add(expires_in),
         aud: i.client_id.map(str::to_string),
         client_id: i.client_id.map(str::to_string),
         login_id: Some(login.id.clone()),
         sub: Some(i.sub.to_string()),
+        ..Default::default()
+    };
+    let access = Claims {
+        exp: i.now.saturating_add(expires_in),
         username: Some(i.sub.to_string()),
         scope: Some(login.scope.clone()),
         profile: Some(i.profile.to_string()),
-        ..Default::default()
+        ..common.clone()
     };
     let id_claims = Claims {
-        iss: issuer.clone(),
-        iat: i.now,
         exp: i.now.saturating_add(ID_TOKEN_LIFETIME),
-        aud: i.client_id.map(str::to_string),
-        client_id: i.client_id.map(str::to_string),
-        login_id: Some(login.id.clone()),
-        sub: Some(i.sub.to_string()),
         fhir_user: Some(i.profile.to_string()),
         nonce: login
             .extra
@@ -157,7 +155,7 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
         } else {
             None
         },
-        ..Default::default()
+        ..common
     };
     let mut id_claims = id_claims;
     if has_word(&login.scope, "profile")

@@ -3,15 +3,16 @@
 //! of the introspecting client's project; a refresh token whose secret was rotated out is
 //! inactive.
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
+use axum::http::request::Parts;
 use axum::response::Response;
 use serde_json::{Value, json};
 
 use crate::control::base::client_auth::authenticate_client;
 use crate::control::oauth2::live_token;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
@@ -21,10 +22,9 @@ use crate::control::web::form::as_form;
 /// token of the calling client's project.
 pub async fn introspect(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body).await?;
     let Some(token) = body_str(&body, "token") else {
         return Err(ApiError::Text(
             StatusCode::BAD_REQUEST,

@@ -3,30 +3,28 @@
 //! revocation is a store write, hence a change-feed event), and clears the browser session
 //! cookie `medplum-<clientId>` of the sign-in page.
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::{HeaderValue, header};
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 
-use crate::control::base::access::authenticate;
+use crate::control::base::access::Caller;
 use crate::control::login::state::revoke;
 use crate::control::web::AppState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
-use crate::obs::security::{SecurityEvent, SecurityEventKind};
+use crate::obs::security::SecurityEventKind;
 
-pub async fn logout(AxState(state): AxState<AppState>, req: Request) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
+pub async fn logout(
+    AxState(state): AxState<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
     // Basic auth has no Login to revoke; the call succeeds and changes nothing.
     if let Some(login) = &caller.identity.login_id {
         revoke(&state, login).await?;
         let subject = format!("Login/{login}");
-        SecurityEvent::new(SecurityEventKind::Logout)
-            .actor(caller.profile())
-            .subject(&subject)
-            .project(caller.project_id())
-            .from_ip(caller.client_ip)
+        caller
+            .event(SecurityEventKind::Logout, &subject, caller.project_id())
             .emit();
     }
     let mut response = outcome_response(&Outcome::AllOk);

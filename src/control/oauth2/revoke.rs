@@ -1,6 +1,7 @@
 //! `POST /oauth2/revoke` (RFC 7009).
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
+use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
@@ -8,7 +9,7 @@ use crate::control::base::client_auth::authenticate_client;
 use crate::control::login::state::revoke;
 use crate::control::oauth2::live_token;
 use crate::control::web::AppState;
-use crate::control::web::body::auth_body;
+use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 use crate::control::web::form::as_form;
@@ -18,12 +19,10 @@ use crate::obs::security::{SecurityEvent, SecurityEventKind};
 /// the calling client. Answers 200 whatever the token was (§2.2).
 pub async fn revoke_token(
     AxState(state): AxState<AppState>,
-    req: Request,
+    parts: Parts,
+    body: Result<AuthBody, ApiError>,
 ) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let body = auth_body(&parts, body)
-        .await
-        .map_err(ApiError::into_oauth)?;
+    let AuthBody(body) = body.map_err(ApiError::into_oauth)?;
     let form = as_form(&body);
     let (client_id, _) = authenticate_client(&state, &parts, &form, true)
         .await

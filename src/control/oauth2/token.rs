@@ -17,7 +17,7 @@ use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use crate::state::{ClientInfo, Snapshot};
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -48,15 +48,11 @@ use crate::control::login::tokens::issue_user_tokens;
 use crate::control::login::tokens::user_access_lifetime;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
-use crate::control::web::body::media_type;
-use crate::control::web::body::read_body;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::form::OAuthForm;
 use crate::control::web::form::TokenForm;
-
-/// Token requests are small; anything bigger is refused before parsing.
-const MAX_FORM: usize = 64 * 1024;
 
 /// The grant types of the token endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,34 +85,37 @@ impl Grant {
     }
 }
 
-pub async fn token(AxState(state): AxState<AppState>, req: Request) -> Response {
-    match handle(&state, req).await {
+pub async fn token(
+    AxState(state): AxState<AppState>,
+    parts: Parts,
+    form: Result<OAuthForm, ApiError>,
+) -> Response {
+    let result = match form {
+        Ok(OAuthForm(form)) => handle(&state, &parts, form).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(r) => r,
         Err(e) => e.into_oauth().into_response(),
     }
 }
 
-async fn handle(state: &ControlState, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
-        return Err(ApiError::Text(
-            StatusCode::BAD_REQUEST,
-            "Unsupported content type",
-        ));
-    }
-    let bytes = read_body(body, MAX_FORM).await?;
-    let form = TokenForm::parse(&bytes)?;
+async fn handle(
+    state: &ControlState,
+    parts: &Parts,
+    form: TokenForm,
+) -> Result<Response, ApiError> {
     let grant = form
         .get("grant_type")
         .ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
     let grant = Grant::parse(grant).ok_or_else(|| ApiError::oauth("Unsupported grant_type"))?;
     let result = match grant {
-        Grant::ClientCredentials => client_credentials(state, &parts, &form).await,
-        Grant::AuthorizationCode => authorization_code(state, &parts, &form).await,
-        Grant::RefreshToken => refresh_token(state, &parts, &form).await,
+        Grant::ClientCredentials => client_credentials(state, parts, &form).await,
+        Grant::AuthorizationCode => authorization_code(state, parts, &form).await,
+        Grant::RefreshToken => refresh_token(state, parts, &form).await,
         // Answers its own errors: some are OperationOutcomes, not OAuth errors.
         Grant::TokenExchange => {
-            return Ok(token_exchange(state, &parts, &form).await);
+            return Ok(token_exchange(state, parts, &form).await);
         }
     };
     let kind = if grant == Grant::RefreshToken {
@@ -124,7 +123,7 @@ async fn handle(state: &ControlState, req: Request) -> Result<Response, ApiError
     } else {
         SecurityEventKind::TokenIssued
     };
-    let ip = client_ip(state, &parts).ok().flatten();
+    let ip = client_ip(state, parts).ok().flatten();
     let mut event = SecurityEvent::new(kind).subject(grant.label()).from_ip(ip);
     if let Some(client) = form.get("client_id") {
         event = event.actor(client);
@@ -389,7 +388,7 @@ async fn authorization_code(
         return Err(ApiError::oauth_code("invalid_grant", "Code expired"));
     }
     if let Some(why) = not_ready(&login) {
-        return Err(ApiError::oauth_code("invalid_grant", why));
+        return Err(ApiError::oauth_code("invalid_grant", why.text()));
     }
     let snap = snapshot_for(state, &login).await;
     let client = login_client(&snap, &login)?;

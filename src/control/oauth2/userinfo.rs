@@ -1,11 +1,11 @@
 //! `GET|POST /oauth2/userinfo` (medplum-auth.md §2.14): claims about the caller, by the scope of
 //! its Login.
 
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
-use crate::control::base::access::authenticate;
+use crate::control::base::access::Caller;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
 use crate::control::login::tokens::has_word;
@@ -16,10 +16,8 @@ use crate::control::web::error::ApiError;
 /// `GET|POST /oauth2/userinfo`: claims about the caller, by the scope of its Login.
 pub async fn userinfo(
     AxState(state): AxState<AppState>,
-    req: Request,
+    caller: Caller,
 ) -> Result<Response, ApiError> {
-    let (parts, _) = req.into_parts();
-    let caller = authenticate(&state, &parts).await?;
     let profile_ref = caller.identity.profile.clone();
     // The ID token's `sub` (the User, or the client), not Medplum's profile id: OIDC Core
     // §5.3.2 requires the two to match, and certified relying parties (openid-client,
@@ -173,8 +171,14 @@ fn format_human_name(name: &Value) -> String {
         .filter(|s| !s.trim().is_empty())
         .collect::<Vec<_>>()
         .join(" ");
+    or_text(joined, name)
+}
+
+/// `joined`, or the value's own `text` when nothing was joined.
+fn or_text(joined: String, value: &Value) -> String {
     if joined.is_empty() {
-        name.get("text")
+        value
+            .get("text")
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string()
@@ -193,15 +197,7 @@ fn format_address(a: &Value) -> String {
     if !locality.is_empty() {
         parts.push(locality.join(", "));
     }
-    let joined = parts.join(", ");
-    if joined.is_empty() {
-        a.get("text")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    } else {
-        joined
-    }
+    or_text(parts.join(", "), a)
 }
 
 /// `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` → unix seconds.

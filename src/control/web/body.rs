@@ -3,8 +3,8 @@
 
 use crate::control::web::error::ApiError;
 use axum::body::{Body, Bytes};
-use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::{FromRequest, Request};
+use axum::http::{HeaderMap, HeaderValue, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value};
 
@@ -16,18 +16,14 @@ const MAX_AUTH_BODY: usize = 64 * 1024;
 
 /// Reads the whole body, at most `limit` bytes.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::PayloadTooLarge(
-            "Request body too large".into(),
-        ))
-    })
+    axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::BodyTooLarge.outcome()))
 }
 
 /// The decoded `name=value` pairs of a request's query string, in order, repeats kept.
-pub(crate) fn query_pairs(parts: &Parts) -> Vec<(String, String)> {
-    parts
-        .uri
-        .query()
+pub(crate) fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    uri.query()
         .map(|q| {
             form_urlencoded::parse(q.as_bytes())
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))
@@ -49,9 +45,12 @@ pub(crate) fn media_type(headers: &HeaderMap) -> Option<String> {
 }
 
 /// Parses a JSON request body (`application/json` or `application/fhir+json`) into an object.
-pub(crate) async fn json_body(parts: &Parts, body: Body) -> Result<serde_json::Value, ApiError> {
+pub(crate) async fn json_body(
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<serde_json::Value, ApiError> {
     let bytes = read_body(body, MAX_BODY).await?;
-    match media_type(&parts.headers).as_deref() {
+    match media_type(headers).as_deref() {
         Some("application/json" | "application/fhir+json") => {}
         _ => return Err(ApiError::bad_request("Unsupported content type")),
     }
@@ -84,15 +83,20 @@ pub(crate) fn json_response(
 
 /// `/auth/*` bodies: JSON, or a form (Medplum parses both on every route). Form values are
 /// strings; `true`/`false` become booleans.
-pub async fn auth_body(parts: &Parts, body: Body) -> Result<Map<String, Value>, ApiError> {
+/// With `booleans` false, form values all stay strings (the legacy `/auth/exchange`).
+async fn auth_body(
+    headers: &HeaderMap,
+    body: Body,
+    booleans: bool,
+) -> Result<Map<String, Value>, ApiError> {
     let bytes = read_body(body, MAX_AUTH_BODY).await?;
-    match media_type(&parts.headers).as_deref() {
+    match media_type(headers).as_deref() {
         Some("application/x-www-form-urlencoded") => {
             let mut map = Map::new();
             for (k, v) in form_urlencoded::parse(&bytes) {
                 let value = match v.as_ref() {
-                    "true" => Value::Bool(true),
-                    "false" => Value::Bool(false),
+                    "true" if booleans => Value::Bool(true),
+                    "false" if booleans => Value::Bool(false),
                     _ => Value::String(v.into_owned()),
                 };
                 map.insert(k.into_owned(), value);
@@ -108,6 +112,43 @@ pub async fn auth_body(parts: &Parts, body: Body) -> Result<Map<String, Value>, 
         // No body at all reads as an empty object, so the field checks answer.
         _ if bytes.is_empty() => Ok(Map::new()),
         _ => Err(ApiError::bad_request("Unsupported content type")),
+    }
+}
+
+/// The `/auth/*` body as an extractor (see [`auth_body`]); it reads the body, so it comes last.
+pub struct AuthBody(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for AuthBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<AuthBody, ApiError> {
+        let (parts, body) = req.into_parts();
+        auth_body(&parts.headers, body, true).await.map(AuthBody)
+    }
+}
+
+/// The `/auth/*` body with form values kept as strings (`/auth/exchange`, as Medplum reads it).
+pub struct StringBody(pub Map<String, Value>);
+
+impl<S: Send + Sync> FromRequest<S> for StringBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<StringBody, ApiError> {
+        let (parts, body) = req.into_parts();
+        auth_body(&parts.headers, body, false).await.map(StringBody)
+    }
+}
+
+/// A JSON object body as an extractor (see [`json_body`]), for handlers that read it before
+/// anything else may refuse.
+pub struct JsonBody(pub Value);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<JsonBody, ApiError> {
+        let (parts, body) = req.into_parts();
+        json_body(&parts.headers, body).await.map(JsonBody)
     }
 }
 

@@ -7,7 +7,7 @@
 use crate::store::StoreError;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::{Outcome, Stock};
 use serde_json::json;
 
 pub const FHIR_JSON: &str = "application/fhir+json";
@@ -107,16 +107,12 @@ impl ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
-            StoreError::VersionConflict => {
-                ApiError::Outcome(Outcome::PreconditionFailed("Version mismatch".into()))
-            }
+            StoreError::VersionConflict => ApiError::Outcome(Stock::VersionMismatch.outcome()),
             StoreError::Conflict => ApiError::conflict("Resource already exists"),
             StoreError::NotFound => ApiError::not_found(),
             // The database is unreachable: nothing was written (each write is one transaction);
             // the client may retry.
-            other if other.is_unavailable() => {
-                ApiError::Outcome(Outcome::ServiceUnavailable("Store unavailable".into()))
-            }
+            other if other.is_unavailable() => ApiError::Outcome(Stock::StoreUnavailable.outcome()),
             other => ApiError::internal("store", other),
         }
     }

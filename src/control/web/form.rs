@@ -1,9 +1,16 @@
 //! The OAuth form of `/oauth2/token`, `/oauth2/introspect` and `/oauth2/revoke`.
 
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
 use serde_json::{Map, Value};
 use std::collections::HashMap;
 
+use crate::control::web::body::media_type;
+use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
+
+/// Largest OAuth form the token endpoint reads.
+const MAX_FORM: usize = 64 * 1024;
 
 /// The parsed form. A parameter sent twice is refused (RFC 6749 §3.2).
 pub(crate) struct TokenForm(HashMap<String, String>);
@@ -30,6 +37,26 @@ impl TokenForm {
             .get(name)
             .map(String::as_str)
             .filter(|v| !v.is_empty())
+    }
+}
+
+/// The token endpoint's form as an extractor: `application/x-www-form-urlencoded` only (plain
+/// 400 otherwise), bounded, each parameter once.
+pub(crate) struct OAuthForm(pub(crate) TokenForm);
+
+impl<S: Send + Sync> FromRequest<S> for OAuthForm {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, _: &S) -> Result<OAuthForm, ApiError> {
+        let (parts, body) = req.into_parts();
+        if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
+            return Err(ApiError::Text(
+                StatusCode::BAD_REQUEST,
+                "Unsupported content type",
+            ));
+        }
+        let bytes = read_body(body, MAX_FORM).await?;
+        TokenForm::parse(&bytes).map(OAuthForm)
     }
 }
 

@@ -49,10 +49,8 @@ pub(crate) async fn store_gate(
     next: axum::middleware::Next,
 ) -> Response {
     if !state.store_up() && !req.uri().path().contains("/.well-known/") {
-        return ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::ServiceUnavailable(
-            "Store unavailable".into(),
-        ))
-        .into_response();
+        return ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::StoreUnavailable.outcome())
+            .into_response();
     }
     next.run(req).await
 }

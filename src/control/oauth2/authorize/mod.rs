@@ -44,7 +44,6 @@ use crate::control::oauth2::authorize::render::message_page;
 use crate::control::oauth2::authorize::render::render_step;
 use crate::control::oauth2::authorize::render::resume_consent_page;
 use crate::control::oauth2::authorize::render::signin_page;
-use crate::control::oauth2::authorize::request::MAX_FORM;
 use crate::control::oauth2::authorize::request::Params;
 use crate::control::oauth2::authorize::request::Redirect;
 use crate::control::oauth2::authorize::request::Refusal;
@@ -61,52 +60,34 @@ use crate::control::oauth2::authorize::session::reopen;
 use crate::control::oauth2::authorize::session::session_cookie_name;
 use crate::control::oauth2::authorize::session::set_cookie;
 use crate::control::web::AppState;
-use crate::control::web::body::media_type;
-use crate::control::web::body::read_body;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 use crate::state::State;
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
-use axum::extract::{Request, State as AxState};
+use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::Value;
 
-pub async fn authorize(AxState(state): AxState<AppState>, req: Request) -> Response {
-    match handle(&state, req).await {
-        Ok(r) => r,
-        Err(e) => e.into_response(),
-    }
-}
-
-async fn handle(state: &State, req: Request) -> Result<Response, ApiError> {
-    let (parts, body) = req.into_parts();
-    let params = if parts.method == axum::http::Method::POST {
-        let bytes = read_body(body, MAX_FORM).await?;
-        if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
-            return Err(ApiError::Text(
-                StatusCode::BAD_REQUEST,
-                "Unsupported content type",
-            ));
-        }
-        Params::parse(&bytes)
-    } else {
-        Params::parse(parts.uri.query().unwrap_or_default().as_bytes())
-    };
+pub async fn authorize(
+    AxState(state): AxState<AppState>,
+    parts: Parts,
+    params: Params,
+) -> Result<Response, ApiError> {
     match params.one("step") {
-        None if params.count("step") == 0 => start(state, &parts, &params).await,
+        None if params.count("step") == 0 => start(&state, &parts, &params).await,
         Some("signin") if parts.method == axum::http::Method::POST => {
-            signin(state, &parts, &params).await
+            signin(&state, &parts, &params).await
         }
         Some("resume") if parts.method == axum::http::Method::POST => {
-            resume(state, &parts, &params).await
+            resume(&state, &parts, &params).await
         }
         Some(step) if parts.method == axum::http::Method::POST => {
-            continue_step(state, &parts, &params, step).await
+            continue_step(&state, &parts, &params, step).await
         }
         _ => Ok(Refusal::Text("Invalid request").into_response()),
     }

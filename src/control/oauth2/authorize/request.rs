@@ -2,18 +2,21 @@
 //! order, and the refusals (plain text until the redirect URI is trusted, then 302s).
 
 use crate::control::base::clients::registered_redirect_uris;
+use crate::control::web::body::media_type;
+use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
 use crate::control::web::pages::Hidden;
 use crate::state::{ClientInfo, State};
 use crate::store::LoginRecord;
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::FromRequest;
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::path::is_valid_id;
 use serde_json::Value;
 use std::collections::HashMap;
 
 /// Largest form the page accepts.
-pub(super) const MAX_FORM: usize = 64 * 1024;
+const MAX_FORM: usize = 64 * 1024;
 
 /// A session is reused only this long after sign-in, unless `max_age` says otherwise.
 const DEFAULT_MAX_AGE: i64 = 3600;
@@ -33,7 +36,30 @@ const PAGE_FIELDS: [&str; 9] = [
 
 /// Query or form parameters, every value of every name.
 #[derive(Debug, Default)]
-pub(super) struct Params(HashMap<String, Vec<String>>);
+pub(crate) struct Params(HashMap<String, Vec<String>>);
+
+/// The parameters as an extractor: the query of a GET, the form of a POST (read first, then its
+/// media type checked: plain 400 for anything but a form).
+impl<S: Send + Sync> FromRequest<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Params, ApiError> {
+        let (parts, body) = req.into_parts();
+        if parts.method != Method::POST {
+            return Ok(Params::parse(
+                parts.uri.query().unwrap_or_default().as_bytes(),
+            ));
+        }
+        let bytes = read_body(body, MAX_FORM).await?;
+        if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
+            return Err(ApiError::Text(
+                StatusCode::BAD_REQUEST,
+                "Unsupported content type",
+            ));
+        }
+        Ok(Params::parse(&bytes))
+    }
+}
 
 impl Params {
     pub(super) fn parse(bytes: &[u8]) -> Params {
