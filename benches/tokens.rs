@@ -1,4 +1,4 @@
-//! Criterion benchmarks of credentials on the request path (SPEC §5: a cold ES256 verification
+//! Criterion benchmarks of credentials on the request path (docs/contract.md §5: a cold ES256 verification
 //! costs no more than the signature check, ~90 µs here; a cached one ≤ 2 µs; issuance ≥ 2,000/s).
 //!
 //! - `keyring/*`: `Keyring::sign` and `Keyring::verify` on their own (the cold path's crypto).

@@ -265,7 +265,7 @@ impl ConfigFile {
     }
 }
 
-/// reCAPTCHA on the self-service endpoints (medplum-auth.md §2.18).
+/// reCAPTCHA on the self-service endpoints (docs/medplum-compat.md §2.18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recaptcha {
     pub site_key: Option<String>,
@@ -661,7 +661,7 @@ pub struct Config {
     pub smtp: Option<Smtp>,
     /// The From mailbox of every e-mail (checked: it parses as a mailbox).
     pub mail_from: String,
-    /// `/auth/newuser` is open (medplum-auth.md §2.7 `registerEnabled`).
+    /// `/auth/newuser` is open (docs/medplum-compat.md §2.7 `registerEnabled`).
     pub register_enabled: bool,
     /// Security events are also written upstream as FHIR AuditEvents (`obs::trail`).
     pub audit_events: bool,

@@ -1,4 +1,4 @@
-//! First start (SPEC §1): a signing key, the "Super Admin" project, the "Default" project, the
+//! First start (docs/contract.md §1): a signing key, the "Super Admin" project, the "Default" project, the
 //! admin User and an admin ClientApplication in the default project. Idempotent: every item is
 //! claimed under a settings key (so concurrent starts agree on its id) and marked done once it
 //! exists; a later run creates nothing, and an item an operator deleted on purpose is not

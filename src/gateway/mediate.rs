@@ -226,7 +226,7 @@ fn parse_json(body: &Option<Bytes>) -> Step<Value> {
         .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
-/// Write step of create/update/patch: the checks of medplum-auth.md §4.5, stricter where SPEC
+/// Write step of create/update/patch: the checks of docs/medplum-compat.md §4.5, stricter where the contract
 /// says so. Returns the body to send and the `If-Match` to pin.
 async fn prepare_write(
     gw: &Gateway,

@@ -1,4 +1,4 @@
-//! Security events of the control plane (SPEC §2, issue 10): sign-in and its failures, MFA,
+//! Security events of the control plane (docs/contract.md §2, issue 10): sign-in and its failures, MFA,
 //! token issuance and refresh, reuse of a rotated refresh token, logout and revocation,
 //! sessions ended by a credential change, password changes, invitations, changes to identity
 //! resources (members, clients, policies, projects) and secret rotation. Each is a typed

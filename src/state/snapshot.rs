@@ -45,7 +45,7 @@ fn system_setting<'a>(project: &'a Value, name: &str) -> Option<&'a str> {
         .as_str()
 }
 
-/// What a project sees of its upstream (SPEC §3). The super-admin project sees everything. A
+/// What a project sees of its upstream (docs/contract.md §3). The super-admin project sees everything. A
 /// project that shares its upstream with another (the super-admin project aside) sees only
 /// its own marked resources (`tag`) — except the default project, which keeps the data that
 /// predates fhirgate and sees unmarked resources and its own (`unmarked`). A project alone on
@@ -266,7 +266,7 @@ impl Snapshot {
         self.memberships.get_key_value(id)
     }
 
-    /// Resolves an `X-Medplum-On-Behalf-Of` value (medplum-auth.md §6: `ProjectMembership/<id>`
+    /// Resolves an `X-Medplum-On-Behalf-Of` value (docs/medplum-compat.md §6: `ProjectMembership/<id>`
     /// or a profile reference) to a membership id in `project_id`; `None` when it names nothing
     /// there. Both planes use it.
     pub fn on_behalf_of(&self, project_id: &str, value: &str) -> Option<String> {
@@ -280,7 +280,7 @@ impl Snapshot {
             .cloned()
     }
 
-    /// Builds the effective policy of a membership (medplum-auth.md §4.2) with optional SMART
+    /// Builds the effective policy of a membership (docs/medplum-compat.md §4.2) with optional SMART
     /// scopes. `None` when the membership or its project is gone.
     pub fn effective_policy(
         &self,

@@ -63,7 +63,7 @@ pub struct StoredResource {
     pub content: Value,
 }
 
-/// A Login: one per authentication session (medplum-auth.md §1.5).
+/// A Login: one per authentication session (docs/medplum-compat.md §1.5).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoginRecord {
     pub id: String,

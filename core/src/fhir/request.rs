@@ -46,7 +46,7 @@ impl Interaction {
         Interaction::ALL.into_iter().find(|i| i.as_str() == s)
     }
 
-    /// Interactions a `readonly` entry still grants (medplum-auth.md §4.3).
+    /// Interactions a `readonly` entry still grants (docs/medplum-compat.md §4.3).
     pub fn is_read_only(self) -> bool {
         matches!(
             self,

@@ -1,6 +1,6 @@
-//! The effective policy of a membership (medplum-auth.md §4.2 steps 1–7): its policies with
+//! The effective policy of a membership (docs/medplum-compat.md §4.2 steps 1–7): its policies with
 //! parameters substituted, concatenated, with the legacy `*` and default entries, narrowed by
-//! SMART scopes (letters enforced, SPEC §2) and adjusted for admins; then compiled for decisions.
+//! SMART scopes (letters enforced, docs/contract.md §2) and adjusted for admins; then compiled for decisions.
 //! Invariant: pure; policies come in through [`PolicySource`], never from a store.
 
 use std::borrow::Borrow;
@@ -41,7 +41,7 @@ impl PolicySource for Vec<AccessPolicy> {
 }
 
 /// Everything the effective policy depends on. For on-behalf-of, `membership` is the target's
-/// and the project fields are the caller's (medplum-auth.md §6).
+/// and the project fields are the caller's (docs/medplum-compat.md §6).
 #[derive(Clone, Copy)]
 pub struct EffectiveInputs<'a> {
     pub membership: &'a ProjectMembership,
@@ -72,7 +72,7 @@ pub enum EffectiveError {
 const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
 
 /// The order in which a super-admin project gets the admin types (step 7), then the types `*`
-/// no longer reaches (SPEC §2), which Medplum's super admins get through `*`.
+/// no longer reaches (docs/contract.md §2), which Medplum's super admins get through `*`.
 const SUPER_ADMIN_TYPES: [&str; 11] = [
     "UserSecurityRequest",
     "Project",
@@ -238,7 +238,7 @@ impl EffectivePolicy {
         self.access_policy.compartment.as_ref()
     }
 
-    /// medplum-auth.md §12 case 62: a resource created under a policy with a `compartment` is
+    /// docs/medplum-compat.md §12 case 62: a resource created under a policy with a `compartment` is
     /// written with `meta.account` set to it, whatever the client sent, so that the
     /// compartment's `_compartment` criteria find it and no other compartment's do.
     pub fn stamp_account(&self, resource: &mut Value) {
@@ -292,7 +292,7 @@ pub fn try_effective(inputs: &EffectiveInputs<'_>) -> Result<EffectivePolicy, Ef
     ))
 }
 
-/// medplum-auth.md §4.2 steps 1–7, producing the wire AccessPolicy.
+/// docs/medplum-compat.md §4.2 steps 1–7, producing the wire AccessPolicy.
 pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy, EffectiveError> {
     let membership = inputs.membership;
 
@@ -400,7 +400,7 @@ fn strings(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// The entries a project admin gets for the four admin types (medplum-auth.md §4.2 step 7).
+/// The entries a project admin gets for the four admin types (docs/medplum-compat.md §4.2 step 7).
 fn project_admin_entries(
     project_id: &str,
     linked_projects: &[String],
@@ -439,7 +439,7 @@ fn project_admin_entries(
         readonly_fields: strings(&["email", "emailVerified", "mfaEnrolled", "project"]),
         ..entry_of("User")
     });
-    // `*` never reaches these (SPEC §2); a project admin manages its project's clients and
+    // `*` never reaches these (docs/contract.md §2); a project admin manages its project's clients and
     // policies by name. The control API keeps them inside the project.
     out.push(entry_of("ClientApplication"));
     out.push(entry_of("AccessPolicy"));
@@ -517,9 +517,9 @@ fn json_escape(s: &str) -> String {
     quoted[1..quoted.len() - 1].to_string()
 }
 
-/// Step 6 (medplum-auth.md §5): each entry is kept and merged with the scope for its type (exact,
+/// Step 6 (docs/medplum-compat.md §5): each entry is kept and merged with the scope for its type (exact,
 /// then `*`); a `*` entry without such a scope becomes one merged copy per scope; other entries are
-/// dropped. Stricter than Medplum (SPEC §2): each merged entry's interactions are narrowed to the
+/// dropped. Stricter than Medplum (docs/contract.md §2): each merged entry's interactions are narrowed to the
 /// scope's letters, and an entry left with none is dropped.
 pub fn apply_smart_scopes(
     resource: Vec<AccessPolicyResource>,

@@ -1,4 +1,4 @@
-//! `writeConstraint` evaluation (medplum-auth.md §4.5) with a small, exact FHIRPath subset.
+//! `writeConstraint` evaluation (docs/medplum-compat.md §4.5) with a small, exact FHIRPath subset.
 //!
 //! Every expression must yield exactly one `true` for the new version, with `%before` (the
 //! current version; the empty collection on create) and `%after` / `%resource` (the new version)
@@ -1089,7 +1089,7 @@ mod tests {
         }
     }
 
-    // === medplum-auth.md §12 case 65 ===
+    // === docs/medplum-compat.md §12 case 65 ===
 
     #[test]
     fn case_65_final_resources_are_frozen_and_need_a_subject() {

@@ -1,4 +1,4 @@
-//! `POST /auth/revoke {loginId}` (medplum-auth.md §2.16): ends another session of the same user.
+//! `POST /auth/revoke {loginId}` (docs/medplum-compat.md §2.16): ends another session of the same user.
 
 use axum::extract::State as AxState;
 use axum::response::Response;

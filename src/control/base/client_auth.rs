@@ -1,4 +1,4 @@
-//! Client authentication (medplum-auth.md §2.13): the presented client (assertion, `Basic` or
+//! Client authentication (docs/medplum-compat.md §2.13): the presented client (assertion, `Basic` or
 //! body), `private_key_jwt` against the client's JWK Set, secrets compared by keyed hash, and the
 //! `invalid_client` authentication of `/oauth2/introspect` and `/oauth2/revoke`.
 
@@ -59,7 +59,7 @@ pub(crate) fn basic_credentials(value: &HeaderValue) -> Result<(String, Option<S
     ))
 }
 
-/// `getClientIdAndSecret` (medplum-auth.md §2.13): a client assertion, else the `Authorization`
+/// `getClientIdAndSecret` (docs/medplum-compat.md §2.13): a client assertion, else the `Authorization`
 /// header (Basic only), else the body.
 pub(crate) async fn presented_client(
     state: &ControlState,
@@ -202,7 +202,7 @@ async fn jwks_for(http: &Guarded, url: &str, fresh: bool) -> Option<Arc<CachedJw
     Some(fetched)
 }
 
-/// Authenticates a client by its `private_key_jwt` assertion (medplum-auth.md §2.13, case 25);
+/// Authenticates a client by its `private_key_jwt` assertion (docs/medplum-compat.md §2.13, case 25);
 /// returns the client id. Stricter than Medplum: an assertion is accepted once (`jti`, or the
 /// whole assertion when it has none).
 async fn verify_client_assertion(
