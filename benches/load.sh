@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# benches/load.sh — side-by-side load test of fhirgate against nginx, on loopback (SPEC §5).
+# benches/load.sh — side-by-side load test of fhirgate against nginx, on loopback (docs/contract.md §5).
 #
 # What it does, all on 127.0.0.1, with bounded run time, cleaning up every process on exit:
 #   1. builds fhirgate in release (`cargo build --release`; CARGO_TARGET_DIR is respected), and
@@ -13,9 +13,9 @@
 #   5. runs `wrk -t2 -c50 -d10s --latency` for each case, REPS times, interleaved:
 #        direct     GET /fhir/R4/Patient/p1 straight to the upstream (no proxy)
 #        nginx      the same through the nginx reverse proxy
-#        pingora    the same through the plain pingora pass-through (SPEC §5's baseline)
+#        pingora    the same through the plain pingora pass-through (docs/contract.md §5's baseline)
 #        fg-pass    GET /fhir/R4/metadata through fhirgate (public, no auth: the pass-through
-#                   baseline of SPEC §1; NB fhirgate buffers and rewrites this JSON body)
+#                   baseline of docs/contract.md §1; NB fhirgate buffers and rewrites this JSON body)
 #        fg-full    GET /fhir/R4/Patient/p1 through fhirgate with `Authorization: Bearer`
 #                   (cached after the first request) + policy decision + forwarding
 #        fg-basic   the same with `Authorization: Basic client_id:secret`
@@ -24,7 +24,7 @@
 #                   with criteria on every type, on a read that needs no response filtering
 #                   (issue 3: within 10 % of fg-full)
 #        fg-half    fg-full paced at half the fg-full throughput measured so far (wrk Lua
-#                   `delay()`), for SPEC §5's "gateway-added p99 ≤ 1 ms at 50 % of saturation"
+#                   `delay()`), for docs/contract.md §5's "gateway-added p99 ≤ 1 ms at 50 % of saturation"
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
 #        issue-gw   POST /oauth2/token through the gateway (as clients do)
 #        issue-ctl  POST /oauth2/token straight to the control listener
@@ -40,7 +40,7 @@
 #      from /proc/PID/stat before/after; nginx = master + workers), the upstream's CPU-µs per
 #      request, and for fhirgate the p99 of its own "gateway-added time" histogram, plus the
 #      share of CPU that processes other than ours used meanwhile (other builds or tests on the
-#      machine make a run worthless: check "foreign CPU"); then the ratios of SPEC §5.
+#      machine make a run worthless: check "foreign CPU"); then the ratios of docs/contract.md §5.
 #
 # Usage (from the repo root):
 #   benches/load.sh
@@ -638,20 +638,20 @@ FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
 BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
 PATIENT_RPS=$(col fg-patient 3); PATIENT_CPU=$(col fg-patient 7)
 echo "ratios (medians)                          throughput   CPU/req"
-printf '  fhirgate full   / nginx                 %8s   %8s   (SPEC: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
-printf '  fhirgate full   / pingora pass-through  %8s   %8s   (SPEC: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
+printf '  fhirgate full   / nginx                 %8s   %8s   (contract: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
+printf '  fhirgate full   / pingora pass-through  %8s   %8s   (contract: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
 printf '  pingora pass    / nginx                 %8s   %8s\n' "$(ratio "$PB_RPS" "$NGX_RPS")" "$(ratio "$PB_CPU" "$NGX_CPU")"
 printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
 printf '  fhirgate basic  / fhirgate full         %8s   %8s\n' "$(ratio "$BASIC_RPS" "$FULL_RPS")" "$(ratio "$BASIC_CPU" "$FULL_CPU")"
 printf '  patient policy  / fhirgate full         %8s   %8s   (issue 3: throughput >= 0.9)\n' "$(ratio "$PATIENT_RPS" "$FULL_RPS")" "$(ratio "$PATIENT_CPU" "$FULL_CPU")"
-printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (SPEC: >= 2000)\n' \
+printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (contract: >= 2000)\n' \
   "$(col issue-gw 3)" "$(col issue-ctl 3)"
 printf '  fhirgate RSS: %s kB before the runs, %s kB after\n' "$FG_RSS_START" "$FG_RSS_END"
 echo
 echo "notes: 'proxy µs/req' is utime+stime of the proxy process(es) per request (nginx: master + workers;"
 echo "       fhirgate: the whole process, so issuance includes the control API and SQLite). 'gw-add p99' is the"
 echo "       upper bucket bound (ms) of fhirgate_gateway_added_seconds for the run (at saturation, not at 50 %)."
-echo "       fg-pass (GET metadata) buffers and rewrites the CapabilityStatement (SPEC §1), so it is not a"
+echo "       fg-pass (GET metadata) buffers and rewrites the CapabilityStatement (docs/contract.md §1), so it is not a"
 echo "       zero-work baseline; 'pingora' is. 'foreign CPU' above ~5 % means something else was running."
-echo "       fg-half: wrk's p50/p99 there are the client-side latency at ~50 % load; gw-add p99 is SPEC's number."
+echo "       fg-half: wrk's p50/p99 there are the client-side latency at ~50 % load; gw-add p99 is the contract's number."

@@ -1,4 +1,4 @@
-//! A plain pingora pass-through proxy: the "pingora plain pass-through" baseline of SPEC §5
+//! A plain pingora pass-through proxy: the "pingora plain pass-through" baseline of docs/contract.md §5
 //! (full path ≥ 0.9× its throughput), with the same pingora version, features, profile and
 //! allocator as fhirgate, and nothing of fhirgate's own (no routing, auth, policy, metrics,
 //! logging or body rewriting). `benches/load.sh` builds and starts it; it is not a Criterion

@@ -1,4 +1,4 @@
-//! Criterion benchmarks of credentials on the request path (SPEC §5: a cold ES256 verification
+//! Criterion benchmarks of credentials on the request path (docs/contract.md §5: a cold ES256 verification
 //! costs no more than the signature check, ~90 µs here; a cached one ≤ 2 µs; issuance ≥ 2,000/s).
 //!
 //! - `keyring/*`: `Keyring::sign` and `Keyring::verify` on their own (the cold path's crypto).
@@ -151,9 +151,14 @@ fn env() -> Env {
     let config = Config::from_file(file).unwrap();
     let state = rt.block_on(async {
         let store = Store::open(&url).await.unwrap();
-        let state = State::new(config, store, b"bench-secret-hash-key".to_vec())
-            .await
-            .unwrap();
+        let state = State::new(
+            config,
+            store,
+            std::sync::Arc::new(fhirgate::sealed::KeyEncryptionKey::from_bytes(&[9; 32]).unwrap()),
+            b"bench-secret-hash-key".to_vec(),
+        )
+        .await
+        .unwrap();
         bootstrap(&state).await.unwrap();
         state
     });

@@ -144,7 +144,7 @@ impl ServeArgs {
 
 fn serve(args: ServeArgs, planes: Planes) -> Result<(), String> {
     let config = args.config()?;
-    let _log_writer = crate::obs::init_logging(config.json_logs);
+    let _log_writer = crate::obs::init_logging(config.log_format);
     let running = start(config.clone(), planes).map_err(|e| e.to_string())?;
     print_welcome(&config, planes, &running.bootstrap);
     running.block_on(async {
@@ -258,12 +258,24 @@ fn keys_rotate(args: RotateArgs) -> Result<(), String> {
         retire_after: duration("retire-after", args.retire_after)?,
     };
     let config = args.server.config()?;
+    // The serving instances' key; a rotation never creates one.
+    let source = match &config.key_encryption_key {
+        crate::sealed::KekSource::File { path, .. } => crate::sealed::KekSource::File {
+            path: path.clone(),
+            create: false,
+        },
+        value => value.clone(),
+    };
+    let kek = crate::sealed::KeyEncryptionKey::load(&source).map_err(|e| e.to_string())?;
     let rotation = with_store(&config, async |store| {
         let now = crate::store::now_unix();
+        crate::state::keys::verify_kek(store, &kek)
+            .await
+            .map_err(|e| e.to_string())?;
         crate::state::keys::deactivate_retired(store, now)
             .await
             .map_err(|e| format!("store: {e}"))?;
-        crate::state::keys::rotate(store, &config, &opts)
+        crate::state::keys::rotate(store, &config, &kek, &opts)
             .await
             .map_err(|e| e.to_string())
     })?;
@@ -416,7 +428,7 @@ fn read_membership(
             .to_string();
         // The project as the gateway sees it: its binding and isolation come from the whole
         // store (who else shares the upstream), as in the snapshot.
-        let snap = crate::state::Snapshot::load(&store, &config, 0)
+        let snap = crate::state::Snapshot::load(&store, &config, None, 0)
             .await
             .map_err(|e| e.to_string())?;
         let project = snap

@@ -1,4 +1,4 @@
-//! Outgoing e-mail (medplum-auth.md §11): invitations and password resets. Through SMTP (lettre)
+//! Outgoing e-mail (docs/medplum-compat.md §11): invitations and password resets. Through SMTP (lettre)
 //! when `smtp_host` is configured; otherwise each message is written as an `.eml` file into
 //! `<data_dir>/outbox/`, so that an operator without a mail server can still hand a new user
 //! their link.

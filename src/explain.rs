@@ -12,8 +12,8 @@ use fhirgate_core::fhir::path::is_valid_id;
 use fhirgate_core::fhir::request::{FhirOp, FhirRequest, Interaction, QueryParam, RequestParts};
 use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::compiled::{
-    InteractionSet, is_identity_type, is_known_resource_type, is_project_admin_type,
-    is_protected_type,
+    InteractionSet, is_known_resource_type, is_project_admin_type, is_protected_type,
+    wildcard_reaches,
 };
 use fhirgate_core::policy::decide::{
     Decision, Deny, Permit, ResponseNeed, WriteCheck, checked_access, decide, decide_entries,
@@ -685,7 +685,7 @@ fn pair_text(policy: &EffectivePolicy, ty: &str, i: Interaction) -> (bool, Strin
     }
     let same_type: Vec<String> = entries
         .iter()
-        .filter(|e| e.resource_type == ty || (e.is_wildcard() && !is_identity_type(ty)))
+        .filter(|e| e.resource_type == ty || (e.is_wildcard() && wildcard_reaches(ty)))
         .map(|e| {
             let readonly = wire.get(e.index).is_some_and(|w| w.readonly == Some(true));
             format!(

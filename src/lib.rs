@@ -11,6 +11,7 @@ pub mod net;
 pub mod obs;
 pub mod outbound;
 pub mod policies_dir;
+pub mod sealed;
 pub mod server;
 pub mod state;
 pub mod store;

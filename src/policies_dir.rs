@@ -1,4 +1,4 @@
-//! Policies as files (SPEC §3): every `*.json` file of `policies_dir` is an AccessPolicy, loaded
+//! Policies as files (docs/contract.md §3): every `*.json` file of `policies_dir` is an AccessPolicy, loaded
 //! into the store at start and reloaded while running.
 //!
 //! - **Identity.** A file's policy is stored as `AccessPolicy/<id>` in the DEFAULT project, `<id>`

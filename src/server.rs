@@ -28,6 +28,10 @@ pub enum StartError {
     Policies(#[from] crate::policies_dir::PoliciesDirError),
     #[error("cannot start: {0}")]
     Runtime(String),
+    #[error("secrets at rest: {0}")]
+    Secrets(String),
+    #[error("{0}")]
+    Listen(String),
 }
 
 /// Which planes this process runs.
@@ -65,6 +69,8 @@ pub struct Running {
     join: Option<std::thread::JoinHandle<()>>,
     /// Runtime that owns the store's connections and the startup work; lives as long as we do.
     runtime: Option<tokio::runtime::Runtime>,
+    /// How long a stop waits for requests in flight.
+    grace: std::time::Duration,
 }
 
 impl Running {
@@ -74,6 +80,13 @@ impl Running {
     }
 
     fn stop(&mut self) {
+        // Drain: the requests in flight finish (up to the grace period), then everything
+        // stops at once; an idle instance stops immediately.
+        let until = std::time::Instant::now() + self.grace;
+        while self.tx.is_some() && crate::obs::in_flight() > 0 && std::time::Instant::now() < until
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         if let Some(tx) = self.tx.take() {
             let _ = tx.send(ShutdownSignal::GracefulTerminate);
         }
@@ -97,19 +110,56 @@ impl Drop for Running {
     }
 }
 
+/// An axum app on a listener bound by `start` before anything else happened.
 struct AxumService {
     name: &'static str,
-    addr: SocketAddr,
+    listener: std::sync::Mutex<Option<std::net::TcpListener>>,
     router: axum::Router,
+}
+
+/// Binds `addr` for `what`, or says in one line why not.
+fn bind(addr: SocketAddr, what: &str) -> Result<std::net::TcpListener, StartError> {
+    let listener = std::net::TcpListener::bind(addr).map_err(|e| {
+        let why = match e.kind() {
+            std::io::ErrorKind::AddrInUse => "the address is in use by another program".to_string(),
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied (ports below 1024 need privileges)".to_string()
+            }
+            std::io::ErrorKind::AddrNotAvailable => "no such address on this machine".to_string(),
+            _ => e.to_string(),
+        };
+        StartError::Listen(format!("cannot listen on {addr} ({what}): {why}"))
+    })?;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| StartError::Listen(format!("{addr} ({what}): {e}")))?;
+    Ok(listener)
+}
+
+/// Counts control API requests as in flight (see `obs::InFlight`).
+async fn count_in_flight(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let _guard = crate::obs::InFlight::start();
+    next.run(req).await
 }
 
 #[async_trait]
 impl BackgroundService for AxumService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let listener = match tokio::net::TcpListener::bind(self.addr).await {
+        let Some(std_listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        let listener = match tokio::net::TcpListener::from_std(std_listener) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(service = self.name, addr = %self.addr, error = %e, "cannot listen");
+                tracing::error!(service = self.name, error = %e, "cannot listen");
                 return;
             }
         };
@@ -145,6 +195,35 @@ struct ControlResolver(Arc<State>);
 impl BackgroundService for ControlResolver {
     async fn start(&self, shutdown: ShutdownWatch) {
         crate::feed::resolve_control(self.0.clone(), shutdown).await;
+    }
+}
+
+/// Writes the security trail upstream as AuditEvents (`obs::trail`).
+type TrailStart = (crate::obs::trail::Subscription, reqwest::Client);
+struct TrailWriter(std::sync::Mutex<Option<TrailStart>>, Arc<State>);
+
+#[async_trait]
+impl BackgroundService for TrailWriter {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        use crate::obs::trail::{Destination, Resolver, run_writer};
+        let Some((sub, client)) = self.0.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let state = self.1.clone();
+        // An event without a project (a sign-in attempt for an unknown address, a refused
+        // client) belongs to no project's admins: it stays in the log only.
+        let resolve: Resolver = Arc::new(move |project: Option<&str>| {
+            let snap = state.snapshot();
+            let p = snap.projects.get(project?)?;
+            let binding = state.upstreams.get(&p.upstream)?.clone();
+            let isolation = p.isolation.clone();
+            Some(Destination {
+                base_url: binding.upstream.base_url.clone(),
+                authorization: binding.upstream.authorization.clone(),
+                isolation,
+            })
+        });
+        run_writer(sub, resolve, client, shutdown).await;
     }
 }
 
@@ -201,6 +280,18 @@ fn health_router(state: Arc<State>) -> axum::Router {
 
 /// Opens the store, bootstraps, and starts the planes on a background thread.
 pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
+    // Every address first: a start that cannot listen says so in one line before anything is
+    // printed or written (no store, no data dir, no key file). The gateway's own socket is
+    // bound by pingora; it is tried here and then released.
+    let control_listener = if planes.control {
+        Some(bind(config.control_listen, "control API")?)
+    } else {
+        None
+    };
+    let metrics_listener = bind(config.metrics_listen, "metrics")?;
+    if planes.gateway {
+        drop(bind(config.listen, "gateway")?);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("fhirgate-store")
@@ -209,10 +300,14 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         .map_err(|e| StartError::Runtime(e.to_string()))?;
     let (state, report, watcher) = runtime.block_on(async {
         let store = Store::open_with(&config.store_url, config.store_max_connections).await?;
-        let key = store
-            .setting_init("secret_hash_key", &crate::tokens::random_hex(32))
-            .await?;
-        let state = State::new(config.clone(), store, key.into_bytes()).await?;
+        // Secrets at rest: the key-encryption key lives outside the store (environment or
+        // a 0600 file); an instance holding another one than the store's refuses to start.
+        let kek = crate::sealed::KeyEncryptionKey::load(&config.key_encryption_key)
+            .map_err(|e| StartError::Secrets(e.to_string()))?;
+        let hash_key = crate::state::keys::open_store_secrets(&store, &kek)
+            .await
+            .map_err(|e| StartError::Secrets(e.to_string()))?;
+        let state = State::new(config.clone(), store, Arc::new(kek), hash_key).await?;
         let report = bootstrap(&state)
             .await
             .map_err(|e| StartError::Bootstrap(e.to_string()))?;
@@ -241,9 +336,21 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         Ok::<_, StartError>((state, report, watcher))
     })?;
 
+    if planes.gateway {
+        // A word at start, not a refusal: the upstream may come up later.
+        let upstreams: Vec<(String, crate::config::Upstream)> = std::iter::once((
+            crate::config::DEFAULT_UPSTREAM.to_string(),
+            config.upstream.clone(),
+        ))
+        .chain(config.named_upstreams.clone())
+        .collect();
+        runtime.spawn(check_upstreams(upstreams));
+    }
     let conf = ServerConf {
         threads: config.threads,
-        grace_period_seconds: Some(config.grace_period_seconds),
+        // `Running::stop` drains itself: it waits for the requests in flight (at most
+        // `grace_period_seconds`), so pingora need not sleep the whole period.
+        grace_period_seconds: Some(0),
         graceful_shutdown_timeout_seconds: Some(1),
         ..Default::default()
     };
@@ -260,10 +367,12 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
             "control api",
             AxumService {
                 name: "control",
-                addr: config.control_listen,
-                router: crate::control::try_router(state.clone()).map_err(|e| {
-                    StartError::Runtime(format!("the control API's HTTP clients: {e}"))
-                })?,
+                listener: std::sync::Mutex::new(control_listener),
+                router: crate::control::try_router(state.clone())
+                    .map_err(|e| {
+                        StartError::Runtime(format!("the control API's HTTP clients: {e}"))
+                    })?
+                    .layer(axum::middleware::from_fn(count_in_flight)),
             },
         );
         svc.threads = Some(config.threads.max(1));
@@ -273,11 +382,27 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         "metrics",
         AxumService {
             name: "metrics",
-            addr: config.metrics_listen,
+            listener: std::sync::Mutex::new(Some(metrics_listener)),
             router: health_router(state.clone()),
         },
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
+    if config.audit_events {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(std::time::Duration::from_secs(5))
+            .build()
+            .map_err(|e| {
+                StartError::Runtime(format!("the AuditEvent writer's HTTP client: {e}"))
+            })?;
+        server.add_service(background_service(
+            "audit trail",
+            TrailWriter(
+                std::sync::Mutex::new(Some((crate::obs::trail::subscribe(), client))),
+                state.clone(),
+            ),
+        ));
+    }
     if planes.gateway
         && (state.control.needs_resolution()
             || state
@@ -307,11 +432,75 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
             });
         })
         .map_err(|e| StartError::Runtime(e.to_string()))?;
-    Ok(Running {
+    let mut running = Running {
         state,
         bootstrap: report,
         tx: Some(tx),
         join: Some(join),
         runtime: Some(runtime),
-    })
+        grace: std::time::Duration::from_secs(config.grace_period_seconds),
+    };
+    if planes.gateway {
+        wait_for_gateway(&mut running, config.listen)?;
+    }
+    Ok(running)
+}
+
+/// Waits until the gateway accepts connections, so that whoever prints "running" next says the
+/// truth; fails when pingora gave up listening.
+fn wait_for_gateway(running: &mut Running, listen: SocketAddr) -> Result<(), StartError> {
+    let mut probe = listen;
+    if probe.ip().is_unspecified() {
+        probe.set_ip(match listen {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
+    loop {
+        if std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(200))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        let server_gone = running.join.as_ref().is_none_or(|j| j.is_finished());
+        if server_gone || std::time::Instant::now() > deadline {
+            running.stop();
+            return Err(StartError::Listen(format!(
+                "cannot listen on {listen} (gateway): the server did not start listening"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Warns about every upstream whose `metadata` does not answer at start.
+async fn check_upstreams(upstreams: Vec<(String, crate::config::Upstream)>) {
+    let Ok(client) = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+    else {
+        return;
+    };
+    for (name, up) in upstreams {
+        let mut req = client
+            .get(format!("{}/metadata", up.base_url))
+            .header("accept", "application/fhir+json");
+        if let Some(auth) = &up.authorization {
+            req = req.header("authorization", auth.as_str());
+        }
+        let problem = match req.send().await {
+            Ok(r) if r.status().is_success() => continue,
+            Ok(r) => format!("its metadata answered {}", r.status().as_u16()),
+            Err(e) if e.is_connect() => "nothing answers there".to_string(),
+            Err(e) if e.is_timeout() => "it did not answer within 5 s".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            upstream = %name,
+            url = %up.base_url,
+            "the upstream FHIR server is not reachable yet ({problem}); FHIR requests get 502 until it is"
+        );
+    }
 }

@@ -1,5 +1,5 @@
 //! The sign-in page (`/oauth2/authorize`) and MFA through a real fhirgate in front of the real
-//! FHIR upstream: reference medplum-auth.md §12 cases 29–31 and 54 with Medplum's exact texts
+//! FHIR upstream: reference docs/medplum-compat.md §12 cases 29–31 and 54 with Medplum's exact texts
 //! (the case number is in each test's name), and the page itself over plain HTTP (forms, CSRF,
 //! inline errors, consent, the session cookie). `tests/browser_signin.rs` drives the same page in
 //! a real browser.

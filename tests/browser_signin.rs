@@ -3,7 +3,8 @@
 //! fhirgate in front of the real FHIR upstream — keyboard focus order, a wrong password shown
 //! inline, the TOTP code, the scope consent with one scope unticked — and lands on the client's
 //! redirect URI with a code. This test then redeems the code and uses the tokens at the gateway.
-//! A second test follows an invited person from the invitation e-mail to signing out.
+//! A second test follows an invited person from the invitation e-mail to signing out; a third
+//! is the operator's first sign-in with the bootstrap admin's credentials.
 //! Screenshots of every page go to `target/test-output/browser-*/`.
 //!
 //! Needs `/usr/bin/chromium` and `tests/browser/node_modules` (both installed by
@@ -16,7 +17,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::gateway::{TestGateway, free_port};
-use common::people::{UserSeed, jwt_claims, pkce_pair, seed, seed_client, token_request};
+use common::people::{
+    UserSeed, jwt_claims, pkce_pair, seed, seed_client, super_admin_project, token_request,
+};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
@@ -319,4 +322,73 @@ fn an_invited_person_sets_a_password_enrols_mfa_signs_in_and_out() {
             .as_str()
             .is_some_and(|s| s.len() >= 16)
     );
+}
+
+/// The operator's first sign-in: the bootstrap admin (`admin_email` / `admin_password`) signs
+/// in on the authorization page in a browser, like any person, and its tokens act as the super
+/// admin project's admin.
+#[test]
+fn the_bootstrap_admin_signs_in_in_chromium() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
+    // An app of the operator's own project, where the bootstrap admin's membership is.
+    let (client, _) = seed_client(
+        &gw,
+        Some(&super_admin_project(&gw)),
+        json!({"name": "Operator Console", "redirectUris": [redirect_uri]}),
+        None,
+    );
+    let (url, verifier) = authorize_url(&gw, &client, &redirect_uri, "openid profile");
+    let result = run_browser(
+        "browser-bootstrap-admin",
+        json!({
+            "authorizeUrl": url,
+            "email": "admin@example.com",
+            "password": "admin-password-for-tests",
+            "callbackPort": port,
+        }),
+    );
+    assert_eq!(
+        result["pages"],
+        json!(["Sign in", "Allow access"]),
+        "{result}"
+    );
+    let code = result["callback"]["code"]
+        .as_str()
+        .expect("a code")
+        .to_string();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (status, tokens) = token_request(
+            &gw,
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", &code),
+                ("code_verifier", &verifier),
+                ("client_id", &client),
+                ("redirect_uri", &redirect_uri),
+            ],
+        )
+        .await;
+        assert_eq!(status, 200, "{tokens}");
+        let token = tokens["access_token"].as_str().unwrap();
+        let me: Value = TestGateway::client()
+            .get(format!("{}auth/me", gw.base))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(me["user"]["email"], "admin@example.com", "{me}");
+        assert_eq!(me["membership"]["admin"], true, "{me}");
+        assert_eq!(me["project"]["superAdmin"], true, "{me}");
+    });
 }

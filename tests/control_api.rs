@@ -1,4 +1,4 @@
-//! In-process tests of the control API (SPEC §2; medplum-auth.md §12 cases 1–9, 32–35, 55, 74),
+//! In-process tests of the control API (docs/contract.md §2; docs/medplum-compat.md §12 cases 1–9, 32–35, 55, 74),
 //! driving `control::router` with `tower::ServiceExt::oneshot` against a temp-dir SQLite store
 //! (or, with `FHIRGATE_TEST_STORE=postgres`, a fresh PostgreSQL database of the test cluster).
 
@@ -1290,7 +1290,7 @@ async fn membership_search_by_profile_type_and_user_secrets_hidden() {
             .any(|l| l["relation"] == "next")
     );
 
-    // Non-admins never see the admin types (medplum-auth.md §4.2).
+    // Non-admins never see the admin types (docs/medplum-compat.md §4.2).
     let (cid, secret, _) = env.new_client(json!({"name": "member"})).await;
     let member = basic(&cid, &secret);
     for path in [

@@ -1,4 +1,4 @@
-//! External identity providers (medplum-auth.md §2.1, §2.13 token exchange, §2.20, §9; §12
+//! External identity providers (docs/medplum-compat.md §2.1, §2.13 token exchange, §2.20, §9; §12
 //! cases 26, 56, 57).
 //!
 //! - In process (`control::router` with `oneshot`), every error text of the three cases, with

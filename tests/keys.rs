@@ -127,6 +127,8 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
             "rotate",
             "--store",
             &store,
+            "--key-encryption-key",
+            common::gateway::SHARED_KEK,
             "--publish-delay",
             "2s",
             "--retire-after",
@@ -247,7 +249,19 @@ fn a_single_instance_follows_a_rotation_of_its_own_store() {
     let store = gw.running().state.config.store_url.clone();
     rt().block_on(async {
         let old_token = gw.admin_token().await;
-        fhirgate(&["keys", "rotate", "--store", &store, "--publish-delay", "0s"]).unwrap();
+        // The instance's own key-encryption key: the file its first start created.
+        let data_dir = gw.data_dir.to_str().unwrap();
+        fhirgate(&[
+            "keys",
+            "rotate",
+            "--store",
+            &store,
+            "--data-dir",
+            data_dir,
+            "--publish-delay",
+            "0s",
+        ])
+        .unwrap();
         let state = gw.running().state.clone();
         until("the new key signing", || {
             let s = state.snapshot();

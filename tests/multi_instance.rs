@@ -30,7 +30,7 @@ const CONTROL: Planes = Planes {
     gateway: false,
     control: true,
 };
-/// SPEC §2: every instance enforces a change within this.
+/// docs/contract.md §2: every instance enforces a change within this.
 const BOUND: Duration = Duration::from_secs(1);
 
 /// The bound is about wall time: the scenarios run one at a time, not against each other for

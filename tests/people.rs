@@ -1,4 +1,4 @@
-//! People (reference §12 cases 48–53 and 73–75, SPEC §2): invitations, the admin API, passwords,
+//! People (docs/medplum-compat.md §12 cases 48–53 and 73–75, docs/contract.md §2): invitations, the admin API, passwords,
 //! one-time links and self-registration, through a real gateway in front of the real FHIR
 //! upstream, with Medplum's exact texts. Also: an invite never leaves anything half-made.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

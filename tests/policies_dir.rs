@@ -1,4 +1,4 @@
-//! Policies as files (SPEC §3) through a real fhirgate: loaded at start into the default project,
+//! Policies as files (docs/contract.md §3) through a real fhirgate: loaded at start into the default project,
 //! applied to a client that references them, reloaded on change within seconds, an invalid
 //! change leaving the previous version in force, restarts creating no versions, and an invalid
 //! file stopping the start.

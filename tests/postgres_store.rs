@@ -146,9 +146,14 @@ fn a_gateway_on_postgres_keeps_its_identities_across_a_restart() {
     });
     gw.stop();
 
-    // A new process on the same database, with an empty data dir of its own.
+    // A new process on the same database, with an empty data dir of its own and the
+    // key-encryption key the first one created (an operator carries it over with the database).
     let second_dir = tempfile::tempdir().unwrap();
-    let gw2 = TestGateway::start_in(&upstream.base_url, second_dir.path(), on(&url));
+    let kek_file = first_dir.path().join("key-encryption-key");
+    let gw2 = TestGateway::start_in(&upstream.base_url, second_dir.path(), |f| {
+        on(&url)(f);
+        f.key_encryption_key_file = Some(kek_file.clone());
+    });
     assert_eq!(
         gw2.running().bootstrap.created,
         Vec::<&str>::new(),
@@ -242,6 +247,9 @@ fn an_unreachable_database_stops_the_start() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("cannot open store"), "{err}");
+    // Which store, and the driver's reason, not only "pool timed out".
+    assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
 #[test]

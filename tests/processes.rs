@@ -121,6 +121,11 @@ fn deploy(store: &str, upstream: &str) -> Deployment {
         ("FHIRGATE_AUTH_RATE_LIMIT", "0".to_string()),
         ("FHIRGATE_OUTBOUND_ALLOW", "127.0.0.0/8".to_string()),
         ("FHIRGATE_LOG_FORMAT", "text".to_string()),
+        // Instances sharing a store share its key-encryption key.
+        (
+            "FHIRGATE_KEY_ENCRYPTION_KEY",
+            common::gateway::SHARED_KEK.to_string(),
+        ),
     ];
     let mut procs = Vec::new();
     let mut controls = Vec::new();

@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! Projects are hard boundaries (SPEC §3 "Projects and upstreams", issue 9), end to end through
+//! Projects are hard boundaries (docs/contract.md §3 "Projects and upstreams", issue 9), end to end through
 //! the real gateway in front of the real test upstream:
 //! - two clinics a super admin created on the shared upstream never see, change or count each
 //!   other's resources, nor the default project's data that predates fhirgate, whatever the

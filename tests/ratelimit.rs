@@ -1,5 +1,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-//! The per-address budget on /auth/* and /oauth2/* (medplum-auth.md §0.2), through the gateway.
+//! The per-address budget on /auth/* and /oauth2/* (docs/medplum-compat.md §0.2), through the gateway.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! Sign-in, tokens and revocation through a real fhirgate in front of the real FHIR upstream:
-//! reference medplum-auth.md §12 cases 10–25, 27, 36–47 and 55 (the case number is in each
-//! test's name), with Medplum's exact texts, plus fhirgate's stricter rules (SPEC §2): codes
+//! reference docs/medplum-compat.md §12 cases 10–25, 27, 36–47 and 55 (the case number is in each
+//! test's name), with Medplum's exact texts, plus fhirgate's stricter rules (docs/contract.md §2): codes
 //! expire and are bound to their redirect URI, redemption and refresh rotation are atomic,
 //! MFA gates the code, refresh tokens are no access tokens, a revoked Login's tokens fail on
 //! the very next request, introspection needs client authentication, RFC 7009 revocation.

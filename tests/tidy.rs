@@ -627,3 +627,92 @@ fn the_detector_flags_handlers_bypassing_extractors() {
     // The named exception may authenticate by hand.
     assert!(extractor_bypasses(&m("fhir/search"), "let c = authenticate(&s, &p);").is_empty());
 }
+
+/// `docs/<file>.md §N` citations in `text`: (file, section).
+fn citations(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("docs/") {
+        rest = &rest[at + 5..];
+        let Some(md) = rest.find(".md §") else {
+            break;
+        };
+        let file = &rest[..md];
+        if file.is_empty() || !file.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            continue;
+        }
+        let after = &rest[md + ".md §".len()..];
+        let section: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_digit() || *c == '.')
+            .collect();
+        let section = section.trim_end_matches('.').to_string();
+        if !section.is_empty() {
+            out.push((format!("{file}.md"), section));
+        }
+    }
+    out
+}
+
+/// The documents the code cites live in the repository, with the sections it names (issue 16:
+/// no citation of a document a reader cannot open).
+#[test]
+fn cited_documents_and_sections_exist() {
+    let root = Path::new(ROOT);
+    let mut files = Vec::new();
+    for dir in ["src", "core/src", "tests", "benches", "core/benches"] {
+        files.extend(
+            rust_files(&root.join(dir))
+                .into_iter()
+                .filter(|p| !p.components().any(|c| c.as_os_str() == "node_modules")),
+        );
+    }
+    files.push(root.join("README.md"));
+    files.push(root.join("ARCHITECTURE.md"));
+    let mut checked = 0;
+    // This file names what it looks for.
+    files.retain(|f| !f.ends_with("tests/tidy.rs"));
+    for file in &files {
+        let text = read(file);
+        for stale in ["SPEC §", "medplum-auth.md"] {
+            assert!(
+                !text.contains(stale),
+                "{} cites `{stale}`, which is not in the repository",
+                file.display()
+            );
+        }
+        for (doc, section) in citations(&text) {
+            let path = root.join("docs").join(&doc);
+            let body = std::fs::read_to_string(&path).unwrap_or_else(|_| {
+                panic!("{} cites docs/{doc}, which does not exist", file.display())
+            });
+            let has = body.lines().any(|l| {
+                let heading = l.trim_start_matches('#').trim_start();
+                l.starts_with('#')
+                    && (heading.starts_with(&format!("{section} "))
+                        || heading.starts_with(&format!("{section}. ")))
+            });
+            assert!(
+                has,
+                "{} cites docs/{doc} §{section}, which has no such section",
+                file.display()
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked > 50,
+        "only {checked} citations found: is the scan broken?"
+    );
+}
+
+#[test]
+fn citations_are_found_with_their_sections() {
+    assert_eq!(
+        citations("see docs/contract.md §2, and docs/medplum-compat.md §4.3: x; docs/x.md"),
+        vec![
+            ("contract.md".to_string(), "2".to_string()),
+            ("medplum-compat.md".to_string(), "4.3".to_string())
+        ]
+    );
+}

@@ -1,5 +1,5 @@
 //! Criterion benchmarks of the pure request path: classification, effective policy, decisions,
-//! criteria, and response filtering (SPEC §5: a decision ≤ 2 µs, filtering ≥ 200 MB/s).
+//! criteria, and response filtering (docs/contract.md §5: a decision ≤ 2 µs, filtering ≥ 200 MB/s).
 //!
 //! Run: `CARGO_TARGET_DIR=/work/target-bench cargo bench -p fhirgate-core --bench policy`
 //! (quick pass: append `-- --warm-up-time 1 --measurement-time 3`). These measure; they never
@@ -363,7 +363,7 @@ fn bench_filter(c: &mut Criterion) {
                 )
             },
         );
-        // End to end, bytes in → bytes out (the SPEC §5 target): `filter_bytes` is what the
+        // End to end, bytes in → bytes out (the docs/contract.md §5 target): `filter_bytes` is what the
         // gateway calls (with its upstream URL rewrite); parse+filter+serialize is the Value
         // path it replaced, which `filter_bytes` still falls back to for unusual bodies.
         g.bench_function(

@@ -125,6 +125,15 @@ pub struct ConfigFile {
     /// Store URL: sqlite://PATH or postgres://… [default: sqlite://<data-dir>/fhirgate.db]
     #[arg(long, env = "FHIRGATE_STORE")]
     pub store: Option<String>,
+    /// The key-encryption key that seals signing keys and the client-secret hash key in the
+    /// store: 32 bytes as base64. Every instance sharing a store needs the same one [default:
+    /// read from key_encryption_key_file]
+    #[arg(long, env = "FHIRGATE_KEY_ENCRYPTION_KEY", hide_env_values = true)]
+    pub key_encryption_key: Option<String>,
+    /// File holding the key-encryption key (base64) [default: <data-dir>/key-encryption-key,
+    /// created with mode 0600 by the first start]
+    #[arg(long, env = "FHIRGATE_KEY_ENCRYPTION_KEY_FILE")]
+    pub key_encryption_key_file: Option<PathBuf>,
     /// Store connection pool size per process [default: 4 for SQLite, 16 for PostgreSQL]
     #[arg(long, env = "FHIRGATE_STORE_MAX_CONNECTIONS")]
     pub store_max_connections: Option<u32>,
@@ -181,7 +190,7 @@ pub struct ConfigFile {
     /// Secret of the bootstrap admin ClientApplication [default: generated, printed once]
     #[arg(long, env = "FHIRGATE_ADMIN_CLIENT_SECRET", hide_env_values = true)]
     pub admin_client_secret: Option<String>,
-    /// Log format: json or text [default: json]
+    /// Log format: json, text, or auto (text on a terminal, JSON lines otherwise) [default: auto]
     #[arg(long, env = "FHIRGATE_LOG_FORMAT")]
     pub log_format: Option<String>,
     /// SMTP server for invitation and password e-mails [default: none: each message is written to <data-dir>/outbox/ as an .eml file]
@@ -205,6 +214,16 @@ pub struct ConfigFile {
     /// Open self-registration through /auth/newuser (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_REGISTER_ENABLED")]
     pub register_enabled: Option<bool>,
+    /// Browser origins allowed to call fhirgate (CORS), comma-separated `scheme://host[:port]`, or
+    /// `*` for any origin (then without credentials) [default: the origins of the registered
+    /// clients' redirect URIs, launch URIs and allowedOrigin]
+    #[arg(long, env = "FHIRGATE_CORS_ORIGINS", value_delimiter = ',')]
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Also write every security event as a FHIR AuditEvent (IHE BALP shape) to the upstream
+    /// of its project, readable by the project's admins (true or false) [default: false]
+    #[arg(long, env = "FHIRGATE_AUDIT_EVENTS")]
+    pub audit_events: Option<bool>,
     /// reCAPTCHA site key of the server's own sign-up and reset pages
     #[arg(long, env = "FHIRGATE_RECAPTCHA_SITE_KEY")]
     pub recaptcha_site_key: Option<String>,
@@ -246,7 +265,7 @@ impl ConfigFile {
     }
 }
 
-/// reCAPTCHA on the self-service endpoints (medplum-auth.md §2.18).
+/// reCAPTCHA on the self-service endpoints (docs/medplum-compat.md §2.18).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recaptcha {
     pub site_key: Option<String>,
@@ -460,6 +479,70 @@ pub enum SmtpTls {
     None,
 }
 
+/// The browser origins CORS admits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CorsOrigins {
+    /// The origins of the registered clients (redirect URIs, launch URI, `allowedOrigin`).
+    Registered,
+    /// Exactly these (`scheme://host[:port]`, lower case).
+    List(std::collections::BTreeSet<String>),
+    /// Any origin, answered `*` and never with credentials.
+    Any,
+}
+
+fn cors_origins(values: &[String]) -> Result<CorsOrigins, ConfigError> {
+    let values: Vec<&str> = values
+        .iter()
+        .map(|v| v.trim())
+        .filter(|v| !v.is_empty())
+        .collect();
+    if values.is_empty() {
+        return Ok(CorsOrigins::Registered);
+    }
+    if values == ["*"] {
+        return Ok(CorsOrigins::Any);
+    }
+    let mut list = std::collections::BTreeSet::new();
+    for v in values {
+        let origin = url::Url::parse(v)
+            .ok()
+            .filter(|u| {
+                matches!(u.scheme(), "http" | "https") && u.path() == "/" && !v.ends_with('/')
+            })
+            .map(|u| u.origin().ascii_serialization())
+            .ok_or_else(|| {
+                invalid(
+                    "cors_origins",
+                    format!("`{v}` is not an origin like https://app.example.com (or a lone *)"),
+                )
+            })?;
+        list.insert(origin);
+    }
+    Ok(CorsOrigins::List(list))
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines (colours only on a terminal).
+    Text,
+    /// Text on a terminal, JSON lines otherwise (a file, a pipe, a log collector).
+    Auto,
+}
+
+impl LogFormat {
+    /// Whether lines are JSON, given whether standard output is a terminal.
+    pub fn json(self, terminal: bool) -> bool {
+        match self {
+            LogFormat::Json => true,
+            LogFormat::Text => false,
+            LogFormat::Auto => !terminal,
+        }
+    }
+}
+
 /// A password that never shows up in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
@@ -554,6 +637,8 @@ pub struct Config {
     pub named_upstreams: std::collections::BTreeMap<String, Upstream>,
     pub data_dir: PathBuf,
     pub store_url: String,
+    /// Where the key-encryption key comes from (`crate::sealed`).
+    pub key_encryption_key: crate::sealed::KekSource,
     /// `None`: the store's default for its dialect.
     pub store_max_connections: Option<u32>,
     pub trusted_proxies: Vec<IpNet>,
@@ -571,13 +656,17 @@ pub struct Config {
     pub policies_dir: Option<PathBuf>,
     pub grace_period_seconds: u64,
     pub bootstrap: Bootstrap,
-    pub json_logs: bool,
+    pub log_format: LogFormat,
     /// Where e-mail goes; `None`: the outbox folder `<data_dir>/outbox`.
     pub smtp: Option<Smtp>,
     /// The From mailbox of every e-mail (checked: it parses as a mailbox).
     pub mail_from: String,
-    /// `/auth/newuser` is open (medplum-auth.md §2.7 `registerEnabled`).
+    /// `/auth/newuser` is open (docs/medplum-compat.md §2.7 `registerEnabled`).
     pub register_enabled: bool,
+    /// Security events are also written upstream as FHIR AuditEvents (`obs::trail`).
+    pub audit_events: bool,
+    /// Which browser origins CORS admits.
+    pub cors_origins: CorsOrigins,
     pub recaptcha: Recaptcha,
     /// The breached-password range API's base URL; `None`: no check.
     pub pwned_passwords_url: Option<String>,
@@ -677,9 +766,27 @@ impl Config {
             parse_lifetime(&s)
                 .ok_or_else(|| invalid(key, format!("`{s}` is not a duration like 60s, 1h, 2w")))
         };
-        let log_format = f.log_format.unwrap_or_else(|| "json".into());
-        if !matches!(log_format.as_str(), "json" | "text") {
-            return Err(invalid("log_format", "must be json or text"));
+        let log_format = match f.log_format.as_deref().unwrap_or("auto") {
+            "json" => LogFormat::Json,
+            "text" => LogFormat::Text,
+            "auto" => LogFormat::Auto,
+            _ => return Err(invalid("log_format", "must be json, text or auto")),
+        };
+        if f.threads == Some(0) {
+            return Err(invalid("threads", "must be at least 1"));
+        }
+        if f.max_request_body == Some(0) || f.max_response_buffer == Some(0) {
+            return Err(invalid(
+                if f.max_request_body == Some(0) {
+                    "max_request_body"
+                } else {
+                    "max_response_buffer"
+                },
+                "must be at least 1 byte",
+            ));
+        }
+        if f.token_cache_capacity == Some(0) {
+            return Err(invalid("token_cache_capacity", "must be at least 1"));
         }
         let public = url::Url::parse(&base_url).map_err(|e| invalid("base_url", e.to_string()))?;
         let smtp = Smtp::from_file(
@@ -736,6 +843,17 @@ impl Config {
             base_url,
             upstream,
             named_upstreams,
+            key_encryption_key: match (f.key_encryption_key, f.key_encryption_key_file) {
+                (Some(value), _) => crate::sealed::KekSource::Value(value),
+                (None, Some(path)) => crate::sealed::KekSource::File {
+                    path,
+                    create: false,
+                },
+                (None, None) => crate::sealed::KekSource::File {
+                    path: data_dir.join("key-encryption-key"),
+                    create: true,
+                },
+            },
             data_dir,
             store_url,
             store_max_connections: f.store_max_connections,
@@ -775,10 +893,12 @@ impl Config {
                 admin_client_id: f.admin_client_id,
                 admin_client_secret: f.admin_client_secret,
             },
-            json_logs: log_format == "json",
+            log_format,
             smtp,
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),
+            audit_events: f.audit_events.unwrap_or(false),
+            cors_origins: cors_origins(&f.cors_origins)?,
             recaptcha,
             pwned_passwords_url,
             control_url: match f.control_url.as_deref() {

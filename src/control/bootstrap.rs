@@ -1,11 +1,9 @@
-//! First start (SPEC §1): a signing key, the "Super Admin" project, the "Default" project, the
+//! First start (docs/contract.md §1): a signing key, the "Super Admin" project, the "Default" project, the
 //! admin User and an admin ClientApplication in the default project. Idempotent: every item is
 //! claimed under a settings key (so concurrent starts agree on its id) and marked done once it
 //! exists; a later run creates nothing, and an item an operator deleted on purpose is not
 //! brought back.
 
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use fhirgate_core::fhir::path::is_valid_id;
@@ -15,7 +13,7 @@ use crate::control::base::index::index_rows;
 use crate::control::base::passwords::hash_password_sync;
 use crate::control::web::error::ApiError;
 use crate::state::State;
-use crate::store::{Store, StoreError, StoredKey, now_unix};
+use crate::store::{Store, StoreError, now_unix};
 use crate::tokens::{SigningKey, random_hex};
 
 /// What bootstrap found or made; `serve` prints how to use it.
@@ -112,22 +110,19 @@ pub fn hash_password(password: &str) -> Result<String, BootstrapError> {
 }
 
 /// Generates the signing key when there is none.
-async fn ensure_signing_key(store: &Store) -> Result<bool, BootstrapError> {
+async fn ensure_signing_key(
+    store: &Store,
+    kek: &crate::sealed::KeyEncryptionKey,
+) -> Result<bool, BootstrapError> {
     if !store.active_keys().await?.is_empty() {
         return Ok(false);
     }
     let kid = uuid::Uuid::new_v4().to_string();
     let (_, der) =
         SigningKey::generate(kid.clone()).map_err(|e| BootstrapError::Key(e.to_string()))?;
-    store
-        .insert_key(&StoredKey {
-            id: kid,
-            alg: "ES256".into(),
-            private_der: STANDARD.encode(der),
-            active: true,
-            created_at: now_unix(),
-        })
-        .await?;
+    let key = crate::state::keys::sealed_key(kek, kid, &der, now_unix())
+        .map_err(|e| BootstrapError::Key(e.to_string()))?;
+    store.insert_key(&key).await?;
     Ok(true)
 }
 
@@ -136,7 +131,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     let store = &state.store;
     let boot = &state.config.bootstrap;
     let mut created = Vec::new();
-    if ensure_signing_key(store).await? {
+    if ensure_signing_key(store, &state.kek).await? {
         created.push("signing key");
     }
 

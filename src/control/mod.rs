@@ -1,4 +1,4 @@
-//! The control API (SPEC §2): discovery, the OAuth2 token endpoint, `/auth/me`, the admin API
+//! The control API (docs/contract.md §2): discovery, the OAuth2 token endpoint, `/auth/me`, the admin API
 //! and FHIR-style CRUD of the identity resources that live in fhirgate's store. An axum router,
 //! mounted at both `/` and `/api/` (as Medplum does).
 //!

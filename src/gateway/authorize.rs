@@ -175,7 +175,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
     };
 
-    // IP rules on every request, Bearer and Basic (SPEC §2), from the caller's own policy (and,
+    // IP rules on every request, Bearer and Basic (docs/contract.md §2), from the caller's own policy (and,
     // on behalf of someone, the target's too).
     if let Some(ip) = ctx.client_ip {
         let blocked = if membership_id == identity.membership_id {
@@ -293,6 +293,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
             policy: Some(policy),
             metadata: false,
             drop_total: permit.drop_total,
+            subset: permit.subset,
         })),
     };
     Verdict::Forward

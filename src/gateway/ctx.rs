@@ -4,6 +4,7 @@ use std::net::IpAddr;
 
 use bytes::Bytes;
 use fhirgate_core::fhir::request::QueryParam;
+use fhirgate_core::fhir::subset::{Subset, strip_query};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +32,19 @@ pub struct FilterSpec {
     pub metadata: bool,
     /// `Bundle.total` cannot be trusted and is removed.
     pub drop_total: bool,
+    /// The part of each resource the client asked for, taken here after the checks (the
+    /// upstream was asked for whole resources).
+    pub subset: Option<Subset>,
+}
+
+impl FilterSpec {
+    /// The query the upstream gets: the client's, without a subset the gateway takes itself.
+    pub fn upstream_query<'a>(&self, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
+        match (query, &self.subset) {
+            (Some(q), Some(_)) => Some(std::borrow::Cow::Owned(strip_query(q))),
+            (q, _) => q.map(std::borrow::Cow::Borrowed),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -67,6 +81,11 @@ pub struct RequestCtx {
     pub retry_after: Option<u64>,
     /// The status written by the gateway itself, if it answered.
     pub answered: Option<u16>,
+    /// The CORS answer for the request's `Origin`, when admitted.
+    pub cors: Option<super::cors::CorsGrant>,
+    /// Counts this request as in flight until the context is dropped (a graceful stop waits for
+    /// none to be left, not for the whole grace period).
+    _in_flight: crate::obs::InFlight,
 }
 
 impl Default for RequestCtx {
@@ -128,6 +147,8 @@ impl RequestCtx {
             upstream_started: None,
             upstream_elapsed: None,
             answered: None,
+            cors: None,
+            _in_flight: crate::obs::InFlight::start(),
         }
     }
 }

@@ -136,7 +136,7 @@ pub fn body_chunk(
 
 /// Filters a whole JSON body. Anything that cannot be parsed is replaced, never passed on.
 pub fn apply(config: &Config, upstream_base: &str, spec: &FilterSpec, raw: &[u8]) -> Vec<u8> {
-    if let (Some(policy), false) = (&spec.policy, spec.metadata) {
+    if let (Some(policy), false, None) = (&spec.policy, spec.metadata, &spec.subset) {
         // Same result as below, without materialising what the policy does not change.
         use fhirgate_core::policy::filter::{Filtered, UrlRewrite, filter_bytes};
         let public = config.public_fhir_base();
@@ -161,6 +161,9 @@ pub fn apply(config: &Config, upstream_base: &str, spec: &FilterSpec, raw: &[u8]
         && !fhirgate_core::policy::filter::filter_value(policy, &mut value, spec.drop_total)
     {
         return Outcome::NotFound.to_bytes();
+    }
+    if let Some(subset) = &spec.subset {
+        subset.apply_to_response(&mut value);
     }
     serde_json::to_vec(&value).unwrap_or_default()
 }

@@ -133,12 +133,11 @@ pub fn rewrite_request(
         // Filtering needs the plain body.
         upstream.remove_header("accept-encoding");
     }
-    let uri = upstream_target(
-        &up.base_path,
-        rest,
-        session.req_header().uri.query(),
-        &ctx.extra_query,
-    );
+    let query = match &ctx.plan {
+        ResponsePlan::Buffer(spec) => spec.upstream_query(session.req_header().uri.query()),
+        ResponsePlan::Stream => session.req_header().uri.query().map(Into::into),
+    };
+    let uri = upstream_target(&up.base_path, rest, query.as_deref(), &ctx.extra_query);
     let parsed = uri
         .parse::<http::Uri>()
         .or_err(HTTPStatus(400), "invalid upstream URI")?;

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
+use fhirgate_core::fhir::subset::strip_query;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
@@ -225,7 +226,7 @@ fn parse_json(body: &Option<Bytes>) -> Step<Value> {
         .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
 }
 
-/// Write step of create/update/patch: the checks of medplum-auth.md §4.5, stricter where SPEC
+/// Write step of create/update/patch: the checks of docs/medplum-compat.md §4.5, stricter where the contract
 /// says so. Returns the body to send and the `If-Match` to pin.
 async fn prepare_write(
     gw: &Gateway,
@@ -436,9 +437,25 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
         return Err(forbid("transaction_entry_denied"));
     }
     if let Some(list) = bundle.get_mut("entry").and_then(Value::as_array_mut) {
-        for (entry, resource) in list.iter_mut().zip(checked) {
+        for ((entry, resource), decision) in list.iter_mut().zip(checked).zip(&m.entries) {
             if let (Some(resource), Some(obj)) = (resource, entry.as_object_mut()) {
                 obj.insert("resource".into(), resource);
+            }
+            // Entry results are checked whole: an entry's `_elements` / `_summary` would have
+            // the upstream trim what the check reads, so the entry gets whole resources.
+            if let Decision::Allow(p) = decision
+                && p.response != ResponseNeed::Untouched
+                && let Some(url) = entry.pointer_mut("/request/url")
+                && let Some((path, query)) = url
+                    .as_str()
+                    .and_then(|u| u.split_once('?'))
+                    .map(|(p, q)| (p.to_string(), strip_query(q)))
+            {
+                *url = Value::String(if query.is_empty() {
+                    path.to_string()
+                } else {
+                    format!("{path}?{query}")
+                });
             }
         }
         let mut i = 0;
@@ -622,15 +639,21 @@ async fn run_inner(
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
         prepare_write(gw, ctx, session, &m).await?
     } else {
+        // A subset is taken here, after the checks: the upstream returns whole resources.
+        let query = session.req_header().uri.query();
+        let (query, body) = match &permit.subset {
+            Some(_) => (
+                query.map(strip_query),
+                m.body
+                    .as_ref()
+                    .map(|b| Bytes::from(strip_query(&String::from_utf8_lossy(b)))),
+            ),
+            None => (query.map(str::to_string), m.body.clone()),
+        };
         (
             method,
-            gw.upstream_url(
-                ctx,
-                ctx.fhir_rest(),
-                session.req_header().uri.query(),
-                &permit.narrowing,
-            ),
-            m.body.clone(),
+            gw.upstream_url(ctx, ctx.fhir_rest(), query.as_deref(), &permit.narrowing),
+            body,
             // A 304 would confirm that an invisible resource exists and its version: ask for
             // the body and answer the condition here, after the check.
             if checked_read {
@@ -696,6 +719,9 @@ async fn run_inner(
     }
     if checked_read && up.status == 200 && not_modified(session, &up.headers) {
         return Ok((304, up.headers, Bytes::new()));
+    }
+    if let Some(subset) = &permit.subset {
+        subset.apply_to_response(&mut value);
     }
     Ok((
         up.status,
@@ -778,12 +804,14 @@ pub async fn run(
             } else {
                 "application/fhir+json; charset=utf-8"
             };
+            let headers = respond::with_cors(&headers, ctx.cors.as_ref());
             respond::write(session, status, ct, &headers, body).await?;
             Ok(status)
         }
         Err(Failure::Answer(outcome, label)) => {
             ctx.decision = label;
-            respond::outcome(session, &outcome, &[]).await
+            let cors = respond::with_cors(&[], ctx.cors.as_ref());
+            respond::outcome(session, &outcome, &cors).await
         }
     }
 }

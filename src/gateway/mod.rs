@@ -12,6 +12,7 @@
 //! | record         | `logging`                     | `obs`                                |
 
 pub mod authorize;
+pub mod cors;
 pub mod ctx;
 pub mod filter;
 mod forward;
@@ -96,6 +97,7 @@ impl Gateway {
             extra.push(("retry-after", secs.to_string()));
         }
         ctx.decision = label;
+        let extra = respond::with_cors(&extra, ctx.cors.as_ref());
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
         Ok(true)
     }
@@ -121,6 +123,18 @@ impl ProxyHttp for Gateway {
                 return self.deny(session, ctx, o, "bad_forwarded_for").await;
             }
         };
+        // Browsers first: a preflight is answered here, before any credential is looked at,
+        // and never travels further.
+        ctx.cors = cors::grant(&self.state, session);
+        if cors::is_preflight(session) {
+            ctx.decision = if ctx.cors.is_some() {
+                "preflight"
+            } else {
+                "preflight_refused"
+            };
+            ctx.answered = Some(cors::answer_preflight(session, ctx.cors.as_ref()).await?);
+            return Ok(true);
+        }
         match ctx.route {
             Route::Control => {
                 ctx.decision = "pass";
@@ -132,6 +146,7 @@ impl ProxyHttp for Gateway {
                     policy: None,
                     metadata: true,
                     drop_total: false,
+                    subset: None,
                 }));
                 Ok(false)
             }
@@ -151,7 +166,8 @@ impl ProxyHttp for Gateway {
                 authorize::Verdict::Explain(trace) => {
                     ctx.decision = "explain";
                     let body = Bytes::from(serde_json::to_vec_pretty(&trace).unwrap_or_default());
-                    respond::write(session, 200, "application/json", &[], body).await?;
+                    let cors = respond::with_cors(&[], ctx.cors.as_ref());
+                    respond::write(session, 200, "application/json", &cors, body).await?;
                     ctx.answered = Some(200);
                     Ok(true)
                 }
@@ -191,6 +207,7 @@ impl ProxyHttp for Gateway {
         if let Some(t) = ctx.upstream_started {
             ctx.upstream_elapsed = Some(t.elapsed());
         }
+        cors::apply(resp, ctx.cors.as_ref())?;
         filter::prepare_response(&self.state, resp, ctx)
     }
 
@@ -230,7 +247,8 @@ impl ProxyHttp for Gateway {
         ctx.decision = "upstream_error";
         let code = outcome.status();
         if session.response_written().is_none() {
-            let _ = respond::outcome(session, &outcome, &[]).await;
+            let cors = respond::with_cors(&[], ctx.cors.as_ref());
+            let _ = respond::outcome(session, &outcome, &cors).await;
         }
         FailToProxy {
             error_code: code,
@@ -278,6 +296,24 @@ impl ProxyHttp for Gateway {
                 status,
             }
             .emit();
+            // A refusal of an authenticated caller joins the project's security trail.
+            if status == 403
+                && crate::obs::trail::active()
+                && let Some(identity) = &ctx.identity
+            {
+                crate::obs::trail::record(crate::obs::trail::TrailRecord {
+                    kind: crate::obs::trail::TrailKind::Alert,
+                    event: "request_denied",
+                    success: false,
+                    reason: Some(ctx.decision),
+                    actor: Some(identity.profile.clone()),
+                    subject: ctx.resource_type.clone(),
+                    project: Some(identity.project_id.clone()),
+                    client_ip: ctx.client_ip,
+                    versions: (None, None),
+                    recorded_ms: crate::obs::trail::now_ms(),
+                });
+            }
         }
     }
 }

@@ -1,4 +1,4 @@
-//! Which plane a request path belongs to (SPEC §1). Pure; the request is not yet authenticated.
+//! Which plane a request path belongs to (docs/contract.md §1). Pure; the request is not yet authenticated.
 
 /// Identity resources that live in fhirgate's store and are served by the control API.
 pub const CONTROL_FHIR_TYPES: [&str; 10] = [

@@ -2,6 +2,7 @@
 //! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
 
 pub mod security;
+pub mod trail;
 
 use std::sync::{LazyLock, OnceLock};
 
@@ -18,6 +19,7 @@ pub struct Metrics {
     pub token_cache: IntCounterVec,
     pub tokens_issued: IntCounterVec,
     pub security_events: IntCounterVec,
+    pub audit_events: IntCounterVec,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -78,6 +80,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             "Security events of the control plane by event and outcome",
             &["event", "outcome"],
         ),
+        audit_events: counter(
+            &registry,
+            "fhirgate_audit_events_total",
+            "AuditEvents of the security trail written upstream, or dropped",
+            &["outcome"],
+        ),
         registry,
     }
 });
@@ -120,14 +128,45 @@ pub fn encode() -> String {
     String::from_utf8(buf).unwrap_or_default()
 }
 
+static IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// One request being served by this process (gateway or control API), from its start until
+/// the guard is dropped.
+#[derive(Debug)]
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> InFlight {
+        IN_FLIGHT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        InFlight(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How many requests this process is serving.
+pub fn in_flight() -> usize {
+    IN_FLIGHT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the global tracing subscriber (JSON or text). Safe to call more than once.
 /// Sets up logging to stdout. Lines are handed to a writer thread that writes them in batches
 /// (a buffer flushed whenever no more lines are waiting), so the request path does no write
 /// syscall; when the queue is full, callers wait rather than drop audit records. Keep the
 /// returned guard alive while the process runs: dropping it writes out what is queued.
-pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(
+    format: crate::config::LogFormat,
+) -> tracing_appender::non_blocking::WorkerGuard {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("FHIRGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let terminal = std::io::stdout().is_terminal();
+    let json = format.json(terminal);
+    let filter = EnvFilter::try_from_env("FHIRGATE_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
         .thread_name("fhirgate-log")
@@ -145,11 +184,16 @@ pub fn init_logging(json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     } else {
         tracing_subscriber::fmt()
             .with_env_filter(filter)
+            .with_ansi(terminal)
             .with_writer(writer)
             .try_init()
     };
     guard
 }
+
+/// fhirgate's own lines from `info`; pingora's internals (startup chatter with source paths)
+/// only from `warn`. `FHIRGATE_LOG` replaces it.
+pub const DEFAULT_LOG_FILTER: &str = "info,pingora=warn,pingora_core=warn,pingora_proxy=warn,pingora_pool=warn,pingora_runtime=warn,pingora_http=warn,pingora_error=warn,pingora_timeout=warn";
 
 /// One audit record per decision. Built from typed fields only, so no header, token or secret
 /// can reach it.

@@ -1,4 +1,4 @@
-//! Security events of the control plane (SPEC §2, issue 10): sign-in and its failures, MFA,
+//! Security events of the control plane (docs/contract.md §2, issue 10): sign-in and its failures, MFA,
 //! token issuance and refresh, reuse of a rotated refresh token, logout and revocation,
 //! sessions ended by a credential change, password changes, invitations, changes to identity
 //! resources (members, clients, policies, projects) and secret rotation. Each is a typed
@@ -68,6 +68,8 @@ pub struct SecurityEvent<'a> {
     pub subject: Option<&'a str>,
     pub project: Option<&'a str>,
     pub client_ip: Option<IpAddr>,
+    /// A change's version ids of the subject: before, after.
+    pub versions: (Option<&'a str>, Option<&'a str>),
 }
 
 impl<'a> SecurityEvent<'a> {
@@ -80,6 +82,7 @@ impl<'a> SecurityEvent<'a> {
             subject: None,
             project: None,
             client_ip: None,
+            versions: (None, None),
         }
     }
 
@@ -109,6 +112,12 @@ impl<'a> SecurityEvent<'a> {
         self
     }
 
+    /// The subject's version before and after a change.
+    pub fn versions(mut self, before: Option<&'a str>, after: Option<&'a str>) -> Self {
+        self.versions = (before, after);
+        self
+    }
+
     pub fn emit(&self) {
         let outcome = if self.success { "success" } else { "failure" };
         METRICS
@@ -124,7 +133,38 @@ impl<'a> SecurityEvent<'a> {
             subject = self.subject,
             project = self.project,
             client_ip = self.client_ip.map(|i| i.to_string()),
+            version_before = self.versions.0,
+            version_after = self.versions.1,
             "security event"
         );
+        if super::trail::active() {
+            super::trail::record(self.trail_record());
+        }
+    }
+
+    fn trail_record(&self) -> super::trail::TrailRecord {
+        use super::trail::{ChangeAction, TrailKind};
+        let kind = match self.kind {
+            SecurityEventKind::ResourceCreated => TrailKind::Change(ChangeAction::Create),
+            SecurityEventKind::ResourceUpdated => TrailKind::Change(ChangeAction::Update),
+            SecurityEventKind::ResourceDeleted => TrailKind::Change(ChangeAction::Delete),
+            SecurityEventKind::RefreshTokenReused => TrailKind::Alert,
+            _ => TrailKind::Authentication,
+        };
+        super::trail::TrailRecord {
+            kind,
+            event: self.kind.label(),
+            success: self.success,
+            reason: self.reason,
+            actor: self.actor.map(str::to_string),
+            subject: self.subject.map(str::to_string),
+            project: self.project.map(str::to_string),
+            client_ip: self.client_ip,
+            versions: (
+                self.versions.0.map(str::to_string),
+                self.versions.1.map(str::to_string),
+            ),
+            recorded_ms: super::trail::now_ms(),
+        }
     }
 }

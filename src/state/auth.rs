@@ -1,5 +1,5 @@
-//! Authentication of an `Authorization` header into an `Identity` (medplum-auth.md §3.6), with
-//! the stricter live checks of SPEC §2: a revoked Login, an inactive membership, a client that
+//! Authentication of an `Authorization` header into an `Identity` (docs/medplum-compat.md §3.6), with
+//! the stricter live checks of docs/contract.md §2: a revoked Login, an inactive membership, a client that
 //! is `off` or a rotated-out secret fail on the very next request.
 
 use std::sync::Arc;
@@ -198,7 +198,7 @@ impl State {
             .clients
             .get(client_id)
             .ok_or(AuthError::InvalidClient)?;
-        // Only the primary secret is accepted here (medplum-auth.md §8.3): a rotated-out secret
+        // Only the primary secret is accepted here (docs/medplum-compat.md §8.3): a rotated-out secret
         // stops working at once.
         let stored = client
             .secret_hash

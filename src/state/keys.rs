@@ -9,7 +9,11 @@
 
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+
 use crate::config::{Config, parse_lifetime};
+use crate::sealed::{KeyEncryptionKey, SealError, is_sealed};
 use crate::store::{Store, StoreError, StoredKey, now_unix};
 use crate::tokens::SigningKey;
 
@@ -24,6 +28,96 @@ pub enum KeyError {
     Store(#[from] StoreError),
     #[error("cannot generate a key: {0}")]
     Generate(String),
+    #[error(transparent)]
+    Seal(#[from] SealError),
+}
+
+/// The settings row holding a sealed known value: it proves, at every start, that this
+/// instance's key-encryption key is the one the store's secrets were sealed with.
+const KEK_CHECK_SETTING: &str = "key_encryption_check";
+const KEK_CHECK_PURPOSE: &str = "key-encryption-check";
+/// The client-secret hash key, sealed.
+const HASH_KEY_SETTING: &str = "secret_hash_key_sealed";
+const HASH_KEY_PURPOSE: &str = "secret-hash-key";
+/// Where versions before sealing kept the hash key in clear.
+const LEGACY_HASH_KEY_SETTING: &str = "secret_hash_key";
+
+fn key_purpose(kid: &str) -> String {
+    format!("signing-key:{kid}")
+}
+
+/// A new key's stored form: its PKCS#8 DER sealed under `kek`.
+pub fn sealed_key(
+    kek: &KeyEncryptionKey,
+    kid: String,
+    der: &[u8],
+    created_at: i64,
+) -> Result<StoredKey, SealError> {
+    Ok(StoredKey {
+        private_der: kek.seal(der, &key_purpose(&kid))?,
+        id: kid,
+        alg: "ES256".into(),
+        active: true,
+        created_at,
+    })
+}
+
+/// The usable key of a stored one (sealed, or in clear from before sealing existed).
+pub fn open_key(kek: &KeyEncryptionKey, k: &StoredKey) -> Result<SigningKey, String> {
+    if is_sealed(&k.private_der) {
+        let der = kek
+            .open(&k.private_der, &key_purpose(&k.id))
+            .map_err(|e| e.to_string())?;
+        SigningKey::from_pkcs8(k.id.clone(), &der).map_err(|e| e.to_string())
+    } else {
+        SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der).map_err(|e| e.to_string())
+    }
+}
+
+/// Checks `kek` against the store (the first start records its check value), so an instance
+/// given another key refuses to start rather than fail on its first token.
+pub async fn verify_kek(store: &Store, kek: &KeyEncryptionKey) -> Result<(), KeyError> {
+    let candidate = kek.seal(b"fhirgate", KEK_CHECK_PURPOSE)?;
+    let check = store.setting_init(KEK_CHECK_SETTING, &candidate).await?;
+    match kek.open(&check, KEK_CHECK_PURPOSE) {
+        Ok(v) if v == b"fhirgate" => Ok(()),
+        _ => Err(SealError::WrongKey.into()),
+    }
+}
+
+/// At start: verifies `kek`, seals what an earlier version stored in clear (the hash key and
+/// every signing key, retired ones too) and returns the client-secret hash key.
+pub async fn open_store_secrets(
+    store: &Store,
+    kek: &KeyEncryptionKey,
+) -> Result<Vec<u8>, KeyError> {
+    verify_kek(store, kek).await?;
+    let hash_key = match store.setting(HASH_KEY_SETTING).await? {
+        Some(sealed) => kek.open(&sealed, HASH_KEY_PURPOSE)?,
+        None => {
+            let clear = match store.setting(LEGACY_HASH_KEY_SETTING).await? {
+                Some(v) => v,
+                None => crate::tokens::random_hex(32),
+            };
+            let sealed = kek.seal(clear.as_bytes(), HASH_KEY_PURPOSE)?;
+            // Another instance may seal at the same time: the value in force wins.
+            let in_force = store.setting_init(HASH_KEY_SETTING, &sealed).await?;
+            kek.open(&in_force, HASH_KEY_PURPOSE)?
+        }
+    };
+    store.delete_setting(LEGACY_HASH_KEY_SETTING).await?;
+    for (kid, stored) in store.key_secrets().await? {
+        if is_sealed(&stored) {
+            continue;
+        }
+        let Ok(der) = STANDARD.decode(&stored) else {
+            tracing::error!(%kid, "a stored signing key is unreadable; left as it is");
+            continue;
+        };
+        let sealed = kek.seal(&der, &key_purpose(&kid))?;
+        store.replace_key_secret(&kid, &stored, &sealed).await?;
+    }
+    Ok(hash_key)
 }
 
 /// A stored key's schedule (unix seconds).
@@ -138,6 +232,7 @@ fn secs(d: Duration) -> i64 {
 pub async fn rotate(
     store: &Store,
     config: &Config,
+    kek: &KeyEncryptionKey,
     opts: &RotateOptions,
 ) -> Result<Rotation, KeyError> {
     let kid = uuid::Uuid::new_v4().to_string();
@@ -152,14 +247,7 @@ pub async fn rotate(
         None => longest_token_lifetime(store, config).await? + CLOCK_SKEW_MARGIN,
     };
     let retire_at = signs_from.saturating_add(secs(retire_after));
-    use base64::Engine;
-    let key = StoredKey {
-        id: kid.clone(),
-        alg: "ES256".into(),
-        private_der: base64::engine::general_purpose::STANDARD.encode(&der),
-        active: true,
-        created_at: signs_from,
-    };
+    let key = sealed_key(kek, kid.clone(), &der, signs_from)?;
     let retiring = store.rotate_signing_key(&key, retire_at).await?;
     Ok(Rotation {
         kid,

@@ -38,8 +38,10 @@ pub struct State {
     pub config: Config,
     pub store: Store,
     snapshot: ArcSwap<Snapshot>,
-    /// Keyed-hash key for client secrets (per installation).
+    /// Keyed-hash key for client secrets (per installation; sealed in the store).
     secret_key: Vec<u8>,
+    /// Seals and opens the signing keys in the store.
+    pub kek: Arc<crate::sealed::KeyEncryptionKey>,
     tokens: moka::sync::Cache<String, Arc<Identity>>,
     effective: moka::sync::Cache<
         (u64, String, Option<String>),
@@ -74,10 +76,11 @@ impl State {
     pub async fn new(
         config: Config,
         store: Store,
+        kek: Arc<crate::sealed::KeyEncryptionKey>,
         secret_key: Vec<u8>,
     ) -> Result<Arc<State>, StoreError> {
         let seq = store.change_seq().await?;
-        let snap = Snapshot::load(&store, &config, 1).await?;
+        let snap = Snapshot::load(&store, &config, Some(&kek), 1).await?;
         let tokens = moka::sync::Cache::builder()
             .max_capacity(config.token_cache_capacity)
             .time_to_live(config.token_cache_ttl)
@@ -96,6 +99,7 @@ impl State {
             store,
             snapshot: ArcSwap::from_pointee(snap),
             secret_key,
+            kek,
             tokens,
             effective,
             refresh_lock: tokio::sync::Mutex::new(seq),
@@ -132,7 +136,8 @@ impl State {
         let mut last_seq = self.refresh_lock.lock().await;
         let seq = self.store.change_seq().await?;
         let old = self.snapshot.load_full();
-        let snap = Snapshot::load(&self.store, &self.config, old.version + 1).await?;
+        let snap =
+            Snapshot::load(&self.store, &self.config, Some(&self.kek), old.version + 1).await?;
         // A key that left the keyring (retired, or deactivated after a compromise) must take
         // the tokens it verified with it, cached or not.
         if old.key_ids.iter().any(|k| !snap.key_ids.contains(k)) {

@@ -45,7 +45,7 @@ fn system_setting<'a>(project: &'a Value, name: &str) -> Option<&'a str> {
         .as_str()
 }
 
-/// What a project sees of its upstream (SPEC §3). The super-admin project sees everything. A
+/// What a project sees of its upstream (docs/contract.md §3). The super-admin project sees everything. A
 /// project that shares its upstream with another (the super-admin project aside) sees only
 /// its own marked resources (`tag`) — except the default project, which keeps the data that
 /// predates fhirgate and sees unmarked resources and its own (`unmarked`). A project alone on
@@ -98,12 +98,27 @@ pub struct Snapshot {
     /// resolve within its own project only.
     pub policy_projects: HashMap<String, Option<String>>,
     pub revoked_logins: HashSet<String>,
+    /// The origins of every active client's redirect URIs, launch URI and `allowedOrigin`: the
+    /// browser origins CORS admits unless `cors_origins` says otherwise.
+    pub client_origins: HashSet<String>,
+}
+
+/// `scheme://host[:port]` of a URL, if it has one.
+pub fn origin_of(url: &str) -> Option<String> {
+    let u = url::Url::parse(url).ok()?;
+    match u.origin() {
+        url::Origin::Tuple(..) => Some(u.origin().ascii_serialization()),
+        url::Origin::Opaque(_) => None,
+    }
 }
 
 impl Snapshot {
+    /// The store as the planes see it. Without `kek` (the offline `policy explain`) the
+    /// keyring stays empty.
     pub async fn load(
         store: &Store,
         config: &Config,
+        kek: Option<&crate::sealed::KeyEncryptionKey>,
         version: u64,
     ) -> Result<Snapshot, StoreError> {
         let mut snap = Snapshot {
@@ -118,7 +133,7 @@ impl Snapshot {
             .into_iter()
             .filter_map(|i| {
                 let k = &schedule[i].0;
-                match SigningKey::from_base64_pkcs8(k.id.clone(), &k.private_der) {
+                match super::keys::open_key(kek?, k) {
                     Ok(key) => Some(key),
                     Err(e) => {
                         tracing::error!(kid = %k.id, error = %e, "stored signing key is unusable");
@@ -192,6 +207,18 @@ impl Snapshot {
             let content = c.content;
             let (secret_hash, retiring_hash) = secrets.get(&c.id).cloned().unwrap_or_default();
             let status = content.get("status").and_then(Value::as_str);
+            if matches!(status, None | Some("active")) {
+                let urls = ["redirectUris", "allowedOrigin"]
+                    .iter()
+                    .filter_map(|k| content.get(*k))
+                    .flat_map(|v| match v {
+                        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+                        Value::String(s) => vec![s.as_str()],
+                        _ => Vec::new(),
+                    })
+                    .chain(content.get("launchUri").and_then(Value::as_str));
+                snap.client_origins.extend(urls.filter_map(origin_of));
+            }
             snap.clients.insert(
                 c.id.clone(),
                 ClientInfo {
@@ -239,7 +266,7 @@ impl Snapshot {
         self.memberships.get_key_value(id)
     }
 
-    /// Resolves an `X-Medplum-On-Behalf-Of` value (medplum-auth.md §6: `ProjectMembership/<id>`
+    /// Resolves an `X-Medplum-On-Behalf-Of` value (docs/medplum-compat.md §6: `ProjectMembership/<id>`
     /// or a profile reference) to a membership id in `project_id`; `None` when it names nothing
     /// there. Both planes use it.
     pub fn on_behalf_of(&self, project_id: &str, value: &str) -> Option<String> {
@@ -253,7 +280,7 @@ impl Snapshot {
             .cloned()
     }
 
-    /// Builds the effective policy of a membership (medplum-auth.md §4.2) with optional SMART
+    /// Builds the effective policy of a membership (docs/medplum-compat.md §4.2) with optional SMART
     /// scopes. `None` when the membership or its project is gone.
     pub fn effective_policy(
         &self,

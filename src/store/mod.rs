@@ -63,7 +63,7 @@ pub struct StoredResource {
     pub content: Value,
 }
 
-/// A Login: one per authentication session (medplum-auth.md §1.5).
+/// A Login: one per authentication session (docs/medplum-compat.md §1.5).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LoginRecord {
     pub id: String,
@@ -90,7 +90,8 @@ pub struct LoginRecord {
 pub struct StoredKey {
     pub id: String,
     pub alg: String,
-    /// PKCS#8 DER, base64.
+    /// PKCS#8 DER sealed with the key-encryption key (`crate::sealed`); a key written before
+    /// sealing existed holds it base64 in clear until the next start seals it.
     pub private_der: String,
     pub active: bool,
     pub created_at: i64,
@@ -215,6 +216,18 @@ fn create_private(db: &std::path::Path, parent: &std::path::Path) -> std::io::Re
     }
 }
 
+/// A store URL fit for a message: no password, no query.
+fn without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut u) if u.scheme().starts_with("postgres") => {
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.to_string()
+        }
+        _ => url.split('?').next().unwrap_or(url).to_string(),
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) and migrates the store at `url` with the default pool size.
     pub async fn open(url: &str) -> Result<Store> {
@@ -271,8 +284,32 @@ impl Store {
                 })
             })
             .connect(&url)
-            .await
-            .map_err(|e| StoreError::Open(e.to_string()))?;
+            .await;
+        let pool = match pool {
+            Ok(pool) => pool,
+            Err(e) => {
+                // A pool says only that it timed out: one plain connection says why.
+                let reason = match e {
+                    sqlx::Error::PoolTimedOut => {
+                        use sqlx::Connection;
+                        match tokio::time::timeout(
+                            std::time::Duration::from_secs(5),
+                            sqlx::AnyConnection::connect(&url),
+                        )
+                        .await
+                        {
+                            Ok(Err(direct)) => direct.to_string(),
+                            Ok(Ok(_)) | Err(_) => e.to_string(),
+                        }
+                    }
+                    other => other.to_string(),
+                };
+                return Err(StoreError::Open(format!(
+                    "{}: {reason}",
+                    without_password(&url)
+                )));
+            }
+        };
         let store = Store { pool, dialect };
         migrations::run(&store.pool, dialect).await?;
         Ok(store)
@@ -318,6 +355,15 @@ impl Store {
         .execute(&self.pool)
         .await?;
         self.setting(key).await?.ok_or(StoreError::NotFound)
+    }
+
+    /// Removes `key` (a value that must no longer be kept, e.g. one now stored sealed).
+    pub async fn delete_setting(&self, key: &str) -> Result<()> {
+        sqlx::query("DELETE FROM settings WHERE key = $1")
+            .bind(key)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Records the first use of a client assertion, kept until `expires_at`: false when it was
@@ -774,6 +820,28 @@ impl Store {
             .bind(i64::from(k.active))
             .bind(k.created_at)
             .execute(&mut **tx)
+            .await?;
+        Ok(())
+    }
+
+    /// Every stored key's id and private half as stored, retired ones included.
+    pub async fn key_secrets(&self) -> Result<Vec<(String, String)>> {
+        let rows = sqlx::query("SELECT id, private_der FROM signing_keys ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("id")?, r.try_get("private_der")?)))
+            .collect()
+    }
+
+    /// Replaces a key's private half, only if it is still `old` (another instance may have
+    /// replaced it first).
+    pub async fn replace_key_secret(&self, id: &str, old: &str, new: &str) -> Result<()> {
+        sqlx::query("UPDATE signing_keys SET private_der = $1 WHERE id = $2 AND private_der = $3")
+            .bind(new)
+            .bind(id)
+            .bind(old)
+            .execute(&self.pool)
             .await?;
         Ok(())
     }

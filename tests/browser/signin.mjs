@@ -143,18 +143,21 @@ async function main() {
       throw new Error(`sign-in refused: ${(await page.getByRole('alert').innerText()).trim()}`);
     }
 
-    let secret = input.totpSecret;
-    let button = 'Verify';
-    if (mfaPage === 'Set up two-step verification') {
-      secret = (await page.locator('.secret').innerText()).trim();
-      result.enrolledSecret = secret;
-      button = 'Turn on and continue';
+    // Without MFA the consent page comes next.
+    if (mfaPage !== 'Allow access') {
+      let secret = input.totpSecret;
+      let button = 'Verify';
+      if (mfaPage === 'Set up two-step verification') {
+        secret = (await page.locator('.secret').innerText()).trim();
+        result.enrolledSecret = secret;
+        button = 'Turn on and continue';
+      }
+      const code = totp(secret, Date.now() / 1000);
+      await page.getByLabel('Authentication code').fill(code);
+      await shot('mfa');
+      await submit(() => page.getByRole('button', { name: button }).click());
+      result.pages.push(await heading());
     }
-    const code = totp(secret, Date.now() / 1000);
-    await page.getByLabel('Authentication code').fill(code);
-    await shot('mfa');
-    await submit(() => page.getByRole('button', { name: button }).click());
-    result.pages.push(await heading());
 
     for (const word of input.untick ?? []) {
       await page.locator(`input[type=checkbox][value="${word}"]`).uncheck();

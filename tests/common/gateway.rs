@@ -14,6 +14,9 @@ use serde_json::Value;
 
 pub const ADMIN_CLIENT_ID: &str = "test-admin-client";
 pub const ADMIN_CLIENT_SECRET: &str = "test-admin-secret-0123456789abcdef";
+/// The key-encryption key of the instances of one scaled-out deployment (each instance has a
+/// data dir of its own, so a generated one would differ): 32 bytes, base64.
+pub const SHARED_KEK: &str = "ZmhpcmdhdGUtdGVzdHMtc2hhcmVkLWtlay0zMmJ5dGU=";
 
 /// A port nothing listens on, for a listener the test starts next. It is taken below the
 /// kernel's ephemeral range (32768 and up on Linux), where no `bind(0)` — a test upstream, the
@@ -123,6 +126,15 @@ impl TestGateway {
         data_dir: &std::path::Path,
         tweak: impl FnOnce(&mut ConfigFile),
     ) -> TestGateway {
+        Self::try_start_in(upstream, data_dir, tweak).expect("fhirgate starts")
+    }
+
+    /// [`Self::start_in`], or why fhirgate refused to start.
+    pub fn try_start_in(
+        upstream: &str,
+        data_dir: &std::path::Path,
+        tweak: impl FnOnce(&mut ConfigFile),
+    ) -> Result<TestGateway, String> {
         let mut file = test_config(upstream, data_dir);
         let test_store = super::pg::store_for(data_dir);
         file.store.clone_from(&test_store);
@@ -137,7 +149,7 @@ impl TestGateway {
         let running = std::thread::spawn(move || start(config, Planes::BOTH))
             .join()
             .expect("start thread")
-            .expect("fhirgate starts");
+            .map_err(|e| e.to_string())?;
         if expect_postgres {
             assert_eq!(
                 running.state.store.dialect(),
@@ -147,7 +159,7 @@ impl TestGateway {
         wait_listening(listen);
         wait_listening(control);
         wait_listening(metrics);
-        TestGateway {
+        Ok(TestGateway {
             base: format!("http://127.0.0.1:{}/", listen.port()),
             fhir: format!("http://127.0.0.1:{}/fhir/R4/", listen.port()),
             control: format!("http://127.0.0.1:{}/", control.port()),
@@ -155,7 +167,7 @@ impl TestGateway {
             data_dir: data_dir.to_path_buf(),
             running: Some(running),
             _tmp: None,
-        }
+        })
     }
 
     pub fn running(&self) -> &Running {
@@ -269,6 +281,7 @@ impl TestGateway {
         let mut file = ConfigFile {
             store: Some(store.to_string()),
             store_max_connections: Some(4),
+            key_encryption_key: Some(SHARED_KEK.to_string()),
             threads: Some(1),
             ..test_config(upstream, tmp.path())
         };

@@ -52,9 +52,15 @@ impl InProcess {
         };
         tweak(&mut file);
         let config = Config::from_file(file).expect("valid test config");
-        let state = State::new(config, store, b"test-secret-hash-key".to_vec())
-            .await
-            .expect("state");
+        let kek = fhirgate::sealed::KeyEncryptionKey::from_bytes(&[5; 32]).expect("a key");
+        let state = State::new(
+            config,
+            store,
+            std::sync::Arc::new(kek),
+            b"test-secret-hash-key".to_vec(),
+        )
+        .await
+        .expect("state");
         let boot = bootstrap(&state).await.expect("bootstrap");
         let app = fhirgate::control::router(state.clone());
         InProcess {

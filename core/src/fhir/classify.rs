@@ -91,6 +91,8 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
     let content_type =
         single_header(parts.headers, "content-type").ok_or(Unclassifiable::BadBody)?;
 
+    let mut subset =
+        crate::fhir::subset::requested(&query).map_err(|_| Unclassifiable::BadQuery)?;
     let mut wants_non_json = params_want_non_json(&query)
         || parts.headers.iter().any(|(name, value)| {
             name.eq_ignore_ascii_case("accept") && accept_wants_non_json(value)
@@ -110,8 +112,17 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
     let op = route(&input)?;
     if let FhirOp::Search(search) = &op {
         wants_non_json |= params_want_non_json(&search.params);
+        if let Some(s) =
+            crate::fhir::subset::requested(&search.params).map_err(|_| Unclassifiable::BadQuery)?
+        {
+            subset = Some(s);
+        }
     }
-    Ok(FhirRequest { op, wants_non_json })
+    Ok(FhirRequest {
+        op,
+        wants_non_json,
+        subset,
+    })
 }
 
 /// True when `value` (a `_format` value or a media type) names JSON: `json`,

@@ -7,4 +7,5 @@ pub mod path;
 pub mod request;
 pub mod search;
 pub mod searchparam;
+pub mod subset;
 pub mod types;

@@ -1,4 +1,4 @@
-//! OperationOutcome bodies with the statuses and texts of medplum-auth.md §0.1.
+//! OperationOutcome bodies with the statuses and texts of docs/medplum-compat.md §0.1.
 
 use serde_json::{Value, json};
 

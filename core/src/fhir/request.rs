@@ -46,7 +46,7 @@ impl Interaction {
         Interaction::ALL.into_iter().find(|i| i.as_str() == s)
     }
 
-    /// Interactions a `readonly` entry still grants (medplum-auth.md §4.3).
+    /// Interactions a `readonly` entry still grants (docs/medplum-compat.md §4.3).
     pub fn is_read_only(self) -> bool {
         matches!(
             self,
@@ -168,6 +168,8 @@ pub struct FhirRequest {
     pub op: FhirOp,
     /// The client asked for a non-JSON representation (`_format` or `Accept`).
     pub wants_non_json: bool,
+    /// The client asked for part of each resource (`_elements`, `_summary`).
+    pub subset: Option<crate::fhir::subset::Subset>,
 }
 
 /// Why a request could not be classified. Every variant leads to a denial.

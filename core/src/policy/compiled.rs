@@ -1,8 +1,8 @@
 //! The compiled form of an AccessPolicy, used on every request: entries with an interaction
 //! bitset, compiled criteria, parsed field paths and compiled IP rules, plus the decisions made
-//! on it (medplum-auth.md §4.3–§4.5) and the save-time validation of stored policies.
+//! on it (docs/medplum-compat.md §4.3–§4.5) and the save-time validation of stored policies.
 //!
-//! Fail closed (SPEC §2): an entry that cannot be compiled grants nothing, and it also stops the
+//! Fail closed (docs/contract.md §2): an entry that cannot be compiled grants nothing, and it also stops the
 //! first-match walk for the (type, interaction) pairs it covers, because it might have been the
 //! first match with stricter `hiddenFields` or `readonlyFields` than the entries after it.
 //! Invariant: pure; no I/O, no clock.
@@ -17,6 +17,7 @@ use crate::policy::criteria::{Criteria, CriteriaError};
 use crate::policy::ip::{CompiledIpRule, IpVerdict, check_ip};
 use crate::policy::model::{
     AccessPolicy, AccessPolicyResource, CREDENTIAL_TYPES, PROJECT_ADMIN_TYPES, PROTECTED_TYPES,
+    TRAIL_TYPES,
 };
 
 // === InteractionSet ===
@@ -28,7 +29,7 @@ pub struct InteractionSet(u8);
 impl InteractionSet {
     pub const EMPTY: InteractionSet = InteractionSet(0);
     pub const ALL: InteractionSet = InteractionSet(0x7f);
-    /// What a `readonly` entry grants: read, vread, history, search (medplum-auth.md §4.3).
+    /// What a `readonly` entry grants: read, vread, history, search (docs/medplum-compat.md §4.3).
     pub const READ_ONLY: InteractionSet = InteractionSet(
         Self::bit(Interaction::Read)
             | Self::bit(Interaction::Vread)
@@ -165,7 +166,7 @@ pub enum PolicyError {
 
 // === Resource types ===
 
-/// Medplum's resource types that a policy may name (medplum-auth.md §1, SPEC §1) beyond those
+/// Medplum's resource types that a policy may name (docs/medplum-compat.md §1, docs/contract.md §1) beyond those
 /// `fhir::types` knows (R4 and the Medplum types a request can address).
 const POLICY_ONLY_TYPES: &[&str] = &[
     "AsyncJob",
@@ -191,6 +192,12 @@ pub fn is_project_admin_type(name: &str) -> bool {
 /// entry naming the type grants it.
 pub fn is_identity_type(name: &str) -> bool {
     is_project_admin_type(name) || is_protected_type(name) || CREDENTIAL_TYPES.contains(&name)
+}
+
+/// Whether a `*` entry grants `name`: not for identity types nor the security trail
+/// ([`TRAIL_TYPES`]).
+pub fn wildcard_reaches(name: &str) -> bool {
+    !is_identity_type(name) && !TRAIL_TYPES.contains(&name)
 }
 
 /// `DomainConfiguration`, `JsonWebKey`, `Login`: super admins only.
@@ -388,12 +395,12 @@ impl CompiledEntry {
         self.resource_type == "*"
     }
 
-    /// medplum-auth.md §4.3: same type, or `*` for a type that is not an identity type (stricter
+    /// docs/medplum-compat.md §4.3: same type, or `*` for a type that is not an identity type (stricter
     /// than Medplum: `*` reaches neither admin nor credential types); and the interaction is
     /// granted. Broken entries still match here (so that they stop the walk).
     pub fn shallow_matches(&self, resource_type: &str, interaction: Interaction) -> bool {
         (self.resource_type == resource_type
-            || (self.is_wildcard() && !is_identity_type(resource_type)))
+            || (self.is_wildcard() && wildcard_reaches(resource_type)))
             && self.interactions.contains(interaction)
     }
 
@@ -421,7 +428,7 @@ impl CompiledEntry {
         ))
     }
 
-    /// Instance conditions of medplum-auth.md §4.4 (the type and interaction are assumed to
+    /// Instance conditions of docs/medplum-compat.md §4.4 (the type and interaction are assumed to
     /// shallow-match). A `*?…` criteria whose parameters do not exist on the resource's type does
     /// not match it.
     ///
@@ -465,7 +472,7 @@ fn meta_compartment_contains(resource: &Value, reference: &str) -> bool {
 
 // === SearchNarrowing ===
 
-/// How a search of one type is narrowed (medplum-auth.md §4.5, failing closed).
+/// How a search of one type is narrowed (docs/medplum-compat.md §4.5, failing closed).
 #[derive(Debug, Clone)]
 pub enum SearchNarrowing {
     /// Some entry granting search has no criteria: no filter.
@@ -542,7 +549,7 @@ impl CompiledPolicy {
         self.super_admin
     }
 
-    /// Type-level check (medplum-auth.md §4.3): protected types are refused unless `super_admin`;
+    /// Type-level check (docs/medplum-compat.md §4.3): protected types are refused unless `super_admin`;
     /// otherwise the first entry that shallow-matches must exist and not be broken.
     pub fn type_allows(
         &self,
@@ -732,7 +739,7 @@ impl CompiledPolicy {
         }
     }
 
-    /// Instance-level check (medplum-auth.md §4.4): the first entry, in list order, that
+    /// Instance-level check (docs/medplum-compat.md §4.4): the first entry, in list order, that
     /// shallow-matches the resource's type and `interaction` and whose instance conditions hold.
     pub fn satisfied(&self, resource: &Value, interaction: Interaction) -> Option<&CompiledEntry> {
         let resource_type = resource.get("resourceType")?.as_str()?;
@@ -755,7 +762,7 @@ impl CompiledPolicy {
         }
     }
 
-    /// What every write does (medplum-auth.md §4.5): readonly and hidden fields are the current
+    /// What every write does (docs/medplum-compat.md §4.5): readonly and hidden fields are the current
     /// version's (dropped on create), so a client can neither set them nor, by omitting a field
     /// it never saw, erase it.
     pub fn restore_protected_fields(

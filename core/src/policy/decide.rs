@@ -7,6 +7,7 @@
 use crate::fhir::classify::RESULT_PARAMS;
 use crate::fhir::request::{ANY_TYPE, FhirOp, FhirRequest, Interaction, QueryParam, Search};
 use crate::fhir::search::search_required_access;
+use crate::fhir::subset::Subset;
 use crate::policy::EffectivePolicy;
 use crate::policy::effective::SearchNarrowing;
 
@@ -63,6 +64,10 @@ pub struct Permit {
     /// The instance the request names must be visible first (its current version is fetched
     /// and checked; invisible → 404), so an empty answer cannot reveal that it exists.
     pub guard_current: bool,
+    /// The client asked for part of each resource, and the resources are checked: the
+    /// upstream is asked for whole ones (`fhir::subset::strip_query`) and the gateway trims
+    /// them after the checks.
+    pub subset: Option<Subset>,
 }
 
 impl Permit {
@@ -73,6 +78,7 @@ impl Permit {
             write: WriteCheck::None,
             drop_total: false,
             guard_current: false,
+            subset: None,
         }
     }
     fn filtered() -> Permit {
@@ -474,7 +480,39 @@ pub fn decide(policy: &EffectivePolicy, req: &FhirRequest, super_admin: bool) ->
             "Only JSON is supported".into(),
         ));
     }
-    decision(decide_op(policy, &req.op, super_admin))
+    match decision(decide_op(policy, &req.op, super_admin)) {
+        Decision::Allow(mut permit)
+            if req.subset.is_some()
+                && permit.response != ResponseNeed::Untouched
+                && subset_checked_here(policy, &req.op) =>
+        {
+            permit.subset.clone_from(&req.subset);
+            Decision::Allow(permit)
+        }
+        other => other,
+    }
+}
+
+/// Whether a subset must be taken by the gateway, after its checks, rather than by the
+/// upstream: wherever a returned resource is checked against criteria or the project marker
+/// (an `_include` brings other types, a system-wide search any type).
+fn subset_checked_here(policy: &EffectivePolicy, op: &FhirOp) -> bool {
+    match op {
+        FhirOp::Read { resource_type, .. } | FhirOp::Vread { resource_type, .. } => {
+            policy.instance_checks_needed(resource_type, Interaction::Read)
+        }
+        FhirOp::Search(s) => {
+            let includes = s.params.iter().any(|p| {
+                let base = p.name.split(':').next().unwrap_or("");
+                base == "_include" || base == "_revinclude"
+            });
+            includes
+                || s.resource_type
+                    .as_deref()
+                    .is_none_or(|ty| policy.instance_checks_needed(ty, Interaction::Search))
+        }
+        _ => true,
+    }
 }
 
 /// Decides each entry of a batch or transaction.

@@ -1,6 +1,6 @@
-//! The effective policy of a membership (medplum-auth.md §4.2 steps 1–7): its policies with
+//! The effective policy of a membership (docs/medplum-compat.md §4.2 steps 1–7): its policies with
 //! parameters substituted, concatenated, with the legacy `*` and default entries, narrowed by
-//! SMART scopes (letters enforced, SPEC §2) and adjusted for admins; then compiled for decisions.
+//! SMART scopes (letters enforced, docs/contract.md §2) and adjusted for admins; then compiled for decisions.
 //! Invariant: pure; policies come in through [`PolicySource`], never from a store.
 
 use std::borrow::Borrow;
@@ -18,7 +18,7 @@ use crate::policy::isolation::Isolation;
 use crate::policy::model::{
     AccessParameter, AccessPolicy, AccessPolicyResource, ProjectMembership, Reference,
 };
-use crate::policy::scope::{SmartScope, parse_scopes};
+use crate::policy::scope::{ScopeContext, SmartScope, parse_scopes};
 
 pub use crate::policy::compiled::{SearchNarrowing, validate_policy};
 
@@ -41,7 +41,7 @@ impl PolicySource for Vec<AccessPolicy> {
 }
 
 /// Everything the effective policy depends on. For on-behalf-of, `membership` is the target's
-/// and the project fields are the caller's (medplum-auth.md §6).
+/// and the project fields are the caller's (docs/medplum-compat.md §6).
 #[derive(Clone, Copy)]
 pub struct EffectiveInputs<'a> {
     pub membership: &'a ProjectMembership,
@@ -72,8 +72,8 @@ pub enum EffectiveError {
 const READONLY_CODES: [&str; 4] = ["search", "read", "history", "vread"];
 
 /// The order in which a super-admin project gets the admin types (step 7), then the types `*`
-/// no longer reaches (SPEC §2), which Medplum's super admins get through `*`.
-const SUPER_ADMIN_TYPES: [&str; 10] = [
+/// no longer reaches (docs/contract.md §2), which Medplum's super admins get through `*`.
+const SUPER_ADMIN_TYPES: [&str; 11] = [
     "UserSecurityRequest",
     "Project",
     "ProjectMembership",
@@ -84,6 +84,7 @@ const SUPER_ADMIN_TYPES: [&str; 10] = [
     "DomainConfiguration",
     "JsonWebKey",
     "Login",
+    "AuditEvent",
 ];
 
 // === EffectivePolicy ===
@@ -237,7 +238,7 @@ impl EffectivePolicy {
         self.access_policy.compartment.as_ref()
     }
 
-    /// medplum-auth.md §12 case 62: a resource created under a policy with a `compartment` is
+    /// docs/medplum-compat.md §12 case 62: a resource created under a policy with a `compartment` is
     /// written with `meta.account` set to it, whatever the client sent, so that the
     /// compartment's `_compartment` criteria find it and no other compartment's do.
     pub fn stamp_account(&self, resource: &mut Value) {
@@ -291,7 +292,7 @@ pub fn try_effective(inputs: &EffectiveInputs<'_>) -> Result<EffectivePolicy, Ef
     ))
 }
 
-/// medplum-auth.md §4.2 steps 1–7, producing the wire AccessPolicy.
+/// docs/medplum-compat.md §4.2 steps 1–7, producing the wire AccessPolicy.
 pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy, EffectiveError> {
     let membership = inputs.membership;
 
@@ -346,11 +347,18 @@ pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy,
         }
     }
 
-    // 6. SMART scopes, when at least one resource scope is present.
+    // 6. SMART scopes, when at least one resource scope is present. `patient/` scopes reach
+    // only the patient in context (stricter than Medplum, as SMART says): the membership's own
+    // Patient profile.
     if let Some(scope) = inputs.scope {
         let scopes = parse_scopes(scope);
         if !scopes.is_empty() {
-            resource = apply_smart_scopes(resource, &scopes);
+            let patient = membership
+                .profile
+                .reference
+                .as_deref()
+                .and_then(|r| r.strip_prefix("Patient/"));
+            resource = apply_smart_scopes(resource, &scopes, patient);
         }
     }
 
@@ -392,7 +400,7 @@ fn strings(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| s.to_string()).collect()
 }
 
-/// The entries a project admin gets for the four admin types (medplum-auth.md §4.2 step 7).
+/// The entries a project admin gets for the four admin types (docs/medplum-compat.md §4.2 step 7).
 fn project_admin_entries(
     project_id: &str,
     linked_projects: &[String],
@@ -431,10 +439,15 @@ fn project_admin_entries(
         readonly_fields: strings(&["email", "emailVerified", "mfaEnrolled", "project"]),
         ..entry_of("User")
     });
-    // `*` never reaches these (SPEC §2); a project admin manages its project's clients and
+    // `*` never reaches these (docs/contract.md §2); a project admin manages its project's clients and
     // policies by name. The control API keeps them inside the project.
     out.push(entry_of("ClientApplication"));
     out.push(entry_of("AccessPolicy"));
+    // The project's security trail: read, never written (fhirgate writes it).
+    out.push(AccessPolicyResource {
+        readonly: Some(true),
+        ..entry_of("AuditEvent")
+    });
     out
 }
 
@@ -504,28 +517,62 @@ fn json_escape(s: &str) -> String {
     quoted[1..quoted.len() - 1].to_string()
 }
 
-/// Step 6 (medplum-auth.md §5): each entry is kept and merged with the scope for its type (exact,
+/// Step 6 (docs/medplum-compat.md §5): each entry is kept and merged with the scope for its type (exact,
 /// then `*`); a `*` entry without such a scope becomes one merged copy per scope; other entries are
-/// dropped. Stricter than Medplum (SPEC §2): each merged entry's interactions are narrowed to the
+/// dropped. Stricter than Medplum (docs/contract.md §2): each merged entry's interactions are narrowed to the
 /// scope's letters, and an entry left with none is dropped.
 pub fn apply_smart_scopes(
     resource: Vec<AccessPolicyResource>,
     scopes: &[SmartScope],
+    patient_in_context: Option<&str>,
 ) -> Vec<AccessPolicyResource> {
     let mut out = Vec::new();
     for entry in &resource {
         if let Some(scope) = scope_for(scopes, &entry.resource_type) {
-            out.extend(merge_with_scope(entry, scope));
+            out.extend(
+                merge_with_scope(entry, scope)
+                    .map(|m| within_patient(m, scope, patient_in_context)),
+            );
         } else if entry.resource_type == "*" {
             for scope in scopes {
                 out.extend(merge_with_scope(entry, scope).map(|mut merged| {
                     merged.resource_type = scope.resource_type.clone();
-                    merged
+                    within_patient(merged, scope, patient_in_context)
                 }));
             }
         }
     }
     out
+}
+
+/// A `patient/` scope's entry limited to the patient in context: that Patient itself, and for
+/// every other type the resources in its compartment.
+fn within_patient(
+    mut entry: AccessPolicyResource,
+    scope: &SmartScope,
+    patient: Option<&str>,
+) -> AccessPolicyResource {
+    let (ScopeContext::Patient, Some(patient)) = (scope.context, patient) else {
+        return entry;
+    };
+    // The definitions every caller reads (step 5) are nobody's data.
+    if matches!(
+        entry.resource_type.as_str(),
+        "SearchParameter" | "StructureDefinition"
+    ) {
+        return entry;
+    }
+    let condition = if entry.resource_type == "Patient" {
+        format!("_id={patient}")
+    } else {
+        format!("_compartment=Patient/{patient}")
+    };
+    entry.criteria = Some(match entry.criteria.take() {
+        Some(c) if c.ends_with('&') || c.ends_with('?') => format!("{c}{condition}"),
+        Some(c) => format!("{c}&{condition}"),
+        None => format!("{}?{condition}", entry.resource_type),
+    });
+    entry
 }
 
 fn scope_for<'a>(scopes: &'a [SmartScope], resource_type: &str) -> Option<&'a SmartScope> {

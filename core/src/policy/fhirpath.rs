@@ -1,4 +1,4 @@
-//! `writeConstraint` evaluation (medplum-auth.md §4.5) with a small, exact FHIRPath subset.
+//! `writeConstraint` evaluation (docs/medplum-compat.md §4.5) with a small, exact FHIRPath subset.
 //!
 //! Every expression must yield exactly one `true` for the new version, with `%before` (the
 //! current version; the empty collection on create) and `%after` / `%resource` (the new version)
@@ -812,60 +812,6 @@ struct Env<'a> {
     before: Option<&'a Value>,
 }
 
-/// FHIR R4 data types that can end a choice element name (`value[x]` → `valueQuantity`).
-const CHOICE_TYPES: &[&str] = &[
-    "Base64Binary",
-    "Boolean",
-    "Canonical",
-    "Code",
-    "Date",
-    "DateTime",
-    "Decimal",
-    "Id",
-    "Instant",
-    "Integer",
-    "Markdown",
-    "Oid",
-    "PositiveInt",
-    "String",
-    "Time",
-    "UnsignedInt",
-    "Uri",
-    "Url",
-    "Uuid",
-    "Address",
-    "Age",
-    "Annotation",
-    "Attachment",
-    "CodeableConcept",
-    "Coding",
-    "ContactPoint",
-    "Count",
-    "Distance",
-    "Duration",
-    "HumanName",
-    "Identifier",
-    "Money",
-    "Period",
-    "Quantity",
-    "Range",
-    "Ratio",
-    "Reference",
-    "SampledData",
-    "Signature",
-    "Timing",
-    "ContactDetail",
-    "Contributor",
-    "DataRequirement",
-    "Expression",
-    "ParameterDefinition",
-    "RelatedArtifact",
-    "TriggerDefinition",
-    "UsageContext",
-    "Dosage",
-    "Meta",
-];
-
 /// Appends `value` as items: arrays are flattened, `null` is absent.
 fn push_json<'a>(value: &'a Value, out: &mut Vec<Item<'a>>) -> Result<(), EvalError> {
     match value {
@@ -893,7 +839,7 @@ fn navigate<'a>(input: &[Item<'a>], name: &str) -> Result<Vec<Item<'a>>, EvalErr
             push_json(value, &mut out)?;
         } else if let Some((_, value)) = map.iter().find(|(key, _)| {
             key.strip_prefix(name)
-                .is_some_and(|suffix| CHOICE_TYPES.contains(&suffix))
+                .is_some_and(|suffix| crate::fhir::types::CHOICE_TYPES.contains(&suffix))
         }) {
             push_json(value, &mut out)?;
         }
@@ -1143,7 +1089,7 @@ mod tests {
         }
     }
 
-    // === medplum-auth.md §12 case 65 ===
+    // === docs/medplum-compat.md §12 case 65 ===
 
     #[test]
     fn case_65_final_resources_are_frozen_and_need_a_subject() {

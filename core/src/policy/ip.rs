@@ -1,4 +1,4 @@
-//! AccessPolicy IP rules (medplum-auth.md §4.7, SPEC §3): rules are walked in order, the first
+//! AccessPolicy IP rules (docs/medplum-compat.md §4.7, docs/contract.md §3): rules are walked in order, the first
 //! matching rule decides, and no match allows. A rule value is `*`, an exact address, a CIDR
 //! (IPv4 or IPv6) or Medplum's string-prefix form (`8.8.` matches `8.8.8.8`). Values are compiled
 //! once, when the policy is loaded; an invalid value is refused at save time.

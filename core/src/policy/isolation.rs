@@ -1,4 +1,4 @@
-//! Project isolation on a shared upstream (SPEC §3 "Projects and upstreams"). Pure.
+//! Project isolation on a shared upstream (docs/contract.md §3 "Projects and upstreams"). Pure.
 //!
 //! A project bound to an upstream it shares with other projects sees only its own resources:
 //! every resource written through the gateway for it carries a project marker (a `meta.tag`

@@ -1,5 +1,5 @@
 //! Wire types of the identity resources that policies are built from, as Medplum stores them
-//! (reference medplum-auth.md §1, §4.1). Unknown fields are kept in `extra` so that a resource
+//! (reference docs/medplum-compat.md §1, §4.1). Unknown fields are kept in `extra` so that a resource
 //! read and written back loses nothing; the compiler decides what it refuses.
 
 use serde::{Deserialize, Serialize};
@@ -33,7 +33,7 @@ impl Reference {
     }
 }
 
-/// `AccessPolicy` (medplum-auth.md §4.1).
+/// `AccessPolicy` (docs/medplum-compat.md §4.1).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AccessPolicy {
@@ -121,7 +121,7 @@ pub struct AccessParameter {
     pub value_reference: Option<Reference>,
 }
 
-/// `ProjectMembership` (medplum-auth.md §1.3).
+/// `ProjectMembership` (docs/medplum-compat.md §1.3).
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProjectMembership {
@@ -153,7 +153,7 @@ fn membership_type() -> String {
 }
 
 impl ProjectMembership {
-    /// Only an explicit `active: false` counts as inactive (medplum-auth.md §1.3).
+    /// Only an explicit `active: false` counts as inactive (docs/medplum-compat.md §1.3).
     pub fn is_active(&self) -> bool {
         self.active != Some(false)
     }
@@ -163,7 +163,7 @@ impl ProjectMembership {
     }
 }
 
-/// The four "project admin" resource types: wildcards never grant them (medplum-auth.md §4.3).
+/// The four "project admin" resource types: wildcards never grant them (docs/medplum-compat.md §4.3).
 pub const PROJECT_ADMIN_TYPES: [&str; 4] = [
     "Project",
     "ProjectMembership",
@@ -171,10 +171,15 @@ pub const PROJECT_ADMIN_TYPES: [&str; 4] = [
     "UserSecurityRequest",
 ];
 
-/// Types only super admins may touch, whatever a policy says (medplum-auth.md §4.3).
+/// Types only super admins may touch, whatever a policy says (docs/medplum-compat.md §4.3).
 pub const PROTECTED_TYPES: [&str; 3] = ["DomainConfiguration", "JsonWebKey", "Login"];
 
 /// Types that carry credentials or decide access: besides the project admin and protected
-/// types, a `*` entry never grants these (SPEC §2, stricter than Medplum, whose `*` lets any
+/// types, a `*` entry never grants these (docs/contract.md §2, stricter than Medplum, whose `*` lets any
 /// member rewrite a client's secret or widen a policy). Admins get them by name.
 pub const CREDENTIAL_TYPES: [&str; 3] = ["AccessPolicy", "ClientApplication", "IdentityProvider"];
+
+/// The security trail: fhirgate writes it (`obs::audit_events`), project admins read it. A `*`
+/// entry reaches neither its reads (who signed in from where) nor its writes (a forged trail);
+/// an entry naming the type does. It lives upstream, isolated like any clinical type.
+pub const TRAIL_TYPES: [&str; 1] = ["AuditEvent"];

@@ -1,4 +1,4 @@
-//! SMART-on-FHIR resource scopes (medplum-auth.md §5): parsing of v1 (`read`, `write`, `*`) and
+//! SMART-on-FHIR resource scopes (docs/medplum-compat.md §5): parsing of v1 (`read`, `write`, `*`) and
 //! v2 (`cruds`) scopes with optional granular `?query`. Pure parsing: intersecting scopes with an
 //! AccessPolicy is `effective.rs`'s job.
 
@@ -6,7 +6,7 @@ use crate::fhir::request::Interaction;
 use crate::policy::compiled::InteractionSet;
 
 /// The `patient/`, `user/` or `system/` prefix. It makes no difference to enforcement
-/// (medplum-auth.md §5); it matters for consent subset checks.
+/// (docs/medplum-compat.md §5); it matters for consent subset checks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ScopeContext {
     Patient,
@@ -126,7 +126,7 @@ impl SmartScope {
         set
     }
 
-    /// Consent check of `/auth/scope` (medplum-auth.md §5): same prefix and type, a subset of the
+    /// Consent check of `/auth/scope` (docs/medplum-compat.md §5): same prefix and type, a subset of the
     /// letters, and the same criteria unless `requested` has none.
     pub fn is_subset_of(&self, requested: &SmartScope) -> bool {
         self.context == requested.context

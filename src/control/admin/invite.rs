@@ -1,4 +1,4 @@
-//! `POST /admin/projects/:projectId/invite` (medplum-auth.md §8.1, §11): a profile resource in
+//! `POST /admin/projects/:projectId/invite` (docs/medplum-compat.md §8.1, §11): a profile resource in
 //! the upstream FHIR server, then a User and a ProjectMembership in fhirgate's store, then the
 //! e-mail.
 //!

@@ -22,6 +22,7 @@ use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// The admin caller, the project the call acts on and the membership `membership_id` of it
@@ -106,7 +107,9 @@ pub async fn update_member(
 pub async fn delete_member(
     AxState(state): AxState<AppState>,
     AdminMember {
-        project, member: m, ..
+        caller,
+        project,
+        member: m,
     }: AdminMember,
 ) -> Result<Response, ApiError> {
     let owner = project
@@ -125,6 +128,11 @@ pub async fn delete_member(
         ));
     }
     state.store.delete("ProjectMembership", &m.id).await?;
+    let subject = format!("ProjectMembership/{}", m.id);
+    caller
+        .event(SecurityEventKind::ResourceDeleted, &subject, &project.id)
+        .versions(Some(&m.version_id), None)
+        .emit();
     if let Some(user) = user {
         revoke_sessions_of(&state, user, Some(&m.id)).await?;
         remove_project_user_without_memberships(&state, &project.id, user).await;

@@ -1,4 +1,4 @@
-//! External identity providers at `/auth/*` (medplum-auth.md §2.1, §2.20): `POST /auth/method`,
+//! External identity providers at `/auth/*` (docs/medplum-compat.md §2.1, §2.20): `POST /auth/method`,
 //! the IdP's redirect back to `GET /auth/external`, and `POST /auth/exchange`, the legacy form of
 //! the token exchange. The sign-in itself is `login::external`'s.
 

@@ -1,4 +1,4 @@
-//! `GET /auth/me` (medplum-auth.md §2.6): who the caller is, in the shape `MedplumClient`
+//! `GET /auth/me` (docs/medplum-compat.md §2.6): who the caller is, in the shape `MedplumClient`
 //! reads after every token response — project, membership, profile, user configuration and
 //! the effective AccessPolicy.
 

@@ -1,4 +1,4 @@
-//! MFA endpoints (medplum-auth.md §10): `GET /auth/mfa/status`, `POST /auth/mfa/enroll`,
+//! MFA endpoints (docs/medplum-compat.md §10): `GET /auth/mfa/status`, `POST /auth/mfa/enroll`,
 //! `/auth/mfa/verify`, `/auth/mfa/login-enroll` and `/auth/mfa/disable`; the rules are
 //! `login::mfa`'s.
 

@@ -1,4 +1,4 @@
-//! Passwords and one-time links (medplum-auth.md §2.10, §11): `/auth/setpassword` (JSON, and the
+//! Passwords and one-time links (docs/medplum-compat.md §2.10, §11): `/auth/setpassword` (JSON, and the
 //! page the invite and reset e-mails link to), `/auth/resetpassword`, `/auth/changepassword` and
 //! `/auth/verifyemail`. Links are `base::links`'s.
 
@@ -174,7 +174,7 @@ pub async fn set_password_page(
     }
 }
 
-/// `POST /auth/verifyemail` (medplum-auth.md §2.10).
+/// `POST /auth/verifyemail` (docs/medplum-compat.md §2.10).
 pub async fn verify_email(
     AxState(state): AxState<AppState>,
     AuthBody(body): AuthBody,

@@ -1,4 +1,4 @@
-//! Self-service registration (medplum-auth.md §2.7–§2.9): `/auth/newuser` creates a User and a
+//! Self-service registration (docs/medplum-compat.md §2.7–§2.9): `/auth/newuser` creates a User and a
 //! Login without a membership, then `/auth/newproject` makes the user the admin of a new
 //! Project, or `/auth/newpatient` makes them a Patient of a project that opened registration
 //! (`defaultPatientAccessPolicy`). Both answer `{login, code}` through `login::flow`.
@@ -258,7 +258,7 @@ pub async fn new_project(
         "strictMode": true,
     });
     // A self-registered project shares the global upstream: its data, the admin's own
-    // Practitioner first, carries its marker (SPEC §3).
+    // Practitioner first, carries its marker (docs/contract.md §3).
     let target = ProjectUpstream::new_project(&state, &project_id);
     let project_write = BatchWrite::Put {
         index: index_rows(&project),

@@ -1,4 +1,4 @@
-//! `POST /auth/revoke {loginId}` (medplum-auth.md §2.16): ends another session of the same user.
+//! `POST /auth/revoke {loginId}` (docs/medplum-compat.md §2.16): ends another session of the same user.
 
 use axum::extract::State as AxState;
 use axum::response::Response;
@@ -12,6 +12,7 @@ use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// `POST /auth/revoke {loginId}`: ends one of the caller's own sessions.
 pub async fn auth_revoke(
@@ -28,5 +29,14 @@ pub async fn auth_revoke(
         return Err(ApiError::not_found());
     }
     revoke(&state, &login.id).await?;
+    let subject = format!("Login/{}", login.id);
+    let mut event = SecurityEvent::new(SecurityEventKind::TokenRevoked)
+        .actor(caller.profile())
+        .subject(&subject)
+        .from_ip(caller.client_ip);
+    if let Some(project) = &login.project_id {
+        event = event.project(project);
+    }
+    event.emit();
     Ok(outcome_response(&Outcome::AllOk))
 }

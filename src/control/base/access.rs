@@ -1,6 +1,6 @@
 //! Who is calling the control API, and what they may do: authentication through
 //! `State::authenticate` (Bearer or Basic), the effective policy of the caller's membership, the
-//! per-request IP check, and the admin rules of medplum-auth.md §4.8 and §8.
+//! per-request IP check, and the admin rules of docs/medplum-compat.md §4.8 and §8.
 //!
 //! Handlers get the caller through extractors, which run in the order of the handler's
 //! arguments and before its body: [`Caller`] (any authenticated caller), [`AdminCaller`]
@@ -44,7 +44,7 @@ impl std::fmt::Debug for Caller {
 }
 
 impl Caller {
-    /// A member of a `superAdmin` project (medplum-auth.md §4.8).
+    /// A member of a `superAdmin` project (docs/medplum-compat.md §4.8).
     pub fn super_admin(&self) -> bool {
         self.project.super_admin
     }
@@ -90,7 +90,7 @@ impl Caller {
     }
 }
 
-/// True when the query string names `_medplum-prompt-basic-auth` (medplum-auth.md §0.1).
+/// True when the query string names `_medplum-prompt-basic-auth` (docs/medplum-compat.md §0.1).
 fn prompts_basic(parts: &Parts) -> bool {
     parts.uri.query().is_some_and(|q| {
         form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "_medplum-prompt-basic-auth")
@@ -98,7 +98,7 @@ fn prompts_basic(parts: &Parts) -> bool {
 }
 
 /// Authenticates the request; 401 OperationOutcome when it cannot. IP rules of the caller's
-/// effective policy are checked on every request (SPEC §2), not only at token time.
+/// effective policy are checked on every request (docs/contract.md §2), not only at token time.
 pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiError> {
     let unauthorized = || ApiError::Unauthorized {
         basic_realm: prompts_basic(parts).then(|| state.config.base_url.clone()),

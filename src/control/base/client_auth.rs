@@ -1,4 +1,4 @@
-//! Client authentication (medplum-auth.md §2.13): the presented client (assertion, `Basic` or
+//! Client authentication (docs/medplum-compat.md §2.13): the presented client (assertion, `Basic` or
 //! body), `private_key_jwt` against the client's JWK Set, secrets compared by keyed hash, and the
 //! `invalid_client` authentication of `/oauth2/introspect` and `/oauth2/revoke`.
 
@@ -59,7 +59,7 @@ pub(crate) fn basic_credentials(value: &HeaderValue) -> Result<(String, Option<S
     ))
 }
 
-/// `getClientIdAndSecret` (medplum-auth.md §2.13): a client assertion, else the `Authorization`
+/// `getClientIdAndSecret` (docs/medplum-compat.md §2.13): a client assertion, else the `Authorization`
 /// header (Basic only), else the body.
 pub(crate) async fn presented_client(
     state: &ControlState,
@@ -95,15 +95,43 @@ pub(crate) async fn presented_client(
     })
 }
 
-/// A client's JWK Set as fetched, and when.
+/// A client's JWK Set as fetched, when, and until when it may be used.
 struct CachedJwks {
     set: jsonwebtoken::jwk::JwkSet,
     fetched: std::time::Instant,
+    fresh_until: std::time::Instant,
 }
 
-/// JWK Sets are kept this long; a key id that is not in a set older than
+/// JWK Sets are kept at most this long (the revocation budget of a key a client withdraws),
+/// less when the set's `Cache-Control` says so; a key id that is not in a set older than
 /// [`JWKS_REFETCH_AFTER`] makes one fresh fetch (the client may have rotated its keys).
 const JWKS_TTL: Duration = Duration::from_secs(300);
+
+/// How long a fetched set may be used: its `max-age` (`no-store`/`no-cache`: none), within
+/// [`JWKS_REFETCH_AFTER`] (so an assertion cannot make fhirgate fetch on every request) and
+/// [`JWKS_TTL`].
+fn jwks_lifetime(headers: &reqwest::header::HeaderMap) -> Duration {
+    let max_age = headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|directive| {
+            if directive.eq_ignore_ascii_case("no-store")
+                || directive.eq_ignore_ascii_case("no-cache")
+            {
+                return Some(0);
+            }
+            let (name, value) = directive.split_once('=')?;
+            name.trim()
+                .eq_ignore_ascii_case("max-age")
+                .then(|| value.trim().trim_matches('"').parse::<u64>().ok())?
+        });
+    max_age.map_or(JWKS_TTL, |secs| {
+        Duration::from_secs(secs).clamp(JWKS_REFETCH_AFTER, JWKS_TTL)
+    })
+}
 
 const JWKS_REFETCH_AFTER: Duration = Duration::from_secs(10);
 
@@ -151,16 +179,22 @@ async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<CachedJwks> {
     if !resp.status().is_success() {
         return None;
     }
+    let lifetime = jwks_lifetime(resp.headers());
     let body = outbound::read_bounded(resp, JWKS_MAX_BYTES).await?;
     let set = serde_json::from_slice(&body).ok()?;
+    let fetched = std::time::Instant::now();
     Some(CachedJwks {
         set,
-        fetched: std::time::Instant::now(),
+        fetched,
+        fresh_until: fetched + lifetime,
     })
 }
 
 async fn jwks_for(http: &Guarded, url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
-    if !fresh && let Some(c) = JWKS_CACHE.get(url).await {
+    if !fresh
+        && let Some(c) = JWKS_CACHE.get(url).await
+        && std::time::Instant::now() < c.fresh_until
+    {
         return Some(c);
     }
     let fetched = Arc::new(fetch_jwks(http, url).await?);
@@ -168,7 +202,7 @@ async fn jwks_for(http: &Guarded, url: &str, fresh: bool) -> Option<Arc<CachedJw
     Some(fetched)
 }
 
-/// Authenticates a client by its `private_key_jwt` assertion (medplum-auth.md §2.13, case 25);
+/// Authenticates a client by its `private_key_jwt` assertion (docs/medplum-compat.md §2.13, case 25);
 /// returns the client id. Stricter than Medplum: an assertion is accepted once (`jti`, or the
 /// whole assertion when it has none).
 async fn verify_client_assertion(
@@ -297,5 +331,24 @@ mod tests {
         assert_eq!(form_urldecode("a%3Ab+c").as_deref(), Some("a:b c"));
         assert_eq!(form_urldecode("plain").as_deref(), Some("plain"));
         assert_eq!(form_urldecode("%FF"), None);
+    }
+
+    #[test]
+    fn jwk_sets_are_kept_as_long_as_their_cache_control_says_within_bounds() {
+        let lifetime = |values: &[&str]| {
+            let mut h = reqwest::header::HeaderMap::new();
+            for v in values {
+                h.append(header::CACHE_CONTROL, v.parse().unwrap());
+            }
+            jwks_lifetime(&h).as_secs()
+        };
+        assert_eq!(lifetime(&[]), 300);
+        assert_eq!(lifetime(&["public, max-age=60"]), 60);
+        assert_eq!(lifetime(&["MAX-AGE = \"120\""]), 120);
+        assert_eq!(lifetime(&["max-age=86400"]), 300);
+        assert_eq!(lifetime(&["max-age=0"]), 10);
+        assert_eq!(lifetime(&["no-store"]), 10);
+        assert_eq!(lifetime(&["private", "no-cache"]), 10);
+        assert_eq!(lifetime(&["max-age=soon"]), 300);
     }
 }

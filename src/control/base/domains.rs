@@ -1,4 +1,4 @@
-//! `DomainConfiguration`s (medplum-auth.md §1.7): the lookup by e-mail domain, and the checks
+//! `DomainConfiguration`s (docs/medplum-compat.md §1.7): the lookup by e-mail domain, and the checks
 //! before one is stored.
 
 use crate::state::State;

@@ -1,5 +1,5 @@
 //! Checks that ask a service outside fhirgate, on the self-service endpoints: reCAPTCHA
-//! (`/auth/newuser`, `/auth/resetpassword`; medplum-auth.md §2.18) and the breached-password
+//! (`/auth/newuser`, `/auth/resetpassword`; docs/medplum-compat.md §2.18) and the breached-password
 //! range API (HaveIBeenPwned's k-anonymity protocol: only the first five hex digits of the
 //! password's SHA-1 leave the process). Both are off until configured; the calls are
 //! `outbound`'s.
@@ -46,7 +46,7 @@ fn recaptcha_secret(state: &State, body: &Map<String, Value>) -> Result<Option<S
     }
 }
 
-/// medplum-auth.md §2.18: with a secret in force, the body's `recaptchaToken` must be present
+/// docs/medplum-compat.md §2.18: with a secret in force, the body's `recaptchaToken` must be present
 /// and verified by the siteverify service.
 pub async fn check_recaptcha(
     state: &ControlState,

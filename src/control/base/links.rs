@@ -1,4 +1,4 @@
-//! One-time links (medplum-auth.md §11): a security request id plus a secret, of which only a
+//! One-time links (docs/medplum-compat.md §11): a security request id plus a secret, of which only a
 //! keyed hash is stored; links expire, and are redeemed by compare-and-swap in the same
 //! transaction as the change they make.
 

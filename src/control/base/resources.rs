@@ -1,4 +1,4 @@
-//! Writes of the identity resources (medplum-auth.md §4.2–§4.5), shared by the FHIR CRUD and the
+//! Writes of the identity resources (docs/medplum-compat.md §4.2–§4.5), shared by the FHIR CRUD and the
 //! admin API: per-type validation and normalisation, the caller's policy on the way in and out,
 //! client secrets as keyed hashes, the snapshot refreshed after every write, and the FHIR
 //! answer of a stored resource.
@@ -83,7 +83,7 @@ fn keep_idp_secret(new: &mut Value, old: &Value) {
 }
 
 /// The fields of a ClientApplication that decide how it authenticates and where its codes and
-/// tokens go (SPEC §2): only a project admin sets or changes them.
+/// tokens go (docs/contract.md §2): only a project admin sets or changes them.
 const CLIENT_CREDENTIAL_FIELDS: [&str; 9] = [
     "jwksUri",
     "jwks",
@@ -708,6 +708,7 @@ pub(crate) async fn create_resource(
         &stored,
         &subject,
     )
+    .versions(None, Some(&stored.version_id))
     .emit();
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
     let mut body = match entry {
@@ -811,6 +812,7 @@ pub(crate) async fn update_resource(
             &stored,
             &subject,
         )
+        .versions(Some(&existing.version_id), Some(&stored.version_id))
         .emit();
         stored
     };

@@ -37,7 +37,7 @@ pub fn client() -> Result<reqwest::Client, reqwest::Error> {
 }
 
 /// A project's upstream as the control API reaches it: the binding (address, credentials) and
-/// what the project sees there (SPEC §3). Profiles are written and read through it, so an
+/// what the project sees there (docs/contract.md §3). Profiles are written and read through it, so an
 /// invited person's profile lands in the project's own server, with its marker.
 pub(crate) struct ProjectUpstream {
     binding: Arc<UpstreamBinding>,

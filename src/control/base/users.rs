@@ -178,7 +178,7 @@ pub(crate) async fn update_user(
         match state.store.write_batch(writes).await {
             Ok(_) => {
                 // A new password (changed, reset, set by an admin) ends every session: whoever
-                // held the old one is out (SPEC §2).
+                // held the old one is out (docs/contract.md §2).
                 if password_changed {
                     let user_ref = format!("User/{user_id}");
                     SecurityEvent::new(SecurityEventKind::PasswordChanged)
@@ -201,7 +201,7 @@ pub(crate) async fn update_user(
 
 /// Ends every session of `user_ref` (`User/…`), or only those of one membership: each of
 /// their tokens stops on every instance within the revocation budget. Called when credentials
-/// change (password, MFA), a User is deleted or a membership removed (SPEC §2).
+/// change (password, MFA), a User is deleted or a membership removed (docs/contract.md §2).
 pub(crate) async fn revoke_sessions_of(
     state: &State,
     user_ref: &str,

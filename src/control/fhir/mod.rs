@@ -1,6 +1,6 @@
 //! FHIR-style CRUD and search of the identity resources kept in fhirgate's store (`Project`,
 //! `ProjectMembership`, `User`, `ClientApplication`, `AccessPolicy`), under the same
-//! AccessPolicy rules as everything else (medplum-auth.md §4.2–§4.5):
+//! AccessPolicy rules as everything else (docs/medplum-compat.md §4.2–§4.5):
 //! - the caller's effective policy decides at type level (`type_allows`) and per instance
 //!   (`satisfied`), and its hiddenFields / readonlyFields shape what is read and written; the
 //!   admin types are only in the policies of project admins and super admins;
@@ -74,7 +74,7 @@ fn classify(resource_type: &str) -> TypeClass {
     }
 }
 
-/// Type-level check (medplum-auth.md §4.3).
+/// Type-level check (docs/medplum-compat.md §4.3).
 fn require_type(
     caller: &Caller,
     resource_type: &str,
@@ -264,7 +264,7 @@ pub async fn delete(
             caller.project_id(),
         )
         .emit();
-    // A deleted User or membership takes its sessions with it (SPEC §2); ending them refreshes
+    // A deleted User or membership takes its sessions with it (docs/contract.md §2); ending them refreshes
     // the snapshot, which then holds the deletion too.
     let user_ref = format!("User/{id}");
     let sessions_of = match resource_type.as_str() {

@@ -1,4 +1,4 @@
-//! Instance operations: `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md
+//! Instance operations: `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (docs/medplum-compat.md
 //! §8.3); any other operation is 404 after authentication.
 
 use crate::state::State;
@@ -53,7 +53,7 @@ fn parameter<'a>(params: &'a Value, name: &str) -> Option<&'a str> {
         .filter(|s| !s.is_empty())
 }
 
-/// `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (medplum-auth.md §8.3).
+/// `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (docs/medplum-compat.md §8.3).
 async fn rotate_secret(
     state: &State,
     caller: &Caller,

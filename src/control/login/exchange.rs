@@ -1,4 +1,4 @@
-//! Token exchange (RFC 8693, medplum-auth.md §2.13): an IdP access token, checked by calling the
+//! Token exchange (RFC 8693, docs/medplum-compat.md §2.13): an IdP access token, checked by calling the
 //! client's IdP userinfo endpoint, becomes fhirgate tokens of a new, granted Login.
 
 use crate::obs::METRICS;

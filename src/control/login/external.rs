@@ -1,4 +1,4 @@
-//! External identity providers (medplum-auth.md §1.7, §9): the IdP of a client, its userinfo
+//! External identity providers (docs/medplum-compat.md §1.7, §9): the IdP of a client, its userinfo
 //! and token endpoints (no redirects, a deadline, bounded bodies), and the sign-in of a user an
 //! IdP vouched for, through the Login lifecycle of `flow`.
 
@@ -37,7 +37,7 @@ const IDP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest IdP answer read (token response, userinfo).
 const IDP_MAX_BODY: usize = 256 * 1024;
 
-/// An `IdentityProvider` (medplum-auth.md §1.7), read leniently: a missing field is caught
+/// An `IdentityProvider` (docs/medplum-compat.md §1.7), read leniently: a missing field is caught
 /// where it is used, with the reference's error. No `Debug`: it holds the client secret.
 #[derive(Clone, Default)]
 pub struct IdentityProvider {

@@ -1,4 +1,4 @@
-//! The Login lifecycle (medplum-auth.md §1.5, §2.2–§2.5): password sign-in creates a Login,
+//! The Login lifecycle (docs/medplum-compat.md §1.5, §2.2–§2.5): password sign-in creates a Login,
 //! a membership is chosen (automatically when there is one), the scope may be narrowed, and
 //! once everything is in place an authorization code is issued, which `/oauth2/token` redeems
 //! exactly once (`oauth2::token`).
@@ -9,7 +9,7 @@
 //! [`login_result`] (which calls [`issue_code`] when the Login is ready). Flow state lives in
 //! `LoginRecord.extra` under the keys of `login::state::keys`.
 //!
-//! Stricter than Medplum (SPEC §2): a code is issued only when a membership is chosen, the
+//! Stricter than Medplum (docs/contract.md §2): a code is issued only when a membership is chosen, the
 //! scope is set, the Login is neither revoked nor granted, MFA is verified when the user is
 //! enrolled and no enrolment is pending; codes are stored as keyed hashes, expire after
 //! [`CODE_LIFETIME`] seconds and are replaced by a fresh one each time a result shows one.
@@ -208,10 +208,13 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         apply_membership(state, &mut login, id, membership, req.remote_address).await?;
     }
     state.store.insert_login(&login).await?;
-    SecurityEvent::new(SecurityEventKind::SignIn)
+    let mut event = SecurityEvent::new(SecurityEventKind::SignIn)
         .subject(&login.user_ref)
-        .from_ip(req.remote_address)
-        .emit();
+        .from_ip(req.remote_address);
+    if let Some(project) = &login.project_id {
+        event = event.project(project);
+    }
+    event.emit();
     Ok(login)
 }
 
@@ -274,7 +277,7 @@ async fn apply_membership(
     login.project_id = Some(project_id);
     set_extra(login, keys::PROFILE_SET, Value::Bool(true));
     if project.super_admin {
-        // Super admins never get refresh tokens (medplum-auth.md §3.4).
+        // Super admins never get refresh tokens (docs/medplum-compat.md §3.4).
         set_extra(login, keys::OFFLINE, Value::Bool(false));
     }
     if membership
@@ -316,7 +319,7 @@ pub async fn choose_profile(
 }
 
 /// `POST /auth/scope` minus the HTTP: every SMART resource scope of `scope` must narrow one
-/// of the requested ones (medplum-auth.md §5); then the Login's scope is `scope` verbatim.
+/// of the requested ones (docs/medplum-compat.md §5); then the Login's scope is `scope` verbatim.
 pub async fn set_scope(
     state: &State,
     login: &LoginRecord,

@@ -1,11 +1,11 @@
-//! MFA with TOTP (medplum-auth.md §10): the functions the `/auth/mfa/*` endpoints (`auth::mfa`),
+//! MFA with TOTP (docs/medplum-compat.md §10): the functions the `/auth/mfa/*` endpoints (`auth::mfa`),
 //! the sign-in page and `/auth/login` share (secret, enrolment URI, QR code, code checks,
 //! attempt limits).
 //!
 //! TOTP as otplib's `authenticator`: SHA-1, 6 digits, 30 s steps, ±1 step. The secret lives in
 //! the User resource (`mfaSecret`, base32), which no read ever returns.
 //!
-//! Stricter than Medplum v5.0.2, which has no limits (SPEC §2):
+//! Stricter than Medplum v5.0.2, which has no limits (docs/contract.md §2):
 //! - a code is accepted once: its time step must be later than any step this user already used
 //!   (RFC 6238 §5.2), so a code seen over a shoulder cannot be replayed within its 90 s window;
 //! - wrong codes are counted on the Login they were tried for: the fifth revokes a sign-in
@@ -74,7 +74,7 @@ pub fn new_secret() -> String {
     totp_rs::Secret::from(bytes.to_vec()).to_base32()
 }
 
-/// The key URI authenticator apps read (medplum-auth.md §10).
+/// The key URI authenticator apps read (docs/medplum-compat.md §10).
 pub fn enroll_uri(email: &str, secret: &str) -> String {
     format!(
         "otpauth://totp/{}?secret={}&issuer=medplum.com",

@@ -1,4 +1,4 @@
-//! The Login lifecycle as plain functions (medplum-auth.md §1.5, §2.2–§2.5, §3): its flow state,
+//! The Login lifecycle as plain functions (docs/medplum-compat.md §1.5, §2.2–§2.5, §3): its flow state,
 //! PKCE, MFA, the sign-in steps, token issuance, external identity providers and token exchange.
 //! Every sign-in front end (`/auth/*`, the page of `/oauth2/authorize`, `/oauth2/token`) builds
 //! on these. Imports only `web` and `base`.

@@ -1,4 +1,4 @@
-//! A Login's flow state (medplum-auth.md §1.5): the keys it keeps in `LoginRecord.extra`, what
+//! A Login's flow state (docs/medplum-compat.md §1.5): the keys it keeps in `LoginRecord.extra`, what
 //! a sign-in asked for, the readiness rule of a code, and reading, saving and revoking a Login.
 
 use crate::state::State;
@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use crate::control::web::error::ApiError;
 
-/// An authorization code is good for this many seconds (SPEC §2: at most 10 minutes).
+/// An authorization code is good for this many seconds (docs/contract.md §2: at most 10 minutes).
 pub const CODE_LIFETIME: i64 = 600;
 
 /// A Login that has issued no token yet may be continued (MFA, profile, scope) this long.

@@ -1,4 +1,4 @@
-//! Token issuance (medplum-auth.md §3): the access, ID and refresh tokens of a Login, signed
+//! Token issuance (docs/medplum-compat.md §3): the access, ID and refresh tokens of a Login, signed
 //! with the current key, and the response body of the token endpoint.
 
 use crate::state::{ClientInfo, State};
@@ -11,7 +11,7 @@ use crate::control::base::clients::access_token_lifetime;
 use crate::control::login::state::user_id;
 use crate::control::web::error::ApiError;
 
-/// ID tokens live one hour, whatever the access token lifetime (medplum-auth.md §3.3).
+/// ID tokens live one hour, whatever the access token lifetime (docs/medplum-compat.md §3.3).
 const ID_TOKEN_LIFETIME: i64 = 3600;
 
 /// Does the space-separated `scope` contain `word`?
@@ -117,7 +117,7 @@ pub(crate) struct Issue<'a> {
     pub now: i64,
 }
 
-/// Signs the access token (claims of medplum-auth.md §3.2), the ID token (§3.3) and, when asked
+/// Signs the access token (claims of docs/medplum-compat.md §3.2), the ID token (§3.3) and, when asked
 /// for, the refresh token (§3.4); returns the response body of §3.5.
 pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiError> {
     let keyring = state.keyring();
@@ -213,7 +213,7 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
         .split_whitespace()
         .any(|w| w.starts_with("fhircast/"))
     {
-        // medplum-auth.md §3.5: FHIRcast scopes name the hub and a per-user topic. fhirgate
+        // docs/medplum-compat.md §3.5: FHIRcast scopes name the hub and a per-user topic. fhirgate
         // hosts no hub; the URL is where an operator mounts one behind the same base URL. The
         // topic is stable per user and unguessable without the installation's key.
         body["hub.url"] = Value::String(format!("{}fhircast/STU3", state.config.base_url));

@@ -1,4 +1,4 @@
-//! Discovery documents (medplum-auth.md §2.19, SPEC §2). Stricter than Medplum: the signing
+//! Discovery documents (docs/medplum-compat.md §2.19, docs/contract.md §2). Stricter than Medplum: the signing
 //! algorithms are those of the keys fhirgate really uses, `revocation_endpoint` and
 //! `end_session_endpoint` are advertised, response types are only `code`, and the SMART
 //! configuration lists only `S256`.

@@ -1,4 +1,4 @@
-//! `POST /oauth2/introspect` (medplum-auth.md §2.17, RFC 7662). Stricter than Medplum:
+//! `POST /oauth2/introspect` (docs/medplum-compat.md §2.17, RFC 7662). Stricter than Medplum:
 //! introspection requires client authentication and only answers `active: true` for live tokens
 //! of the introspecting client's project; a refresh token whose secret was rotated out is
 //! inactive.

@@ -1,4 +1,4 @@
-//! `GET|POST /oauth2/logout` (medplum-auth.md §2.15, §7): revokes the caller's Login, so every
+//! `GET|POST /oauth2/logout` (docs/medplum-compat.md §2.15, §7): revokes the caller's Login, so every
 //! access, refresh and ID token of it fails on the very next request, on every instance (the
 //! revocation is a store write, hence a change-feed event), and clears the browser session
 //! cookie `medplum-<clientId>` of the sign-in page.

@@ -13,6 +13,7 @@ use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 use crate::control::web::form::as_form;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// `POST /oauth2/revoke` (RFC 7009): revokes the Login of an access or refresh token issued to
 /// the calling client. Answers 200 whatever the token was (§2.2).
@@ -33,6 +34,14 @@ pub async fn revoke_token(
         revoke(&state, &login.id)
             .await
             .map_err(ApiError::into_oauth)?;
+        let subject = format!("Login/{}", login.id);
+        let mut event = SecurityEvent::new(SecurityEventKind::TokenRevoked)
+            .actor(&client_id)
+            .subject(&subject);
+        if let Some(project) = &login.project_id {
+            event = event.project(project);
+        }
+        event.emit();
     }
     Ok((StatusCode::OK, [(header::CACHE_CONTROL, "no-store")]).into_response())
 }

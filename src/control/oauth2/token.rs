@@ -1,4 +1,4 @@
-//! `POST /oauth2/token` (medplum-auth.md §2.13, §3): form bodies only, client authentication by
+//! `POST /oauth2/token` (docs/medplum-compat.md §2.13, §3): form bodies only, client authentication by
 //! body, `Authorization: Basic` (form-urldecoded, RFC 6749 §2.3.1) or a client assertion, and
 //! the grants. Every error is `{error, error_description}`, except the plain-text
 //! "Unsupported content type".
@@ -6,7 +6,7 @@
 //! Grants are dispatched by [`Grant`]; each one authenticates the client, creates or loads a
 //! Login and hands it to `login::tokens`, which signs the tokens and shapes the response.
 //!
-//! Stricter than Medplum (SPEC §2): codes expire, are bound to the `redirect_uri` given at
+//! Stricter than Medplum (docs/contract.md §2): codes expire, are bound to the `redirect_uri` given at
 //! `/oauth2/authorize`, and are redeemed by a compare-and-swap (exactly one of two concurrent
 //! exchanges wins, the other counts as a replay); a client secret presented with a code or a
 //! refresh token is always checked; MFA, membership state and IP rules are checked again at
@@ -135,6 +135,13 @@ async fn handle(
             return Err(e);
         }
     };
+    let project = body
+        .pointer("/project/reference")
+        .and_then(Value::as_str)
+        .and_then(|r| r.strip_prefix("Project/"));
+    if let Some(project) = project {
+        event = event.project(project);
+    }
     event.emit();
     METRICS
         .tokens_issued
@@ -480,11 +487,14 @@ async fn refresh_token(
         // end it, for the thief and the owner alike.
         revoke(state, &login.id).await?;
         let subject = format!("Login/{}", login.id);
-        SecurityEvent::new(SecurityEventKind::RefreshTokenReused)
+        let mut event = SecurityEvent::new(SecurityEventKind::RefreshTokenReused)
             .failed("rotated_token_reused")
             .subject(&subject)
-            .actor(&login.user_ref)
-            .emit();
+            .actor(&login.user_ref);
+        if let Some(project) = &login.project_id {
+            event = event.project(project);
+        }
+        event.emit();
         return Err(ApiError::oauth("Invalid token"));
     }
     let snap = snapshot_for(state, &login).await;

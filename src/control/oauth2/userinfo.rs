@@ -1,4 +1,4 @@
-//! `GET|POST /oauth2/userinfo` (medplum-auth.md §2.14): claims about the caller, by the scope of
+//! `GET|POST /oauth2/userinfo` (docs/medplum-compat.md §2.14): claims about the caller, by the scope of
 //! its Login.
 
 use axum::extract::State as AxState;

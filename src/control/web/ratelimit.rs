@@ -1,4 +1,4 @@
-//! Per-address rate limit on the sign-in surface (medplum-auth.md §0.2): `/auth/*` and
+//! Per-address rate limit on the sign-in surface (docs/medplum-compat.md §0.2): `/auth/*` and
 //! `/oauth2/*` (also under `/api/`, which Medplum forgets), except `/auth/me`, which apps poll.
 //! Password guessing and code or token brute force all go through these paths, so they get a
 //! budget per client address and minute (`auth_rate_limit`, default 160 as in Medplum).

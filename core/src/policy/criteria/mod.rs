@@ -1,5 +1,5 @@
 //! AccessPolicy criteria (`Type?param=value&…`): parsing, validation against the R4 search
-//! parameter definitions, in-memory matching (medplum-auth.md §4.6) and the query parameters that
+//! parameter definitions, in-memory matching (docs/medplum-compat.md §4.6) and the query parameters that
 //! narrow an upstream search.
 //!
 //! Semantics of [`Criteria::matches`]:

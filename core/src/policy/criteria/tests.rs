@@ -7,7 +7,7 @@ fn parse(t: &str, c: &str) -> Criteria {
     Criteria::parse(t, c).unwrap_or_else(|e| panic!("{c}: {e}"))
 }
 
-/// Textual parameter substitution, as the effective policy does it (medplum-auth.md §4.2):
+/// Textual parameter substitution, as the effective policy does it (docs/medplum-compat.md §4.2):
 /// `%name.id` first, then `%name`.
 fn substitute(criteria: &str, params: &[(&str, &str)]) -> String {
     let mut out = criteria.to_string();

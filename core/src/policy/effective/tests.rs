@@ -874,6 +874,7 @@ fn case_69_project_admin_entries() {
             "User",
             "ClientApplication",
             "AccessPolicy",
+            "AuditEvent ro",
         ]
     );
     let p = e.access_policy();
@@ -951,6 +952,7 @@ fn project_admin_with_links_and_scopes() {
             "User",
             "ClientApplication",
             "AccessPolicy",
+            "AuditEvent ro",
         ]
     );
     assert_eq!(
@@ -1001,6 +1003,7 @@ fn super_admin_project_gets_admin_types() {
             "DomainConfiguration",
             "JsonWebKey",
             "Login",
+            "AuditEvent",
         ],
     );
     let e = eff(&m, &store, &opts);
@@ -1060,4 +1063,61 @@ fn cases_200_to_202_ip_rules() {
             "{policy} {ip}"
         );
     }
+}
+
+#[test]
+fn patient_scopes_reach_only_the_patient_in_context() {
+    // Stricter than Medplum (SMART App Launch): a Patient's `patient/` scopes reach that patient
+    // and its compartment, whatever the policy would allow.
+    let store = policies(json!([{"id": "a", "resource": [
+        {"resourceType": "*"},
+        {"resourceType": "Observation", "criteria": "Observation?status=final"},
+    ]}]));
+    let patient = membership(json!({
+        "accessPolicy": ap("a"),
+        "user": {"reference": "User/u1"},
+        "profile": {"reference": "Patient/p1"},
+    }));
+    let opts = |scope| Opts {
+        scope: Some(scope),
+        ..Opts::default()
+    };
+    check(
+        &patient,
+        &store,
+        &opts("openid patient/*.rs"),
+        &[
+            "* ro *?_compartment=Patient/p1",
+            "Observation ro Observation?status=final&_compartment=Patient/p1",
+            "SearchParameter ro",
+            "StructureDefinition ro",
+        ],
+    );
+    check(
+        &patient,
+        &store,
+        &opts("openid patient/Patient.rs patient/Observation.rs"),
+        &[
+            "Patient ro Patient?_id=p1",
+            "Observation ro Observation?_compartment=Patient/p1",
+            "Observation ro Observation?status=final&_compartment=Patient/p1",
+        ],
+    );
+    let e = eff(&patient, &store, &opts("openid patient/*.rs"));
+    let own = json!({"resourceType": "Patient", "id": "p1"});
+    let other = json!({"resourceType": "Patient", "id": "p2"});
+    let own_obs = json!({"resourceType": "Observation", "id": "o1", "status": "final",
+        "subject": {"reference": "Patient/p1"}});
+    let other_obs = json!({"resourceType": "Observation", "id": "o2", "status": "final",
+        "subject": {"reference": "Patient/p2"}});
+    assert!(e.satisfied(&own, Read).is_some());
+    assert!(e.satisfied(&other, Read).is_none());
+    assert!(e.satisfied(&own_obs, Read).is_some());
+    assert!(e.satisfied(&other_obs, Read).is_none());
+    // `user/` scopes, and callers that are not Patients, keep the policy's reach.
+    let e = eff(&patient, &store, &opts("openid user/*.rs"));
+    assert!(e.satisfied(&other, Read).is_some());
+    let client = membership(json!({"accessPolicy": ap("a")}));
+    let e = eff(&client, &store, &opts("openid patient/*.rs"));
+    assert!(e.satisfied(&other, Read).is_some());
 }

@@ -1,4 +1,4 @@
-//! `GET|POST /oauth2/authorize` (medplum-auth.md §2.12) with fhirgate's own sign-in page: where
+//! `GET|POST /oauth2/authorize` (docs/medplum-compat.md §2.12) with fhirgate's own sign-in page: where
 //! Medplum redirects to its web app, fhirgate answers the browser itself, with server-rendered
 //! forms posting back to the same URL, one step at a time:
 //!

@@ -204,7 +204,7 @@ pub(super) fn same_server(aud: &str, base_url: &str) -> bool {
     }
 }
 
-/// Medplum's checks, in Medplum's order (medplum-auth.md §2.12), plus RFC 6749's "no
+/// Medplum's checks, in Medplum's order (docs/medplum-compat.md §2.12), plus RFC 6749's "no
 /// parameter twice" and a well-formed `max_age`.
 pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthRequest, Refusal> {
     let snap = state.snapshot();

@@ -77,7 +77,7 @@ pub(super) async fn find_session(
     parts: &Parts,
     request: &AuthRequest,
 ) -> Result<Option<LoginRecord>, ApiError> {
-    // Only the browser's session cookie is a session (SPEC §2): a token presented as
+    // Only the browser's session cookie is a session (docs/contract.md §2): a token presented as
     // `id_token_hint` (which may have leaked) never stands in for one, and when given it must
     // name the cookie's own Login.
     let Some(value) = cookie_value(&parts.headers, &session_cookie_name(&request.client.id)) else {
