@@ -18,7 +18,7 @@ use crate::control::base::domains::prepare_domain_configuration;
 use crate::control::base::index::index_rows;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
-use crate::obs::security::SecurityEventKind;
+use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
 
 pub(crate) fn fhir_base(state: &State) -> String {
@@ -236,23 +236,26 @@ fn normalize_meta(resource: &mut Value, caller: &Caller) {
     obj.insert("meta".into(), Value::Object(meta));
 }
 
-/// [`prepare`], then the `meta` every write stores: normalized, and naming the project the
+/// The security event of the caller's write of `stored` (named `subject`).
+fn write_event<'a>(
+    caller: &'a Caller,
+    kind: SecurityEventKind,
+    stored: &'a StoredResource,
+    subject: &'a str,
+) -> SecurityEvent<'a> {
+    caller.event(kind, subject, stored.project_id.as_deref().unwrap_or(""))
+}
+
+/// The `meta` every write stores (after [`prepare`]): normalized, and naming the project the
 /// resource lives in.
-async fn prepare_with_meta(
-    state: &State,
-    caller: &Caller,
-    resource: &mut Value,
-    existing: Option<&StoredResource>,
-) -> Result<Option<String>, ApiError> {
-    let project = prepare(state, caller, resource, existing).await?;
+fn stamp_meta(resource: &mut Value, caller: &Caller, project: Option<&str>) {
     normalize_meta(resource, caller);
     if let (Some(p), Some(meta)) = (
-        &project,
+        project,
         resource.get_mut("meta").and_then(Value::as_object_mut),
     ) {
-        meta.insert("project".into(), Value::String(p.clone()));
+        meta.insert("project".into(), Value::String(p.to_string()));
     }
-    Ok(project)
 }
 
 /// Validation and normalisation per type; returns the project the resource belongs to.
@@ -671,7 +674,8 @@ pub(crate) async fn create_resource(
     if resource_type == "ClientApplication" {
         check_client_write(caller, &resource, None, &fx)?;
     }
-    let project = prepare_with_meta(state, caller, &mut resource, None).await?;
+    let project = prepare(state, caller, &mut resource, None).await?;
+    stamp_meta(&mut resource, caller, project.as_deref());
     let entry = caller
         .policy
         .satisfied(&resource, Interaction::Create)
@@ -698,14 +702,14 @@ pub(crate) async fn create_resource(
     }
     refreshed(state).await;
     let subject = format!("{}/{}", stored.resource_type, stored.id);
-    caller
-        .event(
-            SecurityEventKind::ResourceCreated,
-            &subject,
-            stored.project_id.as_deref().unwrap_or(""),
-        )
-        .versions(None, Some(&stored.version_id))
-        .emit();
+    write_event(
+        caller,
+        SecurityEventKind::ResourceCreated,
+        &stored,
+        &subject,
+    )
+    .versions(None, Some(&stored.version_id))
+    .emit();
     let entry = caller.policy.satisfied(&stored.content, Interaction::Read);
     let mut body = match entry {
         Some(e) => present(caller, stored.content.clone(), e),
@@ -771,7 +775,8 @@ pub(crate) async fn update_resource(
     ) {
         keep_idp_secret(&mut resource, &existing.content);
     }
-    let project = prepare_with_meta(state, caller, &mut resource, Some(existing)).await?;
+    let project = prepare(state, caller, &mut resource, Some(existing)).await?;
+    stamp_meta(&mut resource, caller, project.as_deref());
     let pre = caller
         .policy
         .satisfied(&existing.content, Interaction::Update)
@@ -801,14 +806,14 @@ pub(crate) async fn update_resource(
         apply_client_secrets(state, &stored.id, &fx, true).await?;
         refreshed(state).await;
         let subject = format!("{}/{}", stored.resource_type, stored.id);
-        caller
-            .event(
-                SecurityEventKind::ResourceUpdated,
-                &subject,
-                stored.project_id.as_deref().unwrap_or(""),
-            )
-            .versions(Some(&existing.version_id), Some(&stored.version_id))
-            .emit();
+        write_event(
+            caller,
+            SecurityEventKind::ResourceUpdated,
+            &stored,
+            &subject,
+        )
+        .versions(Some(&existing.version_id), Some(&stored.version_id))
+        .emit();
         stored
     };
     let mut body = present(caller, stored.content.clone(), post);
