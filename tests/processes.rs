@@ -265,6 +265,9 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
         ];
         let first = token_request(&d.a, &form).await;
         assert_eq!(first.0, 200, "{}", first.1);
+        // Control 2 learns the client's new `jwksUri` within the 1 s budget; only then is its
+        // answer about the replay and not about a client it has not caught up with.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let (status, body) = token_request(&d.b, &form).await;
         assert_eq!(
             (status, body),
