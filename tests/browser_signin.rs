@@ -73,6 +73,29 @@ fn run_browser(name: &str, mut input: Value) -> Value {
     result
 }
 
+/// Redeems an authorization code the browser brought back; returns the token response.
+async fn redeem(
+    gw: &TestGateway,
+    code: &str,
+    verifier: &str,
+    client: &str,
+    redirect_uri: &str,
+) -> Value {
+    let (status, tokens) = token_request(
+        gw,
+        &[
+            ("grant_type", "authorization_code"),
+            ("code", code),
+            ("code_verifier", verifier),
+            ("client_id", client),
+            ("redirect_uri", redirect_uri),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{tokens}");
+    tokens
+}
+
 /// An authorization request of `client` with a fresh PKCE pair; returns (URL, verifier).
 fn authorize_url(
     gw: &TestGateway,
@@ -149,24 +172,8 @@ fn a_person_signs_in_with_mfa_in_chromium() {
     assert!(callback.get("error").is_none(), "{callback}");
     let code = callback["code"].as_str().unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (status, tokens) = token_request(
-            &gw,
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", code),
-                ("code_verifier", &verifier),
-                ("client_id", &client),
-                ("redirect_uri", &redirect_uri),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{tokens}");
+    common::http::rt().block_on(async {
+        let tokens = redeem(&gw, code, &verifier, &client, &redirect_uri).await;
         // offline_access was unticked: the narrower scope, and no refresh token.
         assert_eq!(tokens["scope"], "openid profile user/Patient.rs");
         assert!(tokens.get("refresh_token").is_none(), "{tokens}");
@@ -281,18 +288,7 @@ fn an_invited_person_sets_a_password_enrols_mfa_signs_in_and_out() {
     assert_eq!(result["callback"]["state"], "browser-state");
 
     rt.block_on(async {
-        let (status, tokens) = token_request(
-            &gw,
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("code_verifier", &verifier),
-                ("client_id", &client),
-                ("redirect_uri", &redirect_uri),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{tokens}");
+        let tokens = redeem(&gw, &code, &verifier, &client, &redirect_uri).await;
         assert_eq!(tokens["profile"]["reference"], profile.as_str());
         let token = tokens["access_token"].as_str().unwrap().to_string();
         // The practitioner record the invitation created upstream, read as its owner.
@@ -359,34 +355,11 @@ fn the_bootstrap_admin_signs_in_in_chromium() {
         .as_str()
         .expect("a code")
         .to_string();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let (status, tokens) = token_request(
-            &gw,
-            &[
-                ("grant_type", "authorization_code"),
-                ("code", &code),
-                ("code_verifier", &verifier),
-                ("client_id", &client),
-                ("redirect_uri", &redirect_uri),
-            ],
-        )
-        .await;
-        assert_eq!(status, 200, "{tokens}");
+    common::http::rt().block_on(async {
+        let tokens = redeem(&gw, &code, &verifier, &client, &redirect_uri).await;
         let token = tokens["access_token"].as_str().unwrap();
-        let me: Value = TestGateway::client()
-            .get(format!("{}auth/me", gw.base))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let (status, me) = gw.get("auth/me", Some(token)).await;
+        assert_eq!(status, 200, "{me}");
         assert_eq!(me["user"]["email"], "admin@example.com", "{me}");
         assert_eq!(me["membership"]["admin"], true, "{me}");
         assert_eq!(me["project"]["superAdmin"], true, "{me}");
