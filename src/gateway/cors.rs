@@ -76,6 +76,19 @@ pub fn headers(grant: &CorsGrant) -> Vec<(&'static str, String)> {
     out
 }
 
+/// `extra` with the CORS headers of `grant` added: what the gateway's own answers (through
+/// `respond`) carry so that a page may read them.
+pub fn with_cors(
+    extra: &[(&'static str, String)],
+    grant: Option<&CorsGrant>,
+) -> Vec<(&'static str, String)> {
+    let mut out = extra.to_vec();
+    if let Some(g) = grant {
+        out.extend(headers(g));
+    }
+    out
+}
+
 /// The requested headers echoed back when every name is a plain header token.
 fn allowed_request_headers(session: &Session) -> Option<String> {
     let asked = session
@@ -113,14 +126,17 @@ pub async fn answer_preflight(session: &mut Session, grant: Option<&CorsGrant>) 
 /// Puts this gateway's CORS answer on a forwarded response: whatever the upstream or the
 /// control API said about CORS is dropped first.
 pub fn apply(resp: &mut ResponseHeader, grant: Option<&CorsGrant>) -> Result<()> {
-    let stale: Vec<http::HeaderName> = resp
-        .headers
-        .keys()
-        .filter(|k| k.as_str().starts_with("access-control-"))
-        .cloned()
-        .collect();
-    for name in stale {
-        resp.remove_header(&name);
+    let is_cors = |k: &http::HeaderName| k.as_str().starts_with("access-control-");
+    if resp.headers.keys().any(is_cors) {
+        let stale: Vec<http::HeaderName> = resp
+            .headers
+            .keys()
+            .filter(|k| is_cors(k))
+            .cloned()
+            .collect();
+        for name in stale {
+            resp.remove_header(&name);
+        }
     }
     if let Some(grant) = grant {
         for (name, value) in headers(grant) {

@@ -804,13 +804,13 @@ pub async fn run(
             } else {
                 "application/fhir+json; charset=utf-8"
             };
-            let headers = respond::with_cors(&headers, ctx.cors.as_ref());
+            let headers = super::cors::with_cors(&headers, ctx.cors.as_ref());
             respond::write(session, status, ct, &headers, body).await?;
             Ok(status)
         }
         Err(Failure::Answer(outcome, label)) => {
             ctx.decision = label;
-            let cors = respond::with_cors(&[], ctx.cors.as_ref());
+            let cors = super::cors::with_cors(&[], ctx.cors.as_ref());
             respond::outcome(session, &outcome, &cors).await
         }
     }

@@ -97,7 +97,7 @@ impl Gateway {
             extra.push(("retry-after", secs.to_string()));
         }
         ctx.decision = label;
-        let extra = respond::with_cors(&extra, ctx.cors.as_ref());
+        let extra = cors::with_cors(&extra, ctx.cors.as_ref());
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
         Ok(true)
     }
@@ -166,7 +166,7 @@ impl ProxyHttp for Gateway {
                 authorize::Verdict::Explain(trace) => {
                     ctx.decision = "explain";
                     let body = Bytes::from(serde_json::to_vec_pretty(&trace).unwrap_or_default());
-                    let cors = respond::with_cors(&[], ctx.cors.as_ref());
+                    let cors = cors::with_cors(&[], ctx.cors.as_ref());
                     respond::write(session, 200, "application/json", &cors, body).await?;
                     ctx.answered = Some(200);
                     Ok(true)
@@ -247,7 +247,7 @@ impl ProxyHttp for Gateway {
         ctx.decision = "upstream_error";
         let code = outcome.status();
         if session.response_written().is_none() {
-            let cors = respond::with_cors(&[], ctx.cors.as_ref());
+            let cors = cors::with_cors(&[], ctx.cors.as_ref());
             let _ = respond::outcome(session, &outcome, &cors).await;
         }
         FailToProxy {
@@ -301,18 +301,13 @@ impl ProxyHttp for Gateway {
                 && crate::obs::trail::active()
                 && let Some(identity) = &ctx.identity
             {
-                crate::obs::trail::record(crate::obs::trail::TrailRecord {
-                    kind: crate::obs::trail::TrailKind::Alert,
-                    event: "request_denied",
-                    success: false,
-                    reason: Some(ctx.decision),
-                    actor: Some(identity.profile.clone()),
-                    subject: ctx.resource_type.clone(),
-                    project: Some(identity.project_id.clone()),
-                    client_ip: ctx.client_ip,
-                    versions: (None, None),
-                    recorded_ms: crate::obs::trail::now_ms(),
-                });
+                crate::obs::trail::record_denial(
+                    &identity.profile,
+                    &identity.project_id,
+                    ctx.resource_type.as_deref(),
+                    ctx.decision,
+                    ctx.client_ip,
+                );
             }
         }
     }

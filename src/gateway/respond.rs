@@ -26,18 +26,6 @@ pub async fn outcome(
     Ok(status)
 }
 
-/// `extra` with the CORS headers of `grant` added (an answer a browser page may read).
-pub fn with_cors(
-    extra: &[(&'static str, String)],
-    grant: Option<&super::cors::CorsGrant>,
-) -> Vec<(&'static str, String)> {
-    let mut out = extra.to_vec();
-    if let Some(g) = grant {
-        out.extend(super::cors::headers(g));
-    }
-    out
-}
-
 pub async fn write(
     session: &mut Session,
     status: u16,

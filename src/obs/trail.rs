@@ -113,6 +113,28 @@ pub fn record(r: TrailRecord) {
     }
 }
 
+/// Records a request the gateway refused an authenticated caller (`reason`: the decision label).
+pub fn record_denial(
+    profile: &str,
+    project: &str,
+    resource_type: Option<&str>,
+    reason: &'static str,
+    client_ip: Option<IpAddr>,
+) {
+    record(TrailRecord {
+        kind: TrailKind::Alert,
+        event: "request_denied",
+        success: false,
+        reason: Some(reason),
+        actor: Some(profile.to_string()),
+        subject: resource_type.map(str::to_string),
+        project: Some(project.to_string()),
+        client_ip,
+        versions: (None, None),
+        recorded_ms: now_ms(),
+    });
+}
+
 /// A writer's queue; dropping it stops the records.
 pub struct Subscription {
     id: u64,
