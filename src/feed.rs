@@ -1,5 +1,6 @@
-//! The change feed: keeps this instance's snapshot in step with the store, so a revocation,
-//! policy or key change made through any instance is enforced here within a second.
+//! The change feed: keeps this instance's caches and snapshot in step with the store, so a
+//! revocation, policy or key change made through any instance is enforced here within a
+//! second. Each change names what changed, and only that is dropped from the caches.
 //!
 //! Two layers. On PostgreSQL a dedicated connection `LISTEN`s for the notification every write
 //! sends at commit (`store::CHANGE_CHANNEL`) and wakes the refresh at once. Under it, whatever
@@ -23,11 +24,20 @@ const POLL_EVERY: Duration = Duration::from_millis(250);
 /// A poll of the sequence that takes longer counts as a store failure (the pool alone would
 /// keep retrying a refused connection for seconds).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Rebuilding the snapshot reads every identity resource: a large store needs a while.
+/// A catch-up reads the changes since the last one (bounded) and, when a project or key
+/// changed, the projects and keys.
 const REFRESH_TIMEOUT: Duration = Duration::from_secs(30);
 const LISTEN_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const LISTEN_BACKOFF_MIN: Duration = Duration::from_millis(250);
 const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often the feed and the Login table are pruned (by every instance; it is idempotent).
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// How long a change stays in the feed: an instance cut off for longer drops its caches
+/// instead of applying changes one by one.
+const CHANGE_RETENTION_SECS: i64 = 600;
+/// How long after its expiry a Login is kept (no token of it is valid by then; the margin
+/// covers clocks that disagree).
+const LOGIN_RETENTION_SECS: i64 = 3600;
 /// How often `control_url`'s host name is looked up again.
 const RESOLVE_EVERY: Duration = Duration::from_secs(5);
 
@@ -44,6 +54,8 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     let mut connect_at = Instant::now();
     let mut tick = interval(POLL_EVERY);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut prune_tick = interval(PRUNE_EVERY);
+    prune_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     loop {
         if listen && listener.is_none() && connecting.is_none() && Instant::now() >= connect_at {
             let url = state.config.store_url.clone();
@@ -57,6 +69,7 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => catch_up(&state).await,
+            _ = prune_tick.tick() => prune(&state).await,
             woke = next_notification(&mut listener) => {
                 if !matches!(woke, Ok(true)) {
                     // Lost the connection (and maybe notifications): poll now, reconnect later.
@@ -98,6 +111,22 @@ async fn connected(connecting: &mut Option<Connecting>) -> Result<ChangeListener
     match connecting {
         Some(f) => f.await,
         None => std::future::pending().await,
+    }
+}
+
+async fn prune(state: &State) {
+    let now = crate::store::now_unix();
+    let pruned = timeout(
+        REFRESH_TIMEOUT,
+        state
+            .store
+            .prune(now, CHANGE_RETENTION_SECS, LOGIN_RETENTION_SECS),
+    )
+    .await;
+    if let Ok(Err(e)) = pruned
+        && !e.is_unavailable()
+    {
+        tracing::warn!(error = %e, "change feed: pruning failed");
     }
 }
 

@@ -745,11 +745,13 @@ async fn member_endpoints_enforce_admin_and_project() {
     // A membership of another project: 403.
     let other = env
         .state
-        .snapshot()
-        .memberships
-        .iter()
-        .find(|(_, m)| m.project.reference.as_deref() != Some(&format!("Project/{pid}")))
-        .map(|(id, _)| id.clone());
+        .store
+        .list("ProjectMembership")
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|m| m.project_id.as_deref() != Some(pid.as_str()))
+        .map(|m| m.id);
     if let Some(other) = other {
         assert_eq!(
             env.call(

@@ -150,6 +150,10 @@ pub struct ConfigFile {
     /// Verified-token cache capacity (entries) [default: 100000]
     #[arg(long, env = "FHIRGATE_TOKEN_CACHE_CAPACITY")]
     pub token_cache_capacity: Option<u64>,
+    /// Entries of each identity cache (memberships, clients, policies, effective policies):
+    /// what bounds an instance's memory, whatever the number of identities [default: 100000]
+    #[arg(long, env = "FHIRGATE_IDENTITY_CACHE_CAPACITY")]
+    pub identity_cache_capacity: Option<u64>,
     /// Requests per minute per client address to /auth/* and /oauth2/* (0 = no limit) [default: 160]
     #[arg(long, env = "FHIRGATE_AUTH_RATE_LIMIT")]
     pub auth_rate_limit: Option<u32>,
@@ -647,6 +651,7 @@ pub struct Config {
     pub access_token_lifetime: Duration,
     pub refresh_token_lifetime: Duration,
     pub token_cache_capacity: u64,
+    pub identity_cache_capacity: u64,
     /// Per client address and minute, on /auth/* and /oauth2/*; 0 disables the limit.
     pub auth_rate_limit: u32,
     pub credential_failure_limit: u32,
@@ -788,6 +793,9 @@ impl Config {
         if f.token_cache_capacity == Some(0) {
             return Err(invalid("token_cache_capacity", "must be at least 1"));
         }
+        if f.identity_cache_capacity == Some(0) {
+            return Err(invalid("identity_cache_capacity", "must be at least 1"));
+        }
         let public = url::Url::parse(&base_url).map_err(|e| invalid("base_url", e.to_string()))?;
         let smtp = Smtp::from_file(
             f.smtp_host,
@@ -870,6 +878,7 @@ impl Config {
                 "2w",
             )?,
             token_cache_capacity: f.token_cache_capacity.unwrap_or(100_000),
+            identity_cache_capacity: f.identity_cache_capacity.unwrap_or(100_000),
             auth_rate_limit: f.auth_rate_limit.unwrap_or(160),
             credential_failure_limit: f.credential_failure_limit.unwrap_or(30),
             max_request_body: f.max_request_body.unwrap_or(16 << 20),

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use fhirgate_core::fhir::path::is_valid_id;
 
 use crate::control::base::clients::create_client_with_membership;
+use crate::control::base::index::INDEX_VERSION;
 use crate::control::base::index::index_rows;
 use crate::control::base::passwords::hash_password_sync;
 use crate::control::web::error::ApiError;
@@ -126,6 +127,24 @@ async fn ensure_signing_key(
     Ok(true)
 }
 
+/// The settings key of the index version the stored index rows were computed with.
+const KEY_INDEX_VERSION: &str = "index.version";
+
+/// Computes the index rows again when [`index_rows`] gained parameters since the store was
+/// indexed (clients' `origin` rows, which CORS looks up). Idempotent: instances starting
+/// together may both do it.
+async fn reindex_if_older(store: &Store) -> Result<(), BootstrapError> {
+    if store.setting(KEY_INDEX_VERSION).await?.as_deref() == Some(INDEX_VERSION) {
+        return Ok(());
+    }
+    let n = store.reindex("ClientApplication", index_rows).await?;
+    store.put_setting(KEY_INDEX_VERSION, INDEX_VERSION).await?;
+    if n > 0 {
+        tracing::info!(clients = n, "search index of clients computed again");
+    }
+    Ok(())
+}
+
 /// Runs the first-start steps that are not done yet, then refreshes the snapshot.
 pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError> {
     let store = &state.store;
@@ -134,6 +153,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     if ensure_signing_key(store, &state.kek).await? {
         created.push("signing key");
     }
+    reindex_if_older(store).await?;
 
     let user = claim(store, KEY_USER, uuid::Uuid::new_v4().to_string()).await?;
     let super_admin = claim(store, KEY_SUPER_ADMIN, uuid::Uuid::new_v4().to_string()).await?;

@@ -15,6 +15,7 @@ use super::Gateway;
 use super::ctx::RequestCtx;
 use super::ctx::{FilterSpec, ResponsePlan};
 use crate::state::{AuthError, CacheUse, Snapshot};
+use crate::store::StoreError;
 
 pub enum Verdict {
     /// Forward through pingora (with `ctx.extra_query` and `ctx.plan` set).
@@ -44,16 +45,29 @@ fn deny(d: &Deny) -> Verdict {
     }
 }
 
-fn is_admin(snap: &Snapshot, membership_id: &str) -> (bool, bool) {
-    let Some(m) = snap.memberships.get(membership_id) else {
-        return (false, false);
+/// The caller's admin standing: (project admin or super admin, super admin).
+async fn is_admin(
+    state: &crate::state::State,
+    snap: &Snapshot,
+    membership_id: &str,
+) -> Result<(bool, bool), StoreError> {
+    let Some(m) = state.identities.membership(membership_id).await? else {
+        return Ok((false, false));
     };
     let super_admin = m
         .project
         .type_and_id()
         .and_then(|(_, p)| snap.projects.get(p))
         .is_some_and(|p| p.super_admin);
-    (m.is_admin() || super_admin, super_admin)
+    Ok((m.is_admin() || super_admin, super_admin))
+}
+
+/// A store lookup failed while deciding: fail closed with 503.
+fn store_down() -> Verdict {
+    Verdict::Deny(
+        Outcome::ServiceUnavailable("Credential store unavailable".into()),
+        "store_unavailable",
+    )
 }
 
 async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>, Outcome> {
@@ -120,12 +134,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     }
     let identity = match auth {
         Ok(i) => i,
-        Err(AuthError::StoreUnavailable) => {
-            return Verdict::Deny(
-                Outcome::ServiceUnavailable("Credential store unavailable".into()),
-                "store_unavailable",
-            );
-        }
+        Err(AuthError::StoreUnavailable) => return store_down(),
         Err(e) => return Verdict::Deny(Outcome::Unauthorized, e.as_str()),
     };
     ctx.identity = Some(identity.clone());
@@ -142,7 +151,10 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         );
     };
     ctx.upstream = Some(binding.clone());
-    let (caller_admin, super_admin) = is_admin(&snap, &identity.membership_id);
+    let Ok((caller_admin, super_admin)) = is_admin(state, &snap, &identity.membership_id).await
+    else {
+        return store_down();
+    };
 
     // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
     let target;
@@ -159,20 +171,30 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         if !caller_admin {
             return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_not_admin");
         }
-        let Some(found) = snap.on_behalf_of(&identity.project_id, &value) else {
-            return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown");
+        let found = match state
+            .identities
+            .on_behalf_of(&identity.project_id, &value)
+            .await
+        {
+            Ok(Some(found)) => found,
+            Ok(None) => return Verdict::Deny(Outcome::Forbidden, "on_behalf_of_unknown"),
+            Err(_) => return store_down(),
         };
         target = found;
-        ctx.on_behalf_of_profile = snap
-            .memberships
-            .get(&target)
-            .and_then(|m| m.profile.reference.clone());
+        ctx.on_behalf_of_profile = match state.identities.membership(&target).await {
+            Ok(m) => m.and_then(|m| m.profile.reference.clone()),
+            Err(_) => return store_down(),
+        };
         ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));
         membership_id = &target;
     }
-    let Some(policy) = state.effective_policy(&snap, membership_id, identity.scope.as_deref())
-    else {
-        return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
+    let policy = match state
+        .effective_policy(&snap, membership_id, identity.scope.as_deref())
+        .await
+    {
+        Ok(Some(policy)) => policy,
+        Ok(None) => return Verdict::Deny(Outcome::Unauthorized, "membership_gone"),
+        Err(_) => return store_down(),
     };
 
     // IP rules on every request, Bearer and Basic (docs/contract.md §2), from the caller's own policy (and,
@@ -181,11 +203,15 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         let blocked = if membership_id == identity.membership_id {
             !policy.check_ip(ip).is_allowed()
         } else {
-            state
+            match state
                 .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
-                .is_some_and(|caller| {
+                .await
+            {
+                Ok(caller) => caller.is_some_and(|caller| {
                     !caller.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed()
-                })
+                }),
+                Err(_) => return store_down(),
+            }
         };
         if blocked {
             return Verdict::Deny(Outcome::Forbidden, "ip_blocked");

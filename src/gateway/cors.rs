@@ -31,7 +31,7 @@ pub struct CorsGrant {
 }
 
 /// The grant for this request's `Origin`, if it has one and it is admitted.
-pub fn grant(state: &State, session: &Session) -> Option<CorsGrant> {
+pub async fn grant(state: &State, session: &Session) -> Option<CorsGrant> {
     let origin = session.req_header().headers.get("origin")?.to_str().ok()?;
     match &state.config.cors_origins {
         CorsOrigins::Any => Some(CorsGrant {
@@ -42,16 +42,16 @@ pub fn grant(state: &State, session: &Session) -> Option<CorsGrant> {
             allow_origin: origin.to_string(),
             credentials: true,
         }),
-        CorsOrigins::Registered => {
-            state
-                .snapshot()
-                .client_origins
-                .contains(origin)
-                .then(|| CorsGrant {
-                    allow_origin: origin.to_string(),
-                    credentials: true,
-                })
-        }
+        // A store that cannot answer admits nobody (fail closed).
+        CorsOrigins::Registered => state
+            .identities
+            .origin_known(origin)
+            .await
+            .unwrap_or(false)
+            .then(|| CorsGrant {
+                allow_origin: origin.to_string(),
+                credentials: true,
+            }),
     }
 }
 

@@ -125,7 +125,7 @@ impl ProxyHttp for Gateway {
         };
         // Browsers first: a preflight is answered here, before any credential is looked at,
         // and never travels further.
-        ctx.cors = cors::grant(&self.state, session);
+        ctx.cors = cors::grant(&self.state, session).await;
         if cors::is_preflight(session) {
             ctx.decision = if ctx.cors.is_some() {
                 "preflight"

@@ -8,8 +8,8 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
-use super::{Snapshot, State};
-use crate::store::now_unix;
+use super::State;
+use crate::store::{StoreError, now_unix};
 
 /// The longest the first sight of a token waits for its Login; then 503 rather than a hang.
 const LOGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,11 +92,10 @@ impl State {
         if self.store_outage_expired() {
             return (Err(AuthError::StoreUnavailable), CacheUse::None);
         }
-        let snap = self.snapshot();
         match scheme {
-            "Bearer" => self.authenticate_bearer(&snap, value).await,
+            "Bearer" => self.authenticate_bearer(value).await,
             "Basic" => (
-                self.authenticate_basic(&snap, value).map(Arc::new),
+                self.authenticate_basic(value).await.map(Arc::new),
                 CacheUse::None,
             ),
             _ => (Err(AuthError::Malformed), CacheUse::None),
@@ -105,7 +104,6 @@ impl State {
 
     async fn authenticate_bearer(
         &self,
-        snap: &Snapshot,
         token: &str,
     ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
         if token.is_empty() || token.contains(' ') {
@@ -114,12 +112,12 @@ impl State {
         let now = now_unix();
         if let Some(id) = self.tokens.get(token) {
             if id.expires_at > now {
-                return (live_check(snap, id), CacheUse::Hit);
+                return (self.live_check(id).await, CacheUse::Hit);
             }
             self.tokens.invalidate(token);
             return (Err(AuthError::InvalidToken), CacheUse::Hit);
         }
-        let claims = match snap.keyring.verify(token) {
+        let claims = match self.keyring().verify(token) {
             Ok(c) => c,
             Err(_) => return (Err(AuthError::InvalidToken), CacheUse::Miss),
         };
@@ -134,6 +132,7 @@ impl State {
         if !self.store_up() {
             return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
         }
+        let mark = self.identities.mark();
         let login =
             match tokio::time::timeout(LOGIN_LOOKUP_TIMEOUT, self.store.login(&login_id)).await {
                 Ok(Ok(Some(l))) => l,
@@ -147,25 +146,22 @@ impl State {
                     return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
                 }
             };
+        self.identities.note_login(&login.id, login.revoked, mark);
         if login.revoked {
             return (Err(AuthError::LoginRevoked), CacheUse::Miss);
         }
         let Some(membership_id) = login.membership_id.clone() else {
             return (Err(AuthError::LoginRevoked), CacheUse::Miss);
         };
-        let caught_up;
-        let snap = if snap.memberships.contains_key(&membership_id) {
-            snap
-        } else {
-            // Created moments ago through another instance, maybe (a new client's first token):
-            // catch up with the store once before refusing. Only a validly signed token with a
-            // live Login gets here, so this is no lever for unauthenticated traffic.
-            let _ = tokio::time::timeout(LOGIN_LOOKUP_TIMEOUT, self.refresh_if_changed()).await;
-            caught_up = self.snapshot();
-            &caught_up
-        };
-        let Some(membership) = snap.memberships.get(&membership_id) else {
-            return (Err(AuthError::MembershipInactive), CacheUse::Miss);
+        // Read through the cache, from the store on a miss: a membership created moments ago
+        // through another instance (a new client's first token) is found.
+        let membership = match self.identities.membership(&membership_id).await {
+            Ok(Some(m)) => m,
+            Ok(None) => return (Err(AuthError::MembershipInactive), CacheUse::Miss),
+            Err(e) => {
+                self.note_store::<()>(&Err(e));
+                return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
+            }
         };
         let identity = Arc::new(Identity {
             login_id: Some(login.id.clone()),
@@ -182,10 +178,10 @@ impl State {
             expires_at: claims.exp.min(login.expires_at),
         });
         self.tokens.insert(token.to_string(), identity.clone());
-        (live_check(snap, identity), CacheUse::Miss)
+        (self.live_check(identity).await, CacheUse::Miss)
     }
 
-    fn authenticate_basic(&self, snap: &Snapshot, value: &str) -> Result<Identity, AuthError> {
+    async fn authenticate_basic(&self, value: &str) -> Result<Identity, AuthError> {
         let decoded = STANDARD
             .decode(value.trim())
             .map_err(|_| AuthError::Malformed)?;
@@ -194,9 +190,11 @@ impl State {
         if client_id.is_empty() || secret.is_empty() {
             return Err(AuthError::Malformed);
         }
-        let client = snap
-            .clients
-            .get(client_id)
+        let client = self
+            .identities
+            .client(client_id)
+            .await
+            .map_err(|e| self.store_failed(e))?
             .ok_or(AuthError::InvalidClient)?;
         // Only the primary secret is accepted here (docs/medplum-compat.md §8.3): a rotated-out secret
         // stops working at once.
@@ -210,15 +208,18 @@ impl State {
         if !client.active {
             return Err(AuthError::ClientInactive);
         }
-        let (membership_id, membership) = snap
-            .client_membership(client)
+        let (membership_id, membership) = self
+            .identities
+            .client_membership(&client)
+            .await
+            .map_err(|e| self.store_failed(e))?
             .ok_or(AuthError::MembershipInactive)?;
         if !membership.is_active() {
             return Err(AuthError::MembershipInactive);
         }
         Ok(Identity {
             login_id: None,
-            membership_id: membership_id.clone(),
+            membership_id,
             project_id: client.project_id.clone().unwrap_or_default(),
             profile: format!("ClientApplication/{}", client.id),
             user_ref: format!("ClientApplication/{}", client.id),
@@ -229,27 +230,51 @@ impl State {
     }
 }
 
-/// The checks that run on every request, cache hit or not.
-fn live_check(snap: &Snapshot, id: Arc<Identity>) -> Result<Arc<Identity>, AuthError> {
-    if let Some(login) = &id.login_id
-        && snap.revoked_logins.contains(login)
-    {
-        return Err(AuthError::LoginRevoked);
+impl State {
+    /// A store failure while authenticating: noted (for readiness and the outage clock) and
+    /// answered as unavailable, never as "no such credential".
+    fn store_failed(&self, e: StoreError) -> AuthError {
+        self.note_store::<()>(&Err(e));
+        AuthError::StoreUnavailable
     }
-    match snap.memberships.get(&id.membership_id) {
-        Some(m) if m.is_active() => {}
-        _ => return Err(AuthError::MembershipInactive),
-    }
-    if let Some(client_id) = &id.client_id {
-        // Every token obtained through a client stops working when the client is turned off;
-        // a client-credentials token also when its client is deleted.
-        match snap.clients.get(client_id) {
-            Some(c) if !c.active => return Err(AuthError::ClientInactive),
-            None if id.user_ref.starts_with("ClientApplication/") => {
-                return Err(AuthError::ClientInactive);
-            }
-            _ => {}
+
+    /// The checks that run on every request, cache hit or not: the Login not revoked, the
+    /// membership active, the client not turned off.
+    async fn live_check(&self, id: Arc<Identity>) -> Result<Arc<Identity>, AuthError> {
+        if let Some(login) = &id.login_id
+            && self
+                .identities
+                .login_revoked(login)
+                .await
+                .map_err(|e| self.store_failed(e))?
+        {
+            return Err(AuthError::LoginRevoked);
         }
+        match self
+            .identities
+            .membership(&id.membership_id)
+            .await
+            .map_err(|e| self.store_failed(e))?
+        {
+            Some(m) if m.is_active() => {}
+            _ => return Err(AuthError::MembershipInactive),
+        }
+        if let Some(client_id) = &id.client_id {
+            // Every token obtained through a client stops working when the client is turned
+            // off; a client-credentials token also when its client is deleted.
+            let client = self
+                .identities
+                .client(client_id)
+                .await
+                .map_err(|e| self.store_failed(e))?;
+            match client {
+                Some(c) if !c.active => return Err(AuthError::ClientInactive),
+                None if id.user_ref.starts_with("ClientApplication/") => {
+                    return Err(AuthError::ClientInactive);
+                }
+                _ => {}
+            }
+        }
+        Ok(id)
     }
-    Ok(id)
 }

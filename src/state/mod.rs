@@ -1,12 +1,13 @@
-//! Shared state of both planes: the compiled `Snapshot` of the identity store (projects,
-//! memberships, clients, policies, revoked logins, signing keys) behind an `ArcSwap`, the caches
-//! in front of it, and authentication of `Authorization` headers.
+//! Shared state of both planes: the `Snapshot` of the small tables (signing keys, projects)
+//! behind an `ArcSwap`, the bounded identity caches (`identities`: memberships, clients,
+//! policies, Logins, effective policies), the verified-token cache, and authentication of
+//! `Authorization` headers.
 //!
-//! Invariant: the request path reads the snapshot and the caches only. The one exception is the
-//! first sight of a Bearer token, whose Login is read from the store once and then cached (and,
-//! when the Login's membership is not in the snapshot yet, the snapshot caught up once); every
-//! later request re-checks the Login, membership and client against the current snapshot, so a
-//! revocation is seen on the very next request after the snapshot is refreshed.
+//! Invariant: the request path reads the snapshot and the caches; only a cache miss reads the
+//! store (one row, by key or index). Every request re-checks the Login, membership and client
+//! through the caches, and the change feed (`refresh`) drops exactly the entries each change
+//! names, so a revocation is seen on the very next request after the feed catches up. Memory
+//! is bounded by the cache capacities, not by the number of identities in the store.
 //!
 //! The store's reachability is tracked here too (`note_store`): while it is down, what cannot be
 //! verified without it gets 503 at once, and after `store_outage_ttl` nothing authenticated is
@@ -15,18 +16,19 @@
 mod auth;
 pub mod control;
 pub mod failures;
+mod identities;
 pub mod keys;
 mod snapshot;
 pub mod upstreams;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 
 pub use auth::{AuthError, CacheUse, Identity};
-pub use snapshot::{ClientInfo, ProjectInfo, Snapshot};
+pub use identities::{Identities, Mark, StoredPolicy};
+pub use snapshot::{ClientInfo, ProjectInfo, Snapshot, origin_of};
 
 use crate::config::Config;
 use crate::store::{Store, StoreError, now_unix};
@@ -43,11 +45,10 @@ pub struct State {
     /// Seals and opens the signing keys in the store.
     pub kek: Arc<crate::sealed::KeyEncryptionKey>,
     tokens: moka::sync::Cache<String, Arc<Identity>>,
-    effective: moka::sync::Cache<
-        (u64, String, Option<String>),
-        Arc<fhirgate_core::policy::EffectivePolicy>,
-    >,
-    refresh_lock: tokio::sync::Mutex<i64>,
+    /// Memberships, clients, policies, Logins and effective policies, bounded.
+    pub identities: Identities,
+    /// One catch-up with the feed at a time.
+    refresh_lock: tokio::sync::Mutex<()>,
     /// Where the gateway forwards control traffic.
     pub control: ControlTarget,
     /// The global upstream FHIR server's addresses, resolved off the request path like
@@ -85,10 +86,12 @@ impl State {
             .max_capacity(config.token_cache_capacity)
             .time_to_live(config.token_cache_ttl)
             .build();
-        let effective = moka::sync::Cache::builder()
-            .max_capacity(10_000)
-            .time_to_live(Duration::from_secs(600))
-            .build();
+        let identities = Identities::new(
+            store.clone(),
+            config.identity_cache_capacity,
+            config.token_cache_capacity,
+            seq,
+        );
         let control = ControlTarget::new(config.control_url.clone());
         let upstreams = upstreams::Upstreams::from_config(&config);
         let upstream_target = upstreams.default_binding().target.clone();
@@ -101,8 +104,8 @@ impl State {
             secret_key,
             kek,
             tokens,
-            effective,
-            refresh_lock: tokio::sync::Mutex::new(seq),
+            identities,
+            refresh_lock: tokio::sync::Mutex::new(()),
             control,
             upstream_target,
             upstreams,
@@ -124,8 +127,10 @@ impl State {
         crate::tokens::hash_secret(&self.secret_key, secret)
     }
 
-    /// Rebuilds the snapshot from the store and swaps it in. Called after every local write and
-    /// by the change feed; concurrent calls coalesce.
+    /// Catches up with the change feed: applies every change since the last one applied
+    /// (dropping exactly the cache entries they name, and reloading the small tables when a
+    /// project or key changed). Called after every local write and by the feed; concurrent
+    /// calls take turns.
     pub async fn refresh(&self) -> Result<(), StoreError> {
         let result = self.refresh_inner().await;
         self.note_store(&result);
@@ -133,23 +138,57 @@ impl State {
     }
 
     async fn refresh_inner(&self) -> Result<(), StoreError> {
-        let mut last_seq = self.refresh_lock.lock().await;
-        let seq = self.store.change_seq().await?;
-        let old = self.snapshot.load_full();
-        let snap =
-            Snapshot::load(&self.store, &self.config, Some(&self.kek), old.version + 1).await?;
-        // A key that left the keyring (retired, or deactivated after a compromise) must take
-        // the tokens it verified with it, cached or not.
-        if old.key_ids.iter().any(|k| !snap.key_ids.contains(k)) {
-            self.tokens.invalidate_all();
+        let _turn = self.refresh_lock.lock().await;
+        let applied = self.identities.applied();
+        let head = self.store.change_seq().await?;
+        let mut changes = Vec::new();
+        let mut gap = head - applied > MAX_CHANGES_APPLIED;
+        if !gap && head > applied {
+            changes = self
+                .store
+                .changes_after(applied, MAX_CHANGES_APPLIED)
+                .await?;
+            // Read after the changes: a prune that raced the read shows up here.
+            gap = self.store.changes_pruned_through().await? > applied;
         }
-        self.snapshot.store(Arc::new(snap));
-        *last_seq = seq;
+        let key_due = self
+            .snapshot
+            .load()
+            .next_key_change
+            .is_some_and(|t| t <= now_unix());
+        let tables_changed = gap
+            || key_due
+            || changes
+                .iter()
+                .any(|c| matches!(c.kind.as_str(), "Project" | "JsonWebKey"));
+        let mut projects = Vec::new();
+        if tables_changed {
+            let old = self.snapshot.load_full();
+            let snap =
+                Snapshot::load(&self.store, &self.config, Some(&self.kek), old.version + 1).await?;
+            // A key that left the keyring (retired, or deactivated after a compromise) must
+            // take the tokens it verified with it, cached or not.
+            if old.key_ids.iter().any(|k| !snap.key_ids.contains(k)) {
+                self.tokens.invalidate_all();
+            }
+            projects = changed_projects(&old, &snap);
+            self.snapshot.store(Arc::new(snap));
+        }
+        if gap {
+            tracing::info!(
+                applied,
+                head,
+                "change feed: too far behind to apply change by change; dropping every cached identity"
+            );
+            self.identities.reset(head);
+        } else {
+            self.identities.forget(&changes, &projects);
+        }
         Ok(())
     }
 
-    /// Refreshes if the store's change sequence moved, or a signing key's start or retirement
-    /// came due. Returns whether it refreshed.
+    /// Catches up if the store's change sequence moved, or a signing key's start or retirement
+    /// came due. Returns whether it did.
     pub async fn refresh_if_changed(&self) -> Result<bool, StoreError> {
         let result = self.store.change_seq().await;
         self.note_store(&result);
@@ -163,7 +202,7 @@ impl State {
             .load()
             .next_key_change
             .is_some_and(|t| t <= now_unix());
-        if !key_due && seq == *self.refresh_lock.lock().await {
+        if !key_due && seq <= self.identities.applied() {
             return Ok(false);
         }
         self.refresh().await?;
@@ -213,25 +252,42 @@ impl State {
         now_millis().saturating_sub(self.last_store_contact.load(Ordering::Relaxed)) > ttl
     }
 
-    /// The effective policy of an identity under the current snapshot (cached per snapshot).
-    pub fn effective_policy(
+    /// The effective policy of a membership with optional SMART scopes, under the projects
+    /// of `snap` (cached until something it was built from changes). `None` when the
+    /// membership or its project is gone.
+    pub async fn effective_policy(
         &self,
         snap: &Snapshot,
         membership_id: &str,
         scope: Option<&str>,
-    ) -> Option<Arc<fhirgate_core::policy::EffectivePolicy>> {
-        let key = (
-            snap.version,
-            membership_id.to_string(),
-            scope.map(str::to_string),
-        );
-        if let Some(p) = self.effective.get(&key) {
-            return Some(p);
+    ) -> Result<Option<Arc<fhirgate_core::policy::EffectivePolicy>>, StoreError> {
+        let result = self
+            .identities
+            .effective_policy(snap, membership_id, scope)
+            .await;
+        if result.is_err() {
+            self.note_store(&result);
         }
-        let p = Arc::new(snap.effective_policy(membership_id, scope)?);
-        self.effective.insert(key, p.clone());
-        Some(p)
+        result
     }
+}
+
+/// More changes than this since the last catch-up are not applied one by one: everything
+/// cached is dropped instead (cheaper, and bounded).
+const MAX_CHANGES_APPLIED: i64 = 20_000;
+
+/// The projects whose effective policies must be rebuilt after the tables changed: those gone,
+/// and those whose admin standing, upstream or isolation differs (a project's isolation depends
+/// on the others sharing its upstream, so one new project can change another's).
+fn changed_projects(old: &Snapshot, new: &Snapshot) -> Vec<String> {
+    let differs = |a: &ProjectInfo, b: &ProjectInfo| {
+        a.super_admin != b.super_admin || a.upstream != b.upstream || a.isolation != b.isolation
+    };
+    old.projects
+        .values()
+        .filter(|p| new.projects.get(&p.id).is_none_or(|n| differs(p, n)))
+        .map(|p| p.id.clone())
+        .collect()
 }
 
 fn now_millis() -> i64 {

@@ -1,10 +1,12 @@
-//! `Snapshot`: an immutable, fully built view of the identity store. Built off the request
-//! path and swapped in whole; a request holds one `Arc<Snapshot>` from start to end.
+//! `Snapshot`: the small tables both planes consult on every request — the signing keyring and
+//! the projects (a few per tenant, not per identity) — built off the request path and swapped
+//! in whole; a request holds one `Arc<Snapshot>` from start to end. The identities themselves
+//! (memberships, clients, policies, Logins) are not here: `identities` reads them through
+//! bounded caches, so the snapshot's size does not grow with them.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
-use fhirgate_core::policy::model::{AccessPolicy, ProjectMembership};
 use serde_json::Value;
 
 use crate::config::{Config, DEFAULT_UPSTREAM};
@@ -80,6 +82,30 @@ pub struct ClientInfo {
     pub content: Value,
 }
 
+impl ClientInfo {
+    pub fn new(
+        id: String,
+        project_id: Option<String>,
+        content: Value,
+        secret_hash: Option<String>,
+        retiring_hash: Option<String>,
+    ) -> ClientInfo {
+        let status = content.get("status").and_then(Value::as_str);
+        ClientInfo {
+            id,
+            project_id,
+            active: matches!(status, None | Some("active")),
+            secret_hash,
+            retiring_hash,
+            access_token_lifetime: content
+                .get("accessTokenLifetime")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            content,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Snapshot {
     pub version: u64,
@@ -89,18 +115,6 @@ pub struct Snapshot {
     /// When the keyring changes next by the clock (a key starts to sign or retires).
     pub next_key_change: Option<i64>,
     pub projects: HashMap<String, ProjectInfo>,
-    pub memberships: HashMap<String, Arc<ProjectMembership>>,
-    /// `(project id, profile reference)` → membership id.
-    pub membership_by_profile: HashMap<(String, String), String>,
-    pub clients: HashMap<String, ClientInfo>,
-    pub policies: HashMap<String, AccessPolicy>,
-    /// The project each stored AccessPolicy belongs to: a membership's policy references
-    /// resolve within its own project only.
-    pub policy_projects: HashMap<String, Option<String>>,
-    pub revoked_logins: HashSet<String>,
-    /// The origins of every active client's redirect URIs, launch URI and `allowedOrigin`: the
-    /// browser origins CORS admits unless `cors_origins` says otherwise.
-    pub client_origins: HashSet<String>,
 }
 
 /// `scheme://host[:port]` of a URL, if it has one.
@@ -113,8 +127,8 @@ pub fn origin_of(url: &str) -> Option<String> {
 }
 
 impl Snapshot {
-    /// The store as the planes see it. Without `kek` (the offline `policy explain`) the
-    /// keyring stays empty.
+    /// The keyring and the projects as the store has them now. Without `kek` (the offline
+    /// `policy explain`) the keyring stays empty.
     pub async fn load(
         store: &Store,
         config: &Config,
@@ -181,146 +195,6 @@ impl Snapshot {
                 tracing::error!(project = %p.id, upstream = %p.upstream, "project bound to an upstream that is not configured; its FHIR requests fail");
             }
         }
-        for m in store.list("ProjectMembership").await? {
-            match serde_json::from_value::<ProjectMembership>(m.content) {
-                Ok(pm) => {
-                    if let (Some(project), Some(profile)) =
-                        (pm.project.type_and_id(), pm.profile.reference.clone())
-                    {
-                        snap.membership_by_profile
-                            .insert((project.1.to_string(), profile), m.id.clone());
-                    }
-                    snap.memberships.insert(m.id, Arc::new(pm));
-                }
-                Err(e) => {
-                    tracing::error!(id = %m.id, error = %e, "stored membership is unreadable; it grants nothing")
-                }
-            }
-        }
-        let secrets: HashMap<String, (Option<String>, Option<String>)> = store
-            .client_secrets()
-            .await?
-            .into_iter()
-            .map(|(id, s, r)| (id, (s, r)))
-            .collect();
-        for c in store.list("ClientApplication").await? {
-            let content = c.content;
-            let (secret_hash, retiring_hash) = secrets.get(&c.id).cloned().unwrap_or_default();
-            let status = content.get("status").and_then(Value::as_str);
-            if matches!(status, None | Some("active")) {
-                let urls = ["redirectUris", "allowedOrigin"]
-                    .iter()
-                    .filter_map(|k| content.get(*k))
-                    .flat_map(|v| match v {
-                        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
-                        Value::String(s) => vec![s.as_str()],
-                        _ => Vec::new(),
-                    })
-                    .chain(content.get("launchUri").and_then(Value::as_str));
-                snap.client_origins.extend(urls.filter_map(origin_of));
-            }
-            snap.clients.insert(
-                c.id.clone(),
-                ClientInfo {
-                    id: c.id,
-                    project_id: c.project_id,
-                    active: matches!(status, None | Some("active")),
-                    secret_hash,
-                    retiring_hash,
-                    access_token_lifetime: content
-                        .get("accessTokenLifetime")
-                        .and_then(Value::as_str)
-                        .map(str::to_string),
-                    content,
-                },
-            );
-        }
-        for p in store.list("AccessPolicy").await? {
-            match serde_json::from_value::<AccessPolicy>(p.content) {
-                Ok(ap) => {
-                    snap.policy_projects.insert(p.id.clone(), p.project_id);
-                    snap.policies.insert(p.id, ap);
-                }
-                Err(e) => {
-                    tracing::error!(id = %p.id, error = %e, "stored AccessPolicy is unreadable; references to it grant nothing")
-                }
-            }
-        }
-        snap.revoked_logins = store
-            .revoked_logins(now_unix())
-            .await?
-            .into_iter()
-            .collect();
         Ok(snap)
-    }
-
-    /// The membership of a client application (`user == profile == ClientApplication/<id>`).
-    pub fn client_membership(
-        &self,
-        client: &ClientInfo,
-    ) -> Option<(&String, &Arc<ProjectMembership>)> {
-        let project = client.project_id.as_ref()?;
-        let id = self
-            .membership_by_profile
-            .get(&(project.clone(), format!("ClientApplication/{}", client.id)))?;
-        self.memberships.get_key_value(id)
-    }
-
-    /// Resolves an `X-Medplum-On-Behalf-Of` value (docs/medplum-compat.md §6: `ProjectMembership/<id>`
-    /// or a profile reference) to a membership id in `project_id`; `None` when it names nothing
-    /// there. Both planes use it.
-    pub fn on_behalf_of(&self, project_id: &str, value: &str) -> Option<String> {
-        let value = value.trim();
-        if let Some(id) = value.strip_prefix("ProjectMembership/") {
-            let m = self.memberships.get(id)?;
-            return (m.project.type_and_id()?.1 == project_id).then(|| id.to_string());
-        }
-        self.membership_by_profile
-            .get(&(project_id.to_string(), value.to_string()))
-            .cloned()
-    }
-
-    /// Builds the effective policy of a membership (docs/medplum-compat.md §4.2) with optional SMART
-    /// scopes. `None` when the membership or its project is gone.
-    pub fn effective_policy(
-        &self,
-        membership_id: &str,
-        scope: Option<&str>,
-    ) -> Option<fhirgate_core::policy::EffectivePolicy> {
-        let membership = self.memberships.get(membership_id)?;
-        let project_id = membership.project.type_and_id()?.1;
-        let project = self.projects.get(project_id)?;
-        let policy = fhirgate_core::policy::effective::effective(
-            &fhirgate_core::policy::effective::EffectiveInputs {
-                membership,
-                policies: &ProjectPolicies {
-                    snapshot: self,
-                    project_id,
-                },
-                project_id,
-                project_super_admin: project.super_admin,
-                linked_projects: &[],
-                scope,
-            },
-        );
-        Some(policy.with_isolation(project.isolation.clone()))
-    }
-}
-
-/// The snapshot's AccessPolicies as one project sees them: a policy of another project is not
-/// found, whatever its id (a project admin chooses the ids of the policies it creates).
-struct ProjectPolicies<'a> {
-    snapshot: &'a Snapshot,
-    project_id: &'a str,
-}
-
-impl fhirgate_core::policy::effective::PolicySource for ProjectPolicies<'_> {
-    fn access_policy(&self, id: &str) -> Option<&AccessPolicy> {
-        let owner = self.snapshot.policy_projects.get(id)?.as_deref();
-        if owner == Some(self.project_id) {
-            self.snapshot.policies.get(id)
-        } else {
-            None
-        }
     }
 }

@@ -40,6 +40,16 @@ fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
             "CREATE TABLE IF NOT EXISTS used_assertions (key TEXT PRIMARY KEY, expires_at BIGINT NOT NULL)",
             "CREATE INDEX IF NOT EXISTS used_assertions_expiry ON used_assertions (expires_at)",
         ],
+        // 4: incremental state. Each change names what changed (`subject`), so instances drop
+        // exactly that from their caches; indexes keep every lookup of a sign-in, a logout or
+        // a housekeeping pass logarithmic in the number of identities.
+        vec![
+            "ALTER TABLE changes ADD COLUMN subject TEXT",
+            "CREATE INDEX IF NOT EXISTS changes_at ON changes (at)",
+            "CREATE INDEX IF NOT EXISTS logins_user ON logins (user_ref, auth_time)",
+            "CREATE INDEX IF NOT EXISTS logins_expiry ON logins (expires_at)",
+            "CREATE INDEX IF NOT EXISTS resources_project ON resources (resource_type, project_id, last_updated)",
+        ],
     ]
 }
 

@@ -45,6 +45,7 @@ impl InProcess {
         let store = Store::open(&url).await.expect("the store opens");
         let mut file = ConfigFile {
             base_url: Some(BASE.into()),
+            store: Some(url.clone()),
             data_dir: Some(dir.path().to_path_buf()),
             // The test identity providers and JWK Sets listen on loopback.
             outbound_allow: vec!["127.0.0.0/8".into()],

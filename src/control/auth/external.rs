@@ -183,12 +183,17 @@ pub async fn external_callback(
     let st =
         ExternalState::parse(raw_state).ok_or_else(|| ApiError::bad_request("Invalid state"))?;
 
-    let snap = state.snapshot();
     let client = match &st.client_id {
-        Some(id) => Some(snap.clients.get(id).ok_or_else(ApiError::not_found)?),
+        Some(id) => Some(
+            state
+                .identities
+                .client(id)
+                .await?
+                .ok_or_else(ApiError::not_found)?,
+        ),
         None => None,
     };
-    let mut idp = client.and_then(client_idp);
+    let mut idp = client.as_deref().and_then(client_idp);
     if idp.is_none()
         && let Some(domain) = &st.domain
     {
@@ -228,7 +233,7 @@ pub async fn external_callback(
         Some(Value::String(p)) => Some(p.clone()),
         _ => None,
     };
-    if let Some(c) = client {
+    if let Some(c) = &client {
         if st.project_id.is_some() && project_id != c.project_id {
             return Err(ApiError::bad_request("Invalid project"));
         }
@@ -241,7 +246,7 @@ pub async fn external_callback(
         email,
         external_id,
         project_id,
-        client,
+        client: client.as_deref(),
         scope: st
             .scope
             .clone()
@@ -264,7 +269,7 @@ pub async fn external_callback(
     // front end instead.
     if login.membership_id.is_some()
         && not_ready(&login).is_none()
-        && let (Some(requested), Some(c)) = (&st.redirect_uri, client)
+        && let (Some(requested), Some(c)) = (&st.redirect_uri, &client)
     {
         let target = match_redirect_uri(&registered_redirect_uris(c), requested)
             .ok_or_else(|| ApiError::bad_request("Invalid redirect URI"))?;

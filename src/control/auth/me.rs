@@ -5,6 +5,7 @@
 use crate::state::State;
 use axum::extract::State as AxState;
 use axum::response::Response;
+use fhirgate_core::policy::model::ProjectMembership;
 use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
@@ -128,9 +129,20 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
             s
         })
         .collect();
-    let mut memberships: Vec<(&String, Value)> = caller
-        .snap
-        .memberships
+    let mine = state
+        .store
+        .search(
+            "ProjectMembership",
+            &[("user".to_string(), vec![user_ref.to_string()])],
+            None,
+            1000,
+        )
+        .await?;
+    let mine: Vec<(String, ProjectMembership)> = mine
+        .into_iter()
+        .filter_map(|r| Some((r.id, serde_json::from_value(r.content).ok()?)))
+        .collect();
+    let mut memberships: Vec<(&String, Value)> = mine
         .iter()
         .filter(|(_, m)| m.user.reference.as_deref() == Some(user_ref) && m.is_active())
         .map(|(id, m)| {

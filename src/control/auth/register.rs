@@ -98,10 +98,11 @@ pub async fn new_user(
     let snap = state.snapshot();
     let client = match body_str(&body, "clientId") {
         Some(id) => Some(
-            snap.clients
-                .get(&id)
-                .ok_or_else(ApiError::not_found)?
-                .clone(),
+            state
+                .identities
+                .client(&id)
+                .await?
+                .ok_or_else(ApiError::not_found)?,
         ),
         None => None,
     };
@@ -128,7 +129,7 @@ pub async fn new_user(
     }
     let challenge = body_str(&body, "codeChallenge");
     let method = body_str(&body, "codeChallengeMethod");
-    check_client_pkce(client.as_ref(), challenge.as_deref(), method.as_deref())?;
+    check_client_pkce(client.as_deref(), challenge.as_deref(), method.as_deref())?;
     if state
         .store
         .users_by_email(&email, project_id.as_deref())
@@ -179,7 +180,7 @@ pub async fn new_user(
     }
     let request = LoginRequest {
         email,
-        client_id: client.map(|c| c.id),
+        client_id: client.map(|c| c.id.clone()),
         project_id: Some(project_id.unwrap_or_else(|| "new".into())),
         scope: body_str(&body, "scope"),
         nonce: body_str(&body, "nonce"),

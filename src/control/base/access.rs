@@ -23,7 +23,7 @@ use crate::control::web::AppState;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 
-/// An authenticated caller, with everything decisions need, all from one snapshot.
+/// An authenticated caller, with everything decisions need, read once per request.
 pub struct Caller {
     pub identity: Arc<Identity>,
     pub snap: Arc<Snapshot>,
@@ -116,10 +116,10 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
         _ => unauthorized(),
     })?;
     let snap = state.snapshot();
-    let membership = snap
-        .memberships
-        .get(&identity.membership_id)
-        .cloned()
+    let membership = state
+        .identities
+        .membership(&identity.membership_id)
+        .await?
         .ok_or_else(unauthorized)?;
     if !membership.is_active() {
         return Err(unauthorized());
@@ -132,6 +132,7 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
     // A membership whose policies cannot be built grants nothing: fail closed.
     let own_policy = state
         .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+        .await?
         .ok_or_else(ApiError::forbidden)?;
     let ip = client_ip(state, parts)?;
     if let Some(ip) = ip
@@ -149,17 +150,20 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
             if !(membership.is_admin() || project.super_admin) {
                 return Err(ApiError::forbidden());
             }
-            let target = snap
+            let target = state
+                .identities
                 .on_behalf_of(&project.id, value)
+                .await?
                 .ok_or_else(ApiError::forbidden)?;
-            let target_membership = snap
-                .memberships
-                .get(&target)
-                .cloned()
+            let target_membership = state
+                .identities
+                .membership(&target)
+                .await?
                 .filter(|m| m.is_active())
                 .ok_or_else(ApiError::forbidden)?;
             let target_policy = state
                 .effective_policy(&snap, &target, identity.scope.as_deref())
+                .await?
                 .ok_or_else(ApiError::forbidden)?;
             if let Some(ip) = ip
                 && !target_policy.check_ip(ip).is_allowed()

@@ -212,10 +212,10 @@ async fn verify_client_assertion(
     let token_url = format!("{}oauth2/token", state.config.base_url);
     let client_id = crate::tokens::assertion_client_id(assertion, &token_url)
         .map_err(|e| ApiError::oauth(e.to_string()))?;
-    let snap = state.snapshot();
-    let client = snap
-        .clients
-        .get(&client_id)
+    let client = state
+        .identities
+        .client(&client_id)
+        .await?
         .ok_or_else(|| ApiError::oauth("Client not found"))?;
     let url = client
         .content
@@ -305,15 +305,18 @@ pub(crate) async fn authenticate_client(
         .id
         .filter(|s| !s.is_empty())
         .ok_or_else(invalid_client)?;
-    let snap = state.snapshot();
-    let client = snap.clients.get(&id).ok_or_else(invalid_client)?;
+    let client = state
+        .identities
+        .client(&id)
+        .await?
+        .ok_or_else(invalid_client)?;
     if !client.active {
         return Err(invalid_client());
     }
     if !presented.assertion_verified {
         match presented.secret.as_deref().filter(|s| !s.is_empty()) {
             Some(secret) => {
-                check_client_secret(state, client, secret).map_err(|_| invalid_client())?
+                check_client_secret(state, &client, secret).map_err(|_| invalid_client())?
             }
             None if public_ok && client.secret_hash.is_none() => {}
             None => return Err(invalid_client()),

@@ -40,6 +40,31 @@ fn identifiers(rows: &mut Vec<(String, String)>, resource: &Value) {
     }
 }
 
+/// The browser origins an active client names: those of its redirect URIs, launch URI and
+/// `allowedOrigin` (what CORS admits by default). None for a client that is not active.
+fn client_origins(client: &Value) -> Vec<String> {
+    if !matches!(
+        client.get("status").and_then(Value::as_str),
+        None | Some("active")
+    ) {
+        return Vec::new();
+    }
+    ["redirectUris", "allowedOrigin"]
+        .iter()
+        .filter_map(|k| client.get(*k))
+        .flat_map(|v| match v {
+            Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+            Value::String(s) => vec![s.as_str()],
+            _ => Vec::new(),
+        })
+        .chain(client.get("launchUri").and_then(Value::as_str))
+        .filter_map(crate::state::origin_of)
+        .collect()
+}
+
+/// The version of [`index_rows`]: a store indexed by an older one is indexed again at start.
+pub const INDEX_VERSION: &str = "2";
+
 /// The index rows of one resource.
 pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
     let mut rows = Vec::new();
@@ -87,6 +112,11 @@ pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
                 push(&mut rows, "name", n);
             }
             identifiers(&mut rows, resource);
+            if resource_type == "ClientApplication" {
+                for origin in client_origins(resource) {
+                    push(&mut rows, "origin", &origin);
+                }
+            }
         }
         "User" => {
             if let Some(e) = string(resource, "email") {

@@ -614,13 +614,9 @@ async fn apply_client_secrets(
     if fx.client_secret.is_none() && fx.client_retiring.is_none() {
         return Ok(());
     }
+    // From the store itself, not a cache: a rotation must start from the hashes as they are.
     let current = if existing {
-        state
-            .snapshot()
-            .clients
-            .get(id)
-            .map(|c| (c.secret_hash.clone(), c.retiring_hash.clone()))
-            .unwrap_or_default()
+        state.store.client_secret(id).await?.unwrap_or_default()
     } else {
         (None, None)
     };

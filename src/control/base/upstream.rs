@@ -251,7 +251,7 @@ pub(crate) async fn profile_resource(state: &ControlState, caller: &Caller) -> V
     };
     let bare = json!({"resourceType": resource_type, "id": id});
     if resource_type == "ClientApplication" {
-        return match caller.snap.clients.get(id) {
+        return match state.identities.client(id).await.ok().flatten() {
             Some(c) => {
                 let mut content = c.content.clone();
                 strip_secrets(&mut content);

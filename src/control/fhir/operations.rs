@@ -87,8 +87,11 @@ async fn rotate_secret(
     if let Err(e) = state.refresh_if_changed().await {
         return Err(ApiError::internal("refreshing before a secret rotation", e));
     }
-    let snap = state.snapshot();
-    let info = snap.clients.get(id).ok_or_else(ApiError::not_found)?;
+    let info = state
+        .identities
+        .client(id)
+        .await?
+        .ok_or_else(ApiError::not_found)?;
     let matches = |stored: Option<&str>, presented: &str| {
         stored.is_some_and(|h| crate::tokens::hashes_equal(h, &state.hash_secret(presented)))
     };

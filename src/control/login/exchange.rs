@@ -100,11 +100,12 @@ pub(crate) async fn exchange(
     if req.subject_token_type != Some(ACCESS_TOKEN_TYPE) {
         return Err(ApiError::oauth("Invalid subject_token_type"));
     }
-    let snap = state.snapshot();
-    let client = snap
-        .clients
-        .get(client_id)
+    let client = state
+        .identities
+        .client(client_id)
+        .await?
         .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let client = client.as_ref();
     if !client.active {
         return Err(ApiError::oauth("Invalid client"));
     }
@@ -164,11 +165,10 @@ async fn grant(
         .membership_id
         .clone()
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
-    let snap = state.snapshot();
-    let membership = snap
-        .memberships
-        .get(&membership_id)
-        .cloned()
+    let membership = state
+        .identities
+        .membership(&membership_id)
+        .await?
         .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
     let profile = membership
         .profile

@@ -98,13 +98,13 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
     if !errors.is_empty() {
         return Err(validation_errors(&errors));
     }
-    let snap = state.snapshot();
     let client = match req.client_id.as_deref().filter(|c| !c.is_empty()) {
         Some(id) => Some(
-            snap.clients
-                .get(id)
-                .ok_or_else(ApiError::not_found)?
-                .clone(),
+            state
+                .identities
+                .client(id)
+                .await?
+                .ok_or_else(ApiError::not_found)?,
         ),
         None => None,
     };
@@ -130,7 +130,7 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         .code_challenge_method
         .as_deref()
         .filter(|s| !s.is_empty());
-    check_client_pkce(client.as_ref(), challenge, method)?;
+    check_client_pkce(client.as_deref(), challenge, method)?;
     let failed = |reason: SignInFailure, user: Option<&str>| {
         let mut event = SecurityEvent::new(SecurityEventKind::SignIn)
             .failed(reason.label())
@@ -244,7 +244,7 @@ async fn apply_membership(
         return Err(ApiError::bad_request("Profile not active"));
     }
     let mut snap = state.snapshot();
-    if !snap.memberships.contains_key(membership_id) || !snap.projects.contains_key(&project_id) {
+    if !snap.projects.contains_key(&project_id) {
         // Written moments ago, maybe by another instance: catch up once before refusing.
         state
             .refresh_if_changed()
@@ -268,6 +268,7 @@ async fn apply_membership(
     if let Some(ip) = ip {
         let policy = state
             .effective_policy(&snap, membership_id, Some(&login.scope))
+            .await?
             .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
         if !policy.check_ip(ip).is_allowed() {
             return Err(ApiError::bad_request("IP address not allowed"));

@@ -42,12 +42,14 @@ pub async fn introspect(
     if client_project.is_none() || login.project_id != client_project {
         return Ok(inactive());
     }
-    let snap = state.snapshot();
-    let profile = login
-        .membership_id
-        .as_deref()
-        .and_then(|m| snap.memberships.get(m))
-        .and_then(|m| m.profile.reference.clone());
+    let profile = match login.membership_id.as_deref() {
+        Some(m) => state
+            .identities
+            .membership(m)
+            .await?
+            .and_then(|m| m.profile.reference.clone()),
+        None => None,
+    };
     let sub = claims.sub.clone().unwrap_or_else(|| {
         login
             .user_ref

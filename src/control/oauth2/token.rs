@@ -21,6 +21,7 @@ use axum::extract::State as AxState;
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use fhirgate_core::policy::model::ProjectMembership;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -173,18 +174,22 @@ async fn client_credentials(
         return Err(ApiError::oauth("Missing client_secret"));
     }
     let snap = state.snapshot();
-    let client = snap
-        .clients
-        .get(&client_id)
+    let client = state
+        .identities
+        .client(&client_id)
+        .await?
         .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let client = client.as_ref();
     if !client.active {
         return Err(ApiError::oauth("Invalid client"));
     }
     if let Some(secret) = &secret {
         check_client_secret(state, client, secret)?;
     }
-    let (membership_id, membership) = snap
+    let (membership_id, membership) = state
+        .identities
         .client_membership(client)
+        .await?
         .ok_or_else(|| ApiError::oauth("Invalid client"))?;
     if !membership.is_active() {
         return Err(ApiError::oauth("Invalid client"));
@@ -197,7 +202,8 @@ async fn client_credentials(
     let scope = form.get("scope").unwrap_or("openid").to_string();
     let ip = client_ip(state, parts)?;
     let policy = state
-        .effective_policy(&snap, membership_id, Some(&scope))
+        .effective_policy(&snap, &membership_id, Some(&scope))
+        .await?
         .ok_or_else(|| {
             ApiError::oauth("Cannot authenticate: Invalid access policy configuration")
         })?;
@@ -244,43 +250,22 @@ async fn client_credentials(
     )
 }
 
-/// The current snapshot, caught up once when it does not know the Login's membership yet
-/// (written moments ago, maybe by another instance).
-async fn snapshot_for(state: &ControlState, login: &LoginRecord) -> Arc<Snapshot> {
-    let snap = state.snapshot();
-    match login.membership_id.as_deref() {
-        Some(m) if !snap.memberships.contains_key(m) => {
-            if let Err(e) = state.refresh_if_changed().await {
-                tracing::warn!(error = %e, "snapshot refresh before a token exchange failed");
-            }
-            state.snapshot()
-        }
-        _ => snap,
-    }
-}
-
 /// The membership, project and IP checks a grant repeats at exchange time: the Login's
 /// membership must still exist and be active, and the caller's address must pass its IP rules.
-fn live_membership<'s>(
+async fn live_membership(
     state: &ControlState,
-    snap: &'s Snapshot,
+    snap: &Snapshot,
     parts: &Parts,
     login: &LoginRecord,
-) -> Result<
-    (
-        &'s String,
-        &'s fhirgate_core::policy::model::ProjectMembership,
-        bool,
-    ),
-    ApiError,
-> {
+) -> Result<(Arc<ProjectMembership>, bool), ApiError> {
     let membership_id = login
         .membership_id
         .as_deref()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    let (id, membership) = snap
-        .memberships
-        .get_key_value(membership_id)
+    let membership = state
+        .identities
+        .membership(membership_id)
+        .await?
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
     if !membership.is_active() {
         return Err(ApiError::oauth("Profile not active"));
@@ -294,12 +279,13 @@ fn live_membership<'s>(
     if let Some(ip) = client_ip(state, parts)? {
         let policy = state
             .effective_policy(snap, membership_id, Some(&login.scope))
+            .await?
             .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
         if !policy.check_ip(ip).is_allowed() {
             return Err(ApiError::oauth("IP address not allowed"));
         }
     }
-    Ok((id, membership.as_ref(), super_admin))
+    Ok((membership, super_admin))
 }
 
 /// The profile reference and project id a token of `membership` names.
@@ -320,16 +306,17 @@ fn profile_and_project(
 }
 
 /// The client a Login was started by, which must still exist and be active to redeem it.
-fn login_client<'s>(
-    snap: &'s Snapshot,
+async fn login_client(
+    state: &ControlState,
     login: &LoginRecord,
-) -> Result<Option<&'s ClientInfo>, ApiError> {
+) -> Result<Option<Arc<ClientInfo>>, ApiError> {
     let Some(id) = login.client_id.as_deref() else {
         return Ok(None);
     };
-    let c = snap
-        .clients
-        .get(id)
+    let c = state
+        .identities
+        .client(id)
+        .await?
         .ok_or_else(|| ApiError::oauth("Invalid client"))?;
     if !c.active {
         return Err(ApiError::oauth("Invalid client"));
@@ -390,8 +377,9 @@ async fn authorization_code(
     if let Some(why) = not_ready(&login) {
         return Err(ApiError::oauth_code("invalid_grant", why.text()));
     }
-    let snap = snapshot_for(state, &login).await;
-    let client = login_client(&snap, &login)?;
+    let snap = state.snapshot();
+    let client = login_client(state, &login).await?;
+    let client = client.as_deref();
     if let Some(bound) = extra_str(&login, keys::REDIRECT_URI)
         && form.get("redirect_uri") != Some(bound)
     {
@@ -418,8 +406,8 @@ async fn authorization_code(
         let c = client.ok_or_else(|| ApiError::oauth("Invalid client"))?;
         check_client_secret(state, c, secret)?;
     }
-    let (_, membership, super_admin) = live_membership(state, &snap, parts, &login)?;
-    let (profile, project_id) = profile_and_project(membership)?;
+    let (membership, super_admin) = live_membership(state, &snap, parts, &login).await?;
+    let (profile, project_id) = profile_and_project(&membership)?;
 
     let lifetime = user_access_lifetime(state, client);
     let offline = flag(&login, keys::OFFLINE) && !super_admin;
@@ -497,7 +485,7 @@ async fn refresh_token(
         event.emit();
         return Err(ApiError::oauth("Invalid token"));
     }
-    let snap = snapshot_for(state, &login).await;
+    let snap = state.snapshot();
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         let (id, presented_secret) = basic_credentials(value)?;
         if login.client_id.as_deref() != Some(id.as_str()) {
@@ -507,8 +495,8 @@ async fn refresh_token(
             .filter(|s| !s.is_empty())
             .ok_or_else(|| ApiError::oauth_code("invalid_grant", "Incorrect client secret"))?;
         // Stricter than Medplum, which only checks that a secret is present.
-        if let Some(c) = snap.clients.get(&id)
-            && check_client_secret(state, c, &presented_secret).is_err()
+        if let Some(c) = state.identities.client(&id).await?
+            && check_client_secret(state, &c, &presented_secret).is_err()
         {
             return Err(ApiError::oauth_code(
                 "invalid_grant",
@@ -521,9 +509,10 @@ async fn refresh_token(
     {
         return Err(ApiError::oauth_code("invalid_grant", "Incorrect client"));
     }
-    let client = login_client(&snap, &login)?;
-    let (_, membership, _) = live_membership(state, &snap, parts, &login)?;
-    let (profile, project_id) = profile_and_project(membership)?;
+    let client = login_client(state, &login).await?;
+    let client = client.as_deref();
+    let (membership, _) = live_membership(state, &snap, parts, &login).await?;
+    let (profile, project_id) = profile_and_project(&membership)?;
     let now = now_unix();
     let lifetime = user_access_lifetime(state, client);
     let refresh_lifetime = refresh_token_lifetime(state, client);

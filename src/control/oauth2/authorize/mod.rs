@@ -219,7 +219,7 @@ async fn continue_step(
     });
     let Some(csrf) = bound else {
         return message_page(
-            login_client(state, &login).as_ref(),
+            login_client(state, &login).await.as_ref(),
             START_AGAIN,
             StatusCode::FORBIDDEN,
         );
@@ -266,7 +266,7 @@ async fn step_error(
             format!("{message}. {START_AGAIN}")
         };
         return message_page(
-            login_client(state, &fresh).as_ref(),
+            login_client(state, &fresh).await.as_ref(),
             &message,
             StatusCode::BAD_REQUEST,
         );

@@ -54,7 +54,7 @@ pub(super) async fn render_step(
     error: Option<String>,
     status: StatusCode,
 ) -> Result<Response, ApiError> {
-    let client = login_client(state, login);
+    let client = login_client(state, login).await;
     let redirect_uri = extra_str(login, keys::REDIRECT_URI);
     let frame = |title: &'static str, step: &'static str| Frame {
         title,

@@ -120,6 +120,8 @@ pub(super) enum Refusal {
     Text(&'static str),
     /// After: a 302 to the client.
     Redirect(Redirect),
+    /// The store cannot say whether the client exists: 503.
+    Unavailable,
 }
 
 #[derive(Debug)]
@@ -134,6 +136,10 @@ impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
             Refusal::Text(t) => ApiError::Text(StatusCode::BAD_REQUEST, t).into_response(),
+            Refusal::Unavailable => ApiError::Outcome(
+                fhirgate_core::fhir::outcome::Stock::CredentialStoreUnavailable.outcome(),
+            )
+            .into_response(),
             Refusal::Redirect(r) => redirect(
                 &r.redirect_uri,
                 &[
@@ -207,12 +213,17 @@ pub(super) fn same_server(aud: &str, base_url: &str) -> bool {
 /// Medplum's checks, in Medplum's order (docs/medplum-compat.md §2.12), plus RFC 6749's "no
 /// parameter twice" and a well-formed `max_age`.
 pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthRequest, Refusal> {
-    let snap = state.snapshot();
-    let client = p
-        .one("client_id")
-        .and_then(|id| snap.clients.get(id))
+    let client = match p.one("client_id") {
+        Some(id) => state
+            .identities
+            .client(id)
+            .await
+            .map_err(|_| Refusal::Unavailable)?,
+        None => None,
+    };
+    let client = client
         .filter(|c| c.active)
-        .cloned()
+        .map(|c| c.as_ref().clone())
         .ok_or(Refusal::Text("Client not found"))?;
     if p.count("redirect_uri") == 0
         || p.0
@@ -358,7 +369,8 @@ impl AuthRequest {
     }
 }
 
-pub(super) fn login_client(state: &State, login: &LoginRecord) -> Option<ClientInfo> {
+pub(super) async fn login_client(state: &State, login: &LoginRecord) -> Option<ClientInfo> {
     let id = login.client_id.as_deref()?;
-    state.snapshot().clients.get(id).cloned()
+    let client = state.identities.client(id).await.ok().flatten()?;
+    Some(client.as_ref().clone())
 }

@@ -108,12 +108,14 @@ pub(super) async fn find_session(
         return Ok(None);
     };
     let now = now_unix();
-    let snap = state.snapshot();
-    let membership_active = login
-        .membership_id
-        .as_deref()
-        .and_then(|m| snap.memberships.get(m))
-        .is_some_and(|m| m.is_active());
+    let membership_active = match login.membership_id.as_deref() {
+        Some(m) => state
+            .identities
+            .membership(m)
+            .await?
+            .is_some_and(|m| m.is_active()),
+        None => false,
+    };
     let usable = !login.revoked
         && is_granted(&login)
         && login.client_id.as_deref() == Some(request.client.id.as_str())

@@ -1,0 +1,362 @@
+//! Identity scale (issue 15): how fhirgate behaves as the number of identities in its store
+//! grows. For each N, a generator loads N clients with their memberships, N/100 AccessPolicies
+//! and N Logins straight into a fresh store; then, through the real control router and a second
+//! instance (`State`) fed by the real change feed:
+//!
+//! - `invites/s`: new clients (client + membership + secret, as `POST /admin/projects/…/client`
+//!   does), 4 at a time, sustained over 400;
+//! - `tokens/s`: client-credentials issuance, 4 at a time;
+//! - `revocation`: a Login revoked through the first instance until the second refuses its
+//!   token (max of 10);
+//! - `request µs`: the second instance's request path per request (authenticate a cached
+//!   Bearer, live checks, effective policy) over 400 identities, one thread;
+//! - `start ms`: a new instance's `State::new` (what it loads at start);
+//! - `entries` / `RSS MiB`: what the second instance's identity caches hold, and the
+//!   process's resident memory at the end (both instances and the generator share it).
+//!
+//! Run: `cargo bench --bench scale` (SQLite, N = 10k and 100k);
+//! `FHIRGATE_SCALE_SIZES=10000,100000,1000000` picks sizes; `FHIRGATE_SCALE_STORE=postgres` runs
+//! on a throwaway PostgreSQL cluster (scripts/pg-cluster). It measures; it asserts no timing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "../tests/common/pg.rs"]
+mod pg;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::ConnectInfo;
+use axum::http::Request;
+use base64::Engine;
+use fhirgate::config::{Config, ConfigFile};
+use fhirgate::control::bootstrap::{BootstrapReport, bootstrap};
+use fhirgate::state::{AuthError, State};
+use fhirgate::store::{BatchWrite, LoginRecord, Store, now_unix};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+const BASE: &str = "http://localhost:8080/";
+const KEK: [u8; 32] = [7; 32];
+const HASH_KEY: &[u8] = b"scale-secret-hash-key";
+const BATCH: usize = 1000;
+
+fn config(dir: &std::path::Path, store_url: &str) -> Config {
+    Config::from_file(ConfigFile {
+        base_url: Some(BASE.into()),
+        data_dir: Some(dir.to_path_buf()),
+        store: Some(store_url.to_string()),
+        admin_client_secret: Some("scale-admin-secret-0123456789abcdef".into()),
+        auth_rate_limit: Some(0),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+async fn instance(dir: &std::path::Path, store_url: &str) -> Arc<State> {
+    let store = Store::open(store_url).await.unwrap();
+    let kek = fhirgate::sealed::KeyEncryptionKey::from_bytes(&KEK).unwrap();
+    State::new(
+        config(dir, store_url),
+        store,
+        Arc::new(kek),
+        HASH_KEY.to_vec(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Loads `n` clients, memberships and Logins, and `n / 100` policies, in batches.
+async fn generate(state: &State, project: &str, n: usize) {
+    let store = &state.store;
+    let policies = (n / 100).max(1);
+    let mut batch = Vec::new();
+    let flush = async |batch: &mut Vec<BatchWrite>| {
+        if !batch.is_empty() {
+            store.write_batch(std::mem::take(batch)).await.unwrap();
+        }
+    };
+    for p in 0..policies {
+        let policy = json!({
+            "resourceType": "AccessPolicy",
+            "id": format!("gen-policy-{p}"),
+            "name": format!("generated {p}"),
+            "resource": [{"resourceType": "Patient"}, {"resourceType": "Observation"}],
+        });
+        batch.push(put(policy, project));
+        if batch.len() >= BATCH {
+            flush(&mut batch).await;
+        }
+    }
+    flush(&mut batch).await;
+    let now = now_unix();
+    for i in 0..n {
+        let id = format!("gen-client-{i}");
+        let client_ref = format!("ClientApplication/{id}");
+        batch.push(put(
+            json!({"resourceType": "ClientApplication", "id": id, "name": format!("generated {i}"),
+                   "redirectUris": [format!("https://app{}.example.org/cb", i % 1000)]}),
+            project,
+        ));
+        batch.push(put(
+            json!({"resourceType": "ProjectMembership", "id": format!("gen-member-{i}"),
+                   "project": {"reference": format!("Project/{project}")},
+                   "user": {"reference": client_ref}, "profile": {"reference": client_ref},
+                   "accessPolicy": {"reference": format!("AccessPolicy/gen-policy-{}", i % policies)}}),
+            project,
+        ));
+        if batch.len() >= BATCH {
+            flush(&mut batch).await;
+        }
+    }
+    flush(&mut batch).await;
+    for i in 0..n {
+        store
+            .insert_login(&LoginRecord {
+                id: format!("gen-login-{i}"),
+                user_ref: format!("ClientApplication/gen-client-{i}"),
+                client_id: Some(format!("gen-client-{i}")),
+                membership_id: Some(format!("gen-member-{i}")),
+                project_id: Some(project.to_string()),
+                scope: "openid".into(),
+                auth_method: "client".into(),
+                auth_time: now,
+                expires_at: now + 3600,
+                // One in ten revoked: the set a revocation check must not hold in memory.
+                revoked: i % 10 == 0,
+                remote_address: None,
+                code: None,
+                refresh_secret: None,
+                extra: json!({"granted": true}),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+fn put(content: Value, project: &str) -> BatchWrite {
+    BatchWrite::Put {
+        index: fhirgate::control::index::index_rows(&content),
+        content,
+        project_id: Some(project.to_string()),
+        expected_version: None,
+        create_only: true,
+    }
+}
+
+fn request(method: &str, uri: &str, headers: &[(&str, &str)], body: String) -> Request<Body> {
+    let mut b = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let mut req = b.body(Body::from(body)).unwrap();
+    let peer: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    req.extensions_mut().insert(ConnectInfo(peer));
+    req
+}
+
+async fn send(app: &Router, req: Request<Body>) -> (u16, Value) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn admin_basic(boot: &BootstrapReport, secret: &str) -> String {
+    let raw = format!("{}:{secret}", boot.client_id);
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(raw)
+    )
+}
+
+/// `count` operations, `parallel` at a time; operations per second.
+async fn rate<F, Fut, T>(count: usize, parallel: usize, op: F) -> (f64, Vec<T>)
+where
+    F: Fn(usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for lane in 0..parallel {
+        let op = op.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            let mut i = lane;
+            while i < count {
+                out.push(op(i).await);
+                i += parallel;
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    (count as f64 / started.elapsed().as_secs_f64(), all)
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+async fn run(n: usize, postgres: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = if postgres {
+        pg::fresh_database()
+    } else {
+        format!("sqlite://{}", dir.path().join("scale.db").display())
+    };
+    let a = instance(&dir.path().join("a"), &url).await;
+    let boot = bootstrap(&a).await.unwrap();
+    let project = boot.default_project_id.clone();
+    let started = Instant::now();
+    generate(&a, &project, n).await;
+    let generated = started.elapsed();
+    a.refresh().await.unwrap();
+    // The generator's own changes are history by now, as they would be in a store that grew
+    // over months: prune them as the feed's housekeeping does.
+    a.store.prune(now_unix() + 3600, 0, 7200).await.unwrap();
+    a.refresh().await.unwrap();
+
+    let started = Instant::now();
+    let b = instance(&dir.path().join("b"), &url).await;
+    let start_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let feed = tokio::spawn(fhirgate::feed::run(b.clone(), stopped));
+
+    let app = fhirgate::control::router(a.clone());
+    let admin = admin_basic(&boot, "scale-admin-secret-0123456789abcdef");
+    let uri = format!("/admin/projects/{project}/client");
+    let (invites, created) = {
+        let (app, admin, uri) = (app.clone(), admin.clone(), uri.clone());
+        rate(400, 4, move |i| {
+            let (app, admin, uri) = (app.clone(), admin.clone(), uri.clone());
+            async move {
+                let body = json!({"name": format!("invite {i}")}).to_string();
+                let headers = [
+                    ("authorization", admin.as_str()),
+                    ("content-type", "application/json"),
+                ];
+                let (status, v) = send(&app, request("POST", &uri, &headers, body)).await;
+                assert_eq!(status, 201, "{v}");
+                (
+                    v["id"].as_str().unwrap().to_string(),
+                    v["secret"].as_str().unwrap().to_string(),
+                )
+            }
+        })
+        .await
+    };
+    let (tokens, bearers) = {
+        let (app, created) = (app.clone(), Arc::new(created));
+        rate(400, 4, move |i| {
+            let (app, created) = (app.clone(), created.clone());
+            async move {
+                let (id, secret) = &created[i];
+                let form =
+                    format!("grant_type=client_credentials&client_id={id}&client_secret={secret}");
+                let headers = [("content-type", "application/x-www-form-urlencoded")];
+                let (status, v) =
+                    send(&app, request("POST", "/oauth2/token", &headers, form)).await;
+                assert_eq!(status, 200, "{v}");
+                format!("Bearer {}", v["access_token"].as_str().unwrap())
+            }
+        })
+        .await
+    };
+
+    // The request path on the second instance, warm: every identity seen once first.
+    let snap = b.snapshot();
+    for bearer in &bearers {
+        let id = b.authenticate(Some(bearer)).await.0.unwrap();
+        b.effective_policy(&snap, &id.membership_id, id.scope.as_deref())
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let rounds = 250;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        for bearer in &bearers {
+            let id = b.authenticate(Some(bearer)).await.0.unwrap();
+            let p = b
+                .effective_policy(&snap, &id.membership_id, id.scope.as_deref())
+                .await
+                .unwrap()
+                .unwrap();
+            std::hint::black_box(p);
+        }
+    }
+    let request_us = started.elapsed().as_secs_f64() * 1e6 / (rounds * bearers.len()) as f64;
+
+    let mut slowest = Duration::ZERO;
+    for bearer in bearers.iter().take(10) {
+        let id = b.authenticate(Some(bearer)).await.0.unwrap();
+        let login = id.login_id.clone().unwrap();
+        a.store.revoke_login(&login).await.unwrap();
+        a.refresh().await.unwrap();
+        let since = Instant::now();
+        while b.authenticate(Some(bearer)).await.0.err() != Some(AuthError::LoginRevoked) {
+            assert!(since.elapsed() < Duration::from_secs(10), "never revoked");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        slowest = slowest.max(since.elapsed());
+    }
+    let entries = b.identities.entries();
+    let rss = rss_mib();
+    stop.send(true).unwrap();
+    feed.await.unwrap();
+    println!(
+        "| {} | {:>9} | {:>6.0} s | {:>9.0} | {:>8.0} | {:>8} ms | {:>10.1} | {:>8.0} | {:>7} | {:>7.0} |",
+        if postgres { "PostgreSQL" } else { "SQLite" },
+        n,
+        generated.as_secs_f64(),
+        invites,
+        tokens,
+        slowest.as_millis(),
+        request_us,
+        start_ms,
+        entries,
+        rss,
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; anything else (a criterion filter) is ignored here.
+    let sizes: Vec<usize> = std::env::var("FHIRGATE_SCALE_SIZES")
+        .unwrap_or_else(|_| "10000,100000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let postgres = std::env::var("FHIRGATE_SCALE_STORE").is_ok_and(|s| s == "postgres");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    println!(
+        "| store | N | generate | invites/s | tokens/s | revocation | request µs | start ms | entries | RSS MiB |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        rt.block_on(run(n, postgres));
+    }
+}
