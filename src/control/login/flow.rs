@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use std::net::IpAddr;
 
 use crate::control::base::passwords::verify_password;
+use crate::control::base::resources::read_by_id;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::base::users::valid_email;
@@ -48,7 +49,6 @@ use crate::control::login::state::wants_offline;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 use crate::obs::security::{SecurityEvent, SecurityEventKind};
-use fhirgate_core::fhir::path::is_valid_id;
 
 /// express-validator's answer (a validation OperationOutcome with a random id), for the first
 /// failed field.
@@ -230,10 +230,9 @@ async fn apply_membership(
         return Err(ApiError::bad_request("Invalid profile"));
     }
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, id)| id.to_string())
-        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+        .project_id()
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?
+        .to_string();
     if let Some(p) = login.project_id.as_deref()
         && p != "new"
         && p != project_id
@@ -304,12 +303,9 @@ pub async fn choose_profile(
     if login.membership_id.is_some() {
         return Err(ApiError::bad_request("Login profile already set"));
     }
-    let stored = if is_valid_id(membership_id) {
-        state.store.read("ProjectMembership", membership_id).await?
-    } else {
-        None
-    };
-    let stored = stored.ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let stored = read_by_id(state, "ProjectMembership", membership_id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
     let membership: ProjectMembership = serde_json::from_value(stored.content)
         .map_err(|_| ApiError::bad_request("Profile not found"))?;
     let mut updated = login.clone();

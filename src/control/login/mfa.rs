@@ -412,14 +412,37 @@ async fn sign_in_attempt(
     .await
 }
 
-/// The sign-in step: checks `token` for the Login's user and marks the Login `mfaVerified`.
-/// Shared by `/auth/mfa/verify` and the sign-in page.
-pub(crate) async fn verify_login(
+/// The MFA step of a sign-in, shared by `/auth/mfa/*` and the sign-in page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInCode {
+    /// A code of an enrolled user (`/auth/mfa/verify`).
+    Verify,
+    /// The first code of a forced enrolment (`User.mfaRequired`, `/auth/mfa/login-enroll`).
+    Enroll,
+}
+
+impl SignInCode {
+    /// Checks `token` on the Login `login_id`; the Login, marked verified, when it is right.
+    pub async fn check(
+        self,
+        state: &State,
+        login_id: &str,
+        token: &str,
+    ) -> Result<LoginRecord, ApiError> {
+        let login = get_login(state, login_id).await?;
+        match self {
+            SignInCode::Verify => verify_login(state, login, token).await,
+            SignInCode::Enroll => login_enroll(state, login, token).await,
+        }
+    }
+}
+
+/// Checks `token` for the Login's user and marks the Login `mfaVerified`.
+async fn verify_login(
     state: &State,
-    login_id: &str,
+    login: LoginRecord,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = get_login(state, login_id).await?;
     check_login_open(&login)?;
     let user = read_user(state, &login.user_ref)
         .await?
@@ -439,14 +462,13 @@ pub(crate) async fn verify_login(
     }
 }
 
-/// Forced enrolment during sign-in (`User.mfaRequired`): checks `token` against the secret the
-/// user was given, marks the user enrolled and the Login verified.
-pub(crate) async fn login_enroll(
+/// Forced enrolment during sign-in: checks `token` against the secret the user was given, marks
+/// the user enrolled and the Login verified.
+async fn login_enroll(
     state: &State,
-    login_id: &str,
+    login: LoginRecord,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = get_login(state, login_id).await?;
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;

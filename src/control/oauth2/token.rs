@@ -190,10 +190,9 @@ async fn client_credentials(
         return Err(ApiError::oauth("Invalid client"));
     }
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, id)| id.to_string())
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        .project_id()
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?
+        .to_string();
     let scope = form.get("scope").unwrap_or("openid").to_string();
     let ip = client_ip(state, parts)?;
     let policy = state
@@ -312,11 +311,9 @@ fn profile_and_project(
         .clone()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, p)| p.to_string())
+        .project_id()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    Ok((profile, project_id))
+    Ok((profile, project_id.to_string()))
 }
 
 /// The client a Login was started by, which must still exist and be active to redeem it.

@@ -26,8 +26,7 @@ use crate::control::login::flow::issue_code;
 use crate::control::login::flow::password_login;
 use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
-use crate::control::login::mfa::login_enroll;
-use crate::control::login::mfa::verify_login;
+use crate::control::login::mfa::SignInCode;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::extra_str;
 use crate::control::login::state::flag;
@@ -226,14 +225,17 @@ async fn continue_step(
     };
     let token = p.one("token").unwrap_or_default();
     match step {
-        "mfa" => match verify_login(state, &login.id, token).await {
-            Ok(l) => next_step(state, l, &csrf).await,
-            Err(e) => step_error(state, login, &csrf, e).await,
-        },
-        "enroll" => match login_enroll(state, &login.id, token).await {
-            Ok(l) => next_step(state, l, &csrf).await,
-            Err(e) => step_error(state, login, &csrf, e).await,
-        },
+        "mfa" | "enroll" => {
+            let code = if step == "mfa" {
+                SignInCode::Verify
+            } else {
+                SignInCode::Enroll
+            };
+            match code.check(state, &login.id, token).await {
+                Ok(l) => next_step(state, l, &csrf).await,
+                Err(e) => step_error(state, login, &csrf, e).await,
+            }
+        }
         "profile" => {
             let ip = client_ip(state, parts)?;
             let chosen = p.one("profile").unwrap_or_default();
@@ -274,21 +276,33 @@ async fn step_error(
     render_step(state, &fresh, csrf, Some(message), StatusCode::BAD_REQUEST).await
 }
 
-/// The ticked scopes of a consent form: each one asked for, at least one. `Err` is the message.
-fn chosen_scopes<'a>(p: &'a Params, requested: &str) -> Result<Vec<&'a str>, &'static str> {
+/// What a consent form says.
+enum Consent<'a> {
+    Deny,
+    /// The ticked scopes: each one asked for, at least one.
+    Grant(Vec<&'a str>),
+    /// The form again, with this message.
+    Invalid(&'static str),
+}
+
+/// Reads a consent form for a request that asked for `requested`.
+fn consent_answer<'a>(p: &'a Params, requested: &str) -> Consent<'a> {
+    if p.one("decision") == Some("deny") {
+        return Consent::Deny;
+    }
     let mut chosen: Vec<&str> = Vec::new();
     for word in p.all("grant") {
         if !requested.split_ascii_whitespace().any(|w| w == word) {
-            return Err("Invalid scope");
+            return Consent::Invalid("Invalid scope");
         }
         if !chosen.contains(&word) {
             chosen.push(word);
         }
     }
     if chosen.is_empty() {
-        return Err("Choose at least one permission, or deny access.");
+        return Consent::Invalid("Choose at least one permission, or deny access.");
     }
-    Ok(chosen)
+    Consent::Grant(chosen)
 }
 
 /// Where the page's Login goes back to: its redirect URI and the client's `state`.
@@ -311,21 +325,15 @@ async fn consent(
     p: &Params,
 ) -> Result<Response, ApiError> {
     let (redirect_uri, client_state) = return_to(&login)?;
-    if p.one("decision") == Some("deny") {
-        revoke(state, &login.id).await?;
-        return Ok(denied(&redirect_uri, &client_state));
-    }
-    let chosen = match chosen_scopes(p, &login.scope) {
-        Ok(c) => c,
-        Err(message) => {
-            return render_step(
-                state,
-                &login,
-                csrf,
-                Some(message.to_string()),
-                StatusCode::BAD_REQUEST,
-            )
-            .await;
+    let chosen = match consent_answer(p, &login.scope) {
+        Consent::Grant(chosen) => chosen,
+        Consent::Deny => {
+            revoke(state, &login.id).await?;
+            return Ok(denied(&redirect_uri, &client_state));
+        }
+        Consent::Invalid(message) => {
+            let message = Some(message.to_string());
+            return render_step(state, &login, csrf, message, StatusCode::BAD_REQUEST).await;
         }
     };
     match set_scope(state, &login, &chosen.join(" ")).await {
@@ -370,19 +378,13 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
             StatusCode::BAD_REQUEST,
         );
     };
-    if p.one("decision") == Some("deny") {
-        return Ok(denied(&request.redirect_uri, &request.state));
-    }
-    let chosen = match chosen_scopes(p, &request.scope) {
-        Ok(c) => c,
-        Err(message) => {
-            return resume_consent_page(
-                state,
-                &request,
-                &csrf,
-                Some(message.to_string()),
-                StatusCode::BAD_REQUEST,
-            );
+    let chosen = match consent_answer(p, &request.scope) {
+        Consent::Grant(chosen) => chosen,
+        // The session stays as it was.
+        Consent::Deny => return Ok(denied(&request.redirect_uri, &request.state)),
+        Consent::Invalid(message) => {
+            let message = Some(message.to_string());
+            return resume_consent_page(state, &request, &csrf, message, StatusCode::BAD_REQUEST);
         }
     };
     let Some((login, _)) = reopen(state, &session, &request).await? else {
