@@ -34,12 +34,11 @@ use crate::control::login::mfa::read_user;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
 use crate::control::login::state::CODE_LIFETIME;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::PENDING_LIFETIME;
 use crate::control::login::state::code_hash;
 use crate::control::login::state::ensure_pending;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
@@ -284,7 +283,7 @@ async fn apply_membership(
         .get("mfaRequired")
         .and_then(Value::as_bool)
         .unwrap_or(false)
-        && !flag(login, keys::MFA_REQUIRED)
+        && !LoginFlow::of(login).mfa_required
     {
         set_extra(login, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
     }
@@ -327,8 +326,8 @@ pub async fn set_scope(
     }
     let mut updated = login.clone();
     updated.scope = scope.to_string();
-    let offline =
-        flag(login, keys::OFFLINE) && (flag(login, keys::REMEMBER) || wants_offline(scope));
+    let flow = LoginFlow::of(login);
+    let offline = flow.offline && (flow.remember || wants_offline(scope));
     set_extra(&mut updated, keys::OFFLINE, Value::Bool(offline));
     set_extra(&mut updated, keys::SCOPE_GRANTED, Value::Bool(true));
     save_pending(state, &updated).await?;
@@ -395,7 +394,8 @@ pub async fn issue_code(state: &State, login: &mut LoginRecord) -> Result<String
 /// - otherwise → `{login, memberships}`.
 pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Value, ApiError> {
     let id = login.id.clone();
-    if flag(login, keys::MFA_ENROLL_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+    let flow = LoginFlow::of(login);
+    if flow.mfa_enroll_required && !flow.mfa_verified {
         // Medplum hands out the secret to enrol with right here (creating it if needed).
         let mut out = json!({"login": id, "mfaEnrollRequired": true});
         if let Some(user) = read_user(state, &login.user_ref).await? {
@@ -408,7 +408,7 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         }
         return Ok(out);
     }
-    if flag(login, keys::MFA_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+    if flow.mfa_required && !flow.mfa_verified {
         return Ok(json!({"login": id, "mfaRequired": true}));
     }
     if login.project_id.as_deref() == Some("new") && login.membership_id.is_none() {
@@ -456,7 +456,7 @@ pub(crate) async fn login_memberships(
         state,
         &login.user_ref,
         login.project_id.as_deref(),
-        extra_str(login, keys::PROFILE_TYPE),
+        LoginFlow::of(login).profile_type.as_deref(),
     )
     .await
 }

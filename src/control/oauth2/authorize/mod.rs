@@ -27,9 +27,8 @@ use crate::control::login::flow::password_login;
 use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
 use crate::control::login::mfa::SignInCode;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
@@ -48,7 +47,6 @@ use crate::control::oauth2::authorize::request::Redirect;
 use crate::control::oauth2::authorize::request::Refusal;
 use crate::control::oauth2::authorize::request::check_request;
 use crate::control::oauth2::authorize::request::login_client;
-use crate::control::oauth2::authorize::request::page_keys;
 use crate::control::oauth2::authorize::request::redirect;
 use crate::control::oauth2::authorize::session::SESSION_COOKIE_SECONDS;
 use crate::control::oauth2::authorize::session::bind_csrf;
@@ -190,7 +188,7 @@ async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
     };
     set_extra(
         &mut login,
-        page_keys::STATE,
+        keys::AUTHORIZE_STATE,
         Value::String(request.state.clone()),
     );
     bind_csrf(state, &mut login, &csrf).await?;
@@ -213,8 +211,9 @@ async fn continue_step(
         return message_page(None, START_AGAIN, StatusCode::BAD_REQUEST);
     };
     let bound = csrf_matches(parts, p).filter(|token| {
-        extra_str(&login, page_keys::CSRF)
-            .is_some_and(|h| hashes_equal(h, &state.hash_secret(token)))
+        LoginFlow::of(&login)
+            .csrf
+            .is_some_and(|h| hashes_equal(&h, &state.hash_secret(token)))
     });
     let Some(csrf) = bound else {
         return message_page(
@@ -307,12 +306,11 @@ fn consent_answer<'a>(p: &'a Params, requested: &str) -> Consent<'a> {
 
 /// Where the page's Login goes back to: its redirect URI and the client's `state`.
 fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
-    let redirect_uri = extra_str(login, keys::REDIRECT_URI)
-        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
-        .to_string();
-    let client_state = extra_str(login, page_keys::STATE)
-        .unwrap_or_default()
-        .to_string();
+    let flow = LoginFlow::of(login);
+    let redirect_uri = flow
+        .redirect_uri
+        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?;
+    let client_state = flow.authorize_state.unwrap_or_default();
     Ok((redirect_uri, client_state))
 }
 
@@ -393,7 +391,7 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
     let mut login = set_scope(state, &login, &chosen.join(" ")).await?;
     set_extra(
         &mut login,
-        page_keys::CSRF,
+        keys::CSRF,
         Value::String(state.hash_secret(&csrf)),
     );
     finish(state, login).await
@@ -401,7 +399,8 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
 
 /// Consent is asked for anything beyond a plain sign-in.
 fn needs_consent(login: &LoginRecord) -> bool {
-    !flag(login, keys::SCOPE_GRANTED) && login.scope.split_ascii_whitespace().any(|w| w != "openid")
+    !LoginFlow::of(login).scope_granted
+        && login.scope.split_ascii_whitespace().any(|w| w != "openid")
 }
 
 /// The next page for a Login, or — when it is ready — the code.

@@ -22,14 +22,6 @@ const MAX_FORM: usize = 64 * 1024;
 /// A session is reused only this long after sign-in, unless `max_age` says otherwise.
 const DEFAULT_MAX_AGE: i64 = 3600;
 
-/// Extra keys of the Login this module owns (the shared ones are in `keys`).
-pub(super) mod page_keys {
-    /// Keyed hash of the CSRF token of the browser that created the Login.
-    pub const CSRF: &str = "csrf";
-    /// The client's `state`, returned with the code.
-    pub const STATE: &str = "authorizeState";
-}
-
 /// Fields of fhirgate's forms, not of the authorization request.
 const PAGE_FIELDS: [&str; 9] = [
     "step", "csrf", "login", "grant", "decision", "token", "profile", "email", "password",
