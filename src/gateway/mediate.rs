@@ -87,16 +87,8 @@ impl Gateway {
             rb = rb.header(*k, v.as_str());
         }
         let binding = ctx.binding(&self.state);
-        if let Some(auth) = &binding.upstream.authorization {
-            rb = rb.header("authorization", auth.as_str());
-        }
-        if let Some(id) = &ctx.identity {
-            rb = rb
-                .header("x-fhirgate-profile", id.profile.as_str())
-                .header("x-fhirgate-project", id.project_id.as_str());
-        }
-        if let Some(obo) = &ctx.on_behalf_of_profile {
-            rb = rb.header("x-fhirgate-on-behalf-of", obo.as_str());
+        for (name, value) in super::forward::upstream_identity(ctx, &binding.upstream).headers() {
+            rb = rb.header(name, value);
         }
         if let Some(ip) = ctx.client_ip {
             rb = rb.header("x-forwarded-for", ip.to_string());
