@@ -10,6 +10,7 @@ use std::net::IpAddr;
 use fhirgate_core::fhir::classify::classify;
 use fhirgate_core::fhir::path::is_valid_id;
 use fhirgate_core::fhir::request::{FhirOp, FhirRequest, Interaction, QueryParam, RequestParts};
+use fhirgate_core::fhir::types::is_control_type;
 use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::compiled::{
     InteractionSet, is_known_resource_type, is_project_admin_type, is_protected_type,
@@ -26,8 +27,6 @@ use fhirgate_core::policy::model::{
 };
 use fhirgate_core::policy::write::WriteRefusal;
 use serde_json::Value;
-
-use crate::gateway::route::CONTROL_FHIR_TYPES;
 
 /// Project id of the in-memory membership (it appears in a project admin's entries).
 pub const PROJECT_ID: &str = "explain";
@@ -451,7 +450,7 @@ fn request_section(
         return;
     }
     let first = path.split('/').next().unwrap_or("");
-    if CONTROL_FHIR_TYPES.contains(&first) {
+    if is_control_type(first) {
         let _ = writeln!(
             out,
             "  note: {first} is an identity resource: the gateway hands it to the control API, which applies this policy with its own checks"

@@ -241,7 +241,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     };
     ctx.resource_type = request.op.resource_type().map(str::to_string);
     if let Some(ty) = request.op.resource_type()
-        && super::route::CONTROL_FHIR_TYPES.contains(&ty)
+        && fhirgate_core::fhir::types::is_control_type(ty)
     {
         return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");
     }

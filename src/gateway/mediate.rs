@@ -413,7 +413,7 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
             .as_ref()
             .ok()
             .and_then(FhirOp::resource_type)
-            .is_some_and(|t| super::route::CONTROL_FHIR_TYPES.contains(&t));
+            .is_some_and(fhirgate_core::fhir::types::is_control_type);
         let (verdict, resource) = match decision {
             _ if identity_type => (Some(Deny::Forbidden("identity_type_upstream")), None),
             Decision::Deny(d) => (Some(d.clone()), None),

@@ -37,25 +37,9 @@ use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
+use fhirgate_core::fhir::types::STORED_IDENTITY_TYPES;
+use fhirgate_core::fhir::types::UNSTORED_IDENTITY_TYPES;
 use serde_json::Value;
-
-/// The identity types this module stores.
-pub const IDENTITY_TYPES: [&str; 6] = [
-    "AccessPolicy",
-    "ClientApplication",
-    "DomainConfiguration",
-    "ProjectMembership",
-    "Project",
-    "User",
-];
-
-/// Control-plane types the gateway routes here that fhirgate does not store as resources.
-const UNSTORED_TYPES: [&str; 4] = [
-    "Login",
-    "JsonWebKey",
-    "IdentityProvider",
-    "UserSecurityRequest",
-];
 
 /// Which of the four request shapes a type is handled with.
 enum TypeClass {
@@ -67,9 +51,9 @@ enum TypeClass {
 }
 
 fn classify(resource_type: &str) -> TypeClass {
-    if IDENTITY_TYPES.contains(&resource_type) {
+    if STORED_IDENTITY_TYPES.contains(&resource_type) {
         TypeClass::Stored
-    } else if UNSTORED_TYPES.contains(&resource_type) {
+    } else if UNSTORED_IDENTITY_TYPES.contains(&resource_type) {
         TypeClass::Unstored
     } else {
         TypeClass::Unknown
