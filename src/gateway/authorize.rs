@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fhirgate_core::fhir::classify::{METHOD_OVERRIDE_HEADERS, classify};
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use fhirgate_core::fhir::request::{FhirOp, RequestParts};
 use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::decide::{self, Decision, Deny, Permit, ResponseNeed};
@@ -62,12 +63,12 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > limit {
-                    return Err(Outcome::PayloadTooLarge("Request body too large".into()));
+                    return Err(Stock::BodyTooLarge.outcome());
                 }
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => break,
-            Err(_) => return Err(Outcome::BadRequest("Could not read request body".into())),
+            Err(_) => return Err(Stock::BodyUnreadable.outcome()),
         }
     }
     Ok(if buf.is_empty() {
@@ -81,19 +82,13 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     let state = &gw.state;
     let req = session.req_header();
     if req.headers.contains_key("upgrade") {
-        return Verdict::Deny(
-            Outcome::BadRequest("Protocol upgrade is not supported".into()),
-            "upgrade",
-        );
+        return Verdict::Deny(Stock::ProtocolUpgrade.outcome(), "upgrade");
     }
     if METHOD_OVERRIDE_HEADERS
         .iter()
         .any(|h| req.headers.contains_key(*h))
     {
-        return Verdict::Deny(
-            Outcome::BadRequest("Method override is not allowed".into()),
-            "method_override",
-        );
+        return Verdict::Deny(Stock::MethodOverride.outcome(), "method_override");
     }
     let auth_header = req
         .headers
@@ -122,7 +117,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         Ok(i) => i,
         Err(AuthError::StoreUnavailable) => {
             return Verdict::Deny(
-                Outcome::ServiceUnavailable("Credential store unavailable".into()),
+                Stock::CredentialStoreUnavailable.outcome(),
                 "store_unavailable",
             );
         }
@@ -136,10 +131,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         .get(&identity.project_id)
         .and_then(|p| state.upstreams.get(&p.upstream));
     let Some(binding) = binding else {
-        return Verdict::Deny(
-            Outcome::ServiceUnavailable("The project's upstream is not configured".into()),
-            "upstream_unbound",
-        );
+        return Verdict::Deny(Stock::UpstreamNotConfigured.outcome(), "upstream_unbound");
     };
     ctx.upstream = Some(binding.clone());
     let (caller_admin, super_admin) = is_admin(&snap, &identity.membership_id);

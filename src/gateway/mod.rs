@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -119,7 +120,7 @@ impl ProxyHttp for Gateway {
         ctx.client_ip = match self.client_ip(session) {
             Ok(ip) => Some(ip),
             Err(_) => {
-                let o = Outcome::BadRequest("Invalid X-Forwarded-For header".into());
+                let o = Stock::InvalidForwardedFor.outcome();
                 return self.deny(session, ctx, o, "bad_forwarded_for").await;
             }
         };
@@ -155,7 +156,7 @@ impl ProxyHttp for Gateway {
                     .await
             }
             Route::BadPath => {
-                let o = Outcome::BadRequest("Invalid path".into());
+                let o = Stock::InvalidPath.outcome();
                 self.deny(session, ctx, o, "bad_path").await
             }
             Route::Fhir { .. } => match authorize::authorize(self, session, ctx).await {
@@ -230,19 +231,17 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         use pingora::ErrorType::*;
         let outcome = match e.etype() {
-            ConnectTimedout | ReadTimedout | WriteTimedout => {
-                Outcome::GatewayTimeout("Upstream timed out".into())
-            }
+            ConnectTimedout | ReadTimedout | WriteTimedout => Stock::UpstreamTimedOut.outcome(),
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => {
-                Outcome::BadGateway("Upstream unavailable".into())
+                Stock::UpstreamUnavailable.outcome()
             }
             ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => {
-                Outcome::BadGateway("Upstream unavailable".into())
+                Stock::UpstreamUnavailable.outcome()
             }
             _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => {
-                Outcome::BadRequest("Bad request".into())
+                Stock::BadRequest.outcome()
             }
-            _ => Outcome::BadGateway("Upstream error".into()),
+            _ => Stock::UpstreamError.outcome(),
         };
         ctx.decision = "upstream_error";
         let code = outcome.status();
