@@ -43,16 +43,25 @@ pub struct Gateway {
 }
 
 impl Gateway {
+    /// The gateway, or a panic when its HTTP client cannot be built ([`Gateway::try_new`]).
+    ///
+    /// # Panics
+    /// When [`Gateway::try_new`] fails.
     pub fn new(state: Arc<State>) -> Gateway {
+        Gateway::try_new(state).expect("the gateway's HTTP client (TLS setup)")
+    }
+
+    /// The gateway and the HTTP client of its mediated requests. Fails when the client cannot be
+    /// built (TLS cannot be set up): a client without the upstream's timeouts is never used.
+    pub fn try_new(state: Arc<State>) -> Result<Gateway, reqwest::Error> {
         let up = &state.config.upstream;
         let http = reqwest::Client::builder()
             .connect_timeout(up.connect_timeout)
             .timeout(up.read_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Gateway { state, http }
+            .build()?;
+        Ok(Gateway { state, http })
     }
 
     fn client_ip(
