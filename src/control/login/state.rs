@@ -3,7 +3,7 @@
 
 use crate::state::State;
 use crate::store::LoginRecord;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 
@@ -19,7 +19,7 @@ pub const PENDING_LIFETIME: i64 = 3600;
 /// code still finds its Login (and revokes it).
 pub const GRANTED_PREFIX: &str = "g:";
 
-/// Keys of `LoginRecord.extra`, for the steps that write it (reads go through [`LoginFlow`]).
+/// Keys of `LoginRecord.extra`: the names [`LoginFlow`] reads, and later steps write in place.
 pub mod keys {
     pub const CODE_CHALLENGE: &str = "codeChallenge";
     pub const CODE_CHALLENGE_METHOD: &str = "codeChallengeMethod";
@@ -27,14 +27,17 @@ pub mod keys {
     pub const REDIRECT_URI: &str = "redirectUri";
     pub const LAUNCH: &str = "launch";
     pub const GRANTED: &str = "granted";
-    /// Written only when a Login is created (through [`super::LoginFlow`]); tests set it.
-    #[cfg(test)]
     pub const MFA_REQUIRED: &str = "mfaRequired";
     pub const MFA_VERIFIED: &str = "mfaVerified";
     pub const MFA_ENROLL_REQUIRED: &str = "mfaEnrollRequired";
     pub const SCOPE_GRANTED: &str = "scopeGranted";
     pub const PROFILE_SET: &str = "profileSet";
     pub const COOKIE: &str = "cookie";
+    pub const REMEMBER: &str = "remember";
+    pub const ORIGIN: &str = "origin";
+    pub const USER_AGENT: &str = "userAgent";
+    /// The profile type the membership must have (`resourceType` of `/auth/login`).
+    pub const PROFILE_TYPE: &str = "profileType";
     /// Offline access was asked for (`offline`, `offline_access` or `remember`) and is allowed:
     /// the code exchange then creates a refresh secret.
     pub const OFFLINE: &str = "offline";
@@ -54,80 +57,57 @@ pub mod keys {
 ///
 /// A new Login is written from this struct, in field order up to `mfa_enroll_required` (the rows
 /// earlier versions wrote have the same shape). Later steps add their keys to the stored map in
-/// place (`keys`), so a Login's `extra` is never rewritten whole; every read parses it here.
-/// Reading is as lenient as the string-keyed reads were: a value of the wrong type counts as
-/// absent, and so does an empty string (but for the nonce, which the ID token carries as stored).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
+/// place (`keys`), so a Login's `extra` is never rewritten whole; every read parses it with
+/// [`LoginFlow::of`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LoginFlow {
     /// Tokens were issued from this Login (see also [`GRANTED_PREFIX`]).
-    #[serde(deserialize_with = "lenient::flag")]
     pub granted: bool,
     /// The client's nonce, echoed in the ID token.
-    #[serde(deserialize_with = "lenient::raw_text")]
     pub nonce: Option<String>,
     /// PKCE (RFC 7636): the code is redeemed only with the verifier of this challenge.
-    #[serde(deserialize_with = "lenient::text")]
     pub code_challenge: Option<String>,
     /// `plain` or `S256`.
-    #[serde(deserialize_with = "lenient::text")]
     pub code_challenge_method: Option<String>,
     /// The SMART launch context the client asked for.
-    #[serde(deserialize_with = "lenient::text")]
     pub launch: Option<String>,
     /// Set by `/oauth2/authorize`: the code is then bound to it.
-    #[serde(deserialize_with = "lenient::text")]
     pub redirect_uri: Option<String>,
     /// The `Origin` of the request that started the sign-in.
-    #[serde(deserialize_with = "lenient::text")]
     pub origin: Option<String>,
     /// Shown in the user's list of sessions (`/auth/me`).
-    #[serde(deserialize_with = "lenient::text")]
     pub user_agent: Option<String>,
     /// The profile type the membership must have.
-    #[serde(deserialize_with = "lenient::text")]
     pub profile_type: Option<String>,
     /// "Remember me": offline access whatever the scope says.
-    #[serde(deserialize_with = "lenient::flag")]
     pub remember: bool,
     /// Offline access was asked for and is allowed: the code exchange creates a refresh secret.
-    #[serde(deserialize_with = "lenient::flag")]
     pub offline: bool,
     /// The user is enrolled in MFA: a code must be verified on this Login.
-    #[serde(deserialize_with = "lenient::flag")]
     pub mfa_required: bool,
-    #[serde(deserialize_with = "lenient::flag")]
     pub mfa_verified: bool,
     /// MFA is required but the user is not enrolled yet: enrolment comes first.
-    #[serde(deserialize_with = "lenient::flag")]
     pub mfa_enroll_required: bool,
 
     // What later steps add; absent from a new Login.
     /// The user consented to the scope on the sign-in page.
-    #[serde(deserialize_with = "lenient::flag", skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "is_false")]
     pub scope_granted: bool,
-    #[serde(deserialize_with = "lenient::flag", skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "is_false")]
     pub profile_set: bool,
     /// Unix seconds after which the current code is refused; no code, no expiry.
-    #[serde(deserialize_with = "lenient::number")]
     pub code_expires_at: Option<i64>,
     /// Keyed hash of the sign-in page's session cookie.
-    #[serde(deserialize_with = "lenient::text")]
     pub cookie: Option<String>,
     /// Keyed hash of the CSRF token of the browser that created the Login (sign-in page).
-    #[serde(deserialize_with = "lenient::text")]
     pub csrf: Option<String>,
     /// The client's `state`, returned with the code (sign-in page).
-    #[serde(deserialize_with = "lenient::text")]
     pub authorize_state: Option<String>,
     /// Unix seconds of the wrong MFA codes tried on this Login (the attempt limits).
-    #[serde(
-        deserialize_with = "lenient::numbers",
-        skip_serializing_if = "Vec::is_empty"
-    )]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub mfa_failures: Vec<i64>,
     /// The TOTP step of the last accepted code: a code is never accepted twice.
-    #[serde(deserialize_with = "lenient::step")]
     pub mfa_step: Option<u64>,
 }
 
@@ -136,12 +116,44 @@ fn is_false(b: &bool) -> bool {
 }
 
 impl LoginFlow {
-    /// The flow state of a stored Login (a non-object `extra` reads as the default).
+    /// The flow state of a stored Login. As lenient as the string-keyed reads were: a value of
+    /// the wrong type counts as absent, and so does an empty string (but for the nonce, which
+    /// the ID token carries as stored); an `extra` that is not an object is the default.
     pub fn of(login: &LoginRecord) -> LoginFlow {
-        if !login.extra.is_object() {
+        let Some(m) = login.extra.as_object() else {
             return LoginFlow::default();
+        };
+        let flag = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let raw = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+        let text = |k: &str| raw(k).filter(|s| !s.is_empty());
+        LoginFlow {
+            granted: flag(keys::GRANTED),
+            nonce: raw(keys::NONCE),
+            code_challenge: text(keys::CODE_CHALLENGE),
+            code_challenge_method: text(keys::CODE_CHALLENGE_METHOD),
+            launch: text(keys::LAUNCH),
+            redirect_uri: text(keys::REDIRECT_URI),
+            origin: text(keys::ORIGIN),
+            user_agent: text(keys::USER_AGENT),
+            profile_type: text(keys::PROFILE_TYPE),
+            remember: flag(keys::REMEMBER),
+            offline: flag(keys::OFFLINE),
+            mfa_required: flag(keys::MFA_REQUIRED),
+            mfa_verified: flag(keys::MFA_VERIFIED),
+            mfa_enroll_required: flag(keys::MFA_ENROLL_REQUIRED),
+            scope_granted: flag(keys::SCOPE_GRANTED),
+            profile_set: flag(keys::PROFILE_SET),
+            code_expires_at: m.get(keys::CODE_EXPIRES_AT).and_then(Value::as_i64),
+            cookie: text(keys::COOKIE),
+            csrf: text(keys::CSRF),
+            authorize_state: text(keys::AUTHORIZE_STATE),
+            mfa_failures: m
+                .get(keys::MFA_FAILURES)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default(),
+            mfa_step: m.get(keys::MFA_STEP).and_then(Value::as_u64),
         }
-        LoginFlow::deserialize(&login.extra).unwrap_or_default()
     }
 
     /// The state as a Login's `extra`.
@@ -158,43 +170,6 @@ impl LoginFlow {
     /// MFA is satisfied: not enrolled, or verified on this Login; and no enrolment is pending.
     pub fn mfa_satisfied(&self) -> bool {
         self.mfa_verified || !(self.mfa_required || self.mfa_enroll_required)
-    }
-}
-
-/// Field readers that take whatever a stored `extra` holds and keep what has the expected type.
-mod lenient {
-    use serde::{Deserialize, Deserializer};
-    use serde_json::Value;
-
-    fn value<'de, D: Deserializer<'de>>(d: D) -> Result<Value, D::Error> {
-        Value::deserialize(d)
-    }
-
-    pub fn flag<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-        Ok(value(d)?.as_bool().unwrap_or(false))
-    }
-
-    pub fn raw_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Ok(value(d)?.as_str().map(str::to_string))
-    }
-
-    pub fn text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-        Ok(raw_text(d)?.filter(|s| !s.is_empty()))
-    }
-
-    pub fn number<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
-        Ok(value(d)?.as_i64())
-    }
-
-    pub fn step<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
-        Ok(value(d)?.as_u64())
-    }
-
-    pub fn numbers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
-        Ok(match value(d)? {
-            Value::Array(a) => a.iter().filter_map(Value::as_i64).collect(),
-            _ => Vec::new(),
-        })
     }
 }
 
@@ -452,6 +427,9 @@ mod tests {
             code_challenge_method: Some("S256".into()),
             launch: Some("l".into()),
             redirect_uri: Some("r".into()),
+            origin: Some("o".into()),
+            user_agent: Some("u".into()),
+            profile_type: Some("Patient".into()),
             scope_granted: true,
             profile_set: true,
             code_expires_at: Some(1),
@@ -463,6 +441,13 @@ mod tests {
             ..LoginFlow::default()
         };
         let extra = flow.to_extra();
+        assert_eq!(
+            LoginFlow::of(&LoginRecord {
+                extra: extra.clone(),
+                ..login()
+            }),
+            flow
+        );
         for key in [
             keys::CODE_CHALLENGE,
             keys::CODE_CHALLENGE_METHOD,
@@ -476,6 +461,10 @@ mod tests {
             keys::SCOPE_GRANTED,
             keys::PROFILE_SET,
             keys::COOKIE,
+            keys::REMEMBER,
+            keys::ORIGIN,
+            keys::USER_AGENT,
+            keys::PROFILE_TYPE,
             keys::OFFLINE,
             keys::CODE_EXPIRES_AT,
             keys::CSRF,
