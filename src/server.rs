@@ -357,8 +357,9 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     if planes.gateway {
-        let mut proxy =
-            pingora::proxy::http_proxy_service(&server.configuration, Gateway::new(state.clone()));
+        let gateway = Gateway::try_new(state.clone())
+            .map_err(|e| StartError::Runtime(format!("the gateway's HTTP client: {e}")))?;
+        let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, gateway);
         proxy.add_tcp(&config.listen.to_string());
         server.add_service(proxy);
     }

@@ -162,10 +162,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
 
     let mut admin_password = None;
     if !user.done {
-        let (password, generated) = match &boot.admin_password {
-            Some(p) if !p.is_empty() => (p.clone(), false),
-            _ => (random_hex(12), true),
-        };
+        let (password, generated) = given_or_generated(boot.admin_password.as_deref(), 12);
         let resource = json!({
             "resourceType": "User",
             "id": user.id,
@@ -239,10 +236,6 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     let mut client_secret = None;
     if !client.done {
         if store.read("ClientApplication", &client.id).await?.is_none() {
-            let (secret, generated) = match &boot.admin_client_secret {
-                Some(s) if !s.is_empty() => (s.clone(), false),
-                _ => (random_hex(32), true),
-            };
             let resource = json!({
                 "resourceType": "ClientApplication",
                 "id": client.id,
@@ -250,6 +243,7 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
                 "description": "Created by fhirgate on first start; admin of the Default project.",
                 "status": "active",
             });
+            let (secret, generated) = given_or_generated(boot.admin_client_secret.as_deref(), 32);
             create_client_with_membership(
                 state,
                 &default.id,
@@ -278,4 +272,13 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
         client_secret,
         created,
     })
+}
+
+/// The operator's value when set, else a random one of `bytes` bytes (hex) and `true`: a
+/// generated credential is shown once, a given one never.
+fn given_or_generated(given: Option<&str>, bytes: usize) -> (String, bool) {
+    match given {
+        Some(v) if !v.is_empty() => (v.to_string(), false),
+        _ => (random_hex(bytes), true),
+    }
 }

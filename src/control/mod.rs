@@ -23,7 +23,7 @@ mod web;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 
 pub use base::access::Caller;
 pub use base::index;
@@ -74,159 +74,59 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
         .with_state(control))
 }
 
+/// Every route answers 405 to a method it does not list.
 fn routes() -> Router<web::AppState> {
-    Router::new()
-        .route(
-            "/.well-known/openid-configuration",
-            with_405(get(oauth2::discovery::openid_configuration)),
-        )
-        .route(
-            "/.well-known/oauth-authorization-server",
-            with_405(get(oauth2::discovery::openid_configuration)),
-        )
-        .route(
-            "/.well-known/jwks.json",
-            with_405(get(oauth2::discovery::jwks)),
-        )
-        .route(
-            "/.well-known/smart-configuration",
-            with_405(get(oauth2::discovery::smart_configuration)),
-        )
-        .route(
-            "/.well-known/smart-styles.json",
-            with_405(get(oauth2::discovery::smart_styles)),
-        )
-        .route(
-            "/.well-known/oauth-protected-resource",
-            with_405(get(oauth2::discovery::protected_resource)),
-        )
-        .route(
-            "/fhir/R4/.well-known/smart-configuration",
-            with_405(get(oauth2::discovery::smart_configuration)),
-        )
-        .route(
-            "/fhir/R4/.well-known/smart-styles.json",
-            with_405(get(oauth2::discovery::smart_styles)),
-        )
-        .route("/oauth2/token", with_405(post(oauth2::token::token)))
-        .route("/auth/me", with_405(get(auth::me::me)))
-        .route("/auth/method", with_405(post(auth::external::method)))
-        .route(
-            "/auth/external",
-            with_405(get(auth::external::external_callback)),
-        )
-        .route(
-            "/auth/exchange",
-            with_405(post(auth::external::exchange_legacy)),
-        )
-        .route("/auth/login", with_405(post(auth::login::login)))
-        .route(
-            "/auth/login/{login_id}",
-            with_405(get(auth::login::login_status)),
-        )
-        .route("/auth/profile", with_405(post(auth::login::profile)))
-        .route("/auth/scope", with_405(post(auth::login::scope)))
-        .route("/auth/revoke", with_405(post(auth::revoke::auth_revoke)))
-        .route(
-            "/oauth2/userinfo",
-            with_405(get(oauth2::userinfo::userinfo).post(oauth2::userinfo::userinfo)),
-        )
-        .route(
-            "/oauth2/introspect",
-            with_405(post(oauth2::introspect::introspect)),
-        )
-        .route(
-            "/oauth2/revoke",
-            with_405(post(oauth2::revoke::revoke_token)),
-        )
-        .route(
-            "/oauth2/authorize",
-            with_405(get(oauth2::authorize::authorize).post(oauth2::authorize::authorize)),
-        )
-        .route("/auth/mfa/status", with_405(get(auth::mfa::status)))
-        .route("/auth/mfa/enroll", with_405(post(auth::mfa::enroll)))
-        .route("/auth/mfa/verify", with_405(post(auth::mfa::verify)))
-        .route(
-            "/auth/mfa/login-enroll",
-            with_405(post(auth::mfa::login_enroll_handler)),
-        )
-        .route("/auth/mfa/disable", with_405(post(auth::mfa::disable)))
-        .route("/auth/newuser", with_405(post(auth::register::new_user)))
-        .route(
-            "/auth/newproject",
-            with_405(post(auth::register::new_project)),
-        )
-        .route(
-            "/auth/newpatient",
-            with_405(post(auth::register::new_patient)),
-        )
-        .route(
-            "/auth/setpassword",
-            with_405(post(auth::password::set_password)),
-        )
-        .route(
-            "/auth/setpassword/{id}/{secret}",
-            with_405(get(auth::password::set_password_page)),
-        )
-        .route(
-            "/auth/resetpassword",
-            with_405(post(auth::password::reset_password)),
-        )
-        .route(
-            "/auth/changepassword",
-            with_405(post(auth::password::change_password)),
-        )
-        .route(
-            "/auth/verifyemail",
-            with_405(post(auth::password::verify_email)),
-        )
-        .route(
-            "/admin/projects/setpassword",
-            with_405(post(admin::password::admin_set_password)),
-        )
-        .route(
-            "/admin/super/setpassword",
-            with_405(post(admin::password::super_set_password)),
-        )
-        .route(
-            "/admin/projects/{project_id}/invite",
-            with_405(post(admin::invite::invite)),
-        )
-        .route(
-            "/oauth2/logout",
-            with_405(get(oauth2::logout::logout).post(oauth2::logout::logout)),
-        )
-        .route(
-            "/admin/projects/{project_id}",
-            with_405(get(admin::project::get_project)),
-        )
-        .route(
-            "/admin/projects/{project_id}/client",
-            with_405(post(admin::clients::create_client)),
-        )
-        .route(
-            "/admin/projects/{project_id}/members/{membership_id}",
-            with_405(
-                get(admin::members::get_member)
-                    .post(admin::members::update_member)
-                    .delete(admin::members::delete_member),
-            ),
-        )
-        .route(
-            "/fhir/R4/{resource_type}",
-            with_405(get(fhir::search::search).post(fhir::create)),
-        )
-        .route(
-            "/fhir/R4/{resource_type}/{id}",
-            with_405(
-                get(fhir::read)
-                    .put(fhir::update)
-                    .delete(fhir::delete)
-                    .post(fhir::search::post_search),
-            ),
-        )
-        .route(
-            "/fhir/R4/{resource_type}/{id}/{operation}",
-            with_405(post(fhir::operations::instance_operation)),
-        )
+    #[rustfmt::skip]
+    let table: [(&str, MethodRouter<web::AppState>); 45] = [
+        ("/.well-known/openid-configuration", get(oauth2::discovery::openid_configuration)),
+        ("/.well-known/oauth-authorization-server", get(oauth2::discovery::openid_configuration)),
+        ("/.well-known/jwks.json", get(oauth2::discovery::jwks)),
+        ("/.well-known/smart-configuration", get(oauth2::discovery::smart_configuration)),
+        ("/.well-known/smart-styles.json", get(oauth2::discovery::smart_styles)),
+        ("/.well-known/oauth-protected-resource", get(oauth2::discovery::protected_resource)),
+        ("/fhir/R4/.well-known/smart-configuration", get(oauth2::discovery::smart_configuration)),
+        ("/fhir/R4/.well-known/smart-styles.json", get(oauth2::discovery::smart_styles)),
+        ("/oauth2/token", post(oauth2::token::token)),
+        ("/oauth2/userinfo", get(oauth2::userinfo::userinfo).post(oauth2::userinfo::userinfo)),
+        ("/oauth2/introspect", post(oauth2::introspect::introspect)),
+        ("/oauth2/revoke", post(oauth2::revoke::revoke_token)),
+        ("/oauth2/authorize", get(oauth2::authorize::authorize).post(oauth2::authorize::authorize)),
+        ("/oauth2/logout", get(oauth2::logout::logout).post(oauth2::logout::logout)),
+        ("/auth/me", get(auth::me::me)),
+        ("/auth/method", post(auth::external::method)),
+        ("/auth/external", get(auth::external::external_callback)),
+        ("/auth/exchange", post(auth::external::exchange_legacy)),
+        ("/auth/login", post(auth::login::login)),
+        ("/auth/login/{login_id}", get(auth::login::login_status)),
+        ("/auth/profile", post(auth::login::profile)),
+        ("/auth/scope", post(auth::login::scope)),
+        ("/auth/revoke", post(auth::revoke::auth_revoke)),
+        ("/auth/mfa/status", get(auth::mfa::status)),
+        ("/auth/mfa/enroll", post(auth::mfa::enroll)),
+        ("/auth/mfa/verify", post(auth::mfa::verify)),
+        ("/auth/mfa/login-enroll", post(auth::mfa::login_enroll_handler)),
+        ("/auth/mfa/disable", post(auth::mfa::disable)),
+        ("/auth/newuser", post(auth::register::new_user)),
+        ("/auth/newproject", post(auth::register::new_project)),
+        ("/auth/newpatient", post(auth::register::new_patient)),
+        ("/auth/setpassword", post(auth::password::set_password)),
+        ("/auth/setpassword/{id}/{secret}", get(auth::password::set_password_page)),
+        ("/auth/resetpassword", post(auth::password::reset_password)),
+        ("/auth/changepassword", post(auth::password::change_password)),
+        ("/auth/verifyemail", post(auth::password::verify_email)),
+        ("/admin/projects/setpassword", post(admin::password::admin_set_password)),
+        ("/admin/super/setpassword", post(admin::password::super_set_password)),
+        ("/admin/projects/{project_id}/invite", post(admin::invite::invite)),
+        ("/admin/projects/{project_id}", get(admin::project::get_project)),
+        ("/admin/projects/{project_id}/client", post(admin::clients::create_client)),
+        ("/admin/projects/{project_id}/members/{membership_id}", get(admin::members::get_member).post(admin::members::update_member).delete(admin::members::delete_member)),
+        ("/fhir/R4/{resource_type}", get(fhir::search::search).post(fhir::create)),
+        ("/fhir/R4/{resource_type}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete).post(fhir::search::post_search)),
+        ("/fhir/R4/{resource_type}/{id}/{operation}", post(fhir::operations::instance_operation)),
+    ];
+    table
+        .into_iter()
+        .fold(Router::new(), |router, (path, methods)| {
+            router.route(path, with_405(methods))
+        })
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use fhirgate_core::fhir::classify::{METHOD_OVERRIDE_HEADERS, classify};
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use fhirgate_core::fhir::request::{FhirOp, RequestParts};
 use fhirgate_core::policy::EffectivePolicy;
 use fhirgate_core::policy::decide::{self, Decision, Deny, Permit, ResponseNeed};
@@ -65,7 +66,7 @@ async fn is_admin(
 /// A store lookup failed while deciding: fail closed with 503.
 fn store_down() -> Verdict {
     Verdict::Deny(
-        Outcome::ServiceUnavailable("Credential store unavailable".into()),
+        Stock::CredentialStoreUnavailable.outcome(),
         "store_unavailable",
     )
 }
@@ -76,12 +77,12 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
         match session.read_request_body().await {
             Ok(Some(chunk)) => {
                 if buf.len() + chunk.len() > limit {
-                    return Err(Outcome::PayloadTooLarge("Request body too large".into()));
+                    return Err(Stock::BodyTooLarge.outcome());
                 }
                 buf.extend_from_slice(&chunk);
             }
             Ok(None) => break,
-            Err(_) => return Err(Outcome::BadRequest("Could not read request body".into())),
+            Err(_) => return Err(Stock::BodyUnreadable.outcome()),
         }
     }
     Ok(if buf.is_empty() {
@@ -95,19 +96,13 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     let state = &gw.state;
     let req = session.req_header();
     if req.headers.contains_key("upgrade") {
-        return Verdict::Deny(
-            Outcome::BadRequest("Protocol upgrade is not supported".into()),
-            "upgrade",
-        );
+        return Verdict::Deny(Stock::ProtocolUpgrade.outcome(), "upgrade");
     }
     if METHOD_OVERRIDE_HEADERS
         .iter()
         .any(|h| req.headers.contains_key(*h))
     {
-        return Verdict::Deny(
-            Outcome::BadRequest("Method override is not allowed".into()),
-            "method_override",
-        );
+        return Verdict::Deny(Stock::MethodOverride.outcome(), "method_override");
     }
     let auth_header = req
         .headers
@@ -145,10 +140,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         .get(&identity.project_id)
         .and_then(|p| state.upstreams.get(&p.upstream));
     let Some(binding) = binding else {
-        return Verdict::Deny(
-            Outcome::ServiceUnavailable("The project's upstream is not configured".into()),
-            "upstream_unbound",
-        );
+        return Verdict::Deny(Stock::UpstreamNotConfigured.outcome(), "upstream_unbound");
     };
     ctx.upstream = Some(binding.clone());
     let Ok((caller_admin, super_admin)) = is_admin(state, &snap, &identity.membership_id).await
@@ -267,7 +259,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     };
     ctx.resource_type = request.op.resource_type().map(str::to_string);
     if let Some(ty) = request.op.resource_type()
-        && super::route::CONTROL_FHIR_TYPES.contains(&ty)
+        && fhirgate_core::fhir::types::is_control_type(ty)
     {
         return Verdict::Deny(Outcome::Forbidden, "identity_type_upstream");
     }

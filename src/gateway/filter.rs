@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use serde_json::Value;
@@ -70,9 +71,9 @@ pub fn prepare_response(
     let unfilterable = spec.policy.is_some() && (200..300).contains(&status) && !json;
     if too_big || unfilterable {
         let outcome = if too_big {
-            Outcome::BadGateway("Upstream response too large to filter".into())
+            Stock::UpstreamResponseTooLarge.outcome()
         } else {
-            Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into())
+            Stock::UpstreamNotJson.outcome()
         };
         let body = Bytes::from(outcome.to_bytes());
         resp.set_status(outcome.status())?;
@@ -147,11 +148,11 @@ pub fn apply(config: &Config, upstream_base: &str, spec: &FilterSpec, raw: &[u8]
         return match filter_bytes(policy, raw, spec.drop_total, Some(rewrite)) {
             Ok(Filtered::Visible(body)) => body,
             Ok(Filtered::Hidden) => Outcome::NotFound.to_bytes(),
-            Err(_) => Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes(),
+            Err(_) => Stock::UpstreamMalformedJson.outcome().to_bytes(),
         };
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(raw) else {
-        return Outcome::BadGateway("Upstream returned malformed JSON".into()).to_bytes();
+        return Stock::UpstreamMalformedJson.outcome().to_bytes();
     };
     rewrite_urls(config, upstream_base, &mut value);
     if spec.metadata {

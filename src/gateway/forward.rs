@@ -7,6 +7,8 @@ use pingora::prelude::*;
 use pingora::proxy::Session;
 
 use crate::state::State;
+use crate::upstream_headers;
+use crate::upstream_headers::UpstreamIdentity;
 
 use super::ctx::RequestCtx;
 use super::ctx::ResponsePlan;
@@ -16,14 +18,29 @@ use super::route::Route;
 const STRIPPED: [&str; 9] = [
     "x-fhirgate-explain",
     "authorization",
-    "x-fhirgate-profile",
-    "x-fhirgate-project",
-    "x-fhirgate-on-behalf-of",
+    upstream_headers::PROFILE,
+    upstream_headers::PROJECT,
+    upstream_headers::ON_BEHALF_OF,
     "x-medplum-on-behalf-of",
     "forwarded",
     "x-real-ip",
     "cookie",
 ];
+
+/// Who a request forwarded or mediated for `ctx` is made for, to the upstream `up`.
+pub(super) fn upstream_identity<'a>(
+    ctx: &'a RequestCtx,
+    up: &'a crate::config::Upstream,
+) -> UpstreamIdentity<'a> {
+    UpstreamIdentity {
+        authorization: up.authorization.as_deref(),
+        caller: ctx
+            .identity
+            .as_deref()
+            .map(|id| (id.profile.as_str(), id.project_id.as_str())),
+        on_behalf_of: ctx.on_behalf_of_profile.as_deref(),
+    }
+}
 
 pub fn peer(state: &State, ctx: &RequestCtx) -> Result<Box<HttpPeer>> {
     let config = &state.config;
@@ -118,15 +135,8 @@ pub fn rewrite_request(
     // Authorization is decided here, never by the upstream: no protocol switch either.
     upstream.remove_header("upgrade");
     let up = &ctx.binding(state).upstream;
-    if let Some(auth) = &up.authorization {
-        upstream.insert_header("authorization", auth.as_str())?;
-    }
-    if let Some(id) = &ctx.identity {
-        upstream.insert_header("x-fhirgate-profile", id.profile.as_str())?;
-        upstream.insert_header("x-fhirgate-project", id.project_id.as_str())?;
-    }
-    if let Some(obo) = &ctx.on_behalf_of_profile {
-        upstream.insert_header("x-fhirgate-on-behalf-of", obo.as_str())?;
+    for (name, value) in upstream_identity(ctx, up).headers() {
+        upstream.insert_header(name, value)?;
     }
     upstream.insert_header("host", up.host_header.as_str())?;
     if !matches!(ctx.plan, ResponsePlan::Stream) {

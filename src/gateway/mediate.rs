@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
 use fhirgate_core::fhir::subset::strip_query;
 use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
@@ -87,16 +88,8 @@ impl Gateway {
             rb = rb.header(*k, v.as_str());
         }
         let binding = ctx.binding(&self.state);
-        if let Some(auth) = &binding.upstream.authorization {
-            rb = rb.header("authorization", auth.as_str());
-        }
-        if let Some(id) = &ctx.identity {
-            rb = rb
-                .header("x-fhirgate-profile", id.profile.as_str())
-                .header("x-fhirgate-project", id.project_id.as_str());
-        }
-        if let Some(obo) = &ctx.on_behalf_of_profile {
-            rb = rb.header("x-fhirgate-on-behalf-of", obo.as_str());
+        for (name, value) in super::forward::upstream_identity(ctx, &binding.upstream).headers() {
+            rb = rb.header(name, value);
         }
         if let Some(ip) = ctx.client_ip {
             rb = rb.header("x-forwarded-for", ip.to_string());
@@ -106,15 +99,9 @@ impl Gateway {
         }
         let resp = rb.send().await.map_err(|e| {
             if e.is_timeout() {
-                Failure::Answer(
-                    Outcome::GatewayTimeout("Upstream timed out".into()),
-                    "upstream_timeout",
-                )
+                Failure::Answer(Stock::UpstreamTimedOut.outcome(), "upstream_timeout")
             } else {
-                Failure::Answer(
-                    Outcome::BadGateway("Upstream unavailable".into()),
-                    "upstream_error",
-                )
+                Failure::Answer(Stock::UpstreamUnavailable.outcome(), "upstream_error")
             }
         })?;
         let status = resp.status().as_u16();
@@ -140,19 +127,17 @@ impl Gateway {
         let limit = self.state.config.max_response_buffer;
         if resp.content_length().is_some_and(|n| n as usize > limit) {
             return Err(Failure::Answer(
-                Outcome::BadGateway("Upstream response too large to filter".into()),
+                Stock::UpstreamResponseTooLarge.outcome(),
                 "too_large",
             ));
         }
-        let body = resp.bytes().await.map_err(|_| {
-            Failure::Answer(
-                Outcome::BadGateway("Upstream response incomplete".into()),
-                "upstream_error",
-            )
-        })?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|_| Failure::Answer(Stock::UpstreamIncomplete.outcome(), "upstream_error"))?;
         if body.len() > limit {
             return Err(Failure::Answer(
-                Outcome::BadGateway("Upstream response too large to filter".into()),
+                Stock::UpstreamResponseTooLarge.outcome(),
                 "too_large",
             ));
         }
@@ -193,14 +178,11 @@ impl Gateway {
             .await?;
         match up.status {
             200 => serde_json::from_slice(&up.body).map(Some).map_err(|_| {
-                Failure::Answer(
-                    Outcome::BadGateway("Upstream returned malformed JSON".into()),
-                    "upstream_error",
-                )
+                Failure::Answer(Stock::UpstreamMalformedJson.outcome(), "upstream_error")
             }),
             404 | 410 => Ok(None),
             _ => Err(Failure::Answer(
-                Outcome::BadGateway("Could not read the current version".into()),
+                Stock::CurrentVersionUnreadable.outcome(),
                 "upstream_error",
             )),
         }
@@ -216,14 +198,10 @@ fn version_of(resource: &Value) -> Option<String> {
 }
 
 fn parse_json(body: &Option<Bytes>) -> Step<Value> {
-    let b = body.as_ref().ok_or_else(|| {
-        Failure::Answer(
-            Outcome::BadRequest("Missing request body".into()),
-            "bad_body",
-        )
-    })?;
-    serde_json::from_slice(b)
-        .map_err(|_| Failure::Answer(Outcome::BadRequest("Invalid JSON".into()), "bad_body"))
+    let b = body
+        .as_ref()
+        .ok_or_else(|| Failure::Answer(Stock::MissingBody.outcome(), "bad_body"))?;
+    serde_json::from_slice(b).map_err(|_| Failure::Answer(Stock::InvalidJson.outcome(), "bad_body"))
 }
 
 /// Write step of create/update/patch: the checks of docs/medplum-compat.md §4.5, stricter where the contract
@@ -304,10 +282,7 @@ async fn prepare_write(
                     fhirgate_core::fhir::patch::apply_json_patch(cur, &patch_doc).map_err(|e| {
                         match e {
                             fhirgate_core::fhir::patch::PatchError::NotJsonPatch => {
-                                Failure::Answer(
-                                    Outcome::BadRequest("Only JSON Patch is supported".into()),
-                                    "bad_patch",
-                                )
+                                Failure::Answer(Stock::JsonPatchOnly.outcome(), "bad_patch")
                             }
                             other => {
                                 Failure::Answer(Outcome::BadRequest(other.to_string()), "bad_patch")
@@ -421,7 +396,7 @@ fn prepare_bundle(m: &Mediation) -> Step<(Value, Vec<Option<Deny>>)> {
             .as_ref()
             .ok()
             .and_then(FhirOp::resource_type)
-            .is_some_and(|t| super::route::CONTROL_FHIR_TYPES.contains(&t));
+            .is_some_and(fhirgate_core::fhir::types::is_control_type);
         let (verdict, resource) = match decision {
             _ if identity_type => (Some(Deny::Forbidden("identity_type_upstream")), None),
             Decision::Deny(d) => (Some(d.clone()), None),
@@ -573,10 +548,7 @@ async fn run_inner(
             )
             .await?;
         let mut value: Value = serde_json::from_slice(&up.body).map_err(|_| {
-            Failure::Answer(
-                Outcome::BadGateway("Upstream returned malformed JSON".into()),
-                "upstream_error",
-            )
+            Failure::Answer(Stock::UpstreamMalformedJson.outcome(), "upstream_error")
         })?;
         rewrite_urls(
             config,
@@ -675,19 +647,19 @@ async fn run_inner(
     if !up.is_json {
         if (200..300).contains(&up.status) {
             return Err(Failure::Answer(
-                Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into()),
+                Stock::UpstreamNotJson.outcome(),
                 "unfilterable",
             ));
         }
         return Ok((
             up.status,
             Vec::new(),
-            Bytes::from(Outcome::BadGateway("Upstream error".into()).to_bytes()),
+            Bytes::from(Stock::UpstreamError.outcome().to_bytes()),
         ));
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(&up.body) else {
         return Err(Failure::Answer(
-            Outcome::BadGateway("Upstream returned malformed JSON".into()),
+            Stock::UpstreamMalformedJson.outcome(),
             "upstream_error",
         ));
     };

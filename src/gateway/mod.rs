@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
+use fhirgate_core::fhir::outcome::Stock;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
@@ -42,16 +43,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(state: Arc<State>) -> Gateway {
+    /// The gateway and the HTTP client of its mediated requests. Fails when the client cannot be
+    /// built (TLS cannot be set up): a client without the upstream's timeouts is never used.
+    pub fn try_new(state: Arc<State>) -> Result<Gateway, reqwest::Error> {
         let up = &state.config.upstream;
         let http = reqwest::Client::builder()
             .connect_timeout(up.connect_timeout)
             .timeout(up.read_timeout)
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
-            .build()
-            .unwrap_or_else(|_| reqwest::Client::new());
-        Gateway { state, http }
+            .build()?;
+        Ok(Gateway { state, http })
     }
 
     fn client_ip(
@@ -119,7 +121,7 @@ impl ProxyHttp for Gateway {
         ctx.client_ip = match self.client_ip(session) {
             Ok(ip) => Some(ip),
             Err(_) => {
-                let o = Outcome::BadRequest("Invalid X-Forwarded-For header".into());
+                let o = Stock::InvalidForwardedFor.outcome();
                 return self.deny(session, ctx, o, "bad_forwarded_for").await;
             }
         };
@@ -155,7 +157,7 @@ impl ProxyHttp for Gateway {
                     .await
             }
             Route::BadPath => {
-                let o = Outcome::BadRequest("Invalid path".into());
+                let o = Stock::InvalidPath.outcome();
                 self.deny(session, ctx, o, "bad_path").await
             }
             Route::Fhir { .. } => match authorize::authorize(self, session, ctx).await {
@@ -230,19 +232,17 @@ impl ProxyHttp for Gateway {
     ) -> FailToProxy {
         use pingora::ErrorType::*;
         let outcome = match e.etype() {
-            ConnectTimedout | ReadTimedout | WriteTimedout => {
-                Outcome::GatewayTimeout("Upstream timed out".into())
-            }
+            ConnectTimedout | ReadTimedout | WriteTimedout => Stock::UpstreamTimedOut.outcome(),
             _ if matches!(e.esource(), pingora::ErrorSource::Upstream) => {
-                Outcome::BadGateway("Upstream unavailable".into())
+                Stock::UpstreamUnavailable.outcome()
             }
             ConnectRefused | ConnectNoRoute | ConnectError | TLSHandshakeFailure => {
-                Outcome::BadGateway("Upstream unavailable".into())
+                Stock::UpstreamUnavailable.outcome()
             }
             _ if matches!(e.esource(), pingora::ErrorSource::Downstream) => {
-                Outcome::BadRequest("Bad request".into())
+                Stock::BadRequest.outcome()
             }
-            _ => Outcome::BadGateway("Upstream error".into()),
+            _ => Stock::UpstreamError.outcome(),
         };
         ctx.decision = "upstream_error";
         let code = outcome.status();

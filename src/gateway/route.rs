@@ -1,18 +1,6 @@
 //! Which plane a request path belongs to (docs/contract.md §1). Pure; the request is not yet authenticated.
 
-/// Identity resources that live in fhirgate's store and are served by the control API.
-pub const CONTROL_FHIR_TYPES: [&str; 10] = [
-    "Project",
-    "ProjectMembership",
-    "User",
-    "ClientApplication",
-    "AccessPolicy",
-    "Login",
-    "JsonWebKey",
-    "DomainConfiguration",
-    "IdentityProvider",
-    "UserSecurityRequest",
-];
+use fhirgate_core::fhir::types::is_control_type;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -99,7 +87,7 @@ pub fn route(method: &str, path: &str) -> Route {
         return Route::NotFound;
     };
     let first = rest.split('/').next().unwrap_or("");
-    if CONTROL_FHIR_TYPES.contains(&first) || first == ".well-known" {
+    if is_control_type(first) || first == ".well-known" {
         return Route::Control;
     }
     if rest == "metadata" && (method == "GET" || method == "HEAD") {

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
 use super::METRICS;
+use crate::upstream_headers::UpstreamIdentity;
 
 /// Where a project's AuditEvents go.
 #[derive(Debug, Clone)]
@@ -332,8 +333,12 @@ async fn post(client: &reqwest::Client, dest: &Destination, events: Vec<Value>) 
             .header("content-type", "application/fhir+json")
             .header("accept", "application/fhir+json")
             .body(body.clone());
-        if let Some(auth) = &dest.authorization {
-            rb = rb.header("authorization", auth.as_str());
+        let credentials = UpstreamIdentity {
+            authorization: dest.authorization.as_deref(),
+            ..UpstreamIdentity::default()
+        };
+        for (name, value) in credentials.headers() {
+            rb = rb.header(name, value);
         }
         match rb.send().await {
             Ok(resp) if resp.status().is_success() => {

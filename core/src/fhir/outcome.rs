@@ -83,8 +83,8 @@ impl Outcome {
     }
 }
 
-/// Stock answers: the texts fhirgate words itself where more than one place answers them
-/// (either plane). The table is [`Stock::outcome`].
+/// Stock answers: the texts fhirgate words itself, the gateway's all and the control API's where
+/// more than one place answers them. The table is [`Stock::outcome`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stock {
     /// 413: a request body past the reader's bound.
@@ -107,6 +107,36 @@ pub enum Stock {
     ProfileNotCreated,
     /// 412: an update named a version that is not the current one.
     VersionMismatch,
+    /// 502: an upstream body past the buffer bound, where the policy needs it whole.
+    UpstreamResponseTooLarge,
+    /// 502: an upstream body the policy must filter is not JSON (fail closed).
+    UpstreamNotJson,
+    /// 502: an upstream body that says JSON and is not.
+    UpstreamMalformedJson,
+    /// 502: the upstream body ended early.
+    UpstreamIncomplete,
+    /// 502: the upstream failed in a way with no better word.
+    UpstreamError,
+    /// 502: an update is checked against the current version, and the upstream would not give it.
+    CurrentVersionUnreadable,
+    /// 400: the client's body could not be read.
+    BodyUnreadable,
+    /// 400: a write without a body.
+    MissingBody,
+    /// 400: a write whose body is not JSON.
+    InvalidJson,
+    /// 400: a PATCH in another format than JSON Patch.
+    JsonPatchOnly,
+    /// 400: an `Upgrade` request (the gateway decides every request itself).
+    ProtocolUpgrade,
+    /// 400: an `X-HTTP-Method-Override` (or alike) header.
+    MethodOverride,
+    /// 400: a trusted proxy sent an `X-Forwarded-For` that does not parse.
+    InvalidForwardedFor,
+    /// 400: dot segments, empty segments or encoded separators.
+    InvalidPath,
+    /// 400: pingora refused the request with no better word.
+    BadRequest,
 }
 
 impl Stock {
@@ -132,6 +162,33 @@ impl Stock {
                 Outcome::BadGateway("Could not create the profile in the FHIR server".into())
             }
             Stock::VersionMismatch => Outcome::PreconditionFailed("Version mismatch".into()),
+            Stock::UpstreamResponseTooLarge => {
+                Outcome::BadGateway("Upstream response too large to filter".into())
+            }
+            Stock::UpstreamNotJson => {
+                Outcome::BadGateway("Upstream response is not JSON and cannot be filtered".into())
+            }
+            Stock::UpstreamMalformedJson => {
+                Outcome::BadGateway("Upstream returned malformed JSON".into())
+            }
+            Stock::UpstreamIncomplete => Outcome::BadGateway("Upstream response incomplete".into()),
+            Stock::UpstreamError => Outcome::BadGateway("Upstream error".into()),
+            Stock::CurrentVersionUnreadable => {
+                Outcome::BadGateway("Could not read the current version".into())
+            }
+            Stock::BodyUnreadable => Outcome::BadRequest("Could not read request body".into()),
+            Stock::MissingBody => Outcome::BadRequest("Missing request body".into()),
+            Stock::InvalidJson => Outcome::BadRequest("Invalid JSON".into()),
+            Stock::JsonPatchOnly => Outcome::BadRequest("Only JSON Patch is supported".into()),
+            Stock::ProtocolUpgrade => {
+                Outcome::BadRequest("Protocol upgrade is not supported".into())
+            }
+            Stock::MethodOverride => Outcome::BadRequest("Method override is not allowed".into()),
+            Stock::InvalidForwardedFor => {
+                Outcome::BadRequest("Invalid X-Forwarded-For header".into())
+            }
+            Stock::InvalidPath => Outcome::BadRequest("Invalid path".into()),
+            Stock::BadRequest => Outcome::BadRequest("Bad request".into()),
         }
     }
 }

@@ -204,6 +204,30 @@ const fn bytes_before(a: &[u8], b: &[u8]) -> bool {
     a.len() < b.len()
 }
 
+/// The identity resources fhirgate keeps in its own store and the control API serves as FHIR.
+pub const STORED_IDENTITY_TYPES: &[&str] = &[
+    "AccessPolicy",
+    "ClientApplication",
+    "DomainConfiguration",
+    "ProjectMembership",
+    "Project",
+    "User",
+];
+
+/// Identity types fhirgate keeps no resources of: the control API still answers them (a 403 or
+/// nothing there), so that no request for one reaches the upstream FHIR server.
+pub const UNSTORED_IDENTITY_TYPES: &[&str] = &[
+    "Login",
+    "JsonWebKey",
+    "IdentityProvider",
+    "UserSecurityRequest",
+];
+
+/// True for a type the control API serves rather than the upstream (stored or not).
+pub fn is_control_type(name: &str) -> bool {
+    STORED_IDENTITY_TYPES.contains(&name) || UNSTORED_IDENTITY_TYPES.contains(&name)
+}
+
 /// Resource types that own an R4 compartment (`CompartmentDefinition`): a compartment search
 /// (`Patient/p1/Observation`) is only meaningful for these.
 pub const COMPARTMENT_TYPES: &[&str] = &[

@@ -161,6 +161,11 @@ impl ProjectMembership {
     pub fn is_admin(&self) -> bool {
         self.admin == Some(true)
     }
+
+    /// The id of the project the membership belongs to (`project.reference`).
+    pub fn project_id(&self) -> Option<&str> {
+        self.project.type_and_id().map(|(_, id)| id)
+    }
 }
 
 /// The four "project admin" resource types: wildcards never grant them (docs/medplum-compat.md §4.3).

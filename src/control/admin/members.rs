@@ -12,6 +12,7 @@ use std::collections::HashMap;
 
 use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
+use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
 use crate::control::base::users::find_memberships;
@@ -23,7 +24,6 @@ use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::outcome_response;
 use crate::obs::security::SecurityEventKind;
-use fhirgate_core::fhir::path::is_valid_id;
 
 /// The admin caller, the project the call acts on and the membership `membership_id` of it
 /// (the members routes): 404 when it does not exist, 403 when it belongs elsewhere.
@@ -36,10 +36,7 @@ pub struct AdminMember {
 impl FromRequestParts<AppState> for AdminMember {
     type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<AdminMember, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let AdminProject { caller, project } =
             AdminProject::from_request_parts(parts, state).await?;
         let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
@@ -63,12 +60,7 @@ async fn member_in_project(
     project: &ProjectInfo,
     membership_id: &str,
 ) -> Result<StoredResource, ApiError> {
-    if !is_valid_id(membership_id) {
-        return Err(ApiError::not_found());
-    }
-    let m = state
-        .store
-        .read("ProjectMembership", membership_id)
+    let m = read_by_id(state, "ProjectMembership", membership_id)
         .await?
         .ok_or_else(ApiError::not_found)?;
     let project_ref = m

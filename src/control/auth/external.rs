@@ -24,8 +24,7 @@ use crate::control::login::external::claims_for_code;
 use crate::control::login::external::client_idp;
 use crate::control::login::external::external_login;
 use crate::control::login::flow::issue_code;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::keys;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::not_ready;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
@@ -281,7 +280,8 @@ pub async fn external_callback(
     }
 
     // The sign-in front end continues with `GET /auth/login/:login` (memberships, MFA, code).
-    let page = if extra_str(&login, keys::LAUNCH).is_some() {
+    let flow = LoginFlow::of(&login);
+    let page = if flow.launch.is_some() {
         "oauth"
     } else {
         "signin"
@@ -289,18 +289,16 @@ pub async fn external_callback(
     let mut url = url::Url::parse(&state.config.base_url)
         .and_then(|b| b.join(page))
         .map_err(|e| ApiError::internal("the sign-in page URL", e))?;
-    let nonce = extra_str(&login, keys::NONCE)
-        .unwrap_or_default()
-        .to_string();
+    let nonce = flow.nonce.unwrap_or_default();
     let mut params: Vec<(&str, &str)> = vec![
         ("login", &login.id),
         ("scope", &login.scope),
         ("nonce", &nonce),
     ];
-    if let Some(c) = extra_str(&login, keys::CODE_CHALLENGE) {
+    if let Some(c) = flow.code_challenge.as_deref() {
         params.push(("code_challenge", c));
     }
-    if let Some(m) = extra_str(&login, keys::CODE_CHALLENGE_METHOD) {
+    if let Some(m) = flow.code_challenge_method.as_deref() {
         params.push(("code_challenge_method", m));
     }
     set_params(&mut url, &params);

@@ -11,7 +11,7 @@ use serde_json::{Map, Value, json};
 use crate::control::base::access::Caller;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
-use crate::control::login::state::keys;
+use crate::control::login::state::LoginFlow;
 use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
@@ -113,12 +113,13 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
         .into_iter()
         .filter(|l| l.membership_id.is_some() && !l.revoked)
         .map(|l| {
+            let flow = LoginFlow::of(&l);
             let mut s = json!({"id": l.id, "lastUpdated": rfc3339(l.auth_time), "authMethod": l.auth_method});
             if let Some(ip) = l.remote_address {
                 s["remoteAddress"] = Value::String(ip);
             }
-            if let Some(ua) = l.extra.get(keys::USER_AGENT).and_then(Value::as_str) {
-                let (browser, os) = browser_and_os(ua);
+            if let Some(ua) = flow.user_agent {
+                let (browser, os) = browser_and_os(&ua);
                 if let Some(b) = browser {
                     s["browser"] = Value::String(b.into());
                 }

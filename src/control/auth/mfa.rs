@@ -6,20 +6,21 @@ use axum::extract::{FromRequestParts, State as AxState};
 use axum::http::request::Parts;
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+
+use crate::state::State;
 
 use crate::control::base::access::Caller;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::login::flow::login_response;
 use crate::control::login::mfa::MfaUser;
+use crate::control::login::mfa::SignInCode;
 use crate::control::login::mfa::caller_attempt;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
-use crate::control::login::mfa::login_enroll;
 use crate::control::login::mfa::new_secret;
 use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::update_user;
-use crate::control::login::mfa::verify_login;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
@@ -38,10 +39,7 @@ pub struct CallerUser {
 impl FromRequestParts<AppState> for CallerUser {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<CallerUser, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let caller = Caller::from_request_parts(parts, state).await?;
         let user = read_user(state, &caller.identity.user_ref)
             .await?
@@ -132,10 +130,7 @@ pub async fn verify(
     AxState(state): AxState<AppState>,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (login, token) = login_and(&body, "token", "Missing token")?;
-    let login = verify_login(&state, &login, &token).await?;
-    // After MFA, the same answer `/auth/login` would give now.
-    login_response(&state, login).await
+    sign_in_code(&state, &body, SignInCode::Verify).await
 }
 
 /// `POST /auth/mfa/login-enroll {login, token}` (no bearer: the Login is the credential).
@@ -143,8 +138,16 @@ pub async fn login_enroll_handler(
     AxState(state): AxState<AppState>,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (login, token) = login_and(&body, "token", "Missing token")?;
-    let login = login_enroll(&state, &login, &token).await?;
-    // After MFA, the same answer `/auth/login` would give now.
-    login_response(&state, login).await
+    sign_in_code(&state, &body, SignInCode::Enroll).await
+}
+
+/// `{login, token}`: the code checked on the Login, then the answer `/auth/login` would give now.
+async fn sign_in_code(
+    state: &State,
+    body: &Map<String, Value>,
+    step: SignInCode,
+) -> Result<Response, ApiError> {
+    let (login, token) = login_and(body, "token", "Missing token")?;
+    let login = step.check(state, &login, &token).await?;
+    login_response(state, login).await
 }

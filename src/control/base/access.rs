@@ -210,7 +210,7 @@ fn target_project(caller: &Caller, url_project: &str) -> Result<ProjectInfo, Api
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Caller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         authenticate(state, parts).await
     }
 }
@@ -221,10 +221,7 @@ pub struct AdminCaller(pub Caller);
 impl FromRequestParts<AppState> for AdminCaller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<AdminCaller, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         authenticate_admin(state, parts).await.map(AdminCaller)
     }
 }
@@ -235,10 +232,7 @@ pub struct SuperAdmin;
 impl FromRequestParts<AppState> for SuperAdmin {
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<SuperAdmin, ApiError> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         if !authenticate(state, parts).await?.super_admin() {
             return Err(ApiError::forbidden());
         }
@@ -257,10 +251,7 @@ pub struct AdminProject {
 impl FromRequestParts<AppState> for AdminProject {
     type Rejection = Response;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<AdminProject, Response> {
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Response> {
         let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
             .await
             .map_err(IntoResponse::into_response)?;

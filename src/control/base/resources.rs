@@ -34,6 +34,19 @@ pub(crate) async fn refreshed(state: &State) {
 }
 
 /// Removes what must never be serialized.
+/// A stored identity resource by id; an id that is not a FHIR id names nothing (the store is
+/// never asked about it).
+pub(crate) async fn read_by_id(
+    state: &State,
+    resource_type: &str,
+    id: &str,
+) -> Result<Option<StoredResource>, ApiError> {
+    if !is_valid_id(id) {
+        return Ok(None);
+    }
+    Ok(state.store.read(resource_type, id).await?)
+}
+
 pub(crate) fn strip_secrets(resource: &mut Value) {
     let Some(obj) = resource.as_object_mut() else {
         return;
@@ -207,6 +220,19 @@ fn take_client_secrets(resource: &mut Value) -> SideEffects {
         }
     }
     fx
+}
+
+/// The strings of a JSON array joined by spaces (given names, a client's `defaultScope`); other
+/// values count as absent.
+pub(crate) fn joined_strings(v: Option<&Value>) -> String {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn str_field<'a>(v: &'a Value, name: &str) -> Option<&'a str> {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::state::upstreams::UpstreamBinding;
+use crate::upstream_headers::UpstreamIdentity;
 use fhirgate_core::policy::isolation::Isolation;
 
 use crate::control::base::access::Caller;
@@ -92,14 +93,14 @@ pub(crate) fn upstream_request(
         .request(method, format!("{}/{path}", up.base_url))
         .timeout(up.connect_timeout + up.read_timeout)
         .header("accept", FHIR_JSON);
-    if let Some(auth) = &up.authorization {
-        rb = rb.header("authorization", auth.as_str());
-    }
     // Who the write is for, as on every request the gateway forwards.
-    if let Some((profile, project)) = identity {
-        rb = rb
-            .header("x-fhirgate-profile", profile)
-            .header("x-fhirgate-project", project);
+    let headers = UpstreamIdentity {
+        authorization: up.authorization.as_deref(),
+        caller: identity,
+        on_behalf_of: None,
+    };
+    for (name, value) in headers.headers() {
+        rb = rb.header(name, value);
     }
     Ok(rb)
 }

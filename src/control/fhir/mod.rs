@@ -12,6 +12,7 @@
 pub mod operations;
 pub mod search;
 
+use crate::state::State;
 use crate::store::StoredResource;
 use axum::body::Body;
 use axum::extract::{Path, State as AxState};
@@ -24,6 +25,7 @@ use fhirgate_core::policy::compiled::{CompiledEntry, is_protected_type};
 use crate::control::base::access::Caller;
 use crate::control::base::resources::create_resource;
 use crate::control::base::resources::present;
+use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::resource_response;
 use crate::control::base::resources::str_field;
@@ -35,25 +37,9 @@ use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 use crate::obs::security::SecurityEventKind;
 use fhirgate_core::fhir::path::is_valid_id;
+use fhirgate_core::fhir::types::STORED_IDENTITY_TYPES;
+use fhirgate_core::fhir::types::UNSTORED_IDENTITY_TYPES;
 use serde_json::Value;
-
-/// The identity types this module stores.
-pub const IDENTITY_TYPES: [&str; 6] = [
-    "AccessPolicy",
-    "ClientApplication",
-    "DomainConfiguration",
-    "ProjectMembership",
-    "Project",
-    "User",
-];
-
-/// Control-plane types the gateway routes here that fhirgate does not store as resources.
-const UNSTORED_TYPES: [&str; 4] = [
-    "Login",
-    "JsonWebKey",
-    "IdentityProvider",
-    "UserSecurityRequest",
-];
 
 /// Which of the four request shapes a type is handled with.
 enum TypeClass {
@@ -65,9 +51,9 @@ enum TypeClass {
 }
 
 fn classify(resource_type: &str) -> TypeClass {
-    if IDENTITY_TYPES.contains(&resource_type) {
+    if STORED_IDENTITY_TYPES.contains(&resource_type) {
         TypeClass::Stored
-    } else if UNSTORED_TYPES.contains(&resource_type) {
+    } else if UNSTORED_IDENTITY_TYPES.contains(&resource_type) {
         TypeClass::Unstored
     } else {
         TypeClass::Unknown
@@ -166,20 +152,26 @@ async fn admitted_body(
     json_body(headers, body).await
 }
 
+/// [`admit`], then the stored resource; 404 when there is none.
+async fn admitted_resource(
+    state: &State,
+    caller: &Caller,
+    resource_type: &str,
+    id: &str,
+    interaction: Interaction,
+) -> Result<StoredResource, ApiError> {
+    admit(caller, resource_type, interaction)?;
+    read_by_id(state, resource_type, id)
+        .await?
+        .ok_or_else(ApiError::not_found)
+}
+
 pub async fn read(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    admit(&caller, &resource_type, Interaction::Read)?;
-    if !is_valid_id(&id) {
-        return Err(ApiError::not_found());
-    }
-    let stored = state
-        .store
-        .read(&resource_type, &id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let stored = admitted_resource(&state, &caller, &resource_type, &id, Interaction::Read).await?;
     let entry = granting(&caller, &stored, Interaction::Read).ok_or_else(ApiError::not_found)?;
     let body = present(&caller, stored.content.clone(), entry);
     Ok(resource_response(&state, StatusCode::OK, &stored, &body))
@@ -213,12 +205,7 @@ pub async fn update(
         return Err(ApiError::bad_request("Incorrect ID"));
     }
     let expected = if_match(&headers)?;
-    let existing = if is_valid_id(&id) {
-        state.store.read(&resource_type, &id).await?
-    } else {
-        None
-    };
-    let existing = match existing {
+    let existing = match read_by_id(&state, &resource_type, &id).await? {
         Some(e) if caller.in_scope(e.project_id.as_deref()) => e,
         Some(_) => return Err(ApiError::not_found()),
         None if expected.is_none() && is_valid_id(&id) => {
@@ -238,13 +225,8 @@ pub async fn delete(
     Path((resource_type, id)): Path<(String, String)>,
     caller: Caller,
 ) -> Result<Response, ApiError> {
-    admit(&caller, &resource_type, Interaction::Delete)?;
-    let existing = if is_valid_id(&id) {
-        state.store.read(&resource_type, &id).await?
-    } else {
-        None
-    };
-    let existing = existing.ok_or_else(ApiError::not_found)?;
+    let existing =
+        admitted_resource(&state, &caller, &resource_type, &id, Interaction::Delete).await?;
     if granting(&caller, &existing, Interaction::Read).is_none()
         && granting(&caller, &existing, Interaction::Delete).is_none()
     {

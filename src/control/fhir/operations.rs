@@ -10,6 +10,7 @@ use axum::response::Response;
 use serde_json::Value;
 
 use crate::control::base::access::Caller;
+use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::strip_secrets;
 use crate::control::web::AppState;
@@ -18,7 +19,6 @@ use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::obs::security::SecurityEventKind;
-use fhirgate_core::fhir::path::is_valid_id;
 
 /// `POST /fhir/R4/<Type>/<id>/<$operation>`.
 pub async fn instance_operation(
@@ -65,13 +65,9 @@ async fn rotate_secret(
     }
     let secret = parameter(params, "secret");
     let retiring = parameter(params, "retiringSecret");
-    let client = if is_valid_id(id) {
-        state.store.read("ClientApplication", id).await?
-    } else {
-        None
-    };
     // Stricter than Medplum: another project's client does not exist for this caller.
-    let client = client
+    let client = read_by_id(state, "ClientApplication", id)
+        .await?
         .filter(|c| caller.in_scope(c.project_id.as_deref()))
         .ok_or_else(ApiError::not_found)?;
     let (secret, retiring) = match (secret, retiring) {

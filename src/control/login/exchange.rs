@@ -19,7 +19,7 @@ use crate::control::login::external::IdpError;
 use crate::control::login::external::client_idp;
 use crate::control::login::external::external_login;
 use crate::control::login::external::user_info;
-use crate::control::login::state::flag;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
 use crate::control::login::state::set_extra;
@@ -182,7 +182,7 @@ async fn grant(
 
     let now = now_unix();
     let lifetime = access_token_lifetime(state, client);
-    let offline = flag(&login, keys::OFFLINE);
+    let offline = LoginFlow::of(&login).offline;
     let refresh_lifetime = offline.then(|| refresh_token_lifetime(state, Some(client)));
     let refresh_secret = offline.then(|| random_hex(32));
     login.expires_at = granted_until(now, lifetime, refresh_lifetime);

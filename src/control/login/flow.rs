@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use std::net::IpAddr;
 
 use crate::control::base::passwords::verify_password;
+use crate::control::base::resources::read_by_id;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::base::users::valid_email;
@@ -33,12 +34,11 @@ use crate::control::login::mfa::read_user;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
 use crate::control::login::state::CODE_LIFETIME;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::PENDING_LIFETIME;
 use crate::control::login::state::code_hash;
 use crate::control::login::state::ensure_pending;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
@@ -48,7 +48,6 @@ use crate::control::login::state::wants_offline;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
 use crate::obs::security::{SecurityEvent, SecurityEventKind};
-use fhirgate_core::fhir::path::is_valid_id;
 
 /// express-validator's answer (a validation OperationOutcome with a random id), for the first
 /// failed field.
@@ -230,10 +229,9 @@ async fn apply_membership(
         return Err(ApiError::bad_request("Invalid profile"));
     }
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, id)| id.to_string())
-        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+        .project_id()
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?
+        .to_string();
     if let Some(p) = login.project_id.as_deref()
         && p != "new"
         && p != project_id
@@ -286,7 +284,7 @@ async fn apply_membership(
         .get("mfaRequired")
         .and_then(Value::as_bool)
         .unwrap_or(false)
-        && !flag(login, keys::MFA_REQUIRED)
+        && !LoginFlow::of(login).mfa_required
     {
         set_extra(login, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
     }
@@ -305,12 +303,9 @@ pub async fn choose_profile(
     if login.membership_id.is_some() {
         return Err(ApiError::bad_request("Login profile already set"));
     }
-    let stored = if is_valid_id(membership_id) {
-        state.store.read("ProjectMembership", membership_id).await?
-    } else {
-        None
-    };
-    let stored = stored.ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let stored = read_by_id(state, "ProjectMembership", membership_id)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
     let membership: ProjectMembership = serde_json::from_value(stored.content)
         .map_err(|_| ApiError::bad_request("Profile not found"))?;
     let mut updated = login.clone();
@@ -332,8 +327,8 @@ pub async fn set_scope(
     }
     let mut updated = login.clone();
     updated.scope = scope.to_string();
-    let offline =
-        flag(login, keys::OFFLINE) && (flag(login, keys::REMEMBER) || wants_offline(scope));
+    let flow = LoginFlow::of(login);
+    let offline = flow.offline && (flow.remember || wants_offline(scope));
     set_extra(&mut updated, keys::OFFLINE, Value::Bool(offline));
     set_extra(&mut updated, keys::SCOPE_GRANTED, Value::Bool(true));
     save_pending(state, &updated).await?;
@@ -400,7 +395,8 @@ pub async fn issue_code(state: &State, login: &mut LoginRecord) -> Result<String
 /// - otherwise → `{login, memberships}`.
 pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Value, ApiError> {
     let id = login.id.clone();
-    if flag(login, keys::MFA_ENROLL_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+    let flow = LoginFlow::of(login);
+    if flow.mfa_enroll_required && !flow.mfa_verified {
         // Medplum hands out the secret to enrol with right here (creating it if needed).
         let mut out = json!({"login": id, "mfaEnrollRequired": true});
         if let Some(user) = read_user(state, &login.user_ref).await? {
@@ -413,7 +409,7 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         }
         return Ok(out);
     }
-    if flag(login, keys::MFA_REQUIRED) && !flag(login, keys::MFA_VERIFIED) {
+    if flow.mfa_required && !flow.mfa_verified {
         return Ok(json!({"login": id, "mfaRequired": true}));
     }
     if login.project_id.as_deref() == Some("new") && login.membership_id.is_none() {
@@ -461,7 +457,7 @@ pub(crate) async fn login_memberships(
         state,
         &login.user_ref,
         login.project_id.as_deref(),
-        extra_str(login, keys::PROFILE_TYPE),
+        LoginFlow::of(login).profile_type.as_deref(),
     )
     .await
 }

@@ -21,7 +21,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
 use crate::control::base::index::index_rows;
-use crate::control::login::state::flag;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
 use crate::control::web::error::ApiError;
@@ -247,14 +247,6 @@ struct History {
     last_step: Option<u64>,
 }
 
-fn failures_of(extra: &Value) -> Vec<i64> {
-    extra
-        .get("mfaFailures")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_i64).collect())
-        .unwrap_or_default()
-}
-
 async fn history(state: &State, user_ref: &str, now: i64) -> Result<History, ApiError> {
     let logins = state
         .store
@@ -265,11 +257,13 @@ async fn history(state: &State, user_ref: &str, now: i64) -> Result<History, Api
         last_step: None,
     };
     for l in &logins {
-        h.recent_failures += failures_of(&l.extra)
-            .into_iter()
-            .filter(|t| *t > now - USER_WINDOW)
+        let flow = LoginFlow::of(l);
+        h.recent_failures += flow
+            .mfa_failures
+            .iter()
+            .filter(|t| **t > now - USER_WINDOW)
             .count();
-        if let Some(step) = l.extra.get("mfaStep").and_then(Value::as_u64) {
+        if let Some(step) = flow.mfa_step {
             h.last_step = Some(h.last_step.map_or(step, |s| s.max(step)));
         }
     }
@@ -326,7 +320,8 @@ async fn attempt(
         if login.revoked {
             return Err(ApiError::bad_request("Login revoked"));
         }
-        let own_failures = failures_of(&login.extra).len();
+        let mut failures = LoginFlow::of(&login).mfa_failures;
+        let own_failures = failures.len();
         let h = history(state, user_ref, now).await?;
         if own_failures >= MAX_LOGIN_FAILURES || h.recent_failures >= MAX_USER_FAILURES {
             return Ok(Err(Rejected::Throttled));
@@ -341,9 +336,8 @@ async fn attempt(
             return Err(ApiError::internal("login extra", "not an object"));
         };
         let Some(step) = step else {
-            let mut failures = failures_of(&login.extra);
             failures.push(now);
-            obj.insert("mfaFailures".into(), json!(failures));
+            obj.insert(keys::MFA_FAILURES.into(), json!(failures));
             if !state
                 .store
                 .update_login_extra_cas(&login.id, &login.extra, &extra)
@@ -357,7 +351,7 @@ async fn attempt(
             }
             return Ok(Err(Rejected::Wrong));
         };
-        obj.insert("mfaStep".into(), json!(step));
+        obj.insert(keys::MFA_STEP.into(), json!(step));
         on_success(obj);
         if state
             .store
@@ -377,10 +371,11 @@ fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
     if login.revoked {
         return Err(ApiError::bad_request("Login revoked"));
     }
-    if flag(login, keys::GRANTED) {
+    let flow = LoginFlow::of(login);
+    if flow.granted {
         return Err(ApiError::bad_request("Login granted"));
     }
-    if flag(login, keys::MFA_VERIFIED) {
+    if flow.mfa_verified {
         return Err(ApiError::bad_request("Login already verified"));
     }
     Ok(())
@@ -412,14 +407,37 @@ async fn sign_in_attempt(
     .await
 }
 
-/// The sign-in step: checks `token` for the Login's user and marks the Login `mfaVerified`.
-/// Shared by `/auth/mfa/verify` and the sign-in page.
-pub(crate) async fn verify_login(
+/// The MFA step of a sign-in, shared by `/auth/mfa/*` and the sign-in page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignInCode {
+    /// A code of an enrolled user (`/auth/mfa/verify`).
+    Verify,
+    /// The first code of a forced enrolment (`User.mfaRequired`, `/auth/mfa/login-enroll`).
+    Enroll,
+}
+
+impl SignInCode {
+    /// Checks `token` on the Login `login_id`; the Login, marked verified, when it is right.
+    pub async fn check(
+        self,
+        state: &State,
+        login_id: &str,
+        token: &str,
+    ) -> Result<LoginRecord, ApiError> {
+        let login = get_login(state, login_id).await?;
+        match self {
+            SignInCode::Verify => verify_login(state, login, token).await,
+            SignInCode::Enroll => login_enroll(state, login, token).await,
+        }
+    }
+}
+
+/// Checks `token` for the Login's user and marks the Login `mfaVerified`.
+async fn verify_login(
     state: &State,
-    login_id: &str,
+    login: LoginRecord,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = get_login(state, login_id).await?;
     check_login_open(&login)?;
     let user = read_user(state, &login.user_ref)
         .await?
@@ -439,14 +457,13 @@ pub(crate) async fn verify_login(
     }
 }
 
-/// Forced enrolment during sign-in (`User.mfaRequired`): checks `token` against the secret the
-/// user was given, marks the user enrolled and the Login verified.
-pub(crate) async fn login_enroll(
+/// Forced enrolment during sign-in: checks `token` against the secret the user was given, marks
+/// the user enrolled and the Login verified.
+async fn login_enroll(
     state: &State,
-    login_id: &str,
+    login: LoginRecord,
     token: &str,
 ) -> Result<LoginRecord, ApiError> {
-    let login = get_login(state, login_id).await?;
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;

@@ -45,7 +45,7 @@ impl PendingLogin<'_> {
         let owned = |v: Option<&str>| v.map(str::to_string);
         let flow = LoginFlow {
             granted: false,
-            nonce: self.nonce.clone(),
+            nonce: Some(self.nonce.clone()),
             code_challenge,
             code_challenge_method,
             launch: owned(self.launch),
@@ -58,6 +58,7 @@ impl PendingLogin<'_> {
             mfa_required: self.mfa_required,
             mfa_verified: false,
             mfa_enroll_required: self.mfa_enroll_required,
+            ..LoginFlow::default()
         };
         LoginRecord {
             id: uuid::Uuid::new_v4().to_string(),

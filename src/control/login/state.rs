@@ -19,7 +19,7 @@ pub const PENDING_LIFETIME: i64 = 3600;
 /// code still finds its Login (and revokes it).
 pub const GRANTED_PREFIX: &str = "g:";
 
-/// Keys of `LoginRecord.extra` (shared with the page, MFA and registration modules).
+/// Keys of `LoginRecord.extra`: the names [`LoginFlow`] reads, and later steps write in place.
 pub mod keys {
     pub const CODE_CHALLENGE: &str = "codeChallenge";
     pub const CODE_CHALLENGE_METHOD: &str = "codeChallengeMethod";
@@ -34,6 +34,7 @@ pub mod keys {
     pub const PROFILE_SET: &str = "profileSet";
     pub const COOKIE: &str = "cookie";
     pub const REMEMBER: &str = "remember";
+    pub const ORIGIN: &str = "origin";
     pub const USER_AGENT: &str = "userAgent";
     /// The profile type the membership must have (`resourceType` of `/auth/login`).
     pub const PROFILE_TYPE: &str = "profileType";
@@ -42,45 +43,133 @@ pub mod keys {
     pub const OFFLINE: &str = "offline";
     /// Unix seconds after which the current code is refused.
     pub const CODE_EXPIRES_AT: &str = "codeExpiresAt";
+    /// Keyed hash of the CSRF token of the browser that created the Login (sign-in page).
+    pub const CSRF: &str = "csrf";
+    /// The client's `state`, returned with the code (sign-in page).
+    pub const AUTHORIZE_STATE: &str = "authorizeState";
+    /// Unix seconds of the wrong MFA codes tried on this Login.
+    pub const MFA_FAILURES: &str = "mfaFailures";
+    /// The TOTP step of the last accepted code.
+    pub const MFA_STEP: &str = "mfaStep";
 }
 
-/// The flow state a new Login starts with, stored as its `extra` under the keys of [`keys`], in
-/// this order (the rows earlier versions wrote have the same shape). Later steps add to it
-/// (`scopeGranted`, `profileSet`, the code's expiry, the page's keys, MFA attempts).
+/// A Login's flow state, stored as its `extra` under the keys of [`keys`].
+///
+/// A new Login is written from this struct, in field order up to `mfa_enroll_required` (the rows
+/// earlier versions wrote have the same shape). Later steps add their keys to the stored map in
+/// place (`keys`), so a Login's `extra` is never rewritten whole; every read parses it with
+/// [`LoginFlow::of`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct LoginFlow {
+    /// Tokens were issued from this Login (see also [`GRANTED_PREFIX`]).
     pub granted: bool,
-    pub nonce: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The client's nonce, echoed in the ID token.
+    pub nonce: Option<String>,
+    /// PKCE (RFC 7636): the code is redeemed only with the verifier of this challenge.
     pub code_challenge: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// `plain` or `S256`.
     pub code_challenge_method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The SMART launch context the client asked for.
     pub launch: Option<String>,
     /// Set by `/oauth2/authorize`: the code is then bound to it.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub redirect_uri: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The `Origin` of the request that started the sign-in.
     pub origin: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// Shown in the user's list of sessions (`/auth/me`).
     pub user_agent: Option<String>,
     /// The profile type the membership must have.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub profile_type: Option<String>,
+    /// "Remember me": offline access whatever the scope says.
     pub remember: bool,
     /// Offline access was asked for and is allowed: the code exchange creates a refresh secret.
     pub offline: bool,
+    /// The user is enrolled in MFA: a code must be verified on this Login.
     pub mfa_required: bool,
     pub mfa_verified: bool,
+    /// MFA is required but the user is not enrolled yet: enrolment comes first.
     pub mfa_enroll_required: bool,
+
+    // What later steps add; absent from a new Login.
+    /// The user consented to the scope on the sign-in page.
+    #[serde(skip_serializing_if = "is_false")]
+    pub scope_granted: bool,
+    #[serde(skip_serializing_if = "is_false")]
+    pub profile_set: bool,
+    /// Unix seconds after which the current code is refused; no code, no expiry.
+    pub code_expires_at: Option<i64>,
+    /// Keyed hash of the sign-in page's session cookie.
+    pub cookie: Option<String>,
+    /// Keyed hash of the CSRF token of the browser that created the Login (sign-in page).
+    pub csrf: Option<String>,
+    /// The client's `state`, returned with the code (sign-in page).
+    pub authorize_state: Option<String>,
+    /// Unix seconds of the wrong MFA codes tried on this Login (the attempt limits).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mfa_failures: Vec<i64>,
+    /// The TOTP step of the last accepted code: a code is never accepted twice.
+    pub mfa_step: Option<u64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl LoginFlow {
+    /// The flow state of a stored Login. As lenient as the string-keyed reads were: a value of
+    /// the wrong type counts as absent, and so does an empty string (but for the nonce, which
+    /// the ID token carries as stored); an `extra` that is not an object is the default.
+    pub fn of(login: &LoginRecord) -> LoginFlow {
+        let Some(m) = login.extra.as_object() else {
+            return LoginFlow::default();
+        };
+        let flag = |k: &str| m.get(k).and_then(Value::as_bool).unwrap_or(false);
+        let raw = |k: &str| m.get(k).and_then(Value::as_str).map(str::to_string);
+        let text = |k: &str| raw(k).filter(|s| !s.is_empty());
+        LoginFlow {
+            granted: flag(keys::GRANTED),
+            nonce: raw(keys::NONCE),
+            code_challenge: text(keys::CODE_CHALLENGE),
+            code_challenge_method: text(keys::CODE_CHALLENGE_METHOD),
+            launch: text(keys::LAUNCH),
+            redirect_uri: text(keys::REDIRECT_URI),
+            origin: text(keys::ORIGIN),
+            user_agent: text(keys::USER_AGENT),
+            profile_type: text(keys::PROFILE_TYPE),
+            remember: flag(keys::REMEMBER),
+            offline: flag(keys::OFFLINE),
+            mfa_required: flag(keys::MFA_REQUIRED),
+            mfa_verified: flag(keys::MFA_VERIFIED),
+            mfa_enroll_required: flag(keys::MFA_ENROLL_REQUIRED),
+            scope_granted: flag(keys::SCOPE_GRANTED),
+            profile_set: flag(keys::PROFILE_SET),
+            code_expires_at: m.get(keys::CODE_EXPIRES_AT).and_then(Value::as_i64),
+            cookie: text(keys::COOKIE),
+            csrf: text(keys::CSRF),
+            authorize_state: text(keys::AUTHORIZE_STATE),
+            mfa_failures: m
+                .get(keys::MFA_FAILURES)
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_i64).collect())
+                .unwrap_or_default(),
+            mfa_step: m.get(keys::MFA_STEP).and_then(Value::as_u64),
+        }
+    }
+
     /// The state as a Login's `extra`.
     pub fn to_extra(&self) -> Value {
-        // Strings and booleans only: serializing cannot fail.
-        serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()))
+        // Strings, numbers and booleans only: serializing cannot fail.
+        let mut extra = serde_json::to_value(self).unwrap_or_else(|_| Value::Object(Map::new()));
+        // An absent option is left out, not stored as `null`.
+        if let Value::Object(map) = &mut extra {
+            map.retain(|_, v| !v.is_null());
+        }
+        extra
+    }
+
+    /// MFA is satisfied: not enrolled, or verified on this Login; and no enrolment is pending.
+    pub fn mfa_satisfied(&self) -> bool {
+        self.mfa_verified || !(self.mfa_required || self.mfa_enroll_required)
     }
 }
 
@@ -117,22 +206,6 @@ impl LoginRequest {
     }
 }
 
-pub fn flag(login: &LoginRecord, key: &str) -> bool {
-    login
-        .extra
-        .get(key)
-        .and_then(Value::as_bool)
-        .unwrap_or(false)
-}
-
-pub fn extra_str<'a>(login: &'a LoginRecord, key: &str) -> Option<&'a str> {
-    login
-        .extra
-        .get(key)
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-}
-
 pub fn set_extra(login: &mut LoginRecord, key: &str, value: Value) {
     if !login.extra.is_object() {
         login.extra = Value::Object(Map::new());
@@ -145,7 +218,7 @@ pub fn set_extra(login: &mut LoginRecord, key: &str, value: Value) {
 /// Tokens have been issued from this Login (its code was redeemed, or it is a client
 /// credentials Login).
 pub fn is_granted(login: &LoginRecord) -> bool {
-    flag(login, keys::GRANTED)
+    LoginFlow::of(login).granted
         || login
             .code
             .as_deref()
@@ -161,8 +234,7 @@ pub fn wants_offline(scope: &str) -> bool {
 
 /// MFA is satisfied: not enrolled, or verified on this Login; and no enrolment is pending.
 pub fn mfa_satisfied(login: &LoginRecord) -> bool {
-    (!flag(login, keys::MFA_REQUIRED) || flag(login, keys::MFA_VERIFIED))
-        && (!flag(login, keys::MFA_ENROLL_REQUIRED) || flag(login, keys::MFA_VERIFIED))
+    LoginFlow::of(login).mfa_satisfied()
 }
 
 /// Why a Login cannot have a code yet, in the order it is checked.
@@ -302,5 +374,118 @@ mod tests {
         l = login();
         l.revoked = true;
         assert_eq!(not_ready(&l), Some(NotReady::Revoked));
+    }
+
+    /// A Login written by an earlier version (its creation keys, in their order) reads into the
+    /// typed state and is written back to the same text.
+    #[test]
+    fn an_old_extra_round_trips() {
+        let old = concat!(
+            r#"{"granted":false,"nonce":"n","codeChallenge":"ch","codeChallengeMethod":"S256","#,
+            r#""launch":"l","redirectUri":"https://app/cb","origin":"https://app","#,
+            r#""userAgent":"ua","profileType":"Patient","remember":true,"offline":true,"#,
+            r#""mfaRequired":true,"mfaVerified":false,"mfaEnrollRequired":false}"#
+        );
+        let mut l = login();
+        l.extra = serde_json::from_str(old).unwrap();
+        let flow = LoginFlow::of(&l);
+        assert_eq!(flow.nonce.as_deref(), Some("n"));
+        assert_eq!(flow.code_challenge_method.as_deref(), Some("S256"));
+        assert_eq!(flow.redirect_uri.as_deref(), Some("https://app/cb"));
+        assert!(flow.remember && flow.offline && flow.mfa_required && !flow.mfa_verified);
+        assert_eq!(serde_json::to_string(&flow.to_extra()).unwrap(), old);
+    }
+
+    /// The keys later steps add read back typed, and a whole stored `extra` round-trips.
+    #[test]
+    fn later_keys_read_typed() {
+        let mut l = login();
+        l.extra = json!({
+            "granted": true, "nonce": "", "remember": false, "offline": false,
+            "mfaRequired": false, "mfaVerified": true, "mfaEnrollRequired": false,
+            "scopeGranted": true, "profileSet": true, "codeExpiresAt": 1700000000,
+            "cookie": "c", "csrf": "x", "authorizeState": "s", "mfaFailures": [1, 2], "mfaStep": 9
+        });
+        let flow = LoginFlow::of(&l);
+        assert!(flow.granted && flow.scope_granted && flow.profile_set && flow.mfa_verified);
+        assert_eq!(flow.nonce.as_deref(), Some(""));
+        assert_eq!(flow.code_expires_at, Some(1_700_000_000));
+        assert_eq!(flow.cookie.as_deref(), Some("c"));
+        assert_eq!(flow.csrf.as_deref(), Some("x"));
+        assert_eq!(flow.authorize_state.as_deref(), Some("s"));
+        assert_eq!(flow.mfa_failures, vec![1, 2]);
+        assert_eq!(flow.mfa_step, Some(9));
+        assert_eq!(flow.to_extra(), l.extra);
+    }
+
+    /// The keys the writing steps use are the names the typed state reads.
+    #[test]
+    fn keys_name_the_fields() {
+        let flow = LoginFlow {
+            nonce: Some("n".into()),
+            code_challenge: Some("c".into()),
+            code_challenge_method: Some("S256".into()),
+            launch: Some("l".into()),
+            redirect_uri: Some("r".into()),
+            origin: Some("o".into()),
+            user_agent: Some("u".into()),
+            profile_type: Some("Patient".into()),
+            scope_granted: true,
+            profile_set: true,
+            code_expires_at: Some(1),
+            cookie: Some("k".into()),
+            csrf: Some("x".into()),
+            authorize_state: Some("s".into()),
+            mfa_failures: vec![1],
+            mfa_step: Some(1),
+            ..LoginFlow::default()
+        };
+        let extra = flow.to_extra();
+        assert_eq!(
+            LoginFlow::of(&LoginRecord {
+                extra: extra.clone(),
+                ..login()
+            }),
+            flow
+        );
+        for key in [
+            keys::CODE_CHALLENGE,
+            keys::CODE_CHALLENGE_METHOD,
+            keys::NONCE,
+            keys::REDIRECT_URI,
+            keys::LAUNCH,
+            keys::GRANTED,
+            keys::MFA_REQUIRED,
+            keys::MFA_VERIFIED,
+            keys::MFA_ENROLL_REQUIRED,
+            keys::SCOPE_GRANTED,
+            keys::PROFILE_SET,
+            keys::COOKIE,
+            keys::REMEMBER,
+            keys::ORIGIN,
+            keys::USER_AGENT,
+            keys::PROFILE_TYPE,
+            keys::OFFLINE,
+            keys::CODE_EXPIRES_AT,
+            keys::CSRF,
+            keys::AUTHORIZE_STATE,
+            keys::MFA_FAILURES,
+            keys::MFA_STEP,
+        ] {
+            assert!(extra.get(key).is_some(), "{key}");
+        }
+    }
+
+    /// As the string-keyed reads did: a value of the wrong type or an empty string is absent,
+    /// and an `extra` that is not an object is an empty state.
+    #[test]
+    fn reads_are_lenient() {
+        let mut l = login();
+        l.extra =
+            json!({"granted": "yes", "redirectUri": "", "codeExpiresAt": "soon", "mfaFailures": 3});
+        assert_eq!(LoginFlow::of(&l), LoginFlow::default());
+        l.extra = json!(["granted"]);
+        assert_eq!(LoginFlow::of(&l), LoginFlow::default());
+        assert!(!is_granted(&l));
     }
 }

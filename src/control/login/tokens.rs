@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::control::base::clients::access_token_lifetime;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::user_id;
 use crate::control::web::error::ApiError;
 
@@ -144,11 +145,7 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
     let id_claims = Claims {
         exp: i.now.saturating_add(ID_TOKEN_LIFETIME),
         fhir_user: Some(i.profile.to_string()),
-        nonce: login
-            .extra
-            .get("nonce")
-            .and_then(Value::as_str)
-            .map(str::to_string),
+        nonce: LoginFlow::of(login).nonce,
         auth_time: Some(login.auth_time),
         email: if login.scope.contains("email") {
             i.email.map(str::to_string)

@@ -35,9 +35,8 @@ use crate::control::login::exchange::TOKEN_EXCHANGE_GRANT;
 use crate::control::login::exchange::token_exchange;
 use crate::control::login::pkce::pkce_matches;
 use crate::control::login::state::GRANTED_PREFIX;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::code_hash;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
 use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
@@ -195,10 +194,9 @@ async fn client_credentials(
         return Err(ApiError::oauth("Invalid client"));
     }
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, id)| id.to_string())
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        .project_id()
+        .ok_or_else(|| ApiError::oauth("Invalid client"))?
+        .to_string();
     let scope = form.get("scope").unwrap_or("openid").to_string();
     let ip = client_ip(state, parts)?;
     let policy = state
@@ -298,11 +296,9 @@ fn profile_and_project(
         .clone()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
     let project_id = membership
-        .project
-        .type_and_id()
-        .map(|(_, p)| p.to_string())
+        .project_id()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    Ok((profile, project_id))
+    Ok((profile, project_id.to_string()))
 }
 
 /// The client a Login was started by, which must still exist and be active to redeem it.
@@ -366,11 +362,8 @@ async fn authorization_code(
         return Err(ApiError::oauth_code("invalid_grant", "Token revoked"));
     }
     let now = now_unix();
-    let expires = login
-        .extra
-        .get(keys::CODE_EXPIRES_AT)
-        .and_then(Value::as_i64)
-        .unwrap_or(0);
+    let flow = LoginFlow::of(&login);
+    let expires = flow.code_expires_at.unwrap_or(0);
     if expires <= now {
         return Err(ApiError::oauth_code("invalid_grant", "Code expired"));
     }
@@ -380,7 +373,7 @@ async fn authorization_code(
     let snap = state.snapshot();
     let client = login_client(state, &login).await?;
     let client = client.as_deref();
-    if let Some(bound) = extra_str(&login, keys::REDIRECT_URI)
+    if let Some(bound) = flow.redirect_uri.as_deref()
         && form.get("redirect_uri") != Some(bound)
     {
         return Err(ApiError::oauth_code(
@@ -389,13 +382,13 @@ async fn authorization_code(
         ));
     }
     let pkce_optional = client.is_some_and(|c| client_flag(c, "pkceOptional"));
-    let challenge = extra_str(&login, keys::CODE_CHALLENGE);
+    let challenge = flow.code_challenge.as_deref();
     if !pkce_optional || challenge.is_some() {
         let challenge = challenge.ok_or_else(|| ApiError::oauth("Missing verification context"))?;
         let verifier = form
             .get("code_verifier")
             .ok_or_else(|| ApiError::oauth("Missing code verifier"))?;
-        let method = extra_str(&login, keys::CODE_CHALLENGE_METHOD).unwrap_or("plain");
+        let method = flow.code_challenge_method.as_deref().unwrap_or("plain");
         if !pkce_matches(method, challenge, verifier) {
             return Err(ApiError::oauth("Invalid code verifier"));
         }
@@ -410,7 +403,7 @@ async fn authorization_code(
     let (profile, project_id) = profile_and_project(&membership)?;
 
     let lifetime = user_access_lifetime(state, client);
-    let offline = flag(&login, keys::OFFLINE) && !super_admin;
+    let offline = flow.offline && !super_admin;
     let refresh_lifetime = offline.then(|| refresh_token_lifetime(state, client));
     let refresh_secret = offline.then(|| random_hex(32));
     let mut extra = login.extra.clone();

@@ -6,6 +6,7 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
+use crate::control::base::resources::joined_strings;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
 use crate::control::login::tokens::has_word;
@@ -46,16 +47,7 @@ pub async fn userinfo(
             .get("name")
             .and_then(Value::as_array)
             .and_then(|a| a.first());
-        let given = name
-            .and_then(|n| n.get("given"))
-            .and_then(Value::as_array)
-            .map(|g| {
-                g.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default();
+        let given = joined_strings(name.and_then(|n| n.get("given")));
         let family = name
             .and_then(|n| n.get("family"))
             .and_then(Value::as_str)

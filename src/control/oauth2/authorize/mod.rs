@@ -26,11 +26,9 @@ use crate::control::login::flow::issue_code;
 use crate::control::login::flow::password_login;
 use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
-use crate::control::login::mfa::login_enroll;
-use crate::control::login::mfa::verify_login;
+use crate::control::login::mfa::SignInCode;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
@@ -49,7 +47,6 @@ use crate::control::oauth2::authorize::request::Redirect;
 use crate::control::oauth2::authorize::request::Refusal;
 use crate::control::oauth2::authorize::request::check_request;
 use crate::control::oauth2::authorize::request::login_client;
-use crate::control::oauth2::authorize::request::page_keys;
 use crate::control::oauth2::authorize::request::redirect;
 use crate::control::oauth2::authorize::session::SESSION_COOKIE_SECONDS;
 use crate::control::oauth2::authorize::session::bind_csrf;
@@ -191,7 +188,7 @@ async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
     };
     set_extra(
         &mut login,
-        page_keys::STATE,
+        keys::AUTHORIZE_STATE,
         Value::String(request.state.clone()),
     );
     bind_csrf(state, &mut login, &csrf).await?;
@@ -214,8 +211,9 @@ async fn continue_step(
         return message_page(None, START_AGAIN, StatusCode::BAD_REQUEST);
     };
     let bound = csrf_matches(parts, p).filter(|token| {
-        extra_str(&login, page_keys::CSRF)
-            .is_some_and(|h| hashes_equal(h, &state.hash_secret(token)))
+        LoginFlow::of(&login)
+            .csrf
+            .is_some_and(|h| hashes_equal(&h, &state.hash_secret(token)))
     });
     let Some(csrf) = bound else {
         return message_page(
@@ -226,14 +224,17 @@ async fn continue_step(
     };
     let token = p.one("token").unwrap_or_default();
     match step {
-        "mfa" => match verify_login(state, &login.id, token).await {
-            Ok(l) => next_step(state, l, &csrf).await,
-            Err(e) => step_error(state, login, &csrf, e).await,
-        },
-        "enroll" => match login_enroll(state, &login.id, token).await {
-            Ok(l) => next_step(state, l, &csrf).await,
-            Err(e) => step_error(state, login, &csrf, e).await,
-        },
+        "mfa" | "enroll" => {
+            let code = if step == "mfa" {
+                SignInCode::Verify
+            } else {
+                SignInCode::Enroll
+            };
+            match code.check(state, &login.id, token).await {
+                Ok(l) => next_step(state, l, &csrf).await,
+                Err(e) => step_error(state, login, &csrf, e).await,
+            }
+        }
         "profile" => {
             let ip = client_ip(state, parts)?;
             let chosen = p.one("profile").unwrap_or_default();
@@ -274,31 +275,42 @@ async fn step_error(
     render_step(state, &fresh, csrf, Some(message), StatusCode::BAD_REQUEST).await
 }
 
-/// The ticked scopes of a consent form: each one asked for, at least one. `Err` is the message.
-fn chosen_scopes<'a>(p: &'a Params, requested: &str) -> Result<Vec<&'a str>, &'static str> {
+/// What a consent form says.
+enum Consent<'a> {
+    Deny,
+    /// The ticked scopes: each one asked for, at least one.
+    Grant(Vec<&'a str>),
+    /// The form again, with this message.
+    Invalid(&'static str),
+}
+
+/// Reads a consent form for a request that asked for `requested`.
+fn consent_answer<'a>(p: &'a Params, requested: &str) -> Consent<'a> {
+    if p.one("decision") == Some("deny") {
+        return Consent::Deny;
+    }
     let mut chosen: Vec<&str> = Vec::new();
     for word in p.all("grant") {
         if !requested.split_ascii_whitespace().any(|w| w == word) {
-            return Err("Invalid scope");
+            return Consent::Invalid("Invalid scope");
         }
         if !chosen.contains(&word) {
             chosen.push(word);
         }
     }
     if chosen.is_empty() {
-        return Err("Choose at least one permission, or deny access.");
+        return Consent::Invalid("Choose at least one permission, or deny access.");
     }
-    Ok(chosen)
+    Consent::Grant(chosen)
 }
 
 /// Where the page's Login goes back to: its redirect URI and the client's `state`.
 fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
-    let redirect_uri = extra_str(login, keys::REDIRECT_URI)
-        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?
-        .to_string();
-    let client_state = extra_str(login, page_keys::STATE)
-        .unwrap_or_default()
-        .to_string();
+    let flow = LoginFlow::of(login);
+    let redirect_uri = flow
+        .redirect_uri
+        .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?;
+    let client_state = flow.authorize_state.unwrap_or_default();
     Ok((redirect_uri, client_state))
 }
 
@@ -311,21 +323,15 @@ async fn consent(
     p: &Params,
 ) -> Result<Response, ApiError> {
     let (redirect_uri, client_state) = return_to(&login)?;
-    if p.one("decision") == Some("deny") {
-        revoke(state, &login.id).await?;
-        return Ok(denied(&redirect_uri, &client_state));
-    }
-    let chosen = match chosen_scopes(p, &login.scope) {
-        Ok(c) => c,
-        Err(message) => {
-            return render_step(
-                state,
-                &login,
-                csrf,
-                Some(message.to_string()),
-                StatusCode::BAD_REQUEST,
-            )
-            .await;
+    let chosen = match consent_answer(p, &login.scope) {
+        Consent::Grant(chosen) => chosen,
+        Consent::Deny => {
+            revoke(state, &login.id).await?;
+            return Ok(denied(&redirect_uri, &client_state));
+        }
+        Consent::Invalid(message) => {
+            let message = Some(message.to_string());
+            return render_step(state, &login, csrf, message, StatusCode::BAD_REQUEST).await;
         }
     };
     match set_scope(state, &login, &chosen.join(" ")).await {
@@ -370,19 +376,13 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
             StatusCode::BAD_REQUEST,
         );
     };
-    if p.one("decision") == Some("deny") {
-        return Ok(denied(&request.redirect_uri, &request.state));
-    }
-    let chosen = match chosen_scopes(p, &request.scope) {
-        Ok(c) => c,
-        Err(message) => {
-            return resume_consent_page(
-                state,
-                &request,
-                &csrf,
-                Some(message.to_string()),
-                StatusCode::BAD_REQUEST,
-            );
+    let chosen = match consent_answer(p, &request.scope) {
+        Consent::Grant(chosen) => chosen,
+        // The session stays as it was.
+        Consent::Deny => return Ok(denied(&request.redirect_uri, &request.state)),
+        Consent::Invalid(message) => {
+            let message = Some(message.to_string());
+            return resume_consent_page(state, &request, &csrf, message, StatusCode::BAD_REQUEST);
         }
     };
     let Some((login, _)) = reopen(state, &session, &request).await? else {
@@ -391,7 +391,7 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
     let mut login = set_scope(state, &login, &chosen.join(" ")).await?;
     set_extra(
         &mut login,
-        page_keys::CSRF,
+        keys::CSRF,
         Value::String(state.hash_secret(&csrf)),
     );
     finish(state, login).await
@@ -399,7 +399,8 @@ async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
 
 /// Consent is asked for anything beyond a plain sign-in.
 fn needs_consent(login: &LoginRecord) -> bool {
-    !flag(login, keys::SCOPE_GRANTED) && login.scope.split_ascii_whitespace().any(|w| w != "openid")
+    !LoginFlow::of(login).scope_granted
+        && login.scope.split_ascii_whitespace().any(|w| w != "openid")
 }
 
 /// The next page for a Login, or — when it is ready — the code.

@@ -5,9 +5,7 @@ use crate::control::login::flow::login_memberships;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::read_user;
-use crate::control::login::state::extra_str;
-use crate::control::login::state::flag;
-use crate::control::login::state::keys;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::client_name;
@@ -55,7 +53,8 @@ pub(super) async fn render_step(
     status: StatusCode,
 ) -> Result<Response, ApiError> {
     let client = login_client(state, login).await;
-    let redirect_uri = extra_str(login, keys::REDIRECT_URI);
+    let flow = LoginFlow::of(login);
+    let redirect_uri = flow.redirect_uri.as_deref();
     let frame = |title: &'static str, step: &'static str| Frame {
         title,
         client_name: client.as_ref().and_then(client_name),
@@ -69,8 +68,8 @@ pub(super) async fn render_step(
     };
     let csp = pages::content_security_policy(redirect_uri);
     let respond = |html: String| Ok(pages::html_response(status, html, &csp, &[]));
-    let enrolling = flag(login, keys::MFA_ENROLL_REQUIRED);
-    if !flag(login, keys::MFA_VERIFIED) && enrolling {
+    let enrolling = flow.mfa_enroll_required;
+    if !flow.mfa_verified && enrolling {
         let user = read_user(state, &login.user_ref)
             .await?
             .ok_or_else(|| ApiError::bad_request("User not found"))?;

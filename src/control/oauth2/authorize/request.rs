@@ -2,6 +2,7 @@
 //! order, and the refusals (plain text until the redirect URI is trusted, then 302s).
 
 use crate::control::base::clients::registered_redirect_uris;
+use crate::control::base::resources::joined_strings;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
@@ -20,14 +21,6 @@ const MAX_FORM: usize = 64 * 1024;
 
 /// A session is reused only this long after sign-in, unless `max_age` says otherwise.
 const DEFAULT_MAX_AGE: i64 = 3600;
-
-/// Extra keys of the Login this module owns (the shared ones are in `keys`).
-pub(super) mod page_keys {
-    /// Keyed hash of the CSRF token of the browser that created the Login.
-    pub const CSRF: &str = "csrf";
-    /// The client's `state`, returned with the code.
-    pub const STATE: &str = "authorizeState";
-}
 
 /// Fields of fhirgate's forms, not of the authorization request.
 const PAGE_FIELDS: [&str; 9] = [
@@ -255,17 +248,7 @@ pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthReque
     }
     let scope = match p.one("scope") {
         Some(s) => s.to_string(),
-        None => client
-            .content
-            .get("defaultScope")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            })
-            .unwrap_or_default(),
+        None => joined_strings(client.content.get("defaultScope")),
     };
     if scope.trim().is_empty() {
         return Err(fail("invalid_request", "Missing scope"));

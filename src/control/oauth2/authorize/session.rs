@@ -2,8 +2,8 @@
 //! session of an earlier sign-in of this browser, reused for `prompt=none` and consent.
 
 use crate::control::login::state::CODE_LIFETIME;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::code_hash;
-use crate::control::login::state::extra_str;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
@@ -11,7 +11,6 @@ use crate::control::login::state::mfa_satisfied;
 use crate::control::login::state::set_extra;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::Params;
-use crate::control::oauth2::authorize::request::page_keys;
 use crate::control::web::error::ApiError;
 use crate::state::State;
 use crate::store::{LoginRecord, now_unix};
@@ -97,8 +96,9 @@ pub(super) async fn find_session(
     }
     let login = match state.store.login(id).await? {
         Some(l)
-            if extra_str(&l, keys::COOKIE)
-                .is_some_and(|h| hashes_equal(h, &state.hash_secret(secret))) =>
+            if LoginFlow::of(&l)
+                .cookie
+                .is_some_and(|h| hashes_equal(&h, &state.hash_secret(secret))) =>
         {
             Some(l)
         }
@@ -163,7 +163,7 @@ pub(super) async fn reopen(
     );
     set(keys::LAUNCH, request.launch.clone());
     set(keys::REDIRECT_URI, Some(request.redirect_uri.clone()));
-    set(page_keys::STATE, Some(request.state.clone()));
+    set(keys::AUTHORIZE_STATE, Some(request.state.clone()));
     extra.insert(keys::GRANTED.into(), Value::Bool(false));
     extra.insert(
         keys::CODE_EXPIRES_AT.into(),
@@ -193,11 +193,7 @@ pub(super) async fn bind_csrf(
     csrf: &str,
 ) -> Result<(), ApiError> {
     let stored = get_login(state, &login.id).await?;
-    set_extra(
-        login,
-        page_keys::CSRF,
-        Value::String(state.hash_secret(csrf)),
-    );
+    set_extra(login, keys::CSRF, Value::String(state.hash_secret(csrf)));
     if !state
         .store
         .update_login_extra_cas(&login.id, &stored.extra, &login.extra)
