@@ -340,9 +340,12 @@ async fn run(n: usize, postgres: bool) {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; anything else (a criterion filter) is ignored here.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this too, without it:
+    // then one small size only, as a smoke test that the benchmark still works.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let default_sizes = if benching { "10000,100000" } else { "300" };
     let sizes: Vec<usize> = std::env::var("FHIRGATE_SCALE_SIZES")
-        .unwrap_or_else(|_| "10000,100000".into())
+        .unwrap_or_else(|_| default_sizes.into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
