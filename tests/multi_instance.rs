@@ -520,8 +520,11 @@ fn a_database_outage_keeps_verified_credentials_refuses_the_rest_and_recovers() 
         let admin_basic = basic(ADMIN_CLIENT_ID, ADMIN_CLIENT_SECRET);
         let patients_a = format!("{}Patient?_count=1", d.a.fhir);
         let patients_b = format!("{}Patient?_count=1", d.b.fhir);
+        // Verified before the stop, on both proxies: the Bearer token, and the admin client's
+        // Basic credentials (an instance holds what it has looked up, not the whole store).
         for url in [&patients_a, &patients_b] {
             assert_eq!(get_status(url, &seen_bearer).await, 200);
+            assert_eq!(get_status(url, &admin_basic).await, 200);
         }
         for gw in [&d.a, &d.b, &d.control] {
             assert_eq!(get_status(&format!("{}readyz", gw.metrics), "").await, 200);
@@ -539,7 +542,7 @@ fn a_database_outage_keeps_verified_credentials_refuses_the_rest_and_recovers() 
             }
         }
         println!("outage noticed by every instance after {} ms", stopped.elapsed().as_millis());
-        // Verified before the stop: still served, Bearer (cache) and Basic (snapshot).
+        // Verified before the stop: still served, Bearer and Basic (from the caches).
         assert_eq!(get_status(&patients_a, &seen_bearer).await, 200);
         assert_eq!(get_status(&patients_a, &admin_basic).await, 200);
         // Never seen: cannot be verified without its Login, so 503, never 401 or 500.

@@ -156,11 +156,15 @@ impl State {
             .load()
             .next_key_change
             .is_some_and(|t| t <= now_unix());
+        // A batch is recorded under the kind of its last write, so look at the subjects too.
         let tables_changed = gap
             || key_due
-            || changes
-                .iter()
-                .any(|c| matches!(c.kind.as_str(), "Project" | "JsonWebKey"));
+            || changes.iter().any(|c| {
+                matches!(c.kind.as_str(), "Project" | "JsonWebKey")
+                    || c.subject
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with("Project/"))
+            });
         let mut projects = Vec::new();
         if tables_changed {
             let old = self.snapshot.load_full();
