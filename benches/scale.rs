@@ -42,7 +42,6 @@ use tower::ServiceExt;
 
 const BASE: &str = "http://localhost:8080/";
 const KEK: [u8; 32] = [7; 32];
-const HASH_KEY: &[u8] = b"scale-secret-hash-key";
 const BATCH: usize = 1000;
 
 fn config(dir: &std::path::Path, store_url: &str) -> Config {
@@ -60,14 +59,133 @@ fn config(dir: &std::path::Path, store_url: &str) -> Config {
 async fn instance(dir: &std::path::Path, store_url: &str) -> Arc<State> {
     let store = Store::open(store_url).await.unwrap();
     let kek = fhirgate::sealed::KeyEncryptionKey::from_bytes(&KEK).unwrap();
-    State::new(
-        config(dir, store_url),
-        store,
-        Arc::new(kek),
-        HASH_KEY.to_vec(),
+    // The store's own client-secret key, as `fhirgate serve` opens it: the gateway started
+    // below on the same store must verify what this instance hashed.
+    let hash_key = fhirgate::state::keys::open_store_secrets(&store, &kek)
+        .await
+        .unwrap();
+    State::new(config(dir, store_url), store, Arc::new(kek), hash_key)
+        .await
+        .unwrap()
+}
+
+/// A stand-in FHIR server: every `GET` answers one small Patient (fhirgate's work is what is
+/// measured, not the upstream's).
+async fn upstream() -> String {
+    let app = Router::new().fallback(|| async {
+        (
+            [("content-type", "application/fhir+json")],
+            r#"{"resourceType":"Patient","id":"p1","name":[{"family":"Scale"}]}"#,
+        )
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}/fhir/R4")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// This process's CPU time (user + system), from /proc.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// A real gateway (pingora, proxy plane only) on the store, in front of [`upstream`]: `GET
+/// Patient/p1` with the Bearer tokens in turn, 16 at a time, for `secs` seconds. Requests per
+/// second, and this process's CPU per request (gateway, load client and stand-in upstream
+/// together: flat in N is what matters here; `benches/load.sh` measures fhirgate alone).
+async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -> (f64, f64) {
+    let upstream = upstream().await;
+    let port = free_port();
+    let config = Config::from_file(ConfigFile {
+        base_url: Some(BASE.into()),
+        data_dir: Some(dir.to_path_buf()),
+        store: Some(store_url.to_string()),
+        key_encryption_key: Some(base64::engine::general_purpose::STANDARD.encode(KEK)),
+        upstream: Some(upstream),
+        listen: Some(format!("127.0.0.1:{port}")),
+        metrics_listen: Some(format!("127.0.0.1:{}", free_port())),
+        control_url: Some(format!("http://127.0.0.1:{}", free_port())),
+        threads: Some(2),
+        grace_period_seconds: Some(0),
+        log_format: Some("text".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let planes = fhirgate::server::Planes {
+        gateway: true,
+        control: false,
+    };
+    let running = std::thread::spawn(move || fhirgate::server::start(config, planes))
+        .join()
+        .unwrap()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/fhir/R4/Patient/p1");
+    let client = reqwest::Client::new();
+    let bearers = Arc::new(bearers.to_vec());
+    // Warm: every token seen once.
+    for b in bearers.iter() {
+        let r = client
+            .get(&url)
+            .header("authorization", b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    let secs = 5;
+    let until = Instant::now() + Duration::from_secs(secs);
+    let cpu = cpu_time();
+    let mut lanes = Vec::new();
+    for lane in 0..16usize {
+        let (client, url, bearers) = (client.clone(), url.clone(), bearers.clone());
+        lanes.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            let mut i = lane;
+            while Instant::now() < until {
+                let r = client
+                    .get(&url)
+                    .header("authorization", &bearers[i % bearers.len()])
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                done += 1;
+                i += 16;
+            }
+            done
+        }));
+    }
+    let mut total = 0u64;
+    for l in lanes {
+        total += l.await.unwrap();
+    }
+    let cpu = cpu_time().saturating_sub(cpu);
+    running.shutdown();
+    (
+        total as f64 / secs as f64,
+        cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
     )
-    .await
-    .unwrap()
 }
 
 /// Loads `n` clients, memberships and Logins, and `n / 100` policies, in batches.
@@ -114,28 +232,33 @@ async fn generate(state: &State, project: &str, n: usize) {
         }
     }
     flush(&mut batch).await;
+    let mut logins = Vec::new();
     for i in 0..n {
-        store
-            .insert_login(&LoginRecord {
-                id: format!("gen-login-{i}"),
-                user_ref: format!("ClientApplication/gen-client-{i}"),
-                client_id: Some(format!("gen-client-{i}")),
-                membership_id: Some(format!("gen-member-{i}")),
-                project_id: Some(project.to_string()),
-                scope: "openid".into(),
-                auth_method: "client".into(),
-                auth_time: now,
-                expires_at: now + 3600,
-                // One in ten revoked: the set a revocation check must not hold in memory.
-                revoked: i % 10 == 0,
-                remote_address: None,
-                code: None,
-                refresh_secret: None,
-                extra: json!({"granted": true}),
-            })
-            .await
-            .unwrap();
+        logins.push(LoginRecord {
+            id: format!("gen-login-{i}"),
+            user_ref: format!("ClientApplication/gen-client-{i}"),
+            client_id: Some(format!("gen-client-{i}")),
+            membership_id: Some(format!("gen-member-{i}")),
+            project_id: Some(project.to_string()),
+            scope: "openid".into(),
+            auth_method: "client".into(),
+            auth_time: now,
+            expires_at: now + 3600,
+            // One in ten revoked: the set a revocation check must not hold in memory.
+            revoked: i % 10 == 0,
+            remote_address: None,
+            code: None,
+            refresh_secret: None,
+            extra: json!({"granted": true}),
+        });
+        if logins.len() >= BATCH {
+            store
+                .insert_logins(&std::mem::take(&mut logins))
+                .await
+                .unwrap();
+        }
     }
+    store.insert_logins(&logins).await.unwrap();
 }
 
 fn put(content: Value, project: &str) -> BatchWrite {
@@ -324,8 +447,11 @@ async fn run(n: usize, postgres: bool) {
     let rss = rss_mib();
     stop.send(true).unwrap();
     feed.await.unwrap();
+    // The first ten were revoked above.
+    let (gateway_rps, gateway_cpu_us) =
+        full_path(&url, &dir.path().join("gw"), &bearers[10..]).await;
     println!(
-        "| {} | {:>9} | {:>6.0} s | {:>9.0} | {:>8.0} | {:>8} ms | {:>10.1} | {:>8.0} | {:>7} | {:>7.0} |",
+        "| {} | {:>9} | {:>6.0} s | {:>9.0} | {:>8.0} | {:>8} ms | {:>10.1} | {:>7.0} | {:>8.0} | {:>8.0} | {:>7} | {:>7.0} |",
         if postgres { "PostgreSQL" } else { "SQLite" },
         n,
         generated.as_secs_f64(),
@@ -333,6 +459,8 @@ async fn run(n: usize, postgres: bool) {
         tokens,
         slowest.as_millis(),
         request_us,
+        gateway_rps,
+        gateway_cpu_us,
         start_ms,
         entries,
         rss,
@@ -356,9 +484,9 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| store | N | generate | invites/s | tokens/s | revocation | request µs | start ms | entries | RSS MiB |"
+        "| store | N | generate | invites/s | tokens/s | revocation | request µs | gateway req/s | CPU µs/req | start ms | entries | RSS MiB |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {
         rt.block_on(run(n, postgres));
     }

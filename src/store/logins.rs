@@ -9,27 +9,42 @@ impl Store {
     // === logins ===
 
     pub async fn insert_login(&self, l: &LoginRecord) -> Result<()> {
+        Self::login_insert(l)?.execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Many Logins in one transaction (all or none): how an import or a load generator brings
+    /// sessions in without a commit each.
+    pub async fn insert_logins(&self, logins: &[LoginRecord]) -> Result<()> {
+        let mut tx = self.begin_write().await?;
+        for l in logins {
+            Self::login_insert(l)?.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn login_insert(
+        l: &LoginRecord,
+    ) -> Result<sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>> {
         let sql = format!(
             "INSERT INTO logins ({LOGIN_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         );
-        sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(&l.id)
-            .bind(&l.user_ref)
+        Ok(sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(l.id.clone())
+            .bind(l.user_ref.clone())
             .bind(l.client_id.clone())
             .bind(l.membership_id.clone())
             .bind(l.project_id.clone())
-            .bind(&l.scope)
-            .bind(&l.auth_method)
+            .bind(l.scope.clone())
+            .bind(l.auth_method.clone())
             .bind(l.auth_time)
             .bind(l.expires_at)
             .bind(i64::from(l.revoked))
             .bind(l.remote_address.clone())
             .bind(l.code.clone())
             .bind(l.refresh_secret.clone())
-            .bind(serde_json::to_string(&l.extra)?)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+            .bind(serde_json::to_string(&l.extra)?))
     }
 
     pub async fn login(&self, id: &str) -> Result<Option<LoginRecord>> {

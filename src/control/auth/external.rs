@@ -35,6 +35,7 @@ use crate::control::web::body::query_pairs;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 
 /// Express's `res.redirect`: 302 with a `Location`.
 fn found(location: &str) -> Result<Response, ApiError> {
@@ -183,13 +184,10 @@ pub async fn external_callback(
         ExternalState::parse(raw_state).ok_or_else(|| ApiError::bad_request("Invalid state"))?;
 
     let client = match &st.client_id {
-        Some(id) => Some(
-            state
-                .identities
-                .client(id)
-                .await?
-                .ok_or_else(ApiError::not_found)?,
-        ),
+        Some(id) => Some(required(
+            state.identities.client(id).await,
+            ApiError::not_found,
+        )?),
         None => None,
     };
     let mut idp = client.as_deref().and_then(client_idp);

@@ -51,6 +51,7 @@ use crate::control::web::body::origin;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 
 fn length_between(s: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&s.chars().count())
@@ -97,13 +98,10 @@ pub async fn new_user(
     check_recaptcha(&state, &body, remote_ip.as_deref()).await?;
     let snap = state.snapshot();
     let client = match body_str(&body, "clientId") {
-        Some(id) => Some(
-            state
-                .identities
-                .client(&id)
-                .await?
-                .ok_or_else(ApiError::not_found)?,
-        ),
+        Some(id) => Some(required(
+            state.identities.client(&id).await,
+            ApiError::not_found,
+        )?),
         None => None,
     };
     let mut project_id = body_str(&body, "projectId").filter(|p| p != "new");

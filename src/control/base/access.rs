@@ -22,6 +22,7 @@ use std::sync::Arc;
 use crate::control::web::AppState;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 
 /// An authenticated caller, with everything decisions need, read once per request.
 pub struct Caller {
@@ -116,11 +117,10 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
         _ => unauthorized(),
     })?;
     let snap = state.snapshot();
-    let membership = state
-        .identities
-        .membership(&identity.membership_id)
-        .await?
-        .ok_or_else(unauthorized)?;
+    let membership = required(
+        state.identities.membership(&identity.membership_id).await,
+        unauthorized,
+    )?;
     if !membership.is_active() {
         return Err(unauthorized());
     }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use crate::control::base::outbound;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 use crate::control::web::form::TokenForm;
 use crate::outbound::Guarded;
 
@@ -212,11 +213,9 @@ async fn verify_client_assertion(
     let token_url = format!("{}oauth2/token", state.config.base_url);
     let client_id = crate::tokens::assertion_client_id(assertion, &token_url)
         .map_err(|e| ApiError::oauth(e.to_string()))?;
-    let client = state
-        .identities
-        .client(&client_id)
-        .await?
-        .ok_or_else(|| ApiError::oauth("Client not found"))?;
+    let client = required(state.identities.client(&client_id).await, || {
+        ApiError::oauth("Client not found")
+    })?;
     let url = client
         .content
         .get("jwksUri")
@@ -305,11 +304,7 @@ pub(crate) async fn authenticate_client(
         .id
         .filter(|s| !s.is_empty())
         .ok_or_else(invalid_client)?;
-    let client = state
-        .identities
-        .client(&id)
-        .await?
-        .ok_or_else(invalid_client)?;
+    let client = required(state.identities.client(&id).await, invalid_client)?;
     if !client.active {
         return Err(invalid_client());
     }

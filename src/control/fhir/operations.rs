@@ -18,6 +18,7 @@ use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
+use crate::control::web::error::required;
 use crate::obs::security::SecurityEventKind;
 
 /// `POST /fhir/R4/<Type>/<id>/<$operation>`.
@@ -83,11 +84,7 @@ async fn rotate_secret(
     if let Err(e) = state.refresh_if_changed().await {
         return Err(ApiError::internal("refreshing before a secret rotation", e));
     }
-    let info = state
-        .identities
-        .client(id)
-        .await?
-        .ok_or_else(ApiError::not_found)?;
+    let info = required(state.identities.client(id).await, ApiError::not_found)?;
     let matches = |stored: Option<&str>, presented: &str| {
         stored.is_some_and(|h| crate::tokens::hashes_equal(h, &state.hash_secret(presented)))
     };

@@ -29,6 +29,7 @@ use crate::control::web::ControlState;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 use crate::control::web::form::TokenForm;
 
 /// The grant type of RFC 8693 token exchange.
@@ -100,11 +101,9 @@ pub(crate) async fn exchange(
     if req.subject_token_type != Some(ACCESS_TOKEN_TYPE) {
         return Err(ApiError::oauth("Invalid subject_token_type"));
     }
-    let client = state
-        .identities
-        .client(client_id)
-        .await?
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let client = required(state.identities.client(client_id).await, || {
+        ApiError::oauth("Invalid client")
+    })?;
     let client = client.as_ref();
     if !client.active {
         return Err(ApiError::oauth("Invalid client"));
@@ -165,11 +164,9 @@ async fn grant(
         .membership_id
         .clone()
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
-    let membership = state
-        .identities
-        .membership(&membership_id)
-        .await?
-        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let membership = required(state.identities.membership(&membership_id).await, || {
+        ApiError::bad_request("Profile not found")
+    })?;
     let profile = membership
         .profile
         .reference

@@ -47,6 +47,7 @@ use crate::control::login::state::set_extra;
 use crate::control::login::state::wants_offline;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 use crate::obs::security::{SecurityEvent, SecurityEventKind};
 
 /// express-validator's answer (a validation OperationOutcome with a random id), for the first
@@ -98,13 +99,10 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         return Err(validation_errors(&errors));
     }
     let client = match req.client_id.as_deref().filter(|c| !c.is_empty()) {
-        Some(id) => Some(
-            state
-                .identities
-                .client(id)
-                .await?
-                .ok_or_else(ApiError::not_found)?,
-        ),
+        Some(id) => Some(required(
+            state.identities.client(id).await,
+            ApiError::not_found,
+        )?),
         None => None,
     };
     let mut project_id = req.project_id.clone().filter(|p| !p.is_empty());

@@ -51,6 +51,7 @@ use crate::control::web::ControlState;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::control::web::error::required;
 use crate::control::web::form::OAuthForm;
 use crate::control::web::form::TokenForm;
 
@@ -173,11 +174,9 @@ async fn client_credentials(
         return Err(ApiError::oauth("Missing client_secret"));
     }
     let snap = state.snapshot();
-    let client = state
-        .identities
-        .client(&client_id)
-        .await?
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let client = required(state.identities.client(&client_id).await, || {
+        ApiError::oauth("Invalid client")
+    })?;
     let client = client.as_ref();
     if !client.active {
         return Err(ApiError::oauth("Invalid client"));
@@ -260,11 +259,9 @@ async fn live_membership(
         .membership_id
         .as_deref()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
-    let membership = state
-        .identities
-        .membership(membership_id)
-        .await?
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let membership = required(state.identities.membership(membership_id).await, || {
+        ApiError::oauth("Invalid profile")
+    })?;
     if !membership.is_active() {
         return Err(ApiError::oauth("Profile not active"));
     }
@@ -309,11 +306,9 @@ async fn login_client(
     let Some(id) = login.client_id.as_deref() else {
         return Ok(None);
     };
-    let c = state
-        .identities
-        .client(id)
-        .await?
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let c = required(state.identities.client(id).await, || {
+        ApiError::oauth("Invalid client")
+    })?;
     if !c.active {
         return Err(ApiError::oauth("Invalid client"));
     }

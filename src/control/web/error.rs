@@ -104,6 +104,15 @@ impl ApiError {
     }
 }
 
+/// What a lookup found, or `missing()` when it found nothing; a store that could not answer
+/// stays a store error (503), never "not found".
+pub fn required<T>(
+    found: Result<Option<T>, StoreError>,
+    missing: impl FnOnce() -> ApiError,
+) -> Result<T, ApiError> {
+    found?.ok_or_else(missing)
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         match e {
