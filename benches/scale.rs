@@ -188,31 +188,52 @@ async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -
     )
 }
 
-/// Loads `n` clients, memberships and Logins, and `n / 100` policies, in batches.
-async fn generate(state: &State, project: &str, n: usize) {
+/// Loads `n` clients, memberships and Logins, and `n / 100` policies, in batches of
+/// [`BATCH`], `lanes` batches at a time (PostgreSQL takes concurrent writers; SQLite does not).
+async fn generate(state: &State, project: &str, n: usize, lanes: usize) {
     let store = &state.store;
     let policies = (n / 100).max(1);
-    let mut batch = Vec::new();
-    let flush = async |batch: &mut Vec<BatchWrite>| {
-        if !batch.is_empty() {
-            store.write_batch(std::mem::take(batch)).await.unwrap();
-        }
-    };
-    for p in 0..policies {
-        let policy = json!({
-            "resourceType": "AccessPolicy",
-            "id": format!("gen-policy-{p}"),
-            "name": format!("generated {p}"),
-            "resource": [{"resourceType": "Patient"}, {"resourceType": "Observation"}],
-        });
-        batch.push(put(policy, project));
-        if batch.len() >= BATCH {
-            flush(&mut batch).await;
-        }
+    let batch: Vec<BatchWrite> = (0..policies)
+        .map(|p| {
+            put(
+                json!({
+                    "resourceType": "AccessPolicy",
+                    "id": format!("gen-policy-{p}"),
+                    "name": format!("generated {p}"),
+                    "resource": [{"resourceType": "Patient"}, {"resourceType": "Observation"}],
+                }),
+                project,
+            )
+        })
+        .collect();
+    for chunk in batch.chunks(BATCH) {
+        store.write_batch(chunk.to_vec()).await.unwrap();
     }
-    flush(&mut batch).await;
+    let mut tasks = Vec::new();
+    for lane in 0..lanes {
+        let (store, project) = (store.clone(), project.to_string());
+        tasks.push(tokio::spawn(async move {
+            generate_lane(&store, &project, n, policies, lane, lanes).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// The identities `i` with `i % lanes == lane`.
+async fn generate_lane(
+    store: &Store,
+    project: &str,
+    n: usize,
+    policies: usize,
+    lane: usize,
+    lanes: usize,
+) {
     let now = now_unix();
-    for i in 0..n {
+    let mut batch = Vec::new();
+    let mut logins = Vec::new();
+    for i in (lane..n).step_by(lanes) {
         let id = format!("gen-client-{i}");
         let client_ref = format!("ClientApplication/{id}");
         batch.push(put(
@@ -227,17 +248,10 @@ async fn generate(state: &State, project: &str, n: usize) {
                    "accessPolicy": {"reference": format!("AccessPolicy/gen-policy-{}", i % policies)}}),
             project,
         ));
-        if batch.len() >= BATCH {
-            flush(&mut batch).await;
-        }
-    }
-    flush(&mut batch).await;
-    let mut logins = Vec::new();
-    for i in 0..n {
         logins.push(LoginRecord {
             id: format!("gen-login-{i}"),
-            user_ref: format!("ClientApplication/gen-client-{i}"),
-            client_id: Some(format!("gen-client-{i}")),
+            user_ref: client_ref.clone(),
+            client_id: Some(id.clone()),
             membership_id: Some(format!("gen-member-{i}")),
             project_id: Some(project.to_string()),
             scope: "openid".into(),
@@ -251,12 +265,16 @@ async fn generate(state: &State, project: &str, n: usize) {
             refresh_secret: None,
             extra: json!({"granted": true}),
         });
-        if logins.len() >= BATCH {
+        if batch.len() >= BATCH {
+            store.write_batch(std::mem::take(&mut batch)).await.unwrap();
             store
                 .insert_logins(&std::mem::take(&mut logins))
                 .await
                 .unwrap();
         }
+    }
+    if !batch.is_empty() {
+        store.write_batch(batch).await.unwrap();
     }
     store.insert_logins(&logins).await.unwrap();
 }
@@ -351,7 +369,7 @@ async fn run(n: usize, postgres: bool) {
     let boot = bootstrap(&a).await.unwrap();
     let project = boot.default_project_id.clone();
     let started = Instant::now();
-    generate(&a, &project, n).await;
+    generate(&a, &project, n, if postgres { 4 } else { 1 }).await;
     let generated = started.elapsed();
     a.refresh().await.unwrap();
     // The generator's own changes are history by now, as they would be in a store that grew
