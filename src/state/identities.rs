@@ -203,25 +203,26 @@ impl Identities {
             + self.effective.entry_count()
     }
 
-    /// The cached value of `key`, or `load`ed from the store and cached unless something it
-    /// was built from (`subjects`) changed meanwhile.
-    async fn through<K, V>(
+    /// The cached value of `key`, or `load`ed from the store and cached unless the change-feed
+    /// `subject` it was built from changed meanwhile. A hit allocates nothing: this runs on
+    /// every request.
+    async fn through<V>(
         &self,
-        cache: &Cache<K, V>,
-        key: K,
-        subjects: &[&str],
+        cache: &Cache<String, V>,
+        key: &str,
+        subject: impl FnOnce() -> String,
         load: impl Future<Output = Result<V, StoreError>>,
     ) -> Result<V, StoreError>
     where
-        K: std::hash::Hash + Eq + Send + Sync + Clone + 'static,
         V: Clone + Send + Sync + 'static,
     {
-        if let Some(v) = cache.get(&key) {
+        if let Some(v) = cache.get(key) {
             return Ok(v);
         }
         let mark = self.fence.mark();
         let value = timed(load).await?;
-        self.keep(cache, key, value.clone(), mark, subjects);
+        let subject = subject();
+        self.keep(cache, key.to_string(), value.clone(), mark, &[&subject]);
         Ok(value)
     }
 
@@ -240,8 +241,8 @@ impl Identities {
     }
 
     pub async fn membership(&self, id: &str) -> Result<Option<Arc<ProjectMembership>>, StoreError> {
-        let subject = format!("ProjectMembership/{id}");
-        self.through(&self.memberships, id.to_string(), &[&subject], async {
+        let subject = || format!("ProjectMembership/{id}");
+        self.through(&self.memberships, id, subject, async {
             Ok(match self.store.read("ProjectMembership", id).await? {
                 Some(r) => parse_membership(&r.id, r.content),
                 None => None,
@@ -251,8 +252,8 @@ impl Identities {
     }
 
     pub async fn client(&self, id: &str) -> Result<Option<Arc<ClientInfo>>, StoreError> {
-        let subject = format!("ClientApplication/{id}");
-        self.through(&self.clients, id.to_string(), &[&subject], async {
+        let subject = || format!("ClientApplication/{id}");
+        self.through(&self.clients, id, subject, async {
             let Some(r) = self.store.read("ClientApplication", id).await? else {
                 return Ok(None);
             };
@@ -270,8 +271,8 @@ impl Identities {
     }
 
     async fn policy(&self, id: &str) -> Result<Option<Arc<StoredPolicy>>, StoreError> {
-        let subject = format!("AccessPolicy/{id}");
-        self.through(&self.policies, id.to_string(), &[&subject], async {
+        let subject = || format!("AccessPolicy/{id}");
+        self.through(&self.policies, id, subject, async {
             let Some(r) = self.store.read("AccessPolicy", id).await? else {
                 return Ok(None);
             };
@@ -354,11 +355,10 @@ impl Identities {
             .map(|(id, _)| id))
     }
 
-    /// Whether a Login is revoked or gone. `known` is what the caller just read from the
-    /// store (with the mark taken before reading), to be cached.
+    /// Whether a Login is revoked or gone.
     pub async fn login_revoked(&self, id: &str) -> Result<bool, StoreError> {
-        let subject = format!("Login/{id}");
-        self.through(&self.logins, id.to_string(), &[&subject], async {
+        let subject = || format!("Login/{id}");
+        self.through(&self.logins, id, subject, async {
             Ok(self.store.login(id).await?.is_none_or(|l| l.revoked))
         })
         .await
@@ -377,7 +377,8 @@ impl Identities {
 
     /// Whether an active client names the browser `origin`.
     pub async fn origin_known(&self, origin: &str) -> Result<bool, StoreError> {
-        self.through(&self.origins, origin.to_string(), &[ANY_CLIENT], async {
+        let subject = || ANY_CLIENT.to_string();
+        self.through(&self.origins, origin, subject, async {
             self.store.client_origin_known(origin).await
         })
         .await

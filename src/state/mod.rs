@@ -151,20 +151,12 @@ impl State {
             // Read after the changes: a prune that raced the read shows up here.
             gap = self.store.changes_pruned_through().await? > applied;
         }
-        let key_due = self
-            .snapshot
-            .load()
-            .next_key_change
-            .is_some_and(|t| t <= now_unix());
-        // A batch is recorded under the kind of its last write, so look at the subjects too.
+        let key_due = self.key_change_due();
         let tables_changed = gap
             || key_due
-            || changes.iter().any(|c| {
-                matches!(c.kind.as_str(), "Project" | "JsonWebKey")
-                    || c.subject
-                        .as_deref()
-                        .is_some_and(|s| s.starts_with("Project/"))
-            });
+            || changes
+                .iter()
+                .any(|c| matches!(c.kind.as_str(), "Project" | "JsonWebKey"));
         let mut projects = Vec::new();
         if tables_changed {
             let old = self.snapshot.load_full();
@@ -191,6 +183,14 @@ impl State {
         Ok(())
     }
 
+    /// A signing key starts to sign or retires by now: the keyring must be rebuilt.
+    fn key_change_due(&self) -> bool {
+        self.snapshot
+            .load()
+            .next_key_change
+            .is_some_and(|t| t <= now_unix())
+    }
+
     /// Catches up if the store's change sequence moved, or a signing key's start or retirement
     /// came due. Returns whether it did.
     pub async fn refresh_if_changed(&self) -> Result<bool, StoreError> {
@@ -201,11 +201,7 @@ impl State {
 
     /// [`State::refresh_if_changed`] with the sequence number already read.
     pub async fn refresh_if_behind(&self, seq: i64) -> Result<bool, StoreError> {
-        let key_due = self
-            .snapshot
-            .load()
-            .next_key_change
-            .is_some_and(|t| t <= now_unix());
+        let key_due = self.key_change_due();
         if !key_due && seq <= self.identities.applied() {
             return Ok(false);
         }

@@ -48,9 +48,10 @@ impl Store {
         Ok(row.try_get::<i64, _>("seq")?)
     }
 
-    /// Appends to the change feed one row per changed thing (`Type/id`, `Login/id`), or one row
-    /// without a subject when the change cannot be pinned down (then every instance drops what
-    /// it cached of `kind`). Call it last in the transaction, right before `commit`.
+    /// Appends to the change feed one row per changed thing (`Type/id`, `Login/id`; its kind is
+    /// the subject's type), or one row of `kind` without a subject when the change cannot be
+    /// pinned down (then every instance drops what it cached of `kind`). Call it last in the
+    /// transaction, right before `commit`.
     ///
     /// On PostgreSQL a sequence value is taken when the row is inserted, not when it commits: a
     /// transaction holding seq 10 could commit after another one holding 11, and a poller that
@@ -63,13 +64,22 @@ impl Store {
     ) -> Result<()> {
         xact_lock(tx, CHANGE_FEED_LOCK).await?;
         let now = now_unix();
-        let none = [None];
-        let rows: Vec<Option<&str>> = if subjects.is_empty() {
-            none.to_vec()
+        // A row names its own subject's type (a batch writes several), so readers can go by
+        // `kind` alone.
+        let rows: Vec<(&str, Option<&str>)> = if subjects.is_empty() {
+            vec![(kind, None)]
         } else {
-            subjects.iter().map(|s| Some(s.as_str())).collect()
+            subjects
+                .iter()
+                .map(|s| {
+                    (
+                        s.split_once('/').map_or(kind, |(ty, _)| ty),
+                        Some(s.as_str()),
+                    )
+                })
+                .collect()
         };
-        for subject in rows {
+        for (kind, subject) in rows {
             sqlx::query("INSERT INTO changes (kind, subject, at) VALUES ($1, $2, $3)")
                 .bind(kind)
                 .bind(subject.map(str::to_string))
