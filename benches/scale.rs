@@ -4,15 +4,18 @@
 //! instance (`State`) fed by the real change feed:
 //!
 //! - `invites/s`: new clients (client + membership + secret, as `POST /admin/projects/…/client`
-//!   does), 4 at a time, sustained over 400;
+//!   does), 4 at a time, sustained over 2,000 (400 under `cargo test`);
 //! - `tokens/s`: client-credentials issuance, 4 at a time;
 //! - `revocation`: a Login revoked through the first instance until the second refuses its
 //!   token (max of 10);
 //! - `request µs`: the second instance's request path per request (authenticate a cached
 //!   Bearer, live checks, effective policy) over 400 identities, one thread;
 //! - `start ms`: a new instance's `State::new` (what it loads at start);
-//! - `entries` / `RSS MiB`: what the second instance's identity caches hold, and the
-//!   process's resident memory at the end (both instances and the generator share it).
+//! - `gateway req/s`, `proxy CPU µs/req`, `proxy RSS / peak MiB`: the full path through the
+//!   real binary, `fhirgate proxy` as its own process on the same store in front of a stand-in
+//!   upstream (16 concurrent requests, the tokens in turn, 5 s); CPU and memory are that
+//!   process's own (`/proc`), so they show what one proxy needs whatever N is;
+//! - `entries`: what the second instance's identity caches hold.
 //!
 //! Run: `cargo bench --bench scale` (SQLite, N = 10k and 100k);
 //! `FHIRGATE_SCALE_SIZES=10000,100000,1000000` picks sizes; `FHIRGATE_SCALE_STORE=postgres` runs
@@ -92,9 +95,9 @@ fn free_port() -> u16 {
         .port()
 }
 
-/// This process's CPU time (user + system), from /proc.
-fn cpu_time() -> Duration {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+/// CPU time (user + system) of process `pid`, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
@@ -109,38 +112,94 @@ fn cpu_time() -> Duration {
     Duration::from_millis((ticks(11) + ticks(12)) * 10)
 }
 
-/// A real gateway (pingora, proxy plane only) on the store, in front of [`upstream`]: `GET
-/// Patient/p1` with the Bearer tokens in turn, 16 at a time, for `secs` seconds. Requests per
-/// second, and this process's CPU per request (gateway, load client and stand-in upstream
-/// together: flat in N is what matters here; `benches/load.sh` measures fhirgate alone).
-async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -> (f64, f64) {
+/// A `VmRSS`-style line (`VmRSS`, `VmHWM`) of process `pid`, in MiB.
+fn memory_mib(pid: u32, line: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(line))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// A `fhirgate proxy` process, killed when dropped.
+struct Proxy(std::process::Child);
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What the full path measured in the proxy process.
+struct FullPath {
+    requests_per_sec: f64,
+    cpu_us_per_request: f64,
+    rss_mib: f64,
+    peak_rss_mib: f64,
+}
+
+/// The full request path through the real binary: `fhirgate proxy` as its own process on the
+/// store, in front of a stand-in upstream, 16 concurrent `GET Patient/p1` with `bearers` in
+/// turn for 5 s. CPU and memory are the proxy process's own.
+async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -> FullPath {
     let upstream = upstream().await;
-    let port = free_port();
-    let config = Config::from_file(ConfigFile {
-        base_url: Some(BASE.into()),
-        data_dir: Some(dir.to_path_buf()),
-        store: Some(store_url.to_string()),
-        key_encryption_key: Some(base64::engine::general_purpose::STANDARD.encode(KEK)),
-        upstream: Some(upstream),
-        listen: Some(format!("127.0.0.1:{port}")),
-        metrics_listen: Some(format!("127.0.0.1:{}", free_port())),
-        control_url: Some(format!("http://127.0.0.1:{}", free_port())),
-        threads: Some(2),
-        grace_period_seconds: Some(0),
-        log_format: Some("text".into()),
-        ..Default::default()
-    })
-    .unwrap();
-    let planes = fhirgate::server::Planes {
-        gateway: true,
-        control: false,
-    };
-    let running = std::thread::spawn(move || fhirgate::server::start(config, planes))
-        .join()
-        .unwrap()
-        .unwrap();
-    let url = format!("http://127.0.0.1:{port}/fhir/R4/Patient/p1");
+    let (port, metrics) = (free_port(), free_port());
+    std::fs::create_dir_all(dir).unwrap();
+    let log = std::fs::File::create(dir.join("proxy.log")).unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_fhirgate"));
+    for (key, _) in std::env::vars() {
+        if key.starts_with("FHIRGATE_") {
+            cmd.env_remove(key);
+        }
+    }
+    let kek = base64::engine::general_purpose::STANDARD.encode(KEK);
+    cmd.arg("proxy")
+        .env("FHIRGATE_BASE_URL", BASE)
+        .env("FHIRGATE_DATA_DIR", dir)
+        .env("FHIRGATE_STORE", store_url)
+        .env("FHIRGATE_KEY_ENCRYPTION_KEY", kek)
+        .env("FHIRGATE_UPSTREAM", upstream)
+        .env("FHIRGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("FHIRGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics}"))
+        .env(
+            "FHIRGATE_CONTROL_URL",
+            format!("http://127.0.0.1:{}", free_port()),
+        )
+        .env("FHIRGATE_THREADS", "2")
+        .env("FHIRGATE_GRACE_PERIOD_SECONDS", "0")
+        .env("FHIRGATE_LOG_FORMAT", "text")
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    let mut proxy = Proxy(cmd.spawn().expect("start fhirgate proxy"));
     let client = reqwest::Client::new();
+    let ready = format!("http://127.0.0.1:{metrics}/readyz");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = proxy.0.try_wait().unwrap() {
+            panic!(
+                "fhirgate proxy exited with {status}: {}",
+                std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+            );
+        }
+        if client
+            .get(&ready)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "fhirgate proxy never got ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pid = proxy.0.id();
+    let url = format!("http://127.0.0.1:{port}/fhir/R4/Patient/p1");
     let bearers = Arc::new(bearers.to_vec());
     // Warm: every token seen once.
     for b in bearers.iter() {
@@ -154,7 +213,7 @@ async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -
     }
     let secs = 5;
     let until = Instant::now() + Duration::from_secs(secs);
-    let cpu = cpu_time();
+    let cpu = cpu_time(pid);
     let mut lanes = Vec::new();
     for lane in 0..16usize {
         let (client, url, bearers) = (client.clone(), url.clone(), bearers.clone());
@@ -180,12 +239,13 @@ async fn full_path(store_url: &str, dir: &std::path::Path, bearers: &[String]) -
     for l in lanes {
         total += l.await.unwrap();
     }
-    let cpu = cpu_time().saturating_sub(cpu);
-    running.shutdown();
-    (
-        total as f64 / secs as f64,
-        cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
-    )
+    let cpu = cpu_time(pid).saturating_sub(cpu);
+    FullPath {
+        requests_per_sec: total as f64 / secs as f64,
+        cpu_us_per_request: cpu.as_secs_f64() * 1e6 / total.max(1) as f64,
+        rss_mib: memory_mib(pid, "VmRSS:"),
+        peak_rss_mib: memory_mib(pid, "VmHWM:"),
+    }
 }
 
 /// Loads `n` clients, memberships and Logins, and `n / 100` policies, in batches of
@@ -346,18 +406,6 @@ where
     (count as f64 / started.elapsed().as_secs_f64(), all)
 }
 
-fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
-}
-
 async fn run(n: usize, postgres: bool) {
     let dir = tempfile::tempdir().unwrap();
     let url = if postgres {
@@ -386,9 +434,10 @@ async fn run(n: usize, postgres: bool) {
     let app = fhirgate::control::router(a.clone());
     let admin = admin_basic(&boot, "scale-admin-secret-0123456789abcdef");
     let uri = format!("/admin/projects/{project}/client");
+    let invite_count = if benching() { 2000 } else { 400 };
     let (invites, created) = {
         let (app, admin, uri) = (app.clone(), admin.clone(), uri.clone());
-        rate(400, 4, move |i| {
+        rate(invite_count, 4, move |i| {
             let (app, admin, uri) = (app.clone(), admin.clone(), uri.clone());
             async move {
                 let body = json!({"name": format!("invite {i}")}).to_string();
@@ -462,14 +511,12 @@ async fn run(n: usize, postgres: bool) {
         slowest = slowest.max(since.elapsed());
     }
     let entries = b.identities.entries();
-    let rss = rss_mib();
     stop.send(true).unwrap();
     feed.await.unwrap();
     // The first ten were revoked above.
-    let (gateway_rps, gateway_cpu_us) =
-        full_path(&url, &dir.path().join("gw"), &bearers[10..]).await;
+    let gateway = full_path(&url, &dir.path().join("gw"), &bearers[10..]).await;
     println!(
-        "| {} | {:>9} | {:>6.0} s | {:>9.0} | {:>8.0} | {:>8} ms | {:>10.1} | {:>7.0} | {:>8.0} | {:>8.0} | {:>7} | {:>7.0} |",
+        "| {} | {:>9} | {:>6.0} s | {:>9.0} | {:>8.0} | {:>8} ms | {:>10.1} | {:>7.0} | {:>8.0} | {:>8.0} | {:>7} | {:>5.0} / {:.0} |",
         if postgres { "PostgreSQL" } else { "SQLite" },
         n,
         generated.as_secs_f64(),
@@ -477,19 +524,24 @@ async fn run(n: usize, postgres: bool) {
         tokens,
         slowest.as_millis(),
         request_us,
-        gateway_rps,
-        gateway_cpu_us,
+        gateway.requests_per_sec,
+        gateway.cpu_us_per_request,
         start_ms,
         entries,
-        rss,
+        gateway.rss_mib,
+        gateway.peak_rss_mib,
     );
+}
+
+/// `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it.
+fn benching() -> bool {
+    std::env::args().any(|a| a == "--bench")
 }
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this too, without it:
     // then one small size only, as a smoke test that the benchmark still works.
-    let benching = std::env::args().any(|a| a == "--bench");
-    let default_sizes = if benching { "10000,100000" } else { "300" };
+    let default_sizes = if benching() { "10000,100000" } else { "300" };
     let sizes: Vec<usize> = std::env::var("FHIRGATE_SCALE_SIZES")
         .unwrap_or_else(|_| default_sizes.into())
         .split(',')
@@ -502,7 +554,7 @@ fn main() {
         .build()
         .unwrap();
     println!(
-        "| store | N | generate | invites/s | tokens/s | revocation | request µs | gateway req/s | CPU µs/req | start ms | entries | RSS MiB |"
+        "| store | N | generate | invites/s | tokens/s | revocation | request µs | gateway req/s | proxy CPU µs/req | start ms | entries | proxy RSS / peak MiB |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for n in sizes {

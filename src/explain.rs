@@ -236,11 +236,7 @@ fn membership_section(out: &mut String, input: &ExplainInput, m: &ProjectMembers
             let _ = writeln!(out, "Membership (in memory)");
         }
     }
-    let _ = writeln!(
-        out,
-        "  profile   {}",
-        m.profile.reference.as_deref().unwrap_or("")
-    );
+    let _ = writeln!(out, "  profile   {}", m.profile_ref().unwrap_or(""));
     let _ = writeln!(
         out,
         "  admin     {}",

@@ -50,6 +50,10 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
         outbound: base::outbound::client()?,
         guarded: crate::outbound::Guarded::new(&state.config.outbound_allow)?,
         upstream: base::upstream::client()?,
+        client_jwks: web::ClientJwks::new(
+            base::client_auth::JWKS_TTL,
+            base::client_auth::JWKS_FAILURE_TTL,
+        ),
     });
     let routes = routes();
     let mut router = Router::new()

@@ -174,7 +174,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         };
         target = found;
         ctx.on_behalf_of_profile = match state.identities.membership(&target).await {
-            Ok(m) => m.and_then(|m| m.profile.reference.clone()),
+            Ok(m) => m.and_then(|m| m.profile_ref().map(str::to_string)),
             Err(_) => return store_down(),
         };
         ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));

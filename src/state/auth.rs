@@ -171,7 +171,7 @@ impl State {
                 .type_and_id()
                 .map(|(_, id)| id.to_string())
                 .unwrap_or_default(),
-            profile: membership.profile.reference.clone().unwrap_or_default(),
+            profile: membership.profile_ref().unwrap_or_default().to_string(),
             user_ref: login.user_ref.clone(),
             client_id: login.client_id.clone(),
             scope: Some(login.scope.clone()),

@@ -299,7 +299,7 @@ impl Identities {
         let key = (project_id.to_string(), profile.to_string());
         let belongs = |m: &ProjectMembership| {
             m.project.type_and_id().map(|(_, p)| p) == Some(project_id)
-                && m.profile.reference.as_deref() == Some(profile)
+                && m.profile_ref() == Some(profile)
         };
         if let Some(id) = self.by_profile.get(&key) {
             match self.membership(&id).await? {
@@ -568,5 +568,83 @@ fn parse_membership(id: &str, content: Value) -> Option<Arc<ProjectMembership>> 
             tracing::error!(id = %id, error = %e, "stored membership is unreadable; it grants nothing");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod fence_tests {
+    use super::*;
+
+    async fn identities() -> (Identities, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let store = Store::open(&url).await.unwrap();
+        (Identities::new(store, 100, 100, 0), dir)
+    }
+
+    fn change(seq: i64, subject: &str) -> Change {
+        Change {
+            seq,
+            kind: subject.split('/').next().unwrap_or_default().to_string(),
+            subject: Some(subject.to_string()),
+        }
+    }
+
+    /// Loads `value` as client `c` through `cache`, running `meanwhile` while the load is in
+    /// flight (between its store read and its insert). Returns what the caller got.
+    async fn load(
+        ids: &Identities,
+        cache: &Cache<String, &'static str>,
+        value: &'static str,
+        meanwhile: impl FnOnce(),
+    ) -> &'static str {
+        let subject = || "ClientApplication/c".to_string();
+        let read = async {
+            meanwhile();
+            Ok(value)
+        };
+        ids.through(cache, "c", subject, read).await.unwrap()
+    }
+
+    /// The race the fence exists for, played in order: a load reads the old value, the change
+    /// is applied (its invalidation finds nothing to drop yet), then the load inserts. The
+    /// stale value must not stay cached.
+    #[tokio::test]
+    async fn a_load_overtaken_by_a_change_is_not_kept() {
+        let (ids, _dir) = identities().await;
+        let cache = bounded(10);
+        let got = load(&ids, &cache, "old", || {
+            ids.forget(&[change(1, "ClientApplication/c")], &[]);
+        })
+        .await;
+        assert_eq!(got, "old", "the caller still gets what it read");
+        assert_eq!(cache.get("c"), None, "but it is not kept");
+
+        // With no change meanwhile, a load is kept.
+        load(&ids, &cache, "new", || {}).await;
+        assert_eq!(cache.get("c"), Some("new"));
+    }
+
+    /// A change of another subject, or one applied before the load began, leaves the load's
+    /// value in place.
+    #[tokio::test]
+    async fn only_later_changes_of_the_same_subject_count() {
+        let (ids, _dir) = identities().await;
+        ids.forget(&[change(1, "ClientApplication/c")], &[]);
+        let cache = bounded(10);
+        load(&ids, &cache, "v", || {
+            ids.forget(&[change(2, "ClientApplication/other")], &[]);
+        })
+        .await;
+        assert_eq!(cache.get("c"), Some("v"));
+    }
+
+    /// Everything dropped at once (a gap in the feed) makes every load in flight stale.
+    #[tokio::test]
+    async fn a_reset_during_a_load_drops_it() {
+        let (ids, _dir) = identities().await;
+        let cache = bounded(10);
+        load(&ids, &cache, "old", || ids.reset(5)).await;
+        assert_eq!(cache.get("c"), None);
     }
 }

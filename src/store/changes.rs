@@ -132,9 +132,13 @@ impl Store {
     /// than `keep` seconds (the newest always stays, it carries the sequence), and Logins that
     /// expired more than `keep_logins` seconds ago (no token of theirs can be valid, so
     /// forgetting them — revoked or not — changes no answer: an unknown Login is refused).
+    ///
+    /// It does not take the feed's lock: writers only ever append above the newest row, which
+    /// stays, so a long pass (a first one over a large backlog) never holds up a write. The
+    /// deletion and the new `changes.pruned_through` commit together, and that mark only grows,
+    /// so a reader that finds changes missing always sees why.
     pub async fn prune(&self, now: i64, keep: i64, keep_logins: i64) -> Result<()> {
         let mut tx = self.begin_write().await?;
-        xact_lock(&mut tx, CHANGE_FEED_LOCK).await?;
         let row = sqlx::query(
             "SELECT COALESCE(MAX(seq), 0) AS seq FROM changes WHERE at < $1 AND seq < (SELECT MAX(seq) FROM changes)",
         )
@@ -147,7 +151,8 @@ impl Store {
                 .bind(through)
                 .execute(&mut *tx)
                 .await?;
-            sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+            // Two passes may race: the mark keeps the larger of the two.
+            sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value WHERE CAST(settings.value AS BIGINT) < CAST(excluded.value AS BIGINT)")
                 .bind(CHANGES_PRUNED_SETTING)
                 .bind(through.to_string())
                 .execute(&mut *tx)

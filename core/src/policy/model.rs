@@ -166,6 +166,11 @@ impl ProjectMembership {
     pub fn project_id(&self) -> Option<&str> {
         self.project.type_and_id().map(|(_, id)| id)
     }
+
+    /// The reference of the profile the membership acts as (`Patient/…`, `ClientApplication/…`).
+    pub fn profile_ref(&self) -> Option<&str> {
+        self.profile.reference.as_deref()
+    }
 }
 
 /// The four "project admin" resource types: wildcards never grant them (docs/medplum-compat.md §4.3).

@@ -17,18 +17,17 @@ use crate::control::login::exchange::ACCESS_TOKEN_TYPE;
 use crate::control::login::exchange::ExchangeRequest;
 use crate::control::login::exchange::exchange;
 use crate::control::login::exchange::respond;
-use crate::control::login::external::DEFAULT_SCOPE;
 use crate::control::login::external::ExternalLogin;
 use crate::control::login::external::IdentityProvider;
 use crate::control::login::external::claims_for_code;
 use crate::control::login::external::client_idp;
 use crate::control::login::external::external_login;
 use crate::control::login::flow::issue_code;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::not_ready;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
-use crate::control::web::body::StringBody;
 use crate::control::web::body::body_str;
 use crate::control::web::body::ok_json;
 use crate::control::web::body::query_pairs;
@@ -127,12 +126,7 @@ struct ExternalState {
     domain: Option<String>,
     project_id: Option<Value>,
     client_id: Option<String>,
-    scope: Option<String>,
-    nonce: Option<String>,
-    launch: Option<String>,
-    code_challenge: Option<String>,
-    code_challenge_method: Option<String>,
-    redirect_uri: Option<String>,
+    ask: ClientAsk,
 }
 
 impl ExternalState {
@@ -155,12 +149,14 @@ impl ExternalState {
             domain: s("domain"),
             project_id: obj.get("projectId").cloned(),
             client_id: s("clientId"),
-            scope: s("scope"),
-            nonce: s("nonce"),
-            launch: s("launch"),
-            code_challenge: s("codeChallenge"),
-            code_challenge_method: s("codeChallengeMethod"),
-            redirect_uri: s("redirectUri"),
+            ask: ClientAsk {
+                scope: s("scope"),
+                nonce: s("nonce"),
+                launch: s("launch"),
+                code_challenge: s("codeChallenge"),
+                code_challenge_method: s("codeChallengeMethod"),
+                redirect_uri: s("redirectUri"),
+            },
         })
     }
 }
@@ -201,7 +197,7 @@ pub async fn external_callback(
     }
     let idp = idp.ok_or_else(|| ApiError::bad_request("Identity provider not found"))?;
 
-    let claims = claims_for_code(&state, &idp, code, st.code_challenge.as_deref()).await?;
+    let claims = claims_for_code(&state, &idp, code, st.ask.code_challenge.as_deref()).await?;
     let claim = |k: &str| {
         claims
             .get(k)
@@ -244,17 +240,11 @@ pub async fn external_callback(
         external_id,
         project_id,
         client: client.as_deref(),
-        scope: st
-            .scope
-            .clone()
-            .unwrap_or_else(|| DEFAULT_SCOPE.to_string()),
-        nonce: st
-            .nonce
-            .clone()
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        launch: st.launch.clone(),
-        code_challenge: st.code_challenge.clone(),
-        code_challenge_method: st.code_challenge_method.clone(),
+        // The redirect URI is the front end's business here (below), not bound to the Login.
+        ask: ClientAsk {
+            redirect_uri: None,
+            ..st.ask.clone()
+        },
         remote_address: ip,
         user_agent: user_agent(&parts.headers),
         force_first_membership: false,
@@ -266,7 +256,7 @@ pub async fn external_callback(
     // front end instead.
     if login.membership_id.is_some()
         && not_ready(&login).is_none()
-        && let (Some(requested), Some(c)) = (&st.redirect_uri, &client)
+        && let (Some(requested), Some(c)) = (&st.ask.redirect_uri, &client)
     {
         let target = match_redirect_uri(&registered_redirect_uris(c), requested)
             .ok_or_else(|| ApiError::bad_request("Invalid redirect URI"))?;
@@ -307,7 +297,7 @@ pub async fn external_callback(
 pub async fn exchange_legacy(
     AxState(state): AxState<AppState>,
     parts: Parts,
-    StringBody(body): StringBody,
+    AuthBody(body): AuthBody<false>,
 ) -> Result<Response, ApiError> {
     let s = |k: &str| {
         body.get(k)

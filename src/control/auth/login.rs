@@ -9,6 +9,7 @@ use crate::control::login::flow::choose_profile;
 use crate::control::login::flow::login_response;
 use crate::control::login::flow::password_login;
 use crate::control::login::flow::set_scope;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
@@ -35,13 +36,15 @@ pub async fn login(
         client_id: body_str(&body, "clientId"),
         project_id: body_str(&body, "projectId"),
         resource_type: body_str(&body, "resourceType"),
-        scope: body_str(&body, "scope"),
-        nonce: body_str(&body, "nonce"),
-        launch: body_str(&body, "launch"),
-        code_challenge: body_str(&body, "codeChallenge"),
-        code_challenge_method: body_str(&body, "codeChallengeMethod"),
         remember: body_bool(&body, "remember"),
-        redirect_uri: None,
+        ask: ClientAsk {
+            scope: body_str(&body, "scope"),
+            nonce: body_str(&body, "nonce"),
+            launch: body_str(&body, "launch"),
+            code_challenge: body_str(&body, "codeChallenge"),
+            code_challenge_method: body_str(&body, "codeChallengeMethod"),
+            redirect_uri: None,
+        },
         origin: origin(&parts.headers),
         remote_address: ip,
         user_agent: user_agent(&parts.headers),

@@ -34,6 +34,7 @@ use crate::control::login::flow::choose_profile;
 use crate::control::login::flow::login_response;
 use crate::control::login::flow::registration_login;
 use crate::control::login::pkce::check_client_pkce;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::ensure_pending;
 use crate::control::login::state::get_login;
@@ -180,10 +181,13 @@ pub async fn new_user(
         email,
         client_id: client.map(|c| c.id.clone()),
         project_id: Some(project_id.unwrap_or_else(|| "new".into())),
-        scope: body_str(&body, "scope"),
-        nonce: body_str(&body, "nonce"),
-        code_challenge: challenge,
-        code_challenge_method: method,
+        ask: ClientAsk {
+            scope: body_str(&body, "scope"),
+            nonce: body_str(&body, "nonce"),
+            code_challenge: challenge,
+            code_challenge_method: method,
+            ..ClientAsk::default()
+        },
         remember: matches!(body.get("remember"), Some(Value::Bool(true))),
         origin: origin(&parts.headers),
         remote_address: client_ip(&state, &parts)?,

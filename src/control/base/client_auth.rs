@@ -9,11 +9,12 @@ use axum::http::{HeaderValue, StatusCode, header};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::control::base::outbound;
 use crate::control::web::ControlState;
+use crate::control::web::FetchedJwks;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::required;
 use crate::control::web::form::TokenForm;
@@ -96,17 +97,10 @@ pub(crate) async fn presented_client(
     })
 }
 
-/// A client's JWK Set as fetched, when, and until when it may be used.
-struct CachedJwks {
-    set: jsonwebtoken::jwk::JwkSet,
-    fetched: std::time::Instant,
-    fresh_until: std::time::Instant,
-}
-
 /// JWK Sets are kept at most this long (the revocation budget of a key a client withdraws),
 /// less when the set's `Cache-Control` says so; a key id that is not in a set older than
 /// [`JWKS_REFETCH_AFTER`] makes one fresh fetch (the client may have rotated its keys).
-const JWKS_TTL: Duration = Duration::from_secs(300);
+pub(crate) const JWKS_TTL: Duration = Duration::from_secs(300);
 
 /// How long a fetched set may be used: its `max-age` (`no-store`/`no-cache`: none), within
 /// [`JWKS_REFETCH_AFTER`] (so an assertion cannot make fhirgate fetch on every request) and
@@ -140,36 +134,22 @@ const JWKS_TIMEOUT: Duration = Duration::from_secs(5);
 
 const JWKS_MAX_BYTES: usize = 256 * 1024;
 
-static JWKS_CACHE: LazyLock<moka::future::Cache<String, Arc<CachedJwks>>> = LazyLock::new(|| {
-    moka::future::Cache::builder()
-        .max_capacity(1_000)
-        .time_to_live(JWKS_TTL)
-        .build()
-});
+/// URLs whose JWK Set could not be fetched lately are not fetched again before this long.
+pub(crate) const JWKS_FAILURE_TTL: Duration = Duration::from_secs(30);
 
-/// URLs whose JWK Set could not be fetched lately: not fetched again before this long, so
-/// unauthenticated assertions cannot make fhirgate call out in a loop.
-const JWKS_FAILURE_TTL: Duration = Duration::from_secs(30);
-
-static JWKS_FAILURES: LazyLock<moka::sync::Cache<String, ()>> = LazyLock::new(|| {
-    moka::sync::Cache::builder()
-        .max_capacity(10_000)
-        .time_to_live(JWKS_FAILURE_TTL)
-        .build()
-});
-
-async fn fetch_jwks(http: &Guarded, url: &str) -> Option<CachedJwks> {
-    if JWKS_FAILURES.contains_key(url) {
+async fn fetch_jwks(state: &ControlState, url: &str) -> Option<FetchedJwks> {
+    let failures = &state.client_jwks.failures;
+    if failures.contains_key(url) {
         return None;
     }
-    let fetched = fetch_jwks_now(http, url).await;
+    let fetched = fetch_jwks_now(&state.guarded, url).await;
     if fetched.is_none() {
-        JWKS_FAILURES.insert(url.to_string(), ());
+        failures.insert(url.to_string(), ());
     }
     fetched
 }
 
-async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<CachedJwks> {
+async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<FetchedJwks> {
     let resp = http
         .request(reqwest::Method::GET, url)?
         .timeout(JWKS_TIMEOUT)
@@ -184,22 +164,23 @@ async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<CachedJwks> {
     let body = outbound::read_bounded(resp, JWKS_MAX_BYTES).await?;
     let set = serde_json::from_slice(&body).ok()?;
     let fetched = std::time::Instant::now();
-    Some(CachedJwks {
+    Some(FetchedJwks {
         set,
         fetched,
         fresh_until: fetched + lifetime,
     })
 }
 
-async fn jwks_for(http: &Guarded, url: &str, fresh: bool) -> Option<Arc<CachedJwks>> {
+async fn jwks_for(state: &ControlState, url: &str, fresh: bool) -> Option<Arc<FetchedJwks>> {
+    let sets = &state.client_jwks.sets;
     if !fresh
-        && let Some(c) = JWKS_CACHE.get(url).await
+        && let Some(c) = sets.get(url).await
         && std::time::Instant::now() < c.fresh_until
     {
         return Some(c);
     }
-    let fetched = Arc::new(fetch_jwks(http, url).await?);
-    JWKS_CACHE.insert(url.to_string(), fetched.clone()).await;
+    let fetched = Arc::new(fetch_jwks(state, url).await?);
+    sets.insert(url.to_string(), fetched.clone()).await;
     Some(fetched)
 }
 
@@ -224,14 +205,14 @@ async fn verify_client_assertion(
         .ok_or_else(|| ApiError::oauth("Client must have a JWK Set URL"))?
         .to_string();
     let bad_signature = || ApiError::oauth("Invalid client assertion signature");
-    let mut jwks = jwks_for(&state.guarded, &url, false)
+    let mut jwks = jwks_for(state, &url, false)
         .await
         .ok_or_else(bad_signature)?;
     let claims = match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
     {
         Ok(c) => c,
         Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
-            jwks = jwks_for(&state.guarded, &url, true)
+            jwks = jwks_for(state, &url, true)
                 .await
                 .ok_or_else(bad_signature)?;
             crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)

@@ -575,7 +575,7 @@ async fn validate_membership(
     }
     // A client or bot has exactly one membership per project: its credentials resolve to it.
     if matches!(user_type, "ClientApplication" | "Bot") {
-        unique.push(("profile", m.profile.reference.clone().unwrap_or_default()));
+        unique.push(("profile", m.profile_ref().unwrap_or_default().to_string()));
     }
     for (name, value) in unique {
         let filters = vec![

@@ -91,9 +91,7 @@ pub async fn memberships_of(
         }
         if let Some(t) = profile_type
             && !m
-                .profile
-                .reference
-                .as_deref()
+                .profile_ref()
                 .is_some_and(|r| r.starts_with(&format!("{t}/")))
         {
             continue;

@@ -13,12 +13,12 @@ use serde_json::Value;
 use crate::control::base::client_auth::check_client_secret;
 use crate::control::base::clients::access_token_lifetime;
 use crate::control::base::clients::refresh_token_lifetime;
-use crate::control::login::external::DEFAULT_SCOPE;
 use crate::control::login::external::ExternalLogin;
 use crate::control::login::external::IdpError;
 use crate::control::login::external::client_idp;
 use crate::control::login::external::external_login;
 use crate::control::login::external::user_info;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::keys;
 use crate::control::login::state::not_ready;
@@ -134,14 +134,11 @@ pub(crate) async fn exchange(
         external_id,
         project_id: client.project_id.clone(),
         client: Some(client),
-        scope: req.scope.unwrap_or(DEFAULT_SCOPE).to_string(),
-        nonce: req
-            .nonce
-            .map(str::to_string)
-            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        launch: None,
-        code_challenge: None,
-        code_challenge_method: None,
+        ask: ClientAsk {
+            scope: req.scope.map(str::to_string),
+            nonce: req.nonce.map(str::to_string),
+            ..ClientAsk::default()
+        },
         remote_address: ip,
         user_agent: user_agent(&parts.headers),
         force_first_membership: true,
@@ -167,11 +164,9 @@ async fn grant(
     let membership = required(state.identities.membership(&membership_id).await, || {
         ApiError::bad_request("Profile not found")
     })?;
-    let profile = membership
-        .profile
-        .reference
-        .clone()
-        .ok_or_else(|| ApiError::bad_request("Profile not found"))?;
+    let Some(profile) = membership.profile_ref().map(str::to_string) else {
+        return Err(ApiError::bad_request("Profile not found"));
+    };
     let project_id = login
         .project_id
         .clone()

@@ -17,6 +17,7 @@ use crate::control::base::users::memberships_of;
 use crate::control::login::flow::choose_profile;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::PENDING_LIFETIME;
 use crate::control::login::state::wants_offline;
 use crate::control::web::ControlState;
@@ -253,11 +254,8 @@ pub struct ExternalLogin<'a> {
     pub external_id: Option<String>,
     pub project_id: Option<String>,
     pub client: Option<&'a ClientInfo>,
-    pub scope: String,
-    pub nonce: String,
-    pub launch: Option<String>,
-    pub code_challenge: Option<String>,
-    pub code_challenge_method: Option<String>,
+    /// A missing scope is [`DEFAULT_SCOPE`], a missing nonce a random one.
+    pub ask: ClientAsk,
     pub remote_address: Option<IpAddr>,
     pub user_agent: Option<String>,
     /// Token exchange: take the first membership when there are several.
@@ -323,10 +321,11 @@ pub async fn external_login(
     {
         return Err(ApiError::bad_request("Invalid client"));
     }
+    let ask = &req.ask;
     check_client_pkce(
         req.client,
-        req.code_challenge.as_deref(),
-        req.code_challenge_method.as_deref(),
+        ask.code_challenge.as_deref(),
+        ask.code_challenge_method.as_deref(),
     )?;
     let project = req.project_id.as_deref().filter(|p| !p.is_empty());
     let user = match (&req.external_id, &req.email) {
@@ -344,24 +343,28 @@ pub async fn external_login(
         return Err(ApiError::bad_request("User not found"));
     }
 
+    let scope = ask.scope.as_deref().unwrap_or(DEFAULT_SCOPE);
     let login = PendingLogin {
         user_ref,
         client_id: req.client.map(|c| c.id.clone()),
         project_id: project.map(str::to_string),
-        scope: req.scope.clone(),
+        scope: scope.to_string(),
         auth_method: req.auth_method,
         lifetime: PENDING_LIFETIME,
         remote_address: req.remote_address,
-        nonce: req.nonce.clone(),
-        code_challenge: req.code_challenge.as_deref(),
-        code_challenge_method: req.code_challenge_method.as_deref(),
-        launch: req.launch.as_deref(),
+        nonce: ask
+            .nonce
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        code_challenge: ask.code_challenge.as_deref(),
+        code_challenge_method: ask.code_challenge_method.as_deref(),
+        launch: ask.launch.as_deref(),
         redirect_uri: None,
         origin: None,
         user_agent: req.user_agent.as_deref(),
         profile_type: None,
         remember: false,
-        offline: wants_offline(&req.scope),
+        offline: wants_offline(scope),
         // The IdP authenticated the user: no fhirgate MFA for this sign-in (as Medplum); a
         // membership that requires MFA still sets `mfaEnrollRequired` when it is chosen.
         mfa_required: false,
@@ -402,17 +405,13 @@ mod tests {
             e.to_string(),
             "Failed to verify code - unsupported content type: text/plain"
         );
-        match IdpError::TooManyRequests.into_oauth() {
-            ApiError::OAuth {
-                status,
-                error,
-                description,
-            } => {
-                assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
-                assert_eq!(error, "invalid_request");
-                assert_eq!(description, "Too Many Requests");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        assert_eq!(
+            IdpError::TooManyRequests.into_oauth().oauth_parts(),
+            Some((
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_request",
+                "Too Many Requests".to_string()
+            ))
+        );
     }
 }

@@ -122,8 +122,9 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
             return Err(ApiError::bad_request("Invalid client"));
         }
     }
-    let challenge = req.code_challenge.as_deref().filter(|s| !s.is_empty());
+    let challenge = req.ask.code_challenge.as_deref().filter(|s| !s.is_empty());
     let method = req
+        .ask
         .code_challenge_method
         .as_deref()
         .filter(|s| !s.is_empty());
@@ -158,7 +159,7 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
     }
 
     let now = now_unix();
-    let scope = req.scope_or_openid();
+    let scope = req.ask.scope_or_openid();
     let mfa_enrolled = user
         .content
         .get("mfaEnrolled")
@@ -184,14 +185,15 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
         lifetime: PENDING_LIFETIME,
         remote_address: req.remote_address,
         nonce: req
+            .ask
             .nonce
             .clone()
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
         code_challenge: challenge,
         code_challenge_method: method,
-        launch: req.launch.as_deref().filter(|s| !s.is_empty()),
-        redirect_uri: req.redirect_uri.as_deref().filter(|s| !s.is_empty()),
+        launch: req.ask.launch.as_deref().filter(|s| !s.is_empty()),
+        redirect_uri: req.ask.redirect_uri.as_deref().filter(|s| !s.is_empty()),
         origin: req.origin.as_deref(),
         user_agent: req.user_agent.as_deref(),
         profile_type,
@@ -473,7 +475,7 @@ const REGISTRATION_LOGIN_LIFETIME: i64 = PENDING_LIFETIME;
 /// membership yet (Medplum's `tryLogin` with `allowNoMembership`). Flow state as `login::state` keeps
 /// it.
 pub(crate) fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRecord {
-    let scope = req.scope_or_openid();
+    let scope = req.ask.scope_or_openid();
     PendingLogin {
         user_ref: user_ref.to_string(),
         client_id: req.client_id.clone(),
@@ -483,11 +485,12 @@ pub(crate) fn registration_login(user_ref: &str, req: &LoginRequest) -> LoginRec
         lifetime: REGISTRATION_LOGIN_LIFETIME,
         remote_address: req.remote_address,
         nonce: req
+            .ask
             .nonce
             .clone()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
-        code_challenge: req.code_challenge.as_deref(),
-        code_challenge_method: req.code_challenge_method.as_deref(),
+        code_challenge: req.ask.code_challenge.as_deref(),
+        code_challenge_method: req.ask.code_challenge_method.as_deref(),
         launch: None,
         redirect_uri: None,
         origin: req.origin.as_deref(),

@@ -173,6 +173,35 @@ impl LoginFlow {
     }
 }
 
+/// What the client application asked for when it started a sign-in (the parameters of its
+/// authorization request, or the same fields of `/auth/login`), carried as they came to the
+/// pending Login, whichever way the user signs in.
+#[derive(Debug, Clone, Default)]
+pub struct ClientAsk {
+    /// Space-separated scopes.
+    pub scope: Option<String>,
+    /// Echoed in the ID token.
+    pub nonce: Option<String>,
+    /// The SMART launch context.
+    pub launch: Option<String>,
+    /// PKCE (RFC 7636): the code is redeemed only with the verifier of this challenge, …
+    pub code_challenge: Option<String>,
+    /// … made with this method.
+    pub code_challenge_method: Option<String>,
+    /// Set by `/oauth2/authorize`: the code is then bound to it.
+    pub redirect_uri: Option<String>,
+}
+
+impl ClientAsk {
+    /// The requested scope, `openid` when none was asked for (Medplum's default).
+    pub(crate) fn scope_or_openid(&self) -> String {
+        self.scope
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "openid".to_string())
+    }
+}
+
 /// What `/auth/login` (or the sign-in page) received.
 #[derive(Debug, Clone, Default)]
 pub struct LoginRequest {
@@ -182,28 +211,13 @@ pub struct LoginRequest {
     pub project_id: Option<String>,
     /// Profile type filter (`Patient`, `Practitioner`, …).
     pub resource_type: Option<String>,
-    pub scope: Option<String>,
-    pub nonce: Option<String>,
-    pub launch: Option<String>,
-    pub code_challenge: Option<String>,
-    pub code_challenge_method: Option<String>,
+    /// "Remember me": offline access whatever the scope says.
     pub remember: bool,
-    /// Set by `/oauth2/authorize`: the code is then bound to it.
-    pub redirect_uri: Option<String>,
+    pub ask: ClientAsk,
     /// The request's `Origin` header.
     pub origin: Option<String>,
     pub remote_address: Option<IpAddr>,
     pub user_agent: Option<String>,
-}
-
-impl LoginRequest {
-    /// The requested scope, `openid` when none was asked for (Medplum's default).
-    pub(crate) fn scope_or_openid(&self) -> String {
-        self.scope
-            .clone()
-            .filter(|s| !s.trim().is_empty())
-            .unwrap_or_else(|| "openid".to_string())
-    }
 }
 
 pub fn set_extra(login: &mut LoginRecord, key: &str, value: Value) {

@@ -47,7 +47,7 @@ pub async fn introspect(
             .identities
             .membership(m)
             .await?
-            .and_then(|m| m.profile.reference.clone()),
+            .and_then(|m| m.profile_ref().map(str::to_string)),
         None => None,
     };
     let sub = claims.sub.clone().unwrap_or_else(|| {

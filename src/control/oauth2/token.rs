@@ -110,10 +110,15 @@ async fn handle(
         .get("grant_type")
         .ok_or_else(|| ApiError::oauth("Missing grant_type"))?;
     let grant = Grant::parse(grant).ok_or_else(|| ApiError::oauth("Unsupported grant_type"))?;
+    let req = GrantRequest {
+        state,
+        parts,
+        form: &form,
+    };
     let result = match grant {
-        Grant::ClientCredentials => client_credentials(state, parts, &form).await,
-        Grant::AuthorizationCode => authorization_code(state, parts, &form).await,
-        Grant::RefreshToken => refresh_token(state, parts, &form).await,
+        Grant::ClientCredentials => client_credentials(req).await,
+        Grant::AuthorizationCode => authorization_code(req).await,
+        Grant::RefreshToken => refresh_token(req).await,
         // Answers its own errors: some are OperationOutcomes, not OAuth errors.
         Grant::TokenExchange => {
             return Ok(token_exchange(state, parts, &form).await);
@@ -151,6 +156,14 @@ async fn handle(
     Ok(token_response(&body))
 }
 
+/// What a grant reads of its token request.
+#[derive(Clone, Copy)]
+struct GrantRequest<'a> {
+    state: &'a ControlState,
+    parts: &'a Parts,
+    form: &'a TokenForm,
+}
+
 fn token_response(body: &Value) -> Response {
     let mut r = (StatusCode::OK, axum::Json(body)).into_response();
     let h = r.headers_mut();
@@ -159,11 +172,8 @@ fn token_response(body: &Value) -> Response {
     r
 }
 
-async fn client_credentials(
-    state: &ControlState,
-    parts: &Parts,
-    form: &TokenForm,
-) -> Result<Value, ApiError> {
+async fn client_credentials(req: GrantRequest<'_>) -> Result<Value, ApiError> {
+    let GrantRequest { state, parts, form } = req;
     let presented = presented_client(state, parts, form).await?;
     let client_id = presented
         .id
@@ -287,11 +297,8 @@ async fn live_membership(
 fn profile_and_project(
     membership: &fhirgate_core::policy::model::ProjectMembership,
 ) -> Result<(String, String), ApiError> {
-    let profile = membership
-        .profile
-        .reference
-        .clone()
-        .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let profile = membership.profile_ref().map(str::to_string);
+    let profile = profile.ok_or_else(|| ApiError::oauth("Invalid profile"))?;
     let project_id = membership
         .project_id()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
@@ -323,11 +330,8 @@ async fn replayed(state: &ControlState, login_id: &str) -> ApiError {
     ApiError::oauth_code("invalid_grant", "Token already granted")
 }
 
-async fn authorization_code(
-    state: &ControlState,
-    parts: &Parts,
-    form: &TokenForm,
-) -> Result<Value, ApiError> {
+async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
+    let GrantRequest { state, parts, form } = req;
     let presented = presented_client(state, parts, form).await?;
     let code = form
         .get("code")
@@ -439,11 +443,8 @@ async fn authorization_code(
     .await
 }
 
-async fn refresh_token(
-    state: &ControlState,
-    parts: &Parts,
-    form: &TokenForm,
-) -> Result<Value, ApiError> {
+async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
+    let GrantRequest { state, parts, form } = req;
     let invalid = || ApiError::oauth("Invalid refresh token");
     let token = form.get("refresh_token").ok_or_else(invalid)?;
     let claims = state.keyring().verify(token).map_err(|_| invalid())?;

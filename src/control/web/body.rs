@@ -116,26 +116,17 @@ async fn auth_body(
 }
 
 /// The `/auth/*` body as an extractor (see [`auth_body`]); it reads the body, so it comes last.
-pub struct AuthBody(pub Map<String, Value>);
+/// `AuthBody<false>` keeps form values as strings (`/auth/exchange`, as Medplum reads it).
+pub struct AuthBody<const FORM_BOOLEANS: bool = true>(pub Map<String, Value>);
 
-impl<S: Send + Sync> FromRequest<S> for AuthBody {
+impl<S: Send + Sync, const FORM_BOOLEANS: bool> FromRequest<S> for AuthBody<FORM_BOOLEANS> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, _: &S) -> Result<AuthBody, ApiError> {
+    async fn from_request(req: Request, _: &S) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
-        auth_body(&parts.headers, body, true).await.map(AuthBody)
-    }
-}
-
-/// The `/auth/*` body with form values kept as strings (`/auth/exchange`, as Medplum reads it).
-pub struct StringBody(pub Map<String, Value>);
-
-impl<S: Send + Sync> FromRequest<S> for StringBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, _: &S) -> Result<StringBody, ApiError> {
-        let (parts, body) = req.into_parts();
-        auth_body(&parts.headers, body, false).await.map(StringBody)
+        auth_body(&parts.headers, body, FORM_BOOLEANS)
+            .await
+            .map(AuthBody)
     }
 }
 

@@ -52,6 +52,19 @@ impl ApiError {
         }
     }
 
+    /// An OAuth error's status, code and description; `None` for any other kind.
+    #[cfg(test)]
+    pub fn oauth_parts(&self) -> Option<(StatusCode, &'static str, String)> {
+        match self {
+            ApiError::OAuth {
+                status,
+                error,
+                description,
+            } => Some((*status, error, description.clone())),
+            _ => None,
+        }
+    }
+
     pub fn bad_request(text: impl Into<String>) -> ApiError {
         ApiError::Outcome(Outcome::BadRequest(text.into()))
     }
@@ -214,18 +227,16 @@ mod tests {
 
     #[test]
     fn outcome_errors_convert_to_oauth_shape() {
-        match ApiError::bad_request("IP address not allowed").into_oauth() {
-            ApiError::OAuth {
-                status,
-                error,
-                description,
-            } => {
-                assert_eq!(status, StatusCode::BAD_REQUEST);
-                assert_eq!(error, "invalid_request");
-                assert_eq!(description, "IP address not allowed");
-            }
-            other => panic!("unexpected {other:?}"),
-        }
+        assert_eq!(
+            ApiError::bad_request("IP address not allowed")
+                .into_oauth()
+                .oauth_parts(),
+            Some((
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "IP address not allowed".to_string()
+            ))
+        );
     }
 
     #[test]

@@ -28,6 +28,38 @@ pub struct ControlState {
     pub(crate) guarded: crate::outbound::Guarded,
     /// Calls to the upstream FHIR server (`base::upstream`).
     pub(crate) upstream: reqwest::Client,
+    /// Clients' JWK Sets (`private_key_jwt`), kept by `base::client_auth`.
+    pub(crate) client_jwks: ClientJwks,
+}
+
+/// A client's JWK Set as fetched, when, and until when it may be used.
+pub(crate) struct FetchedJwks {
+    pub(crate) set: jsonwebtoken::jwk::JwkSet,
+    pub(crate) fetched: std::time::Instant,
+    pub(crate) fresh_until: std::time::Instant,
+}
+
+/// Clients' JWK Sets by URL, and the URLs that could not be fetched lately (not fetched again
+/// before their entry expires, so unauthenticated assertions cannot make fhirgate call out in a
+/// loop). One per router, bounded.
+pub(crate) struct ClientJwks {
+    pub(crate) sets: moka::future::Cache<String, Arc<FetchedJwks>>,
+    pub(crate) failures: moka::sync::Cache<String, ()>,
+}
+
+impl ClientJwks {
+    pub(crate) fn new(ttl: std::time::Duration, failure_ttl: std::time::Duration) -> ClientJwks {
+        ClientJwks {
+            sets: moka::future::Cache::builder()
+                .max_capacity(1_000)
+                .time_to_live(ttl)
+                .build(),
+            failures: moka::sync::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_live(failure_ttl)
+                .build(),
+        }
+    }
 }
 
 impl std::ops::Deref for ControlState {

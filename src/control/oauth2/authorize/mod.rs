@@ -27,6 +27,7 @@ use crate::control::login::flow::password_login;
 use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
 use crate::control::login::mfa::SignInCode;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
@@ -155,13 +156,15 @@ async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
         client_id: Some(request.client.id.clone()),
         project_id: None,
         resource_type: None,
-        scope: Some(request.scope.clone()),
-        nonce: request.nonce.clone(),
-        launch: request.launch.clone(),
-        code_challenge: request.code_challenge.clone(),
-        code_challenge_method: request.code_challenge_method.clone(),
         remember: false,
-        redirect_uri: Some(request.redirect_uri.clone()),
+        ask: ClientAsk {
+            scope: Some(request.scope.clone()),
+            nonce: request.nonce.clone(),
+            launch: request.launch.clone(),
+            code_challenge: request.code_challenge.clone(),
+            code_challenge_method: request.code_challenge_method.clone(),
+            redirect_uri: Some(request.redirect_uri.clone()),
+        },
         // The page is fhirgate's own: the client's allowed origins are about its own front end.
         origin: None,
         remote_address: client_ip(state, parts)?,

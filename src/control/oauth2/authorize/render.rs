@@ -111,7 +111,7 @@ pub(super) async fn render_step(
             .iter()
             .filter(|(_, m)| m.is_active())
             .map(|(id, m)| {
-                let reference = m.profile.reference.clone().unwrap_or_default();
+                let reference = m.profile_ref().unwrap_or_default().to_string();
                 let project = m
                     .project
                     .type_and_id()
