@@ -8,8 +8,8 @@ use serde_json::{Value, json};
 
 use crate::control::base::access::AdminProject;
 use crate::control::base::clients::create_client_with_membership;
-use crate::control::base::resources::check_policy_reference;
-use crate::control::base::resources::strip_secrets;
+use crate::control::base::resources::present::strip_secrets;
+use crate::control::base::resources::validate::check_policy_reference;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;

@@ -12,7 +12,7 @@ use crate::upstream_headers::UpstreamIdentity;
 use fhirgate_core::policy::isolation::Isolation;
 
 use crate::control::base::access::Caller;
-use crate::control::base::resources::strip_secrets;
+use crate::control::base::resources::present::strip_secrets;
 use crate::control::base::users::find_memberships;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;

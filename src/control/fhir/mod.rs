@@ -24,11 +24,11 @@ use fhirgate_core::policy::compiled::{CompiledEntry, is_protected_type};
 
 use crate::control::base::access::Caller;
 use crate::control::base::resources::create_resource;
-use crate::control::base::resources::present;
+use crate::control::base::resources::fields::str_field;
+use crate::control::base::resources::present::present;
+use crate::control::base::resources::present::resource_response;
 use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
-use crate::control::base::resources::resource_response;
-use crate::control::base::resources::str_field;
 use crate::control::base::resources::update_resource;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::AppState;

@@ -10,9 +10,9 @@ use axum::response::Response;
 use serde_json::Value;
 
 use crate::control::base::access::Caller;
+use crate::control::base::resources::present::strip_secrets;
 use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
-use crate::control::base::resources::strip_secrets;
 use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;

@@ -6,7 +6,7 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
-use crate::control::base::resources::joined_strings;
+use crate::control::base::resources::fields::joined_strings;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
 use crate::control::login::tokens::has_word;

@@ -2,7 +2,7 @@
 //! order, and the refusals (plain text until the redirect URI is trusted, then 302s).
 
 use crate::control::base::clients::registered_redirect_uris;
-use crate::control::base::resources::joined_strings;
+use crate::control::base::resources::fields::joined_strings;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
