@@ -240,10 +240,56 @@ impl BackgroundService for PolicyReload {
     }
 }
 
-fn health_router(state: Arc<State>) -> axum::Router {
+/// Whether the gateway's socket accepts connections yet. pingora binds it when its service
+/// starts, which may come after the metrics service: until then `/readyz` must not say ready,
+/// or a load balancer sends traffic to a port nobody listens on. Checked by connecting to it
+/// (over loopback when it listens on every address) until that works once.
+struct GatewayListening {
+    addr: Option<std::net::SocketAddr>,
+    seen: std::sync::atomic::AtomicBool,
+}
+
+impl GatewayListening {
+    fn new(listen: Option<std::net::SocketAddr>) -> GatewayListening {
+        let addr = listen.map(|mut a| {
+            if a.ip().is_unspecified() {
+                a.set_ip(match a {
+                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                });
+            }
+            a
+        });
+        GatewayListening {
+            addr,
+            seen: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    async fn check(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        let Some(addr) = self.addr else {
+            return true;
+        };
+        if self.seen.load(Ordering::Relaxed) {
+            return true;
+        }
+        let connected = matches!(
+            tokio::time::timeout(READY_PROBE_TIMEOUT, tokio::net::TcpStream::connect(addr)).await,
+            Ok(Ok(_))
+        );
+        if connected {
+            self.seen.store(true, Ordering::Relaxed);
+        }
+        connected
+    }
+}
+
+fn health_router(state: Arc<State>, gateway: Option<std::net::SocketAddr>) -> axum::Router {
     use axum::http::StatusCode;
     use axum::routing::get;
     let ready_state = state.clone();
+    let gateway = Arc::new(GatewayListening::new(gateway));
     axum::Router::new()
         .route(
             "/metrics",
@@ -259,6 +305,7 @@ fn health_router(state: Arc<State>) -> axum::Router {
             "/readyz",
             get(move || {
                 let state = ready_state.clone();
+                let gateway = gateway.clone();
                 async move {
                     // Red as soon as the change feed has lost the store, and until a fresh
                     // round trip succeeds; never waits longer than a probe allows.
@@ -268,7 +315,7 @@ fn health_router(state: Arc<State>) -> axum::Router {
                             Ok(Ok(()))
                         );
                     let keys_ok = !state.keyring().is_empty();
-                    if store_ok && keys_ok {
+                    if store_ok && keys_ok && gateway.check().await {
                         (StatusCode::OK, "ready")
                     } else {
                         (StatusCode::SERVICE_UNAVAILABLE, "not ready")
@@ -384,7 +431,7 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
         AxumService {
             name: "metrics",
             listener: std::sync::Mutex::new(Some(metrics_listener)),
-            router: health_router(state.clone()),
+            router: health_router(state.clone(), planes.gateway.then_some(config.listen)),
         },
     ));
     server.add_service(background_service("change feed", ChangeFeed(state.clone())));
@@ -503,5 +550,35 @@ async fn check_upstreams(upstreams: Vec<(String, crate::config::Upstream)>) {
             url = %up.base_url,
             "the upstream FHIR server is not reachable yet ({problem}); FHIR requests get 502 until it is"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `/readyz` stays red until the gateway's socket accepts connections, which it reaches
+    /// over loopback when the gateway listens on every address.
+    #[tokio::test]
+    async fn readiness_waits_for_the_gateway_socket() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let every_address = std::net::SocketAddr::from(([0, 0, 0, 0], free.port()));
+        let gateway = GatewayListening::new(Some(every_address));
+        assert!(!gateway.check().await, "nothing listens yet");
+        let listener = tokio::net::TcpListener::bind(free).await.unwrap();
+        assert!(gateway.check().await);
+        drop(listener);
+        assert!(
+            gateway.check().await,
+            "once seen listening, not probed again"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_gateway_plane_readiness_waits_for_no_socket() {
+        assert!(GatewayListening::new(None).check().await);
     }
 }

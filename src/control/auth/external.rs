@@ -269,7 +269,7 @@ pub async fn external_callback(
 
     // The sign-in front end continues with `GET /auth/login/:login` (memberships, MFA, code).
     let flow = LoginFlow::of(&login);
-    let page = if flow.launch.is_some() {
+    let page = if flow.ask.launch.is_some() {
         "oauth"
     } else {
         "signin"
@@ -277,16 +277,16 @@ pub async fn external_callback(
     let mut url = url::Url::parse(&state.config.base_url)
         .and_then(|b| b.join(page))
         .map_err(|e| ApiError::internal("the sign-in page URL", e))?;
-    let nonce = flow.nonce.unwrap_or_default();
+    let nonce = flow.ask.nonce.unwrap_or_default();
     let mut params: Vec<(&str, &str)> = vec![
         ("login", &login.id),
         ("scope", &login.scope),
         ("nonce", &nonce),
     ];
-    if let Some(c) = flow.code_challenge.as_deref() {
+    if let Some(c) = flow.ask.code_challenge.as_deref() {
         params.push(("code_challenge", c));
     }
-    if let Some(m) = flow.code_challenge_method.as_deref() {
+    if let Some(m) = flow.ask.code_challenge_method.as_deref() {
         params.push(("code_challenge_method", m));
     }
     set_params(&mut url, &params);

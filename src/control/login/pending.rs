@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 
 use crate::control::login::pkce::pkce_state;
+use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginFlow;
 use crate::store::LoginRecord;
 
@@ -45,11 +46,14 @@ impl PendingLogin<'_> {
         let owned = |v: Option<&str>| v.map(str::to_string);
         let flow = LoginFlow {
             granted: false,
-            nonce: Some(self.nonce.clone()),
-            code_challenge,
-            code_challenge_method,
-            launch: owned(self.launch),
-            redirect_uri: owned(self.redirect_uri),
+            ask: ClientAsk {
+                scope: None,
+                nonce: Some(self.nonce.clone()),
+                code_challenge,
+                code_challenge_method,
+                launch: owned(self.launch),
+                redirect_uri: owned(self.redirect_uri),
+            },
             origin: owned(self.origin),
             user_agent: owned(self.user_agent),
             profile_type: owned(self.profile_type),

@@ -64,16 +64,10 @@ pub mod keys {
 pub struct LoginFlow {
     /// Tokens were issued from this Login (see also [`GRANTED_PREFIX`]).
     pub granted: bool,
-    /// The client's nonce, echoed in the ID token.
-    pub nonce: Option<String>,
-    /// PKCE (RFC 7636): the code is redeemed only with the verifier of this challenge.
-    pub code_challenge: Option<String>,
-    /// `plain` or `S256`.
-    pub code_challenge_method: Option<String>,
-    /// The SMART launch context the client asked for.
-    pub launch: Option<String>,
-    /// Set by `/oauth2/authorize`: the code is then bound to it.
-    pub redirect_uri: Option<String>,
+    /// What the client asked for (its scope is the Login's own column). The challenge method
+    /// is `plain` or `S256`; the nonce may be empty (the ID token carries it as stored).
+    #[serde(flatten)]
+    pub ask: ClientAsk,
     /// The `Origin` of the request that started the sign-in.
     pub origin: Option<String>,
     /// Shown in the user's list of sessions (`/auth/me`).
@@ -128,11 +122,14 @@ impl LoginFlow {
         let text = |k: &str| raw(k).filter(|s| !s.is_empty());
         LoginFlow {
             granted: flag(keys::GRANTED),
-            nonce: raw(keys::NONCE),
-            code_challenge: text(keys::CODE_CHALLENGE),
-            code_challenge_method: text(keys::CODE_CHALLENGE_METHOD),
-            launch: text(keys::LAUNCH),
-            redirect_uri: text(keys::REDIRECT_URI),
+            ask: ClientAsk {
+                scope: None,
+                nonce: raw(keys::NONCE),
+                code_challenge: text(keys::CODE_CHALLENGE),
+                code_challenge_method: text(keys::CODE_CHALLENGE_METHOD),
+                launch: text(keys::LAUNCH),
+                redirect_uri: text(keys::REDIRECT_URI),
+            },
             origin: text(keys::ORIGIN),
             user_agent: text(keys::USER_AGENT),
             profile_type: text(keys::PROFILE_TYPE),
@@ -176,18 +173,23 @@ impl LoginFlow {
 /// What the client application asked for when it started a sign-in (the parameters of its
 /// authorization request, or the same fields of `/auth/login`), carried as they came to the
 /// pending Login, whichever way the user signs in.
-#[derive(Debug, Clone, Default)]
+///
+/// Stored in a Login's flow state ([`LoginFlow`]) under the keys of [`keys`], in this order.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ClientAsk {
-    /// Space-separated scopes.
+    /// Space-separated scopes. Not part of the flow state: a Login keeps its scope in its own
+    /// column.
+    #[serde(skip)]
     pub scope: Option<String>,
     /// Echoed in the ID token.
     pub nonce: Option<String>,
-    /// The SMART launch context.
-    pub launch: Option<String>,
     /// PKCE (RFC 7636): the code is redeemed only with the verifier of this challenge, …
     pub code_challenge: Option<String>,
     /// … made with this method.
     pub code_challenge_method: Option<String>,
+    /// The SMART launch context.
+    pub launch: Option<String>,
     /// Set by `/oauth2/authorize`: the code is then bound to it.
     pub redirect_uri: Option<String>,
 }
@@ -403,9 +405,9 @@ mod tests {
         let mut l = login();
         l.extra = serde_json::from_str(old).unwrap();
         let flow = LoginFlow::of(&l);
-        assert_eq!(flow.nonce.as_deref(), Some("n"));
-        assert_eq!(flow.code_challenge_method.as_deref(), Some("S256"));
-        assert_eq!(flow.redirect_uri.as_deref(), Some("https://app/cb"));
+        assert_eq!(flow.ask.nonce.as_deref(), Some("n"));
+        assert_eq!(flow.ask.code_challenge_method.as_deref(), Some("S256"));
+        assert_eq!(flow.ask.redirect_uri.as_deref(), Some("https://app/cb"));
         assert!(flow.remember && flow.offline && flow.mfa_required && !flow.mfa_verified);
         assert_eq!(serde_json::to_string(&flow.to_extra()).unwrap(), old);
     }
@@ -422,7 +424,7 @@ mod tests {
         });
         let flow = LoginFlow::of(&l);
         assert!(flow.granted && flow.scope_granted && flow.profile_set && flow.mfa_verified);
-        assert_eq!(flow.nonce.as_deref(), Some(""));
+        assert_eq!(flow.ask.nonce.as_deref(), Some(""));
         assert_eq!(flow.code_expires_at, Some(1_700_000_000));
         assert_eq!(flow.cookie.as_deref(), Some("c"));
         assert_eq!(flow.csrf.as_deref(), Some("x"));
@@ -436,11 +438,14 @@ mod tests {
     #[test]
     fn keys_name_the_fields() {
         let flow = LoginFlow {
-            nonce: Some("n".into()),
-            code_challenge: Some("c".into()),
-            code_challenge_method: Some("S256".into()),
-            launch: Some("l".into()),
-            redirect_uri: Some("r".into()),
+            ask: ClientAsk {
+                scope: None,
+                nonce: Some("n".into()),
+                code_challenge: Some("c".into()),
+                code_challenge_method: Some("S256".into()),
+                launch: Some("l".into()),
+                redirect_uri: Some("r".into()),
+            },
             origin: Some("o".into()),
             user_agent: Some("u".into()),
             profile_type: Some("Patient".into()),

@@ -145,7 +145,7 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
     let id_claims = Claims {
         exp: i.now.saturating_add(ID_TOKEN_LIFETIME),
         fhir_user: Some(i.profile.to_string()),
-        nonce: LoginFlow::of(login).nonce,
+        nonce: LoginFlow::of(login).ask.nonce,
         auth_time: Some(login.auth_time),
         email: if login.scope.contains("email") {
             i.email.map(str::to_string)

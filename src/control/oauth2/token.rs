@@ -372,7 +372,7 @@ async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     let snap = state.snapshot();
     let client = login_client(state, &login).await?;
     let client = client.as_deref();
-    if let Some(bound) = flow.redirect_uri.as_deref()
+    if let Some(bound) = flow.ask.redirect_uri.as_deref()
         && form.get("redirect_uri") != Some(bound)
     {
         return Err(ApiError::oauth_code(
@@ -381,13 +381,13 @@ async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
         ));
     }
     let pkce_optional = client.is_some_and(|c| client_flag(c, "pkceOptional"));
-    let challenge = flow.code_challenge.as_deref();
+    let challenge = flow.ask.code_challenge.as_deref();
     if !pkce_optional || challenge.is_some() {
         let challenge = challenge.ok_or_else(|| ApiError::oauth("Missing verification context"))?;
         let verifier = form
             .get("code_verifier")
             .ok_or_else(|| ApiError::oauth("Missing code verifier"))?;
-        let method = flow.code_challenge_method.as_deref().unwrap_or("plain");
+        let method = flow.ask.code_challenge_method.as_deref().unwrap_or("plain");
         if !pkce_matches(method, challenge, verifier) {
             return Err(ApiError::oauth("Invalid code verifier"));
         }

@@ -311,6 +311,7 @@ fn consent_answer<'a>(p: &'a Params, requested: &str) -> Consent<'a> {
 fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
     let flow = LoginFlow::of(login);
     let redirect_uri = flow
+        .ask
         .redirect_uri
         .ok_or_else(|| ApiError::internal("sign-in page", "Login without redirect URI"))?;
     let client_state = flow.authorize_state.unwrap_or_default();

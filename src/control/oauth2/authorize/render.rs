@@ -54,7 +54,7 @@ pub(super) async fn render_step(
 ) -> Result<Response, ApiError> {
     let client = login_client(state, login).await;
     let flow = LoginFlow::of(login);
-    let redirect_uri = flow.redirect_uri.as_deref();
+    let redirect_uri = flow.ask.redirect_uri.as_deref();
     let frame = |title: &'static str, step: &'static str| Frame {
         title,
         client_name: client.as_ref().and_then(client_name),
