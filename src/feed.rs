@@ -56,6 +56,9 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut prune_tick = interval(PRUNE_EVERY);
     prune_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Housekeeping runs beside the loop, one pass at a time: a long pass (a first one over a
+    // large backlog takes seconds) must never hold up applying changes.
+    let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if listen && listener.is_none() && connecting.is_none() && Instant::now() >= connect_at {
             let url = state.config.store_url.clone();
@@ -69,7 +72,11 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
         tokio::select! {
             _ = shutdown.changed() => break,
             _ = tick.tick() => catch_up(&state).await,
-            _ = prune_tick.tick() => prune(&state).await,
+            _ = prune_tick.tick() => {
+                if pruning.as_ref().is_none_or(|p| p.is_finished()) {
+                    pruning = Some(tokio::spawn(prune(state.clone())));
+                }
+            }
             woke = next_notification(&mut listener) => {
                 if !matches!(woke, Ok(true)) {
                     // Lost the connection (and maybe notifications): poll now, reconnect later.
@@ -98,6 +105,10 @@ pub async fn run(state: Arc<State>, mut shutdown: watch::Receiver<bool>) {
             }
         }
     }
+    // Stopping ends a pass in flight too (its transaction rolls back; the next one redoes it).
+    if let Some(p) = pruning {
+        p.abort();
+    }
 }
 
 async fn next_notification(listener: &mut Option<ChangeListener>) -> Result<bool, StoreError> {
@@ -114,7 +125,7 @@ async fn connected(connecting: &mut Option<Connecting>) -> Result<ChangeListener
     }
 }
 
-async fn prune(state: &State) {
+async fn prune(state: Arc<State>) {
     let now = crate::store::now_unix();
     let pruned = timeout(
         REFRESH_TIMEOUT,

@@ -426,3 +426,59 @@ async fn a_second_instance_enforces_every_change_of_a_random_stream_on_sqlite() 
 async fn a_second_instance_enforces_every_change_of_a_random_stream_on_postgres() {
     churn(|_| Some(common::pg::fresh_database())).await;
 }
+
+/// Housekeeping never holds up the feed: while B's pruning pass is stuck (here behind a lock
+/// another session holds on the Login table, as a first pass over a large backlog can take
+/// seconds), a change made through A is still enforced on B within 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_pruning_pass_does_not_delay_changes_on_postgres() {
+    use sqlx::Connection;
+    let a = InProcess::start(|_| Some(common::pg::fresh_database()), |_| {}).await;
+    let policy = a
+        .state
+        .store
+        .put(
+            json!({"resourceType": "AccessPolicy", "id": "stuck-prune", "resource": [{"resourceType": "Patient"}]}),
+            Some(&a.boot.default_project_id),
+            &[],
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+    let credential = new_credential(&a, &policy.id).await;
+
+    let mut blocker = sqlx::PgConnection::connect(&a.state.config.store_url)
+        .await
+        .unwrap();
+    let mut held = blocker.begin().await.unwrap();
+    sqlx::query("LOCK TABLE logins IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let b = second_instance(&a, dir.path()).await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // The feed's first pruning pass starts at once, and waits for the lock.
+    let feed = tokio::spawn(fhirgate::feed::run(b.clone(), stopped));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(denied(&b, &credential.basic).await, None);
+
+    let mut membership = credential.membership.clone();
+    membership["active"] = json!(false);
+    put(&a, membership).await;
+    let since = Instant::now();
+    let took = until("deactivation while pruning is stuck", since, async || {
+        denied(&b, &credential.basic).await.is_some()
+    })
+    .await;
+    assert!(
+        took <= Duration::from_secs(1),
+        "B enforced the change after {took:?}: the feed waited for housekeeping"
+    );
+
+    held.rollback().await.unwrap();
+    stop.send(true).unwrap();
+    feed.await.unwrap();
+}
