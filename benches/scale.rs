@@ -539,8 +539,7 @@ fn benching() -> bool {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this too, without it:
-    // then one small size only, as a smoke test that the benchmark still works.
+    // Under `cargo test`, one small size only: a smoke test that the benchmark still works.
     let default_sizes = if benching() { "10000,100000" } else { "300" };
     let sizes: Vec<usize> = std::env::var("FHIRGATE_SCALE_SIZES")
         .unwrap_or_else(|_| default_sizes.into())

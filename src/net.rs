@@ -1,9 +1,20 @@
 //! Network facts shared by both planes. The client's address: the socket peer, or — only when the peer is a trusted proxy — the
 //! right-most untrusted hop of `X-Forwarded-For`. An unparsable header fails closed.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use ipnet::IpNet;
+
+/// Where this host reaches its own listener on `listen`: the same address, or loopback when it
+/// listens on every address (0.0.0.0, ::).
+pub fn local_address(listen: SocketAddr) -> SocketAddr {
+    let ip = match listen.ip() {
+        IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    SocketAddr::new(ip, listen.port())
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("malformed X-Forwarded-For")]

@@ -241,9 +241,10 @@ impl BackgroundService for PolicyReload {
 }
 
 /// Whether the gateway's socket accepts connections yet. pingora binds it when its service
-/// starts, which may come after the metrics service: until then `/readyz` must not say ready,
-/// or a load balancer sends traffic to a port nobody listens on. Checked by connecting to it
-/// (over loopback when it listens on every address) until that works once.
+/// starts, which may come after the metrics service (`start` waits for it in
+/// `wait_for_gateway`, but `/readyz` answers meanwhile): until then `/readyz` must not say
+/// ready, or a load balancer sends traffic to a port nobody listens on. Checked by connecting
+/// to it (over loopback when it listens on every address) until that works once.
 struct GatewayListening {
     addr: Option<std::net::SocketAddr>,
     seen: std::sync::atomic::AtomicBool,
@@ -251,17 +252,8 @@ struct GatewayListening {
 
 impl GatewayListening {
     fn new(listen: Option<std::net::SocketAddr>) -> GatewayListening {
-        let addr = listen.map(|mut a| {
-            if a.ip().is_unspecified() {
-                a.set_ip(match a {
-                    std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                    std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                });
-            }
-            a
-        });
         GatewayListening {
-            addr,
+            addr: listen.map(crate::net::local_address),
             seen: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -497,13 +489,7 @@ pub fn start(config: Config, planes: Planes) -> Result<Running, StartError> {
 /// Waits until the gateway accepts connections, so that whoever prints "running" next says the
 /// truth; fails when pingora gave up listening.
 fn wait_for_gateway(running: &mut Running, listen: SocketAddr) -> Result<(), StartError> {
-    let mut probe = listen;
-    if probe.ip().is_unspecified() {
-        probe.set_ip(match listen {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
+    let probe = crate::net::local_address(listen);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(40);
     loop {
         if std::net::TcpStream::connect_timeout(&probe, std::time::Duration::from_millis(200))

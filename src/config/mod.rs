@@ -453,16 +453,8 @@ impl ControlUrl {
     /// The control listener of this host: `control_listen`, with an unspecified address
     /// (0.0.0.0, ::) replaced by loopback.
     pub fn local(listen: SocketAddr) -> ControlUrl {
-        let ip = match listen.ip() {
-            std::net::IpAddr::V4(v4) if v4.is_unspecified() => {
-                std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
-            }
-            std::net::IpAddr::V6(v6) if v6.is_unspecified() => {
-                std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST)
-            }
-            ip => ip,
-        };
-        let addr = SocketAddr::new(ip, listen.port());
+        let addr = crate::net::local_address(listen);
+        let ip = addr.ip();
         ControlUrl {
             url: format!("http://{addr}"),
             tls: false,

@@ -164,9 +164,10 @@ async fn grant(
     let membership = required(state.identities.membership(&membership_id).await, || {
         ApiError::bad_request("Profile not found")
     })?;
-    let Some(profile) = membership.profile_ref().map(str::to_string) else {
-        return Err(ApiError::bad_request("Profile not found"));
-    };
+    let profile = membership
+        .profile_ref()
+        .ok_or_else(|| ApiError::bad_request("Profile not found"))?
+        .to_string();
     let project_id = login
         .project_id
         .clone()

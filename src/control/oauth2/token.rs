@@ -297,8 +297,10 @@ async fn live_membership(
 fn profile_and_project(
     membership: &fhirgate_core::policy::model::ProjectMembership,
 ) -> Result<(String, String), ApiError> {
-    let profile = membership.profile_ref().map(str::to_string);
-    let profile = profile.ok_or_else(|| ApiError::oauth("Invalid profile"))?;
+    let profile = membership
+        .profile_ref()
+        .ok_or_else(|| ApiError::oauth("Invalid profile"))?
+        .to_string();
     let project_id = membership
         .project_id()
         .ok_or_else(|| ApiError::oauth("Invalid profile"))?;
