@@ -110,6 +110,7 @@ fn bench_keyring(c: &mut Criterion) {
         user_ref: "ClientApplication/c1".into(),
         client_id: Some("c1".into()),
         scope: Some("openid".into()),
+        patient: None,
         expires_at: i64::MAX,
     });
     for i in 0..10_000 {

@@ -280,7 +280,8 @@ fn keys_rotate(args: RotateArgs) -> Result<(), String> {
             .map_err(|e| e.to_string())
     })?;
     let now = crate::store::now_unix();
-    println!("new signing key {}", rotation.kid);
+    println!("new signing key {} (ES256)", rotation.kid);
+    println!("new signing key {} (RS256, ID tokens)", rotation.rsa_kid);
     println!(
         "  in every JWKS now; signs from {} (in {} s)",
         unix_to_rfc3339(rotation.signs_from),

@@ -195,6 +195,7 @@ pub fn explain(input: &ExplainInput) -> Result<String, String> {
         project_super_admin: super_admin,
         linked_projects: &[],
         scope: input.scope.as_deref(),
+        patient_in_context: None,
     });
     let policy = match &input.stored {
         Some(s) => policy.with_isolation(s.isolation.clone()),

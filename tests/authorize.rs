@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::gateway::{TestGateway, shared as gw};
-use common::http::{outcome_text, rt};
+use common::http::{bearer_get_status, outcome_text, rt};
 use common::people::{
     Seeded, UserSeed, auth_login, jwt_claims, on_gateway, pkce_pair, post_json, seed, seed_client,
     sign_in, token_request, unique_email,
@@ -391,6 +391,12 @@ fn case_30_request_errors_redirect_to_the_client() {
                 "invalid_request",
                 "Invalid audience",
             ),
+            // SMART 2.2: the audience is the FHIR base URL, not merely this origin.
+            (
+                vec![("aud", gw().base.as_str())],
+                "invalid_request",
+                "Invalid audience",
+            ),
             (
                 vec![("launch", "00000000-0000-4000-8000-000000000000")],
                 "invalid_request",
@@ -406,9 +412,10 @@ fn case_30_request_errors_redirect_to_the_client() {
             assert_eq!(q["state"], "xyz", "{extra:?}");
             assert!(!q.contains_key("code"));
         }
-        // The server's own URL and its FHIR base are fine audiences: the sign-in page.
+        // The FHIR base URL, with or without its trailing slash, is the audience: the sign-in page.
         let fhir = format!("{}fhir/R4", gw().base);
-        for aud in [gw().base.as_str(), fhir.as_str()] {
+        let fhir_slash = format!("{fhir}/");
+        for aud in [fhir.as_str(), fhir_slash.as_str()] {
             let mut p = vec![
                 ("client_id", client.as_str()),
                 ("redirect_uri", REDIRECT),
@@ -1246,5 +1253,96 @@ fn mfa_endpoints_need_a_signed_in_user() {
         let admin = gw().admin_token().await;
         let (status, _) = gw().get("auth/mfa/status", Some(&admin)).await;
         assert_eq!(status, 403);
+    });
+}
+
+#[test]
+fn a_standalone_launch_asks_which_patient_and_the_tokens_carry_it() {
+    let client = app(json!({}));
+    let (email, _) = user("picker");
+    rt().block_on(async {
+        let admin = gw().admin_token().await;
+        let family = format!("Picker{}", uuid::Uuid::new_v4().simple());
+        let mut ids = Vec::new();
+        for given in ["Ana", "Ben"] {
+            let r = TestGateway::client()
+                .post(format!("{}Patient", gw().fhir))
+                .bearer_auth(&admin)
+                .json(
+                    &json!({"resourceType": "Patient", "birthDate": "1980-02-03",
+                              "name": [{"family": family, "given": [given]}]}),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            ids.push(
+                r.json::<Value>().await.unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            );
+        }
+        let mut b = Browser::default();
+        let (url, verifier) = request(&client, "openid launch/patient patient/*.rs", &[]);
+        let page = b.get(&url).await;
+        let consent = b
+            .submit(&page, &[("email", &email), ("password", PASSWORD)])
+            .await;
+        assert_eq!(consent.title(), "Allow access", "{}", consent.body);
+        let picker = b
+            .submit(
+                &consent,
+                &[
+                    ("decision", "allow"),
+                    ("grant", "openid"),
+                    ("grant", "launch/patient"),
+                    ("grant", "patient/*.rs"),
+                ],
+            )
+            .await;
+        assert_eq!(picker.status, 200, "{}", picker.body);
+        assert_eq!(picker.title(), "Choose a patient");
+        // Search by name: both patients, named and dated.
+        let found = b
+            .submit(&picker, &[("decision", "search"), ("q", &family)])
+            .await;
+        assert_eq!(found.status, 200, "{}", found.body);
+        let choices: Vec<String> = inputs(&found.body, "radio")
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(choices.len(), 2, "{}", found.body);
+        assert!(ids.iter().all(|id| choices.contains(id)), "{choices:?}");
+        assert!(found.body.contains(&format!("{family}, Ana")));
+        assert!(found.body.contains("1980-02-03"));
+        // A patient that does not exist (or that the person may not read) cannot be chosen.
+        let refused = b
+            .submit(
+                &found,
+                &[("decision", "choose"), ("patient", "no-such-patient")],
+            )
+            .await;
+        assert_eq!(refused.status, 400);
+        assert_eq!(
+            refused.alert().as_deref(),
+            Some("That patient cannot be chosen.")
+        );
+        let done = b
+            .submit(&found, &[("decision", "choose"), ("patient", &ids[1])])
+            .await;
+        assert_eq!(done.status, 302, "{}", done.body);
+        let q = done.redirect_params();
+        let (status, tokens) = exchange(&client, &q["code"], &verifier).await;
+        assert_eq!(status, 200, "{tokens}");
+        assert_eq!(tokens["patient"], ids[1].as_str());
+        assert_eq!(tokens["need_patient_banner"], true);
+        // patient/*.rs now reaches that patient only.
+        let token = tokens["access_token"].as_str().unwrap();
+        let read = |id: String| async move {
+            bearer_get_status(&format!("{}Patient/{id}", gw().fhir), token).await
+        };
+        assert_eq!(read(ids[1].clone()).await, 200);
+        assert_ne!(read(ids[0].clone()).await, 200);
     });
 }

@@ -13,9 +13,6 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use common::gateway::{TestGateway, free_port};
 use common::people::{
     UserSeed, jwt_claims, pkce_pair, seed, seed_client, super_admin_project, token_request,
@@ -26,46 +23,19 @@ use serde_json::{Value, json};
 const PASSWORD: &str = "a long browser password";
 const SECRET: &str = "KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU";
 
-fn browser_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
-}
-
 /// Runs `tests/browser/signin.mjs` with `input` (plus a screenshot folder under
 /// `target/test-output/<name>/`) and returns its JSON, which must report no failure.
-fn run_browser(name: &str, mut input: Value) -> Value {
-    let dir = browser_dir();
-    assert!(
-        dir.join("node_modules/playwright-core/package.json")
-            .is_file(),
-        "tests/browser/node_modules is missing: run scripts/setup (npm ci in tests/browser)"
-    );
-    assert!(
-        std::path::Path::new("/usr/bin/chromium").is_file(),
-        "/usr/bin/chromium is missing: run scripts/setup (Debian package chromium)"
-    );
-    let shots = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("target/test-output")
-        .join(name);
-    let _ = std::fs::remove_dir_all(&shots);
-    input["screenshotDir"] = json!(shots);
-    let node = std::env::var("FHIRGATE_TEST_NODE").unwrap_or_else(|_| "node".into());
-    let out = Command::new(node)
-        .arg("signin.mjs")
-        .arg(input.to_string())
-        .current_dir(&dir)
-        .output()
-        .expect("run node tests/browser/signin.mjs");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let result: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("no JSON from the browser script ({e}):\n{stdout}\n{stderr}"));
+fn run_browser(name: &str, input: Value) -> Value {
+    let run = common::browser::run_script("signin.mjs", name, &["playwright-core"], input);
+    let result = run.output;
     assert!(
         result.get("failure").is_none(),
-        "the browser flow failed: {}\npages: {}\n{stderr}",
+        "the browser flow failed: {}\npages: {}\n{}",
         result["failure"],
-        result["pages"]
+        result["pages"],
+        run.stderr
     );
-    assert!(out.status.success(), "{result}\n{stderr}");
+    assert!(run.success, "{result}\n{}", run.stderr);
     for s in result["screenshots"].as_array().unwrap() {
         let bytes = std::fs::read(s.as_str().unwrap()).unwrap();
         assert!(bytes.starts_with(b"\x89PNG\r\n\x1a\n") && bytes.len() > 1000);

@@ -97,7 +97,7 @@ fn openid_client_is_a_happy_relying_party() {
             "jwksUri": format!("{base}.well-known/jwks.json"),
             "introspectionEndpoint": format!("{base}oauth2/introspect"),
             "revocationEndpoint": format!("{base}oauth2/revoke"),
-            "idTokenAlgs": ["ES256"],
+            "idTokenAlgs": ["ES256", "RS256"],
             "pkce": ["S256", "plain"],
             "supportsPKCE": true,
         }),
@@ -133,10 +133,12 @@ fn openid_client_is_a_happy_relying_party() {
         }),
         "{r}"
     );
+    // A sign-in with `fhirUser` is a SMART sign-in: its ID token is RS256 (SMART App Launch
+    // requires it for `sso-openid-connect`), verified by openid-client against the JWKS.
     assert_eq!(
         r["idToken"],
         json!({
-            "alg": "ES256",
+            "alg": "RS256",
             "kidInJwks": true,
             "iss": base,
             "aud": client_id,
@@ -173,9 +175,19 @@ fn openid_client_is_a_happy_relying_party() {
             "refreshActive": true,
         })
     );
+    // RFC 6749 §5.2: a client that tried Basic gets a 401 with a Basic challenge, which
+    // openid-client reports as the challenge it is.
     assert_eq!(
         r["introspectionWrongSecret"],
-        oauth_error(401, "invalid_client", "Invalid client")
+        json!({
+            "name": "WWWAuthenticateChallengeError",
+            "code": "OAUTH_WWW_AUTHENTICATE_CHALLENGE",
+            "error": null,
+            "error_description": null,
+            "status": 401,
+            "message": "server responded with a challenge in the WWW-Authenticate HTTP Header",
+            "cause": null,
+        })
     );
 
     // Refresh: new tokens for the same Login (the new ID token passes the same checks), the

@@ -184,6 +184,8 @@ async fn case4_client_credentials_token_claims_and_response_shape() {
     assert!(v.get("error").is_none());
     assert!(v.get("refresh_token").is_none());
     assert_eq!(v["token_type"], "Bearer");
+    // A client using its secret keeps the configured lifetime (only assertion-authenticated
+    // backend services get five minutes: tests/smart.rs).
     assert_eq!(v["expires_in"], 3600);
     assert_eq!(v["scope"], "openid");
     assert_eq!(
@@ -267,15 +269,37 @@ async fn case5_6_missing_unknown_and_wrong_credentials() {
             "Invalid secret",
         ),
     ];
+    // RFC 6749 §5.2: a client that cannot be authenticated is `invalid_client`, 401 (Medplum
+    // answers `invalid_request` 400 with the same texts).
     for (form, text) in cases {
         let r = env.token_form(&form, &[]).await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{form}");
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{form}");
         assert_eq!(
             r.oauth_error(),
-            ("invalid_request".into(), text.into()),
+            ("invalid_client".into(), text.into()),
             "{form}"
         );
+        assert!(
+            r.headers.get("www-authenticate").is_none(),
+            "no Basic challenge for a client that did not try Basic: {form}"
+        );
     }
+    // Tried with Basic: the 401 names the scheme.
+    let r = env
+        .token_form(
+            "grant_type=client_credentials",
+            &[("authorization", &basic(&id, "wrong"))],
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        r.oauth_error(),
+        ("invalid_client".into(), "Invalid secret".into())
+    );
+    assert_eq!(
+        r.headers["www-authenticate"].to_str().unwrap(),
+        "Basic realm=\"fhirgate\""
+    );
 }
 
 #[tokio::test]
@@ -310,10 +334,18 @@ async fn case7_basic_header_form_urldecoded_and_other_schemes_refused() {
                 &[("authorization", header)],
             )
             .await;
-        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{header}");
         assert_eq!(
-            r.oauth_error().1,
-            "Invalid authorization header",
+            r.oauth_error(),
+            (
+                "invalid_client".into(),
+                "Invalid authorization header".into()
+            ),
+            "{header}"
+        );
+        assert_eq!(
+            r.headers.contains_key("www-authenticate"),
+            header.starts_with("Basic "),
             "{header}"
         );
     }
@@ -363,7 +395,7 @@ async fn case8_clients_without_secret_membership_or_active_status() {
     );
     let lonely = r.json()["id"].as_str().unwrap().to_string();
     let r = env.client_token(&lonely, secret).await;
-    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     assert_eq!(r.oauth_error().1, "Invalid client");
     let r = env
         .call(
@@ -960,7 +992,11 @@ async fn discovery_advertises_what_works() {
     assert_eq!(a["issuer"], BASE);
     assert_eq!(a["token_endpoint"], format!("{BASE}oauth2/token"));
     assert_eq!(a["jwks_uri"], format!("{BASE}.well-known/jwks.json"));
-    assert_eq!(a["id_token_signing_alg_values_supported"], json!(["ES256"]));
+    // ES256 signs every token; RS256 signs the ID tokens of SMART sign-ins.
+    assert_eq!(
+        a["id_token_signing_alg_values_supported"],
+        json!(["ES256", "RS256"])
+    );
     assert_eq!(a["revocation_endpoint"], format!("{BASE}oauth2/revoke"));
     assert_eq!(a["end_session_endpoint"], format!("{BASE}oauth2/logout"));
     assert_eq!(a["response_types_supported"], json!(["code"]));

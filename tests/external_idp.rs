@@ -1078,6 +1078,14 @@ async fn case_26_token_exchange() {
             ("invalid_request".to_string(), text.to_string())
         );
     };
+    // A client that cannot be authenticated: `invalid_client`, 401 (RFC 6749 §5.2).
+    let expect_client = |r: Resp, status: u16, text: &str| {
+        assert_eq!(r.status.as_u16(), status, "{text}: {}", r.text);
+        assert_eq!(
+            r.oauth_error(),
+            ("invalid_client".to_string(), text.to_string())
+        );
+    };
     expect(
         exchange(
             &e,
@@ -1141,12 +1149,12 @@ async fn case_26_token_exchange() {
         400,
         "Failed to verify code - check your identity provider configuration",
     );
-    expect(
+    expect_client(
         exchange(&e, None, Some(GOOD_TOKEN), Some(ACCESS_TOKEN_TYPE), &[]).await,
-        400,
+        401,
         "Invalid client",
     );
-    expect(
+    expect_client(
         exchange(
             &e,
             Some(&plain_client),
@@ -1155,10 +1163,10 @@ async fn case_26_token_exchange() {
             &[],
         )
         .await,
-        400,
+        401,
         "Invalid client",
     );
-    expect(
+    expect_client(
         exchange(
             &e,
             Some("no-such-client"),
@@ -1167,7 +1175,7 @@ async fn case_26_token_exchange() {
             &[],
         )
         .await,
-        400,
+        401,
         "Invalid client",
     );
     expect(
@@ -1193,7 +1201,7 @@ async fn case_26_token_exchange() {
         "Invalid subject_token_type",
     );
     // A secret, when presented, must be right.
-    expect(
+    expect_client(
         exchange(
             &e,
             Some(&json_client),
@@ -1202,7 +1210,7 @@ async fn case_26_token_exchange() {
             &[("client_secret", "wrong")],
         )
         .await,
-        400,
+        401,
         "Invalid secret",
     );
     // membership_id narrows the candidates: another one is "User not found".

@@ -52,10 +52,12 @@ async fn jwks_kids(gw: &TestGateway) -> Vec<String> {
         .json()
         .await
         .unwrap();
+    // The ES256 keys (access tokens); each rotation also replaces the RS256 key of ID tokens.
     jwks["keys"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|k| k["kty"] == "EC")
         .map(|k| k["kid"].as_str().unwrap().to_string())
         .collect()
 }
@@ -137,7 +139,7 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         .unwrap();
         let snapshots = || instances.map(|gw| gw.running().state.snapshot());
         let took = until("the new key in every keyring", || {
-            snapshots().iter().all(|s| s.key_ids.len() == 2)
+            snapshots().iter().all(|s| s.access_key_ids.len() == 2)
         })
         .await;
         println!(
@@ -146,14 +148,14 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         );
         assert!(took <= Duration::from_secs(1), "{took:?}");
         let new_kid = snapshots()[0]
-            .key_ids
+            .access_key_ids
             .iter()
             .find(|k| **k != old_kid)
             .unwrap()
             .clone();
         for s in snapshots() {
             // Published, not yet signing: the old key still comes first.
-            assert_eq!(s.key_ids, vec![old_kid.clone(), new_kid.clone()]);
+            assert_eq!(s.access_key_ids, vec![old_kid.clone(), new_kid.clone()]);
         }
         let mut published = jwks_kids(&a).await;
         published.sort();
@@ -169,7 +171,7 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
 
         // After the publish delay the new key signs; B (never restarted) verifies its tokens.
         until("the new key signing everywhere", || {
-            snapshots().iter().all(|s| s.key_ids[0] == new_kid)
+            snapshots().iter().all(|s| s.access_key_ids[0] == new_kid)
         })
         .await;
         assert!(
@@ -193,7 +195,7 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         until("the old key retired everywhere", || {
             snapshots()
                 .iter()
-                .all(|s| s.key_ids == vec![new_kid.clone()])
+                .all(|s| s.access_key_ids == vec![new_kid.clone()])
         })
         .await;
         assert!(
@@ -213,7 +215,9 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         let store = fhirgate::store::Store::open(&store).await.unwrap();
         store.active_keys().await.unwrap()
     });
-    assert_eq!(remaining.len(), 1);
+    // The new ES256 key and the new RS256 key.
+    assert_eq!(remaining.len(), 2);
+    assert_eq!(remaining.iter().filter(|k| k.alg == "ES256").count(), 1);
 }
 
 #[test]
@@ -265,7 +269,7 @@ fn a_single_instance_follows_a_rotation_of_its_own_store() {
         let state = gw.running().state.clone();
         until("the new key signing", || {
             let s = state.snapshot();
-            s.key_ids.len() == 2 && s.key_ids[0] != kid(&old_token)
+            s.access_key_ids.len() == 2 && s.access_key_ids[0] != kid(&old_token)
         })
         .await;
         let new_token = gw.admin_token().await;

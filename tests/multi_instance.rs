@@ -181,7 +181,10 @@ fn a_token_issued_through_one_proxy_works_on_the_other() {
                 .any(|k| k["kid"] == kid.as_str())
         );
         for gw in [&d.a, &d.b, &d.control] {
-            assert_eq!(gw.running().state.snapshot().key_ids, vec![kid.clone()]);
+            assert_eq!(
+                gw.running().state.snapshot().access_key_ids,
+                vec![kid.clone()]
+            );
         }
     });
 }

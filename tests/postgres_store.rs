@@ -218,9 +218,9 @@ fn a_gateway_on_postgres_keeps_its_identities_across_a_restart() {
             .send()
             .await
             .unwrap();
-        assert_eq!(wrong.status(), 400);
+        assert_eq!(wrong.status(), 401);
         let body: Value = wrong.json().await.unwrap();
-        assert_eq!(body["error"], "invalid_request");
+        assert_eq!(body["error"], "invalid_client");
         assert_eq!(body["error_description"], "Invalid secret");
     });
 }

@@ -272,8 +272,8 @@ fn separate_processes_share_tokens_revocation_and_one_time_assertions() {
         assert_eq!(
             (status, body),
             (
-                400,
-                json!({"error": "invalid_request", "error_description": "Invalid client assertion"})
+                401,
+                json!({"error": "invalid_client", "error_description": "Invalid client assertion"})
             ),
             "the replay reached another control process"
         );

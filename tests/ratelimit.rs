@@ -51,7 +51,7 @@ async fn auth_paths_get_a_budget_per_client_address() {
         "oauth2/token",
     ] {
         let resp = token_request(&gw, path, attacker, "wrong-secret").await;
-        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.status(), 401, "invalid_client");
         seen.push(remaining(&resp));
     }
     let left: Vec<&str> = seen
@@ -109,7 +109,7 @@ async fn zero_turns_the_limit_off() {
     });
     for _ in 0..5 {
         let resp = token_request(&gw, "oauth2/token", "203.0.113.8", "wrong").await;
-        assert_eq!(resp.status(), 400);
+        assert_eq!(resp.status(), 401, "invalid_client");
         assert!(resp.headers().get("ratelimit").is_none());
     }
 }

@@ -248,7 +248,8 @@ fn case_13_wrong_verifier_with_valid_basic_secret_is_refused() {
         assert_eq!(resp.status(), 400);
         let b: Value = resp.json().await.unwrap();
         assert!(b.get("access_token").is_none());
-        assert_eq!(b, oauth_error("invalid_request", "Invalid code verifier"));
+        // RFC 7636 §4.6 (Medplum answers `invalid_request`).
+        assert_eq!(b, oauth_error("invalid_grant", "Invalid code verifier"));
     });
 }
 
@@ -286,7 +287,7 @@ fn case_14_pkce_optional_client_secret_and_retiring_secret() {
         .await;
         assert_eq!(
             (s, b),
-            (400, oauth_error("invalid_request", "Invalid secret"))
+            (401, oauth_error("invalid_client", "Invalid secret"))
         );
 
         // Rotate: the old secret becomes the retiring one.
@@ -378,7 +379,7 @@ fn case_16_code_of_another_client_is_refused() {
         .await;
         assert_eq!(
             (s, b),
-            (400, oauth_error("invalid_request", "Invalid client"))
+            (400, oauth_error("invalid_grant", "Invalid client"))
         );
         // The right client still can.
         let (s, b) = token_request(
@@ -809,20 +810,26 @@ fn case_22_refresh_client_authentication() {
         let (s, b) = with_auth(basic(&client, ""), r.clone()).await;
         assert_eq!(
             (s, b),
-            (400, oauth_error("invalid_grant", "Incorrect client secret"))
+            (
+                401,
+                oauth_error("invalid_client", "Incorrect client secret")
+            )
         );
         // Stricter than Medplum: the secret's value is checked too.
         let (s, b) = with_auth(basic(&client, "wrong"), r.clone()).await;
         assert_eq!(
             (s, b),
-            (400, oauth_error("invalid_grant", "Incorrect client secret"))
+            (
+                401,
+                oauth_error("invalid_client", "Incorrect client secret")
+            )
         );
         let (s, b) = with_auth("Bearer xyz".into(), r.clone()).await;
         assert_eq!(
             (s, b),
             (
-                400,
-                oauth_error("invalid_request", "Invalid authorization header")
+                401,
+                oauth_error("invalid_client", "Invalid authorization header")
             )
         );
         let (s, b) = with_auth(basic(&client, &secret), r).await;
@@ -906,7 +913,8 @@ fn case_25_client_assertions() {
             )
             .await
         };
-        let err = |d: &str| (400, oauth_error("invalid_request", d));
+        // A client that cannot be authenticated: `invalid_client`, 401 (RFC 6749 §5.2).
+        let err = |d: &str| (401, oauth_error("invalid_client", d));
 
         let good = assertion(&key, &claims(&client, &client, &token_url));
         let (s, b) = send(jwt_bearer, good.clone()).await;
@@ -1903,8 +1911,8 @@ fn client_chosen_urls_never_reach_internal_addresses() {
             assert_eq!(
                 (s, b),
                 (
-                    400,
-                    oauth_error("invalid_request", "Invalid client assertion signature")
+                    401,
+                    oauth_error("invalid_client", "Invalid client assertion signature")
                 ),
                 "{jwks_uri}"
             );

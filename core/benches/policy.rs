@@ -84,6 +84,7 @@ fn effective_for(policy_id: &str, scope: Option<&str>) -> EffectivePolicy {
         project_super_admin: false,
         linked_projects: &[],
         scope,
+        patient_in_context: None,
     });
     assert!(e.failure().is_none(), "{:?}", e.failure());
     assert!(e.compile_errors().is_empty(), "{:?}", e.compile_errors());
@@ -232,6 +233,7 @@ fn bench_effective(c: &mut Criterion) {
                     project_super_admin: false,
                     linked_projects: &[],
                     scope,
+                    patient_in_context: None,
                 }))
             })
         });

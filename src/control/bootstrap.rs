@@ -110,21 +110,31 @@ pub fn hash_password(password: &str) -> Result<String, BootstrapError> {
     hash_password_sync(password).map_err(BootstrapError::Password)
 }
 
-/// Generates the signing key when there is none.
+/// Generates a signing key of each algorithm that has none: ES256 (every token) and RS256 (ID
+/// tokens of clients that ask for it; a store from before RS256 gets its key at the next start).
 async fn ensure_signing_key(
     store: &Store,
     kek: &crate::sealed::KeyEncryptionKey,
 ) -> Result<bool, BootstrapError> {
-    if !store.active_keys().await?.is_empty() {
-        return Ok(false);
+    let active = store.active_keys().await?;
+    let mut created = false;
+    for alg in ["ES256", "RS256"] {
+        if active.iter().any(|k| k.alg == alg) {
+            continue;
+        }
+        let kid = uuid::Uuid::new_v4().to_string();
+        let generated = if alg == "ES256" {
+            SigningKey::generate(kid.clone())
+        } else {
+            SigningKey::generate_rsa(kid.clone())
+        };
+        let (_, der) = generated.map_err(|e| BootstrapError::Key(e.to_string()))?;
+        let key = crate::state::keys::sealed_key(kek, kid, &der, now_unix())
+            .map_err(|e| BootstrapError::Key(e.to_string()))?;
+        store.insert_key(&key).await?;
+        created = true;
     }
-    let kid = uuid::Uuid::new_v4().to_string();
-    let (_, der) =
-        SigningKey::generate(kid.clone()).map_err(|e| BootstrapError::Key(e.to_string()))?;
-    let key = crate::state::keys::sealed_key(kek, kid, &der, now_unix())
-        .map_err(|e| BootstrapError::Key(e.to_string()))?;
-    store.insert_key(&key).await?;
-    Ok(true)
+    Ok(created)
 }
 
 /// The settings key of the index version the stored index rows were computed with.

@@ -126,7 +126,7 @@ fn routes() -> Router<web::AppState> {
         ("/admin/projects/{project_id}/members/{membership_id}", get(admin::members::get_member).post(admin::members::update_member).delete(admin::members::delete_member)),
         ("/fhir/R4/{resource_type}", get(fhir::search::search).post(fhir::create)),
         ("/fhir/R4/{resource_type}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete).post(fhir::search::post_search)),
-        ("/fhir/R4/{resource_type}/{id}/{operation}", post(fhir::operations::instance_operation)),
+        ("/fhir/R4/{resource_type}/{id}/{operation}", get(fhir::operations::instance_operation_get).post(fhir::operations::instance_operation)),
     ];
     table
         .into_iter()

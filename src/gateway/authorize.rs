@@ -181,7 +181,12 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         membership_id = &target;
     }
     let policy = match state
-        .effective_policy(&snap, membership_id, identity.scope.as_deref())
+        .effective_policy_in_context(
+            &snap,
+            membership_id,
+            identity.scope.as_deref(),
+            identity.patient.as_deref(),
+        )
         .await
     {
         Ok(Some(policy)) => policy,
@@ -196,7 +201,12 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
             !policy.check_ip(ip).is_allowed()
         } else {
             match state
-                .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+                .effective_policy_in_context(
+                    &snap,
+                    &identity.membership_id,
+                    identity.scope.as_deref(),
+                    identity.patient.as_deref(),
+                )
                 .await
             {
                 Ok(caller) => caller.is_some_and(|caller| {

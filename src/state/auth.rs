@@ -28,8 +28,24 @@ pub struct Identity {
     pub client_id: Option<String>,
     /// The Login's scope; `None` (Basic) never narrows by SMART scopes.
     pub scope: Option<String>,
+    /// The patient of the Login's SMART launch context (`patient/` scopes reach only it).
+    pub patient: Option<String>,
     /// Unix seconds after which this identity must be re-established.
     pub expires_at: i64,
+}
+
+/// Where a Login keeps its SMART launch context (`{patient, encounter, fhirContext}`), set
+/// when its code is redeemed.
+pub const LAUNCH_CONTEXT_KEY: &str = "launchContext";
+
+/// The patient id of a Login's launch context.
+fn launch_patient(extra: &serde_json::Value) -> Option<String> {
+    extra
+        .get(LAUNCH_CONTEXT_KEY)?
+        .get("patient")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
 }
 
 /// Why authentication failed. All of them answer 401 on the wire; the variant is for metrics
@@ -174,7 +190,9 @@ impl State {
             profile: membership.profile_ref().unwrap_or_default().to_string(),
             user_ref: login.user_ref.clone(),
             client_id: login.client_id.clone(),
-            scope: Some(login.scope.clone()),
+            // The token's own scope: a refresh may have narrowed it below the Login's.
+            scope: claims.scope.clone(),
+            patient: launch_patient(&login.extra),
             expires_at: claims.exp.min(login.expires_at),
         });
         self.tokens.insert(token.to_string(), identity.clone());
@@ -225,6 +243,7 @@ impl State {
             user_ref: format!("ClientApplication/{}", client.id),
             client_id: Some(client.id.clone()),
             scope: None,
+            patient: None,
             expires_at: i64::MAX,
         })
     }

@@ -46,16 +46,19 @@ pub struct StoredPolicy {
 
 /// What one membership's effective policies are built from, frozen at load, and the policies
 /// built from it per scope.
+/// What narrows a membership's policy for one token: its scope and its patient in context.
+type Narrowing = (Option<String>, Option<String>);
+
 struct PolicyEntry {
     membership: Arc<ProjectMembership>,
     project: ProjectInfo,
     policies: HashMap<String, AccessPolicy>,
-    scoped: Mutex<HashMap<Option<String>, Arc<EffectivePolicy>>>,
+    scoped: Mutex<HashMap<Narrowing, Arc<EffectivePolicy>>>,
 }
 
 impl PolicyEntry {
-    fn policy(&self, scope: Option<&str>) -> Arc<EffectivePolicy> {
-        let key = scope.map(str::to_string);
+    fn policy(&self, scope: Option<&str>, patient: Option<&str>) -> Arc<EffectivePolicy> {
+        let key = (scope.map(str::to_string), patient.map(str::to_string));
         let mut scoped = self.scoped.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = scoped.get(&key) {
             return p.clone();
@@ -67,6 +70,7 @@ impl PolicyEntry {
             project_super_admin: self.project.super_admin,
             linked_projects: &[],
             scope,
+            patient_in_context: patient,
         })
         .with_isolation(self.project.isolation.clone());
         let built = Arc::new(built);
@@ -392,9 +396,10 @@ impl Identities {
         tables: &Snapshot,
         membership_id: &str,
         scope: Option<&str>,
+        patient: Option<&str>,
     ) -> Result<Option<Arc<EffectivePolicy>>, StoreError> {
         if let Some(entry) = self.effective.get(membership_id) {
-            return Ok(Some(entry.policy(scope)));
+            return Ok(Some(entry.policy(scope, patient)));
         }
         let mark = self.fence.mark();
         let Some(membership) = self.membership(membership_id).await? else {
@@ -428,7 +433,7 @@ impl Identities {
             policies,
             scoped: Mutex::new(HashMap::new()),
         });
-        let policy = entry.policy(scope);
+        let policy = entry.policy(scope, patient);
         let subjects: Vec<&str> = subjects.iter().map(String::as_str).collect();
         self.keep(
             &self.effective,

@@ -46,17 +46,21 @@ fn key_purpose(kid: &str) -> String {
     format!("signing-key:{kid}")
 }
 
-/// A new key's stored form: its PKCS#8 DER sealed under `kek`.
+/// A new key's stored form: its PKCS#8 DER sealed under `kek`, with its algorithm.
 pub fn sealed_key(
     kek: &KeyEncryptionKey,
     kid: String,
     der: &[u8],
     created_at: i64,
 ) -> Result<StoredKey, SealError> {
+    let alg = match SigningKey::from_pkcs8(kid.clone(), der) {
+        Ok(k) => format!("{:?}", k.alg()),
+        Err(_) => "ES256".into(),
+    };
     Ok(StoredKey {
         private_der: kek.seal(der, &key_purpose(&kid))?,
         id: kid,
-        alg: "ES256".into(),
+        alg,
         active: true,
         created_at,
     })
@@ -124,19 +128,42 @@ pub async fn open_store_secrets(
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScheduledKey {
     pub id: String,
+    /// `ES256` or `RS256`: each algorithm has its own signer.
+    pub alg: String,
     pub signs_from: i64,
     pub retire_at: Option<i64>,
 }
 
-/// The keyring at `now`: indices into `keys`, the signing key first; and the next moment the
-/// answer changes (a key starts to sign or retires), if any.
+/// The keyring at `now`: indices into `keys`, each algorithm's keys together with its signing
+/// key first (ES256's ahead of the others); and the next moment the answer changes (a key
+/// starts to sign or retires), if any.
 ///
 /// The signer is the newest key that has started; if none has (only when a rotation retired the
 /// old key before the new one starts, e.g. after a key compromise), the earliest pending one, so
 /// tokens can still be issued.
 pub fn ring_at(keys: &[ScheduledKey], now: i64) -> (Vec<usize>, Option<i64>) {
+    let mut algs: Vec<&str> = keys.iter().map(|k| k.alg.as_str()).collect();
+    algs.sort_unstable();
+    algs.dedup();
+    // ES256 leads: its signer signs every access token.
+    algs.sort_by_key(|a| *a != "ES256");
+    let mut ring = Vec::new();
+    let mut next: Option<i64> = None;
+    for alg in algs {
+        let (family, family_next) = family_ring_at(keys, alg, now);
+        ring.extend(family);
+        next = match (next, family_next) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+    (ring, next)
+}
+
+/// [`ring_at`] over the keys of one algorithm.
+fn family_ring_at(keys: &[ScheduledKey], alg: &str, now: i64) -> (Vec<usize>, Option<i64>) {
     let mut live: Vec<usize> = (0..keys.len())
-        .filter(|&i| keys[i].retire_at.is_none_or(|r| r > now))
+        .filter(|&i| keys[i].alg == alg && keys[i].retire_at.is_none_or(|r| r > now))
         .collect();
     live.sort_by(|&a, &b| {
         (keys[a].signs_from, &keys[a].id).cmp(&(keys[b].signs_from, &keys[b].id))
@@ -169,6 +196,7 @@ pub async fn load_schedule(store: &Store) -> Result<Vec<(StoredKey, ScheduledKey
         .map(|k| {
             let s = ScheduledKey {
                 id: k.id.clone(),
+                alg: k.alg.clone(),
                 signs_from: k.created_at,
                 retire_at: retirements.get(&k.id).copied(),
             };
@@ -215,7 +243,10 @@ pub struct RotateOptions {
 /// What a rotation did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rotation {
+    /// The new ES256 key.
     pub kid: String,
+    /// The new RS256 key (ID tokens of clients that ask for RS256).
+    pub rsa_kid: String,
     /// When the new key starts to sign (unix seconds).
     pub signs_from: i64,
     /// Keys scheduled to retire at `retire_at` by this rotation.
@@ -238,6 +269,9 @@ pub async fn rotate(
     let kid = uuid::Uuid::new_v4().to_string();
     let (_, der) =
         SigningKey::generate(kid.clone()).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let rsa_kid = uuid::Uuid::new_v4().to_string();
+    let (_, rsa_der) =
+        SigningKey::generate_rsa(rsa_kid.clone()).map_err(|e| KeyError::Generate(e.to_string()))?;
     // Rounded up: `now_unix` truncates, and the delay is a minimum.
     let now = now_unix().saturating_add(1);
     let signs_from =
@@ -247,10 +281,14 @@ pub async fn rotate(
         None => longest_token_lifetime(store, config).await? + CLOCK_SKEW_MARGIN,
     };
     let retire_at = signs_from.saturating_add(secs(retire_after));
-    let key = sealed_key(kek, kid.clone(), &der, signs_from)?;
-    let retiring = store.rotate_signing_key(&key, retire_at).await?;
+    let keys = [
+        sealed_key(kek, kid.clone(), &der, signs_from)?,
+        sealed_key(kek, rsa_kid.clone(), &rsa_der, signs_from)?,
+    ];
+    let retiring = store.rotate_signing_keys(&keys, retire_at).await?;
     Ok(Rotation {
         kid,
+        rsa_kid,
         signs_from,
         retiring,
         retire_at,
@@ -294,7 +332,7 @@ pub async fn status(store: &Store, now: i64) -> Result<Vec<KeyStatus>, StoreErro
         .map(|(i, s)| KeyStatus {
             kid: s.id.clone(),
             state: match ring.iter().position(|&r| r == i) {
-                Some(0) => "signing",
+                Some(pos) if ring[..pos].iter().all(|&r| schedule[r].alg != s.alg) => "signing",
                 Some(_) if s.signs_from > now => "published",
                 Some(_) => "verifying",
                 None => "retired",
@@ -312,6 +350,7 @@ mod tests {
     fn key(id: &str, signs_from: i64, retire_at: Option<i64>) -> ScheduledKey {
         ScheduledKey {
             id: id.into(),
+            alg: "ES256".into(),
             signs_from,
             retire_at,
         }
@@ -351,6 +390,24 @@ mod tests {
         // Equal start times: the id decides, the same way on every instance.
         let tie = [key("y", 100, None), key("x", 100, None)];
         assert_eq!(ids(&tie, 100).0, vec!["y", "x"]);
+    }
+
+    #[test]
+    fn each_algorithm_has_its_own_signer_es256_first() {
+        let rsa = |id: &str, from: i64, retire: Option<i64>| ScheduledKey {
+            alg: "RS256".into(),
+            ..key(id, from, retire)
+        };
+        // A rotation at 1000 added "b" and "rb", both signing from 1060.
+        let keys = [
+            rsa("ra", 100, Some(5000)),
+            key("a", 100, Some(5000)),
+            rsa("rb", 1060, None),
+            key("b", 1060, None),
+        ];
+        assert_eq!(ids(&keys, 1000), (vec!["a", "b", "ra", "rb"], Some(1060)));
+        assert_eq!(ids(&keys, 1060), (vec!["b", "a", "rb", "ra"], Some(5000)));
+        assert_eq!(ids(&keys, 5000), (vec!["b", "rb"], None));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
 
-pub use auth::{AuthError, CacheUse, Identity};
+pub use auth::{AuthError, CacheUse, Identity, LAUNCH_CONTEXT_KEY};
 pub use identities::{Identities, Mark, StoredPolicy};
 pub use snapshot::{ClientInfo, ProjectInfo, Snapshot, origin_of};
 
@@ -261,9 +261,22 @@ impl State {
         membership_id: &str,
         scope: Option<&str>,
     ) -> Result<Option<Arc<fhirgate_core::policy::EffectivePolicy>>, StoreError> {
+        self.effective_policy_in_context(snap, membership_id, scope, None)
+            .await
+    }
+
+    /// [`State::effective_policy`] of a token with a SMART launch context: `patient/` scopes
+    /// reach only `patient`.
+    pub async fn effective_policy_in_context(
+        &self,
+        snap: &Snapshot,
+        membership_id: &str,
+        scope: Option<&str>,
+        patient: Option<&str>,
+    ) -> Result<Option<Arc<fhirgate_core::policy::EffectivePolicy>>, StoreError> {
         let result = self
             .identities
-            .effective_policy(snap, membership_id, scope)
+            .effective_policy(snap, membership_id, scope, patient)
             .await;
         if result.is_err() {
             self.note_store(&result);

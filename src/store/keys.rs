@@ -97,10 +97,14 @@ impl Store {
         Ok(out)
     }
 
-    /// Key rotation in one transaction: adds `new` (its `created_at` is when it starts to
-    /// sign) and schedules every other active key that has no retirement yet to retire at
+    /// Key rotation in one transaction: adds the `new` keys (one per algorithm; `created_at`
+    /// is when each starts to sign) and schedules every other active key that has no retirement yet to retire at
     /// `retire_at`. Rotations on several instances take turns. Returns the keys scheduled.
-    pub async fn rotate_signing_key(&self, new: &StoredKey, retire_at: i64) -> Result<Vec<String>> {
+    pub async fn rotate_signing_keys(
+        &self,
+        new: &[StoredKey],
+        retire_at: i64,
+    ) -> Result<Vec<String>> {
         let mut tx = self.begin_write().await?;
         xact_lock(&mut tx, KEY_ROTATION_LOCK).await?;
         let active = sqlx::query("SELECT id FROM signing_keys WHERE active = 1")
@@ -115,14 +119,16 @@ impl Store {
             .iter()
             .map(|r| r.try_get::<String, _>("key"))
             .collect::<Result<std::collections::HashSet<_>, _>>()?;
-        Self::insert_key_in_tx(&mut tx, new)
-            .await
-            .map_err(conflict_on_duplicate)?;
+        for k in new {
+            Self::insert_key_in_tx(&mut tx, k)
+                .await
+                .map_err(conflict_on_duplicate)?;
+        }
         let mut retiring = Vec::new();
         for id in active {
             let key = format!("{KEY_RETIRE_PREFIX}{id}");
             // A key already on its way out keeps its earlier date.
-            if id == new.id || scheduled.contains(&key) {
+            if new.iter().any(|k| k.id == id) || scheduled.contains(&key) {
                 continue;
             }
             sqlx::query("INSERT INTO settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value")

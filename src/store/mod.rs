@@ -81,7 +81,7 @@ impl StoredResource {
 }
 
 /// A Login: one per authentication session (docs/medplum-compat.md §1.5).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoginRecord {
     pub id: String,
     /// `User/…` or `ClientApplication/…`.

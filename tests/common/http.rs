@@ -48,6 +48,18 @@ pub async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
     (status, body)
 }
 
+/// The status of a GET of `url` with `Authorization: Bearer <token>`.
+pub async fn bearer_get_status(url: &str, token: &str) -> u16 {
+    crate::common::gateway::TestGateway::client()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the request is sent")
+        .status()
+        .as_u16()
+}
+
 /// `req` with `Authorization: Bearer <token>` when a token is given.
 pub fn with_bearer(req: reqwest::RequestBuilder, token: Option<&str>) -> reqwest::RequestBuilder {
     match token {

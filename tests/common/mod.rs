@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod assertion;
+pub mod browser;
 pub mod compat;
 pub mod gateway;
 pub mod http;

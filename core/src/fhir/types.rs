@@ -211,6 +211,8 @@ pub const STORED_IDENTITY_TYPES: &[&str] = &[
     "DomainConfiguration",
     "ProjectMembership",
     "Project",
+    // A SMART launch context (patient, encounter) an EHR creates before it launches an app.
+    "SmartAppLaunch",
     "User",
 ];
 

@@ -54,6 +54,9 @@ pub struct EffectiveInputs<'a> {
     pub linked_projects: &'a [String],
     /// The Login's scope (`None` for Basic auth, which never narrows).
     pub scope: Option<&'a str>,
+    /// The patient id of the token's SMART launch context; `None` falls back to the
+    /// membership's own Patient profile. `patient/` scopes reach only this patient.
+    pub patient_in_context: Option<&'a str>,
 }
 
 /// Why no effective policy can be built. Medplum answers these with 400 "Cannot authenticate:
@@ -348,16 +351,18 @@ pub fn build_access_policy(inputs: &EffectiveInputs<'_>) -> Result<AccessPolicy,
     }
 
     // 6. SMART scopes, when at least one resource scope is present. `patient/` scopes reach
-    // only the patient in context (stricter than Medplum, as SMART says): the membership's own
-    // Patient profile.
+    // only the patient in context (stricter than Medplum, as SMART says): the launch context's
+    // patient, else the membership's own Patient profile.
     if let Some(scope) = inputs.scope {
         let scopes = parse_scopes(scope);
         if !scopes.is_empty() {
-            let patient = membership
-                .profile
-                .reference
-                .as_deref()
-                .and_then(|r| r.strip_prefix("Patient/"));
+            let patient = inputs.patient_in_context.or_else(|| {
+                membership
+                    .profile
+                    .reference
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("Patient/"))
+            });
             resource = apply_smart_scopes(resource, &scopes, patient);
         }
     }

@@ -131,7 +131,12 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
         .ok_or_else(unauthorized)?;
     // A membership whose policies cannot be built grants nothing: fail closed.
     let own_policy = state
-        .effective_policy(&snap, &identity.membership_id, identity.scope.as_deref())
+        .effective_policy_in_context(
+            &snap,
+            &identity.membership_id,
+            identity.scope.as_deref(),
+            identity.patient.as_deref(),
+        )
         .await?
         .ok_or_else(ApiError::forbidden)?;
     let ip = client_ip(state, parts)?;
@@ -162,7 +167,12 @@ pub async fn authenticate(state: &State, parts: &Parts) -> Result<Caller, ApiErr
                 .filter(|m| m.is_active())
                 .ok_or_else(ApiError::forbidden)?;
             let target_policy = state
-                .effective_policy(&snap, &target, identity.scope.as_deref())
+                .effective_policy_in_context(
+                    &snap,
+                    &target,
+                    identity.scope.as_deref(),
+                    identity.patient.as_deref(),
+                )
                 .await?
                 .ok_or_else(ApiError::forbidden)?;
             if let Some(ip) = ip

@@ -44,7 +44,7 @@ fn form_urldecode(s: &str) -> Option<String> {
 /// `client_id:client_secret` of an `Authorization: Basic` value (anything else is "Invalid
 /// authorization header").
 pub(crate) fn basic_credentials(value: &HeaderValue) -> Result<(String, Option<String>), ApiError> {
-    let bad = || ApiError::oauth("Invalid authorization header");
+    let bad = || ApiError::invalid_client("Invalid authorization header");
     let value = value.to_str().map_err(|_| bad())?;
     let encoded = value.strip_prefix("Basic ").ok_or_else(bad)?;
     let decoded = STANDARD.decode(encoded.trim()).map_err(|_| bad())?;
@@ -70,11 +70,13 @@ pub(crate) async fn presented_client(
 ) -> Result<PresentedClient, ApiError> {
     if let Some(kind) = form.get("client_assertion_type") {
         if kind != JWT_BEARER_ASSERTION {
-            return Err(ApiError::oauth("Unsupported client assertion type"));
+            return Err(ApiError::invalid_client(
+                "Unsupported client assertion type",
+            ));
         }
         let assertion = form
             .get("client_assertion")
-            .ok_or_else(|| ApiError::oauth("Invalid client assertion"))?;
+            .ok_or_else(|| ApiError::invalid_client("Invalid client assertion"))?;
         let client_id = verify_client_assertion(state, assertion).await?;
         return Ok(PresentedClient {
             id: Some(client_id),
@@ -193,32 +195,39 @@ async fn verify_client_assertion(
 ) -> Result<String, ApiError> {
     let token_url = format!("{}oauth2/token", state.config.base_url);
     let client_id = crate::tokens::assertion_client_id(assertion, &token_url)
-        .map_err(|e| ApiError::oauth(e.to_string()))?;
+        .map_err(|e| ApiError::invalid_client(e.to_string()))?;
     let client = required(state.identities.client(&client_id).await, || {
-        ApiError::oauth("Client not found")
+        ApiError::invalid_client("Client not found")
     })?;
-    let url = client
-        .content
-        .get("jwksUri")
-        .and_then(Value::as_str)
-        .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
-        .ok_or_else(|| ApiError::oauth("Client must have a JWK Set URL"))?
-        .to_string();
-    let bad_signature = || ApiError::oauth("Invalid client assertion signature");
-    let mut jwks = jwks_for(state, &url, false)
-        .await
-        .ok_or_else(bad_signature)?;
-    let claims = match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
-    {
-        Ok(c) => c,
-        Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
-            jwks = jwks_for(state, &url, true)
-                .await
-                .ok_or_else(bad_signature)?;
-            crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
-                .map_err(|_| bad_signature())?
+    let bad_signature = || ApiError::invalid_client("Invalid client assertion signature");
+    // SMART 2.2: the client's keys are registered inline (`jwks`) or published at `jwksUri`.
+    let claims = if let Some(inline) = client.content.get("jwks") {
+        let set: jsonwebtoken::jwk::JwkSet =
+            serde_json::from_value(inline.clone()).map_err(|_| bad_signature())?;
+        crate::tokens::verify_assertion(assertion, &set, &client_id, &token_url)
+            .map_err(|_| bad_signature())?
+    } else {
+        let url = client
+            .content
+            .get("jwksUri")
+            .and_then(Value::as_str)
+            .filter(|u| u.starts_with("https://") || u.starts_with("http://"))
+            .ok_or_else(|| ApiError::invalid_client("Client must have a JWK Set URL"))?
+            .to_string();
+        let mut jwks = jwks_for(state, &url, false)
+            .await
+            .ok_or_else(bad_signature)?;
+        match crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url) {
+            Ok(c) => c,
+            Err(_) if jwks.fetched.elapsed() > JWKS_REFETCH_AFTER => {
+                jwks = jwks_for(state, &url, true)
+                    .await
+                    .ok_or_else(bad_signature)?;
+                crate::tokens::verify_assertion(assertion, &jwks.set, &client_id, &token_url)
+                    .map_err(|_| bad_signature())?
+            }
+            Err(_) => return Err(bad_signature()),
         }
-        Err(_) => return Err(bad_signature()),
     };
     let exp = claims.get("exp").and_then(Value::as_i64).unwrap_or(0);
     // Kept in the store, so a replay is refused on every control instance and after a restart.
@@ -232,7 +241,7 @@ async fn verify_client_assertion(
         .claim_assertion(&seen_key, exp.max(now) + 60, now)
         .await?
     {
-        return Err(ApiError::oauth("Invalid client assertion"));
+        return Err(ApiError::invalid_client("Invalid client assertion"));
     }
     Ok(client_id)
 }
@@ -245,7 +254,7 @@ pub(crate) fn check_client_secret(
     secret: &str,
 ) -> Result<(), ApiError> {
     let Some(primary) = client.secret_hash.as_deref() else {
-        return Err(ApiError::oauth("Invalid client"));
+        return Err(ApiError::invalid_client("Invalid client"));
     };
     let presented = state.hash_secret(secret);
     let primary_ok = hashes_equal(primary, &presented);
@@ -256,17 +265,39 @@ pub(crate) fn check_client_secret(
     if primary_ok | retiring_ok {
         Ok(())
     } else {
-        Err(ApiError::oauth("Invalid secret"))
+        Err(ApiError::invalid_client("Invalid secret"))
     }
 }
 
-/// RFC 6749 §5.2 `invalid_client`, 401.
 fn invalid_client() -> ApiError {
-    ApiError::OAuth {
-        status: StatusCode::UNAUTHORIZED,
-        error: "invalid_client",
-        description: "Invalid client".into(),
+    ApiError::invalid_client("Invalid client")
+}
+
+/// The answer to a request whose client authentication failed (a 401): when the client tried
+/// `Authorization: Basic`, the 401 names the scheme (RFC 6749 §5.2).
+pub(crate) fn with_basic_challenge(
+    headers: &axum::http::HeaderMap,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    let tried_basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("Basic "));
+    if tried_basic && response.status() == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Basic realm=\"fhirgate\""),
+        );
     }
+    response
+}
+
+/// A public client (SMART `client-public`): no secret and no keys, so nothing it presents can
+/// prove who it is; its codes are bound by PKCE with S256 alone.
+pub(crate) fn is_public(client: &ClientInfo) -> bool {
+    client.secret_hash.is_none()
+        && client.content.get("jwksUri").is_none()
+        && client.content.get("jwks").is_none()
 }
 
 /// Authenticates the calling client (assertion, Basic or body). A client with a secret must

@@ -66,6 +66,29 @@ pub(crate) fn refresh_token_lifetime(state: &State, client: Option<&ClientInfo>)
         .unwrap_or(state.config.refresh_token_lifetime)
 }
 
+/// SMART Backend Services (client credentials with a signed assertion) get short tokens unless
+/// their client says otherwise: the specification recommends at most five minutes.
+const BACKEND_ACCESS_LIFETIME: Duration = Duration::from_secs(300);
+
+/// Access token lifetime of a client-credentials grant: the client's `accessTokenLifetime`;
+/// else, for a client that authenticated with a signed assertion (a SMART backend service), the
+/// configured default capped at five minutes; else the configured default. Not capped for a
+/// client using its secret: the Medplum SDK renews a token five minutes before it expires and
+/// gets a new one with the secret, so a five-minute token would be renewed on every request.
+pub(crate) fn backend_access_lifetime(
+    state: &State,
+    client: &ClientInfo,
+    by_assertion: bool,
+) -> Duration {
+    if client.access_token_lifetime.is_some() || !by_assertion {
+        return access_token_lifetime(state, client);
+    }
+    state
+        .config
+        .access_token_lifetime
+        .min(BACKEND_ACCESS_LIFETIME)
+}
+
 /// The client's `accessTokenLifetime`, else the configured default. Values are checked when a
 /// client is saved; a stored value that does not parse falls back to the default.
 pub(crate) fn access_token_lifetime(state: &State, client: &ClientInfo) -> Duration {

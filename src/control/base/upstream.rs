@@ -137,6 +137,51 @@ pub(crate) async fn upstream_read(
     }
 }
 
+/// The resources of one page of an upstream search of `ty` (at most `count`), narrowed to the
+/// project's view (its marker, as the gateway narrows every search).
+pub(crate) async fn upstream_search(
+    state: &ControlState,
+    target: &ProjectUpstream,
+    ty: &str,
+    params: &[(&str, &str)],
+    count: usize,
+) -> Result<Vec<Value>, ApiError> {
+    let query = {
+        let mut query = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in params {
+            query.append_pair(name, value);
+        }
+        for p in target.isolation.narrowing() {
+            query.append_pair(&p.name, &p.value);
+        }
+        query.append_pair("_count", &count.to_string());
+        query.finish()
+    };
+    let path = format!("{ty}?{query}");
+    let resp = upstream_request(state, target, None, reqwest::Method::GET, &path)?
+        .send()
+        .await
+        .map_err(|e| upstream_failure(&e))?;
+    if resp.status().as_u16() != 200 {
+        return Err(ApiError::Outcome(Stock::UpstreamUnavailable.outcome()));
+    }
+    let bundle: Value = resp
+        .json()
+        .await
+        .map_err(|_| ApiError::Outcome(Stock::UpstreamUnavailable.outcome()))?;
+    Ok(bundle
+        .get("entry")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.get("resource"))
+        .filter(|r| r.get("resourceType").and_then(Value::as_str) == Some(ty))
+        .filter(|r| target.isolation.admits(r))
+        .take(count)
+        .cloned()
+        .collect())
+}
+
 /// A profile resource to create in the upstream FHIR server.
 pub struct ProfileSpec<'a> {
     pub resource_type: &'a str,

@@ -1,15 +1,18 @@
 //! Instance operations: `POST /fhir/R4/ClientApplication/:id/$rotate-secret` (docs/medplum-compat.md
-//! §8.3); any other operation is 404 after authentication.
+//! §8.3) and `GET /fhir/R4/ClientApplication/:id/$smart-launch` (SMART EHR launch); any other
+//! operation is 404 after authentication.
 
 use crate::state::State;
 use crate::tokens::random_hex;
 use axum::body::Body;
 use axum::extract::{Path, State as AxState};
-use axum::http::{HeaderMap, StatusCode};
-use axum::response::Response;
-use serde_json::Value;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
 
 use crate::control::base::access::Caller;
+use crate::control::base::resources::create_resource;
+use crate::control::base::resources::present::fhir_base;
 use crate::control::base::resources::present::strip_secrets;
 use crate::control::base::resources::read_by_id;
 use crate::control::base::resources::refreshed;
@@ -40,6 +43,84 @@ pub async fn instance_operation(
         }
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// `GET /fhir/R4/<Type>/<id>/<$operation>`.
+pub async fn instance_operation_get(
+    AxState(state): AxState<AppState>,
+    Path((resource_type, id, operation)): Path<(String, String, String)>,
+    caller: Caller,
+    uri: Uri,
+) -> Result<Response, ApiError> {
+    match (resource_type.as_str(), operation.as_str()) {
+        ("ClientApplication", "$smart-launch") => {
+            let query = uri.query().unwrap_or_default();
+            smart_launch(&state, &caller, &id, query).await
+        }
+        _ => Err(ApiError::not_found()),
+    }
+}
+
+/// `GET /fhir/R4/ClientApplication/:id/$smart-launch?patient=|encounter=` (SMART EHR launch,
+/// docs/medplum-compat.md §2.19): stores the launch context as a SmartAppLaunch of the caller's
+/// project (under the caller's policy, like any create) and sends the browser to the app's
+/// `launchUri` with `iss` (the FHIR base URL) and `launch` (the context's id).
+async fn smart_launch(
+    state: &State,
+    caller: &Caller,
+    client_id: &str,
+    query: &str,
+) -> Result<Response, ApiError> {
+    let client = read_by_id(state, "ClientApplication", client_id)
+        .await?
+        .filter(|c| caller.in_scope(c.project_id.as_deref()))
+        .ok_or_else(ApiError::not_found)?;
+    let launch_uri = client
+        .content
+        .get("launchUri")
+        .and_then(Value::as_str)
+        .and_then(|u| url::Url::parse(u).ok())
+        .ok_or_else(|| ApiError::bad_request("ClientApplication not configured for launch"))?;
+    let mut context: Vec<(String, String)> = form_urlencoded::parse(query.as_bytes())
+        .filter(|(k, v)| (k == "patient" || k == "encounter") && !v.is_empty())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect();
+    if context.len() > 1 {
+        return Err(ApiError::bad_request(
+            "Only one launch context can be specified",
+        ));
+    }
+    let mut launch = json!({"resourceType": "SmartAppLaunch"});
+    if let Some((field, id)) = context.pop() {
+        let ty = if field == "patient" {
+            "Patient"
+        } else {
+            "Encounter"
+        };
+        let id = id
+            .strip_prefix(&format!("{ty}/"))
+            .unwrap_or(&id)
+            .to_string();
+        launch[field] = json!({"reference": format!("{ty}/{id}")});
+    }
+    let launch_id = uuid::Uuid::new_v4().to_string();
+    launch["id"] = Value::String(launch_id.clone());
+    let created = create_resource(state, caller, "SmartAppLaunch", launch, true).await?;
+    if !created.status().is_success() {
+        return Ok(created);
+    }
+    let mut target = launch_uri;
+    target
+        .query_pairs_mut()
+        .append_pair("iss", &fhir_base(state))
+        .append_pair("launch", &launch_id);
+    let mut r = StatusCode::FOUND.into_response();
+    let location = HeaderValue::from_str(target.as_str())
+        .map_err(|_| ApiError::bad_request("ClientApplication not configured for launch"))?;
+    r.headers_mut().insert(header::LOCATION, location);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 /// Reads `parameter[name].valueString` of a Parameters resource.

@@ -94,7 +94,7 @@ pub(crate) async fn exchange(
 ) -> Result<Value, ApiError> {
     let client_id = req
         .client_id
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        .ok_or_else(|| ApiError::invalid_client("Invalid client"))?;
     let subject_token = req
         .subject_token
         .ok_or_else(|| ApiError::oauth("Invalid subject_token"))?;
@@ -102,13 +102,13 @@ pub(crate) async fn exchange(
         return Err(ApiError::oauth("Invalid subject_token_type"));
     }
     let client = required(state.identities.client(client_id).await, || {
-        ApiError::oauth("Invalid client")
+        ApiError::invalid_client("Invalid client")
     })?;
     let client = client.as_ref();
     if !client.active {
-        return Err(ApiError::oauth("Invalid client"));
+        return Err(ApiError::invalid_client("Invalid client"));
     }
-    let idp = client_idp(client).ok_or_else(|| ApiError::oauth("Invalid client"))?;
+    let idp = client_idp(client).ok_or_else(|| ApiError::invalid_client("Invalid client"))?;
     if let Some(secret) = req.client_secret {
         check_client_secret(state, client, secret)?;
     }

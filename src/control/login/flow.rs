@@ -343,7 +343,7 @@ pub fn scope_narrows(requested: &str, submitted: &str) -> bool {
         .collect();
     submitted
         .split_ascii_whitespace()
-        .filter(|w| looks_like_smart(w))
+        .filter(|w| is_smart_resource_scope(w))
         .all(|w| match SmartScope::parse(w) {
             Some(s) => requested.iter().any(|r| s.is_subset_of(r)),
             // Shaped like a resource scope but malformed: never a narrowing.
@@ -351,7 +351,8 @@ pub fn scope_narrows(requested: &str, submitted: &str) -> bool {
         })
 }
 
-fn looks_like_smart(word: &str) -> bool {
+/// A word shaped like a SMART resource scope (`patient/…`, `user/…`, `system/…`).
+pub fn is_smart_resource_scope(word: &str) -> bool {
     ["patient/", "user/", "system/"]
         .iter()
         .any(|p| word.starts_with(p))

@@ -4,6 +4,7 @@
 use crate::state::ClientInfo;
 use base64::Engine;
 
+use crate::control::base::client_auth::is_public;
 use crate::control::base::clients::client_flag;
 use crate::control::web::error::ApiError;
 
@@ -14,11 +15,32 @@ pub(crate) fn check_client_pkce(
     challenge: Option<&str>,
     method: Option<&str>,
 ) -> Result<(), ApiError> {
+    if let Some(c) = client
+        && is_public(c)
+    {
+        return check_public_pkce(challenge, method)
+            .map_err(|text| ApiError::invalid("code_challenge_method", text));
+    }
     if client.is_some_and(|c| client_flag(c, "pkceOptional")) {
         return Ok(());
     }
     check_pkce_params(challenge, method)
 }
+
+/// A public client proves nothing but its PKCE verifier, so it must send an S256 challenge
+/// (SMART App Launch 2.2), whatever `pkceOptional` says.
+pub(crate) fn check_public_pkce(
+    challenge: Option<&str>,
+    method: Option<&str>,
+) -> Result<(), &'static str> {
+    match (challenge, method) {
+        (Some(_), Some("S256")) => Ok(()),
+        _ => Err(PUBLIC_CLIENT_PKCE),
+    }
+}
+
+/// Why a public client's request was refused.
+pub(crate) const PUBLIC_CLIENT_PKCE: &str = "Public clients must use PKCE with S256";
 
 fn check_pkce_params(challenge: Option<&str>, method: Option<&str>) -> Result<(), ApiError> {
     match (challenge, method) {

@@ -51,6 +51,9 @@ pub mod keys {
     pub const MFA_FAILURES: &str = "mfaFailures";
     /// The TOTP step of the last accepted code.
     pub const MFA_STEP: &str = "mfaStep";
+    /// The SMART launch context the tokens carry (`patient`, `encounter`, `fhirContext`),
+    /// resolved from the SmartAppLaunch (EHR launch) or chosen on the sign-in page.
+    pub const CONTEXT: &str = crate::state::LAUNCH_CONTEXT_KEY;
 }
 
 /// A Login's flow state, stored as its `extra` under the keys of [`keys`].

@@ -4,10 +4,12 @@
 use crate::state::{ClientInfo, State};
 use crate::store::LoginRecord;
 use crate::tokens::Claims;
+use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::control::base::clients::access_token_lifetime;
+use crate::control::login::launch::LaunchContext;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::user_id;
 use crate::control::web::error::ApiError;
@@ -67,7 +69,11 @@ pub(crate) async fn issue_user_tokens(
     let facts = user_facts(state, login).await?;
     let lifetime = user_access_lifetime(state, client);
     let sub = user_id(login).unwrap_or(login.user_ref.as_str());
-    let patient = profile.strip_prefix("Patient/");
+    let mut context = LaunchContext::of(login);
+    // A Patient is always its own context (also for Logins granted before contexts were kept).
+    if let Some(own) = profile.strip_prefix("Patient/") {
+        context.patient = Some(own.to_string());
+    }
     issue_tokens(
         state,
         &Issue {
@@ -80,7 +86,8 @@ pub(crate) async fn issue_user_tokens(
             refresh,
             email: facts.email.as_deref(),
             names: Some((&facts.given, &facts.family)),
-            patient,
+            context: &context,
+            id_token_alg: id_token_alg(client, &login.scope),
             now,
         },
     )
@@ -113,9 +120,46 @@ pub(crate) struct Issue<'a> {
     pub email: Option<&'a str>,
     /// `(given, family)`, put in the ID token when the scope asks for `profile`.
     pub names: Option<(&'a str, &'a str)>,
-    /// Patient context of the token response.
-    pub patient: Option<&'a str>,
+    /// SMART launch context of the token response.
+    pub context: &'a LaunchContext,
+    /// What the ID token is signed with ([`id_token_alg`]).
+    pub id_token_alg: Algorithm,
     pub now: i64,
+}
+
+/// The extension by which a ClientApplication chooses its ID tokens' algorithm (`valueCode`
+/// `RS256` or `ES256`; OIDC Dynamic Registration calls it `id_token_signed_response_alg`).
+pub const ID_TOKEN_ALG_EXTENSION: &str =
+    "https://fhirgate.dev/fhir/StructureDefinition/id-token-signed-response-alg";
+
+/// The algorithm of an ID token: the client's choice, else RS256 for a SMART sign-in (SMART
+/// App Launch requires RS256 for `sso-openid-connect`) and ES256 for the rest.
+pub(crate) fn id_token_alg(client: Option<&ClientInfo>, scope: &str) -> Algorithm {
+    let chosen = client
+        .and_then(|c| c.content.get("extension"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .find(|e| e.get("url").and_then(Value::as_str) == Some(ID_TOKEN_ALG_EXTENSION))
+        .and_then(|e| e.get("valueCode"))
+        .and_then(Value::as_str);
+    match chosen {
+        Some("RS256") => Algorithm::RS256,
+        Some("ES256") => Algorithm::ES256,
+        _ if is_smart_sign_in(scope) => Algorithm::RS256,
+        _ => Algorithm::ES256,
+    }
+}
+
+/// A sign-in asked for SMART context or resource scopes.
+fn is_smart_sign_in(scope: &str) -> bool {
+    scope.split_ascii_whitespace().any(|w| {
+        w == "fhirUser"
+            || w == "launch"
+            || w.starts_with("launch/")
+            || w.starts_with("patient/")
+            || w.starts_with("user/")
+    })
 }
 
 /// Signs the access token (claims of docs/medplum-compat.md §3.2), the ID token (§3.3) and, when asked
@@ -174,7 +218,13 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
             .map_err(|e| ApiError::internal("signing a token", e))
     };
     let access_token = sign(&access)?;
-    let id_token = sign(&id_claims)?;
+    let id_token = match keyring.sign_with(i.id_token_alg, &id_claims) {
+        Ok(t) => t,
+        // No key of that algorithm yet (a store whose RS256 key another instance is still
+        // creating): the ES256 key, which every client can verify through the JWKS.
+        Err(crate::tokens::TokenError::NoSigningKey) => sign(&id_claims)?,
+        Err(e) => return Err(ApiError::internal("signing a token", e)),
+    };
     let mut body = json!({
         "token_type": "Bearer",
         "expires_in": expires_in,
@@ -197,14 +247,20 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
     }
     body["project"] = json!({"reference": format!("Project/{}", i.project_id)});
     body["profile"] = json!({"reference": i.profile});
-    if let Some(p) = i.patient {
-        body["patient"] = Value::String(p.to_string());
+    if let Some(p) = &i.context.patient {
+        body["patient"] = Value::String(p.clone());
+    }
+    if let Some(e) = &i.context.encounter {
+        body["encounter"] = Value::String(e.clone());
+    }
+    if !i.context.fhir_context.is_empty() {
+        body["fhirContext"] = Value::Array(i.context.fhir_context.clone());
     }
     body["smart_style_url"] = Value::String(format!(
         "{}fhir/R4/.well-known/smart-styles.json",
         state.config.base_url
     ));
-    body["need_patient_banner"] = Value::Bool(i.patient.is_some());
+    body["need_patient_banner"] = Value::Bool(i.context.patient.is_some());
     if login
         .scope
         .split_whitespace()

@@ -26,8 +26,9 @@ const AUTH_METHODS: [&str; 3] = [
     "private_key_jwt",
 ];
 
-/// Algorithms accepted in `private_key_jwt` client assertions.
-const ASSERTION_ALGS: [&str; 6] = ["RS256", "RS384", "RS512", "ES256", "ES384", "ES512"];
+/// Algorithms accepted in `private_key_jwt` client assertions: exactly `tokens::ASSERTION_ALGS`
+/// (ES512 is not among them: the JWT library has no P-521).
+const ASSERTION_ALGS: [&str; 5] = ["RS256", "RS384", "RS512", "ES256", "ES384"];
 
 fn endpoint(state: &State, path: &str) -> String {
     format!("{}{path}", state.config.base_url)
@@ -85,6 +86,28 @@ pub async fn jwks(AxState(state): AxState<AppState>) -> Response {
     ok_json(&state.keyring().jwks())
 }
 
+/// SMART App Launch 2.2 capabilities: exactly what works (no `permission-online`: an
+/// `online_access` grant gets no refresh token).
+const SMART_CAPABILITIES: [&str; 17] = [
+    "authorize-post",
+    "client-confidential-asymmetric",
+    "client-confidential-symmetric",
+    "client-public",
+    "context-banner",
+    "context-ehr-encounter",
+    "context-ehr-patient",
+    "context-standalone-patient",
+    "context-style",
+    "launch-ehr",
+    "launch-standalone",
+    "permission-offline",
+    "permission-patient",
+    "permission-user",
+    "permission-v1",
+    "permission-v2",
+    "sso-openid-connect",
+];
+
 pub fn smart_configuration_value(state: &State) -> Value {
     json!({
         "issuer": state.config.base_url,
@@ -98,27 +121,13 @@ pub fn smart_configuration_value(state: &State) -> Value {
         "introspection_endpoint": endpoint(state, "oauth2/introspect"),
         "revocation_endpoint": endpoint(state, "oauth2/revoke"),
         "scopes_supported": [
-            "openid", "fhirUser", "profile", "email", "offline_access", "online_access",
-            "patient/*.rs", "user/*.cruds", "system/*.cruds", "launch/patient"
+            "openid", "fhirUser", "profile", "email", "offline_access",
+            "launch", "launch/patient",
+            "patient/*.rs", "user/*.cruds", "system/*.cruds"
         ],
         "response_types_supported": ["code"],
-        "capabilities": [
-            "authorize-post",
-            "permission-v1",
-            "permission-v2",
-            "client-confidential-asymmetric",
-            "client-confidential-symmetric",
-            "client-public",
-            "context-banner",
-            "context-style",
-            "context-standalone-patient",
-            "launch-standalone",
-            "permission-offline",
-            "permission-online",
-            "permission-patient",
-            "permission-user",
-            "sso-openid-connect"
-        ],
+        // Each one is exercised by tests/smart.rs or tests/browser_smart.rs.
+        "capabilities": SMART_CAPABILITIES,
         "code_challenge_methods_supported": ["S256"],
     })
 }

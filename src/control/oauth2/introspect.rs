@@ -6,10 +6,12 @@
 use axum::extract::State as AxState;
 use axum::http::StatusCode;
 use axum::http::request::Parts;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use crate::control::base::client_auth::authenticate_client;
+use crate::control::base::client_auth::with_basic_challenge;
+use crate::control::login::launch::LaunchContext;
 use crate::control::oauth2::live_token;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
@@ -32,9 +34,13 @@ pub async fn introspect(
         ));
     };
     let form = as_form(&body);
-    let (_, client_project) = authenticate_client(&state, &parts, &form, false)
-        .await
-        .map_err(ApiError::into_oauth)?;
+    let (_, client_project) = match authenticate_client(&state, &parts, &form, false).await {
+        Ok(found) => found,
+        Err(e) => {
+            let refusal = e.into_oauth().into_response();
+            return Ok(with_basic_challenge(&parts.headers, refusal));
+        }
+    };
     let inactive = || ok_json(&json!({"active": false}));
     let Some((claims, login)) = live_token(&state, &token).await else {
         return Ok(inactive());
@@ -63,13 +69,28 @@ pub async fn introspect(
         "exp": claims.exp,
         "iss": claims.iss,
         "sub": sub,
-        "scope": login.scope,
+        // A refreshed token may carry less than its Login was granted.
+        "scope": claims.scope.as_deref().unwrap_or(&login.scope),
     });
     if let Some(c) = login.client_id.as_deref().or(claims.client_id.as_deref()) {
         out["client_id"] = Value::String(c.to_string());
     }
+    // SMART App Launch 2.2 §2.0.11: the launch context and `fhirUser` of the token.
+    let mut context = LaunchContext::of(&login);
     if let Some(p) = profile.as_deref().and_then(|p| p.strip_prefix("Patient/")) {
-        out["patient"] = Value::String(p.to_string());
+        context.patient = Some(p.to_string());
+    }
+    if let Some(p) = context.patient {
+        out["patient"] = Value::String(p);
+    }
+    if let Some(e) = context.encounter {
+        out["encounter"] = Value::String(e);
+    }
+    if !context.fhir_context.is_empty() {
+        out["fhirContext"] = Value::Array(context.fhir_context);
+    }
+    if let Some(p) = profile {
+        out["fhirUser"] = Value::String(p);
     }
     Ok(ok_json(&out))
 }

@@ -6,6 +6,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::control::base::client_auth::authenticate_client;
+use crate::control::base::client_auth::with_basic_challenge;
 use crate::control::login::state::revoke;
 use crate::control::oauth2::live_token;
 use crate::control::web::AppState;
@@ -24,9 +25,13 @@ pub async fn revoke_token(
 ) -> Result<Response, ApiError> {
     let AuthBody(body) = body.map_err(ApiError::into_oauth)?;
     let form = as_form(&body);
-    let (client_id, _) = authenticate_client(&state, &parts, &form, true)
-        .await
-        .map_err(ApiError::into_oauth)?;
+    let (client_id, _) = match authenticate_client(&state, &parts, &form, true).await {
+        Ok(found) => found,
+        Err(e) => {
+            let refusal = e.into_oauth().into_response();
+            return Ok(with_basic_challenge(&parts.headers, refusal));
+        }
+    };
     let token = body_str(&body, "token").ok_or_else(|| ApiError::oauth("Missing token"))?;
     if let Some((_, login)) = live_token(&state, &token).await
         && login.client_id.as_deref() == Some(client_id.as_str())

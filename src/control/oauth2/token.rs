@@ -27,12 +27,19 @@ use std::sync::Arc;
 
 use crate::control::base::client_auth::basic_credentials;
 use crate::control::base::client_auth::check_client_secret;
+use crate::control::base::client_auth::is_public;
 use crate::control::base::client_auth::presented_client;
-use crate::control::base::clients::access_token_lifetime;
+use crate::control::base::client_auth::with_basic_challenge;
+use crate::control::base::clients::backend_access_lifetime;
 use crate::control::base::clients::client_flag;
 use crate::control::base::clients::refresh_token_lifetime;
 use crate::control::login::exchange::TOKEN_EXCHANGE_GRANT;
 use crate::control::login::exchange::token_exchange;
+use crate::control::login::flow::is_smart_resource_scope;
+use crate::control::login::flow::scope_narrows;
+use crate::control::login::launch::LaunchContext;
+use crate::control::login::launch::resolve_context;
+use crate::control::login::pkce::PUBLIC_CLIENT_PKCE;
 use crate::control::login::pkce::pkce_matches;
 use crate::control::login::state::GRANTED_PREFIX;
 use crate::control::login::state::LoginFlow;
@@ -43,6 +50,7 @@ use crate::control::login::state::not_ready;
 use crate::control::login::state::revoke;
 use crate::control::login::tokens::Issue;
 use crate::control::login::tokens::granted_until;
+use crate::control::login::tokens::id_token_alg;
 use crate::control::login::tokens::issue_tokens;
 use crate::control::login::tokens::issue_user_tokens;
 use crate::control::login::tokens::user_access_lifetime;
@@ -97,7 +105,16 @@ pub async fn token(
     };
     match result {
         Ok(r) => r,
-        Err(e) => e.into_oauth().into_response(),
+        Err(e) => {
+            let e = e.into_oauth();
+            let challenge_needed = e.is_invalid_client();
+            let response = e.into_response();
+            if challenge_needed {
+                with_basic_challenge(&parts.headers, response)
+            } else {
+                response
+            }
+        }
     }
 }
 
@@ -178,18 +195,18 @@ async fn client_credentials(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     let client_id = presented
         .id
         .filter(|s| !s.is_empty())
-        .ok_or_else(|| ApiError::oauth("Missing client_id"))?;
+        .ok_or_else(|| ApiError::invalid_client("Missing client_id"))?;
     let secret = presented.secret.filter(|s| !s.is_empty());
     if secret.is_none() && !presented.assertion_verified {
-        return Err(ApiError::oauth("Missing client_secret"));
+        return Err(ApiError::invalid_client("Missing client_secret"));
     }
     let snap = state.snapshot();
     let client = required(state.identities.client(&client_id).await, || {
-        ApiError::oauth("Invalid client")
+        ApiError::invalid_client("Invalid client")
     })?;
     let client = client.as_ref();
     if !client.active {
-        return Err(ApiError::oauth("Invalid client"));
+        return Err(ApiError::invalid_client("Invalid client"));
     }
     if let Some(secret) = &secret {
         check_client_secret(state, client, secret)?;
@@ -198,13 +215,13 @@ async fn client_credentials(req: GrantRequest<'_>) -> Result<Value, ApiError> {
         .identities
         .client_membership(client)
         .await?
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        .ok_or_else(|| ApiError::invalid_client("Invalid client"))?;
     if !membership.is_active() {
-        return Err(ApiError::oauth("Invalid client"));
+        return Err(ApiError::invalid_client("Invalid client"));
     }
     let project_id = membership
         .project_id()
-        .ok_or_else(|| ApiError::oauth("Invalid client"))?
+        .ok_or_else(|| ApiError::invalid_client("Invalid client"))?
         .to_string();
     let scope = form.get("scope").unwrap_or("openid").to_string();
     let ip = client_ip(state, parts)?;
@@ -219,7 +236,7 @@ async fn client_credentials(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     {
         return Err(ApiError::oauth("IP address not allowed"));
     }
-    let lifetime = access_token_lifetime(state, client);
+    let lifetime = backend_access_lifetime(state, client, presented.assertion_verified);
     let now = now_unix();
     let profile = format!("ClientApplication/{}", client.id);
     let login = LoginRecord {
@@ -251,7 +268,8 @@ async fn client_credentials(req: GrantRequest<'_>) -> Result<Value, ApiError> {
             refresh: None,
             email: None,
             names: None,
-            patient: None,
+            context: &LaunchContext::default(),
+            id_token_alg: id_token_alg(Some(client), &login.scope),
             now,
         },
     )
@@ -316,10 +334,10 @@ async fn login_client(
         return Ok(None);
     };
     let c = required(state.identities.client(id).await, || {
-        ApiError::oauth("Invalid client")
+        ApiError::invalid_client("Invalid client")
     })?;
     if !c.active {
-        return Err(ApiError::oauth("Invalid client"));
+        return Err(ApiError::invalid_client("Invalid client"));
     }
     Ok(Some(c))
 }
@@ -351,7 +369,8 @@ async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     if let Some(id) = presented.id.as_deref()
         && login.client_id.as_deref() != Some(id)
     {
-        return Err(ApiError::oauth("Invalid client"));
+        // RFC 6749 §5.2: a code issued to another client.
+        return Err(ApiError::oauth_code("invalid_grant", "Invalid client"));
     }
     if login.membership_id.is_none() {
         return Err(ApiError::oauth("Invalid profile"));
@@ -382,26 +401,35 @@ async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
             "Invalid redirect URI",
         ));
     }
-    let pkce_optional = client.is_some_and(|c| client_flag(c, "pkceOptional"));
+    let public = client.is_some_and(is_public);
+    let pkce_optional = !public && client.is_some_and(|c| client_flag(c, "pkceOptional"));
     let challenge = flow.ask.code_challenge.as_deref();
+    let method = flow.ask.code_challenge_method.as_deref().unwrap_or("plain");
+    if public && (challenge.is_none() || method != "S256") {
+        return Err(ApiError::oauth_code("invalid_grant", PUBLIC_CLIENT_PKCE));
+    }
     if !pkce_optional || challenge.is_some() {
         let challenge = challenge.ok_or_else(|| ApiError::oauth("Missing verification context"))?;
         let verifier = form
             .get("code_verifier")
             .ok_or_else(|| ApiError::oauth("Missing code verifier"))?;
-        let method = flow.ask.code_challenge_method.as_deref().unwrap_or("plain");
         if !pkce_matches(method, challenge, verifier) {
-            return Err(ApiError::oauth("Invalid code verifier"));
+            // RFC 7636 §4.6.
+            return Err(ApiError::oauth_code(
+                "invalid_grant",
+                "Invalid code verifier",
+            ));
         }
     }
     if !presented.assertion_verified
         && let Some(secret) = presented.secret.as_deref().filter(|s| !s.is_empty())
     {
-        let c = client.ok_or_else(|| ApiError::oauth("Invalid client"))?;
+        let c = client.ok_or_else(|| ApiError::invalid_client("Invalid client"))?;
         check_client_secret(state, c, secret)?;
     }
     let (membership, super_admin) = live_membership(state, &snap, parts, &login).await?;
     let (profile, project_id) = profile_and_project(&membership)?;
+    let context = resolve_context(state, &login, &profile).await?;
 
     let lifetime = user_access_lifetime(state, client);
     let offline = flow.offline && !super_admin;
@@ -411,6 +439,7 @@ async fn authorization_code(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     if let Some(obj) = extra.as_object_mut() {
         obj.insert(keys::GRANTED.into(), Value::Bool(true));
         obj.remove(keys::CODE_EXPIRES_AT);
+        obj.insert(keys::CONTEXT.into(), context.to_value());
     }
     let won = state
         .store
@@ -484,15 +513,12 @@ async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
         }
         let presented_secret = presented_secret
             .filter(|s| !s.is_empty())
-            .ok_or_else(|| ApiError::oauth_code("invalid_grant", "Incorrect client secret"))?;
+            .ok_or_else(|| ApiError::invalid_client("Incorrect client secret"))?;
         // Stricter than Medplum, which only checks that a secret is present.
         if let Some(c) = state.identities.client(&id).await?
             && check_client_secret(state, &c, &presented_secret).is_err()
         {
-            return Err(ApiError::oauth_code(
-                "invalid_grant",
-                "Incorrect client secret",
-            ));
+            return Err(ApiError::invalid_client("Incorrect client secret"));
         }
     } else if let (Some(body_id), Some(login_client)) =
         (form.get("client_id"), login.client_id.as_deref())
@@ -500,6 +526,14 @@ async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     {
         return Err(ApiError::oauth_code("invalid_grant", "Incorrect client"));
     }
+    // RFC 6749 §6: a refresh may ask for less than was granted, never for more.
+    let narrowed = match form.get("scope").filter(|s| !s.trim().is_empty()) {
+        Some(asked) if !within_grant(&login.scope, asked) => {
+            return Err(ApiError::oauth_code("invalid_scope", "Invalid scope"));
+        }
+        Some(asked) => Some(asked.split_ascii_whitespace().collect::<Vec<_>>().join(" ")),
+        None => None,
+    };
     let client = login_client(state, &login).await?;
     let client = client.as_deref();
     let (membership, _) = live_membership(state, &snap, parts, &login).await?;
@@ -525,9 +559,15 @@ async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
         revoke(state, &login.id).await?;
         return Err(ApiError::oauth("Invalid token"));
     }
+    // The Login keeps the whole grant (a later refresh may ask for it again); these tokens
+    // carry only what was asked for.
+    let mut issued = login;
+    if let Some(scope) = narrowed {
+        issued.scope = scope;
+    }
     issue_user_tokens(
         state,
-        &login,
+        &issued,
         &profile,
         &project_id,
         client,
@@ -535,4 +575,14 @@ async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
         now,
     )
     .await
+}
+
+/// Is every word of `asked` part of the `granted` scope, or a narrowing of one of its SMART
+/// resource scopes (`patient/Observation.rs` within `patient/*.rs`)?
+fn within_grant(granted: &str, asked: &str) -> bool {
+    let granted_words: Vec<&str> = granted.split_ascii_whitespace().collect();
+    asked
+        .split_ascii_whitespace()
+        .filter(|w| !granted_words.contains(w))
+        .all(|w| is_smart_resource_scope(w) && scope_narrows(granted, w))
 }

@@ -52,6 +52,26 @@ impl ApiError {
         }
     }
 
+    /// RFC 6749 §5.2 `invalid_client`: the client could not be authenticated (401).
+    pub fn invalid_client(description: impl Into<String>) -> ApiError {
+        ApiError::OAuth {
+            status: StatusCode::UNAUTHORIZED,
+            error: "invalid_client",
+            description: description.into(),
+        }
+    }
+
+    /// True for an `invalid_client` refusal.
+    pub fn is_invalid_client(&self) -> bool {
+        matches!(
+            self,
+            ApiError::OAuth {
+                error: "invalid_client",
+                ..
+            }
+        )
+    }
+
     /// An OAuth error's status, code and description; `None` for any other kind.
     #[cfg(test)]
     pub fn oauth_parts(&self) -> Option<(StatusCode, &'static str, String)> {

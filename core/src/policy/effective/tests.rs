@@ -50,6 +50,7 @@ fn inputs<'a>(
         project_super_admin: opts.super_admin,
         linked_projects: opts.linked,
         scope: opts.scope,
+        patient_in_context: None,
     }
 }
 
@@ -317,6 +318,7 @@ fn policy_sources_hashmap_and_slice() {
             project_super_admin: false,
             linked_projects: &[],
             scope: None,
+            patient_in_context: None,
         });
         assert!(e.failure().is_none());
         check_types(&e, &[("Patient", Read, true)]);

@@ -279,6 +279,9 @@ pub(super) async fn prepare(
                     "Invalid status",
                 ));
             }
+            if let Some(jwks) = resource.get("jwks") {
+                check_client_jwks(jwks)?;
+            }
             for field in ["accessTokenLifetime", "refreshTokenLifetime"] {
                 if let Some(v) = resource.get(field)
                     && v.as_str().and_then(crate::config::parse_lifetime).is_none()
@@ -313,10 +316,87 @@ pub(super) async fn prepare(
                 None => default_project().map(Some),
             }
         }
+        "SmartAppLaunch" => {
+            check_launch_context(resource)?;
+            match existing {
+                Some(old) => Ok(old.project_id.clone()),
+                None => default_project().map(Some),
+            }
+        }
         // Protected: only super admins get here (the type check refuses everyone else).
         "DomainConfiguration" => prepare_domain_configuration(state, resource, existing).await,
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// A SmartAppLaunch names its context by reference: `patient` a Patient, `encounter` an
+/// Encounter, each `fhirContext[]` entry any resource (SMART 2.2 `fhirContext`).
+fn check_launch_context(resource: &Value) -> Result<(), ApiError> {
+    let well_formed = |r: &str, ty: Option<&str>| {
+        r.split_once('/').is_some_and(|(t, id)| {
+            ty.is_none_or(|want| t == want)
+                && fhirgate_core::fhir::types::is_resource_type(t)
+                && is_valid_id(id)
+        })
+    };
+    for (field, ty) in [("patient", "Patient"), ("encounter", "Encounter")] {
+        if let Some(v) = resource.get(field) {
+            let ok = v
+                .get("reference")
+                .and_then(Value::as_str)
+                .is_some_and(|r| well_formed(r, Some(ty)));
+            if !ok {
+                return Err(ApiError::invalid(
+                    &format!("SmartAppLaunch.{field}"),
+                    format!("Expected a reference to a {ty}"),
+                ));
+            }
+        }
+    }
+    if let Some(v) = resource.get("fhirContext") {
+        let ok = v.as_array().is_some_and(|items| {
+            items.iter().all(|i| {
+                i.get("reference")
+                    .and_then(Value::as_str)
+                    .is_some_and(|r| well_formed(r, None))
+            })
+        });
+        if !ok {
+            return Err(ApiError::invalid(
+                "SmartAppLaunch.fhirContext",
+                "Expected references",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An inline JWK Set (SMART 2.2 `jwks`) must be a set of public asymmetric keys: a symmetric key
+/// would turn the assertion check into a shared secret stored in clear, and a private key has no
+/// business in a resource anyone with read access sees.
+fn check_client_jwks(jwks: &Value) -> Result<(), ApiError> {
+    let bad = |text: &str| ApiError::invalid("ClientApplication.jwks", text);
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_value(jwks.clone()).map_err(|_| bad("Invalid JWK Set"))?;
+    if set.keys.is_empty() {
+        return Err(bad("Invalid JWK Set"));
+    }
+    let raw_keys = jwks.get("keys").and_then(Value::as_array);
+    let private = raw_keys.into_iter().flatten().any(|k| {
+        ["d", "p", "q", "dp", "dq", "qi", "k"]
+            .iter()
+            .any(|f| k.get(*f).is_some())
+    });
+    let symmetric = set.keys.iter().any(|k| {
+        matches!(
+            k.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::OctetKey(_)
+        )
+    });
+    if private || symmetric {
+        return Err(bad("A JWK Set may hold only public asymmetric keys"));
+    }
+    Ok(())
 }
 
 /// A membership must deserialize into the model, name a user of an allowed type that belongs to

@@ -17,6 +17,7 @@
 //! works for its own Login in its own browser. The session cookie holds `<loginId>.<secret>`;
 //! the Login keeps only the secret's keyed hash.
 
+mod picker;
 mod render;
 mod request;
 mod session;
@@ -36,6 +37,10 @@ use crate::control::login::state::keys;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::login::state::revoke;
 use crate::control::login::state::set_extra;
+use crate::control::oauth2::authorize::picker::Picked;
+use crate::control::oauth2::authorize::picker::needs_patient;
+use crate::control::oauth2::authorize::picker::patient_page;
+use crate::control::oauth2::authorize::picker::pick_patient;
 use crate::control::oauth2::authorize::render::START_AGAIN;
 use crate::control::oauth2::authorize::render::TOO_MANY;
 use crate::control::oauth2::authorize::render::inline_message;
@@ -58,10 +63,10 @@ use crate::control::oauth2::authorize::session::reopen;
 use crate::control::oauth2::authorize::session::session_cookie_name;
 use crate::control::oauth2::authorize::session::set_cookie;
 use crate::control::web::AppState;
+use crate::control::web::ControlState;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
-use crate::state::State;
 use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
 use axum::extract::State as AxState;
@@ -92,7 +97,7 @@ pub async fn authorize(
 }
 
 /// The authorization request itself (GET, or POST without a step).
-async fn start(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+async fn start(state: &ControlState, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
     let request = match check_request(state, p).await {
         Ok(r) => r,
         Err(refusal) => return Ok(refusal.into_response()),
@@ -133,7 +138,7 @@ async fn start(state: &State, parts: &Parts, p: &Params) -> Result<Response, Api
 }
 
 /// `step=signin`: the e-mail and password form.
-async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
     let request = match check_request(state, p).await {
         Ok(r) => r,
         Err(refusal) => return Ok(refusal.into_response()),
@@ -200,7 +205,7 @@ async fn signin(state: &State, parts: &Parts, p: &Params) -> Result<Response, Ap
 
 /// The steps after sign-in: the Login named by the form, in the browser that created it.
 async fn continue_step(
-    state: &State,
+    state: &ControlState,
     parts: &Parts,
     p: &Params,
     step: &str,
@@ -247,6 +252,26 @@ async fn continue_step(
             }
         }
         "consent" => consent(state, login, &csrf, p).await,
+        "patient" => {
+            let picked = pick_patient(
+                state,
+                &login,
+                p.one("decision"),
+                p.one("q"),
+                p.one("patient"),
+            )
+            .await?;
+            match picked {
+                Picked::Chosen(l) => next_step(state, *l, &csrf).await,
+                Picked::Search(query) => {
+                    patient_page(state, &login, &csrf, &query, None, StatusCode::OK).await
+                }
+                Picked::Refused(message) => {
+                    let message = Some(message.to_string());
+                    patient_page(state, &login, &csrf, "", message, StatusCode::BAD_REQUEST).await
+                }
+            }
+        }
         _ => message_page(None, START_AGAIN, StatusCode::BAD_REQUEST),
     }
 }
@@ -254,7 +279,7 @@ async fn continue_step(
 /// A failed step: the same page again with the message, or — when the Login is gone (too many
 /// wrong codes revoke it) — a page saying to start again.
 async fn step_error(
-    state: &State,
+    state: &ControlState,
     login: LoginRecord,
     csrf: &str,
     e: ApiError,
@@ -321,7 +346,7 @@ fn return_to(login: &LoginRecord) -> Result<(String, String), ApiError> {
 /// `step=consent`: the ticked scopes (a subset of those asked for), or a denial, which ends
 /// the Login.
 async fn consent(
-    state: &State,
+    state: &ControlState,
     login: LoginRecord,
     csrf: &str,
     p: &Params,
@@ -359,7 +384,7 @@ fn denied(redirect_uri: &str, client_state: &str) -> Response {
 /// `step=resume`: consent for a new request in an existing session. The session is looked up
 /// again (it may have ended since the page was shown); then it gets a new code with the
 /// chosen scopes. A denial leaves the session as it was.
-async fn resume(state: &State, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
+async fn resume(state: &ControlState, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
     let request = match check_request(state, p).await {
         Ok(r) => r,
         Err(refusal) => return Ok(refusal.into_response()),
@@ -408,17 +433,24 @@ fn needs_consent(login: &LoginRecord) -> bool {
 }
 
 /// The next page for a Login, or — when it is ready — the code.
-async fn next_step(state: &State, login: LoginRecord, csrf: &str) -> Result<Response, ApiError> {
+async fn next_step(
+    state: &ControlState,
+    login: LoginRecord,
+    csrf: &str,
+) -> Result<Response, ApiError> {
     let ready = mfa_satisfied(&login) && login.membership_id.is_some() && !needs_consent(&login);
     if !ready {
         return render_step(state, &login, csrf, None, StatusCode::OK).await;
+    }
+    if needs_patient(state, &login).await? {
+        return patient_page(state, &login, csrf, "", None, StatusCode::OK).await;
     }
     finish(state, login).await
 }
 
 /// The code, on a 302 to the redirect URI with the client's `state`, and the session cookie
 /// whose secret's hash the Login keeps.
-async fn finish(state: &State, mut login: LoginRecord) -> Result<Response, ApiError> {
+async fn finish(state: &ControlState, mut login: LoginRecord) -> Result<Response, ApiError> {
     let (redirect_uri, client_state) = return_to(&login)?;
     let secret = random_hex(32);
     set_extra(

@@ -13,6 +13,7 @@ use crate::control::oauth2::authorize::request::login_client;
 use crate::control::oauth2::authorize::session::csrf_cookie;
 use crate::control::web::error::ApiError;
 use crate::control::web::pages;
+use crate::control::web::pages::Choice;
 use crate::control::web::pages::Frame;
 use crate::control::web::pages::Hidden;
 use crate::state::{ClientInfo, State};
@@ -97,12 +98,6 @@ pub(super) async fn render_step(
     if login.membership_id.is_none() {
         let memberships = login_memberships(state, login).await?;
         let snap = state.snapshot();
-        #[derive(Serialize)]
-        struct Choice {
-            id: String,
-            label: String,
-            detail: String,
-        }
         #[derive(Serialize)]
         struct Profiles {
             profiles: Vec<Choice>,

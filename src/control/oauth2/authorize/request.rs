@@ -1,8 +1,11 @@
 //! The authorization request of `/oauth2/authorize`: its parameters, the checks in Medplum's
 //! order, and the refusals (plain text until the redirect URI is trusted, then 302s).
 
+use crate::control::base::client_auth::is_public;
 use crate::control::base::clients::registered_redirect_uris;
 use crate::control::base::resources::fields::joined_strings;
+use crate::control::login::pkce::PUBLIC_CLIENT_PKCE;
+use crate::control::login::pkce::check_public_pkce;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
@@ -191,16 +194,12 @@ pub(super) fn client_name(client: &ClientInfo) -> Option<String> {
         .map(str::to_string)
 }
 
-/// Same scheme, host and port as the public base URL (`aud` check).
-pub(super) fn same_server(aud: &str, base_url: &str) -> bool {
-    match (url::Url::parse(aud), url::Url::parse(base_url)) {
-        (Ok(a), Ok(b)) => {
-            a.scheme() == b.scheme()
-                && a.host_str() == b.host_str()
-                && a.port_or_known_default() == b.port_or_known_default()
-        }
-        _ => false,
-    }
+/// SMART App Launch 2.2: `aud` names the FHIR server the token is for, which is this server's
+/// FHIR base URL (a trailing slash either way). Medplum accepts any URL of the same origin;
+/// fhirgate does not, so a token asked for another resource server is never minted here.
+pub(super) fn is_fhir_base(aud: &str, base_url: &str) -> bool {
+    let fhir_base = format!("{base_url}fhir/R4");
+    aud.strip_suffix('/').unwrap_or(aud) == fhir_base
 }
 
 /// Medplum's checks, in Medplum's order (docs/medplum-compat.md §2.12), plus RFC 6749's "no
@@ -264,7 +263,7 @@ pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthReque
     }
     let aud = p.one("aud").map(str::to_string);
     if let Some(a) = &aud
-        && !same_server(a, &state.config.base_url)
+        && !is_fhir_base(a, &state.config.base_url)
     {
         return Err(fail("invalid_request", "Invalid audience"));
     }
@@ -278,10 +277,20 @@ pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthReque
         }
         _ => {}
     }
+    if is_public(&client)
+        && check_public_pkce(code_challenge.as_deref(), code_challenge_method.as_deref()).is_err()
+    {
+        return Err(fail("invalid_request", PUBLIC_CLIENT_PKCE));
+    }
     let launch = p.one("launch").map(str::to_string);
     if let Some(l) = &launch {
-        let exists =
-            is_valid_id(l) && matches!(state.store.read("SmartAppLaunch", l).await, Ok(Some(_)));
+        // A launch context of the client's own project (an EHR of another project cannot hand
+        // this app its patient).
+        let exists = is_valid_id(l)
+            && matches!(
+                state.store.read("SmartAppLaunch", l).await,
+                Ok(Some(launch)) if launch.project_id.is_some() && launch.project_id == client.project_id
+            );
         if !exists {
             return Err(fail("invalid_request", "Invalid launch"));
         }

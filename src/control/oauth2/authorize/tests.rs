@@ -1,7 +1,7 @@
 use axum::http::{HeaderMap, HeaderValue, header};
 
 use super::render::describe_scope;
-use super::request::same_server;
+use super::request::is_fhir_base;
 use super::session::cookie_value;
 use super::*;
 
@@ -18,14 +18,16 @@ fn params_keep_every_value() {
 }
 
 #[test]
-fn audience_must_be_this_server() {
+fn audience_must_be_this_servers_fhir_base() {
     let base = "http://127.0.0.1:8080/";
-    assert!(same_server("http://127.0.0.1:8080/fhir/R4", base));
-    assert!(same_server("http://127.0.0.1:8080/", base));
-    assert!(!same_server("http://127.0.0.1:9999/fhir/R4", base));
-    assert!(!same_server("https://127.0.0.1:8080/", base));
-    assert!(!same_server("http://evil.example/", base));
-    assert!(!same_server("not a url", base));
+    assert!(is_fhir_base("http://127.0.0.1:8080/fhir/R4", base));
+    assert!(is_fhir_base("http://127.0.0.1:8080/fhir/R4/", base));
+    assert!(!is_fhir_base("http://127.0.0.1:8080/", base));
+    assert!(!is_fhir_base("http://127.0.0.1:8080/fhir/R4//", base));
+    assert!(!is_fhir_base("http://127.0.0.1:8080/fhir/R4/Patient", base));
+    assert!(!is_fhir_base("http://127.0.0.1:9999/fhir/R4", base));
+    assert!(!is_fhir_base("https://127.0.0.1:8080/fhir/R4", base));
+    assert!(!is_fhir_base("not a url", base));
 }
 
 #[test]

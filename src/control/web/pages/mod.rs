@@ -20,13 +20,14 @@ use crate::control::web::error::ApiError;
 
 const CSS: &str = include_str!("style.css");
 
-const TEMPLATES: [(&str, &str); 7] = [
+const TEMPLATES: [(&str, &str); 8] = [
     ("layout.html", include_str!("layout.html")),
     ("signin.html", include_str!("signin.html")),
     ("mfa.html", include_str!("mfa.html")),
     ("enroll.html", include_str!("enroll.html")),
     ("profile.html", include_str!("profile.html")),
     ("consent.html", include_str!("consent.html")),
+    ("patient.html", include_str!("patient.html")),
     ("message.html", include_str!("message.html")),
 ];
 
@@ -61,6 +62,15 @@ impl Hidden {
             value: value.into(),
         }
     }
+}
+
+/// One option of a page's radio list (a profile, a patient): its value, its label and a detail
+/// line under it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Choice {
+    pub id: String,
+    pub label: String,
+    pub detail: String,
 }
 
 /// What every page shows.
