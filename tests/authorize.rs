@@ -15,6 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::gateway::{TestGateway, shared as gw};
 use common::http::{bearer_get_status, outcome_text, rt};
+use common::page::{Browser, inputs, unescape};
 use common::people::{
     Seeded, UserSeed, auth_login, jwt_claims, on_gateway, pkce_pair, post_json, seed, seed_client,
     sign_in, token_request, unique_email,
@@ -37,163 +38,6 @@ fn user(tag: &str) -> (String, Seeded) {
     let e = unique_email(tag);
     let s = seed(gw(), &UserSeed::new(&e, PASSWORD));
     (e, s)
-}
-
-// === a tiny browser: cookies, no redirects followed ===
-
-#[derive(Default)]
-struct Browser {
-    cookies: HashMap<String, String>,
-}
-
-struct Page {
-    status: u16,
-    location: Option<String>,
-    content_type: String,
-    csp: Option<String>,
-    body: String,
-}
-
-impl Page {
-    /// The query of the redirect, when it goes to the client.
-    fn redirect_params(&self) -> HashMap<String, String> {
-        let location = self.location.as_deref().expect("a redirect");
-        assert!(
-            location.starts_with(REDIRECT),
-            "redirect to {location}, not the client"
-        );
-        url::Url::parse(location)
-            .unwrap()
-            .query_pairs()
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect()
-    }
-
-    fn hidden(&self) -> Vec<(String, String)> {
-        inputs(&self.body, "hidden")
-    }
-
-    fn field(&self, name: &str) -> String {
-        self.hidden()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .unwrap_or_else(|| panic!("no hidden {name} in {}", self.body))
-            .1
-    }
-
-    fn alert(&self) -> Option<String> {
-        let start = self.body.find(r#"role="alert""#)?;
-        let text = &self.body[start..];
-        let open = text.find('>')? + 1;
-        let close = text.find("</p>")?;
-        Some(unescape(&text[open..close]))
-    }
-
-    fn title(&self) -> String {
-        let start = self.body.find("<h1 id=\"title\">").expect("a title") + 15;
-        let end = self.body[start..].find("</h1>").unwrap() + start;
-        unescape(&self.body[start..end])
-    }
-}
-
-fn unescape(s: &str) -> String {
-    s.replace("&#x2f;", "/")
-        .replace("&#x27;", "'")
-        .replace("&quot;", "\"")
-        .replace("&#34;", "\"")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&amp;", "&")
-}
-
-/// `(name, value)` of every `<input type="{kind}" …>`.
-fn inputs(html: &str, kind: &str) -> Vec<(String, String)> {
-    let attr = |tag: &str, name: &str| {
-        let key = format!(" {name}=\"");
-        let start = tag.find(&key)? + key.len();
-        let end = tag[start..].find('"')? + start;
-        Some(unescape(&tag[start..end]))
-    };
-    html.split("<input")
-        .skip(1)
-        .filter_map(|rest| {
-            let tag = &rest[..rest.find('>')?];
-            if attr(tag, "type")? != kind {
-                return None;
-            }
-            Some((attr(tag, "name")?, attr(tag, "value")?))
-        })
-        .collect()
-}
-
-impl Browser {
-    fn client() -> reqwest::Client {
-        reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    }
-
-    fn cookie_header(&self) -> String {
-        self.cookies
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect::<Vec<_>>()
-            .join("; ")
-    }
-
-    async fn read(&mut self, resp: reqwest::Response) -> Page {
-        for c in resp.headers().get_all("set-cookie") {
-            let c = c.to_str().unwrap();
-            let pair = c.split(';').next().unwrap();
-            let (k, v) = pair.split_once('=').unwrap();
-            if c.contains("Max-Age=0") {
-                self.cookies.remove(k);
-            } else {
-                self.cookies.insert(k.to_string(), v.to_string());
-            }
-        }
-        let header = |name: &str| {
-            resp.headers()
-                .get(name)
-                .map(|v| v.to_str().unwrap().to_string())
-        };
-        Page {
-            status: resp.status().as_u16(),
-            location: header("location"),
-            content_type: header("content-type").unwrap_or_default(),
-            csp: header("content-security-policy"),
-            body: resp.text().await.unwrap(),
-        }
-    }
-
-    async fn get(&mut self, url: &str) -> Page {
-        let resp = Self::client()
-            .get(url)
-            .header("cookie", self.cookie_header())
-            .send()
-            .await
-            .unwrap();
-        self.read(resp).await
-    }
-
-    async fn post(&mut self, fields: &[(String, String)]) -> Page {
-        let resp = Self::client()
-            .post(format!("{}oauth2/authorize", gw().base))
-            .header("cookie", self.cookie_header())
-            .form(fields)
-            .send()
-            .await
-            .unwrap();
-        self.read(resp).await
-    }
-
-    /// Submits the form of `page`: its hidden fields plus `extra`.
-    async fn submit(&mut self, page: &Page, extra: &[(&str, &str)]) -> Page {
-        let mut fields = page.hidden();
-        fields.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        self.post(&fields).await
-    }
 }
 
 /// Query parameters of a request.
@@ -290,7 +134,7 @@ fn case_29_client_and_redirect_uri_errors_are_plain_text() {
     let client = app(json!({}));
     let bare = seed_client(gw(), None, json!({"name": "no redirects"}), None).0;
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
             (
                 vec![("client_id", "no-such-client"), ("redirect_uri", REDIRECT)],
@@ -347,7 +191,7 @@ fn case_29_client_and_redirect_uri_errors_are_plain_text() {
 fn case_30_request_errors_redirect_to_the_client() {
     let client = app(json!({}));
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let base = |extra: &[(&'static str, &'static str)]| {
             let mut p: Vec<(&str, &str)> = vec![
                 ("client_id", client.as_str()),
@@ -436,7 +280,7 @@ fn case_30_request_errors_redirect_to_the_client() {
 fn missing_scope_falls_back_to_the_clients_default_scope() {
     let client = app(json!({"defaultScope": ["openid", "patient/*.rs"]}));
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let page = b
             .get(&authorize_url(&[
                 ("client_id", &client),
@@ -469,7 +313,7 @@ fn an_authorization_request_sent_by_post_works_like_get() {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let page = b.post(&fields).await;
         assert_eq!(page.status, 200, "{}", page.body);
         assert_eq!(page.title(), "Sign in");
@@ -521,7 +365,7 @@ fn page_signs_in_consents_and_the_code_works_at_the_gateway() {
     let client = app(json!({}));
     let (email, seeded) = user("page");
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid user/Patient.rs user/Observation.rs", &[]);
         let page = b.get(&url).await;
         assert_eq!(page.status, 200);
@@ -638,13 +482,13 @@ fn plain_openid_needs_no_consent_and_deny_ends_the_login() {
     let client = app(json!({}));
     let (email, _) = user("deny");
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid", &[]);
         let q = page_sign_in(&mut b, &url, &email, &[]).await;
         let (status, tokens) = exchange(&client, &q["code"], &verifier).await;
         assert_eq!(status, 200, "{tokens}");
 
-        let mut other = Browser::default();
+        let mut other = Browser::new(&gw().base, REDIRECT);
         let (url, _) = request(&client, "openid profile", &[]);
         let page = other.get(&url).await;
         let consent = other
@@ -670,11 +514,11 @@ fn forms_are_bound_to_their_browser_and_login() {
     let client = app(json!({}));
     let (email, _) = user("csrf");
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, _) = request(&client, "openid profile", &[]);
         let page = b.get(&url).await;
         // A post from elsewhere has no CSRF cookie: refused, nothing signed in.
-        let mut attacker = Browser::default();
+        let mut attacker = Browser::new(&gw().base, REDIRECT);
         let forged = attacker
             .submit(&page, &[("email", &email), ("password", PASSWORD)])
             .await;
@@ -719,7 +563,7 @@ fn several_memberships_show_the_profile_choice() {
     second.first_name = "Second".into();
     let (membership, profile) = common::people::add_membership(gw(), &seeded.user_id, &second);
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid", &[]);
         let page = b.get(&url).await;
         let choice = b
@@ -749,7 +593,7 @@ fn case_31_prompt_none_and_browser_sessions() {
     let client = app(json!({}));
     let (email, _) = user("session");
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         // No session yet.
         let (url, _) = request(&client, "openid user/Patient.rs", &[("prompt", "none")]);
         let page = b.get(&url).await;
@@ -782,7 +626,7 @@ fn case_31_prompt_none_and_browser_sessions() {
         // Issue 10: with id_token_hint and no cookie, Medplum (and fhirgate before) minted a
         // fresh code, again and again: a leaked token became permanent access. Only the
         // browser's cookie is a session.
-        let mut fresh = Browser::default();
+        let mut fresh = Browser::new(&gw().base, REDIRECT);
         let (url, _) = request(
             &client,
             "openid",
@@ -872,7 +716,7 @@ fn a_session_is_only_for_its_own_client() {
     let other = app(json!({}));
     let (email, _) = user("per-client");
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, _) = request(&client, "openid", &[]);
         let _ = page_sign_in(&mut b, &url, &email, &[]).await;
         // The cookie is named for the first client; a forged one for the other is refused.
@@ -895,7 +739,7 @@ fn page_asks_for_the_mfa_code_and_shows_a_wrong_one_inline() {
     s.mfa_secret = Some(secret.clone());
     seed(gw(), &s);
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid", &[]);
         let page = b.get(&url).await;
         let mfa = b
@@ -925,7 +769,7 @@ fn page_enrols_a_user_whose_mfa_is_required() {
     s.mfa_required = true;
     let seeded = seed(gw(), &s);
     rt().block_on(async {
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid", &[]);
         let page = b.get(&url).await;
         let enroll = b
@@ -1283,7 +1127,7 @@ fn a_standalone_launch_asks_which_patient_and_the_tokens_carry_it() {
                     .to_string(),
             );
         }
-        let mut b = Browser::default();
+        let mut b = Browser::new(&gw().base, REDIRECT);
         let (url, verifier) = request(&client, "openid launch/patient patient/*.rs", &[]);
         let page = b.get(&url).await;
         let consent = b

@@ -668,3 +668,77 @@ fn a_launch_of_another_project_is_refused() {
         );
     });
 }
+
+#[test]
+fn an_ehr_made_launch_context_carries_fhir_context() {
+    let email = practitioner("smart-fhircontext");
+    let (client, secret) = seed_client(
+        gw(),
+        None,
+        json!({"launchUri": "https://app.example/launch",
+               "redirectUris": ["https://app.example/cb"]}),
+        None,
+    );
+    rt().block_on(async {
+        let admin = gw().admin_token().await;
+        let patient = new_patient(&admin, "Context").await;
+        let create = |body: Value| {
+            let admin = admin.clone();
+            async move {
+                send(
+                    TestGateway::client()
+                        .post(format!("{}SmartAppLaunch", gw().fhir))
+                        .bearer_auth(&admin)
+                        .json(&body),
+                )
+                .await
+            }
+        };
+        // The EHR creates the launch context itself (SMART 2.2 `fhirContext`).
+        let (s, launch) = create(json!({"resourceType": "SmartAppLaunch",
+            "patient": {"reference": format!("Patient/{patient}")},
+            "fhirContext": [{"reference": "DiagnosticReport/dr-1"}]}))
+        .await;
+        assert_eq!(s, 201, "{launch}");
+        let tokens = launch_sign_in(
+            &email,
+            &client,
+            "launch openid patient/*.rs",
+            launch["id"].as_str().unwrap(),
+        )
+        .await;
+        let context = json!([{"reference": "DiagnosticReport/dr-1"}]);
+        assert_eq!(tokens["patient"], patient.as_str());
+        assert_eq!(tokens["fhirContext"], context);
+        let (s, info) = send(
+            TestGateway::client()
+                .post(format!("{}oauth2/introspect", gw().base))
+                .header("authorization", basic(&client, &secret))
+                .form(&[("token", tokens["access_token"].as_str().unwrap())]),
+        )
+        .await;
+        assert_eq!(s, 200, "{info}");
+        assert_eq!(info["fhirContext"], context);
+        assert_eq!(info["patient"], patient.as_str());
+
+        // A context must name what it says it names.
+        for (body, expression) in [
+            (
+                json!({"resourceType": "SmartAppLaunch", "patient": {"reference": "Observation/o1"}}),
+                "SmartAppLaunch.patient",
+            ),
+            (
+                json!({"resourceType": "SmartAppLaunch", "encounter": {"reference": "Encounter/../x"}}),
+                "SmartAppLaunch.encounter",
+            ),
+            (
+                json!({"resourceType": "SmartAppLaunch", "fhirContext": [{"reference": "nothing"}]}),
+                "SmartAppLaunch.fhirContext",
+            ),
+        ] {
+            let (s, b) = create(body).await;
+            assert_eq!(s, 400, "{b}");
+            assert_eq!(common::http::outcome_expression(&b), expression);
+        }
+    });
+}

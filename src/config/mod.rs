@@ -228,6 +228,18 @@ pub struct ConfigFile {
     /// of its project, readable by the project's admins (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_AUDIT_EVENTS")]
     pub audit_events: Option<bool>,
+    /// Google client ids whose ID tokens sign people in (`POST /auth/google`, and the "Sign in
+    /// with Google" button of the sign-in page, which uses the first), comma-separated; a
+    /// Project's `site[].googleClientId` is accepted too [default: none]
+    #[arg(long, env = "FHIRGATE_GOOGLE_CLIENT_IDS", value_delimiter = ',')]
+    #[serde(default)]
+    pub google_client_ids: Vec<String>,
+    /// Where Google publishes the keys of its ID tokens [default: https://www.googleapis.com/oauth2/v3/certs]
+    #[arg(long, env = "FHIRGATE_GOOGLE_JWKS_URL")]
+    pub google_jwks_url: Option<String>,
+    /// The issuer of Google ID tokens [default: https://accounts.google.com, also accounts.google.com]
+    #[arg(long, env = "FHIRGATE_GOOGLE_ISSUER")]
+    pub google_issuer: Option<String>,
     /// reCAPTCHA site key of the server's own sign-up and reset pages
     #[arg(long, env = "FHIRGATE_RECAPTCHA_SITE_KEY")]
     pub recaptcha_site_key: Option<String>,
@@ -267,6 +279,43 @@ impl ConfigFile {
             message: e.to_string(),
         })
     }
+}
+
+/// Google sign-in (docs/medplum-compat.md §2.11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Google {
+    /// The server's own Google client ids (projects add theirs in `site[]`).
+    pub client_ids: Vec<String>,
+    pub jwks_url: String,
+    /// Accepted `iss` values.
+    pub issuers: Vec<String>,
+}
+
+/// Google's own issuer, in both of the forms its ID tokens use.
+const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+
+fn google(f: &ConfigFile) -> Result<Google, ConfigError> {
+    let jwks_url = match f.google_jwks_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(url) => {
+            http_url("google_jwks_url", url)?;
+            url.to_string()
+        }
+        None => "https://www.googleapis.com/oauth2/v3/certs".into(),
+    };
+    let issuers = match f.google_issuer.as_deref().filter(|i| !i.is_empty()) {
+        Some(issuer) => vec![issuer.to_string()],
+        None => GOOGLE_ISSUERS.iter().map(|i| i.to_string()).collect(),
+    };
+    Ok(Google {
+        client_ids: f
+            .google_client_ids
+            .iter()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect(),
+        jwks_url,
+        issuers,
+    })
 }
 
 /// reCAPTCHA on the self-service endpoints (docs/medplum-compat.md §2.18).
@@ -665,6 +714,7 @@ pub struct Config {
     /// Which browser origins CORS admits.
     pub cors_origins: CorsOrigins,
     pub recaptcha: Recaptcha,
+    pub google: Google,
     /// The breached-password range API's base URL; `None`: no check.
     pub pwned_passwords_url: Option<String>,
     /// Where the gateway forwards control traffic.
@@ -709,6 +759,7 @@ impl Config {
     }
 
     pub fn from_file(f: ConfigFile) -> Result<Config, ConfigError> {
+        let google_settings = google(&f)?;
         let listen = addr("listen", f.listen.as_deref(), "0.0.0.0:8080")?;
         let control_listen = addr(
             "control_listen",
@@ -901,6 +952,7 @@ impl Config {
             audit_events: f.audit_events.unwrap_or(false),
             cors_origins: cors_origins(&f.cors_origins)?,
             recaptcha,
+            google: google_settings,
             pwned_passwords_url,
             control_url: match f.control_url.as_deref() {
                 Some(u) => ControlUrl::parse(u)?,

@@ -147,10 +147,11 @@ async fn reindex_if_older(store: &Store) -> Result<(), BootstrapError> {
     if store.setting(KEY_INDEX_VERSION).await?.as_deref() == Some(INDEX_VERSION) {
         return Ok(());
     }
-    let n = store.reindex("ClientApplication", index_rows).await?;
+    let clients = store.reindex("ClientApplication", index_rows).await?;
+    let projects = store.reindex("Project", index_rows).await?;
     store.put_setting(KEY_INDEX_VERSION, INDEX_VERSION).await?;
-    if n > 0 {
-        tracing::info!(clients = n, "search index of clients computed again");
+    if clients + projects > 0 {
+        tracing::info!(clients, projects, "search index computed again");
     }
     Ok(())
 }

@@ -81,7 +81,7 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
 /// Every route answers 405 to a method it does not list.
 fn routes() -> Router<web::AppState> {
     #[rustfmt::skip]
-    let table: [(&str, MethodRouter<web::AppState>); 45] = [
+    let table: [(&str, MethodRouter<web::AppState>); 47] = [
         ("/.well-known/openid-configuration", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/oauth-authorization-server", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/jwks.json", get(oauth2::discovery::jwks)),
@@ -95,9 +95,11 @@ fn routes() -> Router<web::AppState> {
         ("/oauth2/introspect", post(oauth2::introspect::introspect)),
         ("/oauth2/revoke", post(oauth2::revoke::revoke_token)),
         ("/oauth2/authorize", get(oauth2::authorize::authorize).post(oauth2::authorize::authorize)),
+        ("/oauth2/google-signin.js", get(oauth2::authorize::google_script)),
         ("/oauth2/logout", get(oauth2::logout::logout).post(oauth2::logout::logout)),
         ("/auth/me", get(auth::me::me)),
         ("/auth/method", post(auth::external::method)),
+        ("/auth/google", post(auth::google::google)),
         ("/auth/external", get(auth::external::external_callback)),
         ("/auth/exchange", post(auth::external::exchange_legacy)),
         ("/auth/login", post(auth::login::login)),

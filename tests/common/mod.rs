@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod http;
 pub mod inprocess;
 pub mod mail;
+pub mod page;
 pub mod people;
 pub mod pg;
 pub mod upstream;

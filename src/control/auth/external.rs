@@ -71,7 +71,7 @@ fn set_params(url: &mut url::Url, params: &[(&str, &str)]) {
 }
 
 /// Medplum's `isExternalAuth`: `{domain, authorizeUrl}` when the domain has an IdP.
-async fn external_auth(state: &State, email: &str) -> Result<Option<Value>, ApiError> {
+pub(crate) async fn external_auth(state: &State, email: &str) -> Result<Option<Value>, ApiError> {
     let domain = email.split('@').nth(1).unwrap_or_default();
     let Some(config) = domain_configuration(state, domain).await? else {
         return Ok(None);
@@ -249,6 +249,7 @@ pub async fn external_callback(
         user_agent: user_agent(&parts.headers),
         force_first_membership: false,
         membership_id: None,
+        bind_redirect_uri: false,
     };
     let mut login = external_login(&state, &request).await?;
 

@@ -2,6 +2,7 @@
 //! external identity providers and `/auth/revoke`.
 
 pub mod external;
+pub mod google;
 pub mod login;
 pub mod me;
 pub mod mfa;

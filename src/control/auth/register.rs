@@ -16,6 +16,7 @@ use axum::http::request::Parts;
 use axum::response::Response;
 use serde_json::{Value, json};
 
+use crate::control::base::clients::named_client;
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::guards::check_recaptcha;
 use crate::control::base::index::index_rows;
@@ -52,7 +53,6 @@ use crate::control::web::body::origin;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
-use crate::control::web::error::required;
 
 fn length_between(s: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&s.chars().count())
@@ -98,13 +98,7 @@ pub async fn new_user(
     let remote_ip = client_ip(&state, &parts)?.map(|ip| ip.to_string());
     check_recaptcha(&state, &body, remote_ip.as_deref()).await?;
     let snap = state.snapshot();
-    let client = match body_str(&body, "clientId") {
-        Some(id) => Some(required(
-            state.identities.client(&id).await,
-            ApiError::not_found,
-        )?),
-        None => None,
-    };
+    let client = named_client(&state, body_str(&body, "clientId")).await?;
     let mut project_id = body_str(&body, "projectId").filter(|p| p != "new");
     if let Some(c) = &client {
         if project_id.is_some() && project_id != c.project_id {

@@ -173,7 +173,12 @@ async fn fetch_jwks_now(http: &Guarded, url: &str) -> Option<FetchedJwks> {
     })
 }
 
-async fn jwks_for(state: &ControlState, url: &str, fresh: bool) -> Option<Arc<FetchedJwks>> {
+/// The JWK Set at `url`, from the cache unless `fresh` (a client's `jwksUri`, Google's keys).
+pub(crate) async fn jwks_for(
+    state: &ControlState,
+    url: &str,
+    fresh: bool,
+) -> Option<Arc<FetchedJwks>> {
     let sets = &state.client_jwks.sets;
     if !fresh
         && let Some(c) = sets.get(url).await

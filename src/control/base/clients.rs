@@ -10,6 +10,20 @@ use crate::control::base::index::index_rows;
 use crate::control::base::resources::refreshed;
 use crate::control::web::error::ApiError;
 
+/// The client a request names by id (404 when there is none), or none when it names none.
+pub(crate) async fn named_client(
+    state: &State,
+    id: Option<String>,
+) -> Result<Option<std::sync::Arc<ClientInfo>>, ApiError> {
+    match id {
+        Some(id) => Ok(Some(crate::control::web::error::required(
+            state.identities.client(&id).await,
+            ApiError::not_found,
+        )?)),
+        None => Ok(None),
+    }
+}
+
 pub fn client_flag(client: &ClientInfo, key: &str) -> bool {
     client
         .content

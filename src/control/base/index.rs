@@ -63,7 +63,7 @@ fn client_origins(client: &Value) -> Vec<String> {
 }
 
 /// The version of [`index_rows`]: a store indexed by an older one is indexed again at start.
-pub const INDEX_VERSION: &str = "2";
+pub const INDEX_VERSION: &str = "3";
 
 /// The index rows of one resource.
 pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
@@ -136,6 +136,18 @@ pub fn index_rows(resource: &Value) -> Vec<(String, String)> {
             }
             if let Some(o) = resource.get("owner").and_then(reference) {
                 push(&mut rows, "owner", o);
+            }
+            // Medplum's `google-client-id` search parameter: Google sign-in finds the project
+            // of a Google client id by it.
+            for site in resource
+                .get("site")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(g) = string(site, "googleClientId") {
+                    push(&mut rows, "google-client-id", g);
+                }
             }
             identifiers(&mut rows, resource);
         }

@@ -143,6 +143,7 @@ pub(crate) async fn exchange(
         user_agent: user_agent(&parts.headers),
         force_first_membership: true,
         membership_id: req.membership_id.map(str::to_string),
+        bind_redirect_uri: false,
     };
     let login = external_login(state, &request).await?;
     grant(state, client, login).await

@@ -262,6 +262,9 @@ pub struct ExternalLogin<'a> {
     pub force_first_membership: bool,
     /// Token exchange: only this membership may be chosen.
     pub membership_id: Option<String>,
+    /// The sign-in page: the code is bound to `ask.redirect_uri` (the other paths redirect
+    /// through the app's own front end, which redeems the code without it).
+    pub bind_redirect_uri: bool,
 }
 
 /// Medplum's `getUserByExternalId`: the user of the project's membership with this external
@@ -359,7 +362,10 @@ pub async fn external_login(
         code_challenge: ask.code_challenge.as_deref(),
         code_challenge_method: ask.code_challenge_method.as_deref(),
         launch: ask.launch.as_deref(),
-        redirect_uri: None,
+        redirect_uri: ask
+            .redirect_uri
+            .as_deref()
+            .filter(|_| req.bind_redirect_uri),
         origin: None,
         user_agent: req.user_agent.as_deref(),
         profile_type: None,

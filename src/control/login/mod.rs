@@ -6,6 +6,7 @@
 pub mod exchange;
 pub mod external;
 pub mod flow;
+pub mod google;
 pub mod launch;
 pub mod mfa;
 pub mod pending;

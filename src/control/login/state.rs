@@ -7,6 +7,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use std::net::IpAddr;
 
+use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
 
 /// An authorization code is good for this many seconds (docs/contract.md §2: at most 10 minutes).
@@ -198,6 +199,19 @@ pub struct ClientAsk {
 }
 
 impl ClientAsk {
+    /// What an `/auth/*` JSON body asks for (`scope`, `nonce`, `launch`, `codeChallenge`,
+    /// `codeChallengeMethod`); never a redirect URI, which only `/oauth2/authorize` binds.
+    pub(crate) fn of_body(body: &Map<String, Value>) -> ClientAsk {
+        ClientAsk {
+            scope: body_str(body, "scope"),
+            nonce: body_str(body, "nonce"),
+            launch: body_str(body, "launch"),
+            code_challenge: body_str(body, "codeChallenge"),
+            code_challenge_method: body_str(body, "codeChallengeMethod"),
+            redirect_uri: None,
+        }
+    }
+
     /// The requested scope, `openid` when none was asked for (Medplum's default).
     pub(crate) fn scope_or_openid(&self) -> String {
         self.scope

@@ -22,13 +22,15 @@ mod render;
 mod request;
 mod session;
 
+use crate::control::login::external::ExternalLogin;
+use crate::control::login::external::external_login;
 use crate::control::login::flow::choose_profile;
 use crate::control::login::flow::issue_code;
 use crate::control::login::flow::password_login;
 use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
+use crate::control::login::google::verify_google_credential;
 use crate::control::login::mfa::SignInCode;
-use crate::control::login::state::ClientAsk;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
@@ -48,6 +50,7 @@ use crate::control::oauth2::authorize::render::message_page;
 use crate::control::oauth2::authorize::render::render_step;
 use crate::control::oauth2::authorize::render::resume_consent_page;
 use crate::control::oauth2::authorize::render::signin_page;
+use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::Params;
 use crate::control::oauth2::authorize::request::Redirect;
 use crate::control::oauth2::authorize::request::Refusal;
@@ -88,6 +91,9 @@ pub async fn authorize(
         }
         Some("resume") if parts.method == axum::http::Method::POST => {
             resume(&state, &parts, &params).await
+        }
+        Some("google") if parts.method == axum::http::Method::POST => {
+            google_signin(&state, &parts, &params).await
         }
         Some(step) if parts.method == axum::http::Method::POST => {
             continue_step(&state, &parts, &params, step).await
@@ -162,20 +168,13 @@ async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
         project_id: None,
         resource_type: None,
         remember: false,
-        ask: ClientAsk {
-            scope: Some(request.scope.clone()),
-            nonce: request.nonce.clone(),
-            launch: request.launch.clone(),
-            code_challenge: request.code_challenge.clone(),
-            code_challenge_method: request.code_challenge_method.clone(),
-            redirect_uri: Some(request.redirect_uri.clone()),
-        },
+        ask: request.ask(),
         // The page is fhirgate's own: the client's allowed origins are about its own front end.
         origin: None,
         remote_address: client_ip(state, parts)?,
         user_agent: user_agent(&parts.headers),
     };
-    let mut login = match password_login(state, &login_request).await {
+    let login = match password_login(state, &login_request).await {
         Ok(l) => l,
         Err(e) => {
             let message = match inline_message(&e) {
@@ -194,14 +193,99 @@ async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
             );
         }
     };
+    continue_signed_in(state, login, &request, &csrf).await
+}
+
+/// A Login the page just started (password or Google): it keeps the client's `state` and is
+/// bound to this browser's CSRF token; then its next step.
+async fn continue_signed_in(
+    state: &ControlState,
+    mut login: LoginRecord,
+    request: &AuthRequest,
+    csrf: &str,
+) -> Result<Response, ApiError> {
     set_extra(
         &mut login,
         keys::AUTHORIZE_STATE,
         Value::String(request.state.clone()),
     );
-    bind_csrf(state, &mut login, &csrf).await?;
-    next_step(state, login, &csrf).await
+    bind_csrf(state, &mut login, csrf).await?;
+    next_step(state, login, csrf).await
 }
+
+/// `step=google`: the credential Google Identity Services gave the page's "Sign in with
+/// Google" button, verified as `POST /auth/google` verifies it; then the same steps as after
+/// a password (no MFA code: Google vouched for the person).
+async fn google_signin(
+    state: &ControlState,
+    parts: &Parts,
+    p: &Params,
+) -> Result<Response, ApiError> {
+    let request = match check_request(state, p).await {
+        Ok(r) => r,
+        Err(refusal) => return Ok(refusal.into_response()),
+    };
+    let Some(csrf) = csrf_matches(parts, p) else {
+        let fresh = random_hex(32);
+        let message = Some("This form has expired. Please sign in again.".into());
+        return signin_page(state, &request, &fresh, message, "", StatusCode::FORBIDDEN);
+    };
+    let refused = |message: &str| {
+        let message = Some(message.to_string());
+        signin_page(state, &request, &csrf, message, "", StatusCode::BAD_REQUEST)
+    };
+    let Some(google_client) = state.config.google.client_ids.first() else {
+        return refused("Google sign-in is not available");
+    };
+    let credential = p.one("credential").unwrap_or_default();
+    let person = match verify_google_credential(state, google_client, credential).await {
+        Ok(person) => person,
+        Err(ApiError::Outcome(Outcome::BadRequest(_))) => return refused("Google sign-in failed"),
+        Err(e) => return Err(e),
+    };
+    let external = ExternalLogin {
+        auth_method: "google",
+        email: Some(person.email),
+        external_id: None,
+        project_id: request.client.project_id.clone(),
+        client: Some(&request.client),
+        ask: request.ask(),
+        remote_address: client_ip(state, parts)?,
+        user_agent: user_agent(&parts.headers),
+        force_first_membership: false,
+        membership_id: None,
+        bind_redirect_uri: true,
+    };
+    let login = match external_login(state, &external).await {
+        Ok(l) => l,
+        Err(e) => {
+            return match inline_message(&e) {
+                Some(m) if m == "User not found" => refused("No account uses this Google address"),
+                Some(m) => refused(&m),
+                None => Err(e),
+            };
+        }
+    };
+    continue_signed_in(state, login, &request, &csrf).await
+}
+
+/// `GET /oauth2/google-signin.js`: the page's half of the Google button (a page may run no
+/// inline script).
+pub async fn google_script() -> Response {
+    (
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "text/javascript; charset=utf-8",
+            ),
+            (axum::http::header::CACHE_CONTROL, "public, max-age=3600"),
+        ],
+        GOOGLE_SCRIPT,
+    )
+        .into_response()
+}
+
+const GOOGLE_SCRIPT: &str = include_str!("google-signin.js");
 
 /// The steps after sign-in: the Login named by the form, in the browser that created it.
 async fn continue_step(

@@ -238,6 +238,9 @@ pub(super) fn signin_page(
     struct SignIn {
         email: String,
         welcome: Option<String>,
+        /// "Sign in with Google", when the server has a Google client id.
+        google_client_id: Option<String>,
+        google_hidden: Vec<Hidden>,
     }
     let frame = Frame {
         title: "Sign in",
@@ -257,8 +260,22 @@ pub(super) fn signin_page(
         .pointer("/signInForm/welcomeString")
         .and_then(Value::as_str)
         .map(str::to_string);
-    let html = pages::render("signin.html", &frame, &SignIn { email, welcome })?;
+    let google_client_id = state.config.google.client_ids.first().cloned();
+    let mut google_hidden = request.hidden(csrf);
+    google_hidden[0] = Hidden::new("step", "google");
     let csp = pages::content_security_policy(Some(&request.redirect_uri));
+    let csp = if google_client_id.is_some() {
+        pages::with_google_sign_in(&csp)
+    } else {
+        csp
+    };
+    let page = SignIn {
+        email,
+        welcome,
+        google_client_id,
+        google_hidden,
+    };
+    let html = pages::render("signin.html", &frame, &page)?;
     Ok(pages::html_response(
         status,
         html,

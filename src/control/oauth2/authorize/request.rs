@@ -6,6 +6,7 @@ use crate::control::base::clients::registered_redirect_uris;
 use crate::control::base::resources::fields::joined_strings;
 use crate::control::login::pkce::PUBLIC_CLIENT_PKCE;
 use crate::control::login::pkce::check_public_pkce;
+use crate::control::login::state::ClientAsk;
 use crate::control::web::body::media_type;
 use crate::control::web::body::read_body;
 use crate::control::web::error::ApiError;
@@ -26,8 +27,19 @@ const MAX_FORM: usize = 64 * 1024;
 const DEFAULT_MAX_AGE: i64 = 3600;
 
 /// Fields of fhirgate's forms, not of the authorization request.
-const PAGE_FIELDS: [&str; 9] = [
-    "step", "csrf", "login", "grant", "decision", "token", "profile", "email", "password",
+const PAGE_FIELDS: [&str; 12] = [
+    "step",
+    "csrf",
+    "login",
+    "grant",
+    "decision",
+    "token",
+    "profile",
+    "email",
+    "password",
+    "credential",
+    "q",
+    "patient",
 ];
 
 /// Query or form parameters, every value of every name.
@@ -330,6 +342,18 @@ pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthReque
 }
 
 impl AuthRequest {
+    /// What the app asked for, as every sign-in path carries it into the Login.
+    pub(super) fn ask(&self) -> ClientAsk {
+        ClientAsk {
+            scope: Some(self.scope.clone()),
+            nonce: self.nonce.clone(),
+            launch: self.launch.clone(),
+            code_challenge: self.code_challenge.clone(),
+            code_challenge_method: self.code_challenge_method.clone(),
+            redirect_uri: Some(self.redirect_uri.clone()),
+        }
+    }
+
     pub(super) fn prompt(&self, word: &str) -> bool {
         self.prompt.iter().any(|w| w == word)
     }

@@ -115,6 +115,15 @@ pub fn content_security_policy(redirect_uri: Option<&str>) -> String {
     )
 }
 
+/// `csp` opened to Google Identity Services, whose script draws the "Sign in with Google"
+/// button in a frame of its own: exactly its script, frame, calls and style sheet, and this
+/// server's own script that hands the credential to the form.
+pub fn with_google_sign_in(csp: &str) -> String {
+    const GSI: &str = "https://accounts.google.com/gsi/";
+    let csp = csp.replacen("style-src ", &format!("style-src {GSI}style "), 1);
+    format!("{csp}; script-src 'self' {GSI}client; frame-src {GSI}; connect-src {GSI}")
+}
+
 /// A CSP source expression for the origin of `uri`: `https://app.example:8443`, or `myapp:` for
 /// a private-use scheme (native apps). Nothing for what cannot be said safely in a header.
 fn origin_source(uri: &str) -> Option<String> {
