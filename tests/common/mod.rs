@@ -6,6 +6,7 @@ pub mod assertion;
 pub mod browser;
 pub mod compat;
 pub mod gateway;
+pub mod hapi;
 pub mod http;
 pub mod inprocess;
 pub mod mail;
