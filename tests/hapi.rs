@@ -92,3 +92,99 @@ fn writes_reads_and_narrowed_searches_through_hapi() {
         assert!(self_link.starts_with(&gw.fhir), "{self_link}");
     });
 }
+
+/// The `next` link of a search's first page.
+fn next_link(bundle: &Value) -> String {
+    bundle["link"]
+        .as_array()
+        .and_then(|links| links.iter().find(|l| l["relation"] == "next"))
+        .and_then(|l| l["url"].as_str())
+        .unwrap_or_else(|| panic!("no next link in {bundle}"))
+        .to_string()
+}
+
+/// The ids of a Bundle's entries.
+fn entry_ids(bundle: &Value) -> Vec<String> {
+    bundle["entry"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn a_page_handle_of_another_caller_reveals_nothing() {
+    // HAPI's page handles (`?_getpages=<id>`) are global to the server: whoever presents one
+    // gets that search's next page. Through fhirgate, a caller presenting another caller's
+    // handle must get nothing it could not read itself.
+    let upstream = common::hapi::partition();
+    let gw = TestGateway::start(&upstream);
+    let other_project = common::people::seed_project(&gw, json!({"name": "other"}));
+    let (o_id, o_secret) = common::people::seed_admin_client(&gw, &other_project);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let mut all = HashSet::new();
+        for gender in ["female", "female", "female", "male", "male", "male"] {
+            let (s, p) = send(
+                TestGateway::client()
+                    .post(format!("{}Patient", gw.fhir))
+                    .bearer_auth(&admin)
+                    .json(&json!({"resourceType": "Patient", "gender": gender})),
+            )
+            .await;
+            assert_eq!(s, 201, "{p}");
+            all.insert(p["id"].as_str().unwrap().to_string());
+        }
+        let (s, first) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_count=2", gw.fhir))
+                .bearer_auth(&admin),
+        )
+        .await;
+        assert_eq!(s, 200, "{first}");
+        let next = next_link(&first);
+        assert!(
+            next.starts_with(gw.fhir.trim_end_matches('/')) && next.contains("_getpages="),
+            "{next}"
+        );
+        // The admin who made the search pages on.
+        let (s, page) = send(TestGateway::client().get(&next).bearer_auth(&admin)).await;
+        assert_eq!(s, 200, "{page}");
+        assert_eq!(entry_ids(&page).len(), 2);
+
+        // Another project's admin (a `*` policy there): nothing of this project.
+        let other = gw.token(&o_id, &o_secret, None).await;
+        // A member of this project allowed only male Patients.
+        let male_only = policy(
+            &gw,
+            &admin,
+            json!([{"resourceType": "Patient", "criteria": "Patient?gender=male"}]),
+        )
+        .await;
+        let (m_id, m_secret) = gw.client_with_policy(&admin, Some(&male_only)).await;
+        let male = gw.token(&m_id, &m_secret, None).await;
+        let (s, males) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_count=50", gw.fhir))
+                .bearer_auth(&male),
+        )
+        .await;
+        assert_eq!(s, 200, "{males}");
+        let male_ids: HashSet<String> = entry_ids(&males).into_iter().collect();
+        assert_eq!(male_ids.len(), 3);
+        for (who, token, may_read) in [
+            ("another project", &other, HashSet::new()),
+            ("male-only member", &male, male_ids),
+        ] {
+            let (s, page) = send(TestGateway::client().get(&next).bearer_auth(token)).await;
+            let seen: HashSet<String> = entry_ids(&page).into_iter().collect();
+            assert!(
+                seen.is_subset(&may_read),
+                "{who} read {:?} through another caller's page handle ({s})",
+                seen.difference(&may_read).collect::<Vec<_>>()
+            );
+            assert!(seen.iter().all(|id| all.contains(id)));
+        }
+    });
+}
