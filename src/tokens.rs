@@ -57,6 +57,10 @@ pub struct Claims {
     pub profile: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub refresh_secret: Option<String>,
+    /// Access tokens: the patient of the SMART launch context (`patient/` scopes reach only
+    /// it). Signed into the token, so a later launch in the same session never moves it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub patient: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", rename = "fhirUser")]
     pub fhir_user: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]

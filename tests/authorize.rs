@@ -1190,3 +1190,39 @@ fn a_standalone_launch_asks_which_patient_and_the_tokens_carry_it() {
         assert_ne!(read(ids[0].clone()).await, 200);
     });
 }
+
+#[test]
+fn the_patient_picker_is_no_way_around_mfa() {
+    // Signed in with the password only, the person is on the MFA page: the picker's step must
+    // not answer (it lists patients' names) before the code is verified.
+    let client = app(json!({}));
+    let email = unique_email("picker-mfa");
+    let mut s = UserSeed::new(&email, PASSWORD);
+    s.mfa_secret = Some("KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU".into());
+    seed(gw(), &s);
+    rt().block_on(async {
+        let mut b = Browser::new(&gw().base, REDIRECT);
+        let (url, _) = request(&client, "openid launch/patient patient/*.rs", &[]);
+        let page = b.get(&url).await;
+        let mfa = b
+            .submit(&page, &[("email", &email), ("password", PASSWORD)])
+            .await;
+        assert_eq!(mfa.title(), "Two-step verification", "{}", mfa.body);
+        let mut fields: Vec<(String, String)> = mfa
+            .hidden()
+            .into_iter()
+            .map(|(k, v)| {
+                if k == "step" {
+                    (k, "patient".into())
+                } else {
+                    (k, v)
+                }
+            })
+            .collect();
+        fields.push(("decision".into(), "search".into()));
+        fields.push(("q".into(), String::new()));
+        let answer = b.post(&fields).await;
+        assert_eq!(answer.status, 400, "{}", answer.body);
+        assert!(!answer.body.contains("Choose a patient"), "{}", answer.body);
+    });
+}

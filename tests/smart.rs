@@ -368,6 +368,9 @@ fn refresh_may_narrow_the_scope_never_widen_it() {
             "openid user/Patient.rs user/Condition.rs",
             "user/Patient.cruds",
             "system/*.rs",
+            // No resource scope at all: the token would carry the whole policy.
+            "openid",
+            "openid offline_access",
         ] {
             let (s, b) = refresh(current.clone(), Some(wider)).await;
             assert_eq!(
@@ -501,6 +504,28 @@ async fn smart_launch(admin: &str, client: &str, query: &str) -> (u16, Value, Op
     (status, body, location)
 }
 
+/// A confidential client an EHR can launch (`launchUri`), with its redirect URI; (id, secret).
+fn launchable_client() -> (String, String) {
+    seed_client(
+        gw(),
+        None,
+        json!({"launchUri": "https://app.example/launch",
+               "redirectUris": ["https://app.example/cb"]}),
+        None,
+    )
+}
+
+/// The `launch` parameter of the app launch URI `$smart-launch` redirected to.
+fn launch_of(location: Option<String>) -> String {
+    url::Url::parse(&location.expect("a redirect"))
+        .unwrap()
+        .query_pairs()
+        .find(|(k, _)| k == "launch")
+        .expect("a launch parameter")
+        .1
+        .into_owned()
+}
+
 #[test]
 fn ehr_launch_context_reaches_tokens_introspection_and_the_gateway() {
     let email = practitioner("smart-ehr");
@@ -555,6 +580,9 @@ fn ehr_launch_context_reaches_tokens_introspection_and_the_gateway() {
         assert_eq!(tokens["patient"], in_context.as_str());
         assert_eq!(tokens["need_patient_banner"], true);
         let access = tokens["access_token"].as_str().unwrap();
+        // The token itself carries its patient: a later launch in the same session (which
+        // reuses the Login) cannot move an earlier token to another patient.
+        assert_eq!(jwt_claims(access)["patient"], in_context.as_str());
 
         // patient/ scopes reach the patient in context and nobody else (Medplum lets a
         // Practitioner's patient/*.rs read every patient).
@@ -599,13 +627,7 @@ fn ehr_launch_context_reaches_tokens_introspection_and_the_gateway() {
         // An encounter launch carries the encounter.
         let (s, b, location) = smart_launch(&admin, &client, "encounter=enc-1").await;
         assert_eq!(s, 302, "{b}");
-        let launch = url::Url::parse(&location.unwrap())
-            .unwrap()
-            .query_pairs()
-            .find(|(k, _)| k == "launch")
-            .unwrap()
-            .1
-            .into_owned();
+        let launch = launch_of(location);
         let tokens = launch_sign_in(&email, &client, "launch openid", &launch).await;
         assert_eq!(tokens["encounter"], "enc-1");
         assert!(tokens.get("patient").is_none());
@@ -628,13 +650,7 @@ fn ehr_launch_context_reaches_tokens_introspection_and_the_gateway() {
 
 #[test]
 fn a_launch_of_another_project_is_refused() {
-    let (client, _) = seed_client(
-        gw(),
-        None,
-        json!({"launchUri": "https://app.example/launch",
-               "redirectUris": ["https://app.example/cb"]}),
-        None,
-    );
+    let (client, _) = launchable_client();
     let other_project = common::people::seed_project(gw(), json!({}));
     let launch = uuid::Uuid::new_v4().to_string();
     let l = launch.clone();
@@ -672,13 +688,7 @@ fn a_launch_of_another_project_is_refused() {
 #[test]
 fn an_ehr_made_launch_context_carries_fhir_context() {
     let email = practitioner("smart-fhircontext");
-    let (client, secret) = seed_client(
-        gw(),
-        None,
-        json!({"launchUri": "https://app.example/launch",
-               "redirectUris": ["https://app.example/cb"]}),
-        None,
-    );
+    let (client, secret) = launchable_client();
     rt().block_on(async {
         let admin = gw().admin_token().await;
         let patient = new_patient(&admin, "Context").await;
@@ -740,5 +750,45 @@ fn an_ehr_made_launch_context_carries_fhir_context() {
             assert_eq!(s, 400, "{b}");
             assert_eq!(common::http::outcome_expression(&b), expression);
         }
+    });
+}
+
+#[test]
+fn a_launch_without_a_patient_gets_no_patient_scopes() {
+    // An encounter-only EHR launch asking for patient/ scopes: no patient in context, so the
+    // code is refused rather than leaving patient/*.rs without the patient it is about.
+    let email = practitioner("smart-nopatient");
+    let (client, _) = launchable_client();
+    rt().block_on(async {
+        let admin = gw().admin_token().await;
+        let (s, b, location) = smart_launch(&admin, &client, "encounter=enc-9").await;
+        assert_eq!(s, 302, "{b}");
+        let launch = launch_of(location);
+        let (verifier, challenge) = pkce_pair();
+        let (s, login) = auth_login(
+            gw(),
+            &json!({"email": email, "password": PASSWORD, "clientId": client,
+                    "scope": "launch openid patient/*.rs", "launch": launch,
+                    "codeChallenge": challenge, "codeChallengeMethod": "S256"}),
+        )
+        .await;
+        assert_eq!(s, 200, "{login}");
+        let (s, b) = token_request(
+            gw(),
+            &[
+                ("grant_type", "authorization_code"),
+                ("code", login["code"].as_str().unwrap()),
+                ("code_verifier", &verifier),
+                ("client_id", &client),
+            ],
+        )
+        .await;
+        assert_eq!(
+            (s, b),
+            (
+                400,
+                oauth_error("invalid_grant", "No patient in the launch context")
+            )
+        );
     });
 }

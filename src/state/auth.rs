@@ -28,24 +28,10 @@ pub struct Identity {
     pub client_id: Option<String>,
     /// The Login's scope; `None` (Basic) never narrows by SMART scopes.
     pub scope: Option<String>,
-    /// The patient of the Login's SMART launch context (`patient/` scopes reach only it).
+    /// The patient of the token's SMART launch context (`patient/` scopes reach only it).
     pub patient: Option<String>,
     /// Unix seconds after which this identity must be re-established.
     pub expires_at: i64,
-}
-
-/// Where a Login keeps its SMART launch context (`{patient, encounter, fhirContext}`), set
-/// when its code is redeemed.
-pub const LAUNCH_CONTEXT_KEY: &str = "launchContext";
-
-/// The patient id of a Login's launch context.
-fn launch_patient(extra: &serde_json::Value) -> Option<String> {
-    extra
-        .get(LAUNCH_CONTEXT_KEY)?
-        .get("patient")?
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(str::to_string)
 }
 
 /// Why authentication failed. All of them answer 401 on the wire; the variant is for metrics
@@ -192,7 +178,7 @@ impl State {
             client_id: login.client_id.clone(),
             // The token's own scope: a refresh may have narrowed it below the Login's.
             scope: claims.scope.clone(),
-            patient: launch_patient(&login.extra),
+            patient: claims.patient.clone(),
             expires_at: claims.exp.min(login.expires_at),
         });
         self.tokens.insert(token.to_string(), identity.clone());

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
 
-pub use auth::{AuthError, CacheUse, Identity, LAUNCH_CONTEXT_KEY};
+pub use auth::{AuthError, CacheUse, Identity};
 pub use identities::{Identities, Mark, StoredPolicy};
 pub use snapshot::{ClientInfo, ProjectInfo, Snapshot, origin_of};
 

@@ -104,6 +104,23 @@ pub(crate) async fn resolve_context(
     if let Some(own) = profile.strip_prefix("Patient/") {
         context.patient = Some(own.to_string());
     }
+    // A launch (EHR, or standalone asking for a patient) with `patient/` scopes but no patient
+    // would leave those scopes without the patient they are about: refused, never widened.
+    let launched = LoginFlow::of(login).ask.launch.is_some()
+        || login
+            .scope
+            .split_ascii_whitespace()
+            .any(|w| w == "launch/patient");
+    let patient_scopes = login
+        .scope
+        .split_ascii_whitespace()
+        .any(|w| w.starts_with("patient/"));
+    if launched && patient_scopes && context.patient.is_none() {
+        return Err(ApiError::oauth_code(
+            "invalid_grant",
+            "No patient in the launch context",
+        ));
+    }
     Ok(context)
 }
 

@@ -54,7 +54,7 @@ pub mod keys {
     pub const MFA_STEP: &str = "mfaStep";
     /// The SMART launch context the tokens carry (`patient`, `encounter`, `fhirContext`),
     /// resolved from the SmartAppLaunch (EHR launch) or chosen on the sign-in page.
-    pub const CONTEXT: &str = crate::state::LAUNCH_CONTEXT_KEY;
+    pub const CONTEXT: &str = "launchContext";
 }
 
 /// A Login's flow state, stored as its `extra` under the keys of [`keys`].

@@ -184,6 +184,7 @@ pub(crate) fn issue_tokens(state: &State, i: &Issue<'_>) -> Result<Value, ApiErr
         username: Some(i.sub.to_string()),
         scope: Some(login.scope.clone()),
         profile: Some(i.profile.to_string()),
+        patient: i.context.patient.clone(),
         ..common.clone()
     };
     let id_claims = Claims {

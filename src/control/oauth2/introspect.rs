@@ -77,9 +77,14 @@ pub async fn introspect(
     }
     // SMART App Launch 2.2 §2.0.11: the launch context and `fhirUser` of the token.
     let mut context = LaunchContext::of(&login);
-    if let Some(p) = profile.as_deref().and_then(|p| p.strip_prefix("Patient/")) {
-        context.patient = Some(p.to_string());
-    }
+    // The patient the token itself carries (a later launch in the session may have moved the
+    // Login's own); a Patient's own profile otherwise.
+    context.patient = claims.patient.clone().or_else(|| {
+        profile
+            .as_deref()
+            .and_then(|p| p.strip_prefix("Patient/"))
+            .map(str::to_string)
+    });
     if let Some(p) = context.patient {
         out["patient"] = Value::String(p);
     }

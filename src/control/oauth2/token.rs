@@ -22,6 +22,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use fhirgate_core::policy::model::ProjectMembership;
+use fhirgate_core::policy::scope::SmartScope;
 use serde_json::{Value, json};
 use std::sync::Arc;
 
@@ -577,12 +578,71 @@ async fn refresh_token(req: GrantRequest<'_>) -> Result<Value, ApiError> {
     .await
 }
 
-/// Is every word of `asked` part of the `granted` scope, or a narrowing of one of its SMART
-/// resource scopes (`patient/Observation.rs` within `patient/*.rs`)?
+/// Is `asked` a narrowing of the `granted` scope? Every word must be granted, or narrow one of
+/// its SMART resource scopes (`patient/Observation.rs` within `patient/*.rs`). And since a
+/// token's resource scopes narrow its policy only together, dropping some must not widen it:
+/// a grant with resource scopes keeps at least one, and a `*` scope may not stay behind once a
+/// type-specific one it gave way to is dropped (`user/*.cruds user/Patient.r` without
+/// `user/Patient.r` would write Patients).
 fn within_grant(granted: &str, asked: &str) -> bool {
     let granted_words: Vec<&str> = granted.split_ascii_whitespace().collect();
-    asked
+    let words_ok = asked
         .split_ascii_whitespace()
         .filter(|w| !granted_words.contains(w))
-        .all(|w| is_smart_resource_scope(w) && scope_narrows(granted, w))
+        .all(|w| is_smart_resource_scope(w) && scope_narrows(granted, w));
+    if !words_ok {
+        return false;
+    }
+    let resource_scopes = |scope: &str| -> Vec<SmartScope> {
+        scope
+            .split_ascii_whitespace()
+            .filter(|w| is_smart_resource_scope(w))
+            .filter_map(SmartScope::parse)
+            .collect()
+    };
+    let granted_scopes = resource_scopes(granted);
+    let asked_scopes = resource_scopes(asked);
+    if granted_scopes.is_empty() {
+        return true;
+    }
+    if asked_scopes.is_empty() {
+        return false;
+    }
+    if !asked_scopes.iter().any(|s| s.resource_type == "*") {
+        return true;
+    }
+    // A `*` scope stays only with every type-specific scope of the grant beside it.
+    let asked_words: Vec<&str> = asked.split_ascii_whitespace().collect();
+    granted
+        .split_ascii_whitespace()
+        .filter(|w| is_smart_resource_scope(w))
+        .filter(|w| SmartScope::parse(w).is_some_and(|s| s.resource_type != "*"))
+        .all(|w| asked_words.contains(&w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::within_grant;
+
+    #[test]
+    fn a_refresh_scope_may_narrow_never_lift_the_smart_narrowing() {
+        let granted = "openid offline_access patient/Observation.rs patient/Patient.r";
+        assert!(within_grant(granted, "openid patient/Observation.rs"));
+        assert!(within_grant(granted, "patient/Observation.r"));
+        assert!(within_grant(granted, granted));
+        // Without any resource scope the token would carry the whole policy.
+        assert!(!within_grant(granted, "openid"));
+        assert!(!within_grant(granted, "offline_access"));
+        assert!(!within_grant(granted, "patient/Condition.rs"));
+        assert!(!within_grant(granted, "user/Observation.rs"));
+        // A `*` scope loses to a type-specific one only while that one is there.
+        let mixed = "user/*.cruds user/Patient.r";
+        assert!(within_grant(mixed, "user/Patient.r"));
+        assert!(within_grant(mixed, "user/Patient.r user/*.cruds"));
+        assert!(within_grant(mixed, "user/*.rs user/Patient.r"));
+        assert!(!within_grant(mixed, "user/*.cruds"));
+        assert!(!within_grant(mixed, "user/*.rs"));
+        // A grant without resource scopes narrows nothing, so any of its words may be asked.
+        assert!(within_grant("openid offline_access", "openid"));
+    }
 }

@@ -337,6 +337,15 @@ async fn continue_step(
         }
         "consent" => consent(state, login, &csrf, p).await,
         "patient" => {
+            // Only the step it is: after MFA, the profile and consent, and only when the Login
+            // still needs a patient (the picker lists people's names).
+            let due = mfa_satisfied(&login)
+                && login.membership_id.is_some()
+                && !needs_consent(&login)
+                && needs_patient(state, &login).await?;
+            if !due {
+                return message_page(None, START_AGAIN, StatusCode::BAD_REQUEST);
+            }
             let picked = pick_patient(
                 state,
                 &login,

@@ -136,10 +136,13 @@ pub(super) async fn patient_page(
     }
     let patients = found
         .iter()
-        .filter(|p| policy.satisfied(p, Interaction::Read).is_some())
         .filter_map(|p| {
+            // What the person may read of it: hidden fields stay hidden here too.
+            let entry = policy.satisfied(p, Interaction::Read)?;
+            let mut p = p.clone();
+            policy.redact(&mut p, entry);
             let id = p.get("id")?.as_str().filter(|id| is_valid_id(id))?;
-            let (label, detail) = describe(p);
+            let (label, detail) = describe(&p);
             Some(Choice {
                 id: id.to_string(),
                 label,
