@@ -792,3 +792,22 @@ fn a_launch_without_a_patient_gets_no_patient_scopes() {
         );
     });
 }
+
+#[test]
+fn a_super_admins_launch_belongs_to_the_apps_project() {
+    let (client, _) = launchable_client();
+    rt().block_on(async {
+        let super_admin = common::people::super_admin_token(gw()).await;
+        let (s, b, location) = smart_launch(&super_admin, &client, "patient=p-7").await;
+        assert_eq!(s, 302, "{b}");
+        let launch = launch_of(location);
+        let (_, challenge) = pkce_pair();
+        let url = format!(
+            "{}oauth2/authorize?response_type=code&client_id={client}&redirect_uri=https%3A%2F%2Fapp.example%2Fcb&scope=launch+openid&state=s&launch={launch}&code_challenge={challenge}&code_challenge_method=S256",
+            gw().base
+        );
+        let r = no_redirects().get(&url).send().await.unwrap();
+        // The sign-in page, not "Invalid launch": the launch is in the app's project.
+        assert_eq!(r.status(), 200, "{:?}", r.headers().get("location"));
+    });
+}

@@ -90,7 +90,12 @@ async fn smart_launch(
             "Only one launch context can be specified",
         ));
     }
+    // The launch belongs to the app's project (a super admin may launch any project's app);
+    // `/oauth2/authorize` accepts only a launch of the client's own project.
     let mut launch = json!({"resourceType": "SmartAppLaunch"});
+    if let Some(project) = &client.project_id {
+        launch["meta"] = json!({"project": project});
+    }
     if let Some((field, id)) = context.pop() {
         let ty = if field == "patient" {
             "Patient"
