@@ -221,6 +221,15 @@ impl Keyring {
         json!({"keys": self.keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()})
     }
 
+    /// The kids of the keys of `alg`, its signer first.
+    pub fn kids_of(&self, alg: Algorithm) -> Vec<String> {
+        self.keys
+            .iter()
+            .filter(|k| k.alg == alg)
+            .map(|k| k.kid.clone())
+            .collect()
+    }
+
     /// Signs with the ES256 signer (every access and refresh token, and ID tokens by default).
     pub fn sign(&self, claims: &Claims) -> Result<String, TokenError> {
         self.sign_with(Algorithm::ES256, claims)

@@ -136,6 +136,28 @@ impl Setup {
         u.to_string()
     }
 
+    /// A standalone launch of the app in the browser: the person signs in, consents, and picks
+    /// `patients[1]` after searching the family name; returns what the app reported.
+    fn standalone_launch(
+        &self,
+        name: &str,
+        client: &str,
+        secret: Option<&str>,
+        scope: &str,
+    ) -> Value {
+        run_app(
+            name,
+            json!({
+                "appPort": self.app_port,
+                "openUrl": self.standalone(client, secret, scope),
+                "email": self.email,
+                "password": PASSWORD,
+                "patient": self.patients[1],
+                "patientSearch": self.family,
+            }),
+        )
+    }
+
     /// Checks what a SMART app reported: the patient in context (`patients[1]`) read through
     /// the gateway, the other patient refused, and the token response.
     fn check_smart_result(&self, result: &Value, client: &str) {
@@ -163,17 +185,8 @@ impl Setup {
 fn fhirclient_standalone_launch_as_a_public_client_picks_the_patient() {
     let s = Setup::new();
     let (client, _) = s.register(false);
-    let result = run_app(
-        "public",
-        json!({
-            "appPort": s.app_port,
-            "openUrl": s.standalone(&client, None, "launch/patient openid fhirUser patient/*.rs"),
-            "email": s.email,
-            "password": PASSWORD,
-            "patient": s.patients[1],
-            "patientSearch": s.family,
-        }),
-    );
+    let scope = "launch/patient openid fhirUser patient/*.rs";
+    let result = s.standalone_launch("public", &client, None, scope);
     s.check_smart_result(&result, &client);
     assert_eq!(
         result["tokenResponse"]["scope"],
@@ -185,21 +198,8 @@ fn fhirclient_standalone_launch_as_a_public_client_picks_the_patient() {
 fn fhirclient_standalone_launch_as_a_confidential_client() {
     let s = Setup::new();
     let (client, secret) = s.register(true);
-    let result = run_app(
-        "confidential",
-        json!({
-            "appPort": s.app_port,
-            "openUrl": s.standalone(
-                &client,
-                secret.as_deref(),
-                "launch/patient openid fhirUser patient/*.rs offline_access"
-            ),
-            "email": s.email,
-            "password": PASSWORD,
-            "patient": s.patients[1],
-            "patientSearch": s.family,
-        }),
-    );
+    let scope = "launch/patient openid fhirUser patient/*.rs offline_access";
+    let result = s.standalone_launch("confidential", &client, secret.as_deref(), scope);
     s.check_smart_result(&result, &client);
 }
 

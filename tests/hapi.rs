@@ -12,6 +12,13 @@ use common::gateway::TestGateway;
 use common::http::{rt, send};
 use serde_json::{Value, json};
 
+/// A client of the admin's project whose policy is `resource`; returns its access token.
+async fn caller_with(gw: &TestGateway, admin: &str, resource: Value) -> String {
+    let policy = policy(gw, admin, resource).await;
+    let (id, secret) = gw.client_with_policy(admin, Some(&policy)).await;
+    gw.token(&id, &secret, None).await
+}
+
 /// Creates an AccessPolicy through the gateway as `admin`; returns its id.
 async fn policy(gw: &TestGateway, admin: &str, resource: Value) -> String {
     let (s, p) = send(
@@ -66,14 +73,12 @@ fn writes_reads_and_narrowed_searches_through_hapi() {
         assert_eq!((s, read["id"].as_str()), (200, Some(id.as_str())));
 
         // A caller whose policy allows female Patients only: its search is narrowed upstream.
-        let narrow = policy(
+        let a = caller_with(
             &gw,
             &admin,
             json!([{"resourceType": "Patient", "criteria": "Patient?gender=female"}]),
         )
         .await;
-        let (a_id, a_secret) = gw.client_with_policy(&admin, Some(&narrow)).await;
-        let a = gw.token(&a_id, &a_secret, None).await;
         let (s, bundle) = send(
             TestGateway::client()
                 .get(format!("{}Patient", gw.fhir))
@@ -81,12 +86,7 @@ fn writes_reads_and_narrowed_searches_through_hapi() {
         )
         .await;
         assert_eq!(s, 200, "{bundle}");
-        let ids: HashSet<String> = bundle["entry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["resource"]["id"].as_str().unwrap().to_string())
-            .collect();
+        let ids: HashSet<String> = entry_ids(&bundle).into_iter().collect();
         assert_eq!(ids, female);
         let self_link = bundle["link"][0]["url"].as_str().unwrap();
         assert!(self_link.starts_with(&gw.fhir), "{self_link}");
@@ -156,14 +156,12 @@ fn a_page_handle_of_another_caller_reveals_nothing() {
         // Another project's admin (a `*` policy there): nothing of this project.
         let other = gw.token(&o_id, &o_secret, None).await;
         // A member of this project allowed only male Patients.
-        let male_only = policy(
+        let male = caller_with(
             &gw,
             &admin,
             json!([{"resourceType": "Patient", "criteria": "Patient?gender=male"}]),
         )
         .await;
-        let (m_id, m_secret) = gw.client_with_policy(&admin, Some(&male_only)).await;
-        let male = gw.token(&m_id, &m_secret, None).await;
         let (s, males) = send(
             TestGateway::client()
                 .get(format!("{}Patient?_count=50", gw.fhir))

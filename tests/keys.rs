@@ -16,6 +16,7 @@ use common::people::jwt_header;
 use common::upstream::FhirUpstream;
 use fhirgate::cli::Cli;
 use fhirgate::server::Planes;
+use jsonwebtoken::Algorithm;
 use serde_json::Value;
 
 fn kid(token: &str) -> String {
@@ -139,7 +140,9 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         .unwrap();
         let snapshots = || instances.map(|gw| gw.running().state.snapshot());
         let took = until("the new key in every keyring", || {
-            snapshots().iter().all(|s| s.access_key_ids.len() == 2)
+            snapshots()
+                .iter()
+                .all(|s| s.keyring.kids_of(Algorithm::ES256).len() == 2)
         })
         .await;
         println!(
@@ -148,14 +151,18 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         );
         assert!(took <= Duration::from_secs(1), "{took:?}");
         let new_kid = snapshots()[0]
-            .access_key_ids
+            .keyring
+            .kids_of(Algorithm::ES256)
             .iter()
             .find(|k| **k != old_kid)
             .unwrap()
             .clone();
         for s in snapshots() {
             // Published, not yet signing: the old key still comes first.
-            assert_eq!(s.access_key_ids, vec![old_kid.clone(), new_kid.clone()]);
+            assert_eq!(
+                s.keyring.kids_of(Algorithm::ES256),
+                vec![old_kid.clone(), new_kid.clone()]
+            );
         }
         let mut published = jwks_kids(&a).await;
         published.sort();
@@ -171,7 +178,9 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
 
         // After the publish delay the new key signs; B (never restarted) verifies its tokens.
         until("the new key signing everywhere", || {
-            snapshots().iter().all(|s| s.access_key_ids[0] == new_kid)
+            snapshots()
+                .iter()
+                .all(|s| s.keyring.kids_of(Algorithm::ES256)[0] == new_kid)
         })
         .await;
         assert!(
@@ -195,7 +204,7 @@ fn rotation_publishes_first_signs_later_and_retires_after_the_old_tokens() {
         until("the old key retired everywhere", || {
             snapshots()
                 .iter()
-                .all(|s| s.access_key_ids == vec![new_kid.clone()])
+                .all(|s| s.keyring.kids_of(Algorithm::ES256) == vec![new_kid.clone()])
         })
         .await;
         assert!(
@@ -269,7 +278,8 @@ fn a_single_instance_follows_a_rotation_of_its_own_store() {
         let state = gw.running().state.clone();
         until("the new key signing", || {
             let s = state.snapshot();
-            s.access_key_ids.len() == 2 && s.access_key_ids[0] != kid(&old_token)
+            let es256 = s.keyring.kids_of(Algorithm::ES256);
+            es256.len() == 2 && es256[0] != kid(&old_token)
         })
         .await;
         let new_token = gw.admin_token().await;

@@ -20,6 +20,7 @@ use common::pg::DedicatedCluster;
 use common::upstream::FhirUpstream;
 use fhirgate::config::ConfigFile;
 use fhirgate::server::Planes;
+use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 
 const PROXY: Planes = Planes {
@@ -182,7 +183,11 @@ fn a_token_issued_through_one_proxy_works_on_the_other() {
         );
         for gw in [&d.a, &d.b, &d.control] {
             assert_eq!(
-                gw.running().state.snapshot().access_key_ids,
+                gw.running()
+                    .state
+                    .snapshot()
+                    .keyring
+                    .kids_of(Algorithm::ES256),
                 vec![kid.clone()]
             );
         }

@@ -124,14 +124,14 @@ async fn ensure_signing_key(
         }
         let kid = uuid::Uuid::new_v4().to_string();
         let generated = if alg == "ES256" {
-            SigningKey::generate(kid.clone())
+            SigningKey::generate(kid)
         } else {
-            SigningKey::generate_rsa(kid.clone())
+            SigningKey::generate_rsa(kid)
         };
-        let (_, der) = generated.map_err(|e| BootstrapError::Key(e.to_string()))?;
-        let key = crate::state::keys::sealed_key(kek, kid, &der, now_unix())
+        let (key, der) = generated.map_err(|e| BootstrapError::Key(e.to_string()))?;
+        let stored = crate::state::keys::sealed_key(kek, &key, &der, now_unix())
             .map_err(|e| BootstrapError::Key(e.to_string()))?;
-        store.insert_key(&key).await?;
+        store.insert_key(&stored).await?;
         created = true;
     }
     Ok(created)

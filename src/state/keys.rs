@@ -46,21 +46,18 @@ fn key_purpose(kid: &str) -> String {
     format!("signing-key:{kid}")
 }
 
-/// A new key's stored form: its PKCS#8 DER sealed under `kek`, with its algorithm.
+/// A new key's stored form: `key`'s PKCS#8 DER (`der`) sealed under `kek`, with its kid and
+/// algorithm.
 pub fn sealed_key(
     kek: &KeyEncryptionKey,
-    kid: String,
+    key: &SigningKey,
     der: &[u8],
     created_at: i64,
 ) -> Result<StoredKey, SealError> {
-    let alg = match SigningKey::from_pkcs8(kid.clone(), der) {
-        Ok(k) => format!("{:?}", k.alg()),
-        Err(_) => "ES256".into(),
-    };
     Ok(StoredKey {
-        private_der: kek.seal(der, &key_purpose(&kid))?,
-        id: kid,
-        alg,
+        private_der: kek.seal(der, &key_purpose(&key.kid))?,
+        id: key.kid.clone(),
+        alg: format!("{:?}", key.alg()),
         active: true,
         created_at,
     })
@@ -266,12 +263,11 @@ pub async fn rotate(
     kek: &KeyEncryptionKey,
     opts: &RotateOptions,
 ) -> Result<Rotation, KeyError> {
-    let kid = uuid::Uuid::new_v4().to_string();
-    let (_, der) =
-        SigningKey::generate(kid.clone()).map_err(|e| KeyError::Generate(e.to_string()))?;
-    let rsa_kid = uuid::Uuid::new_v4().to_string();
-    let (_, rsa_der) =
-        SigningKey::generate_rsa(rsa_kid.clone()).map_err(|e| KeyError::Generate(e.to_string()))?;
+    let generate_failed = |e: crate::tokens::TokenError| KeyError::Generate(e.to_string());
+    let (key, der) =
+        SigningKey::generate(uuid::Uuid::new_v4().to_string()).map_err(generate_failed)?;
+    let (rsa_key, rsa_der) =
+        SigningKey::generate_rsa(uuid::Uuid::new_v4().to_string()).map_err(generate_failed)?;
     // Rounded up: `now_unix` truncates, and the delay is a minimum.
     let now = now_unix().saturating_add(1);
     let signs_from =
@@ -282,13 +278,13 @@ pub async fn rotate(
     };
     let retire_at = signs_from.saturating_add(secs(retire_after));
     let keys = [
-        sealed_key(kek, kid.clone(), &der, signs_from)?,
-        sealed_key(kek, rsa_kid.clone(), &rsa_der, signs_from)?,
+        sealed_key(kek, &key, &der, signs_from)?,
+        sealed_key(kek, &rsa_key, &rsa_der, signs_from)?,
     ];
     let retiring = store.rotate_signing_keys(&keys, retire_at).await?;
     Ok(Rotation {
-        kid,
-        rsa_kid,
+        kid: key.kid,
+        rsa_kid: rsa_key.kid,
         signs_from,
         retiring,
         retire_at,

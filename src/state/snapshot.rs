@@ -112,8 +112,6 @@ pub struct Snapshot {
     pub keyring: Arc<Keyring>,
     /// The kids of `keyring`, signer first.
     pub key_ids: Vec<String>,
-    /// The ES256 keys (those that sign access tokens), the signer first.
-    pub access_key_ids: Vec<String>,
     /// When the keyring changes next by the clock (a key starts to sign or retires).
     pub next_key_change: Option<i64>,
     pub projects: HashMap<String, ProjectInfo>,
@@ -159,11 +157,6 @@ impl Snapshot {
             })
             .collect();
         snap.key_ids = keys.iter().map(|k| k.kid.clone()).collect();
-        snap.access_key_ids = keys
-            .iter()
-            .filter(|k| k.alg() == jsonwebtoken::Algorithm::ES256)
-            .map(|k| k.kid.clone())
-            .collect();
         snap.keyring = Arc::new(Keyring::new(config.base_url.clone(), keys));
         for p in store.list("Project").await? {
             let c = p.content;

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::keys;
+use crate::control::login::tokens::has_word;
 use crate::control::web::error::ApiError;
 
 /// What a Login's tokens say about their context.
@@ -106,11 +107,8 @@ pub(crate) async fn resolve_context(
     }
     // A launch (EHR, or standalone asking for a patient) with `patient/` scopes but no patient
     // would leave those scopes without the patient they are about: refused, never widened.
-    let launched = LoginFlow::of(login).ask.launch.is_some()
-        || login
-            .scope
-            .split_ascii_whitespace()
-            .any(|w| w == "launch/patient");
+    let launched =
+        LoginFlow::of(login).ask.launch.is_some() || has_word(&login.scope, "launch/patient");
     let patient_scopes = login
         .scope
         .split_ascii_whitespace()

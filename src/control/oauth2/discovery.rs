@@ -34,19 +34,15 @@ fn endpoint(state: &State, path: &str) -> String {
     format!("{}{path}", state.config.base_url)
 }
 
-/// The algorithms the active signing keys use (ES256 for every key fhirgate generates).
+/// The algorithms the keyring signs with (ES256, and RS256 for ID tokens).
 fn signing_algs(state: &State) -> Vec<String> {
-    let jwks = state.keyring().jwks();
-    let mut algs: Vec<String> = jwks["keys"]
-        .as_array()
-        .map(|keys| {
-            keys.iter()
-                .filter_map(|k| k["alg"].as_str().map(str::to_string))
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut algs: Vec<String> = state
+        .keyring()
+        .signing_algs()
+        .iter()
+        .map(|a| format!("{a:?}"))
+        .collect();
     algs.sort();
-    algs.dedup();
     if algs.is_empty() {
         algs.push("ES256".into());
     }
