@@ -623,6 +623,7 @@ fn describe(op: &FhirOp) -> String {
             plural(entries.len(), "entry", "entries")
         ),
         FhirOp::GraphQl => "GraphQL".into(),
+        FhirOp::Page { .. } => "further page of an earlier search".into(),
     }
 }
 

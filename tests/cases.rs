@@ -21,6 +21,79 @@ use serde_json::{Value, json};
 /// Known gaps, by file stem. Keep each with a reason.
 const EXPECTED_FAILURES: &[(&str, &str)] = &[];
 
+/// What legitimately differs when the upstream is HAPI FHIR (the test command's second pass,
+/// `FHIRGATE_TEST_UPSTREAM=hapi`): per case, why, and the `expect` keys that replace the
+/// corpus' there (a `status` replaces `status_in` and the other way round). Everything else the
+/// case expects, its `not_ids` above all, still holds on HAPI.
+const HAPI_DIFFERENCES: &[(&str, &str, &str)] = &[
+    (
+        "301-param-patient-defaults-to-client",
+        "%patient becomes ClientApplication/<id>, a Medplum type: HAPI refuses the narrowed \
+         search (HAPI-1250 unsupported resource type) instead of answering it empty",
+        r#"{"status": 400, "total_max": null}"#,
+    ),
+    (
+        "335-compartment-search-other-patient",
+        "HAPI's JPA server has no compartment search URLs (Patient/p2/Observation): 400",
+        r#"{"status": 400}"#,
+    ),
+    (
+        "336-compartment-search-own-patient",
+        "HAPI's JPA server has no compartment search URLs (Patient/p1/Observation): 400",
+        r#"{"status": 400}"#,
+    ),
+    (
+        "403-conditional-create-match-outside-criteria",
+        "HAPI refuses a conditional create whose resource does not match its own If-None-Exist \
+         (HAPI-0929; the case's Patient carries another MRN): 400, nothing created or revealed",
+        r#"{"status": 400}"#,
+    ),
+    (
+        "477-compartment-stamped-on-create",
+        "meta.account is Medplum's element: HAPI does not keep it, so the stamped compartment is \
+         lost and the new Patient falls outside its creator's _compartment criteria",
+        r#"{"response_fields": {"meta.account.reference": null}}"#,
+    ),
+    (
+        "479-compartment-search-sees-own-organization",
+        "meta.account is Medplum's element: HAPI does not keep it, so no Patient is in \
+         Organization/A's account compartment and the search finds none (never pb)",
+        r#"{"ids": []}"#,
+    ),
+    (
+        "480-transaction-create-sent-as-checked",
+        "meta.account is Medplum's element: HAPI does not keep it, so the created Patient is \
+         outside its creator's _compartment criteria and its entry answers 404",
+        r#"{"entry_status": [404], "response_fields": {}}"#,
+    ),
+];
+
+/// The case's expectation on this run's upstream: the corpus' own, with [`HAPI_DIFFERENCES`]
+/// applied on the HAPI pass.
+fn expectation(name: &str, expect: &Value) -> Value {
+    let mut expect = expect.clone();
+    if !common::upstream::on_hapi() {
+        return expect;
+    }
+    let Some((_, _, changes)) = HAPI_DIFFERENCES.iter().find(|(n, _, _)| *n == name) else {
+        return expect;
+    };
+    let changes: Value = serde_json::from_str(changes).expect("HAPI_DIFFERENCES holds JSON");
+    for (key, value) in changes.as_object().into_iter().flatten() {
+        match key.as_str() {
+            "status" => drop(expect.as_object_mut().and_then(|o| o.remove("status_in"))),
+            "status_in" => drop(expect.as_object_mut().and_then(|o| o.remove("status"))),
+            _ => {}
+        }
+        if value.is_null() {
+            expect.as_object_mut().and_then(|o| o.remove(key));
+        } else {
+            expect[key] = value.clone();
+        }
+    }
+    expect
+}
+
 struct World {
     upstream: FhirUpstream,
     gateway: TestGateway,
@@ -373,7 +446,8 @@ fn run_case(path: &Path) -> Result<(), String> {
     );
 
     // Expectations.
-    let expect = &case["expect"];
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+    let expect = &expectation(name, &case["expect"]);
     let mut errors = Vec::new();
     if !status_ok(expect, status) {
         errors.push(format!(
@@ -472,7 +546,8 @@ fn run_case(path: &Path) -> Result<(), String> {
     }
     // Every case: a Bundle's links and fullUrls point at the gateway, and the upstream's
     // address appears nowhere in the body.
-    let public_base = format!("{}fhir/R4/", w.gateway.base);
+    // HAPI's page links are on the base itself (`…/fhir/R4?_getpages=…`).
+    let public_base = format!("{}fhir/R4", w.gateway.base);
     let upstream_authority = w.upstream.authority();
     if resp.to_string().contains(&upstream_authority) {
         errors.push(format!("the upstream address {upstream_authority} leaked"));
@@ -491,7 +566,10 @@ fn run_case(path: &Path) -> Result<(), String> {
                     .map(|e| &e["fullUrl"]),
             );
         for url in urls.filter_map(Value::as_str) {
-            if !url.starts_with(&public_base) {
+            let on_base = url
+                .strip_prefix(&public_base)
+                .is_some_and(|rest| rest.starts_with('/') || rest.starts_with('?'));
+            if !on_base {
                 errors.push(format!("{url} does not point at the gateway"));
             }
         }

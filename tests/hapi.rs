@@ -103,6 +103,24 @@ fn next_link(bundle: &Value) -> String {
         .to_string()
 }
 
+/// The decoded value of `name` in `url`'s query (panics when absent).
+fn query_value(url: &str, name: &str) -> String {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    url::form_urlencoded::parse(query.as_bytes())
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_else(|| panic!("no {name} in {url}"))
+}
+
+/// `url` without the query parameter `name`.
+fn without_param(url: &str, name: &str) -> String {
+    let (base, query) = url.split_once('?').unwrap_or((url, ""));
+    let kept: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(url::form_urlencoded::parse(query.as_bytes()).filter(|(n, _)| n != name))
+        .finish();
+    format!("{base}?{kept}")
+}
+
 /// The ids of a Bundle's entries.
 fn entry_ids(bundle: &Value) -> Vec<String> {
     bundle["entry"]
@@ -171,18 +189,106 @@ fn a_page_handle_of_another_caller_reveals_nothing() {
         assert_eq!(s, 200, "{males}");
         let male_ids: HashSet<String> = entry_ids(&males).into_iter().collect();
         assert_eq!(male_ids.len(), 3);
-        for (who, token, may_read) in [
-            ("another project", &other, HashSet::new()),
-            ("male-only member", &male, male_ids),
+        // The handle is sealed for the admin's sign-in: another caller presenting it as given,
+        // without the seal, or with a seal of its own search, is refused and reads nothing.
+        let (s, own) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_count=1", gw.fhir))
+                .bearer_auth(&male),
+        )
+        .await;
+        assert_eq!(s, 200, "{own}");
+        let own_seal = query_value(&next_link(&own), "_fhirgate_seal");
+        let unsealed = without_param(&next, "_fhirgate_seal");
+        let reseal = format!("{unsealed}&_fhirgate_seal={own_seal}");
+        for (who, token) in [("another project", &other), ("male-only member", &male)] {
+            for link in [&next, &unsealed, &reseal] {
+                let (s, page) = send(TestGateway::client().get(link).bearer_auth(token)).await;
+                assert_eq!(s, 403, "{who} followed {link}: {page}");
+                assert!(entry_ids(&page).is_empty(), "{who}: {page}");
+            }
+        }
+        // A handle may not ride along a search either: the server could answer with the page.
+        let handle = query_value(&next, "_getpages");
+        let (s, page) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_getpages={handle}", gw.fhir))
+                .bearer_auth(&male),
+        )
+        .await;
+        assert_eq!(s, 403, "{page}");
+        assert!(male_ids.iter().all(|id| all.contains(id)));
+    });
+}
+
+#[test]
+fn a_narrowed_search_pages_through_hapi_to_exactly_what_the_caller_may_read() {
+    // HAPI's next links are handles of a search it keeps (`?_getpages=…`), which carry none of
+    // the narrowing: through the gateway they are sealed for the caller and every page is
+    // checked again. Six female and four male Patients, two a page: the female-only member
+    // reads three pages holding the six female Patients, each once, and nothing else.
+    let upstream = common::hapi::partition();
+    let gw = TestGateway::start(&upstream);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let mut female = HashSet::new();
+        for gender in [
+            "female", "male", "female", "female", "male", "female", "male", "female", "male",
+            "female",
         ] {
-            let (s, page) = send(TestGateway::client().get(&next).bearer_auth(token)).await;
-            let seen: HashSet<String> = entry_ids(&page).into_iter().collect();
-            assert!(
-                seen.is_subset(&may_read),
-                "{who} read {:?} through another caller's page handle ({s})",
-                seen.difference(&may_read).collect::<Vec<_>>()
+            let (s, p) = send(
+                TestGateway::client()
+                    .post(format!("{}Patient", gw.fhir))
+                    .bearer_auth(&admin)
+                    .json(&json!({"resourceType": "Patient", "gender": gender})),
+            )
+            .await;
+            assert_eq!(s, 201, "{p}");
+            if gender == "female" {
+                female.insert(p["id"].as_str().unwrap().to_string());
+            }
+        }
+        // Exact narrowing (gender=female upstream), then a policy the gateway can only filter
+        // (two alternatives on different parameters): both page to exactly the female Patients.
+        for resource in [
+            json!([{"resourceType": "Patient", "criteria": "Patient?gender=female"}]),
+            json!([
+                {"resourceType": "Patient", "criteria": "Patient?gender=female"},
+                {"resourceType": "Patient", "criteria": "Patient?_id=no-such-patient"}
+            ]),
+        ] {
+            let caller = caller_with(&gw, &admin, resource.clone()).await;
+            let mut link = format!("{}Patient?_count=2", gw.fhir);
+            let mut seen = Vec::new();
+            let mut pages = 0;
+            loop {
+                let (s, page) = send(TestGateway::client().get(&link).bearer_auth(&caller)).await;
+                assert_eq!(s, 200, "{link}: {page}");
+                pages += 1;
+                assert!(page.get("total").is_none() || pages == 1, "{page}");
+                seen.extend(entry_ids(&page));
+                let next = page["link"]
+                    .as_array()
+                    .and_then(|l| l.iter().find(|l| l["relation"] == "next"))
+                    .and_then(|l| l["url"].as_str())
+                    .map(str::to_string);
+                let Some(next) = next else { break };
+                assert!(next.starts_with(gw.fhir.trim_end_matches('/')), "{next}");
+                assert!(!next.contains(&upstream), "{next}");
+                assert!(next.contains("_fhirgate_seal="), "{next}");
+                link = next;
+                assert!(pages < 10, "paging does not end: {link}");
+            }
+            let unique: HashSet<String> = seen.iter().cloned().collect();
+            assert_eq!(
+                unique.len(),
+                seen.len(),
+                "{resource}: a Patient twice in {seen:?}"
             );
-            assert!(seen.iter().all(|id| all.contains(id)));
+            assert_eq!(unique, female, "{resource}");
+            if resource.as_array().unwrap().len() == 1 {
+                assert_eq!(pages, 3, "exact narrowing: three full pages");
+            }
         }
     });
 }

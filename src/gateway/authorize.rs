@@ -15,7 +15,7 @@ use pingora::proxy::Session;
 use super::Gateway;
 use super::ctx::RequestCtx;
 use super::ctx::{FilterSpec, ResponsePlan};
-use crate::state::{AuthError, CacheUse, Snapshot};
+use crate::state::{AuthError, CacheUse, Identity, Snapshot};
 use crate::store::StoreError;
 
 pub enum Verdict {
@@ -286,6 +286,15 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
             super_admin,
         });
     }
+    if let FhirOp::Page { handle, seal } = &request.op {
+        let expected = state.page_seal(&page_caller(&identity, membership_id), handle);
+        if !seal
+            .as_deref()
+            .is_some_and(|s| crate::tokens::hashes_equal(s, &expected))
+        {
+            return Verdict::Deny(Outcome::Forbidden, "page_handle_not_sealed_for_caller");
+        }
+    }
     let decision = decide::decide(&policy, &request, super_admin);
     if caller_admin
         && session
@@ -325,6 +334,20 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         })),
     };
     Verdict::Forward
+}
+
+/// Whom a page handle is sealed for: the project, the membership the request acts as, and the
+/// sign-in with its scope and patient, so a handle serves neither another caller nor the same
+/// person through a narrower token.
+pub fn page_caller(identity: &Identity, membership_id: &str) -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n{}",
+        identity.project_id,
+        membership_id,
+        identity.login_id.as_deref().unwrap_or("basic"),
+        identity.scope.as_deref().unwrap_or(""),
+        identity.patient.as_deref().unwrap_or("")
+    )
 }
 
 /// The decision trace an admin gets instead of a forwarded request: what the request was

@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
+use fhirgate_core::fhir::page;
 use fhirgate_core::fhir::request::QueryParam;
 use fhirgate_core::fhir::subset::{Subset, strip_query};
 use std::sync::Arc;
@@ -39,9 +40,13 @@ pub struct FilterSpec {
 
 impl FilterSpec {
     /// The query the upstream gets: the client's, without a subset the gateway takes itself.
+    /// The gateway's own page seal never goes upstream either.
     pub fn upstream_query<'a>(&self, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
         match (query, &self.subset) {
             (Some(q), Some(_)) => Some(std::borrow::Cow::Owned(strip_query(q))),
+            (Some(q), None) if q.contains(page::SEAL_PARAM) => {
+                Some(std::borrow::Cow::Owned(page::without_seal(q)))
+            }
             (q, _) => q.map(std::borrow::Cow::Borrowed),
         }
     }
@@ -65,6 +70,7 @@ pub struct RequestCtx {
     pub resource_type: Option<String>,
     /// Query parameters appended to the upstream request (policy narrowing).
     pub extra_query: Vec<QueryParam>,
+
     /// What to do with the upstream response.
     pub plan: ResponsePlan,
     /// The response body is being collected for filtering.
@@ -123,6 +129,17 @@ impl RequestCtx {
             Route::Fhir { rest } => rest,
             _ => "",
         }
+    }
+
+    /// Whom the page handles of this request's answer are sealed for
+    /// ([`super::authorize::page_caller`]); `None` for an unauthenticated request.
+    pub fn page_caller(&self) -> Option<String> {
+        let identity = self.identity.as_deref()?;
+        let membership = match &self.on_behalf_of {
+            Some(target) => target.trim_start_matches("ProjectMembership/"),
+            None => identity.membership_id.as_str(),
+        };
+        Some(super::authorize::page_caller(identity, membership))
     }
 
     pub fn new() -> RequestCtx {

@@ -5,6 +5,7 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::outcome::Stock;
+use fhirgate_core::fhir::page;
 use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use serde_json::Value;
@@ -130,7 +131,14 @@ pub fn body_chunk(
         };
         let raw = std::mem::take(&mut ctx.body);
         let upstream_base = ctx.binding(state).upstream.base_url.as_str();
-        *body = Some(Bytes::from(apply(config, upstream_base, spec, &raw)));
+        let mut out = apply(config, upstream_base, spec, &raw);
+        if ctx.identity.is_some() {
+            // The caller is spelled out only when the body holds a handle to seal.
+            out = page::seal_links(out, |handle| {
+                state.page_seal(&ctx.page_caller().unwrap_or_default(), handle)
+            });
+        }
+        *body = Some(Bytes::from(out));
     }
     Ok(())
 }

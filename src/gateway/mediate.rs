@@ -310,14 +310,9 @@ async fn prepare_write(
                     policy
                         .check_write(&mut new, Some(cur))
                         .map_err(|r| forbid(r.label()))?;
+                    refuse_stale_if_match(session, cur)?;
                     if let Some(v) = version_of(cur) {
-                        // A client's own If-Match is honoured; otherwise we pin what we checked.
-                        let client = req
-                            .headers
-                            .get("if-match")
-                            .and_then(|v| v.to_str().ok())
-                            .map(str::to_string);
-                        pin.push(("if-match", client.unwrap_or(v)));
+                        pin.push(("if-match", v));
                     }
                 }
                 None => {
@@ -351,14 +346,8 @@ async fn prepare_write(
                 }
                 return Err(forbid("current_outside_criteria"));
             }
-            // A client's own If-Match is honoured; otherwise we pin what we checked.
-            let client = req
-                .headers
-                .get("if-match")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
-            let pin = client
-                .or_else(|| version_of(&cur))
+            refuse_stale_if_match(session, &cur)?;
+            let pin = version_of(&cur)
                 .map(|v| vec![("if-match", v)])
                 .unwrap_or_default();
             Ok((
@@ -715,15 +704,41 @@ fn not_modified(session: &Session, headers: &[(&'static str, String)]) -> bool {
     let Some(etag) = headers.iter().find(|(k, _)| *k == "etag").map(|(_, v)| v) else {
         return false;
     };
+    etag_listed(wanted, etag)
+}
+
+/// `list` (an `If-Match` or `If-None-Match` value) names `etag`, or is `*` (weak compare).
+fn etag_listed(list: &str, etag: &str) -> bool {
     let bare = |t: &str| {
         t.trim()
             .trim_start_matches("W/")
             .trim_matches('"')
             .to_string()
     };
-    wanted
-        .split(',')
+    list.split(',')
         .any(|w| w.trim() == "*" || bare(w) == bare(etag))
+}
+
+/// A write the gateway pins to the version it checked answers 412 itself when the client's own
+/// `If-Match` names another version: the upstream then gets the version the gateway checked,
+/// never the client's, because servers differ on what they do with one they cannot parse (HAPI:
+/// a 500 for a non-numeric version) or on a DELETE (HAPI ignores `If-Match` there).
+fn refuse_stale_if_match(session: &Session, current: &Value) -> Step<()> {
+    let Some(wanted) = session
+        .req_header()
+        .headers
+        .get("if-match")
+        .map(|v| v.to_str().unwrap_or(""))
+    else {
+        return Ok(());
+    };
+    match version_of(current) {
+        Some(v) if etag_listed(wanted, &v) => Ok(()),
+        _ => Err(Failure::Answer(
+            Stock::VersionMismatch.outcome(),
+            "version_mismatch",
+        )),
+    }
 }
 
 /// FHIR's rule for `Binary`: one that does not satisfy the policy itself is readable when the

@@ -127,6 +127,13 @@ impl State {
         crate::tokens::hash_secret(&self.secret_key, secret)
     }
 
+    /// The seal of an upstream page handle for one caller (`fhir::page`): a keyed hash of both,
+    /// the same on every instance (the key is the store's).
+    pub fn page_seal(&self, caller: &str, handle: &str) -> String {
+        let input = format!("fhirgate page handle\n{caller}\n{handle}");
+        crate::tokens::hash_secret(&self.secret_key, &input)
+    }
+
     /// Catches up with the change feed: applies every change since the last one applied
     /// (dropping exactly the cache entries they name, and reloading the small tables when a
     /// project or key changed). Called after every local write and by the feed; concurrent

@@ -100,6 +100,12 @@ fn shared() -> &'static Hapi {
     HAPI.get_or_init(start)
 }
 
+/// `http://127.0.0.1:PORT` of the shared HAPI server (started on first use). Call it outside
+/// any runtime.
+pub fn origin() -> String {
+    format!("http://127.0.0.1:{}", shared().port)
+}
+
 /// A new, empty partition of the shared HAPI server; returns its FHIR base URL (no trailing
 /// slash), which is what fhirgate's `upstream` is set to. Call it outside any runtime.
 pub fn partition() -> String {

@@ -33,6 +33,14 @@ pub struct FhirUpstream {
     child: Child,
 }
 
+/// True in the test command's second pass (`FHIRGATE_TEST_UPSTREAM=hapi`): every
+/// [`FhirUpstream`] is then a fresh partition of a real HAPI FHIR server (`tests/common/hapi.rs`)
+/// behind `tests/upstream/hapi-proxy.mjs`, which records requests and answers `/__reset` like
+/// `server.mjs`. Tests declare what legitimately differs on HAPI with this, never skip.
+pub fn on_hapi() -> bool {
+    std::env::var("FHIRGATE_TEST_UPSTREAM").is_ok_and(|v| v == "hapi")
+}
+
 /// The directory of the node project (`<repo>/tests/upstream`).
 pub fn upstream_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -58,8 +66,16 @@ impl FhirUpstream {
             );
         }
         let node = std::env::var("FHIRGATE_TEST_NODE").unwrap_or_else(|_| "node".to_string());
-        let mut child = Command::new(&node)
-            .arg("server.mjs")
+        let mut command = Command::new(&node);
+        if on_hapi() {
+            // The second pass: HAPI FHIR behind a recording proxy with this server's protocol.
+            command
+                .arg("hapi-proxy.mjs")
+                .args(["--hapi", &super::hapi::origin()]);
+        } else {
+            command.arg("server.mjs");
+        }
+        let mut child = command
             .args(["--port", "0", "--exit-on-stdin-close"])
             .current_dir(&dir)
             // Held open by `child` for its whole life: the server exits when it closes, so a

@@ -110,6 +110,9 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
         in_bundle: false,
     };
     let op = route(&input)?;
+    if !matches!(op, FhirOp::Page { .. }) {
+        refuse_page_handle(&input.query)?;
+    }
     if let FhirOp::Search(search) = &op {
         wants_non_json |= params_want_non_json(&search.params);
         if let Some(s) =
@@ -278,6 +281,12 @@ fn is_system_segment(segment: &str) -> bool {
 
 fn route_base(input: &Input) -> Result<FhirOp, Unclassifiable> {
     match input.method {
+        Method::Get | Method::Head if !input.in_bundle => {
+            match crate::fhir::page::page_request(&input.query) {
+                Some(page) => page_op(page, &input.query),
+                None => system_search(input.query.clone(), false),
+            }
+        }
         Method::Get | Method::Head => system_search(input.query.clone(), false),
         Method::Post if input.in_bundle => Err(Unclassifiable::Unsupported),
         Method::Post => classify_bundle(&input.body),
@@ -446,10 +455,46 @@ fn operation(
     })
 }
 
+/// A page request carries its handle once, and nothing a server could read as more than
+/// "that page" ([`crate::fhir::page::PAGE_PARAMS`]).
+fn page_op(
+    (handle, seal): (&str, Option<&str>),
+    params: &[QueryParam],
+) -> Result<FhirOp, Unclassifiable> {
+    let once = |name: &str| params.iter().filter(|p| p.name == name).count() <= 1;
+    let known = params
+        .iter()
+        .all(|p| crate::fhir::page::PAGE_PARAMS.contains(&p.name.as_str()));
+    if !known
+        || handle.is_empty()
+        || !once(crate::fhir::page::HANDLE_PARAM)
+        || !once(crate::fhir::page::SEAL_PARAM)
+    {
+        return Err(Unclassifiable::Unsupported);
+    }
+    Ok(FhirOp::Page {
+        handle: handle.to_string(),
+        seal: seal.map(str::to_string),
+    })
+}
+
+/// A page handle anywhere but in a page request (`Patient?_getpages=…`, a batch entry, a POSTed
+/// search) is refused: a server may hand out the page and ignore the rest of the query.
+fn refuse_page_handle(params: &[QueryParam]) -> Result<(), Unclassifiable> {
+    if params
+        .iter()
+        .any(|p| p.name == crate::fhir::page::HANDLE_PARAM)
+    {
+        return Err(Unclassifiable::Unsupported);
+    }
+    Ok(())
+}
+
 fn system_search(params: Vec<QueryParam>, via_post: bool) -> Result<FhirOp, Unclassifiable> {
     if params.is_empty() {
         return Err(Unclassifiable::Unsupported);
     }
+    refuse_page_handle(&params)?;
     referenced_types(&params)?;
     Ok(FhirOp::Search(Search {
         resource_type: None,
@@ -465,6 +510,7 @@ fn type_search(
     params: Vec<QueryParam>,
     via_post: bool,
 ) -> Result<FhirOp, Unclassifiable> {
+    refuse_page_handle(&params)?;
     referenced_types(&params)?;
     Ok(FhirOp::Search(Search {
         resource_type: Some(ty.to_string()),
@@ -736,6 +782,7 @@ fn classify_entry(entry: &Value) -> Result<FhirOp, Unclassifiable> {
     let segments = parse_path(path)?;
     let query = parse_query(query)?;
     reject_method_param(&query)?;
+    refuse_page_handle(&query)?;
     let if_none_exist = match request.get("ifNoneExist") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if method == Method::Post => Some(s.as_str()),

@@ -2,6 +2,7 @@
 
 pub mod classify;
 pub mod outcome;
+pub mod page;
 pub mod patch;
 pub mod path;
 pub mod request;

@@ -153,6 +153,12 @@ pub enum FhirOp {
         entries: Vec<BundleEntry>,
     },
     GraphQl,
+    /// A further page of an earlier search, by the server's handle (`[base]?_getpages=<id>`),
+    /// with the gateway's seal on it if the link came with one; see [`super::page`].
+    Page {
+        handle: String,
+        seal: Option<String>,
+    },
 }
 
 /// One entry of a batch or transaction request Bundle.
@@ -235,7 +241,8 @@ impl FhirOp {
     /// - history → `(T, History)`, system history → `(*, History)`;
     /// - `Capabilities`, `Operation` and `GraphQl` → nothing: the policy engine decides
     ///   operations by name;
-    /// - `Bundle` → nothing: every entry is decided on its own.
+    /// - `Bundle` → nothing: every entry is decided on its own;
+    /// - `Page` → nothing: the seal is the permission, and every resource on the page is checked.
     pub fn required_access(&self) -> Vec<(String, Interaction)> {
         super::search::op_required_access(self)
     }
@@ -257,7 +264,10 @@ impl FhirOp {
             FhirOp::History { resource_type, .. } | FhirOp::Operation { resource_type, .. } => {
                 resource_type.as_deref()
             }
-            FhirOp::Capabilities | FhirOp::Bundle { .. } | FhirOp::GraphQl => None,
+            FhirOp::Capabilities
+            | FhirOp::Bundle { .. }
+            | FhirOp::GraphQl
+            | FhirOp::Page { .. } => None,
         }
     }
 }

@@ -308,7 +308,8 @@ pub(crate) fn op_required_access(op: &FhirOp) -> Vec<(String, Interaction)> {
         FhirOp::Capabilities
         | FhirOp::Operation { .. }
         | FhirOp::Bundle { .. }
-        | FhirOp::GraphQl => {}
+        | FhirOp::GraphQl
+        | FhirOp::Page { .. } => {}
     }
     dedup(needs)
 }

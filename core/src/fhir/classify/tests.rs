@@ -1659,3 +1659,114 @@ proptest! {
         prop_assert!(is_bundle);
     }
 }
+
+fn page(handle: &str, seal: Option<&str>) -> FhirOp {
+    FhirOp::Page {
+        handle: handle.into(),
+        seal: seal.map(str::to_string),
+    }
+}
+
+#[test]
+fn page_requests_carry_their_handle_and_nothing_else() {
+    let form: &[(&str, &str)] = &[("content-type", "application/x-www-form-urlencoded")];
+    let table: Vec<Row> = vec![
+        (
+            "GET",
+            "?_getpages=h1&_getpagesoffset=2&_count=2&_bundletype=searchset",
+            &[],
+            None,
+            Ok(page("h1", None)),
+        ),
+        (
+            "HEAD",
+            "?_getpages=h1&_fhirgate_seal=s1&_pretty=true&_format=json",
+            &[],
+            None,
+            Ok(page("h1", Some("s1"))),
+        ),
+        // Anything a server could read as more than "that page" is refused.
+        ("GET", "?_getpages=h1&name=x", &[], None, Err(Unsupported)),
+        (
+            "GET",
+            "?_getpages=h1&_getpages=h2",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        (
+            "GET",
+            "?_getpages=h1&_fhirgate_seal=a&_fhirgate_seal=b",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        ("GET", "?_getpages=", &[], None, Err(Unsupported)),
+        (
+            "GET",
+            "?_getpages=h1&_elements=id",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        // A handle anywhere else: a server may answer with the page and ignore the rest.
+        (
+            "GET",
+            "Patient?_getpages=h1&gender=male",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        (
+            "GET",
+            "Patient/p1/Observation?_getpages=h1",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        (
+            "GET",
+            "Patient/_history?_getpages=h1",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        ("GET", "_history?_getpages=h1", &[], None, Err(Unsupported)),
+        (
+            "GET",
+            "Patient/p1/$everything?_getpages=h1",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        (
+            "POST",
+            "Patient/_search",
+            form,
+            Some("_getpages=h1"),
+            Err(Unsupported),
+        ),
+        (
+            "POST",
+            "_search",
+            form,
+            Some("_getpages=h1"),
+            Err(Unsupported),
+        ),
+    ];
+    for row in table {
+        check(row);
+    }
+}
+
+#[test]
+fn a_batch_entry_cannot_follow_a_page_handle() {
+    let bundle = json!({"resourceType":"Bundle","type":"batch","entry":[
+        entry("GET", "?_getpages=h1"),
+        entry("GET", "Patient?_getpages=h1"),
+    ]});
+    check_bundle(
+        bundle,
+        Ok((false, vec![Err(Unsupported), Err(Unsupported)])),
+    );
+}

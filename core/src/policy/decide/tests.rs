@@ -239,3 +239,21 @@ fn an_isolated_write_is_stamped_and_cannot_take_another_projects_resource() {
         json!([{"system": PROJECT_TAG_SYSTEM, "code": "a"}])
     );
 }
+
+#[test]
+fn a_page_of_an_earlier_search_is_checked_resource_by_resource() {
+    // The seal was checked by the gateway; the page itself is never trusted: every resource is
+    // filtered, nothing is added upstream and the total is dropped.
+    let narrowed = policy(json!([{"resourceType": "Patient", "criteria": "Patient?gender=male"}]));
+    match decide_get(
+        &narrowed,
+        "?_getpages=h1&_getpagesoffset=2&_fhirgate_seal=s",
+    ) {
+        Decision::Allow(p) => {
+            assert_eq!(p.response, ResponseNeed::FilterResources);
+            assert!(p.drop_total);
+            assert!(p.narrowing.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -45,9 +45,11 @@ import javax.sql.DataSource;
  * modules the hapiproject/hapi image is built from) on an in-memory H2 database, R4, with
  * URL-based partitioning so that each test gets a partition of its own.
  *
- * Differences from the image, on purpose: search results are not reused across requests (a
- * search right after a write sees it), multiple delete and expunge are on, batch jobs advance
- * every second instead of every minute.
+ * Differences from the image's defaults, on purpose: search results are not reused across
+ * requests (a search right after a write sees it), multiple delete and expunge are on, references
+ * are not checked on write (fixtures point outside their case), batch jobs advance every second
+ * instead of every minute. Partitions are database partitions (HAPI 8's mode for new
+ * installations): each has its own id space, so two tenants may both hold Patient/p1.
  */
 @Configuration
 @Import({JpaR4Config.class, HapiJpaConfig.class, JpaBatch2Config.class, Batch2JobsConfig.class, ThreadPoolFactoryConfig.class,
@@ -98,7 +100,11 @@ public class HapiConfig {
 	public JpaStorageSettings jpaStorageSettings() {
 		JpaStorageSettings s = new JpaStorageSettings();
 		s.setAllowExternalReferences(true);
+		s.setAllowContainsSearches(true); // the hapiproject/hapi image's default (allow_contains_searches)
 		s.setAllowMultipleDelete(true);
+		// The policy corpus' fixtures point at resources outside each case (a Patient's
+		// Organization/org1): the image's enforce_referential_integrity_on_write=false.
+		s.setEnforceReferentialIntegrityOnWrite(false);
 		s.setExpungeEnabled(true);
 		s.setDeleteExpungeEnabled(true);
 		s.setReuseCachedSearchResultsForMillis(null); // every search hits the DB (no 60 s result cache)
@@ -109,6 +115,7 @@ public class HapiConfig {
 	public PartitionSettings partitionSettings() {
 		PartitionSettings p = new PartitionSettings();
 		p.setPartitioningEnabled(PARTITIONING);
+		p.setDatabasePartitionMode(PARTITIONING);
 		return p;
 	}
 
