@@ -1,11 +1,30 @@
-//! The FHIR test upstream (tests/upstream/server.mjs) starts, stores and serves a resource, and
-//! records and forgets the requests it receives.
+//! The FHIR test upstream (tests/upstream/server.mjs, or HAPI FHIR behind hapi-proxy.mjs on the
+//! second pass) starts, stores and serves a resource, and records and forgets the requests it
+//! receives.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use common::upstream::FhirUpstream;
 use serde_json::json;
+
+#[test]
+fn the_upstream_is_the_server_this_pass_names() {
+    // The second pass must really run against HAPI, and the first against Medplum's router.
+    let upstream = FhirUpstream::start();
+    let metadata = upstream.fhir("GET", "metadata", None);
+    assert_eq!(metadata.status, 200, "{}", metadata.text());
+    let software = metadata.json()["software"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let expected = if common::upstream::on_hapi() {
+        "hapi fhir"
+    } else {
+        "@medplum/fhir-router"
+    };
+    assert!(software.contains(expected), "software.name = {software:?}");
+}
 
 #[test]
 fn upstream_round_trips_a_patient_and_records_requests() {

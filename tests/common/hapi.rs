@@ -1,7 +1,8 @@
 //! A real HAPI FHIR server as fhirgate's upstream: `tests/hapi` (HAPI's JPA server modules on an
-//! in-memory H2 database, built with Maven by `scripts/setup`), started once per test binary on
-//! a free loopback port. Each test takes a partition of its own (`/fhir/<partition>`), so tests
-//! never see each other's data and need no reset.
+//! in-memory H2 database, built with Maven by `scripts/setup`), started once by `scripts/test`
+//! for every test binary (`FHIRGATE_TEST_HAPI=<port>`), or else once per test binary, on a free
+//! loopback port. Each test takes a partition of its own (`/fhir/<partition>`), so tests never
+//! see each other's data and need no reset.
 //!
 //! ```ignore
 //! let upstream = common::hapi::partition();   // "http://127.0.0.1:PORT/fhir/t1a2b…"
@@ -25,8 +26,9 @@ const START_TIMEOUT: Duration = Duration::from_secs(240);
 /// the stdin pipe this process holds.
 struct Hapi {
     port: u16,
-    _child: Mutex<Child>,
-    _stdin: Mutex<ChildStdin>,
+    /// `None` when the server was started by the test command for every binary
+    /// (`FHIRGATE_TEST_HAPI`).
+    _child: Option<(Mutex<Child>, Mutex<ChildStdin>)>,
 }
 
 fn jar() -> PathBuf {
@@ -73,7 +75,14 @@ fn start() -> Hapi {
             panic!("HAPI did not start within {START_TIMEOUT:?}");
         }
     };
-    // Its first request loads more; wait until it answers.
+    Hapi {
+        port,
+        _child: Some((Mutex::new(child), Mutex::new(stdin))),
+    }
+}
+
+/// Waits until the server answers (its first request loads more).
+fn wait_ready(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let metadata = format!("http://127.0.0.1:{port}/fhir/DEFAULT/metadata");
     super::http::rt().block_on(async {
@@ -88,16 +97,25 @@ fn start() -> Hapi {
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     });
-    Hapi {
-        port,
-        _child: Mutex::new(child),
-        _stdin: Mutex::new(stdin),
-    }
 }
 
+/// The server `scripts/test` started for all test binaries (`FHIRGATE_TEST_HAPI=<port>`), or one
+/// of this binary's own. Partitions keep the binaries apart: each has its own id space.
 fn shared() -> &'static Hapi {
     static HAPI: OnceLock<Hapi> = OnceLock::new();
-    HAPI.get_or_init(start)
+    HAPI.get_or_init(|| {
+        let hapi = match std::env::var("FHIRGATE_TEST_HAPI") {
+            Ok(port) => Hapi {
+                port: port
+                    .parse()
+                    .unwrap_or_else(|_| panic!("FHIRGATE_TEST_HAPI={port:?} is not a port")),
+                _child: None,
+            },
+            Err(_) => start(),
+        };
+        wait_ready(hapi.port);
+        hapi
+    })
 }
 
 /// `http://127.0.0.1:PORT` of the shared HAPI server (started on first use). Call it outside

@@ -221,19 +221,29 @@ pub async fn ensure_profile(
         }
         query.finish()
     };
-    let resp = upstream_request(
-        state,
-        target,
-        identity,
-        reqwest::Method::POST,
-        spec.resource_type,
-    )?
-    .header("content-type", FHIR_JSON)
-    .header("if-none-exist", condition)
-    .body(profile.to_string())
-    .send()
-    .await
-    .map_err(|e| upstream_failure(&e))?;
+    // A server may refuse a conditional create that raced another with the same condition
+    // (HAPI: 409, HAPI-2745) instead of serialising them: asked again, it finds the winner's.
+    let mut attempt = 0;
+    let resp = loop {
+        let resp = upstream_request(
+            state,
+            target,
+            identity,
+            reqwest::Method::POST,
+            spec.resource_type,
+        )?
+        .header("content-type", FHIR_JSON)
+        .header("if-none-exist", condition.as_str())
+        .body(profile.to_string())
+        .send()
+        .await
+        .map_err(|e| upstream_failure(&e))?;
+        attempt += 1;
+        if resp.status().as_u16() != 409 || attempt == CONDITIONAL_CREATE_ATTEMPTS {
+            break resp;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50 * attempt)).await;
+    };
     let status = resp.status().as_u16();
     let refused = || ApiError::Outcome(Stock::ProfileNotCreated.outcome());
     if status == 412 {
@@ -256,6 +266,9 @@ pub async fn ensure_profile(
     }
     Ok((format!("{}/{id}", spec.resource_type), status == 201))
 }
+
+/// How often a profile's conditional create is sent when the server answers 409.
+const CONDITIONAL_CREATE_ATTEMPTS: u64 = 3;
 
 /// Deletes a profile this invite created, unless a membership uses it by now (a concurrent
 /// invite of the same person may have found it). Failures are logged: the profile then stays,
