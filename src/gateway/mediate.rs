@@ -684,11 +684,15 @@ async fn run_inner(
     if let Some(subset) = &permit.subset {
         subset.apply_to_response(&mut value);
     }
-    Ok((
-        up.status,
-        up.headers,
-        Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
-    ))
+    // Paged answers (HAPI's `$everything` and `_history`) hand out page handles too.
+    let body = fhirgate_core::fhir::page::seal_links(
+        serde_json::to_vec(&value).unwrap_or_default(),
+        |handle| {
+            gw.state
+                .page_seal(&ctx.page_caller().unwrap_or_default(), handle)
+        },
+    );
+    Ok((up.status, up.headers, Bytes::from(body)))
 }
 
 /// The client's `If-None-Match` names the version the upstream answered with (weak compare).
