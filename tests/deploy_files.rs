@@ -769,9 +769,18 @@ fn compose_runs_two_proxies_one_control_postgres_hapi_and_nginx() {
             "{name}: built from the repo's Dockerfile"
         );
     }
+    // The HAPI release the end-to-end tests run against (tests/hapi/pom.xml): its image tags
+    // are `v<release>-<image revision>`.
+    let pom = std::fs::read_to_string(repo().join("tests/hapi/pom.xml")).unwrap();
+    let tested = pom
+        .split("<hapi.version>")
+        .nth(1)
+        .and_then(|rest| rest.split("</hapi.version>").next())
+        .expect("hapi.version in tests/hapi/pom.xml");
+    let image = s(&c.service("hapi")["image"], "image");
     assert!(
-        s(&c.service("hapi")["image"], "image").starts_with("hapiproject/hapi:"),
-        "HAPI FHIR image"
+        image.starts_with(&format!("hapiproject/hapi:v{tested}-")),
+        "HAPI FHIR image {image} is not the tested release {tested}"
     );
     assert_eq!(
         scalar(

@@ -329,7 +329,11 @@ fn checked_everything_and_history_answers_page_on_for_their_caller() {
             async move {
                 let (s, p) = send(
                     TestGateway::client()
-                        .post(format!("{}{}", gw.fhir, body["resourceType"].as_str().unwrap()))
+                        .post(format!(
+                            "{}{}",
+                            gw.fhir,
+                            body["resourceType"].as_str().unwrap()
+                        ))
                         .bearer_auth(admin)
                         .json(&body),
                 )
@@ -353,8 +357,10 @@ fn checked_everything_and_history_answers_page_on_for_their_caller() {
                 TestGateway::client()
                     .put(format!("{}Patient/{patient}", gw.fhir))
                     .bearer_auth(&admin)
-                    .json(&json!({"resourceType": "Patient", "id": patient, "gender": "female",
-                                  "name": [{"family": family}]})),
+                    .json(
+                        &json!({"resourceType": "Patient", "id": patient, "gender": "female",
+                                  "name": [{"family": family}]}),
+                    ),
             )
             .await;
             assert_eq!(s, 200, "{p}");
@@ -384,7 +390,105 @@ fn checked_everything_and_history_answers_page_on_for_their_caller() {
             &caller,
         )
         .await;
-        assert_eq!(history.len(), 5, "five versions over three pages: {history:?}");
+        assert_eq!(
+            history.len(),
+            5,
+            "five versions over three pages: {history:?}"
+        );
         assert!(history.iter().all(|id| *id == patient));
+    });
+}
+
+#[test]
+fn projects_bound_to_hapi_partitions_live_apart() {
+    // The deployment README's shape: one HAPI server, a partition per clinic, each bound to
+    // its project by name. Both clinics hold a Patient/mrn-1 of their own (database partitions
+    // have their own ids); each admin reads, searches and pages only its own partition; a
+    // page handle of one clinic is refused to the other.
+    let (part_a, part_b) = (common::hapi::partition(), common::hapi::partition());
+    let default = common::hapi::partition();
+    let gw = TestGateway::start_with(&default, |c| {
+        c.upstreams = vec![format!("clinic-a={part_a}"), format!("clinic-b={part_b}")];
+    });
+    let clinic = |name: &str| {
+        let project = common::people::seed_project(
+            &gw,
+            json!({"name": name, "systemSetting": [
+                {"name": "fhirgate-upstream", "valueString": name}]}),
+        );
+        let (id, secret) = common::people::seed_admin_client(&gw, &project);
+        rt().block_on(gw.token(&id, &secret, None))
+    };
+    let (a, b) = (clinic("clinic-a"), clinic("clinic-b"));
+    rt().block_on(async {
+        for (token, family) in [(&a, "Alpha"), (&b, "Beta")] {
+            let (s, p) = send(
+                TestGateway::client()
+                    .put(format!("{}Patient/mrn-1", gw.fhir))
+                    .bearer_auth(token)
+                    .json(&json!({"resourceType": "Patient", "id": "mrn-1",
+                                  "name": [{"family": family}]})),
+            )
+            .await;
+            assert_eq!(s, 201, "{p}");
+            for _ in 0..3 {
+                let (s, p) = send(
+                    TestGateway::client()
+                        .post(format!("{}Patient", gw.fhir))
+                        .bearer_auth(token)
+                        .json(&json!({"resourceType": "Patient", "name": [{"family": family}]})),
+                )
+                .await;
+                assert_eq!(s, 201, "{p}");
+            }
+        }
+        // Written to its own partition, as HAPI itself shows.
+        let direct = |part: &str| {
+            let url = format!("{part}/Patient/mrn-1");
+            async move {
+                let v: Value = reqwest::get(&url).await.unwrap().json().await.unwrap();
+                v["name"][0]["family"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
+            }
+        };
+        assert_eq!(direct(&part_a).await, "Alpha");
+        assert_eq!(direct(&part_b).await, "Beta");
+        let default_patients: Value = reqwest::get(format!("{default}/Patient"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(
+            entry_ids(&default_patients).is_empty(),
+            "{default_patients}"
+        );
+
+        for (token, family) in [(&a, "Alpha"), (&b, "Beta")] {
+            let (s, p) = send(
+                TestGateway::client()
+                    .get(format!("{}Patient/mrn-1", gw.fhir))
+                    .bearer_auth(token),
+            )
+            .await;
+            assert_eq!((s, p["name"][0]["family"].as_str()), (200, Some(family)));
+            let ids = follow_pages(&gw, &format!("{}Patient?_count=2", gw.fhir), token).await;
+            assert_eq!(ids.len(), 4, "{family}: {ids:?}");
+            let text = ids.join(",");
+            assert!(!text.contains(&part_a) && !text.contains(&part_b));
+        }
+        let (s, first) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_count=2", gw.fhir))
+                .bearer_auth(&a),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let next = next_link(&first);
+        assert!(!next.contains(&part_a), "{next}");
+        let (s, page) = send(TestGateway::client().get(&next).bearer_auth(&b)).await;
+        assert_eq!(s, 403, "clinic B followed clinic A's page: {page}");
     });
 }
