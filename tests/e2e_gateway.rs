@@ -357,6 +357,69 @@ fn metadata_is_public_and_advertises_oauth() {
 }
 
 #[test]
+fn metadata_is_rendered_once_and_served_from_memory() {
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    rt().block_on(async {
+        let get = |query: &'static str| {
+            let url = format!("{}metadata{query}", gw.fhir);
+            async move {
+                let r = TestGateway::client().get(url).send().await.unwrap();
+                let status = r.status().as_u16();
+                let etag = r
+                    .headers()
+                    .get("etag")
+                    .map(|v| v.to_str().unwrap().to_string());
+                (status, etag, r.bytes().await.unwrap())
+            }
+        };
+        let metadata_requests = || {
+            upstream
+                .requests()
+                .iter()
+                .filter(|r| r["url"].as_str().unwrap_or("").contains("/metadata"))
+                .count()
+        };
+        // fhirgate asks once at start, to warn about an upstream that does not answer.
+        let before = metadata_requests();
+        let (status, etag, first) = get("").await;
+        assert_eq!(status, 200);
+        let cs: Value = serde_json::from_slice(&first).unwrap();
+        assert!(cs.to_string().contains(&format!("{}oauth2/token", gw.base)));
+        for _ in 0..5 {
+            let (status, again_etag, again) = get("").await;
+            assert_eq!((status, &again_etag), (200, &etag));
+            assert_eq!(again, first, "the same rendering");
+        }
+        assert_eq!(
+            metadata_requests(),
+            before + 1,
+            "answered from memory after the first"
+        );
+        // Another form of the request goes upstream, and is rendered as always.
+        let (status, _, other) = get("?_format=json").await;
+        assert_eq!(status, 200);
+        assert_eq!(metadata_requests(), before + 2);
+        let other: Value = serde_json::from_slice(&other).unwrap();
+        assert!(
+            other
+                .to_string()
+                .contains(&format!("{}oauth2/token", gw.base))
+        );
+        if let Some(etag) = etag {
+            let r = TestGateway::client()
+                .get(format!("{}metadata", gw.fhir))
+                .header("if-none-match", etag)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 304);
+            assert_eq!(metadata_requests(), before + 2);
+        }
+    });
+}
+
+#[test]
 fn logout_revokes_the_login_on_the_next_request() {
     let upstream = FhirUpstream::start();
     let gw = TestGateway::start(&upstream.base_url);

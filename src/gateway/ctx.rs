@@ -73,6 +73,9 @@ pub struct RequestCtx {
 
     /// What to do with the upstream response.
     pub plan: ResponsePlan,
+    /// A CapabilityStatement answer to keep (`gateway::metadata`), with the upstream headers
+    /// that travel with it once they are known.
+    pub metadata_kept: Option<Vec<(&'static str, String)>>,
     /// The response body is being collected for filtering.
     pub buffering: bool,
     /// A body that replaces the upstream's (fail-closed answers decided at header time).
@@ -157,6 +160,7 @@ impl RequestCtx {
             resource_type: None,
             extra_query: Vec::new(),
             plan: ResponsePlan::Stream,
+            metadata_kept: None,
             buffering: false,
             replacement: None,
             body: Vec::new(),

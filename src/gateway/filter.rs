@@ -90,6 +90,17 @@ pub fn prepare_response(
     if !json {
         return Ok(());
     }
+    if ctx.metadata_kept.is_some() {
+        ctx.metadata_kept = (status == 200).then(|| {
+            super::metadata::KEPT_HEADERS
+                .iter()
+                .filter_map(|&name| {
+                    let value = resp.headers.get(name)?.to_str().ok()?;
+                    Some((name, value.to_string()))
+                })
+                .collect()
+        });
+    }
     resp.remove_header("content-length");
     resp.insert_header("transfer-encoding", "chunked")?;
     ctx.buffering = true;
@@ -99,6 +110,7 @@ pub fn prepare_response(
 /// Body stage (synchronous, pure CPU): collect, then filter at end of stream.
 pub fn body_chunk(
     state: &State,
+    metadata: &super::metadata::MetadataCache,
     body: &mut Option<Bytes>,
     end: bool,
     ctx: &mut RequestCtx,
@@ -126,11 +138,17 @@ pub fn body_chunk(
         ctx.body.extend_from_slice(&chunk);
     }
     if end {
+        let raw = std::mem::take(&mut ctx.body);
+        let kept = ctx.metadata_kept.take();
         let ResponsePlan::Buffer(spec) = &ctx.plan else {
             return Ok(());
         };
-        let raw = std::mem::take(&mut ctx.body);
         let upstream_base = ctx.binding(state).upstream.base_url.as_str();
+        if let (true, Some(headers)) = (spec.metadata, kept) {
+            *body =
+                Some(metadata.render(raw, headers, |raw| apply(config, upstream_base, spec, raw)));
+            return Ok(());
+        }
         let mut out = apply(config, upstream_base, spec, &raw);
         if ctx.identity.is_some() {
             // The caller is spelled out only when the body holds a handle to seal.

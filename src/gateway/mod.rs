@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod filter;
 mod forward;
 mod mediate;
+pub mod metadata;
 pub mod respond;
 pub mod route;
 
@@ -40,6 +41,8 @@ use route::Route;
 pub struct Gateway {
     pub state: Arc<State>,
     http: reqwest::Client,
+    /// The public CapabilityStatement, rendered once per upstream answer.
+    metadata: metadata::MetadataCache,
 }
 
 impl Gateway {
@@ -53,7 +56,11 @@ impl Gateway {
             .redirect(reqwest::redirect::Policy::none())
             .pool_max_idle_per_host(64)
             .build()?;
-        Ok(Gateway { state, http })
+        Ok(Gateway {
+            state,
+            http,
+            metadata: metadata::MetadataCache::default(),
+        })
     }
 
     fn client_ip(
@@ -144,12 +151,24 @@ impl ProxyHttp for Gateway {
             }
             Route::Metadata => {
                 ctx.decision = "public";
-                ctx.plan = ResponsePlan::Buffer(Arc::new(FilterSpec {
-                    policy: None,
-                    metadata: true,
-                    drop_total: false,
-                    subset: None,
-                }));
+                if metadata::cacheable(session) {
+                    if let Some(rendered) = self.metadata.fresh() {
+                        let cors = cors::with_cors(&[], ctx.cors.as_ref());
+                        ctx.answered = Some(metadata::answer(session, &rendered, &cors).await?);
+                        return Ok(true);
+                    }
+                    ctx.metadata_kept = Some(Vec::new());
+                }
+                static METADATA: std::sync::LazyLock<Arc<FilterSpec>> =
+                    std::sync::LazyLock::new(|| {
+                        Arc::new(FilterSpec {
+                            policy: None,
+                            metadata: true,
+                            drop_total: false,
+                            subset: None,
+                        })
+                    });
+                ctx.plan = ResponsePlan::Buffer(METADATA.clone());
                 Ok(false)
             }
             Route::NotFound => {
@@ -220,7 +239,7 @@ impl ProxyHttp for Gateway {
         end: bool,
         ctx: &mut RequestCtx,
     ) -> Result<Option<Duration>> {
-        filter::body_chunk(&self.state, body, end, ctx)?;
+        filter::body_chunk(&self.state, &self.metadata, body, end, ctx)?;
         Ok(None)
     }
 
