@@ -15,7 +15,9 @@
 #        nginx      the same through the nginx reverse proxy
 #        pingora    the same through the plain pingora pass-through (docs/contract.md §5's baseline)
 #        fg-pass    GET /fhir/R4/metadata through fhirgate (public, no auth: the pass-through
-#                   baseline of docs/contract.md §1; NB fhirgate buffers and rewrites this JSON body)
+#                   baseline of docs/contract.md §1; NB fhirgate renders this JSON body once per
+#                   upstream answer and serves it from memory for 10 s, so the upstream is
+#                   asked about once per 10 s here)
 #        fg-full    GET /fhir/R4/Patient/p1 through fhirgate with `Authorization: Bearer`
 #                   (cached after the first request) + policy decision + forwarding
 #        fg-basic   the same with `Authorization: Basic client_id:secret`
@@ -652,6 +654,6 @@ echo
 echo "notes: 'proxy µs/req' is utime+stime of the proxy process(es) per request (nginx: master + workers;"
 echo "       fhirgate: the whole process, so issuance includes the control API and SQLite). 'gw-add p99' is the"
 echo "       upper bucket bound (ms) of fhirgate_gateway_added_seconds for the run (at saturation, not at 50 %)."
-echo "       fg-pass (GET metadata) buffers and rewrites the CapabilityStatement (docs/contract.md §1), so it is not a"
-echo "       zero-work baseline; 'pingora' is. 'foreign CPU' above ~5 % means something else was running."
+echo "       fg-pass (GET metadata) is answered from memory (rendered once per upstream answer, 10 s): no upstream"
+echo "       round trip, so not a pass-through baseline; 'pingora' is. 'foreign CPU' above ~5 % means something else was running."
 echo "       fg-half: wrk's p50/p99 there are the client-side latency at ~50 % load; gw-add p99 is the contract's number."
