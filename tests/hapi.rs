@@ -492,3 +492,52 @@ fn projects_bound_to_hapi_partitions_live_apart() {
         assert_eq!(s, 403, "clinic B followed clinic A's page: {page}");
     });
 }
+
+#[test]
+fn a_batch_search_pages_on_outside_the_batch() {
+    // A batch's search entry comes back as a searchset with HAPI's page handle in its next
+    // link: sealed for the caller, it pages on like any other (never inside a batch).
+    let upstream = common::hapi::partition();
+    let gw = TestGateway::start(&upstream);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let mut female = HashSet::new();
+        for gender in ["female", "male", "female", "female"] {
+            let (s, p) = send(
+                TestGateway::client()
+                    .post(format!("{}Patient", gw.fhir))
+                    .bearer_auth(&admin)
+                    .json(&json!({"resourceType": "Patient", "gender": gender})),
+            )
+            .await;
+            assert_eq!(s, 201, "{p}");
+            if gender == "female" {
+                female.insert(p["id"].as_str().unwrap().to_string());
+            }
+        }
+        let caller = caller_with(
+            &gw,
+            &admin,
+            json!([{"resourceType": "Patient", "criteria": "Patient?gender=female"}]),
+        )
+        .await;
+        let batch = json!({"resourceType": "Bundle", "type": "batch", "entry": [
+            {"request": {"method": "GET", "url": "Patient?_count=1"}}]});
+        let (s, out) = send(
+            TestGateway::client()
+                .post(gw.fhir.trim_end_matches('/'))
+                .bearer_auth(&caller)
+                .json(&batch),
+        )
+        .await;
+        assert_eq!(s, 200, "{out}");
+        let searchset = &out["entry"][0]["resource"];
+        let next = next_link(searchset);
+        assert!(next.contains("_fhirgate_seal="), "{next}");
+        let mut seen: Vec<String> = entry_ids(searchset);
+        seen.extend(follow_pages(&gw, &next, &caller).await);
+        let unique: HashSet<String> = seen.iter().cloned().collect();
+        assert_eq!(unique.len(), seen.len(), "{seen:?}");
+        assert_eq!(unique, female);
+    });
+}

@@ -556,11 +556,7 @@ async fn run_inner(
             }
         }
         filter_value(&m.policy, &mut value, true);
-        return Ok((
-            up.status,
-            up.headers,
-            Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
-        ));
+        return Ok((up.status, up.headers, Bytes::from(sealed(gw, ctx, &value))));
     }
 
     let permit = m.permit.as_ref().ok_or_else(|| forbid("no_permit"))?;
@@ -684,15 +680,16 @@ async fn run_inner(
     if let Some(subset) = &permit.subset {
         subset.apply_to_response(&mut value);
     }
-    // Paged answers (HAPI's `$everything` and `_history`) hand out page handles too.
-    let body = fhirgate_core::fhir::page::seal_links(
-        serde_json::to_vec(&value).unwrap_or_default(),
-        |handle| {
-            gw.state
-                .page_seal(&ctx.page_caller().unwrap_or_default(), handle)
-        },
-    );
-    Ok((up.status, up.headers, Bytes::from(body)))
+    Ok((up.status, up.headers, Bytes::from(sealed(gw, ctx, &value))))
+}
+
+/// `value` as JSON, its page handles sealed for the caller: paged answers (HAPI's `$everything`
+/// and `_history`, a batch's searches) hand them out too.
+fn sealed(gw: &Gateway, ctx: &RequestCtx, value: &Value) -> Vec<u8> {
+    fhirgate_core::fhir::page::seal_links(serde_json::to_vec(value).unwrap_or_default(), |h| {
+        gw.state
+            .page_seal(&ctx.page_caller().unwrap_or_default(), h)
+    })
 }
 
 /// The client's `If-None-Match` names the version the upstream answered with (weak compare).

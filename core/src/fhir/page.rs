@@ -51,8 +51,9 @@ pub fn without_seal(query: &str) -> String {
 }
 
 /// Seals every page link of a Bundle body: each `link[].url` naming a handle gets
-/// `&_fhirgate_seal=<seal(handle)>` (any seal already there is replaced). Bodies naming no
-/// handle, or that are not a JSON Bundle, come back as they were.
+/// `&_fhirgate_seal=<seal(handle)>` (any seal already there is replaced), in the Bundle and in
+/// the Bundles its entries hold (a batch response's searches). Bodies naming no handle, or that
+/// are not a JSON Bundle, come back as they were.
 pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
     let needle = format!("{HANDLE_PARAM}=");
     if memchr::memmem::find(&body, needle.as_bytes()).is_none() {
@@ -61,11 +62,19 @@ pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
     let Ok(mut value) = serde_json::from_slice::<Value>(&body) else {
         return body;
     };
-    if value.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+    if !seal_bundle(&mut value, &seal) {
         return body;
     }
+    serde_json::to_vec(&value).unwrap_or(body)
+}
+
+/// Seals the page links of `bundle` and of the Bundles in its entries; true when one changed.
+fn seal_bundle(bundle: &mut Value, seal: &impl Fn(&str) -> String) -> bool {
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+        return false;
+    }
     let mut changed = false;
-    for link in value
+    for link in bundle
         .get_mut("link")
         .and_then(Value::as_array_mut)
         .into_iter()
@@ -74,15 +83,22 @@ pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
         let Some(url) = link.get("url").and_then(Value::as_str) else {
             continue;
         };
-        if let Some(sealed) = seal_url(url, &seal) {
+        if let Some(sealed) = seal_url(url, seal) {
             link["url"] = Value::String(sealed);
             changed = true;
         }
     }
-    if !changed {
-        return body;
+    for entry in bundle
+        .get_mut("entry")
+        .and_then(Value::as_array_mut)
+        .into_iter()
+        .flatten()
+    {
+        if let Some(resource) = entry.get_mut("resource") {
+            changed |= seal_bundle(resource, seal);
+        }
     }
-    serde_json::to_vec(&value).unwrap_or(body)
+    changed
 }
 
 /// `url` with its handle sealed, or `None` when it names no handle.
@@ -157,6 +173,16 @@ mod tests {
 
         let plain = serde_json::to_vec(&json!({"resourceType": "Bundle", "link": []})).unwrap();
         assert_eq!(seal_links(plain.clone(), |_| unreachable!()), plain);
+        // A batch response: the searchset of an entry is sealed too.
+        let batch = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+            {"resource": {"resourceType": "Bundle", "type": "searchset", "link": [
+                {"relation": "next", "url": "https://gw/fhir/R4?_getpages=h2"}]}}]});
+        let out = seal_links(serde_json::to_vec(&batch).unwrap(), |h| format!("S{h}"));
+        let out: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            out["entry"][0]["resource"]["link"][0]["url"],
+            "https://gw/fhir/R4?_getpages=h2&_fhirgate_seal=Sh2"
+        );
         let not_json = b"_getpages=h1 {".to_vec();
         assert_eq!(seal_links(not_json.clone(), |_| "s".into()), not_json);
     }
