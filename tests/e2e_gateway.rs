@@ -138,6 +138,10 @@ fn upstream_never_sees_client_credentials_or_spoofed_identity_headers() {
             .bearer_auth(&token)
             .header("x-fhirgate-profile", "Practitioner/spoofed")
             .header("x-fhirgate-project", "spoofed")
+            // A server behind a proxy may build its URLs from these.
+            .header("x-forwarded-prefix", "/elsewhere")
+            .header("x-forwarded-port", "1")
+            .header("forwarded", "host=elsewhere.example")
             .send()
             .await
             .unwrap();
@@ -154,6 +158,12 @@ fn upstream_never_sees_client_credentials_or_spoofed_identity_headers() {
             format!("ClientApplication/{ADMIN_CLIENT_ID}")
         );
         assert_ne!(headers["x-fhirgate-project"], "spoofed");
+        for name in ["x-forwarded-prefix", "x-forwarded-port", "forwarded"] {
+            assert!(
+                headers.get(name).is_none(),
+                "{name} reached upstream: {headers}"
+            );
+        }
         assert!(
             headers["x-forwarded-for"]
                 .as_str()
@@ -416,6 +426,58 @@ fn metadata_is_rendered_once_and_served_from_memory() {
             assert_eq!(r.status(), 304);
             assert_eq!(metadata_requests(), before + 2);
         }
+    });
+}
+
+#[test]
+fn a_client_if_match_is_checked_against_the_version_the_gateway_checked() {
+    // The gateway pins every update, patch and delete to the version it checked, so it answers
+    // the client's own If-Match itself: servers differ on one they cannot parse (HAPI: 500) and
+    // on DELETE (HAPI ignores it).
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start(&upstream.base_url);
+    upstream.put_resource(&json!({"resourceType": "Patient", "id": "im1", "active": true}));
+    rt().block_on(async {
+        let token = gw.admin_token().await;
+        let put = |id: &'static str, if_match: &'static str| {
+            let (gw, token) = (&gw, &token);
+            async move {
+                TestGateway::client()
+                    .put(format!("{}Patient/{id}", gw.fhir))
+                    .bearer_auth(token)
+                    .header("if-match", if_match)
+                    .json(&json!({"resourceType": "Patient", "id": id, "active": false}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        let writes = || {
+            upstream
+                .requests()
+                .iter()
+                .filter(|r| r["method"] == "PUT" || r["method"] == "DELETE")
+                .count()
+        };
+        let before = writes();
+        // Not there: no version can match; nothing is created.
+        assert_eq!(put("im-missing", "W/\"1\"").await, 412);
+        // There, but another version (and one no server could parse).
+        assert_eq!(put("im1", "W/\"0f1e2d3c-stale\"").await, 412);
+        let del = TestGateway::client()
+            .delete(format!("{}Patient/im1", gw.fhir))
+            .bearer_auth(&token)
+            .header("if-match", "W/\"99\"")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(del.status().as_u16(), 412);
+        assert_eq!(writes(), before, "nothing written upstream");
+        assert_eq!(upstream.fhir("GET", "Patient/im-missing", None).status, 404);
+        // `*` matches the version that is there.
+        assert_eq!(put("im1", "*").await, 200);
     });
 }
 

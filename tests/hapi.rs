@@ -103,6 +103,32 @@ fn next_link(bundle: &Value) -> String {
         .to_string()
 }
 
+/// Creates a Patient of each gender through the gateway as `token`; returns the ids of the
+/// female ones and of all.
+async fn create_patients(
+    gw: &TestGateway,
+    token: &str,
+    genders: &[&str],
+) -> (HashSet<String>, HashSet<String>) {
+    let (mut female, mut all) = (HashSet::new(), HashSet::new());
+    for gender in genders {
+        let (s, p) = send(
+            TestGateway::client()
+                .post(format!("{}Patient", gw.fhir))
+                .bearer_auth(token)
+                .json(&json!({"resourceType": "Patient", "gender": gender})),
+        )
+        .await;
+        assert_eq!(s, 201, "{p}");
+        let id = p["id"].as_str().unwrap().to_string();
+        if *gender == "female" {
+            female.insert(id.clone());
+        }
+        all.insert(id);
+    }
+    (female, all)
+}
+
 /// The decoded value of `name` in `url`'s query (panics when absent).
 fn query_value(url: &str, name: &str) -> String {
     let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
@@ -142,18 +168,8 @@ fn a_page_handle_of_another_caller_reveals_nothing() {
     let (o_id, o_secret) = common::people::seed_admin_client(&gw, &other_project);
     rt().block_on(async {
         let admin = gw.admin_token().await;
-        let mut all = HashSet::new();
-        for gender in ["female", "female", "female", "male", "male", "male"] {
-            let (s, p) = send(
-                TestGateway::client()
-                    .post(format!("{}Patient", gw.fhir))
-                    .bearer_auth(&admin)
-                    .json(&json!({"resourceType": "Patient", "gender": gender})),
-            )
-            .await;
-            assert_eq!(s, 201, "{p}");
-            all.insert(p["id"].as_str().unwrap().to_string());
-        }
+        let genders = ["female", "female", "female", "male", "male", "male"];
+        let (_, all) = create_patients(&gw, &admin, &genders).await;
         let (s, first) = send(
             TestGateway::client()
                 .get(format!("{}Patient?_count=2", gw.fhir))
@@ -231,23 +247,15 @@ fn a_narrowed_search_pages_through_hapi_to_exactly_what_the_caller_may_read() {
     let gw = TestGateway::start(&upstream);
     rt().block_on(async {
         let admin = gw.admin_token().await;
-        let mut female = HashSet::new();
-        for gender in [
-            "female", "male", "female", "female", "male", "female", "male", "female", "male",
-            "female",
-        ] {
-            let (s, p) = send(
-                TestGateway::client()
-                    .post(format!("{}Patient", gw.fhir))
-                    .bearer_auth(&admin)
-                    .json(&json!({"resourceType": "Patient", "gender": gender})),
-            )
-            .await;
-            assert_eq!(s, 201, "{p}");
-            if gender == "female" {
-                female.insert(p["id"].as_str().unwrap().to_string());
-            }
-        }
+        let (female, _) = create_patients(
+            &gw,
+            &admin,
+            &[
+                "female", "male", "female", "female", "male", "female", "male", "female", "male",
+                "female",
+            ],
+        )
+        .await;
         // Exact narrowing (gender=female upstream), then a policy the gateway can only filter
         // (two alternatives on different parameters): both page to exactly the female Patients.
         for resource in [
@@ -501,20 +509,8 @@ fn a_batch_search_pages_on_outside_the_batch() {
     let gw = TestGateway::start(&upstream);
     rt().block_on(async {
         let admin = gw.admin_token().await;
-        let mut female = HashSet::new();
-        for gender in ["female", "male", "female", "female"] {
-            let (s, p) = send(
-                TestGateway::client()
-                    .post(format!("{}Patient", gw.fhir))
-                    .bearer_auth(&admin)
-                    .json(&json!({"resourceType": "Patient", "gender": gender})),
-            )
-            .await;
-            assert_eq!(s, 201, "{p}");
-            if gender == "female" {
-                female.insert(p["id"].as_str().unwrap().to_string());
-            }
-        }
+        let (female, _) =
+            create_patients(&gw, &admin, &["female", "male", "female", "female"]).await;
         let caller = caller_with(
             &gw,
             &admin,
@@ -539,5 +535,73 @@ fn a_batch_search_pages_on_outside_the_batch() {
         let unique: HashSet<String> = seen.iter().cloned().collect();
         assert_eq!(unique.len(), seen.len(), "{seen:?}");
         assert_eq!(unique, female);
+    });
+}
+
+#[test]
+fn a_stored_bundle_never_gets_its_links_sealed() {
+    // Anyone who may write a Bundle writes its links: the gateway seals only the Bundles the
+    // server makes for a search or history, so a stored one cannot turn a stolen handle into a
+    // sealed link.
+    let upstream = common::hapi::partition();
+    let gw = TestGateway::start(&upstream);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        create_patients(&gw, &admin, &["male", "male", "male"]).await;
+        let (s, first) = send(
+            TestGateway::client()
+                .get(format!("{}Patient?_count=1", gw.fhir))
+                .bearer_auth(&admin),
+        )
+        .await;
+        assert_eq!(s, 200);
+        let handle = query_value(&next_link(&first), "_getpages");
+        // Another member who may write Bundles stores the handle in one, in every shape.
+        let writer = caller_with(
+            &gw,
+            &admin,
+            json!([{"resourceType": "Bundle"}, {"resourceType": "Patient", "criteria": "Patient?gender=female"}]),
+        )
+        .await;
+        let stolen = format!("{}?_getpages={handle}", gw.fhir.trim_end_matches('/'));
+        let mut kept = 0;
+        for kind in ["collection", "searchset", "history"] {
+            let (s, stored) = send(
+                TestGateway::client()
+                    .post(format!("{}Bundle", gw.fhir))
+                    .bearer_auth(&writer)
+                    .json(&json!({"resourceType": "Bundle", "type": kind,
+                                  "link": [{"relation": "next", "url": stolen}]})),
+            )
+            .await;
+            assert!(!stored.to_string().contains("_fhirgate_seal"), "{kind}: {stored}");
+            if kind != "collection" && s == 422 {
+                continue; // HAPI stores no searchset or history Bundle (HAPI-0522)
+            }
+            assert_eq!(s, 201, "{stored}");
+            kept += 1;
+            let id = stored["id"].as_str().unwrap().to_string();
+            let (s, read) = send(
+                TestGateway::client()
+                    .get(format!("{}Bundle/{id}", gw.fhir))
+                    .bearer_auth(&writer),
+            )
+            .await;
+            assert_eq!(s, 200);
+            for body in [&stored, &read] {
+                assert!(!body.to_string().contains("_fhirgate_seal"), "{kind}: {body}");
+            }
+        }
+        let (s, found) = send(
+            TestGateway::client()
+                .get(format!("{}Bundle", gw.fhir))
+                .bearer_auth(&writer),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(entry_ids(&found).len(), kept, "{found}");
+        assert!(!found["entry"].to_string().contains("_fhirgate_seal"), "{found}");
+        let (s, _) = send(TestGateway::client().get(&stolen).bearer_auth(&writer)).await;
+        assert_eq!(s, 403);
     });
 }

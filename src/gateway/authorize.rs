@@ -331,6 +331,8 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
             metadata: false,
             drop_total: permit.drop_total,
             subset: permit.subset,
+            seal_pages: request.op.answers_with_pages(),
+            strip_seal: matches!(request.op, FhirOp::Page { .. }),
         })),
     };
     Verdict::Forward

@@ -36,6 +36,11 @@ pub struct FilterSpec {
     /// The part of each resource the client asked for, taken here after the checks (the
     /// upstream was asked for whole resources).
     pub subset: Option<Subset>,
+    /// The answer is a search's, history's, page's or operation's: its page handles are sealed
+    /// for the caller (`fhir::page`).
+    pub seal_pages: bool,
+    /// A page request: the seal comes off the query, however its name was spelled.
+    pub strip_seal: bool,
 }
 
 impl FilterSpec {
@@ -44,7 +49,7 @@ impl FilterSpec {
     pub fn upstream_query<'a>(&self, query: Option<&'a str>) -> Option<std::borrow::Cow<'a, str>> {
         match (query, &self.subset) {
             (Some(q), Some(_)) => Some(std::borrow::Cow::Owned(strip_query(q))),
-            (Some(q), None) if q.contains(page::SEAL_PARAM) => {
+            (Some(q), None) if self.strip_seal => {
                 Some(std::borrow::Cow::Owned(page::without_seal(q)))
             }
             (q, _) => q.map(std::borrow::Cow::Borrowed),

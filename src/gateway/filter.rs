@@ -150,7 +150,7 @@ pub fn body_chunk(
             return Ok(());
         }
         let mut out = apply(config, upstream_base, spec, &raw);
-        if ctx.identity.is_some() {
+        if spec.seal_pages && ctx.identity.is_some() {
             // The caller is spelled out only when the body holds a handle to seal.
             out = page::seal_links(out, |handle| {
                 state.page_seal(&ctx.page_caller().unwrap_or_default(), handle)

@@ -15,7 +15,7 @@ use super::ctx::ResponsePlan;
 use super::route::Route;
 
 /// Headers a client may not send upstream: fhirgate sets or strips them itself.
-const STRIPPED: [&str; 9] = [
+const STRIPPED: [&str; 11] = [
     "x-fhirgate-explain",
     "authorization",
     upstream_headers::PROFILE,
@@ -23,6 +23,10 @@ const STRIPPED: [&str; 9] = [
     upstream_headers::ON_BEHALF_OF,
     "x-medplum-on-behalf-of",
     "forwarded",
+    // A server behind a proxy may build its URLs from these (HAPI's proxy address strategy):
+    // only the gateway says where it is.
+    "x-forwarded-prefix",
+    "x-forwarded-port",
     "x-real-ip",
     "cookie",
 ];

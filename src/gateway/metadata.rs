@@ -59,7 +59,14 @@ impl MetadataCache {
         let last = self.current.load_full();
         let body = match &last {
             Some(last) if last.raw.as_ref() == raw.as_slice() => last.body.clone(),
-            _ => Bytes::from(render(&raw)),
+            _ => {
+                let body = Bytes::from(render(&raw));
+                // An upstream answer that is not JSON is rendered as an error: not kept.
+                if serde_json::from_slice::<serde::de::IgnoredAny>(&raw).is_err() {
+                    return body;
+                }
+                body
+            }
         };
         let etag = headers
             .iter()
@@ -77,16 +84,24 @@ impl MetadataCache {
 }
 
 /// Only the plain form is kept: `GET metadata` without a query (no `mode`, `_format`,
-/// `_summary`), asking for JSON.
+/// `_summary`), asking for FHIR JSON or anything (no `Accept`, `*/*`), so every client that gets
+/// the kept answer would have got the same from the upstream.
 pub fn cacheable(session: &Session) -> bool {
     let req = session.req_header();
+    let fhir_json = |v: &str| {
+        !accept_wants_non_json(v)
+            && v.split(',').any(|range| {
+                let media = range.split(';').next().unwrap_or("").trim();
+                media == "*/*" || media.eq_ignore_ascii_case("application/fhir+json")
+            })
+    };
     req.method == http::Method::GET
         && req.uri.query().is_none_or(str::is_empty)
-        && !req
+        && req
             .headers
             .get_all("accept")
             .iter()
-            .any(|v| v.to_str().map_or(true, accept_wants_non_json))
+            .all(|v| v.to_str().is_ok_and(fhir_json))
 }
 
 /// Answers from memory; returns the status written.

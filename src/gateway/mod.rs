@@ -166,6 +166,8 @@ impl ProxyHttp for Gateway {
                             metadata: true,
                             drop_total: false,
                             subset: None,
+                            seal_pages: false,
+                            strip_seal: false,
                         })
                     });
                 ctx.plan = ResponsePlan::Buffer(METADATA.clone());

@@ -91,6 +91,15 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
     let content_type =
         single_header(parts.headers, "content-type").ok_or(Unclassifiable::BadBody)?;
 
+    // A server may read a form body's parameters as the query's (HAPI does, for any POST): a
+    // method override or a page handle there is refused as in the query.
+    if let (Some(ct), Some(body)) = (content_type, parts.body)
+        && media_type(ct) == FORM_MEDIA_TYPE
+    {
+        let form = parse_form_body(body)?;
+        reject_method_param(&form)?;
+        refuse_page_handle(&form)?;
+    }
     let mut subset =
         crate::fhir::subset::requested(&query).map_err(|_| Unclassifiable::BadQuery)?;
     let mut wants_non_json = params_want_non_json(&query)
@@ -465,7 +474,12 @@ fn page_op(
     let known = params
         .iter()
         .all(|p| crate::fhir::page::PAGE_PARAMS.contains(&p.name.as_str()));
+    let bundle_type_ok = params
+        .iter()
+        .filter(|p| p.name == "_bundletype")
+        .all(|p| crate::fhir::page::PAGE_BUNDLE_TYPES.contains(&p.value.as_str()));
     if !known
+        || !bundle_type_ok
         || handle.is_empty()
         || !once(crate::fhir::page::HANDLE_PARAM)
         || !once(crate::fhir::page::SEAL_PARAM)

@@ -20,17 +20,25 @@ pub const HANDLE_PARAM: &str = "_getpages";
 pub const SEAL_PARAM: &str = "_fhirgate_seal";
 
 /// The parameters a page request may carry: the handle, its seal, and what the server put in
-/// the link beside them (offset, page size, bundle type, format). Anything else could make the
-/// server do something else than hand out the page.
-pub const PAGE_PARAMS: [&str; 7] = [
+/// the link beside them (offset, page id, page size, bundle type, includes, format). Anything
+/// else could make the server do something else than hand out the page; whatever it returns is
+/// checked resource by resource.
+pub const PAGE_PARAMS: [&str; 10] = [
     HANDLE_PARAM,
     SEAL_PARAM,
     "_getpagesoffset",
+    "_pageId",
     "_count",
     "_bundletype",
+    "_include",
+    "_revinclude",
     "_format",
     "_pretty",
 ];
+
+/// The `_bundletype` values a page may ask for: the kinds of Bundle a search or a history
+/// makes. Another (`batch-response`) would be filtered as answers to requests, totals and all.
+pub const PAGE_BUNDLE_TYPES: [&str; 2] = ["searchset", "history"];
 
 /// The handle and seal of a page request, when `params` name a handle.
 pub fn page_request(params: &[QueryParam]) -> Option<(&str, Option<&str>)> {
@@ -50,10 +58,13 @@ pub fn without_seal(query: &str) -> String {
     out.finish()
 }
 
-/// Seals every page link of a Bundle body: each `link[].url` naming a handle gets
-/// `&_fhirgate_seal=<seal(handle)>` (any seal already there is replaced), in the Bundle and in
-/// the Bundles its entries hold (a batch response's searches). Bodies naming no handle, or that
-/// are not a JSON Bundle, come back as they were.
+/// Seals the page links of a search or history answer: each `link[].url` of the Bundle naming a
+/// handle gets `&_fhirgate_seal=<seal(handle)>` (any seal already there is replaced). Only a
+/// Bundle the server made for the request is sealed (`searchset` or `history`, at the top),
+/// never one it stores: a stored Bundle's links are whatever its author wrote, and sealing them
+/// would hand out seals for handles of the author's choosing. Callers seal only answers to
+/// searches, histories, pages and read operations. Bodies naming no handle come back as they
+/// were.
 pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
     let needle = format!("{HANDLE_PARAM}=");
     if memchr::memmem::find(&body, needle.as_bytes()).is_none() {
@@ -68,9 +79,14 @@ pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
     serde_json::to_vec(&value).unwrap_or(body)
 }
 
-/// Seals the page links of `bundle` and of the Bundles in its entries; true when one changed.
-fn seal_bundle(bundle: &mut Value, seal: &impl Fn(&str) -> String) -> bool {
-    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") {
+/// [`seal_links`] on a parsed Bundle (a batch response's answer to a search entry); true when a
+/// link changed.
+pub fn seal_bundle(bundle: &mut Value, seal: &impl Fn(&str) -> String) -> bool {
+    let generated = matches!(
+        bundle.get("type").and_then(Value::as_str),
+        Some("searchset" | "history")
+    );
+    if bundle.get("resourceType").and_then(Value::as_str) != Some("Bundle") || !generated {
         return false;
     }
     let mut changed = false;
@@ -86,16 +102,6 @@ fn seal_bundle(bundle: &mut Value, seal: &impl Fn(&str) -> String) -> bool {
         if let Some(sealed) = seal_url(url, seal) {
             link["url"] = Value::String(sealed);
             changed = true;
-        }
-    }
-    for entry in bundle
-        .get_mut("entry")
-        .and_then(Value::as_array_mut)
-        .into_iter()
-        .flatten()
-    {
-        if let Some(resource) = entry.get_mut("resource") {
-            changed |= seal_bundle(resource, seal);
         }
     }
     changed
@@ -149,6 +155,11 @@ mod tests {
             "_getpages=h1&_getpagesoffset=2"
         );
         assert_eq!(without_seal("_getpages=h%201"), "_getpages=h+1");
+        // However its name is spelled.
+        assert_eq!(
+            without_seal("_getpages=h1&_fhirgate%5Fseal=abc"),
+            "_getpages=h1"
+        );
     }
 
     #[test]
@@ -173,15 +184,23 @@ mod tests {
 
         let plain = serde_json::to_vec(&json!({"resourceType": "Bundle", "link": []})).unwrap();
         assert_eq!(seal_links(plain.clone(), |_| unreachable!()), plain);
-        // A batch response: the searchset of an entry is sealed too.
-        let batch = json!({"resourceType": "Bundle", "type": "batch-response", "entry": [
+        // Only a Bundle the server made: a stored one (any other type), or one inside an entry
+        // (a stored Bundle found by a search), keeps its author's links unsealed.
+        let nested = json!({"resourceType": "Bundle", "type": "searchset", "entry": [
             {"resource": {"resourceType": "Bundle", "type": "searchset", "link": [
                 {"relation": "next", "url": "https://gw/fhir/R4?_getpages=h2"}]}}]});
-        let out = seal_links(serde_json::to_vec(&batch).unwrap(), |h| format!("S{h}"));
-        let out: Value = serde_json::from_slice(&out).unwrap();
+        let bytes = serde_json::to_vec(&nested).unwrap();
+        assert_eq!(seal_links(bytes.clone(), |h| format!("S{h}")), bytes);
+        let stored = json!({"resourceType": "Bundle", "type": "collection", "link": [
+            {"relation": "next", "url": "x?_getpages=h3"}]});
+        let bytes = serde_json::to_vec(&stored).unwrap();
+        assert_eq!(seal_links(bytes.clone(), |h| format!("S{h}")), bytes);
+        let mut history = json!({"resourceType": "Bundle", "type": "history", "link": [
+            {"relation": "next", "url": "x?_getpages=h4"}]});
+        assert!(seal_bundle(&mut history, &|h: &str| format!("S{h}")));
         assert_eq!(
-            out["entry"][0]["resource"]["link"][0]["url"],
-            "https://gw/fhir/R4?_getpages=h2&_fhirgate_seal=Sh2"
+            history["link"][0]["url"],
+            "x?_getpages=h4&_fhirgate_seal=Sh4"
         );
         let not_json = b"_getpages=h1 {".to_vec();
         assert_eq!(seal_links(not_json.clone(), |_| "s".into()), not_json);

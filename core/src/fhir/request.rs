@@ -247,6 +247,18 @@ impl FhirOp {
         super::search::op_required_access(self)
     }
 
+    /// The answer is a Bundle the server makes for the request, whose links may hold page handles
+    /// to seal (`fhir::page`): searches, histories, pages and operations (`$everything`).
+    pub fn answers_with_pages(&self) -> bool {
+        matches!(
+            self,
+            FhirOp::Search(_)
+                | FhirOp::History { .. }
+                | FhirOp::Page { .. }
+                | FhirOp::Operation { .. }
+        )
+    }
+
     /// The resource type named by the path (`None` at system level, for Bundles and GraphQL).
     /// For a compartment search it is the searched type, not the compartment owner.
     pub fn resource_type(&self) -> Option<&str> {

@@ -1709,6 +1709,20 @@ fn page_requests_carry_their_handle_and_nothing_else() {
             None,
             Err(Unsupported),
         ),
+        (
+            "GET",
+            "?_getpages=h1&_bundletype=batch-response",
+            &[],
+            None,
+            Err(Unsupported),
+        ),
+        (
+            "GET",
+            "?_getpages=h1&_bundletype=history&_pageId=2&_include=Observation:subject",
+            &[],
+            None,
+            Ok(page("h1", None)),
+        ),
         // A handle anywhere else: a server may answer with the page and ignore the rest.
         (
             "GET",
@@ -1741,21 +1755,34 @@ fn page_requests_carry_their_handle_and_nothing_else() {
         ),
         (
             "POST",
-            "Patient/_search",
+            "$everything",
             form,
-            Some("_getpages=h1"),
-            Err(Unsupported),
+            Some("_method=DELETE"),
+            Err(MethodOverride),
         ),
         (
             "POST",
-            "_search",
-            form,
+            "$everything",
+            &[(
+                "content-type",
+                "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+            )],
             Some("_getpages=h1"),
             Err(Unsupported),
         ),
     ];
     for row in table {
         check(row);
+    }
+    // In a form body too: HAPI reads one of any POST as parameters, page handles included.
+    for path in [
+        "Patient/_search",
+        "_search",
+        "$everything",
+        "Patient/p1/$everything",
+        "$graphql",
+    ] {
+        check(("POST", path, form, Some("_getpages=h1"), Err(Unsupported)));
     }
 }
 
