@@ -81,22 +81,28 @@ fn start() -> Hapi {
     }
 }
 
-/// Waits until the server answers (its first request loads more).
+/// Waits until the server answers (its first request loads more). Blocking, without a runtime:
+/// the first test to need HAPI may be inside one (a shared gateway started from async code).
 fn wait_ready(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let metadata = format!("http://127.0.0.1:{port}/fhir/DEFAULT/metadata");
-    super::http::rt().block_on(async {
-        loop {
-            let ok = reqwest::get(&metadata)
-                .await
-                .is_ok_and(|r| r.status().is_success());
-            if ok {
-                break;
-            }
-            assert!(Instant::now() < deadline, "HAPI does not answer {metadata}");
-            tokio::time::sleep(Duration::from_millis(250)).await;
+    let authority = format!("127.0.0.1:{port}");
+    loop {
+        let answer = super::upstream::http_request(
+            &authority,
+            "GET",
+            "/fhir/DEFAULT/metadata",
+            &[("Accept", "application/fhir+json")],
+            None,
+        );
+        if answer.is_ok_and(|r| r.status == 200) {
+            return;
         }
-    });
+        assert!(
+            Instant::now() < deadline,
+            "HAPI does not answer http://{authority}/fhir/DEFAULT/metadata"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// The server `scripts/test` started for all test binaries (`FHIRGATE_TEST_HAPI=<port>`), or one
