@@ -482,6 +482,86 @@ fn a_client_if_match_is_checked_against_the_version_the_gateway_checked() {
 }
 
 #[test]
+fn string_criteria_are_checked_at_home_for_an_upstream_without_contains() {
+    // A HAPI server with `allow_contains_searches` off refuses `name:contains=…` (HAPI-1258):
+    // with `upstream_contains_search = false` the gateway never sends it. The upstream then
+    // answers more, and the gateway keeps exactly what the criteria allow (Medplum's
+    // case-insensitive *contains*), without a total.
+    let upstream = FhirUpstream::start();
+    let gw = TestGateway::start_with(&upstream.base_url, |c| {
+        c.upstream_contains_search = Some(false);
+    });
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let mut allowed = std::collections::HashSet::new();
+        for (family, gender, visible) in [
+            ("Annsley", "female", true),
+            ("Joanne", "female", true),
+            ("Annsley", "male", false),
+            ("Bob", "female", false),
+        ] {
+            let r = TestGateway::client()
+                .post(format!("{}Patient", gw.fhir))
+                .bearer_auth(&admin)
+                .json(&json!({"resourceType": "Patient", "gender": gender,
+                              "name": [{"family": family}]}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            let p: Value = r.json().await.unwrap();
+            if visible {
+                allowed.insert(p["id"].as_str().unwrap().to_string());
+            }
+        }
+        let policy = json!({"resourceType": "AccessPolicy", "name": "ann",
+            "resource": [{"resourceType": "Patient", "criteria": "Patient?name=ann&gender=female"}]});
+        let (id, secret) = new_client(&gw, &admin, Some(policy)).await;
+        let token = gw.token(&id, &secret, None).await;
+        let before = upstream.requests().len();
+        let r = TestGateway::client()
+            .get(format!("{}Patient?_count=50", gw.fhir))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let bundle: Value = r.json().await.unwrap();
+        let ids: std::collections::HashSet<String> = bundle["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["resource"]["id"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(ids, allowed, "{bundle}");
+        assert!(bundle.get("total").is_none(), "{bundle}");
+        let sent: Vec<String> = upstream
+            .requests()
+            .iter()
+            .skip(before)
+            .filter(|r| r["method"] == "GET")
+            .filter_map(|r| r["url"].as_str().map(str::to_string))
+            .collect();
+        assert!(!sent.is_empty());
+        for url in &sent {
+            assert!(!url.contains("contains"), "{url}");
+        }
+        assert!(sent.iter().any(|u| u.contains("gender=female")), "{sent:?}");
+        // A conditional create probe could not be narrowed exactly: refused.
+        let r = TestGateway::client()
+            .post(format!("{}Patient", gw.fhir))
+            .bearer_auth(&token)
+            .header("if-none-exist", "identifier=urn:x|1")
+            .json(&json!({"resourceType": "Patient", "gender": "female",
+                          "name": [{"family": "Annsley"}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403);
+    });
+}
+
+#[test]
 fn logout_revokes_the_login_on_the_next_request() {
     let upstream = FhirUpstream::start();
     let gw = TestGateway::start(&upstream.base_url);

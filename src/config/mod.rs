@@ -228,6 +228,11 @@ pub struct ConfigFile {
     /// of its project, readable by the project's admins (true or false) [default: false]
     #[arg(long, env = "FHIRGATE_AUDIT_EVENTS")]
     pub audit_events: Option<bool>,
+    /// The upstreams search strings with `:contains` (true or false); with false, string
+    /// criteria are checked by the gateway alone (HAPI with allow_contains_searches off)
+    /// [default: true]
+    #[arg(long, env = "FHIRGATE_UPSTREAM_CONTAINS_SEARCH")]
+    pub upstream_contains_search: Option<bool>,
     /// Google client ids whose ID tokens sign people in (`POST /auth/google`, and the "Sign in
     /// with Google" button of the sign-in page, which uses the first), comma-separated; a
     /// Project's `site[].googleClientId` is accepted too [default: none]
@@ -711,6 +716,9 @@ pub struct Config {
     pub register_enabled: bool,
     /// Security events are also written upstream as FHIR AuditEvents (`obs::trail`).
     pub audit_events: bool,
+    /// The upstreams understand `:contains`; when not, string criteria never narrow upstream
+    /// (`Permit::without_contains`).
+    pub upstream_contains_search: bool,
     /// Which browser origins CORS admits.
     pub cors_origins: CorsOrigins,
     pub recaptcha: Recaptcha,
@@ -950,6 +958,7 @@ impl Config {
             mail_from,
             register_enabled: f.register_enabled.unwrap_or(false),
             audit_events: f.audit_events.unwrap_or(false),
+            upstream_contains_search: f.upstream_contains_search.unwrap_or(true),
             cors_origins: cors_origins(&f.cors_origins)?,
             recaptcha,
             google: google_settings,

@@ -305,6 +305,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         return Verdict::Explain(trace(&policy, &request, &decision, membership_id, ctx));
     }
     let permit = match decision {
+        Decision::Allow(p) if !state.config.upstream_contains_search => p.without_contains(),
         Decision::Allow(p) => p,
         Decision::Deny(d) => return deny(&d),
     };

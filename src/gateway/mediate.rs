@@ -9,7 +9,9 @@ use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::outcome::Stock;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
 use fhirgate_core::fhir::subset::strip_query;
-use fhirgate_core::policy::decide::{Decision, Deny, Permit, ResponseNeed, WriteCheck};
+use fhirgate_core::policy::decide::{
+    Decision, Deny, Permit, ResponseNeed, WriteCheck, has_contains,
+};
 use fhirgate_core::policy::filter::{check_resource, filter_value};
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -233,7 +235,11 @@ async fn prepare_write(
             if if_none_exist.is_some()
                 && policy.instance_checks_needed(resource_type.as_str(), Interaction::Search)
             {
-                let Some(narrowed) = policy.probe_narrowing(resource_type) else {
+                // A probe the upstream cannot narrow exactly is refused.
+                let Some(narrowed) = policy
+                    .probe_narrowing(resource_type)
+                    .filter(|n| gw.state.config.upstream_contains_search || !has_contains(n))
+                else {
                     return Err(forbid("conditional_create_with_criteria"));
                 };
                 let original = req

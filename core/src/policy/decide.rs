@@ -70,7 +70,29 @@ pub struct Permit {
     pub subset: Option<Subset>,
 }
 
+/// The search modifier of string criteria sent upstream (Medplum's *contains* semantics).
+pub const CONTAINS_MODIFIER: &str = ":contains";
+
+/// `params` names a `:contains` search, which some servers refuse (HAPI with
+/// `allow_contains_searches` off: HAPI-1258).
+pub fn has_contains(params: &[QueryParam]) -> bool {
+    params.iter().any(|p| p.name.ends_with(CONTAINS_MODIFIER))
+}
+
 impl Permit {
+    /// The permit for an upstream that cannot search with `:contains`: those narrowing
+    /// parameters stay home. The upstream answers more than the criteria allow, which is safe
+    /// because every resource of a search is checked here ([`ResponseNeed::FilterResources`]),
+    /// and its `total` then counts what the caller may not see, so it is dropped.
+    pub fn without_contains(mut self) -> Permit {
+        if has_contains(&self.narrowing) {
+            self.narrowing
+                .retain(|p| !p.name.ends_with(CONTAINS_MODIFIER));
+            self.drop_total = true;
+        }
+        self
+    }
+
     fn untouched() -> Permit {
         Permit {
             narrowing: Vec::new(),

@@ -257,3 +257,28 @@ fn a_page_of_an_earlier_search_is_checked_resource_by_resource() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn an_upstream_without_contains_gets_no_contains_and_every_resource_is_checked() {
+    let narrowed =
+        policy(json!([{"resourceType": "Patient", "criteria": "Patient?name=ann&gender=female"}]));
+    let Decision::Allow(permit) = decide_get(&narrowed, "Patient?_count=5") else {
+        panic!("allowed")
+    };
+    assert!(has_contains(&permit.narrowing), "{:?}", permit.narrowing);
+    let plain = permit.clone().without_contains();
+    assert!(!has_contains(&plain.narrowing));
+    assert!(
+        plain.narrowing.iter().any(|p| p.name == "gender"),
+        "{:?}",
+        plain.narrowing
+    );
+    assert!(plain.drop_total);
+    assert_eq!(plain.response, ResponseNeed::FilterResources);
+    // Nothing to take away: the permit is unchanged.
+    let exact = policy(json!([{"resourceType": "Patient", "criteria": "Patient?gender=female"}]));
+    let Decision::Allow(permit) = decide_get(&exact, "Patient") else {
+        panic!("allowed")
+    };
+    assert_eq!(permit.clone().without_contains(), permit);
+}
