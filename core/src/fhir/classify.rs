@@ -93,13 +93,15 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
 
     // A server may read a form body's parameters as the query's (HAPI does, for any POST): a
     // method override or a page handle there is refused as in the query.
-    if let (Some(ct), Some(body)) = (content_type, parts.body)
-        && media_type(ct) == FORM_MEDIA_TYPE
-    {
-        let form = parse_form_body(body)?;
-        reject_method_param(&form)?;
-        refuse_page_handle(&form)?;
-    }
+    let form = match (content_type, parts.body) {
+        (Some(ct), Some(body)) if media_type(ct) == FORM_MEDIA_TYPE => {
+            let form = parse_form_body(body)?;
+            reject_method_param(&form)?;
+            refuse_page_handle(&form)?;
+            Some(form)
+        }
+        _ => None,
+    };
     let mut subset =
         crate::fhir::subset::requested(&query).map_err(|_| Unclassifiable::BadQuery)?;
     let mut wants_non_json = params_want_non_json(&query)
@@ -121,6 +123,14 @@ pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
     let op = route(&input)?;
     if !matches!(op, FhirOp::Page { .. }) {
         refuse_page_handle(&input.query)?;
+    }
+    // Only a search's form body is read for `_elements`/`_summary` (and taken after the checks):
+    // elsewhere (an operation) the server would trim what the checks read.
+    if !matches!(op, FhirOp::Search(_))
+        && let Some(form) = &form
+        && !matches!(crate::fhir::subset::requested(form), Ok(None))
+    {
+        return Err(Unclassifiable::Unsupported);
     }
     if let FhirOp::Search(search) = &op {
         wants_non_json |= params_want_non_json(&search.params);

@@ -1784,6 +1784,20 @@ fn page_requests_carry_their_handle_and_nothing_else() {
     ] {
         check(("POST", path, form, Some("_getpages=h1"), Err(Unsupported)));
     }
+    // A subset in an operation's form body would have the server trim what the checks read.
+    for body in ["_elements=id", "_summary=true", "_summary=bogus"] {
+        check((
+            "POST",
+            "Patient/p1/$everything",
+            form,
+            Some(body),
+            Err(Unsupported),
+        ));
+        check(("POST", "$everything", form, Some(body), Err(Unsupported)));
+    }
+    // A search's form body keeps its subset, taken by the gateway after the checks.
+    let got = classify_raw("POST", "Patient/_search", form, Some(b"_elements=id")).unwrap();
+    assert!(got.subset.is_some());
 }
 
 #[test]
