@@ -13,9 +13,9 @@ use fhirgate_core::policy::decide::{self, Decision, Deny, Permit, ResponseNeed};
 use pingora::proxy::Session;
 
 use super::Gateway;
-use super::ctx::RequestCtx;
 use super::ctx::{FilterSpec, ResponsePlan};
-use crate::state::{AuthError, CacheUse, Identity, Snapshot};
+use super::ctx::{RequestCtx, page_caller};
+use crate::state::{AuthError, CacheUse, Snapshot};
 use crate::store::StoreError;
 
 pub enum Verdict {
@@ -337,20 +337,6 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         })),
     };
     Verdict::Forward
-}
-
-/// Whom a page handle is sealed for: the project, the membership the request acts as, and the
-/// sign-in with its scope and patient, so a handle serves neither another caller nor the same
-/// person through a narrower token.
-pub fn page_caller(identity: &Identity, membership_id: &str) -> String {
-    format!(
-        "{}\n{}\n{}\n{}\n{}",
-        identity.project_id,
-        membership_id,
-        identity.login_id.as_deref().unwrap_or("basic"),
-        identity.scope.as_deref().unwrap_or(""),
-        identity.patient.as_deref().unwrap_or("")
-    )
 }
 
 /// The decision trace an admin gets instead of a forwarded request: what the request was

@@ -139,15 +139,20 @@ impl RequestCtx {
         }
     }
 
-    /// Whom the page handles of this request's answer are sealed for
-    /// ([`super::authorize::page_caller`]); `None` for an unauthenticated request.
-    pub fn page_caller(&self) -> Option<String> {
-        let identity = self.identity.as_deref()?;
-        let membership = match &self.on_behalf_of {
-            Some(target) => target.trim_start_matches("ProjectMembership/"),
-            None => identity.membership_id.as_str(),
-        };
-        Some(super::authorize::page_caller(identity, membership))
+    /// Seals a page handle of this request's answer for its caller ([`page_caller`]); the
+    /// caller is spelled out only when a handle is there to seal. Unauthenticated requests
+    /// never get an answer that is sealed (no FHIR data is public).
+    pub fn page_sealer<'a>(&'a self, state: &'a State) -> impl Fn(&str) -> String + 'a {
+        move |handle| {
+            let caller = self.identity.as_deref().map(|identity| {
+                let membership = match &self.on_behalf_of {
+                    Some(target) => target.trim_start_matches("ProjectMembership/"),
+                    None => identity.membership_id.as_str(),
+                };
+                page_caller(identity, membership)
+            });
+            state.page_seal(&caller.unwrap_or_default(), handle)
+        }
     }
 
     pub fn new() -> RequestCtx {
@@ -177,4 +182,18 @@ impl RequestCtx {
             _in_flight: crate::obs::InFlight::start(),
         }
     }
+}
+
+/// Whom a page handle is sealed for: the project, the membership the request acts as, and the
+/// sign-in with its scope and patient, so a handle serves neither another caller nor the same
+/// person through a narrower token.
+pub fn page_caller(identity: &Identity, membership_id: &str) -> String {
+    format!(
+        "{}\n{}\n{}\n{}\n{}",
+        identity.project_id,
+        membership_id,
+        identity.login_id.as_deref().unwrap_or("basic"),
+        identity.scope.as_deref().unwrap_or(""),
+        identity.patient.as_deref().unwrap_or("")
+    )
 }

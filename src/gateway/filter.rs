@@ -150,11 +150,8 @@ pub fn body_chunk(
             return Ok(());
         }
         let mut out = apply(config, upstream_base, spec, &raw);
-        if spec.seal_pages && ctx.identity.is_some() {
-            // The caller is spelled out only when the body holds a handle to seal.
-            out = page::seal_links(out, |handle| {
-                state.page_seal(&ctx.page_caller().unwrap_or_default(), handle)
-            });
+        if spec.seal_pages {
+            out = page::seal_links(out, ctx.page_sealer(state));
         }
         *body = Some(Bytes::from(out));
     }

@@ -7,6 +7,7 @@
 use bytes::Bytes;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::outcome::Stock;
+use fhirgate_core::fhir::page::seal_bundle;
 use fhirgate_core::fhir::request::{FhirOp, Interaction, QueryParam};
 use fhirgate_core::fhir::subset::strip_query;
 use fhirgate_core::policy::decide::{
@@ -577,10 +578,7 @@ async fn run_inner(
                 if request.op.as_ref().is_ok_and(FhirOp::answers_with_pages)
                     && let Some(bundle) = answer.get_mut("resource")
                 {
-                    fhirgate_core::fhir::page::seal_bundle(bundle, &|h: &str| {
-                        gw.state
-                            .page_seal(&ctx.page_caller().unwrap_or_default(), h)
-                    });
+                    seal_bundle(bundle, &ctx.page_sealer(&gw.state));
                 }
             }
         }
@@ -712,21 +710,15 @@ async fn run_inner(
     if let Some(subset) = &permit.subset {
         subset.apply_to_response(&mut value);
     }
-    let body = if m.op.answers_with_pages() {
-        sealed(gw, ctx, &value)
-    } else {
-        serde_json::to_vec(&value).unwrap_or_default()
-    };
-    Ok((up.status, up.headers, Bytes::from(body)))
-}
-
-/// `value` as JSON, its page handles sealed for the caller: paged answers (HAPI's `$everything`
-/// and `_history`, a batch's searches) hand them out too.
-fn sealed(gw: &Gateway, ctx: &RequestCtx, value: &Value) -> Vec<u8> {
-    fhirgate_core::fhir::page::seal_links(serde_json::to_vec(value).unwrap_or_default(), |h| {
-        gw.state
-            .page_seal(&ctx.page_caller().unwrap_or_default(), h)
-    })
+    // Paged answers (HAPI's `$everything` and `_history`) hand out page handles too.
+    if m.op.answers_with_pages() {
+        seal_bundle(&mut value, &ctx.page_sealer(&gw.state));
+    }
+    Ok((
+        up.status,
+        up.headers,
+        Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
+    ))
 }
 
 /// The client's `If-None-Match` names the version the upstream answered with (weak compare).
@@ -742,19 +734,7 @@ fn not_modified(session: &Session, headers: &[(&'static str, String)]) -> bool {
     let Some(etag) = headers.iter().find(|(k, _)| *k == "etag").map(|(_, v)| v) else {
         return false;
     };
-    etag_listed(wanted, etag)
-}
-
-/// `list` (an `If-Match` or `If-None-Match` value) names `etag`, or is `*` (weak compare).
-fn etag_listed(list: &str, etag: &str) -> bool {
-    let bare = |t: &str| {
-        t.trim()
-            .trim_start_matches("W/")
-            .trim_matches('"')
-            .to_string()
-    };
-    list.split(',')
-        .any(|w| w.trim() == "*" || bare(w) == bare(etag))
+    respond::etag_listed(wanted, etag)
 }
 
 /// A write the gateway pins to the version it checked answers 412 itself when the client's own
@@ -770,16 +750,15 @@ fn refuse_stale_if_match(session: &Session, current: &Value) -> Step<()> {
     else {
         return Ok(());
     };
-    if wanted.split(',').any(|w| w.trim() == "*") {
+    // `*` matches a resource that exists, with or without a version.
+    let any = wanted.split(',').any(|w| w.trim() == "*");
+    if any || version_of(current).is_some_and(|v| respond::etag_listed(wanted, &v)) {
         return Ok(());
     }
-    match version_of(current) {
-        Some(v) if etag_listed(wanted, &v) => Ok(()),
-        _ => Err(Failure::Answer(
-            Stock::VersionMismatch.outcome(),
-            "version_mismatch",
-        )),
-    }
+    Err(Failure::Answer(
+        Stock::VersionMismatch.outcome(),
+        "version_mismatch",
+    ))
 }
 
 /// FHIR's rule for `Binary`: one that does not satisfy the policy itself is readable when the

@@ -114,16 +114,9 @@ pub async fn answer(
         &rendered.etag,
         session.req_header().headers.get("if-none-match"),
     ) {
-        (Some(etag), Some(wanted)) => wanted.to_str().is_ok_and(|w| {
-            let bare = |t: &str| {
-                t.trim()
-                    .trim_start_matches("W/")
-                    .trim_matches('"')
-                    .to_string()
-            };
-            w.split(',')
-                .any(|w| w.trim() == "*" || bare(w) == bare(etag))
-        }),
+        (Some(etag), Some(wanted)) => wanted
+            .to_str()
+            .is_ok_and(|w| super::respond::etag_listed(w, etag)),
         _ => false,
     };
     let status = if not_modified { 304 } else { 200 };

@@ -7,6 +7,15 @@ use pingora::http::ResponseHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 
+/// `list` (an `If-Match` or `If-None-Match` value) names `etag`, or is `*` (weak compare).
+pub fn etag_listed(list: &str, etag: &str) -> bool {
+    fn bare(t: &str) -> &str {
+        t.trim().trim_start_matches("W/").trim_matches('"')
+    }
+    list.split(',')
+        .any(|w| w.trim() == "*" || bare(w) == bare(etag))
+}
+
 /// Writes `outcome` as `application/fhir+json`; returns the status written.
 pub async fn outcome(
     session: &mut Session,

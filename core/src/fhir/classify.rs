@@ -518,7 +518,6 @@ fn system_search(params: Vec<QueryParam>, via_post: bool) -> Result<FhirOp, Uncl
     if params.is_empty() {
         return Err(Unclassifiable::Unsupported);
     }
-    refuse_page_handle(&params)?;
     referenced_types(&params)?;
     Ok(FhirOp::Search(Search {
         resource_type: None,
@@ -534,7 +533,6 @@ fn type_search(
     params: Vec<QueryParam>,
     via_post: bool,
 ) -> Result<FhirOp, Unclassifiable> {
-    refuse_page_handle(&params)?;
     referenced_types(&params)?;
     Ok(FhirOp::Search(Search {
         resource_type: Some(ty.to_string()),

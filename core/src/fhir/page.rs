@@ -12,9 +12,13 @@
 use serde_json::Value;
 
 use super::request::QueryParam;
+use super::search::retain_pairs;
 
 /// The query parameter naming a page handle.
 pub const HANDLE_PARAM: &str = "_getpages";
+
+/// [`HANDLE_PARAM`] and its `=`, spelled out so the scan of a body allocates nothing.
+const HANDLE_NEEDLE: &[u8] = b"_getpages=";
 
 /// The gateway's seal on a page link; never forwarded upstream.
 pub const SEAL_PARAM: &str = "_fhirgate_seal";
@@ -49,13 +53,7 @@ pub fn page_request(params: &[QueryParam]) -> Option<(&str, Option<&str>)> {
 
 /// `query` without the seal, re-encoded; other pairs keep their order.
 pub fn without_seal(query: &str) -> String {
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        if name != SEAL_PARAM {
-            out.append_pair(&name, &value);
-        }
-    }
-    out.finish()
+    retain_pairs(query, |name, _| name != SEAL_PARAM)
 }
 
 /// Seals the page links of a search or history answer: each `link[].url` of the Bundle naming a
@@ -66,8 +64,7 @@ pub fn without_seal(query: &str) -> String {
 /// searches, histories, pages and read operations. Bodies naming no handle come back as they
 /// were.
 pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
-    let needle = format!("{HANDLE_PARAM}=");
-    if memchr::memmem::find(&body, needle.as_bytes()).is_none() {
+    if memchr::memmem::find(&body, HANDLE_NEEDLE).is_none() {
         return body;
     }
     let Ok(mut value) = serde_json::from_slice::<Value>(&body) else {
@@ -79,8 +76,8 @@ pub fn seal_links(body: Vec<u8>, seal: impl Fn(&str) -> String) -> Vec<u8> {
     serde_json::to_vec(&value).unwrap_or(body)
 }
 
-/// [`seal_links`] on a parsed Bundle (a batch response's answer to a search entry); true when a
-/// link changed.
+/// [`seal_links`] on a parsed Bundle (an answer the gateway holds parsed anyway: a mediated one,
+/// or a batch response's answer to a search entry); true when a link changed.
 pub fn seal_bundle(bundle: &mut Value, seal: &impl Fn(&str) -> String) -> bool {
     let generated = matches!(
         bundle.get("type").and_then(Value::as_str),
@@ -113,14 +110,10 @@ fn seal_url(url: &str, seal: &impl Fn(&str) -> String) -> Option<String> {
     let handle = form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| name == HANDLE_PARAM)
         .map(|(_, v)| v.into_owned())?;
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
-        if name != SEAL_PARAM {
-            out.append_pair(&name, &value);
-        }
-    }
-    out.append_pair(SEAL_PARAM, &seal(&handle));
-    Some(format!("{base}?{}", out.finish()))
+    let sealed = form_urlencoded::Serializer::new(without_seal(query))
+        .append_pair(SEAL_PARAM, &seal(&handle))
+        .finish();
+    Some(format!("{base}?{sealed}"))
 }
 
 #[cfg(test)]
@@ -133,6 +126,11 @@ mod tests {
             name: name.into(),
             value: value.into(),
         }
+    }
+
+    #[test]
+    fn the_needle_is_the_handle_parameter() {
+        assert_eq!(HANDLE_NEEDLE, format!("{HANDLE_PARAM}=").as_bytes());
     }
 
     #[test]

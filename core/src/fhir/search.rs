@@ -15,6 +15,18 @@ pub fn parse_query(raw: &str) -> Result<Vec<QueryParam>, Unclassifiable> {
 }
 
 /// Same rules as [`parse_query`] for a form body; failures are [`Unclassifiable::BadBody`].
+/// `query` (or a form body) with only the pairs `keep` accepts (decoded name and value), in
+/// their order, re-encoded.
+pub fn retain_pairs(query: &str, keep: impl Fn(&str, &str) -> bool) -> String {
+    let mut out = form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+        if keep(&name, &value) {
+            out.append_pair(&name, &value);
+        }
+    }
+    out.finish()
+}
+
 pub fn parse_form_body(body: &[u8]) -> Result<Vec<QueryParam>, Unclassifiable> {
     parse_urlencoded(body).ok_or(Unclassifiable::BadBody)
 }

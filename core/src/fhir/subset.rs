@@ -158,16 +158,10 @@ impl Subset {
 /// A query string (or form body) without `_elements` and without `_summary` values that subset
 /// resources (`_summary=count`/`false` stay). Other pairs keep their order and are re-encoded.
 pub fn strip_query(query: &str) -> String {
-    let mut out = form_urlencoded::Serializer::new(String::new());
-    for (name, value) in form_urlencoded::parse(query.as_bytes()) {
+    super::search::retain_pairs(query, |name, value| {
         let base = name.split(':').next().unwrap_or("");
-        let drop =
-            base == "_elements" || (base == "_summary" && value != "count" && value != "false");
-        if !drop {
-            out.append_pair(&name, &value);
-        }
-    }
-    out.finish()
+        !(base == "_elements" || (base == "_summary" && value != "count" && value != "false"))
+    })
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! says what the gateway must still do: append narrowing parameters to a search, filter the
 //! response, or check a write against the current version.
 
+use super::criteria::CONTAINS_MODIFIER;
 use crate::fhir::classify::RESULT_PARAMS;
 use crate::fhir::request::{ANY_TYPE, FhirOp, FhirRequest, Interaction, QueryParam, Search};
 use crate::fhir::search::search_required_access;
@@ -69,9 +70,6 @@ pub struct Permit {
     /// them after the checks.
     pub subset: Option<Subset>,
 }
-
-/// The search modifier of string criteria sent upstream (Medplum's *contains* semantics).
-pub const CONTAINS_MODIFIER: &str = ":contains";
 
 /// `params` names a `:contains` search, which some servers refuse (HAPI with
 /// `allow_contains_searches` off: HAPI-1258).

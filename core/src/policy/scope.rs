@@ -140,6 +140,11 @@ impl SmartScope {
     }
 }
 
+/// Does the space-separated `scope` contain `word`?
+pub fn has_word(scope: &str, word: &str) -> bool {
+    scope.split_ascii_whitespace().any(|w| w == word)
+}
+
 /// Parses a space-separated OAuth scope string and keeps only the SMART resource scopes, in order.
 pub fn parse_scopes(scope: &str) -> Vec<SmartScope> {
     scope

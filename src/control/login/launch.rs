@@ -11,8 +11,8 @@ use serde_json::{Value, json};
 
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::keys;
-use crate::control::login::tokens::has_word;
 use crate::control::web::error::ApiError;
+use fhirgate_core::policy::scope::has_word;
 
 /// What a Login's tokens say about their context.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

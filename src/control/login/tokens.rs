@@ -4,6 +4,7 @@
 use crate::state::{ClientInfo, State};
 use crate::store::LoginRecord;
 use crate::tokens::Claims;
+use fhirgate_core::policy::scope::has_word;
 use jsonwebtoken::Algorithm;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -16,11 +17,6 @@ use crate::control::web::error::ApiError;
 
 /// ID tokens live one hour, whatever the access token lifetime (docs/medplum-compat.md §3.3).
 const ID_TOKEN_LIFETIME: i64 = 3600;
-
-/// Does the space-separated `scope` contain `word`?
-pub(crate) fn has_word(scope: &str, word: &str) -> bool {
-    scope.split_ascii_whitespace().any(|w| w == word)
-}
 
 /// Access token lifetime of a user's Login: its client's, or the server default without one.
 pub(crate) fn user_access_lifetime(state: &State, client: Option<&ClientInfo>) -> Duration {

@@ -9,10 +9,10 @@ use crate::control::base::access::Caller;
 use crate::control::base::resources::fields::joined_strings;
 use crate::control::base::upstream::profile_resource;
 use crate::control::base::users::read_user;
-use crate::control::login::tokens::has_word;
 use crate::control::web::AppState;
 use crate::control::web::body::ok_json;
 use crate::control::web::error::ApiError;
+use fhirgate_core::policy::scope::has_word;
 
 /// `GET|POST /oauth2/userinfo`: claims about the caller, by the scope of its Login.
 pub async fn userinfo(

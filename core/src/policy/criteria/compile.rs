@@ -7,7 +7,7 @@ use super::parse::{Modifier, RawFilter, alternatives, parse_modifier, split_unes
 use super::reference::{RefValue, in_patient_compartment, meta_account};
 use super::string::{string_leaves, string_matches, text_values};
 use super::token::{TokenValue, token_pairs};
-use super::{CriteriaError, unsupported};
+use super::{CONTAINS_MODIFIER, CriteriaError, unsupported};
 use crate::fhir::request::QueryParam;
 use crate::fhir::searchparam::{self, FhirPath, ParamType};
 
@@ -116,9 +116,10 @@ pub(super) fn compile_filter(
             };
             let upstream = match modifier {
                 Modifier::Exact => as_is(),
-                Modifier::None | Modifier::Contains => {
-                    forward(format!("{}:contains", raw.code), raw.value.clone())
-                }
+                Modifier::None | Modifier::Contains => forward(
+                    format!("{}{CONTAINS_MODIFIER}", raw.code),
+                    raw.value.clone(),
+                ),
                 _ => None,
             };
             (Test::Str { values, exact }, upstream)

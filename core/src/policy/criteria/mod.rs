@@ -233,6 +233,10 @@ impl Criteria {
     }
 }
 
+/// The modifier string criteria are sent upstream with (Medplum's *contains* semantics); some
+/// servers refuse it (HAPI with `allow_contains_searches` off: HAPI-1258).
+pub const CONTAINS_MODIFIER: &str = ":contains";
+
 const WILDCARD: &str = "*";
 /// The pseudo type the common (`Resource`) parameters are compiled for.
 const BASE_TYPE: &str = "Resource";

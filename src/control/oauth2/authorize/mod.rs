@@ -412,7 +412,7 @@ fn consent_answer<'a>(p: &'a Params, requested: &str) -> Consent<'a> {
     }
     let mut chosen: Vec<&str> = Vec::new();
     for word in p.all("grant") {
-        if !requested.split_ascii_whitespace().any(|w| w == word) {
+        if !fhirgate_core::policy::scope::has_word(requested, word) {
             return Consent::Invalid("Invalid scope");
         }
         if !chosen.contains(&word) {

@@ -19,7 +19,6 @@ use crate::control::login::state::LoginFlow;
 use crate::control::login::state::keys;
 use crate::control::login::state::save_pending;
 use crate::control::login::state::set_extra;
-use crate::control::login::tokens::has_word;
 use crate::control::oauth2::authorize::request::client_name;
 use crate::control::oauth2::authorize::request::login_client;
 use crate::control::web::ControlState;
@@ -31,6 +30,7 @@ use crate::control::web::pages::Hidden;
 use crate::store::LoginRecord;
 use fhirgate_core::fhir::path::is_valid_id;
 use fhirgate_core::policy::EffectivePolicy;
+use fhirgate_core::policy::scope::has_word;
 use std::sync::Arc;
 
 /// How many patients the page lists at once.
