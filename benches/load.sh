@@ -27,6 +27,15 @@
 #                   (issue 3: within 10 % of fg-full)
 #        fg-half    fg-full paced at half the fg-full throughput measured so far (wrk Lua
 #                   `delay()`), for docs/contract.md §5's "gateway-added p99 ≤ 1 ms at 50 % of saturation"
+#        fg-search  GET /fhir/R4/Observation as the patient-compartment client: the upstream
+#                   answers a 1 MB searchset (2,000 Observations, half of them Patient/p1's), the
+#                   gateway checks every entry against the criteria and drops the other half;
+#                   reported as MB/s of upstream body through the gateway (issue 14: ≥ 200 MB/s)
+#        fg-full-b  fg-full against a second fhirgate, FHIRGATE_BIN_B (an A/B of two builds in
+#                   one run, interleaved; same flags, its own data dir and token)
+#        haproxy    HAProxy (2 threads, `http-reuse always`) verifying an ES256 JWT on every request
+#                   with `jwt_verify` before forwarding: an authenticating proxy without policy or
+#                   token cache, for comparison (apt-get install haproxy; skipped when absent)
 #      and, for token issuance (client_credentials POSTs from a wrk Lua script):
 #        issue-gw   POST /oauth2/token through the gateway (as clients do)
 #        issue-ctl  POST /oauth2/token straight to the control listener
@@ -55,6 +64,7 @@
 #   ISSUE_DURATION [$DURATION] · ISSUE_CONNS [$CONNS] · CASES [all: "direct nginx fg-pass
 #   pingora fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"] · BASE_PORT [18180] (uses ..+5)
 #   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
+#   FHIRGATE_BIN_B [none] a second fhirgate build for the fg-full-b case (uses BASE_PORT+6..+8)
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 #   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
 #   AUDIT [1] 1 = fhirgate's per-request audit record on (info, JSON) and nginx's access log on
@@ -78,7 +88,10 @@ TENANT=${TENANT:-0}
 if [[ $TENANT == 1 ]]; then
   CASES=${CASES:-"direct nginx pingora fg-full fg-tenant fg-tsearch fg-dsearch"}
 fi
-CASES=${CASES:-"direct nginx pingora fg-pass fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"}
+if [[ -z ${CASES:-} ]]; then
+  CASES="direct nginx pingora fg-pass fg-full fg-basic fg-patient fg-search fg-half issue-gw issue-ctl"
+  command -v haproxy >/dev/null && CASES="$CASES haproxy"
+fi
 BASE_PORT=${BASE_PORT:-18180}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PIN=${PIN:-0}
@@ -95,6 +108,11 @@ if [[ -n $PRELOAD && ! -r $PRELOAD ]]; then
 fi
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FHIRGATE_BIN=${FHIRGATE_BIN:-$TARGET_DIR/release/fhirgate}
+FHIRGATE_BIN_B=${FHIRGATE_BIN_B:-}
+if [[ " $CASES " == *" fg-full-b "* && ! -x $FHIRGATE_BIN_B ]]; then
+  echo "load.sh: fg-full-b needs FHIRGATE_BIN_B (an executable fhirgate)" >&2
+  exit 1
+fi
 
 UP_PORT=$BASE_PORT
 NGX_PORT=$((BASE_PORT + 1))
@@ -102,6 +120,10 @@ GW_PORT=$((BASE_PORT + 2))
 CTL_PORT=$((BASE_PORT + 3))
 MET_PORT=$((BASE_PORT + 4))
 PB_PORT=$((BASE_PORT + 5))
+GWB_PORT=$((BASE_PORT + 6))
+CTLB_PORT=$((BASE_PORT + 7))
+METB_PORT=$((BASE_PORT + 8))
+HAP_PORT=$((BASE_PORT + 9))
 CLIENT_ID=load-admin
 CLIENT_SECRET=load-secret-5f1c2a9e8b7d4c3f
 ADMIN_PASSWORD=load-operator-password-7e1d
@@ -122,40 +144,17 @@ for tool in nginx wrk curl awk python3; do
 done
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT $PB_PORT; do
+for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT $PB_PORT $GWB_PORT $CTLB_PORT $METB_PORT $HAP_PORT; do
   if port_busy "$p"; then
     echo "load.sh: port $p is in use; set BASE_PORT to a free range" >&2
     exit 1
   fi
 done
 
-TMP=$(mktemp -d /tmp/fhirgate-load.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 1 50); do
-      kill -0 "$pid" 2>/dev/null || break
-      sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-  done
-  if [[ $KEEP_TMP == 1 ]]; then
-    echo "load.sh: temp dir kept: $TMP"
-  else
-    rm -rf "$TMP"
-  fi
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+BENCH_NAME=load.sh
+BENCH_TMP_PREFIX=fhirgate-load
+# shellcheck source=benches/common.sh
+source "$ROOT/benches/common.sh"
 
 log() { printf '[load.sh %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -176,6 +175,10 @@ if [[ -z $PINGORA_BASELINE_BIN ]]; then
   PINGORA_BASELINE_BIN=$(ls -t "$TARGET_DIR"/release/deps/pingora_baseline-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
 fi
 [[ -x $FHIRGATE_BIN ]] || { echo "load.sh: no binary at $FHIRGATE_BIN" >&2; exit 1; }
+if [[ " $CASES " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; then
+  echo "load.sh: the haproxy case needs haproxy (apt-get install -y haproxy)" >&2
+  exit 1
+fi
 if [[ " $CASES " == *" pingora "* && ! -x $PINGORA_BASELINE_BIN ]]; then
   echo "load.sh: no pingora baseline binary (build it: cargo build --release --bench pingora_baseline)" >&2
   exit 1
@@ -199,8 +202,28 @@ EOF
 # project's p1 and, once a tenant exists, the tenant's t1.
 printf '{"resourceType":"Bundle","type":"searchset","entry":[{"fullUrl":"http://127.0.0.1:%s/fhir/R4/Patient/p1","resource":%s}]}\n' \
   "$UP_PORT" "$(cat "$TMP/www/fhir/R4/Patient/p1")" >"$TMP/www/fhir/R4/search.json"
+# The filtered search's upstream answer: 2,000 Observations (~1 MB), every other one Patient/p1's.
+python3 - "$TMP/www/fhir/R4/observations.json" "$UP_PORT" <<'PY'
+import json, sys
+path, port = sys.argv[1], sys.argv[2]
+entries = []
+for i in range(2000):
+    subject = "Patient/p1" if i % 2 == 0 else "Patient/p2"
+    obs = {"resourceType": "Observation", "id": f"o{i}",
+           "meta": {"versionId": "1", "lastUpdated": "2024-05-01T10:00:00.000Z"},
+           "status": "final",
+           "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "vital-signs"}]}],
+           "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+           "subject": {"reference": subject},
+           "effectiveDateTime": "2024-05-01T10:00:00Z",
+           "valueQuantity": {"value": 60 + i % 40, "unit": "beats/minute", "system": "http://unitsofmeasure.org", "code": "/min"}}
+    entries.append({"fullUrl": f"http://127.0.0.1:{port}/fhir/R4/Observation/o{i}", "resource": obs, "search": {"mode": "match"}})
+with open(path, "w") as f:
+    json.dump({"resourceType": "Bundle", "type": "searchset", "entry": entries}, f, separators=(",", ":"))
+PY
 chmod -R a+rX "$TMP/www"
 PATIENT_BYTES=$(wc -c <"$TMP/www/fhir/R4/Patient/p1")
+SEARCH_BYTES=$(wc -c <"$TMP/www/fhir/R4/observations.json")
 METADATA_BYTES=$(wc -c <"$TMP/www/fhir/R4/metadata")
 
 NGINX_ACCESS_LOG=""
@@ -247,6 +270,7 @@ $(common_http "$TMP/nginx-up")
     etag on;
     location / { try_files \$uri =404; }
     location = /fhir/R4/Patient { try_files /fhir/R4/search.json =404; }
+    location = /fhir/R4/Observation { try_files /fhir/R4/observations.json =404; }
   }
 }
 EOF
@@ -321,17 +345,24 @@ if [[ " $CASES " == *" pingora "* ]]; then
   wait_http "http://127.0.0.1:$PB_PORT/fhir/R4/metadata" "pingora baseline" || { tail -20 "$TMP/pingora-baseline.log" >&2; exit 1; }
 fi
 
-log "starting fhirgate on :$GW_PORT ($PROXY_THREADS threads)"
-LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_PASSWORD=$ADMIN_PASSWORD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG_LEVEL \
-  "${PIN_PROXY[@]}" "$FHIRGATE_BIN" serve \
-  --listen "127.0.0.1:$GW_PORT" --control-listen "127.0.0.1:$CTL_PORT" --metrics-listen "127.0.0.1:$MET_PORT" \
-  --base-url "http://127.0.0.1:$GW_PORT/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
-  --data-dir "$TMP/data" --threads "$PROXY_THREADS" --log-format "$FG_LOG_FORMAT" --policies-dir "$ROOT/policies" \
-  --auth-rate-limit 0 \
-  >"$TMP/fhirgate.log" 2>&1 &
-FG_PID=$!
-PIDS+=("$FG_PID")
-wait_http "http://127.0.0.1:$MET_PORT/healthz" "fhirgate" || { tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+# Starts `fhirgate serve` in front of the upstream with the known admin client; sets STARTED_PID.
+start_fhirgate() { # $1 binary, $2 gateway port, $3 control port, $4 metrics port, $5 name
+  log "starting $5 ($1) on :$2 ($PROXY_THREADS threads)"
+  mkdir -p "$TMP/data-$5"
+  LD_PRELOAD=$PRELOAD FHIRGATE_ADMIN_PASSWORD=$ADMIN_PASSWORD FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG_LEVEL \
+    "${PIN_PROXY[@]}" "$1" serve \
+    --listen "127.0.0.1:$2" --control-listen "127.0.0.1:$3" --metrics-listen "127.0.0.1:$4" \
+    --base-url "http://127.0.0.1:$2/" --upstream "http://127.0.0.1:$UP_PORT/fhir/R4" \
+    --data-dir "$TMP/data-$5" --threads "$PROXY_THREADS" --log-format "$FG_LOG_FORMAT" --policies-dir "$ROOT/policies" \
+    --auth-rate-limit 0 \
+    >"$TMP/$5.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+  wait_http "http://127.0.0.1:$4/healthz" "$5" || { tail -30 "$TMP/$5.log" >&2; exit 1; }
+}
+
+start_fhirgate "$FHIRGATE_BIN" "$GW_PORT" "$CTL_PORT" "$MET_PORT" fhirgate
+FG_PID=$STARTED_PID
 wait_http "http://127.0.0.1:$GW_PORT/fhir/R4/metadata" "fhirgate gateway" || { tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
 
 TOKEN_JSON=$(curl -s --max-time 10 -X POST "http://127.0.0.1:$GW_PORT/oauth2/token" \
@@ -379,6 +410,72 @@ token = call("POST", "/oauth2/token", token=None, form={
 print(token["access_token"])
 PY
 ) || { echo "load.sh: could not set up the patient-compartment client" >&2; tail -30 "$TMP/fhirgate.log" >&2; exit 1; }
+
+# The A/B build (fg-full-b): a second fhirgate with the same flags, its own data and token.
+FGB_PID=""
+TOKEN_B=""
+if [[ " $CASES " == *" fg-full-b "* ]]; then
+  start_fhirgate "$FHIRGATE_BIN_B" "$GWB_PORT" "$CTLB_PORT" "$METB_PORT" fhirgate-b
+  FGB_PID=$STARTED_PID
+  TOKEN_B=$(curl -s --max-time 10 -X POST "http://127.0.0.1:$GWB_PORT/oauth2/token" \
+    -H 'Content-Type: application/x-www-form-urlencoded' \
+    --data "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET" |
+    sed -n 's/.*"access_token":"\([^"]*\)".*/\1/p')
+  [[ -n $TOKEN_B ]] || { echo "load.sh: no token from fhirgate B" >&2; tail -30 "$TMP/fhirgate-b.log" >&2; exit 1; }
+fi
+
+# HAProxy verifying an ES256 JWT of its own key on every request (jwt_verify), then forwarding.
+HAP_PID=""
+HAP_TOKEN=""
+if [[ " $CASES " == *" haproxy "* ]]; then
+  mkdir -p "$TMP/haproxy"
+  HAP_TOKEN=$(python3 - "$TMP/haproxy/jwt.pem" <<'PY'
+import base64, json, sys, time
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+key = ec.generate_private_key(ec.SECP256R1())
+with open(sys.argv[1], "wb") as f:
+    f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+header = b64(json.dumps({"alg": "ES256", "typ": "JWT", "kid": "load"}).encode())
+payload = b64(json.dumps({"iss": "load", "sub": "load-admin", "scope": "system/*.*",
+                          "exp": int(time.time()) + 3600}).encode())
+r, s = utils.decode_dss_signature(key.sign(f"{header}.{payload}".encode(), ec.ECDSA(hashes.SHA256())))
+print(f"{header}.{payload}.{b64(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}")
+PY
+  ) || { echo "load.sh: could not make the HAProxy key and token (python3 cryptography)" >&2; exit 1; }
+  HAP_LOG=""
+  [[ $AUDIT == 1 ]] && HAP_LOG="log 127.0.0.1:9 local0"
+  cat >"$TMP/haproxy/haproxy.cfg" <<EOF
+global
+  nbthread $PROXY_THREADS
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  $HAP_LOG
+frontend fhir
+  bind 127.0.0.1:$HAP_PORT
+  http-request set-var(txn.bearer) http_auth_bearer
+  http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('\$.alg')
+  http-request deny deny_status 401 unless { var(txn.alg) -m str ES256 }
+  http-request deny deny_status 401 unless { var(txn.bearer),jwt_verify(txn.alg,"$TMP/haproxy/jwt.pem") -m int 1 }
+  default_backend upstream
+backend upstream
+  http-reuse always
+  server up 127.0.0.1:$UP_PORT
+EOF
+  haproxy -c -q -f "$TMP/haproxy/haproxy.cfg" || { echo "load.sh: haproxy rejected its configuration" >&2; exit 1; }
+  log "starting haproxy on :$HAP_PORT ($PROXY_THREADS threads, jwt_verify ES256)"
+  "${PIN_PROXY[@]}" haproxy -db -f "$TMP/haproxy/haproxy.cfg" >"$TMP/haproxy/out.log" 2>&1 &
+  HAP_PID=$!
+  PIDS+=("$HAP_PID")
+  wait_http "http://127.0.0.1:$HAP_PORT/fhir/R4/metadata" "haproxy" || { tail -20 "$TMP/haproxy/out.log" >&2; exit 1; }
+fi
 
 # The tenant (TENANT=1): a second project on the same upstream, so isolated by its
 # marker; its patient t1 carries the marker, and the searchset lists t1 beside p1.
@@ -448,6 +545,19 @@ check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
 check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
 check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
 check fg-patient "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $PATIENT_TOKEN"
+check fg-search "http://127.0.0.1:$GW_PORT/fhir/R4/Observation" -H "Authorization: Bearer $PATIENT_TOKEN"
+python3 - "$TMP/check.out" <<'PY' || { echo "load.sh: the filtered search did not keep exactly Patient/p1's 1,000 Observations" >&2; exit 1; }
+import json, sys
+bundle = json.load(open(sys.argv[1]))
+subjects = [e["resource"]["subject"]["reference"] for e in bundle.get("entry", [])]
+sys.exit(0 if len(subjects) == 1000 and set(subjects) == {"Patient/p1"} else 1)
+PY
+[[ -n $FGB_PID ]] && check fg-full-b "http://127.0.0.1:$GWB_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN_B"
+if [[ -n $HAP_PID ]]; then
+  check haproxy "http://127.0.0.1:$HAP_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $HAP_TOKEN"
+  code=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer ${HAP_TOKEN%????}AAAA" "http://127.0.0.1:$HAP_PORT/fhir/R4/Patient/p1")
+  [[ $code == 401 ]] || { echo "load.sh: haproxy let a tampered token through ($code)" >&2; exit 1; }
+fi
 if [[ $TENANT == 1 ]]; then
   check fg-tenant "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/t1" -H "Authorization: Bearer $TENANT_TOKEN"
   check fg-tsearch "http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x" -H "Authorization: Bearer $TENANT_TOKEN"
@@ -466,16 +576,18 @@ code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 -H "Authorization: Be
 check issue-ctl "http://127.0.0.1:$CTL_PORT/oauth2/token" -X POST --data "grant_type=client_credentials&client_id=$CLIENT_ID&client_secret=$CLIENT_SECRET"
 
 # --- measurement ---------------------------------------------------------------------------
-# Sum of utime+stime (clock ticks) of the given pids and, for nginx masters, their workers.
+# Clock ticks of the given pids and, for nginx masters, their workers: utime+stime, or with
+# `--kernel` first, stime alone.
 cpu_ticks() {
-  local total=0 pid p line f
+  local total=0 pid p line f first=11
+  if [[ ${1:-} == --kernel ]]; then first=12; shift; fi
   for pid in "$@"; do
     for p in $pid $(cat "/proc/$pid/task/"*/children 2>/dev/null); do
       line=$(cat "/proc/$p/stat" 2>/dev/null) || continue
       # After the ")" that closes comm, field 1 is the state (stat field 3): utime and stime
       # (stat fields 14 and 15) are fields 12 and 13 here. They cover every thread.
       read -r -a f <<<"${line##*) }"
-      total=$((total + f[11] + f[12]))
+      total=$((total + f[12] + (first == 11 ? f[11] : 0)))
     done
   done
   echo "$total"
@@ -528,6 +640,12 @@ run_case() { # $1 case, $2 rep
       args=(-H "Authorization: Basic $BASIC") ;;
     fg-patient) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $PATIENT_TOKEN") ;;
+    fg-search) url="http://127.0.0.1:$GW_PORT/fhir/R4/Observation"; proxy_pids=("$FG_PID"); route=fhir
+      args=(-H "Authorization: Bearer $PATIENT_TOKEN") ;;
+    fg-full-b) url="http://127.0.0.1:$GWB_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FGB_PID")
+      args=(-H "Authorization: Bearer $TOKEN_B") ;;
+    haproxy) url="http://127.0.0.1:$HAP_PORT/fhir/R4/Patient/p1"; proxy_pids=("$HAP_PID")
+      args=(-H "Authorization: Bearer $HAP_TOKEN") ;;
     fg-tenant) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/t1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $TENANT_TOKEN") ;;
     fg-tsearch) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient?name=x"; proxy_pids=("$FG_PID"); route=fhir
@@ -559,6 +677,8 @@ EOF
   local out=$TMP/wrk-$name-$rep.txt
   [[ -n $route ]] && gw_hist "$route" >"$TMP/hist-before"
   local p0 u0 p1 u1 o0 o1 s0 s1 wrk_cpu
+  local k0 k1
+  k0=$(cpu_ticks --kernel "${proxy_pids[@]}")
   p0=$(cpu_ticks "${proxy_pids[@]}")
   u0=$(cpu_ticks "${upstream_pids[@]}")
   o0=$(cpu_ticks "${PIDS[@]}")
@@ -572,6 +692,7 @@ EOF
     exit 1
   fi
   p1=$(cpu_ticks "${proxy_pids[@]}")
+  k1=$(cpu_ticks --kernel "${proxy_pids[@]}")
   u1=$(cpu_ticks "${upstream_pids[@]}")
   o1=$(cpu_ticks "${PIDS[@]}")
   s1=$(sys_busy)
@@ -592,15 +713,17 @@ EOF
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$out")")
   non2xx=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$out")
   errors=$(awk '/Socket errors:/ {gsub(",", ""); print $4 + $6 + $8 + $10}' "$out")
-  local pcpu ucpu
+  local pcpu ucpu kcpu
   pcpu=$(awk -v d=$((p1 - p0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#proxy_pids[@]} \
+    'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
+  kcpu=$(awk -v d=$((k1 - k0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#proxy_pids[@]} \
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
   ucpu=$(awk -v d=$((u1 - u0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#upstream_pids[@]} \
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
     "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" "$foreign" >>"$RESULTS"
-  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req  upstream %6s µs/req  gw-added p99 %s ms  foreign CPU %s%%%s\n' \
-    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$ucpu" "$gwp99" "$foreign" \
+  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req (kernel %s)  upstream %6s µs/req  gw-added p99 %s ms  foreign CPU %s%%  fhirgate RSS %s kB%s\n' \
+    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$kcpu" "$ucpu" "$gwp99" "$foreign" "$(rss_kb "$FG_PID")" \
     "$([[ ${non2xx:-0} != 0 || ${errors:-0} != 0 ]] && echo "  (!! non-2xx ${non2xx:-0}, socket errors ${errors:-0})")" >&2
 }
 
@@ -622,7 +745,7 @@ ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]
 
 echo
 echo "fhirgate load test — $(date -u +%FT%TZ), $(nproc) vCPU, wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $REPS reps interleaved, PIN=$PIN, proxy threads/workers $PROXY_THREADS${PRELOAD:+, LD_PRELOAD=$PRELOAD}"
-echo "bodies: Patient $PATIENT_BYTES B, CapabilityStatement $METADATA_BYTES B; token ${#TOKEN} B; token issuance -c$ISSUE_CONNS -d${ISSUE_DURATION}s"
+echo "bodies: Patient $PATIENT_BYTES B, CapabilityStatement $METADATA_BYTES B, searchset $SEARCH_BYTES B; token ${#TOKEN} B; token issuance -c$ISSUE_CONNS -d${ISSUE_DURATION}s"
 echo
 printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "foreign CPU" "non-2xx/err"
 printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|-------------|------------"
@@ -639,6 +762,9 @@ PASS_RPS=$(col fg-pass 3); PASS_CPU=$(col fg-pass 7)
 FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
 BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
 PATIENT_RPS=$(col fg-patient 3); PATIENT_CPU=$(col fg-patient 7)
+FULLB_RPS=$(col fg-full-b 3); FULLB_CPU=$(col fg-full-b 7)
+HAP_RPS=$(col haproxy 3); HAP_CPU=$(col haproxy 7)
+SEARCH_RPS=$(col fg-search 3)
 echo "ratios (medians)                          throughput   CPU/req"
 printf '  fhirgate full   / nginx                 %8s   %8s   (contract: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / pingora pass-through  %8s   %8s   (contract: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
@@ -647,6 +773,11 @@ printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_R
 printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"
 printf '  fhirgate basic  / fhirgate full         %8s   %8s\n' "$(ratio "$BASIC_RPS" "$FULL_RPS")" "$(ratio "$BASIC_CPU" "$FULL_CPU")"
 printf '  patient policy  / fhirgate full         %8s   %8s   (issue 3: throughput >= 0.9)\n' "$(ratio "$PATIENT_RPS" "$FULL_RPS")" "$(ratio "$PATIENT_CPU" "$FULL_CPU")"
+printf '  fhirgate B      / fhirgate (A/B)        %8s   %8s   (FHIRGATE_BIN_B against FHIRGATE_BIN)\n' "$(ratio "$FULLB_RPS" "$FULL_RPS")" "$(ratio "$FULLB_CPU" "$FULL_CPU")"
+printf '  haproxy jwt_verify / nginx              %8s   %8s\n' "$(ratio "$HAP_RPS" "$NGX_RPS")" "$(ratio "$HAP_CPU" "$NGX_CPU")"
+printf '  fhirgate full   / haproxy jwt_verify    %8s   %8s\n' "$(ratio "$FULL_RPS" "$HAP_RPS")" "$(ratio "$FULL_CPU" "$HAP_CPU")"
+printf '  filtered search: %s MB/s of upstream searchset through the gateway (%s B × %s req/s; issue 14: >= 200)\n' \
+  "$(awk -v r="$SEARCH_RPS" -v b="$SEARCH_BYTES" 'BEGIN { if (r !~ /^[0-9.]+$/) print "-"; else printf "%.0f", r * b / 1e6 }')" "$SEARCH_BYTES" "$SEARCH_RPS"
 printf '  token issuance: %s tokens/s through the gateway, %s tokens/s direct to the control API (contract: >= 2000)\n' \
   "$(col issue-gw 3)" "$(col issue-ctl 3)"
 printf '  fhirgate RSS: %s kB before the runs, %s kB after\n' "$FG_RSS_START" "$FG_RSS_END"

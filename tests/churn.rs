@@ -9,6 +9,10 @@
 //!   record is checked afterwards, so a stale cache entry that outlived its change — the race
 //!   the identity caches' fence closes — fails the test).
 //!
+//! B decides as its gateway does: with each Bearer token's kept standing (`state::standing`),
+//! which skips the live checks and the policy lookups while nothing changed, so a standing kept
+//! past a change fails the test too.
+//!
 //! The stream is random but reproducible: the seed is printed, and `FHIRGATE_CHURN_SEED` replays
 //! one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -187,8 +191,36 @@ async fn until(what: &str, since: Instant, mut check: impl AsyncFnMut() -> bool)
     }
 }
 
+/// How B's data plane decides `header`: authenticated with the token's kept standing (the
+/// live checks are skipped while nothing changed since they passed), and the standing derived
+/// and kept as the gateway does, so the hammer keeps every Bearer token's standing warm and a
+/// standing that outlived its change is caught here.
 async fn denied(b: &State, header: &str) -> Option<AuthError> {
-    b.authenticate(Some(header)).await.0.err()
+    match b.authenticate_with_standing(Some(header)).await.0 {
+        Err(e) => Some(e),
+        Ok((identity, slot)) => {
+            b.standing(&b.snapshot(), &identity, &slot)
+                .await
+                .expect("an authenticated caller has a standing");
+            None
+        }
+    }
+}
+
+/// Whether the policy in the standing of B's data plane for `header` grants `resource_type`.
+async fn standing_grants(b: &State, header: &str, resource_type: &str) -> bool {
+    let (identity, slot) = b
+        .authenticate_with_standing(Some(header))
+        .await
+        .0
+        .expect("a live credential");
+    let standing = b.standing(&b.snapshot(), &identity, &slot).await.unwrap();
+    standing
+        .policy
+        .access_policy()
+        .resource
+        .iter()
+        .any(|r| r.resource_type == resource_type)
 }
 
 /// Whether B's effective policy of `membership` grants `resource_type`.
@@ -253,7 +285,7 @@ async fn churn(store: impl FnOnce(&Path) -> Option<String>) {
                 for (i, c) in all.iter().enumerate() {
                     for (header, bearer) in [(&c.basic, false), (&c.bearer, true)] {
                         let started = Instant::now();
-                        let admitted = b.authenticate(Some(header)).await.0.is_ok();
+                        let admitted = denied(&b, header).await.is_none();
                         seen.lock().unwrap().push(Seen {
                             credential: i,
                             bearer,
@@ -362,8 +394,10 @@ async fn churn(store: impl FnOnce(&Path) -> Option<String>) {
                     .unwrap()
                     .to_string();
                 let want = observation;
+                let bearer = credentials[i].bearer.clone();
                 until("policy edit", since, async || {
                     grants(&b, &membership, "Observation").await == want
+                        && standing_grants(&b, &bearer, "Observation").await == want
                 })
                 .await
             }
@@ -481,4 +515,69 @@ async fn a_stuck_pruning_pass_does_not_delay_changes_on_postgres() {
     held.rollback().await.unwrap();
     stop.send(true).unwrap();
     feed.await.unwrap();
+}
+
+/// A Bearer token's standing (`state::standing`) is kept only while nothing changed: the next
+/// request reuses it, and after any change is applied — an unrelated new client, then an edit
+/// of the caller's own policy — the next request derives it again and sees the edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_standing_lasts_only_until_the_next_change() {
+    let a = InProcess::start(|_| None, |_| {}).await;
+    let state = a.state.clone();
+    let (status, mut policy) = call(
+        &a,
+        "POST",
+        "/fhir/R4/AccessPolicy",
+        Some(json!({"resourceType": "AccessPolicy", "name": "kept", "resource": [{"resourceType": "Patient"}]})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{policy}");
+    let policy_id = policy["id"].as_str().unwrap().to_string();
+    let caller = new_credential(&a, &policy_id).await;
+    let request = async || {
+        let (identity, slot) = state
+            .authenticate_with_standing(Some(&caller.bearer))
+            .await
+            .0
+            .expect("a live token");
+        let kept = slot.current();
+        let standing = state
+            .standing(&state.snapshot(), &identity, &slot)
+            .await
+            .unwrap();
+        (kept, standing)
+    };
+    let observation = |s: &fhirgate::state::standing::Standing| {
+        s.policy
+            .access_policy()
+            .resource
+            .iter()
+            .any(|r| r.resource_type == "Observation")
+    };
+
+    let (kept, first) = request().await;
+    assert!(kept.is_none(), "nothing is kept before the first request");
+    let (kept, second) = request().await;
+    assert!(
+        kept.is_some_and(|k| Arc::ptr_eq(&k, &first)) && Arc::ptr_eq(&second, &first),
+        "the next request reuses the standing"
+    );
+
+    // Any change applied drops it, even one that does not concern the caller.
+    new_credential(&a, &policy_id).await;
+    let (kept, third) = request().await;
+    assert!(kept.is_none(), "a standing outlived a change");
+    assert!(!Arc::ptr_eq(&third, &first));
+    assert!(!observation(&third));
+
+    policy["resource"] = json!([{"resourceType": "Patient"}, {"resourceType": "Observation"}]);
+    put(&a, policy).await;
+    let (kept, fourth) = request().await;
+    assert!(
+        kept.is_none(),
+        "a standing outlived the edit of its own policy"
+    );
+    assert!(observation(&fourth), "the edit is in the next standing");
+    let (kept, _) = request().await;
+    assert!(kept.is_some(), "and that one is kept again");
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use fhirgate_core::fhir::classify::{METHOD_OVERRIDE_HEADERS, classify};
+use fhirgate_core::fhir::classify::classify;
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::fhir::outcome::Stock;
 use fhirgate_core::fhir::request::{FhirOp, RequestParts};
@@ -15,8 +15,9 @@ use pingora::proxy::Session;
 use super::Gateway;
 use super::ctx::{FilterSpec, ResponsePlan};
 use super::ctx::{RequestCtx, page_caller};
-use crate::state::{AuthError, CacheUse, Snapshot};
-use crate::store::StoreError;
+use super::names;
+use crate::state::standing::StandingError;
+use crate::state::{AuthError, CacheUse};
 
 pub enum Verdict {
     /// Forward through pingora (with `ctx.extra_query` and `ctx.plan` set).
@@ -44,23 +45,6 @@ fn deny(d: &Deny) -> Verdict {
         Deny::Forbidden(l) => Verdict::Deny(Outcome::Forbidden, l),
         Deny::BadRequest(l, t) => Verdict::Deny(Outcome::BadRequest(t.clone()), l),
     }
-}
-
-/// The caller's admin standing: (project admin or super admin, super admin).
-async fn is_admin(
-    state: &crate::state::State,
-    snap: &Snapshot,
-    membership_id: &str,
-) -> Result<(bool, bool), StoreError> {
-    let Some(m) = state.identities.membership(membership_id).await? else {
-        return Ok((false, false));
-    };
-    let super_admin = m
-        .project
-        .type_and_id()
-        .and_then(|(_, p)| snap.projects.get(p))
-        .is_some_and(|p| p.super_admin);
-    Ok((m.is_admin() || super_admin, super_admin))
 }
 
 /// A store lookup failed while deciding: fail closed with 503.
@@ -95,18 +79,18 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
 pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Verdict {
     let state = &gw.state;
     let req = session.req_header();
-    if req.headers.contains_key("upgrade") {
+    if req.headers.contains_key(names::UPGRADE) {
         return Verdict::Deny(Stock::ProtocolUpgrade.outcome(), "upgrade");
     }
-    if METHOD_OVERRIDE_HEADERS
+    if names::METHOD_OVERRIDE
         .iter()
-        .any(|h| req.headers.contains_key(*h))
+        .any(|h| req.headers.contains_key(h))
     {
         return Verdict::Deny(Stock::MethodOverride.outcome(), "method_override");
     }
     let auth_header = req
         .headers
-        .get("authorization")
+        .get(names::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     if let Some(failures) = &state.credential_failures
         && let Some(wait) = failures.retry_after(ctx.client_ip, auth_header)
@@ -114,7 +98,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         ctx.retry_after = Some(wait.as_secs().max(1));
         return Verdict::Deny(Outcome::TooManyRequests, "credential_failures");
     }
-    let (auth, cache) = state.authenticate(auth_header).await;
+    let (auth, cache) = state.authenticate_with_standing(auth_header).await;
     if let (
         Err(AuthError::Malformed | AuthError::InvalidToken | AuthError::InvalidClient),
         Some(f),
@@ -127,34 +111,34 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         CacheUse::Miss => crate::obs::count_token_cache(false),
         CacheUse::None => {}
     }
-    let identity = match auth {
-        Ok(i) => i,
+    let (identity, slot) = match auth {
+        Ok(found) => found,
         Err(AuthError::StoreUnavailable) => return store_down(),
         Err(e) => return Verdict::Deny(Outcome::Unauthorized, e.as_str()),
     };
     ctx.identity = Some(identity.clone());
     let snap = state.snapshot();
-    // The project's upstream; a binding the operator has not configured fails closed.
-    let binding = snap
-        .projects
-        .get(&identity.project_id)
-        .and_then(|p| state.upstreams.get(&p.upstream));
-    let Some(binding) = binding else {
-        return Verdict::Deny(Stock::UpstreamNotConfigured.outcome(), "upstream_unbound");
+    let standing = match state.standing(&snap, &identity, &slot).await {
+        Ok(standing) => standing,
+        Err(StandingError::UpstreamUnbound) => {
+            return Verdict::Deny(Stock::UpstreamNotConfigured.outcome(), "upstream_unbound");
+        }
+        Err(StandingError::MembershipGone) => {
+            return Verdict::Deny(Outcome::Unauthorized, "membership_gone");
+        }
+        Err(StandingError::StoreUnavailable) => return store_down(),
     };
-    ctx.upstream = Some(binding.clone());
-    let Ok((caller_admin, super_admin)) = is_admin(state, &snap, &identity.membership_id).await
-    else {
-        return store_down();
-    };
+    ctx.upstream = Some(standing.binding.clone());
+    let (caller_admin, super_admin) = (standing.admin, standing.super_admin);
 
     // On-behalf-of: admins only; the target's policy applies, with the caller's SMART scopes.
     let target;
     let mut membership_id = identity.membership_id.as_str();
+    let mut policy = standing.policy.clone();
     let obo = session
         .req_header()
         .headers
-        .get("x-medplum-on-behalf-of")
+        .get(&names::X_MEDPLUM_ON_BEHALF_OF)
         .map(|v| v.to_str().map(str::to_string));
     if let Some(value) = obo {
         let Ok(value) = value else {
@@ -179,42 +163,26 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         };
         ctx.on_behalf_of = Some(format!("ProjectMembership/{target}"));
         membership_id = &target;
-    }
-    let policy = match state
-        .effective_policy_in_context(
-            &snap,
-            membership_id,
-            identity.scope.as_deref(),
-            identity.patient.as_deref(),
-        )
-        .await
-    {
-        Ok(Some(policy)) => policy,
-        Ok(None) => return Verdict::Deny(Outcome::Unauthorized, "membership_gone"),
-        Err(_) => return store_down(),
-    };
-
-    // IP rules on every request, Bearer and Basic (docs/contract.md §2), from the caller's own policy (and,
-    // on behalf of someone, the target's too).
-    if let Some(ip) = ctx.client_ip {
-        let blocked = if membership_id == identity.membership_id {
-            !policy.check_ip(ip).is_allowed()
-        } else {
-            match state
-                .effective_policy_in_context(
-                    &snap,
-                    &identity.membership_id,
-                    identity.scope.as_deref(),
-                    identity.patient.as_deref(),
-                )
-                .await
-            {
-                Ok(caller) => caller.is_some_and(|caller| {
-                    !caller.check_ip(ip).is_allowed() || !policy.check_ip(ip).is_allowed()
-                }),
-                Err(_) => return store_down(),
-            }
+        policy = match state
+            .effective_policy_in_context(
+                &snap,
+                membership_id,
+                identity.scope.as_deref(),
+                identity.patient.as_deref(),
+            )
+            .await
+        {
+            Ok(Some(policy)) => policy,
+            Ok(None) => return Verdict::Deny(Outcome::Unauthorized, "membership_gone"),
+            Err(_) => return store_down(),
         };
+    }
+
+    // IP rules on every request, Bearer and Basic (docs/contract.md §2), from the caller's own
+    // policy (and, on behalf of someone, the target's too).
+    if let Some(ip) = ctx.client_ip {
+        let blocked = !standing.policy.check_ip(ip).is_allowed()
+            || (ctx.on_behalf_of.is_some() && !policy.check_ip(ip).is_allowed());
         if blocked {
             return Verdict::Deny(Outcome::Forbidden, "ip_blocked");
         }
@@ -234,9 +202,11 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     };
     let req = session.req_header();
     let rest = ctx.fhir_rest();
+    // The credentials are not the classifier's business (and the longest value to check).
     let header_refs: Vec<(&str, &str)> = req
         .headers
         .iter()
+        .filter(|(k, _)| *k != names::AUTHORIZATION)
         .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str(), v)))
         .collect();
     let parts = RequestParts {
@@ -300,7 +270,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         && session
             .req_header()
             .headers
-            .contains_key("x-fhirgate-explain")
+            .contains_key(&names::X_FHIRGATE_EXPLAIN)
     {
         return Verdict::Explain(trace(&policy, &request, &decision, membership_id, ctx));
     }

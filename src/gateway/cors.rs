@@ -32,7 +32,12 @@ pub struct CorsGrant {
 
 /// The grant for this request's `Origin`, if it has one and it is admitted.
 pub async fn grant(state: &State, session: &Session) -> Option<CorsGrant> {
-    let origin = session.req_header().headers.get("origin")?.to_str().ok()?;
+    let origin = session
+        .req_header()
+        .headers
+        .get(http::header::ORIGIN)?
+        .to_str()
+        .ok()?;
     match &state.config.cors_origins {
         CorsOrigins::Any => Some(CorsGrant {
             allow_origin: "*".into(),
@@ -59,8 +64,10 @@ pub async fn grant(state: &State, session: &Session) -> Option<CorsGrant> {
 pub fn is_preflight(session: &Session) -> bool {
     let req = session.req_header();
     req.method == http::Method::OPTIONS
-        && req.headers.contains_key("origin")
-        && req.headers.contains_key("access-control-request-method")
+        && req.headers.contains_key(http::header::ORIGIN)
+        && req
+            .headers
+            .contains_key(http::header::ACCESS_CONTROL_REQUEST_METHOD)
 }
 
 /// The headers an admitted answer carries.

@@ -59,7 +59,7 @@ impl FilterSpec {
 
 #[derive(Debug)]
 pub struct RequestCtx {
-    pub request_id: String,
+    pub request_id: crate::obs::RequestId,
     pub started: Instant,
     pub route: Route,
     pub client_ip: Option<IpAddr>,
@@ -108,20 +108,6 @@ impl Default for RequestCtx {
     }
 }
 
-/// Unique per process run: a random prefix chosen once, then a counter (a UUID per request cost
-/// a `getrandom` syscall on the hot path).
-fn next_request_id() -> String {
-    use std::sync::LazyLock;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PREFIX: LazyLock<String> = LazyLock::new(|| crate::tokens::random_hex(8));
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{}{:012x}",
-        *PREFIX,
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
 impl RequestCtx {
     /// The upstream this request goes to: its project's binding, or the global upstream.
     pub fn binding<'a>(&'a self, state: &'a State) -> &'a UpstreamBinding {
@@ -157,7 +143,7 @@ impl RequestCtx {
 
     pub fn new() -> RequestCtx {
         RequestCtx {
-            request_id: next_request_id(),
+            request_id: crate::obs::RequestId::next(),
             started: Instant::now(),
             route: Route::NotFound,
             client_ip: None,

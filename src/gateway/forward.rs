@@ -2,6 +2,7 @@
 //! `Authorization` never leaves the gateway; identity headers are ours alone.
 
 use fhirgate_core::fhir::request::QueryParam;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -14,22 +15,49 @@ use super::ctx::RequestCtx;
 use super::ctx::ResponsePlan;
 use super::route::Route;
 
-/// Headers a client may not send upstream: fhirgate sets or strips them itself.
-const STRIPPED: [&str; 11] = [
-    "x-fhirgate-explain",
-    "authorization",
-    upstream_headers::PROFILE,
-    upstream_headers::PROJECT,
-    upstream_headers::ON_BEHALF_OF,
-    "x-medplum-on-behalf-of",
-    "forwarded",
+/// Headers a client may not send upstream: fhirgate sets or strips them itself. Names, not
+/// strings: a name given as a string is parsed again on every call.
+static STRIPPED: [HeaderName; 13] = [
+    HeaderName::from_static("x-fhirgate-explain"),
+    http::header::AUTHORIZATION,
+    HeaderName::from_static(upstream_headers::PROFILE),
+    HeaderName::from_static(upstream_headers::PROJECT),
+    HeaderName::from_static(upstream_headers::ON_BEHALF_OF),
+    HeaderName::from_static("x-medplum-on-behalf-of"),
+    http::header::FORWARDED,
     // A server behind a proxy may build its URLs from these (HAPI's proxy address strategy):
     // only the gateway says where it is.
-    "x-forwarded-prefix",
-    "x-forwarded-port",
-    "x-real-ip",
-    "cookie",
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-real-ip"),
+    http::header::COOKIE,
+    // Authorization is decided here, never by the upstream: no protocol switch either.
+    http::header::UPGRADE,
+    // Only when the body is filtered (it must come back plain): the last one, see `strip`.
+    http::header::ACCEPT_ENCODING,
 ];
+
+/// Removes the client's headers of [`STRIPPED`] (`accept-encoding` only when `plain_body`).
+/// One pass over the request's few headers finds them; only those present are removed, each
+/// by its name.
+fn strip(upstream: &mut RequestHeader, plain_body: bool) {
+    let considered = if plain_body {
+        STRIPPED.len()
+    } else {
+        STRIPPED.len() - 1
+    };
+    let mut present = 0u32;
+    for name in upstream.headers.keys() {
+        if let Some(i) = STRIPPED[..considered].iter().position(|s| s == name) {
+            present |= 1 << i;
+        }
+    }
+    while present != 0 {
+        let i = present.trailing_zeros() as usize;
+        present &= present - 1;
+        upstream.remove_header(&STRIPPED[i]);
+    }
+}
 
 /// Who a request forwarded or mediated for `ctx` is made for, to the upstream `up`.
 pub(super) fn upstream_identity<'a>(
@@ -100,31 +128,70 @@ pub(super) fn upstream_target(
 }
 
 fn append_xff(upstream: &mut RequestHeader, session: &Session) -> Result<()> {
-    use std::fmt::Write;
     let mut value = String::new();
-    for prior in upstream.headers.get_all("x-forwarded-for") {
+    for prior in upstream.headers.get_all(&super::names::X_FORWARDED_FOR) {
         if let Ok(prior) = prior.to_str() {
             value.push_str(prior);
             value.push_str(", ");
         }
     }
     if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
-        let _ = write!(value, "{}", peer.ip());
+        push_ip(&mut value, peer.ip());
     }
     upstream.insert_header("x-forwarded-for", value)?;
     Ok(())
 }
 
+/// Appends `ip` as text: an IPv4 address digit by digit (the formatter's padding machinery cost
+/// more than the rest of the header on every request), any other through `Display`.
+fn push_ip(out: &mut String, ip: std::net::IpAddr) {
+    use std::fmt::Write;
+    let std::net::IpAddr::V4(v4) = ip else {
+        let _ = write!(out, "{ip}");
+        return;
+    };
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if octet >= 100 {
+            out.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            out.push(char::from(b'0' + octet / 10 % 10));
+        }
+        out.push(char::from(b'0' + octet % 10));
+    }
+}
+
+/// Where the gateway says it is (`X-Forwarded-Proto`, `X-Forwarded-Host`), prepared once.
+pub struct Forwarded {
+    proto: HeaderValue,
+    host: HeaderValue,
+}
+
+impl Forwarded {
+    pub fn new(config: &crate::config::Config) -> Forwarded {
+        let value = |v: &str| {
+            HeaderValue::from_str(v).expect("the public base URL's scheme and host are header-safe")
+        };
+        Forwarded {
+            proto: value(&config.forwarded_proto),
+            host: value(&config.forwarded_host),
+        }
+    }
+}
+
 pub fn rewrite_request(
     state: &State,
+    forwarded: &Forwarded,
     session: &Session,
     upstream: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
-    let config = &state.config;
     append_xff(upstream, session)?;
-    upstream.insert_header("x-forwarded-proto", config.forwarded_proto.as_str())?;
-    upstream.insert_header("x-forwarded-host", config.forwarded_host.as_str())?;
+    upstream.insert_header("x-forwarded-proto", forwarded.proto.clone())?;
+    upstream.insert_header("x-forwarded-host", forwarded.host.clone())?;
     let rest = match &ctx.route {
         Route::Control => return Ok(()),
         Route::Metadata => "metadata",
@@ -133,30 +200,42 @@ pub fn rewrite_request(
             return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding");
         }
     };
-    for h in STRIPPED {
-        upstream.remove_header(h);
-    }
-    // Authorization is decided here, never by the upstream: no protocol switch either.
-    upstream.remove_header("upgrade");
-    let up = &ctx.binding(state).upstream;
+    // Filtering needs the plain body.
+    strip(upstream, !matches!(ctx.plan, ResponsePlan::Stream));
+    let binding = ctx.binding(state);
+    let up = &binding.upstream;
     for (name, value) in upstream_identity(ctx, up).headers() {
         upstream.insert_header(name, value)?;
     }
-    upstream.insert_header("host", up.host_header.as_str())?;
-    if !matches!(ctx.plan, ResponsePlan::Stream) {
-        // Filtering needs the plain body.
-        upstream.remove_header("accept-encoding");
-    }
+    upstream.insert_header("host", binding.host_header.clone())?;
+    let original = session.req_header().uri.query();
     let query = match &ctx.plan {
-        ResponsePlan::Buffer(spec) => spec.upstream_query(session.req_header().uri.query()),
-        ResponsePlan::Stream => session.req_header().uri.query().map(Into::into),
+        ResponsePlan::Buffer(spec) => spec.upstream_query(original),
+        ResponsePlan::Stream => original.map(Into::into),
     };
+    let path = session.req_header().uri.path();
+    let same_query = matches!(
+        (&query, original),
+        (None, None) | (Some(std::borrow::Cow::Borrowed(_)), Some(_))
+    ) && original != Some("");
+    if same_query && ctx.extra_query.is_empty() && is_upstream_path(path, &up.base_path, rest) {
+        // The client's target is already the upstream's: nothing to rebuild or parse.
+        return Ok(());
+    }
     let uri = upstream_target(&up.base_path, rest, query.as_deref(), &ctx.extra_query);
     let parsed = uri
         .parse::<http::Uri>()
         .or_err(HTTPStatus(400), "invalid upstream URI")?;
     upstream.set_uri(parsed);
     Ok(())
+}
+
+/// Whether `path` is `base/rest` already (an upstream whose base path is the gateway's).
+fn is_upstream_path(path: &str, base: &str, rest: &str) -> bool {
+    path.len() == base.len() + 1 + rest.len()
+        && path.starts_with(base)
+        && path[base.len()..].starts_with('/')
+        && path.ends_with(rest)
 }
 
 #[cfg(test)]
@@ -168,6 +247,63 @@ mod tests {
             name: name.into(),
             value: value.into(),
         }
+    }
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        let cases = [
+            "0.0.0.0",
+            "127.0.0.1",
+            "10.9.99.100",
+            "255.255.255.255",
+            "192.168.1.20",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "::ffff:10.0.0.1",
+        ];
+        for case in cases {
+            let ip: std::net::IpAddr = case.parse().unwrap();
+            let mut out = String::from("prior, ");
+            push_ip(&mut out, ip);
+            assert_eq!(out, format!("prior, {ip}"));
+        }
+        for octet in 0..=255u8 {
+            let ip = std::net::IpAddr::from([octet, 0, octet, 1]);
+            let mut out = String::new();
+            push_ip(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
+    }
+
+    #[test]
+    fn the_upstream_path_is_recognised_only_when_it_is_base_and_rest() {
+        assert!(is_upstream_path(
+            "/fhir/R4/Patient/p1",
+            "/fhir/R4",
+            "Patient/p1"
+        ));
+        assert!(is_upstream_path("/fhir/R4/", "/fhir/R4", ""));
+        assert!(!is_upstream_path("/fhir/R4", "/fhir/R4", ""));
+        assert!(!is_upstream_path(
+            "/api/fhir/R4/Patient/p1",
+            "/fhir/R4",
+            "Patient/p1"
+        ));
+        assert!(!is_upstream_path(
+            "/fhir/R4/Patient/p1",
+            "/fhir",
+            "R4/Patient/p1x"
+        ));
+        assert!(!is_upstream_path(
+            "/fhir/R4xPatient/p1",
+            "/fhir/R4",
+            "Patient/p1"
+        ));
+        assert!(!is_upstream_path(
+            "/fhir/R4/Patient/p1",
+            "/baseR4",
+            "Patient/p1"
+        ));
     }
 
     #[test]

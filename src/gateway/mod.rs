@@ -18,6 +18,7 @@ pub mod filter;
 mod forward;
 mod mediate;
 pub mod metadata;
+mod names;
 pub mod respond;
 pub mod route;
 
@@ -43,6 +44,7 @@ pub struct Gateway {
     http: reqwest::Client,
     /// The public CapabilityStatement, rendered once per upstream answer.
     metadata: metadata::MetadataCache,
+    forwarded: forward::Forwarded,
 }
 
 impl Gateway {
@@ -57,6 +59,7 @@ impl Gateway {
             .pool_max_idle_per_host(64)
             .build()?;
         Ok(Gateway {
+            forwarded: forward::Forwarded::new(&state.config),
             state,
             http,
             metadata: metadata::MetadataCache::default(),
@@ -75,7 +78,7 @@ impl Gateway {
         let xff: Vec<&str> = session
             .req_header()
             .headers
-            .get_all("x-forwarded-for")
+            .get_all(&names::X_FORWARDED_FOR)
             .iter()
             .map(|v| v.to_str().map_err(|_| crate::net::BadForwardedFor))
             .collect::<Result<_, _>>()?;
@@ -122,7 +125,7 @@ impl ProxyHttp for Gateway {
 
     /// Identify, authenticate, decide. Returns `Ok(true)` when the gateway answered itself.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        ctx.started = Instant::now();
+        // `ctx.started` was set by `new_ctx`, once the request head was read.
         let req = session.req_header();
         ctx.route = route::route(req.method.as_str(), req.uri.path());
         ctx.client_ip = match self.client_ip(session) {
@@ -218,7 +221,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        forward::rewrite_request(&self.state, session, upstream, ctx)
+        forward::rewrite_request(&self.state, &self.forwarded, session, upstream, ctx)
     }
 
     async fn response_filter(
@@ -290,10 +293,7 @@ impl ProxyHttp for Gateway {
         static GATEWAY_SECONDS: Children<prometheus::Histogram, 5> = Children::new(Route::LABELS);
         static UPSTREAM_SECONDS: Children<prometheus::Histogram, 5> = Children::new(Route::LABELS);
         let route = ctx.route.as_str();
-        METRICS
-            .requests
-            .with_label_values(&[route, ctx.decision])
-            .inc();
+        crate::obs::count_request(route, ctx.decision);
         let total = ctx.started.elapsed();
         let upstream = ctx.upstream_elapsed.unwrap_or_default();
         GATEWAY_SECONDS
@@ -306,7 +306,7 @@ impl ProxyHttp for Gateway {
         }
         if matches!(ctx.route, Route::Fhir { .. }) {
             Audit {
-                request_id: &ctx.request_id,
+                request_id: ctx.request_id,
                 route,
                 method: session.req_header().method.as_str(),
                 resource_type: ctx.resource_type.as_deref(),

@@ -44,7 +44,8 @@ fn is_unclean(path: &str) -> bool {
             .windows(code.len())
             .any(|w| w.eq_ignore_ascii_case(code))
     };
-    if encoded(b"%2f") || encoded(b"%5c") || path.contains('\\') || encoded(b"%00") {
+    let escapes = bytes.contains(&b'%');
+    if escapes && (encoded(b"%2f") || encoded(b"%5c") || encoded(b"%00")) || path.contains('\\') {
         return true;
     }
     path.contains("//") || path.split('/').any(is_dot_segment)

@@ -113,6 +113,24 @@ impl<M: Clone, const N: usize> Children<M, N> {
     }
 }
 
+/// Counts a request in `fhirgate_requests_total`. The series of the commonest outcomes are
+/// resolved once; any other through `with_label_values`.
+pub fn count_request(route: &'static str, decision: &'static str) {
+    const COMMON: [(&str, &str); 4] = [
+        ("fhir", "allow"),
+        ("metadata", "public"),
+        ("control", "pass"),
+        ("fhir", "allow_bundle"),
+    ];
+    static SERIES: [OnceLock<IntCounter>; 4] = [const { OnceLock::new() }; 4];
+    match COMMON.iter().position(|c| *c == (route, decision)) {
+        Some(i) => SERIES[i]
+            .get_or_init(|| METRICS.requests.with_label_values(&[route, decision]))
+            .inc(),
+        None => METRICS.requests.with_label_values(&[route, decision]).inc(),
+    }
+}
+
 /// Counts one verified-token cache lookup (`hit` or not).
 pub fn count_token_cache(hit: bool) {
     static RESULTS: Children<IntCounter, 2> = Children::new(["hit", "miss"]);
@@ -195,11 +213,33 @@ pub fn init_logging(
 /// only from `warn`. `FHIRGATE_LOG` replaces it.
 pub const DEFAULT_LOG_FILTER: &str = "info,pingora=warn,pingora_core=warn,pingora_proxy=warn,pingora_pool=warn,pingora_runtime=warn,pingora_http=warn,pingora_error=warn,pingora_timeout=warn";
 
+/// A request's id in the audit record: unique per process run, a random prefix chosen once and
+/// then a counter (a UUID per request cost a `getrandom` syscall on the hot path). Spelled out
+/// only when a record is written.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    pub fn next() -> RequestId {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        RequestId(COUNTER.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        static PREFIX: std::sync::LazyLock<String> =
+            std::sync::LazyLock::new(|| crate::tokens::random_hex(8));
+        write!(f, "{}{:012x}", *PREFIX, self.0)
+    }
+}
+
 /// One audit record per decision. Built from typed fields only, so no header, token or secret
 /// can reach it.
 #[derive(Debug)]
 pub struct Audit<'a> {
-    pub request_id: &'a str,
+    pub request_id: RequestId,
     pub route: &'static str,
     pub method: &'a str,
     pub resource_type: Option<&'a str>,
@@ -214,7 +254,7 @@ impl Audit<'_> {
     pub fn emit(&self) {
         tracing::info!(
             target: "fhirgate::audit",
-            request_id = self.request_id,
+            request_id = %self.request_id,
             route = self.route,
             method = self.method,
             resource_type = self.resource_type,

@@ -9,6 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::State;
+use super::standing::{StandingSlot, TokenEntry};
 use crate::store::{StoreError, now_unix};
 
 /// The longest the first sight of a token waits for its Login; then 503 rather than a hang.
@@ -85,6 +86,18 @@ impl State {
         &self,
         header: Option<&str>,
     ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+        let (result, cache) = self.authenticate_with_standing(header).await;
+        (result.map(|(identity, _)| identity), cache)
+    }
+
+    /// [`State::authenticate`] for the data plane: with the slot of the token's [`standing`]
+    /// (`super::standing`). A Bearer token whose standing was kept at the current epoch passed
+    /// these same live checks then, and nothing they read has changed since: they are not
+    /// repeated.
+    pub async fn authenticate_with_standing(
+        &self,
+        header: Option<&str>,
+    ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
         let Some(header) = header else {
             return (Err(AuthError::Missing), CacheUse::None);
         };
@@ -94,10 +107,14 @@ impl State {
         if self.store_outage_expired() {
             return (Err(AuthError::StoreUnavailable), CacheUse::None);
         }
+        // Before any check: what the checks read can only have changed if the epoch moves.
+        let epoch = self.epoch();
         match scheme {
-            "Bearer" => self.authenticate_bearer(value).await,
+            "Bearer" => self.authenticate_bearer(value, epoch).await,
             "Basic" => (
-                self.authenticate_basic(value).await.map(Arc::new),
+                self.authenticate_basic(value)
+                    .await
+                    .map(|identity| (Arc::new(identity), StandingSlot::none(epoch))),
                 CacheUse::None,
             ),
             _ => (Err(AuthError::Malformed), CacheUse::None),
@@ -107,14 +124,21 @@ impl State {
     async fn authenticate_bearer(
         &self,
         token: &str,
-    ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
+        epoch: super::standing::Epoch,
+    ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
         if token.is_empty() || token.contains(' ') {
             return (Err(AuthError::Malformed), CacheUse::None);
         }
         let now = now_unix();
-        if let Some(id) = self.tokens.get(token) {
-            if id.expires_at > now {
-                return (self.live_check(id).await, CacheUse::Hit);
+        if let Some(entry) = self.tokens.get(token) {
+            if entry.identity.expires_at > now {
+                let identity = entry.identity.clone();
+                let slot = StandingSlot::new(Some(entry), epoch);
+                if slot.current().is_some() {
+                    return (Ok((identity, slot)), CacheUse::Hit);
+                }
+                let checked = self.live_check(identity).await;
+                return (checked.map(|identity| (identity, slot)), CacheUse::Hit);
             }
             self.tokens.invalidate(token);
             return (Err(AuthError::InvalidToken), CacheUse::Hit);
@@ -181,8 +205,15 @@ impl State {
             patient: claims.patient.clone(),
             expires_at: claims.exp.min(login.expires_at),
         });
-        self.tokens.insert(token.to_string(), identity.clone());
-        (self.live_check(identity).await, CacheUse::Miss)
+        let entry = Arc::new(TokenEntry::new(identity.clone()));
+        self.tokens.insert(token.to_string(), entry.clone());
+        let slot = StandingSlot::new(Some(entry), epoch);
+        (
+            self.live_check(identity)
+                .await
+                .map(|identity| (identity, slot)),
+            CacheUse::Miss,
+        )
     }
 
     async fn authenticate_basic(&self, value: &str) -> Result<Identity, AuthError> {

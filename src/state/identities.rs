@@ -83,7 +83,7 @@ impl PolicyEntry {
 }
 
 /// How far the change feed had got when a load began.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mark {
     seq: i64,
     generation: u64,

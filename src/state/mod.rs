@@ -19,6 +19,7 @@ pub mod failures;
 mod identities;
 pub mod keys;
 mod snapshot;
+pub mod standing;
 pub mod upstreams;
 
 use std::sync::Arc;
@@ -44,7 +45,7 @@ pub struct State {
     secret_key: Vec<u8>,
     /// Seals and opens the signing keys in the store.
     pub kek: Arc<crate::sealed::KeyEncryptionKey>,
-    tokens: moka::sync::Cache<String, Arc<Identity>>,
+    tokens: moka::sync::Cache<String, Arc<standing::TokenEntry>, foldhash::fast::RandomState>,
     /// Memberships, clients, policies, Logins and effective policies, bounded.
     pub identities: Identities,
     /// One catch-up with the feed at a time.
@@ -85,7 +86,7 @@ impl State {
         let tokens = moka::sync::Cache::builder()
             .max_capacity(config.token_cache_capacity)
             .time_to_live(config.token_cache_ttl)
-            .build();
+            .build_with_hasher(foldhash::fast::RandomState::default());
         let identities = Identities::new(
             store.clone(),
             config.identity_cache_capacity,
@@ -117,6 +118,16 @@ impl State {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// How far the caches and the snapshot had got ([`standing`]).
+    pub fn epoch(&self) -> standing::Epoch {
+        // The mark first: a refresh stores its snapshot before it applies its changes.
+        let mark = self.identities.mark();
+        standing::Epoch {
+            mark,
+            snapshot: self.snapshot.load().version,
+        }
     }
 
     pub fn keyring(&self) -> Arc<Keyring> {

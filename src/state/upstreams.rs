@@ -15,6 +15,8 @@ pub struct UpstreamBinding {
     pub name: String,
     pub upstream: Upstream,
     pub target: Arc<ControlTarget>,
+    /// `upstream.host_header` as the value the gateway sends, prepared once.
+    pub host_header: http::HeaderValue,
 }
 
 impl UpstreamBinding {
@@ -27,6 +29,8 @@ impl UpstreamBinding {
         });
         Arc::new(UpstreamBinding {
             name: name.to_string(),
+            host_header: http::HeaderValue::from_str(&upstream.host_header)
+                .expect("a parsed URL's host and port are header-safe"),
             upstream: upstream.clone(),
             target: Arc::new(target),
         })
