@@ -263,6 +263,11 @@ impl Keyring {
 
     /// Verifies signature, `iss`, `exp` and `nbf` (no leeway) and returns the claims.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
+        self.verify_with_kid(token).map(|(claims, _)| claims)
+    }
+
+    /// [`Keyring::verify`], with the id of the key that verified the token.
+    pub fn verify_with_kid(&self, token: &str) -> Result<(Claims, String), TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let kid = header.kid.ok_or(TokenError::MissingKid)?;
         let idx = *self.by_kid.get(&kid).ok_or(TokenError::UnknownKey)?;
@@ -276,7 +281,7 @@ impl Keyring {
         v.set_required_spec_claims(&["exp", "iss"]);
         let data = jsonwebtoken::decode::<Claims>(token, &key.decoding, &v)
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
-        Ok(data.claims)
+        Ok((data.claims, kid))
     }
 }
 

@@ -580,4 +580,19 @@ async fn a_kept_standing_lasts_only_until_the_next_change() {
     assert!(observation(&fourth), "the edit is in the next standing");
     let (kept, _) = request().await;
     assert!(kept.is_some(), "and that one is kept again");
+
+    // A kept standing never answers for a revoked Login: the very next request is refused.
+    a.state.store.revoke_login(&caller.login_id).await.unwrap();
+    a.state.refresh().await.unwrap();
+    let refused = state
+        .authenticate_with_standing(Some(&caller.bearer))
+        .await
+        .0
+        .err();
+    assert_eq!(refused, Some(AuthError::LoginRevoked));
+    // Nor does the control plane's authentication, which never skips the live checks.
+    assert_eq!(
+        state.authenticate(Some(&caller.bearer)).await.0.err(),
+        Some(AuthError::LoginRevoked)
+    );
 }

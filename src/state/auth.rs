@@ -81,12 +81,13 @@ pub enum CacheUse {
 }
 
 impl State {
-    /// Authenticates an `Authorization` header value.
+    /// Authenticates an `Authorization` header value. The live checks always run (the control
+    /// API's callers: never on a kept standing).
     pub async fn authenticate(
         &self,
         header: Option<&str>,
     ) -> (Result<Arc<Identity>, AuthError>, CacheUse) {
-        let (result, cache) = self.authenticate_with_standing(header).await;
+        let (result, cache) = self.authenticate_inner(header, false).await;
         (result.map(|(identity, _)| identity), cache)
     }
 
@@ -97,6 +98,14 @@ impl State {
     pub async fn authenticate_with_standing(
         &self,
         header: Option<&str>,
+    ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
+        self.authenticate_inner(header, true).await
+    }
+
+    async fn authenticate_inner(
+        &self,
+        header: Option<&str>,
+        reuse_standing: bool,
     ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
         let Some(header) = header else {
             return (Err(AuthError::Missing), CacheUse::None);
@@ -110,7 +119,7 @@ impl State {
         // Before any check: what the checks read can only have changed if the epoch moves.
         let epoch = self.epoch();
         match scheme {
-            "Bearer" => self.authenticate_bearer(value, epoch).await,
+            "Bearer" => self.authenticate_bearer(value, epoch, reuse_standing).await,
             "Basic" => (
                 self.authenticate_basic(value)
                     .await
@@ -125,16 +134,20 @@ impl State {
         &self,
         token: &str,
         epoch: super::standing::Epoch,
+        reuse_standing: bool,
     ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
-        if token.is_empty() || token.contains(' ') {
+        if token.is_empty() {
             return (Err(AuthError::Malformed), CacheUse::None);
         }
         let now = now_unix();
         if let Some(entry) = self.tokens.get(token) {
-            if entry.identity.expires_at > now {
+            // A key that left the keyring takes its tokens with it, even one cached by a miss
+            // that raced the keyring's swap.
+            let key_kept = self.snapshot.load().key_ids.contains(&entry.kid);
+            if entry.identity.expires_at > now && key_kept {
                 let identity = entry.identity.clone();
                 let slot = StandingSlot::new(Some(entry), epoch);
-                if slot.current().is_some() {
+                if reuse_standing && slot.current().is_some() {
                     return (Ok((identity, slot)), CacheUse::Hit);
                 }
                 let checked = self.live_check(identity).await;
@@ -143,8 +156,12 @@ impl State {
             self.tokens.invalidate(token);
             return (Err(AuthError::InvalidToken), CacheUse::Hit);
         }
-        let claims = match self.keyring().verify(token) {
-            Ok(c) => c,
+        // Only verified tokens are cached, and none has a space.
+        if token.contains(' ') {
+            return (Err(AuthError::Malformed), CacheUse::None);
+        }
+        let (claims, kid) = match self.keyring().verify_with_kid(token) {
+            Ok(verified) => verified,
             Err(_) => return (Err(AuthError::InvalidToken), CacheUse::Miss),
         };
         // Refresh tokens (refresh secret) and ID tokens (fhirUser, no scope) are not access tokens.
@@ -205,7 +222,7 @@ impl State {
             patient: claims.patient.clone(),
             expires_at: claims.exp.min(login.expires_at),
         });
-        let entry = Arc::new(TokenEntry::new(identity.clone()));
+        let entry = Arc::new(TokenEntry::new(identity.clone(), kid));
         self.tokens.insert(token.to_string(), entry.clone());
         let slot = StandingSlot::new(Some(entry), epoch);
         (

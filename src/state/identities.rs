@@ -241,6 +241,15 @@ impl Identities {
         cache.insert(key.clone(), value);
         if self.fence.moved(mark, subjects) {
             cache.invalidate(&key);
+            // The stale value was in the cache for a moment: another request may have read it,
+            // built an entry on it (an effective policy) or kept a token's standing on it
+            // (`super::standing`). Every epoch moves, so no kept standing outlives this, and
+            // whatever names the same subjects is dropped after the move: an entry inserted
+            // before the move is dropped here, one inserted after it sees the move.
+            self.fence.generation.fetch_add(1, Ordering::SeqCst);
+            for subject in subjects {
+                self.drop_subject(subject);
+            }
         }
     }
 
@@ -450,6 +459,13 @@ impl Identities {
     /// changed). A change without a subject drops everything of its kind.
     pub fn forget(&self, changes: &[Change], projects: &[String]) {
         let Some(last) = changes.last().map(|c| c.seq) else {
+            // No change read, yet projects differ (the small tables were reloaded for a key
+            // change due, and a Project write landed meanwhile): there is no sequence number to
+            // fence with, so every load in flight is treated as stale.
+            if !projects.is_empty() {
+                self.fence.generation.fetch_add(1, Ordering::SeqCst);
+                self.drop_projects(projects);
+            }
             return;
         };
         // Remember first, then drop: a load that checks the fence after this sees the change;
@@ -478,13 +494,18 @@ impl Identities {
                 None => self.drop_kind(&c.kind),
             }
         }
+        self.drop_projects(projects);
+        self.fence.applied.fetch_max(last, Ordering::SeqCst);
+    }
+
+    /// Drops the effective policies of `projects`.
+    fn drop_projects(&self, projects: &[String]) {
         for p in projects {
             let p = p.clone();
             let _ = self
                 .effective
                 .invalidate_entries_if(move |_, e| e.project.id == p);
         }
-        self.fence.applied.fetch_max(last, Ordering::SeqCst);
     }
 
     /// Drops everything (a gap in the feed) and continues from `applied`.
@@ -642,6 +663,44 @@ mod fence_tests {
         })
         .await;
         assert_eq!(cache.get("c"), Some("v"));
+    }
+
+    /// A value retracted by its own load was in the cache for a moment: the retraction moves
+    /// every epoch, so no token's standing kept on it survives (`super::super::standing`).
+    #[tokio::test]
+    async fn a_retracted_load_moves_every_epoch() {
+        let (ids, _dir) = identities().await;
+        let cache = bounded(10);
+        let mut after_change = None;
+        load(&ids, &cache, "old", || {
+            ids.forget(&[change(1, "ClientApplication/c")], &[]);
+            after_change = Some(ids.mark());
+        })
+        .await;
+        assert_eq!(cache.get("c"), None);
+        assert_ne!(
+            Some(ids.mark()),
+            after_change,
+            "a standing kept at the epoch after the change would outlive the retraction"
+        );
+
+        // A load kept without a retraction moves nothing.
+        let before = ids.mark();
+        load(&ids, &cache, "new", || {}).await;
+        assert_eq!(ids.mark(), before);
+    }
+
+    /// Projects that changed without a change read (a key change due raced a Project write)
+    /// still make every load in flight stale.
+    #[tokio::test]
+    async fn changed_projects_without_changes_move_the_epoch() {
+        let (ids, _dir) = identities().await;
+        let before = ids.mark();
+        ids.forget(&[], &["p".to_string()]);
+        assert_ne!(ids.mark(), before);
+        let before = ids.mark();
+        ids.forget(&[], &[]);
+        assert_eq!(ids.mark(), before, "nothing changed, nothing moves");
     }
 
     /// Everything dropped at once (a gap in the feed) makes every load in flight stale.

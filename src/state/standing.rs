@@ -44,6 +44,8 @@ pub struct Epoch {
 #[derive(Debug)]
 pub(super) struct TokenEntry {
     pub identity: Arc<Identity>,
+    /// The signing key that verified the token.
+    pub kid: String,
     kept: ArcSwapOption<Kept>,
 }
 
@@ -54,9 +56,10 @@ struct Kept {
 }
 
 impl TokenEntry {
-    pub fn new(identity: Arc<Identity>) -> TokenEntry {
+    pub fn new(identity: Arc<Identity>, kid: String) -> TokenEntry {
         TokenEntry {
             identity,
+            kid,
             kept: ArcSwapOption::empty(),
         }
     }
@@ -131,7 +134,10 @@ impl State {
             return Ok(kept);
         }
         let standing = Arc::new(self.derive_standing(snap, identity).await?);
-        slot.keep(standing.clone());
+        // Kept only when derived from the snapshot of the slot's epoch.
+        if snap.version == slot.epoch.snapshot {
+            slot.keep(standing.clone());
+        }
         Ok(standing)
     }
 
