@@ -87,6 +87,7 @@ impl PolicyEntry {
 pub struct Mark {
     seq: i64,
     generation: u64,
+    retractions: u64,
 }
 
 /// Remembers recent changes so that a load can tell whether what it read went stale before
@@ -97,6 +98,10 @@ struct Fence {
     /// Bumped when everything is dropped at once (a gap in the feed, a change of unknown
     /// extent): every load in flight is stale.
     generation: AtomicU64,
+    /// Bumped when a load drops the value it had just cached (see `Identities::keep`). Part of
+    /// a mark, so a token's kept standing does not outlive it, but not of `moved`: a load is
+    /// not stale because another one was, and one retraction never sets off others.
+    retractions: AtomicU64,
     /// Subject → sequence number of its newest change.
     recent: Cache<String, i64>,
 }
@@ -108,6 +113,7 @@ impl Fence {
         Mark {
             seq: self.applied.load(Ordering::SeqCst),
             generation,
+            retractions: self.retractions.load(Ordering::SeqCst),
         }
     }
 
@@ -183,6 +189,7 @@ impl Identities {
             fence: Fence {
                 applied: AtomicI64::new(applied),
                 generation: AtomicU64::new(0),
+                retractions: AtomicU64::new(0),
                 recent: Cache::builder()
                     .max_capacity(1_000_000)
                     .time_to_live(FENCE_MEMORY)
@@ -243,10 +250,9 @@ impl Identities {
             cache.invalidate(&key);
             // The stale value was in the cache for a moment: another request may have read it,
             // built an entry on it (an effective policy) or kept a token's standing on it
-            // (`super::standing`). Every epoch moves, so no kept standing outlives this, and
-            // whatever names the same subjects is dropped after the move: an entry inserted
-            // before the move is dropped here, one inserted after it sees the move.
-            self.fence.generation.fetch_add(1, Ordering::SeqCst);
+            // (`super::standing`). Every epoch moves, so no standing kept on it survives, and
+            // what was built on the same subjects meanwhile is dropped.
+            self.fence.retractions.fetch_add(1, Ordering::SeqCst);
             for subject in subjects {
                 self.drop_subject(subject);
             }
@@ -688,6 +694,29 @@ mod fence_tests {
         let before = ids.mark();
         load(&ids, &cache, "new", || {}).await;
         assert_eq!(ids.mark(), before);
+    }
+
+    /// A retraction moves epochs, not other loads: a load in flight meanwhile, of another
+    /// subject, is still kept (one retraction never sets off a chain of them under load).
+    #[tokio::test]
+    async fn a_retraction_does_not_drop_other_loads() {
+        let (ids, _dir) = identities().await;
+        let cache = bounded(10);
+        let other: Cache<String, &'static str> = bounded(10);
+        load(&ids, &cache, "v", || {
+            let mark = ids.mark();
+            ids.forget(&[change(1, "ClientApplication/d")], &[]);
+            ids.keep(
+                &other,
+                "d".to_string(),
+                "stale",
+                mark,
+                &["ClientApplication/d"],
+            );
+        })
+        .await;
+        assert_eq!(other.get("d"), None, "the raced load is retracted");
+        assert_eq!(cache.get("c"), Some("v"), "the other load is kept");
     }
 
     /// Projects that changed without a change read (a key change due raced a Project write)
