@@ -71,7 +71,8 @@
 #   PRELOAD [none] a malloc to LD_PRELOAD into fhirgate and the pingora baseline, for an A/B of
 #     the allocator without rebuilding, e.g. PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 #     (apt-get install libjemalloc2) or .../libmimalloc.so.2 (libmimalloc2.0)
-# Needs: nginx (nginx-light), wrk, curl, awk, python3; Linux /proc. Numbers on a shared 2-vCPU VM are
+# Needs: nginx (nginx-light), wrk, curl, awk, python3; Linux /proc; for the haproxy case, haproxy
+# (2.5 or newer, for jwt_verify) and python3-cryptography (to sign its token). Numbers on a shared 2-vCPU VM are
 # noisy (±15 %): compare CPU-µs per request, and the medians over the interleaved reps.
 
 set -euo pipefail
