@@ -189,19 +189,25 @@ pub fn rewrite_request(
     upstream: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
-    append_xff(upstream, session)?;
-    upstream.insert_header("x-forwarded-proto", forwarded.proto.clone())?;
-    upstream.insert_header("x-forwarded-host", forwarded.host.clone())?;
     let rest = match &ctx.route {
-        Route::Control => return Ok(()),
-        Route::Metadata => "metadata",
-        Route::Fhir { rest } => rest.as_str(),
+        Route::Control => None,
+        Route::Metadata => Some("metadata"),
+        Route::Fhir { rest } => Some(rest.as_str()),
         Route::NotFound | Route::BadPath => {
             return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding");
         }
     };
-    // Filtering needs the plain body.
-    strip(upstream, !matches!(ctx.plan, ResponsePlan::Stream));
+    // The client's own headers go before any is added (fewer to grow the maps by); filtering
+    // needs the plain body. Control traffic keeps them: the control API reads them itself.
+    if rest.is_some() {
+        strip(upstream, !matches!(ctx.plan, ResponsePlan::Stream));
+    }
+    append_xff(upstream, session)?;
+    upstream.insert_header("x-forwarded-proto", forwarded.proto.clone())?;
+    upstream.insert_header("x-forwarded-host", forwarded.host.clone())?;
+    let Some(rest) = rest else {
+        return Ok(());
+    };
     let binding = ctx.binding(state);
     let up = &binding.upstream;
     for (name, value) in upstream_identity(ctx, up).headers() {
