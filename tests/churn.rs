@@ -199,7 +199,7 @@ async fn denied(b: &State, header: &str) -> Option<AuthError> {
     match b.authenticate_with_standing(Some(header)).await.0 {
         Err(e) => Some(e),
         Ok((identity, slot)) => {
-            b.standing(&b.snapshot(), &identity, &slot)
+            b.standing(&identity, &slot)
                 .await
                 .expect("an authenticated caller has a standing");
             None
@@ -214,7 +214,7 @@ async fn standing_grants(b: &State, header: &str, resource_type: &str) -> bool {
         .await
         .0
         .expect("a live credential");
-    let standing = b.standing(&b.snapshot(), &identity, &slot).await.unwrap();
+    let standing = b.standing(&identity, &slot).await.unwrap();
     standing
         .policy
         .access_policy()
@@ -541,10 +541,7 @@ async fn a_kept_standing_lasts_only_until_the_next_change() {
             .0
             .expect("a live token");
         let kept = slot.current();
-        let standing = state
-            .standing(&state.snapshot(), &identity, &slot)
-            .await
-            .unwrap();
+        let standing = state.standing(&identity, &slot).await.unwrap();
         (kept, standing)
     };
     let observation = |s: &fhirgate::state::standing::Standing| {

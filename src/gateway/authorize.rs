@@ -117,8 +117,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         Err(e) => return Verdict::Deny(Outcome::Unauthorized, e.as_str()),
     };
     ctx.identity = Some(identity.clone());
-    let snap = state.snapshot();
-    let standing = match state.standing(&snap, &identity, &slot).await {
+    let standing = match state.standing(&identity, &slot).await {
         Ok(standing) => standing,
         Err(StandingError::UpstreamUnbound) => {
             return Verdict::Deny(Stock::UpstreamNotConfigured.outcome(), "upstream_unbound");
@@ -165,7 +164,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         membership_id = &target;
         policy = match state
             .effective_policy_in_context(
-                &snap,
+                &state.snapshot(),
                 membership_id,
                 identity.scope.as_deref(),
                 identity.patient.as_deref(),

@@ -9,31 +9,12 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::State;
-use super::standing::{StandingSlot, TokenEntry};
+use super::identity::Identity;
+use super::standing::{Epoch, StandingSlot, TokenEntry};
 use crate::store::{StoreError, now_unix};
 
 /// The longest the first sight of a token waits for its Login; then 503 rather than a hang.
 const LOGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Who is calling, once authenticated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// `None` for Basic auth (no Login is created).
-    pub login_id: Option<String>,
-    pub membership_id: String,
-    pub project_id: String,
-    /// `ClientApplication/…`, `Practitioner/…`, …
-    pub profile: String,
-    /// `User/…` or `ClientApplication/…`.
-    pub user_ref: String,
-    pub client_id: Option<String>,
-    /// The Login's scope; `None` (Basic) never narrows by SMART scopes.
-    pub scope: Option<String>,
-    /// The patient of the token's SMART launch context (`patient/` scopes reach only it).
-    pub patient: Option<String>,
-    /// Unix seconds after which this identity must be re-established.
-    pub expires_at: i64,
-}
 
 /// Why authentication failed. All of them answer 401 on the wire; the variant is for metrics
 /// and the audit record.
@@ -133,7 +114,7 @@ impl State {
     async fn authenticate_bearer(
         &self,
         token: &str,
-        epoch: super::standing::Epoch,
+        epoch: Epoch,
         reuse_standing: bool,
     ) -> (Result<(Arc<Identity>, StandingSlot), AuthError>, CacheUse) {
         if token.is_empty() {
@@ -142,8 +123,9 @@ impl State {
         let now = now_unix();
         if let Some(entry) = self.tokens.get(token) {
             // A key that left the keyring takes its tokens with it, even one cached by a miss
-            // that raced the keyring's swap.
-            let key_kept = self.snapshot.load().key_ids.contains(&entry.kid);
+            // that raced the keyring's swap. Under the snapshot it was verified with, it is in.
+            let key_kept = entry.snapshot == epoch.snapshot
+                || self.snapshot.load().key_ids.contains(&entry.kid);
             if entry.identity.expires_at > now && key_kept {
                 let identity = entry.identity.clone();
                 let slot = StandingSlot::new(Some(entry), epoch);
@@ -160,9 +142,12 @@ impl State {
         if token.contains(' ') {
             return (Err(AuthError::Malformed), CacheUse::None);
         }
-        let (claims, kid) = match self.keyring().verify_with_kid(token) {
-            Ok(verified) => verified,
-            Err(_) => return (Err(AuthError::InvalidToken), CacheUse::Miss),
+        let (verified, snapshot) = {
+            let snap = self.snapshot.load();
+            (snap.keyring.verify_with_kid(token), snap.version)
+        };
+        let Ok((claims, kid)) = verified else {
+            return (Err(AuthError::InvalidToken), CacheUse::Miss);
         };
         // Refresh tokens (refresh secret) and ID tokens (fhirUser, no scope) are not access tokens.
         if claims.refresh_secret.is_some() || claims.fhir_user.is_some() || claims.scope.is_none() {
@@ -222,7 +207,7 @@ impl State {
             patient: claims.patient.clone(),
             expires_at: claims.exp.min(login.expires_at),
         });
-        let entry = Arc::new(TokenEntry::new(identity.clone(), kid));
+        let entry = Arc::new(TokenEntry::new(identity.clone(), kid, snapshot));
         self.tokens.insert(token.to_string(), entry.clone());
         let slot = StandingSlot::new(Some(entry), epoch);
         (

@@ -250,7 +250,7 @@ impl Identities {
             cache.invalidate(&key);
             // The stale value was in the cache for a moment: another request may have read it,
             // built an entry on it (an effective policy) or kept a token's standing on it
-            // (`super::standing`). Every epoch moves, so no standing kept on it survives, and
+            // (the `standing` module). Every epoch moves, so no standing kept on it survives, and
             // what was built on the same subjects meanwhile is dropped.
             self.fence.retractions.fetch_add(1, Ordering::SeqCst);
             for subject in subjects {
@@ -672,7 +672,7 @@ mod fence_tests {
     }
 
     /// A value retracted by its own load was in the cache for a moment: the retraction moves
-    /// every epoch, so no token's standing kept on it survives (`super::super::standing`).
+    /// every epoch, so no token's standing kept on it survives (the `standing` module).
     #[tokio::test]
     async fn a_retracted_load_moves_every_epoch() {
         let (ids, _dir) = identities().await;

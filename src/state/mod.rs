@@ -17,6 +17,7 @@ mod auth;
 pub mod control;
 pub mod failures;
 mod identities;
+mod identity;
 pub mod keys;
 mod snapshot;
 pub mod standing;
@@ -27,8 +28,9 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 
 use arc_swap::ArcSwap;
 
-pub use auth::{AuthError, CacheUse, Identity};
+pub use auth::{AuthError, CacheUse};
 pub use identities::{Identities, Mark, StoredPolicy};
+pub use identity::Identity;
 pub use snapshot::{ClientInfo, ProjectInfo, Snapshot, origin_of};
 
 use crate::config::Config;

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use arc_swap::ArcSwapOption;
 use fhirgate_core::policy::EffectivePolicy;
 
-use super::auth::Identity;
 use super::identities::Mark;
+use super::identity::Identity;
 use super::upstreams::UpstreamBinding;
 use super::{Snapshot, State};
 use crate::store::StoreError;
@@ -44,8 +44,10 @@ pub struct Epoch {
 #[derive(Debug)]
 pub(super) struct TokenEntry {
     pub identity: Arc<Identity>,
-    /// The signing key that verified the token.
+    /// The signing key that verified the token, and the version of the snapshot whose keyring
+    /// did.
     pub kid: String,
+    pub snapshot: u64,
     kept: ArcSwapOption<Kept>,
 }
 
@@ -56,10 +58,11 @@ struct Kept {
 }
 
 impl TokenEntry {
-    pub fn new(identity: Arc<Identity>, kid: String) -> TokenEntry {
+    pub fn new(identity: Arc<Identity>, kid: String, snapshot: u64) -> TokenEntry {
         TokenEntry {
             identity,
             kid,
+            snapshot,
             kept: ArcSwapOption::empty(),
         }
     }
@@ -123,17 +126,18 @@ impl From<StoreError> for StandingError {
 
 impl State {
     /// The standing of an authenticated caller acting as itself: the one kept in `slot` at
-    /// this request's epoch, or derived from `snap` and the caches and kept there.
+    /// this request's epoch, or derived from the current snapshot and the caches and kept
+    /// there (the snapshot is read only then).
     pub async fn standing(
         &self,
-        snap: &Snapshot,
         identity: &Identity,
         slot: &StandingSlot,
     ) -> Result<Arc<Standing>, StandingError> {
         if let Some(kept) = slot.current() {
             return Ok(kept);
         }
-        let standing = Arc::new(self.derive_standing(snap, identity).await?);
+        let snap = self.snapshot();
+        let standing = Arc::new(self.derive_standing(&snap, identity).await?);
         // Kept only when derived from the snapshot of the slot's epoch.
         if snap.version == slot.epoch.snapshot {
             slot.keep(standing.clone());
