@@ -8,12 +8,10 @@ pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-fo
 pub static X_MEDPLUM_ON_BEHALF_OF: HeaderName = HeaderName::from_static("x-medplum-on-behalf-of");
 pub static X_FHIRGATE_EXPLAIN: HeaderName = HeaderName::from_static("x-fhirgate-explain");
 
-/// `fhir::classify::METHOD_OVERRIDE_HEADERS`, as names.
-pub static METHOD_OVERRIDE: [HeaderName; 3] = [
-    HeaderName::from_static("x-http-method-override"),
-    HeaderName::from_static("x-http-method"),
-    HeaderName::from_static("x-method-override"),
-];
+/// `fhir::classify::METHOD_OVERRIDE_HEADERS`, as names (the classifier's list is the one list).
+pub static METHOD_OVERRIDE: std::sync::LazyLock<[HeaderName; 3]> = std::sync::LazyLock::new(|| {
+    fhirgate_core::fhir::classify::METHOD_OVERRIDE_HEADERS.map(HeaderName::from_static)
+});
 
 #[cfg(test)]
 mod tests {
