@@ -12,7 +12,7 @@ use std::time::Duration;
 use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::{AsyncFileTransport, AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 use crate::config::{Config, Smtp, SmtpTls};
 
@@ -134,16 +134,36 @@ async fn send_smtp(smtp: &Smtp, message: Message) -> Result<(), EmailError> {
     }
 }
 
+/// Each message is written under a hidden name and then renamed: whoever watches the outbox (an
+/// operator's script, the tests) sees a whole message or none, never a file still being written.
 async fn write_outbox(dir: &Path, message: Message) -> Result<PathBuf, EmailError> {
+    let outbox_error =
+        |path: &Path, e: std::io::Error| EmailError::Outbox(format!("{}: {e}", path.display()));
     create_private_dir(dir)
         .await
-        .map_err(|e| EmailError::Outbox(format!("{}: {e}", dir.display())))?;
-    let transport = AsyncFileTransport::<Tokio1Executor>::new(dir);
-    let id = transport
-        .send(message)
+        .map_err(|e| outbox_error(dir, e))?;
+    let id = uuid::Uuid::new_v4();
+    let partial = dir.join(format!(".{id}.eml.partial"));
+    let path = dir.join(format!("{id}.eml"));
+    write_private_file(&partial, &message.formatted())
         .await
-        .map_err(|e| EmailError::Outbox(e.to_string()))?;
-    Ok(dir.join(format!("{id}.eml")))
+        .map_err(|e| outbox_error(&partial, e))?;
+    if let Err(e) = tokio::fs::rename(&partial, &path).await {
+        let _ = tokio::fs::remove_file(&partial).await;
+        return Err(outbox_error(&path, e));
+    }
+    Ok(path)
+}
+
+async fn write_private_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut options = tokio::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).await?;
+    file.write_all(bytes).await?;
+    file.sync_all().await
 }
 
 /// The outbox holds live links: only the service's own user may read it.
@@ -212,7 +232,15 @@ mod tests {
                 .permissions()
                 .mode();
             assert_eq!(mode & 0o777, 0o700);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "the message itself is private too");
         }
+        let names: Vec<String> = std::fs::read_dir(outbox_dir(&c))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 1, "no partial file is left behind: {names:?}");
+        assert!(names[0].ends_with(".eml"), "{names:?}");
     }
 
     #[tokio::test]
