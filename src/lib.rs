@@ -10,6 +10,7 @@ pub mod gateway;
 pub mod net;
 pub mod obs;
 pub mod outbound;
+pub mod password_policy;
 pub mod policies_dir;
 pub mod sealed;
 pub mod server;

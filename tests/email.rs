@@ -214,15 +214,15 @@ fn without_smtp_e_mails_go_to_the_outbox_and_their_links_work() {
         let (id, secret) = (hidden(&page, "id"), hidden(&page, "secret"));
         let (status, html) = submit_form(
             &gw,
-            &[("id", &id), ("secret", &secret), ("password", "out-of-the-box"), ("confirmPassword", "out-of-the-box")],
+            &[("id", &id), ("secret", &secret), ("password", "quiet-harbour-lamp"), ("confirmPassword", "quiet-harbour-lamp")],
         )
         .await;
         assert_eq!(status, 200, "{html}");
-        assert!(!signs_in(&gw, "outbox@example.com", "out-of-the-box").await, "project-scoped");
-        assert!(signs_in_to(&gw, "outbox@example.com", "out-of-the-box", Some(&project)).await);
+        assert!(!signs_in(&gw, "outbox@example.com", "quiet-harbour-lamp").await, "project-scoped");
+        assert!(signs_in_to(&gw, "outbox@example.com", "quiet-harbour-lamp", Some(&project)).await);
         let (status, html) = submit_form(
             &gw,
-            &[("id", &id), ("secret", &secret), ("password", "out-of-the-box-2"), ("confirmPassword", "out-of-the-box-2")],
+            &[("id", &id), ("secret", &secret), ("password", "quiet-harbour-lamp-2"), ("confirmPassword", "quiet-harbour-lamp-2")],
         )
         .await;
         assert_eq!(status, 400);

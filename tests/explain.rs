@@ -292,3 +292,51 @@ fn the_binary_explains_a_stored_membership() {
         "{err}"
     );
 }
+
+/// The shipped roles (`policies/role-*.json`, README "Roles"): what each lets a member of one
+/// organization do, decided by the gateway's own steps.
+#[test]
+fn the_shipped_roles_grant_what_their_names_say() {
+    let org = "organization=Organization/org1";
+    let vital = r#"{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"vital-signs"}]}],"code":{"text":"pulse"}}"#;
+    let lab = r#"{"resourceType":"Observation","status":"final","category":[{"coding":[{"system":"http://terminology.hl7.org/CodeSystem/observation-category","code":"laboratory"}]}],"code":{"text":"glucose"}}"#;
+    let patient_of = |org: &str| {
+        format!(
+            r#"{{"resourceType":"Patient","managingOrganization":{{"reference":"Organization/{org}"}}}}"#
+        )
+    };
+    let cases: Vec<(&str, &str, &str, Option<String>, &str)> = vec![
+        // A physician: the organization's patients, clinical data read and written.
+        ("role-physician.json", "GET", "Patient?name=smith", None, "Decision: ALLOW"),
+        ("role-physician.json", "POST", "Patient", Some(patient_of("org1")), "Decision: ALLOW"),
+        ("role-physician.json", "POST", "Patient", Some(patient_of("org2")), "Decision: DENY 403"),
+        ("role-physician.json", "POST", "MedicationRequest", Some(r#"{"resourceType":"MedicationRequest","status":"active","intent":"order","subject":{"reference":"Patient/p1"}}"#.into()), "Decision: ALLOW"),
+        ("role-physician.json", "POST", "Practitioner", Some(r#"{"resourceType":"Practitioner"}"#.into()), "Decision: DENY 403"),
+        ("role-physician.json", "GET", "Organization/org1", None, "Decision: ALLOW"),
+        ("role-physician.json", "GET", "AuditEvent", None, "Decision: DENY 403"),
+        // A nurse: reads the chart, records vital signs and administrations, orders nothing.
+        ("role-nurse.json", "GET", "Observation?subject=Patient/p1", None, "Decision: ALLOW"),
+        ("role-nurse.json", "POST", "Observation", Some(vital.into()), "Decision: ALLOW"),
+        ("role-nurse.json", "POST", "Observation", Some(lab.into()), "Decision: DENY 403"),
+        ("role-nurse.json", "POST", "MedicationAdministration", Some(r#"{"resourceType":"MedicationAdministration","status":"completed","subject":{"reference":"Patient/p1"}}"#.into()), "Decision: ALLOW"),
+        ("role-nurse.json", "POST", "MedicationRequest", Some(r#"{"resourceType":"MedicationRequest","status":"active","intent":"order","subject":{"reference":"Patient/p1"}}"#.into()), "Decision: DENY 403"),
+        ("role-nurse.json", "POST", "Patient", Some(patient_of("org1")), "Decision: DENY 403"),
+        ("role-nurse.json", "DELETE", "Observation/o1", None, "Decision: DENY 403"),
+        // The front desk: registration and scheduling, no clinical data at all.
+        ("role-front-desk.json", "POST", "Patient", Some(patient_of("org1")), "Decision: ALLOW"),
+        ("role-front-desk.json", "POST", "Appointment", Some(r#"{"resourceType":"Appointment","status":"booked","participant":[{"status":"accepted"}]}"#.into()), "Decision: ALLOW"),
+        ("role-front-desk.json", "GET", "Slot?schedule=Schedule/s1", None, "Decision: ALLOW"),
+        ("role-front-desk.json", "POST", "Slot", Some(r#"{"resourceType":"Slot","status":"free"}"#.into()), "Decision: DENY 403"),
+        ("role-front-desk.json", "GET", "Observation?subject=Patient/p1", None, "Decision: DENY 403"),
+        ("role-front-desk.json", "GET", "Condition/c1", None, "Decision: DENY 403"),
+    ];
+    for (file, method, path, body, want) in cases {
+        let mut given = input(file, &[org], method, path);
+        given.body = body.map(String::into_bytes);
+        let t = explain(&given).unwrap();
+        assert!(
+            decision(&t).starts_with(want),
+            "{file} {method} {path}: want {want}\n{t}"
+        );
+    }
+}

@@ -1144,7 +1144,7 @@ fn case_48_recaptcha_and_breached_passwords_on_self_service() {
     let ((verify_url, verified), (range_url, asked)) = runtime.block_on(async {
         (
             serve_siteverify().await,
-            serve_pwned_range("password123").await,
+            serve_pwned_range("correct horse battery staple").await,
         )
     });
     let gw = start(&upstream, |f| {
@@ -1186,12 +1186,12 @@ fn case_48_recaptcha_and_breached_passwords_on_self_service() {
         // A project site's key is verified with that site's secret; then the password is
         // checked against the breach list (only a 5-digit prefix leaves).
         let (status, out) = gw
-            .post("auth/newuser", None, user(json!({"recaptchaSiteKey": "portal-key", "recaptchaToken": "good-for-portal-secret", "password": "password123"})))
+            .post("auth/newuser", None, user(json!({"recaptchaSiteKey": "portal-key", "recaptchaToken": "good-for-portal-secret", "password": "correct horse battery staple"})))
             .await;
         assert_eq!(status, 400, "{out}");
         assert_eq!(outcome_text(&out), "Password found in breach database");
         assert_eq!(outcome_expression(&out), "password");
-        assert_eq!(asked.lock().unwrap().as_slice(), ["CBFDA"]);
+        assert_eq!(asked.lock().unwrap().as_slice(), ["ABF7A"]);
         assert_eq!(users_with_email(&gw, "recaptcha@example.com").await, 0);
         let (status, out) = gw
             .post("auth/newuser", None, user(json!({"recaptchaToken": "good-for-server-secret"})))
@@ -1232,4 +1232,167 @@ fn case_48_recaptcha_and_breached_passwords_on_self_service() {
         assert_eq!(status, 503, "{out}");
         assert_eq!(users_with_email(&gw, "down@example.com").await, 0);
     });
+}
+
+// === the password policy (issue 17): every path that sets a password ===
+
+const COMMON: &str = "Password is too common";
+const PERSONAL: &str = "Password must not be based on your name, e-mail address or project name";
+const GUESSABLE: &str =
+    "Password is too easy to guess; a longer phrase of unrelated words is stronger";
+
+/// A refusal of the policy: 400, the text, the field.
+fn refused(status: u16, out: &Value, text: &str, field: &str) {
+    assert_eq!(status, 400, "{out}");
+    assert_eq!(outcome_text(out), text, "{out}");
+    assert_eq!(outcome_expression(out), field, "{out}");
+}
+
+#[test]
+fn the_password_policy_holds_on_every_path_that_sets_a_password() {
+    let upstream = FhirUpstream::start();
+    let gw = start(&upstream, registration_open);
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let project = gw.project_of(&admin).await;
+        let grace = |password: Option<&str>| {
+            let mut body = json!({"resourceType": "Practitioner", "firstName": "Grace", "lastName": "Hopper",
+                "email": "grace.hopper@example.com", "sendEmail": password.is_none()});
+            if let Some(p) = password {
+                body["password"] = json!(p);
+            }
+            body
+        };
+
+        // An invite with a password: common, personal, guessable; nothing is created.
+        for (password, text) in [
+            ("password123", COMMON),
+            ("gracehopper1", PERSONAL),
+            ("Hopper1906!", PERSONAL),
+            ("aaaaaaaaaaaa", GUESSABLE),
+        ] {
+            let (status, out) = invite(&gw, &admin, &project, grace(Some(password))).await;
+            refused(status, &out, text, "password");
+        }
+        assert_eq!(users_with_email(&gw, "grace.hopper@example.com").await, 0);
+
+        // The invite link, through the API and through the page's form.
+        let (status, m) = invite(&gw, &admin, &project, grace(None)).await;
+        assert_eq!(status, 200, "{m}");
+        let messages = mail::wait_for_outbox(&gw.data_dir, 1);
+        let (id, secret) = mail::set_password_ids(&messages[0], &gw.base);
+        let set = |password: &str| json!({"id": id, "secret": secret, "password": password});
+        let (status, out) = gw.post("auth/setpassword", None, set("Hopper1906!")).await;
+        refused(status, &out, PERSONAL, "password");
+        let (status, out) = gw.post("auth/setpassword", None, set("qwertyuiop")).await;
+        refused(status, &out, COMMON, "password");
+        let resp = TestGateway::client()
+            .post(format!("{}auth/setpassword", gw.base))
+            .header("accept", "text/html")
+            .form(&[("id", id.as_str()), ("secret", &secret), ("password", "grace-hopper"), ("confirmPassword", "grace-hopper")])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let html = resp.text().await.unwrap();
+        assert!(html.contains(PERSONAL), "{html}");
+        assert_eq!(login(&gw, "grace.hopper@example.com", "Hopper1906!").await.0, 400);
+        let (status, out) = gw.post("auth/setpassword", None, set("harbour kettle violin")).await;
+        assert_eq!(status, 200, "{out}");
+
+        // Her own change of password.
+        let token = user_token(&gw, "grace.hopper@example.com", "harbour kettle violin").await;
+        let change = |new: &str| json!({"oldPassword": "harbour kettle violin", "newPassword": new});
+        for (password, text) in [("gracehopper1", PERSONAL), ("password123", COMMON), ("Default2024!", PERSONAL)] {
+            let (status, out) = gw.post("auth/changepassword", Some(&token), change(password)).await;
+            refused(status, &out, text, "newPassword");
+        }
+        assert_eq!(login(&gw, "grace.hopper@example.com", "harbour kettle violin").await.0, 200);
+
+        // The admins' set-password: the project's name counts as hers too.
+        let (status, _) = invite(&gw, &admin, &project, patient("pat.ient@example.com")).await;
+        assert_eq!(status, 200);
+        let set_by = |password: &str| json!({"email": "pat.ient@example.com", "password": password, "projectId": project});
+        let (status, out) = gw.post("admin/projects/setpassword", Some(&admin), set_by("Default2024!")).await;
+        refused(status, &out, PERSONAL, "password");
+        let sup = super_admin_token(&gw).await;
+        let (status, out) = gw.post("admin/super/setpassword", Some(&sup), set_by("password123")).await;
+        refused(status, &out, COMMON, "password");
+        let (status, out) = gw.post("admin/super/setpassword", Some(&sup), set_by("patient ient 1")).await;
+        refused(status, &out, PERSONAL, "password");
+        assert_eq!(login(&gw, "pat.ient@example.com", "Default2024!").await.0, 400);
+
+        // Self-registration; nobody is created by a refused one.
+        let new_user = |password: &str| json!({"firstName": "Florence", "lastName": "Nightingale",
+            "email": "florence.nightingale@example.com", "password": password,
+            "codeChallenge": "verifier-0123456789", "codeChallengeMethod": "plain"});
+        for (password, text) in [("nightingale1820", PERSONAL), ("Florence-1820", PERSONAL), ("iloveyou1", COMMON)] {
+            let (status, out) = gw.post("auth/newuser", None, new_user(password)).await;
+            refused(status, &out, text, "password");
+        }
+        assert_eq!(users_with_email(&gw, "florence.nightingale@example.com").await, 0);
+        let (status, out) = gw.post("auth/newuser", None, new_user("lamp ward scutari night")).await;
+        assert_eq!(status, 200, "{out}");
+    });
+}
+
+#[test]
+fn the_password_policy_is_the_operators() {
+    let upstream = FhirUpstream::start();
+    // Longer, and the estimate off: length alone decides.
+    let gw = start(&upstream, |f| {
+        f.password_min_length = Some(12);
+        f.password_min_strength = Some(0);
+    });
+    rt().block_on(async {
+        let admin = gw.admin_token().await;
+        let project = gw.project_of(&admin).await;
+        let mut body = practitioner("lengthy@example.com");
+        body["password"] = json!("elevenchars");
+        let (status, out) = invite(&gw, &admin, &project, body.clone()).await;
+        refused(
+            status,
+            &out,
+            "Invalid password, must be at least 12 characters",
+            "password",
+        );
+        body["password"] = json!("password1234");
+        let (status, out) = invite(&gw, &admin, &project, body).await;
+        assert_eq!(status, 200, "{out}");
+        assert_eq!(
+            login(&gw, "lengthy@example.com", "password1234").await.0,
+            200
+        );
+    });
+    drop(gw);
+
+    // A weak first-run admin password stops the start, with the reason.
+    let dir = tempfile::tempdir().unwrap();
+    let err = match TestGateway::try_start_in(&upstream.base_url, dir.path(), |f| {
+        f.admin_password = Some("password123".into());
+    }) {
+        Ok(_) => panic!("a gateway started with a common admin password"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("admin_password: Password is too common"),
+        "{err}"
+    );
+    // Out-of-range settings are refused.
+    for (length, strength, key) in [
+        (Some(7), None, "password_min_length"),
+        (Some(73), None, "password_min_length"),
+        (None, Some(5), "password_min_strength"),
+    ] {
+        let mut file = ConfigFile {
+            password_min_length: length,
+            password_min_strength: strength,
+            ..ConfigFile::default()
+        };
+        file.data_dir = Some(dir.path().to_path_buf());
+        let err = fhirgate::config::Config::from_file(file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(key), "{err}");
+    }
 }

@@ -11,6 +11,8 @@ use clap::Args;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::password_policy::{self, PasswordPolicy};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -257,6 +259,12 @@ pub struct ConfigFile {
     /// Breached-password range API (HaveIBeenPwned protocol, e.g. https://api.pwnedpasswords.com, or a mirror); new passwords it lists are refused [default: off]
     #[arg(long, env = "FHIRGATE_PWNED_PASSWORDS_URL")]
     pub pwned_passwords_url: Option<String>,
+    /// Shortest new password, in characters (8 to 72) [default: 8]
+    #[arg(long, env = "FHIRGATE_PASSWORD_MIN_LENGTH")]
+    pub password_min_length: Option<usize>,
+    /// Lowest zxcvbn strength score a new password needs, 0 (off) to 4; common passwords and ones built from the user's name, e-mail address or project name score low [default: 3]
+    #[arg(long, env = "FHIRGATE_PASSWORD_MIN_STRENGTH")]
+    pub password_min_strength: Option<u8>,
     /// Where the gateway reaches the control API, e.g. http://control:8081 (host names are
     /// re-resolved every few seconds) [default: http://<control_listen>, loopback if it binds all addresses]
     #[arg(long, env = "FHIRGATE_CONTROL_URL")]
@@ -352,6 +360,25 @@ pub struct Upstream {
 
 /// `url` (the value of `key`) parsed as an http(s) URL with a host: the URL, whether it is
 /// https, and the host without IPv6 brackets.
+fn password_policy(
+    min_length: Option<usize>,
+    min_strength: Option<u8>,
+) -> Result<PasswordPolicy, ConfigError> {
+    let default = PasswordPolicy::default();
+    let min_chars = min_length.unwrap_or(default.min_chars);
+    if !(password_policy::MIN_CHARS..=password_policy::MAX_BYTES).contains(&min_chars) {
+        return Err(invalid("password_min_length", "must be between 8 and 72"));
+    }
+    let min_strength = min_strength.unwrap_or(default.min_strength);
+    if min_strength > password_policy::MAX_STRENGTH {
+        return Err(invalid("password_min_strength", "must be between 0 and 4"));
+    }
+    Ok(PasswordPolicy {
+        min_chars,
+        min_strength,
+    })
+}
+
 fn http_url(key: &'static str, url: &str) -> Result<(url::Url, bool, String), ConfigError> {
     let parsed = url::Url::parse(url).map_err(|e| invalid(key, e.to_string()))?;
     let tls = match parsed.scheme() {
@@ -725,6 +752,8 @@ pub struct Config {
     pub google: Google,
     /// The breached-password range API's base URL; `None`: no check.
     pub pwned_passwords_url: Option<String>,
+    /// What every new password must be (length and strength).
+    pub password_policy: PasswordPolicy,
     /// Where the gateway forwards control traffic.
     pub control_url: ControlUrl,
     /// A new signing key is in every JWKS this long before it signs.
@@ -887,6 +916,7 @@ impl Config {
             }
             None => None,
         };
+        let password_policy = password_policy(f.password_min_length, f.password_min_strength)?;
         let forwarded_proto = public.scheme().to_string();
         let forwarded_host = match (public.host_str(), public.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -963,6 +993,7 @@ impl Config {
             recaptcha,
             google: google_settings,
             pwned_passwords_url,
+            password_policy,
             control_url: match f.control_url.as_deref() {
                 Some(u) => ControlUrl::parse(u)?,
                 None => ControlUrl::local(control_listen),

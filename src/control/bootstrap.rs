@@ -4,6 +4,7 @@
 //! exists; a later run creates nothing, and an item an operator deleted on purpose is not
 //! brought back.
 
+use crate::password_policy::PasswordContext;
 use serde_json::{Value, json};
 
 use fhirgate_core::fhir::path::is_valid_id;
@@ -174,6 +175,17 @@ pub async fn bootstrap(state: &State) -> Result<BootstrapReport, BootstrapError>
     let mut admin_password = None;
     if !user.done {
         let (password, generated) = given_or_generated(boot.admin_password.as_deref(), 12);
+        if !generated {
+            let owner = PasswordContext::new()
+                .email(&boot.admin_email)
+                .name("Super Admin");
+            if let Err(weakness) = state.config.password_policy.check(&password, &owner) {
+                return Err(BootstrapError::Config(format!(
+                    "admin_password: {}",
+                    weakness.text()
+                )));
+            }
+        }
         let resource = json!({
             "resourceType": "User",
             "id": user.id,

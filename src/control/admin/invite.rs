@@ -25,11 +25,11 @@ use serde_json::{Map, Value, json};
 
 use crate::control::base::access::AdminProject;
 use crate::control::base::access::Caller;
-use crate::control::base::guards::check_not_breached;
 use crate::control::base::index::index_rows;
 use crate::control::base::links::LinkKind;
 use crate::control::base::links::new_link;
 use crate::control::base::passwords::check_new_password;
+use crate::control::base::passwords::check_password;
 use crate::control::base::passwords::hash_password;
 use crate::control::base::resources::refreshed;
 use crate::control::base::resources::validate::check_policy_reference;
@@ -50,6 +50,7 @@ use crate::control::web::body::json_response;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::obs::security::SecurityEventKind;
+use crate::password_policy::PasswordContext;
 use fhirgate_core::fhir::path::is_valid_id;
 
 /// An invite whose commit lost a race with a concurrent one is run once more: the second pass
@@ -204,7 +205,14 @@ pub async fn invite(
 ) -> Result<Response, ApiError> {
     let invite = Invite::parse(&body)?;
     if let Some(password) = &invite.password {
-        check_not_breached(&state, "password", password).await?;
+        let mut owner = PasswordContext::new()
+            .name(&invite.first_name)
+            .name(&invite.last_name)
+            .name(&project.name);
+        if let Some(email) = &invite.email {
+            owner = owner.email(email);
+        }
+        check_password(&state, "password", password, owner).await?;
     }
     let mut outcome = None;
     for attempt in 1..=ATTEMPTS {

@@ -7,11 +7,12 @@ use serde_json::{Map, Value};
 use crate::control::base::access::AdminCaller;
 use crate::control::base::access::SuperAdmin;
 use crate::control::base::passwords::check_password;
+use crate::control::base::passwords::owner_of;
 use crate::control::base::passwords::set_user_password;
+use crate::control::base::passwords::{MIN_PASSWORD_CHARS, TOO_SHORT};
 use crate::control::base::users::find_user;
 use crate::control::base::users::valid_email;
 use crate::control::web::AppState;
-use crate::control::web::ControlState;
 use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
 use crate::control::web::error::ApiError;
@@ -23,7 +24,7 @@ pub async fn admin_set_password(
     AdminCaller(caller): AdminCaller,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (email, password) = email_and_password(&state, &body).await?;
+    let (email, password) = email_and_password(&body)?;
     let user = state
         .store
         .users_by_email(&email, Some(caller.project_id()))
@@ -31,6 +32,8 @@ pub async fn admin_set_password(
         .into_iter()
         .next()
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    let owner = owner_of(&state, &user, Some(caller.project_id()));
+    check_password(&state, "password", &password, owner).await?;
     set_user_password(&state, &user.id, &password).await
 }
 
@@ -40,23 +43,26 @@ pub async fn super_set_password(
     _: SuperAdmin,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let (email, password) = email_and_password(&state, &body).await?;
+    let (email, password) = email_and_password(&body)?;
     let project = body_str(&body, "projectId");
     let user = find_user(&state, &email, project.as_deref())
         .await?
         .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    let owner = owner_of(&state, &user, project.as_deref());
+    check_password(&state, "password", &password, owner).await?;
     set_user_password(&state, &user.id, &password).await
 }
 
-async fn email_and_password(
-    state: &ControlState,
-    body: &Map<String, Value>,
-) -> Result<(String, String), ApiError> {
+/// The body's fields, with the length rules that need no User (Medplum's order: the body is
+/// validated before anyone is looked up).
+fn email_and_password(body: &Map<String, Value>) -> Result<(String, String), ApiError> {
     let email = body_str(body, "email")
         .map(|e| e.trim().to_lowercase())
         .filter(|e| valid_email(e))
         .ok_or_else(|| ApiError::invalid("email", "Valid email address is required"))?;
     let password = body_str(body, "password").unwrap_or_default();
-    check_password(state, "password", &password).await?;
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(ApiError::invalid("password", TOO_SHORT));
+    }
     Ok((email, password))
 }

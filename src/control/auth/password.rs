@@ -22,6 +22,7 @@ use crate::control::base::links::usable_request;
 use crate::control::base::passwords::MIN_PASSWORD_CHARS;
 use crate::control::base::passwords::TOO_SHORT;
 use crate::control::base::passwords::check_password;
+use crate::control::base::passwords::owner_of;
 use crate::control::base::passwords::set_user_password;
 use crate::control::base::passwords::verify_password;
 use crate::control::base::users::read_user;
@@ -36,6 +37,8 @@ use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 use crate::control::web::pages::setpassword::PageView;
 use crate::control::web::pages::setpassword::page;
+use crate::password_policy::PasswordContext;
+use crate::store::SecurityRequest;
 
 fn ok() -> Response {
     outcome_response(&Outcome::AllOk)
@@ -75,9 +78,21 @@ pub async fn set_password(
     let request = usable_request(&state, &id, &secret, false)
         .await?
         .map_err(|p| p.error("Invalid request type"))?;
-    check_password(&state, "password", &password).await?;
+    let owner = link_owner(&state, &request).await?;
+    check_password(&state, "password", &password, owner).await?;
     redeem_set_password(&state, &request, &password).await?;
     Ok(ok())
+}
+
+/// The words the password of a link's User must not be built from.
+async fn link_owner(
+    state: &ControlState,
+    request: &SecurityRequest,
+) -> Result<PasswordContext, ApiError> {
+    Ok(match state.store.read("User", &request.user_id).await? {
+        Some(user) => owner_of(state, &user, None),
+        None => PasswordContext::new(),
+    })
 }
 
 /// A form post from a browser: form-encoded, asking for HTML.
@@ -120,7 +135,11 @@ async fn set_password_from_page(state: &ControlState, body: &Map<String, Value>)
     if password != confirm {
         return form(StatusCode::BAD_REQUEST, "Passwords do not match");
     }
-    match check_password(state, "password", &password).await {
+    let owner = match link_owner(state, &request).await {
+        Ok(owner) => owner,
+        Err(e) => return e.into_response(),
+    };
+    match check_password(state, "password", &password, owner).await {
         Ok(()) => {}
         Err(ApiError::Invalid { text, .. }) => return form(StatusCode::BAD_REQUEST, &text),
         Err(other) => return other.into_response(),
@@ -286,6 +305,7 @@ pub async fn change_password(
     if !verify_password(hash, &old).await? {
         return Err(ApiError::invalid("oldPassword", "Incorrect password"));
     }
-    check_password(&state, "newPassword", &new).await?;
+    let owner = owner_of(&state, &user, Some(&caller.project.id));
+    check_password(&state, "newPassword", &new, owner).await?;
     set_user_password(&state, &user.id, &new).await
 }

@@ -17,11 +17,12 @@ use axum::response::Response;
 use serde_json::{Value, json};
 
 use crate::control::base::clients::named_client;
-use crate::control::base::guards::check_not_breached;
 use crate::control::base::guards::check_recaptcha;
 use crate::control::base::index::index_rows;
 use crate::control::base::passwords::OUT_OF_RANGE;
+use crate::control::base::passwords::check_password;
 use crate::control::base::passwords::hash_password;
+use crate::control::base::passwords::with_project;
 use crate::control::base::resources::refreshed;
 use crate::control::base::upstream::ProfileSpec;
 use crate::control::base::upstream::ProjectUpstream;
@@ -53,6 +54,7 @@ use crate::control::web::body::origin;
 use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
+use crate::password_policy::PasswordContext;
 
 fn length_between(s: &str, min: usize, max: usize) -> bool {
     (min..=max).contains(&s.chars().count())
@@ -133,7 +135,12 @@ pub async fn new_user(
     {
         return Err(ApiError::invalid("email", "Email already registered"));
     }
-    check_not_breached(&state, "password", &password).await?;
+    let owner = PasswordContext::new()
+        .email(&email)
+        .name(&first_name)
+        .name(&last_name);
+    let owner = with_project(&state, owner, project_id.as_deref());
+    check_password(&state, "password", &password, owner).await?;
     let user_id = uuid::Uuid::new_v4().to_string();
     let mut user = json!({
         "resourceType": "User",

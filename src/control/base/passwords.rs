@@ -1,5 +1,5 @@
-//! Password rules and hashing: the length rules and the breached-password check of a new
-//! password, argon2id hashing and verification (off the async threads), and setting a User's
+//! Passwords: the operator's policy (`crate::password_policy`) and the breached-password check
+//! of a new password, argon2id hashing and verification (off the async threads), and setting a User's
 //! password.
 
 use crate::state::State;
@@ -7,41 +7,85 @@ use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::Value;
 
+use crate::store::StoredResource;
+
+use crate::password_policy::{PasswordContext, PasswordPolicy};
+
 use crate::control::base::guards::check_not_breached;
 use crate::control::base::users::update_user;
 use crate::control::web::ControlState;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 
-/// Passwords are at least this many characters long…
-pub const MIN_PASSWORD_CHARS: usize = 8;
+pub use crate::password_policy::{MIN_CHARS as MIN_PASSWORD_CHARS, OUT_OF_RANGE, TOO_SHORT};
 
-/// …and at most this many bytes (Medplum's bcrypt limit, kept as the one rule everywhere).
-pub const MAX_PASSWORD_BYTES: usize = 72;
-
-pub const TOO_SHORT: &str = "Invalid password, must be at least 8 characters";
-
-pub const OUT_OF_RANGE: &str = "Password must be between 8 and 72 characters";
-
-/// The length rules for a new password. `field` is the expression of the validation error.
+/// Medplum's length rules, checked while a body is validated, before anything is looked up; the
+/// operator's policy comes after, in [`check_password`].
 pub fn check_new_password(field: &str, password: &str) -> Result<(), ApiError> {
-    if password.chars().count() < MIN_PASSWORD_CHARS {
-        return Err(ApiError::invalid(field, TOO_SHORT));
-    }
-    if password.len() > MAX_PASSWORD_BYTES {
-        return Err(ApiError::invalid(field, OUT_OF_RANGE));
-    }
-    Ok(())
+    let medplum = PasswordPolicy {
+        min_chars: MIN_PASSWORD_CHARS,
+        min_strength: 0,
+    };
+    medplum
+        .check(password, &PasswordContext::new())
+        .map_err(|weakness| ApiError::invalid(field, weakness.text()))
 }
 
-/// A new password: the length rules, then the breached-password check (when configured).
+/// A new password: the operator's policy (length, then strength against its owner's words), then
+/// the breached-password check (when configured). `field` is the expression of the validation
+/// error.
 pub async fn check_password(
     state: &ControlState,
     field: &str,
     password: &str,
+    owner: PasswordContext,
 ) -> Result<(), ApiError> {
-    check_new_password(field, password)?;
+    check_policy(state.config.password_policy, field, password, owner).await?;
     check_not_breached(state, field, password).await
+}
+
+/// The operator's policy alone, off the async threads (a long password takes zxcvbn
+/// milliseconds).
+pub async fn check_policy(
+    policy: PasswordPolicy,
+    field: &str,
+    password: &str,
+    owner: PasswordContext,
+) -> Result<(), ApiError> {
+    let candidate = password.to_string();
+    let verdict = tokio::task::spawn_blocking(move || policy.check(&candidate, &owner))
+        .await
+        .map_err(|e| ApiError::internal("password check task", e))?;
+    verdict.map_err(|weakness| ApiError::invalid(field, weakness.text()))
+}
+
+/// The words a password of `user` must not be built from: the User's name and e-mail address,
+/// and the name of the project it is given in (`project_id`, else the User's own project).
+pub fn owner_of(state: &State, user: &StoredResource, project_id: Option<&str>) -> PasswordContext {
+    let field = |k: &str| {
+        user.content
+            .get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+    };
+    let owner = PasswordContext::new()
+        .email(field("email"))
+        .name(field("firstName"))
+        .name(field("lastName"));
+    with_project(state, owner, project_id.or(user.project_id.as_deref()))
+}
+
+/// `owner` and the name of a project, when it names one.
+pub fn with_project(
+    state: &State,
+    owner: PasswordContext,
+    project_id: Option<&str>,
+) -> PasswordContext {
+    let snapshot = state.snapshot();
+    match project_id.and_then(|id| snapshot.projects.get(id)) {
+        Some(project) => owner.name(&project.name),
+        None => owner,
+    }
 }
 
 /// An argon2id PHC string, computed off the async threads (argon2 is slow on purpose).
@@ -97,34 +141,4 @@ pub fn hash_password_sync(password: &str) -> Result<String, String> {
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn password_rules_follow_medplum_texts() {
-        let text = |r: Result<(), ApiError>| match r {
-            Err(ApiError::Invalid { text, expression }) => format!("{expression}: {text}"),
-            Err(other) => format!("{other:?}"),
-            Ok(()) => "ok".into(),
-        };
-        assert_eq!(
-            text(check_new_password("password", "1234567")),
-            format!("password: {TOO_SHORT}")
-        );
-        assert_eq!(text(check_new_password("password", "12345678")), "ok");
-        assert_eq!(text(check_new_password("password", &"x".repeat(72))), "ok");
-        assert_eq!(
-            text(check_new_password("newPassword", &"x".repeat(73))),
-            format!("newPassword: {OUT_OF_RANGE}")
-        );
-        // 8 characters but 24 bytes is fine; 25 three-byte characters (75 bytes) is not.
-        assert_eq!(text(check_new_password("password", &"€".repeat(8))), "ok");
-        assert_eq!(
-            text(check_new_password("password", &"€".repeat(25))),
-            format!("password: {OUT_OF_RANGE}")
-        );
-    }
 }
