@@ -437,6 +437,35 @@ fn run_case(path: &Path) -> Result<(), String> {
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     let method = req["method"].as_str().unwrap_or("GET");
+
+    // The permission check first: the same request, only asked about. It must send nothing
+    // but reads upstream, and its verdict must be what the request then gets.
+    let sent_before = w.upstream.requests().len();
+    let mut check_headers = href.clone();
+    check_headers.push(("x-fhirgate-check", "permission"));
+    let (check_status, check, check_headers) = gateway_request(
+        &w.gateway,
+        method,
+        &format!("fhir/R4/{path_s}"),
+        &check_headers,
+        body.clone(),
+    );
+    let check_sent: Vec<Value> = w
+        .upstream
+        .requests()
+        .into_iter()
+        .skip(sent_before)
+        .collect();
+
+    let decided = |route: &str, decision: &str| {
+        fhirgate::obs::METRICS
+            .requests
+            .with_label_values(&[route, decision])
+            .get()
+    };
+    let real_before = w.upstream.requests().len();
+    let allowed_before = decided("fhir", "allow") + decided("fhir", "allow_bundle");
+    let passed_before = decided("control", "pass");
     let (status, resp, _) = gateway_request(
         &w.gateway,
         method,
@@ -444,6 +473,26 @@ fn run_case(path: &Path) -> Result<(), String> {
         &href,
         body,
     );
+    // What the gateway decided (its own label, whatever the upstream then answered; a write or
+    // operation it sent on was let through, whatever it made of the answer), or for the
+    // identity types, which the control API serves, what that answered.
+    let served = (200..300).contains(&status) || status == 304;
+    let sent_on = w
+        .upstream
+        .requests()
+        .into_iter()
+        .skip(real_before)
+        .any(|r| {
+            let sent = r["method"].as_str().unwrap_or("");
+            sent != "GET"
+                && sent != "HEAD"
+                && (sent == method || (method == "PATCH" && sent == "PUT"))
+        });
+    let gateway_allowed = if decided("control", "pass") > passed_before {
+        served
+    } else {
+        sent_on || decided("fhir", "allow") + decided("fhir", "allow_bundle") > allowed_before
+    };
 
     // Expectations.
     let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
@@ -458,6 +507,8 @@ fn run_case(path: &Path) -> Result<(), String> {
                 .unwrap_or(&Value::Null)
         ));
     }
+    let check = CheckAnswer::of(check_status, &check, &check_headers);
+    check_agrees(status, gateway_allowed, &check, &check_sent, &mut errors);
     let mut found = Vec::new();
     resources(&resp, &mut found);
     if !(200..300).contains(&status) && !found.is_empty() {
@@ -756,6 +807,104 @@ fn run_case(path: &Path) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!("{}\nresponse: {}", errors.join("\n"), resp))
+    }
+}
+
+/// A permission check's answer: its verdict (from the body, or from the headers of a `HEAD`),
+/// or the error it got.
+#[derive(Debug)]
+enum CheckAnswer {
+    Verdict {
+        allowed: bool,
+        status: u64,
+        body: Value,
+    },
+    Error(u16, Value),
+}
+
+impl CheckAnswer {
+    fn of(status: u16, body: &Value, headers: &[(String, String)]) -> CheckAnswer {
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.clone())
+        };
+        if status != 200 {
+            return CheckAnswer::Error(status, body.clone());
+        }
+        let part = |name: &str| {
+            body["parameter"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+                .cloned()
+                .unwrap_or(Value::Null)
+        };
+        let (allowed, verdict_status) = if body["resourceType"] == "Parameters" {
+            (
+                part("allowed")["valueBoolean"].as_bool(),
+                part("status")["valueInteger"].as_u64(),
+            )
+        } else {
+            (
+                header("x-fhirgate-allowed").and_then(|v| v.parse().ok()),
+                header("x-fhirgate-status").and_then(|v| v.parse().ok()),
+            )
+        };
+        match (allowed, verdict_status) {
+            (Some(allowed), Some(status)) => CheckAnswer::Verdict {
+                allowed,
+                status,
+                body: body.clone(),
+            },
+            _ => CheckAnswer::Error(status, body.clone()),
+        }
+    }
+}
+
+/// The permission check of a case's request against what the gateway then did with it: allowed
+/// exactly when the gateway let the request through, the same status when it refused (or when
+/// the check learned the server's answer), an error of its own only where the request got that
+/// same error, and nothing but reads sent upstream.
+fn check_agrees(
+    status: u16,
+    gateway_allowed: bool,
+    check: &CheckAnswer,
+    sent: &[Value],
+    errors: &mut Vec<String>,
+) {
+    for r in sent {
+        let m = r["method"].as_str().unwrap_or("");
+        if m != "GET" && m != "HEAD" {
+            errors.push(format!(
+                "the permission check sent {m} {} upstream",
+                r["url"]
+            ));
+        }
+    }
+    match check {
+        CheckAnswer::Error(check_status, body) => {
+            if *check_status != status {
+                errors.push(format!(
+                    "permission check failed with {check_status} {body}, the request got {status}"
+                ));
+            }
+        }
+        CheckAnswer::Verdict {
+            allowed,
+            status: verdict_status,
+            body,
+        } => {
+            if *allowed != gateway_allowed {
+                errors.push(format!(
+                    "permission check says allowed={allowed}, the gateway's decision was allowed={gateway_allowed} ({status}): {body}"
+                ));
+            } else if (!allowed || *verdict_status != 200) && *verdict_status != status as u64 {
+                errors.push(format!(
+                    "permission check says status {verdict_status}, the request got {status}: {body}"
+                ));
+            }
+        }
     }
 }
 

@@ -59,7 +59,8 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
     let mut router = Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
-        .fallback(web::not_found);
+        .fallback(web::not_found)
+        .layer(axum::middleware::from_fn(web::check::permission_check));
     if let Some(limit) = web::ratelimit::AuthRateLimit::new(state.config.auth_rate_limit) {
         router = router.layer(axum::middleware::from_fn_with_state(
             web::ratelimit::Limiting {

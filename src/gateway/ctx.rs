@@ -16,6 +16,14 @@ use fhirgate_core::policy::EffectivePolicy;
 
 use super::route::Route;
 
+/// Whether a request is served, or only checked (`gateway::check`): then nothing is forwarded
+/// and nothing is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Serve,
+    Check,
+}
+
 /// What to do with the upstream response of a forwarded request.
 #[derive(Debug, Clone)]
 pub enum ResponsePlan {
@@ -97,6 +105,8 @@ pub struct RequestCtx {
     pub answered: Option<u16>,
     /// The CORS answer for the request's `Origin`, when admitted.
     pub cors: Option<super::cors::CorsGrant>,
+    /// Served, or only checked (`gateway::check`): then nothing is forwarded or written.
+    pub mode: Mode,
     /// Counts this request as in flight until the context is dropped (a graceful stop waits for
     /// none to be left, not for the whole grace period).
     _in_flight: crate::obs::InFlight,
@@ -165,6 +175,7 @@ impl RequestCtx {
             upstream_elapsed: None,
             answered: None,
             cors: None,
+            mode: Mode::Serve,
             _in_flight: crate::obs::InFlight::start(),
         }
     }

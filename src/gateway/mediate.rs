@@ -20,6 +20,8 @@ use serde_json::Value;
 
 use super::Gateway;
 use super::authorize::Mediation;
+use super::check;
+use super::ctx::Mode;
 use super::ctx::RequestCtx;
 use super::filter::rewrite_urls;
 use super::respond;
@@ -50,6 +52,15 @@ enum Failure {
 }
 
 type Step<T> = std::result::Result<T, Failure>;
+
+/// How a mediated exchange ended.
+enum Done {
+    /// The answer to write: status, headers, body.
+    Answer(u16, Vec<(&'static str, String)>, Bytes),
+    /// Check mode: every check passed and the request would be sent now; for a Bundle, its
+    /// entries' denials.
+    WouldSend(Vec<Option<Deny>>),
+}
 
 fn forbid(label: &'static str) -> Failure {
     Failure::Answer(Outcome::Forbidden, label)
@@ -350,15 +361,7 @@ async fn prepare_write(
             let Some(cur) = current else {
                 return Err(Failure::Answer(Outcome::NotFound, "not_found"));
             };
-            if policy.satisfied(&cur, Interaction::Delete).is_none() {
-                if policy.satisfied(&cur, Interaction::Read).is_none() {
-                    return Err(Failure::Answer(
-                        Outcome::NotFound,
-                        "current_outside_criteria",
-                    ));
-                }
-                return Err(forbid("current_outside_criteria"));
-            }
+            current_grants(policy, &cur, Interaction::Delete)?;
             refuse_stale_if_match(session, &cur)?;
             let pin = version_of(&cur)
                 .map(|v| vec![("if-match", v)])
@@ -510,12 +513,16 @@ async fn run_inner(
     session: &mut Session,
     ctx: &RequestCtx,
     m: Mediation,
-) -> Step<(u16, Vec<(&'static str, String)>, Bytes)> {
+) -> Step<Done> {
     let method = session.req_header().method.clone();
     let config = &gw.state.config;
+    let checking = ctx.mode == Mode::Check;
 
     if let FhirOp::Bundle { .. } = &m.op {
         let (bundle, verdicts) = prepare_bundle(&m)?;
+        if checking {
+            return Ok(Done::WouldSend(verdicts));
+        }
         if verdicts.iter().all(Option::is_some) {
             // Nothing left to send: the gateway answers every entry itself.
             let kind = if matches!(
@@ -532,7 +539,7 @@ async fn run_inner(
             let entries: Vec<Value> = verdicts.iter().flatten().map(denied_entry).collect();
             let body =
                 serde_json::json!({"resourceType": "Bundle", "type": kind, "entry": entries});
-            return Ok((
+            return Ok(Done::Answer(
                 200,
                 Vec::new(),
                 Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
@@ -582,7 +589,7 @@ async fn run_inner(
                 }
             }
         }
-        return Ok((
+        return Ok(Done::Answer(
             up.status,
             up.headers,
             Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
@@ -623,8 +630,21 @@ async fn run_inner(
     } else {
         method
     };
+    if checking && m.body.is_none() && permit.write != WriteCheck::None {
+        check_without_body(gw, ctx, session, &m).await?;
+        return Ok(Done::WouldSend(Vec::new()));
+    }
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
-        prepare_write(gw, ctx, session, &m).await?
+        let prepared = prepare_write(gw, ctx, session, &m).await?;
+        if checking {
+            // Every check of the write has passed; it is never sent.
+            return Ok(Done::WouldSend(Vec::new()));
+        }
+        prepared
+    } else if checking && !checked_read {
+        // Nothing about the answer is checked before it is sent (a search is filtered entry
+        // by entry): the request would be served.
+        return Ok(Done::WouldSend(Vec::new()));
     } else {
         // A subset is taken here, after the checks: the upstream returns whole resources.
         let query = session.req_header().uri.query();
@@ -657,7 +677,7 @@ async fn run_inner(
         .exchange(ctx, session, method, url, body, &overrides)
         .await?;
     if up.body.is_empty() {
-        return Ok((up.status, up.headers, up.body));
+        return Ok(Done::Answer(up.status, up.headers, up.body));
     }
     if !up.is_json {
         if (200..300).contains(&up.status) {
@@ -666,7 +686,7 @@ async fn run_inner(
                 "unfilterable",
             ));
         }
-        return Ok((
+        return Ok(Done::Answer(
             up.status,
             Vec::new(),
             Bytes::from(Stock::UpstreamError.outcome().to_bytes()),
@@ -700,12 +720,12 @@ async fn run_inner(
     if !visible {
         if permit.write != WriteCheck::None {
             // Written but not readable by the caller: say so without the content.
-            return Ok((up.status, up.headers, Bytes::new()));
+            return Ok(Done::Answer(up.status, up.headers, Bytes::new()));
         }
         return Err(Failure::Answer(Outcome::NotFound, "outside_criteria"));
     }
     if checked_read && up.status == 200 && not_modified(session, &up.headers) {
-        return Ok((304, up.headers, Bytes::new()));
+        return Ok(Done::Answer(304, up.headers, Bytes::new()));
     }
     if let Some(subset) = &permit.subset {
         subset.apply_to_response(&mut value);
@@ -714,7 +734,7 @@ async fn run_inner(
     if m.op.answers_with_pages() {
         seal_bundle(&mut value, &ctx.page_sealer(&gw.state));
     }
-    Ok((
+    Ok(Done::Answer(
         up.status,
         up.headers,
         Bytes::from(serde_json::to_vec(&value).unwrap_or_default()),
@@ -804,8 +824,15 @@ pub async fn run(
     ctx.upstream_started = Some(std::time::Instant::now());
     let result = run_inner(gw, session, ctx, m).await;
     ctx.upstream_elapsed = ctx.upstream_started.map(|t| t.elapsed());
+    if ctx.mode == Mode::Check {
+        return answer_check(session, ctx, result).await;
+    }
     match result {
-        Ok((status, headers, body)) => {
+        Ok(Done::WouldSend(_)) => Err(Error::explain(
+            ErrorType::InternalError,
+            "a served request stopped before it was sent",
+        )),
+        Ok(Done::Answer(status, headers, body)) => {
             let ct = if body.is_empty() {
                 "application/fhir+json"
             } else {
@@ -821,4 +848,84 @@ pub async fn run(
             respond::outcome(session, &outcome, &cors).await
         }
     }
+}
+
+/// The check's answer: the verdict of what the exchange found.
+async fn answer_check(
+    session: &mut Session,
+    ctx: &mut RequestCtx,
+    result: Step<Done>,
+) -> Result<u16> {
+    let verdict = match result {
+        Ok(Done::WouldSend(entries)) => {
+            ctx.decision = "check_allowed";
+            check::Verdict::allowed(&entries)
+        }
+        // A checked read was performed; the caller would get this status.
+        Ok(Done::Answer(status, _, _)) if (200..300).contains(&status) || status == 304 => {
+            ctx.decision = "check_allowed";
+            check::Verdict::allowed(&[])
+        }
+        Ok(Done::Answer(status, _, _)) => {
+            ctx.decision = "check_allowed";
+            check::Verdict::passed_on(status)
+        }
+        Err(Failure::Answer(outcome, label)) if check::is_verdict(outcome.status()) => {
+            ctx.decision = label;
+            check::Verdict::denied(&outcome, label)
+        }
+        Err(Failure::Answer(outcome, label)) => {
+            ctx.decision = label;
+            let cors = super::cors::with_cors(&[], ctx.cors.as_ref());
+            return respond::outcome(session, &outcome, &cors).await;
+        }
+    };
+    check::answer(session, ctx, verdict).await
+}
+
+/// A write asked about without its body (`$check-permission`): the checks that need only the
+/// current version. A create is decided at type level; an update or patch needs a current
+/// version the caller may update (or, for an update, none: it would create); a delete, what the
+/// delete itself checks.
+async fn check_without_body(
+    gw: &Gateway,
+    ctx: &RequestCtx,
+    session: &Session,
+    m: &Mediation,
+) -> Step<()> {
+    let (ty, id, patch) = match &m.op {
+        FhirOp::Create { .. } => return Ok(()),
+        FhirOp::Delete { .. } => return prepare_write(gw, ctx, session, m).await.map(|_| ()),
+        FhirOp::Update {
+            resource_type, id, ..
+        } => (resource_type, id, false),
+        FhirOp::Patch {
+            resource_type, id, ..
+        } => (resource_type, id, true),
+        _ => return Err(forbid("unsupported_write")),
+    };
+    match gw.current(ctx, session, ty, id).await? {
+        None if patch => Err(Failure::Answer(Outcome::NotFound, "not_found")),
+        None => Ok(()),
+        Some(cur) => current_grants(&m.policy, &cur, Interaction::Update),
+    }
+}
+
+/// The current version a write acts on must grant `interaction`; one the caller cannot even
+/// read is "not found" (its existence is not theirs to learn).
+fn current_grants(
+    policy: &fhirgate_core::policy::EffectivePolicy,
+    current: &Value,
+    interaction: Interaction,
+) -> Step<()> {
+    if policy.satisfied(current, interaction).is_some() {
+        return Ok(());
+    }
+    if policy.satisfied(current, Interaction::Read).is_none() {
+        return Err(Failure::Answer(
+            Outcome::NotFound,
+            "current_outside_criteria",
+        ));
+    }
+    Err(forbid("current_outside_criteria"))
 }

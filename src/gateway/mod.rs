@@ -12,6 +12,7 @@
 //! | record         | `logging`                     | `obs`                                |
 
 pub mod authorize;
+pub mod check;
 pub mod cors;
 pub mod ctx;
 pub mod filter;
@@ -35,8 +36,8 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::obs::{Audit, Children, METRICS};
 use crate::state::State;
-use ctx::RequestCtx;
 use ctx::{FilterSpec, ResponsePlan};
+use ctx::{Mode, RequestCtx};
 use route::Route;
 
 pub struct Gateway {
@@ -109,6 +110,10 @@ impl Gateway {
             extra.push(("retry-after", secs.to_string()));
         }
         ctx.decision = label;
+        if ctx.mode == Mode::Check && check::is_verdict(outcome.status()) {
+            check::answer(session, ctx, check::Verdict::denied(&outcome, label)).await?;
+            return Ok(true);
+        }
         let extra = cors::with_cors(&extra, ctx.cors.as_ref());
         ctx.answered = Some(respond::outcome(session, &outcome, &extra).await?);
         Ok(true)
@@ -147,7 +152,44 @@ impl ProxyHttp for Gateway {
             ctx.answered = Some(cors::answer_preflight(session, ctx.cors.as_ref()).await?);
             return Ok(true);
         }
+        match check::mode(session, &ctx.route) {
+            Ok(mode) => ctx.mode = mode,
+            Err(e) => {
+                let o = Outcome::BadRequest(e.to_string());
+                return self.deny(session, ctx, o, "bad_check").await;
+            }
+        }
+        if matches!(&ctx.route, Route::Fhir { rest } if rest == check::OPERATION) {
+            let req = session.req_header();
+            match check::operation_request(&req.method, req.uri.query()) {
+                Ok((method, rest)) => {
+                    check::rewrite(session, method, &rest)?;
+                    let req = session.req_header();
+                    ctx.route = route::route(req.method.as_str(), req.uri.path());
+                }
+                Err(e) => {
+                    // A malformed question is an error, not a verdict about some request.
+                    ctx.mode = Mode::Serve;
+                    let o = Outcome::BadRequest(e.to_string());
+                    return self.deny(session, ctx, o, "bad_check").await;
+                }
+            }
+        }
         match ctx.route {
+            // The identity types are the control API's: it answers their checks itself.
+            Route::Control
+                if ctx.mode == Mode::Check
+                    && !check::is_fhir_path(session.req_header().uri.path()) =>
+            {
+                let o = Outcome::BadRequest(check::CheckRequestError::NotFhir.to_string());
+                ctx.mode = Mode::Serve;
+                self.deny(session, ctx, o, "bad_check").await
+            }
+            Route::Metadata if ctx.mode == Mode::Check => {
+                ctx.decision = "check_public";
+                check::answer(session, ctx, check::Verdict::allowed(&[])).await?;
+                Ok(true)
+            }
             Route::Control => {
                 ctx.decision = "pass";
                 Ok(false)
@@ -185,6 +227,11 @@ impl ProxyHttp for Gateway {
                 self.deny(session, ctx, o, "bad_path").await
             }
             Route::Fhir { .. } => match authorize::authorize(self, session, ctx).await {
+                authorize::Verdict::Forward if ctx.mode == Mode::Check => {
+                    ctx.decision = "check_allowed";
+                    check::answer(session, ctx, check::Verdict::allowed(&[])).await?;
+                    Ok(true)
+                }
                 authorize::Verdict::Forward => Ok(false),
                 authorize::Verdict::Deny(outcome, label) => {
                     self.deny(session, ctx, outcome, label).await

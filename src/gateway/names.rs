@@ -7,6 +7,7 @@ pub use http::header::{AUTHORIZATION, UPGRADE};
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_MEDPLUM_ON_BEHALF_OF: HeaderName = HeaderName::from_static("x-medplum-on-behalf-of");
 pub static X_FHIRGATE_EXPLAIN: HeaderName = HeaderName::from_static("x-fhirgate-explain");
+pub static X_FHIRGATE_CHECK: HeaderName = HeaderName::from_static("x-fhirgate-check");
 
 /// `fhir::classify::METHOD_OVERRIDE_HEADERS`, as names (the classifier's list is the one list).
 pub static METHOD_OVERRIDE: std::sync::LazyLock<[HeaderName; 3]> = std::sync::LazyLock::new(|| {

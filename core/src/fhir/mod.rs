@@ -5,6 +5,7 @@ pub mod outcome;
 pub mod page;
 pub mod patch;
 pub mod path;
+pub mod permission;
 pub mod request;
 pub mod search;
 pub mod searchparam;

@@ -44,8 +44,26 @@ impl Outcome {
         }
     }
 
+    /// The text a client reads (`issue[0].details.text`).
+    pub fn text(&self) -> &str {
+        self.parts().3
+    }
+
     pub fn to_json(&self) -> Value {
-        let (id, severity, code, text): (Option<&str>, &str, &str, &str) = match self {
+        let (id, severity, code, text) = self.parts();
+        let mut v = json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{"severity": severity, "code": code, "details": {"text": text}}]
+        });
+        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
+            obj.insert("id".into(), Value::String(id.into()));
+        }
+        v
+    }
+
+    /// Id, severity, issue code and text.
+    fn parts(&self) -> (Option<&'static str>, &'static str, &'static str, &str) {
+        match self {
             Outcome::Unauthorized => (Some("unauthorized"), "error", "login", "Unauthorized"),
             Outcome::Forbidden => (Some("forbidden"), "error", "forbidden", "Forbidden"),
             Outcome::NotFound => (Some("not-found"), "error", "not-found", "Not found"),
@@ -67,15 +85,7 @@ impl Outcome {
             Outcome::ServiceUnavailable(t) => (None, "error", "transient", t),
             Outcome::Internal => (None, "error", "exception", "Internal server error"),
             Outcome::AllOk => (Some("ok"), "information", "informational", "All OK"),
-        };
-        let mut v = json!({
-            "resourceType": "OperationOutcome",
-            "issue": [{"severity": severity, "code": code, "details": {"text": text}}]
-        });
-        if let (Some(id), Some(obj)) = (id, v.as_object_mut()) {
-            obj.insert("id".into(), Value::String(id.into()));
         }
-        v
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {

@@ -20,6 +20,7 @@ use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;
+use crate::control::web::check::Commit;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::outcome_response;
@@ -91,7 +92,9 @@ pub async fn update_member(
     if resource_type != Some("ProjectMembership") || id != Some(member.id.as_str()) {
         return Err(ApiError::forbidden());
     }
-    let (body, _) = update_resource(&state, &caller, &member, resource, None).await?;
+    let (body, _) = update_resource(&state, &caller, &member, resource, None, Commit::Write)
+        .await?
+        .ok_or_else(|| ApiError::internal("member update", "not written"))?;
     Ok(json_response(StatusCode::OK, FHIR_JSON, &body))
 }
 

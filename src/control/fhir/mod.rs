@@ -33,6 +33,7 @@ use crate::control::base::resources::update_resource;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::web::AppState;
 use crate::control::web::body::json_body;
+use crate::control::web::check::{Commit, checked_only};
 use crate::control::web::error::ApiError;
 use crate::control::web::error::outcome_response;
 use crate::obs::security::SecurityEventKind;
@@ -181,18 +182,20 @@ pub async fn create(
     AxState(state): AxState<AppState>,
     Path(resource_type): Path<String>,
     caller: Caller,
+    commit: Commit,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     let resource =
         admitted_body(&caller, &resource_type, Interaction::Create, &headers, body).await?;
-    create_resource(&state, &caller, &resource_type, resource, false).await
+    create_resource(&state, &caller, &resource_type, resource, false, commit).await
 }
 
 pub async fn update(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     caller: Caller,
+    commit: Commit,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -211,19 +214,30 @@ pub async fn update(
         None if expected.is_none() && is_valid_id(&id) => {
             // Update-as-create: the client names the id (stable ids for policy files).
             require_type(&caller, &resource_type, Interaction::Create)?;
-            return create_resource(&state, &caller, &resource_type, resource, true).await;
+            return create_resource(&state, &caller, &resource_type, resource, true, commit).await;
         }
         None => return Err(ApiError::not_found()),
     };
-    let (body, stored) =
-        update_resource(&state, &caller, &existing, resource, expected.as_deref()).await?;
-    Ok(resource_response(&state, StatusCode::OK, &stored, &body))
+    let updated = update_resource(
+        &state,
+        &caller,
+        &existing,
+        resource,
+        expected.as_deref(),
+        commit,
+    )
+    .await?;
+    Ok(match updated {
+        Some((body, stored)) => resource_response(&state, StatusCode::OK, &stored, &body),
+        None => checked_only(),
+    })
 }
 
 pub async fn delete(
     AxState(state): AxState<AppState>,
     Path((resource_type, id)): Path<(String, String)>,
     caller: Caller,
+    commit: Commit,
 ) -> Result<Response, ApiError> {
     let existing =
         admitted_resource(&state, &caller, &resource_type, &id, Interaction::Delete).await?;
@@ -236,6 +250,9 @@ pub async fn delete(
     // Deleting a project is a super admin's act, whatever a policy says.
     if resource_type == "Project" && !caller.super_admin() {
         return Err(ApiError::forbidden());
+    }
+    if commit == Commit::CheckOnly {
+        return Ok(checked_only());
     }
     state.store.delete(&resource_type, &id).await?;
     let subject = format!("{resource_type}/{id}");

@@ -19,6 +19,7 @@ use crate::control::base::resources::refreshed;
 use crate::control::web::AppState;
 use crate::control::web::body::json_body;
 use crate::control::web::body::json_response;
+use crate::control::web::check::Commit;
 use crate::control::web::error::ApiError;
 use crate::control::web::error::FHIR_JSON;
 use crate::control::web::error::required;
@@ -110,7 +111,8 @@ async fn smart_launch(
     }
     let launch_id = uuid::Uuid::new_v4().to_string();
     launch["id"] = Value::String(launch_id.clone());
-    let created = create_resource(state, caller, "SmartAppLaunch", launch, true).await?;
+    let created =
+        create_resource(state, caller, "SmartAppLaunch", launch, true, Commit::Write).await?;
     if !created.status().is_success() {
         return Ok(created);
     }

@@ -3,6 +3,7 @@
 //! readers, errors, client address, rate limit and pages. Imports no other room of the control API.
 
 pub mod body;
+pub mod check;
 pub mod client_addr;
 pub mod error;
 pub mod form;

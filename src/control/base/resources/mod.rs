@@ -16,6 +16,7 @@ use serde_json::{Map, Value, json};
 
 use crate::control::base::access::Caller;
 use crate::control::base::index::index_rows;
+use crate::control::web::check::{Commit, checked_only};
 use crate::control::web::error::ApiError;
 use crate::obs::security::{SecurityEvent, SecurityEventKind};
 use fhirgate_core::fhir::path::is_valid_id;
@@ -131,6 +132,7 @@ pub(crate) async fn create_resource(
     resource_type: &str,
     mut resource: Value,
     id_from_url: bool,
+    commit: Commit,
 ) -> Result<Response, ApiError> {
     if str_field(&resource, "resourceType") != Some(resource_type) {
         return Err(ApiError::bad_request("Incorrect resource type"));
@@ -171,6 +173,9 @@ pub(crate) async fn create_resource(
         .restore_protected_fields(&mut resource, None, entry);
     if let Some(obj) = resource.as_object_mut() {
         obj.extend(managed);
+    }
+    if commit == Commit::CheckOnly {
+        return Ok(checked_only());
     }
     let index = index_rows(&resource);
     let stored = state
@@ -221,7 +226,8 @@ pub(crate) async fn update_resource(
     existing: &StoredResource,
     mut resource: Value,
     expected_version: Option<&str>,
-) -> Result<(Value, StoredResource), ApiError> {
+    commit: Commit,
+) -> Result<Option<(Value, StoredResource)>, ApiError> {
     if caller
         .policy
         .satisfied(&existing.content, Interaction::Update)
@@ -270,6 +276,9 @@ pub(crate) async fn update_resource(
         .policy
         .satisfied(&resource, Interaction::Update)
         .ok_or_else(ApiError::forbidden)?;
+    if commit == Commit::CheckOnly {
+        return Ok(None);
+    }
     let unchanged = without_meta(&resource) == without_meta(&existing.content);
     let stored = if unchanged && shown_secret.is_none() && fx.client_retiring.is_none() {
         existing.clone()
@@ -302,7 +311,7 @@ pub(crate) async fn update_resource(
     if let (Some(secret), Some(obj)) = (shown_secret, body.as_object_mut()) {
         obj.insert("secret".into(), Value::String(secret));
     }
-    Ok((body, stored))
+    Ok(Some((body, stored)))
 }
 
 fn without_meta(v: &Value) -> Value {
