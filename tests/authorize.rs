@@ -884,7 +884,12 @@ fn case_54_mfa_enrol_verify_disable() {
             .await;
         assert_eq!((status, outcome_text(&body)), (400, "Already enrolled"));
         let (_, st) = gw().get("auth/mfa/status", Some(token)).await;
-        assert_eq!(st, json!({"enrolled": true}));
+        assert_eq!(st["enrolled"], true, "{st}");
+        assert_eq!(st["enrolledMethods"], json!(["totp"]), "{st}");
+        assert!(
+            st.get("enrollUri").is_none() && st.get("enrollQrCode").is_none(),
+            "an enrolled authenticator's secret is never shown again: {st}"
+        );
 
         // Sign-in now asks for the code, and gives no code before it.
         let (status, login) = auth_login(gw(), &login_body(&email)).await;

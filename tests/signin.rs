@@ -1714,7 +1714,10 @@ fn mfa_gates_the_code() {
         let login = b["login"].as_str().unwrap().to_string();
         let (s, b) = get_with(&format!("auth/login/{login}"), None).await;
         assert_eq!(s, 200);
-        assert_eq!(b, json!({"login": login, "mfaRequired": true}));
+        assert_eq!(
+            b,
+            json!({"login": login, "mfaRequired": true, "mfaMethods": ["totp"], "email": enrolled})
+        );
         let (s, b) = post_json(
             gw(),
             "auth/scope",

@@ -259,6 +259,12 @@ pub struct ConfigFile {
     /// Breached-password range API (HaveIBeenPwned protocol, e.g. https://api.pwnedpasswords.com, or a mirror); new passwords it lists are refused [default: off]
     #[arg(long, env = "FHIRGATE_PWNED_PASSWORDS_URL")]
     pub pwned_passwords_url: Option<String>,
+    /// Where one-time sign-in codes by SMS are posted, as JSON `{to, text, purpose}` (your SMS provider's adapter) [default: none: no SMS codes]
+    #[arg(long, env = "FHIRGATE_SMS_HOOK_URL")]
+    pub sms_hook_url: Option<String>,
+    /// `Authorization` header value sent with each SMS hook call
+    #[arg(long, env = "FHIRGATE_SMS_HOOK_AUTHORIZATION")]
+    pub sms_hook_authorization: Option<String>,
     /// Shortest new password, in characters (8 to 72) [default: 8]
     #[arg(long, env = "FHIRGATE_PASSWORD_MIN_LENGTH")]
     pub password_min_length: Option<usize>,
@@ -624,6 +630,13 @@ impl LogFormat {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(pub String);
 
+/// The operator's SMS adapter: fhirgate posts `{to, text, purpose}` to `url`.
+#[derive(Debug, Clone)]
+pub struct SmsHook {
+    pub url: String,
+    pub authorization: Option<Secret>,
+}
+
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
@@ -754,6 +767,8 @@ pub struct Config {
     pub pwned_passwords_url: Option<String>,
     /// What every new password must be (length and strength).
     pub password_policy: PasswordPolicy,
+    /// Where SMS codes are posted; `None`: the `sms` MFA method is not offered.
+    pub sms_hook: Option<SmsHook>,
     /// Where the gateway forwards control traffic.
     pub control_url: ControlUrl,
     /// A new signing key is in every JWKS this long before it signs.
@@ -917,6 +932,19 @@ impl Config {
             None => None,
         };
         let password_policy = password_policy(f.password_min_length, f.password_min_strength)?;
+        let sms_hook = match f.sms_hook_url.filter(|u| !u.is_empty()) {
+            Some(url) => {
+                http_url("sms_hook_url", &url)?;
+                Some(SmsHook {
+                    url,
+                    authorization: f
+                        .sms_hook_authorization
+                        .filter(|a| !a.is_empty())
+                        .map(Secret),
+                })
+            }
+            None => None,
+        };
         let forwarded_proto = public.scheme().to_string();
         let forwarded_host = match (public.host_str(), public.port()) {
             (Some(h), Some(p)) => format!("{h}:{p}"),
@@ -994,6 +1022,7 @@ impl Config {
             google: google_settings,
             pwned_passwords_url,
             password_policy,
+            sms_hook,
             control_url: match f.control_url.as_deref() {
                 Some(u) => ControlUrl::parse(u)?,
                 None => ControlUrl::local(control_listen),

@@ -82,7 +82,7 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
 /// Every route answers 405 to a method it does not list.
 fn routes() -> Router<web::AppState> {
     #[rustfmt::skip]
-    let table: [(&str, MethodRouter<web::AppState>); 47] = [
+    let table: [(&str, MethodRouter<web::AppState>); 53] = [
         ("/.well-known/openid-configuration", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/oauth-authorization-server", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/jwks.json", get(oauth2::discovery::jwks)),
@@ -113,6 +113,11 @@ fn routes() -> Router<web::AppState> {
         ("/auth/mfa/verify", post(auth::mfa::verify)),
         ("/auth/mfa/login-enroll", post(auth::mfa::login_enroll_handler)),
         ("/auth/mfa/disable", post(auth::mfa::disable)),
+        ("/auth/mfa/send-email", post(auth::mfa::send_email)),
+        ("/auth/mfa/send-sms", post(auth::mfa::send_sms)),
+        ("/auth/mfa/send-email-challenge", post(auth::mfa::send_email_challenge)),
+        ("/auth/mfa/send-sms-challenge", post(auth::mfa::send_sms_challenge)),
+        ("/auth/mfa/preferred", post(auth::mfa::preferred)),
         ("/auth/newuser", post(auth::register::new_user)),
         ("/auth/newproject", post(auth::register::new_project)),
         ("/auth/newpatient", post(auth::register::new_patient)),
@@ -127,6 +132,7 @@ fn routes() -> Router<web::AppState> {
         ("/admin/projects/{project_id}", get(admin::project::get_project)),
         ("/admin/projects/{project_id}/client", post(admin::clients::create_client)),
         ("/admin/projects/{project_id}/members/{membership_id}", get(admin::members::get_member).post(admin::members::update_member).delete(admin::members::delete_member)),
+        ("/admin/projects/{project_id}/members/{membership_id}/mfa/reset", post(admin::members::reset_mfa)),
         ("/fhir/R4/{resource_type}", get(fhir::search::search).post(fhir::create)),
         ("/fhir/R4/{resource_type}/{id}", get(fhir::read).put(fhir::update).delete(fhir::delete).post(fhir::search::post_search)),
         ("/fhir/R4/{resource_type}/{id}/{operation}", get(fhir::operations::instance_operation_get).post(fhir::operations::instance_operation)),

@@ -107,6 +107,8 @@ pub enum Stock {
     UpstreamNotConfigured,
     /// 503: the breached-password service did not answer (the check fails closed).
     BreachCheckUnavailable,
+    /// 503: a one-time sign-in code could not be sent (mailer or SMS hook down).
+    CodeNotSent,
     /// 504: the upstream did not answer in time.
     UpstreamTimedOut,
     /// 502: the upstream could not be reached.
@@ -162,6 +164,9 @@ impl Stock {
             }
             Stock::BreachCheckUnavailable => Outcome::ServiceUnavailable(
                 "The breached-password check is unavailable; try again later".into(),
+            ),
+            Stock::CodeNotSent => Outcome::ServiceUnavailable(
+                "The verification code could not be sent; try again later".into(),
             ),
             Stock::UpstreamTimedOut => Outcome::GatewayTimeout("Upstream timed out".into()),
             Stock::UpstreamUnavailable => Outcome::BadGateway("Upstream unavailable".into()),

@@ -13,14 +13,24 @@ use crate::state::State;
 use crate::control::base::access::Caller;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::login::flow::login_response;
+use crate::control::login::mfa::Factor;
 use crate::control::login::mfa::MfaUser;
 use crate::control::login::mfa::SignInCode;
+use crate::control::login::mfa::add_method;
+use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::caller_attempt;
+use crate::control::login::mfa::check_login_open;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::new_secret;
+use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::update_user;
+use crate::control::login::otp;
+use crate::control::login::otp::Channel;
+use crate::control::login::otp::mask_phone;
+use crate::control::login::otp::valid_phone;
+use crate::control::login::state::get_login;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
 use crate::control::web::body::body_str;
@@ -34,6 +44,7 @@ use crate::obs::security::{SecurityEvent, SecurityEventKind};
 pub struct CallerUser {
     user: MfaUser,
     login_id: Option<String>,
+    project_id: String,
 }
 
 impl FromRequestParts<AppState> for CallerUser {
@@ -47,6 +58,7 @@ impl FromRequestParts<AppState> for CallerUser {
         Ok(CallerUser {
             user,
             login_id: caller.identity.login_id.clone(),
+            project_id: caller.project.id.clone(),
         })
     }
 }
@@ -54,39 +66,243 @@ impl FromRequestParts<AppState> for CallerUser {
 /// `GET /auth/mfa/status`.
 pub async fn status(
     AxState(state): AxState<AppState>,
-    CallerUser { user, .. }: CallerUser,
+    CallerUser {
+        user, project_id, ..
+    }: CallerUser,
 ) -> Result<Response, ApiError> {
-    if user.enrolled() {
-        return Ok(ok_json(&json!({"enrolled": true})));
+    let allowed = allowed_methods(&state, Some(&project_id));
+    let mut out = json!({
+        "enrolled": user.enrolled(),
+        "enrolledMethods": user.methods(),
+        "allowedMethods": allowed,
+        "email": user.email(),
+    });
+    if let Some(phone) = user.phone() {
+        out["phone"] = Value::String(mask_phone(phone));
     }
-    let user = ensure_secret(&state, user).await?;
-    let secret = user
-        .secret()
-        .ok_or_else(|| ApiError::internal("MFA status", "secret missing after creation"))?;
-    let (uri, qr) = enroll_details(user.email(), secret)?;
-    Ok(ok_json(
-        &json!({"enrolled": false, "enrollUri": uri, "enrollQrCode": qr}),
-    ))
+    if !user.methods().iter().any(|m| m == "totp") {
+        let user = ensure_secret(&state, user).await?;
+        let secret = user
+            .secret()
+            .ok_or_else(|| ApiError::internal("MFA status", "secret missing after creation"))?;
+        let (uri, qr) = enroll_details(user.email(), secret)?;
+        out["enrollUri"] = Value::String(uri);
+        out["enrollQrCode"] = Value::String(qr);
+    }
+    Ok(ok_json(&out))
+}
+
+/// The `method` of a body: `totp` unless it names another known one (Medplum's parsing).
+fn method_of(body: &Map<String, Value>) -> Result<String, ApiError> {
+    match body_str(body, "method").as_deref() {
+        None | Some("totp") => Ok("totp".into()),
+        Some(m @ ("email" | "sms")) => Ok(m.into()),
+        Some(_) => Err(ApiError::bad_request("Invalid method")),
+    }
+}
+
+/// A method the caller's project does not allow: 400.
+fn require_allowed(state: &State, project_id: Option<&str>, method: &str) -> Result<(), ApiError> {
+    if allowed_methods(state, project_id)
+        .iter()
+        .any(|m| m == method)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("MFA method not allowed"))
+    }
+}
+
+/// Where `method`'s codes go: the e-mail address, or the phone given (enrolment) or stored.
+fn destination(user: &MfaUser, channel: Channel, phone: Option<&str>) -> Result<String, ApiError> {
+    match channel {
+        Channel::Email if !user.email().is_empty() => Ok(user.email().to_string()),
+        Channel::Email => Err(ApiError::bad_request("User has no email address")),
+        Channel::Sms => phone
+            .or(user.phone())
+            .filter(|p| valid_phone(p))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "phone",
+                    "Valid phone number in E.164 format (+15035550199) is required",
+                )
+            }),
+    }
+}
+
+/// `POST /auth/mfa/send-email {login}` and `/auth/mfa/send-sms {login}` (no bearer: the Login is
+/// the credential): a new code for a sign-in, to an enrolled method or the one being enrolled.
+pub async fn send_email(
+    AxState(state): AxState<AppState>,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
+    send_sign_in_code(&state, &body, Channel::Email).await
+}
+
+pub async fn send_sms(
+    AxState(state): AxState<AppState>,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
+    send_sign_in_code(&state, &body, Channel::Sms).await
+}
+
+async fn send_sign_in_code(
+    state: &State,
+    body: &Map<String, Value>,
+    channel: Channel,
+) -> Result<Response, ApiError> {
+    let login_id =
+        body_str(body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
+    let login = get_login(state, &login_id).await?;
+    check_login_open(&login)?;
+    let not_enrolled = || match channel {
+        Channel::Email => ApiError::bad_request("User not enrolled in email MFA"),
+        Channel::Sms => ApiError::bad_request("User not enrolled in SMS MFA"),
+    };
+    let user = read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(not_enrolled)?;
+    let pending = pending_method(&login).filter(|(m, _)| m == channel.as_str());
+    let enrolled = user.methods().iter().any(|m| m == channel.as_str());
+    if !enrolled && pending.is_none() {
+        return Err(not_enrolled());
+    }
+    let phone = pending.and_then(|(_, phone)| phone);
+    let to = destination(&user, channel, phone.as_deref())?;
+    otp::send(state, &login, channel, &to).await?;
+    Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// `POST /auth/mfa/send-email-challenge` and `/auth/mfa/send-sms-challenge {phone?}` (bearer):
+/// a code on the caller's own session, to enrol that method (`/auth/mfa/enroll`) or to prove
+/// presence (`/auth/mfa/disable`).
+pub async fn send_email_challenge(
+    AxState(state): AxState<AppState>,
+    caller: CallerUser,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
+    send_challenge(&state, caller, &body, Channel::Email).await
+}
+
+pub async fn send_sms_challenge(
+    AxState(state): AxState<AppState>,
+    caller: CallerUser,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
+    send_challenge(&state, caller, &body, Channel::Sms).await
+}
+
+async fn send_challenge(
+    state: &State,
+    CallerUser {
+        user,
+        login_id,
+        project_id,
+    }: CallerUser,
+    body: &Map<String, Value>,
+    channel: Channel,
+) -> Result<Response, ApiError> {
+    let login_id = login_id.ok_or_else(ApiError::forbidden)?;
+    let login = get_login(state, &login_id).await?;
+    let enrolled = user.methods().iter().any(|m| m == channel.as_str());
+    if !enrolled {
+        require_allowed(state, Some(&project_id), channel.as_str())?;
+    }
+    let phone = body_str(body, "phone");
+    let to = destination(
+        &user,
+        channel,
+        if enrolled { None } else { phone.as_deref() },
+    )?;
+    // What the code will prove: the method, and for SMS the number it went to.
+    let mut extra = login.extra.clone();
+    if let Some(obj) = extra.as_object_mut() {
+        let mut pending = json!({"method": channel.as_str()});
+        if channel == Channel::Sms {
+            pending["phone"] = Value::String(to.clone());
+        }
+        obj.insert(otp::PENDING_METHOD.into(), pending);
+    }
+    if !state
+        .store
+        .update_login_extra_cas(&login.id, &login.extra, &extra)
+        .await?
+    {
+        return Err(ApiError::conflict("Login changed; try again"));
+    }
+    let mut login = login;
+    login.extra = extra;
+    otp::send(state, &login, channel, &to).await?;
+    Ok(outcome_response(&Outcome::AllOk))
 }
 
 /// `POST /auth/mfa/enroll {token}`.
 pub async fn enroll(
     AxState(state): AxState<AppState>,
-    CallerUser { user, login_id }: CallerUser,
+    CallerUser {
+        user,
+        login_id,
+        project_id,
+    }: CallerUser,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
+    let method = method_of(&body)?;
+    if user.methods().contains(&method) {
+        return Err(ApiError::bad_request("Already enrolled"));
+    }
+    require_allowed(&state, Some(&project_id), &method)?;
     let token =
         body_str(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
-    let secret = user.enrolment_secret()?;
-    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
+    if method != "totp" {
+        // The code of `send-*-challenge`, sent on this session to the method being enrolled.
+        let login_id = login_id.as_deref().ok_or_else(ApiError::forbidden)?;
+        let login = get_login(&state, login_id).await?;
+        let Some((pending, phone)) = pending_method(&login).filter(|(m, _)| *m == method) else {
+            return Err(ApiError::bad_request("Send a code to this method first"));
+        };
+        match caller_attempt(&state, Some(login_id), &user, None, &token).await? {
+            Factor::Sent(channel) if channel.as_str() == pending => {}
+            _ => return Err(ApiError::bad_request("Invalid token")),
+        }
+        add_method(&state, &user, &pending, phone.as_deref()).await?;
+        return Ok(outcome_response(&Outcome::AllOk));
+    }
+    let secret = user.secret_or("Secret not found")?;
+    caller_attempt(&state, login_id.as_deref(), &user, Some(&secret), &token).await?;
     update_user(&state, user.id(), |current, obj| {
-        if current.enrolled() {
+        if current.methods().iter().any(|m| m == "totp") {
             return Err(ApiError::bad_request("Already enrolled"));
         }
         if current.secret() != Some(secret.as_str()) {
             return Err(ApiError::bad_request("Secret not found"));
         }
         obj.insert("mfaEnrolled".into(), Value::Bool(true));
+        let mut list: Vec<Value> = current.methods().iter().map(|m| json!(m)).collect();
+        list.push(json!("totp"));
+        obj.insert("mfaMethod".into(), Value::Array(list));
+        Ok(())
+    })
+    .await?;
+    Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// `POST /auth/mfa/preferred {method}` (fhirgate's): the method whose code a sign-in asks for
+/// first (and, for e-mail and SMS, sends on its own).
+pub async fn preferred(
+    AxState(state): AxState<AppState>,
+    CallerUser { user, .. }: CallerUser,
+    AuthBody(body): AuthBody,
+) -> Result<Response, ApiError> {
+    let method = method_of(&body)?;
+    update_user(&state, user.id(), |current, obj| {
+        let mut methods = current.methods();
+        let Some(i) = methods.iter().position(|m| *m == method) else {
+            return Err(ApiError::bad_request("User not enrolled in MFA method"));
+        };
+        let chosen = methods.remove(i);
+        methods.insert(0, chosen);
+        obj.insert("mfaMethod".into(), json!(methods));
         Ok(())
     })
     .await?;
@@ -97,22 +313,55 @@ pub async fn enroll(
 /// needs a new authenticator entry.
 pub async fn disable(
     AxState(state): AxState<AppState>,
-    CallerUser { user, login_id }: CallerUser,
+    CallerUser { user, login_id, .. }: CallerUser,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    let secret = user.secret_or("Secret not found")?;
-    if !user.enrolled() {
+    let methods = user.methods();
+    let totp = methods.iter().any(|m| m == "totp");
+    let secret = user.secret();
+    // Medplum's order: no secret at all comes first (a user with only sent-code methods has
+    // none to need).
+    if secret.is_none() && methods.iter().all(|m| m == "totp") {
+        return Err(ApiError::bad_request("Secret not found"));
+    }
+    if !user.enrolled() || methods.is_empty() {
         return Err(ApiError::bad_request("User not enrolled in MFA"));
     }
+    let only = match body.get("method") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(method_of(&body)?),
+    };
+    if only.as_ref().is_some_and(|m| !methods.contains(m)) {
+        return Err(ApiError::bad_request("User not enrolled in MFA method"));
+    }
     let token = body_str(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
-    caller_attempt(&state, login_id.as_deref(), &user, &secret, &token).await?;
+    // A TOTP code, or a code sent to one of the user's methods on this session.
+    let secret = secret.filter(|_| totp).map(str::to_string);
+    caller_attempt(
+        &state,
+        login_id.as_deref(),
+        &user,
+        secret.as_deref(),
+        &token,
+    )
+    .await?;
     let rotated = new_secret();
     update_user(&state, user.id(), |current, obj| {
-        if current.secret() != Some(secret.as_str()) {
+        if current.secret().map(str::to_string) != secret && secret.is_some() {
             return Err(ApiError::bad_request("Secret not found"));
         }
-        obj.insert("mfaEnrolled".into(), Value::Bool(false));
-        obj.insert("mfaSecret".into(), Value::String(rotated.clone()));
+        let remaining: Vec<String> = match &only {
+            Some(m) => current.methods().into_iter().filter(|x| x != m).collect(),
+            None => Vec::new(),
+        };
+        if !remaining.iter().any(|m| m == "totp") {
+            obj.insert("mfaSecret".into(), Value::String(rotated.clone()));
+        }
+        if !remaining.iter().any(|m| m == "sms") {
+            obj.remove("mfaPhone");
+        }
+        obj.insert("mfaEnrolled".into(), Value::Bool(!remaining.is_empty()));
+        obj.insert("mfaMethod".into(), json!(remaining));
         Ok(())
     })
     .await?;
@@ -138,7 +387,46 @@ pub async fn login_enroll_handler(
     AxState(state): AxState<AppState>,
     AuthBody(body): AuthBody,
 ) -> Result<Response, ApiError> {
-    sign_in_code(&state, &body, SignInCode::Enroll).await
+    let method = method_of(&body)?;
+    let Some(channel) = Channel::parse(&method) else {
+        return sign_in_code(&state, &body, SignInCode::Enroll).await;
+    };
+    // E-mail or SMS: the method is remembered on the Login and a code sent to it; verifying
+    // that code (`/auth/mfa/verify`) enrols the user and completes the sign-in.
+    let login_id =
+        body_str(&body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
+    let login = get_login(&state, &login_id).await?;
+    check_login_open(&login)?;
+    let user = read_user(&state, &login.user_ref)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    if user.methods().contains(&method) {
+        return Err(ApiError::bad_request("Already enrolled"));
+    }
+    require_allowed(&state, login.project_id.as_deref(), &method)?;
+    let phone = body_str(&body, "phone");
+    let to = destination(&user, channel, phone.as_deref())?;
+    let mut extra = login.extra.clone();
+    if let Some(obj) = extra.as_object_mut() {
+        let mut pending = json!({"method": method});
+        if channel == Channel::Sms {
+            pending["phone"] = Value::String(to.clone());
+        }
+        obj.insert(otp::PENDING_METHOD.into(), pending);
+        otp::spend(obj);
+    }
+    if !state
+        .store
+        .update_login_extra_cas(&login.id, &login.extra, &extra)
+        .await?
+    {
+        return Err(ApiError::conflict("Login changed; try again"));
+    }
+    let mut login = login;
+    login.extra = extra;
+    otp::send(&state, &login, channel, &to).await?;
+    let login = get_login(&state, &login_id).await?;
+    login_response(&state, login).await
 }
 
 /// `{login, token}`: the code checked on the Login, then the answer `/auth/login` would give now.

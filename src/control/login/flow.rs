@@ -28,9 +28,14 @@ use crate::control::base::resources::read_by_id;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::base::users::valid_email;
+use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
+use crate::control::login::mfa::pending_method;
+use crate::control::login::mfa::project_requires_mfa;
 use crate::control::login::mfa::read_user;
+use crate::control::login::otp;
+use crate::control::login::otp::Channel;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
 use crate::control::login::state::CODE_LIFETIME;
@@ -175,6 +180,11 @@ pub async fn password_login(state: &State, req: &LoginRequest) -> Result<LoginRe
                 .get("mfaRequired")
                 .and_then(Value::as_bool)
                 .unwrap_or(false)
+                || m.project
+                    .reference
+                    .as_deref()
+                    .and_then(|r| r.strip_prefix("Project/"))
+                    .is_some_and(|p| project_requires_mfa(state, p))
         });
     let mut login = PendingLogin {
         user_ref,
@@ -279,11 +289,15 @@ async fn apply_membership(
         // Super admins never get refresh tokens (docs/medplum-compat.md §3.4).
         set_extra(login, keys::OFFLINE, Value::Bool(false));
     }
-    if membership
+    if (membership
         .extra
         .get("mfaRequired")
         .and_then(Value::as_bool)
         .unwrap_or(false)
+        || login
+            .project_id
+            .as_deref()
+            .is_some_and(|p| project_requires_mfa(state, p)))
         && !LoginFlow::of(login).mfa_required
     {
         set_extra(login, keys::MFA_ENROLL_REQUIRED, Value::Bool(true));
@@ -398,8 +412,13 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
     let id = login.id.clone();
     let flow = LoginFlow::of(login);
     if flow.mfa_enroll_required && !flow.mfa_verified {
+        if let Some((method, phone)) = pending_method(login) {
+            // A method chosen at `login-enroll`: its code was sent; verify it like any other.
+            return challenge(login, &[method], phone.as_deref(), state).await;
+        }
         // Medplum hands out the secret to enrol with right here (creating it if needed).
-        let mut out = json!({"login": id, "mfaEnrollRequired": true});
+        let mut out = json!({"login": id, "mfaEnrollRequired": true,
+            "allowedMfaMethods": allowed_methods(state, login.project_id.as_deref())});
         if let Some(user) = read_user(state, &login.user_ref).await? {
             let user = ensure_secret(state, user).await?;
             if let Some(secret) = user.secret() {
@@ -411,7 +430,27 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         return Ok(out);
     }
     if flow.mfa_required && !flow.mfa_verified {
-        return Ok(json!({"login": id, "mfaRequired": true}));
+        let Some(user) = read_user(state, &login.user_ref).await? else {
+            return Ok(json!({"login": id, "mfaRequired": true}));
+        };
+        let methods = user.methods();
+        // The preferred method's code goes out on its own, once per sign-in.
+        let preferred = methods.first().and_then(|m| Channel::parse(m));
+        if let Some(channel) = preferred
+            && otp::pending(login, now_unix()).is_none()
+        {
+            let to = match channel {
+                Channel::Email => Some(user.email().to_string()),
+                Channel::Sms => user.phone().map(str::to_string),
+            };
+            if let Some(to) = to {
+                otp::send(state, login, channel, &to).await?;
+                if let Some(updated) = state.store.login(&login.id).await? {
+                    *login = updated;
+                }
+            }
+        }
+        return challenge(login, &methods, user.phone(), state).await;
     }
     if login.project_id.as_deref() == Some("new") && login.membership_id.is_none() {
         return Ok(json!({"login": id}));
@@ -461,6 +500,25 @@ pub(crate) async fn login_memberships(
         LoginFlow::of(login).profile_type.as_deref(),
     )
     .await
+}
+
+/// `{login, mfaRequired: true, mfaMethods, email}` (Medplum's), and where a code went by SMS, the
+/// phone it went to, masked.
+async fn challenge(
+    login: &LoginRecord,
+    methods: &[String],
+    phone: Option<&str>,
+    state: &State,
+) -> Result<Value, ApiError> {
+    let user = read_user(state, &login.user_ref).await?;
+    let mut out = json!({"login": login.id, "mfaRequired": true, "mfaMethods": methods});
+    if let Some(user) = &user {
+        out["email"] = Value::String(user.email().to_string());
+    }
+    if let (Some(phone), true) = (phone, methods.iter().any(|m| m == "sms")) {
+        out["phone"] = Value::String(otp::mask_phone(phone));
+    }
+    Ok(out)
 }
 
 /// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.

@@ -21,6 +21,8 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
 use crate::control::base::index::index_rows;
+use crate::control::login::otp;
+use crate::control::login::otp::Channel;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
@@ -163,6 +165,37 @@ impl MfaUser {
             .filter(|s| !s.is_empty())
     }
 
+    /// The methods the user is enrolled in, the preferred first: `User.mfaMethod` (Medplum's
+    /// list, `totp` | `email`, and fhirgate's `sms`), or `totp` alone for a user enrolled before
+    /// there were others.
+    pub fn methods(&self) -> Vec<String> {
+        let listed: Vec<String> = self
+            .stored
+            .content
+            .get("mfaMethod")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .filter(|m| matches!(*m, "totp" | "email" | "sms"))
+            .map(str::to_string)
+            .collect();
+        match (listed.is_empty(), self.enrolled()) {
+            (false, _) => listed,
+            (true, true) => vec!["totp".to_string()],
+            (true, false) => Vec::new(),
+        }
+    }
+
+    /// The phone number SMS codes go to (`mfaPhone`, E.164).
+    pub fn phone(&self) -> Option<&str> {
+        self.stored
+            .content
+            .get("mfaPhone")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
     /// The secret, or 400 `missing` when there is none.
     pub fn secret_or(&self, missing: &str) -> Result<String, ApiError> {
         self.secret()
@@ -296,18 +329,27 @@ impl Rejected {
     }
 }
 
-/// Checks `token` for `user` on behalf of the Login `login_id`, counting a failure on that Login.
-/// On success the accepted step is recorded on the Login and `on_success` may change its
+/// Which factor a code was accepted for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Factor {
+    Totp,
+    /// A code sent to the user (`login::otp`).
+    Sent(Channel),
+}
+
+/// Checks `token` for `user` on behalf of the Login `login_id`, counting a failure on that Login:
+/// a code sent for this Login (`login::otp`), else, with `secret`, a TOTP code. On success the
+/// sent code is spent or the accepted step recorded, and `on_success` may change the Login's
 /// `extra` in the same write. `revoke_on_limit`: the fifth wrong code revokes the Login.
 async fn attempt(
     state: &State,
     login_id: &str,
     user_ref: &str,
-    secret: &str,
+    secret: Option<&str>,
     token: &str,
     revoke_on_limit: bool,
-    on_success: impl Fn(&mut Map<String, Value>),
-) -> Result<Result<LoginRecord, Rejected>, ApiError> {
+    on_success: impl Fn(&mut Map<String, Value>, Factor),
+) -> Result<Result<(LoginRecord, Factor), Rejected>, ApiError> {
     // Each round reads the Login again after another writer got in between; a Login that keeps
     // changing under us is refused rather than spun on.
     for _ in 0..ATTEMPT_ROUNDS {
@@ -326,8 +368,13 @@ async fn attempt(
         if own_failures >= MAX_LOGIN_FAILURES || h.recent_failures >= MAX_USER_FAILURES {
             return Ok(Err(Rejected::Throttled));
         }
-        let step = check_code(secret, token, now.max(0) as u64)
-            .filter(|s| h.last_step.is_none_or(|last| *s > last));
+        let factor = match otp::accepted(state, &login, token, now) {
+            Some(channel) => Some((Factor::Sent(channel), None)),
+            None => secret
+                .and_then(|secret| check_code(secret, token, now.max(0) as u64))
+                .filter(|s| h.last_step.is_none_or(|last| *s > last))
+                .map(|step| (Factor::Totp, Some(step))),
+        };
         let mut extra = login.extra.clone();
         if !extra.is_object() {
             extra = Value::Object(Map::new());
@@ -335,7 +382,7 @@ async fn attempt(
         let Some(obj) = extra.as_object_mut() else {
             return Err(ApiError::internal("login extra", "not an object"));
         };
-        let Some(step) = step else {
+        let Some((factor, step)) = factor else {
             failures.push(now);
             obj.insert(keys::MFA_FAILURES.into(), json!(failures));
             if !state
@@ -351,8 +398,13 @@ async fn attempt(
             }
             return Ok(Err(Rejected::Wrong));
         };
-        obj.insert(keys::MFA_STEP.into(), json!(step));
-        on_success(obj);
+        match step {
+            Some(step) => {
+                obj.insert(keys::MFA_STEP.into(), json!(step));
+            }
+            None => otp::spend(obj),
+        }
+        on_success(obj, factor);
         if state
             .store
             .update_login_extra_cas(&login.id, &login.extra, &extra)
@@ -360,14 +412,14 @@ async fn attempt(
         {
             let mut updated = login;
             updated.extra = extra;
-            return Ok(Ok(updated));
+            return Ok(Ok((updated, factor)));
         }
     }
     Err(ApiError::conflict("Login changed; try again"))
 }
 
 /// The checks of `verifyMfaToken` on a Login, in Medplum's order.
-fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
+pub(crate) fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
     if login.revoked {
         return Err(ApiError::bad_request("Login revoked"));
     }
@@ -386,10 +438,10 @@ fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
 async fn sign_in_attempt(
     state: &State,
     login: &LoginRecord,
-    secret: &str,
+    secret: Option<&str>,
     token: &str,
     enrolment: bool,
-) -> Result<Result<LoginRecord, Rejected>, ApiError> {
+) -> Result<Result<(LoginRecord, Factor), Rejected>, ApiError> {
     attempt(
         state,
         &login.id,
@@ -397,9 +449,12 @@ async fn sign_in_attempt(
         secret,
         token,
         true,
-        |extra| {
+        |extra, factor| {
             extra.insert(keys::MFA_VERIFIED.into(), Value::Bool(true));
-            if enrolment {
+            // A code sent to a method being enrolled proves it: the enrolment is complete.
+            let pending =
+                matches!(factor, Factor::Sent(_)) && extra.remove(otp::PENDING_METHOD).is_some();
+            if enrolment || pending {
                 extra.insert(keys::MFA_ENROLL_REQUIRED.into(), Value::Bool(false));
             }
         },
@@ -442,11 +497,26 @@ async fn verify_login(
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?;
-    let secret = user.secret_or("User not enrolled in MFA")?;
-    let verified = sign_in_attempt(state, &login, &secret, token, false).await?;
+    let methods = user.methods();
+    let pending = pending_method(&login);
+    if methods.is_empty() && pending.is_none() {
+        return Err(ApiError::bad_request("User not enrolled in MFA"));
+    }
+    // TOTP codes count only for a user enrolled in TOTP; a sent code, for the method it went to.
+    let secret = methods
+        .iter()
+        .any(|m| m == "totp")
+        .then(|| user.secret())
+        .flatten();
+    let verified = sign_in_attempt(state, &login, secret, token, false).await?;
     let event = SecurityEvent::new(SecurityEventKind::MfaVerification).subject(&login.user_ref);
     match verified {
-        Ok(login) => {
+        Ok((login, factor)) => {
+            if let (Factor::Sent(channel), Some((method, phone))) = (factor, pending)
+                && channel.as_str() == method
+            {
+                add_method(state, &user, &method, phone.as_deref()).await?;
+            }
             event.emit();
             Ok(login)
         }
@@ -469,7 +539,7 @@ async fn login_enroll(
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;
     let secret = user.enrolment_secret()?;
     check_login_open(&login)?;
-    let verified = sign_in_attempt(state, &login, &secret, token, true)
+    let (verified, _) = sign_in_attempt(state, &login, Some(&secret), token, true)
         .await?
         .map_err(|r| r.error("Invalid MFA token"))?;
     update_user(state, user.id(), |current, obj| {
@@ -478,6 +548,7 @@ async fn login_enroll(
             return Err(ApiError::bad_request("Secret not found"));
         }
         obj.insert("mfaEnrolled".into(), Value::Bool(true));
+        push_method(obj, &current.methods(), "totp");
         Ok(())
     })
     .await?;
@@ -487,15 +558,104 @@ async fn login_enroll(
     Ok(verified)
 }
 
+/// A Project's `setting` named `name` (Medplum's Project settings: `{name, value[x]}`).
+fn project_setting(state: &State, project_id: Option<&str>, name: &str) -> Option<Value> {
+    let snapshot = state.snapshot();
+    let project = snapshot.projects.get(project_id?)?;
+    project
+        .content
+        .get("setting")?
+        .as_array()?
+        .iter()
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))
+        .cloned()
+}
+
+/// The MFA methods members of a project may enrol in: the Project setting `allowedMfaMethods`
+/// (comma-separated, as Medplum), else `totp`; `sms` only where the operator configured the SMS
+/// hook.
+pub fn allowed_methods(state: &State, project_id: Option<&str>) -> Vec<String> {
+    let listed = project_setting(state, project_id, "allowedMfaMethods").and_then(|s| {
+        s.get("valueString")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let mut methods: Vec<String> = listed
+        .as_deref()
+        .unwrap_or("totp")
+        .split(',')
+        .map(str::trim)
+        .filter(|m| {
+            matches!(*m, "totp" | "email") || (*m == "sms" && state.config.sms_hook.is_some())
+        })
+        .map(str::to_string)
+        .collect();
+    methods.dedup();
+    if methods.is_empty() {
+        methods.push("totp".into());
+    }
+    methods
+}
+
+/// The Project setting `mfaRequired`: every member signs in with a second factor.
+pub fn project_requires_mfa(state: &State, project_id: &str) -> bool {
+    project_setting(state, Some(project_id), "mfaRequired")
+        .and_then(|s| s.get("valueBoolean").and_then(Value::as_bool))
+        .unwrap_or(false)
+}
+
+/// The method being enrolled during this sign-in, and the phone it goes to.
+pub(crate) fn pending_method(login: &LoginRecord) -> Option<(String, Option<String>)> {
+    let p = login.extra.get(otp::PENDING_METHOD)?;
+    let method = p.get("method")?.as_str()?.to_string();
+    let phone = p.get("phone").and_then(Value::as_str).map(str::to_string);
+    Some((method, phone))
+}
+
+/// `methods` with `method` added (last, unless the list was empty).
+fn push_method(obj: &mut Map<String, Value>, methods: &[String], method: &str) {
+    let mut list: Vec<Value> = methods.iter().map(|m| json!(m)).collect();
+    if !methods.iter().any(|m| m == method) {
+        list.push(json!(method));
+    }
+    obj.insert("mfaMethod".into(), Value::Array(list));
+}
+
+/// Enrols `user` in `method` (`email`, or `sms` with its phone), after a code sent to it came
+/// back.
+pub(crate) async fn add_method(
+    state: &State,
+    user: &MfaUser,
+    method: &str,
+    phone: Option<&str>,
+) -> Result<(), ApiError> {
+    update_user(state, user.id(), |current, obj| {
+        push_method(obj, &current.methods(), method);
+        obj.insert("mfaEnrolled".into(), Value::Bool(true));
+        if let Some(phone) = phone {
+            obj.insert("mfaPhone".into(), Value::String(phone.to_string()));
+        }
+        if method == "email" {
+            obj.insert("emailVerified".into(), Value::Bool(true));
+        }
+        Ok(())
+    })
+    .await?;
+    SecurityEvent::new(SecurityEventKind::MfaEnrolment)
+        .subject(&format!("User/{}", user.id()))
+        .emit();
+    Ok(())
+}
+
 /// Checks a code for an authenticated caller (enroll, disable). Basic callers have no Login
 /// to count on; they are clients, refused before this.
 pub(crate) async fn caller_attempt(
     state: &State,
     login_id: Option<&str>,
     user: &MfaUser,
-    secret: &str,
+    secret: Option<&str>,
     token: &str,
-) -> Result<(), ApiError> {
+) -> Result<Factor, ApiError> {
     let Some(login_id) = login_id else {
         return Err(ApiError::forbidden());
     };
@@ -506,10 +666,10 @@ pub(crate) async fn caller_attempt(
         secret,
         token,
         false,
-        |_| {},
+        |_, _| {},
     )
     .await?
-    .map(drop)
+    .map(|(_, factor)| factor)
     .map_err(|r| r.error("Invalid token"))
 }
 

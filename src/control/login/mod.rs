@@ -9,6 +9,7 @@ pub mod flow;
 pub mod google;
 pub mod launch;
 pub mod mfa;
+pub mod otp;
 pub mod pending;
 pub mod pkce;
 pub mod state;

@@ -1,0 +1,240 @@
+//! One-time codes sent to a person: by e-mail (the mailer) or by SMS (the operator's hook), for
+//! the `email` and `sms` MFA methods (`login::mfa`). A code is 6 digits, kept on the Login it
+//! was sent for as a keyed hash with its channel and expiry (`mfaSentCode`), good for
+//! [`CODE_LIFETIME`], once; a new one replaces it. Wrong codes count against the same limits as
+//! TOTP codes (`login::mfa::attempt`); sends are limited per Login ([`MAX_SENDS`]).
+
+use std::time::Duration;
+
+use rand::Rng;
+use serde_json::{Map, Value, json};
+
+use crate::state::State;
+use crate::store::{LoginRecord, now_unix};
+
+use crate::control::web::error::ApiError;
+
+/// Seconds a sent code is good for (Medplum's is 20 minutes; a shorter window is stricter).
+pub const CODE_LIFETIME: i64 = 600;
+
+/// Codes one Login may have sent; then 429 (every send reaches a person's inbox or phone).
+pub const MAX_SENDS: u64 = 5;
+
+/// Key of `LoginRecord.extra`: `{channel, hash, expiresAt, sends}`.
+pub const SENT_CODE: &str = "mfaSentCode";
+
+/// Key of `LoginRecord.extra`: a method being enrolled during this sign-in, `{method, phone?}`;
+/// it is added to the User once a code sent to it is verified.
+pub const PENDING_METHOD: &str = "mfaPendingMethod";
+
+const SMS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where a code goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    Email,
+    Sms,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Email => "email",
+            Channel::Sms => "sms",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Channel> {
+        match s {
+            "email" => Some(Channel::Email),
+            "sms" => Some(Channel::Sms),
+            _ => None,
+        }
+    }
+}
+
+/// A fresh code: 6 decimal digits, leading zeros kept.
+fn new_code() -> String {
+    format!("{:06}", rand::rng().random_range(0..1_000_000u32))
+}
+
+/// The code stored on `login`, if one was sent and is still good, and `token` is it.
+pub fn accepted(state: &State, login: &LoginRecord, token: &str, now: i64) -> Option<Channel> {
+    let sent = login.extra.get(SENT_CODE)?;
+    let channel = Channel::parse(sent.get("channel")?.as_str()?)?;
+    let expires_at = sent.get("expiresAt")?.as_i64()?;
+    let hash = sent.get("hash")?.as_str()?;
+    let token = token.trim();
+    (now < expires_at
+        && token.len() == 6
+        && crate::tokens::hashes_equal(&state.hash_secret(token), hash))
+    .then_some(channel)
+}
+
+/// Forgets the sent code (it was used).
+pub fn spend(extra: &mut Map<String, Value>) {
+    extra.remove(SENT_CODE);
+}
+
+/// A code was sent for this Login and is still good: polling the sign-in sends no other.
+pub fn pending(login: &LoginRecord, now: i64) -> Option<Channel> {
+    let sent = login.extra.get(SENT_CODE)?;
+    let good = sent
+        .get("expiresAt")
+        .and_then(Value::as_i64)
+        .is_some_and(|t| now < t);
+    good.then(|| {
+        sent.get("channel")
+            .and_then(Value::as_str)
+            .and_then(Channel::parse)
+    })
+    .flatten()
+}
+
+/// Stores a new code on the Login (compare-and-swap) and sends it to `to` over `channel`.
+pub async fn send(
+    state: &State,
+    login: &LoginRecord,
+    channel: Channel,
+    to: &str,
+) -> Result<(), ApiError> {
+    let code = new_code();
+    let now = now_unix();
+    let sends = login
+        .extra
+        .get(SENT_CODE)
+        .and_then(|s| s.get("sends"))
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    if sends >= MAX_SENDS {
+        return Err(ApiError::Outcome(
+            fhirgate_core::fhir::outcome::Outcome::TooManyRequests,
+        ));
+    }
+    let mut extra = login.extra.clone();
+    let Some(obj) = extra.as_object_mut() else {
+        return Err(ApiError::internal("login extra", "not an object"));
+    };
+    obj.insert(
+        SENT_CODE.into(),
+        json!({
+            "channel": channel.as_str(),
+            "hash": state.hash_secret(&code),
+            "expiresAt": now + CODE_LIFETIME,
+            "sends": sends + 1,
+        }),
+    );
+    if !state
+        .store
+        .update_login_extra_cas(&login.id, &login.extra, &extra)
+        .await?
+    {
+        return Err(ApiError::conflict("Login changed; try again"));
+    }
+    match channel {
+        Channel::Email => send_email(state, to, &code).await,
+        Channel::Sms => send_sms(state, to, &code).await,
+    }
+}
+
+fn minutes() -> i64 {
+    CODE_LIFETIME / 60
+}
+
+async fn send_email(state: &State, to: &str, code: &str) -> Result<(), ApiError> {
+    let email = crate::email::Email {
+        to: to.to_string(),
+        subject: format!("Your fhirgate verification code: {code}"),
+        body: format!(
+            "Below is your requested fhirgate verification code. You can copy it into the open \
+             browser window to confirm your sign-in.\n\n{code}\n\nThis code will expire in {} \
+             minutes. If you did not try to sign in, you can safely ignore this email.\n\n\
+             Thank you,\nfhirgate\n",
+            minutes()
+        ),
+    };
+    crate::email::send(&state.config, &email)
+        .await
+        .map(drop)
+        .map_err(|_| ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::CodeNotSent.outcome()))
+}
+
+async fn send_sms(state: &State, to: &str, code: &str) -> Result<(), ApiError> {
+    let not_sent = || ApiError::Outcome(fhirgate_core::fhir::outcome::Stock::CodeNotSent.outcome());
+    let Some(hook) = &state.config.sms_hook else {
+        return Err(ApiError::bad_request("MFA method not allowed"));
+    };
+    let text = format!(
+        "Your fhirgate verification code is {code}. It expires in {} minutes.",
+        minutes()
+    );
+    // One client for the hook, built once: the operator's own service, called rarely.
+    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
+        reqwest::Client::builder()
+            .timeout(SMS_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .unwrap_or_default()
+    });
+    let mut request = CLIENT
+        .post(&hook.url)
+        .timeout(SMS_TIMEOUT)
+        .json(&json!({"to": to, "text": text, "purpose": "mfa"}));
+    if let Some(auth) = &hook.authorization {
+        request = request.header("authorization", auth.0.as_str());
+    }
+    match request.send().await {
+        Ok(resp) if resp.status().is_success() => {
+            tracing::info!(to = %mask_phone(to), "sign-in code sent by SMS");
+            Ok(())
+        }
+        Ok(resp) => {
+            tracing::warn!(
+                status = resp.status().as_u16(),
+                "the SMS hook refused a sign-in code"
+            );
+            Err(not_sent())
+        }
+        Err(e) => {
+            tracing::warn!(error = %e.without_url(), "the SMS hook could not be reached");
+            Err(not_sent())
+        }
+    }
+}
+
+/// A phone number as shown back to its owner: the last two digits.
+pub fn mask_phone(phone: &str) -> String {
+    let digits: Vec<char> = phone.chars().filter(char::is_ascii_digit).collect();
+    let tail: String = digits.iter().rev().take(2).rev().collect();
+    format!("••• ••• ••{tail}")
+}
+
+/// An E.164 number: `+`, then 8 to 15 digits.
+pub fn valid_phone(phone: &str) -> bool {
+    phone
+        .strip_prefix('+')
+        .is_some_and(|d| (8..=15).contains(&d.len()) && d.bytes().all(|b| b.is_ascii_digit()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_six_digits() {
+        for _ in 0..200 {
+            let c = new_code();
+            assert_eq!(c.len(), 6, "{c}");
+            assert!(c.bytes().all(|b| b.is_ascii_digit()), "{c}");
+        }
+    }
+
+    #[test]
+    fn phones_are_e164_and_shown_masked() {
+        assert!(valid_phone("+15035550199"));
+        assert!(!valid_phone("15035550199"));
+        assert!(!valid_phone("+1503555"));
+        assert!(!valid_phone("+1 503 555 0199"));
+        assert_eq!(mask_phone("+15035550199"), "••• ••• ••99");
+    }
+}
