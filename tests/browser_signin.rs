@@ -335,3 +335,77 @@ fn the_bootstrap_admin_signs_in_in_chromium() {
         assert_eq!(me["project"]["superAdmin"], true, "{me}");
     });
 }
+
+/// Front-desk staff without an authenticator app: their project requires MFA and allows codes
+/// by e-mail. In chromium the person chooses e-mail codes on the enrolment page, reads the code
+/// from the message the real SMTP sink received, and lands on the client; the next sign-in sends
+/// a code by itself and asks only for it.
+#[test]
+fn a_person_without_an_authenticator_signs_in_with_e_mailed_codes_in_chromium() {
+    let upstream = FhirUpstream::start();
+    let sink = common::mail::SmtpSink::start();
+    let gw = TestGateway::start_with(&upstream.base_url, |f| {
+        f.smtp_host = Some("127.0.0.1".into());
+        f.smtp_port = Some(sink.port);
+        f.smtp_tls = Some("none".into());
+    });
+    let project = common::people::seed_project(
+        &gw,
+        json!({"name": "Front desk", "setting": [
+            {"name": "allowedMfaMethods", "valueString": "totp,email"},
+            {"name": "mfaRequired", "valueBoolean": true}]}),
+    );
+    let email = format!("desk-{}@example.com", uuid::Uuid::new_v4().simple());
+    let mut person = UserSeed::new(&email, PASSWORD);
+    person.project = Some(project.clone());
+    let seeded = seed(&gw, &person);
+    let port = free_port();
+    let redirect_uri = format!("http://127.0.0.1:{port}/callback");
+    let (client, _) = seed_client(
+        &gw,
+        Some(&project),
+        json!({"name": "Front Desk App", "redirectUris": [redirect_uri]}),
+        None,
+    );
+    let mail_dir = sink.dir().to_string_lossy().to_string();
+    for (round, pages) in [
+        (
+            "browser-email-enrol",
+            json!([
+                "Sign in",
+                "Set up two-step verification",
+                "Two-step verification",
+                "Allow access"
+            ]),
+        ),
+        (
+            "browser-email-again",
+            json!(["Sign in", "Two-step verification", "Allow access"]),
+        ),
+    ] {
+        let (url, verifier) = authorize_url(&gw, &client, &redirect_uri, "openid profile");
+        let result = run_browser(
+            round,
+            json!({
+                "authorizeUrl": url,
+                "email": email,
+                "password": PASSWORD,
+                "mailDir": mail_dir,
+                "callbackPort": port,
+            }),
+        );
+        assert_eq!(result["pages"], pages, "{result}");
+        let hint = result["codeHint"].as_str().unwrap_or_default();
+        assert!(
+            hint.starts_with("We sent a 6-digit code by e-mail to d"),
+            "{hint}"
+        );
+        let code = result["callback"]["code"].as_str().unwrap();
+        common::http::rt().block_on(async {
+            let tokens = redeem(&gw, code, &verifier, &client, &redirect_uri).await;
+            assert_eq!(tokens["profile"]["reference"], seeded.profile.as_str());
+        });
+    }
+    let sent = sink.messages();
+    assert_eq!(sent.len(), 2, "one code a sign-in");
+}

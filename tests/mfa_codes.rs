@@ -46,6 +46,15 @@ async fn sms_receiver() -> (String, Texts) {
     (format!("http://127.0.0.1:{port}/sms"), texts)
 }
 
+/// The code of a verification e-mail: in its body, never its subject.
+fn emailed_code(message: &str) -> String {
+    assert_eq!(
+        mail::header(message, "Subject").as_deref(),
+        Some("Your fhirgate verification code")
+    );
+    code_in(&mail::body(message))
+}
+
 /// The 6-digit code in a text.
 fn code_in(text: &str) -> String {
     text.split(|c: char| !c.is_ascii_digit())
@@ -114,10 +123,7 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
         assert_eq!(status, 200, "{b}");
         assert_eq!(b, json!({"login": login, "mfaRequired": true, "mfaMethods": ["email"], "email": "desk@clinic.example"}));
         let messages = sink.wait_for(1);
-        let subject = mail::header(&messages[0], "Subject").unwrap();
-        assert!(subject.starts_with("Your fhirgate verification code: "), "{subject}");
-        let code = code_in(&subject);
-        assert!(mail::body(&messages[0]).contains(&code));
+        let code = emailed_code(&messages[0]);
         let (status, b) = post_json(&gw, "auth/mfa/verify", &json!({"login": login, "token": "000000"})).await;
         assert_eq!((status, outcome_text(&b)), (400, "Invalid MFA token"), "{b}");
         let (status, b) = post_json(&gw, "auth/mfa/verify", &json!({"login": login, "token": code})).await;
@@ -129,15 +135,25 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
         assert_eq!(b["mfaMethods"], json!(["email"]), "{b}");
         let second = b["login"].as_str().unwrap().to_string();
         let messages = sink.wait_for(2);
-        let fresh = code_in(&mail::header(&messages[1], "Subject").unwrap());
+        let fresh = emailed_code(&messages[1]);
         let (status, _) = post_json(&gw, "auth/mfa/verify", &json!({"login": second, "token": code})).await;
         assert_eq!(status, 400, "a code is good once, for its own sign-in");
         // Polling the sign-in sends no other.
         let (status, b) = common::http::send(TestGateway::client().get(format!("{}auth/login/{second}", gw.base))).await;
         assert_eq!((status, &b["mfaRequired"]), (200, &json!(true)), "{b}");
-        let (status, _) = post_json(&gw, "auth/mfa/verify", &json!({"login": second, "token": fresh})).await;
+        let (status, b) = post_json(&gw, "auth/mfa/verify", &json!({"login": second, "token": fresh})).await;
         assert_eq!(status, 200);
         assert_eq!(sink.messages().len(), 2);
+        // A stolen session cannot turn her MFA off with a code sent to a phone of the thief's.
+        let desk_token = exchange(&gw, b["code"].as_str().unwrap()).await;
+        let (status, b) = bearer_post(&gw, &desk_token, "auth/mfa/send-sms-challenge", json!({"phone": "+15035550666"})).await;
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(last_text(&texts).1["to"], "+15035550666");
+        let thief = code_in(last_text(&texts).1["text"].as_str().unwrap());
+        let (status, b) = bearer_post(&gw, &desk_token, "auth/mfa/disable", json!({"token": thief})).await;
+        assert_eq!((status, outcome_text(&b)), (400, "Invalid token"), "{b}");
+        let (_, st) = bearer_get(&gw, &desk_token, "auth/mfa/status").await;
+        assert_eq!(st["enrolledMethods"], json!(["email"]), "still on: {st}");
 
         // SMS: the number is given at enrolment; the operator's hook gets the text.
         let (_, b) = auth_login(&gw, &login_body("nurse@clinic.example")).await;
@@ -156,11 +172,20 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
         let (status, b) = post_json(&gw, "auth/mfa/verify", &json!({"login": login, "token": code})).await;
         assert_eq!(status, 200, "{b}");
         let token = exchange(&gw, b["code"].as_str().unwrap()).await;
+        // A challenge for her own method goes to her own number, whatever number is asked for.
+        let (status, b) = bearer_post(&gw, &token, "auth/mfa/send-sms-challenge", json!({"phone": "+15035550666"})).await;
+        assert_eq!(status, 200, "{b}");
+        assert_eq!(last_text(&texts).1["to"], "+15035550199");
+        // Nor can a password alone add a method at sign-in for an enrolled user.
+        let (_, b) = auth_login(&gw, &login_body("nurse@clinic.example")).await;
+        let enrolled_login = b["login"].as_str().unwrap().to_string();
+        let (status, b) = post_json(&gw, "auth/mfa/login-enroll", &json!({"login": enrolled_login, "method": "email"})).await;
+        assert_eq!((status, outcome_text(&b)), (400, "Already enrolled"), "{b}");
 
         // A second method, then the preferred one: e-mail, enrolled from her session.
         let (status, b) = bearer_post(&gw, &token, "auth/mfa/send-email-challenge", json!({})).await;
         assert_eq!(status, 200, "{b}");
-        let email_code = code_in(&mail::header(sink.wait_for(3).last().unwrap(), "Subject").unwrap());
+        let email_code = emailed_code(sink.wait_for(3).last().unwrap());
         let (status, b) = bearer_post(&gw, &token, "auth/mfa/enroll", json!({"method": "email", "token": email_code})).await;
         assert_eq!(status, 200, "{b}");
         let (_, st) = bearer_get(&gw, &token, "auth/mfa/status").await;
@@ -202,7 +227,7 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
 
         let (_, b) = auth_login(&gw, &login_body("desk@clinic.example")).await;
         let login = b["login"].as_str().unwrap().to_string();
-        let code = code_in(&mail::header(sink.wait_for(6).last().unwrap(), "Subject").unwrap());
+        let code = emailed_code(sink.wait_for(6).last().unwrap());
         let id = login.clone();
         on_gateway(&gw, move |state| async move {
             let record = state.store.login(&id).await.unwrap().unwrap();

@@ -173,6 +173,11 @@ fn a_ui_learns_what_a_member_may_do_and_nothing_changes() {
         let (allowed, status, _) = nurse.check(reqwest::Method::POST, "Observation", Some(observation("n2", "laboratory"))).await;
         assert_eq!((allowed, status), (false, 403));
         assert!(admin.check(reqwest::Method::DELETE, "Observation/o2", None).await.0);
+        // Conditional writes are decided on the server's answer: a check never sends them.
+        let mut renamed = patient("p1", "north");
+        renamed["active"] = json!(false);
+        assert!(admin.check(reqwest::Method::PUT, "Patient?_id=p1", Some(renamed)).await.0);
+        assert!(admin.check(reqwest::Method::DELETE, "Observation?_id=o1", None).await.0);
         // HEAD has no body: the verdict is in the headers.
         let resp = nurse
             .request(reqwest::Method::HEAD, "Patient/p2")

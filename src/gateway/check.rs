@@ -137,6 +137,19 @@ pub fn rewrite(session: &mut Session, method: Method, rest: &str) -> Result<()> 
     Ok(())
 }
 
+/// The reason a verdict gives: the decision's label, except that every 404 is `not_found`, so a
+/// check tells "not there" from "not yours" no more than the request itself would.
+pub fn public_reason<'a>(
+    outcome: &fhirgate_core::fhir::outcome::Outcome,
+    label: &'a str,
+) -> &'a str {
+    if outcome.status() == 404 {
+        "not_found"
+    } else {
+        label
+    }
+}
+
 /// A FHIR path (`/fhir/R4/…`, also under `/api`).
 pub fn is_fhir_path(path: &str) -> bool {
     let path = path.strip_prefix("/api").unwrap_or(path);

@@ -87,6 +87,10 @@ impl Gateway {
         body: Option<Bytes>,
         overrides: &[(&str, String)],
     ) -> Step<Upstream> {
+        // A permission check reads, never writes: the last line of defence.
+        if ctx.mode == Mode::Check && method != http::Method::GET {
+            return Err(Failure::Answer(Outcome::Forbidden, "check_would_write"));
+        }
         let mut rb = self.http.request(method, url);
         let req = session.req_header();
         for name in PASSED_REQUEST_HEADERS {
@@ -641,9 +645,10 @@ async fn run_inner(
             return Ok(Done::WouldSend(Vec::new()));
         }
         prepared
-    } else if checking && !checked_read {
-        // Nothing about the answer is checked before it is sent (a search is filtered entry
-        // by entry): the request would be served.
+    } else if checking && (!checked_read || !matches!(method, http::Method::GET)) {
+        // Nothing about the answer is checked before it is sent (a search is filtered entry by
+        // entry), or the request is not a read (a conditional write is decided on the server's
+        // answer): a check stops here.
         return Ok(Done::WouldSend(Vec::new()));
     } else {
         // A subset is taken here, after the checks: the upstream returns whole resources.
@@ -866,13 +871,18 @@ async fn answer_check(
             ctx.decision = "check_allowed";
             check::Verdict::allowed(&[])
         }
+        // Not there and not visible are one answer, as they are to a request.
+        Ok(Done::Answer(404 | 410, _, _)) => {
+            ctx.decision = "check_not_found";
+            check::Verdict::denied(&Outcome::NotFound, "not_found")
+        }
         Ok(Done::Answer(status, _, _)) => {
             ctx.decision = "check_allowed";
             check::Verdict::passed_on(status)
         }
         Err(Failure::Answer(outcome, label)) if check::is_verdict(outcome.status()) => {
             ctx.decision = label;
-            check::Verdict::denied(&outcome, label)
+            check::Verdict::denied(&outcome, check::public_reason(&outcome, label))
         }
         Err(Failure::Answer(outcome, label)) => {
             ctx.decision = label;

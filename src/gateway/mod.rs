@@ -111,7 +111,8 @@ impl Gateway {
         }
         ctx.decision = label;
         if ctx.mode == Mode::Check && check::is_verdict(outcome.status()) {
-            check::answer(session, ctx, check::Verdict::denied(&outcome, label)).await?;
+            let reason = check::public_reason(&outcome, label);
+            check::answer(session, ctx, check::Verdict::denied(&outcome, reason)).await?;
             return Ok(true);
         }
         let extra = cors::with_cors(&extra, ctx.cors.as_ref());

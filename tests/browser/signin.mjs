@@ -9,8 +9,11 @@
 // but not yet set up gets the enrolment page, whose key the script reads (as a person would type
 // it into an authenticator app) to compute the code.
 //
+// With `mailDir` (an SMTP sink's folder), codes come by e-mail instead: an enrolment chooses
+// "codes sent by e-mail", and each code is read from the newest verification e-mail.
+//
 // Input: one JSON argument {authorizeUrl, email, password, wrongPassword?, totpSecret?,
-// setPasswordUrl?, callbackPort, screenshotDir, untick}. Output: one JSON line on stdout
+// setPasswordUrl?, mailDir?, callbackPort, screenshotDir, untick}. Output: one JSON line on stdout
 // {callback: {code, state, error}, pages: [...], inlineError, focusOrder, screenshots,
 // enrolledSecret}.
 // Exit code 0 when the flow reached the callback, 1 otherwise (the Rust test asserts on the
@@ -18,7 +21,7 @@
 
 import { createHmac } from 'node:crypto';
 import { createServer } from 'node:http';
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { chromium } from 'playwright-core';
 
@@ -59,6 +62,22 @@ export function totp(secretBase32, unixSeconds) {
   return String(binary % 1_000_000).padStart(6, '0');
 }
 
+/** The code in the oldest verification e-mail of the SMTP sink's folder not yet in `seen`. */
+async function emailedCode(dir, seen) {
+  const deadline = Date.now() + STEP_TIMEOUT;
+  while (Date.now() < deadline) {
+    const files = readdirSync(dir).filter((f) => f.endsWith('.eml') && !seen.has(f)).sort();
+    for (const f of files) {
+      seen.add(f);
+      const message = readFileSync(join(dir, f), 'utf8').replace(/\r\n/g, '\n');
+      const code = /^Subject: Your fhirgate verification code/m.test(message) && message.match(/^(\d{6})$/m);
+      if (code) return code[1];
+    }
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  throw new Error(`no verification e-mail in ${dir}`);
+}
+
 function listenForCallback(port) {
   let resolve;
   const received = new Promise((r) => (resolve = r));
@@ -80,6 +99,8 @@ function listenForCallback(port) {
 
 async function main() {
   const result = { pages: [], screenshots: [], focusOrder: [], inlineError: null, callback: null };
+  // Messages already in the mailbox belong to earlier sign-ins.
+  const seen = new Set(input.mailDir ? readdirSync(input.mailDir) : []);
   mkdirSync(input.screenshotDir, { recursive: true });
   const { server, received } = await listenForCallback(input.callbackPort);
   const browser = await chromium.launch({
@@ -144,7 +165,20 @@ async function main() {
     }
 
     // Without MFA the consent page comes next.
-    if (mfaPage !== 'Allow access') {
+    if (mfaPage !== 'Allow access' && input.mailDir) {
+      // Codes by e-mail: choose them when enrolling, then read each code from the mailbox.
+      if (mfaPage === 'Set up two-step verification') {
+        await shot('enroll');
+        await submit(() => page.getByRole('button', { name: 'Use codes sent by e-mail instead' }).click());
+        result.pages.push(await heading());
+      }
+      result.codeHint = (await page.locator('#token-hint').innerText()).trim();
+      const code = await emailedCode(input.mailDir, seen);
+      await page.getByLabel('Authentication code').fill(code);
+      await shot('mfa');
+      await submit(() => page.getByRole('button', { name: 'Verify' }).click());
+      result.pages.push(await heading());
+    } else if (mfaPage !== 'Allow access') {
       let secret = input.totpSecret;
       let button = 'Verify';
       if (mfaPage === 'Set up two-step verification') {

@@ -51,6 +51,11 @@ impl SmtpSink {
         SmtpSink { port, dir, child }
     }
 
+    /// The folder the sink writes each message to.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The messages received so far, oldest first.
     pub fn messages(&self) -> Vec<String> {
         read_eml_dir(self.dir.path())

@@ -13,23 +13,28 @@ use crate::state::State;
 use crate::control::base::access::Caller;
 use crate::control::base::users::revoke_sessions_of;
 use crate::control::login::flow::login_response;
+use crate::control::login::mfa::Accept;
 use crate::control::login::mfa::Factor;
 use crate::control::login::mfa::MfaUser;
 use crate::control::login::mfa::SignInCode;
 use crate::control::login::mfa::add_method;
 use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::caller_attempt;
-use crate::control::login::mfa::check_login_open;
+use crate::control::login::mfa::destination;
+use crate::control::login::mfa::destinations;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::new_secret;
 use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::read_user;
+use crate::control::login::mfa::require_allowed;
+use crate::control::login::mfa::send_code;
+use crate::control::login::mfa::send_to;
+use crate::control::login::mfa::start_code_enrolment;
 use crate::control::login::mfa::update_user;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
 use crate::control::login::otp::mask_phone;
-use crate::control::login::otp::valid_phone;
 use crate::control::login::state::get_login;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
@@ -101,36 +106,6 @@ fn method_of(body: &Map<String, Value>) -> Result<String, ApiError> {
     }
 }
 
-/// A method the caller's project does not allow: 400.
-fn require_allowed(state: &State, project_id: Option<&str>, method: &str) -> Result<(), ApiError> {
-    if allowed_methods(state, project_id)
-        .iter()
-        .any(|m| m == method)
-    {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request("MFA method not allowed"))
-    }
-}
-
-/// Where `method`'s codes go: the e-mail address, or the phone given (enrolment) or stored.
-fn destination(user: &MfaUser, channel: Channel, phone: Option<&str>) -> Result<String, ApiError> {
-    match channel {
-        Channel::Email if !user.email().is_empty() => Ok(user.email().to_string()),
-        Channel::Email => Err(ApiError::bad_request("User has no email address")),
-        Channel::Sms => phone
-            .or(user.phone())
-            .filter(|p| valid_phone(p))
-            .map(str::to_string)
-            .ok_or_else(|| {
-                ApiError::invalid(
-                    "phone",
-                    "Valid phone number in E.164 format (+15035550199) is required",
-                )
-            }),
-    }
-}
-
 /// `POST /auth/mfa/send-email {login}` and `/auth/mfa/send-sms {login}` (no bearer: the Login is
 /// the credential): a new code for a sign-in, to an enrolled method or the one being enrolled.
 pub async fn send_email(
@@ -155,22 +130,7 @@ async fn send_sign_in_code(
     let login_id =
         body_str(body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
     let login = get_login(state, &login_id).await?;
-    check_login_open(&login)?;
-    let not_enrolled = || match channel {
-        Channel::Email => ApiError::bad_request("User not enrolled in email MFA"),
-        Channel::Sms => ApiError::bad_request("User not enrolled in SMS MFA"),
-    };
-    let user = read_user(state, &login.user_ref)
-        .await?
-        .ok_or_else(not_enrolled)?;
-    let pending = pending_method(&login).filter(|(m, _)| m == channel.as_str());
-    let enrolled = user.methods().iter().any(|m| m == channel.as_str());
-    if !enrolled && pending.is_none() {
-        return Err(not_enrolled());
-    }
-    let phone = pending.and_then(|(_, phone)| phone);
-    let to = destination(&user, channel, phone.as_deref())?;
-    otp::send(state, &login, channel, &to).await?;
+    send_code(state, &login, channel).await?;
     Ok(outcome_response(&Outcome::AllOk))
 }
 
@@ -215,25 +175,7 @@ async fn send_challenge(
         channel,
         if enrolled { None } else { phone.as_deref() },
     )?;
-    // What the code will prove: the method, and for SMS the number it went to.
-    let mut extra = login.extra.clone();
-    if let Some(obj) = extra.as_object_mut() {
-        let mut pending = json!({"method": channel.as_str()});
-        if channel == Channel::Sms {
-            pending["phone"] = Value::String(to.clone());
-        }
-        obj.insert(otp::PENDING_METHOD.into(), pending);
-    }
-    if !state
-        .store
-        .update_login_extra_cas(&login.id, &login.extra, &extra)
-        .await?
-    {
-        return Err(ApiError::conflict("Login changed; try again"));
-    }
-    let mut login = login;
-    login.extra = extra;
-    otp::send(state, &login, channel, &to).await?;
+    send_to(state, &login, channel, &to, !enrolled).await?;
     Ok(outcome_response(&Outcome::AllOk))
 }
 
@@ -261,7 +203,20 @@ pub async fn enroll(
         let Some((pending, phone)) = pending_method(&login).filter(|(m, _)| *m == method) else {
             return Err(ApiError::bad_request("Send a code to this method first"));
         };
-        match caller_attempt(&state, Some(login_id), &user, None, &token).await? {
+        let to = if pending == "sms" {
+            phone.clone()
+        } else {
+            Some(user.email().to_string())
+        };
+        let expected: Vec<String> = to
+            .iter()
+            .map(|d| otp::destination_hash(&state, d))
+            .collect();
+        let accept = Accept {
+            secret: None,
+            destinations: &expected,
+        };
+        match caller_attempt(&state, Some(login_id), &user, &accept, &token).await? {
             Factor::Sent(channel) if channel.as_str() == pending => {}
             _ => return Err(ApiError::bad_request("Invalid token")),
         }
@@ -269,7 +224,11 @@ pub async fn enroll(
         return Ok(outcome_response(&Outcome::AllOk));
     }
     let secret = user.secret_or("Secret not found")?;
-    caller_attempt(&state, login_id.as_deref(), &user, Some(&secret), &token).await?;
+    let accept = Accept {
+        secret: Some(&secret),
+        destinations: &[],
+    };
+    caller_attempt(&state, login_id.as_deref(), &user, &accept, &token).await?;
     update_user(&state, user.id(), |current, obj| {
         if current.methods().iter().any(|m| m == "totp") {
             return Err(ApiError::bad_request("Already enrolled"));
@@ -335,16 +294,14 @@ pub async fn disable(
         return Err(ApiError::bad_request("User not enrolled in MFA method"));
     }
     let token = body_str(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
-    // A TOTP code, or a code sent to one of the user's methods on this session.
+    // A TOTP code, or a code sent on this session to where one of the user's methods sends.
     let secret = secret.filter(|_| totp).map(str::to_string);
-    caller_attempt(
-        &state,
-        login_id.as_deref(),
-        &user,
-        secret.as_deref(),
-        &token,
-    )
-    .await?;
+    let enrolled = destinations(&state, &user, &methods);
+    let accept = Accept {
+        secret: secret.as_deref(),
+        destinations: &enrolled,
+    };
+    caller_attempt(&state, login_id.as_deref(), &user, &accept, &token).await?;
     let rotated = new_secret();
     update_user(&state, user.id(), |current, obj| {
         if current.secret().map(str::to_string) != secret && secret.is_some() {
@@ -396,35 +353,8 @@ pub async fn login_enroll_handler(
     let login_id =
         body_str(&body, "login").ok_or_else(|| ApiError::invalid("login", "Missing login"))?;
     let login = get_login(&state, &login_id).await?;
-    check_login_open(&login)?;
-    let user = read_user(&state, &login.user_ref)
-        .await?
-        .ok_or_else(|| ApiError::bad_request("User not found"))?;
-    if user.methods().contains(&method) {
-        return Err(ApiError::bad_request("Already enrolled"));
-    }
-    require_allowed(&state, login.project_id.as_deref(), &method)?;
     let phone = body_str(&body, "phone");
-    let to = destination(&user, channel, phone.as_deref())?;
-    let mut extra = login.extra.clone();
-    if let Some(obj) = extra.as_object_mut() {
-        let mut pending = json!({"method": method});
-        if channel == Channel::Sms {
-            pending["phone"] = Value::String(to.clone());
-        }
-        obj.insert(otp::PENDING_METHOD.into(), pending);
-        otp::spend(obj);
-    }
-    if !state
-        .store
-        .update_login_extra_cas(&login.id, &login.extra, &extra)
-        .await?
-    {
-        return Err(ApiError::conflict("Login changed; try again"));
-    }
-    let mut login = login;
-    login.extra = extra;
-    otp::send(&state, &login, channel, &to).await?;
+    start_code_enrolment(&state, &login, channel, phone.as_deref()).await?;
     let login = get_login(&state, &login_id).await?;
     login_response(&state, login).await
 }

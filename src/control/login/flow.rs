@@ -34,8 +34,9 @@ use crate::control::login::mfa::ensure_secret;
 use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::project_requires_mfa;
 use crate::control::login::mfa::read_user;
+use crate::control::login::mfa::send_preferred_if_due;
+use crate::control::login::mfa::usable_methods;
 use crate::control::login::otp;
-use crate::control::login::otp::Channel;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
 use crate::control::login::state::CODE_LIFETIME;
@@ -433,22 +434,10 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         let Some(user) = read_user(state, &login.user_ref).await? else {
             return Ok(json!({"login": id, "mfaRequired": true}));
         };
-        let methods = user.methods();
+        let methods = usable_methods(state, login, &user);
         // The preferred method's code goes out on its own, once per sign-in.
-        let preferred = methods.first().and_then(|m| Channel::parse(m));
-        if let Some(channel) = preferred
-            && otp::pending(login, now_unix()).is_none()
-        {
-            let to = match channel {
-                Channel::Email => Some(user.email().to_string()),
-                Channel::Sms => user.phone().map(str::to_string),
-            };
-            if let Some(to) = to {
-                otp::send(state, login, channel, &to).await?;
-                if let Some(updated) = state.store.login(&login.id).await? {
-                    *login = updated;
-                }
-            }
+        if let Some(updated) = send_preferred_if_due(state, login, &user).await? {
+            *login = updated;
         }
         return challenge(login, &methods, user.phone(), state).await;
     }

@@ -23,6 +23,7 @@ use serde_json::{Map, Value, json};
 use crate::control::base::index::index_rows;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
+use crate::control::login::otp::valid_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
 use crate::control::login::state::keys;
@@ -329,6 +330,40 @@ impl Rejected {
     }
 }
 
+/// What a code may be: a TOTP code of `secret`, or a code sent for this Login to one of
+/// `destinations` (keyed hashes, `otp::destination_hash`): the user's enrolled e-mail address or
+/// phone, or the one being enrolled. A code sent anywhere else proves nothing.
+pub(crate) struct Accept<'a> {
+    pub secret: Option<&'a str>,
+    pub destinations: &'a [String],
+}
+
+/// The methods a sign-in may use: the user's, less those the Login's project does not allow.
+pub(crate) fn usable_methods(state: &State, login: &LoginRecord, user: &MfaUser) -> Vec<String> {
+    let allowed = login
+        .project_id
+        .as_deref()
+        .filter(|p| *p != "new")
+        .map(|p| allowed_methods(state, Some(p)));
+    user.methods()
+        .into_iter()
+        .filter(|m| allowed.as_ref().is_none_or(|a| a.contains(m)))
+        .collect()
+}
+
+/// Where the sent-code methods among `methods` send to, as destination hashes.
+pub(crate) fn destinations(state: &State, user: &MfaUser, methods: &[String]) -> Vec<String> {
+    methods
+        .iter()
+        .filter_map(|m| match m.as_str() {
+            "email" if !user.email().is_empty() => Some(user.email()),
+            "sms" => user.phone(),
+            _ => None,
+        })
+        .map(|to| otp::destination_hash(state, to))
+        .collect()
+}
+
 /// Which factor a code was accepted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Factor {
@@ -345,7 +380,7 @@ async fn attempt(
     state: &State,
     login_id: &str,
     user_ref: &str,
-    secret: Option<&str>,
+    accept: &Accept<'_>,
     token: &str,
     revoke_on_limit: bool,
     on_success: impl Fn(&mut Map<String, Value>, Factor),
@@ -368,9 +403,12 @@ async fn attempt(
         if own_failures >= MAX_LOGIN_FAILURES || h.recent_failures >= MAX_USER_FAILURES {
             return Ok(Err(Rejected::Throttled));
         }
-        let factor = match otp::accepted(state, &login, token, now) {
-            Some(channel) => Some((Factor::Sent(channel), None)),
-            None => secret
+        let sent = otp::accepted(state, &login, token, now)
+            .filter(|(_, to)| accept.destinations.iter().any(|d| d == to));
+        let factor = match sent {
+            Some((channel, _)) => Some((Factor::Sent(channel), None)),
+            None => accept
+                .secret
                 .and_then(|secret| check_code(secret, token, now.max(0) as u64))
                 .filter(|s| h.last_step.is_none_or(|last| *s > last))
                 .map(|step| (Factor::Totp, Some(step))),
@@ -438,7 +476,7 @@ pub(crate) fn check_login_open(login: &LoginRecord) -> Result<(), ApiError> {
 async fn sign_in_attempt(
     state: &State,
     login: &LoginRecord,
-    secret: Option<&str>,
+    accept: &Accept<'_>,
     token: &str,
     enrolment: bool,
 ) -> Result<Result<(LoginRecord, Factor), Rejected>, ApiError> {
@@ -446,7 +484,7 @@ async fn sign_in_attempt(
         state,
         &login.id,
         &login.user_ref,
-        secret,
+        accept,
         token,
         true,
         |extra, factor| {
@@ -497,18 +535,37 @@ async fn verify_login(
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?;
-    let methods = user.methods();
-    let pending = pending_method(&login);
+    let methods = usable_methods(state, &login, &user);
+    // A method chosen at sign-in counts only while the user must enrol and has none.
+    let enrolling = LoginFlow::of(&login).mfa_enroll_required && user.methods().is_empty();
+    let pending = pending_method(&login).filter(|_| enrolling);
     if methods.is_empty() && pending.is_none() {
-        return Err(ApiError::bad_request("User not enrolled in MFA"));
+        return Err(ApiError::bad_request(if user.methods().is_empty() {
+            "User not enrolled in MFA"
+        } else {
+            "MFA method not allowed"
+        }));
     }
-    // TOTP codes count only for a user enrolled in TOTP; a sent code, for the method it went to.
+    // TOTP codes count only for a user enrolled in TOTP; a sent code, for where it went.
     let secret = methods
         .iter()
         .any(|m| m == "totp")
         .then(|| user.secret())
         .flatten();
-    let verified = sign_in_attempt(state, &login, secret, token, false).await?;
+    let mut to = destinations(state, &user, &methods);
+    if let Some((method, phone)) = &pending {
+        let dest = if method == "sms" {
+            phone.clone()
+        } else {
+            Some(user.email().to_string())
+        };
+        to.extend(dest.map(|d| otp::destination_hash(state, &d)));
+    }
+    let accept = Accept {
+        secret,
+        destinations: &to,
+    };
+    let verified = sign_in_attempt(state, &login, &accept, token, false).await?;
     let event = SecurityEvent::new(SecurityEventKind::MfaVerification).subject(&login.user_ref);
     match verified {
         Ok((login, factor)) => {
@@ -539,7 +596,11 @@ async fn login_enroll(
         .ok_or_else(|| ApiError::bad_request("Secret not found"))?;
     let secret = user.enrolment_secret()?;
     check_login_open(&login)?;
-    let (verified, _) = sign_in_attempt(state, &login, Some(&secret), token, true)
+    let accept = Accept {
+        secret: Some(&secret),
+        destinations: &[],
+    };
+    let (verified, _) = sign_in_attempt(state, &login, &accept, token, true)
         .await?
         .map_err(|r| r.error("Invalid MFA token"))?;
     update_user(state, user.id(), |current, obj| {
@@ -604,6 +665,160 @@ pub fn project_requires_mfa(state: &State, project_id: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// A method the caller's project does not allow: 400.
+pub(crate) fn require_allowed(
+    state: &State,
+    project_id: Option<&str>,
+    method: &str,
+) -> Result<(), ApiError> {
+    if allowed_methods(state, project_id)
+        .iter()
+        .any(|m| m == method)
+    {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request("MFA method not allowed"))
+    }
+}
+
+/// Where `method`'s codes go: the e-mail address, or the phone given (enrolment) or stored.
+pub(crate) fn destination(
+    user: &MfaUser,
+    channel: Channel,
+    phone: Option<&str>,
+) -> Result<String, ApiError> {
+    match channel {
+        Channel::Email if !user.email().is_empty() => Ok(user.email().to_string()),
+        Channel::Email => Err(ApiError::bad_request("User has no email address")),
+        Channel::Sms => phone
+            .or(user.phone())
+            .filter(|p| valid_phone(p))
+            .map(str::to_string)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "phone",
+                    "Valid phone number in E.164 format (+15035550199) is required",
+                )
+            }),
+    }
+}
+
+/// Sends a new code for a sign-in to `channel`: a method the user is enrolled in, or the one being
+/// enrolled on this Login.
+pub(crate) async fn send_code(
+    state: &State,
+    login: &LoginRecord,
+    channel: Channel,
+) -> Result<(), ApiError> {
+    check_login_open(login)?;
+    let not_enrolled = || match channel {
+        Channel::Email => ApiError::bad_request("User not enrolled in email MFA"),
+        Channel::Sms => ApiError::bad_request("User not enrolled in SMS MFA"),
+    };
+    let user = read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(not_enrolled)?;
+    let enrolling = LoginFlow::of(login).mfa_enroll_required && user.methods().is_empty();
+    let pending = pending_method(login).filter(|(m, _)| enrolling && m == channel.as_str());
+    let enrolled = usable_methods(state, login, &user)
+        .iter()
+        .any(|m| m == channel.as_str());
+    if !enrolled && pending.is_none() {
+        return Err(not_enrolled());
+    }
+    let phone = pending.and_then(|(_, phone)| phone);
+    let to = destination(&user, channel, phone.as_deref())?;
+    otp::send(state, login, channel, &to).await
+}
+
+/// A sign-in whose user must enrol chooses a sent-code method: it is remembered on the Login and
+/// a code sent to it (`phone` for SMS); verifying that code enrols the user.
+pub(crate) async fn start_code_enrolment(
+    state: &State,
+    login: &LoginRecord,
+    channel: Channel,
+    phone: Option<&str>,
+) -> Result<(), ApiError> {
+    check_login_open(login)?;
+    let user = read_user(state, &login.user_ref)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("User not found"))?;
+    // Only a sign-in that must enrol, of a user with no factor yet: anyone else adding a method
+    // here would have passed MFA with a code sent wherever they liked.
+    if !user.methods().is_empty() {
+        return Err(ApiError::bad_request("Already enrolled"));
+    }
+    if !LoginFlow::of(login).mfa_enroll_required {
+        return Err(ApiError::bad_request("MFA enrolment is not required"));
+    }
+    require_allowed(state, login.project_id.as_deref(), channel.as_str())?;
+    let to = destination(&user, channel, phone)?;
+    send_to(state, login, channel, &to, true).await
+}
+
+/// Sends a code for `login` to `to`; `enrolling`: `to` is a method being enrolled, remembered on
+/// the Login first (the method, and for SMS the number) so that the code proves it.
+pub(crate) async fn send_to(
+    state: &State,
+    login: &LoginRecord,
+    channel: Channel,
+    to: &str,
+    enrolling: bool,
+) -> Result<(), ApiError> {
+    let mut login = login.clone();
+    if enrolling {
+        let mut extra = login.extra.clone();
+        if let Some(obj) = extra.as_object_mut() {
+            let mut pending = json!({"method": channel.as_str()});
+            if channel == Channel::Sms {
+                pending["phone"] = Value::String(to.to_string());
+            }
+            obj.insert(otp::PENDING_METHOD.into(), pending);
+        }
+        if !state
+            .store
+            .update_login_extra_cas(&login.id, &login.extra, &extra)
+            .await?
+        {
+            return Err(ApiError::conflict("Login changed; try again"));
+        }
+        login.extra = extra;
+    }
+    otp::send(state, &login, channel, to).await
+}
+
+/// At the code step of a sign-in: sends the preferred method's code when it is a sent one and
+/// none is out for this Login yet. Returns the Login as stored afterwards.
+pub(crate) async fn send_preferred_if_due(
+    state: &State,
+    login: &LoginRecord,
+    user: &MfaUser,
+) -> Result<Option<LoginRecord>, ApiError> {
+    let preferred = usable_methods(state, login, user)
+        .first()
+        .and_then(|m| Channel::parse(m));
+    let Some(channel) = preferred else {
+        return Ok(None);
+    };
+    if otp::pending(login, now_unix()).is_some() {
+        return Ok(None);
+    }
+    let to = match channel {
+        Channel::Email => Some(user.email().to_string()),
+        Channel::Sms => user.phone().map(str::to_string),
+    };
+    let Some(to) = to else {
+        return Ok(None);
+    };
+    // A code that cannot go out now does not stop the sign-in: the person may ask again, or
+    // use another method.
+    if let Err(e) = otp::send(state, login, channel, &to).await {
+        tracing::warn!(error = ?e, channel = channel.as_str(), "sign-in code not sent");
+        return Ok(None);
+    }
+    Ok(state.store.login(&login.id).await?)
+}
+
 /// The method being enrolled during this sign-in, and the phone it goes to.
 pub(crate) fn pending_method(login: &LoginRecord) -> Option<(String, Option<String>)> {
     let p = login.extra.get(otp::PENDING_METHOD)?;
@@ -653,7 +868,7 @@ pub(crate) async fn caller_attempt(
     state: &State,
     login_id: Option<&str>,
     user: &MfaUser,
-    secret: Option<&str>,
+    accept: &Accept<'_>,
     token: &str,
 ) -> Result<Factor, ApiError> {
     let Some(login_id) = login_id else {
@@ -663,7 +878,7 @@ pub(crate) async fn caller_attempt(
         state,
         login_id,
         &format!("User/{}", user.id()),
-        secret,
+        accept,
         token,
         false,
         |_, _| {},

@@ -17,11 +17,22 @@ use crate::control::web::error::ApiError;
 /// Seconds a sent code is good for (Medplum's is 20 minutes; a shorter window is stricter).
 pub const CODE_LIFETIME: i64 = 600;
 
-/// Codes one Login may have sent; then 429 (every send reaches a person's inbox or phone).
+/// Codes one Login may have sent; then 429 (every send reaches a person's inbox or phone, and
+/// an SMS costs the operator money).
 pub const MAX_SENDS: u64 = 5;
 
-/// Key of `LoginRecord.extra`: `{channel, hash, expiresAt, sends}`.
+/// Codes one user's sign-ins may have sent within [`USER_SEND_WINDOW`].
+pub const MAX_USER_SENDS: u64 = 10;
+
+/// Seconds over which a user's sends add up.
+pub const USER_SEND_WINDOW: i64 = 3600;
+
+/// Key of `LoginRecord.extra`: `{channel, hash, expiresAt, to}` (`to`: a keyed hash of where the
+/// code went, so a code proves that destination and no other).
 pub const SENT_CODE: &str = "mfaSentCode";
+
+/// Key of `LoginRecord.extra`: how many codes this Login sent (never reset).
+pub const SENDS: &str = "mfaSends";
 
 /// Key of `LoginRecord.extra`: a method being enrolled during this sign-in, `{method, phone?}`;
 /// it is added to the User once a code sent to it is verified.
@@ -58,17 +69,29 @@ fn new_code() -> String {
     format!("{:06}", rand::rng().random_range(0..1_000_000u32))
 }
 
-/// The code stored on `login`, if one was sent and is still good, and `token` is it.
-pub fn accepted(state: &State, login: &LoginRecord, token: &str, now: i64) -> Option<Channel> {
+/// The code stored on `login`, if one was sent and is still good, and `token` is it: its channel
+/// and the keyed hash of the destination it went to.
+pub fn accepted(
+    state: &State,
+    login: &LoginRecord,
+    token: &str,
+    now: i64,
+) -> Option<(Channel, String)> {
     let sent = login.extra.get(SENT_CODE)?;
     let channel = Channel::parse(sent.get("channel")?.as_str()?)?;
     let expires_at = sent.get("expiresAt")?.as_i64()?;
     let hash = sent.get("hash")?.as_str()?;
+    let to = sent.get("to")?.as_str()?;
     let token = token.trim();
     (now < expires_at
         && token.len() == 6
         && crate::tokens::hashes_equal(&state.hash_secret(token), hash))
-    .then_some(channel)
+    .then(|| (channel, to.to_string()))
+}
+
+/// The keyed hash a destination is known by on a sent code.
+pub fn destination_hash(state: &State, to: &str) -> String {
+    state.hash_secret(&format!("mfa-destination:{}", to.trim().to_lowercase()))
 }
 
 /// Forgets the sent code (it was used).
@@ -100,28 +123,34 @@ pub async fn send(
 ) -> Result<(), ApiError> {
     let code = new_code();
     let now = now_unix();
-    let sends = login
-        .extra
-        .get(SENT_CODE)
-        .and_then(|s| s.get("sends"))
-        .and_then(Value::as_u64)
-        .unwrap_or(0);
+    let sends_of = |l: &LoginRecord| l.extra.get(SENDS).and_then(Value::as_u64).unwrap_or(0);
+    let sends = sends_of(login);
+    let too_many = || ApiError::Outcome(fhirgate_core::fhir::outcome::Outcome::TooManyRequests);
     if sends >= MAX_SENDS {
-        return Err(ApiError::Outcome(
-            fhirgate_core::fhir::outcome::Outcome::TooManyRequests,
-        ));
+        return Err(too_many());
+    }
+    let user_sends: u64 = state
+        .store
+        .logins_for_user(&login.user_ref, now - USER_SEND_WINDOW)
+        .await?
+        .iter()
+        .map(sends_of)
+        .sum();
+    if user_sends >= MAX_USER_SENDS {
+        return Err(too_many());
     }
     let mut extra = login.extra.clone();
     let Some(obj) = extra.as_object_mut() else {
         return Err(ApiError::internal("login extra", "not an object"));
     };
+    obj.insert(SENDS.into(), json!(sends + 1));
     obj.insert(
         SENT_CODE.into(),
         json!({
             "channel": channel.as_str(),
             "hash": state.hash_secret(&code),
             "expiresAt": now + CODE_LIFETIME,
-            "sends": sends + 1,
+            "to": destination_hash(state, to),
         }),
     );
     if !state
@@ -144,7 +173,8 @@ fn minutes() -> i64 {
 async fn send_email(state: &State, to: &str, code: &str) -> Result<(), ApiError> {
     let email = crate::email::Email {
         to: to.to_string(),
-        subject: format!("Your fhirgate verification code: {code}"),
+        // The code is in the body only: subjects are logged and shown in notifications.
+        subject: "Your fhirgate verification code".to_string(),
         body: format!(
             "Below is your requested fhirgate verification code. You can copy it into the open \
              browser window to confirm your sign-in.\n\n{code}\n\nThis code will expire in {} \

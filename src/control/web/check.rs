@@ -56,6 +56,8 @@ enum Checkable {
 fn checkable(method: &Method, rest: &str) -> Option<Checkable> {
     let segments: Vec<&str> = rest.split('/').collect();
     match (method, segments.as_slice()) {
+        // An operation may act, even on a GET (`$smart-launch` stores a launch).
+        (_, [_, _, op, ..]) if op.starts_with('$') => None,
         (&Method::GET | &Method::HEAD, _) => Some(Checkable::Read),
         (&Method::POST, [_, "_search"]) => Some(Checkable::Read),
         (&Method::POST, [_]) | (&Method::PUT | &Method::DELETE, [_, _]) => Some(Checkable::Write),

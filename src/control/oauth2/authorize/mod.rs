@@ -31,6 +31,9 @@ use crate::control::login::flow::scope_narrows;
 use crate::control::login::flow::set_scope;
 use crate::control::login::google::verify_google_credential;
 use crate::control::login::mfa::SignInCode;
+use crate::control::login::mfa::send_code;
+use crate::control::login::mfa::start_code_enrolment;
+use crate::control::login::otp::Channel;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::LoginRequest;
 use crate::control::login::state::get_login;
@@ -324,6 +327,27 @@ async fn continue_step(
             };
             match code.check(state, &login.id, token).await {
                 Ok(l) => next_step(state, l, &csrf).await,
+                Err(e) => step_error(state, login, &csrf, e).await,
+            }
+        }
+        // The code step's other buttons: a new code, or (enrolling) a method that sends codes.
+        "send" | "enroll-method" => {
+            let chosen = p
+                .one(if step == "send" { "channel" } else { "method" })
+                .and_then(Channel::parse);
+            let done = match chosen {
+                None => Err(ApiError::bad_request("Choose where the code goes")),
+                Some(channel) if step == "send" => send_code(state, &login, channel).await,
+                Some(channel) => {
+                    let phone = p.one("phone").filter(|p| !p.is_empty());
+                    start_code_enrolment(state, &login, channel, phone).await
+                }
+            };
+            match done {
+                Ok(()) => {
+                    let login = get_login(state, &login.id).await?;
+                    render_step(state, &login, &csrf, None, StatusCode::OK).await
+                }
                 Err(e) => step_error(state, login, &csrf, e).await,
             }
         }

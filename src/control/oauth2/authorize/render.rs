@@ -2,9 +2,16 @@
 //! messages, rendered with `web::pages`.
 
 use crate::control::login::flow::login_memberships;
+use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
+use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::read_user;
+use crate::control::login::mfa::send_preferred_if_due;
+use crate::control::login::mfa::usable_methods;
+use crate::control::login::otp;
+use crate::control::login::otp::Channel;
+use crate::control::login::otp::mask_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::oauth2::authorize::request::AuthRequest;
@@ -17,7 +24,7 @@ use crate::control::web::pages::Choice;
 use crate::control::web::pages::Frame;
 use crate::control::web::pages::Hidden;
 use crate::state::{ClientInfo, State};
-use crate::store::LoginRecord;
+use crate::store::{LoginRecord, now_unix};
 use axum::http::StatusCode;
 use axum::response::Response;
 use fhirgate_core::fhir::outcome::Outcome;
@@ -42,6 +49,71 @@ pub(super) fn inline_message(e: &ApiError) -> Option<String> {
         ApiError::Outcome(Outcome::NotFound) => Some("Not found".to_string()),
         ApiError::Invalid { text, .. } => Some(text.clone()),
         _ => None,
+    }
+}
+
+/// What the code step says: where a code was sent (and sends the preferred method's, once), and
+/// the other methods to get a code from.
+#[derive(Serialize)]
+struct CodeView {
+    /// "by e-mail to d…@clinic.example", "by text message to ••• ••• ••99"; `None`: an
+    /// authenticator app's code.
+    sent: Option<String>,
+    /// The methods a new code can be sent to: `(channel, label)`.
+    resend: Vec<Choice>,
+}
+
+async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiError> {
+    let Some(user) = read_user(state, &login.user_ref).await? else {
+        return Ok(CodeView {
+            sent: None,
+            resend: Vec::new(),
+        });
+    };
+    let mut login = login.clone();
+    if pending_method(&login).is_none()
+        && let Some(updated) = send_preferred_if_due(state, &login, &user).await?
+    {
+        login = updated;
+    }
+    let mut methods = usable_methods(state, &login, &user);
+    if let Some((pending, _)) = pending_method(&login) {
+        methods = vec![pending];
+    }
+    let phone = pending_method(&login)
+        .and_then(|(_, phone)| phone)
+        .or_else(|| user.phone().map(str::to_string));
+    let describe = |channel: Channel| match channel {
+        Channel::Email => format!("by e-mail to {}", mask_email(user.email())),
+        Channel::Sms => format!(
+            "by text message to {}",
+            phone.as_deref().map(mask_phone).unwrap_or_default()
+        ),
+    };
+    let sent = otp::pending(&login, now_unix()).map(describe);
+    let resend = methods
+        .iter()
+        .filter_map(|m| Channel::parse(m))
+        .map(|channel| Choice {
+            id: channel.as_str().to_string(),
+            label: match channel {
+                Channel::Email => "Send a new code by e-mail".to_string(),
+                Channel::Sms => "Send a new code by text message".to_string(),
+            },
+            detail: String::new(),
+        })
+        .collect();
+    Ok(CodeView { sent, resend })
+}
+
+/// An e-mail address as shown on the page: the first letter of the name, and the domain.
+fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((name, domain)) => {
+            let first: String = name.chars().take(1).collect();
+            format!("{first}…@{domain}")
+        }
+        None => String::new(),
     }
 }
 
@@ -70,29 +142,38 @@ pub(super) async fn render_step(
     let csp = pages::content_security_policy(redirect_uri);
     let respond = |html: String| Ok(pages::html_response(status, html, &csp, &[]));
     let enrolling = flow.mfa_enroll_required;
-    if !flow.mfa_verified && enrolling {
+    if !flow.mfa_verified && enrolling && pending_method(login).is_none() {
         let user = read_user(state, &login.user_ref)
             .await?
             .ok_or_else(|| ApiError::bad_request("User not found"))?;
         let user = ensure_secret(state, user).await?;
         let secret = user.secret().unwrap_or_default().to_string();
         let (_, qr) = enroll_details(user.email(), &secret)?;
+        let allowed = allowed_methods(state, login.project_id.as_deref());
         #[derive(Serialize)]
         struct Enroll {
             qr: String,
             secret: String,
+            email: bool,
+            sms: bool,
         }
         return respond(pages::render(
             "enroll.html",
             &frame("Set up two-step verification", "enroll"),
-            &Enroll { qr, secret },
+            &Enroll {
+                qr,
+                secret,
+                email: allowed.iter().any(|m| m == "email"),
+                sms: allowed.iter().any(|m| m == "sms"),
+            },
         )?);
     }
     if !mfa_satisfied(login) {
+        let view = code_view(state, login).await?;
         return respond(pages::render(
             "mfa.html",
             &frame("Two-step verification", "mfa"),
-            &(),
+            &view,
         )?);
     }
     if login.membership_id.is_none() {
