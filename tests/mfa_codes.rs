@@ -192,6 +192,23 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
         assert_eq!(st["enrolledMethods"], json!(["sms", "email"]), "{st}");
         let (status, _) = bearer_post(&gw, &token, "auth/mfa/preferred", json!({"method": "email"})).await;
         assert_eq!(status, 200);
+        // A session that did not pass MFA (or not lately) adds no factor to a user who has one.
+        let claims = common::people::jwt_claims(&token);
+        let login_id = claims["login_id"].as_str().unwrap_or_default().to_string();
+        assert!(!login_id.is_empty(), "{claims}");
+        let id = login_id.clone();
+        on_gateway(&gw, move |state| async move {
+            let record = state.store.login(&id).await.unwrap().unwrap();
+            let mut extra = record.extra.clone();
+            extra["mfaVerified"] = json!(false);
+            assert!(state.store.update_login_extra_cas(&id, &record.extra, &extra).await.unwrap());
+        });
+        let (status, b) = bearer_post(&gw, &token, "auth/mfa/enroll", json!({"method": "totp", "token": "000000"})).await;
+        assert_eq!(
+            (status, outcome_text(&b)),
+            (400, "Sign in again (with your current verification method) to add another"),
+            "{b}"
+        );
         let texts_before = texts.lock().unwrap().len();
         let (_, b) = auth_login(&gw, &login_body("nurse@clinic.example")).await;
         assert_eq!(b["mfaMethods"], json!(["email", "sms"]), "{b}");

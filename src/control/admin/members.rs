@@ -195,7 +195,8 @@ pub async fn reset_mfa(
         .ok_or_else(|| ApiError::bad_request("The membership has no user"))?
         .to_string();
     if !caller.super_admin() {
-        let elsewhere = find_memberships(&state, &[("user", user_ref.as_str())], None, 50)
+        // Every membership of the user, whichever project (no project filter).
+        let elsewhere = find_memberships(&state, &[("user", user_ref.as_str())], None, 10_000)
             .await?
             .iter()
             .any(|m| m.project_id.as_deref() != Some(project.id.as_str()));

@@ -9,6 +9,7 @@ use fhirgate_core::fhir::outcome::Outcome;
 use serde_json::{Map, Value, json};
 
 use crate::state::State;
+use crate::store::now_unix;
 
 use crate::control::base::access::Caller;
 use crate::control::base::users::revoke_sessions_of;
@@ -35,6 +36,7 @@ use crate::control::login::mfa::update_user;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
 use crate::control::login::otp::mask_phone;
+use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
 use crate::control::web::AppState;
 use crate::control::web::body::AuthBody;
@@ -168,6 +170,7 @@ async fn send_challenge(
     let enrolled = user.methods().iter().any(|m| m == channel.as_str());
     if !enrolled {
         require_allowed(state, Some(&project_id), channel.as_str())?;
+        require_fresh_sign_in(state, Some(&login_id), &user).await?;
     }
     let phone = body_str(body, "phone");
     let to = destination(
@@ -177,6 +180,32 @@ async fn send_challenge(
     )?;
     send_to(state, &login, channel, &to, !enrolled).await?;
     Ok(outcome_response(&Outcome::AllOk))
+}
+
+/// Seconds after a sign-in during which its session may add an MFA method to a user who has one.
+const RECENT_SIGN_IN: i64 = 15 * 60;
+
+/// A user who already has a second factor adds another only from a fresh sign-in that passed
+/// MFA: a stolen (or forgotten, open) session must not be able to plant its own factor.
+async fn require_fresh_sign_in(
+    state: &State,
+    login_id: Option<&str>,
+    user: &MfaUser,
+) -> Result<(), ApiError> {
+    if user.methods().is_empty() {
+        return Ok(());
+    }
+    let login_id = login_id.ok_or_else(ApiError::forbidden)?;
+    let login = get_login(state, login_id).await?;
+    let fresh =
+        login.auth_time >= now_unix() - RECENT_SIGN_IN && LoginFlow::of(&login).mfa_verified;
+    if fresh {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(
+            "Sign in again (with your current verification method) to add another",
+        ))
+    }
 }
 
 /// `POST /auth/mfa/enroll {token}`.
@@ -194,6 +223,7 @@ pub async fn enroll(
         return Err(ApiError::bad_request("Already enrolled"));
     }
     require_allowed(&state, Some(&project_id), &method)?;
+    require_fresh_sign_in(&state, login_id.as_deref(), &user).await?;
     let token =
         body_str(&body, "token").ok_or_else(|| ApiError::invalid("token", "Missing token"))?;
     if method != "totp" {
