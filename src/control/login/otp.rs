@@ -27,6 +27,20 @@ pub const MAX_USER_SENDS: u64 = 10;
 /// Seconds over which a user's sends add up.
 pub const USER_SEND_WINDOW: i64 = 3600;
 
+/// Codes one destination (an address, a number) gets per hour, whoever's sign-ins ask, counted
+/// by each instance: no one pumps texts to a number through many accounts.
+const DESTINATION_SENDS_PER_HOUR: u32 = 20;
+
+fn destination_limiter() -> &'static governor::DefaultKeyedRateLimiter<String> {
+    static LIMITER: std::sync::LazyLock<governor::DefaultKeyedRateLimiter<String>> =
+        std::sync::LazyLock::new(|| {
+            let per_hour = std::num::NonZeroU32::new(DESTINATION_SENDS_PER_HOUR)
+                .unwrap_or(std::num::NonZeroU32::MIN);
+            governor::RateLimiter::keyed(governor::Quota::per_hour(per_hour))
+        });
+    &LIMITER
+}
+
 /// Key of `LoginRecord.extra`: `{channel, hash, expiresAt, to}` (`to`: a keyed hash of where the
 /// code went, so a code proves that destination and no other).
 pub const SENT_CODE: &str = "mfaSentCode";
@@ -139,6 +153,16 @@ pub async fn send(
     if user_sends >= MAX_USER_SENDS {
         return Err(too_many());
     }
+    let destination = destination_hash(state, to);
+    let limiter = destination_limiter();
+    limiter.retain_recent();
+    if limiter.check_key(&destination).is_err() {
+        tracing::warn!(
+            channel = channel.as_str(),
+            "sign-in codes to one destination throttled"
+        );
+        return Err(too_many());
+    }
     let mut extra = login.extra.clone();
     let Some(obj) = extra.as_object_mut() else {
         return Err(ApiError::internal("login extra", "not an object"));
@@ -150,7 +174,7 @@ pub async fn send(
             "channel": channel.as_str(),
             "hash": state.hash_secret(&code),
             "expiresAt": now + CODE_LIFETIME,
-            "to": destination_hash(state, to),
+            "to": destination,
         }),
     );
     if !state
@@ -257,6 +281,16 @@ mod tests {
             assert_eq!(c.len(), 6, "{c}");
             assert!(c.bytes().all(|b| b.is_ascii_digit()), "{c}");
         }
+    }
+
+    #[test]
+    fn one_destination_gets_a_bounded_number_of_codes() {
+        let key = "destination-of-this-test".to_string();
+        for _ in 0..DESTINATION_SENDS_PER_HOUR {
+            assert!(destination_limiter().check_key(&key).is_ok());
+        }
+        assert!(destination_limiter().check_key(&key).is_err());
+        assert!(destination_limiter().check_key(&"another".to_string()).is_ok());
     }
 
     #[test]

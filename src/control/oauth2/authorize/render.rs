@@ -61,6 +61,8 @@ struct CodeView {
     sent: Option<String>,
     /// The methods a new code can be sent to: `(channel, label)`.
     resend: Vec<Choice>,
+    /// The user has an authenticator app too: its codes are taken as well.
+    totp: bool,
 }
 
 async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiError> {
@@ -68,6 +70,7 @@ async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiEr
         return Ok(CodeView {
             sent: None,
             resend: Vec::new(),
+            totp: false,
         });
     };
     let mut login = login.clone();
@@ -103,7 +106,8 @@ async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiEr
             detail: String::new(),
         })
         .collect();
-    Ok(CodeView { sent, resend })
+    let totp = methods.iter().any(|m| m == "totp");
+    Ok(CodeView { sent, resend, totp })
 }
 
 /// An e-mail address as shown on the page: the first letter of the name, and the domain.
