@@ -108,6 +108,31 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
     let mut plain = UserSeed::new("plain@clinic.example", PASSWORD);
     plain.project = Some(plain_project.clone());
     seed(&gw, &plain);
+    // A user of both clinics, with e-mail codes, which only the first allows.
+    let mut both = UserSeed::new("both@clinic.example", PASSWORD);
+    both.project = Some(project.clone());
+    let both_user = seed(&gw, &both).user_id;
+    let mut elsewhere = both.clone();
+    elsewhere.project = Some(plain_project.clone());
+    common::people::add_membership(&gw, &both_user, &elsewhere);
+    let id = both_user.clone();
+    on_gateway(&gw, move |state| async move {
+        let mut user = state.store.read("User", &id).await.unwrap().unwrap();
+        user.content["mfaEnrolled"] = json!(true);
+        user.content["mfaMethod"] = json!(["email"]);
+        let index = fhirgate::control::index::index_rows(&user.content);
+        state
+            .store
+            .put(
+                user.content.clone(),
+                user.project_id.as_deref(),
+                &index,
+                Some(&user.version_id),
+                false,
+            )
+            .await
+            .unwrap();
+    });
 
     runtime.block_on(async {
         // The project requires MFA of everyone: enrolment first, with the allowed methods.
@@ -279,6 +304,20 @@ fn codes_by_e_mail_and_sms_sign_people_in() {
         let other = gw.token(&plain_admin, &plain_secret, None).await;
         let (status, _) = bearer_post(&gw, &other, &reset.replace(&project, &plain_project), json!({"method": "email"})).await;
         assert_eq!(status, 403);
+
+        // Before a project is chosen, only what all of a user's projects allow is usable: the
+        // e-mail code would not be good in the plain clinic.
+        let (_, b) = auth_login(&gw, &login_body("both@clinic.example")).await;
+        assert_eq!(b["mfaMethods"], json!([]), "{b}");
+        let login = b["login"].as_str().unwrap().to_string();
+        let (status, b) = post_json(&gw, "auth/mfa/send-email", &json!({"login": login})).await;
+        assert_eq!((status, outcome_text(&b)), (400, "User not enrolled in email MFA"), "{b}");
+        let (status, b) = post_json(&gw, "auth/mfa/verify", &json!({"login": login, "token": "123456"})).await;
+        assert_eq!((status, outcome_text(&b)), (400, "MFA method not allowed"), "{b}");
+        let mut into_first = login_body("both@clinic.example");
+        into_first["projectId"] = json!(project);
+        let (_, b) = auth_login(&gw, &into_first).await;
+        assert_eq!(b["mfaMethods"], json!(["email"]), "signing into the first clinic: {b}");
 
         // A method the project does not allow cannot be enrolled.
         let (_, b) = auth_login(&gw, &login_body("plain@clinic.example")).await;

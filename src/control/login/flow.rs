@@ -434,7 +434,7 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         let Some(user) = read_user(state, &login.user_ref).await? else {
             return Ok(json!({"login": id, "mfaRequired": true}));
         };
-        let methods = usable_methods(state, login, &user);
+        let methods = usable_methods(state, login, &user).await?;
         // The preferred method's code goes out on its own, once per sign-in.
         if let Some(updated) = send_preferred_if_due(state, login, &user).await? {
             *login = updated;

@@ -21,6 +21,7 @@ use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde_json::{Map, Value, json};
 
 use crate::control::base::index::index_rows;
+use crate::control::base::users::memberships_of;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
 use crate::control::login::otp::valid_phone;
@@ -338,17 +339,34 @@ pub(crate) struct Accept<'a> {
     pub destinations: &'a [String],
 }
 
-/// The methods a sign-in may use: the user's, less those the Login's project does not allow.
-pub(crate) fn usable_methods(state: &State, login: &LoginRecord, user: &MfaUser) -> Vec<String> {
-    let allowed = login
-        .project_id
-        .as_deref()
-        .filter(|p| *p != "new")
-        .map(|p| allowed_methods(state, Some(p)));
-    user.methods()
+/// The methods a sign-in may use: the user's, less those its project does not allow. Before a
+/// project is chosen (a user of several), only what every one of the user's projects allows:
+/// the factor a sign-in passes with must be good wherever it then goes.
+pub(crate) async fn usable_methods(
+    state: &State,
+    login: &LoginRecord,
+    user: &MfaUser,
+) -> Result<Vec<String>, ApiError> {
+    let projects: Vec<String> = match login.project_id.as_deref() {
+        Some("new") => Vec::new(),
+        Some(p) => vec![p.to_string()],
+        None => memberships_of(state, &login.user_ref, None, None)
+            .await?
+            .iter()
+            .filter_map(|(_, m)| m.project.reference.as_deref())
+            .filter_map(|r| r.strip_prefix("Project/"))
+            .map(str::to_string)
+            .collect(),
+    };
+    let allowed: Vec<Vec<String>> = projects
+        .iter()
+        .map(|p| allowed_methods(state, Some(p)))
+        .collect();
+    Ok(user
+        .methods()
         .into_iter()
-        .filter(|m| allowed.as_ref().is_none_or(|a| a.contains(m)))
-        .collect()
+        .filter(|m| allowed.iter().all(|a| a.contains(m)))
+        .collect())
 }
 
 /// Where the sent-code methods among `methods` send to, as destination hashes.
@@ -535,7 +553,7 @@ async fn verify_login(
     let user = read_user(state, &login.user_ref)
         .await?
         .ok_or_else(|| ApiError::bad_request("User not enrolled in MFA"))?;
-    let methods = usable_methods(state, &login, &user);
+    let methods = usable_methods(state, &login, &user).await?;
     // A method chosen at sign-in counts only while the user must enrol and has none.
     let enrolling = LoginFlow::of(&login).mfa_enroll_required && user.methods().is_empty();
     let pending = pending_method(&login).filter(|_| enrolling);
@@ -721,6 +739,7 @@ pub(crate) async fn send_code(
     let enrolling = LoginFlow::of(login).mfa_enroll_required && user.methods().is_empty();
     let pending = pending_method(login).filter(|(m, _)| enrolling && m == channel.as_str());
     let enrolled = usable_methods(state, login, &user)
+        .await?
         .iter()
         .any(|m| m == channel.as_str());
     if !enrolled && pending.is_none() {
@@ -795,6 +814,7 @@ pub(crate) async fn send_preferred_if_due(
     user: &MfaUser,
 ) -> Result<Option<LoginRecord>, ApiError> {
     let preferred = usable_methods(state, login, user)
+        .await?
         .first()
         .and_then(|m| Channel::parse(m));
     let Some(channel) = preferred else {

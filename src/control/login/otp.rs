@@ -290,7 +290,11 @@ mod tests {
             assert!(destination_limiter().check_key(&key).is_ok());
         }
         assert!(destination_limiter().check_key(&key).is_err());
-        assert!(destination_limiter().check_key(&"another".to_string()).is_ok());
+        assert!(
+            destination_limiter()
+                .check_key(&"another".to_string())
+                .is_ok()
+        );
     }
 
     #[test]

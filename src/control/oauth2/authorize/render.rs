@@ -79,7 +79,7 @@ async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiEr
     {
         login = updated;
     }
-    let mut methods = usable_methods(state, &login, &user);
+    let mut methods = usable_methods(state, &login, &user).await?;
     if let Some((pending, _)) = pending_method(&login) {
         methods = vec![pending];
     }
