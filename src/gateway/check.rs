@@ -23,7 +23,6 @@ use super::ctx::{Mode, RequestCtx};
 use super::names;
 use super::route::Route;
 
-/// The one value `X-Fhirgate-Check` takes.
 pub use fhirgate_core::fhir::permission::{PERMISSION, Verdict, is_verdict};
 
 /// The path of the body-less form, after `/fhir/R4/`.
@@ -48,15 +47,30 @@ pub enum CheckRequestError {
     BadId,
 }
 
-/// The mode a request asks for (`Check` when the header says so or the path is the operation).
-pub fn mode(session: &Session, route: &Route) -> Result<Mode, CheckRequestError> {
+/// The mode a request asks for: `Check` when the header says so or the path is the operation,
+/// which is then rewritten into the request it stands for (and `route` with it). An error is a
+/// malformed question, to be answered as such.
+pub fn prepare(session: &mut Session, route: &mut Route) -> Result<Mode, CheckRequestError> {
     let asked = match session.req_header().headers.get(&names::X_FHIRGATE_CHECK) {
         None => Mode::Serve,
         Some(v) if v.as_bytes().eq_ignore_ascii_case(PERMISSION.as_bytes()) => Mode::Check,
         Some(_) => return Err(CheckRequestError::UnknownCheck),
     };
     match route {
-        Route::Fhir { rest } if rest == OPERATION => Ok(Mode::Check),
+        Route::Fhir { rest } if rest == OPERATION => {
+            let req = session.req_header();
+            let (method, rest) = operation_request(&req.method, req.uri.query())?;
+            rewrite(session, method, &rest)?;
+            let req = session.req_header();
+            *route = super::route::route(req.method.as_str(), req.uri.path());
+            Ok(Mode::Check)
+        }
+        // The identity types are the control API's: it answers their checks itself.
+        Route::Control
+            if asked == Mode::Check && !is_fhir_path(session.req_header().uri.path()) =>
+        {
+            Err(CheckRequestError::NotFhir)
+        }
         _ => Ok(asked),
     }
 }
@@ -87,14 +101,9 @@ pub fn operation_request(
     let ty = resource_type
         .filter(|t| fhirgate_core::fhir::types::is_resource_type(t))
         .ok_or(CheckRequestError::BadType)?;
-    let id = id.map(|i| {
-        if is_valid_id(&i) {
-            Ok(i)
-        } else {
-            Err(CheckRequestError::BadId)
-        }
-    });
-    let id = id.transpose()?;
+    if id.as_deref().is_some_and(|i| !is_valid_id(i)) {
+        return Err(CheckRequestError::BadId);
+    }
     let instance = || {
         id.clone()
             .map(|i| format!("{ty}/{i}"))
@@ -123,18 +132,19 @@ pub fn operation_request(
 }
 
 /// Rewrites the operation's request into the one it stands for. Safe because a request in check
-/// mode is never forwarded: the gateway answers it itself.
-pub fn rewrite(session: &mut Session, method: Method, rest: &str) -> Result<()> {
+/// mode is never forwarded: the gateway answers it itself. (`rest` is a type and a valid id: it
+/// always makes a URI.)
+fn rewrite(session: &mut Session, method: Method, rest: &str) -> Result<(), CheckRequestError> {
     let uri: http::Uri = format!("/fhir/R4/{rest}")
         .parse()
-        .map_err(|e| Error::because(ErrorType::InvalidHTTPHeader, "check-permission uri", e))?;
+        .map_err(|_| CheckRequestError::BadId)?;
     let req = session.req_header_mut();
     req.set_method(method);
     req.set_uri(uri);
     // The identity types are forwarded to the control API: the header tells it to check, never
     // to perform, whatever the client sent.
-    req.insert_header(names::X_FHIRGATE_CHECK.clone(), PERMISSION)?;
-    Ok(())
+    req.insert_header(names::X_FHIRGATE_CHECK.clone(), PERMISSION)
+        .map_err(|_| CheckRequestError::UnknownCheck)
 }
 
 /// The reason a verdict gives: the decision's label, except that every 404 is `not_found`, so a
@@ -151,7 +161,7 @@ pub fn public_reason<'a>(
 }
 
 /// A FHIR path (`/fhir/R4/…`, also under `/api`).
-pub fn is_fhir_path(path: &str) -> bool {
+fn is_fhir_path(path: &str) -> bool {
     let path = path.strip_prefix("/api").unwrap_or(path);
     path.starts_with("/fhir/R4/")
 }

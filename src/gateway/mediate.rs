@@ -634,17 +634,17 @@ async fn run_inner(
     } else {
         method
     };
-    if checking && m.body.is_none() && permit.write != WriteCheck::None {
-        check_without_body(gw, ctx, session, &m).await?;
-        return Ok(Done::WouldSend(Vec::new()));
-    }
     let (method, url, body, overrides) = if permit.write != WriteCheck::None {
-        let prepared = prepare_write(gw, ctx, session, &m).await?;
         if checking {
-            // Every check of the write has passed; it is never sent.
+            // Every check of the write runs (without a body, those of the current version);
+            // the write is never sent.
+            match &m.body {
+                None => check_without_body(gw, ctx, session, &m).await?,
+                Some(_) => drop(prepare_write(gw, ctx, session, &m).await?),
+            }
             return Ok(Done::WouldSend(Vec::new()));
         }
-        prepared
+        prepare_write(gw, ctx, session, &m).await?
     } else if checking && (!checked_read || !matches!(method, http::Method::GET)) {
         // Nothing about the answer is checked before it is sent (a search is filtered entry by
         // entry), or the request is not a read (a conditional write is decided on the server's

@@ -153,39 +153,15 @@ impl ProxyHttp for Gateway {
             ctx.answered = Some(cors::answer_preflight(session, ctx.cors.as_ref()).await?);
             return Ok(true);
         }
-        match check::mode(session, &ctx.route) {
+        // A malformed question is an error (the mode stays `Serve`), not a verdict.
+        match check::prepare(session, &mut ctx.route) {
             Ok(mode) => ctx.mode = mode,
             Err(e) => {
                 let o = Outcome::BadRequest(e.to_string());
                 return self.deny(session, ctx, o, "bad_check").await;
             }
         }
-        if matches!(&ctx.route, Route::Fhir { rest } if rest == check::OPERATION) {
-            let req = session.req_header();
-            match check::operation_request(&req.method, req.uri.query()) {
-                Ok((method, rest)) => {
-                    check::rewrite(session, method, &rest)?;
-                    let req = session.req_header();
-                    ctx.route = route::route(req.method.as_str(), req.uri.path());
-                }
-                Err(e) => {
-                    // A malformed question is an error, not a verdict about some request.
-                    ctx.mode = Mode::Serve;
-                    let o = Outcome::BadRequest(e.to_string());
-                    return self.deny(session, ctx, o, "bad_check").await;
-                }
-            }
-        }
         match ctx.route {
-            // The identity types are the control API's: it answers their checks itself.
-            Route::Control
-                if ctx.mode == Mode::Check
-                    && !check::is_fhir_path(session.req_header().uri.path()) =>
-            {
-                let o = Outcome::BadRequest(check::CheckRequestError::NotFhir.to_string());
-                ctx.mode = Mode::Serve;
-                self.deny(session, ctx, o, "bad_check").await
-            }
             Route::Metadata if ctx.mode == Mode::Check => {
                 ctx.decision = "check_public";
                 check::answer(session, ctx, check::Verdict::allowed(&[])).await?;

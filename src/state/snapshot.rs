@@ -36,15 +36,27 @@ pub struct ProjectInfo {
 pub const UPSTREAM_SETTING: &str = "fhirgate-upstream";
 pub const ISOLATION_SETTING: &str = "fhirgate-isolation";
 
-/// `Project.systemSetting[name].valueString`.
-fn system_setting<'a>(project: &'a Value, name: &str) -> Option<&'a str> {
+/// The entry named `name` of a Project's `setting` or `systemSetting` list (`{name, value[x]}`).
+fn named_setting<'a>(project: &'a Value, list: &str, name: &str) -> Option<&'a Value> {
     project
-        .get("systemSetting")?
+        .get(list)?
         .as_array()?
         .iter()
-        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))?
+        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))
+}
+
+/// `Project.systemSetting[name].valueString`.
+fn system_setting<'a>(project: &'a Value, name: &str) -> Option<&'a str> {
+    named_setting(project, "systemSetting", name)?
         .get("valueString")?
         .as_str()
+}
+
+impl ProjectInfo {
+    /// `Project.setting[name]`: the settings a project's admins keep (`allowedMfaMethods`, …).
+    pub fn setting(&self, name: &str) -> Option<&Value> {
+        named_setting(&self.content, "setting", name)
+    }
 }
 
 /// What a project sees of its upstream (docs/contract.md §3). The super-admin project sees everything. A

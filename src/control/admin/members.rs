@@ -17,8 +17,8 @@ use crate::control::base::resources::refreshed;
 use crate::control::base::resources::update_resource;
 use crate::control::base::users::find_memberships;
 use crate::control::base::users::revoke_sessions_of;
-use crate::control::login::mfa::new_secret;
 use crate::control::login::mfa::read_user as mfa_read_user;
+use crate::control::login::mfa::remove_methods;
 use crate::control::login::mfa::update_user as mfa_update_user;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
@@ -212,22 +212,8 @@ pub async fn reset_mfa(
             "User is not enrolled in MFA method: {method}"
         )));
     }
-    let rotated = new_secret();
-    let reset = method.clone();
-    mfa_update_user(&state, user.id(), move |current, obj| {
-        let remaining: Vec<String> = current
-            .methods()
-            .into_iter()
-            .filter(|m| *m != reset)
-            .collect();
-        if reset == "totp" {
-            obj.insert("mfaSecret".into(), Value::String(rotated.clone()));
-        }
-        if reset == "sms" {
-            obj.remove("mfaPhone");
-        }
-        obj.insert("mfaEnrolled".into(), Value::Bool(!remaining.is_empty()));
-        obj.insert("mfaMethod".into(), serde_json::json!(remaining));
+    mfa_update_user(&state, user.id(), |current, obj| {
+        remove_methods(obj, current, Some(method.as_str()));
         Ok(())
     })
     .await?;

@@ -25,9 +25,9 @@ use crate::control::login::mfa::destination;
 use crate::control::login::mfa::destinations;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
-use crate::control::login::mfa::new_secret;
-use crate::control::login::mfa::pending_method;
+use crate::control::login::mfa::push_method;
 use crate::control::login::mfa::read_user;
+use crate::control::login::mfa::remove_methods;
 use crate::control::login::mfa::require_allowed;
 use crate::control::login::mfa::send_code;
 use crate::control::login::mfa::send_to;
@@ -35,6 +35,7 @@ use crate::control::login::mfa::start_code_enrolment;
 use crate::control::login::mfa::update_user;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
+use crate::control::login::otp::Pending;
 use crate::control::login::otp::mask_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
@@ -77,17 +78,17 @@ pub async fn status(
         user, project_id, ..
     }: CallerUser,
 ) -> Result<Response, ApiError> {
-    let allowed = allowed_methods(&state, Some(&project_id));
+    let methods = user.methods();
     let mut out = json!({
         "enrolled": user.enrolled(),
-        "enrolledMethods": user.methods(),
-        "allowedMethods": allowed,
+        "enrolledMethods": methods,
+        "allowedMethods": allowed_methods(&state, Some(&project_id)),
         "email": user.email(),
     });
     if let Some(phone) = user.phone() {
         out["phone"] = Value::String(mask_phone(phone));
     }
-    if !user.methods().iter().any(|m| m == "totp") {
+    if !methods.iter().any(|m| m == "totp") {
         let user = ensure_secret(&state, user).await?;
         let secret = user
             .secret()
@@ -230,27 +231,23 @@ pub async fn enroll(
         // The code of `send-*-challenge`, sent on this session to the method being enrolled.
         let login_id = login_id.as_deref().ok_or_else(ApiError::forbidden)?;
         let login = get_login(&state, login_id).await?;
-        let Some((pending, phone)) = pending_method(&login).filter(|(m, _)| *m == method) else {
+        let Some(pending) = Pending::of(&login).filter(|p| p.channel.as_str() == method) else {
             return Err(ApiError::bad_request("Send a code to this method first"));
         };
-        let to = if pending == "sms" {
-            phone.clone()
-        } else {
-            Some(user.email().to_string())
-        };
-        let expected: Vec<String> = to
-            .iter()
-            .map(|d| otp::destination_hash(&state, d))
+        let expected: Vec<String> = user
+            .pending_address(&pending)
+            .map(|to| otp::destination_hash(&state, to))
+            .into_iter()
             .collect();
         let accept = Accept {
             secret: None,
             destinations: &expected,
         };
         match caller_attempt(&state, Some(login_id), &user, &accept, &token).await? {
-            Factor::Sent(channel) if channel.as_str() == pending => {}
+            Factor::Sent(channel) if channel == pending.channel => {}
             _ => return Err(ApiError::bad_request("Invalid token")),
         }
-        add_method(&state, &user, &pending, phone.as_deref()).await?;
+        add_method(&state, &user, &method, pending.phone.as_deref()).await?;
         return Ok(outcome_response(&Outcome::AllOk));
     }
     let secret = user.secret_or("Secret not found")?;
@@ -267,9 +264,7 @@ pub async fn enroll(
             return Err(ApiError::bad_request("Secret not found"));
         }
         obj.insert("mfaEnrolled".into(), Value::Bool(true));
-        let mut list: Vec<Value> = current.methods().iter().map(|m| json!(m)).collect();
-        list.push(json!("totp"));
-        obj.insert("mfaMethod".into(), Value::Array(list));
+        push_method(obj, &current.methods(), "totp");
         Ok(())
     })
     .await?;
@@ -307,7 +302,7 @@ pub async fn disable(
 ) -> Result<Response, ApiError> {
     let methods = user.methods();
     let totp = methods.iter().any(|m| m == "totp");
-    let secret = user.secret();
+    let secret = user.secret().map(str::to_string);
     // Medplum's order: no secret at all comes first (a user with only sent-code methods has
     // none to need).
     if secret.is_none() && methods.iter().all(|m| m == "totp") {
@@ -325,30 +320,22 @@ pub async fn disable(
     }
     let token = body_str(&body, "token").ok_or_else(|| ApiError::bad_request("Missing token"))?;
     // A TOTP code, or a code sent on this session to where one of the user's methods sends.
-    let secret = secret.filter(|_| totp).map(str::to_string);
+    let secret = secret.filter(|_| totp);
     let enrolled = destinations(&state, &user, &methods);
     let accept = Accept {
         secret: secret.as_deref(),
         destinations: &enrolled,
     };
     caller_attempt(&state, login_id.as_deref(), &user, &accept, &token).await?;
-    let rotated = new_secret();
     update_user(&state, user.id(), |current, obj| {
-        if current.secret().map(str::to_string) != secret && secret.is_some() {
+        // The code was checked against this secret: it must still be the one stored.
+        if secret
+            .as_deref()
+            .is_some_and(|s| current.secret() != Some(s))
+        {
             return Err(ApiError::bad_request("Secret not found"));
         }
-        let remaining: Vec<String> = match &only {
-            Some(m) => current.methods().into_iter().filter(|x| x != m).collect(),
-            None => Vec::new(),
-        };
-        if !remaining.iter().any(|m| m == "totp") {
-            obj.insert("mfaSecret".into(), Value::String(rotated.clone()));
-        }
-        if !remaining.iter().any(|m| m == "sms") {
-            obj.remove("mfaPhone");
-        }
-        obj.insert("mfaEnrolled".into(), Value::Bool(!remaining.is_empty()));
-        obj.insert("mfaMethod".into(), json!(remaining));
+        remove_methods(obj, current, only.as_deref());
         Ok(())
     })
     .await?;

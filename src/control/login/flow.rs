@@ -28,15 +28,16 @@ use crate::control::base::resources::read_by_id;
 use crate::control::base::users::find_user;
 use crate::control::base::users::memberships_of;
 use crate::control::base::users::valid_email;
+use crate::control::login::mfa::MfaUser;
 use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
-use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::project_requires_mfa;
 use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::send_preferred_if_due;
 use crate::control::login::mfa::usable_methods;
 use crate::control::login::otp;
+use crate::control::login::otp::Pending;
 use crate::control::login::pending::PendingLogin;
 use crate::control::login::pkce::check_client_pkce;
 use crate::control::login::state::CODE_LIFETIME;
@@ -413,9 +414,16 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
     let id = login.id.clone();
     let flow = LoginFlow::of(login);
     if flow.mfa_enroll_required && !flow.mfa_verified {
-        if let Some((method, phone)) = pending_method(login) {
+        if let Some(pending) = Pending::of(login) {
             // A method chosen at `login-enroll`: its code was sent; verify it like any other.
-            return challenge(login, &[method], phone.as_deref(), state).await;
+            let user = read_user(state, &login.user_ref).await?;
+            let methods = [pending.channel.as_str().to_string()];
+            return Ok(challenge(
+                login,
+                user.as_ref(),
+                &methods,
+                pending.phone.as_deref(),
+            ));
         }
         // Medplum hands out the secret to enrol with right here (creating it if needed).
         let mut out = json!({"login": id, "mfaEnrollRequired": true,
@@ -436,10 +444,10 @@ pub async fn login_result(state: &State, login: &mut LoginRecord) -> Result<Valu
         };
         let methods = usable_methods(state, login, &user).await?;
         // The preferred method's code goes out on its own, once per sign-in.
-        if let Some(updated) = send_preferred_if_due(state, login, &user).await? {
+        if let Some(updated) = send_preferred_if_due(state, login, &user, &methods).await {
             *login = updated;
         }
-        return challenge(login, &methods, user.phone(), state).await;
+        return Ok(challenge(login, Some(&user), &methods, user.phone()));
     }
     if login.project_id.as_deref() == Some("new") && login.membership_id.is_none() {
         return Ok(json!({"login": id}));
@@ -493,21 +501,20 @@ pub(crate) async fn login_memberships(
 
 /// `{login, mfaRequired: true, mfaMethods, email}` (Medplum's), and where a code went by SMS, the
 /// phone it went to, masked.
-async fn challenge(
+fn challenge(
     login: &LoginRecord,
+    user: Option<&MfaUser>,
     methods: &[String],
     phone: Option<&str>,
-    state: &State,
-) -> Result<Value, ApiError> {
-    let user = read_user(state, &login.user_ref).await?;
+) -> Value {
     let mut out = json!({"login": login.id, "mfaRequired": true, "mfaMethods": methods});
-    if let Some(user) = &user {
+    if let Some(user) = user {
         out["email"] = Value::String(user.email().to_string());
     }
     if let (Some(phone), true) = (phone, methods.iter().any(|m| m == "sms")) {
         out["phone"] = Value::String(otp::mask_phone(phone));
     }
-    Ok(out)
+    out
 }
 
 /// [`login_result`] as the 200 JSON answer of the `/auth/*` endpoints.

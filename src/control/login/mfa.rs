@@ -24,6 +24,7 @@ use crate::control::base::index::index_rows;
 use crate::control::base::users::memberships_of;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
+use crate::control::login::otp::Pending;
 use crate::control::login::otp::valid_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::get_login;
@@ -196,6 +197,22 @@ impl MfaUser {
             .get("mfaPhone")
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
+    }
+
+    /// Where the user's codes of `channel` go: the e-mail address, or the enrolled phone.
+    pub fn address(&self, channel: Channel) -> Option<&str> {
+        match channel {
+            Channel::Email => Some(self.email()).filter(|e| !e.is_empty()),
+            Channel::Sms => self.phone(),
+        }
+    }
+
+    /// Where the codes of a method being enrolled go: the phone given for it, or the address.
+    pub fn pending_address<'a>(&'a self, pending: &'a Pending) -> Option<&'a str> {
+        pending
+            .phone
+            .as_deref()
+            .or_else(|| self.address(pending.channel))
     }
 
     /// The secret, or 400 `missing` when there is none.
@@ -373,11 +390,7 @@ pub(crate) async fn usable_methods(
 pub(crate) fn destinations(state: &State, user: &MfaUser, methods: &[String]) -> Vec<String> {
     methods
         .iter()
-        .filter_map(|m| match m.as_str() {
-            "email" if !user.email().is_empty() => Some(user.email()),
-            "sms" => user.phone(),
-            _ => None,
-        })
+        .filter_map(|m| user.address(Channel::parse(m)?))
         .map(|to| otp::destination_hash(state, to))
         .collect()
 }
@@ -385,7 +398,8 @@ pub(crate) fn destinations(state: &State, user: &MfaUser, methods: &[String]) ->
 /// Which factor a code was accepted for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Factor {
-    Totp,
+    /// An authenticator's code, of this time step.
+    Totp { step: u64 },
     /// A code sent to the user (`login::otp`).
     Sent(Channel),
 }
@@ -424,12 +438,12 @@ async fn attempt(
         let sent = otp::accepted(state, &login, token, now)
             .filter(|(_, to)| accept.destinations.iter().any(|d| d == to));
         let factor = match sent {
-            Some((channel, _)) => Some((Factor::Sent(channel), None)),
+            Some((channel, _)) => Some(Factor::Sent(channel)),
             None => accept
                 .secret
                 .and_then(|secret| check_code(secret, token, now.max(0) as u64))
                 .filter(|s| h.last_step.is_none_or(|last| *s > last))
-                .map(|step| (Factor::Totp, Some(step))),
+                .map(|step| Factor::Totp { step }),
         };
         let mut extra = login.extra.clone();
         if !extra.is_object() {
@@ -438,7 +452,7 @@ async fn attempt(
         let Some(obj) = extra.as_object_mut() else {
             return Err(ApiError::internal("login extra", "not an object"));
         };
-        let Some((factor, step)) = factor else {
+        let Some(factor) = factor else {
             failures.push(now);
             obj.insert(keys::MFA_FAILURES.into(), json!(failures));
             if !state
@@ -454,11 +468,11 @@ async fn attempt(
             }
             return Ok(Err(Rejected::Wrong));
         };
-        match step {
-            Some(step) => {
+        match factor {
+            Factor::Totp { step } => {
                 obj.insert(keys::MFA_STEP.into(), json!(step));
             }
-            None => otp::spend(obj),
+            Factor::Sent(_) => otp::spend(obj),
         }
         on_success(obj, factor);
         if state
@@ -556,7 +570,7 @@ async fn verify_login(
     let methods = usable_methods(state, &login, &user).await?;
     // A method chosen at sign-in counts only while the user must enrol and has none.
     let enrolling = LoginFlow::of(&login).mfa_enroll_required && user.methods().is_empty();
-    let pending = pending_method(&login).filter(|_| enrolling);
+    let pending = Pending::of(&login).filter(|_| enrolling);
     if methods.is_empty() && pending.is_none() {
         return Err(ApiError::bad_request(if user.methods().is_empty() {
             "User not enrolled in MFA"
@@ -571,13 +585,8 @@ async fn verify_login(
         .then(|| user.secret())
         .flatten();
     let mut to = destinations(state, &user, &methods);
-    if let Some((method, phone)) = &pending {
-        let dest = if method == "sms" {
-            phone.clone()
-        } else {
-            Some(user.email().to_string())
-        };
-        to.extend(dest.map(|d| otp::destination_hash(state, &d)));
+    if let Some(address) = pending.as_ref().and_then(|p| user.pending_address(p)) {
+        to.push(otp::destination_hash(state, address));
     }
     let accept = Accept {
         secret,
@@ -587,10 +596,10 @@ async fn verify_login(
     let event = SecurityEvent::new(SecurityEventKind::MfaVerification).subject(&login.user_ref);
     match verified {
         Ok((login, factor)) => {
-            if let (Factor::Sent(channel), Some((method, phone))) = (factor, pending)
-                && channel.as_str() == method
+            if let (Factor::Sent(channel), Some(pending)) = (factor, pending)
+                && channel == pending.channel
             {
-                add_method(state, &user, &method, phone.as_deref()).await?;
+                add_method(state, &user, channel.as_str(), pending.phone.as_deref()).await?;
             }
             event.emit();
             Ok(login)
@@ -637,16 +646,13 @@ async fn login_enroll(
     Ok(verified)
 }
 
-/// A Project's `setting` named `name` (Medplum's Project settings: `{name, value[x]}`).
+/// A Project's `setting` named `name`, from the snapshot.
 fn project_setting(state: &State, project_id: Option<&str>, name: &str) -> Option<Value> {
-    let snapshot = state.snapshot();
-    let project = snapshot.projects.get(project_id?)?;
-    project
-        .content
-        .get("setting")?
-        .as_array()?
-        .iter()
-        .find(|s| s.get("name").and_then(Value::as_str) == Some(name))
+    state
+        .snapshot()
+        .projects
+        .get(project_id?)?
+        .setting(name)
         .cloned()
 }
 
@@ -706,8 +712,10 @@ pub(crate) fn destination(
     phone: Option<&str>,
 ) -> Result<String, ApiError> {
     match channel {
-        Channel::Email if !user.email().is_empty() => Ok(user.email().to_string()),
-        Channel::Email => Err(ApiError::bad_request("User has no email address")),
+        Channel::Email => user
+            .address(channel)
+            .map(str::to_string)
+            .ok_or_else(|| ApiError::bad_request("User has no email address")),
         Channel::Sms => phone
             .or(user.phone())
             .filter(|p| valid_phone(p))
@@ -737,7 +745,7 @@ pub(crate) async fn send_code(
         .await?
         .ok_or_else(not_enrolled)?;
     let enrolling = LoginFlow::of(login).mfa_enroll_required && user.methods().is_empty();
-    let pending = pending_method(login).filter(|(m, _)| enrolling && m == channel.as_str());
+    let pending = Pending::of(login).filter(|p| enrolling && p.channel == channel);
     let enrolled = usable_methods(state, login, &user)
         .await?
         .iter()
@@ -745,9 +753,9 @@ pub(crate) async fn send_code(
     if !enrolled && pending.is_none() {
         return Err(not_enrolled());
     }
-    let phone = pending.and_then(|(_, phone)| phone);
+    let phone = pending.and_then(|p| p.phone);
     let to = destination(&user, channel, phone.as_deref())?;
-    otp::send(state, login, channel, &to).await
+    otp::send(state, login, channel, &to).await.map(drop)
 }
 
 /// A sign-in whose user must enrol chooses a sent-code method: it is remembered on the Login and
@@ -786,13 +794,13 @@ pub(crate) async fn send_to(
 ) -> Result<(), ApiError> {
     let mut login = login.clone();
     if enrolling {
+        let pending = Pending {
+            channel,
+            phone: (channel == Channel::Sms).then(|| to.to_string()),
+        };
         let mut extra = login.extra.clone();
         if let Some(obj) = extra.as_object_mut() {
-            let mut pending = json!({"method": channel.as_str()});
-            if channel == Channel::Sms {
-                pending["phone"] = Value::String(to.to_string());
-            }
-            obj.insert(otp::PENDING_METHOD.into(), pending);
+            obj.insert(otp::PENDING_METHOD.into(), pending.to_json());
         }
         if !state
             .store
@@ -803,57 +811,64 @@ pub(crate) async fn send_to(
         }
         login.extra = extra;
     }
-    otp::send(state, &login, channel, to).await
+    otp::send(state, &login, channel, to).await.map(drop)
 }
 
-/// At the code step of a sign-in: sends the preferred method's code when it is a sent one and
-/// none is out for this Login yet. Returns the Login as stored afterwards.
+/// At the code step of a sign-in: sends the code of the preferred of `methods` (the usable ones)
+/// when it is a sent one and none is out for this Login yet. Returns the Login as stored
+/// afterwards, when a code went out.
 pub(crate) async fn send_preferred_if_due(
     state: &State,
     login: &LoginRecord,
     user: &MfaUser,
-) -> Result<Option<LoginRecord>, ApiError> {
-    let preferred = usable_methods(state, login, user)
-        .await?
-        .first()
-        .and_then(|m| Channel::parse(m));
-    let Some(channel) = preferred else {
-        return Ok(None);
-    };
-    if otp::pending(login, now_unix()).is_some() {
-        return Ok(None);
+    methods: &[String],
+) -> Option<LoginRecord> {
+    let channel = methods.first().and_then(|m| Channel::parse(m))?;
+    if otp::outstanding(login, now_unix()).is_some() {
+        return None;
     }
-    let to = match channel {
-        Channel::Email => Some(user.email().to_string()),
-        Channel::Sms => user.phone().map(str::to_string),
-    };
-    let Some(to) = to else {
-        return Ok(None);
-    };
+    let to = user.address(channel)?;
     // A code that cannot go out now does not stop the sign-in: the person may ask again, or
     // use another method.
-    if let Err(e) = otp::send(state, login, channel, &to).await {
-        tracing::warn!(error = ?e, channel = channel.as_str(), "sign-in code not sent");
-        return Ok(None);
-    }
-    Ok(state.store.login(&login.id).await?)
-}
-
-/// The method being enrolled during this sign-in, and the phone it goes to.
-pub(crate) fn pending_method(login: &LoginRecord) -> Option<(String, Option<String>)> {
-    let p = login.extra.get(otp::PENDING_METHOD)?;
-    let method = p.get("method")?.as_str()?.to_string();
-    let phone = p.get("phone").and_then(Value::as_str).map(str::to_string);
-    Some((method, phone))
+    otp::send(state, login, channel, to)
+        .await
+        .inspect_err(|e| {
+            tracing::warn!(error = ?e, channel = channel.as_str(), "sign-in code not sent");
+        })
+        .ok()
 }
 
 /// `methods` with `method` added (last, unless the list was empty).
-fn push_method(obj: &mut Map<String, Value>, methods: &[String], method: &str) {
+pub(crate) fn push_method(obj: &mut Map<String, Value>, methods: &[String], method: &str) {
     let mut list: Vec<Value> = methods.iter().map(|m| json!(m)).collect();
     if !methods.iter().any(|m| m == method) {
         list.push(json!(method));
     }
     obj.insert("mfaMethod".into(), Value::Array(list));
+}
+
+/// `current`'s methods less `method` (all of them when `None`): what is no longer used goes
+/// too (a removed authenticator's secret is rotated, so enrolling again needs a new entry; the
+/// phone is removed), and the user is enrolled while any method is left.
+pub(crate) fn remove_methods(
+    obj: &mut Map<String, Value>,
+    current: &MfaUser,
+    method: Option<&str>,
+) {
+    let had = current.methods();
+    let remaining: Vec<String> = match method {
+        Some(m) => had.iter().filter(|x| *x != m).cloned().collect(),
+        None => Vec::new(),
+    };
+    let totp = |list: &[String]| list.iter().any(|m| m == "totp");
+    if totp(&had) && !totp(&remaining) {
+        obj.insert("mfaSecret".into(), Value::String(new_secret()));
+    }
+    if !remaining.iter().any(|m| m == "sms") {
+        obj.remove("mfaPhone");
+    }
+    obj.insert("mfaEnrolled".into(), Value::Bool(!remaining.is_empty()));
+    obj.insert("mfaMethod".into(), json!(remaining));
 }
 
 /// Enrols `user` in `method` (`email`, or `sms` with its phone), after a code sent to it came

@@ -2,7 +2,8 @@
 //! the `email` and `sms` MFA methods (`login::mfa`). A code is 6 digits, kept on the Login it
 //! was sent for as a keyed hash with its channel and expiry (`mfaSentCode`), good for
 //! [`CODE_LIFETIME`], once; a new one replaces it. Wrong codes count against the same limits as
-//! TOTP codes (`login::mfa::attempt`); sends are limited per Login ([`MAX_SENDS`]).
+//! TOTP codes (`login::mfa::attempt`); sends are limited per Login ([`MAX_SENDS`]), per user
+//! ([`MAX_USER_SENDS`]) and per destination.
 
 use std::time::Duration;
 
@@ -12,6 +13,7 @@ use serde_json::{Map, Value, json};
 use crate::state::State;
 use crate::store::{LoginRecord, now_unix};
 
+use crate::control::base::outbound;
 use crate::control::web::error::ApiError;
 
 /// Seconds a sent code is good for (Medplum's is 20 minutes; a shorter window is stricter).
@@ -78,6 +80,53 @@ impl Channel {
     }
 }
 
+/// A sent-code method being enrolled during a sign-in (`PENDING_METHOD`), with the number an SMS
+/// goes to: a code sent to it, once verified, enrols it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub channel: Channel,
+    pub phone: Option<String>,
+}
+
+impl Pending {
+    pub fn of(login: &LoginRecord) -> Option<Pending> {
+        let p = login.extra.get(PENDING_METHOD)?;
+        Some(Pending {
+            channel: Channel::parse(p.get("method")?.as_str()?)?,
+            phone: p.get("phone").and_then(Value::as_str).map(str::to_string),
+        })
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut pending = json!({"method": self.channel.as_str()});
+        if let Some(phone) = &self.phone {
+            pending["phone"] = Value::String(phone.clone());
+        }
+        pending
+    }
+}
+
+/// A code sent for a Login (`SENT_CODE`), as stored.
+struct SentCode<'a> {
+    channel: Channel,
+    hash: &'a str,
+    expires_at: i64,
+    /// [`destination_hash`] of where it went.
+    to: &'a str,
+}
+
+impl SentCode<'_> {
+    fn of(login: &LoginRecord) -> Option<SentCode<'_>> {
+        let sent = login.extra.get(SENT_CODE)?;
+        Some(SentCode {
+            channel: Channel::parse(sent.get("channel")?.as_str()?)?,
+            hash: sent.get("hash")?.as_str()?,
+            expires_at: sent.get("expiresAt")?.as_i64()?,
+            to: sent.get("to")?.as_str()?,
+        })
+    }
+}
+
 /// A fresh code: 6 decimal digits, leading zeros kept.
 fn new_code() -> String {
     format!("{:06}", rand::rng().random_range(0..1_000_000u32))
@@ -91,16 +140,12 @@ pub fn accepted(
     token: &str,
     now: i64,
 ) -> Option<(Channel, String)> {
-    let sent = login.extra.get(SENT_CODE)?;
-    let channel = Channel::parse(sent.get("channel")?.as_str()?)?;
-    let expires_at = sent.get("expiresAt")?.as_i64()?;
-    let hash = sent.get("hash")?.as_str()?;
-    let to = sent.get("to")?.as_str()?;
+    let sent = SentCode::of(login)?;
     let token = token.trim();
-    (now < expires_at
+    (now < sent.expires_at
         && token.len() == 6
-        && crate::tokens::hashes_equal(&state.hash_secret(token), hash))
-    .then(|| (channel, to.to_string()))
+        && crate::tokens::hashes_equal(&state.hash_secret(token), sent.hash))
+    .then(|| (sent.channel, sent.to.to_string()))
 }
 
 /// The keyed hash a destination is known by on a sent code.
@@ -113,28 +158,22 @@ pub fn spend(extra: &mut Map<String, Value>) {
     extra.remove(SENT_CODE);
 }
 
-/// A code was sent for this Login and is still good: polling the sign-in sends no other.
-pub fn pending(login: &LoginRecord, now: i64) -> Option<Channel> {
-    let sent = login.extra.get(SENT_CODE)?;
-    let good = sent
-        .get("expiresAt")
-        .and_then(Value::as_i64)
-        .is_some_and(|t| now < t);
-    good.then(|| {
-        sent.get("channel")
-            .and_then(Value::as_str)
-            .and_then(Channel::parse)
-    })
-    .flatten()
+/// The channel of the code out for this Login, while it is still good: polling the sign-in
+/// sends no other.
+pub fn outstanding(login: &LoginRecord, now: i64) -> Option<Channel> {
+    SentCode::of(login)
+        .filter(|sent| now < sent.expires_at)
+        .map(|sent| sent.channel)
 }
 
-/// Stores a new code on the Login (compare-and-swap) and sends it to `to` over `channel`.
+/// Stores a new code on the Login (compare-and-swap) and sends it to `to` over `channel`;
+/// returns the Login as stored.
 pub async fn send(
     state: &State,
     login: &LoginRecord,
     channel: Channel,
     to: &str,
-) -> Result<(), ApiError> {
+) -> Result<LoginRecord, ApiError> {
     let code = new_code();
     let now = now_unix();
     let sends_of = |l: &LoginRecord| l.extra.get(SENDS).and_then(Value::as_u64).unwrap_or(0);
@@ -185,9 +224,12 @@ pub async fn send(
         return Err(ApiError::conflict("Login changed; try again"));
     }
     match channel {
-        Channel::Email => send_email(state, to, &code).await,
-        Channel::Sms => send_sms(state, to, &code).await,
+        Channel::Email => send_email(state, to, &code).await?,
+        Channel::Sms => send_sms(state, to, &code).await?,
     }
+    let mut sent = login.clone();
+    sent.extra = extra;
+    Ok(sent)
 }
 
 fn minutes() -> i64 {
@@ -222,14 +264,9 @@ async fn send_sms(state: &State, to: &str, code: &str) -> Result<(), ApiError> {
         "Your fhirgate verification code is {code}. It expires in {} minutes.",
         minutes()
     );
-    // One client for the hook, built once: the operator's own service, called rarely.
-    static CLIENT: std::sync::LazyLock<reqwest::Client> = std::sync::LazyLock::new(|| {
-        reqwest::Client::builder()
-            .timeout(SMS_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap_or_default()
-    });
+    // The outside-call client (`base::outbound`), built once: the hook is called rarely.
+    static CLIENT: std::sync::LazyLock<reqwest::Client> =
+        std::sync::LazyLock::new(|| outbound::client().unwrap_or_default());
     let mut request = CLIENT
         .post(&hook.url)
         .timeout(SMS_TIMEOUT)
@@ -253,6 +290,17 @@ async fn send_sms(state: &State, to: &str, code: &str) -> Result<(), ApiError> {
             tracing::warn!(error = %e.without_url(), "the SMS hook could not be reached");
             Err(not_sent())
         }
+    }
+}
+
+/// An e-mail address as shown on the sign-in page: the first letter of the name, and the domain.
+pub fn mask_email(email: &str) -> String {
+    match email.split_once('@') {
+        Some((name, domain)) => {
+            let first: String = name.chars().take(1).collect();
+            format!("{first}…@{domain}")
+        }
+        None => String::new(),
     }
 }
 

@@ -5,12 +5,13 @@ use crate::control::login::flow::login_memberships;
 use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::enroll_details;
 use crate::control::login::mfa::ensure_secret;
-use crate::control::login::mfa::pending_method;
 use crate::control::login::mfa::read_user;
 use crate::control::login::mfa::send_preferred_if_due;
 use crate::control::login::mfa::usable_methods;
 use crate::control::login::otp;
 use crate::control::login::otp::Channel;
+use crate::control::login::otp::Pending;
+use crate::control::login::otp::mask_email;
 use crate::control::login::otp::mask_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::mfa_satisfied;
@@ -73,27 +74,32 @@ async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiEr
             totp: false,
         });
     };
+    // A method being enrolled is the only one; otherwise the usable ones, whose preferred code
+    // goes out on its own.
+    let pending = Pending::of(login);
     let mut login = login.clone();
-    if pending_method(&login).is_none()
-        && let Some(updated) = send_preferred_if_due(state, &login, &user).await?
-    {
-        login = updated;
-    }
-    let mut methods = usable_methods(state, &login, &user).await?;
-    if let Some((pending, _)) = pending_method(&login) {
-        methods = vec![pending];
-    }
-    let phone = pending_method(&login)
-        .and_then(|(_, phone)| phone)
-        .or_else(|| user.phone().map(str::to_string));
-    let describe = |channel: Channel| match channel {
-        Channel::Email => format!("by e-mail to {}", mask_email(user.email())),
-        Channel::Sms => format!(
-            "by text message to {}",
-            phone.as_deref().map(mask_phone).unwrap_or_default()
-        ),
+    let methods = match &pending {
+        Some(p) => vec![p.channel.as_str().to_string()],
+        None => {
+            let methods = usable_methods(state, &login, &user).await?;
+            if let Some(updated) = send_preferred_if_due(state, &login, &user, &methods).await {
+                login = updated;
+            }
+            methods
+        }
     };
-    let sent = otp::pending(&login, now_unix()).map(describe);
+    let describe = |channel: Channel| {
+        let to = match &pending {
+            Some(p) => user.pending_address(p),
+            None => user.address(channel),
+        }
+        .unwrap_or_default();
+        match channel {
+            Channel::Email => format!("by e-mail to {}", mask_email(to)),
+            Channel::Sms => format!("by text message to {}", mask_phone(to)),
+        }
+    };
+    let sent = otp::outstanding(&login, now_unix()).map(describe);
     let resend = methods
         .iter()
         .filter_map(|m| Channel::parse(m))
@@ -108,17 +114,6 @@ async fn code_view(state: &State, login: &LoginRecord) -> Result<CodeView, ApiEr
         .collect();
     let totp = methods.iter().any(|m| m == "totp");
     Ok(CodeView { sent, resend, totp })
-}
-
-/// An e-mail address as shown on the page: the first letter of the name, and the domain.
-fn mask_email(email: &str) -> String {
-    match email.split_once('@') {
-        Some((name, domain)) => {
-            let first: String = name.chars().take(1).collect();
-            format!("{first}…@{domain}")
-        }
-        None => String::new(),
-    }
 }
 
 /// The page a Login that is not ready needs next.
@@ -146,7 +141,7 @@ pub(super) async fn render_step(
     let csp = pages::content_security_policy(redirect_uri);
     let respond = |html: String| Ok(pages::html_response(status, html, &csp, &[]));
     let enrolling = flow.mfa_enroll_required;
-    if !flow.mfa_verified && enrolling && pending_method(login).is_none() {
+    if !flow.mfa_verified && enrolling && Pending::of(login).is_none() {
         let user = read_user(state, &login.user_ref)
             .await?
             .ok_or_else(|| ApiError::bad_request("User not found"))?;
