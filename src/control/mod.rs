@@ -82,7 +82,7 @@ pub fn try_router(state: Arc<State>) -> Result<Router, reqwest::Error> {
 /// Every route answers 405 to a method it does not list.
 fn routes() -> Router<web::AppState> {
     #[rustfmt::skip]
-    let table: [(&str, MethodRouter<web::AppState>); 53] = [
+    let table: [(&str, MethodRouter<web::AppState>); 55] = [
         ("/.well-known/openid-configuration", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/oauth-authorization-server", get(oauth2::discovery::openid_configuration)),
         ("/.well-known/jwks.json", get(oauth2::discovery::jwks)),
@@ -102,6 +102,8 @@ fn routes() -> Router<web::AppState> {
         ("/auth/method", post(auth::external::method)),
         ("/auth/google", post(auth::google::google)),
         ("/auth/external", get(auth::external::external_callback)),
+        ("/auth/saml/metadata", get(oauth2::authorize::saml::metadata)),
+        ("/auth/saml/acs", post(oauth2::authorize::saml::acs)),
         ("/auth/exchange", post(auth::external::exchange_legacy)),
         ("/auth/login", post(auth::login::login)),
         ("/auth/login/{login_id}", get(auth::login::login_status)),

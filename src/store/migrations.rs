@@ -51,6 +51,12 @@ fn steps(dialect: Dialect) -> Vec<Vec<&'static str>> {
             "CREATE INDEX IF NOT EXISTS logins_user ON logins (user_ref, auth_time)",
             "CREATE INDEX IF NOT EXISTS logins_expiry ON logins (expires_at)",
         ],
+        // 5: SAML sign-ins in flight: the AuthnRequest's id, what the sign-in asked for, until
+        // it expires. Taken (deleted) by the one Response that answers it.
+        vec![
+            "CREATE TABLE IF NOT EXISTS saml_requests (id TEXT PRIMARY KEY, state TEXT NOT NULL, expires_at BIGINT NOT NULL)",
+            "CREATE INDEX IF NOT EXISTS saml_requests_expiry ON saml_requests (expires_at)",
+        ],
     ]
 }
 

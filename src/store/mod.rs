@@ -409,6 +409,43 @@ impl Store {
         .await?;
         Ok(inserted.rows_affected() == 1)
     }
+
+    /// Keeps a SAML sign-in in flight until `expires_at` (expired ones are dropped first).
+    pub async fn put_saml_request(
+        &self,
+        id: &str,
+        state: &str,
+        expires_at: i64,
+        now: i64,
+    ) -> Result<()> {
+        sqlx::query("DELETE FROM saml_requests WHERE expires_at < $1")
+            .bind(now)
+            .execute(&self.pool)
+            .await?;
+        sqlx::query("INSERT INTO saml_requests (id, state, expires_at) VALUES ($1, $2, $3)")
+            .bind(id)
+            .bind(state)
+            .bind(expires_at)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a SAML sign-in in flight: its state, once, on whichever instance asks first, and
+    /// only while it has not expired.
+    pub async fn take_saml_request(&self, id: &str, now: i64) -> Result<Option<String>> {
+        let row =
+            sqlx::query("DELETE FROM saml_requests WHERE id = $1 RETURNING state, expires_at")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let expires_at: i64 = row.try_get("expires_at")?;
+        if expires_at < now {
+            return Ok(None);
+        }
+        Ok(Some(row.try_get("state")?))
+    }
 }
 
 /// The PostgreSQL test harness of the integration tests, shared by the store's test modules (one

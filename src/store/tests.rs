@@ -74,6 +74,7 @@ on_both_dialects!(
     concurrent_code_redemptions_have_one_winner,
     reopen_keeps_data_and_migrates_once,
     assertions_are_claimed_once_until_they_expire,
+    saml_requests_are_taken_once_before_they_expire,
 );
 
 fn login(id: &str, user_ref: &str, auth_time: i64) -> LoginRecord {
@@ -629,6 +630,36 @@ async fn assertions_are_claimed_once_until_they_expire(s: Store) {
     // Past its expiry a record is dropped (the assertion itself is refused by then).
     assert!(s.claim_assertion("a1", now + 200, now + 120).await.unwrap());
     assert!(!s.claim_assertion("a1", now + 200, now + 121).await.unwrap());
+}
+
+async fn saml_requests_are_taken_once_before_they_expire(s: Store) {
+    let now = now_unix();
+    s.put_saml_request("_r1", "{\"a\":1}", now + 60, now)
+        .await
+        .unwrap();
+    s.put_saml_request("_old", "{}", now + 5, now)
+        .await
+        .unwrap();
+    let takers: Vec<_> = (0..8)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move { s.take_saml_request("_r1", now).await })
+        })
+        .collect();
+    let won = winners(takers, |_| false).await;
+    let taken: Vec<_> = won.into_iter().flatten().collect();
+    assert_eq!(
+        taken,
+        vec!["{\"a\":1}".to_string()],
+        "one Response, one sign-in"
+    );
+    assert_eq!(
+        s.take_saml_request("_old", now + 6).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(s.take_saml_request("_none", now).await.unwrap(), None);
+    assert!(s.put_saml_request("_r1", "{}", now + 60, now).await.is_ok());
 }
 
 /// Issue 10: the SQLite file (password and secret hashes, signing keys) and the directory

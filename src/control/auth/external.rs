@@ -250,6 +250,7 @@ pub async fn external_callback(
         force_first_membership: false,
         membership_id: None,
         bind_redirect_uri: false,
+        own_mfa: false,
     };
     let mut login = external_login(&state, &request).await?;
 

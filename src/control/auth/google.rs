@@ -85,6 +85,7 @@ pub async fn google(
         force_first_membership: false,
         membership_id: None,
         bind_redirect_uri: false,
+        own_mfa: false,
     };
     let login = external_login(&state, &request).await?;
     login_response(&state, login).await

@@ -5,6 +5,7 @@ use crate::state::State;
 use crate::store::StoredResource;
 use serde_json::Value;
 
+use crate::control::base::saml_idp::SamlIdp;
 use crate::control::web::error::ApiError;
 
 /// The `DomainConfiguration` of `domain` (compared lower-case), as stored.
@@ -64,7 +65,16 @@ pub async fn prepare_domain_configuration(
                 "Invalid identity provider",
             ));
         };
-        for field in IDP_REQUIRED {
+        // fhirgate's SAML IdP (`identityProvider.saml`) stands instead of the OIDC fields.
+        if let Some(saml) = SamlIdp::of_identity_provider(idp) {
+            saml.map_err(|e| {
+                ApiError::invalid("DomainConfiguration.identityProvider.saml", &e.to_string())
+            })?;
+        }
+        for field in IDP_REQUIRED
+            .into_iter()
+            .filter(|_| !obj.contains_key("saml"))
+        {
             if obj
                 .get(field)
                 .and_then(Value::as_str)

@@ -13,5 +13,6 @@ pub mod links;
 pub mod outbound;
 pub mod passwords;
 pub mod resources;
+pub mod saml_idp;
 pub mod upstream;
 pub mod users;

@@ -144,6 +144,7 @@ pub(crate) async fn exchange(
         force_first_membership: true,
         membership_id: req.membership_id.map(str::to_string),
         bind_redirect_uri: false,
+        own_mfa: false,
     };
     let login = external_login(state, &request).await?;
     grant(state, client, login).await

@@ -265,6 +265,9 @@ pub struct ExternalLogin<'a> {
     /// The sign-in page: the code is bound to `ask.redirect_uri` (the other paths redirect
     /// through the app's own front end, which redeems the code without it).
     pub bind_redirect_uri: bool,
+    /// The user's own second factor is asked for too, as after a password (SAML sign-in: the
+    /// ordinary MFA policy). Medplum's external sign-ins ask for none.
+    pub own_mfa: bool,
 }
 
 /// Medplum's `getUserByExternalId`: the user of the project's membership with this external
@@ -371,9 +374,15 @@ pub async fn external_login(
         profile_type: None,
         remember: false,
         offline: wants_offline(scope),
-        // The IdP authenticated the user: no fhirgate MFA for this sign-in (as Medplum); a
-        // membership that requires MFA still sets `mfaEnrollRequired` when it is chosen.
-        mfa_required: false,
+        // The IdP authenticated the user: no fhirgate MFA for this sign-in unless asked (as
+        // Medplum); a membership that requires MFA still sets `mfaEnrollRequired` when it is
+        // chosen.
+        mfa_required: req.own_mfa
+            && user
+                .content
+                .get("mfaEnrolled")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
         mfa_enroll_required: false,
     }
     .build(now_unix());

@@ -12,5 +12,6 @@ pub mod mfa;
 pub mod otp;
 pub mod pending;
 pub mod pkce;
+pub mod saml;
 pub mod state;
 pub mod tokens;

@@ -20,6 +20,7 @@
 mod picker;
 mod render;
 mod request;
+pub mod saml;
 mod session;
 
 use crate::control::login::external::ExternalLogin;
@@ -97,6 +98,13 @@ pub async fn authorize(
         }
         Some("google") if parts.method == axum::http::Method::POST => {
             google_signin(&state, &parts, &params).await
+        }
+        Some("sso") if parts.method == axum::http::Method::POST => {
+            saml::start(&state, &parts, &params).await
+        }
+        // The IdP's Response came back through `/auth/saml/acs`, which sends the browser here.
+        Some("saml") if parts.method == axum::http::Method::GET => {
+            saml::signed_in(&state, &parts, &params).await
         }
         Some(step) if parts.method == axum::http::Method::POST => {
             continue_step(&state, &parts, &params, step).await
@@ -258,6 +266,7 @@ async fn google_signin(
         force_first_membership: false,
         membership_id: None,
         bind_redirect_uri: true,
+        own_mfa: false,
     };
     let login = match external_login(state, &external).await {
         Ok(l) => l,

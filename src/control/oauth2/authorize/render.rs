@@ -18,6 +18,7 @@ use crate::control::login::state::mfa_satisfied;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::client_name;
 use crate::control::oauth2::authorize::request::login_client;
+use crate::control::oauth2::authorize::saml::client_saml_idp;
 use crate::control::oauth2::authorize::session::csrf_cookie;
 use crate::control::web::error::ApiError;
 use crate::control::web::pages;
@@ -321,6 +322,11 @@ pub(super) fn signin_page(
         /// "Sign in with Google", when the server has a Google client id.
         google_client_id: Option<String>,
         google_hidden: Vec<Hidden>,
+        /// "Sign in with <IdP>", when the client has a SAML IdP of its own.
+        sso_idp_name: Option<String>,
+        /// The single sign-on form, when some e-mail domain signs in through SAML.
+        sso_by_email: bool,
+        sso_hidden: Vec<Hidden>,
     }
     let frame = Frame {
         title: "Sign in",
@@ -349,11 +355,16 @@ pub(super) fn signin_page(
     } else {
         csp
     };
+    let mut sso_hidden = request.hidden(csrf);
+    sso_hidden[0] = Hidden::new("step", "sso");
     let page = SignIn {
         email,
         welcome,
         google_client_id,
         google_hidden,
+        sso_idp_name: client_saml_idp(&request.client).map(|idp| idp.name),
+        sso_by_email: request.sso_by_email,
+        sso_hidden,
     };
     let html = pages::render("signin.html", &frame, &page)?;
     Ok(pages::html_response(
@@ -361,6 +372,41 @@ pub(super) fn signin_page(
         html,
         &csp,
         &[csrf_cookie(state, csrf)],
+    ))
+}
+
+/// The way to the IdP: the page goes on by itself (a refresh, which `form-action` does not
+/// govern, so the IdP need not be named in this page's policy), or by its link.
+pub(super) fn continue_page(
+    request: &AuthRequest,
+    idp_name: &str,
+    url: &str,
+) -> Result<Response, ApiError> {
+    #[derive(Serialize)]
+    struct Continue<'a> {
+        name: &'a str,
+        url: &'a str,
+    }
+    let frame = Frame {
+        title: "Single sign-on",
+        client_name: client_name(&request.client),
+        error: None,
+        action: ACTION,
+        hidden: Vec::new(),
+    };
+    let html = pages::render(
+        "continue.html",
+        &frame,
+        &Continue {
+            name: idp_name,
+            url,
+        },
+    )?;
+    Ok(pages::html_response(
+        StatusCode::OK,
+        html,
+        &pages::content_security_policy(None),
+        &[],
     ))
 }
 

@@ -61,6 +61,12 @@ pub(super) fn csrf_token(parts: &Parts) -> String {
         .unwrap_or_else(|| random_hex(32))
 }
 
+/// The browser's CSRF token, if it has one.
+pub(super) fn csrf_value(parts: &Parts) -> Option<String> {
+    cookie_value(&parts.headers, CSRF_COOKIE)
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 /// The form repeats the browser's cookie (a cross-site post cannot read or set it).
 pub(super) fn csrf_matches(parts: &Parts, p: &Params) -> Option<String> {
     let cookie = cookie_value(&parts.headers, CSRF_COOKIE)?;

@@ -20,7 +20,7 @@ use crate::control::web::error::ApiError;
 
 const CSS: &str = include_str!("style.css");
 
-const TEMPLATES: [(&str, &str); 8] = [
+const TEMPLATES: [(&str, &str); 9] = [
     ("layout.html", include_str!("layout.html")),
     ("signin.html", include_str!("signin.html")),
     ("mfa.html", include_str!("mfa.html")),
@@ -29,6 +29,7 @@ const TEMPLATES: [(&str, &str); 8] = [
     ("consent.html", include_str!("consent.html")),
     ("patient.html", include_str!("patient.html")),
     ("message.html", include_str!("message.html")),
+    ("continue.html", include_str!("continue.html")),
 ];
 
 static ENV: LazyLock<Result<Environment<'static>, String>> = LazyLock::new(|| {
