@@ -18,9 +18,10 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
  && strip /usr/local/bin/fhirgate
 
 # Runtime stage: a small Debian (same release as the build, same glibc) with CA certificates
-# (https upstreams, SMTP) and curl for the health check; non-root.
+# (https upstreams, SMTP), curl for the health check and xmlsec1 (verifies SAML sign-ins'
+# signatures); non-root.
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl && rm -rf /var/lib/apt/lists/* \
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates curl xmlsec1 && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 fhirgate \
  && useradd --system --uid 10001 --gid 10001 --home /var/lib/fhirgate fhirgate \
  && mkdir -p /var/lib/fhirgate && chown fhirgate:fhirgate /var/lib/fhirgate

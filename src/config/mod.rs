@@ -271,6 +271,9 @@ pub struct ConfigFile {
     /// Lowest zxcvbn strength score a new password needs, 0 (off) to 4; common passwords and ones built from the user's name, e-mail address or project name score low [default: 3]
     #[arg(long, env = "FHIRGATE_PASSWORD_MIN_STRENGTH")]
     pub password_min_strength: Option<u8>,
+    /// How far a SAML identity provider's clock may be from this server's when an assertion's time window is checked (0s to 5m) [default: 1m]
+    #[arg(long, env = "FHIRGATE_SAML_CLOCK_SKEW")]
+    pub saml_clock_skew: Option<String>,
     /// Where the gateway reaches the control API, e.g. http://control:8081 (host names are
     /// re-resolved every few seconds) [default: http://<control_listen>, loopback if it binds all addresses]
     #[arg(long, env = "FHIRGATE_CONTROL_URL")]
@@ -773,6 +776,8 @@ pub struct Config {
     pub control_url: ControlUrl,
     /// A new signing key is in every JWKS this long before it signs.
     pub key_publish_delay: Duration,
+    /// SAML: the clock skew allowed around an assertion's time window.
+    pub saml_clock_skew: Duration,
     pub token_cache_ttl: Duration,
     /// Without the store for longer than this, authenticated requests get 503.
     pub store_outage_ttl: Duration,
@@ -932,6 +937,10 @@ impl Config {
             None => None,
         };
         let password_policy = password_policy(f.password_min_length, f.password_min_strength)?;
+        let saml_clock_skew = lifetime("saml_clock_skew", f.saml_clock_skew, "1m")?;
+        if saml_clock_skew > Duration::from_secs(300) {
+            return Err(invalid("saml_clock_skew", "must be at most 5m"));
+        }
         let sms_hook = match f.sms_hook_url.filter(|u| !u.is_empty()) {
             Some(url) => {
                 http_url("sms_hook_url", &url)?;
@@ -1028,6 +1037,7 @@ impl Config {
                 None => ControlUrl::local(control_listen),
             },
             key_publish_delay: lifetime("key_publish_delay", f.key_publish_delay, "1m")?,
+            saml_clock_skew,
             token_cache_ttl: lifetime("token_cache_ttl", f.token_cache_ttl, "1h")?,
             store_outage_ttl: lifetime("store_outage_ttl", f.store_outage_ttl, "10m")?,
         })

@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod hapi;
 pub mod http;
 pub mod inprocess;
+pub mod keycloak;
 pub mod mail;
 pub mod page;
 pub mod people;

@@ -76,6 +76,12 @@ pub(crate) async fn external_auth(state: &State, email: &str) -> Result<Option<V
     let Some(config) = domain_configuration(state, domain).await? else {
         return Ok(None);
     };
+    // A SAML domain signs in through fhirgate's sign-in page (`/oauth2/authorize`, single
+    // sign-on), which no SDK front end can be sent to without its own authorization request:
+    // the answer says so instead of naming a URL.
+    if config.pointer("/identityProvider/saml").is_some() {
+        return Ok(Some(json!({"domain": domain, "singleSignOn": "saml"})));
+    }
     let Some(idp) = config
         .get("identityProvider")
         .and_then(IdentityProvider::from_value)

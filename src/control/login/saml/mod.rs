@@ -20,9 +20,6 @@ pub const NS_ASSERTION: &str = "urn:oasis:names:tc:SAML:2.0:assertion";
 pub const BINDING_POST: &str = "urn:oasis:names:tc:SAML:2.0:bindings:HTTP-POST";
 pub const NAMEID_EMAIL: &str = "urn:oasis:names:tc:SAML:1.1:nameid-format:emailAddress";
 
-/// How far the IdP's clock may be from ours when a time window is checked.
-pub const CLOCK_SKEW_SECS: i64 = 60;
-
 /// The SP's endpoints under the control API's base URL.
 pub struct SpEndpoints {
     /// The SP's entity id: the URL of its metadata.

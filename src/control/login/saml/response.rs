@@ -18,9 +18,7 @@ use roxmltree::{Document, Node};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::{
-    CLOCK_SKEW_SECS, NAMEID_EMAIL, NS_ASSERTION, NS_DSIG, NS_PROTOCOL, SamlIdp, SpEndpoints,
-};
+use super::{NAMEID_EMAIL, NS_ASSERTION, NS_DSIG, NS_PROTOCOL, SamlIdp, SpEndpoints};
 
 /// The largest Response accepted (decoded). Real ones are a few kilobytes.
 pub const MAX_RESPONSE_BYTES: usize = 128 * 1024;
@@ -285,6 +283,8 @@ pub struct Expected<'a> {
     /// The ID of the AuthnRequest this sign-in sent.
     pub request_id: &'a str,
     pub now: i64,
+    /// How far the IdP's clock may be from ours, in seconds (`saml_clock_skew`).
+    pub skew: i64,
 }
 
 /// The person a verified Response vouches for.
@@ -306,16 +306,16 @@ fn instant(s: Option<&str>) -> Result<Option<i64>, SamlError> {
     }
 }
 
-/// A time window `[not_before, not_on_or_after)` around `now`, with the clock skew allowed.
+/// A time window `[not_before, not_on_or_after)` around `e.now`, with the clock skew allowed.
 fn in_window(
-    now: i64,
+    e: &Expected,
     not_before: Option<i64>,
     not_on_or_after: Option<i64>,
 ) -> Result<(), SamlError> {
-    if not_before.is_some_and(|t| now + CLOCK_SKEW_SECS < t) {
+    if not_before.is_some_and(|t| e.now + e.skew < t) {
         return Err(SamlError::NotYetValid);
     }
-    if not_on_or_after.is_some_and(|t| now - CLOCK_SKEW_SECS >= t) {
+    if not_on_or_after.is_some_and(|t| e.now - e.skew >= t) {
         return Err(SamlError::Expired);
     }
     Ok(())
@@ -390,11 +390,7 @@ pub fn read_identity(xml: &str, expected: &Expected) -> Result<Identity, SamlErr
             }
             let until = instant(data.attribute("NotOnOrAfter"))?
                 .ok_or(SamlError::Malformed("a confirmation has no NotOnOrAfter"))?;
-            in_window(
-                expected.now,
-                instant(data.attribute("NotBefore"))?,
-                Some(until),
-            )?;
+            in_window(expected, instant(data.attribute("NotBefore"))?, Some(until))?;
             Ok(until)
         })();
         if checked.is_ok() || confirmation.is_err() {
@@ -410,7 +406,7 @@ pub fn read_identity(xml: &str, expected: &Expected) -> Result<Identity, SamlErr
         .ok_or(SamlError::Malformed("the assertion has no conditions"))?;
     let not_on_or_after = instant(conditions.attribute("NotOnOrAfter"))?;
     in_window(
-        expected.now,
+        expected,
         instant(conditions.attribute("NotBefore"))?,
         not_on_or_after,
     )?;
@@ -431,7 +427,7 @@ pub fn read_identity(xml: &str, expected: &Expected) -> Result<Identity, SamlErr
         "the assertion has no authentication statement",
     ))?;
     in_window(
-        expected.now,
+        expected,
         None,
         instant(authn.attribute("SessionNotOnOrAfter"))?,
     )?;
@@ -441,7 +437,7 @@ pub fn read_identity(xml: &str, expected: &Expected) -> Result<Identity, SamlErr
         assertion_id,
         name_id,
         email,
-        valid_until: valid_until + CLOCK_SKEW_SECS,
+        valid_until: valid_until + expected.skew,
     })
 }
 

@@ -267,6 +267,7 @@ pub async fn acs(
         sp: &sp,
         request_id: &request_id,
         now,
+        skew: state.config.saml_clock_skew.as_secs() as i64,
     };
     let identity = match read_identity(&xml, &expected) {
         Ok(i) => i,

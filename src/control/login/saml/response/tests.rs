@@ -1,6 +1,7 @@
 use super::*;
 
 const NOW: i64 = 1_800_000_000;
+const CLOCK_SKEW_SECS: i64 = 60;
 const ACS: &str = "https://gw.example/auth/saml/acs";
 const SP: &str = "https://gw.example/auth/saml/metadata";
 const IDP: &str = "https://idp.example/realms/hospital";
@@ -132,6 +133,7 @@ fn read(xml: &str, now: i64) -> Result<Identity, SamlError> {
             sp: &sp,
             request_id: "_req1",
             now,
+            skew: CLOCK_SKEW_SECS,
         },
     )
 }
