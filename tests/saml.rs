@@ -442,6 +442,19 @@ fn attacks_on_the_assertion_consumer_service_are_refused() {
         let answer = post_to_acs(&env, &post.form()).await;
         assert_refused(&answer, "no account of this application is yours");
 
+        // Florence, once she has a membership and an authenticator: after the IdP, her own
+        // second factor is asked for, as after a password.
+        let mut florence = UserSeed::new(FLORENCE, "an unused local password 1820");
+        florence.mfa_secret = Some("KRSXG5CTMVRXEZLUKRSXG5CTMVRXEZLU".into());
+        seed(&env.gw, &florence);
+        let (mut browser, idp_url) = start_sso(&env, FLORENCE).await;
+        let post = kc.sign_in(&idp_url, FLORENCE, FLORENCE_PASSWORD).await;
+        let answer = post_to_acs(&env, &post.form()).await;
+        assert_eq!(answer.0, 303, "{}", answer.2);
+        let page = browser.get(answer.1.as_deref().unwrap()).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        assert_eq!(page.title(), "Two-step verification");
+
         // Expired: assertions valid for 1 s, posted 3 s later.
         let mut short = SamlClient::new(&sp_entity_id(&env.gw), &acs_url(&env.gw));
         short.assertion_lifespan_secs = Some(1);
