@@ -525,7 +525,19 @@ fn the_sp_publishes_its_metadata_and_idp_settings_are_checked() {
                 "http(s) URL",
             ),
         ] {
-            let (status, body) = post_domain(&gw, &sa, &config(saml)).await;
+            let (status, body) = post_domain(&gw, &sa, &config(saml.clone())).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(body.to_string().contains(reason), "{reason}: {body}");
+            // The same settings on an app of a project are refused by its admin API too.
+            let admin = gw.admin_token().await;
+            let project = gw.running().bootstrap.default_project_id.clone();
+            let (status, body) = gw
+                .post(
+                    &format!("admin/projects/{project}/client"),
+                    Some(&admin),
+                    &json!({"name": "App", "identityProvider": {"saml": saml}}),
+                )
+                .await;
             assert_eq!(status, 400, "{body}");
             assert!(body.to_string().contains(reason), "{reason}: {body}");
         }

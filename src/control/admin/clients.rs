@@ -10,6 +10,7 @@ use crate::control::base::access::AdminProject;
 use crate::control::base::clients::create_client_with_membership;
 use crate::control::base::resources::present::strip_secrets;
 use crate::control::base::resources::validate::check_policy_reference;
+use crate::control::base::resources::validate::check_saml_idp;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;
@@ -59,6 +60,7 @@ pub async fn create_client(
             ));
         }
         client["identityProvider"] = idp.clone();
+        check_saml_idp(&client, "identityProvider.saml")?;
     }
     for key in ["accessTokenLifetime", "refreshTokenLifetime"] {
         if let Some(v) = client.get(key).and_then(Value::as_str)

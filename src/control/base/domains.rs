@@ -5,7 +5,7 @@ use crate::state::State;
 use crate::store::StoredResource;
 use serde_json::Value;
 
-use crate::control::base::saml_idp::SamlIdp;
+use crate::control::base::resources::validate::check_saml_idp;
 use crate::control::web::error::ApiError;
 
 /// The `DomainConfiguration` of `domain` (compared lower-case), as stored.
@@ -66,11 +66,7 @@ pub async fn prepare_domain_configuration(
             ));
         };
         // fhirgate's SAML IdP (`identityProvider.saml`) stands instead of the OIDC fields.
-        if let Some(saml) = SamlIdp::of_identity_provider(idp) {
-            saml.map_err(|e| {
-                ApiError::invalid("DomainConfiguration.identityProvider.saml", &e.to_string())
-            })?;
-        }
+        check_saml_idp(resource, "DomainConfiguration.identityProvider.saml")?;
         for field in IDP_REQUIRED
             .into_iter()
             .filter(|_| !obj.contains_key("saml"))

@@ -400,13 +400,13 @@ mod signed {
 
         let tampered = good.replace("Mary.Seacole@", "Eve@");
         assert_eq!(
-            verify(&tampered, &parts, &[idp_cert.clone()]).await,
+            verify(&tampered, &parts, std::slice::from_ref(&idp_cert)).await,
             Err(SamlError::BadSignature)
         );
 
         let forged = sign(dir.path(), &xml, &evil_key, false);
         assert_eq!(
-            verify(&forged, &parts, &[idp_cert.clone()]).await,
+            verify(&forged, &parts, std::slice::from_ref(&idp_cert)).await,
             Err(SamlError::BadSignature)
         );
 
