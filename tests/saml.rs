@@ -391,6 +391,12 @@ fn attacks_on_the_assertion_consumer_service_are_refused() {
         let answer = post_to_acs(&env, &post.form_with_xml(&tampered)).await;
         assert_refused(&answer, "signature does not verify");
 
+        // Declared in UTF-7, where libxml2 (in xmlsec1) would see markup this parser does not.
+        let (_, post) = genuine(&env).await;
+        let utf7 = format!("<?xml version=\"1.0\" encoding=\"UTF-7\"?>{}", post.xml());
+        let answer = post_to_acs(&env, &post.form_with_xml(&utf7)).await;
+        assert_refused(&answer, "XML declaration is not accepted");
+
         // Unsigned: every signature taken out.
         let (_, post) = genuine(&env).await;
         let mut unsigned = post.xml();

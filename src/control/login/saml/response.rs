@@ -64,7 +64,9 @@ pub enum SamlError {
     Wrapped(&'static str),
     #[error("The SAML response's signature does not verify")]
     BadSignature,
-    #[error("The identity provider did not sign you in ({0})")]
+    /// The IdP's status code is logged, never shown (when only the assertion is signed, the
+    /// status is not, and a page must not show what an attacker wrote).
+    #[error("The identity provider did not sign you in")]
     Status(String),
     #[error("The SAML response was issued by another identity provider")]
     WrongIssuer,
@@ -120,7 +122,61 @@ pub fn decode(field: &str) -> Result<String, SamlError> {
     let bytes = STANDARD
         .decode(compact)
         .map_err(|_| SamlError::Malformed("it is not base64"))?;
-    String::from_utf8(bytes).map_err(|_| SamlError::Malformed("it is not UTF-8 text"))
+    let text =
+        String::from_utf8(bytes).map_err(|_| SamlError::Malformed("it is not UTF-8 text"))?;
+    without_declaration(&text).map(str::to_string)
+}
+
+/// The document without its XML declaration (and a byte-order mark), after checking that the
+/// declaration says nothing but UTF-8. This parser reads the text as UTF-8 whatever it
+/// declares, while libxml2 (in xmlsec1) would honour another encoding: in UTF-7, markup hidden
+/// from one parser is seen by the other, so the two would read different documents.
+fn without_declaration(text: &str) -> Result<&str, SamlError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let Some(rest) = text.strip_prefix("<?xml") else {
+        return Ok(text);
+    };
+    let bad = SamlError::Malformed("its XML declaration is not accepted");
+    let end = rest.find("?>").ok_or(bad.clone())?;
+    let mut declaration = rest[..end].trim();
+    let mut seen = Vec::new();
+    while !declaration.is_empty() {
+        let (name, after) = declaration.split_once('=').ok_or(bad.clone())?;
+        let after = after.trim_start();
+        let quote = after
+            .chars()
+            .next()
+            .filter(|q| *q == '"' || *q == '\'')
+            .ok_or(bad.clone())?;
+        let close = after[1..].find(quote).ok_or(bad.clone())? + 1;
+        let (name, value) = (name.trim(), &after[1..close]);
+        let fine = match name {
+            "version" => seen.is_empty() && value == "1.0",
+            "encoding" => value.eq_ignore_ascii_case("UTF-8"),
+            "standalone" => value == "yes" || value == "no",
+            _ => false,
+        };
+        if !fine || seen.contains(&name) {
+            return Err(bad);
+        }
+        seen.push(name);
+        declaration = after[close + 1..].trim_start();
+    }
+    if seen.first() != Some(&"version") {
+        return Err(bad);
+    }
+    Ok(rest[end + 2..].trim_start())
+}
+
+/// An ID xmlsec1 can name safely: it builds an XPath `id('…')` from the reference, so quotes,
+/// brackets or spaces in an ID would become XPath.
+fn valid_id(id: &str) -> bool {
+    let mut chars = id.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && id.len() <= 256
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn parse(xml: &str) -> Result<Document<'_>, SamlError> {
@@ -182,11 +238,30 @@ pub fn signed_parts(xml: &str) -> Result<Vec<SignedPart>, SamlError> {
         if !n.is_element() {
             continue;
         }
+        if n.tag_name().namespace().is_none_or(str::is_empty) {
+            return Err(SamlError::Wrapped(
+                "elements without a namespace are not accepted",
+            ));
+        }
+        // xmlsec1 takes an ID from any attribute named so in any namespace (and `Id` inside a
+        // signature): only the Response's and the Assertion's own `ID` may be one.
+        let may_have_id = (n == root) || is(&n, NS_ASSERTION, "Assertion");
         for a in n.attributes() {
             if a.namespace() == Some(XML_NS) && a.name() == "id" {
                 return Err(SamlError::Wrapped("xml:id attributes are not accepted"));
             }
-            if a.namespace().is_none() && a.name() == "ID" && !ids.insert(a.value()) {
+            if !a.name().eq_ignore_ascii_case("id") {
+                continue;
+            }
+            if !(may_have_id && a.namespace().is_none() && a.name() == "ID") {
+                return Err(SamlError::Wrapped("an ID attribute is where none belongs"));
+            }
+            if !valid_id(a.value()) {
+                return Err(SamlError::Wrapped(
+                    "an ID has characters an ID may not have",
+                ));
+            }
+            if !ids.insert(a.value()) {
                 return Err(SamlError::Wrapped("an ID is used twice"));
             }
         }
@@ -240,6 +315,21 @@ fn check_signature(sig: Node, signed_id: &str) -> Result<(), SamlError> {
     }
     if child(sig, NS_DSIG, "Object").is_some() {
         return Err(bad("signature objects are not accepted"));
+    }
+    // The key is the configured certificate's: a KeyInfo may name it or carry it, no more.
+    if let Some(info) = child(sig, NS_DSIG, "KeyInfo") {
+        let allowed = |n: &Node, names: &[&str]| {
+            n.tag_name().namespace() == Some(NS_DSIG) && names.contains(&n.tag_name().name())
+        };
+        for c in info.children().filter(Node::is_element) {
+            if !allowed(&c, &["KeyName", "X509Data"])
+                || c.children()
+                    .filter(Node::is_element)
+                    .any(|x| !allowed(&x, &["X509Certificate"]))
+            {
+                return Err(bad("a key is given in a way that is not accepted"));
+            }
+        }
     }
     let info = child(sig, NS_DSIG, "SignedInfo").ok_or(bad("a signature has no SignedInfo"))?;
     if algorithm(child(info, NS_DSIG, "CanonicalizationMethod")) != Some(EXC_C14N) {

@@ -15,8 +15,11 @@ use super::response::{SamlError, SignedPart};
 /// The program, looked up on PATH.
 const PROGRAM: &str = "xmlsec1";
 
-/// A verification gives up after this long.
-const TIMEOUT: Duration = Duration::from_secs(10);
+/// A verification gives up after this long (a real one takes milliseconds).
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A sign-in waits this long for a free verification slot, then is told to try again.
+const QUEUE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// At most this many verifications run at once (each is a process).
 static RUNNING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
@@ -61,10 +64,16 @@ async fn verify_one(
     part: SignedPart,
     cert: &std::path::Path,
 ) -> Result<bool, SamlError> {
-    let _permit = RUNNING
-        .acquire()
-        .await
-        .map_err(|_| SamlError::Unavailable("shutting down"))?;
+    let _permit = match tokio::time::timeout(QUEUE_TIMEOUT, RUNNING.acquire()).await {
+        Ok(Ok(permit)) => permit,
+        Ok(Err(_)) => return Err(SamlError::Unavailable("shutting down")),
+        Err(_) => {
+            tracing::warn!("every SAML verification slot is busy");
+            return Err(SamlError::Unavailable(
+                "too many sign-ins at once; try again",
+            ));
+        }
+    };
     let mut child = Command::new(PROGRAM)
         .arg("--verify")
         .arg("--pubkey-cert-pem")
@@ -114,13 +123,20 @@ async fn verify_one(
     }
 }
 
-/// Whether `xmlsec1` can be run here (for a clear answer when an IdP is configured).
+/// Whether `xmlsec1` can be run here (for a clear answer when an IdP is configured). Once it
+/// could, it is not asked again.
 pub async fn available() -> bool {
-    Command::new(PROGRAM)
+    static FOUND: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if FOUND.load(std::sync::atomic::Ordering::Relaxed) {
+        return true;
+    }
+    let found = Command::new(PROGRAM)
         .arg("--version")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .await
-        .is_ok_and(|s| s.success())
+        .is_ok_and(|s| s.success());
+    FOUND.store(found, std::sync::atomic::Ordering::Relaxed);
+    found
 }

@@ -69,6 +69,28 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     }
 }
 
+/// The form an IdP's page posts to the assertion consumer service: a SAML Response, base64,
+/// may be larger than a sign-in form (group claims, certificates).
+pub(crate) struct AcsForm(pub(crate) Params);
+
+const MAX_ACS_FORM: usize = 256 * 1024;
+
+impl<S: Send + Sync> FromRequest<S> for AcsForm {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<AcsForm, ApiError> {
+        let (parts, body) = req.into_parts();
+        let bytes = read_body(body, MAX_ACS_FORM).await?;
+        if media_type(&parts.headers).as_deref() != Some("application/x-www-form-urlencoded") {
+            return Err(ApiError::Text(
+                StatusCode::BAD_REQUEST,
+                "Unsupported content type",
+            ));
+        }
+        Ok(AcsForm(Params::parse(&bytes)))
+    }
+}
+
 impl Params {
     pub(super) fn parse(bytes: &[u8]) -> Params {
         let mut map: HashMap<String, Vec<String>> = HashMap::new();

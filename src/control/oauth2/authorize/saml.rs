@@ -43,6 +43,7 @@ use crate::control::oauth2::authorize::render::continue_page;
 use crate::control::oauth2::authorize::render::inline_message;
 use crate::control::oauth2::authorize::render::message_page;
 use crate::control::oauth2::authorize::render::signin_page;
+use crate::control::oauth2::authorize::request::AcsForm;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::Params;
 use crate::control::oauth2::authorize::request::check_request;
@@ -219,7 +220,7 @@ fn refused(client: Option<&ClientInfo>, e: SamlError) -> Result<Response, ApiErr
 pub async fn acs(
     AxState(state): AxState<AppState>,
     parts: Parts,
-    p: Params,
+    AcsForm(p): AcsForm,
 ) -> Result<Response, ApiError> {
     let xml = match decode(p.one("SAMLResponse").unwrap_or_default()) {
         Ok(x) => x,

@@ -419,3 +419,80 @@ mod signed {
         );
     }
 }
+
+/// Found in review: a declaration of another encoding (UTF-7 hides markup from this parser that
+/// libxml2 sees), IDs that xmlsec1 turns into XPath, ID attributes xmlsec1 takes but this
+/// parser did not count, keys given in a signature, elements without a namespace.
+#[test]
+fn what_xmlsec1_would_read_differently_is_refused() {
+    let enc = |s: &str| STANDARD.encode(s);
+    let declared = |decl: &str| decode(&enc(&format!("{decl}{}", Fixture::default().xml())));
+    let not_accepted = Err(SamlError::Malformed("its XML declaration is not accepted"));
+    assert_eq!(
+        declared(r#"<?xml version="1.0" encoding="UTF-7"?>"#),
+        not_accepted
+    );
+    assert_eq!(
+        declared(r#"<?xml version="1.0" standalone="no+ACI-?+AD4APAAh-DOCTYPE x+AD4-"?>"#),
+        not_accepted
+    );
+    assert_eq!(
+        declared(r#"<?xml encoding="UTF-8" version="1.0"?>"#),
+        not_accepted
+    );
+    assert_eq!(
+        declared(r#"<?xml version="1.0" version="1.0"?>"#),
+        not_accepted
+    );
+    let plain =
+        declared("\u{feff}<?xml version='1.0' encoding=\"utf-8\" standalone=\"no\"?>\n").unwrap();
+    assert_eq!(
+        plain,
+        Fixture::default().xml(),
+        "the declaration is dropped"
+    );
+
+    let f = Fixture::default();
+    let quoted = f
+        .xml()
+        .replace("\"_a1\"", "\"q') | //*[local-name()='Issuer'] | id('q\"")
+        .replace("#_a1", "#q') | //*[local-name()='Issuer'] | id('q");
+    assert_eq!(
+        signed_parts(&quoted),
+        Err(SamlError::Wrapped(
+            "an ID has characters an ID may not have"
+        ))
+    );
+    let other_ns = f.xml().replace(
+        "<saml:Assertion ID=\"_a1\"",
+        "<saml:Assertion xmlns:x=\"urn:x\" x:ID=\"other\" ID=\"_a1\"",
+    );
+    assert_eq!(
+        signed_parts(&other_ns),
+        Err(SamlError::Wrapped("an ID attribute is where none belongs"))
+    );
+    let key_info_id = f.xml().replace("<ds:KeyInfo>", "<ds:KeyInfo Id=\"_a1\">");
+    assert_eq!(
+        signed_parts(&key_info_id),
+        Err(SamlError::Wrapped("an ID attribute is where none belongs"))
+    );
+    let key_value = f
+        .xml()
+        .replace("<ds:KeyName>idp</ds:KeyName>", "<ds:KeyValue/>");
+    assert_eq!(
+        signed_parts(&key_value),
+        Err(SamlError::Wrapped(
+            "a key is given in a way that is not accepted"
+        ))
+    );
+    let bare = f.xml().replace(
+        "<saml:AuthnStatement",
+        "<Assertion xmlns=\"\"/><saml:AuthnStatement",
+    );
+    assert_eq!(
+        signed_parts(&bare),
+        Err(SamlError::Wrapped(
+            "elements without a namespace are not accepted"
+        ))
+    );
+}
