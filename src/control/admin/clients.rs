@@ -10,7 +10,7 @@ use crate::control::base::access::AdminProject;
 use crate::control::base::clients::create_client_with_membership;
 use crate::control::base::resources::present::strip_secrets;
 use crate::control::base::resources::validate::check_policy_reference;
-use crate::control::base::resources::validate::check_saml_idp;
+use crate::control::base::saml_idp::check_saml_idp;
 use crate::control::web::AppState;
 use crate::control::web::body::JsonBody;
 use crate::control::web::body::json_response;

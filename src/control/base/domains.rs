@@ -5,7 +5,7 @@ use crate::state::State;
 use crate::store::StoredResource;
 use serde_json::Value;
 
-use crate::control::base::resources::validate::check_saml_idp;
+use crate::control::base::saml_idp::check_saml_idp;
 use crate::control::web::error::ApiError;
 
 /// The `DomainConfiguration` of `domain` (compared lower-case), as stored.

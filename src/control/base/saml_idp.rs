@@ -6,6 +6,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::Value;
 
+use crate::control::web::error::ApiError;
+use crate::state::ClientInfo;
+
 /// SAML's metadata namespace (`md:`).
 pub const NS_METADATA: &str = "urn:oasis:names:tc:SAML:2.0:metadata";
 /// XML-Signature's namespace (`ds:`).
@@ -202,6 +205,30 @@ fn read_metadata(xml: &str, wanted: Option<&str>) -> Result<FromMetadata, IdpCon
         sso_url,
         certificates,
     })
+}
+
+/// A SAML IdP (`identityProvider.saml`) is stored only when it can be used: a signing
+/// certificate, an entity id, an http(s) single sign-on URL.
+pub fn check_saml_idp(resource: &Value, field: &str) -> Result<(), ApiError> {
+    match resource
+        .get("identityProvider")
+        .and_then(SamlIdp::of_identity_provider)
+    {
+        Some(Err(e)) => Err(ApiError::invalid(field, e.to_string())),
+        _ => Ok(()),
+    }
+}
+
+/// The SAML IdP of a client (`identityProvider.saml`), when it has a usable one.
+pub fn client_saml_idp(client: &ClientInfo) -> Option<SamlIdp> {
+    let idp = client.content.get("identityProvider")?;
+    match SamlIdp::of_identity_provider(idp)? {
+        Ok(idp) => Some(idp),
+        Err(e) => {
+            tracing::error!(client = %client.id, error = %e, "the SAML identity provider of a client is not usable");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

@@ -23,18 +23,6 @@ pub(super) struct SideEffects {
     pub(super) client_retiring: Option<String>,
 }
 
-/// A SAML IdP (`identityProvider.saml`) is stored only when it can be used: a signing
-/// certificate, an entity id, an http(s) single sign-on URL.
-pub fn check_saml_idp(resource: &Value, field: &str) -> Result<(), ApiError> {
-    match resource
-        .get("identityProvider")
-        .and_then(crate::control::base::saml_idp::SamlIdp::of_identity_provider)
-    {
-        Some(Err(e)) => Err(ApiError::invalid(field, e.to_string())),
-        _ => Ok(()),
-    }
-}
-
 /// Takes `secret` / `retiringSecret` out of a ClientApplication body.
 pub(super) fn take_client_secrets(resource: &mut Value) -> SideEffects {
     let mut fx = SideEffects::default();
@@ -294,7 +282,10 @@ pub(super) async fn prepare(
             if let Some(jwks) = resource.get("jwks") {
                 check_client_jwks(jwks)?;
             }
-            check_saml_idp(resource, "ClientApplication.identityProvider.saml")?;
+            crate::control::base::saml_idp::check_saml_idp(
+                resource,
+                "ClientApplication.identityProvider.saml",
+            )?;
             for field in ["accessTokenLifetime", "refreshTokenLifetime"] {
                 if let Some(v) = resource.get(field)
                     && v.as_str().and_then(crate::config::parse_lifetime).is_none()

@@ -104,7 +104,10 @@ pub async fn authorize(
         }
         // The IdP's Response came back through `/auth/saml/acs`, which sends the browser here.
         Some("saml") if parts.method == axum::http::Method::GET => {
-            saml::signed_in(&state, &parts, &params).await
+            match saml::signed_in(&state, &parts, &params).await? {
+                saml::SignedIn::CarryOn(login, csrf) => next_step(&state, *login, &csrf).await,
+                saml::SignedIn::Answer(answer) => Ok(answer),
+            }
         }
         Some(step) if parts.method == axum::http::Method::POST => {
             continue_step(&state, &parts, &params, step).await

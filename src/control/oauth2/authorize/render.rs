@@ -1,6 +1,7 @@
 //! The pages of the sign-in flow: sign-in, MFA, enrolment, profile choice, consent and
 //! messages, rendered with `web::pages`.
 
+use crate::control::base::saml_idp::client_saml_idp;
 use crate::control::login::flow::login_memberships;
 use crate::control::login::mfa::allowed_methods;
 use crate::control::login::mfa::enroll_details;
@@ -18,7 +19,6 @@ use crate::control::login::state::mfa_satisfied;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::client_name;
 use crate::control::oauth2::authorize::request::login_client;
-use crate::control::oauth2::authorize::saml::client_saml_idp;
 use crate::control::oauth2::authorize::session::csrf_cookie;
 use crate::control::web::error::ApiError;
 use crate::control::web::pages;

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::control::base::domains::domain_configuration;
+use crate::control::base::saml_idp::client_saml_idp;
 use crate::control::login::external::ExternalLogin;
 use crate::control::login::external::external_login;
 use crate::control::login::saml::SamlIdp;
@@ -37,7 +38,6 @@ use crate::control::login::state::get_login;
 use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
 use crate::control::login::state::set_extra;
-use crate::control::oauth2::authorize::next_step;
 use crate::control::oauth2::authorize::render::START_AGAIN;
 use crate::control::oauth2::authorize::render::continue_page;
 use crate::control::oauth2::authorize::render::inline_message;
@@ -55,7 +55,7 @@ use crate::control::web::body::user_agent;
 use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 use crate::state::ClientInfo;
-use crate::store::now_unix;
+use crate::store::{LoginRecord, now_unix};
 use crate::tokens::{hashes_equal, random_hex};
 
 /// A SAML sign-in in flight, kept under its AuthRequest's id.
@@ -67,18 +67,6 @@ struct InFlight {
     csrf: String,
     /// The e-mail domain whose IdP it went to; `None`: the client's own IdP.
     domain: Option<String>,
-}
-
-/// The SAML IdP of a client (`identityProvider.saml`), when it has a usable one.
-pub(super) fn client_saml_idp(client: &ClientInfo) -> Option<SamlIdp> {
-    let idp = client.content.get("identityProvider")?;
-    match SamlIdp::of_identity_provider(idp)? {
-        Ok(idp) => Some(idp),
-        Err(e) => {
-            tracing::error!(client = %client.id, error = %e, "the SAML identity provider of a client is not usable");
-            None
-        }
-    }
 }
 
 /// The SAML IdP of an e-mail domain. A DomainConfiguration whose SAML settings do not hold is
@@ -362,15 +350,22 @@ pub async fn acs(
         .into_response())
 }
 
+/// What `step=saml` comes to: the Login to carry on with (and this browser's CSRF token), or
+/// the answer.
+pub(super) enum SignedIn {
+    CarryOn(Box<LoginRecord>, String),
+    Answer(Response),
+}
+
 /// `GET /oauth2/authorize?…&step=saml&login=…`: the browser that started the sign-in carries on.
 pub(super) async fn signed_in(
     state: &ControlState,
     parts: &Parts,
     p: &Params,
-) -> Result<Response, ApiError> {
+) -> Result<SignedIn, ApiError> {
     let request = match check_request(state, p).await {
         Ok(r) => r,
-        Err(refusal) => return Ok(refusal.into_response()),
+        Err(refusal) => return Ok(SignedIn::Answer(refusal.into_response())),
     };
     let now = now_unix();
     let login = match p.one("login") {
@@ -391,8 +386,12 @@ pub(super) async fn signed_in(
             .is_some_and(|h| hashes_equal(&h, &state.hash_secret(token))),
         _ => false,
     };
-    match (login, csrf) {
-        (Some(login), Some(csrf)) if bound => next_step(state, login, &csrf).await,
-        _ => message_page(Some(&request.client), START_AGAIN, StatusCode::FORBIDDEN),
-    }
+    Ok(match (login, csrf) {
+        (Some(login), Some(csrf)) if bound => SignedIn::CarryOn(Box::new(login), csrf),
+        _ => SignedIn::Answer(message_page(
+            Some(&request.client),
+            START_AGAIN,
+            StatusCode::FORBIDDEN,
+        )?),
+    })
 }
