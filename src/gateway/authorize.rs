@@ -16,6 +16,7 @@ use super::Gateway;
 use super::ctx::{FilterSpec, ResponsePlan};
 use super::ctx::{RequestCtx, page_caller};
 use super::names;
+use super::names::Present;
 use crate::state::standing::StandingError;
 use crate::state::{AuthError, CacheUse};
 
@@ -79,13 +80,10 @@ async fn read_body(session: &mut Session, limit: usize) -> Result<Option<Bytes>,
 pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx) -> Verdict {
     let state = &gw.state;
     let req = session.req_header();
-    if req.headers.contains_key(names::UPGRADE) {
+    if ctx.present.has(Present::UPGRADE) {
         return Verdict::Deny(Stock::ProtocolUpgrade.outcome(), "upgrade");
     }
-    if names::METHOD_OVERRIDE
-        .iter()
-        .any(|h| req.headers.contains_key(h))
-    {
+    if ctx.present.has(Present::METHOD_OVERRIDE) {
         return Verdict::Deny(Stock::MethodOverride.outcome(), "method_override");
     }
     let auth_header = req
@@ -134,10 +132,16 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     let target;
     let mut membership_id = identity.membership_id.as_str();
     let mut policy = standing.policy.clone();
-    let obo = session
-        .req_header()
-        .headers
-        .get(&names::X_MEDPLUM_ON_BEHALF_OF)
+    let obo = ctx
+        .present
+        .has(Present::ON_BEHALF_OF)
+        .then(|| {
+            session
+                .req_header()
+                .headers
+                .get(&names::X_MEDPLUM_ON_BEHALF_OF)
+        })
+        .flatten()
         .map(|v| v.to_str().map(str::to_string));
     if let Some(value) = obo {
         let Ok(value) = value else {
@@ -265,12 +269,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
         }
     }
     let decision = decide::decide(&policy, &request, super_admin);
-    if caller_admin
-        && session
-            .req_header()
-            .headers
-            .contains_key(&names::X_FHIRGATE_EXPLAIN)
-    {
+    if caller_admin && ctx.present.has(Present::EXPLAIN) {
         return Verdict::Explain(trace(&policy, &request, &decision, membership_id, ctx));
     }
     let permit = match decision {

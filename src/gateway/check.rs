@@ -50,8 +50,17 @@ pub enum CheckRequestError {
 /// The mode a request asks for: `Check` when the header says so or the path is the operation,
 /// which is then rewritten into the request it stands for (and `route` with it). An error is a
 /// malformed question, to be answered as such.
-pub fn prepare(session: &mut Session, route: &mut Route) -> Result<Mode, CheckRequestError> {
-    let asked = match session.req_header().headers.get(&names::X_FHIRGATE_CHECK) {
+pub fn prepare(
+    session: &mut Session,
+    route: &mut Route,
+    present: names::Present,
+) -> Result<Mode, CheckRequestError> {
+    let header = if present.has(names::Present::CHECK) {
+        session.req_header().headers.get(&names::X_FHIRGATE_CHECK)
+    } else {
+        None
+    };
+    let asked = match header {
         None => Mode::Serve,
         Some(v) if v.as_bytes().eq_ignore_ascii_case(PERMISSION.as_bytes()) => Mode::Check,
         Some(_) => return Err(CheckRequestError::UnknownCheck),

@@ -71,6 +71,8 @@ pub struct RequestCtx {
     pub started: Instant,
     pub route: Route,
     pub client_ip: Option<IpAddr>,
+    /// Which of the headers the data plane asks about the request carries.
+    pub present: super::names::Present,
     pub identity: Option<Arc<Identity>>,
     /// The upstream the caller's project is bound to (`None`: the global one, for public and
     /// unauthenticated routes).
@@ -157,6 +159,7 @@ impl RequestCtx {
             started: Instant::now(),
             route: Route::NotFound,
             client_ip: None,
+            present: super::names::Present::default(),
             identity: None,
             upstream: None,
             retry_after: None,

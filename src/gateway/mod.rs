@@ -134,6 +134,7 @@ impl ProxyHttp for Gateway {
         // `ctx.started` was set by `new_ctx`, once the request head was read.
         let req = session.req_header();
         ctx.route = route::route(req.method.as_str(), req.uri.path());
+        ctx.present = names::Present::of(&req.headers);
         ctx.client_ip = match self.client_ip(session) {
             Ok(ip) => Some(ip),
             Err(_) => {
@@ -143,7 +144,11 @@ impl ProxyHttp for Gateway {
         };
         // Browsers first: a preflight is answered here, before any credential is looked at,
         // and never travels further.
-        ctx.cors = cors::grant(&self.state, session).await;
+        ctx.cors = if ctx.present.has(names::Present::ORIGIN) {
+            cors::grant(&self.state, session).await
+        } else {
+            None
+        };
         if cors::is_preflight(session) {
             ctx.decision = if ctx.cors.is_some() {
                 "preflight"
@@ -154,7 +159,7 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
         // A malformed question is an error (the mode stays `Serve`), not a verdict.
-        match check::prepare(session, &mut ctx.route) {
+        match check::prepare(session, &mut ctx.route, ctx.present) {
             Ok(mode) => ctx.mode = mode,
             Err(e) => {
                 let o = Outcome::BadRequest(e.to_string());
@@ -222,7 +227,9 @@ impl ProxyHttp for Gateway {
                     Ok(true)
                 }
                 authorize::Verdict::Mediate(plan) => {
-                    let status = mediate::run(self, session, ctx, plan).await?;
+                    // Boxed: the exchange's state is large, and inline it would be part of
+                    // every request's hook future, allocated and copied on every request.
+                    let status = Box::pin(mediate::run(self, session, ctx, plan)).await?;
                     ctx.answered = Some(status);
                     Ok(true)
                 }
