@@ -22,6 +22,8 @@
 #   N=2000 TOP=40 PROXIES="pingora fg" benches/instructions.sh
 #   FHIRGATE_BIN_B=/tmp/fhirgate-before PROXIES="fg fg-b" benches/instructions.sh
 # Environment: N [1000] · WARMUP [200] · PROXIES ["pingora fg fg-meta"] · TOP [0] · KEEP_TMP [0]
+#   AUDIT [1] 1 = fhirgate writes its audit record per request (info, JSON, as operators run
+#   it and as benches/load.sh measures it; the writer thread's instructions count too), 0 = not
 #   BASE_PORT [18280] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · FHIRGATE_BIN_B
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 # Needs: valgrind, nginx, curl, python3.
@@ -34,6 +36,13 @@ WARMUP=${WARMUP:-200}
 PROXIES=${PROXIES:-"pingora fg fg-meta"}
 TOP=${TOP:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+AUDIT=${AUDIT:-1}
+FG_LOG=warn
+FG_LOG_FORMAT=text
+if [[ $AUDIT == 1 ]]; then
+  FG_LOG=info
+  FG_LOG_FORMAT=json
+fi
 BASE_PORT=${BASE_PORT:-18280}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FHIRGATE_BIN=${FHIRGATE_BIN:-$TARGET_DIR/release/fhirgate}
@@ -137,7 +146,7 @@ measure() { # $1 name
       [[ -x $bin ]] || { echo "instructions.sh: no fhirgate binary at '$bin'" >&2; exit 1; }
       rm -rf "$TMP/data-$name"
       FHIRGATE_ADMIN_PASSWORD=instr-operator-password-1 FHIRGATE_ADMIN_CLIENT_ID=$CLIENT_ID \
-        FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=warn \
+        FHIRGATE_ADMIN_CLIENT_SECRET=$CLIENT_SECRET FHIRGATE_LOG=$FG_LOG FHIRGATE_LOG_FORMAT=$FG_LOG_FORMAT \
         "${vg[@]}" "$bin" serve \
         --listen "127.0.0.1:$PROXY_PORT" --control-listen "127.0.0.1:$CTL_PORT" \
         --metrics-listen "127.0.0.1:$MET_PORT" --base-url "http://127.0.0.1:$PROXY_PORT/" \

@@ -339,9 +339,9 @@ impl ProxyHttp for Gateway {
             Audit {
                 request_id: ctx.request_id,
                 route,
-                method: session.req_header().method.as_str(),
+                method: &session.req_header().method,
                 resource_type: ctx.resource_type.as_deref(),
-                profile: ctx.identity.as_ref().map(|i| i.profile.as_str()),
+                identity: ctx.identity.as_ref(),
                 on_behalf_of: ctx.on_behalf_of_profile.as_deref(),
                 client_ip: ctx.client_ip,
                 decision: ctx.decision,

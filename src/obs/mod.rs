@@ -1,6 +1,7 @@
 //! Observability: Prometheus metrics, JSON logs and the audit record. Labels come only from
 //! enum `as_str()` values, never from ids, paths or headers; nothing here ever sees a secret.
 
+pub mod audit_log;
 pub mod security;
 pub mod trail;
 
@@ -176,9 +177,7 @@ pub fn in_flight() -> usize {
 /// (a buffer flushed whenever no more lines are waiting), so the request path does no write
 /// syscall; when the queue is full, callers wait rather than drop audit records. Keep the
 /// returned guard alive while the process runs: dropping it writes out what is queued.
-pub fn init_logging(
-    format: crate::config::LogFormat,
-) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(format: crate::config::LogFormat) -> LogGuards {
     use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let terminal = std::io::stdout().is_terminal();
@@ -192,6 +191,12 @@ pub fn init_logging(
             64 * 1024,
             std::io::stdout(),
         ));
+    // JSON audit records have a writer of their own (`audit_log`); text ones go through tracing.
+    let audit = if json {
+        audit_log::start(std::io::stdout())
+    } else {
+        None
+    };
     let _ = if json {
         tracing_subscriber::fmt()
             .json()
@@ -206,7 +211,17 @@ pub fn init_logging(
             .with_writer(writer)
             .try_init()
     };
-    guard
+    LogGuards {
+        _audit: audit,
+        _tracing: guard,
+    }
+}
+
+/// Keep alive while the process runs: dropping it writes out the queued log lines and audit
+/// records.
+pub struct LogGuards {
+    _audit: Option<audit_log::Guard>,
+    _tracing: tracing_appender::non_blocking::WorkerGuard,
 }
 
 /// fhirgate's own lines from `info`; pingora's internals (startup chatter with source paths)
@@ -241,9 +256,10 @@ impl std::fmt::Display for RequestId {
 pub struct Audit<'a> {
     pub request_id: RequestId,
     pub route: &'static str,
-    pub method: &'a str,
+    pub method: &'a http::Method,
     pub resource_type: Option<&'a str>,
-    pub profile: Option<&'a str>,
+    /// The caller; its profile is written.
+    pub identity: Option<&'a std::sync::Arc<crate::state::Identity>>,
     pub on_behalf_of: Option<&'a str>,
     pub client_ip: Option<std::net::IpAddr>,
     pub decision: &'static str,
@@ -251,14 +267,34 @@ pub struct Audit<'a> {
 }
 
 impl Audit<'_> {
+    /// Writes the record when the log filter lets `fhirgate::audit` through: handed to the
+    /// audit writer (JSON logs), or else through tracing.
     pub fn emit(&self) {
+        if !tracing::enabled!(target: "fhirgate::audit", tracing::Level::INFO) {
+            return;
+        }
+        let handed = audit_log::submit(audit_log::Record {
+            at: std::time::SystemTime::now(),
+            request_id: self.request_id,
+            route: self.route,
+            method: self.method.clone(),
+            resource_type: self.resource_type.map(str::to_string),
+            identity: self.identity.cloned(),
+            on_behalf_of: self.on_behalf_of.map(str::to_string),
+            client_ip: self.client_ip,
+            decision: self.decision,
+            status: self.status,
+        });
+        if handed {
+            return;
+        }
         tracing::info!(
             target: "fhirgate::audit",
             request_id = %self.request_id,
             route = self.route,
-            method = self.method,
+            method = self.method.as_str(),
             resource_type = self.resource_type,
-            profile = self.profile,
+            profile = self.identity.map(|i| i.profile.as_str()),
             on_behalf_of = self.on_behalf_of,
             client_ip = self.client_ip.map(|i| i.to_string()),
             decision = self.decision,
