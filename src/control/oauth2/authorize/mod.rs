@@ -147,7 +147,7 @@ async fn start(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respon
             .into_response(),
         });
     }
-    let csrf = csrf_token(parts);
+    let csrf = csrf_token(state, parts);
     if let Some(login) = session
         && scope_narrows(&login.scope, &request.scope)
     {
@@ -164,7 +164,7 @@ async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
         Err(refusal) => return Ok(refusal.into_response()),
     };
     let email = p.one("email").unwrap_or_default().to_string();
-    let Some(csrf) = csrf_matches(parts, p) else {
+    let Some(csrf) = csrf_matches(state, parts, p) else {
         let fresh = random_hex(32);
         return signin_page(
             state,
@@ -239,7 +239,7 @@ async fn google_signin(
         Ok(r) => r,
         Err(refusal) => return Ok(refusal.into_response()),
     };
-    let Some(csrf) = csrf_matches(parts, p) else {
+    let Some(csrf) = csrf_matches(state, parts, p) else {
         let fresh = random_hex(32);
         let message = Some("This form has expired. Please sign in again.".into());
         return signin_page(state, &request, &fresh, message, "", StatusCode::FORBIDDEN);
@@ -317,7 +317,7 @@ async fn continue_step(
     let Some(login) = login.filter(|l| !l.revoked && l.expires_at > now && !is_granted(l)) else {
         return message_page(None, START_AGAIN, StatusCode::BAD_REQUEST);
     };
-    let bound = csrf_matches(parts, p).filter(|token| {
+    let bound = csrf_matches(state, parts, p).filter(|token| {
         LoginFlow::of(&login)
             .csrf
             .is_some_and(|h| hashes_equal(&h, &state.hash_secret(token)))
@@ -518,7 +518,7 @@ async fn resume(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
         Ok(r) => r,
         Err(refusal) => return Ok(refusal.into_response()),
     };
-    let Some(csrf) = csrf_matches(parts, p) else {
+    let Some(csrf) = csrf_matches(state, parts, p) else {
         return message_page(Some(&request.client), START_AGAIN, StatusCode::FORBIDDEN);
     };
     let session = find_session(state, parts, &request)

@@ -109,7 +109,7 @@ pub(super) async fn start(
         Err(refusal) => return Ok(refusal.into_response()),
     };
     let email = p.one("email").unwrap_or_default().trim().to_lowercase();
-    let Some(csrf) = csrf_matches(parts, p) else {
+    let Some(csrf) = csrf_matches(state, parts, p) else {
         let message = Some("This form has expired. Please sign in again.".into());
         return signin_page(
             state,
@@ -379,7 +379,7 @@ pub(super) async fn signed_in(
             && l.auth_method == "saml"
             && l.client_id.as_deref() == Some(request.client.id.as_str())
     });
-    let csrf = csrf_value(parts);
+    let csrf = csrf_value(state, parts);
     let bound = match (&login, &csrf) {
         (Some(l), Some(token)) => LoginFlow::of(l)
             .csrf

@@ -28,6 +28,27 @@ const CSRF_COOKIE_SECONDS: i64 = 3600;
 
 const CSRF_COOKIE: &str = "fhirgate-csrf";
 
+/// The CSRF cookie's name over https: with the `__Host-` prefix a browser keeps it only when
+/// this host set it over https, with `Path=/` and no `Domain`, so a sibling subdomain cannot
+/// plant a token of its choosing (which would let it carry a victim's browser through a
+/// sign-in it started: login CSRF). Over plain http (local development) browsers refuse the
+/// prefix, so the plain name stays.
+const CSRF_COOKIE_HOST: &str = "__Host-fhirgate-csrf";
+
+pub(super) fn csrf_cookie_name(base_url: &str) -> &'static str {
+    if base_url.starts_with("https:") {
+        CSRF_COOKIE_HOST
+    } else {
+        CSRF_COOKIE
+    }
+}
+
+/// The CSRF token in the cookie of this server's name for it, when it is well formed.
+pub(super) fn csrf_in(headers: &HeaderMap, base_url: &str) -> Option<String> {
+    cookie_value(headers, csrf_cookie_name(base_url))
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
 pub(super) fn cookie_value(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
@@ -55,21 +76,18 @@ pub(super) fn session_cookie_name(client_id: &str) -> String {
 }
 
 /// The browser's CSRF token: the one it has, or a new one.
-pub(super) fn csrf_token(parts: &Parts) -> String {
-    cookie_value(&parts.headers, CSRF_COOKIE)
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
-        .unwrap_or_else(|| random_hex(32))
+pub(super) fn csrf_token(state: &State, parts: &Parts) -> String {
+    csrf_in(&parts.headers, &state.config.base_url).unwrap_or_else(|| random_hex(32))
 }
 
 /// The browser's CSRF token, if it has one.
-pub(super) fn csrf_value(parts: &Parts) -> Option<String> {
-    cookie_value(&parts.headers, CSRF_COOKIE)
-        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+pub(super) fn csrf_value(state: &State, parts: &Parts) -> Option<String> {
+    csrf_in(&parts.headers, &state.config.base_url)
 }
 
 /// The form repeats the browser's cookie (a cross-site post cannot read or set it).
-pub(super) fn csrf_matches(parts: &Parts, p: &Params) -> Option<String> {
-    let cookie = cookie_value(&parts.headers, CSRF_COOKIE)?;
+pub(super) fn csrf_matches(state: &State, parts: &Parts, p: &Params) -> Option<String> {
+    let cookie = csrf_in(&parts.headers, &state.config.base_url)?;
     let field = p.one("csrf")?;
     hashes_equal(&cookie, field).then(|| field.to_string())
 }
@@ -213,7 +231,7 @@ pub(super) async fn bind_csrf(
 pub(super) fn csrf_cookie(state: &State, csrf: &str) -> String {
     set_cookie(
         state,
-        CSRF_COOKIE.to_string(),
+        csrf_cookie_name(&state.config.base_url).to_string(),
         csrf.to_string(),
         CSRF_COOKIE_SECONDS,
     )

@@ -3,6 +3,7 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use super::render::describe_scope;
 use super::request::is_fhir_base;
 use super::session::cookie_value;
+use super::session::{csrf_cookie_name, csrf_in};
 use super::*;
 
 #[test]
@@ -58,4 +59,32 @@ fn cookies_are_found_by_name() {
     assert_eq!(cookie_value(&h, "medplum-c1").as_deref(), Some("l.s"));
     assert_eq!(cookie_value(&h, "fhirgate-csrf").as_deref(), Some("abc"));
     assert_eq!(cookie_value(&h, "nope"), None);
+}
+
+/// Over https the CSRF token is read only from the `__Host-` cookie, which a sibling subdomain
+/// cannot set; a plain `fhirgate-csrf` cookie (which it can) is ignored.
+#[test]
+fn over_https_only_a_host_only_csrf_cookie_counts() {
+    let token = "ab".repeat(32);
+    let mut planted = HeaderMap::new();
+    planted.insert(
+        header::COOKIE,
+        HeaderValue::from_str(&format!("fhirgate-csrf={token}")).unwrap(),
+    );
+    assert_eq!(
+        csrf_in(&planted, "http://127.0.0.1:8080/"),
+        Some(token.clone())
+    );
+    assert_eq!(csrf_in(&planted, "https://gw.example/"), None);
+    let mut host_only = HeaderMap::new();
+    host_only.insert(
+        header::COOKIE,
+        HeaderValue::from_str(&format!("__Host-fhirgate-csrf={token}")).unwrap(),
+    );
+    assert_eq!(csrf_in(&host_only, "https://gw.example/"), Some(token));
+    assert_eq!(
+        csrf_cookie_name("https://gw.example/"),
+        "__Host-fhirgate-csrf"
+    );
+    assert_eq!(csrf_cookie_name("http://localhost:8080/"), "fhirgate-csrf");
 }
