@@ -618,10 +618,7 @@ impl Keycloak {
             issuer = xml_escape(issuer),
         );
         let mut query = form_urlencoded::Serializer::new(String::new());
-        query.append_pair(
-            "SAMLRequest",
-            &STANDARD.encode(deflate_stored(xml.as_bytes())),
-        );
+        query.append_pair("SAMLRequest", &STANDARD.encode(deflate(xml.as_bytes())));
         if let Some(relay_state) = relay_state {
             query.append_pair("RelayState", relay_state);
         }
@@ -1011,22 +1008,11 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Raw DEFLATE (RFC 1951) of `data` in stored blocks: valid for any inflater, no compression
-/// needed for a test's AuthnRequest.
-fn deflate_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 5 * (data.len() / 65535 + 1));
-    let mut chunks = data.chunks(65535).peekable();
-    if chunks.peek().is_none() {
-        out.extend_from_slice(&[1, 0, 0, 0xff, 0xff]);
-        return out;
-    }
-    while let Some(chunk) = chunks.next() {
-        let last = chunks.peek().is_none();
-        out.push(u8::from(last));
-        let len = chunk.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(chunk);
-    }
-    out
+/// Raw DEFLATE (RFC 1951), as the HTTP-Redirect binding wants it.
+fn deflate(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder =
+        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).expect("deflate into memory");
+    encoder.finish().expect("deflate into memory")
 }
