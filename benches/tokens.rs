@@ -112,7 +112,6 @@ fn bench_keyring(c: &mut Criterion) {
         scope: Some("openid".into()),
         patient: None,
         expires_at: i64::MAX,
-        caller_headers: fhirgate::state::CallerHeaders::new("ClientApplication/c1", "p1"),
     });
     for i in 0..10_000 {
         cache.insert(format!("{token}{i}"), identity.clone());

@@ -14,9 +14,7 @@
 mod common;
 
 use common::gateway::{TestGateway, free_port};
-use common::people::{
-    UserSeed, jwt_claims, pkce_pair, seed, seed_client, super_admin_project, token_request,
-};
+use common::people::{UserSeed, jwt_claims, seed, seed_client, super_admin_project, token_request};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
@@ -73,18 +71,7 @@ fn authorize_url(
     redirect_uri: &str,
     scope: &str,
 ) -> (String, String) {
-    let (verifier, challenge) = pkce_pair();
-    let mut url = url::Url::parse(&format!("{}oauth2/authorize", gw.base)).unwrap();
-    url.query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", client)
-        .append_pair("redirect_uri", redirect_uri)
-        .append_pair("scope", scope)
-        .append_pair("state", "browser-state")
-        .append_pair("nonce", "browser-nonce")
-        .append_pair("code_challenge", &challenge)
-        .append_pair("code_challenge_method", "S256");
-    (url.to_string(), verifier)
+    common::people::authorize_url(gw, client, redirect_uri, scope, "browser")
 }
 
 #[test]

@@ -19,9 +19,7 @@ use common::gateway::{TestGateway, free_port};
 use common::http::rt;
 use common::keycloak::{SamlClient, SamlPost, keycloak};
 use common::page::{Browser, Page, unescape};
-use common::people::{
-    Seeded, UserSeed, pkce_pair, seed, seed_client, super_admin_token, token_request,
-};
+use common::people::{Seeded, UserSeed, seed, seed_client, super_admin_token, token_request};
 use common::upstream::FhirUpstream;
 use serde_json::{Value, json};
 
@@ -115,17 +113,7 @@ async fn post_domain(gw: &TestGateway, token: &str, body: &Value) -> (u16, Value
 
 /// An authorization request of `client` with a fresh PKCE pair; returns (URL, verifier).
 fn authorize_url(gw: &TestGateway, client: &str, redirect_uri: &str) -> (String, String) {
-    let (verifier, challenge) = pkce_pair();
-    let mut url = url::Url::parse(&format!("{}oauth2/authorize", gw.base)).unwrap();
-    url.query_pairs_mut()
-        .append_pair("response_type", "code")
-        .append_pair("client_id", client)
-        .append_pair("redirect_uri", redirect_uri)
-        .append_pair("scope", "openid profile")
-        .append_pair("state", "saml-state")
-        .append_pair("code_challenge", &challenge)
-        .append_pair("code_challenge_method", "S256");
-    (url.to_string(), verifier)
+    common::people::authorize_url(gw, client, redirect_uri, "openid profile", "saml")
 }
 
 /// The code for tokens, and the tokens at work: `/auth/me` and a read of the profile through

@@ -210,18 +210,8 @@ pub fn rewrite_request(
     };
     let binding = ctx.binding(state);
     let up = &binding.upstream;
-    // The caller's headers as made once for its identity; the rest as `UpstreamIdentity` says.
-    let prepared = ctx.identity.as_deref().map(|id| &id.caller_headers);
     for (name, value) in upstream_identity(ctx, up).headers() {
-        let ready = match (name, prepared) {
-            (upstream_headers::PROFILE, Some(h)) => h.profile.clone(),
-            (upstream_headers::PROJECT, Some(h)) => h.project.clone(),
-            _ => None,
-        };
-        match ready {
-            Some(v) => upstream.insert_header(name, v)?,
-            None => upstream.insert_header(name, value)?,
-        }
+        upstream.insert_header(name, value)?;
     }
     upstream.insert_header("host", binding.host_header.clone())?;
     let original = session.req_header().uri.query();

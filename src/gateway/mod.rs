@@ -34,7 +34,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 
-use crate::obs::{Audit, Children, METRICS};
+use crate::obs::{Children, METRICS};
 use crate::state::State;
 use ctx::{FilterSpec, ResponsePlan};
 use ctx::{Mode, RequestCtx};
@@ -336,18 +336,20 @@ impl ProxyHttp for Gateway {
                 .observe(upstream.as_secs_f64());
         }
         if matches!(ctx.route, Route::Fhir { .. }) {
-            Audit {
-                request_id: ctx.request_id,
-                route,
-                method: &session.req_header().method,
-                resource_type: ctx.resource_type.as_deref(),
-                identity: ctx.identity.as_ref(),
-                on_behalf_of: ctx.on_behalf_of_profile.as_deref(),
-                client_ip: ctx.client_ip,
-                decision: ctx.decision,
-                status,
+            if crate::obs::audit_enabled() {
+                crate::obs::audit(crate::obs::audit_log::Record {
+                    at: std::time::SystemTime::now(),
+                    request_id: ctx.request_id,
+                    route,
+                    method: session.req_header().method.clone(),
+                    resource_type: ctx.resource_type.clone(),
+                    identity: ctx.identity.clone(),
+                    on_behalf_of: ctx.on_behalf_of_profile.clone(),
+                    client_ip: ctx.client_ip,
+                    decision: ctx.decision,
+                    status,
+                });
             }
-            .emit();
             // A refusal of an authenticated caller joins the project's security trail.
             if status == 403
                 && crate::obs::trail::active()

@@ -47,12 +47,16 @@ enum Message {
 
 static QUEUE_IN: OnceLock<SyncSender<Message>> = OnceLock::new();
 
-/// Hands a record to the writer. `false` when there is no writer (text logs): the caller
-/// writes the record through tracing instead.
-pub fn submit(record: Record) -> bool {
-    match QUEUE_IN.get() {
-        Some(queue) => queue.send(Message::Record(Box::new(record))).is_ok(),
-        None => false,
+/// Hands a record to the writer; it comes back when there is no writer (text logs), for the
+/// caller to write through tracing instead.
+pub fn submit(record: Box<Record>) -> Result<(), Box<Record>> {
+    let Some(queue) = QUEUE_IN.get() else {
+        return Err(record);
+    };
+    match queue.send(Message::Record(record)) {
+        Ok(()) => Ok(()),
+        Err(std::sync::mpsc::SendError(Message::Record(r))) => Err(r),
+        Err(_) => Ok(()),
     }
 }
 
@@ -247,7 +251,7 @@ mod tests {
         let guard = start(out.clone()).expect("the first writer of the process");
         assert!(start(Shared::default()).is_none(), "one writer per process");
         for _ in 0..2_000 {
-            assert!(submit(record()));
+            assert!(submit(Box::new(record())).is_ok());
         }
         drop(guard);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

@@ -250,56 +250,29 @@ impl std::fmt::Display for RequestId {
     }
 }
 
-/// One audit record per decision. Built from typed fields only, so no header, token or secret
-/// can reach it.
-#[derive(Debug)]
-pub struct Audit<'a> {
-    pub request_id: RequestId,
-    pub route: &'static str,
-    pub method: &'a http::Method,
-    pub resource_type: Option<&'a str>,
-    /// The caller; its profile is written.
-    pub identity: Option<&'a std::sync::Arc<crate::state::Identity>>,
-    pub on_behalf_of: Option<&'a str>,
-    pub client_ip: Option<std::net::IpAddr>,
-    pub decision: &'static str,
-    pub status: u16,
+/// Whether audit records are written: the log filter lets `fhirgate::audit` through. Asked
+/// before a record is built.
+pub fn audit_enabled() -> bool {
+    tracing::enabled!(target: "fhirgate::audit", tracing::Level::INFO)
 }
 
-impl Audit<'_> {
-    /// Writes the record when the log filter lets `fhirgate::audit` through: handed to the
-    /// audit writer (JSON logs), or else through tracing.
-    pub fn emit(&self) {
-        if !tracing::enabled!(target: "fhirgate::audit", tracing::Level::INFO) {
-            return;
-        }
-        let handed = audit_log::submit(audit_log::Record {
-            at: std::time::SystemTime::now(),
-            request_id: self.request_id,
-            route: self.route,
-            method: self.method.clone(),
-            resource_type: self.resource_type.map(str::to_string),
-            identity: self.identity.cloned(),
-            on_behalf_of: self.on_behalf_of.map(str::to_string),
-            client_ip: self.client_ip,
-            decision: self.decision,
-            status: self.status,
-        });
-        if handed {
-            return;
-        }
-        tracing::info!(
-            target: "fhirgate::audit",
-            request_id = %self.request_id,
-            route = self.route,
-            method = self.method.as_str(),
-            resource_type = self.resource_type,
-            profile = self.identity.map(|i| i.profile.as_str()),
-            on_behalf_of = self.on_behalf_of,
-            client_ip = self.client_ip.map(|i| i.to_string()),
-            decision = self.decision,
-            status = self.status,
-            "decision"
-        );
-    }
+/// Writes one audit record (a decision), built from typed fields only, so no header, token or
+/// secret can reach it: handed to the audit writer (JSON logs), or else through tracing.
+pub fn audit(record: audit_log::Record) {
+    let Err(r) = audit_log::submit(Box::new(record)) else {
+        return;
+    };
+    tracing::info!(
+        target: "fhirgate::audit",
+        request_id = %r.request_id,
+        route = r.route,
+        method = r.method.as_str(),
+        resource_type = r.resource_type.as_deref(),
+        profile = r.identity.as_ref().map(|i| i.profile.as_str()),
+        on_behalf_of = r.on_behalf_of.as_deref(),
+        client_ip = r.client_ip.map(|i| i.to_string()),
+        decision = r.decision,
+        status = r.status,
+        "decision"
+    );
 }

@@ -9,7 +9,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 
 use super::State;
-use super::identity::{CallerHeaders, Identity};
+use super::identity::Identity;
 use super::standing::{Epoch, StandingSlot, TokenEntry};
 use crate::store::{StoreError, now_unix};
 
@@ -191,18 +191,15 @@ impl State {
                 return (Err(AuthError::StoreUnavailable), CacheUse::Miss);
             }
         };
-        let project_id = membership
-            .project
-            .type_and_id()
-            .map(|(_, id)| id.to_string())
-            .unwrap_or_default();
-        let profile = membership.profile_ref().unwrap_or_default().to_string();
         let identity = Arc::new(Identity {
             login_id: Some(login.id.clone()),
             membership_id,
-            caller_headers: CallerHeaders::new(&profile, &project_id),
-            project_id,
-            profile,
+            project_id: membership
+                .project
+                .type_and_id()
+                .map(|(_, id)| id.to_string())
+                .unwrap_or_default(),
+            profile: membership.profile_ref().unwrap_or_default().to_string(),
             user_ref: login.user_ref.clone(),
             client_id: login.client_id.clone(),
             // The token's own scope: a refresh may have narrowed it below the Login's.
@@ -257,14 +254,11 @@ impl State {
         if !membership.is_active() {
             return Err(AuthError::MembershipInactive);
         }
-        let project_id = client.project_id.clone().unwrap_or_default();
-        let profile = format!("ClientApplication/{}", client.id);
         Ok(Identity {
             login_id: None,
             membership_id,
-            caller_headers: CallerHeaders::new(&profile, &project_id),
-            project_id,
-            profile,
+            project_id: client.project_id.clone().unwrap_or_default(),
+            profile: format!("ClientApplication/{}", client.id),
             user_ref: format!("ClientApplication/{}", client.id),
             client_id: Some(client.id.clone()),
             scope: None,

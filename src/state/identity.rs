@@ -19,24 +19,4 @@ pub struct Identity {
     pub patient: Option<String>,
     /// Unix seconds after which this identity must be re-established.
     pub expires_at: i64,
-    /// `profile` and `project_id` as header values, made once per identity.
-    pub caller_headers: CallerHeaders,
-}
-
-/// The caller as the upstream hears of it (`X-Fhirgate-Profile`, `X-Fhirgate-Project`), made
-/// once per identity instead of on every forwarded request. `None` for a value that is not
-/// header-safe: the forwarder then sends the text, and pingora refuses it there, as before.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CallerHeaders {
-    pub profile: Option<http::HeaderValue>,
-    pub project: Option<http::HeaderValue>,
-}
-
-impl CallerHeaders {
-    pub fn new(profile: &str, project: &str) -> CallerHeaders {
-        CallerHeaders {
-            profile: http::HeaderValue::from_str(profile).ok(),
-            project: http::HeaderValue::from_str(project).ok(),
-        }
-    }
 }

@@ -30,7 +30,7 @@ use arc_swap::ArcSwap;
 
 pub use auth::{AuthError, CacheUse};
 pub use identities::{Identities, Mark, StoredPolicy};
-pub use identity::{CallerHeaders, Identity};
+pub use identity::Identity;
 pub use snapshot::{ClientInfo, ProjectInfo, Snapshot, origin_of};
 
 use crate::config::Config;

@@ -121,6 +121,17 @@ pub fn now_unix() -> i64 {
         .unwrap_or(0)
 }
 
+/// Unix seconds as RFC 3339 (`2026-12-06T03:44:06Z`); empty when out of range.
+pub fn unix_rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)

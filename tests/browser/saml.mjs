@@ -11,42 +11,18 @@
 // that name. Output: one JSON line on stdout {callback: {code, state}, pages: [...], idpUrl,
 // screenshots}. Exit code 0 when the flow reached the callback, 1 otherwise.
 
-import { createServer } from 'node:http';
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, listenForCallback } from './chromium.mjs';
 
 const input = JSON.parse(process.argv[2] ?? '{}');
 const STEP_TIMEOUT = 20000;
-
-function listenForCallback(port) {
-  let resolve;
-  const received = new Promise((r) => (resolve = r));
-  const server = createServer((req, res) => {
-    const url = new URL(req.url, `http://127.0.0.1:${port}`);
-    if (url.pathname !== '/callback') {
-      res.writeHead(404).end();
-      return;
-    }
-    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
-    res.end('<!doctype html><title>Signed in</title><h1>Signed in</h1>');
-    resolve(Object.fromEntries(url.searchParams));
-  });
-  return new Promise((ready, fail) => {
-    server.once('error', fail);
-    server.listen(port, '127.0.0.1', () => ready({ server, received }));
-  });
-}
 
 async function main() {
   const result = { pages: [], screenshots: [], callback: null };
   mkdirSync(input.screenshotDir, { recursive: true });
   const { server, received } = await listenForCallback(input.callbackPort);
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    args: ['--no-sandbox'],
-  });
+  const browser = await launchChromium();
   try {
     const context = await browser.newContext();
     const page = await context.newPage();

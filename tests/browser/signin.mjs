@@ -20,10 +20,9 @@
 // JSON either way).
 
 import { createHmac } from 'node:crypto';
-import { createServer } from 'node:http';
 import { mkdirSync, readdirSync, readFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { chromium } from 'playwright-core';
+import { launchChromium, listenForCallback } from './chromium.mjs';
 
 const input = JSON.parse(process.argv[2] ?? '{}');
 const STEP_TIMEOUT = 15000;
@@ -78,37 +77,13 @@ async function emailedCode(dir, seen) {
   throw new Error(`no verification e-mail in ${dir}`);
 }
 
-function listenForCallback(port) {
-  let resolve;
-  const received = new Promise((r) => (resolve = r));
-  const server = createServer((req, res) => {
-    const url = new URL(req.url, `http://127.0.0.1:${port}`);
-    if (url.pathname !== '/callback') {
-      res.writeHead(404).end();
-      return;
-    }
-    res.writeHead(200, { 'content-type': 'text/html; charset=utf-8' });
-    res.end('<!doctype html><title>Signed in</title><h1>Signed in</h1>');
-    resolve(Object.fromEntries(url.searchParams));
-  });
-  return new Promise((ready, fail) => {
-    server.once('error', fail);
-    server.listen(port, '127.0.0.1', () => ready({ server, received }));
-  });
-}
-
 async function main() {
   const result = { pages: [], screenshots: [], focusOrder: [], inlineError: null, callback: null };
   // Messages already in the mailbox belong to earlier sign-ins.
   const seen = new Set(input.mailDir ? readdirSync(input.mailDir) : []);
   mkdirSync(input.screenshotDir, { recursive: true });
   const { server, received } = await listenForCallback(input.callbackPort);
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    // Root in a container: chromium's own sandbox needs user namespaces it may not have.
-    args: ['--no-sandbox'],
-  });
+  const browser = await launchChromium();
   try {
     const context = await browser.newContext({ javaScriptEnabled: false });
     const page = await context.newPage();

@@ -15,7 +15,7 @@ import { createServer } from 'node:http';
 import { mkdirSync, readFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 
 const input = JSON.parse(process.argv[2] ?? '{}');
 const STEP_TIMEOUT = 20000;
@@ -50,12 +50,7 @@ async function main() {
   const result = { pages: [], screenshots: [], result: null };
   mkdirSync(input.screenshotDir, { recursive: true });
   const server = await serveApp(input.appPort);
-  const browser = await chromium.launch({
-    executablePath: '/usr/bin/chromium',
-    headless: true,
-    // Root in a container: chromium's own sandbox needs user namespaces it may not have.
-    args: ['--no-sandbox'],
-  });
+  const browser = await launchChromium();
   try {
     const context = await browser.newContext();
     const page = await context.newPage();

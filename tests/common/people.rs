@@ -392,6 +392,29 @@ pub fn pkce_pair() -> (String, String) {
     (verifier, challenge)
 }
 
+/// A browser's authorization request of `client` at the sign-in page, with a fresh PKCE pair,
+/// `state` `<tag>-state` and `nonce` `<tag>-nonce`; returns (URL, verifier).
+pub fn authorize_url(
+    gw: &TestGateway,
+    client: &str,
+    redirect_uri: &str,
+    scope: &str,
+    tag: &str,
+) -> (String, String) {
+    let (verifier, challenge) = pkce_pair();
+    let mut url = url::Url::parse(&format!("{}oauth2/authorize", gw.base)).unwrap();
+    url.query_pairs_mut()
+        .append_pair("response_type", "code")
+        .append_pair("client_id", client)
+        .append_pair("redirect_uri", redirect_uri)
+        .append_pair("scope", scope)
+        .append_pair("state", &format!("{tag}-state"))
+        .append_pair("nonce", &format!("{tag}-nonce"))
+        .append_pair("code_challenge", &challenge)
+        .append_pair("code_challenge_method", "S256");
+    (url.to_string(), verifier)
+}
+
 /// A successful token response.
 #[derive(Debug, Clone)]
 pub struct TokenResponse {

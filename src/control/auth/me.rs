@@ -114,7 +114,7 @@ async fn security(state: &State, caller: &Caller, user: &Value) -> Result<Value,
         .filter(|l| l.membership_id.is_some() && !l.revoked)
         .map(|l| {
             let flow = LoginFlow::of(&l);
-            let mut s = json!({"id": l.id, "lastUpdated": rfc3339(l.auth_time), "authMethod": l.auth_method});
+            let mut s = json!({"id": l.id, "lastUpdated": crate::store::unix_rfc3339(l.auth_time), "authMethod": l.auth_method});
             if let Some(ip) = l.remote_address {
                 s["remoteAddress"] = Value::String(ip);
             }
@@ -196,14 +196,4 @@ fn browser_and_os(ua: &str) -> (Option<&'static str>, Option<&'static str>) {
         ("Linux", "Linux"),
     ]);
     (browser, os)
-}
-
-fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }

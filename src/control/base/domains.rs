@@ -5,7 +5,7 @@ use crate::state::State;
 use crate::store::StoredResource;
 use serde_json::Value;
 
-use crate::control::base::saml_idp::check_saml_idp;
+use crate::control::base::saml_idp::{SamlIdp, check_saml_idp};
 use crate::control::web::error::ApiError;
 
 /// The `DomainConfiguration` of `domain` (compared lower-case), as stored.
@@ -22,6 +22,35 @@ pub async fn domain_configuration(state: &State, domain: &str) -> Result<Option<
                 .and_then(Value::as_str)
                 .is_some_and(|d| d.to_lowercase() == wanted)
         }))
+}
+
+/// The SAML IdP of an e-mail domain. A DomainConfiguration whose SAML settings do not hold is
+/// no IdP (and is logged): nobody is signed in through it.
+pub async fn domain_saml_idp(state: &State, domain: &str) -> Result<Option<SamlIdp>, ApiError> {
+    let Some(config) = domain_configuration(state, domain).await? else {
+        return Ok(None);
+    };
+    let Some(found) = config
+        .get("identityProvider")
+        .and_then(SamlIdp::of_identity_provider)
+    else {
+        return Ok(None);
+    };
+    Ok(found
+        .map_err(|e| {
+            tracing::error!(domain = %domain, error = %e, "the SAML identity provider of a domain is not usable");
+        })
+        .ok())
+}
+
+/// Whether any e-mail domain signs in through SAML (the page then offers single sign-on).
+pub async fn any_saml_domain(state: &State) -> bool {
+    match state.store.list("DomainConfiguration").await {
+        Ok(all) => all
+            .iter()
+            .any(|c| c.content.pointer("/identityProvider/saml").is_some()),
+        Err(_) => false,
+    }
 }
 
 /// The fields an `IdentityProvider` must have (1..1 in Medplum's profile).

@@ -15,17 +15,6 @@ pub fn new_request_id() -> String {
     format!("_{}", uuid::Uuid::new_v4().simple())
 }
 
-/// An instant as SAML writes it (`xs:dateTime`, UTC, whole seconds).
-pub fn saml_instant(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
-
 /// The AuthnRequest XML.
 pub fn authn_request(idp: &SamlIdp, sp: &SpEndpoints, request_id: &str, now: i64) -> String {
     format!(
@@ -39,7 +28,7 @@ pub fn authn_request(idp: &SamlIdp, sp: &SpEndpoints, request_id: &str, now: i64
             r#"</samlp:AuthnRequest>"#
         ),
         id = xml_escape(request_id),
-        instant = saml_instant(now),
+        instant = crate::store::unix_rfc3339(now),
         destination = xml_escape(&idp.sso_url),
         acs = xml_escape(&sp.acs_url),
         binding = BINDING_POST,

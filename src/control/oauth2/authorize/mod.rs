@@ -49,6 +49,7 @@ use crate::control::oauth2::authorize::picker::patient_page;
 use crate::control::oauth2::authorize::picker::pick_patient;
 use crate::control::oauth2::authorize::render::START_AGAIN;
 use crate::control::oauth2::authorize::render::TOO_MANY;
+use crate::control::oauth2::authorize::render::accept_form;
 use crate::control::oauth2::authorize::render::inline_message;
 use crate::control::oauth2::authorize::render::message_page;
 use crate::control::oauth2::authorize::render::render_step;
@@ -154,26 +155,15 @@ async fn start(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respon
         // Nothing changes until the person answers: the consent form carries the request.
         return resume_consent_page(state, &request, &csrf, None, StatusCode::OK);
     }
-    signin_page(state, &request, &csrf, None, "", StatusCode::OK)
+    signin_page(state, &request, &csrf, None, "", StatusCode::OK).await
 }
 
 /// `step=signin`: the e-mail and password form.
 async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Response, ApiError> {
-    let request = match check_request(state, p).await {
-        Ok(r) => r,
-        Err(refusal) => return Ok(refusal.into_response()),
-    };
     let email = p.one("email").unwrap_or_default().to_string();
-    let Some(csrf) = csrf_matches(state, parts, p) else {
-        let fresh = random_hex(32);
-        return signin_page(
-            state,
-            &request,
-            &fresh,
-            Some("This form has expired. Please sign in again.".into()),
-            &email,
-            StatusCode::FORBIDDEN,
-        );
+    let (request, csrf) = match accept_form(state, parts, p, &email).await? {
+        Ok(accepted) => accepted,
+        Err(answer) => return Ok(answer),
     };
     let login_request = LoginRequest {
         email: email.clone(),
@@ -204,7 +194,8 @@ async fn signin(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
                 Some(message),
                 &email,
                 StatusCode::BAD_REQUEST,
-            );
+            )
+            .await;
         }
     };
     continue_signed_in(state, login, &request, &csrf).await
@@ -235,26 +226,23 @@ async fn google_signin(
     parts: &Parts,
     p: &Params,
 ) -> Result<Response, ApiError> {
-    let request = match check_request(state, p).await {
-        Ok(r) => r,
-        Err(refusal) => return Ok(refusal.into_response()),
+    let (request, csrf) = match accept_form(state, parts, p, "").await? {
+        Ok(accepted) => accepted,
+        Err(answer) => return Ok(answer),
     };
-    let Some(csrf) = csrf_matches(state, parts, p) else {
-        let fresh = random_hex(32);
-        let message = Some("This form has expired. Please sign in again.".into());
-        return signin_page(state, &request, &fresh, message, "", StatusCode::FORBIDDEN);
-    };
-    let refused = |message: &str| {
+    let refused = async |message: &str| {
         let message = Some(message.to_string());
-        signin_page(state, &request, &csrf, message, "", StatusCode::BAD_REQUEST)
+        signin_page(state, &request, &csrf, message, "", StatusCode::BAD_REQUEST).await
     };
     let Some(google_client) = state.config.google.client_ids.first() else {
-        return refused("Google sign-in is not available");
+        return refused("Google sign-in is not available").await;
     };
     let credential = p.one("credential").unwrap_or_default();
     let person = match verify_google_credential(state, google_client, credential).await {
         Ok(person) => person,
-        Err(ApiError::Outcome(Outcome::BadRequest(_))) => return refused("Google sign-in failed"),
+        Err(ApiError::Outcome(Outcome::BadRequest(_))) => {
+            return refused("Google sign-in failed").await;
+        }
         Err(e) => return Err(e),
     };
     let external = ExternalLogin {
@@ -275,8 +263,10 @@ async fn google_signin(
         Ok(l) => l,
         Err(e) => {
             return match inline_message(&e) {
-                Some(m) if m == "User not found" => refused("No account uses this Google address"),
-                Some(m) => refused(&m),
+                Some(m) if m == "User not found" => {
+                    refused("No account uses this Google address").await
+                }
+                Some(m) => refused(&m).await,
                 None => Err(e),
             };
         }
@@ -532,7 +522,8 @@ async fn resume(state: &ControlState, parts: &Parts, p: &Params) -> Result<Respo
             Some("Your session has ended. Please sign in again.".into()),
             "",
             StatusCode::BAD_REQUEST,
-        );
+        )
+        .await;
     };
     let chosen = match consent_answer(p, &request.scope) {
         Consent::Grant(chosen) => chosen,

@@ -1,6 +1,7 @@
 //! The pages of the sign-in flow: sign-in, MFA, enrolment, profile choice, consent and
 //! messages, rendered with `web::pages`.
 
+use crate::control::base::domains::any_saml_domain;
 use crate::control::base::saml_idp::client_saml_idp;
 use crate::control::login::flow::login_memberships;
 use crate::control::login::mfa::allowed_methods;
@@ -17,9 +18,12 @@ use crate::control::login::otp::mask_phone;
 use crate::control::login::state::LoginFlow;
 use crate::control::login::state::mfa_satisfied;
 use crate::control::oauth2::authorize::request::AuthRequest;
+use crate::control::oauth2::authorize::request::Params;
+use crate::control::oauth2::authorize::request::check_request;
 use crate::control::oauth2::authorize::request::client_name;
 use crate::control::oauth2::authorize::request::login_client;
 use crate::control::oauth2::authorize::session::csrf_cookie;
+use crate::control::oauth2::authorize::session::csrf_matches;
 use crate::control::web::error::ApiError;
 use crate::control::web::pages;
 use crate::control::web::pages::Choice;
@@ -28,7 +32,8 @@ use crate::control::web::pages::Hidden;
 use crate::state::{ClientInfo, State};
 use crate::store::{LoginRecord, now_unix};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
 use fhirgate_core::fhir::outcome::Outcome;
 use fhirgate_core::policy::scope::{ScopeContext, SmartScope};
 use serde::Serialize;
@@ -307,7 +312,40 @@ fn consent_page(
     ))
 }
 
-pub(super) fn signin_page(
+/// A post of one of the sign-in page's own forms (password, Google, single sign-on): the
+/// authorization request it carries and this browser's CSRF token; or the answer instead — the
+/// refusal of a bad request, or the page again (403, a fresh token, `email` kept) when the
+/// form's token is not this browser's.
+pub(super) async fn accept_form(
+    state: &State,
+    parts: &Parts,
+    p: &Params,
+    email: &str,
+) -> Result<Result<(AuthRequest, String), Response>, ApiError> {
+    let request = match check_request(state, p).await {
+        Ok(r) => r,
+        Err(refusal) => return Ok(Err(refusal.into_response())),
+    };
+    match csrf_matches(state, parts, p) {
+        Some(csrf) => Ok(Ok((request, csrf))),
+        None => {
+            let message = Some("This form has expired. Please sign in again.".to_string());
+            let fresh = crate::tokens::random_hex(32);
+            let page = signin_page(
+                state,
+                &request,
+                &fresh,
+                message,
+                email,
+                StatusCode::FORBIDDEN,
+            )
+            .await?;
+            Ok(Err(page))
+        }
+    }
+}
+
+pub(super) async fn signin_page(
     state: &State,
     request: &AuthRequest,
     csrf: &str,
@@ -363,7 +401,7 @@ pub(super) fn signin_page(
         google_client_id,
         google_hidden,
         sso_idp_name: client_saml_idp(&request.client).map(|idp| idp.name),
-        sso_by_email: request.sso_by_email,
+        sso_by_email: any_saml_domain(state).await,
         sso_hidden,
     };
     let html = pages::render("signin.html", &frame, &page)?;

@@ -141,8 +141,6 @@ pub(super) struct AuthRequest {
     pub(super) max_age: i64,
     pub(super) id_token_hint: Option<String>,
     pub(super) login_hint: Option<String>,
-    /// Some e-mail domain signs in through SAML: the page offers single sign-on.
-    pub(super) sso_by_email: bool,
 }
 
 /// Why an authorization request is refused.
@@ -362,7 +360,6 @@ pub(super) async fn check_request(state: &State, p: &Params) -> Result<AuthReque
         max_age,
         id_token_hint: p.one("id_token_hint").map(str::to_string),
         login_hint: p.one("login_hint").map(str::to_string),
-        sso_by_email: super::saml::any_saml_domain(state).await,
     })
 }
 

@@ -19,11 +19,10 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::control::base::domains::domain_configuration;
+use crate::control::base::domains::domain_saml_idp;
 use crate::control::base::saml_idp::client_saml_idp;
 use crate::control::login::external::ExternalLogin;
 use crate::control::login::external::external_login;
-use crate::control::login::saml::SamlIdp;
 use crate::control::login::saml::SpEndpoints;
 use crate::control::login::saml::request::{
     authn_request, new_request_id, redirect_url, sp_metadata,
@@ -39,6 +38,7 @@ use crate::control::login::state::is_granted;
 use crate::control::login::state::keys;
 use crate::control::login::state::set_extra;
 use crate::control::oauth2::authorize::render::START_AGAIN;
+use crate::control::oauth2::authorize::render::accept_form;
 use crate::control::oauth2::authorize::render::continue_page;
 use crate::control::oauth2::authorize::render::inline_message;
 use crate::control::oauth2::authorize::render::message_page;
@@ -47,7 +47,6 @@ use crate::control::oauth2::authorize::request::AcsForm;
 use crate::control::oauth2::authorize::request::AuthRequest;
 use crate::control::oauth2::authorize::request::Params;
 use crate::control::oauth2::authorize::request::check_request;
-use crate::control::oauth2::authorize::session::csrf_matches;
 use crate::control::oauth2::authorize::session::csrf_value;
 use crate::control::web::AppState;
 use crate::control::web::ControlState;
@@ -56,7 +55,7 @@ use crate::control::web::client_addr::client_ip;
 use crate::control::web::error::ApiError;
 use crate::state::ClientInfo;
 use crate::store::{LoginRecord, now_unix};
-use crate::tokens::{hashes_equal, random_hex};
+use crate::tokens::hashes_equal;
 
 /// A SAML sign-in in flight, kept under its AuthRequest's id.
 #[derive(Serialize, Deserialize)]
@@ -69,58 +68,18 @@ struct InFlight {
     domain: Option<String>,
 }
 
-/// The SAML IdP of an e-mail domain. A DomainConfiguration whose SAML settings do not hold is
-/// no IdP (and is logged): nobody is signed in through it.
-async fn domain_saml_idp(state: &ControlState, domain: &str) -> Result<Option<SamlIdp>, ApiError> {
-    let Some(config) = domain_configuration(state, domain).await? else {
-        return Ok(None);
-    };
-    let Some(found) = config
-        .get("identityProvider")
-        .and_then(SamlIdp::of_identity_provider)
-    else {
-        return Ok(None);
-    };
-    Ok(found
-        .map_err(|e| {
-            tracing::error!(domain = %domain, error = %e, "the SAML identity provider of a domain is not usable");
-        })
-        .ok())
-}
-
-/// Whether any e-mail domain signs in through SAML (the page then offers single sign-on).
-pub(super) async fn any_saml_domain(state: &crate::state::State) -> bool {
-    match state.store.list("DomainConfiguration").await {
-        Ok(all) => all
-            .iter()
-            .any(|c| c.content.pointer("/identityProvider/saml").is_some()),
-        Err(_) => false,
-    }
-}
-
 /// `step=sso`: off to the IdP.
 pub(super) async fn start(
     state: &ControlState,
     parts: &Parts,
     p: &Params,
 ) -> Result<Response, ApiError> {
-    let request = match check_request(state, p).await {
-        Ok(r) => r,
-        Err(refusal) => return Ok(refusal.into_response()),
-    };
     let email = p.one("email").unwrap_or_default().trim().to_lowercase();
-    let Some(csrf) = csrf_matches(state, parts, p) else {
-        let message = Some("This form has expired. Please sign in again.".into());
-        return signin_page(
-            state,
-            &request,
-            &random_hex(32),
-            message,
-            &email,
-            StatusCode::FORBIDDEN,
-        );
+    let (request, csrf) = match accept_form(state, parts, p, &email).await? {
+        Ok(accepted) => accepted,
+        Err(answer) => return Ok(answer),
     };
-    let refused = |message: &str| {
+    let refused = async |message: &str| {
         let message = Some(message.to_string());
         signin_page(
             state,
@@ -130,11 +89,12 @@ pub(super) async fn start(
             &email,
             StatusCode::BAD_REQUEST,
         )
+        .await
     };
     let (idp, domain) = if email.is_empty() {
         match client_saml_idp(&request.client) {
             Some(idp) => (idp, None),
-            None => return refused("This application has no single sign-on"),
+            None => return refused("This application has no single sign-on").await,
         }
     } else {
         let domain = email
@@ -144,11 +104,11 @@ pub(super) async fn start(
             .unwrap_or_default();
         match domain_saml_idp(state, &domain).await? {
             Some(idp) => (idp, Some(domain)),
-            None => return refused("Single sign-on is not set up for this e-mail address"),
+            None => return refused("Single sign-on is not set up for this e-mail address").await,
         }
     };
     if !xmlsec::available().await {
-        return refused("Single sign-on is not available on this server");
+        return refused("Single sign-on is not available on this server").await;
     }
 
     let now = now_unix();
@@ -156,7 +116,7 @@ pub(super) async fn start(
     let sp = SpEndpoints::of(&state.config.base_url);
     let xml = authn_request(&idp, &sp, &request_id, now);
     let Some(url) = redirect_url(&idp, &xml, &request_id) else {
-        return refused("Single sign-on is not available on this server");
+        return refused("Single sign-on is not available on this server").await;
     };
     let in_flight = InFlight {
         params: carried_params(&request),

@@ -7,7 +7,7 @@ const SP: &str = "https://gw.example/auth/saml/metadata";
 const IDP: &str = "https://idp.example/realms/hospital";
 
 fn at(offset: i64) -> String {
-    crate::control::login::saml::request::saml_instant(NOW + offset)
+    crate::store::unix_rfc3339(NOW + offset)
 }
 
 /// A Response as an IdP writes it, its assertion carrying a signature template (xmlsec1
