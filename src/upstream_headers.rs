@@ -3,12 +3,23 @@
 //! forwarded and mediated requests, the control API's profile writes, the AuditEvent writer), so
 //! the upstream sees one contract whichever part of fhirgate calls it.
 
+use http::HeaderName;
+
 /// The profile (`Patient/…`, `Practitioner/…`) of the caller a request is made for.
 pub const PROFILE: &str = "x-fhirgate-profile";
 /// The id of the caller's project.
 pub const PROJECT: &str = "x-fhirgate-project";
 /// The profile a request is made on behalf of (Medplum's `X-Medplum-On-Behalf-Of`, resolved).
 pub const ON_BEHALF_OF: &str = "x-fhirgate-on-behalf-of";
+
+/// The names above, parsed once: a name given as a string is parsed (and a custom one copied)
+/// every time it is set.
+static NAMES: [HeaderName; 4] = [
+    http::header::AUTHORIZATION,
+    HeaderName::from_static(PROFILE),
+    HeaderName::from_static(PROJECT),
+    HeaderName::from_static(ON_BEHALF_OF),
+];
 
 /// Who a request to the upstream is made for; `None` fields send no header.
 #[derive(Debug, Clone, Copy, Default)]
@@ -21,17 +32,13 @@ pub struct UpstreamIdentity<'a> {
 }
 
 impl<'a> UpstreamIdentity<'a> {
-    /// The headers to send, names in lower case.
-    pub fn headers(self) -> impl Iterator<Item = (&'static str, &'a str)> {
+    /// The headers to send.
+    pub fn headers(self) -> impl Iterator<Item = (&'static HeaderName, &'a str)> {
         let (profile, project) = self.caller.unzip();
-        [
-            ("authorization", self.authorization),
-            (PROFILE, profile),
-            (PROJECT, project),
-            (ON_BEHALF_OF, self.on_behalf_of),
-        ]
-        .into_iter()
-        .filter_map(|(name, value)| value.map(|v| (name, v)))
+        NAMES
+            .iter()
+            .zip([self.authorization, profile, project, self.on_behalf_of])
+            .filter_map(|(name, value)| value.map(|v| (name, v)))
     }
 }
 
@@ -49,6 +56,7 @@ mod tests {
             on_behalf_of: Some("Practitioner/d"),
         }
         .headers()
+        .map(|(name, value)| (name.as_str(), value))
         .collect();
         assert_eq!(
             all,
