@@ -67,6 +67,9 @@
 #   FHIRGATE_BIN_B [none] a second fhirgate build for the fg-full-b case (uses BASE_PORT+6..+8)
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 #   KEEP_TMP [0] keep the temp dir (configs, logs, raw wrk output) · PROXY_THREADS [2]
+#   PERF [0] 1 = sample each proxy's CPU during its runs (`perf record -e cpu-clock -g`, which
+#     works where hardware counters do not) into $TMP/perf-<case>-<rep>.data, and print the
+#     top of each case's last profile (self and children); implies KEEP_TMP=1
 #   AUDIT [1] 1 = fhirgate's per-request audit record on (info, JSON) and nginx's access log on
 #   PRELOAD [none] a malloc to LD_PRELOAD into fhirgate and the pingora baseline, for an A/B of
 #     the allocator without rebuilding, e.g. PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
@@ -97,6 +100,11 @@ BASE_PORT=${BASE_PORT:-18180}
 SKIP_BUILD=${SKIP_BUILD:-0}
 PIN=${PIN:-0}
 KEEP_TMP=${KEEP_TMP:-0}
+PERF=${PERF:-0}
+if [[ $PERF == 1 ]]; then
+  command -v perf >/dev/null || { echo "load.sh: PERF=1 needs perf (apt-get install -y linux-perf)" >&2; exit 1; }
+  KEEP_TMP=1
+fi
 PROXY_THREADS=${PROXY_THREADS:-2}
 PRELOAD=${PRELOAD:-}
 # AUDIT=1: fhirgate writes its audit record per request (FHIRGATE_LOG=info, JSON, as operators
@@ -685,6 +693,12 @@ EOF
   o0=$(cpu_ticks "${PIDS[@]}")
   s0=$(sys_busy)
   log "rep $rep: $name (${dur}s, $conns connections)"
+  local perf_pid=""
+  if [[ $PERF == 1 && ${#proxy_pids[@]} -gt 0 ]]; then
+    perf record -q -e cpu-clock -F 1999 -g -o "$TMP/perf-$name-$rep.data" \
+      -p "$(IFS=,; echo "${proxy_pids[*]}")" >/dev/null 2>&1 &
+    perf_pid=$!
+  fi
   local TIMEFORMAT='%U %S'
   if ! { time timeout $((dur + 30)) "${PIN_OTHER[@]}" wrk -t"$WRK_THREADS" -c"$conns" -d"${dur}s" --latency \
     "${args[@]}" "$url" >"$out" 2>&1; } 2>"$TMP/wrk-time"; then
@@ -694,6 +708,10 @@ EOF
   fi
   p1=$(cpu_ticks "${proxy_pids[@]}")
   k1=$(cpu_ticks --kernel "${proxy_pids[@]}")
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+  fi
   u1=$(cpu_ticks "${upstream_pids[@]}")
   o1=$(cpu_ticks "${PIDS[@]}")
   s1=$(sys_busy)
@@ -789,3 +807,12 @@ echo "       upper bucket bound (ms) of fhirgate_gateway_added_seconds for the r
 echo "       fg-pass (GET metadata) is answered from memory (rendered once per upstream answer, 10 s): no upstream"
 echo "       round trip, so not a pass-through baseline; 'pingora' is. 'foreign CPU' above ~5 % means something else was running."
 echo "       fg-half: wrk's p50/p99 there are the client-side latency at ~50 % load; gw-add p99 is the contract's number."
+if [[ $PERF == 1 ]]; then
+  for c in $CASES; do
+    data="$TMP/perf-$c-$REPS.data"
+    [[ -s $data ]] || continue
+    echo
+    echo "== $c: where the proxy's CPU went (perf cpu-clock samples of rep $REPS, by function, self)"
+    perf report -i "$data" --stdio --no-children --sort dso,sym 2>/dev/null | grep -E '^ +[0-9.]+%' | head -40 | cut -c1-160
+  done
+fi

@@ -51,11 +51,13 @@ impl ControlTarget {
     /// One of the addresses, in turn; `None` until a lookup has succeeded.
     pub fn pick(&self) -> Option<SocketAddr> {
         let addrs = self.addrs.load();
-        if addrs.is_empty() {
-            return None;
+        match addrs.len() {
+            0 => None,
+            // One address, the common case: the turn counter is shared by every proxy thread,
+            // and each increment takes its cache line from the others.
+            1 => Some(addrs[0]),
+            n => Some(addrs[self.next.fetch_add(1, Ordering::Relaxed) % n]),
         }
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len();
-        Some(addrs[i])
     }
 
     pub fn addrs(&self) -> Vec<SocketAddr> {
