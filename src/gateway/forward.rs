@@ -138,7 +138,8 @@ fn append_xff(headers: &mut HeaderMap, session: &Session) -> Result<()> {
     if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
         crate::net::push_ip(&mut value, peer.ip());
     }
-    let value = HeaderValue::try_from(value).or_err(InvalidHTTPHeader, "invalid X-Forwarded-For")?;
+    let value =
+        HeaderValue::try_from(value).or_err(InvalidHTTPHeader, "invalid X-Forwarded-For")?;
     headers.insert(super::names::X_FORWARDED_FOR.clone(), value);
     Ok(())
 }
@@ -245,7 +246,10 @@ fn with_header_map(
 ) -> Result<()> {
     let raw_target = {
         let raw = upstream.raw_path();
-        let from_uri = upstream.uri.path_and_query().map(|pq| pq.as_str().as_bytes());
+        let from_uri = upstream
+            .uri
+            .path_and_query()
+            .map(|pq| pq.as_str().as_bytes());
         (from_uri != Some(raw)).then(|| raw.to_vec())
     };
     let end_stream = upstream.send_end_stream();
@@ -300,7 +304,12 @@ mod tests {
                 Ok(())
             })
             .unwrap();
-            assert_eq!(req.raw_path(), target, "{}", String::from_utf8_lossy(target));
+            assert_eq!(
+                req.raw_path(),
+                target,
+                "{}",
+                String::from_utf8_lossy(target)
+            );
             assert_eq!(req.uri, uri_before);
             assert_eq!(req.headers["x-client-header"], "kept");
             assert_eq!(req.headers["x-forwarded-proto"], "https");
@@ -308,14 +317,18 @@ mod tests {
             let mut wire = Vec::new();
             req.header_to_h1_wire(&mut wire);
             let wire = String::from_utf8(wire).unwrap();
-            assert_eq!(wire, "x-client-header: kept\r\nx-forwarded-proto: https\r\n");
+            assert_eq!(
+                wire,
+                "x-client-header: kept\r\nx-forwarded-proto: https\r\n"
+            );
         }
     }
 
     #[test]
     fn a_failed_edit_still_leaves_the_request_whole() {
         let mut req = RequestHeader::build("POST", b"/fhir/R4/Patient", None).unwrap();
-        req.insert_header("Content-Type", "application/fhir+json").unwrap();
+        req.insert_header("Content-Type", "application/fhir+json")
+            .unwrap();
         let failed = with_header_map(&mut req, |_| {
             Error::e_explain(InvalidHTTPHeader, "refused on purpose")
         });

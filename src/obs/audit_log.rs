@@ -57,14 +57,14 @@ static QUEUE_IN: OnceLock<SyncSender<Message>> = OnceLock::new();
 
 /// Hands a record to the writer; it comes back when there is no writer (text logs), for the
 /// caller to write through tracing instead.
-pub fn submit(record: Record) -> Result<(), Record> {
+pub fn submit(record: Record) -> Option<Record> {
     let Some(queue) = QUEUE_IN.get() else {
-        return Err(record);
+        return Some(record);
     };
     match queue.send(Message::Record(record)) {
-        Ok(()) => Ok(()),
-        Err(std::sync::mpsc::SendError(Message::Record(r))) => Err(r),
-        Err(_) => Ok(()),
+        Ok(()) => None,
+        Err(std::sync::mpsc::SendError(Message::Record(r))) => Some(r),
+        Err(_) => None,
     }
 }
 
@@ -152,7 +152,9 @@ impl Formatter {
     pub fn record(&mut self, r: &Record, out: &mut String) {
         out.push_str("{\"timestamp\":\"");
         self.timestamp(r.at, out);
-        out.push_str("\",\"level\":\"INFO\",\"fields\":{\"message\":\"decision\",\"request_id\":\"");
+        out.push_str(
+            "\",\"level\":\"INFO\",\"fields\":{\"message\":\"decision\",\"request_id\":\"",
+        );
         r.request_id.push_to(out);
         out.push('"');
         field(out, "route", r.route);
@@ -344,7 +346,10 @@ mod tests {
                 ..record()
             };
             Formatter::default().record(&r, &mut text);
-            let expected = format!(",\"on_behalf_of\":{},", serde_json::to_string(value).unwrap());
+            let expected = format!(
+                ",\"on_behalf_of\":{},",
+                serde_json::to_string(value).unwrap()
+            );
             assert!(text.contains(&expected), "{text}");
             let v: serde_json::Value = serde_json::from_str(&text).unwrap();
             assert_eq!(v["fields"]["on_behalf_of"], value);
@@ -355,7 +360,14 @@ mod tests {
     fn request_ids_are_written_as_zero_padded_hex() {
         let zero = RequestId(0).to_string();
         let prefix = &zero[..zero.len() - 12];
-        for n in [0, 2, 0xabc_def0_1234, 0xffff_ffff_ffff, 0x1_0000_0000_0000, u64::MAX] {
+        for n in [
+            0,
+            2,
+            0xabc_def0_1234,
+            0xffff_ffff_ffff,
+            0x1_0000_0000_0000,
+            u64::MAX,
+        ] {
             assert_eq!(RequestId(n).to_string(), format!("{prefix}{n:012x}"));
         }
     }
@@ -380,7 +392,7 @@ mod tests {
         let guard = start(out.clone()).expect("the first writer of the process");
         assert!(start(Shared::default()).is_none(), "one writer per process");
         for _ in 0..2_000 {
-            assert!(submit(record()).is_ok());
+            assert!(submit(record()).is_none());
         }
         drop(guard);
         let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();

@@ -274,7 +274,7 @@ pub fn audit_enabled() -> bool {
 /// Writes one audit record (a decision), built from typed fields only, so no header, token or
 /// secret can reach it: handed to the audit writer (JSON logs), or else through tracing.
 pub fn audit(record: audit_log::Record) {
-    let Err(r) = audit_log::submit(record) else {
+    let Some(r) = audit_log::submit(record) else {
         return;
     };
     tracing::info!(
