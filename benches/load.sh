@@ -14,6 +14,9 @@
 #        direct     GET /fhir/R4/Patient/p1 straight to the upstream (no proxy)
 #        nginx      the same through the nginx reverse proxy
 #        pingora    the same through the plain pingora pass-through (docs/contract.md §5's baseline)
+#        pingora-to the same pass-through with the upstream timeouts fhirgate sets on its peers
+#                   (connect, read, write, pool idle): like for like on that one point; the
+#                   targets stay against the plain one
 #        fg-pass    GET /fhir/R4/metadata through fhirgate (public, no auth: the pass-through
 #                   baseline of docs/contract.md §1; NB fhirgate renders this JSON body once per
 #                   upstream answer and serves it from memory for 10 s, so the upstream is
@@ -133,6 +136,7 @@ GWB_PORT=$((BASE_PORT + 6))
 CTLB_PORT=$((BASE_PORT + 7))
 METB_PORT=$((BASE_PORT + 8))
 HAP_PORT=$((BASE_PORT + 9))
+PBT_PORT=$((BASE_PORT + 10))
 CLIENT_ID=load-admin
 CLIENT_SECRET=load-secret-5f1c2a9e8b7d4c3f
 ADMIN_PASSWORD=load-operator-password-7e1d
@@ -153,7 +157,7 @@ for tool in nginx wrk curl awk python3; do
 done
 
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
-for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT $PB_PORT $GWB_PORT $CTLB_PORT $METB_PORT $HAP_PORT; do
+for p in $UP_PORT $NGX_PORT $GW_PORT $CTL_PORT $MET_PORT $PB_PORT $GWB_PORT $CTLB_PORT $METB_PORT $HAP_PORT $PBT_PORT; do
   if port_busy "$p"; then
     echo "load.sh: port $p is in use; set BASE_PORT to a free range" >&2
     exit 1
@@ -188,7 +192,7 @@ if [[ " $CASES " == *" haproxy "* ]] && ! command -v haproxy >/dev/null; then
   echo "load.sh: the haproxy case needs haproxy (apt-get install -y haproxy)" >&2
   exit 1
 fi
-if [[ " $CASES " == *" pingora "* && ! -x $PINGORA_BASELINE_BIN ]]; then
+if [[ " $CASES " =~ " pingora"(-to)?" " && ! -x $PINGORA_BASELINE_BIN ]]; then
   echo "load.sh: no pingora baseline binary (build it: cargo build --release --bench pingora_baseline)" >&2
   exit 1
 fi
@@ -352,6 +356,16 @@ if [[ " $CASES " == *" pingora "* ]]; then
   PB_PID=$!
   PIDS+=("$PB_PID")
   wait_http "http://127.0.0.1:$PB_PORT/fhir/R4/metadata" "pingora baseline" || { tail -20 "$TMP/pingora-baseline.log" >&2; exit 1; }
+fi
+PBT_PID=""
+if [[ " $CASES " == *" pingora-to "* ]]; then
+  log "starting the pingora pass-through with fhirgate's upstream timeouts on :$PBT_PORT ($PROXY_THREADS threads)"
+  LD_PRELOAD=$PRELOAD PINGORA_BASELINE_LISTEN=127.0.0.1:$PBT_PORT PINGORA_BASELINE_UPSTREAM=127.0.0.1:$UP_PORT \
+    PINGORA_BASELINE_THREADS=$PROXY_THREADS PINGORA_BASELINE_TIMEOUTS=1 "${PIN_PROXY[@]}" "$PINGORA_BASELINE_BIN" \
+    >"$TMP/pingora-baseline-to.log" 2>&1 &
+  PBT_PID=$!
+  PIDS+=("$PBT_PID")
+  wait_http "http://127.0.0.1:$PBT_PORT/fhir/R4/metadata" "pingora baseline with timeouts" || { tail -20 "$TMP/pingora-baseline-to.log" >&2; exit 1; }
 fi
 
 # Starts `fhirgate serve` in front of the upstream with the known admin client; sets STARTED_PID.
@@ -550,6 +564,7 @@ check() { # $1 name, $2 url, rest: curl args
 check direct "http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1"
 check nginx "http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"
 [[ -n $PB_PID ]] && check pingora "http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"
+[[ -n $PBT_PID ]] && check pingora-to "http://127.0.0.1:$PBT_PORT/fhir/R4/Patient/p1"
 check fg-pass "http://127.0.0.1:$GW_PORT/fhir/R4/metadata"
 check fg-full "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Bearer $TOKEN"
 check fg-basic "http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1" -H "Authorization: Basic $BASIC"
@@ -642,6 +657,7 @@ run_case() { # $1 case, $2 rep
     direct) url="http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1" ;;
     nginx) url="http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"; proxy_pids=("$NGX_PID") ;;
     pingora) url="http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PB_PID") ;;
+    pingora-to) url="http://127.0.0.1:$PBT_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PBT_PID") ;;
     fg-pass) url="http://127.0.0.1:$GW_PORT/fhir/R4/metadata"; proxy_pids=("$FG_PID"); route=metadata ;;
     fg-full) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $TOKEN") ;;
@@ -777,6 +793,7 @@ done
 echo
 NGX_RPS=$(col nginx 3); NGX_CPU=$(col nginx 7)
 PB_RPS=$(col pingora 3); PB_CPU=$(col pingora 7)
+PBT_RPS=$(col pingora-to 3); PBT_CPU=$(col pingora-to 7)
 PASS_RPS=$(col fg-pass 3); PASS_CPU=$(col fg-pass 7)
 FULL_RPS=$(col fg-full 3); FULL_CPU=$(col fg-full 7)
 BASIC_RPS=$(col fg-basic 3); BASIC_CPU=$(col fg-basic 7)
@@ -787,6 +804,7 @@ SEARCH_RPS=$(col fg-search 3)
 echo "ratios (medians)                          throughput   CPU/req"
 printf '  fhirgate full   / nginx                 %8s   %8s   (contract: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / pingora pass-through  %8s   %8s   (contract: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
+printf '  fhirgate full   / pingora with timeouts %8s   %8s   (the same upstream timeouts on both)\n' "$(ratio "$FULL_RPS" "$PBT_RPS")" "$(ratio "$FULL_CPU" "$PBT_CPU")"
 printf '  pingora pass    / nginx                 %8s   %8s\n' "$(ratio "$PB_RPS" "$NGX_RPS")" "$(ratio "$PB_CPU" "$NGX_CPU")"
 printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"

@@ -17,7 +17,7 @@ use super::ctx::{FilterSpec, RequestCtx, ResponsePlan};
 
 fn is_json(resp: &ResponseHeader) -> bool {
     resp.headers
-        .get("content-type")
+        .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|ct| {
             ["application/fhir+json", "application/json"]
@@ -45,10 +45,11 @@ pub fn prepare_response(
 ) -> Result<()> {
     let config = &state.config;
     let upstream_base = ctx.binding(state).upstream.base_url.as_str();
-    for name in ["location", "content-location"] {
+    // Names, not strings: a name given as a string is parsed again on every lookup.
+    for name in [http::header::LOCATION, http::header::CONTENT_LOCATION] {
         if let Some(v) = resp
             .headers
-            .get(name)
+            .get(&name)
             .and_then(|v| v.to_str().ok())
             .map(|v| rewrite_url(config, upstream_base, v))
         {
@@ -64,7 +65,7 @@ pub fn prepare_response(
     }
     let too_big = resp
         .headers
-        .get("content-length")
+        .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
         .is_some_and(|n| n > config.max_response_buffer);
