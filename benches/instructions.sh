@@ -7,6 +7,7 @@
 #   2. starts each proxy of PROXIES under `valgrind --tool=callgrind` with instrumentation off
 #      (1 thread: callgrind runs the threads one at a time anyway):
 #        pingora   the plain pass-through of benches/pingora_baseline.rs
+#        pingora-to the same with the upstream timeouts fhirgate sets (PINGORA_BASELINE_TIMEOUTS=1)
 #        fg        `fhirgate serve` ($FHIRGATE_BIN), GET Patient/p1 with a cached Bearer token
 #        fg-b      the same with $FHIRGATE_BIN_B (an A/B of two builds)
 #        fg-meta   `fhirgate serve`, the public GET metadata (answered from memory)
@@ -134,10 +135,13 @@ measure() { # $1 name
   local name=$1 bin path header="" out="$TMP/callgrind.$1"
   local vg=(valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" --dump-instr=no)
   case $name in
-    pingora)
+    pingora | pingora-to)
       [[ -x $PINGORA_BASELINE_BIN ]] || { echo "instructions.sh: no pingora baseline binary" >&2; exit 1; }
+      local timeouts=0
+      [[ $name == pingora-to ]] && timeouts=1
       PINGORA_BASELINE_LISTEN=127.0.0.1:$PROXY_PORT PINGORA_BASELINE_UPSTREAM=127.0.0.1:$UP_PORT \
-        PINGORA_BASELINE_THREADS=1 "${vg[@]}" "$PINGORA_BASELINE_BIN" >"$TMP/$name.log" 2>&1 &
+        PINGORA_BASELINE_THREADS=1 PINGORA_BASELINE_TIMEOUTS=$timeouts "${vg[@]}" "$PINGORA_BASELINE_BIN" \
+        >"$TMP/$name.log" 2>&1 &
       path=/fhir/R4/Patient/p1
       ;;
     fg | fg-b | fg-meta)
