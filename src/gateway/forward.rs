@@ -180,18 +180,19 @@ pub fn rewrite_request(
             return Error::e_explain(HTTPStatus(400), "unroutable request reached forwarding");
         }
     };
-    let binding = rest.map(|_| ctx.binding(state));
+    // FHIR traffic: the path after the base, and the caller's upstream. Control traffic: none.
+    let fhir = rest.map(|rest| (rest, ctx.binding(state)));
     with_header_map(upstream, |headers| {
         // The client's own headers go first (fewer entries to make room for); filtering needs
         // the plain body. Control traffic keeps them: the control API reads them itself.
-        if rest.is_some() {
+        if fhir.is_some() {
             strip(headers, !matches!(ctx.plan, ResponsePlan::Stream));
         }
         headers.reserve(ADDED_HEADERS);
         append_xff(headers, session)?;
         headers.insert(X_FORWARDED_PROTO.clone(), forwarded.proto.clone());
         headers.insert(X_FORWARDED_HOST.clone(), forwarded.host.clone());
-        if let Some(binding) = &binding {
+        if let Some((_, binding)) = fhir {
             for (name, value) in upstream_identity(ctx, &binding.upstream).headers() {
                 let value = HeaderValue::from_str(value)
                     .or_err(InvalidHTTPHeader, "identity not valid in a header")?;
@@ -201,7 +202,7 @@ pub fn rewrite_request(
         }
         Ok(())
     })?;
-    let (Some(rest), Some(binding)) = (rest, binding) else {
+    let Some((rest, binding)) = fhir else {
         return Ok(());
     };
     let up = &binding.upstream;

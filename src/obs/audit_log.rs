@@ -96,42 +96,35 @@ pub fn start(out: impl Write + Send + 'static) -> Option<Guard> {
 fn write_records(records: Receiver<Message>, mut out: impl Write) {
     let mut line = String::with_capacity(512);
     let mut format = Formatter::default();
-    // Idle: wait for the first record.
+    // Idle: wait for a record. A queue closed and empty ends the writer.
     while let Ok(first) = records.recv() {
+        // Busy: write out what is queued, then sleep while more gathers; nothing gathered,
+        // idle again.
         let mut next = Some(first);
-        // Busy: write out what is queued, then sleep while more gathers. Nothing queued after
-        // the sleep: idle again.
-        while next.is_some() {
-            while let Some(message) = next.take() {
-                match message {
-                    Message::Record(r) => {
-                        line.clear();
-                        format.record(&r, &mut line);
-                        let _ = out.write_all(line.as_bytes());
-                    }
-                    Message::Flush(done) => {
-                        let _ = out.flush();
-                        let _ = done.send(());
-                    }
+        while let Some(message) = next {
+            match message {
+                Message::Record(r) => {
+                    line.clear();
+                    format.record(&r, &mut line);
+                    let _ = out.write_all(line.as_bytes());
                 }
-                next = match records.try_recv() {
-                    Ok(m) => Some(m),
-                    Err(TryRecvError::Empty) => None,
-                    Err(TryRecvError::Disconnected) => {
-                        let _ = out.flush();
-                        return;
-                    }
-                };
+                Message::Flush(done) => {
+                    let _ = out.flush();
+                    let _ = done.send(());
+                }
             }
-            let _ = out.flush();
-            std::thread::sleep(GATHER);
             next = match records.try_recv() {
                 Ok(m) => Some(m),
-                Err(TryRecvError::Empty) => None,
-                Err(TryRecvError::Disconnected) => return,
+                Err(TryRecvError::Empty) => {
+                    let _ = out.flush();
+                    std::thread::sleep(GATHER);
+                    records.try_recv().ok()
+                }
+                Err(TryRecvError::Disconnected) => None,
             };
         }
     }
+    let _ = out.flush();
 }
 
 /// Writes records as tracing's JSON formatter writes an event: a timestamp with microseconds,
@@ -184,41 +177,40 @@ impl Formatter {
         let Ok(since) = at.duration_since(SystemTime::UNIX_EPOCH) else {
             // Before 1970: not a clock this runs on; written in full, not kept.
             let t = time::OffsetDateTime::from(at);
-            let _ = write!(
-                out,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.microsecond()
-            );
+            push_date_time(t, out);
+            push_micros(t.microsecond(), out);
             return;
         };
         if self.second != Some(since.as_secs()) {
-            let t = time::OffsetDateTime::from(at);
             self.date_time.clear();
-            let _ = write!(
-                self.date_time,
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second()
-            );
+            push_date_time(time::OffsetDateTime::from(at), &mut self.date_time);
             self.second = Some(since.as_secs());
         }
         out.push_str(&self.date_time);
-        let micros = since.subsec_micros();
-        for place in [100_000, 10_000, 1_000, 100, 10, 1] {
-            out.push(char::from(b'0' + (micros / place % 10) as u8));
-        }
-        out.push('Z');
+        push_micros(since.subsec_micros(), out);
     }
+}
+
+/// `2026-12-06T02:53:46.`
+fn push_date_time(t: time::OffsetDateTime, out: &mut String) {
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
+}
+
+/// `385012Z`: six digits of microseconds, then the zone.
+fn push_micros(micros: u32, out: &mut String) {
+    for place in [100_000, 10_000, 1_000, 100, 10, 1] {
+        out.push(char::from(b'0' + (micros / place % 10) as u8));
+    }
+    out.push('Z');
 }
 
 /// `,"name":"value"`, the value escaped as JSON.
@@ -291,19 +283,13 @@ mod tests {
         );
     }
 
-    /// What `format!` writes for the same time: the kept second must not show.
+    /// The same time formatted by `time` itself: the kept second must not show.
     fn full_timestamp(at: SystemTime) -> String {
-        let t = time::OffsetDateTime::from(at);
-        format!(
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            t.year(),
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
+        let format = time::format_description::parse_borrowed::<1>(
+            "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z",
         )
+        .unwrap();
+        time::OffsetDateTime::from(at).format(&format).unwrap()
     }
 
     #[test]

@@ -240,9 +240,7 @@ impl RequestId {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         RequestId(COUNTER.fetch_add(1, Ordering::Relaxed))
     }
-}
 
-impl RequestId {
     /// Appends the id: this process's random prefix, then the counter in at least 12 hex
     /// digits (written by hand: the formatter's padding was a tenth of an audit record's cost).
     pub fn push_to(&self, out: &mut String) {

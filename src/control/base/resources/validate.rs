@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 use crate::control::base::access::Caller;
 use crate::control::base::domains::prepare_domain_configuration;
 use crate::control::base::resources::fields::str_field;
+use crate::control::base::saml_idp::check_saml_idp;
 use crate::control::web::error::ApiError;
 use fhirgate_core::fhir::path::is_valid_id;
 
@@ -282,10 +283,7 @@ pub(super) async fn prepare(
             if let Some(jwks) = resource.get("jwks") {
                 check_client_jwks(jwks)?;
             }
-            crate::control::base::saml_idp::check_saml_idp(
-                resource,
-                "ClientApplication.identityProvider.saml",
-            )?;
+            check_saml_idp(resource, "ClientApplication.identityProvider.saml")?;
             for field in ["accessTokenLifetime", "refreshTokenLifetime"] {
                 if let Some(v) = resource.get(field)
                     && v.as_str().and_then(crate::config::parse_lifetime).is_none()
