@@ -143,6 +143,7 @@ measure() { # $1 name
         PINGORA_BASELINE_THREADS=1 PINGORA_BASELINE_TIMEOUTS=$timeouts "${vg[@]}" "$PINGORA_BASELINE_BIN" \
         >"$TMP/$name.log" 2>&1 &
       path=/fhir/R4/Patient/p1
+      [[ -n ${BASELINE_HEADER:-} ]] && header=$BASELINE_HEADER
       ;;
     fg | fg-b | fg-meta)
       bin=$FHIRGATE_BIN

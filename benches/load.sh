@@ -619,6 +619,8 @@ cpu_ticks() {
 
 # Busy ticks of the whole machine (user + nice + system, all CPUs).
 sys_busy() { awk '/^cpu / {print $2 + $3 + $4; exit}' /proc/stat; }
+# Time the hypervisor gave this VM's vCPUs to someone else (ticks, all vCPUs).
+sys_steal() { awk '/^cpu / {print $9; exit}' /proc/stat; }
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -655,9 +657,14 @@ run_case() { # $1 case, $2 rep
   local name=$1 rep=$2 url proxy_pids=() upstream_pids=("$UP_PID") args=() route="" dur=$DURATION conns=$CONNS
   case $name in
     direct) url="http://127.0.0.1:$UP_PORT/fhir/R4/Patient/p1" ;;
-    nginx) url="http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"; proxy_pids=("$NGX_PID") ;;
-    pingora) url="http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PB_PID") ;;
-    pingora-to) url="http://127.0.0.1:$PBT_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PBT_PID") ;;
+    # The proxies fhirgate is compared with get fg-full's very request, its Bearer header too
+    # (which they pass through): reading the same bytes is counted for every proxy.
+    nginx) url="http://127.0.0.1:$NGX_PORT/fhir/R4/Patient/p1"; proxy_pids=("$NGX_PID")
+      args=(-H "Authorization: Bearer $TOKEN") ;;
+    pingora) url="http://127.0.0.1:$PB_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PB_PID")
+      args=(-H "Authorization: Bearer $TOKEN") ;;
+    pingora-to) url="http://127.0.0.1:$PBT_PORT/fhir/R4/Patient/p1"; proxy_pids=("$PBT_PID")
+      args=(-H "Authorization: Bearer $TOKEN") ;;
     fg-pass) url="http://127.0.0.1:$GW_PORT/fhir/R4/metadata"; proxy_pids=("$FG_PID"); route=metadata ;;
     fg-full) url="http://127.0.0.1:$GW_PORT/fhir/R4/Patient/p1"; proxy_pids=("$FG_PID"); route=fhir
       args=(-H "Authorization: Bearer $TOKEN") ;;
@@ -701,13 +708,14 @@ EOF
   esac
   local out=$TMP/wrk-$name-$rep.txt
   [[ -n $route ]] && gw_hist "$route" >"$TMP/hist-before"
-  local p0 u0 p1 u1 o0 o1 s0 s1 wrk_cpu
+  local p0 u0 p1 u1 o0 o1 s0 s1 st0 st1 wrk_cpu
   local k0 k1
   k0=$(cpu_ticks --kernel "${proxy_pids[@]}")
   p0=$(cpu_ticks "${proxy_pids[@]}")
   u0=$(cpu_ticks "${upstream_pids[@]}")
   o0=$(cpu_ticks "${PIDS[@]}")
   s0=$(sys_busy)
+  st0=$(sys_steal)
   log "rep $rep: $name (${dur}s, $conns connections)"
   local perf_pid=""
   if [[ $PERF == 1 && ${#proxy_pids[@]} -gt 0 ]]; then
@@ -731,11 +739,16 @@ EOF
   u1=$(cpu_ticks "${upstream_pids[@]}")
   o1=$(cpu_ticks "${PIDS[@]}")
   s1=$(sys_busy)
+  st1=$(sys_steal)
   wrk_cpu=$(awk -v t="$CLK_TCK" '{print int(($1 + $2) * t)}' "$TMP/wrk-time")
   # CPU used by processes other than ours and wrk, as % of the machine, over the run.
   local foreign
   foreign=$(awk -v d=$((s1 - s0 - (o1 - o0) - wrk_cpu)) -v t="$CLK_TCK" -v s="$dur" -v n="$(nproc)" \
     'BEGIN { f = d / t / s / n * 100; if (f < 0) f = 0; printf "%.0f", f }')
+  # The same for steal: CPU the machine's neighbours took from under every process here.
+  local steal
+  steal=$(awk -v d=$((st1 - st0)) -v t="$CLK_TCK" -v s="$dur" -v n="$(nproc)" \
+    'BEGIN { printf "%.0f", d / t / s / n * 100 }')
   local gwp99="-"
   if [[ -n $route ]]; then
     gw_hist "$route" >"$TMP/hist-after"
@@ -755,10 +768,10 @@ EOF
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
   ucpu=$(awk -v d=$((u1 - u0)) -v n="$reqs" -v t="$CLK_TCK" -v has=${#upstream_pids[@]} \
     'BEGIN { if (has == 0 || n == 0) print "-"; else printf "%.1f", d / t * 1e6 / n }')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
-    "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" "$foreign" >>"$RESULTS"
-  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req (kernel %s)  upstream %6s µs/req  gw-added p99 %s ms  foreign CPU %s%%  fhirgate RSS %s kB%s\n' \
-    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$kcpu" "$ucpu" "$gwp99" "$foreign" "$(rss_kb "$FG_PID")" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$rep" "$rps" "$reqs" "$p50" "$p99" \
+    "$pcpu" "$ucpu" "$gwp99" "${non2xx:-0}" "${errors:-0}" "$foreign" "$steal" >>"$RESULTS"
+  printf '  %-9s rep %s: %10s req/s  p50 %7s ms  p99 %7s ms  proxy %6s µs/req (kernel %s)  upstream %6s µs/req  gw-added p99 %s ms  foreign CPU %s%%  steal %s%%  fhirgate RSS %s kB%s\n' \
+    "$name" "$rep" "$rps" "$p50" "$p99" "$pcpu" "$kcpu" "$ucpu" "$gwp99" "$foreign" "$steal" "$(rss_kb "$FG_PID")" \
     "$([[ ${non2xx:-0} != 0 || ${errors:-0} != 0 ]] && echo "  (!! non-2xx ${non2xx:-0}, socket errors ${errors:-0})")" >&2
 }
 
@@ -777,17 +790,28 @@ col() { # $1 case, $2 column number → median over reps (non-numeric values ski
 }
 allcol() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c {printf "%s%s", sep, $k; sep = ", "}' "$RESULTS"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f", a / b }'; }
+# Round by round: case $1 over case $2 in column $3 within each rep (the two ran seconds apart),
+# listed, then their median.
+paired() {
+  local per
+  per=$(awk -F'\t' -v a="$1" -v b="$2" -v k="$3" '
+    $1 == a && $k ~ /^[0-9.]+$/ {x[$2] = $k} $1 == b && $k ~ /^[0-9.]+$/ {y[$2] = $k}
+    END { for (r in x) if (r in y && y[r] > 0) printf "%d %.2f\n", r, x[r] / y[r] }' "$RESULTS" | sort -n | awk '{print $2}')
+  [[ -n $per ]] || { echo "-"; return; }
+  printf '%s (rounds: %s)' "$(printf '%s\n' "$per" | median)" "$(printf '%s' "$per" | paste -sd, - | sed 's/,/, /g')"
+}
 
 echo
 echo "fhirgate load test — $(date -u +%FT%TZ), $(nproc) vCPU, wrk -t$WRK_THREADS -c$CONNS -d${DURATION}s, $REPS reps interleaved, PIN=$PIN, proxy threads/workers $PROXY_THREADS${PRELOAD:+, LD_PRELOAD=$PRELOAD}"
 echo "bodies: Patient $PATIENT_BYTES B, CapabilityStatement $METADATA_BYTES B, searchset $SEARCH_BYTES B; token ${#TOKEN} B; token issuance -c$ISSUE_CONNS -d${ISSUE_DURATION}s"
 echo
-printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "foreign CPU" "non-2xx/err"
-printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|-------------|------------"
+printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %11s | %s |\n' case "req/s med" "req/s per rep" "p50 ms" "p99 ms" "proxy µs/req" "upstr µs/req" "gw-add p99" "foreign CPU" "steal" "non-2xx/err"
+printf '|%s|\n' "-----------|-----------|------------------------|----------|----------|--------------|--------------|--------------|-------------|-------------|------------"
 for c in $CASES; do
-  printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %s |\n' "$c" "$(col "$c" 3)" "$(allcol "$c" 3)" \
+  printf '| %-9s | %9s | %-22s | %8s | %8s | %12s | %12s | %12s | %11s | %11s | %s |\n' "$c" "$(col "$c" 3)" "$(allcol "$c" 3)" \
     "$(col "$c" 5)" "$(col "$c" 6)" "$(col "$c" 7)" "$(col "$c" 8)" "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s", s, $9; s = "/"}' "$RESULTS")" \
     "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s%%", s, $12; s = "/"}' "$RESULTS")" \
+    "$(awk -F'\t' -v c="$c" '$1 == c {printf "%s%s%%", s, $13; s = "/"}' "$RESULTS")" \
     "$(awk -F'\t' -v c="$c" '$1 == c {n += $10; e += $11} END {print n "/" e}' "$RESULTS")"
 done
 echo
@@ -805,6 +829,7 @@ echo "ratios (medians)                          throughput   CPU/req"
 printf '  fhirgate full   / nginx                 %8s   %8s   (contract: throughput >= 1.0)\n' "$(ratio "$FULL_RPS" "$NGX_RPS")" "$(ratio "$FULL_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / pingora pass-through  %8s   %8s   (contract: throughput >= 0.9)\n' "$(ratio "$FULL_RPS" "$PB_RPS")" "$(ratio "$FULL_CPU" "$PB_CPU")"
 printf '  fhirgate full   / pingora with timeouts %8s   %8s   (the same upstream timeouts on both)\n' "$(ratio "$FULL_RPS" "$PBT_RPS")" "$(ratio "$FULL_CPU" "$PBT_CPU")"
+printf '  fhirgate full   / pingora, round by round: throughput %s; CPU/req %s\n' "$(paired fg-full pingora 3)" "$(paired fg-full pingora 7)"
 printf '  pingora pass    / nginx                 %8s   %8s\n' "$(ratio "$PB_RPS" "$NGX_RPS")" "$(ratio "$PB_CPU" "$NGX_CPU")"
 printf '  fhirgate metadata / nginx               %8s   %8s\n' "$(ratio "$PASS_RPS" "$NGX_RPS")" "$(ratio "$PASS_CPU" "$NGX_CPU")"
 printf '  fhirgate full   / fhirgate metadata     %8s   %8s\n' "$(ratio "$FULL_RPS" "$PASS_RPS")" "$(ratio "$FULL_CPU" "$PASS_CPU")"

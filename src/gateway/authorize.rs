@@ -206,7 +206,7 @@ pub async fn authorize(gw: &Gateway, session: &mut Session, ctx: &mut RequestCtx
     let req = session.req_header();
     let rest = ctx.fhir_rest();
     // The credentials are not the classifier's business (and the longest value to check).
-    let header_refs: Vec<(&str, &str)> = req
+    let header_refs: smallvec::SmallVec<[(&str, &str); 8]> = req
         .headers
         .iter()
         .filter(|(k, _)| *k != names::AUTHORIZATION)

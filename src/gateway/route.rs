@@ -36,7 +36,7 @@ impl Route {
 }
 
 /// True when a raw path has a segment that could change meaning after normalisation. Runs on
-/// every request, so it compares in place instead of lowercasing copies.
+/// every request, so it compares bytes in place instead of lowercasing or searching copies.
 fn is_unclean(path: &str) -> bool {
     let bytes = path.as_bytes();
     let encoded = |code: &[u8]| {
@@ -45,14 +45,15 @@ fn is_unclean(path: &str) -> bool {
             .any(|w| w.eq_ignore_ascii_case(code))
     };
     let escapes = bytes.contains(&b'%');
-    if escapes && (encoded(b"%2f") || encoded(b"%5c") || encoded(b"%00")) || path.contains('\\') {
+    if escapes && (encoded(b"%2f") || encoded(b"%5c") || encoded(b"%00")) || bytes.contains(&b'\\')
+    {
         return true;
     }
-    path.contains("//") || path.split('/').any(is_dot_segment)
+    bytes.windows(2).any(|w| w == b"//") || bytes.split(|&b| b == b'/').any(is_dot_segment)
 }
 
 /// `.` or `..`, each dot possibly percent-encoded (`%2e`, any case).
-fn is_dot_segment(seg: &str) -> bool {
+fn is_dot_segment(seg: &[u8]) -> bool {
     fn strip_dot(s: &[u8]) -> Option<&[u8]> {
         match s {
             [b'.', rest @ ..] => Some(rest),
@@ -60,7 +61,7 @@ fn is_dot_segment(seg: &str) -> bool {
             _ => None,
         }
     }
-    let Some(rest) = strip_dot(seg.as_bytes()) else {
+    let Some(rest) = strip_dot(seg) else {
         return false;
     };
     rest.is_empty() || strip_dot(rest).is_some_and(<[u8]>::is_empty)
@@ -87,7 +88,7 @@ pub fn route(method: &str, path: &str) -> Route {
         }
         return Route::NotFound;
     };
-    let first = rest.split('/').next().unwrap_or("");
+    let first = rest.split_once('/').map_or(rest, |(first, _)| first);
     if is_control_type(first) || first == ".well-known" {
         return Route::Control;
     }

@@ -30,7 +30,9 @@ use std::fmt;
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
-use super::path::{is_valid_id, is_valid_operation_name, parse_path};
+use smallvec::SmallVec;
+
+use super::path::{Segments, is_valid_id, is_valid_operation_name, parse_path};
 use super::request::{
     BundleEntry, FhirOp, FhirRequest, QueryParam, RequestParts, Search, Unclassifiable,
 };
@@ -75,7 +77,8 @@ const FORM_MEDIA_TYPE: &str = "application/x-www-form-urlencoded";
 /// case) → method override headers → query ([`parse_query`]) and `_method` → header sanity
 /// (at most one `If-None-Exist` and one `Content-Type`) → routing (see the module docs) → body.
 pub fn classify(parts: &RequestParts) -> Result<FhirRequest, Unclassifiable> {
-    let segments = parse_path(parts.path)?;
+    let decoded = parse_path(parts.path)?;
+    let segments = segment_refs(&decoded);
     let method = Method::parse(parts.method).ok_or(Unclassifiable::MethodNotAllowed)?;
     if parts.headers.iter().any(|(name, _)| {
         METHOD_OVERRIDE_HEADERS
@@ -253,7 +256,7 @@ enum Body<'a> {
 
 struct Input<'a> {
     method: Method,
-    segments: &'a [String],
+    segments: &'a [&'a str],
     query: Vec<QueryParam>,
     body: Body<'a>,
     /// `If-None-Exist` header, or `request.ifNoneExist` of a Bundle entry.
@@ -261,9 +264,13 @@ struct Input<'a> {
     in_bundle: bool,
 }
 
+/// The decoded segments as `&str`, for routing by slice patterns.
+fn segment_refs<'a>(decoded: &'a Segments<'_>) -> SmallVec<[&'a str; 4]> {
+    decoded.iter().map(|s| s.as_ref()).collect()
+}
+
 fn route(input: &Input) -> Result<FhirOp, Unclassifiable> {
-    let segments: Vec<&str> = input.segments.iter().map(String::as_str).collect();
-    match segments.as_slice() {
+    match input.segments {
         [] => route_base(input),
         [first, rest @ ..] if is_system_segment(first) => {
             if rest.is_empty() {
@@ -801,7 +808,8 @@ fn classify_entry(entry: &Value) -> Result<FhirOp, Unclassifiable> {
         return Err(Unclassifiable::Unsupported);
     }
     let (path, query) = url.split_once('?').unwrap_or((url, ""));
-    let segments = parse_path(path)?;
+    let decoded = parse_path(path)?;
+    let segments = segment_refs(&decoded);
     let query = parse_query(query)?;
     reject_method_param(&query)?;
     refuse_page_handle(&query)?;

@@ -5,6 +5,10 @@
 //! encoded slashes or backslashes, double encoding, `;` path parameters) is refused outright, so
 //! what the gateway authorizes is exactly what the upstream serves.
 
+use std::borrow::Cow;
+
+use smallvec::SmallVec;
+
 use super::request::Unclassifiable;
 
 /// Longest raw path accepted, in bytes. Real FHIR paths are far shorter (an id is at most 64
@@ -13,6 +17,10 @@ pub const MAX_PATH_LEN: usize = 1024;
 
 /// Longest FHIR id (`[A-Za-z0-9\-\.]{1,64}`).
 pub const MAX_ID_LEN: usize = 64;
+
+/// A path's decoded segments. A segment without an escape borrows the raw path, and a routable
+/// path has at most four: classifying one allocates nothing.
+pub type Segments<'a> = SmallVec<[Cow<'a, str>; 4]>;
 
 /// Splits and decodes a raw path. `""` (the base) gives no segments.
 ///
@@ -24,12 +32,12 @@ pub const MAX_ID_LEN: usize = 64;
 /// - an invalid percent escape, or a decoded segment that is not UTF-8;
 /// - a decoded segment that is `.` or `..`, contains `..`, or contains `/`, `\`, `%`, `;` or a
 ///   control character.
-pub fn parse_path(raw: &str) -> Result<Vec<String>, Unclassifiable> {
+pub fn parse_path(raw: &str) -> Result<Segments<'_>, Unclassifiable> {
     if raw.len() > MAX_PATH_LEN {
         return Err(Unclassifiable::BadPath);
     }
     if raw.is_empty() {
-        return Ok(Vec::new());
+        return Ok(Segments::new());
     }
     if !raw.bytes().all(|b| b == b'/' || is_raw_segment_byte(b)) {
         return Err(Unclassifiable::BadPath);
@@ -61,19 +69,21 @@ fn is_raw_segment_byte(b: u8) -> bool {
         )
 }
 
-fn decode_segment(raw: &str) -> Result<String, Unclassifiable> {
+fn decode_segment(raw: &str) -> Result<Cow<'_, str>, Unclassifiable> {
     if raw.is_empty() {
         return Err(Unclassifiable::BadPath);
     }
     // Without an escape the segment is its raw bytes, which `is_raw_segment_byte` already
     // limited to characters none of the checks below refuses: only the dots remain.
-    if !raw.contains('%') {
-        if raw == "." || raw.contains("..") {
+    // Byte scans: a substring search sets up more than these short segments cost to walk.
+    let bytes = raw.as_bytes();
+    if !bytes.contains(&b'%') {
+        if raw == "." || bytes.windows(2).any(|w| w == b"..") {
             return Err(Unclassifiable::BadPath);
         }
-        return Ok(raw.to_string());
+        return Ok(Cow::Borrowed(raw));
     }
-    decode_escaped(raw)
+    decode_escaped(raw).map(Cow::Owned)
 }
 
 /// A segment with escapes: decoded, then checked whole.
@@ -141,7 +151,8 @@ mod tests {
     use super::*;
 
     fn check(raw: &str, expected: Result<&[&str], Unclassifiable>) {
-        let got = parse_path(raw);
+        let got =
+            parse_path(raw).map(|segs| segs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let expected = expected.map(|segs| segs.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         assert_eq!(got, expected, "path {raw:?}");
     }
@@ -226,7 +237,10 @@ mod tests {
         fn unescaped_segments_take_the_fast_path_to_the_same_answer(
             raw in "[A-Za-z0-9._~!$&'()*+,=:@-]{1,12}"
         ) {
-            proptest::prop_assert_eq!(decode_segment(&raw), decode_escaped(&raw));
+            proptest::prop_assert_eq!(
+                decode_segment(&raw).map(Cow::into_owned),
+                decode_escaped(&raw)
+            );
         }
     }
 
