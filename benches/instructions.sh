@@ -25,6 +25,9 @@
 # Environment: N [1000] · WARMUP [200] · PROXIES ["pingora fg fg-meta"] · TOP [0] · KEEP_TMP [0]
 #   AUDIT [1] 1 = fhirgate writes its audit record per request (info, JSON, as operators run
 #   it and as benches/load.sh measures it; the writer thread's instructions count too), 0 = not
+#   BASELINE_HEADER [an Authorization: Bearer of 530 characters, about fg's token] a header the
+#   pingora cases send with each request ("Name: value"), so they read the request bytes fg
+#   reads; set it empty for none
 #   BASE_PORT [18280] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · FHIRGATE_BIN_B
 #   PINGORA_BASELINE_BIN [newest $CARGO_TARGET_DIR/release/deps/pingora_baseline-*]
 # Needs: valgrind, nginx, curl, python3.
@@ -44,6 +47,7 @@ if [[ $AUDIT == 1 ]]; then
   FG_LOG=info
   FG_LOG_FORMAT=json
 fi
+BASELINE_HEADER=${BASELINE_HEADER-"Authorization: Bearer $(printf 'e%.0s' $(seq 1 530))"}
 BASE_PORT=${BASE_PORT:-18280}
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 FHIRGATE_BIN=${FHIRGATE_BIN:-$TARGET_DIR/release/fhirgate}
@@ -143,7 +147,7 @@ measure() { # $1 name
         PINGORA_BASELINE_THREADS=1 PINGORA_BASELINE_TIMEOUTS=$timeouts "${vg[@]}" "$PINGORA_BASELINE_BIN" \
         >"$TMP/$name.log" 2>&1 &
       path=/fhir/R4/Patient/p1
-      [[ -n ${BASELINE_HEADER:-} ]] && header=$BASELINE_HEADER
+      header=$BASELINE_HEADER
       ;;
     fg | fg-b | fg-meta)
       bin=$FHIRGATE_BIN

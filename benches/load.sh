@@ -10,9 +10,12 @@
 #   3. starts an nginx reverse proxy (2 workers, upstream keepalive 128, HTTP/1.1) in front of it;
 #   4. starts that pingora pass-through (2 threads) and `fhirgate serve` in front of it (2 threads, SQLite in a temp dir, known admin
 #      client), and gets a client-credentials token from it;
-#   5. runs `wrk -t2 -c50 -d10s --latency` for each case, REPS times, interleaved:
+#   5. runs `wrk -t2 -c50 -d3s --latency` for each case, REPS (8) times, interleaved (short rounds,
+#      many of them: the VM's speed drifts less within a round than across a long run):
 #        direct     GET /fhir/R4/Patient/p1 straight to the upstream (no proxy)
-#        nginx      the same through the nginx reverse proxy
+#        nginx      fg-full's request (below), its Bearer header too, through the nginx reverse
+#                   proxy: every proxy fhirgate is compared with reads the same bytes it reads
+#                   (and passes the header through)
 #        pingora    the same through the plain pingora pass-through (docs/contract.md §5's baseline)
 #        pingora-to the same pass-through with the upstream timeouts fhirgate sets on its peers
 #                   (connect, read, write, pool idle): like for like on that one point; the
@@ -54,16 +57,20 @@
 #      from /proc/PID/stat before/after; nginx = master + workers), the upstream's CPU-µs per
 #      request, and for fhirgate the p99 of its own "gateway-added time" histogram, plus the
 #      share of CPU that processes other than ours used meanwhile (other builds or tests on the
-#      machine make a run worthless: check "foreign CPU"); then the ratios of docs/contract.md §5.
+#      machine make a run worthless: check "foreign CPU") and the share the hypervisor gave to
+#      other guests ("steal", from /proc/stat); then the ratios of docs/contract.md §5, as ratios
+#      of the cases' medians and, for fhirgate against the plain pingora proxy, round by round
+#      (each rep's fg-full over the same rep's pingora, a few cases apart in the round: the VM's
+#      speed drifts over minutes, so a paired ratio cancels what the medians keep).
 #
 # Usage (from the repo root):
 #   benches/load.sh
-#   DURATION=5 REPS=3 benches/load.sh          # shorter runs, more reps
+#   DURATION=10 REPS=2 benches/load.sh         # longer runs, fewer reps
 #   SKIP_BUILD=1 FHIRGATE_BIN=/path/to/fhirgate benches/load.sh
 #   PIN=1 benches/load.sh                      # proxies on vCPU1 with 1 worker/thread;
 #                                              # wrk and the upstream on vCPU0
 # Environment (defaults in brackets):
-#   DURATION [10] seconds per wrk run · REPS [2] (min 2) · CONNS [50] · WRK_THREADS [2]
+#   DURATION [3] seconds per wrk run · REPS [8] (min 2) · CONNS [50] · WRK_THREADS [2]
 #   ISSUE_DURATION [$DURATION] · ISSUE_CONNS [$CONNS] · CASES [all: "direct nginx fg-pass
 #   pingora fg-full fg-basic fg-patient fg-half issue-gw issue-ctl"] · BASE_PORT [18180] (uses ..+5)
 #   SKIP_BUILD [0] · FHIRGATE_BIN [$CARGO_TARGET_DIR/release/fhirgate] · PIN [0]
@@ -79,13 +86,14 @@
 #     (apt-get install libjemalloc2) or .../libmimalloc.so.2 (libmimalloc2.0)
 # Needs: nginx (nginx-light), wrk, curl, awk, python3; Linux /proc; for the haproxy case, haproxy
 # (2.5 or newer, for jwt_verify) and python3-cryptography (to sign its token). Numbers on a shared 2-vCPU VM are
-# noisy (±15 %): compare CPU-µs per request, and the medians over the interleaved reps.
+# noisy (±15 %, at times ±30 % between runs): compare CPU-µs per request, over many short
+# interleaved reps (e.g. DURATION=2 REPS=12), round by round.
 
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-DURATION=${DURATION:-10}
-REPS=${REPS:-2}
+DURATION=${DURATION:-3}
+REPS=${REPS:-8}
 if ((REPS < 2)); then REPS=2; fi
 CONNS=${CONNS:-50}
 WRK_THREADS=${WRK_THREADS:-2}
@@ -790,8 +798,8 @@ col() { # $1 case, $2 column number → median over reps (non-numeric values ski
 }
 allcol() { awk -F'\t' -v c="$1" -v k="$2" '$1 == c {printf "%s%s", sep, $k; sep = ", "}' "$RESULTS"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a !~ /^[0-9.]+$/ || b !~ /^[0-9.]+$/ || b == 0) print "-"; else printf "%.2f", a / b }'; }
-# Round by round: case $1 over case $2 in column $3 within each rep (the two ran seconds apart),
-# listed, then their median.
+# Round by round: case $1 over case $2 in column $3 within each rep (the same round of the
+# interleaved runs, a few cases apart), listed, then their median.
 paired() {
   local per
   per=$(awk -F'\t' -v a="$1" -v b="$2" -v k="$3" '

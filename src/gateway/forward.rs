@@ -128,7 +128,8 @@ pub(super) fn upstream_target(
 }
 
 fn append_xff(headers: &mut HeaderMap, session: &Session) -> Result<()> {
-    // Room for an IPv4 address and a few before it: the value is not grown on the way.
+    // Room for the client's address and a few before it: a common chain is built in one
+    // allocation.
     let mut value = String::with_capacity(64);
     for prior in headers.get_all(&super::names::X_FORWARDED_FOR) {
         if let Ok(prior) = prior.to_str() {
