@@ -6,7 +6,8 @@
 #   1. starts a static nginx "FHIR server" with the Patient of benches/load.sh;
 #   2. starts each proxy of PROXIES under `valgrind --tool=callgrind` with instrumentation off
 #      (1 thread: callgrind runs the threads one at a time anyway):
-#        pingora   the plain pass-through of benches/pingora_baseline.rs
+#        pingora   the plain pass-through of benches/pingora_baseline.rs (sent a Bearer header
+#                  of fg's token's length, BASELINE_HEADER, so both read the same bytes)
 #        pingora-to the same with the upstream timeouts fhirgate sets (PINGORA_BASELINE_TIMEOUTS=1)
 #        fg        `fhirgate serve` ($FHIRGATE_BIN), GET Patient/p1 with a cached Bearer token
 #        fg-b      the same with $FHIRGATE_BIN_B (an A/B of two builds)
