@@ -629,6 +629,11 @@ cpu_ticks() {
 sys_busy() { awk '/^cpu / {print $2 + $3 + $4; exit}' /proc/stat; }
 # Time the hypervisor gave this VM's vCPUs to someone else (ticks, all vCPUs).
 sys_steal() { awk '/^cpu / {print $9; exit}' /proc/stat; }
+# $1 ticks over a run of $2 seconds, as a whole % of the machine (all vCPUs); never below 0.
+machine_share() {
+  awk -v d="$1" -v t="$CLK_TCK" -v s="$2" -v n="$(nproc)" \
+    'BEGIN { f = d / t / s / n * 100; if (f < 0) f = 0; printf "%.0f", f }'
+}
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -751,12 +756,10 @@ EOF
   wrk_cpu=$(awk -v t="$CLK_TCK" '{print int(($1 + $2) * t)}' "$TMP/wrk-time")
   # CPU used by processes other than ours and wrk, as % of the machine, over the run.
   local foreign
-  foreign=$(awk -v d=$((s1 - s0 - (o1 - o0) - wrk_cpu)) -v t="$CLK_TCK" -v s="$dur" -v n="$(nproc)" \
-    'BEGIN { f = d / t / s / n * 100; if (f < 0) f = 0; printf "%.0f", f }')
+  foreign=$(machine_share $((s1 - s0 - (o1 - o0) - wrk_cpu)) "$dur")
   # The same for steal: CPU the machine's neighbours took from under every process here.
   local steal
-  steal=$(awk -v d=$((st1 - st0)) -v t="$CLK_TCK" -v s="$dur" -v n="$(nproc)" \
-    'BEGIN { printf "%.0f", d / t / s / n * 100 }')
+  steal=$(machine_share $((st1 - st0)) "$dur")
   local gwp99="-"
   if [[ -n $route ]]; then
     gw_hist "$route" >"$TMP/hist-after"
