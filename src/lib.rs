@@ -1,5 +1,6 @@
 //! fhirgate: an authorization gateway for FHIR servers. See ARCHITECTURE.md for the map.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -2,7 +2,7 @@ use clap::Parser;
 
 /// mimalloc: per-thread heaps, no arena lock on the request path (measured with benches/load.sh).
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: fhirgate::allocator::Mimalloc = fhirgate::allocator::Mimalloc;
 
 fn main() -> std::process::ExitCode {
     let cli = fhirgate::cli::Cli::parse();

@@ -716,3 +716,37 @@ fn citations_are_found_with_their_sections() {
         ]
     );
 }
+
+/// `unsafe` code is denied by the workspace's lints; the process allocator is the one module
+/// that allows it, and core/ forbids it outright.
+#[test]
+fn unsafe_code_lives_only_in_the_allocator() {
+    let root = Path::new(ROOT);
+    let allowed = root.join("src/allocator.rs");
+    // Spelt in two pieces, so this file does not match itself.
+    let allow = concat!("allow(", "unsafe_code)");
+    let mut allowing = Vec::new();
+    for dir in ["src", "core/src", "tests", "benches"] {
+        for file in rust_files(&root.join(dir)) {
+            let code = strip_comments(&read(&file));
+            if code.contains(allow) && file != allowed {
+                allowing.push(file.display().to_string());
+            }
+        }
+    }
+    assert!(
+        allowing.is_empty(),
+        "unsafe code allowed outside the allocator: {allowing:?}"
+    );
+    assert!(strip_comments(&read(&allowed)).contains(&format!("#![{allow}]")));
+    let core = strip_comments(&read(&root.join("core/src/lib.rs")));
+    assert!(
+        core.contains("#![forbid(unsafe_code)]"),
+        "core/ forbids unsafe code"
+    );
+    let manifest = read(&root.join("Cargo.toml"));
+    assert!(
+        manifest.contains("unsafe_code = \"deny\""),
+        "the workspace denies unsafe code"
+    );
+}

@@ -5,5 +5,7 @@
 //! clock or the environment, or depends on tokio, pingora, axum or sqlx. Time, when needed, is a
 //! parameter.
 
+#![forbid(unsafe_code)]
+
 pub mod fhir;
 pub mod policy;
