@@ -13,7 +13,8 @@
 //! `malloc`. On 64-bit targets mimalloc rounds small size classes to two words, so every block
 //! of 16 bytes or more is 16-aligned and a smaller one is aligned to its 8-byte class
 //! (`MI_MAX_ALIGN_SIZE`, the alignment of C's `max_align_t`). Anything else keeps the aligned
-//! entry points.
+//! entry points. (A pull request to the `mimalloc` crate proposes the same dispatch,
+//! purpleprotocol/mimalloc_rust#170; once the crate does it, its `MiMalloc` can replace this.)
 //!
 //! The only module with `unsafe` code (tests/tidy.rs keeps it so).
 #![allow(unsafe_code)]
