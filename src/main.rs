@@ -1,6 +1,7 @@
 use clap::Parser;
 
-/// mimalloc: per-thread heaps, no arena lock on the request path (measured with benches/load.sh).
+/// mimalloc: per-thread heaps, no arena lock on the request path (`fhirgate::allocator` says
+/// how it is asked).
 #[global_allocator]
 static GLOBAL: fhirgate::allocator::Mimalloc = fhirgate::allocator::Mimalloc;
 
